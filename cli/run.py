@@ -1,0 +1,58 @@
+"""`stab run [--runs DIR] [OVERRIDES...]`: train one configuration and print its verdict.
+
+    stab run                                   # default preset, about a minute on 2 CPU cores
+    stab run preset=smoke norm=pre residual=0.3 clip=5
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import EXIT_CRASH, EXIT_INTERRUPTED, console, err_console, fmt, user_errors, verdict_markup
+from cli.config import compose_run
+from cli.progress import RichProgress
+from stability import training
+
+
+def readable_name(overrides: list[str]) -> str:
+    """A folder name from the overrides: `norm=pre,residual=0.3`, or `defaults`."""
+    safe = [o.replace("/", "_") for o in sorted(overrides) if not o.startswith(("train.device", "data.cache_dir"))]
+    return ",".join(safe)[:120] or "defaults"
+
+
+def run(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. norm=pre residual=0.3 clip=5")] = None,
+    runs: Annotated[Path, typer.Option("--runs", help="Folder the run folder is created in.")] = Path("runs"),
+) -> None:
+    """Train one configuration and write its run folder."""
+    overrides = list(overrides or [])
+    with user_errors():
+        cfg = compose_run(overrides)
+        run_dir = runs / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}_{readable_name(overrides)}"
+        training.preflight(cfg)
+    console.print(f"[bold]stab run[/] {' '.join(overrides) or '(defaults)'} -> {run_dir}")
+    try:
+        summary = training.run(cfg, run_dir, overrides, RichProgress(console))
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; status and metrics so far are in {run_dir}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except typer.Exit:
+        raise
+    except Exception as e:
+        err_console.print(f"[bold red]crashed:[/] {type(e).__name__}: {e}\n"
+                          f"traceback in {run_dir / 'status.json'}")
+        raise typer.Exit(EXIT_CRASH) from None
+    s = summary
+    nan = s["first_nan"]
+    console.print(f"verdict: {verdict_markup(s['verdict'])}  {s['evidence']}")
+    console.print(f"grad norm by epoch: {', '.join(fmt(v) for v in s['grad_norm_by_epoch'])}   "
+                  f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
+    if nan:
+        console.print(f"first NaN: epoch {nan['epoch']} batch {nan['batch']} (step {nan['step']}) in {nan['module']}")
+    console.print(f"codec: {s['codec']['weights']}  latent scale x{fmt(s['latent_scale'])}  "
+                  f"wall {s['wall_s']:.1f} s   run folder: {run_dir}")
+

@@ -1,0 +1,312 @@
+"""Typed run configuration: what the library accepts, validated where it enters.
+
+The CLI composes YAML from `conf/` with Hydra and hands the resolved mapping to
+`RunConfig.from_dict`; nothing in `stability/` knows about Hydra. Every check raises
+`ConfigError` naming the key, the bad value and what is allowed, so the CLI can print one
+line and exit before any work starts.
+
+    cfg = RunConfig.from_dict({"model": {"norm": "pre"}, "train": {"clip": 5.0}})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+N_STAGES = 3
+
+
+class ConfigError(ValueError):
+    """A user-supplied configuration value is not allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def _number(key: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, integer: bool = False) -> Any:
+    """Check that `value` is a number in range; return it as int or float."""
+    what = "an integer" if integer else "a number"
+    rng = ""
+    if lo is not None:
+        rng += f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        rng += f"{' and' if rng else ''} <= {hi}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, value, what + rng)
+    if integer and not float(value).is_integer():
+        _fail(key, value, what + rng)
+    if not math.isfinite(value):
+        _fail(key, value, "a finite " + what[2:] + rng)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        _fail(key, value, what + rng)
+    if hi is not None and value > hi:
+        _fail(key, value, what + rng)
+    return int(value) if integer else float(value)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        _fail(key, value, "one of " + ", ".join(allowed))
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        _fail(key, value, "true or false")
+    return value
+
+
+def _per_stage(key: str, value: Any, last_key: str | None = None, **number_kw: Any) -> list:
+    """A knob given once for all stages or as one value per stage.
+
+    `last_key` names the last stage's value when it has a short alias (`residual`).
+    """
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * N_STAGES
+    if len(values) != N_STAGES:
+        _fail(key, value, f"one value or a list of {N_STAGES} (one per stage)")
+    keys = [f"{key}[{i}]" for i in range(N_STAGES)]
+    if last_key:
+        keys[-1] = last_key
+    return [_number(k, v, **number_kw) for k, v in zip(keys, values)]
+
+
+@dataclass
+class ModelConfig:
+    """The cascade transformer (SPEC §2). Lists are per stage (0, 1, 2)."""
+
+    name: str = "cascade"
+    d_model: Any = field(default_factory=lambda: [64, 96, 96])
+    n_layers: Any = 4
+    n_heads: Any = 4
+    residual: Any = field(default_factory=lambda: [1.0, 1.0, 0.1])
+    norm: str = "post"
+    norm_type: str = "layer"
+    final_norm: bool = True
+    spectral_norm: bool = False
+    rms_match: bool = True
+    rms_clamp: Any = field(default_factory=lambda: [0.7, 1.5])
+    mlp_ratio: int = 4
+    latent_dim: int = 128
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, ("cascade",))
+        self.d_model = _per_stage("model.d_model", self.d_model, lo=1, integer=True)
+        self.n_layers = _per_stage("model.n_layers", self.n_layers, lo=1, hi=96, integer=True)
+        self.n_heads = _per_stage("model.n_heads", self.n_heads, lo=1, integer=True)
+        for i, (d, h) in enumerate(zip(self.d_model, self.n_heads)):
+            if d % h:
+                _fail(f"model.n_heads[{i}]", h, f"a divisor of model.d_model[{i}]={d}")
+        self.residual = _per_stage("model.residual", self.residual, "residual", lo=0.0, hi=10.0)
+        _choice("norm", self.norm, ("pre", "post"))
+        _choice("model.norm_type", self.norm_type, ("layer", "rms"))
+        _flag("model.final_norm", self.final_norm)
+        _flag("spectral_norm", self.spectral_norm)
+        _flag("model.rms_match", self.rms_match)
+        if not isinstance(self.rms_clamp, (list, tuple)) or len(self.rms_clamp) != 2:
+            _fail("model.rms_clamp", self.rms_clamp, "[lo, hi] with 0 < lo <= 1 <= hi")
+        lo = _number("model.rms_clamp[0]", self.rms_clamp[0], lo=0.0, lo_open=True, hi=1.0)
+        hi = _number("model.rms_clamp[1]", self.rms_clamp[1], lo=1.0)
+        self.rms_clamp = [lo, hi]
+        self.mlp_ratio = _number("model.mlp_ratio", self.mlp_ratio, lo=1, hi=16, integer=True)
+        self.latent_dim = _number("model.latent_dim", self.latent_dim, lo=1, integer=True)
+
+
+@dataclass
+class CodecConfig:
+    """Which EnCodec weights encode the audio (SPEC §3)."""
+
+    weights: str = "random"  # random | pretrained | path to a checkpoint file
+    seed: int = 0  # seeds random-init weights and the codebook k-means
+    calib_codebooks: int = 2  # RVQ codebooks calibrated by k-means when weights are random
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, str) or not self.weights:
+            _fail("data.codec.weights", self.weights, "random, pretrained or a checkpoint path")
+        self.seed = _number("data.codec.seed", self.seed, lo=0, integer=True)
+        self.calib_codebooks = _number("data.codec.calib_codebooks", self.calib_codebooks,
+                                       lo=1, hi=32, integer=True)
+
+
+@dataclass
+class DataConfig:
+    """The embedded synthetic audio pairs, encoded to EnCodec latents."""
+
+    name: str = "synthetic"
+    n_train: int = 64  # clips
+    n_val: int = 8  # clips; the first `scream_items` are the fixed scream-check batch
+    seconds: float = 2.0  # clip length; 75 latent frames per second
+    seed: int = 0  # seeds the generated audio
+    latent_rms: Any = "auto"  # auto | off | positive float: rescale latents to this RMS
+    cache_dir: Any = None  # null: $STAB_CACHE or ~/.cache/stab
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.codec, dict):
+            self.codec = _build(CodecConfig, self.codec, "data.codec")
+        _choice("data.name", self.name, ("synthetic",))
+        self.n_train = _number("data.n_train", self.n_train, lo=1, integer=True)
+        self.n_val = _number("data.n_val", self.n_val, lo=1, integer=True)
+        self.seconds = _number("data.seconds", self.seconds, lo=0.1, hi=600.0)
+        self.seed = _number("data.seed", self.seed, lo=0, integer=True)
+        if self.latent_rms not in ("auto", "off", None):
+            self.latent_rms = _number("data.latent_rms", self.latent_rms, lo=0.0, lo_open=True)
+        if self.latent_rms is None:
+            self.latent_rms = "off"
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            _fail("data.cache_dir", self.cache_dir, "a folder path or null")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: AdamW with linear warmup, epochs x batches."""
+
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    betas: Any = field(default_factory=lambda: [0.9, 0.95])
+    warmup: int = 10  # steps of linear learning-rate warmup
+    clip: Any = 10.0  # total-norm clipping threshold, or "none"
+    on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Any = None  # torch CPU threads; null: all cores (split among concurrent jobs)
+
+    def __post_init__(self) -> None:
+        self.epochs = _number("train.epochs", self.epochs, lo=1, integer=True)
+        self.batch_size = _number("train.batch_size", self.batch_size, lo=1, integer=True)
+        self.lr = _number("train.lr", self.lr, lo=0.0, lo_open=True, hi=10.0)
+        self.weight_decay = _number("train.weight_decay", self.weight_decay, lo=0.0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            _fail("train.betas", self.betas, "[beta1, beta2] in [0, 1)")
+        self.betas = [_number(f"train.betas[{i}]", b, lo=0.0, hi=0.9999) for i, b in enumerate(self.betas)]
+        self.warmup = _number("train.warmup", self.warmup, lo=0, integer=True)
+        self.clip = parse_clip(self.clip)
+        _choice("train.on_nan", self.on_nan, ("stop", "skip"))
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            _fail("train.device", self.device, "auto, cpu, cuda or cuda:N")
+        if self.threads is not None:
+            self.threads = _number("train.threads", self.threads, lo=1, hi=1024, integer=True)
+
+
+def parse_clip(value: Any) -> float | None:
+    """`clip=none|<positive float>` -> None or the threshold."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "off")):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            _fail("clip", value, "none or a positive number (total gradient norm)")
+    return _number("clip", value, lo=0.0, lo_open=True)
+
+
+@dataclass
+class ScreamConfig:
+    """When is an output 'one repeated token' (SPEC §4)."""
+
+    dominant: float = 0.6  # degenerate if the most common code covers at least this share
+    longest_run: float = 0.5  # ... or one code repeats for this share of the sequence
+    n: int = 4  # n of distinct-n and seq-rep-n
+    items: int = 4  # validation clips in the fixed scream-check batch
+
+    def __post_init__(self) -> None:
+        self.dominant = _number("detect.scream.dominant", self.dominant, lo=0.0, lo_open=True, hi=1.0)
+        self.longest_run = _number("detect.scream.longest_run", self.longest_run, lo=0.0, lo_open=True, hi=1.0)
+        self.n = _number("detect.scream.n", self.n, lo=1, hi=16, integer=True)
+        self.items = _number("detect.scream.items", self.items, lo=1, integer=True)
+
+
+@dataclass
+class DetectConfig:
+    """Thresholds of the detectors that turn histories into events and a verdict."""
+
+    explode_factor: float = 2.0  # 'exploding' if grad norm grows by more than this per epoch
+    spike_window: int = 20  # steps in the running baseline of the spike detector
+    spike_z: float = 6.0  # robust z-score (median/MAD) that counts as a spike
+    spike_warmup: int = 10  # steps before spikes are looked for
+    scream: ScreamConfig = field(default_factory=ScreamConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scream, dict):
+            self.scream = _build(ScreamConfig, self.scream, "detect.scream")
+        self.explode_factor = _number("detect.explode_factor", self.explode_factor, lo=1.0, lo_open=True)
+        self.spike_window = _number("detect.spike_window", self.spike_window, lo=3, integer=True)
+        self.spike_z = _number("detect.spike_z", self.spike_z, lo=0.0, lo_open=True)
+        self.spike_warmup = _number("detect.spike_warmup", self.spike_warmup, lo=0, integer=True)
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection, for checking that the detectors and the sweep's bookkeeping work."""
+
+    nan_at_step: Any = None  # global step (0-based) whose forward produces a NaN
+    nan_module: str = "stage2.layer0.mlp"  # module group whose output the NaN is put into
+    crash_at_step: Any = None  # global step at which the job raises an exception
+
+    def __post_init__(self) -> None:
+        for key in ("nan_at_step", "crash_at_step"):
+            value = getattr(self, key)
+            if value is not None:
+                setattr(self, key, _number(f"fault.{key}", value, lo=0, integer=True))
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one training run."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        self.seed = _number("seed", self.seed, lo=0, integer=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        """Build from a plain nested mapping; unknown keys are errors."""
+        return _build(cls, raw, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> str:
+        """Short hash of everything that changes the result (not device, threads, paths)."""
+        d = self.to_dict()
+        for key in OPERATIONAL_KEYS:
+            section, name = key.split(".")
+            d[section].pop(name, None)
+        blob = json.dumps(d, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# Keys that change where or how fast a run happens, never what it computes.
+OPERATIONAL_KEYS = ("train.device", "train.threads", "data.cache_dir")
+
+_NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfig,
+           ("RunConfig", "train"): TrainConfig, ("RunConfig", "detect"): DetectConfig,
+           ("RunConfig", "fault"): FaultConfig}
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        _fail(prefix or "config", raw, "a mapping")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown key {key!r}: allowed keys here are {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        sub = _NESTED.get((cls.__name__, name))
+        kwargs[name] = _build(sub, value, f"{prefix}.{name}" if prefix else name) if sub else value
+    return cls(**kwargs)

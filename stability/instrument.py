@@ -1,0 +1,114 @@
+"""Probes that measure a training step without host syncs.
+
+`GradProbe` turns all gradients into one total norm and one norm per module group with a single
+`torch._foreach_norm` call and an `index_add_` (no `.item()` per parameter), and clips with
+the same norms, so clipping costs no second pass. `StageProbe` reads the cascade's RMS-match
+stats. Both return device tensors; the training loop concatenates them into one vector and
+moves it to the host once per step.
+
+`NonFiniteProbe` is the opposite: it syncs at every module and is used only to re-run the one
+step where a non-finite value first appeared, to name the module group where it started.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+
+class GradProbe:
+    def __init__(self, groups: dict[str, list[nn.Module]]) -> None:
+        self.names = list(groups)
+        self.params: list[nn.Parameter] = []
+        index: list[int] = []
+        seen: set[int] = set()
+        for g, modules in enumerate(groups.values()):
+            for m in modules:
+                for p in m.parameters():
+                    if p.requires_grad and id(p) not in seen:
+                        seen.add(id(p))
+                        self.params.append(p)
+                        index.append(g)
+        self._index = torch.tensor(index)
+        self._index_on: dict[torch.device, torch.Tensor] = {}
+
+    def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total grad norm, per-group grad norms), both on the device, before clipping."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if len(grads) == len(self.params):
+            idx = self._index_on.get(grads[0].device)
+            if idx is None:
+                idx = self._index_on[grads[0].device] = self._index.to(grads[0].device)
+        else:  # some parameter got no gradient this step
+            idx = torch.tensor([i for p, i in zip(self.params, self._index.tolist()) if p.grad is not None],
+                               device=grads[0].device)
+        norms = torch.stack(torch._foreach_norm(grads)).float()  # (P,)
+        sq = torch.zeros(len(self.names), device=norms.device).index_add_(0, idx, norms ** 2)
+        return sq.sum().sqrt(), sq.sqrt()
+
+    def clip_(self, total: torch.Tensor, max_norm: float | None) -> None:
+        """Scale grads so their total norm is at most `max_norm` (no-op for None).
+
+        Same rule as `torch.nn.utils.clip_grad_norm_`, reusing the norm already measured.
+        """
+        if max_norm is not None:
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
+
+
+class StageProbe:
+    """Per-stage (rms(out) before matching, needed ratio, applied scale) from `RMSMatch.last`."""
+
+    def __init__(self, matchers: list[Any]) -> None:
+        self.matchers = matchers
+
+    def measure(self) -> torch.Tensor:
+        """(3 * n_stages,) on the device: rms..., ratio..., scale..."""
+        rms, ratio, scale = zip(*(m.last for m in self.matchers))
+        return torch.stack([*rms, *ratio, *scale]).float()
+
+
+class NonFiniteProbe:
+    """Finds where non-finite values start: the first group (in forward order) whose output is
+    non-finite, else the first group (in backward order) whose gradient is. Syncs per module;
+    only for re-running one step."""
+
+    def __init__(self, groups: dict[str, list[nn.Module]]) -> None:
+        self.first_forward: str | None = None
+        self.first_backward: str | None = None
+        self._handles: list[Any] = []
+        for name, modules in groups.items():
+            for m in modules:
+                self._handles.append(m.register_forward_hook(self._forward_hook(name)))
+                for p in m.parameters():
+                    if p.requires_grad:
+                        self._handles.append(p.register_hook(self._grad_hook(name)))
+
+    def _forward_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if self.first_forward is None and isinstance(out, torch.Tensor) \
+                    and not torch.isfinite(out).all():  # sync: forensic mode only
+                self.first_forward = name
+        return hook
+
+    def _grad_hook(self, name: str) -> Callable:
+        def hook(grad: torch.Tensor) -> None:
+            if self.first_backward is None and not torch.isfinite(grad).all():
+                self.first_backward = name
+        return hook
+
+    @property
+    def first(self) -> tuple[str | None, str]:
+        """(group, where) with where in {'forward', 'backward', 'none'}."""
+        if self.first_forward:
+            return self.first_forward, "forward"
+        if self.first_backward:
+            return self.first_backward, "backward"
+        return None, "none"
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

@@ -1,0 +1,1 @@
+"""Models built from one set of transformer layers (`layers.py`)."""

@@ -1,0 +1,334 @@
+"""The instrumented training loop and the run folder it writes.
+
+The loop reads top to bottom: batch -> forward -> loss -> backward -> measure -> (one host
+transfer) -> non-finite check -> clip -> step -> record. Everything measured in a step is
+concatenated into one device vector and moved to the host once; per-step records are
+appended to `metrics.jsonl` in batches, per-epoch tables are rewritten atomically.
+
+    summary = run(RunConfig(), Path("runs/example"), overrides=["norm=pre"])
+
+Run folder (anyone can `ls` it; `stab report` needs nothing else):
+    config.yaml      resolved configuration        overrides.json   what the user changed
+    status.json      running/completed/failed/interrupted, pid, error
+    metrics.jsonl    one record per step            epochs.jsonl     one record per epoch
+    grad_norms.csv   module group x epoch (mean, max)
+    events.jsonl     first NaN, spikes, clamp saturation, scream onset
+    summary.json     verdict, first_nan, scream_epoch, grad_norm_by_epoch, final_loss, ...
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stability import detectors
+from stability.config import ConfigError, RunConfig
+from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
+from stability.storage import append_jsonl, read_json, write_json, write_yaml
+from stability.models.cascade import Cascade
+from stability.workload import CascadeWorkload
+
+
+class Callbacks:
+    """Progress hooks for a front end; the base does nothing."""
+
+    def start(self, epochs: int, batches: int) -> None: ...
+
+    def step(self, epoch: int, batch: int, loss: float) -> None: ...
+
+    def epoch(self, epoch: int, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by `fault.crash_at_step`: a job that crashes on purpose."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r}: CUDA is not available on this machine; use auto or cpu")
+    return torch.device(name)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need more than the config's own values; raises ConfigError before any work."""
+    try:
+        resolve_device(cfg.train.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.fault.nan_at_step is not None:
+        with torch.device("meta"):  # names only: no memory, no init cost
+            names = list(Cascade(cfg.model).module_groups())
+        if cfg.fault.nan_module not in names:
+            raise ConfigError(f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
+                              f"expected one of {', '.join(names)}")
+
+
+class NanInjector:
+    """Multiplies one module group's output by NaN during the forward of one global step."""
+
+    def __init__(self, modules: list[torch.nn.Module], step: int) -> None:
+        self.step, self.current = step, -1
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor | None:
+        if self.current == self.step and module.training:
+            return out * float("nan")
+        return None
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _epoch_grad_table(records: list[dict[str, Any]], groups: Sequence[str]) -> pd.DataFrame:
+    """Rows: 'total' then module groups; columns: e{N}_mean, e{N}_max. NaN stays NaN."""
+    df = pd.DataFrame(records)
+    cols: dict[str, pd.Series] = {}
+    keys = ["grad/norm"] + [f"grad/{g}" for g in groups]
+    for epoch, part in df.groupby("epoch", sort=True):
+        vals = part[keys].to_numpy(dtype=float)
+        # np.mean/np.max propagate NaN: an epoch with a non-finite step shows as NaN.
+        cols[f"e{epoch}_mean"] = pd.Series(vals.mean(0), index=["total", *groups])
+        cols[f"e{epoch}_max"] = pd.Series(vals.max(0), index=["total", *groups])
+    table = pd.DataFrame(cols)
+    table.index.name = "group"
+    return table
+
+
+def _write_status(run_dir: Path, fresh: bool = False, **fields: Any) -> None:
+    path = run_dir / "status.json"
+    status = read_json(path) if path.exists() and not fresh else {}
+    status.update(fields, updated=time.time())
+    write_json(path, status)
+
+
+def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks: Callbacks | None = None,
+        extra_status: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one configuration into `run_dir`; returns the summary (also in summary.json).
+
+    A crash writes status `failed` with the error and re-raises; Ctrl-C writes `interrupted`.
+    An exploding or NaN run is a result, not a crash: it completes with that verdict.
+    """
+    preflight(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cb = callbacks or Callbacks()
+    for stale in ("metrics.jsonl", "epochs.jsonl", "events.jsonl", "summary.json", "grad_norms.csv"):
+        (run_dir / stale).unlink(missing_ok=True)  # a re-run starts its streams afresh
+    write_yaml(run_dir / "config.yaml", cfg.to_dict())
+    write_json(run_dir / "overrides.json", {"overrides": list(overrides), "run_id": cfg.identity()})
+    t_start = time.time()
+    _write_status(run_dir, fresh=True, state="running", run_id=cfg.identity(), pid=os.getpid(), host=socket.gethostname(),
+                  started=t_start, finished=None, error=None, **(extra_status or {}))
+    try:
+        summary = _train(cfg, run_dir, cb, t_start)
+    except KeyboardInterrupt:
+        _write_status(run_dir, state="interrupted", finished=time.time(), error="interrupted (SIGINT)")
+        raise
+    except BaseException as e:
+        _write_status(run_dir, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}",
+                      traceback=traceback.format_exc())
+        write_json(run_dir / "summary.json", {"verdict": "failed", "evidence": f"{type(e).__name__}: {e}",
+                                              "run_id": cfg.identity(), "wall_s": time.time() - t_start})
+        raise
+    finally:
+        cb.close()
+    _write_status(run_dir, state="completed", finished=time.time(), verdict=summary["verdict"])
+    return summary
+
+
+def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict[str, Any]:
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(cfg.seed)
+    work = CascadeWorkload(cfg, device)
+    model = work.model
+    groups = work.module_groups()
+    names = list(groups)
+    write_json(run_dir / "data.json", work.info)
+    _write_status(run_dir, device=str(device), threads=torch.get_num_threads(),
+                  torch=torch.__version__, python=platform.python_version())
+
+    grad_probe = GradProbe(groups)
+    stage_probe = StageProbe(work.rms_matchers())
+    n_stages = len(work.rms_matchers())
+    injector = (NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step)
+                if cfg.fault.nan_at_step is not None else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (tc.warmup + 1)))
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
+    cb.start(tc.epochs, n_batches)
+
+    steps: list[dict[str, Any]] = []  # every step's record (host floats), for the epoch tables
+    pending: list[dict[str, Any]] = []  # not yet appended to metrics.jsonl
+    epochs: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    first_nan: dict[str, Any] | None = None
+    scream_epoch: int | None = None
+    clamp_seen = [False] * n_stages
+    stopped = False
+    step = 0
+
+    def event(name: str, **fields: Any) -> None:
+        rec = {"event": name, **fields}
+        events.append(rec)
+        append_jsonl(run_dir / "events.jsonl", [rec])
+
+    model.train()
+    for epoch in range(1, tc.epochs + 1):
+        order = torch.randperm(work.n_train, generator=order_gen)
+        for b in range(n_batches):
+            t0 = time.perf_counter()
+            if cfg.fault.crash_at_step == step:
+                raise InjectedCrash(f"fault.crash_at_step={step}: injected crash")
+            if injector:
+                injector.current = step
+            batch = work.batch(order[b * tc.batch_size:(b + 1) * tc.batch_size])
+            loss = work.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            total, per_group = grad_probe.measure()
+            vec = torch.cat([loss.detach().float().view(1), total.view(1), per_group, stage_probe.measure()])
+            host = vec.cpu().numpy()  # the step's one CPU-GPU sync point
+            finite = bool(np.isfinite(host[:2 + len(names)]).all())
+            if not finite:
+                if first_nan is None:
+                    first_nan = _locate_nan(work, batch, groups, host, names, epoch, b, step)
+                    event("first_nan", **first_nan)
+                opt.zero_grad(set_to_none=True)  # never step on non-finite gradients
+                if tc.on_nan == "stop":
+                    stopped = True
+            if finite:
+                grad_probe.clip_(total, tc.clip)
+                opt.step()
+            sched.step()
+            rec = _step_record(host, names, n_stages, cfg.model.rms_clamp, step, epoch, b)
+            rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
+            rec["lr"] = sched.get_last_lr()[0]
+            rec["time/step_ms"] = 1000 * (time.perf_counter() - t0)
+            for i in range(n_stages):
+                if rec[f"stage{i}/clamped"] and not clamp_seen[i]:
+                    clamp_seen[i] = True
+                    event("clamp_saturation", stage=i, step=step, epoch=epoch, batch=b,
+                          ratio=rec[f"stage{i}/ratio"], scale=rec[f"stage{i}/scale"])
+            steps.append(rec)
+            pending.append(rec)
+            cb.step(epoch, b, rec["loss"])
+            step += 1
+            if stopped:
+                break
+        append_jsonl(run_dir / "metrics.jsonl", pending)
+        pending.clear()
+        erec = _epoch_record(work, steps, epoch, names, n_stages, stopped)
+        if erec["scream"] and scream_epoch is None:
+            scream_epoch = epoch
+            event("scream", epoch=epoch, scores=erec["scores"], target_scores=erec["target_scores"])
+        epochs.append(erec)
+        append_jsonl(run_dir / "epochs.jsonl", [erec])
+        _epoch_grad_table(steps, names).to_csv(run_dir / "grad_norms.csv", float_format="%.6g")
+        cb.epoch(epoch, erec)
+        if stopped:
+            break
+
+    if injector:
+        injector.close()
+    norms = [e["grad_norm_mean"] for e in epochs]
+    spikes = detectors.detect_spikes([r["grad/norm"] for r in steps], cfg.detect.spike_window,
+                                     cfg.detect.spike_z, cfg.detect.spike_warmup)
+    for i in spikes[:20]:
+        event("grad_spike", step=steps[i]["step"], epoch=steps[i]["epoch"], batch=steps[i]["batch"],
+              grad_norm=steps[i]["grad/norm"])
+    verdict, evidence = detectors.verdict(first_nan, scream_epoch, norms, cfg.detect.explode_factor)
+    losses = [r["loss"] for r in steps]
+    summary = {
+        "verdict": verdict, "evidence": evidence, "run_id": cfg.identity(),
+        "first_nan": first_nan, "scream_epoch": scream_epoch,
+        "grad_norm_by_epoch": norms, "grad_norm_max_by_epoch": [e["grad_norm_max"] for e in epochs],
+        "loss_by_epoch": [e["loss"] for e in epochs], "val_loss_by_epoch": [e["val_loss"] for e in epochs],
+        "final_loss": losses[-1] if losses else math.nan,
+        "final_val_loss": epochs[-1]["val_loss"] if epochs else math.nan,
+        "growth_per_epoch": detectors.growth_per_epoch(norms),
+        "first_spike_step": steps[spikes[0]]["step"] if spikes else None, "n_spikes": len(spikes),
+        "clip_rate": float(np.mean([r["grad/clipped"] for r in steps])) if steps else math.nan,
+        "nonfinite_steps": sum(1 for r in steps if not r["finite"]),
+        "epochs_run": len(epochs), "steps": step, "stopped_early": stopped,
+        "stage_rms_last_epoch": epochs[-1]["stage_rms"] if epochs else None,
+        "stage_scale_last_epoch": epochs[-1]["stage_scale"] if epochs else None,
+        "codec": work.info["codec"], "latent_scale": work.info["scale"],
+        "device": str(device), "wall_s": time.time() - t_start,
+    }
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[float], step: int,
+                 epoch: int, batch: int) -> dict[str, Any]:
+    G = len(names)
+    rec: dict[str, Any] = {"step": step, "epoch": epoch, "batch": batch, "loss": float(host[0]),
+                           "grad/norm": float(host[1])}
+    rec.update({f"grad/{n}": float(v) for n, v in zip(names, host[2:2 + G])})
+    stage = host[2 + G:]
+    for i in range(n_stages):
+        rms, ratio, scale = stage[i], stage[n_stages + i], stage[2 * n_stages + i]
+        rec[f"stage{i}/rms"] = float(rms)
+        rec[f"stage{i}/ratio"] = float(ratio)
+        rec[f"stage{i}/scale"] = float(scale)
+        rec[f"stage{i}/clamped"] = bool(ratio < clamp[0] or ratio > clamp[1])
+    rec["finite"] = bool(np.isfinite(host[:2 + G]).all())
+    return rec
+
+
+def _epoch_record(work: CascadeWorkload, steps: list[dict[str, Any]], epoch: int, names: list[str],
+                  n_stages: int, stopped: bool) -> dict[str, Any]:
+    mine = [r for r in steps if r["epoch"] == epoch]
+    g = np.array([r["grad/norm"] for r in mine])
+    ev = work.evaluate() if not stopped else {"val_loss": math.nan, "scream": False, "scores": {},
+                                               "target_scores": work.target_scores, "codes_head": []}
+    return {
+        "epoch": epoch, "steps": len(mine),
+        "loss": float(np.mean([r["loss"] for r in mine])),
+        "grad_norm_mean": float(g.mean()), "grad_norm_max": float(g.max()),
+        "clip_rate": float(np.mean([r["grad/clipped"] for r in mine])),
+        "stage_rms": [float(np.mean([r[f"stage{i}/rms"] for r in mine])) for i in range(n_stages)],
+        "stage_ratio": [float(np.mean([r[f"stage{i}/ratio"] for r in mine])) for i in range(n_stages)],
+        "stage_scale": [float(np.mean([r[f"stage{i}/scale"] for r in mine])) for i in range(n_stages)],
+        "stage_clamp_rate": [float(np.mean([r[f"stage{i}/clamped"] for r in mine])) for i in range(n_stages)],
+        **ev,
+    }
+
+
+def _locate_nan(work: CascadeWorkload, batch: Any, groups: dict[str, list[torch.nn.Module]], host: np.ndarray,
+                names: list[str], epoch: int, b: int, step: int) -> dict[str, Any]:
+    """Re-run the offending step (same weights, same batch) with per-module checks to name the
+    module group where the non-finite value started. Runs once per run, so its syncs are free."""
+    kind = "loss" if not math.isfinite(host[0]) else "grad"
+    probe = NonFiniteProbe(groups)
+    try:
+        work.model.zero_grad(set_to_none=True)
+        work.loss(batch).backward()  # a non-finite loss still walks the backward for the grad hooks
+    finally:
+        probe.close()
+        work.model.zero_grad(set_to_none=True)
+    module, where = probe.first
+    if module is None:  # not reproducible on re-run: fall back to the recorded per-group norms
+        bad = [n for n, v in zip(names, host[2:2 + len(names)]) if not math.isfinite(v)]
+        module, where = (bad[-1] if bad else "unknown"), "recorded grad norms"
+    return {"epoch": epoch, "batch": b, "step": step, "kind": kind, "module": module, "where": where,
+            "loss": float(host[0]), "grad_norm": float(host[1])}

@@ -1,0 +1,72 @@
+"""The cascade workload: its data, model, loss, validation loss and scream check.
+
+The training loop (`training.py`) only sees this interface, so a second workload (a character
+LM) can bring its own data, loss and scream check without touching the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stability.config import RunConfig
+from stability.data import load_latents
+from stability.detectors import mean_scores, scream_check
+from stability.models.cascade import Cascade
+
+
+class CascadeWorkload:
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.data = load_latents(cfg.data)
+        self.info: dict[str, Any] = dict(self.data.info)
+        self.model: nn.Module = Cascade(cfg.model).to(device)
+        d = self.data
+        self.train_input, self.train_target = d.train_input.to(device), d.train_target.to(device)
+        self.val_input, self.val_target = d.val_input.to(device), d.val_target.to(device)
+        k = min(cfg.detect.scream.items, len(d.val_target))
+        # Codes live on the codec's scale: undo the common latent rescaling before quantizing.
+        self._scream_slice = slice(0, k)
+        target_codes = d.codebook.codes(d.val_target[:k] / d.scale).tolist()
+        self.target_scores = mean_scores(target_codes, cfg.detect.scream.n)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_input)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.device)
+        return self.train_input[idx], self.train_target[idx]
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inp, target = batch
+        return F.mse_loss(self.model(inp, target).float(), target.float())
+
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        return self.model.module_groups()
+
+    def rms_matchers(self) -> list[Any]:
+        return self.model.rms_matchers()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss and the scream check on the fixed validation batch."""
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model(self.val_input, self.val_target).float()
+        val_loss = F.mse_loss(out, self.val_target.float()).item()  # host sync: once per epoch
+        s = self._scream_slice
+        sc = self.cfg.detect.scream
+        if torch.isfinite(out[s]).all():
+            codes = self.data.codebook.codes(out[s].cpu() / self.data.scale).tolist()
+            scores = mean_scores(codes, sc.n)
+            screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run)
+        else:
+            codes, scores, screamed = [], {}, False
+        self.model.train(was_training)
+        return {"val_loss": val_loss, "scream": screamed, "scores": scores,
+                "target_scores": self.target_scores, "codes_head": [c[:32] for c in codes]}
