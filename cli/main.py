@@ -10,11 +10,13 @@ from __future__ import annotations
 import typer
 
 from cli import run as run_cmd
+from cli import sweep as sweep_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Training-stability ablations of transformers: sweep stabilizers, record "
                        "gradients, find the first NaN and the scream.")
 app.command("run")(run_cmd.run)
+app.command("sweep")(sweep_cmd.sweep)
 
 
 @app.callback()

@@ -31,7 +31,7 @@ class RichProgress(Callbacks):
         self.progress.update(self.epochs, completed=epoch,
                              info=f"grad norm {fmt(record['grad_norm_mean'])}  val {fmt(record['val_loss'])}")
         self.progress.reset(self.batches)
-        scream = "  [magenta]scream[/]" if record["scream"] else ""
+        scream = "  [magenta]output collapsed[/]" if record["collapsed"] else ""
         self.console.print(f"epoch {epoch}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
                            f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}  "
                            f"stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}{scream}")

@@ -53,6 +53,20 @@ def scream_check(output: dict[str, float], target: dict[str, float], dominant: f
     return is_degenerate(output, dominant, longest_run) and not is_degenerate(target, dominant, longest_run)
 
 
+def scream_onset(collapsed: Sequence[bool | None], epochs: Sequence[int]) -> int | None:
+    """The epoch from which the output stayed collapsed to the end, or None.
+
+    An untrained model's output is often near-constant at first and learns its way out; that
+    is not a scream. `None` entries (epochs not evaluated, e.g. stopped at a NaN) are skipped.
+    """
+    onset = None
+    for flag, epoch in zip(collapsed, epochs):
+        if flag is None:
+            continue
+        onset = (onset or epoch) if flag else None
+    return onset
+
+
 def detect_spikes(values: Sequence[float], window: int, z: float, warmup: int) -> list[int]:
     """Indices where a value exceeds the running median of the previous `window` finite values
     by more than `z` robust standard deviations (1.4826 x MAD). Non-finite values are not

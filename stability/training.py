@@ -181,7 +181,6 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
     epochs: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     first_nan: dict[str, Any] | None = None
-    scream_epoch: int | None = None
     clamp_seen = [False] * n_stages
     stopped = False
     step = 0
@@ -237,9 +236,6 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         append_jsonl(run_dir / "metrics.jsonl", pending)
         pending.clear()
         erec = _epoch_record(work, steps, epoch, names, n_stages, stopped)
-        if erec["scream"] and scream_epoch is None:
-            scream_epoch = epoch
-            event("scream", epoch=epoch, scores=erec["scores"], target_scores=erec["target_scores"])
         epochs.append(erec)
         append_jsonl(run_dir / "epochs.jsonl", [erec])
         _epoch_grad_table(steps, names).to_csv(run_dir / "grad_norms.csv", float_format="%.6g")
@@ -249,6 +245,10 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
 
     if injector:
         injector.close()
+    scream_epoch = detectors.scream_onset([e["collapsed"] for e in epochs], [e["epoch"] for e in epochs])
+    if scream_epoch is not None:
+        onset = epochs[scream_epoch - 1]
+        event("scream", epoch=scream_epoch, scores=onset["scores"], target_scores=onset["target_scores"])
     norms = [e["grad_norm_mean"] for e in epochs]
     spikes = detectors.detect_spikes([r["grad/norm"] for r in steps], cfg.detect.spike_window,
                                      cfg.detect.spike_z, cfg.detect.spike_warmup)
@@ -299,7 +299,7 @@ def _epoch_record(work: CascadeWorkload, steps: list[dict[str, Any]], epoch: int
                   n_stages: int, stopped: bool) -> dict[str, Any]:
     mine = [r for r in steps if r["epoch"] == epoch]
     g = np.array([r["grad/norm"] for r in mine])
-    ev = work.evaluate() if not stopped else {"val_loss": math.nan, "scream": False, "scores": {},
+    ev = work.evaluate() if not stopped else {"val_loss": math.nan, "collapsed": None, "scores": {},
                                                "target_scores": work.target_scores, "codes_head": []}
     return {
         "epoch": epoch, "steps": len(mine),

@@ -66,7 +66,7 @@ class CascadeWorkload:
             scores = mean_scores(codes, sc.n)
             screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run)
         else:
-            codes, scores, screamed = [], {}, False
+            codes, scores, screamed = [], {}, None
         self.model.train(was_training)
-        return {"val_loss": val_loss, "scream": screamed, "scores": scores,
+        return {"val_loss": val_loss, "collapsed": screamed, "scores": scores,
                 "target_scores": self.target_scores, "codes_head": [c[:32] for c in codes]}

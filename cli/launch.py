@@ -1,0 +1,84 @@
+"""The one adapter between a Typer command and Hydra's multirun machinery.
+
+Typer and `@hydra.main` do not compose, and the Compose API has no multirun, so this drives
+Hydra's own runner: `initialize_config_dir` sets up the global Hydra object, whose `multirun`
+runs the configured sweeper (Cartesian product of comma lists) and launcher plugin (basic,
+joblib, submitit, ray) exactly as `python app.py --multirun ...` would. It touches Hydra
+internals (`GlobalHydra.instance().hydra`), so it stays small and has a test of its own.
+
+    returns = multirun(["residual=0.1,0.3", *hydra_overrides(sweep_dir, "joblib", 2)], task)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra import initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+
+from cli.config import CONF_DIR, UserError, _one_line
+
+# --launcher NAME -> (hydra/launcher config, plugin module that must be importable, pip package)
+LAUNCHERS: dict[str, tuple[str, str | None, str | None]] = {
+    "basic": ("basic", None, None),
+    "joblib": ("joblib", "hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "submitit_local": ("submitit_local", "hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("stab_slurm", "hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "ray": ("ray", "hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+}
+# Keys that say where or how fast a job runs: kept out of job folder names.
+OPERATIONAL = ["train.device", "train.threads", "data.cache_dir"]
+
+
+def check_launcher(name: str) -> None:
+    if name not in LAUNCHERS:
+        raise UserError(f"--launcher {name!r} is not allowed: expected one of {', '.join(LAUNCHERS)}")
+    _, module, package = LAUNCHERS[name]
+    if module and importlib.util.find_spec(module) is None:
+        raise UserError(f"--launcher {name} needs the Hydra plugin {package}: pip install {package}")
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """Every job's overrides, as Hydra's basic sweeper will produce them (Cartesian product)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        return BasicSweeper.split_arguments(parsed, None)[0]
+    except HydraException as e:
+        raise UserError(f"bad sweep override: {_one_line(e)}") from None
+
+
+def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
+    """The hydra.* overrides that put job folders at sweep_dir/<overrides> and pick the launcher."""
+    out = [
+        f"hydra.sweep.dir='{sweep_dir}'",
+        "hydra.sweep.subdir=${hydra.job.override_dirname}",
+        f"hydra.job.config.override_dirname.exclude_keys=[{','.join(OPERATIONAL)}]",
+        "hydra.job.chdir=false",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+        f"hydra/launcher={LAUNCHERS[launcher][0]}",
+    ]
+    if launcher == "joblib":
+        out.append(f"hydra.launcher.n_jobs={jobs}")
+    if launcher.startswith("submitit"):
+        out.append(f"hydra.launcher.submitit_folder='{sweep_dir}/.submitit/%j'")
+    if launcher == "submitit_local":
+        out.append(f"hydra.launcher.tasks_per_node=1")
+    if launcher == "ray":
+        out.append(f"+hydra.launcher.ray.init.num_cpus={jobs}")
+    return out
+
+
+def multirun(overrides: list[str], task_function: Callable[[DictConfig], Any]) -> list[Any]:
+    """Run Hydra's sweeper + launcher over `overrides`; returns the flat list of JobReturns."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        hydra = GlobalHydra.instance().hydra
+        batches = hydra.multirun(config_name="config", task_function=task_function, overrides=overrides)
+    return [r for batch in batches for r in batch]

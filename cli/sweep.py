@@ -1,0 +1,176 @@
+"""`stab sweep [OPTIONS] [OVERRIDES...]`: every combination of the comma lists, as a Hydra multirun.
+
+    stab sweep residual=0.1,0.3 norm=pre,post                      # one job after another
+    stab sweep --launcher joblib --jobs 2 residual=0.1,0.3 clip=none,5
+    stab sweep --launcher submitit_slurm hydra.launcher.partition=gpu norm=pre,post
+
+Jobs land in RUNS/NAME/<overrides>/. Running the same sweep again skips completed jobs and
+re-runs failed and interrupted ones. Exit status: 0 unless a job crashed (an exploding or NaN
+run is a result), 2 for bad input, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from cli import launch
+from cli.common import EXIT_CRASH, EXIT_INTERRUPTED, console, err_console, fmt, user_errors, verdict_markup
+from cli.config import UserError, compose_run
+from cli.job import CONCURRENCY_ENV, job
+from stability import training
+from stability.resources import available_cpus
+from stability.sweeps import SweepBusy, SweepLock, job_record, mark_stale_running, read_status, write_index
+
+
+def sweep(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; comma lists are swept, e.g. residual=0.1,0.3 norm=pre,post")] = None,
+    runs: Annotated[Path, typer.Option("--runs", help="Folder that holds sweeps.")] = Path("runs"),
+    name: Annotated[str, typer.Option("--name", help="Sweep name: its folder under --runs. Same name again = resume.")] = "sweep",
+    launcher: Annotated[str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Jobs at once for local parallel launchers (joblib, ray); default: 2 for those, 1 for basic.")] = None,
+) -> None:
+    """Train every combination of the comma lists and print a table of verdicts."""
+    overrides = list(overrides or [])
+    hydra_args = [o for o in overrides if o.startswith(("hydra.", "hydra/", "+hydra."))]
+    task_args = [o for o in overrides if o not in hydra_args]
+    sweep_dir = (runs / name).resolve()
+    with user_errors():
+        if "/" in name or not name.strip():
+            raise UserError(f"--name {name!r} is not allowed: expected a plain folder name")
+        launch.check_launcher(launcher)
+        if jobs is not None and jobs < 1:
+            raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
+        combos = launch.expand(task_args)
+        for combo in combos:  # every job's config is valid before any job starts
+            training.preflight(compose_run(combo))
+        concurrency = _concurrency(launcher, jobs, len(combos))
+        try:
+            lock = SweepLock(sweep_dir).__enter__()
+        except SweepBusy as e:
+            raise UserError(str(e)) from None
+        except OSError as e:
+            raise UserError(f"--runs {runs}: cannot create the sweep folder: {e}") from None
+    try:
+        stale = mark_stale_running(sweep_dir)
+        for path in stale:
+            err_console.print(f"[yellow]found interrupted job[/] {path.name}: running it again")
+        console.print(f"[bold]stab sweep[/] {len(combos)} jobs -> {sweep_dir}  "
+                      f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)")
+        os.environ[CONCURRENCY_ENV] = str(concurrency)
+        write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
+        hydra_over = task_args + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
+        view = LiveView(sweep_dir, len(combos))
+        try:
+            with view:
+                returns = launch.multirun(hydra_over, job)
+        except KeyboardInterrupt:
+            _finish(sweep_dir, name, launcher, overrides, "interrupted")
+            err_console.print(f"interrupted; run the same command again to resume ({sweep_dir})")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
+            _finish(sweep_dir, name, launcher, overrides, "failed")
+            err_console.print(f"[bold red]sweep failed to launch:[/] {type(e).__name__}: {e}")
+            raise typer.Exit(EXIT_CRASH) from None
+        records = _finish(sweep_dir, name, launcher, overrides, "completed", returns)
+    finally:
+        lock.__exit__()
+    skipped = sum(1 for r in returns if isinstance(r.return_value, dict) and r.return_value.get("skipped"))
+    console.print(summary_table(records, skipped))
+    crashed = [r for r in records if r["state"] != "completed"]
+    for r in crashed:
+        err_console.print(f"[bold red]job {r['state']}:[/] {r['folder']}: {r.get('error')}", highlight=False)
+    if crashed:
+        raise typer.Exit(EXIT_CRASH)
+
+
+def _concurrency(launcher: str, jobs: int | None, n: int) -> int:
+    if launcher == "basic":
+        return 1
+    if launcher == "submitit_local":
+        return n  # submitit's local executor starts every job at once
+    if launcher == "submitit_slurm":
+        return 1  # each job gets its own allocation
+    return min(n, jobs or 2)
+
+
+def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], state: str,
+            returns: list[Any] | None = None) -> list[dict[str, Any]]:
+    records = []
+    for r in returns or []:
+        folder = Path(r.return_value["folder"]) if isinstance(r.return_value, dict) else Path(r.working_dir or "")
+        records.append(job_record(folder, list(r.overrides)))
+    if returns is None:  # interrupted: index what is on disk
+        records = [job_record(p.parent, _overrides_of(p.parent)) for p in sorted(sweep_dir.rglob("status.json"))]
+    write_index(sweep_dir, records, name=name, launcher=launcher, overrides=overrides, state=state)
+    return records
+
+
+def _overrides_of(run_dir: Path) -> list[str]:
+    try:
+        return list(json.loads((run_dir / "overrides.json").read_text())["overrides"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def summary_table(records: list[dict[str, Any]], skipped: int = 0) -> Table:
+    """One row per job; the overrides that differ between jobs are the first columns."""
+    parsed = [dict(o.split("=", 1) for o in r["overrides"] if "=" in o) for r in records]
+    keys = [k for k in dict.fromkeys(k for p in parsed for k in p)
+            if len({p.get(k) for p in parsed}) > 1] if len(records) > 1 else []
+    t = Table(title=f"{len(records)} jobs" + (f" ({skipped} already completed, skipped)" if skipped else ""))
+    for col in (*keys, "state", "verdict", "first NaN", "scream", "final loss"):
+        t.add_column(col, overflow="fold")
+    for r, p in zip(records, parsed):
+        nan = r.get("first_nan")
+        t.add_row(*(p.get(k, "") for k in keys), r["state"] or "?", verdict_markup(r.get("verdict") or "?"),
+                  f"e{nan['epoch']} b{nan['batch']} {nan['module']}" if nan else "-",
+                  fmt(r.get("scream_epoch")), fmt(r.get("final_loss")))
+    return t
+
+
+class LiveView:
+    """Polls the sweep folder's status files while Hydra runs the jobs (any launcher, any process)."""
+
+    def __init__(self, sweep_dir: Path, total: int) -> None:
+        self.sweep_dir, self.total = sweep_dir, total
+        self.live = Live(self.render(), console=console, refresh_per_second=2, transient=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def render(self) -> Table:
+        jobs = []
+        for p in sorted(self.sweep_dir.glob("*/status.json")):
+            status = read_status(p.parent)
+            jobs.append((p.parent.name, status.get("state", "?"), status.get("verdict")))
+        counts = {s: sum(1 for _, st, _ in jobs if st == s) for s in ("completed", "running", "failed", "interrupted")}
+        t = Table(title=f"{counts['completed']}/{self.total} done, {counts['running']} running, "
+                        f"{counts['failed']} failed", show_edge=False)
+        t.add_column("job")
+        t.add_column("state")
+        t.add_column("verdict")
+        for name, state, verdict in jobs:
+            t.add_row(name, state, verdict_markup(verdict) if verdict else "")
+        return t
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.5):
+            self.live.update(self.render())
+
+    def __enter__(self) -> "LiveView":
+        self.live.__enter__()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.live.__exit__(*exc)
