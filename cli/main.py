@@ -26,3 +26,7 @@ def root() -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

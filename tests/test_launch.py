@@ -1,0 +1,45 @@
+"""The Hydra adapter on its own: a real multirun with a trivial task function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+
+from cli import launch
+from cli.config import UserError
+
+
+def record_task(cfg) -> dict:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    (out / "seen.txt").write_text(f"{cfg.residual} {cfg.norm} {cfg.model.residual[2]}")
+    return {"folder": str(out)}
+
+
+def test_expand_is_the_cartesian_product_in_hydra_order():
+    combos = launch.expand(["preset=smoke", "residual=0.1,0.3", "norm=pre,post"])
+    assert combos == [["preset=smoke", "residual=0.1", "norm=pre"], ["preset=smoke", "residual=0.1", "norm=post"],
+                      ["preset=smoke", "residual=0.3", "norm=pre"], ["preset=smoke", "residual=0.3", "norm=post"]]
+
+
+def test_malformed_sweep_list_is_a_user_error():
+    with pytest.raises(UserError, match="bad sweep override"):
+        launch.expand(["residual=0.1,,0.3]"])
+
+
+def test_multirun_runs_every_job_through_hydra_into_readable_folders(tmp_path):
+    overrides = ["residual=0.1,0.3", "norm=pre,post", "train.device=cpu",
+                 *launch.hydra_overrides(tmp_path, "basic", 1)]
+    returns = launch.multirun(overrides, record_task)
+    assert len(returns) == 4
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    # operational keys (train.device) stay out of folder names
+    assert folders == ["norm=post,residual=0.1", "norm=post,residual=0.3", "norm=pre,residual=0.1", "norm=pre,residual=0.3"]
+    assert (tmp_path / "norm=pre,residual=0.3" / "seen.txt").read_text() == "0.3 pre 0.3"
+    assert all(Path(r.return_value["folder"]).parent == tmp_path for r in returns)
+
+
+def test_unknown_or_missing_launcher_plugin_is_refused():
+    with pytest.raises(UserError, match="expected one of basic, joblib"):
+        launch.check_launcher("dask")
