@@ -127,11 +127,13 @@ def summary_table(records: list[dict[str, Any]], skipped: int = 0) -> Table:
     keys = [k for k in dict.fromkeys(k for p in parsed for k in p)
             if len({p.get(k) for p in parsed}) > 1] if len(records) > 1 else []
     t = Table(title=f"{len(records)} jobs" + (f" ({skipped} already completed, skipped)" if skipped else ""))
-    for col in (*keys, "state", "verdict", "first NaN", "scream", "final loss"):
+    show_state = any(r["state"] != "completed" for r in records)  # only worth a column when some did not finish
+    for col in (*keys, *(["state"] if show_state else []), "verdict", "first NaN", "scream", "final loss"):
         t.add_column(col, overflow="fold")
     for r, p in zip(records, parsed):
         nan = r.get("first_nan")
-        t.add_row(*(p.get(k, "") for k in keys), r["state"] or "?", verdict_markup(r.get("verdict") or "?"),
+        t.add_row(*(p.get(k, "") for k in keys), *([r["state"] or "?"] if show_state else []),
+                  verdict_markup(r.get("verdict") or "?"),
                   f"e{nan['epoch']} b{nan['batch']} {nan['module']}" if nan else "-",
                   fmt(r.get("scream_epoch")), fmt(r.get("final_loss")))
     return t

@@ -143,6 +143,7 @@ class DataConfig:
     seconds: float = 2.0  # clip length; 75 latent frames per second
     seed: int = 0  # seeds the generated audio
     latent_rms: Any = "auto"  # auto | off | positive float: rescale latents to this RMS
+    latent_center: str = "auto"  # auto | on | off: remove the per-channel offset before scaling
     cache_dir: Any = None  # null: $STAB_CACHE or ~/.cache/stab
     codec: CodecConfig = field(default_factory=CodecConfig)
 
@@ -158,6 +159,7 @@ class DataConfig:
             self.latent_rms = _number("data.latent_rms", self.latent_rms, lo=0.0, lo_open=True)
         if self.latent_rms is None:
             self.latent_rms = "off"
+        _choice("data.latent_center", self.latent_center, ("auto", "on", "off"))
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             _fail("data.cache_dir", self.cache_dir, "a folder path or null")
 

@@ -38,7 +38,8 @@ class LatentData:
     train_target: torch.Tensor
     val_input: torch.Tensor
     val_target: torch.Tensor
-    scale: float  # common factor applied to input and target latents
+    scale: float  # common factor applied to input and target latents (after centering)
+    center: torch.Tensor  # (1, 128, 1) per-channel offset removed before scaling (zeros if off)
     codebook: CodeBook  # first RVQ codebooks, for the scream check (works on unscaled latents)
     info: dict[str, Any] = field(default_factory=dict)  # codec, raw RMS, cache key and hit
 
@@ -124,13 +125,21 @@ def load_latents(cfg: DataConfig) -> LatentData:
     inp, target = t["input"], t["target"]
     n = cfg.n_train
     raw_rms = {"input": inp[:n].pow(2).mean().sqrt().item(), "target": target[:n].pow(2).mean().sqrt().item()}
+    random_weights = meta["codec"]["weights"] == "random"
+    # A random-init encoder's conv biases put a constant per-channel offset on every frame: measured
+    # here, 99.9% of the latents' energy. Rescaling that to RMS 5.69 would make the task "output a
+    # constant"; centering removes it so the RMS is carried by the signal, as with trained weights.
+    centered = cfg.latent_center == "on" or (cfg.latent_center == "auto" and random_weights)
+    center = target[:n].mean(dim=(0, 2), keepdim=True) if centered else torch.zeros(1, inp.shape[1], 1)
     rms = cfg.latent_rms
     if rms == "auto":
-        rms = SEED_TARGET_RMS if meta["codec"]["weights"] == "random" else "off"
-    scale = 1.0 if rms == "off" else float(rms) / raw_rms["target"]
+        rms = SEED_TARGET_RMS if random_weights else "off"
+    centered_rms = (target[:n] - center).pow(2).mean().sqrt().item()
+    scale = 1.0 if rms == "off" else float(rms) / centered_rms
     codebook = CodeBook({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("codebook.")})
-    info = {"codec": meta["codec"], "raw_rms": raw_rms, "latent_rms": rms, "scale": scale,
+    info = {"codec": meta["codec"], "raw_rms": raw_rms, "centered": centered,
+            "offset_rms": center.pow(2).mean().sqrt().item(), "latent_rms": rms, "scale": scale,
             "cache": {"key": key, "hit": hit, "path": str(path)}, "encode_s": meta["encode_s"],
             "frames": inp.shape[-1]}
-    return LatentData(inp[:n] * scale, target[:n] * scale, inp[n:] * scale, target[n:] * scale,
-                      scale, codebook, info)
+    inp, target = (inp - center) * scale, (target - center) * scale
+    return LatentData(inp[:n], target[:n], inp[n:], target[n:], scale, center, codebook, info)

@@ -29,10 +29,13 @@ class CascadeWorkload:
         self.train_input, self.train_target = d.train_input.to(device), d.train_target.to(device)
         self.val_input, self.val_target = d.val_input.to(device), d.val_target.to(device)
         k = min(cfg.detect.scream.items, len(d.val_target))
-        # Codes live on the codec's scale: undo the common latent rescaling before quantizing.
         self._scream_slice = slice(0, k)
-        target_codes = d.codebook.codes(d.val_target[:k] / d.scale).tolist()
+        target_codes = d.codebook.codes(self.to_codec(d.val_target[:k])).tolist()
         self.target_scores = mean_scores(target_codes, cfg.detect.scream.n)
+
+    def to_codec(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model space -> the codec's own latent space (undo the scaling and centering)."""
+        return latents.cpu() / self.data.scale + self.data.center
 
     @property
     def n_train(self) -> int:
@@ -62,7 +65,7 @@ class CascadeWorkload:
         s = self._scream_slice
         sc = self.cfg.detect.scream
         if torch.isfinite(out[s]).all():
-            codes = self.data.codebook.codes(out[s].cpu() / self.data.scale).tolist()
+            codes = self.data.codebook.codes(self.to_codec(out[s].cpu())).tolist()
             scores = mean_scores(codes, sc.n)
             screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run)
         else:
