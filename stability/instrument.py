@@ -61,11 +61,13 @@ class GradProbe:
 class StageProbe:
     """Per-stage (rms(out) before matching, needed ratio, applied scale) from `RMSMatch.last`."""
 
-    def __init__(self, matchers: list[Any]) -> None:
-        self.matchers = matchers
+    def __init__(self, matchers: list[Any], device: torch.device) -> None:
+        self.matchers, self.device = matchers, device
 
     def measure(self) -> torch.Tensor:
-        """(3 * n_stages,) on the device: rms..., ratio..., scale..."""
+        """(3 * n_stages,) on the device: rms..., ratio..., scale... (empty without stages)"""
+        if not self.matchers:
+            return torch.zeros(0, device=self.device)
         rms, ratio, scale = zip(*(m.last for m in self.matchers))
         return torch.stack([*rms, *ratio, *scale]).float()
 

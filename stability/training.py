@@ -35,8 +35,7 @@ from stability import detectors
 from stability.config import ConfigError, RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.storage import append_jsonl, read_json, write_json, write_yaml
-from stability.models.cascade import Cascade
-from stability.workload import CascadeWorkload
+from stability.workload import build_model, make_workload
 
 
 class Callbacks:
@@ -71,7 +70,7 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError(str(e)) from None
     if cfg.fault.nan_at_step is not None:
         with torch.device("meta"):  # names only: no memory, no init cost
-            names = list(Cascade(cfg.model).module_groups())
+            names = list(build_model(cfg.model).module_groups())
         if cfg.fault.nan_module not in names:
             raise ConfigError(f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
                               f"expected one of {', '.join(names)}")
@@ -157,7 +156,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(cfg.seed)
-    work = CascadeWorkload(cfg, device)
+    work = make_workload(cfg, device)
     model = work.model
     groups = work.module_groups()
     names = list(groups)
@@ -166,7 +165,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                   torch=torch.__version__, python=platform.python_version())
 
     grad_probe = GradProbe(groups)
-    stage_probe = StageProbe(work.rms_matchers())
+    stage_probe = StageProbe(work.rms_matchers(), device)
     n_stages = len(work.rms_matchers())
     injector = (NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step)
                 if cfg.fault.nan_at_step is not None else None)
@@ -295,7 +294,7 @@ def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[
     return rec
 
 
-def _epoch_record(work: CascadeWorkload, steps: list[dict[str, Any]], epoch: int, names: list[str],
+def _epoch_record(work: Any, steps: list[dict[str, Any]], epoch: int, names: list[str],
                   n_stages: int, stopped: bool) -> dict[str, Any]:
     mine = [r for r in steps if r["epoch"] == epoch]
     g = np.array([r["grad/norm"] for r in mine])
@@ -314,7 +313,7 @@ def _epoch_record(work: CascadeWorkload, steps: list[dict[str, Any]], epoch: int
     }
 
 
-def _locate_nan(work: CascadeWorkload, batch: Any, groups: dict[str, list[torch.nn.Module]], host: np.ndarray,
+def _locate_nan(work: Any, batch: Any, groups: dict[str, list[torch.nn.Module]], host: np.ndarray,
                 names: list[str], epoch: int, b: int, step: int) -> dict[str, Any]:
     """Re-run the offending step (same weights, same batch) with per-module checks to name the
     module group where the non-finite value started. Runs once per run, so its syncs are free."""

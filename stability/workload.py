@@ -12,10 +12,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stability.config import RunConfig
+from stability.config import ModelConfig, RunConfig
 from stability.data import load_latents
 from stability.detectors import mean_scores, scream_check
 from stability.models.cascade import Cascade
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The configured model (by `model.name`); a model exposes `module_groups()`."""
+    if cfg.name == "cascade":
+        return Cascade(cfg)
+    raise ValueError(f"Unsupported model: {cfg.name!r}")
+
+
+def make_workload(cfg: RunConfig, device: torch.device) -> "CascadeWorkload":
+    """The workload (data + model + loss + scream check) for `model.name`.
+
+    A workload provides: model, info (dict, written to data.json), n_train, batch(idx),
+    loss(batch), module_groups(), rms_matchers() (may be empty), evaluate() ->
+    {val_loss, collapsed, scores, target_scores, ...}, and target_scores.
+    """
+    if cfg.model.name == "cascade":
+        return CascadeWorkload(cfg, device)
+    raise ValueError(f"Unsupported model: {cfg.model.name!r}")
 
 
 class CascadeWorkload:
@@ -24,7 +43,7 @@ class CascadeWorkload:
         self.device = device
         self.data = load_latents(cfg.data)
         self.info: dict[str, Any] = dict(self.data.info)
-        self.model: nn.Module = Cascade(cfg.model).to(device)
+        self.model: nn.Module = build_model(cfg.model).to(device)
         d = self.data
         self.train_input, self.train_target = d.train_input.to(device), d.train_target.to(device)
         self.val_input, self.val_target = d.val_input.to(device), d.val_target.to(device)

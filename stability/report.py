@@ -1,0 +1,864 @@
+"""Reports over run folders: find them, load them robustly, tabulate, summarise by factor, plot.
+
+A run folder is any folder holding `status.json`, `summary.json` or `config.yaml` (see
+`stability.training`); a sweep is a folder of them. Everything here reads those files and
+nothing else, so a report works on runs that are still going, were killed, crashed, or have a
+torn or hand-damaged file: such runs are loaded as far as their files allow and carry warnings,
+they are never dropped. NaN and inf stay NaN and inf in every table, CSV cell and plot.
+
+    report = write_report(Path("runs"), Path("runs"))   # report.md, runs.csv, factors.csv, plots/
+    report.overview                                     # the printed table, as strings
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from stability.config import OPERATIONAL_KEYS
+from stability.storage import atomic_write_text, read_jsonl
+
+RUN_MARKERS = ("status.json", "summary.json", "config.yaml")
+VERDICTS = ("stable", "exploding", "scream", "nan", "failed")  # least to most broken
+UNSET = "(default)"  # a factor a run did not override
+PLOTS = "plots"
+
+
+class ReportError(Exception):
+    """Nothing to report on (missing folder, no run folders): one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class Run:
+    """One run folder, loaded as far as its files allow; `warnings` says what was missing or odd."""
+
+    path: Path
+    rel: str  # path relative to the report's root ("." for the root itself)
+    state: str  # running | completed | failed | interrupted | unknown (no or unreadable status.json)
+    verdict: str  # stable | exploding | scream | nan | failed, or the state while there is none
+    status: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] | None = None
+    config: dict[str, Any] | None = None
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    grad_table: pd.DataFrame | None = None  # grad_norms.csv: rows module groups, columns e{i}_mean/max
+    events: list[dict[str, Any]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    steps_recorded: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def group(self) -> str:
+        """The folder the run sits in, relative to the root: a sweep's name, or `run`."""
+        parent = str(Path(self.rel).parent)
+        return "" if parent == "." else parent
+
+    @property
+    def params(self) -> dict[str, str]:
+        """The overrides as key -> value (`+key=v` counts as `key`)."""
+        out: dict[str, str] = {}
+        for o in self.overrides or []:
+            if "=" in o:
+                k, v = o.split("=", 1)
+                out[k.lstrip("+~")] = v
+        return out
+
+    def series(self, key: str) -> list[float]:
+        """A per-epoch series from summary.json, else from epochs.jsonl (runs still going)."""
+        from_epochs = {"grad_norm_by_epoch": "grad_norm_mean", "grad_norm_max_by_epoch": "grad_norm_max",
+                       "loss_by_epoch": "loss", "val_loss_by_epoch": "val_loss"}[key]
+        values = self.summary.get(key)
+        if not isinstance(values, list):
+            values = [e.get(from_epochs) for e in self.epochs]
+        return [_float(v) for v in values]
+
+    @property
+    def first_nan(self) -> dict[str, Any] | None:
+        if "first_nan" in self.summary:
+            return self.summary["first_nan"]
+        return next((e for e in self.events if e.get("event") == "first_nan"), None)
+
+    @property
+    def scream_epoch(self) -> int | None:
+        if "scream_epoch" in self.summary:
+            return self.summary["scream_epoch"]
+        return next((e.get("epoch") for e in self.events if e.get("event") == "scream"), None)
+
+    @property
+    def final_loss(self) -> float | None:
+        """The last step's loss (summary.json), else the last epoch's mean; None if it never trained."""
+        if "final_loss" in self.summary:
+            return _float(self.summary["final_loss"])
+        losses = self.series("loss_by_epoch")
+        return losses[-1] if losses else None
+
+    @property
+    def wall_s(self) -> float | None:
+        if "wall_s" in self.summary:
+            return _float(self.summary["wall_s"])
+        start, end = self.status.get("started"), self.status.get("finished")
+        return end - start if isinstance(start, (int, float)) and isinstance(end, (int, float)) else None
+
+    @property
+    def last_finite_grad(self) -> float:
+        """The last finite per-epoch mean gradient norm (NaN if no epoch had one)."""
+        return next((g for g in reversed(self.series("grad_norm_by_epoch")) if math.isfinite(g)), math.nan)
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every run folder under `root`, at any depth; hidden folders (`.hydra`) are skipped."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if any(m in filenames for m in RUN_MARKERS):
+            found.append(Path(dirpath))
+            dirnames[:] = []  # a run folder holds no runs
+    return found
+
+
+def load_runs(root: Path) -> list[Run]:
+    """All runs under `root`, sorted by folder; ReportError if there is nothing to report on."""
+    root = Path(root)
+    if not root.exists():
+        raise ReportError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise ReportError(f"{root}: not a folder")
+    paths = find_runs(root)
+    if not paths:
+        raise ReportError(f"{root}: no run folders in it (a run folder holds {', '.join(RUN_MARKERS)})")
+    index = _sweep_overrides(root)
+    return [load_run(p, root, index) for p in paths]
+
+
+def load_run(path: Path, root: Path | None = None, sweep_overrides: dict[Path, list[str]] | None = None) -> Run:
+    """Load one run folder; never raises on damaged or missing files, records a warning instead."""
+    path = Path(path)
+    rel = os.path.relpath(path, root) if root is not None else path.name
+    run = Run(path=path, rel=rel, state="unknown", verdict="?")
+    warn = run.warnings.append
+
+    status = _read_json(path / "status.json", warn)
+    if status is None and not (path / "status.json").exists():
+        warn("no status.json")
+    run.status = status if isinstance(status, dict) else {}
+    run.state = str(run.status.get("state") or "unknown")
+
+    summary = _read_json(path / "summary.json", warn)
+    run.summary = summary if isinstance(summary, dict) else {}
+
+    ov = _read_json(path / "overrides.json", warn)
+    if isinstance(ov, dict) and isinstance(ov.get("overrides"), list):
+        run.overrides = [str(o) for o in ov["overrides"]]
+    elif sweep_overrides and path.resolve() in sweep_overrides:
+        run.overrides = sweep_overrides[path.resolve()]
+        warn("overrides.json missing or unreadable; overrides taken from sweep.json")
+    elif ov is None and (path / "config.yaml").exists():
+        warn("no overrides.json; compared by config.yaml")
+
+    if (path / "config.yaml").exists():
+        try:
+            cfg = yaml.safe_load((path / "config.yaml").read_text())
+            run.config = cfg if isinstance(cfg, dict) else None
+            if run.config is None:
+                warn("config.yaml is not a mapping")
+        except (OSError, yaml.YAMLError) as e:
+            warn(f"config.yaml unreadable: {_first_line(e)}")
+    else:
+        warn("no config.yaml")
+
+    for name in ("epochs", "events", "metrics"):
+        records, bad = read_jsonl(path / f"{name}.jsonl")
+        if bad:
+            warn(f"{name}.jsonl: {bad} unparsable line(s) skipped")
+        if name == "epochs":
+            run.epochs = records
+        elif name == "events":
+            run.events = records
+        else:
+            run.steps_recorded = len(records)
+    data = _read_json(path / "data.json", warn)
+    run.data = data if isinstance(data, dict) else {}
+
+    grad_csv = path / "grad_norms.csv"
+    if grad_csv.exists():
+        try:
+            run.grad_table = pd.read_csv(grad_csv, index_col="group")
+        except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            warn(f"grad_norms.csv unreadable: {_first_line(e)}")
+
+    run.verdict = str(run.summary.get("verdict") or run.status.get("verdict") or
+                      (run.state if run.state in ("running", "interrupted", "failed") else "?"))
+    _check_state(run)
+    return run
+
+
+def _check_state(run: Run) -> None:
+    warn = run.warnings.append
+    st = run.status
+    if run.state == "running":
+        started = st.get("started")
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+        if st.get("host") == socket.gethostname() and isinstance(st.get("pid"), int) and not _alive(st["pid"]):
+            warn(f"status says running, but process {st['pid']} is gone (killed?); partial results")
+        else:
+            warn(f"still running (pid {st.get('pid')} on {st.get('host')}, since {since}); partial results")
+    elif run.state == "interrupted":
+        warn(f"interrupted: {st.get('error') or 'no error recorded'}; partial results")
+    elif run.state == "failed":
+        warn(f"failed: {st.get('error') or run.summary.get('evidence') or 'no error recorded'}")
+    elif run.state not in ("completed", "unknown"):
+        warn(f"unexpected state {run.state!r} in status.json")
+    if run.state == "completed" and not run.summary and (run.path / "summary.json").exists() is False:
+        warn("completed, but summary.json is missing")
+    if run.state in ("completed", "running", "interrupted") and run.epochs and run.grad_table is None \
+            and not (run.path / "grad_norms.csv").exists():
+        warn("no grad_norms.csv")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, not ours
+    return True
+
+
+def _read_json(path: Path, warn: Any) -> Any:
+    """The parsed file, or None (missing: silently; unreadable or truncated: with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        warn(f"{path.name} unreadable (truncated?): {_first_line(e)}")
+        return None
+
+
+def _sweep_overrides(root: Path) -> dict[Path, list[str]]:
+    """Job folder -> overrides, from every sweep.json under root (a fallback for a lost overrides.json)."""
+    out: dict[Path, list[str]] = {}
+    for index in root.rglob("sweep.json"):
+        try:
+            for job in json.loads(index.read_text()).get("jobs", []):
+                out[(index.parent / job["folder"]).resolve()] = [str(o) for o in job["overrides"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _float(x: Any) -> float:
+    """A number as float; None (missing) becomes NaN only inside per-epoch series."""
+    if isinstance(x, bool):
+        return float(x)
+    if isinstance(x, (int, float)):
+        return float(x)
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# ----------------------------------------------------------------------------------------------
+# What differs between runs
+
+
+def factors(runs: Sequence[Run]) -> list[str]:
+    """The keys whose values differ between runs: override keys, or config paths where a run's
+    overrides are unknown (no overrides.json and no sweep.json entry)."""
+    if len(runs) < 2:
+        return []
+    if all(r.overrides is not None for r in runs):
+        keys = list(dict.fromkeys(k for r in runs for k in r.params))
+        differ = [k for k in keys if len({factor_value(r, k) for r in runs}) > 1]
+        if differ or len({json.dumps(r.config, sort_keys=True, default=str) for r in runs}) <= 1:
+            return differ
+    flat = [_flatten(r.config or {}) for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    return [k for k in keys if k not in OPERATIONAL_KEYS and len({repr(f.get(k)) for f in flat}) > 1]
+
+
+def factor_value(run: Run, key: str) -> str:
+    """A run's value of a factor: its override, else its config value at that path, else UNSET."""
+    params = run.params
+    if key in params:
+        return params[key]
+    flat = _flatten(run.config or {})
+    if key in flat:
+        v = flat[key]
+        return "null" if v is None else str(v)
+    return UNSET
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class _Absent:
+    """A key one config has and the other lacks (e.g. a run recorded before the key existed)."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+    __str__ = __repr__
+
+
+ABSENT = _Absent()
+
+
+def config_diff(defaults: dict[str, Any], actual: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, default, this run's value) for every leaf that differs, in the config's order;
+    a key only one side has gives ABSENT on the other."""
+    a, b = _flatten(defaults), _flatten(actual)
+    rows = []
+    for key in dict.fromkeys([*a, *b]):
+        va, vb = a.get(key, ABSENT), b.get(key, ABSENT)
+        if not _same(va, vb):
+            rows.append((key, va, vb))
+    return rows
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def label(run: Run, keys: Sequence[str]) -> str:
+    """A short name for a run: the differing factors it sets (`residual=0.1 norm=pre`), else its folder."""
+    params = run.params
+    mine = [k for k in keys if k in params] if run.overrides is not None else list(keys)
+    return " ".join(f"{k}={factor_value(run, k)}" for k in mine) or run.rel
+
+
+def _value_order(v: str) -> tuple[int, float, str]:
+    if v == UNSET:
+        return (2, 0.0, v)
+    try:
+        return (0, float(v), v)
+    except ValueError:
+        return (1, 0.0, v)
+
+
+def sort_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Run]:
+    """By folder group (sweep), then by factor values (numbers numerically)."""
+    return sorted(runs, key=lambda r: (r.group, [_value_order(factor_value(r, k)) for k in keys], r.rel))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def format_number(x: Any, digits: int = 3) -> str:
+    """Numbers for reading: NaN and inf as such, missing as '-', never blank or zero."""
+    if x is None:
+        return "-"
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if math.isnan(x):
+            return "NaN"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def first_nan_text(nan: dict[str, Any] | None) -> str:
+    """`e3 b205 stage2.layer0.mlp`: 1-based epoch, 0-based batch within it, module group."""
+    if not nan:
+        return "-"
+    return f"e{nan.get('epoch', '?')} b{nan.get('batch', '?')} {nan.get('module') or '?'}"
+
+
+def _series_text(values: Sequence[float], keep: int = 8) -> str:
+    cells = [format_number(v) for v in values]
+    if len(cells) > keep:  # the start and the end; runs.csv has all of them
+        cells = [*cells[:3], "…", *cells[-(keep - 4):]]
+    return " ".join(cells) or "-"
+
+
+def overview(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
+    """The printed table: one row per run, as display strings (NaN/inf spelled out)."""
+    ids = [(r.group, *(factor_value(r, k) for k in keys)) for r in runs]
+    show_run = not keys or len(set(ids)) < len(ids)  # the factors do not tell the runs apart
+    show_group = not show_run and len({r.group for r in runs}) > 1
+    show_state = any(r.state not in ("completed", "failed") for r in runs)  # failed: the verdict says so
+    rows = []
+    for r in runs:
+        row: dict[str, str] = {}
+        if show_run:
+            row["run"] = r.rel
+        elif show_group:
+            row["sweep"] = r.group or "."
+        row.update({k: factor_value(r, k) for k in keys})
+        if show_state:
+            row["state"] = r.state
+        maxes = r.series("grad_norm_max_by_epoch")
+        scream = r.scream_epoch
+        wall = r.wall_s
+        row.update({
+            "verdict": r.verdict,
+            "first NaN": first_nan_text(r.first_nan),
+            "scream": f"e{scream}" if scream is not None else "-",
+            "grad norm per epoch (mean)": _series_text(r.series("grad_norm_by_epoch")),
+            "last epoch max": format_number(maxes[-1]) if maxes else "-",
+            "final loss": format_number(r.final_loss),
+            "wall": f"{format_number(wall, 2)} s" if wall is not None else "-",
+        })
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+_SUMMARY_FIELDS = ("evidence", "scream_epoch", "final_loss", "final_val_loss", "growth_per_epoch",
+                   "first_spike_step", "n_spikes", "clip_rate", "nonfinite_steps", "epochs_run", "steps",
+                   "stopped_early", "latent_scale", "device", "wall_s")
+_NAN_FIELDS = ("epoch", "batch", "step", "kind", "module", "where", "loss", "grad_norm")
+
+
+def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
+    """runs.csv: one row per run with every number; NaN/inf kept, None (not applicable) as None."""
+    n_epochs = max((len(r.series("grad_norm_by_epoch")) for r in runs), default=0)
+    n_stages = max((len(r.summary.get("stage_rms_last_epoch") or []) for r in runs), default=0)
+    fixed = {"path", "sweep", "run_id", "state", "verdict", "warnings", "overrides", "error"}
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {"path": r.rel, "sweep": r.group, "run_id": r.summary.get("run_id") or r.status.get("run_id"),
+                               "state": r.state, "verdict": r.verdict}
+        for k in keys:
+            row[f"override.{k}" if k in fixed else k] = factor_value(r, k)
+        row["overrides"] = " ".join(r.overrides) if r.overrides is not None else None
+        row["last_finite_grad_norm"] = r.last_finite_grad
+        nan = r.first_nan or {}
+        row.update({f"first_nan_{f}": nan.get(f) for f in _NAN_FIELDS})
+        for f in _SUMMARY_FIELDS:
+            row[f] = r.summary.get(f)
+        if "scream_epoch" not in r.summary:
+            row["scream_epoch"] = r.scream_epoch
+        if "final_loss" not in r.summary and r.epochs:
+            row["final_loss"] = r.final_loss
+        if row["wall_s"] is None:
+            row["wall_s"] = r.wall_s
+        codec = r.summary.get("codec") or r.data.get("codec") or {}
+        row.update({f"codec_{k}": codec.get(k) for k in ("weights", "seed", "checksum")})
+        row["steps_recorded"] = r.steps_recorded
+        for key, name in (("grad_norm_by_epoch", "grad_mean"), ("grad_norm_max_by_epoch", "grad_max"),
+                          ("loss_by_epoch", "loss"), ("val_loss_by_epoch", "val_loss")):
+            s = r.series(key)
+            row.update({f"{name}_e{e}": (s[e - 1] if e <= len(s) else None) for e in range(1, n_epochs + 1)})
+        for key, name in (("stage_rms_last_epoch", "rms"), ("stage_scale_last_epoch", "scale")):
+            s = r.summary.get(key) or []
+            row.update({f"stage{i}_{name}_last": (_float(s[i]) if i < len(s) else None) for i in range(n_stages)})
+        row["error"] = r.status.get("error")
+        row["warnings"] = "; ".join(r.warnings)
+        rows.append(row)
+    # object dtype keeps None (not applicable: no NaN happened) apart from NaN (a NaN result), and ints as ints
+    return pd.DataFrame(rows, dtype=object)
+
+
+def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
+    """For each factor and value: runs, share per verdict, median of the last finite grad norm."""
+    rows = []
+    others = sorted({r.verdict for r in runs} - set(VERDICTS))
+    for k in keys:
+        values = sorted({factor_value(r, k) for r in runs}, key=_value_order)
+        for v in values:
+            mine = [r for r in runs if factor_value(r, k) == v]
+            row: dict[str, Any] = {"factor": k, "value": v, "runs": len(mine)}
+            for verdict in (*VERDICTS, *others):
+                row[verdict] = sum(r.verdict == verdict for r in mine) / len(mine)
+            finite = [g for g in (r.last_finite_grad for r in mine) if math.isfinite(g)]
+            row["median last grad norm"] = statistics.median(finite) if finite else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def factor_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """factor_summary as strings: shares in percent, the median as a number."""
+    out = summary.copy()
+    for col in out.columns:
+        if col in ("factor", "value", "runs"):
+            out[col] = out[col].astype(str)
+        elif col == "median last grad norm":
+            out[col] = [format_number(v) for v in out[col]]
+        else:
+            out[col] = [f"{round(100 * v)}%" for v in out[col]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# One run (`stab show`)
+
+
+def is_run_folder(path: Path) -> bool:
+    return Path(path).is_dir() and any((Path(path) / m).exists() for m in RUN_MARKERS)
+
+
+def grad_epoch_frame(run: Run) -> pd.DataFrame:
+    """grad_norms.csv as group x epoch means, plus `max`: the largest step norm over all epochs
+    (NaN if any epoch's max is NaN: a group that went NaN is not hidden by its earlier maxima)."""
+    table = run.grad_table
+    if table is None or table.empty:
+        return pd.DataFrame()
+    means = table[[c for c in table.columns if c.endswith("_mean")]]
+    maxes = table[[c for c in table.columns if c.endswith("_max")]].to_numpy(dtype=float)
+    out = means.rename(columns=lambda c: c[: -len("_mean")]).astype(float)
+    out["max"] = [np.max(row) if row.size else math.nan for row in maxes]  # np.max propagates NaN
+    return out
+
+
+def epoch_frame(run: Run) -> pd.DataFrame:
+    """Per epoch: loss, validation loss, grad norm mean/max, clip rate, collapsed (the scream check)."""
+    cols = {"epoch": "epoch", "steps": "steps", "loss": "loss", "val_loss": "val loss",
+            "grad_norm_mean": "grad mean", "grad_norm_max": "grad max", "clip_rate": "clipped",
+            "collapsed": "collapsed"}
+    return pd.DataFrame([{name: e.get(key) for key, name in cols.items()} for e in run.epochs],
+                        columns=list(cols.values()), dtype=object)
+
+
+def stage_frame(run: Run) -> pd.DataFrame:
+    """Per epoch and stage: output RMS, the ratio the RMS match needed, the scale applied after
+    clamping, and the share of steps where the clamp bound was hit."""
+    rows = []
+    for e in run.epochs:
+        rms, ratio, scale, clamp = (e.get(k) or [] for k in ("stage_rms", "stage_ratio", "stage_scale", "stage_clamp_rate"))
+        for i in range(max(len(rms), len(ratio), len(scale))):
+            def at(xs: list[Any]) -> Any:
+                return xs[i] if i < len(xs) else None
+            rows.append({"epoch": e.get("epoch"), "stage": i, "rms": at(rms), "needed ratio": at(ratio),
+                         "scale": at(scale), "clamped": at(clamp)})
+    return pd.DataFrame(rows, columns=["epoch", "stage", "rms", "needed ratio", "scale", "clamped"], dtype=object)
+
+
+def event_text(ev: dict[str, Any]) -> str:
+    """The details of one events.jsonl record, in words."""
+    kind = ev.get("event")
+    f = format_number
+    if kind == "first_nan":
+        return (f"non-finite {ev.get('kind', '?')} first in {ev.get('module', '?')} ({ev.get('where', '?')}); "
+                f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}")
+    if kind == "grad_spike":
+        return f"grad norm {f(ev.get('grad_norm'))}"
+    if kind == "clamp_saturation":
+        return f"stage {ev.get('stage')}: needed ratio {f(ev.get('ratio'))}, clamped to {f(ev.get('scale'))}"
+    if kind == "scream":
+        s, t = ev.get("scores") or {}, ev.get("target_scores") or {}
+        return "output collapsed: " + ", ".join(f"{k} {f(v)} (target {f(t.get(k))})" for k, v in s.items())
+    skip = {"event", "epoch", "batch", "step"}
+    return ", ".join(f"{k} {f(v)}" for k, v in ev.items() if k not in skip)
+
+
+def events_frame(run: Run) -> pd.DataFrame:
+    order = {"first_nan": 0, "scream": 1, "grad_spike": 2, "clamp_saturation": 3}
+    def when(e: dict[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
+        epoch, step = e.get("epoch"), e.get("step")
+        return (epoch if isinstance(epoch, int) else 1 << 62, step if isinstance(step, int) else 1 << 62,
+                order.get(e.get("event"), 9))
+
+    evs = sorted(run.events, key=when)
+    return pd.DataFrame([{"event": e.get("event"), "epoch": e.get("epoch"), "batch": e.get("batch"),
+                          "step": e.get("step"), "details": event_text(e)} for e in evs],
+                        columns=["event", "epoch", "batch", "step", "details"], dtype=object)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def csv_cell(x: Any) -> str:
+    """A CSV cell: floats at full precision, NaN as 'NaN', inf as 'inf', not applicable as ''."""
+    if x is None:
+        return ""
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        if math.isnan(x):
+            return "NaN"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return repr(x)
+    return str(x)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    cells = frame.astype(object).map(csv_cell)
+    buf = io.StringIO()
+    cells.to_csv(buf, index=False)
+    atomic_write_text(path, buf.getvalue())
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table of display strings (`|` escaped)."""
+    if frame.empty:
+        return "_(none)_\n"
+
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
+             "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Render to memory, then write atomically (a reader never sees half a PNG)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_VERDICT_COLOURS = {"nan": "tab:red", "scream": "tab:purple", "exploding": "tab:orange"}
+
+
+def plot_grad_norms(runs: Sequence[Run], keys: Sequence[str], path: Path) -> Path:
+    """Mean gradient norm per epoch, one line per run (log y); the epoch where a run's norm went
+    NaN or inf is marked with a red X on its last finite value, the per-epoch max is dotted."""
+    plotted = [r for r in runs if r.series("grad_norm_by_epoch")]
+    fig = Figure(figsize=(9, 4.8 + 0.22 * max(0, len(plotted) - 12)))
+    ax = fig.add_subplot()
+    colours = [f"C{i % 10}" for i in range(len(plotted))]
+    styles = ["-", "--", "-.", ":"]
+    marked = False
+    for i, (r, c) in enumerate(zip(plotted, colours)):
+        means = np.array(r.series("grad_norm_by_epoch"), dtype=float)
+        maxes = np.array(r.series("grad_norm_max_by_epoch"), dtype=float)
+        epochs = np.arange(1, len(means) + 1)
+        ls = styles[(i // 10) % len(styles)]
+        ok = np.isfinite(means) & (means > 0)
+        ax.plot(epochs[ok], means[ok], ls, color=c, marker="o", ms=4, lw=1.6,
+                label=f"{label(r, keys)}  [{r.verdict}]")
+        if len(maxes) == len(means):
+            okm = np.isfinite(maxes) & (maxes > 0)
+            ax.plot(epochs[okm], maxes[okm], ":", color=c, lw=1, alpha=0.7)
+        last = None
+        for e, g in zip(epochs, means):
+            if math.isfinite(g):
+                last = g if g > 0 else last
+                continue
+            y = last if last is not None else np.nanmax(np.where(np.isfinite(means), means, np.nan)) \
+                if np.isfinite(means).any() else 1.0
+            ax.plot([e], [y], "x", color="red", ms=12, mew=2.5, zorder=5)
+            ax.annotate("NaN" if math.isnan(g) else "inf", (e, y), textcoords="offset points", xytext=(6, 6),
+                        color="red", fontsize=9, fontweight="bold")
+            marked = True
+            break  # training stops at the first non-finite epoch; later ones repeat it
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("gradient norm (total, mean over the epoch)")
+    n_ep = max((len(r.series("grad_norm_by_epoch")) for r in plotted), default=1)
+    ax.set_xticks(range(1, n_ep + 1) if n_ep <= 20 else ax.get_xticks())
+    ax.set_xlim(0.7, n_ep + 0.3 + (0.4 if marked else 0))
+    ax.grid(True, which="both", alpha=0.25)
+    title = "Gradient norm per epoch (dotted: max within the epoch"
+    ax.set_title(title + ("; red X: went NaN/inf" if marked else "") + ")", fontsize=10)
+    if plotted:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        _plain_log_ticks(ax)
+    else:
+        ax.text(0.5, 0.5, "no run has a finished epoch yet", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)
+    return path
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Log-axis labels as plain numbers (`4`, `0.01`, `1e+04`), minor ones too when under ~1.5 decades."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if lo > 0 and math.log10(hi / lo) < 1.5 else NullFormatter())
+
+
+def plot_heatmap(run: Run, keys: Sequence[str], path: Path) -> Path:
+    """Per-module-group gradient norm (epoch mean) by epoch, log colour scale; NaN/inf cells are
+    hatched red and labelled, the cell of the first NaN is boxed."""
+    table = run.grad_table
+    assert table is not None
+    means = table[[c for c in table.columns if c.endswith("_mean")]]
+    epochs = [int(c[1:-len("_mean")]) for c in means.columns]
+    values = means.to_numpy(dtype=float)
+    groups = list(means.index)
+    n_g, n_e = values.shape
+    fig = Figure(figsize=(3.2 + 0.75 * max(n_e, 2), 1.6 + 0.26 * n_g))
+    ax = fig.add_subplot()
+    good = np.isfinite(values) & (values > 0)
+    lo, hi = (values[good].min(), values[good].max()) if good.any() else (1e-3, 1.0)
+    norm = LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 10)
+    masked = np.ma.masked_where(~good, values)
+    cmap = __import__("matplotlib").colormaps["viridis"].with_extremes(bad="#eeeeee")
+    im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    for gi in range(n_g):
+        for ei in range(n_e):
+            v = values[gi, ei]
+            if math.isfinite(v) and v > 0:
+                shade = norm(v)
+                ax.text(ei, gi, format_number(v, 2), ha="center", va="center", fontsize=6.5,
+                        color="black" if shade > 0.55 else "white")
+                continue
+            if not math.isfinite(v):
+                ax.add_patch(_rect(ei, gi, fill=False, hatch="//", edgecolor="#f4a0a0", lw=0))
+            ax.text(ei, gi, format_number(v) if not math.isfinite(v) else "0", ha="center", va="center",
+                    fontsize=7, fontweight="bold", color="red" if not math.isfinite(v) else "black",
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none"))
+    nan = run.first_nan
+    if nan and nan.get("module") in groups and nan.get("epoch") in epochs:
+        ax.add_patch(_rect(epochs.index(nan["epoch"]), groups.index(nan["module"]), fill=False,
+                           edgecolor="red", lw=2.5))
+    if "total" in groups:
+        ax.axhline(groups.index("total") + 0.5, color="white", lw=2)
+    ax.set_xticks(range(n_e), [f"e{e}" for e in epochs])
+    ax.set_yticks(range(n_g), groups, fontsize=7)
+    ax.set_xlabel("epoch")
+    head = label(run, keys)
+    sub = f"verdict {run.verdict}"
+    if nan:
+        sub += f", first NaN {first_nan_text(nan)} (boxed)"
+    if run.scream_epoch is not None:
+        sub += f", scream from e{run.scream_epoch}"
+    ax.set_title(f"{head}\n{sub}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="gradient norm (epoch mean, log)", fraction=0.05, pad=0.02)
+    _save(fig, path)
+    return path
+
+
+def _rect(x: int, y: int, **kw: Any) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, **kw)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:100] or "run"
+
+
+@dataclass
+class Report:
+    """What `write_report` computed and wrote."""
+
+    root: Path
+    out: Path
+    runs: list[Run]
+    keys: list[str]
+    overview: pd.DataFrame
+    table: pd.DataFrame  # runs.csv
+    summary: pd.DataFrame  # factor_summary, numbers
+    files: list[Path]
+    heatmaps: dict[str, Path]  # run.rel -> PNG
+
+    @property
+    def warnings(self) -> list[tuple[str, str]]:
+        return [(r.rel, w) for r in self.runs for w in r.warnings]
+
+
+def build_report(root: Path) -> tuple[list[Run], list[str]]:
+    runs = load_runs(root)
+    keys = factors(runs)
+    return sort_runs(runs, keys), keys
+
+
+def write_report(root: Path, out: Path | None = None) -> Report:
+    """Load every run under `root`; write report.md, runs.csv, factors.csv and plots/ into `out`."""
+    root = Path(root)
+    out = Path(out) if out is not None else root
+    runs, keys = build_report(root)
+    over = overview(runs, keys)
+    table = runs_frame(runs, keys)
+    summary = factor_summary(runs, keys)
+    plots = out / PLOTS
+    plots.mkdir(parents=True, exist_ok=True)
+    files = [plot_grad_norms(runs, keys, plots / "grad_norm.png")]
+    heatmaps: dict[str, Path] = {}
+    used: set[str] = set()
+    for r in runs:
+        if r.verdict == "stable" or r.grad_table is None or not any(c.endswith("_mean") for c in r.grad_table.columns):
+            continue
+        name = _slug(f"heatmap_{r.rel}")
+        while name in used:
+            name += "_"
+        used.add(name)
+        heatmaps[r.rel] = plot_heatmap(r, keys, plots / f"{name}.png")
+    for stale in plots.glob("heatmap_*.png"):  # from an earlier report of runs since removed or now stable
+        if stale not in heatmaps.values():
+            stale.unlink(missing_ok=True)
+    files += heatmaps.values()
+    write_csv(table, out / "runs.csv")
+    write_csv(summary, out / "factors.csv")
+    atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, over, summary, heatmaps))
+    files = [out / "report.md", out / "runs.csv", out / "factors.csv", *files]
+    return Report(root, out, runs, keys, over, table, summary, files, heatmaps)
+
+
+def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], over: pd.DataFrame,
+              summary: pd.DataFrame, heatmaps: dict[str, Path]) -> str:
+    seen = sorted({r.verdict for r in runs}, key=lambda v: (VERDICTS.index(v) if v in VERDICTS else len(VERDICTS), v))
+    counts = {v: sum(r.verdict == v for r in runs) for v in seen}
+    parts = [f"# Stability report: `{root}`\n",
+             f"{len(runs)} run(s), {time.strftime('%Y-%m-%d %H:%M')}: "
+             + ", ".join(f"{n} {v}" for v, n in counts.items()) + ". "
+             + (f"Factors that differ: {', '.join(f'`{k}`' for k in keys)}." if keys else "No factor differs between runs.")
+             + " Every number of every run is in [runs.csv](runs.csv); NaN and inf are written as such.\n"]
+    warned = [(r.rel, w) for r in runs for w in r.warnings]
+    if warned:
+        parts.append(f"**{len(warned)} warning(s)**, see [Warnings](#warnings).\n")
+    parts += ["## Runs\n", "First NaN: epoch (1-based), batch within the epoch (0-based), and the module "
+              "group that went first. Gradient norm: total norm, mean over each epoch.\n", markdown_table(over)]
+    if keys:
+        parts += ["## By factor\n", "Share of runs per verdict for each value of each factor (across all other "
+                  "factors), and the median over those runs of the last finite epoch-mean gradient norm.\n",
+                  markdown_table(factor_display(summary))]
+    rel_plots = os.path.relpath(out / PLOTS, out)
+    parts += ["## Gradient norm per epoch\n", f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n"]
+    if heatmaps:
+        parts.append("## Unstable runs: gradient norm by module group\n")
+        for r in runs:
+            if r.rel in heatmaps:
+                parts += [f"### {label(r, keys)}: {r.verdict}\n",
+                          f"`{r.rel}`" + (f": {r.summary['evidence']}" if r.summary.get("evidence") else "") + "\n",
+                          f"![{_slug(r.rel)}]({rel_plots}/{heatmaps[r.rel].name})\n"]
+    if warned:
+        parts += ["## Warnings\n", "\n".join(f"- `{rel}`: {w}" for rel, w in warned) + "\n"]
+    return "\n".join(parts)
