@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import typer
 
+from cli import probe as probe_cmd
+from cli import replay as replay_cmd
+from cli import report as report_cmd
 from cli import run as run_cmd
+from cli import show as show_cmd
 from cli import sweep as sweep_cmd
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -17,6 +21,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "gradients, find the first NaN and the scream.")
 app.command("run")(run_cmd.run)
 app.command("sweep")(sweep_cmd.sweep)
+app.command("report")(report_cmd.report)
+app.command("show")(show_cmd.show)
+app.command("replay")(replay_cmd.replay)
+app.add_typer(probe_cmd.app, name="probe")
 
 
 @app.callback()

@@ -76,6 +76,22 @@ def _per_stage(key: str, value: Any, last_key: str | None = None, **number_kw: A
     return [_number(k, v, **number_kw) for k, v in zip(keys, values)]
 
 
+# Norm placement in every transformer layer: post (x <- LN(x + f(x))), pre (x <- x + f(LN(x))),
+# deepnorm (x <- LN(alpha x + f(x)) with beta-scaled init; Wang et al. 2022, arXiv 2203.00555).
+NORMS = ("pre", "post", "deepnorm")
+
+
+def _check_stabilizers(cfg: Any) -> None:
+    """The layer-level stabilizer flags both workloads share (short names: see conf/config.yaml).
+
+    qk_norm: LayerNorm/RMSNorm on queries and keys (Wortsman et al. 2023, arXiv 2309.14322);
+    sigma_reparam: W <- gamma / sigma(W) * W on attention and MLP weights (Zhai et al. 2023,
+    arXiv 2303.06296); v_scale: v <- phi(|v|^2) v per head (Chen & Yao, arXiv 2603.17771).
+    """
+    for key in ("qk_norm", "sigma_reparam", "v_scale"):
+        _flag(key, getattr(cfg, key))
+
+
 @dataclass
 class ModelConfig:
     """The cascade transformer (SPEC §2). Lists are per stage (0, 1, 2)."""
@@ -93,6 +109,10 @@ class ModelConfig:
     rms_clamp: Any = field(default_factory=lambda: [0.7, 1.5])
     mlp_ratio: int = 4
     latent_dim: int = 128
+    init_std: float = 0.02  # std of linear weights at init; 0: Xavier-uniform
+    qk_norm: bool = False  # stabilizers shared with the char LM: see `_check_stabilizers`
+    sigma_reparam: bool = False
+    v_scale: bool = False
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, ("cascade",))
@@ -103,10 +123,11 @@ class ModelConfig:
             if d % h:
                 _fail(f"model.n_heads[{i}]", h, f"a divisor of model.d_model[{i}]={d}")
         self.residual = _per_stage("model.residual", self.residual, "residual", lo=0.0, hi=10.0)
-        _choice("norm", self.norm, ("pre", "post"))
+        _choice("norm", self.norm, NORMS)
         _choice("model.norm_type", self.norm_type, ("layer", "rms"))
         _flag("model.final_norm", self.final_norm)
         _flag("spectral_norm", self.spectral_norm)
+        _check_stabilizers(self)
         _flag("model.rms_match", self.rms_match)
         if not isinstance(self.rms_clamp, (list, tuple)) or len(self.rms_clamp) != 2:
             _fail("model.rms_clamp", self.rms_clamp, "[lo, hi] with 0 < lo <= 1 <= hi")
@@ -115,6 +136,7 @@ class ModelConfig:
         self.rms_clamp = [lo, hi]
         self.mlp_ratio = _number("model.mlp_ratio", self.mlp_ratio, lo=1, hi=16, integer=True)
         self.latent_dim = _number("model.latent_dim", self.latent_dim, lo=1, integer=True)
+        self.init_std = _number("model.init_std", self.init_std, lo=0.0, hi=10.0)
 
 
 @dataclass
@@ -135,23 +157,32 @@ class CodecConfig:
 
 @dataclass
 class DataConfig:
-    """The embedded synthetic audio pairs, encoded to EnCodec latents."""
+    """Audio pairs encoded to EnCodec latents: embedded synthetic clips, or a folder of your own."""
 
-    name: str = "synthetic"
-    n_train: int = 64  # clips
+    name: str = "synthetic"  # synthetic | folder
+    n_train: Any = 64  # clips (folder: at most this many training segments; null = all)
     n_val: int = 8  # clips; the first `scream_items` are the fixed scream-check batch
     seconds: float = 2.0  # clip length; 75 latent frames per second
-    seed: int = 0  # seeds the generated audio
+    seed: int = 0  # seeds the generated audio (folder: the train/validation split)
     latent_rms: Any = "auto"  # auto | off | positive float: rescale latents to this RMS
     latent_center: str = "auto"  # auto | on | off: remove the per-channel offset before scaling
     cache_dir: Any = None  # null: $STAB_CACHE or ~/.cache/stab
+    path: Any = None  # folder data: the folder holding input/ and target/
+    on_bad_file: str = "error"  # folder data: error | skip (with a warning) on a bad file or pair
     codec: CodecConfig = field(default_factory=CodecConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.codec, dict):
             self.codec = _build(CodecConfig, self.codec, "data.codec")
-        _choice("data.name", self.name, ("synthetic",))
-        self.n_train = _number("data.n_train", self.n_train, lo=1, integer=True)
+        _choice("data.name", self.name, ("synthetic", "folder"))
+        _choice("data.on_bad_file", self.on_bad_file, ("error", "skip"))
+        if self.name == "folder":
+            if not isinstance(self.path, str) or not self.path:
+                _fail("data.path", self.path, "the folder holding input/ and target/ (data=folder data.path=DIR)")
+            if self.n_train is not None:  # null: every segment of the folder
+                self.n_train = _number("data.n_train", self.n_train, lo=1, integer=True)
+        else:
+            self.n_train = _number("data.n_train", self.n_train, lo=1, integer=True)
         self.n_val = _number("data.n_val", self.n_val, lo=1, integer=True)
         self.seconds = _number("data.seconds", self.seconds, lo=0.1, hi=600.0)
         self.seed = _number("data.seed", self.seed, lo=0, integer=True)
@@ -233,9 +264,11 @@ class DetectConfig:
     spike_window: int = 20  # steps in the running baseline of the spike detector
     spike_z: float = 6.0  # robust z-score (median/MAD) that counts as a spike
     spike_warmup: int = 10  # steps before spikes are looked for
+    health: bool = True  # attention/activation health on the validation batch each epoch
     scream: ScreamConfig = field(default_factory=ScreamConfig)
 
     def __post_init__(self) -> None:
+        _flag("detect.health", self.health)
         if isinstance(self.scream, dict):
             self.scream = _build(ScreamConfig, self.scream, "detect.scream")
         self.explode_factor = _number("detect.explode_factor", self.explode_factor, lo=1.0, lo_open=True)
@@ -251,12 +284,36 @@ class FaultConfig:
     nan_at_step: Any = None  # global step (0-based) whose forward produces a NaN
     nan_module: str = "stage2.layer0.mlp"  # module group whose output the NaN is put into
     crash_at_step: Any = None  # global step at which the job raises an exception
+    spike_at_step: Any = None  # global step whose loss (and so gradient) is multiplied by spike_factor
+    spike_factor: float = 100.0
 
     def __post_init__(self) -> None:
-        for key in ("nan_at_step", "crash_at_step"):
+        self.spike_factor = _number("fault.spike_factor", self.spike_factor, lo=0.0, lo_open=True)
+        for key in ("nan_at_step", "crash_at_step", "spike_at_step"):
             value = getattr(self, key)
             if value is not None:
                 setattr(self, key, _number(f"fault.{key}", value, lo=0, integer=True))
+
+
+@dataclass
+class ListenConfig:
+    """Decode the model's output on a few validation items to WAV files at chosen epochs."""
+
+    epochs: Any = field(default_factory=list)  # epochs (1-based) to write audio at
+    every: Any = None  # ... or every N epochs; null: only `epochs`
+    items: int = 2  # validation items decoded (the first ones of the scream-check batch)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, (list, tuple)):
+            _fail("listen.epochs", self.epochs, "a list of epochs, e.g. [1,5]")
+        self.epochs = sorted({_number(f"listen.epochs[{i}]", e, lo=1, integer=True)
+                              for i, e in enumerate(self.epochs)})
+        if self.every is not None:
+            self.every = _number("listen.every", self.every, lo=1, integer=True)
+        self.items = _number("listen.items", self.items, lo=1, hi=64, integer=True)
+
+    def at(self, epoch: int) -> bool:
+        return epoch in self.epochs or bool(self.every and epoch % self.every == 0)
 
 
 @dataclass
@@ -269,9 +326,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
 
     def __post_init__(self) -> None:
         self.seed = _number("seed", self.seed, lo=0, integer=True)
+        late = [e for e in self.listen.epochs if e > self.train.epochs]
+        if late:
+            _fail("listen.epochs", self.listen.epochs, f"epochs between 1 and train.epochs={self.train.epochs}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
@@ -296,7 +357,7 @@ OPERATIONAL_KEYS = ("train.device", "train.threads", "data.cache_dir")
 
 _NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfig,
            ("RunConfig", "train"): TrainConfig, ("RunConfig", "detect"): DetectConfig,
-           ("RunConfig", "fault"): FaultConfig}
+           ("RunConfig", "fault"): FaultConfig, ("RunConfig", "listen"): ListenConfig}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

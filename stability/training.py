@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stability import detectors
+from stability import detectors, health
 from stability.config import ConfigError, RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.storage import append_jsonl, read_json, write_json, write_yaml
@@ -200,6 +200,8 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                 injector.current = step
             batch = work.batch(order[b * tc.batch_size:(b + 1) * tc.batch_size])
             loss = work.loss(batch)
+            if cfg.fault.spike_at_step == step:
+                loss = loss * cfg.fault.spike_factor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             total, per_group = grad_probe.measure()
@@ -209,6 +211,8 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
             if not finite:
                 if first_nan is None:
                     first_nan = _locate_nan(work, batch, groups, host, names, epoch, b, step)
+                    first_nan["forensics"] = save_forensics(
+                        run_dir, work, opt, sched, batch, order[b * tc.batch_size:(b + 1) * tc.batch_size], first_nan)
                     event("first_nan", **first_nan)
                 opt.zero_grad(set_to_none=True)  # never step on non-finite gradients
                 if tc.on_nan == "stop":
@@ -234,7 +238,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                 break
         append_jsonl(run_dir / "metrics.jsonl", pending)
         pending.clear()
-        erec = _epoch_record(work, steps, epoch, names, n_stages, stopped)
+        erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
         epochs.append(erec)
         append_jsonl(run_dir / "epochs.jsonl", [erec])
         _epoch_grad_table(steps, names).to_csv(run_dir / "grad_norms.csv", float_format="%.6g")
@@ -249,11 +253,13 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         onset = epochs[scream_epoch - 1]
         event("scream", epoch=scream_epoch, scores=onset["scores"], target_scores=onset["target_scores"])
     norms = [e["grad_norm_mean"] for e in epochs]
-    spikes = detectors.detect_spikes([r["grad/norm"] for r in steps], cfg.detect.spike_window,
-                                     cfg.detect.spike_z, cfg.detect.spike_warmup)
-    for i in spikes[:20]:
-        event("grad_spike", step=steps[i]["step"], epoch=steps[i]["epoch"], batch=steps[i]["batch"],
-              grad_norm=steps[i]["grad/norm"])
+    dc = cfg.detect
+    spikes = detectors.detect_spikes([r["grad/norm"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup)
+    loss_spikes = detectors.detect_spikes([r["loss"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup)
+    for kind, found, key in (("grad_spike", spikes, "grad/norm"), ("loss_spike", loss_spikes, "loss")):
+        for i in found[:20]:  # the first few; the count is in the summary
+            event(kind, step=steps[i]["step"], epoch=steps[i]["epoch"], batch=steps[i]["batch"], value=steps[i][key])
+    first_spike = min([steps[found[0]]["step"] for found in (spikes, loss_spikes) if found], default=None)
     verdict, evidence = detectors.verdict(first_nan, scream_epoch, norms, cfg.detect.explode_factor)
     losses = [r["loss"] for r in steps]
     summary = {
@@ -264,7 +270,10 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         "final_loss": losses[-1] if losses else math.nan,
         "final_val_loss": epochs[-1]["val_loss"] if epochs else math.nan,
         "growth_per_epoch": detectors.growth_per_epoch(norms),
-        "first_spike_step": steps[spikes[0]]["step"] if spikes else None, "n_spikes": len(spikes),
+        "first_spike_step": first_spike, "n_grad_spikes": len(spikes), "n_loss_spikes": len(loss_spikes),
+        # how many steps the first spike came before the first NaN: the warning time a user had
+        "spike_lead_steps": (first_nan["step"] - first_spike) if first_nan and first_spike is not None
+        and first_spike <= first_nan["step"] else None,
         "clip_rate": float(np.mean([r["grad/clipped"] for r in steps])) if steps else math.nan,
         "nonfinite_steps": sum(1 for r in steps if not r["finite"]),
         "epochs_run": len(epochs), "steps": step, "stopped_early": stopped,
@@ -295,11 +304,14 @@ def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[
 
 
 def _epoch_record(work: Any, steps: list[dict[str, Any]], epoch: int, names: list[str],
-                  n_stages: int, stopped: bool) -> dict[str, Any]:
+                  n_stages: int, stopped: bool, health_on: bool) -> dict[str, Any]:
     mine = [r for r in steps if r["epoch"] == epoch]
     g = np.array([r["grad/norm"] for r in mine])
     ev = work.evaluate() if not stopped else {"val_loss": math.nan, "collapsed": None, "scores": {},
                                                "target_scores": work.target_scores, "codes_head": []}
+    if health_on and not stopped and hasattr(work, "health_layers"):
+        layers = health.measure(work.model, work.health_loss, work.health_layers())
+        ev["health"], ev["health_summary"] = layers, health.summarize(layers)
     return {
         "epoch": epoch, "steps": len(mine),
         "loss": float(np.mean([r["loss"] for r in mine])),
@@ -311,6 +323,23 @@ def _epoch_record(work: Any, steps: list[dict[str, Any]], epoch: int, names: lis
         "stage_clamp_rate": [float(np.mean([r[f"stage{i}/clamped"] for r in mine])) for i in range(n_stages)],
         **ev,
     }
+
+
+def save_forensics(run_dir: Path, work: Any, opt: torch.optim.Optimizer, sched: Any, batch: Any,
+                   indices: torch.Tensor, where: dict[str, Any]) -> str:
+    """Save what `stab replay` needs to re-run the first non-finite step: the batch (indices
+    and tensors) and the model and optimizer state from before that step's update (the loop
+    checks finiteness before `opt.step()`, so the weights here are the ones that went wrong)."""
+    folder = run_dir / "forensics"
+    folder.mkdir(exist_ok=True)
+    tensors = [t.detach().cpu() for t in (batch if isinstance(batch, (tuple, list)) else (batch,))]
+    blob = {"batch": tensors, "indices": indices.cpu(), "model": work.model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "step": where["step"], "epoch": where["epoch"], "batch_index": where["batch"]}
+    tmp = folder / ".state.pt.tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, folder / "state.pt")
+    return "forensics/state.pt"
 
 
 def _locate_nan(work: Any, batch: Any, groups: dict[str, list[torch.nn.Module]], host: np.ndarray,

@@ -71,6 +71,14 @@ class CascadeWorkload:
     def module_groups(self) -> dict[str, list[nn.Module]]:
         return self.model.module_groups()
 
+    def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
+        return self.model.health_layers()
+
+    def health_loss(self) -> torch.Tensor:
+        """The loss on the fixed validation (scream-check) batch, for the health probe."""
+        s = self._scream_slice
+        return self.loss((self.val_input[s], self.val_target[s]))
+
     def rms_matchers(self) -> list[Any]:
         return self.model.rms_matchers()
 

@@ -70,7 +70,7 @@ class Cascade(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.stages = nn.ModuleList(Stage(cfg, i) for i in range(len(cfg.d_model)))
-        init_weights(self)
+        init_weights(self, cfg.init_std)
         if cfg.spectral_norm:
             # Bounds each projection's gain by its largest singular value (Miyato et al. 2018,
             # arXiv 1802.05957); one power iteration per training forward.
@@ -96,6 +96,11 @@ class Cascade(nn.Module):
                 groups[f"stage{i}.final_norm"] = [stage.stack.final_norm]
             groups[f"stage{i}.output_proj"] = [stage.output_proj]
         return groups
+
+    def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
+        """Each transformer layer and its attention, named like its gradient groups."""
+        return {f"stage{i}.layer{j}": (layer, layer.attn)
+                for i, stage in enumerate(self.stages) for j, layer in enumerate(stage.stack.layers)}
 
     def rms_matchers(self) -> list[RMSMatch]:
         return [stage.rms_match for stage in self.stages]

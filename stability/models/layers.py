@@ -33,15 +33,33 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v, each (B, nh, T, hs): the one place queries and keys are made, shared by
+        `forward` and `logits` so health probes see what the forward uses."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.heads(x)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax attention logits (B, nh, T, T), causal positions masked to -inf. For
+        probes only: the forward never materialises them."""
+        q, k, _ = self.heads(x)
+        att = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
+        if self.causal:
+            T = att.shape[-1]
+            mask = torch.ones(T, T, dtype=torch.bool, device=att.device).triu(1)
+            att = att.masked_fill(mask, float("-inf"))
+        return att
 
 
 class MLP(nn.Module):
@@ -103,10 +121,14 @@ def sinusoidal_positions(T: int, d: int, device: torch.device | None = None) -> 
     return pe
 
 
-def init_weights(module: nn.Module) -> None:
-    """GPT-2 style: N(0, 0.02) linear weights, zero biases, unit norms."""
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-2 style: N(0, std) linear weights (std 0.02), zero biases, unit norms. std=0 means
+    Xavier-uniform per layer (the init Xiong et al. 2020 analyse)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
+            if std > 0:
+                nn.init.normal_(m.weight, std=std)
+            else:
+                nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

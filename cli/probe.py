@@ -1,0 +1,78 @@
+"""`stab probe init [OVERRIDES...]`: per-layer FFN gradient norms at initialisation, pre vs post.
+
+    stab probe init --depths 2,6,12 preset=smoke
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import pandas as pd
+import typer
+from rich.table import Table
+
+from cli.common import console, fmt, user_errors
+from cli.config import UserError, compose_run
+from stability.probe import compare, growth
+
+app = typer.Typer(help="Probes of a model's state, e.g. gradients at initialisation.", no_args_is_help=True)
+
+
+@app.command("init")
+def init(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides for the model and data.")] = None,
+    depths: Annotated[str, typer.Option("--depths", help="Comma list of layer counts per stage.")] = "2,6,12",
+    batches: Annotated[int, typer.Option("--batches", help="K: batches the gradient is averaged over.")] = 4,
+    out: Annotated[Path, typer.Option("--out", help="Folder for probe_init.csv and probe_init.png.")] = Path("runs/probe"),
+) -> None:
+    """Frobenius norm of the mean gradient of each layer's MLP output weight at init (Xiong et al. 2020)."""
+    with user_errors():
+        try:
+            depth_list = [int(d) for d in depths.split(",")]
+        except ValueError:
+            raise UserError(f"--depths {depths!r} is not allowed: expected a comma list of integers, e.g. 2,6,12") from None
+        if any(d < 1 or d > 96 for d in depth_list):
+            raise UserError(f"--depths {depths!r} is not allowed: each depth must be 1..96")
+        if batches < 1:
+            raise UserError(f"--batches {batches} is not allowed: expected an integer >= 1")
+        cfg = compose_run(list(overrides or []))
+    rows = compare(cfg, depth_list, ["pre", "post"], batches)
+    df = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "probe_init.csv", index=False)
+    last_stage = df["stage"].iloc[-1]
+    t = Table(title=f"||mean grad of MLP output weight||_F at init, {last_stage}, K={batches} batches")
+    t.add_column("depth")
+    t.add_column("norm")
+    t.add_column("per layer, first -> last")
+    t.add_column("last / first")
+    for (depth, norm), part in df[df["stage"] == last_stage].groupby(["depth", "norm"], sort=False):
+        recs = part.to_dict("records")
+        t.add_row(str(depth), norm, " ".join(fmt(r["grad_fro"], 2) for r in recs), fmt(growth(recs), 3))
+    console.print(t)
+    _plot(df, out / "probe_init.png")
+    console.print(f"wrote {out / 'probe_init.csv'} and {out / 'probe_init.png'}")
+
+
+def _plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(df["stage"]))
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.8), squeeze=False, sharey=True)
+    styles = {"pre": "-", "post": "--"}
+    for ax, stage in zip(axes[0], stages):
+        for (depth, norm), part in df[df["stage"] == stage].groupby(["depth", "norm"], sort=False):
+            ax.plot(part["layer"] + 1, part["grad_fro"], styles[norm], marker="o", ms=3, label=f"{norm}, {depth} layers")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(stage or "model")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("||grad W_ffn_out||_F at init")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Gradient of each layer's FFN output weight at initialisation (Xiong et al. 2020, Fig. 3)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

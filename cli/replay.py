@@ -1,0 +1,37 @@
+"""`stab replay RUN`: re-run a run's first non-finite step and name where it started.
+
+    stab replay runs/sweep/norm=post,residual=0.1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import console, fmt, user_errors
+from cli.config import UserError
+from stability.replay import ReplayError, replay as replay_run
+
+
+def replay(
+    run: Annotated[Path, typer.Argument(help="A run folder whose run went non-finite.")],
+    others: Annotated[int, typer.Option("--others", help="Other batches to try from the same state.")] = 2,
+) -> None:
+    """Reload the saved batch and state of the first non-finite step and re-run it with hooks."""
+    with user_errors():
+        if not (run / "config.yaml").exists():
+            raise UserError(f"{run} is not a run folder (no config.yaml)")
+        try:
+            r = replay_run(run, n_other=others)
+        except ReplayError as e:
+            raise UserError(str(e)) from None
+    console.print(f"[bold]replay[/] of step {r.step} (epoch {r.epoch}, batch {r.batch_index}) from {run}")
+    console.print(f"loss on replay: {fmt(r.loss)}   batch tensors finite: {r.batch_finite}")
+    if r.module:
+        console.print(f"first non-finite {'output' if r.where == 'forward' else 'gradient'}: "
+                      f"[bold red]{r.module}[/] (group {r.group}, in the {r.where} pass)")
+    for o in r.other_batches:
+        console.print(f"same state, batch {o['indices']}: {'finite' if o['finite'] else 'non-finite'} (loss {fmt(o['loss'])})")
+    console.print(f"cause: {r.cause}")

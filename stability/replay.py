@@ -1,0 +1,115 @@
+"""Re-run the first non-finite step of a run, from the state saved when it happened.
+
+`training.save_forensics` keeps the batch and the model/optimizer state from before the step's
+update. `replay` rebuilds the model from the run's own config, loads that state, runs the step
+again with a hook on every module (in execution order) and every parameter gradient, and names
+the first module whose output, or failing that whose gradient, went non-finite. It then runs the
+same step on other batches of the training set: if they stay finite the batch caused it, if
+they go non-finite too it is the model's state (numerics, or an injected fault).
+
+    result = replay(Path("runs/run/2026..._fault.nan_at_step=6"))
+    result.module, result.cause
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from stability.config import RunConfig
+from stability.instrument import NonFiniteProbe
+from stability.training import NanInjector, resolve_device
+from stability.workload import make_workload
+
+
+class ReplayError(RuntimeError):
+    """The run folder has nothing to replay."""
+
+
+@dataclass
+class ReplayResult:
+    step: int
+    epoch: int
+    batch_index: int
+    module: str | None  # first module (dotted path) whose output or gradient went non-finite
+    group: str | None  # its gradient-norm group
+    where: str  # forward | backward | none
+    loss: float
+    batch_finite: bool  # the saved batch's own tensors are finite
+    other_batches: list[dict[str, Any]] = field(default_factory=list)  # {indices, finite}
+    cause: str = ""
+
+
+def _group_of(model: torch.nn.Module, groups: dict[str, list[torch.nn.Module]]) -> dict[str, str]:
+    """Dotted module path -> gradient group containing it."""
+    owner = {}
+    for gname, modules in groups.items():
+        for m in modules:
+            for sub in m.modules():
+                owner[id(sub)] = gname
+    return {name: owner[id(m)] for name, m in model.named_modules() if id(m) in owner}
+
+
+def _step(work: Any, batch: Any, state: dict[str, Any], step: int, cfg: RunConfig) -> tuple[NonFiniteProbe, float]:
+    work.model.load_state_dict(state["model"])
+    work.model.train()
+    injector = None
+    if cfg.fault.nan_at_step == step:  # the run's own fault injection is part of that step
+        injector = NanInjector(work.module_groups()[cfg.fault.nan_module], step)
+        injector.current = step
+    modules = {name: [m] for name, m in work.model.named_modules() if name}
+    probe = NonFiniteProbe(modules)
+    try:
+        work.model.zero_grad(set_to_none=True)
+        loss = work.loss(batch)
+        loss.backward()
+    finally:
+        probe.close()
+        if injector:
+            injector.close()
+        work.model.zero_grad(set_to_none=True)
+    return probe, loss.item()
+
+
+def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult:
+    run_dir = Path(run_dir)
+    path = run_dir / "forensics" / "state.pt"
+    if not path.exists():
+        raise ReplayError(f"{run_dir}: no forensics/state.pt (the run never went non-finite, or predates forensics)")
+    cfg = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg.train.device = device
+    state = torch.load(path, map_location=device, weights_only=True)
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    work = make_workload(cfg, dev)
+    batch = tuple(t.to(dev) for t in state["batch"])
+    step = state["step"]
+    probe, loss = _step(work, batch, state, step, cfg)
+    name, where = probe.first
+    group = _group_of(work.model, work.module_groups()).get(name) if name else None
+    batch_finite = all(bool(torch.isfinite(t).all()) for t in batch if t.is_floating_point())
+
+    others = []
+    saved = set(state["indices"].tolist())
+    pool = [i for i in range(work.n_train) if i not in saved]
+    bs = len(state["indices"])
+    for k in range(n_other):
+        idx = torch.tensor(pool[k * bs:(k + 1) * bs])
+        if len(idx) < 1:
+            break
+        p, other_loss = _step(work, work.batch(idx), state, step, cfg)
+        others.append({"indices": idx.tolist(), "finite": p.first[0] is None, "loss": other_loss})
+
+    if not batch_finite:
+        cause = "data: the batch itself contains NaN or inf"
+    elif name is None:
+        cause = "not reproduced: the replayed step stayed finite (non-deterministic numerics?)"
+    elif others and all(o["finite"] for o in others):
+        cause = "data-caused: this batch drives the model non-finite; other batches stay finite from the same state"
+    else:
+        cause = "numerical: the same step goes non-finite on other batches too (model/optimizer state or an injected fault)"
+    return ReplayResult(step, state["epoch"], state["batch_index"], name, group, where, loss, batch_finite, others, cause)
