@@ -5,12 +5,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 import typer
 from rich.console import Console
 
 from cli.config import UserError
+from stability.audio import DataError
 from stability.codec import CodecError
 from stability.config import ConfigError
 
@@ -25,14 +30,53 @@ VERDICT_STYLE = {"stable": "green", "exploding": "yellow", "nan": "bold red", "s
                  "failed": "bold white on red", "running": "cyan", "interrupted": "yellow", "?": "dim"}
 
 
+DEBUG = {"on": False}  # set by `stab --debug`: tracebacks instead of one-line errors
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Bad input -> one line on stderr and exit status 2, no traceback."""
+    """Bad input -> one line on stderr and exit status 2, no traceback (unless --debug)."""
     try:
         yield
-    except (UserError, ConfigError, CodecError) as e:
+    except (UserError, ConfigError, CodecError, DataError) as e:
+        if DEBUG["on"]:
+            err_console.print_exception()
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER) from None
+
+
+@contextlib.contextmanager
+def graceful_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM stop the run cleanly (metrics flushed, status `interrupted`); a
+    second signal while that cleanup runs exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def at_once(signum: int, frame: Any) -> None:
+        os._exit(EXIT_INTERRUPTED)
+
+    def first(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, at_once)
+        signal.signal(signal.SIGTERM, at_once)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGINT, first), signal.signal(signal.SIGTERM, first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+
+
+def check_writable(folder: Path) -> None:
+    """`--runs` must be a folder we can create files in; say so before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".stab-write-check"):
+            pass
+    except OSError as e:
+        raise UserError(f"--runs {str(folder)!r} is not a writable folder: {e.strerror or e}") from None
 
 
 def verdict_markup(v: str) -> str:

@@ -7,8 +7,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from cli.common import DEBUG
+
+from cli import cache as cache_cmd
+from cli import data as data_cmd
 from cli import probe as probe_cmd
 from cli import replay as replay_cmd
 from cli import report as report_cmd
@@ -25,11 +31,14 @@ app.command("report")(report_cmd.report)
 app.command("show")(show_cmd.show)
 app.command("replay")(replay_cmd.replay)
 app.add_typer(probe_cmd.app, name="probe")
+app.add_typer(data_cmd.app, name="data")
+app.add_typer(cache_cmd.app, name="cache")
 
 
 @app.callback()
-def root() -> None:
+def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
     """Training-stability ablations of transformers."""
+    DEBUG["on"] = debug
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import EXIT_CRASH, EXIT_INTERRUPTED, console, err_console, fmt, user_errors, verdict_markup
+from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt,
+                        graceful_signals,
+                        user_errors, verdict_markup)
 from cli.config import compose_run
 from cli.progress import RichProgress
 from stability import training
@@ -33,18 +35,22 @@ def run(
     with user_errors():
         cfg = compose_run(overrides)
         run_dir = runs / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}_{readable_name(overrides)}"
+        check_writable(runs)
         training.preflight(cfg)
     console.print(f"[bold]stab run[/] {' '.join(overrides) or '(defaults)'} -> {run_dir}")
     try:
-        summary = training.run(cfg, run_dir, overrides, RichProgress(console))
+        with graceful_signals():
+            summary = training.run(cfg, run_dir, overrides, RichProgress(console))
     except KeyboardInterrupt:
         err_console.print(f"interrupted; status and metrics so far are in {run_dir}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
     except Exception as e:
+        if DEBUG["on"]:
+            raise
         err_console.print(f"[bold red]crashed:[/] {type(e).__name__}: {e}\n"
-                          f"traceback in {run_dir / 'status.json'}")
+                          f"traceback in {run_dir / 'status.json'} (or run with stab --debug)")
         raise typer.Exit(EXIT_CRASH) from None
     s = summary
     nan = s["first_nan"]
@@ -53,6 +59,6 @@ def run(
                   f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
     if nan:
         console.print(f"first NaN: epoch {nan['epoch']} batch {nan['batch']} (step {nan['step']}) in {nan['module']}")
-    console.print(f"codec: {s['codec']['weights']}  latent scale x{fmt(s['latent_scale'])}  "
-                  f"wall {s['wall_s']:.1f} s   run folder: {run_dir}")
+    data = f"codec: {s['codec']['weights']}  latent scale x{fmt(s['latent_scale'])}  " if s.get("codec") else ""
+    console.print(f"{data}wall {s['wall_s']:.1f} s   run folder: {run_dir}")
 

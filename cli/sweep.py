@@ -23,7 +23,8 @@ from rich.live import Live
 from rich.table import Table
 
 from cli import launch
-from cli.common import EXIT_CRASH, EXIT_INTERRUPTED, console, err_console, fmt, user_errors, verdict_markup
+from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
+                        user_errors, verdict_markup)
 from cli.config import UserError, compose_run
 from cli.job import CONCURRENCY_ENV, job
 from stability import training
@@ -53,6 +54,7 @@ def sweep(
         for combo in combos:  # every job's config is valid before any job starts
             training.preflight(compose_run(combo))
         concurrency = _concurrency(launcher, jobs, len(combos))
+        check_writable(runs)
         try:
             lock = SweepLock(sweep_dir).__enter__()
         except SweepBusy as e:
@@ -70,7 +72,7 @@ def sweep(
         hydra_over = task_args + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
         view = LiveView(sweep_dir, len(combos))
         try:
-            with view:
+            with view, graceful_signals():
                 returns = launch.multirun(hydra_over, job)
         except KeyboardInterrupt:
             _finish(sweep_dir, name, launcher, overrides, "interrupted")

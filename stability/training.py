@@ -32,10 +32,11 @@ import pandas as pd
 import torch
 
 from stability import detectors, health
-from stability.config import ConfigError, RunConfig
+from stability.config import ConfigError, DataConfig, RunConfig
+from stability.data import check_audio
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
-from stability.storage import append_jsonl, read_json, write_json, write_yaml
-from stability.workload import build_model, make_workload
+from stability.storage import append_jsonl, atomic_write_text, read_json, write_json, write_yaml
+from stability.workload import build_model, check_data, make_workload
 
 
 class Callbacks:
@@ -68,12 +69,15 @@ def preflight(cfg: RunConfig) -> None:
         resolve_device(cfg.train.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if isinstance(cfg.data, DataConfig):  # audio: every file of a folder, the codec weights (DataError, CodecError)
+        check_audio(cfg.data, need_codec=cfg.listen.enabled)
     if cfg.fault.nan_at_step is not None:
         with torch.device("meta"):  # names only: no memory, no init cost
             names = list(build_model(cfg.model).module_groups())
         if cfg.fault.nan_module not in names:
             raise ConfigError(f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
                               f"expected one of {', '.join(names)}")
+    check_data(cfg)
 
 
 class NanInjector:
@@ -108,6 +112,10 @@ def _epoch_grad_table(records: list[dict[str, Any]], groups: Sequence[str]) -> p
     return table
 
 
+def _write_grad_table(run_dir: Path, steps: list[dict[str, Any]], names: list[str]) -> None:
+    atomic_write_text(run_dir / "grad_norms.csv", _epoch_grad_table(steps, names).to_csv(float_format="%.6g"))
+
+
 def _write_status(run_dir: Path, fresh: bool = False, **fields: Any) -> None:
     path = run_dir / "status.json"
     status = read_json(path) if path.exists() and not fresh else {}
@@ -126,7 +134,7 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cb = callbacks or Callbacks()
-    for stale in ("metrics.jsonl", "epochs.jsonl", "events.jsonl", "summary.json", "grad_norms.csv"):
+    for stale in ("metrics.jsonl", "epochs.jsonl", "events.jsonl", "summary.json", "grad_norms.csv", "samples.txt"):
         (run_dir / stale).unlink(missing_ok=True)  # a re-run starts its streams afresh
     write_yaml(run_dir / "config.yaml", cfg.to_dict())
     write_json(run_dir / "overrides.json", {"overrides": list(overrides), "run_id": cfg.identity()})
@@ -135,8 +143,9 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
                   started=t_start, finished=None, error=None, **(extra_status or {}))
     try:
         summary = _train(cfg, run_dir, cb, t_start)
-    except KeyboardInterrupt:
-        _write_status(run_dir, state="interrupted", finished=time.time(), error="interrupted (SIGINT)")
+    except KeyboardInterrupt as e:
+        how = e.args[0] if e.args else "SIGINT"
+        _write_status(run_dir, state="interrupted", finished=time.time(), error=f"interrupted ({how})")
         raise
     except BaseException as e:
         _write_status(run_dir, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}",
@@ -190,61 +199,73 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         append_jsonl(run_dir / "events.jsonl", [rec])
 
     model.train()
-    for epoch in range(1, tc.epochs + 1):
-        order = torch.randperm(work.n_train, generator=order_gen)
-        for b in range(n_batches):
-            t0 = time.perf_counter()
-            if cfg.fault.crash_at_step == step:
-                raise InjectedCrash(f"fault.crash_at_step={step}: injected crash")
-            if injector:
-                injector.current = step
-            batch = work.batch(order[b * tc.batch_size:(b + 1) * tc.batch_size])
-            loss = work.loss(batch)
-            if cfg.fault.spike_at_step == step:
-                loss = loss * cfg.fault.spike_factor
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            total, per_group = grad_probe.measure()
-            vec = torch.cat([loss.detach().float().view(1), total.view(1), per_group, stage_probe.measure()])
-            host = vec.cpu().numpy()  # the step's one CPU-GPU sync point
-            finite = bool(np.isfinite(host[:2 + len(names)]).all())
-            if not finite:
-                if first_nan is None:
-                    first_nan = _locate_nan(work, batch, groups, host, names, epoch, b, step)
-                    first_nan["forensics"] = save_forensics(
-                        run_dir, work, opt, sched, batch, order[b * tc.batch_size:(b + 1) * tc.batch_size], first_nan)
-                    event("first_nan", **first_nan)
-                opt.zero_grad(set_to_none=True)  # never step on non-finite gradients
-                if tc.on_nan == "stop":
-                    stopped = True
-            if finite:
-                grad_probe.clip_(total, tc.clip)
-                opt.step()
-            sched.step()
-            rec = _step_record(host, names, n_stages, cfg.model.rms_clamp, step, epoch, b)
-            rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
-            rec["lr"] = sched.get_last_lr()[0]
-            rec["time/step_ms"] = 1000 * (time.perf_counter() - t0)
-            for i in range(n_stages):
-                if rec[f"stage{i}/clamped"] and not clamp_seen[i]:
-                    clamp_seen[i] = True
-                    event("clamp_saturation", stage=i, step=step, epoch=epoch, batch=b,
-                          ratio=rec[f"stage{i}/ratio"], scale=rec[f"stage{i}/scale"])
-            steps.append(rec)
-            pending.append(rec)
-            cb.step(epoch, b, rec["loss"])
-            step += 1
+    try:
+        for epoch in range(1, tc.epochs + 1):
+            order = torch.randperm(work.n_train, generator=order_gen)
+            for b in range(n_batches):
+                t0 = time.perf_counter()
+                if cfg.fault.crash_at_step == step:
+                    raise InjectedCrash(f"fault.crash_at_step={step}: injected crash")
+                if injector:
+                    injector.current = step
+                batch = work.batch(order[b * tc.batch_size:(b + 1) * tc.batch_size])
+                loss = work.loss(batch)
+                if cfg.fault.spike_at_step == step:
+                    loss = loss * cfg.fault.spike_factor
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                total, per_group = grad_probe.measure()
+                vec = torch.cat([loss.detach().float().view(1), total.view(1), per_group, stage_probe.measure()])
+                host = vec.cpu().numpy()  # the step's one CPU-GPU sync point
+                finite = bool(np.isfinite(host[:2 + len(names)]).all())
+                if not finite:
+                    if first_nan is None:
+                        first_nan = _locate_nan(work, batch, groups, host, names, epoch, b, step)
+                        first_nan["forensics"] = save_forensics(
+                            run_dir, work, opt, sched, batch, order[b * tc.batch_size:(b + 1) * tc.batch_size], first_nan)
+                        event("first_nan", **first_nan)
+                    opt.zero_grad(set_to_none=True)  # never step on non-finite gradients
+                    if tc.on_nan == "stop":
+                        stopped = True
+                if finite:
+                    grad_probe.clip_(total, tc.clip)
+                    opt.step()
+                sched.step()
+                rec = _step_record(host, names, n_stages, cfg.model.rms_clamp if n_stages else None, step, epoch, b)
+                rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
+                rec["lr"] = sched.get_last_lr()[0]
+                rec["time/step_ms"] = 1000 * (time.perf_counter() - t0)
+                for i in range(n_stages):
+                    if rec[f"stage{i}/clamped"] and not clamp_seen[i]:
+                        clamp_seen[i] = True
+                        event("clamp_saturation", stage=i, step=step, epoch=epoch, batch=b,
+                              ratio=rec[f"stage{i}/ratio"], scale=rec[f"stage{i}/scale"])
+                steps.append(rec)
+                pending.append(rec)
+                cb.step(epoch, b, rec["loss"])
+                step += 1
+                if stopped:
+                    break
+            append_jsonl(run_dir / "metrics.jsonl", pending)
+            pending.clear()
+            erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
+            erec.update(work.listen(epoch, run_dir) if hasattr(work, "listen") else {})  # {"audio": [...]} at listen epochs
+            epochs.append(erec)
+            append_jsonl(run_dir / "epochs.jsonl", [erec])
+            if erec.get("samples"):  # a text workload's greedy generations, readable with `cat`
+                with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                    f.writelines(f"=== epoch {epoch}, prompt {i}: {s['prompt']!r}\n{s['output']}\n"
+                                 for i, s in enumerate(erec["samples"]))
+            _write_grad_table(run_dir, steps, names)
+            cb.epoch(epoch, erec)
             if stopped:
                 break
+
+    except BaseException:  # Ctrl-C, SIGTERM, a crash: keep every step recorded so far
         append_jsonl(run_dir / "metrics.jsonl", pending)
-        pending.clear()
-        erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
-        epochs.append(erec)
-        append_jsonl(run_dir / "epochs.jsonl", [erec])
-        _epoch_grad_table(steps, names).to_csv(run_dir / "grad_norms.csv", float_format="%.6g")
-        cb.epoch(epoch, erec)
-        if stopped:
-            break
+        if steps:
+            _write_grad_table(run_dir, steps, names)
+        raise
 
     if injector:
         injector.close()
@@ -279,7 +300,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         "epochs_run": len(epochs), "steps": step, "stopped_early": stopped,
         "stage_rms_last_epoch": epochs[-1]["stage_rms"] if epochs else None,
         "stage_scale_last_epoch": epochs[-1]["stage_scale"] if epochs else None,
-        "codec": work.info["codec"], "latent_scale": work.info["scale"],
+        "codec": work.info.get("codec"), "latent_scale": work.info.get("scale"),
         "device": str(device), "wall_s": time.time() - t_start,
     }
     write_json(run_dir / "summary.json", summary)

@@ -97,7 +97,7 @@ def test_a_sweep_killed_part_way_resumes_only_what_is_missing(tmp_path):
             break
         time.sleep(0.2)
     else:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"sweep never reached one completed and one running job: {states}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
