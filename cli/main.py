@@ -15,6 +15,7 @@ from cli.common import DEBUG
 
 from cli import cache as cache_cmd
 from cli import data as data_cmd
+from cli import bench as bench_cmd
 from cli import probe as probe_cmd
 from cli import replay as replay_cmd
 from cli import report as report_cmd
@@ -31,6 +32,7 @@ app.command("report")(report_cmd.report)
 app.command("show")(show_cmd.show)
 app.command("replay")(replay_cmd.replay)
 app.add_typer(probe_cmd.app, name="probe")
+app.command("bench")(bench_cmd.bench)
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(cache_cmd.app, name="cache")
 

@@ -14,6 +14,7 @@ Run folder (anyone can `ls` it; `stab report` needs nothing else):
     grad_norms.csv   module group x epoch (mean, max)
     events.jsonl     first NaN, spikes, clamp saturation, scream onset
     summary.json     verdict, first_nan, scream_epoch, grad_norm_by_epoch, final_loss, ...
+    samples.txt      text workloads: each epoch's greedy generations (also in epochs.jsonl)
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                 if cfg.fault.nan_at_step is not None else None)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (tc.warmup + 1)))
+    stepper = Stepper(work, opt, sched, grad_probe, stage_probe, tc.clip)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
     cb.start(tc.epochs, n_batches)
@@ -209,28 +211,17 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                 if injector:
                     injector.current = step
                 batch = work.batch(order[b * tc.batch_size:(b + 1) * tc.batch_size])
-                loss = work.loss(batch)
-                if cfg.fault.spike_at_step == step:
-                    loss = loss * cfg.fault.spike_factor
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                total, per_group = grad_probe.measure()
-                vec = torch.cat([loss.detach().float().view(1), total.view(1), per_group, stage_probe.measure()])
-                host = vec.cpu().numpy()  # the step's one CPU-GPU sync point
-                finite = bool(np.isfinite(host[:2 + len(names)]).all())
+                spike = cfg.fault.spike_factor if cfg.fault.spike_at_step == step else None
+                host, finite = stepper(batch, spike)
                 if not finite:
                     if first_nan is None:
                         first_nan = _locate_nan(work, batch, groups, host, names, epoch, b, step)
                         first_nan["forensics"] = save_forensics(
                             run_dir, work, opt, sched, batch, order[b * tc.batch_size:(b + 1) * tc.batch_size], first_nan)
                         event("first_nan", **first_nan)
-                    opt.zero_grad(set_to_none=True)  # never step on non-finite gradients
+                    opt.zero_grad(set_to_none=True)  # the stepper did not step on them; drop them
                     if tc.on_nan == "stop":
                         stopped = True
-                if finite:
-                    grad_probe.clip_(total, tc.clip)
-                    opt.step()
-                sched.step()
                 rec = _step_record(host, names, n_stages, cfg.model.rms_clamp if n_stages else None, step, epoch, b)
                 rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
                 rec["lr"] = sched.get_last_lr()[0]
@@ -305,6 +296,34 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
     }
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+class Stepper:
+    """One instrumented optimisation step: forward -> loss -> backward -> measure -> one host
+    transfer -> clip -> step. Returns the step's measurements on the host and whether they
+    are finite; on a non-finite step it does not update (the caller decides what happens)."""
+
+    def __init__(self, work: Any, opt: torch.optim.Optimizer, sched: Any, grad_probe: GradProbe,
+                 stage_probe: StageProbe, clip: float | None) -> None:
+        self.work, self.opt, self.sched = work, opt, sched
+        self.grad_probe, self.stage_probe, self.clip = grad_probe, stage_probe, clip
+        self.n_checked = 2 + len(grad_probe.names)  # loss, total norm, group norms
+
+    def __call__(self, batch: Any, loss_scale: float | None = None) -> tuple[np.ndarray, bool]:
+        loss = self.work.loss(batch)
+        if loss_scale is not None:  # fault.spike_at_step
+            loss = loss * loss_scale
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        total, per_group = self.grad_probe.measure()
+        vec = torch.cat([loss.detach().float().view(1), total.view(1), per_group, self.stage_probe.measure()])
+        host = vec.cpu().numpy()  # the step's one CPU-GPU sync point
+        finite = bool(np.isfinite(host[:self.n_checked]).all())
+        if finite:
+            self.grad_probe.clip_(total, self.clip)
+            self.opt.step()
+        self.sched.step()
+        return host, finite
 
 
 def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[float], step: int,

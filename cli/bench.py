@@ -1,0 +1,77 @@
+"""`stab bench [--sweep] [OVERRIDES...]`: measured cost of stab's instrumentation, and sweep throughput.
+
+    stab bench                      # default preset, then the seed model at 2 s clips
+    stab bench preset=smoke         # one configuration
+    stab bench --sweep              # 4 smoke jobs: sequential vs joblib --jobs 2; first job vs cache hit
+
+Every figure is a ratio measured side by side in this process (or this command), so it holds
+on a noisy machine. Copy the printed lines into the README's performance section.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import console, user_errors
+from cli.config import UserError, compose_run
+from stability.bench import bench as run_bench
+
+# The seed's model (256/384/384 x 6 layers) at a clip length a CPU can step through.
+SEED_SHORT = ["preset=seed", "data.seconds=2.0", "data.n_train=16", "data.n_val=4"]
+
+
+def bench(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; none: default preset and the seed model at 2 s clips.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps per loop.")] = 60,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Time 4 smoke jobs sequentially and with joblib --jobs 2 instead.")] = False,
+) -> None:
+    """Time stab's instrumented step against a bare PyTorch step, interleaved in one process."""
+    if sweep:
+        _bench_sweep()
+        return
+    configs = [("given overrides", list(overrides))] if overrides else [("default preset", []), ("seed model, 2 s clips", SEED_SHORT)]
+    with user_errors():
+        if steps < 5:
+            raise UserError(f"--steps {steps} is not allowed: expected at least 5")
+        cfgs = [(label, compose_run(o), o) for label, o in configs]
+    for label, cfg, o in cfgs:
+        r = run_bench(cfg, steps=steps)
+        console.print(f"[bold]{label}[/] ({' '.join(o) or 'no overrides'}) on {r.device}, {r.threads} thread(s), {r.steps} steps each")
+        console.print(f"  bare loop:  {r.bare_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.bare_util:.3f}")
+        console.print(f"  stab loop:  {r.stab_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.stab_util:.3f}")
+        console.print(f"  ratio: {r.ratio:.2f}")
+        console.print(f"  model: {r.flops_per_step / 1e9:.3f} GFLOP per step; machine: {r.machine_flops / 1e9:.1f} GFLOP/s (fp32 matmul)")
+        console.print(f"  per-epoch extras (validation, scream check, health): {r.epoch_extras_s * 1000:.0f} ms "
+                      f"= {r.epoch_extras_s / (r.epoch_extras_s + r.epoch_steps_s):.1%} of an epoch")
+
+
+def _timed(args: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"stab {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return time.perf_counter() - t0
+
+
+def _bench_sweep() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "STAB_CACHE": str(Path(tmp) / "cache")}
+        runs = str(Path(tmp) / "runs")
+        first = _timed(["run", "--runs", runs, "preset=smoke"], env)  # encodes the latents
+        hit = _timed(["run", "--runs", runs, "preset=smoke"], env)  # reads them from the cache
+        grid = ["preset=smoke", "seed=0,1,2,3"]
+        seq = _timed(["sweep", "--runs", runs, "--name", "seq", *grid], env)
+        par = _timed(["sweep", "--runs", runs, "--name", "par", "--launcher", "joblib", "--jobs", "2", *grid], env)
+    console.print(f"[bold]sweep of 4 smoke jobs[/] on {os.cpu_count()} cores")
+    console.print(f"  sequential (basic):        {seq:6.1f} s")
+    console.print(f"  parallel (joblib, 2 jobs): {par:6.1f} s")
+    console.print(f"  ratio parallel / sequential wall time: {par / seq:.2f}")
+    console.print(f"  first job (encodes latents): {first:.1f} s; next job (cache hit): {hit:.1f} s; ratio {hit / first:.2f}")

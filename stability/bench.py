@@ -1,0 +1,148 @@
+"""What instrumentation costs: stab's step against a bare PyTorch step, interleaved in one process.
+
+Both loops train their own copy of the same model (same init, same batches). Blocks of steps
+alternate between them, so a machine that slows down mid-benchmark slows both alike and the
+ratio holds on a noisy machine. The bare loop is forward, loss, backward, clip, step; stab's
+adds the per-group gradient norms, the stage probes, the one host transfer, the finiteness
+check and building the step's record. Per-epoch extras (validation, scream check, health probe)
+are timed separately and reported as a share of an epoch.
+
+The machine's matmul rate comes from a large fp32 matrix product timed in the same process; the
+model's FLOPs per step from `torch.utils.flop_counter` on one forward+backward.
+
+    result = bench(cfg, steps=60)   # BenchResult(bare_sps=..., stab_sps=..., ratio=..., ...)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from stability.config import RunConfig
+from stability.instrument import GradProbe, StageProbe
+from stability.training import Stepper, _step_record, resolve_device
+from stability.workload import make_workload
+
+
+@dataclass
+class BenchResult:
+    bare_sps: float  # steps per second
+    stab_sps: float
+    ratio: float  # stab / bare
+    flops_per_step: float
+    machine_flops: float  # measured matmul FLOP/s
+    bare_util: float  # achieved model FLOP/s over machine FLOP/s
+    stab_util: float
+    epoch_extras_s: float  # validation + scream check + health probe, once per epoch
+    epoch_steps_s: float  # an epoch's steps at stab's rate
+    steps: int
+    device: str
+    threads: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of an n x n fp32 matrix product on this device (best of `reps`)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def step_flops(work: Any, batch: Any) -> float:
+    """FLOPs of one forward + backward of the model on `batch`."""
+    with FlopCounterMode(display=False) as counter:
+        work.loss(batch).backward()
+    work.model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    work = make_workload(cfg, device)  # stab's copy
+    bare = copy.deepcopy(work.model)  # the bare loop's copy: same init
+    tc = cfg.train
+    g = torch.Generator().manual_seed(cfg.seed)
+    batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
+
+    def make_opt(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (tc.warmup + 1)))
+
+    opt_s, sched_s = make_opt(work.model)
+    opt_b, sched_b = make_opt(bare)
+    groups = work.module_groups()
+    names = list(groups)
+    stepper = Stepper(work, opt_s, sched_s, GradProbe(groups), StageProbe(work.rms_matchers(), device), tc.clip)
+    n_stages = len(work.rms_matchers())
+    clamp = cfg.model.rms_clamp if n_stages else None
+    loss_fn = type(work).loss
+    bare_work = copy.copy(work)
+    bare_work.model = bare
+    records: list[dict[str, Any]] = []
+
+    def stab_step(i: int) -> None:
+        host, finite = stepper(batches[i % len(batches)])
+        records.append(_step_record(host, names, n_stages, clamp, i, 1, i))
+
+    def bare_step(i: int) -> None:
+        loss = loss_fn(bare_work, batches[i % len(batches)])
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.clip is not None:
+            torch.nn.utils.clip_grad_norm_(bare.parameters(), tc.clip)
+        opt_b.step()
+        sched_b.step()
+
+    for i in range(block):  # warm-up, not timed
+        stab_step(i)
+        bare_step(i)
+    _sync(device)
+    t_stab = t_bare = 0.0
+    done = 0
+    while done < steps:
+        for fn, is_stab in ((bare_step, False), (stab_step, True)):
+            t0 = time.perf_counter()
+            for i in range(done, done + block):
+                fn(i)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if is_stab:
+                t_stab += dt
+            else:
+                t_bare += dt
+        done += block
+
+    t0 = time.perf_counter()
+    work.evaluate()
+    if cfg.detect.health and hasattr(work, "health_layers"):
+        from stability import health
+        health.measure(work.model, work.health_loss, work.health_layers())
+    extras = time.perf_counter() - t0
+
+    flops = step_flops(work, batches[0])
+    machine = matmul_flops(device)
+    bare_sps, stab_sps = done / t_bare, done / t_stab
+    n_batches = max(1, work.n_train // tc.batch_size)
+    return BenchResult(bare_sps, stab_sps, stab_sps / bare_sps, flops, machine, bare_sps * flops / machine,
+                       stab_sps * flops / machine, extras, n_batches / stab_sps, done, str(device),
+                       torch.get_num_threads())
