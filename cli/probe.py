@@ -62,10 +62,13 @@ def _plot(df: pd.DataFrame, path: Path) -> None:
 
     stages = list(dict.fromkeys(df["stage"]))
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.8), squeeze=False, sharey=True)
-    styles = {"pre": "-", "post": "--"}
+    styles = {"pre": ("-", "o"), "post": ("--", "s")}  # line style tells the norm placement ...
+    colors = {d: f"C{i}" for i, d in enumerate(dict.fromkeys(df["depth"]))}  # ... colour the depth
     for ax, stage in zip(axes[0], stages):
         for (depth, norm), part in df[df["stage"] == stage].groupby(["depth", "norm"], sort=False):
-            ax.plot(part["layer"] + 1, part["grad_fro"], styles[norm], marker="o", ms=3, label=f"{norm}, {depth} layers")
+            ls, marker = styles[norm]
+            ax.plot(part["layer"] + 1, part["grad_fro"], ls, marker=marker, ms=3, color=colors[depth],
+                    label=f"{norm}-norm, {depth} layers")
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_title(stage or "model")

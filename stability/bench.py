@@ -80,6 +80,8 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
     torch.manual_seed(cfg.seed)
     work = make_workload(cfg, device)  # stab's copy
     bare = copy.deepcopy(work.model)  # the bare loop's copy: same init
+    if tc.compile:
+        work.model, bare = torch.compile(work.model), torch.compile(bare)
     tc = cfg.train
     g = torch.Generator().manual_seed(cfg.seed)
     batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
@@ -92,7 +94,8 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
     opt_b, sched_b = make_opt(bare)
     groups = work.module_groups()
     names = list(groups)
-    stepper = Stepper(work, opt_s, sched_s, GradProbe(groups), StageProbe(work.rms_matchers(), device), tc.clip)
+    stepper = Stepper(work, opt_s, sched_s, GradProbe(groups), StageProbe(work.rms_matchers(), device), tc.clip,
+                      tc.precision)
     n_stages = len(work.rms_matchers())
     clamp = cfg.model.rms_clamp if n_stages else None
     loss_fn = type(work).loss
@@ -104,8 +107,11 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
         host, finite = stepper(batches[i % len(batches)])
         records.append(_step_record(host, names, n_stages, clamp, i, 1, i))
 
+    bf16 = tc.precision == "bf16"
+
     def bare_step(i: int) -> None:
-        loss = loss_fn(bare_work, batches[i % len(batches)])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(bare_work, batches[i % len(batches)])
         opt_b.zero_grad(set_to_none=True)
         loss.backward()
         if tc.clip is not None:

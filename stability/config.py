@@ -209,6 +209,8 @@ class TrainConfig:
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Any = None  # torch CPU threads; null: all cores (split among concurrent jobs)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss)
+    compile: bool = False  # torch.compile the model
 
     def __post_init__(self) -> None:
         self.epochs = _number("train.epochs", self.epochs, lo=1, integer=True)
@@ -226,6 +228,8 @@ class TrainConfig:
             _fail("train.device", self.device, "auto, cpu, cuda or cuda:N")
         if self.threads is not None:
             self.threads = _number("train.threads", self.threads, lo=1, hi=1024, integer=True)
+        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        _flag("train.compile", self.compile)
 
 
 def parse_clip(value: Any) -> float | None:
@@ -247,13 +251,21 @@ class ScreamConfig:
     dominant: float = 0.6  # degenerate if the most common code covers at least this share
     longest_run: float = 0.5  # ... or one code repeats for this share of the sequence
     n: int = 4  # n of distinct-n and seq-rep-n
-    items: int = 4  # validation clips in the fixed scream-check batch
+    items: int = 4  # validation clips in the fixed scream-check batch (char LM: prompts)
+    loop: float = 0.5  # char LM: ... or it ends in a loop of period <= loop_period this long (share)
+    loop_period: int = 3  # char LM: longest period that still counts as a collapse ("e e e", "ab")
+    prompt_chars: int = 32  # char LM: characters of validation text each greedy generation starts from
+    gen_chars: int = 128  # char LM: characters generated greedily from each prompt
 
     def __post_init__(self) -> None:
         self.dominant = _number("detect.scream.dominant", self.dominant, lo=0.0, lo_open=True, hi=1.0)
         self.longest_run = _number("detect.scream.longest_run", self.longest_run, lo=0.0, lo_open=True, hi=1.0)
         self.n = _number("detect.scream.n", self.n, lo=1, hi=16, integer=True)
         self.items = _number("detect.scream.items", self.items, lo=1, integer=True)
+        self.loop = _number("detect.scream.loop", self.loop, lo=0.0, lo_open=True, hi=1.0)
+        self.loop_period = _number("detect.scream.loop_period", self.loop_period, lo=1, hi=64, integer=True)
+        self.prompt_chars = _number("detect.scream.prompt_chars", self.prompt_chars, lo=1, integer=True)
+        self.gen_chars = _number("detect.scream.gen_chars", self.gen_chars, lo=8, hi=100_000, integer=True)
 
 
 @dataclass
@@ -312,8 +324,75 @@ class ListenConfig:
             self.every = _number("listen.every", self.every, lo=1, integer=True)
         self.items = _number("listen.items", self.items, lo=1, hi=64, integer=True)
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.epochs or self.every)
+
     def at(self, epoch: int) -> bool:
         return epoch in self.epochs or bool(self.every and epoch % self.every == 0)
+
+
+@dataclass
+class CharLMConfig:
+    """The character-level causal LM (`model=charlm`): the text-side scream, same layers and knobs."""
+
+    name: str = "charlm"
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    context: int = 64  # characters the model attends over (block size)
+    mlp_ratio: int = 4
+    norm: str = "post"
+    norm_type: str = "layer"
+    final_norm: bool = True
+    spectral_norm: bool = False  # on the lm_head, the char LM's output projection
+    init_std: float = 0.02  # std of linear weights at init; 0: Xavier-uniform
+    qk_norm: bool = False  # shared stabilizers: see `_check_stabilizers`
+    sigma_reparam: bool = False
+    v_scale: bool = False
+    z_loss: float = 0.0  # coefficient on log^2 Z of the output softmax (Wortsman et al. 2023: 1e-4)
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, ("charlm",))
+        self.d_model = _number("model.d_model", self.d_model, lo=1, integer=True)
+        self.n_layers = _number("model.n_layers", self.n_layers, lo=1, hi=96, integer=True)
+        self.n_heads = _number("model.n_heads", self.n_heads, lo=1, integer=True)
+        if self.d_model % self.n_heads:
+            _fail("model.n_heads", self.n_heads, f"a divisor of model.d_model={self.d_model}")
+        self.context = _number("model.context", self.context, lo=2, hi=65536, integer=True)
+        self.mlp_ratio = _number("model.mlp_ratio", self.mlp_ratio, lo=1, hi=16, integer=True)
+        _choice("norm", self.norm, NORMS)
+        _choice("model.norm_type", self.norm_type, ("layer", "rms"))
+        _flag("model.final_norm", self.final_norm)
+        _flag("spectral_norm", self.spectral_norm)
+        self.init_std = _number("model.init_std", self.init_std, lo=0.0, hi=10.0)
+        _check_stabilizers(self)
+        self.z_loss = _number("z_loss", self.z_loss, lo=0.0, hi=1.0)
+
+
+@dataclass
+class TextDataConfig:
+    """Text for the char LM: the embedded corpus (the docstrings of this Python's standard
+    library, read at run time) or a UTF-8 text file of your own (`data.path`)."""
+
+    name: str = "text"
+    path: Any = None  # null: the embedded corpus; else a UTF-8 text file
+    max_chars: Any = 200_000  # read at most this many characters; null: all
+    val_fraction: float = 0.1  # share of the chunks held out for validation
+    chunk_chars: int = 1024  # the split assigns whole chunks of this many characters
+    seed: int = 0  # seeds the train/validation split
+    n_val: int = 64  # validation windows (of model.context characters) the validation loss averages
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, ("text",))
+        if self.path is not None and (not isinstance(self.path, str) or not self.path):
+            _fail("data.path", self.path, "null (the embedded corpus) or the path of a UTF-8 text file")
+        if self.max_chars is not None:
+            self.max_chars = _number("data.max_chars", self.max_chars, lo=1000, integer=True)
+        self.val_fraction = _number("data.val_fraction", self.val_fraction, lo=0.0, lo_open=True, hi=0.5)
+        self.chunk_chars = _number("data.chunk_chars", self.chunk_chars, lo=64, integer=True)
+        self.seed = _number("data.seed", self.seed, lo=0, integer=True)
+        self.n_val = _number("data.n_val", self.n_val, lo=1, integer=True)
 
 
 @dataclass
@@ -321,8 +400,8 @@ class RunConfig:
     """Everything that defines one training run."""
 
     seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig | CharLMConfig = field(default_factory=ModelConfig)  # by model.name
+    data: DataConfig | TextDataConfig = field(default_factory=DataConfig)  # by data.name
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
@@ -330,6 +409,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.seed = _number("seed", self.seed, lo=0, integer=True)
+        text_model, text_data = self.model.name == "charlm", self.data.name == "text"
+        if text_model and not text_data:
+            _fail("data.name", self.data.name, "text with model=charlm (the char LM reads text: data=text)")
+        if text_data and not text_model:
+            _fail("data.name", self.data.name, f"audio data with model={self.model.name} (text is for model=charlm)")
         late = [e for e in self.listen.epochs if e > self.train.epochs]
         if late:
             _fail("listen.epochs", self.listen.epochs, f"epochs between 1 and train.epochs={self.train.epochs}")
@@ -360,6 +444,10 @@ _NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfi
            ("RunConfig", "fault"): FaultConfig, ("RunConfig", "listen"): ListenConfig}
 
 
+# Sections whose dataclass depends on their `name`: the char LM and the text it reads.
+_VARIANTS = {("RunConfig", "model"): {"charlm": CharLMConfig}, ("RunConfig", "data"): {"text": TextDataConfig}}
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         _fail(prefix or "config", raw, "a mapping")
@@ -371,5 +459,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in raw.items():
         sub = _NESTED.get((cls.__name__, name))
+        if isinstance(value, dict):
+            sub = _VARIANTS.get((cls.__name__, name), {}).get(value.get("name"), sub)
         kwargs[name] = _build(sub, value, f"{prefix}.{name}" if prefix else name) if sub else value
     return cls(**kwargs)

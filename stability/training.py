@@ -19,6 +19,7 @@ Run folder (anyone can `ls` it; `stab report` needs nothing else):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -26,7 +27,7 @@ import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -52,6 +53,18 @@ class Callbacks:
     def close(self) -> None: ...
 
 
+@contextlib.contextmanager
+def eager(work: Any) -> Iterator[None]:
+    """Run probes on the uncompiled model: hooks added after `torch.compile` traced the forward
+    do not fire inside the compiled graph, and its state_dict keys carry an `_orig_mod.` prefix."""
+    compiled = work.model
+    work.model = getattr(compiled, "_orig_mod", compiled)
+    try:
+        yield
+    finally:
+        work.model = compiled
+
+
 class InjectedCrash(RuntimeError):
     """Raised by `fault.crash_at_step`: a job that crashes on purpose."""
 
@@ -67,9 +80,12 @@ def resolve_device(name: str) -> torch.device:
 def preflight(cfg: RunConfig) -> None:
     """Checks that need more than the config's own values; raises ConfigError before any work."""
     try:
-        resolve_device(cfg.train.device)
+        device = resolve_device(cfg.train.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision=bf16 is not allowed on {torch.cuda.get_device_name(device)}: "
+                          f"it has no bf16 support; use fp32")
     if isinstance(cfg.data, DataConfig):  # audio: every file of a folder, the codec weights (DataError, CodecError)
         check_audio(cfg.data, need_codec=cfg.listen.enabled)
     if cfg.fault.nan_at_step is not None:
@@ -167,6 +183,9 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         torch.set_num_threads(tc.threads)
     torch.manual_seed(cfg.seed)
     work = make_workload(cfg, device)
+    if tc.compile:
+        # Same parameters and submodules (hooks and probes still see them); only the forward is compiled.
+        work.model = torch.compile(work.model)
     model = work.model
     groups = work.module_groups()
     names = list(groups)
@@ -181,7 +200,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                 if cfg.fault.nan_at_step is not None else None)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (tc.warmup + 1)))
-    stepper = Stepper(work, opt, sched, grad_probe, stage_probe, tc.clip)
+    stepper = Stepper(work, opt, sched, grad_probe, stage_probe, tc.clip, tc.precision)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
     cb.start(tc.epochs, n_batches)
@@ -215,9 +234,11 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                 host, finite = stepper(batch, spike)
                 if not finite:
                     if first_nan is None:
-                        first_nan = _locate_nan(work, batch, groups, host, names, epoch, b, step)
-                        first_nan["forensics"] = save_forensics(
-                            run_dir, work, opt, sched, batch, order[b * tc.batch_size:(b + 1) * tc.batch_size], first_nan)
+                        with eager(work):
+                            first_nan = _locate_nan(work, batch, groups, host, names, epoch, b, step)
+                            first_nan["forensics"] = save_forensics(run_dir, work, opt, sched, batch,
+                                                                    order[b * tc.batch_size:(b + 1) * tc.batch_size],
+                                                                    first_nan)
                         event("first_nan", **first_nan)
                     opt.zero_grad(set_to_none=True)  # the stepper did not step on them; drop them
                     if tc.on_nan == "stop":
@@ -239,8 +260,9 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                     break
             append_jsonl(run_dir / "metrics.jsonl", pending)
             pending.clear()
-            erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
-            erec.update(work.listen(epoch, run_dir) if hasattr(work, "listen") else {})  # {"audio": [...]} at listen epochs
+            with eager(work):
+                erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
+                erec.update(work.listen(epoch, run_dir) if hasattr(work, "listen") else {})  # {"audio": [...]} at listen epochs
             epochs.append(erec)
             append_jsonl(run_dir / "epochs.jsonl", [erec])
             if erec.get("samples"):  # a text workload's greedy generations, readable with `cat`
@@ -304,13 +326,17 @@ class Stepper:
     are finite; on a non-finite step it does not update (the caller decides what happens)."""
 
     def __init__(self, work: Any, opt: torch.optim.Optimizer, sched: Any, grad_probe: GradProbe,
-                 stage_probe: StageProbe, clip: float | None) -> None:
+                 stage_probe: StageProbe, clip: float | None, precision: str = "fp32") -> None:
         self.work, self.opt, self.sched = work, opt, sched
         self.grad_probe, self.stage_probe, self.clip = grad_probe, stage_probe, clip
         self.n_checked = 2 + len(grad_probe.names)  # loss, total norm, group norms
+        device = next(work.model.parameters()).device
+        bf16 = precision == "bf16"
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def __call__(self, batch: Any, loss_scale: float | None = None) -> tuple[np.ndarray, bool]:
-        loss = self.work.loss(batch)
+        with self.autocast():
+            loss = self.work.loss(batch)
         if loss_scale is not None:  # fault.spike_at_step
             loss = loss * loss_scale
         self.opt.zero_grad(set_to_none=True)
