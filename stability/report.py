@@ -23,11 +23,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import yaml
+from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
@@ -229,7 +230,7 @@ def _check_state(run: Run) -> None:
         warn(f"failed: {st.get('error') or run.summary.get('evidence') or 'no error recorded'}")
     elif run.state not in ("completed", "unknown"):
         warn(f"unexpected state {run.state!r} in status.json")
-    if run.state == "completed" and not run.summary and (run.path / "summary.json").exists() is False:
+    if run.state == "completed" and not (run.path / "summary.json").exists():
         warn("completed, but summary.json is missing")
     if run.state in ("completed", "running", "interrupted") and run.epochs and run.grad_table is None \
             and not (run.path / "grad_norms.csv").exists():
@@ -275,11 +276,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _float(x: Any) -> float:
-    """A number as float; None (missing) becomes NaN only inside per-epoch series."""
-    if isinstance(x, bool):
-        return float(x)
-    if isinstance(x, (int, float)):
-        return float(x)
+    """An element of a recorded series as float (NaN/inf kept); a missing element (None) is NaN."""
     try:
         return float(x)
     except (TypeError, ValueError):
@@ -360,20 +357,30 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def label(run: Run, keys: Sequence[str]) -> str:
-    """A short name for a run: the differing factors it sets (`residual=0.1 norm=pre`), else its folder."""
-    params = run.params
-    mine = [k for k in keys if k in params] if run.overrides is not None else list(keys)
-    return " ".join(f"{k}={factor_value(run, k)}" for k in mine) or run.rel
+def labels(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, str]:
+    """Short names for runs (by `rel`): the differing overrides each sets (`residual=0.1 norm=pre`),
+    or the config values where factors are config paths; the folder is added where names collide."""
+    override_keys = {k for r in runs for k in r.params}
+    base = {}
+    for r in runs:
+        params = r.params
+        mine = [k for k in keys if k in params or k not in override_keys]
+        base[r.rel] = " ".join(f"{k}={factor_value(r, k)}" for k in mine)
+    count: dict[str, int] = {}
+    for name in base.values():
+        count[name] = count.get(name, 0) + 1
+    return {rel: (name if name and count[name] == 1 else f"{name} ({rel})".strip() if name else rel)
+            for rel, name in base.items()}
 
 
 def _value_order(v: str) -> tuple[int, float, str]:
     if v == UNSET:
         return (2, 0.0, v)
     try:
-        return (0, float(v), v)
+        x = float(v)
     except ValueError:
         return (1, 0.0, v)
+    return (0, x, v) if not math.isnan(x) else (1, 0.0, v)
 
 
 def sort_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Run]:
@@ -413,6 +420,14 @@ def _series_text(values: Sequence[float], keep: int = 8) -> str:
     return " ".join(cells) or "-"
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return format_number(seconds)
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
+
+
 def overview(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     """The printed table: one row per run, as display strings (NaN/inf spelled out)."""
     ids = [(r.group, *(factor_value(r, k) for k in keys)) for r in runs]
@@ -439,7 +454,7 @@ def overview(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
             "grad norm per epoch (mean)": _series_text(r.series("grad_norm_by_epoch")),
             "last epoch max": format_number(maxes[-1]) if maxes else "-",
             "final loss": format_number(r.final_loss),
-            "wall": f"{format_number(wall, 2)} s" if wall is not None else "-",
+            "wall": _duration(wall),
         })
         rows.append(row)
     return pd.DataFrame(rows)
@@ -653,23 +668,24 @@ def _save(fig: Figure, path: Path) -> None:
 _VERDICT_COLOURS = {"nan": "tab:red", "scream": "tab:purple", "exploding": "tab:orange"}
 
 
-def plot_grad_norms(runs: Sequence[Run], keys: Sequence[str], path: Path) -> Path:
+def plot_grad_norms(runs: Sequence[Run], names: dict[str, str], path: Path) -> Path:
     """Mean gradient norm per epoch, one line per run (log y); the epoch where a run's norm went
     NaN or inf is marked with a red X on its last finite value, the per-epoch max is dotted."""
     plotted = [r for r in runs if r.series("grad_norm_by_epoch")]
     fig = Figure(figsize=(9, 4.8 + 0.22 * max(0, len(plotted) - 12)))
     ax = fig.add_subplot()
-    colours = [f"C{i % 10}" for i in range(len(plotted))]
+    palette = [f"C{i}" for i in range(10) if i != 3]  # C3 is red: red is kept for the NaN marks
+    colours = [palette[i % len(palette)] for i in range(len(plotted))]
     styles = ["-", "--", "-.", ":"]
     marked = False
     for i, (r, c) in enumerate(zip(plotted, colours)):
         means = np.array(r.series("grad_norm_by_epoch"), dtype=float)
         maxes = np.array(r.series("grad_norm_max_by_epoch"), dtype=float)
         epochs = np.arange(1, len(means) + 1)
-        ls = styles[(i // 10) % len(styles)]
+        ls = styles[(i // len(palette)) % len(styles)]
         ok = np.isfinite(means) & (means > 0)
         ax.plot(epochs[ok], means[ok], ls, color=c, marker="o", ms=4, lw=1.6,
-                label=f"{label(r, keys)}  [{r.verdict}]")
+                label=f"{names.get(r.rel, r.rel)}  [{r.verdict}]")
         if len(maxes) == len(means):
             okm = np.isfinite(maxes) & (maxes > 0)
             ax.plot(epochs[okm], maxes[okm], ":", color=c, lw=1, alpha=0.7)
@@ -713,7 +729,7 @@ def _plain_log_ticks(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(plain if lo > 0 and math.log10(hi / lo) < 1.5 else NullFormatter())
 
 
-def plot_heatmap(run: Run, keys: Sequence[str], path: Path) -> Path:
+def plot_heatmap(run: Run, name: str, path: Path) -> Path:
     """Per-module-group gradient norm (epoch mean) by epoch, log colour scale; NaN/inf cells are
     hatched red and labelled, the cell of the first NaN is boxed."""
     table = run.grad_table
@@ -729,7 +745,7 @@ def plot_heatmap(run: Run, keys: Sequence[str], path: Path) -> Path:
     lo, hi = (values[good].min(), values[good].max()) if good.any() else (1e-3, 1.0)
     norm = LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 10)
     masked = np.ma.masked_where(~good, values)
-    cmap = __import__("matplotlib").colormaps["viridis"].with_extremes(bad="#eeeeee")
+    cmap = colormaps["viridis"].with_extremes(bad="#eeeeee")
     im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     for gi in range(n_g):
         for ei in range(n_e):
@@ -753,7 +769,7 @@ def plot_heatmap(run: Run, keys: Sequence[str], path: Path) -> Path:
     ax.set_xticks(range(n_e), [f"e{e}" for e in epochs])
     ax.set_yticks(range(n_g), groups, fontsize=7)
     ax.set_xlabel("epoch")
-    head = label(run, keys)
+    head = name
     sub = f"verdict {run.verdict}"
     if nan:
         sub += f", first NaN {first_nan_text(nan)} (boxed)"
@@ -810,7 +826,8 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     summary = factor_summary(runs, keys)
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
-    files = [plot_grad_norms(runs, keys, plots / "grad_norm.png")]
+    names = labels(runs, keys)
+    files = [plot_grad_norms(runs, names, plots / "grad_norm.png")]
     heatmaps: dict[str, Path] = {}
     used: set[str] = set()
     for r in runs:
@@ -820,27 +837,29 @@ def write_report(root: Path, out: Path | None = None) -> Report:
         while name in used:
             name += "_"
         used.add(name)
-        heatmaps[r.rel] = plot_heatmap(r, keys, plots / f"{name}.png")
+        heatmaps[r.rel] = plot_heatmap(r, names[r.rel], plots / f"{name}.png")
     for stale in plots.glob("heatmap_*.png"):  # from an earlier report of runs since removed or now stable
         if stale not in heatmaps.values():
             stale.unlink(missing_ok=True)
     files += heatmaps.values()
     write_csv(table, out / "runs.csv")
     write_csv(summary, out / "factors.csv")
-    atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, over, summary, heatmaps))
+    atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps))
     files = [out / "report.md", out / "runs.csv", out / "factors.csv", *files]
     return Report(root, out, runs, keys, over, table, summary, files, heatmaps)
 
 
-def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], over: pd.DataFrame,
-              summary: pd.DataFrame, heatmaps: dict[str, Path]) -> str:
+def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], names: dict[str, str],
+              over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path]) -> str:
     seen = sorted({r.verdict for r in runs}, key=lambda v: (VERDICTS.index(v) if v in VERDICTS else len(VERDICTS), v))
     counts = {v: sum(r.verdict == v for r in runs) for v in seen}
     parts = [f"# Stability report: `{root}`\n",
              f"{len(runs)} run(s), {time.strftime('%Y-%m-%d %H:%M')}: "
              + ", ".join(f"{n} {v}" for v, n in counts.items()) + ". "
              + (f"Factors that differ: {', '.join(f'`{k}`' for k in keys)}." if keys else "No factor differs between runs.")
-             + " Every number of every run is in [runs.csv](runs.csv); NaN and inf are written as such.\n"]
+             + " Every number of every run is in [runs.csv](runs.csv) (NaN and inf written as such, an empty cell"
+             " where a value does not apply; in pandas: `pd.read_csv('runs.csv', keep_default_na=False,"
+             " na_values=['', 'NaN'])`, so that the verdict `nan` stays a word).\n"]
     warned = [(r.rel, w) for r in runs for w in r.warnings]
     if warned:
         parts.append(f"**{len(warned)} warning(s)**, see [Warnings](#warnings).\n")
@@ -856,7 +875,7 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], o
         parts.append("## Unstable runs: gradient norm by module group\n")
         for r in runs:
             if r.rel in heatmaps:
-                parts += [f"### {label(r, keys)}: {r.verdict}\n",
+                parts += [f"### {names[r.rel]}: {r.verdict}\n",
                           f"`{r.rel}`" + (f": {r.summary['evidence']}" if r.summary.get("evidence") else "") + "\n",
                           f"![{_slug(r.rel)}]({rel_plots}/{heatmaps[r.rel].name})\n"]
     if warned:

@@ -1,0 +1,82 @@
+"""`stab report RUNS_DIR [--out DIR]`: one table for every run under a folder, plus files.
+
+    stab report runs/                      # prints the tables; writes runs/report.md, runs.csv, plots/
+    stab report runs/grid --out /tmp/rep   # the files elsewhere
+
+Runs still going, interrupted, failed or with damaged files are listed with their state and a
+warning, never skipped. Exit status 2 when RUNS_DIR is missing or holds no run folder.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Annotated, Callable, Iterable, Optional
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cli.common import console, err_console, user_errors, verdict_markup
+from cli.config import UserError
+from stability import report as rep
+
+SHARE_STYLE = {"stable": "green", "exploding": "yellow", "nan": "red", "scream": "magenta", "failed": "red"}
+
+
+def report(
+    runs_dir: Annotated[Path, typer.Argument(metavar="RUNS_DIR", help="Folder holding run folders or sweeps (any depth).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where report.md, runs.csv and plots/ go (default: RUNS_DIR).")] = None,
+) -> None:
+    """Tabulate, summarise and plot every run under RUNS_DIR."""
+    with user_errors():
+        try:
+            result = rep.write_report(runs_dir, out)
+        except rep.ReportError as e:
+            raise UserError(str(e)) from None
+        except OSError as e:  # e.g. --out not writable
+            raise UserError(f"cannot write the report: {e}") from None
+    console.print(frame_table(result.overview, title=f"{len(result.runs)} runs under {runs_dir}",
+                              markup={"verdict": verdict_markup, "state": verdict_markup}))
+    if result.keys:
+        shares = rep.factor_display(result.summary)
+        console.print(frame_table(shares, title="by factor: share of runs per verdict, median last finite grad norm",
+                                  markup={v: _share(v) for v in shares.columns if v in rep.VERDICTS}))
+    for rel, w in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(rel)}: {escape(w)}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {', '.join(str(p.relative_to(result.out)) for p in result.files[:3])} and "
+                  f"{len(result.files) - 3} plot(s) to {result.out}", highlight=False)
+
+
+def _share(verdict: str) -> Callable[[str], str]:
+    style = SHARE_STYLE.get(verdict, "white")
+    return lambda s: f"[dim]{s}[/]" if s == "0%" else f"[{style}]{s}[/]"
+
+
+def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str, Callable[[str], str]] | None = None,
+                row_styles: Iterable[str | None] | None = None) -> Table:
+    """A Rich table from a frame of display strings; `markup` maps a column to a cell formatter."""
+    markup = markup or {}
+    styles = list(row_styles) if row_styles is not None else [None] * len(frame)
+    # short columns (verdict, a factor's value) stay whole and long ones wrap, as long as that
+    # fits the terminal; else Rich squeezes every column (never crops one away)
+    mins = [max([len(str(v)) for v in frame[col]] + [len(w) for w in str(col).split()], default=1)
+            for col in frame.columns]
+    for keep in (True, False):
+        t = Table(title=title)
+        for col, w in zip(frame.columns, mins):
+            t.add_column(str(col), overflow="fold", min_width=w if keep and w <= 9 else None)
+        for row, style in zip(frame.itertuples(index=False), styles):
+            t.add_row(*(markup[c](str(v)) if c in markup else escape(str(v)) for c, v in zip(frame.columns, row)),
+                      style=style)
+        if keep and _fits(t):
+            break
+    return t
+
+
+def _fits(t: Table) -> bool:
+    probe = Console(width=console.width, file=io.StringIO(), color_system=None)
+    probe.print(t, crop=False)
+    return max(map(len, probe.file.getvalue().splitlines()), default=0) <= console.width

@@ -1,0 +1,95 @@
+"""`stab show RUN`: one run in detail: gradient norms by module group and epoch, stage RMS and
+scale factors, events, codec, and how its config differs from the defaults.
+
+    stab show runs/grid/norm=post,preset=smoke,residual=0.1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import typer
+from rich.markup import escape
+
+from cli.common import console, err_console, fmt, user_errors, verdict_markup
+from cli.config import UserError, compose_run
+from cli.report import frame_table
+from stability import report as rep
+from stability.config import ConfigError
+
+
+def show(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder (holds status.json, summary.json or config.yaml).")],
+) -> None:
+    """Print one run's per-epoch gradient norms by module group, stages, events and config."""
+    with user_errors():
+        if not run.exists():
+            raise UserError(f"{run}: no such folder")
+        if not rep.is_run_folder(run):
+            inside = rep.find_runs(run) if run.is_dir() else []
+            hint = f"; run folders in it: {', '.join(str(p) for p in inside[:3])}{' ...' if len(inside) > 3 else ''}" \
+                if inside else ""
+            raise UserError(f"{run}: not a run folder (no status.json, summary.json or config.yaml){hint}")
+        r = rep.load_run(run, run.parent)
+
+    s = r.summary
+    console.print(f"[bold]{escape(str(run))}[/]  state {verdict_markup(r.state)}  verdict {verdict_markup(r.verdict)}"
+                  f"  run {s.get('run_id') or r.status.get('run_id') or '?'}", highlight=False)
+    if s.get("evidence"):
+        console.print(f"  {escape(str(s['evidence']))}", highlight=False)
+    console.print(f"  overrides: {escape(' '.join(r.overrides)) if r.overrides is not None else '?'}   "
+                  f"device {r.status.get('device', '?')}  threads {r.status.get('threads', '?')}   "
+                  f"wall {fmt(r.wall_s)} s", highlight=False)
+    for w in r.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+
+    grads = rep.grad_epoch_frame(r)
+    if grads.empty:
+        console.print("no gradient-norm table (no readable grad_norms.csv)")
+    else:
+        nan_module = (r.first_nan or {}).get("module")
+        table = grads.reset_index().rename(columns={"index": "group"})
+        console.print(frame_table(_fmt_frame(table), title="gradient norm by module group: mean per epoch; max over all steps (NaN if any step was)",
+                                  row_styles=["red" if g == nan_module else None for g in table["group"]]))
+    if r.epochs:
+        console.print(frame_table(_fmt_frame(rep.epoch_frame(r)), title="epochs"))
+        console.print(frame_table(_fmt_frame(rep.stage_frame(r)),
+                                  title="stages: output RMS, ratio the RMS match needed, scale applied (clamped), share of steps clamped"))
+    events = rep.events_frame(r)
+    console.print(frame_table(_fmt_frame(events), title="events") if not events.empty else "events: none")
+
+    codec = s.get("codec") or r.data.get("codec") or {}
+    cache = r.data.get("cache") or {}
+    console.print(f"codec: weights {codec.get('weights', '?')}  seed {fmt(codec.get('seed'))}  "
+                  f"checksum {fmt(codec.get('checksum'))}   latent RMS {fmt(r.data.get('latent_rms'))}  "
+                  f"scale x{fmt(s.get('latent_scale', r.data.get('scale')))}   "
+                  f"cache {'hit' if cache.get('hit') else 'miss' if cache else '?'} {cache.get('key', '')}",
+                  highlight=False)
+
+    if r.config is None:
+        console.print("config: no readable config.yaml")
+        return
+    try:
+        defaults = compose_run([]).to_dict()
+    except (UserError, ConfigError) as e:  # a broken conf/ must not hide the run itself
+        err_console.print(f"[yellow]warning:[/] cannot compose the default config to compare with: {escape(str(e))}",
+                          highlight=False, soft_wrap=True)
+        return
+    diff = rep.config_diff(defaults, r.config)
+    frame = pd.DataFrame([(k, _value(a), _value(b)) for k, a, b in diff], columns=["key", "default", "this run"])
+    console.print(frame_table(frame, title="config: differences from the defaults") if diff
+                  else "config: the defaults")
+
+
+def _value(x: Any) -> str:
+    if x is rep.ABSENT:
+        return str(x)
+    if isinstance(x, list):
+        return "[" + ", ".join(_value(v) for v in x) + "]"
+    return "null" if x is None else fmt(x)
+
+
+def _fmt_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.astype(object).map(lambda x: fmt(x.item() if hasattr(x, "item") else x))

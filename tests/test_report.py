@@ -1,0 +1,264 @@
+"""`stab report` and `stab show` on real run folders: a smoke sweep, a run with an injected NaN,
+a crashed run, and hand-damaged copies of them. Asserts on the printed table, on runs.csv
+against each run's own summary.json, and on the PNGs being real images."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from tests.conftest import SMOKE, read_json
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def invoke(*args: object, code: int = 0):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, latent_cache: Path) -> Path:
+    """Built once: a 2x2 smoke sweep, a run with a NaN injected at step 6, a crashed run."""
+    root = tmp_path_factory.mktemp("runs")
+    invoke("sweep", "--runs", root, "--name", "grid", *SMOKE, "residual=0.1,0.3", "norm=pre,post")
+    invoke("run", "--runs", root, *SMOKE, "fault.nan_at_step=6")
+    invoke("run", "--runs", root, *SMOKE, "fault.crash_at_step=0", code=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reported(runs: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("report")
+    return invoke("report", runs, "--out", out), out
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("status.json") if ".hydra" not in p.parts)
+
+
+def by_summary(root: Path, verdict: str) -> Path:
+    found = [d for d in run_dirs(root) if read_json(d / "summary.json")["verdict"] == verdict]
+    assert found, verdict
+    return found[0]
+
+
+def rich_tables(output: str) -> list[list[dict[str, str]]]:
+    """The Rich tables printed in `output` as rows of {header: cell} (tests pin a wide console)."""
+    tables, header, rows = [], None, []
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("┃"):
+            header = [c.strip() for c in line.strip("┃").split("┃")]
+        elif line.startswith("│") and header:
+            rows.append(dict(zip(header, (c.strip() for c in line.strip("│").split("│")))))
+        elif line.startswith("└") and header:
+            tables.append(rows)
+            header, rows = None, []
+    return tables
+
+
+def test_report_prints_one_row_per_run_with_the_overrides_that_differ(runs, reported):
+    result, _ = reported
+    table = rich_tables(result.output)[0]
+    dirs = run_dirs(runs)
+    assert len(table) == len(dirs) == 6
+    assert {"residual", "norm", "fault.nan_at_step", "fault.crash_at_step", "verdict", "first NaN", "scream",
+            "final loss", "wall"} <= set(table[0])
+    grid = [r for r in table if r["sweep"] == "grid"]
+    assert sorted((r["residual"], r["norm"]) for r in grid) == [("0.1", "post"), ("0.1", "pre"), ("0.3", "post"),
+                                                                 ("0.3", "pre")]
+    for row in grid:
+        d = runs / "grid" / f"norm={row['norm']},preset=smoke,residual={row['residual']}"
+        summary = read_json(d / "summary.json")
+        assert row["verdict"] == summary["verdict"]
+        assert row["grad norm per epoch (mean)"].split() == [f"{g:.3g}" for g in summary["grad_norm_by_epoch"]]
+        assert row["final loss"] == f"{summary['final_loss']:.3g}"
+
+    nan_dir = by_summary(runs, "nan")
+    first = read_json(nan_dir / "summary.json")["first_nan"]
+    nan_row = next(r for r in table if r["fault.nan_at_step"] == "6")
+    assert nan_row["verdict"] == "nan"
+    assert nan_row["first NaN"] == f"e{first['epoch']} b{first['batch']} {first['module']}" == "e2 b2 stage2.layer0.mlp"
+    assert nan_row["grad norm per epoch (mean)"].split()[-1] == "NaN"  # shown, not dropped or zeroed
+    assert nan_row["final loss"] == "NaN"
+
+    crashed = next(r for r in table if r["fault.crash_at_step"] == "0")
+    assert crashed["verdict"] == "failed" and crashed["final loss"] == "-"
+    assert "InjectedCrash" in result.output and "warning" in result.output  # listed and warned, not hidden
+
+
+def test_factor_summary_gives_verdict_shares_and_median_last_grad_norm(runs, reported):
+    result, out = reported
+    printed = rich_tables(result.output)[1]
+    factors = pd.read_csv(out / "factors.csv")
+    grid = run_dirs(runs / "grid")
+    for value in ("0.1", "0.3"):
+        mine = [read_json(d / "summary.json") for d in grid if f"residual={value}" in d.name]
+        row = factors[(factors["factor"] == "residual") & (factors["value"].astype(str) == value)].iloc[0]
+        assert row["runs"] == len(mine) == 2
+        for verdict in ("stable", "exploding", "scream", "nan", "failed"):
+            assert row[verdict] == pytest.approx(sum(s["verdict"] == verdict for s in mine) / len(mine))
+        last = [[g for g in s["grad_norm_by_epoch"] if math.isfinite(g)][-1] for s in mine]
+        assert row["median last grad norm"] == pytest.approx(statistics.median(last), rel=1e-12)
+        shown = next(r for r in printed if r["factor"] == "residual" and r["value"] == value)
+        assert shown["stable"] == f"{round(100 * row['stable'])}%"
+    nan_row = factors[(factors["factor"] == "fault.nan_at_step") & (factors["value"].astype(str) == "6")].iloc[0]
+    assert nan_row["nan"] == 1.0
+
+
+def test_runs_csv_has_every_number_of_every_run_and_keeps_nan(runs, reported):
+    _, out = reported
+    raw = pd.read_csv(out / "runs.csv", dtype=str, keep_default_na=False)  # the cells as written
+    table = pd.read_csv(out / "runs.csv", keep_default_na=False, na_values=["", "NaN"])  # verdict 'nan' stays a word
+    assert len(table) == 6
+    for i, row in table.iterrows():
+        s = read_json(runs / row["path"] / "summary.json")
+        assert row["verdict"] == s["verdict"]
+        if s["verdict"] == "failed":
+            assert raw.loc[i, "final_loss"] == "" and "InjectedCrash" in raw.loc[i, "error"]
+            continue
+        for e, (mean, mx) in enumerate(zip(s["grad_norm_by_epoch"], s["grad_norm_max_by_epoch"]), start=1):
+            for col, want in ((f"grad_mean_e{e}", mean), (f"grad_max_e{e}", mx),
+                              (f"loss_e{e}", s["loss_by_epoch"][e - 1])):
+                if math.isnan(want):
+                    assert raw.loc[i, col] == "NaN", col
+                else:
+                    assert row[col] == want, col
+        for key in ("final_loss", "final_val_loss", "clip_rate", "latent_scale", "wall_s"):
+            assert (raw.loc[i, key] == "NaN") if math.isnan(s[key]) else (row[key] == s[key]), key
+        assert row["epochs_run"] == s["epochs_run"] and row["steps"] == s["steps"]
+        nan = s["first_nan"]
+        if nan is None:
+            assert raw.loc[i, "first_nan_epoch"] == ""  # not applicable: empty, never 0
+        else:
+            assert (row["first_nan_epoch"], row["first_nan_batch"], row["first_nan_module"]) == \
+                (nan["epoch"], nan["batch"], nan["module"])
+            assert raw.loc[i, "first_nan_loss"] == "NaN" and raw.loc[i, "final_loss"] == "NaN"
+
+
+def _png(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, path
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+    return img
+
+
+def test_plots_are_real_images_embedded_in_the_markdown(runs, reported):
+    _, out = reported
+    md = (out / "report.md").read_text()
+    img = _png(out / "plots" / "grad_norm.png")
+    pure_red = (img[..., 0] > 0.9) & (img[..., 1] < 0.1) & (img[..., 2] < 0.1)
+    assert pure_red.sum() > 30  # the red X where the NaN run went non-finite
+    assert "](plots/grad_norm.png)" in md
+    unstable = [d for d in run_dirs(runs) if read_json(d / "summary.json")["verdict"] not in ("stable", "failed")]
+    heatmaps = sorted((out / "plots").glob("heatmap_*.png"))
+    assert len(heatmaps) == len(unstable) >= 1
+    for h in heatmaps:
+        _png(h)
+        assert f"](plots/{h.name})" in md
+    assert "e2 b2 stage2.layer0.mlp" in md and "| NaN |" in md
+    assert "InjectedCrash" in md  # the crashed run is in the warnings section
+
+
+def test_damaged_and_unfinished_runs_are_listed_with_warnings(runs, tmp_path):
+    grid = run_dirs(runs / "grid")
+    damaged = tmp_path / "damaged"
+    names = ["truncated", "corrupt_metrics", "missing_files", "running", "bad_status", "inf"]
+    for name, src in zip(names, grid + grid[:2]):
+        shutil.copytree(src, damaged / name)
+    shutil.copytree(by_summary(runs, "nan"), damaged / "nan")
+    text = (damaged / "truncated/summary.json").read_text()
+    (damaged / "truncated/summary.json").write_text(text[: len(text) // 2])
+    lines = (damaged / "corrupt_metrics/metrics.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:40]
+    (damaged / "corrupt_metrics/metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 99, "lo')
+    for f in ("overrides.json", "grad_norms.csv", "events.jsonl", "data.json"):
+        (damaged / "missing_files" / f).unlink()
+    status = read_json(damaged / "running/status.json")
+    status.update(state="running", finished=None, pid=os.getpid(), verdict=None)
+    (damaged / "running/status.json").write_text(json.dumps(status))
+    (damaged / "running/summary.json").unlink()
+    (damaged / "bad_status/status.json").write_text('{"state": "compl')
+    summary = read_json(damaged / "inf/summary.json")
+    summary["grad_norm_by_epoch"][-1] = math.inf
+    (damaged / "inf/summary.json").write_text(json.dumps(summary))
+
+    out = tmp_path / "out"
+    result = invoke("report", damaged, "--out", out)
+    rows = {r["run"]: r for r in rich_tables(result.output)[0]}
+    assert set(rows) == set(names) | {"nan"}  # nobody hidden
+    assert rows["running"]["state"] == "running" and rows["running"]["verdict"] == "running"
+    assert rows["running"]["grad norm per epoch (mean)"] != "-"  # partial numbers from epochs.jsonl
+    assert rows["bad_status"]["state"] == "unknown"
+    assert rows["inf"]["grad norm per epoch (mean)"].split()[-1] == "inf"
+    assert rows["nan"]["first NaN"] == "e2 b2 stage2.layer0.mlp"
+    for needle in ("truncated: summary.json unreadable", "corrupt_metrics: metrics.jsonl: 2 unparsable line(s)",
+                   "missing_files: no overrides.json", "running: still running", "bad_status: status.json unreadable"):
+        assert needle in result.output, needle
+    csv = pd.read_csv(out / "runs.csv", dtype=str, keep_default_na=False).set_index("path")
+    assert csv.loc["inf", f"grad_mean_e{len(summary['grad_norm_by_epoch'])}"] == "inf"
+    assert csv.loc["nan", "final_loss"] == "NaN"
+    assert "still running" in csv.loc["running", "warnings"]
+    _png(out / "plots" / "grad_norm.png")
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "file"])
+def test_nothing_to_report_is_one_line_and_exit_2(tmp_path, make):
+    target = tmp_path / "x"
+    if make == "empty":
+        target.mkdir()
+    elif make == "file":
+        target.write_text("hi")
+    result = invoke("report", target, code=2)
+    assert result.output.strip().count("\n") == 0 and "error:" in result.output
+    assert {"missing": "no such folder", "empty": "no run folders", "file": "not a folder"}[make] in result.output
+
+
+def test_show_prints_groups_stages_events_codec_and_config_diff(runs):
+    nan_dir = by_summary(runs, "nan")
+    result = invoke("show", nan_dir)
+    tables = rich_tables(result.output)
+    grads = tables[0]
+    groups = pd.read_csv(nan_dir / "grad_norms.csv", index_col="group").index
+    assert [r["group"] for r in grads] == list(groups)
+    total = next(r for r in grads if r["group"] == "total")
+    summary = read_json(nan_dir / "summary.json")
+    assert total["e1"] == f"{summary['grad_norm_by_epoch'][0]:.3g}" and total["e2"] == "NaN" and total["max"] == "NaN"
+    stages = next(t for t in tables if t and "needed ratio" in t[0])
+    assert len(stages) == summary["epochs_run"] * len(summary["stage_rms_last_epoch"])
+    events = next(t for t in tables if t and "event" in t[0])
+    recorded = [json.loads(line)["event"] for line in (nan_dir / "events.jsonl").read_text().splitlines()]
+    assert sorted(r["event"] for r in events) == sorted(recorded) and "first_nan" in recorded
+    nan_event = next(r for r in events if r["event"] == "first_nan")
+    assert (nan_event["epoch"], nan_event["batch"], nan_event["step"]) == ("2", "2", "6")
+    assert "codec: weights random" in result.output
+    diff = {r["key"]: (r["default"], r["this run"]) for r in next(t for t in tables if t and "key" in t[0])}
+    assert diff["fault.nan_at_step"] == ("null", "6")
+    assert "model.d_model" in diff  # the smoke preset
+
+
+def test_show_refuses_a_folder_that_is_not_a_run(runs):
+    result = invoke("show", runs / "grid", code=2)
+    assert "not a run folder" in result.output and "norm=" in result.output
+    invoke("show", runs / "nope", code=2)
+
+
+def test_report_library_imports_no_cli_or_config_framework():
+    code = ("import sys, stability.report; bad = [m for m in ('typer', 'rich', 'hydra', 'omegaconf') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
