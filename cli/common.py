@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import tempfile
@@ -18,6 +17,7 @@ from cli.config import UserError
 from stability.audio import DataError
 from stability.codec import CodecError
 from stability.config import ConfigError
+from stability.report import format_number
 
 console = Console(width=int(os.environ["STAB_WIDTH"]) if os.environ.get("STAB_WIDTH") else None)
 err_console = Console(stderr=True, width=console.width if os.environ.get("STAB_WIDTH") else None)
@@ -83,14 +83,4 @@ def verdict_markup(v: str) -> str:
     return f"[{VERDICT_STYLE.get(v, 'white')}]{v}[/]"
 
 
-def fmt(x: Any, digits: int = 3) -> str:
-    """Numbers for tables: NaN and inf shown as such, never blank or zero."""
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return f"{x:.{digits}g}"
-    return str(x)
+fmt = format_number  # numbers for tables: NaN and inf shown as such, never blank or zero

@@ -619,14 +619,9 @@ def csv_cell(x: Any) -> str:
     """A CSV cell: floats at full precision, NaN as 'NaN', inf as 'inf', not applicable as ''."""
     if x is None:
         return ""
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return repr(x)
-    return str(x)
+    if isinstance(x, (float, np.floating)) and math.isfinite(x):
+        return repr(float(x))
+    return format_number(x)  # NaN, inf, -inf, and non-numbers as text
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
