@@ -8,6 +8,8 @@ so a typo'd key fails with Hydra's message, which `UserError` turns into one lin
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from stability.config import ConfigError, RunConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Top-level keys that are not RunConfig fields: the short aliases, interpolated into groups.
-ALIASES = ("residual", "norm", "clip", "spectral_norm")
+ALIASES = ("residual", "norm", "clip", "spectral_norm", "qk_norm", "sigma_reparam", "v_scale", "z_loss", "warmup")
 GROUP_KEYS = ("preset", "experiment")
 
 
@@ -37,12 +39,35 @@ def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     except OmegaConfBaseException as e:
         raise UserError(_one_line(e)) from None
+    if isinstance(cfg, DictConfig):
+        _check_aliases_used(cfg, raw)
     for key in (*ALIASES, *GROUP_KEYS, "hydra", "launch"):
         raw.pop(key, None)
     try:
         return RunConfig.from_dict(raw)
     except ConfigError as e:
         raise UserError(str(e)) from None
+
+
+def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
+    """A short name changed from its default that no key of the chosen model reads would be
+    silently ignored (e.g. `residual` with model=charlm, `z_loss` with the cascade): refuse it."""
+    unresolved = OmegaConf.to_container(cfg, resolve=False)
+    read = json.dumps({k: v for k, v in unresolved.items() if k not in ALIASES}, default=str)
+    root = _root_values()
+    for alias in ALIASES:
+        if alias in resolved and "${" + alias + "}" not in read and resolved[alias] != root.get(alias):
+            model = (resolved.get("model") or {}).get("name", "?")
+            users = [p.stem for p in sorted((CONF_DIR / "model").glob("*.yaml")) if "${" + alias + "}" in p.read_text()]
+            raise UserError(f"{alias}={resolved[alias]!r} is not allowed with model={model}: it does not read "
+                            f"{alias}" + (f" (model={' or model='.join(users)} does)" if users else ""))
+
+
+@functools.lru_cache(maxsize=1)
+def _root_values() -> dict[str, Any]:
+    """The short names' defaults, as conf/config.yaml sets them."""
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")).items()
+            if k in ALIASES}
 
 
 def _one_line(e: BaseException) -> str:
@@ -54,6 +79,10 @@ def _one_line(e: BaseException) -> str:
         parent, _, _ = key.rpartition(".")
         return f"unknown key {key!r}: allowed keys{' under ' + parent if parent else ''} are " + \
             ", ".join(_keys_under(parent))
+    m = re.search(r"Could not find 'model_preset/([^/']+)/([^']+)'", text)
+    if m:  # a preset with no values for this model
+        have = sorted(p.stem for p in (CONF_DIR / "model_preset" / m.group(1)).glob("*.yaml"))
+        return f"preset={m.group(2)!r} is not allowed with model={m.group(1)}: expected one of {', '.join(have)}"
     m = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)\s*Config search path",
                   text, re.S)
     if m:

@@ -1,9 +1,12 @@
 """EnCodec 24 kHz: audio -> continuous latents [B, 128, T] and latents -> RVQ codes.
 
-Weights are `pretrained` (the `encodec` package's own download), a local checkpoint path
-(loaded with `weights_only=True`), or `random` (the real architecture, seeded). A random-init
-model's RVQ codebooks are zeros until k-means initialises them, so every code would be 0:
-`calibrate_codebooks` runs k-means on the data's own latents first.
+Weights are `pretrained` (the checkpoint the `encodec` package downloads, in torch.hub's cache;
+with no network this fails within seconds, saying how to supply the file), a local checkpoint
+path (loaded with `weights_only=True`: a pickle that carries code is refused), or `random` (the
+real architecture, seeded). Whatever is used is recorded with a sha256 checksum (of the file, or
+of the state dict at init for random weights). A random-init model's RVQ codebooks are zeros
+until k-means initialises them, so every code would be 0: `calibrate_codebooks` runs k-means on
+the data's own latents first.
 
     codec = load_codec(CodecConfig(weights="random", seed=0))
     z = encode(codec.model, audio)            # (B, 128, T), 75 frames per second
@@ -15,6 +18,7 @@ model's RVQ codebooks are zeros until k-means initialises them, so every code wo
 from __future__ import annotations
 
 import hashlib
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,10 @@ import torch
 from stability.config import CodecConfig
 
 FRAME_RATE = 75  # latent frames per second at 24 kHz (hop 320)
+PRETRAINED_HASH = "d7cc33bc"  # the first hex digits of the checkpoint's sha256, checked on download
+PRETRAINED_NAME = f"encodec_24khz-{PRETRAINED_HASH}.th"
+PRETRAINED_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + PRETRAINED_NAME
+DOWNLOAD_TIMEOUT_S = 10.0  # per connect/read: with no network, fail in seconds, not at the OS's TCP timeout
 
 
 class CodecError(RuntimeError):
@@ -34,7 +42,7 @@ class CodecError(RuntimeError):
 @dataclass
 class Codec:
     model: Any  # encodec.EncodecModel
-    info: dict[str, Any]  # what was used: recorded in every run
+    info: dict[str, Any]  # what was used: recorded in every run (data.json, summary.json)
 
 
 def _sha256(path: Path) -> str:
@@ -45,40 +53,140 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_codec(cfg: CodecConfig) -> Codec:
-    """Build EnCodec 24 kHz with the configured weights, in eval mode on the CPU."""
+_FILE_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a checkpoint file, remembered per (path, size, mtime): a sweep asks many times."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA:
+        _FILE_SHA[key] = _sha256(path)
+    return _FILE_SHA[key]
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a model's state dict (names and bytes): identifies random-init weights too."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def pretrained_file() -> Path:
+    """The pretrained checkpoint in torch.hub's cache, downloaded (hash-checked) if it is not there.
+
+    With no network this fails within DOWNLOAD_TIMEOUT_S, saying how to supply the file."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / PRETRAINED_NAME
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # urllib's urlopen inside torch.hub has none of its own
+    try:
+        torch.hub.download_url_to_file(PRETRAINED_URL, str(path), hash_prefix=PRETRAINED_HASH, progress=False)
+    except Exception as e:  # no network, DNS failure, timeout, proxy, hash mismatch
+        raise CodecError(
+            f"data.codec.weights=pretrained: could not download {PRETRAINED_URL} "
+            f"({type(e).__name__}: {str(e).strip()}). Without a network, fetch {PRETRAINED_NAME} "
+            f"elsewhere and pass data.codec.weights=/path/to/{PRETRAINED_NAME} (or put it in "
+            f"{path.parent}/), or use data.codec.weights=random") from None
+    finally:
+        socket.setdefaulttimeout(old)
+    return path
+
+
+def checkpoint_path(cfg: CodecConfig) -> Path:
+    """The checkpoint file `data.codec.weights` names (not random, not pretrained); CodecError if absent."""
+    path = Path(cfg.weights).expanduser()
+    if not path.is_file():
+        raise CodecError(f"data.codec.weights={cfg.weights!r}: no such file; expected random, pretrained "
+                         f"or the path of an EnCodec 24 kHz checkpoint (a state dict saved with torch.save)")
+    return path
+
+
+def weights_fingerprint(cfg: CodecConfig) -> Any:
+    """What identifies the weights, for cache keys, without building the model."""
+    if cfg.weights == "random":  # the seeded init is torch's: a new torch may draw differently
+        return {"random": cfg.seed, "torch": torch.__version__.split("+")[0]}
+    if cfg.weights == "pretrained":
+        return {"pretrained": PRETRAINED_NAME}
+    return {"sha256": file_sha256(checkpoint_path(cfg))}
+
+
+def _build(seed: int) -> Any:
+    """The EnCodec 24 kHz architecture, randomly initialised from `seed`, without touching the
+    caller's RNG (the codec may be built in the middle of training, to listen)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # encodec uses the old weight_norm
         from encodec import EncodecModel
 
-        if cfg.weights == "random":
-            with torch.random.fork_rng():
-                torch.manual_seed(cfg.seed)
-                model = EncodecModel.encodec_model_24khz(pretrained=False)
-            info = {"weights": "random", "seed": cfg.seed, "checksum": None}
-        elif cfg.weights == "pretrained":
-            try:
-                model = EncodecModel.encodec_model_24khz(pretrained=True)
-            except Exception as e:  # no network, blocked download, bad cache
-                raise CodecError(
-                    f"data.codec.weights=pretrained: could not download the EnCodec 24 kHz weights "
-                    f"({type(e).__name__}: {e}). Without a network, download "
-                    f"encodec_24khz-d7cc33bc.th elsewhere and pass data.codec.weights=/path/to/it, "
-                    f"or use data.codec.weights=random") from None
-            info = {"weights": "pretrained", "seed": None, "checksum": "d7cc33bc"}
-        else:
-            path = Path(cfg.weights).expanduser()
-            if not path.is_file():
-                raise CodecError(f"data.codec.weights={cfg.weights!r}: no such file; expected "
-                                 f"random, pretrained or the path of an EnCodec 24 kHz checkpoint")
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                model = EncodecModel.encodec_model_24khz(pretrained=False)
-                model.load_state_dict(state)
-            except Exception as e:
-                raise CodecError(f"data.codec.weights={cfg.weights!r} is not an EnCodec 24 kHz "
-                                 f"state dict loadable with weights_only=True: {e}") from None
-            info = {"weights": str(path.resolve()), "seed": None, "checksum": _sha256(path)}
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return EncodecModel.encodec_model_24khz(pretrained=False)
+
+
+def _read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict, read with weights_only=True: tensors and plain containers only,
+    so a pickle that carries code (or a whole pickled module) is refused, never run."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notes: the error says enough
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CodecError(f"{what}: not loadable with torch.load(weights_only=True), so not a plain "
+                         f"state dict ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = ", ".join(map(str, list(state)[:4])) if isinstance(state, dict) else type(state).__name__
+        more = ", ..." if isinstance(state, dict) and len(state) > 4 else ""
+        raise CodecError(f"{what}: expected an EnCodec 24 kHz state dict (parameter name -> tensor), "
+                         f"found {keys}{more}")
+    return state
+
+
+def _load_state(model: Any, path: Path, what: str) -> None:
+    state = _read_state(path, what)
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise CodecError(f"{what}: not an EnCodec 24 kHz state dict ({str(e).strip().splitlines()[0]})") from None
+
+
+_VERIFIED: set[str] = set()  # sha256 of checkpoint files that loaded in this process
+
+
+def check_weights(cfg: CodecConfig) -> None:
+    """Fail before any work rather than in the middle of a run: the pretrained file is fetched
+    (or the download fails fast), a checkpoint file is loaded once per process."""
+    if cfg.weights == "pretrained":
+        pretrained_file()
+    elif cfg.weights != "random":
+        path = checkpoint_path(cfg)
+        sha = file_sha256(path)
+        if sha not in _VERIFIED:
+            what = f"data.codec.weights={cfg.weights!r}"
+            _read_state(path, what)  # refuses a pickle with code before building anything
+            _load_state(_build(0), path, what)
+            _VERIFIED.add(sha)
+
+
+def load_codec(cfg: CodecConfig) -> Codec:
+    """Build EnCodec 24 kHz with the configured weights, in eval mode on the CPU."""
+    model = _build(cfg.seed)
+    if cfg.weights == "random":
+        info = {"weights": "random", "seed": cfg.seed, "checksum": state_sha256(model),
+                "checksum_of": "state dict at init"}
+    elif cfg.weights == "pretrained":
+        path = pretrained_file()
+        _load_state(model, path, f"data.codec.weights=pretrained ({path})")
+        info = {"weights": "pretrained", "seed": None, "file": str(path), "checksum": file_sha256(path),
+                "checksum_of": "file"}
+    else:
+        path = checkpoint_path(cfg)
+        _load_state(model, path, f"data.codec.weights={cfg.weights!r}")
+        info = {"weights": str(path.resolve()), "seed": None, "file": str(path.resolve()),
+                "checksum": file_sha256(path), "checksum_of": "file"}
     model.eval()
     return Codec(model, info)
 
@@ -87,6 +195,13 @@ def load_codec(cfg: CodecConfig) -> Codec:
 def encode(model: Any, audio: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """(B, 1, samples) at 24 kHz -> continuous encoder latents (B, 128, T)."""
     return torch.cat([model.encoder(audio[i: i + chunk]) for i in range(0, len(audio), chunk)])
+
+
+@torch.no_grad()
+def decode(model: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Continuous latents (B, 128, T) -> audio (B, 1, 320 T) at 24 kHz, by the decoder alone: the
+    model's output is continuous, so it is heard as it is, not after the RVQ rounds it to codes."""
+    return model.decoder(latents.float().cpu())
 
 
 @torch.no_grad()

@@ -1,11 +1,16 @@
 """The cascade's data: paired (input, target) EnCodec latents, encoded once and cached on disk.
 
-The cache entry is keyed by everything that changes the latents (the audio generator and its
-seed, clip length and counts, the codec weights and their checksum, the codebook calibration).
-It is written to a temporary file and renamed under a file lock, so the jobs of a sweep that
-start together encode once and never read a half-written entry; an entry whose checksum does
-not match is rebuilt, never trained on.
+Two sources: the embedded synthetic pairs (`data=synthetic`, the default) and a folder of your
+own recordings (`data=folder data.path=DIR`, read by `stability.audio`). A cache entry is keyed
+by everything that changes the latents: for synthetic data the generator's seed, the counts and
+the clip length; for a folder its path, every paired file's name, size and mtime, the segment
+length, the split and what to do with bad files; and for both the codec weights (the file's
+sha256 for a checkpoint) and the codebook calibration. An entry is written to a temporary file
+and renamed under a file lock, so the jobs of a sweep that start together encode once and never
+read a half-written entry; an entry whose checksum does not match is rebuilt, never trained on.
+A JSON sidecar next to each entry says what it holds (`stab cache ls`).
 
+    check_audio(cfg.data)            # before any work: DataError / CodecError naming the problem
     data = load_latents(cfg.data)   # LatentData: train/val tensors (N, 128, T), scale, codec info
 """
 
@@ -13,23 +18,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from stability.codec import CodeBook, calibrate_codebooks, encode, load_codec, quantizer_state
+from stability.audio import DataError, FolderPlan, Listing, plan_folder, read_pair, scan_folder
+from stability.codec import (CodeBook, calibrate_codebooks, check_weights, encode, load_codec, quantizer_state,
+                             weights_fingerprint)
 from stability.config import DataConfig
 from stability.synth import synth_pairs
+
+__all__ = ["DataError", "LatentData", "check_audio", "load_latents", "inspect_latents", "cache_entries",
+           "clear_cache", "default_cache_root"]
 
 # The seed's pretrained-EnCodec target latent RMS (SPEC §1): the default `latent_rms` for random
 # weights, whose latents are two orders of magnitude smaller (~0.03).
 SEED_TARGET_RMS = 5.69
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+
+log = logging.getLogger("stab.data")
 
 
 @dataclass
@@ -41,25 +55,29 @@ class LatentData:
     scale: float  # common factor applied to input and target latents (after centering)
     center: torch.Tensor  # (1, 128, 1) per-channel offset removed before scaling (zeros if off)
     codebook: CodeBook  # first RVQ codebooks, for the scream check (works on unscaled latents)
-    info: dict[str, Any] = field(default_factory=dict)  # codec, raw RMS, cache key and hit
+    info: dict[str, Any] = field(default_factory=dict)  # source, codec, raw RMS, cache key and hit
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("STAB_CACHE") or Path.home() / ".cache" / "stab")
 
 
 def cache_root(cfg: DataConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser()
-    return Path(os.environ.get("STAB_CACHE", Path.home() / ".cache" / "stab"))
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
 
 
-def cache_key(cfg: DataConfig) -> str:
+def _listing(cfg: DataConfig) -> Listing | None:
+    return scan_folder(cfg.path) if cfg.name == "folder" else None
+
+
+def cache_key(cfg: DataConfig, listing: Listing | None = None) -> str:
     """Hash of everything that changes the cached latents (not latent_rms: applied on load)."""
-    weights = cfg.codec.weights
-    if weights not in ("random", "pretrained"):
-        p = Path(weights).expanduser()
-        st = p.stat() if p.exists() else None
-        weights = {"path": str(p.resolve()), "size": st and st.st_size, "mtime": st and st.st_mtime_ns}
-    blob = {"format": CACHE_FORMAT, "name": cfg.name, "n_train": cfg.n_train, "n_val": cfg.n_val,
-            "seconds": cfg.seconds, "seed": cfg.seed, "weights": weights,
-            "codec_seed": cfg.codec.seed, "calib": cfg.codec.calib_codebooks}
+    blob: dict[str, Any] = {"format": CACHE_FORMAT, "name": cfg.name, "n_train": cfg.n_train, "n_val": cfg.n_val,
+                            "seconds": cfg.seconds, "seed": cfg.seed, "weights": weights_fingerprint(cfg.codec),
+                            "codec_seed": cfg.codec.seed, "calib": cfg.codec.calib_codebooks}
+    if cfg.name == "folder":
+        listing = listing or scan_folder(cfg.path)
+        blob.update(path=str(listing.root), files=listing.fingerprint(), on_bad_file=cfg.on_bad_file)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -71,21 +89,91 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _build_entry(cfg: DataConfig) -> dict[str, Any]:
+# Folders checked in this process (cache key -> plan): `stab run` and `stab sweep` call preflight
+# more than once per configuration, and the build reuses the plan instead of checking again.
+_PLANS: dict[str, FolderPlan] = {}
+
+
+def _plan(cfg: DataConfig, listing: Listing, key: str) -> FolderPlan:
+    if key not in _PLANS:
+        if len(_PLANS) > 16:
+            _PLANS.clear()
+        _PLANS[key] = plan_folder(listing, cfg.seconds, cfg.n_train, cfg.n_val, cfg.seed, cfg.on_bad_file)
+    return _PLANS[key]
+
+
+def _entry_path(cfg: DataConfig, key: str) -> Path:
+    return cache_root(cfg) / "latents" / f"{key}.pt"
+
+
+def check_audio(cfg: DataConfig, need_codec: bool = False) -> None:
+    """Everything about the data that can fail, checked before any work starts.
+
+    A folder's files are all decoded and checked unless its latents are cached already (the key
+    covers every file's size and mtime, so a cached folder is unchanged since it was checked).
+    The codec weights are made available (pretrained: downloaded now, or a fast failure) when the
+    latents must be encoded or `need_codec` (listening decodes the output). Raises DataError or
+    CodecError.
+    """
+    listing = _listing(cfg)
+    key = cache_key(cfg, listing)  # a missing checkpoint file fails here
+    cached = _entry_path(cfg, key).exists()
+    if listing is not None and not cached:
+        _plan(cfg, listing, key)
+    if not cached or need_codec:
+        check_weights(cfg.codec)
+
+
+def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Encode the plan's segments, one file at a time (memory: one file's audio, not the folder's).
+    Returns (input, target) latents ordered train then validation, and the seconds spent encoding."""
+    wanted = plan.train + plan.val
+    slot = {seg: j for j, seg in enumerate(wanted)}
+    by_pair: dict[int, list[int]] = {}
+    for i, start in wanted:
+        by_pair.setdefault(i, []).append(start)
+    inp = target = None
+    encode_s = 0.0
+    for i in sorted(by_pair):
+        x, y = read_pair(plan.pairs[i])
+        starts = by_pair[i]
+        xs = torch.stack([x[s: s + plan.segment] for s in starts]).unsqueeze(1)  # (k, 1, samples)
+        ys = torch.stack([y[s: s + plan.segment] for s in starts]).unsqueeze(1)
+        t0 = time.perf_counter()
+        zx, zy = encode(model, xs), encode(model, ys)  # (k, 128, T)
+        encode_s += time.perf_counter() - t0
+        if inp is None:
+            inp, target = zx.new_empty(len(wanted), *zx.shape[1:]), zy.new_empty(len(wanted), *zy.shape[1:])
+        for k, s in enumerate(starts):
+            inp[slot[(i, s)]], target[slot[(i, s)]] = zx[k], zy[k]
+    return inp, target, encode_s
+
+
+def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str, Any]:
     codec = load_codec(cfg.codec)
-    clean, degraded = synth_pairs(cfg.n_train + cfg.n_val, cfg.seconds, cfg.seed)
-    t0 = time.perf_counter()
-    target, inp = encode(codec.model, clean), encode(codec.model, degraded)
-    encode_s = time.perf_counter() - t0
+    if listing is None:
+        clean, degraded = synth_pairs(cfg.n_train + cfg.n_val, cfg.seconds, cfg.seed)
+        t0 = time.perf_counter()
+        target, inp = encode(codec.model, clean), encode(codec.model, degraded)
+        encode_s = time.perf_counter() - t0
+        n_train = cfg.n_train
+        source = {"kind": "synthetic", "seed": cfg.seed, "segment_seconds": cfg.seconds,
+                  "segments": {"train": cfg.n_train, "val": cfg.n_val}}
+    else:
+        plan = _plan(cfg, listing, key)
+        inp, target, encode_s = _encode_folder(codec.model, plan)
+        n_train = len(plan.train)
+        source = plan.summary()
     quantizer = codec.model.quantizer
     if codec.info["weights"] == "random":
         # Zero codebooks until k-means: every code would be 0 and nothing could look collapsed.
-        calibrate_codebooks(quantizer, target[: cfg.n_train], cfg.codec.calib_codebooks, cfg.codec.seed)
+        calibrate_codebooks(quantizer, target[:n_train], cfg.codec.calib_codebooks, cfg.codec.seed)
     tensors = {"input": inp, "target": target}
     tensors.update({f"codebook.{k}": v for k, v in
                     quantizer_state(quantizer, cfg.codec.calib_codebooks).items()})
-    meta = {"codec": codec.info, "encode_s": encode_s, "audio_seconds": 2 * len(clean) * cfg.seconds,
-            "digest": _digest(tensors)}
+    meta = {"format": CACHE_FORMAT, "key": key, "source": source, "codec": codec.info, "n_train": n_train,
+            "n_val": len(inp) - n_train, "frames": inp.shape[-1], "encode_s": encode_s,
+            "audio_seconds": 2 * len(inp) * cfg.seconds, "created": time.time(), "digest": _digest(tensors)}
     return {"tensors": tensors, "meta": json.dumps(meta)}
 
 
@@ -103,12 +191,28 @@ def _load_entry(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _write_entry(path: Path, entry: dict[str, Any]) -> None:
+    """Write the entry and its sidecar atomically (temporary file, then rename); hold the lock."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(entry, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = json.loads(entry["meta"])
+    meta.pop("digest")
+    side = path.with_suffix(".json")
+    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, side)
+
+
 def load_latents(cfg: DataConfig) -> LatentData:
     """Encode (or read from the cache) the configured pairs and rescale them."""
-    root = cache_root(cfg) / "latents"
-    root.mkdir(parents=True, exist_ok=True)
-    key = cache_key(cfg)
-    path = root / f"{key}.pt"
+    listing = _listing(cfg)
+    key = cache_key(cfg, listing)
+    path = _entry_path(cfg, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
     hit = True
     entry = _load_entry(path)
     if entry is None:
@@ -116,14 +220,16 @@ def load_latents(cfg: DataConfig) -> LatentData:
             entry = _load_entry(path)  # another process may have written it while we waited
             if entry is None:
                 hit = False
-                entry = _build_entry(cfg)
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                torch.save(entry, tmp)
-                os.replace(tmp, path)
+                entry = _build_entry(cfg, listing, key)
+                _write_entry(path, entry)
     meta = json.loads(entry["meta"])
+    skipped = meta["source"].get("skipped") or []
+    if hit and skipped:  # the warnings were given when the entry was built; say it again, once
+        log.warning("%d bad file(s) skipped in %s (data.on_bad_file=skip): %s", len(skipped), cfg.path,
+                    "; ".join(f"{s['file']} {s['reason']}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
     t = entry["tensors"]
     inp, target = t["input"], t["target"]
-    n = cfg.n_train
+    n = meta["n_train"]
     raw_rms = {"input": inp[:n].pow(2).mean().sqrt().item(), "target": target[:n].pow(2).mean().sqrt().item()}
     random_weights = meta["codec"]["weights"] == "random"
     # A random-init encoder's conv biases put a constant per-channel offset on every frame: measured
@@ -137,9 +243,114 @@ def load_latents(cfg: DataConfig) -> LatentData:
     centered_rms = (target[:n] - center).pow(2).mean().sqrt().item()
     scale = 1.0 if rms == "off" else float(rms) / centered_rms
     codebook = CodeBook({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("codebook.")})
-    info = {"codec": meta["codec"], "raw_rms": raw_rms, "centered": centered,
+    info = {"source": meta["source"], "codec": meta["codec"], "raw_rms": raw_rms, "centered": centered,
             "offset_rms": center.pow(2).mean().sqrt().item(), "latent_rms": rms, "scale": scale,
             "cache": {"key": key, "hit": hit, "path": str(path)}, "encode_s": meta["encode_s"],
-            "frames": inp.shape[-1]}
+            "audio_seconds": meta["audio_seconds"], "frames": inp.shape[-1]}
     inp, target = (inp - center) * scale, (target - center) * scale
     return LatentData(inp[:n], target[:n], inp[n:], target[n:], scale, center, codebook, info)
+
+
+# --- stab data inspect ----------------------------------------------------------------------
+
+
+def code_usage(codes: torch.Tensor, size: int) -> dict[str, Any]:
+    """How much of a codebook the codes use: distinct codes and the entropy of their histogram
+    (bits; log2(size) if every code were equally used, 0 for one repeated code)."""
+    counts = torch.bincount(codes.reshape(-1), minlength=size).double()
+    p = counts[counts > 0] / counts.sum()
+    entropy = float(-(p * p.log2()).sum())
+    return {"used": int((counts > 0).sum()), "size": size, "entropy_bits": entropy,
+            "max_bits": math.log2(size), "perplexity": 2 ** entropy}
+
+
+def inspect_latents(cfg: DataConfig) -> dict[str, Any]:
+    """What `stab data inspect` prints: the source, latent RMS before and after centering and
+    rescaling, and the RVQ code usage of input and target latents (all segments)."""
+    data = load_latents(cfg)
+    n_q, size = data.codebook.embed.shape[:2]
+
+    def rms(z: torch.Tensor) -> float:
+        return z.pow(2).mean().sqrt().item()
+
+    usage: dict[str, list[dict[str, Any]]] = {}
+    for side, parts in (("input", (data.train_input, data.val_input)), ("target", (data.train_target, data.val_target))):
+        z = torch.cat(parts) / data.scale + data.center  # back to the codec's own space
+        codes = torch.cat([data.codebook.codes(z[i: i + 64], n_q=n_q).reshape(n_q, -1)
+                           for i in range(0, len(z), 64)], dim=1)  # (n_q, frames): chunks bound memory
+        usage[side] = [{"codebook": q, **code_usage(codes[q], size)} for q in range(n_q)]
+    info = data.info
+    return {**info, "segments": {"train": len(data.train_input), "val": len(data.val_input)},
+            "rms": {"raw": info["raw_rms"],
+                    "model": {"input": rms(data.train_input), "target": rms(data.train_target)}},
+            "codes": usage}
+
+
+# --- stab cache ls | clear --------------------------------------------------------------------
+
+
+@dataclass
+class CacheEntry:
+    key: str
+    path: Path
+    bytes: int
+    modified: float  # time.time() of the last write
+    meta: dict[str, Any] | None  # the sidecar (None: missing or unreadable)
+
+    def describe(self) -> str:
+        """One line: what the entry holds."""
+        m = self.meta
+        if not m:
+            return "?"
+        src, segs = m.get("source", {}), f"{m.get('n_train')}+{m.get('n_val')}"
+        secs = src.get("segment_seconds")
+        what = (f"folder {src.get('path')}: {src.get('pairs')} pairs, {segs} segments x {secs:g} s"
+                if src.get("kind") == "folder" else f"synthetic seed {src.get('seed')}: {segs} clips x {secs:g} s")
+        weights = m.get("codec", {}).get("weights", "?")
+        return f"{what}; EnCodec {Path(weights).name if '/' in str(weights) else weights}"
+
+
+def cache_entries(root: Path | None = None) -> list[CacheEntry]:
+    """The latent cache's entries, newest first."""
+    folder = (root or default_cache_root()) / "latents"
+    out = []
+    for p in folder.glob("*.pt") if folder.is_dir() else ():
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # cleared meanwhile
+            continue
+        try:
+            meta = json.loads(p.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            meta = None
+        out.append(CacheEntry(p.stem, p, st.st_size, st.st_mtime, meta))
+    return sorted(out, key=lambda e: -e.modified)
+
+
+def clear_cache(root: Path | None = None, keys: Iterable[str] = (), older_than_s: float | None = None
+                ) -> tuple[list[CacheEntry], list[CacheEntry]]:
+    """Remove entries: those whose key starts with one of `keys`, those older than `older_than_s`,
+    or (neither given) all. An entry another process holds the lock of (it is being written) is
+    left alone. Returns (removed, busy)."""
+    keys = list(keys)
+    now = time.time()
+    removed, busy = [], []
+    for e in cache_entries(root):
+        if keys and not any(e.key.startswith(k) for k in keys):
+            continue
+        if older_than_s is not None and now - e.modified < older_than_s:
+            continue
+        lock = FileLock(str(e.path) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            busy.append(e)
+            continue
+        try:
+            for p in (e.path, e.path.with_suffix(".json"), *e.path.parent.glob(f".{e.key}.*.tmp")):
+                p.unlink(missing_ok=True)
+        finally:
+            lock.release()
+        Path(str(e.path) + ".lock").unlink(missing_ok=True)
+        removed.append(e)
+    return removed, busy

@@ -6,26 +6,34 @@ LM) can bring its own data, loss and scream check without touching the loop.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stability.config import ModelConfig, RunConfig
+from stability.audio import write_listening
+from stability.charlm_workload import CharLMWorkload, load_split
+from stability.config import CharLMConfig, ModelConfig, RunConfig
+from stability.codec import load_codec
 from stability.data import load_latents
 from stability.detectors import mean_scores, scream_check
 from stability.models.cascade import Cascade
+from stability.models.charlm import CharLM
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The configured model (by `model.name`); a model exposes `module_groups()`."""
+def build_model(cfg: ModelConfig | CharLMConfig) -> nn.Module:
+    """The configured model (by `model.name`); a model exposes `module_groups()`. The char LM's
+    vocabulary comes from its data: built here, without data, it has a placeholder vocabulary."""
     if cfg.name == "cascade":
         return Cascade(cfg)
+    if cfg.name == "charlm":
+        return CharLM(cfg)
     raise ValueError(f"Unsupported model: {cfg.name!r}")
 
 
-def make_workload(cfg: RunConfig, device: torch.device) -> "CascadeWorkload":
+def make_workload(cfg: RunConfig, device: torch.device) -> "CascadeWorkload | CharLMWorkload":
     """The workload (data + model + loss + scream check) for `model.name`.
 
     A workload provides: model, info (dict, written to data.json), n_train, batch(idx),
@@ -34,7 +42,17 @@ def make_workload(cfg: RunConfig, device: torch.device) -> "CascadeWorkload":
     """
     if cfg.model.name == "cascade":
         return CascadeWorkload(cfg, device)
+    if cfg.model.name == "charlm":
+        return CharLMWorkload(cfg, device)
     raise ValueError(f"Unsupported model: {cfg.model.name!r}")
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Data checks that need more than the config's values (a file's contents), before any
+    work: raises ConfigError naming the bad key. The char LM's text must exist, be UTF-8 and be
+    long enough for this configuration."""
+    if cfg.model.name == "charlm":
+        load_split(cfg)
 
 
 class CascadeWorkload:
@@ -100,3 +118,22 @@ class CascadeWorkload:
         self.model.train(was_training)
         return {"val_loss": val_loss, "collapsed": screamed, "scores": scores,
                 "target_scores": self.target_scores, "codes_head": [c[:32] for c in codes]}
+
+    @torch.no_grad()
+    def listen(self, epoch: int, run_dir: Path) -> dict[str, Any]:
+        """At `listen` epochs, the output for the first validation items decoded by EnCodec to
+        RUN/audio/epoch{E}_item{i}_output.wav, next to item{i}_input.wav and item{i}_target.wav.
+        Returns {"audio": [paths relative to the run folder]} for the epoch record, or {}."""
+        if not self.cfg.listen.at(epoch):
+            return {}
+        if getattr(self, "_codec", None) is None:  # the decoder is loaded only to listen (~2 s)
+            self._codec = load_codec(self.cfg.data.codec)
+        k = min(self.cfg.listen.items, len(self.val_input))
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model(self.val_input[:k], self.val_target[:k]).float()
+        self.model.train(was_training)
+        refs = None if getattr(self, "_listened", False) else \
+            {"input": self.to_codec(self.val_input[:k]), "target": self.to_codec(self.val_target[:k])}
+        self._listened = True
+        return write_listening(self._codec.model, run_dir, epoch, self.to_codec(out), refs)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from stability.config import ModelConfig
-from stability.models.layers import Stack, init_weights, sinusoidal_positions
+from stability.models.layers import Stack, init_weights, sinusoidal_positions, stabilizers
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class Stage(nn.Module):
         self.residual = cfg.residual[i]
         self.in_proj = nn.Linear(2 * C, d)
         self.stack = Stack(d, cfg.n_layers[i], cfg.n_heads[i], cfg.mlp_ratio, cfg.norm,
-                           cfg.norm_type, cfg.final_norm, causal=False)
+                           cfg.norm_type, cfg.final_norm, causal=False, **stabilizers(cfg))
         self.output_proj = nn.Linear(d, C)
         self.rms_match = RMSMatch(cfg.rms_match, *cfg.rms_clamp)
 

@@ -1,0 +1,290 @@
+"""Folder datasets: paired recordings read with soundfile, made 24 kHz mono, cut into segments.
+
+    DIR/input/NAME.wav   <->   DIR/target/NAME.flac     paired by NAME (subfolders allowed);
+                                                         any format libsndfile reads, any rate,
+                                                         any channel count
+
+Every file is decoded and checked before anything is encoded or trained: unpaired names, a
+missing or empty folder, unreadable or truncated files, NaN or inf samples, empty files,
+all-silent pairs, pairs of different lengths and pairs shorter than one segment each raise a
+`DataError` naming the file (`on_bad="error"`), or are skipped with a warning (`on_bad="skip"`).
+
+    listing = scan_folder("pairs")                       # names, sizes, mtimes: no decoding
+    plan = plan_folder(listing, seconds=2.0, n_train=None, n_val=8, seed=0, on_bad="error")
+    inp, target = read_pair(plan.pairs[0])               # (samples,) each, 24 kHz mono
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from stability.codec import decode
+
+SAMPLE_RATE = 24_000  # EnCodec 24 kHz
+SILENT_PEAK = 1e-4  # -80 dBFS: a pair whose input and target both stay below this is silent
+LENGTH_TOLERANCE_S = 0.01  # input and target may differ by resampling round-off, not by more
+# Suffixes of the formats this libsndfile reads (RAW has no header: it cannot be read unaided).
+AUDIO_SUFFIXES = frozenset(
+    {f".{name.lower()}" for name in sf.available_formats() if name != "RAW"}
+    | {".aif", ".aifc", ".oga", ".opus", ".snd", ".sph"})
+
+log = logging.getLogger("stab.audio")
+
+
+class DataError(ValueError):
+    """The data folder, or a file in it, cannot be used. The message names the file."""
+
+
+class BadFile(Exception):
+    """One file or pair is unusable: `what` names it (relative to the data folder)."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what} {reason}")
+        self.what, self.reason = what, reason
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    path: Path  # absolute
+    rel: str  # relative to the data folder, e.g. "input/a.wav": what messages name
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Listing:
+    """What `scan_folder` found, without decoding anything."""
+
+    root: Path
+    pairs: list[tuple[str, AudioFile, AudioFile]]  # (NAME, input, target), sorted by NAME
+    bad: list[tuple[str, str]]  # (file, reason): unpaired or ambiguous names
+    ignored: list[str]  # files whose suffix is not an audio format
+
+    def fingerprint(self) -> list[list[Any]]:
+        """Every paired file's name, size and mtime: what the latent cache is keyed by."""
+        return [[f.rel, f.size, f.mtime_ns] for _, i, t in self.pairs for f in (i, t)]
+
+
+@dataclass
+class Pair:
+    name: str
+    input: AudioFile
+    target: AudioFile
+    samples: int  # common length at 24 kHz (the longer file is cut to it)
+    source: dict[str, Any]  # original rate and channels of each file
+
+
+@dataclass
+class FolderPlan:
+    """The usable pairs and which segments of them go to training and validation."""
+
+    root: Path
+    seconds: float
+    segment: int  # samples per segment at 24 kHz
+    pairs: list[Pair]
+    train: list[tuple[int, int]]  # (pair index, first sample)
+    val: list[tuple[int, int]]
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"}
+    ignored: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """What data.json and `stab data inspect` report about the source."""
+        rates = sorted({p.source[k]["rate"] for p in self.pairs for k in ("input", "target")})
+        channels = sorted({p.source[k]["channels"] for p in self.pairs for k in ("input", "target")})
+        return {"kind": "folder", "path": str(self.root), "pairs": len(self.pairs),
+                "audio_seconds": sum(p.samples for p in self.pairs) / SAMPLE_RATE,
+                "segment_seconds": self.seconds, "segments": {"train": len(self.train), "val": len(self.val)},
+                "val_files": sorted({self.pairs[i].name for i, _ in self.val}),
+                "source_rates": rates, "source_channels": channels,
+                "skipped": self.skipped, "ignored": self.ignored}
+
+
+def scan_folder(path: str | Path) -> Listing:
+    """Pair DIR/input/NAME.* with DIR/target/NAME.*; raises DataError if there is nothing to pair."""
+    root = Path(path).expanduser().resolve()
+    hint = "expected a folder holding input/NAME.wav and target/NAME.wav (data=folder data.path=DIR)"
+    if not root.is_dir():
+        raise DataError(f"data.path={str(path)!r}: no such folder; {hint}")
+    sides: dict[str, dict[str, list[AudioFile]]] = {}
+    ignored: list[str] = []
+    for side in ("input", "target"):
+        folder = root / side
+        if not folder.is_dir():
+            raise DataError(f"data.path={str(path)!r}: there is no {side}/ folder in it; {hint}")
+        by_name: dict[str, list[AudioFile]] = {}
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
+                continue  # hidden files (.DS_Store, editors' swap files) and folders
+            if p.suffix.lower() not in AUDIO_SUFFIXES:
+                ignored.append(rel)
+                continue
+            st = p.stat()
+            name = p.relative_to(folder).with_suffix("").as_posix()
+            by_name.setdefault(name, []).append(AudioFile(p, rel, st.st_size, st.st_mtime_ns))
+        if not by_name:
+            others = f" (ignored, not audio: {', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})" \
+                if ignored else ""
+            raise DataError(f"data.path={str(path)!r}: {side}/ holds no audio files{others}; {hint}")
+        sides[side] = by_name
+    bad: list[tuple[str, str]] = []
+    pairs = []
+    inputs, targets = sides["input"], sides["target"]
+    for name in sorted(inputs.keys() | targets.keys()):
+        files = inputs.get(name, []) + targets.get(name, [])
+        if len(inputs.get(name, [])) > 1 or len(targets.get(name, [])) > 1:
+            bad.append((files[0].rel, f"is ambiguous: {', '.join(f.rel for f in files)} share the name {name!r}"))
+        elif name not in targets:
+            bad.append((files[0].rel, f"has no partner target/{name}.* to pair with"))
+        elif name not in inputs:
+            bad.append((files[0].rel, f"has no partner input/{name}.* to pair with"))
+        else:
+            pairs.append((name, inputs[name][0], targets[name][0]))
+    return Listing(root, pairs, bad, ignored)
+
+
+def _truncation(info: Any, frames_read: int) -> str | None:
+    """Why libsndfile's own log or frame count says the file was cut short, or None."""
+    log_text = info.extra_info or ""
+    m = re.search(r"^data\s*:\s*(\d+) \(should be (\d+)\)", log_text, re.M)
+    # 0 and 0xFFFFFFFF are what streaming writers (ffmpeg or sox to a pipe) leave in the header.
+    if m and int(m[1]) > int(m[2]) and int(m[1]) not in (0, 0xFFFFFFFF):
+        return f"its header declares {m[1]} bytes of samples, the file holds {m[2]}"
+    if "lacks an end-of-stream" in log_text:
+        return "its last Ogg page lacks the end-of-stream flag"
+    if 0 < frames_read < info.frames:
+        return f"it holds {frames_read} of the {info.frames} frames its header declares"
+    return None
+
+
+def read_audio(f: AudioFile) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Decode one file to 24 kHz mono float32 (samples,), checking it on the way; raises BadFile."""
+    try:
+        info = sf.info(str(f.path))
+        data, rate = sf.read(str(f.path), dtype="float32", always_2d=True)  # (frames, channels)
+    except Exception as e:  # libsndfile: unknown format, broken header, decoder lost sync; OSError
+        raise BadFile(f.rel, f"cannot be decoded, unreadable or truncated ({str(e).strip()})") from None
+    if len(data) == 0:
+        raise BadFile(f.rel, "is empty (0 samples)")
+    cut = _truncation(info, len(data))
+    if cut:
+        raise BadFile(f.rel, f"is truncated: {cut}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        first = int(np.argwhere(~finite)[0][0])
+        raise BadFile(f.rel, f"contains NaN or inf samples (the first at {first / rate:.3f} s)")
+    stats = {"rate": int(rate), "channels": int(data.shape[1]), "peak": float(np.abs(data).max())}
+    mono = torch.from_numpy(data).mean(dim=1)  # downmix before resampling: 1 channel to filter
+    if rate != SAMPLE_RATE:
+        mono = AF.resample(mono, int(rate), SAMPLE_RATE)  # windowed-sinc, torchaudio's defaults
+    return mono, stats
+
+
+def _check_pair(name: str, fi: AudioFile, ft: AudioFile, segment: int) -> tuple[Pair, torch.Tensor, torch.Tensor]:
+    x, sx = read_audio(fi)
+    y, sy = read_audio(ft)
+    both = f"{fi.rel} and {ft.rel}"
+    if max(sx["peak"], sy["peak"]) < SILENT_PEAK:
+        raise BadFile(both, f"are both silent (peak below {20 * np.log10(SILENT_PEAK):.0f} dBFS)")
+    if abs(len(x) - len(y)) > LENGTH_TOLERANCE_S * SAMPLE_RATE:
+        raise BadFile(both, f"differ in length ({len(x) / SAMPLE_RATE:.3f} s and {len(y) / SAMPLE_RATE:.3f} s); "
+                            f"paired files must be time-aligned")
+    n = min(len(x), len(y))
+    if n < segment:
+        raise BadFile(both, f"are {n / SAMPLE_RATE:.2f} s long, shorter than one segment "
+                            f"(data.seconds={segment / SAMPLE_RATE:g}); lower data.seconds")
+    source = {"input": {k: sx[k] for k in ("rate", "channels")}, "target": {k: sy[k] for k in ("rate", "channels")}}
+    return Pair(name, fi, ft, n, source), x[:n], y[:n]
+
+
+def read_pair(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair's input and target, 24 kHz mono, cut to their common length."""
+    try:
+        (x, _), (y, _) = read_audio(pair.input), read_audio(pair.target)
+    except BadFile as e:
+        raise DataError(f"{e.what} changed since it was checked: it now {e.reason}") from None
+    if min(len(x), len(y)) < pair.samples:
+        raise DataError(f"{pair.input.rel} and {pair.target.rel} changed since they were checked: "
+                        f"now shorter than {pair.samples / SAMPLE_RATE:.2f} s")
+    return x[: pair.samples], y[: pair.samples]
+
+
+def plan_folder(listing: Listing, seconds: float, n_train: int | None, n_val: int, seed: int,
+                on_bad: str = "error") -> FolderPlan:
+    """Decode and check every pair, then split their segments into training and validation.
+
+    The split is by file where it can be: the pairs are put in a seeded order and their segments
+    taken in that order, the first `n_val` for validation, so at most one file has segments on
+    both sides. `n_train` (None: all) keeps a seeded subset of the rest.
+    """
+    root = listing.root
+    segment = int(round(seconds * SAMPLE_RATE))
+    skipped: list[dict[str, str]] = []
+
+    def reject(what: str, reason: str) -> None:
+        if on_bad == "error":
+            raise DataError(f"data.path={str(root)!r}: {what} {reason}; fix or remove it, or pass "
+                            f"data.on_bad_file=skip to skip bad files with a warning")
+        log.warning("skipping %s: %s (data.on_bad_file=skip)", what, reason)
+        skipped.append({"file": what, "reason": reason})
+
+    for what, reason in listing.bad:
+        reject(what, reason)
+    pairs = []
+    for name, fi, ft in listing.pairs:
+        try:
+            pairs.append(_check_pair(name, fi, ft, segment)[0])
+        except BadFile as e:
+            reject(e.what, e.reason)
+    total = sum(p.samples // segment for p in pairs)
+    if total < n_val + 1:
+        raise DataError(f"data.path={str(root)!r}: {len(pairs)} usable pair(s) give {total} segment(s) of "
+                        f"data.seconds={seconds:g}, fewer than data.n_val={n_val} for validation plus 1 for "
+                        f"training; add audio or lower data.seconds or data.n_val"
+                        + (f" ({len(skipped)} skipped)" if skipped else ""))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    segments = [(i, k * segment) for i in order for k in range(pairs[i].samples // segment)]
+    val, train = segments[:n_val], segments[n_val:]
+    if n_train is not None and n_train < len(train):
+        keep = torch.randperm(len(train), generator=g)[:n_train].tolist()
+        train = [train[j] for j in keep]
+    return FolderPlan(root, seconds, segment, pairs, sorted(train), val, skipped, listing.ignored)
+
+
+def write_wav(path: Path, audio: torch.Tensor, rate: int = SAMPLE_RATE) -> None:
+    """(samples,) or (1, samples) float audio -> a 32-bit float WAV (no clipping, level kept)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    sf.write(str(tmp), audio.detach().reshape(-1).cpu().float().numpy(), rate, subtype="FLOAT", format="WAV")
+    tmp.replace(path)
+
+
+def write_listening(model: Any, run_dir: Path, epoch: int, output: torch.Tensor,
+                    refs: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Decode latents (items, 128, T), in the codec's own space, with EnCodec's decoder and write
+    RUN/audio/epoch{E}_item{i}_output.wav; `refs` ({"input": ..., "target": ...}) are written as
+    item{i}_{name}.wav. Returns {"audio": [written paths, relative to run_dir]}, plus
+    "audio_nonfinite": [items] for outputs that cannot be heard because they hold NaN or inf."""
+    nonfinite = [i for i in range(len(output)) if not torch.isfinite(output[i]).all()]
+    jobs = [(f"epoch{epoch}_item{{}}_output", output, [i for i in range(len(output)) if i not in nonfinite])]
+    jobs += [(f"item{{}}_{name}", latents, list(range(len(latents)))) for name, latents in (refs or {}).items()]
+    written: list[str] = []
+    for pattern, latents, items in jobs:
+        if not items:
+            continue
+        audio = decode(model, latents[items])  # (items, 1, 320 T)
+        for i, wav in zip(items, audio):
+            rel = f"audio/{pattern.format(i)}.wav"
+            write_wav(run_dir / rel, wav)
+            written.append(rel)
+    return {"audio": written, **({"audio_nonfinite": nonfinite} if nonfinite else {})}

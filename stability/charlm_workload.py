@@ -1,0 +1,138 @@
+"""The char-LM workload: text data, the character LM, its loss and the text scream check.
+
+Same interface as the cascade's (see `workload.make_workload`), so the instrumented loop
+trains it unchanged. Training examples are the non-overlapping windows of `model.context + 1`
+characters of the training text (input: the first `context`, target: the last `context`).
+
+Scream check, at each epoch end: greedy continuations of `detect.scream.gen_chars` characters
+from `detect.scream.items` fixed prompts (`prompt_chars` characters of validation text each).
+The continuations are scored (dominant-character share, longest run, distinct-n, seq-rep-n,
+the share of the short loop they end in) and compared with the same scores of the real text
+that follows each prompt. Collapsed = degenerate while the real text is not. The generated
+text is returned under "samples" and lands in epochs.jsonl and samples.txt.
+
+    stab run model=charlm preset=smoke norm=post train.lr=3e-2
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from stability.config import RunConfig
+from stability.detectors import loop_share, mean_scores, scream_check
+from stability.models.charlm import CharLM, lm_loss
+from stability.text import TextSplit, check_sizes, read_source, split_text
+
+HEALTH_WINDOWS = 8  # validation windows the health probe's forward and backward use
+
+
+def load_split(cfg: RunConfig) -> TextSplit:
+    """Read and split the configured text; `ConfigError` (naming data.path) if it cannot serve
+    this configuration. Cheap to call twice: the corpus and files are cached per process."""
+    text, info = read_source(cfg.data)
+    split = split_text(text, cfg.data, info)
+    sc = cfg.detect.scream
+    check_sizes(split, cfg.data, cfg.model.context, cfg.train.batch_size,
+                need_val=max(cfg.model.context + 1, sc.prompt_chars + sc.gen_chars))
+    return split
+
+
+def windows(ids: torch.Tensor, context: int) -> torch.Tensor:
+    """Non-overlapping (context + 1)-character windows with stride `context`: (N, context + 1)."""
+    return ids.unfold(0, context + 1, context)
+
+
+def prompt_starts(val: torch.Tensor, n: int, span: int, space_ids: set[int]) -> list[int]:
+    """`n` evenly spaced offsets in the validation text, each moved just past a whitespace
+    character when one is near, so prompts start at a word."""
+    last = len(val) - span
+    starts = []
+    for k in range(n):
+        s = round(k * last / max(1, n - 1)) if n > 1 else 0
+        for j in range(s, min(s + 64, last)):
+            if int(val[j]) in space_ids:
+                s = j + 1
+                break
+        starts.append(min(s, last))
+    return starts
+
+
+class CharLMWorkload:
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        split = load_split(cfg)
+        self.tokenizer = tok = split.tokenizer
+        T = cfg.model.context
+        self.model: nn.Module = CharLM(cfg.model, vocab_size=len(tok)).to(device)
+        self.train_windows = windows(split.train, T).to(device)  # (N, T + 1)
+        self.val_windows = windows(split.val, T)[:cfg.data.n_val].to(device)  # (n_val, T + 1)
+
+        sc = cfg.detect.scream
+        P, G = sc.prompt_chars, sc.gen_chars
+        spaces = {i for i, c in enumerate(tok.chars) if c.isspace()}
+        starts = prompt_starts(split.val, sc.items, P + G, spaces)
+        self.prompts = torch.stack([split.val[s:s + P] for s in starts]).to(device)  # (items, P)
+        references = [split.val[s + P:s + P + G].tolist() for s in starts]  # the real continuations
+        self.target_scores = self._scores(references)
+        self.info: dict[str, Any] = {
+            **split.info, "train_windows": len(self.train_windows), "val_windows": len(self.val_windows),
+            "prompts": [tok.decode(p.tolist()) for p in self.prompts],
+            "references": [tok.decode(r) for r in references]}
+
+    def _scores(self, rows: list[list[int]]) -> dict[str, float]:
+        sc = self.cfg.detect.scream
+        scores = mean_scores(rows, sc.n)
+        scores["loop"] = float(sum(loop_share(r, sc.loop_period) for r in rows) / len(rows))
+        return scores
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_windows)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.train_windows[idx.to(self.device)]  # (B, T + 1)
+        return w[:, :-1], w[:, 1:]
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return lm_loss(self.model(x), y, self.cfg.model.z_loss)  # the one place z_loss is read
+
+    def module_groups(self) -> dict[str, list[nn.Module]]:
+        return self.model.module_groups()
+
+    def rms_matchers(self) -> list[Any]:
+        return []  # no stages, no RMS matching
+
+    def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
+        return self.model.health_layers()
+
+    def health_loss(self) -> torch.Tensor:
+        """The loss on the first validation windows, for the health probe."""
+        w = self.val_windows[:HEALTH_WINDOWS]
+        return self.loss((w[:, :-1], w[:, 1:]))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss (cross-entropy only, comparable across z_loss) and the scream check."""
+        was_training = self.model.training
+        self.model.eval()
+        sc = self.cfg.detect.scream
+        w = self.val_windows
+        val_loss = lm_loss(self.model(w[:, :-1]), w[:, 1:]).item()  # host sync: once per epoch
+        if math.isfinite(val_loss):
+            out = self.model.generate(self.prompts, sc.gen_chars)[:, self.prompts.shape[1]:]  # (items, G)
+            rows = out.tolist()
+            scores = self._scores(rows)
+            screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run, sc.loop)
+            samples = [{"prompt": self.tokenizer.decode(p.tolist()), "output": self.tokenizer.decode(r)}
+                       for p, r in zip(self.prompts, rows)]
+        else:  # non-finite weights: argmax over NaN logits would fake a collapse
+            scores, screamed, samples = {}, None, []
+        self.model.train(was_training)
+        return {"val_loss": val_loss, "collapsed": screamed, "scores": scores,
+                "target_scores": self.target_scores, "samples": samples}
