@@ -44,6 +44,9 @@ def report(
         shares = rep.factor_display(result.summary)
         console.print(frame_table(shares, title="by factor: share of runs per verdict, median last finite grad norm",
                                   markup={v: _share(v) for v in shares.columns if v in rep.VERDICTS}))
+    if result.lr_table is not None:
+        console.print(frame_table(rep.lr_display(result.lr_table), title="learning-rate sensitivity (Wortsman et al. 2023): "
+                                                         "mean over the LR grid of loss above the best; smaller is flatter"))
     for rel, w in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(rel)}: {escape(w)}", highlight=False, soft_wrap=True)
     console.print(f"wrote {', '.join(str(p.relative_to(result.out)) for p in result.files[:3])} and "

@@ -55,24 +55,41 @@ def show(
                                   row_styles=["red" if g == nan_module else None for g in table["group"]]))
     if r.epochs:
         console.print(frame_table(_fmt_frame(rep.epoch_frame(r)), title="epochs"))
-        console.print(frame_table(_fmt_frame(rep.stage_frame(r)),
-                                  title="stages: output RMS, ratio the RMS match needed, scale applied (clamped), share of steps clamped"))
+        if any(e.get("stage_rms") for e in r.epochs):
+            console.print(frame_table(_fmt_frame(rep.stage_frame(r)),
+                                      title="stages: output RMS, ratio the RMS match needed, scale applied (clamped), share of steps clamped"))
+        health = [{"epoch": e["epoch"], **e["health_summary"]} for e in r.epochs if e.get("health_summary")]
+        if health:
+            console.print(frame_table(_fmt_frame(pd.DataFrame(health)),
+                                      title="health on the validation batch: min attention entropy, max logit, "
+                                            "max sink score, layers with a sink (> 0.3), massive activations, gradient sink"))
+        last_samples = next((e["samples"] for e in reversed(r.epochs) if e.get("samples")), None)
+        if last_samples:
+            console.print(f"[bold]generated text[/] (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in samples.txt):")
+            for smp in last_samples:
+                console.print(f"  {escape(repr(smp['prompt']))} -> {escape(repr(smp['output'][:160]))}", highlight=False)
+        audio = [a for e in r.epochs for a in (e.get("audio") or [])]
+        if audio:
+            console.print("[bold]audio[/] (decoded with the EnCodec decoder): "
+                          + ", ".join(escape(str(a)) for a in audio), highlight=False, soft_wrap=True)
     events = rep.events_frame(r)
     console.print(frame_table(_fmt_frame(events), title="events") if not events.empty else "events: none")
 
     codec = s.get("codec") or r.data.get("codec") or {}
     cache = r.data.get("cache") or {}
-    console.print(f"codec: weights {codec.get('weights', '?')}  seed {fmt(codec.get('seed'))}  "
-                  f"checksum {fmt(codec.get('checksum'))}   latent RMS {fmt(r.data.get('latent_rms'))}  "
-                  f"scale x{fmt(s.get('latent_scale', r.data.get('scale')))}   "
-                  f"cache {'hit' if cache.get('hit') else 'miss' if cache else '?'} {cache.get('key', '')}",
-                  highlight=False)
+    if codec:
+        console.print(f"codec: weights {codec.get('weights', '?')}  seed {fmt(codec.get('seed'))}  "
+                      f"checksum {fmt(codec.get('checksum'))}   latent RMS {fmt(r.data.get('latent_rms'))}  "
+                      f"scale x{fmt(s.get('latent_scale', r.data.get('scale')))}   "
+                      f"cache {'hit' if cache.get('hit') else 'miss' if cache else '?'} {cache.get('key', '')}",
+                      highlight=False)
 
     if r.config is None:
         console.print("config: no readable config.yaml")
         return
     try:
-        defaults = compose_run([]).to_dict()
+        model = (r.config.get("model") or {}).get("name", "cascade")
+        defaults = compose_run([f"model={model}"]).to_dict()  # the defaults of this run's own workload
     except (UserError, ConfigError) as e:  # a broken conf/ must not hide the run itself
         err_console.print(f"[yellow]warning:[/] cannot compose the default config to compare with: {escape(str(e))}",
                           highlight=False, soft_wrap=True)

@@ -33,6 +33,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from stability.config import OPERATIONAL_KEYS
+from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.storage import atomic_write_text, read_jsonl
 
 RUN_MARKERS = ("status.json", "summary.json", "config.yaml")
@@ -586,9 +587,10 @@ def event_text(ev: dict[str, Any]) -> str:
     f = format_number
     if kind == "first_nan":
         return (f"non-finite {ev.get('kind', '?')} first in {ev.get('module', '?')} ({ev.get('where', '?')}); "
-                f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}")
-    if kind == "grad_spike":
-        return f"grad norm {f(ev.get('grad_norm'))}"
+                f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}"
+                + (f"; batch and state saved: stab replay {ev['forensics']}" if ev.get("forensics") else ""))
+    if kind in ("grad_spike", "loss_spike"):
+        return f"{'grad norm' if kind == 'grad_spike' else 'loss'} {f(ev.get('value', ev.get('grad_norm')))}"
     if kind == "clamp_saturation":
         return f"stage {ev.get('stage')}: needed ratio {f(ev.get('ratio'))}, clamped to {f(ev.get('scale'))}"
     if kind == "scream":
@@ -799,6 +801,7 @@ class Report:
     summary: pd.DataFrame  # factor_summary, numbers
     files: list[Path]
     heatmaps: dict[str, Path]  # run.rel -> PNG
+    lr_table: pd.DataFrame | None = None  # LR sensitivity per configuration, when the LR was swept
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
@@ -839,13 +842,44 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     files += heatmaps.values()
     write_csv(table, out / "runs.csv")
     write_csv(summary, out / "factors.csv")
-    atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps))
-    files = [out / "report.md", out / "runs.csv", out / "factors.csv", *files]
-    return Report(root, out, runs, keys, over, table, summary, files, heatmaps)
+    lr_table = lr_summary(runs, keys)
+    extra = []
+    if lr_table is not None:
+        write_csv(lr_table, out / "lr_sensitivity.csv")
+        extra.append(out / "lr_sensitivity.csv")
+    atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table))
+    files = [out / "report.md", out / "runs.csv", out / "factors.csv", *extra, *files]
+    return Report(root, out, runs, keys, over, table, summary, files, heatmaps, lr_table)
+
+
+def lr_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame | None:
+    """Wortsman et al.'s LR sensitivity per configuration of the other factors, when the
+    completed runs cover more than one learning rate; None otherwise."""
+    done = [r for r in runs if r.config and r.summary.get("verdict") not in (None, "failed")]
+    others = [k for k in keys if k not in ("train.lr", "lr")]
+    frame = pd.DataFrame([{**{k: factor_value(r, k) for k in others}, "train.lr": r.config["train"]["lr"],
+                           "initial_loss": initial_loss(r.path), "final_loss": _float(r.summary.get("final_loss"))}
+                          for r in done])
+    if frame.empty or not varies_lr(frame):
+        return None
+    return lr_sensitivity(frame, factors=others)
+
+
+def lr_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The LR-sensitivity table for reading: 3 significant digits, the LR grid as text."""
+    shown = table.copy()
+    for col in ("best_lr", "best_final_loss", "lr_sensitivity"):
+        if col in shown:
+            shown[col] = shown[col].map(format_number)
+    if "lrs" in shown:
+        shown["lrs"] = shown["lrs"].map(lambda v: ", ".join(format_number(float(x)) for x in v)
+                                        if isinstance(v, (list, tuple)) else str(v))
+    return shown
 
 
 def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], names: dict[str, str],
-              over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path]) -> str:
+              over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path],
+              lr_table: pd.DataFrame | None = None) -> str:
     seen = sorted({r.verdict for r in runs}, key=lambda v: (VERDICTS.index(v) if v in VERDICTS else len(VERDICTS), v))
     counts = {v: sum(r.verdict == v for r in runs) for v in seen}
     parts = [f"# Stability report: `{root}`\n",
@@ -864,6 +898,11 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], n
         parts += ["## By factor\n", "Share of runs per verdict for each value of each factor (across all other "
                   "factors), and the median over those runs of the last finite epoch-mean gradient norm.\n",
                   markdown_table(factor_display(summary))]
+    if lr_table is not None:
+        parts += ["## Learning-rate sensitivity\n", "Per configuration of the other factors: the mean over the LR "
+                  "grid of min(final loss, initial loss) minus the best final loss (Wortsman et al. 2023, "
+                  "arXiv 2309.14322). 0: every LR reached the best loss; smaller is flatter.\n",
+                  markdown_table(lr_display(lr_table))]
     rel_plots = os.path.relpath(out / PLOTS, out)
     parts += ["## Gradient norm per epoch\n", f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n"]
     if heatmaps:

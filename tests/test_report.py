@@ -262,3 +262,20 @@ def test_report_library_imports_no_cli_or_config_framework():
     code = ("import sys, stability.report; bad = [m for m in ('typer', 'rich', 'hydra', 'omegaconf') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_report_adds_lr_sensitivity_when_the_sweep_varies_the_learning_rate(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    runner = CliRunner()
+    swept = runner.invoke(app, ["sweep", "--runs", str(tmp_path), "--name", "lr", "model=charlm", "preset=smoke",
+                                "train.lr=1e-3,1e-2", "train.threads=1"])
+    assert swept.exit_code == 0, swept.output
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "learning-rate sensitivity" in result.output
+    table = pd.read_csv(tmp_path / "lr_sensitivity.csv")
+    assert len(table) == 1 and table.loc[0, "n_lr"] == 2
+    assert table.loc[0, "lr_sensitivity"] >= 0.0  # mean loss above the best LR's: never negative
+    assert "## Learning-rate sensitivity" in (tmp_path / "report.md").read_text()
