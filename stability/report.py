@@ -451,18 +451,29 @@ def overview(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
         row.update({
             "verdict": r.verdict,
             "first NaN": first_nan_text(r.first_nan),
+            # warning time: steps between the first grad/loss spike and the first NaN
+            "spike lead": f"{r.summary['spike_lead_steps']} steps" if r.summary.get("spike_lead_steps") is not None else "-",
             "scream": f"e{scream}" if scream is not None else "-",
-            "grad norm per epoch (mean)": _series_text(r.series("grad_norm_by_epoch")),
-            "last epoch max": format_number(maxes[-1]) if maxes else "-",
+            "grad norm per epoch": _series_text(r.series("grad_norm_by_epoch")),
+            "max, last epoch": format_number(maxes[-1]) if maxes else "-",
             "final loss": format_number(r.final_loss),
+            "max attn logit": format_number(_health(r).get("attn_logit_max")),
             "wall": _duration(wall),
         })
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    optional = [c for c in ("spike lead", "max attn logit") if c in frame and (frame[c] == "-").all()]
+    return frame.drop(columns=optional)  # columns with nothing to say for these runs
 
 
+def _health(run: Run) -> dict[str, Any]:
+    """The last evaluated epoch's health summary (attention entropy, max logit, sinks, ...)."""
+    return next((e["health_summary"] for e in reversed(run.epochs) if e.get("health_summary")), {})
+
+
+_HEALTH_FIELDS = ("attn_entropy_min", "attn_logit_max", "sink_max", "sink_layers", "massive_max", "grad_sink_max")
 _SUMMARY_FIELDS = ("evidence", "scream_epoch", "final_loss", "final_val_loss", "growth_per_epoch",
-                   "first_spike_step", "n_spikes", "clip_rate", "nonfinite_steps", "epochs_run", "steps",
+                   "first_spike_step", "spike_lead_steps", "n_grad_spikes", "n_loss_spikes", "clip_rate", "nonfinite_steps", "epochs_run", "steps",
                    "stopped_early", "latent_scale", "device", "wall_s")
 _NAN_FIELDS = ("epoch", "batch", "step", "kind", "module", "where", "loss", "grad_norm")
 
@@ -493,6 +504,8 @@ def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
         codec = r.summary.get("codec") or r.data.get("codec") or {}
         row.update({f"codec_{k}": codec.get(k) for k in ("weights", "seed", "checksum")})
         row["steps_recorded"] = r.steps_recorded
+        health = _health(r)
+        row.update({f"health_{k}": health.get(k) for k in _HEALTH_FIELDS})
         for key, name in (("grad_norm_by_epoch", "grad_mean"), ("grad_norm_max_by_epoch", "grad_max"),
                           ("loss_by_epoch", "loss"), ("val_loss_by_epoch", "val_loss")):
             s = r.series(key)

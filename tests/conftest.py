@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("STAB_WIDTH", "200")  # before cli.common creates its consoles
+os.environ.setdefault("STAB_WIDTH", "260")  # before cli.common creates its consoles
 
 from typer.testing import CliRunner  # noqa: E402
 

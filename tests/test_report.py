@@ -85,7 +85,7 @@ def test_report_prints_one_row_per_run_with_the_overrides_that_differ(runs, repo
         d = runs / "grid" / f"norm={row['norm']},preset=smoke,residual={row['residual']}"
         summary = read_json(d / "summary.json")
         assert row["verdict"] == summary["verdict"]
-        assert row["grad norm per epoch (mean)"].split() == [f"{g:.3g}" for g in summary["grad_norm_by_epoch"]]
+        assert row["grad norm per epoch"].split() == [f"{g:.3g}" for g in summary["grad_norm_by_epoch"]]
         assert row["final loss"] == f"{summary['final_loss']:.3g}"
 
     nan_dir = by_summary(runs, "nan")
@@ -93,7 +93,7 @@ def test_report_prints_one_row_per_run_with_the_overrides_that_differ(runs, repo
     nan_row = next(r for r in table if r["fault.nan_at_step"] == "6")
     assert nan_row["verdict"] == "nan"
     assert nan_row["first NaN"] == f"e{first['epoch']} b{first['batch']} {first['module']}" == "e2 b2 stage2.layer0.mlp"
-    assert nan_row["grad norm per epoch (mean)"].split()[-1] == "NaN"  # shown, not dropped or zeroed
+    assert nan_row["grad norm per epoch"].split()[-1] == "NaN"  # shown, not dropped or zeroed
     assert nan_row["final loss"] == "NaN"
 
     crashed = next(r for r in table if r["fault.crash_at_step"] == "0")
@@ -203,9 +203,9 @@ def test_damaged_and_unfinished_runs_are_listed_with_warnings(runs, tmp_path):
     rows = {r["run"]: r for r in rich_tables(result.output)[0]}
     assert set(rows) == set(names) | {"nan"}  # nobody hidden
     assert rows["running"]["state"] == "running" and rows["running"]["verdict"] == "running"
-    assert rows["running"]["grad norm per epoch (mean)"] != "-"  # partial numbers from epochs.jsonl
+    assert rows["running"]["grad norm per epoch"] != "-"  # partial numbers from epochs.jsonl
     assert rows["bad_status"]["state"] == "unknown"
-    assert rows["inf"]["grad norm per epoch (mean)"].split()[-1] == "inf"
+    assert rows["inf"]["grad norm per epoch"].split()[-1] == "inf"
     assert rows["nan"]["first NaN"] == "e2 b2 stage2.layer0.mlp"
     for needle in ("truncated: summary.json unreadable", "corrupt_metrics: metrics.jsonl: 2 unparsable line(s)",
                    "missing_files: no overrides.json", "running: still running", "bad_status: status.json unreadable"):
