@@ -80,9 +80,9 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
     torch.manual_seed(cfg.seed)
     work = make_workload(cfg, device)  # stab's copy
     bare = copy.deepcopy(work.model)  # the bare loop's copy: same init
+    tc = cfg.train
     if tc.compile:
         work.model, bare = torch.compile(work.model), torch.compile(bare)
-    tc = cfg.train
     g = torch.Generator().manual_seed(cfg.seed)
     batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
 
