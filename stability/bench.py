@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stability.config import RunConfig
 from stability.instrument import GradProbe, StageProbe
-from stability.training import Stepper, _step_record, resolve_device
+from stability.training import Stepper, _step_record, eager, resolve_device
 from stability.workload import make_workload
 
 
@@ -139,10 +139,11 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
         done += block
 
     t0 = time.perf_counter()
-    work.evaluate()
-    if cfg.detect.health and hasattr(work, "health_layers"):
-        from stability import health
-        health.measure(work.model, work.health_loss, work.health_layers())
+    with eager(work):  # as in the loop: per-epoch probes run on the uncompiled model
+        work.evaluate()
+        if cfg.detect.health and hasattr(work, "health_layers"):
+            from stability import health
+            health.measure(work.model, work.health_loss, work.health_layers())
     extras = time.perf_counter() - t0
 
     flops = step_flops(work, batches[0])
