@@ -26,6 +26,17 @@ def latent_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cli() -> "Cli":
     return Cli()
 

@@ -21,13 +21,7 @@ from tests.conftest import only_run, read_json, read_jsonl
 CHARLM = ["model=charlm", "preset=smoke", "train.threads=1"]  # one thread: steady on a shared 2-core box
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_embedded_corpus_is_stdlib_docstrings_read_deterministically():
     a, files = text.stdlib_corpus(20_000)

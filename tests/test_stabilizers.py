@@ -28,13 +28,7 @@ def stack(seed: int = 0, **kw) -> Stack:
     return s
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_qk_norm_bounds_the_attention_logits():
     torch.manual_seed(0)
