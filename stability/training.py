@@ -23,6 +23,7 @@ import contextlib
 import math
 import os
 import platform
+import shutil
 import socket
 import time
 import traceback
@@ -153,6 +154,7 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
     cb = callbacks or Callbacks()
     for stale in ("metrics.jsonl", "epochs.jsonl", "events.jsonl", "summary.json", "grad_norms.csv", "samples.txt"):
         (run_dir / stale).unlink(missing_ok=True)  # a re-run starts its streams afresh
+    shutil.rmtree(run_dir / "forensics", ignore_errors=True)  # an earlier attempt's NaN is not this run's
     write_yaml(run_dir / "config.yaml", cfg.to_dict())
     write_json(run_dir / "overrides.json", {"overrides": list(overrides), "run_id": cfg.identity()})
     t_start = time.time()
