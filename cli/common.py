@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -19,8 +20,16 @@ from stability.codec import CodecError
 from stability.config import ConfigError
 from stability.report import format_number
 
-console = Console(width=int(os.environ["STAB_WIDTH"]) if os.environ.get("STAB_WIDTH") else None)
-err_console = Console(stderr=True, width=console.width if os.environ.get("STAB_WIDTH") else None)
+def _width() -> int | None:
+    """STAB_WIDTH if set; a terminal's own width; 160 columns when output goes to a file or a CI
+    log, where Rich's default of 80 would fold every wide table."""
+    if os.environ.get("STAB_WIDTH"):
+        return int(os.environ["STAB_WIDTH"])
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+
+
+console = Console(width=_width())
+err_console = Console(stderr=True, width=_width())
 
 EXIT_CRASH = 1  # a job crashed (internal error)
 EXIT_USER = 2  # bad input: nothing was started
