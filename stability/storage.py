@@ -8,7 +8,6 @@ metrics, events) are JSON Lines appended one record per line; a reader skips a t
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -78,7 +77,3 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
         except json.JSONDecodeError:
             bad += 1
     return records, bad
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
