@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Annotated
 
 import typer
@@ -44,7 +45,12 @@ def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # Everything torch and Hydra built stays referenced until exit; freezing it spares the
+        # interpreter's last garbage-collector pass over all of it (about 0.5 s per command).
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def test_joblib_sweep_splits_threads_between_concurrent_jobs(cli, tmp_path):
         assert status["state"] == "completed"
         assert status["concurrency"] == 2 and status["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
         assert status["pid"] != os.getpid()  # ran in a worker process
+    for pid in {read_json(d / "status.json")["pid"] for d in dirs}:  # idle workers are not left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 @pytest.mark.slow
