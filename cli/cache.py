@@ -23,7 +23,6 @@ from rich.table import Table
 
 from cli.common import console, err_console, user_errors
 from cli.config import UserError
-from stability.data import cache_entries, clear_cache, default_cache_root
 
 app = typer.Typer(no_args_is_help=True, help="The latent cache shared by runs and sweeps.")
 
@@ -59,6 +58,8 @@ def human_age(seconds: float) -> str:
 @app.command("ls")
 def ls(cache_dir: DirOption = None) -> None:
     """Every entry: key, size, age and what it holds."""
+    from stability.data import cache_entries, default_cache_root
+
     root = cache_dir or default_cache_root()
     entries = cache_entries(root)
     if not entries:
@@ -80,6 +81,8 @@ def clear(
     cache_dir: DirOption = None,
 ) -> None:
     """Remove entries: all, those with the given keys, or those older than an age."""
+    from stability.data import cache_entries, clear_cache, default_cache_root
+
     root = cache_dir or default_cache_root()
     with user_errors():
         age = parse_age(older_than) if older_than is not None else None

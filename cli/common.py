@@ -15,10 +15,9 @@ import typer
 from rich.console import Console
 
 from cli.config import UserError
-from stability.audio import DataError
-from stability.codec import CodecError
 from stability.config import ConfigError
-from stability.report import format_number
+from stability.errors import CodecError, DataError
+from stability.formatting import format_number
 
 def _width() -> int | None:
     """STAB_WIDTH if set; a terminal's own width; 160 columns when output goes to a file or a CI

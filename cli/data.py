@@ -21,7 +21,6 @@ from rich.table import Table
 from cli.common import console, fmt, user_errors
 from cli.config import UserError, compose_run
 from stability.config import DataConfig
-from stability.data import check_audio, inspect_latents
 
 app = typer.Typer(no_args_is_help=True, help="Look at the data a run trains on.")
 
@@ -31,6 +30,8 @@ def inspect(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. data=folder data.path=DIR")] = None,
 ) -> None:
     """Dataset size, segments, latent RMS (raw and rescaled) and RVQ code usage."""
+    from stability.data import check_audio, inspect_latents
+
     with user_errors():
         cfg = compose_run(list(overrides or []))
         if not isinstance(cfg.data, DataConfig):

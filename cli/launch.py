@@ -69,7 +69,7 @@ def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
     if launcher.startswith("submitit"):
         out.append(f"hydra.launcher.submitit_folder='{sweep_dir}/.submitit/%j'")
     if launcher == "submitit_local":
-        out.append(f"hydra.launcher.tasks_per_node=1")
+        out.append("hydra.launcher.tasks_per_node=1")
     if launcher == "ray":
         out.append(f"+hydra.launcher.ray.init.num_cpus={jobs}")
     return out
@@ -83,6 +83,32 @@ def multirun(overrides: list[str], task_function: Callable[[DictConfig], Any]) -
         batches = hydra.multirun(config_name="config", task_function=task_function, overrides=overrides)
     release_idle_workers()
     return [r for batch in batches for r in batch]
+
+
+class WarmWorkers:
+    """The joblib launcher's worker processes, started before the sweep checks its configs.
+
+    A loky worker spends seconds importing torch before it can train; started first, it does so
+    while this process composes and checks every job's config. Hydra's joblib launcher then finds
+    joblib's reusable executor running with the arguments it would have used (its own defaults,
+    hence no warm-up when the sweep sets hydra.launcher.*) and hands its jobs to these workers.
+
+        workers = WarmWorkers(2, job.warm)   # returns at once
+        ...                                  # check every config
+        workers.wait()                       # the workers' pids, once warm
+    """
+
+    def __init__(self, jobs: int, warm: Callable[[], int]) -> None:
+        from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
+        from joblib import Parallel, delayed
+
+        conf = JobLibLauncherConf()
+        self._results = Parallel(n_jobs=jobs, backend="loky", max_nbytes=conf.max_nbytes, mmap_mode=conf.mmap_mode,
+                                 verbose=conf.verbose, return_as="generator_unordered")(
+            delayed(warm)() for _ in range(jobs))
+
+    def wait(self) -> set[int]:
+        return set(self._results)
 
 
 def release_idle_workers() -> None:

@@ -6,15 +6,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import pandas as pd
 import typer
 from rich.table import Table
 
 from cli.common import console, fmt, user_errors
 from cli.config import UserError, compose_run
-from stability.probe import compare, growth
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 app = typer.Typer(help="Probes of a model's state, e.g. gradients at initialisation.", no_args_is_help=True)
 
@@ -37,6 +38,10 @@ def init(
         if batches < 1:
             raise UserError(f"--batches {batches} is not allowed: expected an integer >= 1")
         cfg = compose_run(list(overrides or []))
+    import pandas as pd
+
+    from stability.probe import compare, growth
+
     rows = compare(cfg, depth_list, ["pre", "post"], batches)
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ import typer
 
 from cli.common import console, fmt, user_errors
 from cli.config import UserError
-from stability.replay import ReplayError, replay as replay_run
 
 
 def replay(
@@ -20,6 +19,8 @@ def replay(
     others: Annotated[int, typer.Option("--others", help="Other batches to try from the same state.")] = 2,
 ) -> None:
     """Reload the saved batch and state of the first non-finite step and re-run it with hooks."""
+    from stability.replay import ReplayError, replay as replay_run
+
     with user_errors():
         if not (run / "config.yaml").exists():
             raise UserError(f"{run} is not a run folder (no config.yaml)")

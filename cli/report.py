@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Optional
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,7 +20,9 @@ from rich.table import Table
 
 from cli.common import console, err_console, user_errors, verdict_markup
 from cli.config import UserError
-from stability import report as rep
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SHARE_STYLE = {"stable": "green", "exploding": "yellow", "nan": "red", "scream": "magenta", "failed": "red"}
 
@@ -31,6 +32,8 @@ def report(
     out: Annotated[Optional[Path], typer.Option("--out", help="Where report.md, runs.csv and plots/ go (default: RUNS_DIR).")] = None,
 ) -> None:
     """Tabulate, summarise and plot every run under RUNS_DIR."""
+    from stability import report as rep
+
     with user_errors():
         try:
             result = rep.write_report(runs_dir, out)

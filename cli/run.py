@@ -16,8 +16,7 @@ from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, check_writable, con
                         graceful_signals,
                         user_errors, verdict_markup)
 from cli.config import compose_run
-from cli.progress import RichProgress
-from stability import training
+from stability.preflight import preflight
 
 
 def readable_name(overrides: list[str]) -> str:
@@ -36,8 +35,11 @@ def run(
         cfg = compose_run(overrides)
         run_dir = runs / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}_{readable_name(overrides)}"
         check_writable(runs)
-        training.preflight(cfg)
+        preflight(cfg)
     console.print(f"[bold]stab run[/] {' '.join(overrides) or '(defaults)'} -> {run_dir}")
+    from cli.progress import RichProgress
+    from stability import training
+
     try:
         with graceful_signals():
             summary = training.run(cfg, run_dir, overrides, RichProgress(console))

@@ -7,23 +7,28 @@ scale factors, events, codec, and how its config differs from the defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
 from rich.markup import escape
 
 from cli.common import console, err_console, fmt, user_errors, verdict_markup
 from cli.config import UserError, compose_run
 from cli.report import frame_table
-from stability import report as rep
 from stability.config import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def show(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder (holds status.json, summary.json or config.yaml).")],
 ) -> None:
     """Print one run's per-epoch gradient norms by module group, stages, events and config."""
+    import pandas as pd
+
+    from stability import report as rep
+
     with user_errors():
         if not run.exists():
             raise UserError(f"{run}: no such folder")
@@ -101,6 +106,8 @@ def show(
 
 
 def _value(x: Any) -> str:
+    from stability import report as rep
+
     if x is rep.ABSENT:
         return str(x)
     if isinstance(x, list):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -26,8 +25,8 @@ from cli import launch
 from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
                         user_errors, verdict_markup)
 from cli.config import UserError, compose_run
-from cli.job import CONCURRENCY_ENV, job
-from stability import training
+from cli.job import CONCURRENCY_ENV, job, warm
+from stability.preflight import preflight
 from stability.resources import available_cpus
 from stability.sweeps import SweepBusy, SweepLock, job_record, mark_stale_running, read_status, write_index
 
@@ -51,28 +50,38 @@ def sweep(
         if jobs is not None and jobs < 1:
             raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
         combos = launch.expand(task_args)
-        for combo in combos:  # every job's config is valid before any job starts
-            training.preflight(compose_run(combo))
-        concurrency = _concurrency(launcher, jobs, len(combos))
-        check_writable(runs)
-        try:
-            lock = SweepLock(sweep_dir).__enter__()
-        except SweepBusy as e:
-            raise UserError(str(e)) from None
-        except OSError as e:
-            raise UserError(f"--runs {runs}: cannot create the sweep folder: {e}") from None
+    concurrency = _concurrency(launcher, jobs, len(combos))
+    os.environ[CONCURRENCY_ENV] = str(concurrency)  # before any worker starts: they inherit it
+    workers = None
+    if launcher == "joblib" and concurrency > 1 and not any(a.lstrip("+").startswith("hydra.launcher") for a in hydra_args):
+        workers = launch.WarmWorkers(concurrency, warm)  # they import torch while the configs are checked
+    try:
+        with user_errors():
+            for combo in combos:  # every job's config is valid before any job starts
+                preflight(compose_run(combo))
+            check_writable(runs)
+            try:
+                lock = SweepLock(sweep_dir).__enter__()
+            except SweepBusy as e:
+                raise UserError(str(e)) from None
+            except OSError as e:
+                raise UserError(f"--runs {runs}: cannot create the sweep folder: {e}") from None
+    except typer.Exit:
+        launch.release_idle_workers()  # nothing will run: do not wait for their imports at exit
+        raise
     try:
         stale = mark_stale_running(sweep_dir)
         for path in stale:
             err_console.print(f"[yellow]found interrupted job[/] {path.name}: running it again")
         console.print(f"[bold]stab sweep[/] {len(combos)} jobs -> {sweep_dir}  "
                       f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)")
-        os.environ[CONCURRENCY_ENV] = str(concurrency)
         write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
         hydra_over = task_args + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
         view = LiveView(sweep_dir, len(combos))
         try:
             with view, graceful_signals():
+                if workers:
+                    workers.wait()
                 returns = launch.multirun(hydra_over, job)
         except KeyboardInterrupt:
             _finish(sweep_dir, name, launcher, overrides, "interrupted")

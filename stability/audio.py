@@ -28,6 +28,7 @@ import torch
 import torchaudio.functional as AF
 
 from stability.codec import decode
+from stability.errors import DataError
 
 SAMPLE_RATE = 24_000  # EnCodec 24 kHz
 SILENT_PEAK = 1e-4  # -80 dBFS: a pair whose input and target both stay below this is silent
@@ -38,10 +39,6 @@ AUDIO_SUFFIXES = frozenset(
     | {".aif", ".aifc", ".oga", ".opus", ".snd", ".sph"})
 
 log = logging.getLogger("stab.audio")
-
-
-class DataError(ValueError):
-    """The data folder, or a file in it, cannot be used. The message names the file."""
 
 
 class BadFile(Exception):

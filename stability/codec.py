@@ -27,16 +27,13 @@ from typing import Any
 import torch
 
 from stability.config import CodecConfig
+from stability.errors import CodecError
 
 FRAME_RATE = 75  # latent frames per second at 24 kHz (hop 320)
 PRETRAINED_HASH = "d7cc33bc"  # the first hex digits of the checkpoint's sha256, checked on download
 PRETRAINED_NAME = f"encodec_24khz-{PRETRAINED_HASH}.th"
 PRETRAINED_URL = "https://dl.fbaipublicfiles.com/encodec/v0/" + PRETRAINED_NAME
 DOWNLOAD_TIMEOUT_S = 10.0  # per connect/read: with no network, fail in seconds, not at the OS's TCP timeout
-
-
-class CodecError(RuntimeError):
-    """The requested EnCodec weights cannot be had."""
 
 
 @dataclass

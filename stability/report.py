@@ -33,6 +33,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from stability.config import OPERATIONAL_KEYS
+from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.storage import atomic_write_text, read_jsonl
 
@@ -391,20 +392,6 @@ def sort_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Run]:
 
 # ----------------------------------------------------------------------------------------------
 # Tables
-
-
-def format_number(x: Any, digits: int = 3) -> str:
-    """Numbers for reading: NaN and inf as such, missing as '-', never blank or zero."""
-    if x is None:
-        return "-"
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        if math.isnan(x):
-            return "NaN"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return f"{x:.{digits}g}"
-    return str(x)
 
 
 def first_nan_text(nan: dict[str, Any] | None) -> str:

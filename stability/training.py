@@ -35,11 +35,11 @@ import pandas as pd
 import torch
 
 from stability import detectors, health
-from stability.config import ConfigError, DataConfig, RunConfig
-from stability.data import check_audio
+from stability.config import RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.storage import append_jsonl, atomic_write_text, read_json, write_json, write_yaml
-from stability.workload import build_model, check_data, make_workload
+from stability.preflight import preflight
+from stability.workload import make_workload
 
 
 class Callbacks:
@@ -76,26 +76,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r}: CUDA is not available on this machine; use auto or cpu")
     return torch.device(name)
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Checks that need more than the config's own values; raises ConfigError before any work."""
-    try:
-        device = resolve_device(cfg.train.device)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"train.precision=bf16 is not allowed on {torch.cuda.get_device_name(device)}: "
-                          f"it has no bf16 support; use fp32")
-    if isinstance(cfg.data, DataConfig):  # audio: every file of a folder, the codec weights (DataError, CodecError)
-        check_audio(cfg.data, need_codec=cfg.listen.enabled)
-    if cfg.fault.nan_at_step is not None:
-        with torch.device("meta"):  # names only: no memory, no init cost
-            names = list(build_model(cfg.model).module_groups())
-        if cfg.fault.nan_module not in names:
-            raise ConfigError(f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
-                              f"expected one of {', '.join(names)}")
-    check_data(cfg)
 
 
 class NanInjector:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stability.audio import write_listening
-from stability.charlm_workload import CharLMWorkload, load_split
+from stability.charlm_workload import CharLMWorkload
 from stability.config import CharLMConfig, ModelConfig, RunConfig
 from stability.codec import load_codec
 from stability.data import load_latents
@@ -45,14 +45,6 @@ def make_workload(cfg: RunConfig, device: torch.device) -> "CascadeWorkload | Ch
     if cfg.model.name == "charlm":
         return CharLMWorkload(cfg, device)
     raise ValueError(f"Unsupported model: {cfg.model.name!r}")
-
-
-def check_data(cfg: RunConfig) -> None:
-    """Data checks that need more than the config's values (a file's contents), before any
-    work: raises ConfigError naming the bad key. The char LM's text must exist, be UTF-8 and be
-    long enough for this configuration."""
-    if cfg.model.name == "charlm":
-        load_split(cfg)
 
 
 class CascadeWorkload:

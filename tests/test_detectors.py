@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stability import detectors
-from stability.config import ModelConfig, RunConfig
+from stability.config import RunConfig
 from stability.workload import CascadeWorkload
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,33 @@ def test_multirun_runs_every_job_through_hydra_into_readable_folders(tmp_path):
     assert folders == ["norm=post,residual=0.1", "norm=post,residual=0.3", "norm=pre,residual=0.1", "norm=pre,residual=0.3"]
     assert (tmp_path / "norm=pre,residual=0.3" / "seen.txt").read_text() == "0.3 pre 0.3"
     assert all(Path(r.return_value["folder"]).parent == tmp_path for r in returns)
+
+
+def pid_task(cfg) -> dict:
+    return {"folder": HydraConfig.get().runtime.output_dir, "pid": os.getpid()}
+
+
+def barrier(folder: Path, n: int) -> int:
+    """Holds its worker until n workers have arrived, so each of n warm-up calls gets its own."""
+    (folder / str(os.getpid())).touch()
+    deadline = time.time() + 60
+    while len(list(folder.iterdir())) < n and time.time() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def test_joblib_jobs_run_in_the_workers_warmed_before_the_launch(tmp_path):
+    (tmp_path / "arrived").mkdir()
+    pids = launch.WarmWorkers(2, functools.partial(barrier, tmp_path / "arrived", 2)).wait()
+    assert len(pids) == 2 and os.getpid() not in pids
+    returns = launch.multirun(["residual=0.1,0.3", "norm=pre,post",
+                               *launch.hydra_overrides(tmp_path / "sweep", "joblib", 2)],
+                              pid_task)
+    used = {r.return_value["pid"] for r in returns}
+    assert len(returns) == 4 and used <= pids  # Hydra's launcher reused them: no second start-up
+    for pid in used:  # and they were stopped once every job had returned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_unknown_or_missing_launcher_plugin_is_refused():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 
 from stability.bench import matmul_flops
@@ -72,3 +75,14 @@ def test_grad_probe_agrees_with_torch_clip_grad_norm():
 def test_matmul_rate_is_measured_not_assumed():
     rate = matmul_flops(torch.device("cpu"), n=256, reps=2)
     assert 1e7 < rate < 1e14
+
+
+def test_the_cli_and_a_sweeps_checks_leave_torch_to_the_jobs():
+    """`stab --help`, and the process of a sweep whose jobs run in workers, never load torch,
+    pandas or matplotlib for the usual grid: the workers start on a free machine."""
+    code = ("import sys; from cli.main import app; from cli.config import compose_run; "
+            "from stability.preflight import preflight; "
+            "[preflight(compose_run(o)) for o in (['preset=smoke', 'norm=post'], ['clip=none', 'train.device=cpu'])]; "
+            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from tests.conftest import SMOKE, only_run, read_json, read_jsonl
@@ -98,6 +99,8 @@ def test_on_nan_skip_keeps_training_after_the_bad_step(cli, tmp_path):
     ("preset=huge", "preset='huge' is not allowed: expected one of"),
     ("train.epochs=0", "train.epochs=0 is not allowed"),
     ("fault.nan_at_step=1 fault.nan_module=stage9", "fault.nan_module='stage9' is not a module group"),
+    pytest.param("train.device=cuda", "train.device='cuda': CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_values_exit_before_training_with_one_line(cli, tmp_path, override, message):
     result = cli("run", "--runs", tmp_path, *SMOKE, *override.split(), ok=False)

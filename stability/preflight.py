@@ -1,0 +1,55 @@
+"""Checks that need more than a configuration's own values, run before any work starts.
+
+`stab run` and `stab sweep` call `preflight` on every configuration before the first step. Each
+check loads torch, the codec or the text only when it has something to look at, so a sweep that
+hands its jobs to worker processes (joblib, submitit) checks the usual grid without importing
+torch into its own process: the workers start sooner.
+"""
+
+from __future__ import annotations
+
+from stability.config import ConfigError, DataConfig, RunConfig
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Raises ConfigError (or the data's DataError / CodecError) naming the bad value."""
+    _check_device(cfg)
+    if isinstance(cfg.data, DataConfig) and (cfg.data.name == "folder" or cfg.data.codec.weights != "random"):
+        from stability.data import check_audio  # every file of a folder, the codec weights
+
+        check_audio(cfg.data, need_codec=cfg.listen.enabled)
+    if cfg.fault.nan_at_step is not None:
+        _check_fault_module(cfg)
+    if cfg.model.name == "charlm":  # the text must exist, be UTF-8 and be long enough
+        from stability.charlm_workload import load_split
+
+        load_split(cfg)
+
+
+def _check_device(cfg: RunConfig) -> None:
+    device, precision = cfg.train.device, cfg.train.precision
+    if device in ("auto", "cpu") and precision != "bf16":
+        return  # always available: auto takes a GPU where the job runs, if there is one
+    import torch
+
+    from stability.training import resolve_device
+
+    try:
+        resolved = resolve_device(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision=bf16 is not allowed on {torch.cuda.get_device_name(resolved)}: "
+                          f"it has no bf16 support; use fp32")
+
+
+def _check_fault_module(cfg: RunConfig) -> None:
+    import torch
+
+    from stability.workload import build_model
+
+    with torch.device("meta"):  # names only: no memory, no init cost
+        names = list(build_model(cfg.model).module_groups())
+    if cfg.fault.nan_module not in names:
+        raise ConfigError(f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
+                          f"expected one of {', '.join(names)}")
