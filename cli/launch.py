@@ -12,6 +12,7 @@ internals (`GlobalHydra.instance().hydra`), so it stays small and has a test of 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,6 +110,13 @@ class WarmWorkers:
 
     def wait(self) -> set[int]:
         return set(self._results)
+
+    def cancel(self) -> None:
+        """Nothing will run (a config was refused): stop the workers mid-import, quietly."""
+        with warnings.catch_warnings():  # joblib warns that the warm-up calls were cancelled
+            warnings.simplefilter("ignore")
+            self._results.close()
+        release_idle_workers()
 
 
 def release_idle_workers() -> None:

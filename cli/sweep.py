@@ -67,7 +67,8 @@ def sweep(
             except OSError as e:
                 raise UserError(f"--runs {runs}: cannot create the sweep folder: {e}") from None
     except typer.Exit:
-        launch.release_idle_workers()  # nothing will run: do not wait for their imports at exit
+        if workers:
+            workers.cancel()
         raise
     try:
         stale = mark_stale_running(sweep_dir)

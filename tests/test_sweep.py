@@ -129,3 +129,14 @@ def test_a_second_sweep_on_the_same_name_is_refused_while_the_first_runs(cli, tm
     with SweepLock(tmp_path / "busy"):
         result = cli("sweep", "--runs", tmp_path, "--name", "busy", *SMOKE, ok=False)
     assert result.exit_code == 2 and "is in use by pid" in result.output
+
+
+def test_a_refused_joblib_sweep_stops_its_warming_workers_with_one_line(tmp_path):
+    """The workers start before the configs are checked; a refused config stops them quietly."""
+    args = [sys.executable, "-m", "cli.main", "sweep", "--runs", str(tmp_path), "--launcher", "joblib", *SMOKE,
+            "residual=0.1,0.3", "norm=sideways"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: norm='sideways' is not allowed: expected one of pre, post, deepnorm"]
+    assert not list(tmp_path.rglob("status.json"))
