@@ -12,6 +12,7 @@ internals (`GlobalHydra.instance().hydra`), so it stays small and has a test of 
 from __future__ import annotations
 
 import importlib.util
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -99,6 +100,13 @@ class WarmWorkers:
         workers.wait()                       # the workers' pids, once warm
     """
 
+    @classmethod
+    def start(cls, launcher: str, jobs: int, hydra_args: list[str], warm: Callable[[], int]) -> WarmWorkers | None:
+        """Workers for this sweep, or None where the launcher would not reuse them."""
+        if launcher != "joblib" or jobs < 2 or any(a.lstrip("+").startswith("hydra.launcher") for a in hydra_args):
+            return None
+        return cls(jobs, warm)
+
     def __init__(self, jobs: int, warm: Callable[[], int]) -> None:
         from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
         from joblib import Parallel, delayed
@@ -127,10 +135,7 @@ def release_idle_workers() -> None:
     here, with every result back and every file written, so they are killed instead. loky has no
     public handle on its shared executor; without one (a future joblib), they exit as before.
     """
-    try:
-        from joblib.externals.loky import reusable_executor
-    except ImportError:
-        return
+    reusable_executor = sys.modules.get("joblib.externals.loky.reusable_executor")  # None: no joblib sweep ran
     executor = getattr(reusable_executor, "_executor", None)
     if executor is not None:
         executor.shutdown(wait=True, kill_workers=True)

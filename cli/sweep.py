@@ -52,9 +52,7 @@ def sweep(
         combos = launch.expand(task_args)
     concurrency = _concurrency(launcher, jobs, len(combos))
     os.environ[CONCURRENCY_ENV] = str(concurrency)  # before any worker starts: they inherit it
-    workers = None
-    if launcher == "joblib" and concurrency > 1 and not any(a.lstrip("+").startswith("hydra.launcher") for a in hydra_args):
-        workers = launch.WarmWorkers(concurrency, warm)  # they import torch while the configs are checked
+    workers = launch.WarmWorkers.start(launcher, concurrency, hydra_args, warm)  # they import torch meanwhile
     try:
         with user_errors():
             for combo in combos:  # every job's config is valid before any job starts

@@ -15,7 +15,8 @@ def preflight(cfg: RunConfig) -> None:
     """Raises ConfigError (or the data's DataError / CodecError) naming the bad value."""
     _check_device(cfg)
     if isinstance(cfg.data, DataConfig) and (cfg.data.name == "folder" or cfg.data.codec.weights != "random"):
-        from stability.data import check_audio  # every file of a folder, the codec weights
+        # every file of a folder, the codec weights (synthetic clips and random weights: nothing on disk)
+        from stability.data import check_audio
 
         check_audio(cfg.data, need_codec=cfg.listen.enabled)
     if cfg.fault.nan_at_step is not None:
