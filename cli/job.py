@@ -8,7 +8,9 @@ folder and returned, so one bad job cannot stop the others.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,17 @@ from stability.storage import write_json
 from stability.sweeps import read_status, should_skip
 
 CONCURRENCY_ENV = "STAB_CONCURRENCY"  # set by `stab sweep`: how many jobs run at once here
+DUPLICATES_ENV = "STAB_DUPLICATES"  # set by `stab sweep`: {job number: earlier job of the same identity}
 
 
 def job(cfg: DictConfig) -> dict[str, Any]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    same = json.loads(os.environ.get(DUPLICATES_ENV) or "{}").get(str(hc.job.num))
+    if same is not None:  # trained by job `same`; drop the folder Hydra made for this one
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return {"folder": None, "duplicate_of": same, "skipped": True}
     try:
         run_cfg = to_run_config(cfg)
         if should_skip(run_dir, run_cfg.identity()):

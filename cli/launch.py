@@ -46,6 +46,27 @@ def check_launcher(name: str) -> None:
         raise UserError(f"--launcher {name} needs the Hydra plugin {package}: pip install {package}")
 
 
+def with_declared_grid(overrides: list[str]) -> list[str]:
+    """The overrides plus the grid an experiment file declares under `hydra.sweeper.params`
+    (Hydra's own place for a sweep defined in config, e.g. conf/experiment/story.yaml), as
+    explicit `key=a,b` overrides, so the job count, the config checks and the job folder names
+    see them. A key also given on the command line keeps the command line's value."""
+    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == "experiment" and "," not in o]
+    if not chosen:
+        return list(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            from hydra import compose
+
+            cfg = compose(config_name="config", overrides=chosen, return_hydra_config=True)
+    except HydraException as e:
+        raise UserError(_one_line(e)) from None
+    params = dict(cfg.hydra.sweeper.get("params") or {})
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    return list(overrides) + [f"{k}={v}" for k, v in params.items() if k not in given]
+
+
 def expand(overrides: list[str]) -> list[list[str]]:
     """Every job's overrides, as Hydra's basic sweeper will produce them (Cartesian product)."""
     try:

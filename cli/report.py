@@ -41,6 +41,11 @@ def report(
             raise UserError(str(e)) from None
         except OSError as e:  # e.g. --out not writable
             raise UserError(f"cannot write the report: {e}") from None
+    if result.sentence:
+        console.print(result.sentence, style="bold", markup=False, highlight=False)
+    if result.answer is not None and not result.answer.empty:
+        console.print(frame_table(rep.answer_display(result.answer),
+                                  title="unstable (exploding, scream or nan) per factor value; medians over those runs"))
     console.print(frame_table(result.overview, title=f"{len(result.runs)} runs under {runs_dir}",
                               markup={"verdict": verdict_markup, "state": verdict_markup}))
     if result.keys:

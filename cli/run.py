@@ -57,6 +57,10 @@ def run(
     s = summary
     nan = s["first_nan"]
     console.print(f"verdict: {verdict_markup(s['verdict'])}  {s['evidence']}")
+    for f in s.get("flags", [])[1:]:  # the first is the verdict's own evidence
+        console.print(f"  also {f['flag']}: {f['evidence']}", markup=False)
+    for w in s.get("warnings", []):
+        console.print(f"  warning: {w['message']}", markup=False, style="yellow")
     console.print(f"grad norm by epoch: {', '.join(fmt(v) for v in s['grad_norm_by_epoch'])}   "
                   f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
     if nan:

@@ -25,7 +25,7 @@ from cli import launch
 from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
                         user_errors, verdict_markup)
 from cli.config import UserError, compose_run
-from cli.job import CONCURRENCY_ENV, job, warm
+from cli.job import CONCURRENCY_ENV, DUPLICATES_ENV, job, warm
 from stability.preflight import preflight
 from stability.resources import available_cpus
 from stability.sweeps import SweepBusy, SweepLock, job_record, mark_stale_running, read_status, write_index
@@ -49,14 +49,20 @@ def sweep(
         launch.check_launcher(launcher)
         if jobs is not None and jobs < 1:
             raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
+        task_args = launch.with_declared_grid(task_args)
         combos = launch.expand(task_args)
     concurrency = _concurrency(launcher, jobs, len(combos))
     os.environ[CONCURRENCY_ENV] = str(concurrency)  # before any worker starts: they inherit it
+    os.environ.pop(DUPLICATES_ENV, None)
     workers = launch.WarmWorkers.start(launcher, concurrency, hydra_args, warm)  # they import torch meanwhile
     try:
         with user_errors():
+            identities = []
             for combo in combos:  # every job's config is valid before any job starts
-                preflight(compose_run(combo))
+                cfg = compose_run(combo)
+                preflight(cfg)
+                identities.append(cfg.identity())
+            duplicates = _duplicates(combos, identities)
             check_writable(runs)
             try:
                 lock = SweepLock(sweep_dir).__enter__()
@@ -69,6 +75,8 @@ def sweep(
             workers.cancel()
         raise
     try:
+        if duplicates:
+            os.environ[DUPLICATES_ENV] = json.dumps(duplicates)  # read by each job (cli/job.py)
         stale = mark_stale_running(sweep_dir)
         for path in stale:
             err_console.print(f"[yellow]found interrupted job[/] {path.name}: running it again")
@@ -93,13 +101,53 @@ def sweep(
         records = _finish(sweep_dir, name, launcher, overrides, "completed", returns)
     finally:
         lock.__exit__()
-    skipped = sum(1 for r in returns if isinstance(r.return_value, dict) and r.return_value.get("skipped"))
-    console.print(summary_table(records, skipped))
+    skipped = sum(1 for r in returns if isinstance(r.return_value, dict) and r.return_value.get("skipped")
+                  and "duplicate_of" not in r.return_value)
+    console.print(summary_table(records, skipped, same=len(duplicates)))
+    _answer(sweep_dir)
     crashed = [r for r in records if r["state"] != "completed"]
     for r in crashed:
         err_console.print(f"[bold red]job {r['state']}:[/] {r['folder']}: {r.get('error')}", highlight=False)
     if crashed:
         raise typer.Exit(EXIT_CRASH)
+
+
+def _duplicates(combos: list[list[str]], identities: list[str]) -> dict[str, int]:
+    """{job number: the earlier job with the same run identity}: overrides that differ only in
+    keys with no effect here (e.g. model.final_norm under post-norm) are one configuration,
+    trained once. Says so, naming the keys."""
+    first: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for i, ident in enumerate(identities):
+        if ident in first:
+            out[str(i)] = first[ident]
+        else:
+            first[ident] = i
+    for i, j in out.items():
+        differ = sorted(set(combos[int(i)]) ^ set(combos[j]))
+        keys = sorted({d.split("=", 1)[0] for d in differ})
+        err_console.print(f"job {' '.join(combos[int(i)])} is the same configuration as job {' '.join(combos[j])} "
+                          f"({', '.join(keys)} has no effect there): trained once", markup=False, highlight=False)
+    return out
+
+
+def _answer(sweep_dir: Path) -> None:
+    """The report's answer for this sweep (which factor decided stability), and report.md with
+    every table and plot in the sweep folder; `stab report` over the folder prints the rest."""
+    from cli.report import frame_table
+    from stability import report as rep
+
+    try:
+        result = rep.write_report(sweep_dir)
+    except (rep.ReportError, OSError) as e:
+        err_console.print(f"no report: {e}", markup=False)
+        return
+    if result.answer is not None and not result.answer.empty:
+        console.print(frame_table(rep.answer_display(result.answer),
+                                  title="unstable (exploding, scream or nan) per factor value; medians over those runs"))
+    console.print(result.sentence, style="bold", markup=False, highlight=False)
+    console.print(f"report: {result.out / 'report.md'} (stab report {sweep_dir} for every table)", markup=False,
+                  highlight=False)
 
 
 def _concurrency(launcher: str, jobs: int | None, n: int) -> int:
@@ -116,7 +164,12 @@ def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], sta
             returns: list[Any] | None = None) -> list[dict[str, Any]]:
     records = []
     for r in returns or []:
-        folder = Path(r.return_value["folder"]) if isinstance(r.return_value, dict) else Path(r.working_dir or "")
+        value = r.return_value if isinstance(r.return_value, dict) else {}
+        if "duplicate_of" in value:  # the same configuration as an earlier job: that job's record
+            records.append({**records[value["duplicate_of"]], "overrides": list(r.overrides),
+                            "same_as": records[value["duplicate_of"]]["overrides"]})
+            continue
+        folder = Path(value["folder"]) if value else Path(r.working_dir or "")
         records.append(job_record(folder, list(r.overrides)))
     if returns is None:  # interrupted: index what is on disk
         records = [job_record(p.parent, _overrides_of(p.parent)) for p in sorted(sweep_dir.rglob("status.json"))]
@@ -131,12 +184,14 @@ def _overrides_of(run_dir: Path) -> list[str]:
         return []
 
 
-def summary_table(records: list[dict[str, Any]], skipped: int = 0) -> Table:
+def summary_table(records: list[dict[str, Any]], skipped: int = 0, same: int = 0) -> Table:
     """One row per job; the overrides that differ between jobs are the first columns."""
     parsed = [dict(o.split("=", 1) for o in r["overrides"] if "=" in o) for r in records]
     keys = [k for k in dict.fromkeys(k for p in parsed for k in p)
             if len({p.get(k) for p in parsed}) > 1] if len(records) > 1 else []
-    t = Table(title=f"{len(records)} jobs" + (f" ({skipped} already completed, skipped)" if skipped else ""))
+    notes = ([f"{skipped} already completed, skipped"] if skipped else []) + \
+        ([f"{same} the same configuration as another, trained once"] if same else [])
+    t = Table(title=f"{len(records)} jobs" + (f" ({'; '.join(notes)})" if notes else ""))
     show_state = any(r["state"] != "completed" for r in records)  # only worth a column when some did not finish
     for col in (*keys, *(["state"] if show_state else []), "verdict", "first NaN", "scream", "final loss"):
         t.add_column(col, overflow="fold")

@@ -164,7 +164,7 @@ class DataConfig:
     n_val: int = 8  # clips; the first `scream_items` are the fixed scream-check batch
     seconds: float = 2.0  # clip length; 75 latent frames per second
     seed: int = 0  # seeds the generated audio (folder: the train/validation split)
-    latent_rms: Any = "auto"  # auto | off | positive float: rescale latents to this RMS
+    latent_rms: Any = "auto"  # auto (seed: input 5.66, target 5.69) | off | positive float: rescale each side to this RMS
     latent_center: str = "auto"  # auto | on | off: remove the per-channel offset before scaling
     cache_dir: Any = None  # null: $STAB_CACHE or ~/.cache/stab
     path: Any = None  # folder data: the folder holding input/ and target/
@@ -256,6 +256,9 @@ class ScreamConfig:
     loop_period: int = 3  # char LM: longest period that still counts as a collapse ("e e e", "ab")
     prompt_chars: int = 32  # char LM: characters of validation text each greedy generation starts from
     gen_chars: int = 128  # char LM: characters generated greedily from each prompt
+    min_epochs: int = 2  # a scream is a collapse that lasts at least this many epochs, to the end ...
+    learning: float = 0.05  # ... and not an undertrained model: collapsed from the first epoch while the
+    #                         validation loss still falls by more than this share per epoch
 
     def __post_init__(self) -> None:
         self.dominant = _number("detect.scream.dominant", self.dominant, lo=0.0, lo_open=True, hi=1.0)
@@ -266,17 +269,22 @@ class ScreamConfig:
         self.loop_period = _number("detect.scream.loop_period", self.loop_period, lo=1, hi=64, integer=True)
         self.prompt_chars = _number("detect.scream.prompt_chars", self.prompt_chars, lo=1, integer=True)
         self.gen_chars = _number("detect.scream.gen_chars", self.gen_chars, lo=8, hi=100_000, integer=True)
+        self.min_epochs = _number("detect.scream.min_epochs", self.min_epochs, lo=1, integer=True)
+        self.learning = _number("detect.scream.learning", self.learning, lo=0.0, hi=1.0)
 
 
 @dataclass
 class DetectConfig:
     """Thresholds of the detectors that turn histories into events and a verdict."""
 
-    explode_factor: float = 2.0  # 'exploding' if grad norm grows by more than this per epoch
+    explode_factor: float = 2.0  # 'exploding' if grad norm grows by more than this per epoch ...
+    explode_window: int = 3  # ... over this many consecutive epochs (geometric mean)
     spike_window: int = 20  # steps in the running baseline of the spike detector
     spike_z: float = 6.0  # robust z-score (median/MAD) that counts as a spike
     spike_warmup: int = 10  # steps before spikes are looked for
     health: bool = True  # attention/activation health on the validation batch each epoch
+    clamp_warn: float = 0.5  # warn when a stage's RMS-match clamp binds on more than this share of steps
+    logit_growth: float = 10.0  # warn when the max attention logit grows by this factor over the run
     scream: ScreamConfig = field(default_factory=ScreamConfig)
 
     def __post_init__(self) -> None:
@@ -284,6 +292,9 @@ class DetectConfig:
         if isinstance(self.scream, dict):
             self.scream = _build(ScreamConfig, self.scream, "detect.scream")
         self.explode_factor = _number("detect.explode_factor", self.explode_factor, lo=1.0, lo_open=True)
+        self.explode_window = _number("detect.explode_window", self.explode_window, lo=2, integer=True)
+        self.clamp_warn = _number("detect.clamp_warn", self.clamp_warn, lo=0.0, hi=1.0)
+        self.logit_growth = _number("detect.logit_growth", self.logit_growth, lo=1.0, lo_open=True)
         self.spike_window = _number("detect.spike_window", self.spike_window, lo=3, integer=True)
         self.spike_z = _number("detect.spike_z", self.spike_z, lo=0.0, lo_open=True)
         self.spike_warmup = _number("detect.spike_warmup", self.spike_warmup, lo=0, integer=True)
@@ -347,6 +358,7 @@ class CharLMConfig:
     final_norm: bool = True
     spectral_norm: bool = False  # on the lm_head, the char LM's output projection
     init_std: float = 0.02  # std of linear weights at init; 0: Xavier-uniform
+    embed_scale: bool = False  # embeddings N(0, 1/d) times sqrt(d) (Vaswani et al. 2017), not GPT-2's N(0, 0.02)
     qk_norm: bool = False  # shared stabilizers: see `_check_stabilizers`
     sigma_reparam: bool = False
     v_scale: bool = False
@@ -360,6 +372,7 @@ class CharLMConfig:
         if self.d_model % self.n_heads:
             _fail("model.n_heads", self.n_heads, f"a divisor of model.d_model={self.d_model}")
         self.context = _number("model.context", self.context, lo=2, hi=65536, integer=True)
+        _flag("model.embed_scale", self.embed_scale)
         self.mlp_ratio = _number("model.mlp_ratio", self.mlp_ratio, lo=1, hi=16, integer=True)
         _choice("norm", self.norm, NORMS)
         _choice("model.norm_type", self.norm_type, ("layer", "rms"))
@@ -426,12 +439,34 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def inert_keys(self) -> list[str]:
+        """Keys that have no effect in this configuration, so do not make a run's identity:
+        `model.final_norm` unless norm=pre (post-norm and DeepNorm stacks end in a norm already),
+        `model.rms_clamp` without `model.rms_match`, the fault targets without their fault step,
+        the char LM's text-generation scream settings for the cascade."""
+        inert = []
+        if self.model.norm != "pre":
+            inert.append("model.final_norm")
+        if getattr(self.model, "rms_match", False) is False and hasattr(self.model, "rms_clamp"):
+            inert.append("model.rms_clamp")
+        if self.fault.nan_at_step is None:
+            inert.append("fault.nan_module")
+        if self.fault.spike_at_step is None:
+            inert.append("fault.spike_factor")
+        if self.model.name == "cascade":
+            inert += [f"detect.scream.{k}" for k in ("loop", "loop_period", "prompt_chars", "gen_chars")]
+        return inert
+
     def identity(self) -> str:
-        """Short hash of everything that changes the result (not device, threads, paths)."""
+        """Short hash of everything that changes the result: not the operational keys (device,
+        threads, paths), nor the keys that have no effect in this configuration (`inert_keys`)."""
         d = self.to_dict()
-        for key in OPERATIONAL_KEYS:
-            section, name = key.split(".")
-            d[section].pop(name, None)
+        for key in (*OPERATIONAL_KEYS, *self.inert_keys()):
+            *path, name = key.split(".")
+            node = d
+            for part in path:
+                node = node[part]
+            node.pop(name, None)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -38,8 +38,10 @@ from stability.synth import synth_pairs
 __all__ = ["DataError", "LatentData", "check_audio", "load_latents", "inspect_latents", "cache_entries",
            "clear_cache", "default_cache_root"]
 
-# The seed's pretrained-EnCodec target latent RMS (SPEC §1): the default `latent_rms` for random
-# weights, whose latents are two orders of magnitude smaller (~0.03).
+# The seed's pretrained-EnCodec latent RMS (SPEC §1): input 5.66, target 5.69. `latent_rms=auto`
+# brings random-weight latents (two orders of magnitude smaller, ~0.03) to these, each side to
+# its own, so stage 0 (residual 1.0 on the input) needs a scale near 1.01 at init, as the seed's did.
+SEED_INPUT_RMS = 5.66
 SEED_TARGET_RMS = 5.69
 CACHE_FORMAT = 2
 
@@ -48,14 +50,26 @@ log = logging.getLogger("stab.data")
 
 @dataclass
 class LatentData:
-    train_input: torch.Tensor  # (N, 128, T), already rescaled by `scale`
-    train_target: torch.Tensor
+    train_input: torch.Tensor  # (N, 128, T), centered by `input_center`, rescaled by `input_scale`
+    train_target: torch.Tensor  # (N, 128, T), centered by `center`, rescaled by `scale`
     val_input: torch.Tensor
     val_target: torch.Tensor
-    scale: float  # common factor applied to input and target latents (after centering)
-    center: torch.Tensor  # (1, 128, 1) per-channel offset removed before scaling (zeros if off)
+    scale: float  # target (and model output) latents: factor applied after centering
+    center: torch.Tensor  # (1, 128, 1) the target's per-channel offset removed before scaling (zeros if off)
     codebook: CodeBook  # first RVQ codebooks, for the scream check (works on unscaled latents)
     info: dict[str, Any] = field(default_factory=dict)  # source, codec, raw RMS, cache key and hit
+    input_scale: float = 1.0  # the input side's own factor (its RMS differs from the target's)
+    input_center: torch.Tensor | None = None  # the input's own per-channel offset (None: same as `center`)
+
+    def to_codec(self, latents: torch.Tensor, side: str = "target") -> torch.Tensor:
+        """Model space -> the codec's own latent space (undo the scaling and centering).
+
+        latents: (B, 128, T) on any device; returns them on the CPU. `side` is "target" (also
+        for model outputs, which live in target space) or "input"."""
+        if side == "input":
+            center = self.center if self.input_center is None else self.input_center
+            return latents.cpu() / self.input_scale + center
+        return latents.cpu() / self.scale + self.center
 
 
 def default_cache_root() -> Path:
@@ -235,20 +249,31 @@ def load_latents(cfg: DataConfig) -> LatentData:
     # A random-init encoder's conv biases put a constant per-channel offset on every frame: measured
     # here, 99.9% of the latents' energy. Rescaling that to RMS 5.69 would make the task "output a
     # constant"; centering removes it so the RMS is carried by the signal, as with trained weights.
+    # Input and target are centered and scaled each by its own statistics (training split only):
+    # with the target's alone, the degraded input came out at RMS 9.24 instead of 5.66, and stage 0
+    # (out = f(x) + 1.0 * input) needed a scale of 0.6, so its clamp sat on 0.7 at every step.
     centered = cfg.latent_center == "on" or (cfg.latent_center == "auto" and random_weights)
-    center = target[:n].mean(dim=(0, 2), keepdim=True) if centered else torch.zeros(1, inp.shape[1], 1)
+    zeros = torch.zeros(1, inp.shape[1], 1)
+    center = target[:n].mean(dim=(0, 2), keepdim=True) if centered else zeros
+    input_center = inp[:n].mean(dim=(0, 2), keepdim=True) if centered else zeros
     rms = cfg.latent_rms
     if rms == "auto":
         rms = SEED_TARGET_RMS if random_weights else "off"
-    centered_rms = (target[:n] - center).pow(2).mean().sqrt().item()
-    scale = 1.0 if rms == "off" else float(rms) / centered_rms
+    goal = {"input": SEED_INPUT_RMS if cfg.latent_rms == "auto" else rms, "target": rms}
+    centered_rms = {"input": (inp[:n] - input_center).pow(2).mean().sqrt().item(),
+                    "target": (target[:n] - center).pow(2).mean().sqrt().item()}
+    scales = {side: 1.0 if rms == "off" else float(goal[side]) / centered_rms[side] for side in ("input", "target")}
+    scale = scales["target"]
     codebook = CodeBook({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("codebook.")})
+    inp, target = (inp - input_center) * scales["input"], (target - center) * scale
     info = {"source": meta["source"], "codec": meta["codec"], "raw_rms": raw_rms, "centered": centered,
             "offset_rms": center.pow(2).mean().sqrt().item(), "latent_rms": rms, "scale": scale,
+            "input_scale": scales["input"],
+            "rms": {"input": inp[:n].pow(2).mean().sqrt().item(), "target": target[:n].pow(2).mean().sqrt().item()},
             "cache": {"key": key, "hit": hit, "path": str(path)}, "encode_s": meta["encode_s"],
             "audio_seconds": meta["audio_seconds"], "frames": inp.shape[-1]}
-    inp, target = (inp - center) * scale, (target - center) * scale
-    return LatentData(inp[:n], target[:n], inp[n:], target[n:], scale, center, codebook, info)
+    return LatentData(inp[:n], target[:n], inp[n:], target[n:], scale, center, codebook, info,
+                      input_scale=scales["input"], input_center=input_center)
 
 
 # --- stab data inspect ----------------------------------------------------------------------
@@ -275,7 +300,7 @@ def inspect_latents(cfg: DataConfig) -> dict[str, Any]:
 
     usage: dict[str, list[dict[str, Any]]] = {}
     for side, parts in (("input", (data.train_input, data.val_input)), ("target", (data.train_target, data.val_target))):
-        z = torch.cat(parts) / data.scale + data.center  # back to the codec's own space
+        z = data.to_codec(torch.cat(parts), side)  # back to the codec's own space
         codes = torch.cat([data.codebook.codes(z[i: i + 64], n_q=n_q).reshape(n_q, -1)
                            for i in range(0, len(z), 64)], dim=1)  # (n_q, frames): chunks bound memory
         usage[side] = [{"codebook": q, **code_usage(codes[q], size)} for q in range(n_q)]

@@ -78,18 +78,29 @@ def scream_check(output: dict[str, float], target: dict[str, float], dominant: f
             and not is_degenerate(target, dominant, longest_run, loop))
 
 
-def scream_onset(collapsed: Sequence[bool | None], epochs: Sequence[int]) -> int | None:
+def scream_onset(collapsed: Sequence[bool | None], epochs: Sequence[int], min_epochs: int = 1) -> int | None:
     """The epoch from which the output stayed collapsed to the end, or None.
 
-    An untrained model's output is often near-constant at first and learns its way out; that
-    is not a scream. `None` entries (epochs not evaluated, e.g. stopped at a NaN) are skipped.
+    The collapse must cover at least `min_epochs` evaluated epochs: one collapsed epoch at the
+    end is a state, not yet a scream. An untrained model's output is often near-constant at
+    first and learns its way out; that is not a scream either. `None` entries (epochs not
+    evaluated, e.g. stopped at a NaN) are skipped.
     """
-    onset = None
+    onset, length = None, 0
     for flag, epoch in zip(collapsed, epochs):
         if flag is None:
             continue
-        onset = (onset or epoch) if flag else None
-    return onset
+        onset, length = ((onset or epoch), length + 1) if flag else (None, 0)
+    return onset if onset is not None and length >= min_epochs else None
+
+
+def still_learning(val_losses: Sequence[float], rate: float) -> bool:
+    """True if the validation loss fell by more than `rate` (relative) per epoch over the last two
+    epochs: a model whose output is still collapsed but whose loss keeps falling is undertrained."""
+    v = [x for x in val_losses if math.isfinite(x)]
+    if len(v) < 3 or v[-3] <= 0:
+        return False
+    return (v[-1] / v[-3]) ** 0.5 < 1.0 - rate
 
 
 def detect_spikes(values: Sequence[float], window: int, z: float, warmup: int) -> list[int]:
@@ -121,17 +132,118 @@ def growth_per_epoch(epoch_norms: Sequence[float]) -> float:
     return (finite[-1] / finite[0]) ** (1.0 / (len(finite) - 1))
 
 
-def verdict(first_nan: dict[str, Any] | None, scream_epoch: int | None, epoch_norms: Sequence[float],
-            explode_factor: float) -> tuple[str, str]:
-    """(verdict, evidence). Precedence: nan > scream > exploding > stable. `failed` is set by
-    the runner when the job crashed, before any of these are looked at."""
+def explosion(epoch_norms: Sequence[float], factor: float, window: int) -> tuple[int | None, float]:
+    """(first epoch of the first window of `window` consecutive epochs over which the grad norm
+    grew by more than `factor` per epoch (geometric mean), the growth over that window), or
+    (None, the largest windowed growth). Epochs count from 1; non-finite epochs end a window.
+
+    A window, not the whole run: a trajectory that grows 2.2x per epoch and then collapses or
+    goes NaN is exploding, whatever its mean over all epochs. With fewer finite epochs than
+    `window`, the window is all of them (at least 2)."""
+    x = [float(v) for v in epoch_norms]
+    best = math.nan
+    for i in range(len(x)):
+        seg: list[float] = []
+        for v in x[i:i + window]:  # the window, cut at the first non-finite epoch
+            if not (math.isfinite(v) and v > 0):
+                break
+            seg.append(v)
+        if len(seg) < 2:
+            continue
+        g = (seg[-1] / seg[0]) ** (1.0 / (len(seg) - 1))
+        best = g if not math.isfinite(best) else max(best, g)
+        if g > factor:
+            return i + 1, g
+    return None, best
+
+
+# Primary verdict: the most severe finding wins. A crash (failed) is set by the runner before any
+# of these; a NaN ends the measurement; an explosion explains a collapse that comes with it, so
+# it outranks the scream; a scream outranks stable.
+SEVERITY = ("failed", "nan", "exploding", "scream", "stable")
+
+
+def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None, clip: float | None,
+             explode_factor: float, explode_window: int, scream_min_epochs: int,
+             learning_rate: float, stage_clamp: float = 0.5, logit_growth: float = 10.0) -> dict[str, Any]:
+    """Every finding of a finished run, its primary verdict and the warnings a researcher should
+    see even in a stable run.
+
+    epochs: the epoch records (`grad_norm_mean`, `grad_norm_max`, `val_loss`, `collapsed`,
+    `clip_rate`, `stage_clamp_rate`, `health_summary`), in order. Returns {"verdict", "evidence",
+    "flags": [{"flag", "epoch"|"step", "evidence"}], "warnings": [{"warning", "message", ...}],
+    "scream_epoch"}. The verdict is the first of `SEVERITY` among the flags, else `stable`.
+    """
+    norms = [e["grad_norm_mean"] for e in epochs]
+    vals = [e["val_loss"] for e in epochs]
+    series = ", ".join(f"{v:.3g}" for v in norms)
+    flags: list[dict[str, Any]] = []
+    warnings: list[dict[str, Any]] = []
     if first_nan:
-        return "nan", (f"first non-finite {first_nan['kind']} at epoch {first_nan['epoch']}, batch "
-                       f"{first_nan['batch']} (step {first_nan['step']}), in {first_nan['module']}")
-    if scream_epoch is not None:
-        return "scream", f"output collapsed to one repeated code at epoch {scream_epoch}"
-    g = growth_per_epoch(epoch_norms)
-    norms = ", ".join(f"{v:.3g}" for v in epoch_norms)
-    if math.isfinite(g) and g > explode_factor:
-        return "exploding", f"grad norm grew {g:.2f}x per epoch (> {explode_factor}): {norms}"
-    return "stable", f"grad norm per epoch {norms}" + (f" ({g:.2f}x per epoch)" if math.isfinite(g) else "")
+        flags.append({"flag": "nan", "epoch": first_nan["epoch"], "step": first_nan["step"],
+                      "evidence": f"first non-finite {first_nan['kind']} at epoch {first_nan['epoch']}, batch "
+                                  f"{first_nan['batch']} (step {first_nan['step']}), in {first_nan['module']}"})
+    start, growth = explosion(norms, explode_factor, explode_window)
+    if start is not None:
+        flags.append({"flag": "exploding", "epoch": start, "growth": growth,
+                      "evidence": f"grad norm grew {growth:.2f}x per epoch from epoch {start} "
+                                  f"(> {explode_factor} over {explode_window} epochs): {series}"})
+    onset = scream_onset([e["collapsed"] for e in epochs], [e["epoch"] for e in epochs], scream_min_epochs)
+    if onset is not None and onset == epochs[0]["epoch"] and still_learning(vals, learning_rate):
+        warnings.append({"warning": "undertrained", "epoch": onset,
+                         "message": f"output collapsed from epoch {onset} to the end while the validation loss is "
+                                    f"still falling (>{learning_rate:.0%} per epoch): undertrained, not a scream; "
+                                    "train longer"})
+        onset = None
+    if onset is not None:
+        flags.append({"flag": "scream", "epoch": onset,
+                      "evidence": f"output collapsed to one repeated token from epoch {onset} to the end "
+                                  f"({epochs[-1]['epoch'] - onset + 1} epochs)"})
+    warnings += _warnings(epochs, clip, stage_clamp, logit_growth)
+    verdict, evidence = "stable", f"grad norm per epoch {series}"
+    for f in sorted(flags, key=lambda f: SEVERITY.index(f["flag"])):
+        verdict, evidence = f["flag"], f["evidence"]
+        break
+    if verdict == "stable" and math.isfinite(growth):
+        evidence += f" (at most {growth:.2f}x per epoch over {explode_window} epochs)"
+    return {"verdict": verdict, "evidence": evidence, "flags": flags, "warnings": warnings, "scream_epoch": onset}
+
+
+def _warnings(epochs: Sequence[dict[str, Any]], clip: float | None, stage_clamp: float,
+              logit_growth: float) -> list[dict[str, Any]]:
+    """What a researcher should see even in a stable run (see `diagnose`)."""
+    out: list[dict[str, Any]] = []
+    if not epochs:
+        return out
+    rates = np.array([e.get("stage_clamp_rate") or [] for e in epochs], dtype=float)
+    if rates.size:
+        for i, r in enumerate(np.nanmean(rates, axis=0)):
+            if r > stage_clamp:
+                out.append({"warning": "clamp_saturated", "stage": i, "rate": float(r),
+                            "message": f"stage {i}'s RMS-match clamp bound on {r:.0%} of steps: its scale is "
+                                       "pinned at a bound, so the stage cannot reach the target's RMS"})
+    logits = [(e["epoch"], (e.get("health_summary") or {}).get("attn_logit_max", math.nan)) for e in epochs]
+    logits = [(ep, v) for ep, v in logits if v is not None and math.isfinite(v) and v > 0]
+    if len(logits) >= 2 and logits[-1][1] / logits[0][1] >= logit_growth:
+        out.append({"warning": "attn_logit_growth", "from": logits[0][1], "to": logits[-1][1],
+                    "message": f"max attention logit grew {logits[-1][1] / logits[0][1]:.0f}x "
+                               f"({logits[0][1]:.3g} at epoch {logits[0][0]} -> {logits[-1][1]:.3g} at epoch "
+                               f"{logits[-1][0]}): attention-entropy collapse ahead (Wortsman et al. 2023, "
+                               "arXiv 2309.14322); qk_norm caps it"})
+    if clip is not None:
+        clip_rates = [e["clip_rate"] for e in epochs if math.isfinite(e.get("clip_rate", math.nan))]
+        peak = max((e["grad_norm_max"] for e in epochs if math.isfinite(e["grad_norm_max"])), default=math.nan)
+        if clip_rates and max(clip_rates) == 0:
+            out.append({"warning": "clip_never", "clip": clip, "grad_norm_max": peak,
+                        "message": f"clip={clip:g} never fired (largest grad norm {peak:.3g}): "
+                                   "at this setting the clip axis changes nothing"})
+        elif clip_rates and min(clip_rates) >= 0.95:
+            out.append({"warning": "clip_always", "clip": clip, "rate": float(np.mean(clip_rates)),
+                        "message": f"clip={clip:g} fired on {np.mean(clip_rates):.0%} of steps: every update is "
+                                   "clipped, so the learning rate is effectively lr x clip / grad norm"})
+    vals = [(e["epoch"], e["val_loss"]) for e in epochs if math.isfinite(e.get("val_loss", math.nan))]
+    if len(vals) >= 2 and min(v for _, v in vals[1:]) >= vals[0][1]:
+        out.append({"warning": "val_not_improving", "first": vals[0][1], "last": vals[-1][1],
+                    "message": f"validation loss never went below its epoch-{vals[0][0]} value "
+                               f"{vals[0][1]:.4g} (last {vals[-1][1]:.4g})"})
+    return out

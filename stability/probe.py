@@ -36,8 +36,8 @@ def init_profile(cfg: RunConfig, k: int, device: torch.device) -> list[dict[str,
     for name, (block, _attn) in work.health_layers().items():
         weight = block.mlp.proj.weight
         grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-        stage, _, layer = name.rpartition(".layer")
-        rows.append({"layer_name": name, "stage": stage or "", "layer": int(layer),
+        stage, _, layer = name.rpartition("layer")  # "stage2.layer3" (cascade) or "layer3" (char LM)
+        rows.append({"layer_name": name, "stage": stage.rstrip("."), "layer": int(layer),
                      "grad_fro": grad.norm().item()})
     model.zero_grad(set_to_none=True)
     return rows
@@ -50,7 +50,8 @@ def compare(cfg: RunConfig, depths: list[int], norms: list[str], k: int,
     for depth in depths:
         for norm in norms:
             c = copy.deepcopy(cfg)
-            c.model.n_layers = [depth] * len(c.model.n_layers)
+            # the cascade has one layer count per stage, the char LM one for its single stack
+            c.model.n_layers = depth if isinstance(c.model.n_layers, int) else [depth] * len(c.model.n_layers)
             c.model.norm = norm
             for row in init_profile(c, k, device):
                 out.append({"depth": depth, "norm": norm, **row})

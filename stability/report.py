@@ -524,6 +524,69 @@ def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+UNSTABLE = ("exploding", "scream", "nan")  # verdicts that count as "unstable" in the answer
+DECISIVE = 0.5  # a factor is decisive when the unstable share differs by at least this between its values
+
+
+def _max_grad(run: Run) -> float:
+    finite = [g for g in run.series("grad_norm_max_by_epoch") if math.isfinite(g)]
+    return max(finite) if finite else math.nan
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]:
+    """The report's opening: per factor and value, unstable runs out of runs with a verdict
+    (`exploding`, `scream` or `nan` out of those that did not crash), the median final
+    validation loss and the median largest grad norm; and one sentence naming the decisive
+    factor(s), those whose unstable share differs by at least `DECISIVE` between two values,
+    largest difference first, e.g. "residual: 0/6 unstable at 0.3 vs 5/6 at 0.1"."""
+    judged = [r for r in runs if r.verdict in VERDICTS and r.verdict != "failed"]
+    rows, spreads = [], []
+    for k in keys:
+        values = sorted({factor_value(r, k) for r in judged}, key=_value_order)
+        counts = []
+        for v in values:
+            mine = [r for r in judged if factor_value(r, k) == v]
+            bad = sum(r.verdict in UNSTABLE for r in mine)
+            counts.append((v, bad, len(mine)))
+            rows.append({"factor": k, "value": v, "unstable": f"{bad}/{len(mine)}",
+                         "unstable_share": bad / len(mine),
+                         "median final val loss": _median([_float(r.summary.get("final_val_loss")) for r in mine]),
+                         "median max grad norm": _median([_max_grad(r) for r in mine])})
+        if len(counts) > 1:
+            lo, hi = min(counts, key=lambda c: c[1] / c[2]), max(counts, key=lambda c: c[1] / c[2])
+            spread = hi[1] / hi[2] - lo[1] / lo[2]
+            if spread >= DECISIVE:
+                spreads.append((spread, f"{k}: {lo[1]}/{lo[2]} unstable at {lo[0]} vs {hi[1]}/{hi[2]} at {hi[0]}"))
+    n_bad = sum(r.verdict in UNSTABLE for r in judged)
+    if not judged:
+        sentence = "No run has a verdict yet."
+    elif n_bad == 0:
+        sentence = f"All {len(judged)} runs are stable: no factor made a difference at these settings."
+    elif n_bad == len(judged):
+        sentence = f"All {len(judged)} runs are unstable: no value of any factor fixed it."
+    elif spreads:
+        spreads.sort(key=lambda t: -t[0])
+        sentence = f"Decisive: {'; '.join(t for _, t in spreads)}."
+    else:
+        sentence = (f"{n_bad}/{len(judged)} runs unstable; no single factor separates them "
+                    f"(no factor's unstable share differs by {DECISIVE:.0%} or more between its values).")
+    return pd.DataFrame(rows, columns=["factor", "value", "unstable", "unstable_share", "median final val loss",
+                                       "median max grad norm"]), sentence
+
+
+def answer_display(table: pd.DataFrame) -> pd.DataFrame:
+    """`answer`'s table as strings."""
+    out = table.drop(columns=["unstable_share"]).astype(object)
+    for col in ("median final val loss", "median max grad norm"):
+        out[col] = [format_number(v) for v in table[col]]
+    return out
+
+
 def factor_display(summary: pd.DataFrame) -> pd.DataFrame:
     """factor_summary as strings: shares in percent, the median as a number."""
     out = summary.copy()
@@ -716,6 +779,46 @@ def plot_grad_norms(runs: Sequence[Run], names: dict[str, str], path: Path) -> P
     return path
 
 
+def _attn_logit_series(run: Run) -> list[float]:
+    return [_float((e.get("health_summary") or {}).get("attn_logit_max")) for e in run.epochs]
+
+
+def plot_curves(runs: Sequence[Run], names: dict[str, str], path: Path) -> Path:
+    """Three panels per epoch, one colour per run: training loss (solid) and validation loss
+    (dashed); total gradient norm (mean over the epoch); max attention logit on the validation
+    batch (Wortsman et al. 2023, arXiv 2309.14322: its growth precedes attention-entropy
+    collapse). Log y; non-finite values are left out (the grad-norm plot marks them)."""
+    plotted = [r for r in runs if r.epochs or r.series("grad_norm_by_epoch")]
+    fig = Figure(figsize=(15, 4.6 + 0.22 * max(0, len(plotted) - 12)))
+    axes = fig.subplots(1, 3)
+    palette = [f"C{i}" for i in range(10)]
+    for i, r in enumerate(plotted):
+        c, label = palette[i % len(palette)], f"{names.get(r.rel, r.rel)}  [{r.verdict}]"
+        for ax, ys, ls, lab in ((axes[0], r.series("loss_by_epoch"), "-", label),
+                                (axes[0], r.series("val_loss_by_epoch"), "--", None),
+                                (axes[1], r.series("grad_norm_by_epoch"), "-", None),
+                                (axes[2], _attn_logit_series(r), "-", None)):
+            y = np.array(ys, dtype=float)
+            x = np.arange(1, len(y) + 1)
+            ok = np.isfinite(y) & (y > 0)
+            if ok.any():
+                ax.plot(x[ok], y[ok], ls, color=c, marker="o", ms=3, lw=1.4, label=lab)
+    for ax, title in zip(axes, ("loss (solid: train, dashed: validation)", "gradient norm (total, epoch mean)",
+                                "max attention logit (validation batch)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(True, which="both", alpha=0.25)
+        if ax.lines:
+            ax.set_yscale("log")
+            _plain_log_ticks(ax)
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+    if plotted:
+        fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(plotted)), fontsize=8, frameon=False)
+    _save(fig, path)
+    return path
+
+
 def _plain_log_ticks(ax: Any) -> None:
     """Log-axis labels as plain numbers (`4`, `0.01`, `1e+04`), minor ones too when under ~1.5 decades."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -802,6 +905,8 @@ class Report:
     files: list[Path]
     heatmaps: dict[str, Path]  # run.rel -> PNG
     lr_table: pd.DataFrame | None = None  # LR sensitivity per configuration, when the LR was swept
+    answer: pd.DataFrame | None = None  # unstable share per factor value (see `answer`)
+    sentence: str = ""  # the report's one-sentence answer
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
@@ -825,11 +930,11 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     names = labels(runs, keys)
-    files = [plot_grad_norms(runs, names, plots / "grad_norm.png")]
+    files = [plot_curves(runs, names, plots / "curves.png"), plot_grad_norms(runs, names, plots / "grad_norm.png")]
     heatmaps: dict[str, Path] = {}
     used: set[str] = set()
     for r in runs:
-        if r.verdict == "stable" or r.grad_table is None or not any(c.endswith("_mean") for c in r.grad_table.columns):
+        if r.verdict not in UNSTABLE or r.grad_table is None or not any(c.endswith("_mean") for c in r.grad_table.columns):
             continue
         name = _slug(f"heatmap_{r.rel}")
         while name in used:
@@ -843,13 +948,15 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     write_csv(table, out / "runs.csv")
     write_csv(summary, out / "factors.csv")
     lr_table = lr_summary(runs, keys)
+    ans, sentence = answer(runs, keys)
     extra = []
     if lr_table is not None:
         write_csv(lr_table, out / "lr_sensitivity.csv")
         extra.append(out / "lr_sensitivity.csv")
-    atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table))
+    atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table,
+                                                   ans, sentence))
     files = [out / "report.md", out / "runs.csv", out / "factors.csv", *extra, *files]
-    return Report(root, out, runs, keys, over, table, summary, files, heatmaps, lr_table)
+    return Report(root, out, runs, keys, over, table, summary, files, heatmaps, lr_table, ans, sentence)
 
 
 def lr_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame | None:
@@ -879,7 +986,7 @@ def lr_display(table: pd.DataFrame) -> pd.DataFrame:
 
 def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], names: dict[str, str],
               over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path],
-              lr_table: pd.DataFrame | None = None) -> str:
+              lr_table: pd.DataFrame | None = None, ans: pd.DataFrame | None = None, sentence: str = "") -> str:
     seen = sorted({r.verdict for r in runs}, key=lambda v: (VERDICTS.index(v) if v in VERDICTS else len(VERDICTS), v))
     counts = {v: sum(r.verdict == v for r in runs) for v in seen}
     parts = [f"# Stability report: `{root}`\n",
@@ -889,6 +996,11 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], n
              + " Every number of every run is in [runs.csv](runs.csv) (NaN and inf written as such, an empty cell"
              " where a value does not apply; in pandas: `pd.read_csv('runs.csv', keep_default_na=False,"
              " na_values=['', 'NaN'])`, so that the verdict `nan` stays a word).\n"]
+    if sentence:
+        parts.insert(1, f"**{sentence}**\n")
+    if ans is not None and not ans.empty:
+        parts.insert(2, "Unstable = `exploding`, `scream` or `nan`, out of the runs that did not crash; medians over "
+                        "the runs at each value (across all other factors).\n\n" + markdown_table(answer_display(ans)))
     warned = [(r.rel, w) for r in runs for w in r.warnings]
     if warned:
         parts.append(f"**{len(warned)} warning(s)**, see [Warnings](#warnings).\n")
@@ -904,7 +1016,8 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], n
                   "arXiv 2309.14322). 0: every LR reached the best loss; smaller is flatter.\n",
                   markdown_table(lr_display(lr_table))]
     rel_plots = os.path.relpath(out / PLOTS, out)
-    parts += ["## Gradient norm per epoch\n", f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n"]
+    parts += ["## Loss, gradient norm and attention logits per epoch\n", f"![curves]({rel_plots}/curves.png)\n",
+              "## Gradient norm per epoch\n", f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n"]
     if heatmaps:
         parts.append("## Unstable runs: gradient norm by module group\n")
         for r in runs:
@@ -914,4 +1027,16 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], n
                           f"![{_slug(r.rel)}]({rel_plots}/{heatmaps[r.rel].name})\n"]
     if warned:
         parts += ["## Warnings\n", "\n".join(f"- `{rel}`: {w}" for rel, w in warned) + "\n"]
+    found = diagnostic_warnings(runs)
+    if found:
+        parts += ["## What the detectors saw\n", "Warnings the runs raised about themselves (`warnings` in each "
+                  "`summary.json`), whatever their verdict.\n",
+                  "\n".join(f"- `{names.get(rel, rel)}`: {w}" for rel, w in found) + "\n"]
     return "\n".join(parts)
+
+
+def diagnostic_warnings(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    """(run, message) for every warning in the runs' summaries (saturated clamps, attention-logit
+    growth, a clip that never or always fires, validation loss not improving, undertraining)."""
+    return [(r.rel, w.get("message", str(w))) for r in runs for w in (r.summary.get("warnings") or [])
+            if isinstance(w, dict)]

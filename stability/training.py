@@ -225,7 +225,8 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                     opt.zero_grad(set_to_none=True)  # the stepper did not step on them; drop them
                     if tc.on_nan == "stop":
                         stopped = True
-                rec = _step_record(host, names, n_stages, cfg.model.rms_clamp if n_stages else None, step, epoch, b)
+                rec = _step_record(host, names, n_stages, cfg.model.rms_clamp if n_stages and cfg.model.rms_match else None,
+                                   step, epoch, b)
                 rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
                 rec["lr"] = sched.get_last_lr()[0]
                 rec["time/step_ms"] = 1000 * (time.perf_counter() - t0)
@@ -264,22 +265,24 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
 
     if injector:
         injector.close()
-    scream_epoch = detectors.scream_onset([e["collapsed"] for e in epochs], [e["epoch"] for e in epochs])
+    dc = cfg.detect
+    diag = detectors.diagnose(epochs, first_nan, tc.clip, dc.explode_factor, dc.explode_window,
+                               dc.scream.min_epochs, dc.scream.learning, dc.clamp_warn, dc.logit_growth)
+    scream_epoch = diag["scream_epoch"]
     if scream_epoch is not None:
-        onset = epochs[scream_epoch - 1]
+        onset = next(e for e in epochs if e["epoch"] == scream_epoch)
         event("scream", epoch=scream_epoch, scores=onset["scores"], target_scores=onset["target_scores"])
     norms = [e["grad_norm_mean"] for e in epochs]
-    dc = cfg.detect
     spikes = detectors.detect_spikes([r["grad/norm"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup)
     loss_spikes = detectors.detect_spikes([r["loss"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup)
     for kind, found, key in (("grad_spike", spikes, "grad/norm"), ("loss_spike", loss_spikes, "loss")):
         for i in found[:20]:  # the first few; the count is in the summary
             event(kind, step=steps[i]["step"], epoch=steps[i]["epoch"], batch=steps[i]["batch"], value=steps[i][key])
     first_spike = min([steps[found[0]]["step"] for found in (spikes, loss_spikes) if found], default=None)
-    verdict, evidence = detectors.verdict(first_nan, scream_epoch, norms, cfg.detect.explode_factor)
     losses = [r["loss"] for r in steps]
     summary = {
-        "verdict": verdict, "evidence": evidence, "run_id": cfg.identity(),
+        "verdict": diag["verdict"], "evidence": diag["evidence"], "run_id": cfg.identity(),
+        "flags": diag["flags"], "warnings": diag["warnings"],
         "first_nan": first_nan, "scream_epoch": scream_epoch,
         "grad_norm_by_epoch": norms, "grad_norm_max_by_epoch": [e["grad_norm_max"] for e in epochs],
         "loss_by_epoch": [e["loss"] for e in epochs], "val_loss_by_epoch": [e["val_loss"] for e in epochs],
@@ -334,7 +337,7 @@ class Stepper:
         return host, finite
 
 
-def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[float], step: int,
+def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[float] | None, step: int,
                  epoch: int, batch: int) -> dict[str, Any]:
     G = len(names)
     rec: dict[str, Any] = {"step": step, "epoch": epoch, "batch": batch, "loss": float(host[0]),
@@ -346,7 +349,7 @@ def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[
         rec[f"stage{i}/rms"] = float(rms)
         rec[f"stage{i}/ratio"] = float(ratio)
         rec[f"stage{i}/scale"] = float(scale)
-        rec[f"stage{i}/clamped"] = bool(ratio < clamp[0] or ratio > clamp[1])
+        rec[f"stage{i}/clamped"] = clamp is not None and bool(ratio < clamp[0] or ratio > clamp[1])
     rec["finite"] = bool(np.isfinite(host[:2 + G]).all())
     return rec
 

@@ -62,9 +62,9 @@ class CascadeWorkload:
         target_codes = d.codebook.codes(self.to_codec(d.val_target[:k])).tolist()
         self.target_scores = mean_scores(target_codes, cfg.detect.scream.n)
 
-    def to_codec(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model space -> the codec's own latent space (undo the scaling and centering)."""
-        return latents.cpu() / self.data.scale + self.data.center
+    def to_codec(self, latents: torch.Tensor, side: str = "target") -> torch.Tensor:
+        """Model space -> the codec's own latent space (see `LatentData.to_codec`)."""
+        return self.data.to_codec(latents, side)
 
     @property
     def n_train(self) -> int:
@@ -126,6 +126,6 @@ class CascadeWorkload:
         out = self.model(self.val_input[:k], self.val_target[:k]).float()
         self.model.train(was_training)
         refs = None if getattr(self, "_listened", False) else \
-            {"input": self.to_codec(self.val_input[:k]), "target": self.to_codec(self.val_target[:k])}
+            {"input": self.to_codec(self.val_input[:k], "input"), "target": self.to_codec(self.val_target[:k])}
         self._listened = True
         return write_listening(self._codec.model, run_dir, epoch, self.to_codec(out), refs)

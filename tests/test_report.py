@@ -71,9 +71,14 @@ def rich_tables(output: str) -> list[list[dict[str, str]]]:
     return tables
 
 
+def table_with(output: str, column: str) -> list[dict[str, str]]:
+    """The first printed table that has `column`."""
+    return next(t for t in rich_tables(output) if t and column in t[0])
+
+
 def test_report_prints_one_row_per_run_with_the_overrides_that_differ(runs, reported):
     result, _ = reported
-    table = rich_tables(result.output)[0]
+    table = table_with(result.output, "verdict")
     dirs = run_dirs(runs)
     assert len(table) == len(dirs) == 6
     assert {"residual", "norm", "fault.nan_at_step", "fault.crash_at_step", "verdict", "first NaN", "scream",
@@ -103,7 +108,7 @@ def test_report_prints_one_row_per_run_with_the_overrides_that_differ(runs, repo
 
 def test_factor_summary_gives_verdict_shares_and_median_last_grad_norm(runs, reported):
     result, out = reported
-    printed = rich_tables(result.output)[1]
+    printed = table_with(result.output, "stable")
     factors = pd.read_csv(out / "factors.csv")
     grid = run_dirs(runs / "grid")
     for value in ("0.1", "0.3"):
@@ -118,6 +123,25 @@ def test_factor_summary_gives_verdict_shares_and_median_last_grad_norm(runs, rep
         assert shown["stable"] == f"{round(100 * row['stable'])}%"
     nan_row = factors[(factors["factor"] == "fault.nan_at_step") & (factors["value"].astype(str) == "6")].iloc[0]
     assert nan_row["nan"] == 1.0
+
+
+def test_the_report_opens_with_the_answer_per_factor_value(runs, reported):
+    result, out = reported
+    grid = [read_json(d / "summary.json") | {"dir": d.name} for d in run_dirs(runs / "grid")]
+    printed = {(r["factor"], r["value"]): r for r in table_with(result.output, "unstable")}
+    for value in ("0.1", "0.3"):
+        mine = [s for s in grid if f"residual={value}" in s["dir"]]
+        bad = sum(s["verdict"] in ("exploding", "scream", "nan") for s in mine)
+        assert printed[("residual", value)]["unstable"] == f"{bad}/{len(mine)}"
+        vals = sorted(s["final_val_loss"] for s in mine)
+        assert printed[("residual", value)]["median final val loss"] == f"{statistics.median(vals):.3g}"
+    # the injected NaN run is unstable at fault.nan_at_step=6, so that factor is decisive
+    assert printed[("fault.nan_at_step", "6")]["unstable"] == "1/1"
+    md = (out / "report.md").read_text()
+    sentence = next(line for line in md.splitlines() if line.startswith("**"))  # the line after the title
+    assert "fault.nan_at_step: " in sentence and "1/1 at 6" in sentence
+    assert sentence.strip("*") in " ".join(result.output.split())
+    _png(out / "plots" / "curves.png")
 
 
 def test_runs_csv_has_every_number_of_every_run_and_keeps_nan(runs, reported):
@@ -200,7 +224,7 @@ def test_damaged_and_unfinished_runs_are_listed_with_warnings(runs, tmp_path):
 
     out = tmp_path / "out"
     result = invoke("report", damaged, "--out", out)
-    rows = {r["run"]: r for r in rich_tables(result.output)[0]}
+    rows = {r["run"]: r for r in table_with(result.output, "verdict")}
     assert set(rows) == set(names) | {"nan"}  # nobody hidden
     assert rows["running"]["state"] == "running" and rows["running"]["verdict"] == "running"
     assert rows["running"]["grad norm per epoch"] != "-"  # partial numbers from epochs.jsonl

@@ -15,6 +15,8 @@ embedding, so `spectral_norm` can bound it alone and its gradient norm is its ow
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,8 +55,12 @@ class CharLM(nn.Module):
                            cfg.final_norm, causal=True, **stabilizers(cfg))
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         init_weights(self, cfg.init_std)
-        for emb in (self.tok, self.pos):  # GPT-2: N(0, 0.02), not nn.Embedding's N(0, 1)
-            nn.init.normal_(emb.weight, std=0.02)
+        # GPT-2: N(0, 0.02), not nn.Embedding's N(0, 1). With embed_scale, the Transformer's (and
+        # Xiong et al. 2020's, arXiv 2002.04745) N(0, 1/d) times sqrt(d): entries of unit scale, so
+        # the residual stream does not start 50x smaller than what each block adds to it.
+        self.embed_mult = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
+        for emb in (self.tok, self.pos):
+            nn.init.normal_(emb.weight, std=cfg.d_model ** -0.5 if cfg.embed_scale else 0.02)
         if cfg.spectral_norm:
             # The char LM's output projection, as `output_proj` is the cascade's (Miyato et al.
             # 2018, arXiv 1802.05957): sigma(lm_head) = 1, one power iteration per training forward.
@@ -63,7 +69,7 @@ class CharLM(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         pos = torch.arange(T, device=idx.device)
-        x = self.tok(idx) + self.pos(pos)  # (B, T, d)
+        x = (self.tok(idx) + self.pos(pos)) * self.embed_mult  # (B, T, d)
         x = self.stack(x)  # (B, T, d)
         return self.lm_head(x)  # (B, T, vocab)
 
