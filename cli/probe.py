@@ -1,6 +1,7 @@
 """`stab probe init [OVERRIDES...]`: per-layer FFN gradient norms at initialisation, pre vs post.
 
     stab probe init --depths 2,6,12 preset=smoke
+    stab probe init model=charlm --paper        # Xavier init, unit-scale embeddings, as in the paper
 """
 
 from __future__ import annotations
@@ -26,8 +27,14 @@ def init(
     depths: Annotated[str, typer.Option("--depths", help="Comma list of layer counts per stage.")] = "2,6,12",
     batches: Annotated[int, typer.Option("--batches", help="K: batches the gradient is averaged over.")] = 4,
     out: Annotated[Path, typer.Option("--out", help="Folder for probe_init.csv and probe_init.png.")] = Path("runs/probe"),
+    paper: Annotated[bool, typer.Option("--paper", help="Xiong et al.'s setting: Xavier init (model.init_std=0) and, "
+                                        "for the char LM, unit-scale embeddings (model.embed_scale=true).")] = False,
 ) -> None:
     """Frobenius norm of the mean gradient of each layer's MLP output weight at init (Xiong et al. 2020)."""
+    overrides = list(overrides or [])
+    if paper:
+        charlm = any(o.replace(" ", "") == "model=charlm" for o in overrides)
+        overrides = ["model.init_std=0", *(["model.embed_scale=true"] if charlm else []), *overrides]
     with user_errors():
         try:
             depth_list = [int(d) for d in depths.split(",")]
@@ -37,7 +44,7 @@ def init(
             raise UserError(f"--depths {depths!r} is not allowed: each depth must be 1..96")
         if batches < 1:
             raise UserError(f"--batches {batches} is not allowed: expected an integer >= 1")
-        cfg = compose_run(list(overrides or []))
+        cfg = compose_run(overrides)
     import pandas as pd
 
     from stability.probe import compare, growth

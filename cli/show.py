@@ -44,6 +44,10 @@ def show(
                   f"  run {s.get('run_id') or r.status.get('run_id') or '?'}", highlight=False)
     if s.get("evidence"):
         console.print(f"  {escape(str(s['evidence']))}", highlight=False)
+    for f in (s.get("flags") or [])[1:]:  # every finding besides the verdict's own
+        console.print(f"  also {f.get('flag')}: {f.get('evidence')}", markup=False, highlight=False)
+    for w in s.get("warnings") or []:
+        console.print(f"  warning: {w.get('message')}", markup=False, highlight=False, style="yellow")
     console.print(f"  overrides: {escape(' '.join(r.overrides)) if r.overrides is not None else '?'}   "
                   f"device {r.status.get('device', '?')}  threads {r.status.get('threads', '?')}   "
                   f"wall {fmt(r.wall_s)} s", highlight=False)

@@ -282,6 +282,7 @@ class DetectConfig:
     spike_window: int = 20  # steps in the running baseline of the spike detector
     spike_z: float = 6.0  # robust z-score (median/MAD) that counts as a spike
     spike_warmup: int = 10  # steps before spikes are looked for
+    spike_ratio: float = 3.0  # ... and a spike is at least this many times the running median
     health: bool = True  # attention/activation health on the validation batch each epoch
     clamp_warn: float = 0.5  # warn when a stage's RMS-match clamp binds on more than this share of steps
     logit_growth: float = 10.0  # warn when the max attention logit grows by this factor over the run
@@ -298,6 +299,7 @@ class DetectConfig:
         self.spike_window = _number("detect.spike_window", self.spike_window, lo=3, integer=True)
         self.spike_z = _number("detect.spike_z", self.spike_z, lo=0.0, lo_open=True)
         self.spike_warmup = _number("detect.spike_warmup", self.spike_warmup, lo=0, integer=True)
+        self.spike_ratio = _number("detect.spike_ratio", self.spike_ratio, lo=1.0)
 
 
 @dataclass

@@ -273,8 +273,10 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         onset = next(e for e in epochs if e["epoch"] == scream_epoch)
         event("scream", epoch=scream_epoch, scores=onset["scores"], target_scores=onset["target_scores"])
     norms = [e["grad_norm_mean"] for e in epochs]
-    spikes = detectors.detect_spikes([r["grad/norm"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup)
-    loss_spikes = detectors.detect_spikes([r["loss"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup)
+    spikes = detectors.detect_spikes([r["grad/norm"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup,
+                                     dc.spike_ratio)
+    loss_spikes = detectors.detect_spikes([r["loss"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup,
+                                          dc.spike_ratio)
     for kind, found, key in (("grad_spike", spikes, "grad/norm"), ("loss_spike", loss_spikes, "loss")):
         for i in found[:20]:  # the first few; the count is in the summary
             event(kind, step=steps[i]["step"], epoch=steps[i]["epoch"], batch=steps[i]["batch"], value=steps[i][key])
@@ -290,9 +292,10 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         "final_val_loss": epochs[-1]["val_loss"] if epochs else math.nan,
         "growth_per_epoch": detectors.growth_per_epoch(norms),
         "first_spike_step": first_spike, "n_grad_spikes": len(spikes), "n_loss_spikes": len(loss_spikes),
-        # how many steps the first spike came before the first NaN: the warning time a user had
-        "spike_lead_steps": (first_nan["step"] - first_spike) if first_nan and first_spike is not None
-        and first_spike <= first_nan["step"] else None,
+        # how many steps the first spike came before the event (the first NaN, else for an exploding
+        # run its largest grad norm): the warning time a user had
+        "spike_lead_steps": detectors.spike_lead(first_spike, first_nan, diag["verdict"],
+                                                 [r["grad/norm"] for r in steps]),
         "clip_rate": float(np.mean([r["grad/clipped"] for r in steps])) if steps else math.nan,
         "nonfinite_steps": sum(1 for r in steps if not r["finite"]),
         "epochs_run": len(epochs), "steps": step, "stopped_early": stopped,

@@ -96,3 +96,14 @@ def test_probe_cli_writes_table_csv_and_plot(cli, tmp_path):
     assert (tmp_path / "probe_init.png").stat().st_size > 5000
     bad = cli("probe", "init", "--depths", "two", ok=False)
     assert bad.exit_code == 2 and "--depths 'two' is not allowed" in bad.output
+
+
+@pytest.mark.slow
+def test_char_lm_probe_in_the_papers_setting_post_norm_grows_with_depth_pre_norm_stays_flat(cli, tmp_path):
+    # Xiong et al. 2020 (arXiv 2002.04745), Fig. 3: with Xavier init and unit-scale embeddings the
+    # FFN-output gradient of a post-norm stack grows towards the last layer; a pre-norm stack's stays flat.
+    cli("probe", "init", "model=charlm", "--paper", "--depths", "12", "--batches", "2", "--out", tmp_path)
+    df = pd.read_csv(tmp_path / "probe_init.csv")
+    assert set(df["stage"].fillna("")) == {""} and sorted(set(df["layer"])) == list(range(12))
+    ratio = {n: part["grad_fro"].iloc[-1] / part["grad_fro"].iloc[0] for n, part in df.groupby("norm")}
+    assert ratio["post"] > 1.3 and 0.5 < ratio["pre"] < 1.2 and ratio["post"] > 1.5 * ratio["pre"]
