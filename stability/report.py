@@ -965,7 +965,9 @@ def lr_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame | None:
     done = [r for r in runs if r.config and r.summary.get("verdict") not in (None, "failed")]
     others = [k for k in keys if k not in ("train.lr", "lr")]
     frame = pd.DataFrame([{**{k: factor_value(r, k) for k in others}, "train.lr": r.config["train"]["lr"],
-                           "initial_loss": initial_loss(r.path), "final_loss": _float(r.summary.get("final_loss"))}
+                           "initial_loss": initial_loss(r.path),
+                           # validation loss, not the last training batch's (one batch is noisy)
+                           "final_loss": _float(r.summary.get("final_val_loss"))}
                           for r in done])
     if frame.empty or not varies_lr(frame):
         return None
@@ -1012,8 +1014,9 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], n
                   markdown_table(factor_display(summary))]
     if lr_table is not None:
         parts += ["## Learning-rate sensitivity\n", "Per configuration of the other factors: the mean over the LR "
-                  "grid of min(final loss, initial loss) minus the best final loss (Wortsman et al. 2023, "
-                  "arXiv 2309.14322). 0: every LR reached the best loss; smaller is flatter.\n",
+                  "grid of min(final validation loss, initial loss) minus the best final validation loss "
+                  "(Wortsman et al. 2023, arXiv 2309.14322; the initial loss is the first step's, at init). "
+                  "0: every LR reached the best loss; smaller is flatter.\n",
                   markdown_table(lr_display(lr_table))]
     rel_plots = os.path.relpath(out / PLOTS, out)
     parts += ["## Loss, gradient norm and attention logits per epoch\n", f"![curves]({rel_plots}/curves.png)\n",

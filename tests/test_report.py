@@ -303,3 +303,6 @@ def test_report_adds_lr_sensitivity_when_the_sweep_varies_the_learning_rate(tmp_
     assert len(table) == 1 and table.loc[0, "n_lr"] == 2
     assert table.loc[0, "lr_sensitivity"] >= 0.0  # mean loss above the best LR's: never negative
     assert "## Learning-rate sensitivity" in (tmp_path / "report.md").read_text()
+    # judged on the validation loss, not the last training batch's
+    vals = [read_json(p)["final_val_loss"] for p in (tmp_path / "lr").glob("*/summary.json")]
+    assert table.loc[0, "best_final_loss"] == pytest.approx(min(vals), rel=1e-6)
