@@ -273,6 +273,7 @@ class DetectConfig:
     """Thresholds of the detectors that turn histories into events and a verdict."""
 
     explode_factor: float = 2.0  # 'exploding' if grad norm grows by more than this per epoch
+    explode_step_factor: float = 1000.0  # ... or if one step's (finite) grad norm exceeds the run's median by this
     spike_window: int = 20  # steps in the running baseline of the spike detector
     spike_z: float = 6.0  # robust z-score (median/MAD) that counts as a spike
     spike_warmup: int = 10  # steps before spikes are looked for
@@ -284,6 +285,7 @@ class DetectConfig:
         if isinstance(self.scream, dict):
             self.scream = _build(ScreamConfig, self.scream, "detect.scream")
         self.explode_factor = _number("detect.explode_factor", self.explode_factor, lo=1.0, lo_open=True)
+        self.explode_step_factor = _number("detect.explode_step_factor", self.explode_step_factor, lo=1.0, lo_open=True)
         self.spike_window = _number("detect.spike_window", self.spike_window, lo=3, integer=True)
         self.spike_z = _number("detect.spike_z", self.spike_z, lo=0.0, lo_open=True)
         self.spike_warmup = _number("detect.spike_warmup", self.spike_warmup, lo=0, integer=True)

@@ -121,17 +121,37 @@ def growth_per_epoch(epoch_norms: Sequence[float]) -> float:
     return (finite[-1] / finite[0]) ** (1.0 / (len(finite) - 1))
 
 
+def peak_norm(step_norms: Sequence[float], factor: float) -> tuple[int, float] | None:
+    """(index, ratio) of the largest finite step norm if it exceeds the median finite step norm by
+    more than `factor`, else None: a gradient explosion even when later steps recover. Huge is
+    not non-finite: a norm of 1e31 from finite gradients is an explosion, not a NaN."""
+    x = np.asarray(step_norms, dtype=float)
+    ok = np.isfinite(x)
+    if ok.sum() < 2:
+        return None
+    i = int(np.argmax(np.where(ok, x, -np.inf)))
+    med = float(np.median(x[ok]))
+    ratio = x[i] / med if med > 0 else math.inf
+    return (i, ratio) if ratio > factor else None
+
+
 def verdict(first_nan: dict[str, Any] | None, scream_epoch: int | None, epoch_norms: Sequence[float],
-            explode_factor: float) -> tuple[str, str]:
+            explode_factor: float, peak: dict[str, Any] | None = None) -> tuple[str, str]:
     """(verdict, evidence). Precedence: nan > scream > exploding > stable. `failed` is set by
-    the runner when the job crashed, before any of these are looked at."""
+    the runner when the job crashed, before any of these are looked at. `peak` ({value, ratio,
+    step, epoch, batch}, from `peak_norm`) is a step whose finite grad norm was huge: an
+    explosion, said in the evidence of whichever verdict wins."""
+    huge = (f"grad norm reached {peak['value']:.3g} at epoch {peak['epoch']}, batch {peak['batch']} (step "
+            f"{peak['step']}), {peak['ratio']:.3g}x the run's median step, with every gradient finite") if peak else ""
     if first_nan:
         return "nan", (f"first non-finite {first_nan['kind']} at epoch {first_nan['epoch']}, batch "
                        f"{first_nan['batch']} (step {first_nan['step']}), in {first_nan['module']}")
     if scream_epoch is not None:
-        return "scream", f"output collapsed to one repeated code at epoch {scream_epoch}"
+        return "scream", f"output collapsed to one repeated code at epoch {scream_epoch}" + (f"; {huge}" if huge else "")
     g = growth_per_epoch(epoch_norms)
     norms = ", ".join(f"{v:.3g}" for v in epoch_norms)
     if math.isfinite(g) and g > explode_factor:
-        return "exploding", f"grad norm grew {g:.2f}x per epoch (> {explode_factor}): {norms}"
+        return "exploding", f"grad norm grew {g:.2f}x per epoch (> {explode_factor}): {norms}" + (f"; {huge}" if huge else "")
+    if huge:
+        return "exploding", f"{huge}; grad norm per epoch {norms}"
     return "stable", f"grad norm per epoch {norms}" + (f" ({g:.2f}x per epoch)" if math.isfinite(g) else "")

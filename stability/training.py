@@ -226,6 +226,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                     if tc.on_nan == "stop":
                         stopped = True
                 rec = _step_record(host, names, n_stages, cfg.model.rms_clamp if n_stages else None, step, epoch, b)
+                rec["finite"] = finite  # from each parameter's gradient, not from the (huge) total
                 rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
                 rec["lr"] = sched.get_last_lr()[0]
                 rec["time/step_ms"] = 1000 * (time.perf_counter() - t0)
@@ -276,11 +277,17 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         for i in found[:20]:  # the first few; the count is in the summary
             event(kind, step=steps[i]["step"], epoch=steps[i]["epoch"], batch=steps[i]["batch"], value=steps[i][key])
     first_spike = min([steps[found[0]]["step"] for found in (spikes, loss_spikes) if found], default=None)
-    verdict, evidence = detectors.verdict(first_nan, scream_epoch, norms, cfg.detect.explode_factor)
+    found = detectors.peak_norm([r["grad/norm"] for r in steps], dc.explode_step_factor)
+    peak = None
+    if found is not None:
+        i, ratio = found
+        peak = {"value": steps[i]["grad/norm"], "ratio": ratio, **{k: steps[i][k] for k in ("step", "epoch", "batch")}}
+        event("grad_explosion", **peak)
+    verdict, evidence = detectors.verdict(first_nan, scream_epoch, norms, dc.explode_factor, peak)
     losses = [r["loss"] for r in steps]
     summary = {
         "verdict": verdict, "evidence": evidence, "run_id": cfg.identity(),
-        "first_nan": first_nan, "scream_epoch": scream_epoch,
+        "first_nan": first_nan, "scream_epoch": scream_epoch, "grad_explosion": peak,
         "grad_norm_by_epoch": norms, "grad_norm_max_by_epoch": [e["grad_norm_max"] for e in epochs],
         "loss_by_epoch": [e["loss"] for e in epochs], "val_loss_by_epoch": [e["val_loss"] for e in epochs],
         "final_loss": losses[-1] if losses else math.nan,
@@ -323,10 +330,18 @@ class Stepper:
             loss = loss * loss_scale
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        total, per_group = self.grad_probe.measure()
-        vec = torch.cat([loss.detach().float().view(1), total.view(1), per_group, self.stage_probe.measure()])
-        host = vec.cpu().numpy()  # the step's one CPU-GPU sync point
-        finite = bool(np.isfinite(host[:self.n_checked]).all())
+        total, per_group, grads_finite = self.grad_probe.measure()
+        stage = self.stage_probe.measure().double()
+        vec = torch.cat([loss.detach().double().view(1), total.view(1), per_group, stage, grads_finite.view(1)])
+        host = vec.cpu().numpy()  # the step's one CPU-GPU sync point (float64: norms of finite grads stay finite)
+        if np.isinf(host[2:self.n_checked]).any():
+            # A float32 per-parameter norm overflowed, or a gradient holds inf: only float64
+            # norms tell which. A second sync, on such a step only.
+            total, per_group, grads_finite = self.grad_probe.measure(exact=True)
+            host = torch.cat([vec[:1], total.view(1), per_group, stage, grads_finite.view(1)]).cpu().numpy()
+        host, grads_finite = host[:-1], bool(host[-1])
+        # Non-finite = the loss or some parameter's gradient is; a huge but finite norm is not.
+        finite = grads_finite and bool(np.isfinite(host[0]))
         if finite:
             self.grad_probe.clip_(total, self.clip)
             self.opt.step()
