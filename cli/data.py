@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from cli.common import console, fmt, user_errors
+from cli.common import console, fmt, styled, user_errors
 from cli.config import UserError, compose_run
 from stability.config import DataConfig
 
@@ -44,23 +43,23 @@ def inspect(
 def _print(info: dict[str, Any]) -> None:
     src, segs, codec, cache = info["source"], info["segments"], info["codec"], info["cache"]
     if src["kind"] == "folder":
-        console.print(f"[bold]folder[/] {escape(src['path'])}: {src['pairs']} pairs, "
+        console.print(styled(("folder", "bold"), f" {src['path']}: {src['pairs']} pairs, "
                       f"{src['audio_seconds']:.1f} s of audio each side (rates {', '.join(map(str, src['source_rates']))} Hz, "
-                      f"{'/'.join(map(str, src['source_channels']))} channel(s), as 24 kHz mono)", highlight=False)
+                      f"{'/'.join(map(str, src['source_channels']))} channel(s), as 24 kHz mono)"), highlight=False)
         if src["skipped"]:
-            console.print(f"[yellow]skipped {len(src['skipped'])} bad file(s)[/]: " + "; ".join(
-                f"{s['file']} {s['reason']}" for s in src["skipped"]), highlight=False)
+            console.print(styled((f"skipped {len(src['skipped'])} bad file(s)", "yellow"), ": " + "; ".join(
+                f"{s['file']} {s['reason']}" for s in src["skipped"])), highlight=False)
         if src["ignored"]:
             console.print(f"ignored {len(src['ignored'])} non-audio file(s): {', '.join(src['ignored'][:5])}"
                           f"{' ...' if len(src['ignored']) > 5 else ''}", highlight=False)
     else:
-        console.print(f"[bold]synthetic[/] pairs, seed {src['seed']}")
+        console.print(styled(("synthetic", "bold"), f" pairs, seed {src['seed']}"))
     console.print(f"segments: {segs['train']} train + {segs['val']} validation of {src['segment_seconds']:g} s "
                   f"({info['frames']} latent frames each)", highlight=False)
-    console.print(f"codec: EnCodec 24 kHz, weights {escape(str(codec['weights']))}, sha256 "
+    console.print(f"codec: EnCodec 24 kHz, weights {codec['weights']}, sha256 "
                   f"{(codec.get('checksum') or '?')[:16]}... (of the {codec.get('checksum_of', '?')})", highlight=False)
     how = "hit" if cache["hit"] else f"encoded now: {info['encode_s']:.1f} s for {info['audio_seconds']:g} s of audio"
-    console.print(f"cache: {cache['key']} ({how})  {escape(cache['path'])}", highlight=False)
+    console.print(f"cache: {cache['key']} ({how})  {cache['path']}", highlight=False)
 
     t = Table(title="latent RMS (training segments)")
     for col in ("", "input", "target"):

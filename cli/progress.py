@@ -7,15 +7,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli.common import fmt
+from cli.common import fmt, styled
 from stability.training import Callbacks
 
 
 class RichProgress(Callbacks):
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(),
                                  console=console, transient=True)
         self.epochs = self.batches = None
 
@@ -31,10 +31,10 @@ class RichProgress(Callbacks):
         self.progress.update(self.epochs, completed=epoch,
                              info=f"grad norm {fmt(record['grad_norm_mean'])}  val {fmt(record['val_loss'])}")
         self.progress.reset(self.batches)
-        scream = "  [magenta]output collapsed[/]" if record["collapsed"] else ""
-        self.console.print(f"epoch {epoch}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
+        scream = ("  output collapsed", "magenta") if record["collapsed"] else ""
+        self.console.print(styled(f"epoch {epoch}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
                            f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}  "
-                           f"stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}{scream}")
+                           f"stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}", scream))
 
     def close(self) -> None:
         self.progress.stop()

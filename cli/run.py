@@ -14,7 +14,7 @@ import typer
 
 from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt,
                         graceful_signals,
-                        user_errors, verdict_markup)
+                        styled, user_errors, verdict_text)
 from cli.config import compose_run
 from stability.preflight import preflight
 
@@ -36,7 +36,7 @@ def run(
         run_dir = runs / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}_{readable_name(overrides)}"
         check_writable(runs)
         preflight(cfg)
-    console.print(f"[bold]stab run[/] {' '.join(overrides) or '(defaults)'} -> {run_dir}")
+    console.print(styled(("stab run", "bold"), f" {' '.join(overrides) or '(defaults)'} -> {run_dir}"))
     from cli.progress import RichProgress
     from stability import training
 
@@ -51,12 +51,12 @@ def run(
     except Exception as e:
         if DEBUG["on"]:
             raise
-        err_console.print(f"[bold red]crashed:[/] {type(e).__name__}: {e}\n"
-                          f"traceback in {run_dir / 'status.json'} (or run with stab --debug)")
+        err_console.print(styled(("crashed:", "bold red"), f" {type(e).__name__}: {e}\n"
+                                 f"traceback in {run_dir / 'status.json'} (or run with stab --debug)"))
         raise typer.Exit(EXIT_CRASH) from None
     s = summary
     nan = s["first_nan"]
-    console.print(f"verdict: {verdict_markup(s['verdict'])}  {s['evidence']}")
+    console.print(styled("verdict: ", verdict_text(s["verdict"]), f"  {s['evidence']}"))
     console.print(f"grad norm by epoch: {', '.join(fmt(v) for v in s['grad_norm_by_epoch'])}   "
                   f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
     if nan:

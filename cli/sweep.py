@@ -23,7 +23,7 @@ from rich.table import Table
 
 from cli import launch
 from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
-                        user_errors, verdict_markup)
+                        styled, user_errors, verdict_text)
 from cli.config import UserError, compose_run
 from cli.job import CONCURRENCY_ENV, job, warm
 from stability.preflight import preflight
@@ -71,9 +71,9 @@ def sweep(
     try:
         stale = mark_stale_running(sweep_dir)
         for path in stale:
-            err_console.print(f"[yellow]found interrupted job[/] {path.name}: running it again")
-        console.print(f"[bold]stab sweep[/] {len(combos)} jobs -> {sweep_dir}  "
-                      f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)")
+            err_console.print(styled(("found interrupted job", "yellow"), f" {path.name}: running it again"))
+        console.print(styled(("stab sweep", "bold"), f" {len(combos)} jobs -> {sweep_dir}  "
+                             f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)"))
         write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
         hydra_over = task_args + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
         view = LiveView(sweep_dir, len(combos))
@@ -88,7 +88,7 @@ def sweep(
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
             _finish(sweep_dir, name, launcher, overrides, "failed")
-            err_console.print(f"[bold red]sweep failed to launch:[/] {type(e).__name__}: {e}")
+            err_console.print(styled(("sweep failed to launch:", "bold red"), f" {type(e).__name__}: {e}"))
             raise typer.Exit(EXIT_CRASH) from None
         records = _finish(sweep_dir, name, launcher, overrides, "completed", returns)
     finally:
@@ -97,7 +97,7 @@ def sweep(
     console.print(summary_table(records, skipped))
     crashed = [r for r in records if r["state"] != "completed"]
     for r in crashed:
-        err_console.print(f"[bold red]job {r['state']}:[/] {r['folder']}: {r.get('error')}", highlight=False)
+        err_console.print(styled((f"job {r['state']}:", "bold red"), f" {r['folder']}: {r.get('error')}"), highlight=False)
     if crashed:
         raise typer.Exit(EXIT_CRASH)
 
@@ -143,7 +143,7 @@ def summary_table(records: list[dict[str, Any]], skipped: int = 0) -> Table:
     for r, p in zip(records, parsed):
         nan = r.get("first_nan")
         t.add_row(*(p.get(k, "") for k in keys), *([r["state"] or "?"] if show_state else []),
-                  verdict_markup(r.get("verdict") or "?"),
+                  verdict_text(r.get("verdict") or "?"),
                   f"e{nan['epoch']} b{nan['batch']} {nan['module']}" if nan else "-",
                   fmt(r.get("scream_epoch")), fmt(r.get("final_loss")))
     return t
@@ -170,7 +170,7 @@ class LiveView:
         t.add_column("state")
         t.add_column("verdict")
         for name, state, verdict in jobs:
-            t.add_row(name, state, verdict_markup(verdict) if verdict else "")
+            t.add_row(name, state, verdict_text(verdict) if verdict else "")
         return t
 
     def _poll(self) -> None:
