@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, fmt, styled, user_errors
+from cli.common import console, fmt, styled, user_errors, warn
 from cli.config import UserError, compose_run
 from stability.config import DataConfig
 
@@ -29,14 +29,16 @@ def inspect(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. data=folder data.path=DIR")] = None,
 ) -> None:
     """Dataset size, segments, latent RMS (raw and rescaled) and RVQ code usage."""
-    from stability.data import check_audio, inspect_latents
+    from stability.data import fit_split, inspect_latents
 
     with user_errors():
         cfg = compose_run(list(overrides or []))
         if not isinstance(cfg.data, DataConfig):
             raise UserError(f"data={cfg.data.name}: `stab data inspect` looks at audio data (data=synthetic or data=folder)")
-        check_audio(cfg.data)
-        info = inspect_latents(cfg.data)
+        data_cfg, short = fit_split(cfg.data)  # an inspect inspects: a split too big for the folder is a warning
+        if short:
+            warn(short)
+        info = inspect_latents(data_cfg)
     _print(info)
 
 

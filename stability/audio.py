@@ -49,6 +49,14 @@ class BadFile(Exception):
         self.what, self.reason = what, reason
 
 
+class ShortData(DataError):
+    """The usable pairs give fewer segments than the split needs (`have` < `need`)."""
+
+    def __init__(self, message: str, have: int, need: int) -> None:
+        super().__init__(message)
+        self.have, self.need = have, need
+
+
 @dataclass(frozen=True)
 class AudioFile:
     path: Path  # absolute
@@ -244,10 +252,12 @@ def plan_folder(listing: Listing, seconds: float, n_train: int | None, n_val: in
             reject(e.what, e.reason)
     total = sum(p.samples // segment for p in pairs)
     if total < n_val + 1:
-        raise DataError(f"data.path={str(root)!r}: {len(pairs)} usable pair(s) give {total} segment(s) of "
+        short = n_val + 1 - total
+        raise ShortData(f"data.path={str(root)!r}: {len(pairs)} usable pair(s) give {total} segment(s) of "
                         f"data.seconds={seconds:g}, fewer than data.n_val={n_val} for validation plus 1 for "
-                        f"training; add audio or lower data.seconds or data.n_val"
-                        + (f" ({len(skipped)} skipped)" if skipped else ""))
+                        f"training: {short} segment(s) short, at least {short * seconds:g} s more audio (in "
+                        f"files of at least {seconds:g} s); add audio or lower data.seconds or data.n_val"
+                        + (f" ({len(skipped)} skipped)" if skipped else ""), total, n_val + 1)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pairs), generator=g).tolist()
     segments = [(i, k * segment) for i in order for k in range(pairs[i].samples // segment)]

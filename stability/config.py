@@ -11,6 +11,7 @@ line and exit before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -22,6 +23,12 @@ N_STAGES = 3
 
 class ConfigError(ValueError):
     """A user-supplied configuration value is not allowed."""
+
+
+def did_you_mean(word: str, candidates: Any) -> str:
+    """'; did you mean X?' for the closest of `candidates` to a typo'd `word` (difflib), or ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -52,7 +59,7 @@ def _number(key: str, value: Any, *, lo: float | None = None, hi: float | None =
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        _fail(key, value, "one of " + ", ".join(allowed))
+        _fail(key, value, "one of " + ", ".join(allowed) + did_you_mean(value, allowed))
     return value
 
 

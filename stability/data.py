@@ -16,6 +16,7 @@ A JSON sidecar next to each entry says what it holds (`stab cache ls`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,13 +30,13 @@ from typing import Any, Iterable
 import torch
 from filelock import FileLock, Timeout
 
-from stability.audio import DataError, FolderPlan, Listing, plan_folder, read_pair, scan_folder
+from stability.audio import DataError, FolderPlan, Listing, ShortData, plan_folder, read_pair, scan_folder
 from stability.codec import (CodeBook, calibrate_codebooks, check_weights, encode, load_codec, quantizer_state,
                              weights_fingerprint)
 from stability.config import DataConfig
 from stability.synth import synth_pairs
 
-__all__ = ["DataError", "LatentData", "check_audio", "load_latents", "inspect_latents", "cache_entries",
+__all__ = ["DataError", "LatentData", "check_audio", "fit_split", "load_latents", "inspect_latents", "cache_entries",
            "clear_cache", "default_cache_root"]
 
 # The seed's pretrained-EnCodec target latent RMS (SPEC §1): the default `latent_rms` for random
@@ -122,6 +123,22 @@ def check_audio(cfg: DataConfig, need_codec: bool = False) -> None:
         _plan(cfg, listing, key)
     if not cached or need_codec:
         check_weights(cfg.codec)
+
+
+def fit_split(cfg: DataConfig) -> tuple[DataConfig, str | None]:
+    """For `stab data inspect`: check the data like `check_audio`, but where the folder is too
+    short for the configured split, inspect it with a smaller `n_val` (at least one training
+    segment) and say by how much the configured split falls short. Returns (config, warning)."""
+    try:
+        check_audio(cfg)
+        return cfg, None
+    except ShortData as e:
+        if e.have < 2:  # one segment cannot be both a validation and a training set
+            raise
+        fitted = dataclasses.replace(cfg, n_val=e.have - 1)
+        check_audio(fitted)
+        return fitted, (f"{e}. Inspecting with data.n_val={fitted.n_val} instead; a run with these "
+                        f"settings would stop here")
 
 
 def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Tensor, float]:
