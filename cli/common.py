@@ -61,7 +61,6 @@ def route_library_warnings() -> None:
     logger = logging.getLogger("stab")
     if not any(isinstance(h, WarningsToConsole) for h in logger.handlers):
         logger.addHandler(WarningsToConsole(logging.WARNING))
-        logger.propagate = False
 
 EXIT_CRASH = 1  # a job crashed (internal error)
 EXIT_USER = 2  # bad input: nothing was started

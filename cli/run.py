@@ -12,10 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt,
+from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER, check_writable, console, err_console, fmt,
                         graceful_signals,
                         styled, user_errors, verdict_text)
 from cli.config import compose_run
+from stability.errors import DataError
 from stability.preflight import preflight
 
 
@@ -48,6 +49,11 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
+    except DataError as e:  # found once the data were decoded or encoded (constant latents): bad input
+        if DEBUG["on"]:
+            raise
+        err_console.print(styled(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER) from None
     except Exception as e:
         if DEBUG["on"]:
             raise

@@ -141,6 +141,19 @@ def fit_split(cfg: DataConfig) -> tuple[DataConfig, str | None]:
                         f"settings would stop here")
 
 
+def constant_latents(z: torch.Tensor) -> str | None:
+    """Why latents (N, C, T) carry no signal, or None: every channel holds one value over all
+    items and frames (to float32 precision), e.g. audio that EnCodec maps to a fixed point. Such
+    latents would be rescaled by latent_rms / 0."""
+    if z.numel() == 0:
+        return None
+    level = z.abs().max().item()
+    variation = (z - z.mean(dim=(0, 2), keepdim=True)).pow(2).mean().sqrt().item()
+    if variation <= 1e-6 * level or level == 0:
+        return f"are constant after encoding (variation {variation:.3g} around a level of {level:.3g})"
+    return None
+
+
 def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Encode the plan's segments, one file at a time (memory: one file's audio, not the folder's).
     Returns (input, target) latents ordered train then validation, and the seconds spent encoding."""
@@ -159,6 +172,11 @@ def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Te
         t0 = time.perf_counter()
         zx, zy = encode(model, xs), encode(model, ys)  # (k, 128, T)
         encode_s += time.perf_counter() - t0
+        for side, z, f in (("input", zx, plan.pairs[i].input), ("target", zy, plan.pairs[i].target)):
+            why = constant_latents(z)
+            if why:
+                raise DataError(f"data.path={str(plan.root)!r}: {f.rel}: its {side} latents {why}; EnCodec sees no "
+                                f"signal in it; fix or remove it")
         if inp is None:
             inp, target = zx.new_empty(len(wanted), *zx.shape[1:]), zy.new_empty(len(wanted), *zy.shape[1:])
         for k, s in enumerate(starts):
@@ -181,6 +199,11 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
         inp, target, encode_s = _encode_folder(codec.model, plan)
         n_train = len(plan.train)
         source = plan.summary()
+    for side, z in (("input", inp[:n_train]), ("target", target[:n_train])):
+        why = constant_latents(z)
+        if why:
+            what = f"data.path={str(listing.root)!r}" if listing is not None else f"data={cfg.name}"
+            raise DataError(f"{what}: the {side} training latents {why}; nothing to train on")
     quantizer = codec.model.quantizer
     if codec.info["weights"] == "random":
         # Zero codebooks until k-means: every code would be 0 and nothing could look collapsed.
