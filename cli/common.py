@@ -126,4 +126,16 @@ def verdict_text(v: str) -> Text:
 verdict_markup = verdict_text  # the old name: its str() is the plain verdict
 
 
+def seconds(s: float | None) -> str:
+    """'42 s', '3 min 05 s', '1 h 02 min'; '?' when unknown."""
+    if s is None or s != s or s == float("inf"):
+        return "?"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 fmt = format_number  # numbers for tables: NaN and inf shown as such, never blank or zero

@@ -29,16 +29,20 @@ def inspect(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. data=folder data.path=DIR")] = None,
 ) -> None:
     """Dataset size, segments, latent RMS (raw and rescaled) and RVQ code usage."""
+    from cli.progress import reporter
     from stability.data import fit_split, inspect_latents
+    from stability.progress import reporting
 
     with user_errors():
         cfg = compose_run(list(overrides or []))
         if not isinstance(cfg.data, DataConfig):
             raise UserError(f"data={cfg.data.name}: `stab data inspect` looks at audio data (data=synthetic or data=folder)")
-        data_cfg, short = fit_split(cfg.data)  # an inspect inspects: a split too big for the folder is a warning
+        with reporting(reporter(console)):  # decoding and checking every file of a folder
+            data_cfg, short = fit_split(cfg.data)  # an inspect inspects: a split too big for the folder is a warning
         if short:
             warn(short)
-        info = inspect_latents(data_cfg)
+        with reporting(reporter(console)):
+            info = inspect_latents(data_cfg)
     _print(info)
 
 

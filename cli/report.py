@@ -35,8 +35,12 @@ def report(
     from stability import report as rep
 
     with user_errors():
+        from cli.progress import reporter
+        from stability.progress import reporting
+
         try:
-            result = rep.write_report(runs_dir, out)
+            with reporting(reporter(console)):
+                result = rep.write_report(runs_dir, out)
         except rep.ReportError as e:
             raise UserError(str(e)) from None
         except OSError as e:  # e.g. --out not writable

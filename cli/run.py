@@ -38,11 +38,12 @@ def run(
         check_writable(runs)
         preflight(cfg)
     console.print(styled(("stab run", "bold"), f" {' '.join(overrides) or '(defaults)'} -> {run_dir}"))
-    from cli.progress import RichProgress
+    from cli.progress import RichProgress, reporter
     from stability import training
+    from stability.progress import reporting
 
     try:
-        with graceful_signals():
+        with graceful_signals(), reporting(reporter(console)):
             summary = training.run(cfg, run_dir, overrides, RichProgress(console))
     except KeyboardInterrupt:
         err_console.print(f"interrupted; status and metrics so far are in {run_dir}")

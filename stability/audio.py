@@ -32,6 +32,7 @@ import torchaudio.functional as AF
 
 from stability.codec import decode
 from stability.errors import DataError
+from stability.progress import phase
 
 SAMPLE_RATE = 24_000  # EnCodec 24 kHz
 SILENT_RMS = 1e-4  # -80 dBFS: a file whose 24 kHz mono signal stays below this is silent
@@ -288,11 +289,13 @@ def plan_folder(listing: Listing, seconds: float, n_train: int | None, n_val: in
     for what, reason in listing.bad:
         reject(what, reason)
     pairs = []
-    for name, fi, ft in listing.pairs:
-        try:
-            pairs.append(_check_pair(name, fi, ft, segment)[0])
-        except BadFile as e:
-            reject(e.what, e.reason)
+    with phase("checking audio files", total=len(listing.pairs), unit="pairs") as p:
+        for name, fi, ft in listing.pairs:
+            try:
+                pairs.append(_check_pair(name, fi, ft, segment)[0])
+            except BadFile as e:
+                reject(e.what, e.reason)
+            p.advance()
     total = sum(p.samples // segment for p in pairs)
     if total < n_val + 1:
         short = n_val + 1 - total

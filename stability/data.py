@@ -34,6 +34,7 @@ from stability.audio import DataError, FolderPlan, Listing, ShortData, plan_fold
 from stability.codec import (CodeBook, calibrate_codebooks, check_weights, encode, load_codec, quantizer_state,
                              weights_fingerprint)
 from stability.config import DataConfig
+from stability.progress import phase
 from stability.synth import synth_pairs
 
 __all__ = ["DataError", "LatentData", "check_audio", "fit_split", "load_latents", "inspect_latents", "cache_entries",
@@ -164,23 +165,24 @@ def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Te
         by_pair.setdefault(i, []).append(start)
     inp = target = None
     encode_s = 0.0
-    for i in sorted(by_pair):
-        x, y = read_pair(plan.pairs[i])
-        starts = by_pair[i]
-        xs = torch.stack([x[s: s + plan.segment] for s in starts]).unsqueeze(1)  # (k, 1, samples)
-        ys = torch.stack([y[s: s + plan.segment] for s in starts]).unsqueeze(1)
-        t0 = time.perf_counter()
-        zx, zy = encode(model, xs), encode(model, ys)  # (k, 128, T)
-        encode_s += time.perf_counter() - t0
-        for side, z, f in (("input", zx, plan.pairs[i].input), ("target", zy, plan.pairs[i].target)):
-            why = constant_latents(z)
-            if why:
-                raise DataError(f"data.path={str(plan.root)!r}: {f.rel}: its {side} latents {why}; EnCodec sees no "
-                                f"signal in it; fix or remove it")
-        if inp is None:
-            inp, target = zx.new_empty(len(wanted), *zx.shape[1:]), zy.new_empty(len(wanted), *zy.shape[1:])
-        for k, s in enumerate(starts):
-            inp[slot[(i, s)]], target[slot[(i, s)]] = zx[k], zy[k]
+    with phase("encoding latents", total=2 * len(wanted), unit="segments") as p:
+        for i in sorted(by_pair):
+            x, y = read_pair(plan.pairs[i])
+            starts = by_pair[i]
+            xs = torch.stack([x[s: s + plan.segment] for s in starts]).unsqueeze(1)  # (k, 1, samples)
+            ys = torch.stack([y[s: s + plan.segment] for s in starts]).unsqueeze(1)
+            t0 = time.perf_counter()
+            zx, zy = encode(model, xs, progress=p), encode(model, ys, progress=p)  # (k, 128, T)
+            encode_s += time.perf_counter() - t0
+            for side, z, f in (("input", zx, plan.pairs[i].input), ("target", zy, plan.pairs[i].target)):
+                why = constant_latents(z)
+                if why:
+                    raise DataError(f"data.path={str(plan.root)!r}: {f.rel}: its {side} latents {why}; EnCodec "
+                                    f"sees no signal in it; fix or remove it")
+            if inp is None:
+                inp, target = zx.new_empty(len(wanted), *zx.shape[1:]), zy.new_empty(len(wanted), *zy.shape[1:])
+            for k, s in enumerate(starts):
+                inp[slot[(i, s)]], target[slot[(i, s)]] = zx[k], zy[k]
     return inp, target, encode_s
 
 
@@ -189,7 +191,8 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
     if listing is None:
         clean, degraded = synth_pairs(cfg.n_train + cfg.n_val, cfg.seconds, cfg.seed)
         t0 = time.perf_counter()
-        target, inp = encode(codec.model, clean), encode(codec.model, degraded)
+        with phase("encoding latents", total=len(clean) + len(degraded), unit="clips") as p:
+            target, inp = encode(codec.model, clean, progress=p), encode(codec.model, degraded, progress=p)
         encode_s = time.perf_counter() - t0
         n_train = cfg.n_train
         source = {"kind": "synthetic", "seed": cfg.seed, "segment_seconds": cfg.seconds,

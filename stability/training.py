@@ -39,6 +39,7 @@ from stability.config import RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.storage import append_jsonl, atomic_write_text, read_json, write_json, write_yaml
 from stability.preflight import preflight
+from stability.progress import phase
 from stability.workload import make_workload
 
 
@@ -243,7 +244,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                     break
             append_jsonl(run_dir / "metrics.jsonl", pending)
             pending.clear()
-            with eager(work):
+            with eager(work), phase(f"evaluating epoch {epoch}", unit="epochs"):  # validation, scream check, health
                 erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
                 erec.update(work.listen(epoch, run_dir) if hasattr(work, "listen") else {})  # {"audio": [...]} at listen epochs
             epochs.append(erec)
