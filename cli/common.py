@@ -58,7 +58,13 @@ class WarningsToConsole(logging.Handler):
 
 
 def route_library_warnings() -> None:
+    # Hydra's logging setup in an in-process sweep (dictConfig) disables the loggers that exist
+    # then and raises the root's level; a later command in the same process must hear the library.
+    for name, existing in logging.Logger.manager.loggerDict.items():
+        if (name == "stab" or name.startswith("stab.")) and isinstance(existing, logging.Logger):
+            existing.disabled = False
     logger = logging.getLogger("stab")
+    logger.setLevel(logging.WARNING)  # not the root's level, which Hydra sets to ERROR
     if not any(isinstance(h, WarningsToConsole) for h in logger.handlers):
         logger.addHandler(WarningsToConsole(logging.WARNING))
 
