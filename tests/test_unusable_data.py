@@ -106,7 +106,7 @@ def test_constant_latents_are_refused_before_they_are_cached(monkeypatch, tmp_pa
     per_channel = torch.randn(1, 128, 1).expand(4, 128, 30)  # constant in time and over items
     assert data_mod.constant_latents(per_channel) is not None
 
-    def encode(model, audio):  # what a codec that maps every input to one point would give
+    def encode(model, audio, progress=None):  # what a codec that maps every input to one point would give
         return torch.full((audio.shape[0], 128, audio.shape[-1] // 320), 0.25)
     monkeypatch.setattr(data_mod, "encode", encode)
     cfg = DataConfig(n_train=4, n_val=2, seconds=1.0, cache_dir=str(tmp_path))
