@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import console, user_errors
+from cli.common import console, styled, user_errors
 from cli.config import UserError, compose_run
 
 # The seed's model (256/384/384 x 6 layers) at a clip length a CPU can step through.
@@ -44,7 +44,7 @@ def bench(
     from stability.bench import bench as run_bench
     for label, cfg, o in cfgs:
         r = run_bench(cfg, steps=steps)
-        console.print(f"[bold]{label}[/] ({' '.join(o) or 'no overrides'}) on {r.device}, {r.threads} thread(s), {r.steps} steps each")
+        console.print(styled((label, "bold"), f" ({' '.join(o) or 'no overrides'}) on {r.device}, {r.threads} thread(s), {r.steps} steps each"))
         console.print(f"  bare loop:  {r.bare_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.bare_util:.3f}")
         console.print(f"  stab loop:  {r.stab_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.stab_util:.3f}")
         console.print(f"  ratio: {r.ratio:.2f}")
@@ -67,8 +67,8 @@ def _bench_sweep(repeats: int = 2) -> None:
         runs = str(Path(tmp) / "runs")
         first = _timed(["run", "--runs", runs, "preset=smoke"], env)  # encodes the latents
         hit = _timed(["run", "--runs", runs, "preset=smoke"], env)  # reads them from the cache
-        console.print(f"[bold]sweeps of 4 smoke jobs[/] on {os.cpu_count()} cores, sequential and parallel "
-                      f"interleaved {repeats} times; the ratio compares the fastest of each")
+        console.print(styled(("sweeps of 4 smoke jobs", "bold"), f" on {os.cpu_count()} cores, sequential and parallel "
+                      f"interleaved {repeats} times; the ratio compares the fastest of each"))
         # A smoke job trains for about half a second, far less than a process takes to import
         # torch: the parallel sweep gains only what its workers' head start wins. Longer jobs
         # show what splitting the threads between concurrent jobs does.

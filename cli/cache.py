@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from cli.common import console, err_console, user_errors
+from cli.common import console, err_console, styled, user_errors
 from cli.config import UserError
 
 app = typer.Typer(no_args_is_help=True, help="The latent cache shared by runs and sweeps.")
@@ -63,14 +62,14 @@ def ls(cache_dir: DirOption = None) -> None:
     root = cache_dir or default_cache_root()
     entries = cache_entries(root)
     if not entries:
-        console.print(f"no cache entries in {escape(str(root))}", highlight=False)
+        console.print(f"no cache entries in {root}", highlight=False)
         return
     now = time.time()
     t = Table(title=f"{len(entries)} latent cache entries, {human_bytes(sum(e.bytes for e in entries))}, in {root}")
     for col, just in (("key", "left"), ("size", "right"), ("age", "right"), ("holds", "left")):
         t.add_column(col, justify=just, overflow="fold")
     for e in entries:
-        t.add_row(e.key, human_bytes(e.bytes), human_age(now - e.modified), escape(e.describe()))
+        t.add_row(e.key, human_bytes(e.bytes), human_age(now - e.modified), e.describe())
     console.print(t)
 
 
@@ -93,6 +92,6 @@ def clear(
                 raise UserError(f"no cache entry in {root} has a key starting with {unknown[0]!r}; see `stab cache ls`")
     removed, busy = clear_cache(root, keys or (), age)
     console.print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} "
-                  f"({human_bytes(sum(e.bytes for e in removed))}) from {escape(str(root))}", highlight=False)
+                  f"({human_bytes(sum(e.bytes for e in removed))}) from {root}", highlight=False)
     for e in busy:
-        err_console.print(f"[yellow]left {e.key}[/]: another process is writing it", highlight=False)
+        err_console.print(styled((f"left {e.key}", "yellow"), ": another process is writing it"), highlight=False)

@@ -1,8 +1,15 @@
-"""What every command shares: the Rich console, user-error handling, verdict colours."""
+"""What every command shares: the Rich console, user-error handling, verdict colours.
+
+The consoles parse no Rich markup: a file named `Song [live].wav`, an override value or a key
+prints as it is in every error, warning, table and progress line. Styles come only from `styled`
+(a `rich.text.Text` built from plain strings and (text, style) pairs), never from `[bold]` tags
+inside strings, so user text cannot be read as markup however it is interpolated.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -13,6 +20,7 @@ from typing import Any, Iterator
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from cli.config import UserError
 from stability.config import ConfigError
@@ -27,8 +35,38 @@ def _width() -> int | None:
     return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
 
 
-console = Console(width=_width())
-err_console = Console(stderr=True, width=_width())
+console = Console(width=_width(), markup=False)
+err_console = Console(stderr=True, width=_width(), markup=False)
+
+
+def styled(*parts: str | tuple[str, str] | Text) -> Text:
+    """One line from plain strings and (text, style) pairs: `styled(("error:", "bold red"), " ", msg)`."""
+    return Text.assemble(*parts)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, one line; `message` is printed as it is."""
+    err_console.print(styled(("warning:", "yellow"), " ", message), highlight=False, soft_wrap=True)
+
+
+class WarningsToConsole(logging.Handler):
+    """The library's warnings (`logging.getLogger("stab.*")`, e.g. a bad file skipped under
+    data.on_bad_file=skip) printed through `warn`, like the CLI's own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(record.getMessage())
+
+
+def route_library_warnings() -> None:
+    # Hydra's logging setup in an in-process sweep (dictConfig) disables the loggers that exist
+    # then and raises the root's level; a later command in the same process must hear the library.
+    for name, existing in logging.Logger.manager.loggerDict.items():
+        if (name == "stab" or name.startswith("stab.")) and isinstance(existing, logging.Logger):
+            existing.disabled = False
+    logger = logging.getLogger("stab")
+    logger.setLevel(logging.WARNING)  # not the root's level, which Hydra sets to ERROR
+    if not any(isinstance(h, WarningsToConsole) for h in logger.handlers):
+        logger.addHandler(WarningsToConsole(logging.WARNING))
 
 EXIT_CRASH = 1  # a job crashed (internal error)
 EXIT_USER = 2  # bad input: nothing was started
@@ -49,7 +87,7 @@ def user_errors() -> Iterator[None]:
     except (UserError, ConfigError, CodecError, DataError) as e:
         if DEBUG["on"]:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(styled(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER) from None
 
 
@@ -87,8 +125,23 @@ def check_writable(folder: Path) -> None:
         raise UserError(f"--runs {str(folder)!r} is not a writable folder: {e.strerror or e}") from None
 
 
-def verdict_markup(v: str) -> str:
-    return f"[{VERDICT_STYLE.get(v, 'white')}]{v}[/]"
+def verdict_text(v: str) -> Text:
+    return Text(v, style=VERDICT_STYLE.get(v, "white"))
+
+
+verdict_markup = verdict_text  # the old name: its str() is the plain verdict
+
+
+def seconds(s: float | None) -> str:
+    """'42 s', '3 min 05 s', '1 h 02 min'; '?' when unknown."""
+    if s is None or s != s or s == float("inf"):
+        return "?"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 fmt = format_number  # numbers for tables: NaN and inf shown as such, never blank or zero

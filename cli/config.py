@@ -8,6 +8,7 @@ so a typo'd key fails with Hydra's message, which `UserError` turns into one lin
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import re
@@ -20,7 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stability.config import ConfigError, RunConfig
+from stability.config import ConfigError, RunConfig, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -70,46 +71,93 @@ def _root_values() -> dict[str, Any]:
             if k in ALIASES}
 
 
-def _one_line(e: BaseException) -> str:
+def check_override_syntax(overrides: list[str]) -> None:
+    """Catch the shell's word splitting before Hydra does: `residual=0.1 0.3` or `residual=0.1, 0.3`
+    gives an argument with no `=`, which Hydra reports as `missing EQUAL at '<EOF>'`."""
+    for i, arg in enumerate(overrides):
+        if "=" in arg or arg.startswith("~"):
+            continue
+        prev = overrides[i - 1] if i else ""
+        keys = _keys_under("") + list(GROUP_KEYS)
+        dotted = re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", arg)  # train.lr, not 0.3
+        key_like = dotted or difflib.get_close_matches(arg, keys, n=1, cutoff=0.75)
+        if "=" in prev and not prev.startswith("~") and not key_like:
+            key, _, value = prev.partition("=")
+            lst = f"{value.rstrip(',')},{arg}"
+            raise UserError(f"{arg!r} is not an override (key=value): lists are written without spaces, "
+                            f"{key}={lst} (a sweep: stab sweep {key}={lst})")
+        raise UserError(f"{arg!r} is not an override: expected key=value, e.g. residual=0.3"
+                        + (did_you_mean(arg, keys).replace("?", "=...?") if not dotted else ""))
+
+
+def _unknown_key(key: str, others: list[str]) -> str:
+    """`unknown key 'train.lrr': ...; did you mean train.lr?`, also when a parent is misspelt."""
+    parts = key.lstrip("+~").split(".")
+    for depth in range(len(parts)):  # the first part of the path that does not exist
+        parent = ".".join(parts[:depth])
+        keys = _keys_under(parent, others)
+        if parts[depth] not in keys:
+            break
+    near = did_you_mean(parts[depth], keys + (list(GROUP_KEYS) if not parent else []))
+    if near:  # suggest the whole corrected key: trian.lr -> train.lr
+        near = f"; did you mean {'.'.join([*parts[:depth], near[len('; did you mean '):-1], *parts[depth + 1:]])}?"
+    where = f" under {parent}" if parent else ""
+    return f"unknown key {key!r}: allowed keys{where} are {', '.join(keys)}{near}"
+
+
+def _one_line(e: BaseException, overrides: list[str] = ()) -> str:
     """Hydra's multi-line messages, made into one line that names the key and what is allowed."""
     text = str(e)
     m = re.search(r"Could not override '([^']+)'", text)
     if m:
         key = m.group(1)
-        parent, _, _ = key.rpartition(".")
-        return f"unknown key {key!r}: allowed keys{' under ' + parent if parent else ''} are " + \
-            ", ".join(_keys_under(parent))
+        return _unknown_key(key, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
     m = re.search(r"Could not find 'model_preset/([^/']+)/([^']+)'", text)
     if m:  # a preset with no values for this model
         have = sorted(p.stem for p in (CONF_DIR / "model_preset" / m.group(1)).glob("*.yaml"))
-        return f"preset={m.group(2)!r} is not allowed with model={m.group(1)}: expected one of {', '.join(have)}"
+        return (f"preset={m.group(2)!r} is not allowed with model={m.group(1)}: expected one of {', '.join(have)}"
+                + did_you_mean(m.group(2), have))
     m = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)\s*Config search path",
                   text, re.S)
     if m:
-        return f"{m.group(1)}={m.group(2)!r} is not allowed: expected one of {', '.join(m.group(3).split())}"
+        have = m.group(3).split()
+        return (f"{m.group(1)}={m.group(2)!r} is not allowed: expected one of {', '.join(have)}"
+                + did_you_mean(m.group(2), have))
     m = re.search(r"Ambiguous value for argument '([^']+)'", text)
     if m:
+        key, _, value = m.group(1).partition("=")
+        first = [f"{key}={value.split(',')[0]}" if o == m.group(1) else o for o in overrides]
+        try:  # a misspelt key is the first thing to say, before how to sweep it
+            compose_config(first)
+        except UserError as inner:
+            if "unknown key" in str(inner) or "is not allowed" in str(inner):
+                return str(inner)
         return f"{m.group(1)!r}: a comma list is a sweep; use `stab sweep {m.group(1)}` (or key=[a,b] for a list)"
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "reference_type")))
 
 
-def _keys_under(parent: str) -> list[str]:
+def _keys_under(parent: str, overrides: list[str] = ()) -> list[str]:
+    """Keys under `parent` in the config the other overrides compose (model=charlm has its own)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        base = compose(config_name="config")
+        try:
+            base = compose(config_name="config", overrides=[o for o in overrides if "," not in o])
+        except (HydraException, OmegaConfBaseException):
+            base = compose(config_name="config")
     node = OmegaConf.select(base, parent) if parent else base
     return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose `conf/config.yaml` with Hydra override syntax; errors become `UserError`."""
+    check_override_syntax(list(overrides))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(_one_line(e, list(overrides))) from None
 
 
 def compose_run(overrides: list[str]) -> RunConfig:

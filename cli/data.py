@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from cli.common import console, fmt, user_errors
+from cli.common import console, fmt, styled, user_errors, warn
 from cli.config import UserError, compose_run
 from stability.config import DataConfig
 
@@ -30,37 +29,43 @@ def inspect(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. data=folder data.path=DIR")] = None,
 ) -> None:
     """Dataset size, segments, latent RMS (raw and rescaled) and RVQ code usage."""
-    from stability.data import check_audio, inspect_latents
+    from cli.progress import reporter
+    from stability.data import fit_split, inspect_latents
+    from stability.progress import reporting
 
     with user_errors():
         cfg = compose_run(list(overrides or []))
         if not isinstance(cfg.data, DataConfig):
             raise UserError(f"data={cfg.data.name}: `stab data inspect` looks at audio data (data=synthetic or data=folder)")
-        check_audio(cfg.data)
-        info = inspect_latents(cfg.data)
+        with reporting(reporter(console)):  # decoding and checking every file of a folder
+            data_cfg, short = fit_split(cfg.data)  # an inspect inspects: a split too big for the folder is a warning
+        if short:
+            warn(short)
+        with reporting(reporter(console)):
+            info = inspect_latents(data_cfg)
     _print(info)
 
 
 def _print(info: dict[str, Any]) -> None:
     src, segs, codec, cache = info["source"], info["segments"], info["codec"], info["cache"]
     if src["kind"] == "folder":
-        console.print(f"[bold]folder[/] {escape(src['path'])}: {src['pairs']} pairs, "
+        console.print(styled(("folder", "bold"), f" {src['path']}: {src['pairs']} pairs, "
                       f"{src['audio_seconds']:.1f} s of audio each side (rates {', '.join(map(str, src['source_rates']))} Hz, "
-                      f"{'/'.join(map(str, src['source_channels']))} channel(s), as 24 kHz mono)", highlight=False)
+                      f"{'/'.join(map(str, src['source_channels']))} channel(s), as 24 kHz mono)"), highlight=False)
         if src["skipped"]:
-            console.print(f"[yellow]skipped {len(src['skipped'])} bad file(s)[/]: " + "; ".join(
-                f"{s['file']} {s['reason']}" for s in src["skipped"]), highlight=False)
+            console.print(styled((f"skipped {len(src['skipped'])} bad file(s)", "yellow"), ": " + "; ".join(
+                f"{s['file']} {s['reason']}" for s in src["skipped"])), highlight=False)
         if src["ignored"]:
             console.print(f"ignored {len(src['ignored'])} non-audio file(s): {', '.join(src['ignored'][:5])}"
                           f"{' ...' if len(src['ignored']) > 5 else ''}", highlight=False)
     else:
-        console.print(f"[bold]synthetic[/] pairs, seed {src['seed']}")
+        console.print(styled(("synthetic", "bold"), f" pairs, seed {src['seed']}"))
     console.print(f"segments: {segs['train']} train + {segs['val']} validation of {src['segment_seconds']:g} s "
                   f"({info['frames']} latent frames each)", highlight=False)
-    console.print(f"codec: EnCodec 24 kHz, weights {escape(str(codec['weights']))}, sha256 "
+    console.print(f"codec: EnCodec 24 kHz, weights {codec['weights']}, sha256 "
                   f"{(codec.get('checksum') or '?')[:16]}... (of the {codec.get('checksum_of', '?')})", highlight=False)
     how = "hit" if cache["hit"] else f"encoded now: {info['encode_s']:.1f} s for {info['audio_seconds']:g} s of audio"
-    console.print(f"cache: {cache['key']} ({how})  {escape(cache['path'])}", highlight=False)
+    console.print(f"cache: {cache['key']} ({how})  {cache['path']}", highlight=False)
 
     t = Table(title="latent RMS (training segments)")
     for col in ("", "input", "target"):

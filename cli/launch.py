@@ -24,7 +24,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from cli.config import CONF_DIR, UserError, _one_line
+from stability.config import did_you_mean
+from cli.config import CONF_DIR, UserError, _one_line, check_override_syntax
 
 # --launcher NAME -> (hydra/launcher config, plugin module that must be importable, pip package)
 LAUNCHERS: dict[str, tuple[str, str | None, str | None]] = {
@@ -40,7 +41,8 @@ OPERATIONAL = ["train.device", "train.threads", "data.cache_dir"]
 
 def check_launcher(name: str) -> None:
     if name not in LAUNCHERS:
-        raise UserError(f"--launcher {name!r} is not allowed: expected one of {', '.join(LAUNCHERS)}")
+        raise UserError(f"--launcher {name!r} is not allowed: expected one of {', '.join(LAUNCHERS)}"
+                        + did_you_mean(name, LAUNCHERS))
     _, module, package = LAUNCHERS[name]
     if module and importlib.util.find_spec(module) is None:
         raise UserError(f"--launcher {name} needs the Hydra plugin {package}: pip install {package}")
@@ -69,6 +71,7 @@ def with_declared_grid(overrides: list[str]) -> list[str]:
 
 def expand(overrides: list[str]) -> list[list[str]]:
     """Every job's overrides, as Hydra's basic sweeper will produce them (Cartesian product)."""
+    check_override_syntax(list(overrides))
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
         return BasicSweeper.split_arguments(parsed, None)[0]

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DEBUG
+from cli.common import DEBUG, route_library_warnings
 
 from cli import cache as cache_cmd
 from cli import data as data_cmd
@@ -42,6 +42,7 @@ app.add_typer(cache_cmd.app, name="cache")
 def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
     """Training-stability ablations of transformers."""
     DEBUG["on"] = debug
+    route_library_warnings()
 
 
 def main() -> None:

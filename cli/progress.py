@@ -1,28 +1,110 @@
-"""Rich progress for one run: a bar over epochs and one over the epoch's batches."""
+"""Progress on the terminal, and in logs when there is none.
+
+`RichProgress` follows one run's training (bars over epochs and batches, with ETA); `reporter`
+renders the library's phases (`stability.progress`: encoding latents, calibrating codebooks,
+checking audio, evaluating, drawing plots). On a terminal both are Rich bars with rate and ETA;
+when stdout is not a terminal (a CI log, a pipe) they print one plain line per phase and per
+epoch instead, so a long job is never silent.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
-from cli.common import fmt
+from cli.common import fmt, seconds, styled
+from stability.progress import Reporter
 from stability.training import Callbacks
+
+PLAIN_MIN_S = 2.0  # a phase without a total gets its plain line only if it took this long
+
+
+class RateColumn(ProgressColumn):
+    """Items per second in the task's own unit (`fields['unit']`)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.3g} {task.fields.get('unit', 'it')}/s" if speed else "", style="cyan")
+
+
+def _bar(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
+class TerminalReporter(Reporter):
+    """The library's phases as Rich bars (a spinner-less bar for phases without a total)."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = _bar(console)
+        self.tasks: list[Any] = []
+
+    def begin(self, name: str, total: int | None, unit: str) -> None:
+        if not self.tasks:
+            self.progress.start()
+        self.tasks.append(self.progress.add_task(name, total=total, unit=unit, info=""))
+
+    def advance(self, n: int = 1) -> None:
+        if self.tasks:
+            self.progress.advance(self.tasks[-1], n)
+
+    def end(self) -> None:
+        self.progress.remove_task(self.tasks.pop())
+        if not self.tasks:
+            self.progress.stop()
+
+
+class PlainReporter(Reporter):
+    """A line when a counted phase starts and one when any phase ends (with its rate), for logs."""
+
+    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
+        self.console, self.clock = console, clock
+        self.stack: list[dict[str, Any]] = []
+
+    def begin(self, name: str, total: int | None, unit: str) -> None:
+        self.stack.append({"name": name, "total": total, "unit": unit, "done": 0, "t0": self.clock()})
+        if total is not None:
+            self.console.print(f"{name}: {total} {unit} ...", highlight=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.stack:
+            self.stack[-1]["done"] += n
+
+    def end(self) -> None:
+        p = self.stack.pop()
+        took = self.clock() - p["t0"]
+        if p["total"] is None and took < PLAIN_MIN_S:
+            return
+        rate = f" ({p['done'] / took:.3g} {p['unit']}/s)" if p["total"] is not None and took > 0 else ""
+        count = f"{p['done']} {p['unit']} " if p["total"] is not None else ""
+        self.console.print(f"{p['name']}: {count}done in {seconds(took)}{rate}", highlight=False)
+
+
+def reporter(console: Console) -> Reporter:
+    return TerminalReporter(console) if console.is_terminal else PlainReporter(console)
 
 
 class RichProgress(Callbacks):
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                 console=console, transient=True)
+    """One run's training: bars over epochs (with ETA) and batches on a terminal; on every
+    output, a line per epoch with its loss, grad norm, elapsed time and ETA."""
+
+    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
+        self.console, self.clock = console, clock
+        self.progress = _bar(console)
         self.epochs = self.batches = None
+        self.n_epochs, self.t0 = 0, 0.0
 
     def start(self, epochs: int, batches: int) -> None:
+        self.n_epochs, self.t0 = epochs, self.clock()
         self.progress.start()
-        self.epochs = self.progress.add_task("epochs", total=epochs, info="")
-        self.batches = self.progress.add_task("batches", total=batches, info="")
+        self.epochs = self.progress.add_task("epochs", total=epochs, info="", unit="epochs")
+        self.batches = self.progress.add_task("batches", total=batches, info="", unit="steps")
 
     def step(self, epoch: int, batch: int, loss: float) -> None:
         self.progress.update(self.batches, completed=batch + 1, info=f"loss {fmt(loss)}")
@@ -31,10 +113,13 @@ class RichProgress(Callbacks):
         self.progress.update(self.epochs, completed=epoch,
                              info=f"grad norm {fmt(record['grad_norm_mean'])}  val {fmt(record['val_loss'])}")
         self.progress.reset(self.batches)
-        scream = "  [magenta]output collapsed[/]" if record["collapsed"] else ""
-        self.console.print(f"epoch {epoch}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
-                           f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}  "
-                           f"stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}{scream}")
+        elapsed = self.clock() - self.t0
+        eta = elapsed / epoch * (self.n_epochs - epoch) if epoch else None
+        scream = ("  output collapsed", "magenta") if record["collapsed"] else ""
+        self.console.print(styled(f"epoch {epoch}/{self.n_epochs}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
+                                  f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}  "
+                                  f"stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}", scream,
+                                  f"  elapsed {seconds(elapsed)}, ETA {seconds(eta)}"))
 
     def close(self) -> None:
         self.progress.stop()

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import console, fmt, user_errors
+from cli.common import console, fmt, styled, user_errors
 from cli.config import UserError
 
 
@@ -28,11 +28,11 @@ def replay(
             r = replay_run(run, n_other=others)
         except ReplayError as e:
             raise UserError(str(e)) from None
-    console.print(f"[bold]replay[/] of step {r.step} (epoch {r.epoch}, batch {r.batch_index}) from {run}")
+    console.print(styled(("replay", "bold"), f" of step {r.step} (epoch {r.epoch}, batch {r.batch_index}) from {run}"))
     console.print(f"loss on replay: {fmt(r.loss)}   batch tensors finite: {r.batch_finite}")
     if r.module:
-        console.print(f"first non-finite {'output' if r.where == 'forward' else 'gradient'}: "
-                      f"[bold red]{r.module}[/] (group {r.group}, in the {r.where} pass)")
+        console.print(styled(f"first non-finite {'output' if r.where == 'forward' else 'gradient'}: ",
+                             (r.module, "bold red"), f" (group {r.group}, in the {r.where} pass)"))
     for o in r.other_batches:
         console.print(f"same state, batch {o['indices']}: {'finite' if o['finite'] else 'non-finite'} (loss {fmt(o['loss'])})")
     console.print(f"cause: {r.cause}")

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from cli.common import console, err_console, user_errors, verdict_markup
+from cli.common import console, user_errors, verdict_text, warn
 from cli.config import UserError
 
 if TYPE_CHECKING:
@@ -35,8 +35,12 @@ def report(
     from stability import report as rep
 
     with user_errors():
+        from cli.progress import reporter
+        from stability.progress import reporting
+
         try:
-            result = rep.write_report(runs_dir, out)
+            with reporting(reporter(console)):
+                result = rep.write_report(runs_dir, out)
         except rep.ReportError as e:
             raise UserError(str(e)) from None
         except OSError as e:  # e.g. --out not writable
@@ -47,7 +51,7 @@ def report(
         console.print(frame_table(rep.answer_display(result.answer),
                                   title="unstable (exploding, scream or nan) per factor value; medians over those runs"))
     console.print(frame_table(result.overview, title=f"{len(result.runs)} runs under {runs_dir}",
-                              markup={"verdict": verdict_markup, "state": verdict_markup}))
+                              markup={"verdict": verdict_text, "state": verdict_text}))
     if result.keys:
         shares = rep.factor_display(result.summary)
         console.print(frame_table(shares, title="by factor: share of runs per verdict, median last finite grad norm",
@@ -56,19 +60,20 @@ def report(
         console.print(frame_table(rep.lr_display(result.lr_table), title="learning-rate sensitivity (Wortsman et al. 2023): "
                                                          "mean over the LR grid of loss above the best; smaller is flatter"))
     for rel, w in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {escape(rel)}: {escape(w)}", highlight=False, soft_wrap=True)
+        warn(f"{rel}: {w}")
     console.print(f"wrote {', '.join(str(p.relative_to(result.out)) for p in result.files[:3])} and "
                   f"{len(result.files) - 3} plot(s) to {result.out}", highlight=False)
 
 
-def _share(verdict: str) -> Callable[[str], str]:
+def _share(verdict: str) -> Callable[[str], Text]:
     style = SHARE_STYLE.get(verdict, "white")
-    return lambda s: f"[dim]{s}[/]" if s == "0%" else f"[{style}]{s}[/]"
+    return lambda s: Text(s, style="dim" if s == "0%" else style)
 
 
-def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str, Callable[[str], str]] | None = None,
+def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str, Callable[[str], Text]] | None = None,
                 row_styles: Iterable[str | None] | None = None) -> Table:
-    """A Rich table from a frame of display strings; `markup` maps a column to a cell formatter."""
+    """A Rich table from a frame of display strings; `markup` maps a column to a cell formatter
+    (a `Text`: styled, never parsed; the console parses no markup, so `[live]` stays in a cell)."""
     markup = markup or {}
     styles = list(row_styles) if row_styles is not None else [None] * len(frame)
     # short columns (verdict, a factor's value) stay whole and long ones wrap, as long as that
@@ -80,7 +85,7 @@ def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str,
         for col, w in zip(frame.columns, mins):
             t.add_column(str(col), overflow="fold", min_width=w if keep and w <= 9 else None)
         for row, style in zip(frame.itertuples(index=False), styles):
-            t.add_row(*(markup[c](str(v)) if c in markup else escape(str(v)) for c, v in zip(frame.columns, row)),
+            t.add_row(*(markup[c](str(v)) if c in markup else str(v) for c, v in zip(frame.columns, row)),
                       style=style)
         if keep and _fits(t):
             break

@@ -12,10 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt,
+from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER, check_writable, console, err_console, fmt,
                         graceful_signals,
-                        user_errors, verdict_markup)
+                        styled, user_errors, verdict_text)
 from cli.config import compose_run
+from stability.errors import DataError
 from stability.preflight import preflight
 
 
@@ -36,31 +37,37 @@ def run(
         run_dir = runs / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}_{readable_name(overrides)}"
         check_writable(runs)
         preflight(cfg)
-    console.print(f"[bold]stab run[/] {' '.join(overrides) or '(defaults)'} -> {run_dir}")
-    from cli.progress import RichProgress
+    console.print(styled(("stab run", "bold"), f" {' '.join(overrides) or '(defaults)'} -> {run_dir}"))
+    from cli.progress import RichProgress, reporter
     from stability import training
+    from stability.progress import reporting
 
     try:
-        with graceful_signals():
+        with graceful_signals(), reporting(reporter(console)):
             summary = training.run(cfg, run_dir, overrides, RichProgress(console))
     except KeyboardInterrupt:
         err_console.print(f"interrupted; status and metrics so far are in {run_dir}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
+    except DataError as e:  # found once the data were decoded or encoded (constant latents): bad input
+        if DEBUG["on"]:
+            raise
+        err_console.print(styled(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER) from None
     except Exception as e:
         if DEBUG["on"]:
             raise
-        err_console.print(f"[bold red]crashed:[/] {type(e).__name__}: {e}\n"
-                          f"traceback in {run_dir / 'status.json'} (or run with stab --debug)")
+        err_console.print(styled(("crashed:", "bold red"), f" {type(e).__name__}: {e}\n"
+                                 f"traceback in {run_dir / 'status.json'} (or run with stab --debug)"))
         raise typer.Exit(EXIT_CRASH) from None
     s = summary
     nan = s["first_nan"]
-    console.print(f"verdict: {verdict_markup(s['verdict'])}  {s['evidence']}")
+    console.print(styled("verdict: ", verdict_text(s["verdict"]), f"  {s['evidence']}"))
     for f in s.get("flags", [])[1:]:  # the first is the verdict's own evidence
-        console.print(f"  also {f['flag']}: {f['evidence']}", markup=False)
+        console.print(f"  also {f['flag']}: {f['evidence']}")
     for w in s.get("warnings", []):
-        console.print(f"  warning: {w['message']}", markup=False, style="yellow")
+        console.print(f"  warning: {w['message']}", style="yellow")
     console.print(f"grad norm by epoch: {', '.join(fmt(v) for v in s['grad_norm_by_epoch'])}   "
                   f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
     if nan:

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from cli.common import console, err_console, fmt, user_errors, verdict_markup
+from cli.common import console, fmt, styled, user_errors, verdict_text, warn
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability.config import ConfigError
@@ -40,19 +39,19 @@ def show(
         r = rep.load_run(run, run.parent)
 
     s = r.summary
-    console.print(f"[bold]{escape(str(run))}[/]  state {verdict_markup(r.state)}  verdict {verdict_markup(r.verdict)}"
-                  f"  run {s.get('run_id') or r.status.get('run_id') or '?'}", highlight=False)
+    console.print(styled((str(run), "bold"), "  state ", verdict_text(r.state), "  verdict ", verdict_text(r.verdict),
+                         f"  run {s.get('run_id') or r.status.get('run_id') or '?'}"), highlight=False)
     if s.get("evidence"):
-        console.print(f"  {escape(str(s['evidence']))}", highlight=False)
+        console.print(f"  {s['evidence']}", highlight=False)
     for f in (s.get("flags") or [])[1:]:  # every finding besides the verdict's own
-        console.print(f"  also {f.get('flag')}: {f.get('evidence')}", markup=False, highlight=False)
+        console.print(f"  also {f.get('flag')}: {f.get('evidence')}", highlight=False)
     for w in s.get("warnings") or []:
-        console.print(f"  warning: {w.get('message')}", markup=False, highlight=False, style="yellow")
-    console.print(f"  overrides: {escape(' '.join(r.overrides)) if r.overrides is not None else '?'}   "
+        console.print(f"  warning: {w.get('message')}", highlight=False, style="yellow")
+    console.print(f"  overrides: {' '.join(r.overrides) if r.overrides is not None else '?'}   "
                   f"device {r.status.get('device', '?')}  threads {r.status.get('threads', '?')}   "
                   f"wall {fmt(r.wall_s)} s", highlight=False)
     for w in r.warnings:
-        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        warn(w)
 
     grads = rep.grad_epoch_frame(r)
     if grads.empty:
@@ -74,13 +73,13 @@ def show(
                                             "max sink score, layers with a sink (> 0.3), massive activations, gradient sink"))
         last_samples = next((e["samples"] for e in reversed(r.epochs) if e.get("samples")), None)
         if last_samples:
-            console.print(f"[bold]generated text[/] (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in samples.txt):")
+            console.print(styled(("generated text", "bold"), f" (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in samples.txt):"))
             for smp in last_samples:
-                console.print(f"  {escape(repr(smp['prompt']))} -> {escape(repr(smp['output'][:160]))}", highlight=False)
+                console.print(f"  {smp['prompt']!r} -> {smp['output'][:160]!r}", highlight=False)
         audio = [a for e in r.epochs for a in (e.get("audio") or [])]
         if audio:
-            console.print("[bold]audio[/] (decoded with the EnCodec decoder): "
-                          + ", ".join(escape(str(a)) for a in audio), highlight=False, soft_wrap=True)
+            console.print(styled(("audio", "bold"), " (decoded with the EnCodec decoder): " + ", ".join(map(str, audio))),
+                          highlight=False, soft_wrap=True)
     events = rep.events_frame(r)
     console.print(frame_table(_fmt_frame(events), title="events") if not events.empty else "events: none")
 
@@ -100,8 +99,7 @@ def show(
         model = (r.config.get("model") or {}).get("name", "cascade")
         defaults = compose_run([f"model={model}"]).to_dict()  # the defaults of this run's own workload
     except (UserError, ConfigError) as e:  # a broken conf/ must not hide the run itself
-        err_console.print(f"[yellow]warning:[/] cannot compose the default config to compare with: {escape(str(e))}",
-                          highlight=False, soft_wrap=True)
+        warn(f"cannot compose the default config to compare with: {e}")
         return
     diff = rep.config_diff(defaults, r.config)
     frame = pd.DataFrame([(k, _value(a), _value(b)) for k, a, b in diff], columns=["key", "default", "this run"])

@@ -14,16 +14,18 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
+import yaml
 from rich.live import Live
 from rich.table import Table
 
 from cli import launch
-from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
-                        user_errors, verdict_markup)
+from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals, seconds,
+                        styled, user_errors, verdict_text)
 from cli.config import UserError, compose_run
 from cli.job import CONCURRENCY_ENV, DUPLICATES_ENV, job, warm
 from stability.preflight import preflight
@@ -79,9 +81,9 @@ def sweep(
             os.environ[DUPLICATES_ENV] = json.dumps(duplicates)  # read by each job (cli/job.py)
         stale = mark_stale_running(sweep_dir)
         for path in stale:
-            err_console.print(f"[yellow]found interrupted job[/] {path.name}: running it again")
-        console.print(f"[bold]stab sweep[/] {len(combos)} jobs -> {sweep_dir}  "
-                      f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)")
+            err_console.print(styled(("found interrupted job", "yellow"), f" {path.name}: running it again"))
+        console.print(styled(("stab sweep", "bold"), f" {len(combos)} jobs -> {sweep_dir}  "
+                             f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)"))
         write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
         hydra_over = task_args + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
         view = LiveView(sweep_dir, len(combos))
@@ -96,7 +98,7 @@ def sweep(
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
             _finish(sweep_dir, name, launcher, overrides, "failed")
-            err_console.print(f"[bold red]sweep failed to launch:[/] {type(e).__name__}: {e}")
+            err_console.print(styled(("sweep failed to launch:", "bold red"), f" {type(e).__name__}: {e}"))
             raise typer.Exit(EXIT_CRASH) from None
         records = _finish(sweep_dir, name, launcher, overrides, "completed", returns)
     finally:
@@ -107,7 +109,7 @@ def sweep(
     _answer(sweep_dir)
     crashed = [r for r in records if r["state"] != "completed"]
     for r in crashed:
-        err_console.print(f"[bold red]job {r['state']}:[/] {r['folder']}: {r.get('error')}", highlight=False)
+        err_console.print(styled((f"job {r['state']}:", "bold red"), f" {r['folder']}: {r.get('error')}"), highlight=False)
     if crashed:
         raise typer.Exit(EXIT_CRASH)
 
@@ -198,46 +200,125 @@ def summary_table(records: list[dict[str, Any]], skipped: int = 0, same: int = 0
     for r, p in zip(records, parsed):
         nan = r.get("first_nan")
         t.add_row(*(p.get(k, "") for k in keys), *([r["state"] or "?"] if show_state else []),
-                  verdict_markup(r.get("verdict") or "?"),
+                  verdict_text(r.get("verdict") or "?"),
                   f"e{nan['epoch']} b{nan['batch']} {nan['module']}" if nan else "-",
                   fmt(r.get("scream_epoch")), fmt(r.get("final_loss")))
     return t
 
 
-class LiveView:
-    """Polls the sweep folder's status files while Hydra runs the jobs (any launcher, any process)."""
+def job_progress(run_dir: Path, now: float) -> dict[str, Any]:
+    """What the sweep view shows of one job, read from its folder: state, epoch (done/total),
+    last epoch's mean grad norm, verdict so far, elapsed and ETA (elapsed per epoch so far)."""
+    status = read_status(run_dir)
+    epochs = read_jsonl_tail(run_dir / "epochs.jsonl")
+    total = _epochs_total(run_dir)
+    done = len(epochs)
+    started, finished = status.get("started"), status.get("finished")
+    elapsed = ((finished or now) - started) if isinstance(started, (int, float)) else None
+    state = status.get("state", "?")
+    eta = None
+    if state == "running" and elapsed is not None and done and total:
+        eta = elapsed / done * (total - done)
+    verdict = status.get("verdict")
+    if verdict is None and state == "running":  # so far: a NaN recorded, or the output collapsed
+        events = {e.get("event") for e in read_jsonl_tail(run_dir / "events.jsonl")}
+        verdict = "nan" if "first_nan" in events else ("scream?" if epochs and epochs[-1].get("collapsed") else None)
+    return {"name": run_dir.name, "state": state, "epoch": done, "epochs": total,
+            "grad_norm": epochs[-1].get("grad_norm_mean") if epochs else None, "verdict": verdict,
+            "elapsed": elapsed, "eta": eta}
 
-    def __init__(self, sweep_dir: Path, total: int) -> None:
-        self.sweep_dir, self.total = sweep_dir, total
-        self.live = Live(self.render(), console=console, refresh_per_second=2, transient=True)
+
+def read_jsonl_tail(path: Path) -> list[dict[str, Any]]:
+    """The parsed lines of a JSON Lines file being appended to (a torn last line is left out)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _epochs_total(run_dir: Path) -> int | None:
+    try:
+        epochs = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return epochs if isinstance(epochs, int) else None
+
+
+class LiveView:
+    """Polls the sweep folder's job files while Hydra runs the jobs (any launcher, any process).
+
+    On a terminal: a live table, a row per job with its epoch, last grad norm, verdict so far,
+    elapsed time and ETA, as wide as the terminal from its first frame. Elsewhere (a CI log): a
+    line each time a job starts, finishes an epoch or ends."""
+
+    def __init__(self, sweep_dir: Path, total: int, clock: Callable[[], float] = time.time) -> None:
+        self.sweep_dir, self.total, self.clock = sweep_dir, total, clock
+        self.terminal = console.is_terminal
+        self.live = Live(self.render(), console=console, refresh_per_second=2, transient=True) if self.terminal else None
+        self.seen: dict[str, tuple[Any, ...]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
+    def jobs(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [job_progress(p.parent, now) for p in sorted(self.sweep_dir.glob("*/status.json"))]
+
     def render(self) -> Table:
-        jobs = []
-        for p in sorted(self.sweep_dir.glob("*/status.json")):
-            status = read_status(p.parent)
-            jobs.append((p.parent.name, status.get("state", "?"), status.get("verdict")))
-        counts = {s: sum(1 for _, st, _ in jobs if st == s) for s in ("completed", "running", "failed", "interrupted")}
+        jobs = self.jobs()
+        counts = {s: sum(1 for j in jobs if j["state"] == s) for s in ("completed", "running", "failed", "interrupted")}
+        # min_width: with no rows yet, Rich would size the table (and wrap its title) to the
+        # header's ~23 columns; the first frames keep the terminal's width instead
         t = Table(title=f"{counts['completed']}/{self.total} done, {counts['running']} running, "
-                        f"{counts['failed']} failed", show_edge=False)
-        t.add_column("job")
-        t.add_column("state")
-        t.add_column("verdict")
-        for name, state, verdict in jobs:
-            t.add_row(name, state, verdict_markup(verdict) if verdict else "")
+                        f"{counts['failed']} failed", show_edge=False, min_width=min(console.width, 120))
+        for col in ("job", "state", "epoch", "grad norm", "verdict", "elapsed", "ETA"):
+            t.add_column(col, justify="right" if col in ("epoch", "grad norm", "elapsed", "ETA") else "left",
+                         overflow="fold")
+        for j in jobs:
+            t.add_row(j["name"], verdict_text(j["state"]), f"{j['epoch']}/{j['epochs'] or '?'}", fmt(j["grad_norm"]),
+                      verdict_text(j["verdict"]) if j["verdict"] else "", seconds(j["elapsed"]),
+                      seconds(j["eta"]) if j["state"] == "running" else "")
         return t
+
+    def print_changes(self) -> None:
+        """Plain lines for what changed since the last poll (no terminal)."""
+        for j in self.jobs():
+            key = (j["state"], j["epoch"], j["verdict"])
+            if self.seen.get(j["name"]) == key:
+                continue
+            self.seen[j["name"]] = key
+            done = sum(1 for k in self.seen.values() if k[0] == "completed")
+            line = (f"[{done}/{self.total} done] {j['name']}: {j['state']}, epoch {j['epoch']}/{j['epochs'] or '?'}, "
+                    f"grad norm {fmt(j['grad_norm'])}, elapsed {seconds(j['elapsed'])}")
+            if j["state"] == "running":
+                line += f", ETA {seconds(j['eta'])}"
+            if j["verdict"]:
+                line += f", verdict {j['verdict']}"
+            console.print(line, highlight=False, soft_wrap=True)
 
     def _poll(self) -> None:
         while not self.stop.wait(0.5):
-            self.live.update(self.render())
+            if self.terminal:
+                self.live.update(self.render())
+            else:
+                self.print_changes()
 
     def __enter__(self) -> "LiveView":
-        self.live.__enter__()
+        if self.live:
+            self.live.__enter__()
         self.thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
         self.thread.join()
-        self.live.__exit__(*exc)
+        if self.live:
+            self.live.__exit__(*exc)
+        else:
+            self.print_changes()

@@ -5,9 +5,12 @@
                                                          any channel count
 
 Every file is decoded and checked before anything is encoded or trained: unpaired names, a
-missing or empty folder, unreadable or truncated files, NaN or inf samples, empty files,
-all-silent pairs, pairs of different lengths and pairs shorter than one segment each raise a
+missing or empty folder, unreadable or truncated files, NaN or inf samples, empty files, files
+that carry no signal, pairs of different lengths and pairs shorter than one segment each raise a
 `DataError` naming the file (`on_bad="error"`), or are skipped with a warning (`on_bad="skip"`).
+The signal checks look at what the model is fed: the 24 kHz mono signal after the downmix and
+the resampling, so a stereo file whose channels cancel, content above 12 kHz that resampling
+removes, or a constant (DC) level are caught, not only digital silence.
 
     listing = scan_folder("pairs")                       # names, sizes, mtimes: no decoding
     plan = plan_folder(listing, seconds=2.0, n_train=None, n_val=8, seed=0, on_bad="error")
@@ -29,9 +32,12 @@ import torchaudio.functional as AF
 
 from stability.codec import decode
 from stability.errors import DataError
+from stability.progress import phase
 
 SAMPLE_RATE = 24_000  # EnCodec 24 kHz
-SILENT_PEAK = 1e-4  # -80 dBFS: a pair whose input and target both stay below this is silent
+SILENT_RMS = 1e-4  # -80 dBFS: a file whose 24 kHz mono signal stays below this is silent
+LOST = 1e-3  # -60 dB: a downmix or resampling that takes this much off leaves no signal
+EDGE_S = 0.01  # seconds at each end of a file that the signal checks leave out (resampling transients)
 LENGTH_TOLERANCE_S = 0.01  # input and target may differ by resampling round-off, not by more
 # Suffixes of the formats this libsndfile reads (RAW has no header: it cannot be read unaided).
 AUDIO_SUFFIXES = frozenset(
@@ -47,6 +53,14 @@ class BadFile(Exception):
     def __init__(self, what: str, reason: str) -> None:
         super().__init__(f"{what} {reason}")
         self.what, self.reason = what, reason
+
+
+class ShortData(DataError):
+    """The usable pairs give fewer segments than the split needs (`have` < `need`)."""
+
+    def __init__(self, message: str, have: int, need: int) -> None:
+        super().__init__(message)
+        self.have, self.need = have, need
 
 
 @dataclass(frozen=True)
@@ -179,19 +193,57 @@ def read_audio(f: AudioFile) -> tuple[torch.Tensor, dict[str, Any]]:
     if not finite.all():
         first = int(np.argwhere(~finite)[0][0])
         raise BadFile(f.rel, f"contains NaN or inf samples (the first at {first / rate:.3f} s)")
-    stats = {"rate": int(rate), "channels": int(data.shape[1]), "peak": float(np.abs(data).max())}
     mono = torch.from_numpy(data).mean(dim=1)  # downmix before resampling: 1 channel to filter
+    before = {"raw_rms": float(np.sqrt(np.mean(np.square(data, dtype=np.float64)))), "mono_rms": _rms(mono)}
     if rate != SAMPLE_RATE:
         mono = AF.resample(mono, int(rate), SAMPLE_RATE)  # windowed-sinc, torchaudio's defaults
+    # What the model is fed, measured without the first and last 10 ms, where the resampler's
+    # sinc rings at the file's hard edges (a constant level resampled from 16 kHz swings by 5% there).
+    edge = int(EDGE_S * SAMPLE_RATE) if len(mono) > 4 * EDGE_S * SAMPLE_RATE else 0
+    core = mono[edge: len(mono) - edge]
+    stats = {"rate": int(rate), "channels": int(data.shape[1]), **before, "rms": _rms(core),
+             "level": abs(float(core.double().mean())), "ac_rms": _rms(core - core.mean())}
     return mono, stats
+
+
+def _rms(x: torch.Tensor) -> float:
+    return float(x.double().pow(2).mean().sqrt())
+
+
+def _db(x: float) -> str:
+    return f"{20 * np.log10(x):.0f} dB" if x > 0 else "-inf dB"
+
+
+def no_signal(stats: dict[str, Any]) -> str | None:
+    """Why a decoded file carries no signal as the model sees it (24 kHz mono), or None.
+
+    Silent: RMS below -80 dBFS. Lost in processing: the downmix or the resampling takes more than
+    60 dB off (channels that cancel, content above 12 kHz). Constant: a level with variation more
+    than 60 dB below it (DC)."""
+    raw, mono, rms, ac, level = (stats[k] for k in ("raw_rms", "mono_rms", "rms", "ac_rms", "level"))
+    if stats["channels"] > 1 and raw >= SILENT_RMS and mono < LOST * raw:
+        return (f"is silent after the downmix to mono (RMS {_db(mono)}FS from {_db(raw)}FS per channel: its "
+                f"{stats['channels']} channels cancel out, one is the other inverted)")
+    if mono >= SILENT_RMS and rms < LOST * mono:
+        return (f"is silent after resampling from {stats['rate']} Hz to {SAMPLE_RATE} Hz (RMS {_db(rms)}FS from "
+                f"{_db(mono)}FS: its content lies above {SAMPLE_RATE // 2} Hz, which 24 kHz cannot hold)")
+    if level >= SILENT_RMS and ac < max(SILENT_RMS, LOST * level):
+        return f"is constant: a DC level of {_db(level)}FS with variation at {_db(ac)}FS, no signal"
+    if ac < SILENT_RMS:
+        return f"is silent (RMS {_db(ac)}FS, below {_db(SILENT_RMS)}FS)"
+    return None
 
 
 def _check_pair(name: str, fi: AudioFile, ft: AudioFile, segment: int) -> tuple[Pair, torch.Tensor, torch.Tensor]:
     x, sx = read_audio(fi)
     y, sy = read_audio(ft)
     both = f"{fi.rel} and {ft.rel}"
-    if max(sx["peak"], sy["peak"]) < SILENT_PEAK:
-        raise BadFile(both, f"are both silent (peak below {20 * np.log10(SILENT_PEAK):.0f} dBFS)")
+    if no_signal(sx) and no_signal(sy):
+        raise BadFile(both, f"are both silent as the model sees them (24 kHz mono): input {no_signal(sx)}, "
+                            f"target {no_signal(sy)}")
+    for f, stats in ((fi, sx), (ft, sy)):  # one side without signal: nothing to learn from, or to learn
+        if no_signal(stats):
+            raise BadFile(f.rel, no_signal(stats))
     if abs(len(x) - len(y)) > LENGTH_TOLERANCE_S * SAMPLE_RATE:
         raise BadFile(both, f"differ in length ({len(x) / SAMPLE_RATE:.3f} s and {len(y) / SAMPLE_RATE:.3f} s); "
                             f"paired files must be time-aligned")
@@ -237,17 +289,21 @@ def plan_folder(listing: Listing, seconds: float, n_train: int | None, n_val: in
     for what, reason in listing.bad:
         reject(what, reason)
     pairs = []
-    for name, fi, ft in listing.pairs:
-        try:
-            pairs.append(_check_pair(name, fi, ft, segment)[0])
-        except BadFile as e:
-            reject(e.what, e.reason)
+    with phase("checking audio files", total=len(listing.pairs), unit="pairs") as p:
+        for name, fi, ft in listing.pairs:
+            try:
+                pairs.append(_check_pair(name, fi, ft, segment)[0])
+            except BadFile as e:
+                reject(e.what, e.reason)
+            p.advance()
     total = sum(p.samples // segment for p in pairs)
     if total < n_val + 1:
-        raise DataError(f"data.path={str(root)!r}: {len(pairs)} usable pair(s) give {total} segment(s) of "
+        short = n_val + 1 - total
+        raise ShortData(f"data.path={str(root)!r}: {len(pairs)} usable pair(s) give {total} segment(s) of "
                         f"data.seconds={seconds:g}, fewer than data.n_val={n_val} for validation plus 1 for "
-                        f"training; add audio or lower data.seconds or data.n_val"
-                        + (f" ({len(skipped)} skipped)" if skipped else ""))
+                        f"training: {short} segment(s) short, at least {short * seconds:g} s more audio (in "
+                        f"files of at least {seconds:g} s); add audio or lower data.seconds or data.n_val"
+                        + (f" ({len(skipped)} skipped)" if skipped else ""), total, n_val + 1)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pairs), generator=g).tolist()
     segments = [(i, k * segment) for i in order for k in range(pairs[i].samples // segment)]

@@ -28,6 +28,7 @@ import torch
 
 from stability.config import CodecConfig
 from stability.errors import CodecError
+from stability.progress import phase
 
 FRAME_RATE = 75  # latent frames per second at 24 kHz (hop 320)
 PRETRAINED_HASH = "d7cc33bc"  # the first hex digits of the checkpoint's sha256, checked on download
@@ -189,9 +190,15 @@ def load_codec(cfg: CodecConfig) -> Codec:
 
 
 @torch.no_grad()
-def encode(model: Any, audio: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """(B, 1, samples) at 24 kHz -> continuous encoder latents (B, 128, T)."""
-    return torch.cat([model.encoder(audio[i: i + chunk]) for i in range(0, len(audio), chunk)])
+def encode(model: Any, audio: torch.Tensor, chunk: int = 8, progress: Any = None) -> torch.Tensor:
+    """(B, 1, samples) at 24 kHz -> continuous encoder latents (B, 128, T); `progress.advance(n)`
+    (a `stability.progress.Phase`) after each chunk of n clips."""
+    out = []
+    for i in range(0, len(audio), chunk):
+        out.append(model.encoder(audio[i: i + chunk]))
+        if progress is not None:
+            progress.advance(len(out[-1]))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -222,6 +229,11 @@ def calibrate_codebooks(quantizer: Any, latents: torch.Tensor, n_q: int, seed: i
     EnCodec's own training-mode forward would, but in O(N k) memory instead of O(N k D)."""
     g = torch.Generator().manual_seed(seed)
     residual = latents.permute(0, 2, 1).reshape(-1, latents.shape[1]).float()  # (B*T, 128)
+    with phase("calibrating codebooks (k-means)", total=n_q, unit="codebooks") as p:
+        _calibrate(quantizer, residual, n_q, iters, g, p)
+
+
+def _calibrate(quantizer: Any, residual: torch.Tensor, n_q: int, iters: int, g: torch.Generator, p: Any) -> None:
     for layer in quantizer.vq.layers[:n_q]:
         book = layer._codebook
         means, counts = _kmeans(residual, book.codebook_size, iters, g)
@@ -230,6 +242,7 @@ def calibrate_codebooks(quantizer: Any, latents: torch.Tensor, n_q: int, seed: i
         book.cluster_size.copy_(counts.float())
         book.inited.fill_(1.0)
         residual = residual - means[book.quantize(residual)]
+        p.advance()
 
 
 def quantizer_state(quantizer: Any, n_q: int) -> dict[str, torch.Tensor]:

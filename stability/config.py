@@ -11,6 +11,7 @@ line and exit before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -22,6 +23,12 @@ N_STAGES = 3
 
 class ConfigError(ValueError):
     """A user-supplied configuration value is not allowed."""
+
+
+def did_you_mean(word: str, candidates: Any) -> str:
+    """'; did you mean X?' for the closest of `candidates` to a typo'd `word` (difflib), or ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -52,7 +59,7 @@ def _number(key: str, value: Any, *, lo: float | None = None, hi: float | None =
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        _fail(key, value, "one of " + ", ".join(allowed))
+        _fail(key, value, "one of " + ", ".join(allowed) + did_you_mean(value, allowed))
     return value
 
 
@@ -279,6 +286,7 @@ class DetectConfig:
 
     explode_factor: float = 2.0  # 'exploding' if grad norm grows by more than this per epoch ...
     explode_window: int = 3  # ... over this many consecutive epochs (geometric mean)
+    explode_step_factor: float = 1000.0  # ... or if one step's (finite) grad norm exceeds the run's median by this
     spike_window: int = 20  # steps in the running baseline of the spike detector
     spike_z: float = 6.0  # robust z-score (median/MAD) that counts as a spike
     spike_warmup: int = 10  # steps before spikes are looked for
@@ -296,6 +304,7 @@ class DetectConfig:
         self.explode_window = _number("detect.explode_window", self.explode_window, lo=2, integer=True)
         self.clamp_warn = _number("detect.clamp_warn", self.clamp_warn, lo=0.0, hi=1.0)
         self.logit_growth = _number("detect.logit_growth", self.logit_growth, lo=1.0, lo_open=True)
+        self.explode_step_factor = _number("detect.explode_step_factor", self.explode_step_factor, lo=1.0, lo_open=True)
         self.spike_window = _number("detect.spike_window", self.spike_window, lo=3, integer=True)
         self.spike_z = _number("detect.spike_z", self.spike_z, lo=0.0, lo_open=True)
         self.spike_warmup = _number("detect.spike_warmup", self.spike_warmup, lo=0, integer=True)

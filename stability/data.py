@@ -16,6 +16,7 @@ A JSON sidecar next to each entry says what it holds (`stab cache ls`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,13 +30,14 @@ from typing import Any, Iterable
 import torch
 from filelock import FileLock, Timeout
 
-from stability.audio import DataError, FolderPlan, Listing, plan_folder, read_pair, scan_folder
+from stability.audio import DataError, FolderPlan, Listing, ShortData, plan_folder, read_pair, scan_folder
 from stability.codec import (CodeBook, calibrate_codebooks, check_weights, encode, load_codec, quantizer_state,
                              weights_fingerprint)
 from stability.config import DataConfig
+from stability.progress import phase
 from stability.synth import synth_pairs
 
-__all__ = ["DataError", "LatentData", "check_audio", "load_latents", "inspect_latents", "cache_entries",
+__all__ = ["DataError", "LatentData", "check_audio", "fit_split", "load_latents", "inspect_latents", "cache_entries",
            "clear_cache", "default_cache_root"]
 
 # The seed's pretrained-EnCodec latent RMS (SPEC §1): input 5.66, target 5.69. `latent_rms=auto`
@@ -138,6 +140,35 @@ def check_audio(cfg: DataConfig, need_codec: bool = False) -> None:
         check_weights(cfg.codec)
 
 
+def fit_split(cfg: DataConfig) -> tuple[DataConfig, str | None]:
+    """For `stab data inspect`: check the data like `check_audio`, but where the folder is too
+    short for the configured split, inspect it with a smaller `n_val` (at least one training
+    segment) and say by how much the configured split falls short. Returns (config, warning)."""
+    try:
+        check_audio(cfg)
+        return cfg, None
+    except ShortData as e:
+        if e.have < 2:  # one segment cannot be both a validation and a training set
+            raise
+        fitted = dataclasses.replace(cfg, n_val=e.have - 1)
+        check_audio(fitted)
+        return fitted, (f"{e}. Inspecting with data.n_val={fitted.n_val} instead; a run with these "
+                        f"settings would stop here")
+
+
+def constant_latents(z: torch.Tensor) -> str | None:
+    """Why latents (N, C, T) carry no signal, or None: every channel holds one value over all
+    items and frames (to float32 precision), e.g. audio that EnCodec maps to a fixed point. Such
+    latents would be rescaled by latent_rms / 0."""
+    if z.numel() == 0:
+        return None
+    level = z.abs().max().item()
+    variation = (z - z.mean(dim=(0, 2), keepdim=True)).pow(2).mean().sqrt().item()
+    if variation <= 1e-6 * level or level == 0:
+        return f"are constant after encoding (variation {variation:.3g} around a level of {level:.3g})"
+    return None
+
+
 def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Encode the plan's segments, one file at a time (memory: one file's audio, not the folder's).
     Returns (input, target) latents ordered train then validation, and the seconds spent encoding."""
@@ -148,18 +179,24 @@ def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Te
         by_pair.setdefault(i, []).append(start)
     inp = target = None
     encode_s = 0.0
-    for i in sorted(by_pair):
-        x, y = read_pair(plan.pairs[i])
-        starts = by_pair[i]
-        xs = torch.stack([x[s: s + plan.segment] for s in starts]).unsqueeze(1)  # (k, 1, samples)
-        ys = torch.stack([y[s: s + plan.segment] for s in starts]).unsqueeze(1)
-        t0 = time.perf_counter()
-        zx, zy = encode(model, xs), encode(model, ys)  # (k, 128, T)
-        encode_s += time.perf_counter() - t0
-        if inp is None:
-            inp, target = zx.new_empty(len(wanted), *zx.shape[1:]), zy.new_empty(len(wanted), *zy.shape[1:])
-        for k, s in enumerate(starts):
-            inp[slot[(i, s)]], target[slot[(i, s)]] = zx[k], zy[k]
+    with phase("encoding latents", total=2 * len(wanted), unit="segments") as p:
+        for i in sorted(by_pair):
+            x, y = read_pair(plan.pairs[i])
+            starts = by_pair[i]
+            xs = torch.stack([x[s: s + plan.segment] for s in starts]).unsqueeze(1)  # (k, 1, samples)
+            ys = torch.stack([y[s: s + plan.segment] for s in starts]).unsqueeze(1)
+            t0 = time.perf_counter()
+            zx, zy = encode(model, xs, progress=p), encode(model, ys, progress=p)  # (k, 128, T)
+            encode_s += time.perf_counter() - t0
+            for side, z, f in (("input", zx, plan.pairs[i].input), ("target", zy, plan.pairs[i].target)):
+                why = constant_latents(z)
+                if why:
+                    raise DataError(f"data.path={str(plan.root)!r}: {f.rel}: its {side} latents {why}; EnCodec "
+                                    f"sees no signal in it; fix or remove it")
+            if inp is None:
+                inp, target = zx.new_empty(len(wanted), *zx.shape[1:]), zy.new_empty(len(wanted), *zy.shape[1:])
+            for k, s in enumerate(starts):
+                inp[slot[(i, s)]], target[slot[(i, s)]] = zx[k], zy[k]
     return inp, target, encode_s
 
 
@@ -168,7 +205,8 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
     if listing is None:
         clean, degraded = synth_pairs(cfg.n_train + cfg.n_val, cfg.seconds, cfg.seed)
         t0 = time.perf_counter()
-        target, inp = encode(codec.model, clean), encode(codec.model, degraded)
+        with phase("encoding latents", total=len(clean) + len(degraded), unit="clips") as p:
+            target, inp = encode(codec.model, clean, progress=p), encode(codec.model, degraded, progress=p)
         encode_s = time.perf_counter() - t0
         n_train = cfg.n_train
         source = {"kind": "synthetic", "seed": cfg.seed, "segment_seconds": cfg.seconds,
@@ -178,6 +216,11 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
         inp, target, encode_s = _encode_folder(codec.model, plan)
         n_train = len(plan.train)
         source = plan.summary()
+    for side, z in (("input", inp[:n_train]), ("target", target[:n_train])):
+        why = constant_latents(z)
+        if why:
+            what = f"data.path={str(listing.root)!r}" if listing is not None else f"data={cfg.name}"
+            raise DataError(f"{what}: the {side} training latents {why}; nothing to train on")
     quantizer = codec.model.quantizer
     if codec.info["weights"] == "random":
         # Zero codebooks until k-means: every code would be 0 and nothing could look collapsed.

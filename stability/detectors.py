@@ -186,7 +186,8 @@ SEVERITY = ("failed", "nan", "exploding", "scream", "stable")
 
 def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None, clip: float | None,
              explode_factor: float, explode_window: int, scream_min_epochs: int,
-             learning_rate: float, stage_clamp: float = 0.5, logit_growth: float = 10.0) -> dict[str, Any]:
+             learning_rate: float, stage_clamp: float = 0.5, logit_growth: float = 10.0,
+             peak: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every finding of a finished run, its primary verdict and the warnings a researcher should
     see even in a stable run.
 
@@ -194,6 +195,8 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
     `clip_rate`, `stage_clamp_rate`, `health_summary`), in order. Returns {"verdict", "evidence",
     "flags": [{"flag", "epoch"|"step", "evidence"}], "warnings": [{"warning", "message", ...}],
     "scream_epoch"}. The verdict is the first of `SEVERITY` among the flags, else `stable`.
+    `peak` ({value, ratio, step, epoch, batch}, from `peak_norm`) is a step whose finite grad norm
+    was huge against the run's median step: an explosion even when every gradient was finite.
     """
     norms = [e["grad_norm_mean"] for e in epochs]
     vals = [e["val_loss"] for e in epochs]
@@ -209,6 +212,13 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
         flags.append({"flag": "exploding", "epoch": start, "growth": growth,
                       "evidence": f"grad norm grew {growth:.2f}x per epoch from epoch {start} "
                                   f"(> {explode_factor} over {explode_window} epochs): {series}"})
+    if peak:
+        huge = (f"grad norm reached {peak['value']:.3g} at epoch {peak['epoch']}, batch {peak['batch']} (step "
+                f"{peak['step']}), {peak['ratio']:.3g}x the run's median step, with every gradient finite")
+        if start is None:
+            flags.append({"flag": "exploding", "epoch": peak["epoch"], "step": peak["step"], "evidence": huge})
+        else:
+            flags[-1]["evidence"] += f"; {huge}"
     onset = scream_onset([e["collapsed"] for e in epochs], [e["epoch"] for e in epochs], scream_min_epochs)
     if onset is not None and onset == epochs[0]["epoch"] and still_learning(vals, learning_rate):
         warnings.append({"warning": "undertrained", "epoch": onset,
@@ -268,3 +278,17 @@ def _warnings(epochs: Sequence[dict[str, Any]], clip: float | None, stage_clamp:
                     "message": f"validation loss never went below its epoch-{vals[0][0]} value "
                                f"{vals[0][1]:.4g} (last {vals[-1][1]:.4g})"})
     return out
+
+
+def peak_norm(step_norms: Sequence[float], factor: float) -> tuple[int, float] | None:
+    """(index, ratio) of the largest finite step norm if it exceeds the median finite step norm by
+    more than `factor`, else None: a gradient explosion even when later steps recover. Huge is
+    not non-finite: a norm of 1e31 from finite gradients is an explosion, not a NaN."""
+    x = np.asarray(step_norms, dtype=float)
+    ok = np.isfinite(x)
+    if ok.sum() < 2:
+        return None
+    i = int(np.argmax(np.where(ok, x, -np.inf)))
+    med = float(np.median(x[ok]))
+    ratio = x[i] / med if med > 0 else math.inf
+    return (i, ratio) if ratio > factor else None

@@ -2,7 +2,10 @@
 
 `GradProbe` turns all gradients into one total norm and one norm per module group with a single
 `torch._foreach_norm` call and an `index_add_` (no `.item()` per parameter), and clips with
-the same norms, so clipping costs no second pass. `StageProbe` reads the cascade's RMS-match
+the same norms, so clipping costs no second pass. The sums of squares are accumulated in
+float64: a float32 total of finite gradients of ~1e20 would overflow to inf and read as a NaN in
+the model. It also says whether every parameter's gradient is finite, from the per-parameter
+norms, not from the total. `StageProbe` reads the cascade's RMS-match
 stats. Both return device tensors; the training loop concatenates them into one vector and
 moves it to the host once per step.
 
@@ -34,8 +37,16 @@ class GradProbe:
         self._index = torch.tensor(index)
         self._index_on: dict[torch.device, torch.Tensor] = {}
 
-    def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total grad norm, per-group grad norms), both on the device, before clipping."""
+    def measure(self, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total grad norm, per-group grad norms, whether every gradient is finite), all on the
+        device, before clipping; the norms are float64.
+
+        The per-parameter norms are float32 (fast); each is inf when a gradient holds inf, or
+        when its finite elements' squares overflow float32 (|g| around 1e19 and up). A caller
+        that sees an inf norm calls again with `exact=True`: the per-parameter norms are then
+        computed in float64 (about 25x slower on CPU, so only on such a step), where finite
+        float32 gradients always have a finite norm, so finiteness is the gradients' own.
+        """
         grads = [p.grad for p in self.params if p.grad is not None]
         if len(grads) == len(self.params):
             idx = self._index_on.get(grads[0].device)
@@ -44,17 +55,20 @@ class GradProbe:
         else:  # some parameter got no gradient this step
             idx = torch.tensor([i for p, i in zip(self.params, self._index.tolist()) if p.grad is not None],
                                device=grads[0].device)
-        norms = torch.stack(torch._foreach_norm(grads)).float()  # (P,)
-        sq = torch.zeros(len(self.names), device=norms.device).index_add_(0, idx, norms ** 2)
-        return sq.sum().sqrt(), sq.sqrt()
+        norms = torch.stack(torch._foreach_norm(grads, dtype=torch.float64) if exact
+                            else torch._foreach_norm(grads)).double()  # (P,)
+        finite = torch.isfinite(norms).all()
+        sq = torch.zeros(len(self.names), device=norms.device, dtype=torch.float64).index_add_(0, idx, norms ** 2)
+        return sq.sum().sqrt(), sq.sqrt(), finite
 
     def clip_(self, total: torch.Tensor, max_norm: float | None) -> None:
         """Scale grads so their total norm is at most `max_norm` (no-op for None).
 
-        Same rule as `torch.nn.utils.clip_grad_norm_`, reusing the norm already measured.
+        Same rule as `torch.nn.utils.clip_grad_norm_`, reusing the norm already measured (which,
+        unlike that function's float32 total, does not overflow for finite gradients).
         """
         if max_norm is not None:
-            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0).float()
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
 
 

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from stability.config import OPERATIONAL_KEYS
 from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
+from stability.progress import phase
 from stability.storage import atomic_write_text, read_jsonl
 
 RUN_MARKERS = ("status.json", "summary.json", "config.yaml")
@@ -930,17 +931,22 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     names = labels(runs, keys)
-    files = [plot_curves(runs, names, plots / "curves.png"), plot_grad_norms(runs, names, plots / "grad_norm.png")]
+    mapped = [r for r in runs if r.verdict in UNSTABLE and r.grad_table is not None
+              and any(c.endswith("_mean") for c in r.grad_table.columns)]
     heatmaps: dict[str, Path] = {}
     used: set[str] = set()
-    for r in runs:
-        if r.verdict not in UNSTABLE or r.grad_table is None or not any(c.endswith("_mean") for c in r.grad_table.columns):
-            continue
-        name = _slug(f"heatmap_{r.rel}")
-        while name in used:
-            name += "_"
-        used.add(name)
-        heatmaps[r.rel] = plot_heatmap(r, names[r.rel], plots / f"{name}.png")
+    with phase("drawing plots", total=2 + len(mapped), unit="plots") as p:
+        files = [plot_curves(runs, names, plots / "curves.png")]
+        p.advance()
+        files.append(plot_grad_norms(runs, names, plots / "grad_norm.png"))
+        p.advance()
+        for r in mapped:
+            name = _slug(f"heatmap_{r.rel}")
+            while name in used:
+                name += "_"
+            used.add(name)
+            heatmaps[r.rel] = plot_heatmap(r, names[r.rel], plots / f"{name}.png")
+            p.advance()
     for stale in plots.glob("heatmap_*.png"):  # from an earlier report of runs since removed or now stable
         if stale not in heatmaps.values():
             stale.unlink(missing_ok=True)

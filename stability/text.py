@@ -14,6 +14,7 @@ and a checksum are recorded in every run's data.json.
 from __future__ import annotations
 
 import ast
+from collections import Counter
 import functools
 import hashlib
 import os
@@ -109,8 +110,38 @@ def read_source(cfg: TextDataConfig) -> tuple[str, dict[str, Any]]:
         if cfg.max_chars is not None:
             text = text[:cfg.max_chars]
         info = {"source": "file", "path": path}
+        problem = unusable_text(text)
+        if problem:
+            cut = f" (its first data.max_chars={cfg.max_chars}, what the model would see)" \
+                if cfg.max_chars is not None and st.st_size > cfg.max_chars else ""
+            raise ConfigError(f"data.path={cfg.path!r} is not allowed: the text{cut} {problem}; nothing to learn")
     info.update(chars=len(text), sha256=hashlib.sha256(text.encode("utf-8")).hexdigest()[:16])
     return text, info
+
+
+# Text the char LM cannot learn from, checked on the decoded characters the model is fed.
+MIN_VOCAB = 2  # one distinct character: the loss is 0 from the first step
+MAX_CONTROL_SHARE = 0.1  # a binary file that happens to decode (NUL bytes are valid UTF-8)
+MAX_DOMINANT_SHARE = 0.9  # one character this common: the target itself looks like a scream
+
+
+def unusable_text(text: str) -> str | None:
+    """Why decoded text cannot train a character LM, or None."""
+    counts = Counter(text)
+    if not counts:
+        return "is empty"
+    common, n = max(counts.items(), key=lambda kv: kv[1])
+    if len(counts) < MIN_VOCAB:
+        return f"has a vocabulary of 1 character ({common!r} x {n})"
+    control = sum(k for c, k in counts.items() if not (c.isprintable() or c.isspace()))
+    if control > MAX_CONTROL_SHARE * len(text):
+        return (f"is not text: {control / len(text):.0%} of its characters are control characters "
+                f"(the most common: {common!r})")
+    if all(c.isspace() for c in counts):
+        return f"holds only whitespace ({len(counts)} distinct whitespace characters)"
+    if n > MAX_DOMINANT_SHARE * len(text):
+        return f"is {n / len(text):.0%} one character ({common!r}): a vocabulary too small to learn anything"
+    return None
 
 
 class CharTokenizer:

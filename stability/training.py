@@ -39,6 +39,7 @@ from stability.config import RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.storage import append_jsonl, atomic_write_text, read_json, write_json, write_yaml
 from stability.preflight import preflight
+from stability.progress import phase
 from stability.workload import make_workload
 
 
@@ -227,6 +228,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                         stopped = True
                 rec = _step_record(host, names, n_stages, cfg.model.rms_clamp if n_stages and cfg.model.rms_match else None,
                                    step, epoch, b)
+                rec["finite"] = finite  # from each parameter's gradient, not from the (huge) total
                 rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
                 rec["lr"] = sched.get_last_lr()[0]
                 rec["time/step_ms"] = 1000 * (time.perf_counter() - t0)
@@ -243,7 +245,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                     break
             append_jsonl(run_dir / "metrics.jsonl", pending)
             pending.clear()
-            with eager(work):
+            with eager(work), phase(f"evaluating epoch {epoch}", unit="epochs"):  # validation, scream check, health
                 erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
                 erec.update(work.listen(epoch, run_dir) if hasattr(work, "listen") else {})  # {"audio": [...]} at listen epochs
             epochs.append(erec)
@@ -266,8 +268,14 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
     if injector:
         injector.close()
     dc = cfg.detect
+    huge = detectors.peak_norm([r["grad/norm"] for r in steps], dc.explode_step_factor)
+    peak = None
+    if huge is not None:
+        i, ratio = huge
+        peak = {"value": steps[i]["grad/norm"], "ratio": ratio, **{k: steps[i][k] for k in ("step", "epoch", "batch")}}
+        event("grad_explosion", **peak)
     diag = detectors.diagnose(epochs, first_nan, tc.clip, dc.explode_factor, dc.explode_window,
-                               dc.scream.min_epochs, dc.scream.learning, dc.clamp_warn, dc.logit_growth)
+                              dc.scream.min_epochs, dc.scream.learning, dc.clamp_warn, dc.logit_growth, peak)
     scream_epoch = diag["scream_epoch"]
     if scream_epoch is not None:
         onset = next(e for e in epochs if e["epoch"] == scream_epoch)
@@ -285,7 +293,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
     summary = {
         "verdict": diag["verdict"], "evidence": diag["evidence"], "run_id": cfg.identity(),
         "flags": diag["flags"], "warnings": diag["warnings"],
-        "first_nan": first_nan, "scream_epoch": scream_epoch,
+        "first_nan": first_nan, "scream_epoch": scream_epoch, "grad_explosion": peak,
         "grad_norm_by_epoch": norms, "grad_norm_max_by_epoch": [e["grad_norm_max"] for e in epochs],
         "loss_by_epoch": [e["loss"] for e in epochs], "val_loss_by_epoch": [e["val_loss"] for e in epochs],
         "final_loss": losses[-1] if losses else math.nan,
@@ -329,10 +337,18 @@ class Stepper:
             loss = loss * loss_scale
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        total, per_group = self.grad_probe.measure()
-        vec = torch.cat([loss.detach().float().view(1), total.view(1), per_group, self.stage_probe.measure()])
-        host = vec.cpu().numpy()  # the step's one CPU-GPU sync point
-        finite = bool(np.isfinite(host[:self.n_checked]).all())
+        total, per_group, grads_finite = self.grad_probe.measure()
+        stage = self.stage_probe.measure().double()
+        vec = torch.cat([loss.detach().double().view(1), total.view(1), per_group, stage, grads_finite.view(1)])
+        host = vec.cpu().numpy()  # the step's one CPU-GPU sync point (float64: norms of finite grads stay finite)
+        if np.isinf(host[2:self.n_checked]).any():
+            # A float32 per-parameter norm overflowed, or a gradient holds inf: only float64
+            # norms tell which. A second sync, on such a step only.
+            total, per_group, grads_finite = self.grad_probe.measure(exact=True)
+            host = torch.cat([vec[:1], total.view(1), per_group, stage, grads_finite.view(1)]).cpu().numpy()
+        host, grads_finite = host[:-1], bool(host[-1])
+        # Non-finite = the loss or some parameter's gradient is; a huge but finite norm is not.
+        finite = grads_finite and bool(np.isfinite(host[0]))
         if finite:
             self.grad_probe.clip_(total, self.clip)
             self.opt.step()

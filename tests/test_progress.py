@@ -1,0 +1,112 @@
+"""Long work is never silent (issue 15, kind 6): the library reports phases through
+`stability.progress`, the CLI draws Rich bars with rate and ETA on a terminal and prints a line
+per phase and per epoch elsewhere; a sweep's view reads each job's epoch, grad norm, verdict so
+far, elapsed and ETA from its folder. No test waits on the wall clock: clocks are injected."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+import yaml
+from rich.console import Console
+
+from cli.progress import PlainReporter, TerminalReporter
+from cli.sweep import LiveView, job_progress
+from stability.progress import phase, reporting
+from tests.conftest import SMOKE, only_run
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.slow
+def test_a_run_in_a_log_prints_its_phases_and_epochs_with_rate_and_eta(cli, tmp_path):
+    out = cli("run", "--runs", tmp_path / "runs", *SMOKE, "train.epochs=2", f"data.cache_dir={tmp_path / 'cache'}").output
+    assert "encoding latents: 40 clips ..." in out  # announced before the work, then its rate
+    assert re.search(r"encoding latents: 40 clips done in \d+ s \([\d.e+]+ clips/s\)", out), out
+    assert re.search(r"calibrating codebooks \(k-means\): 2 codebooks done in", out), out
+    assert re.search(r"epoch 1/2: .* elapsed \d+ s, ETA \d+ s", out), out
+    assert re.search(r"epoch 2/2: .* ETA 0 s", out), out
+    report = cli("report", tmp_path / "runs").output
+    assert re.search(r"drawing plots: \d+ plots done in", report) or "drawing plots: 1 plots ..." in report, report
+    assert only_run(tmp_path / "runs")
+
+
+def test_plain_lines_carry_count_duration_and_rate():
+    buf, clock = io.StringIO(), Clock()
+    r = PlainReporter(Console(file=buf, width=200), clock)
+    with reporting(r):
+        with phase("encoding latents", total=72, unit="clips") as p:
+            for _ in range(72):
+                clock.t += 0.25
+                p.advance()
+        with phase("evaluating epoch 1"):  # no total and short: no line
+            clock.t += 0.5
+        with phase("evaluating epoch 2"):
+            clock.t += 3.0
+    assert buf.getvalue().splitlines() == ["encoding latents: 72 clips ...",
+                                           "encoding latents: 72 clips done in 18 s (4 clips/s)",
+                                           "evaluating epoch 2: done in 3 s"]
+
+
+def test_terminal_bars_show_count_rate_and_eta():
+    buf = io.StringIO()
+    con = Console(file=buf, width=160, force_terminal=True, color_system=None)
+    r = TerminalReporter(con)
+    r.begin("encoding latents", 10, "clips")
+    r.advance(5)
+    con.print(r.progress.make_tasks_table(r.progress.tasks))
+    r.end()
+    text = buf.getvalue()
+    assert "encoding latents" in text and "5/10" in text and "ETA" in text
+
+
+def _job(root, name, state, epochs_done, total=4, started=100.0, verdict=None, collapsed=False):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "status.json").write_text(json.dumps({"state": state, "started": started, "verdict": verdict,
+                                               "finished": started + 30 if state == "completed" else None}))
+    (d / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": total}}))
+    (d / "epochs.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "grad_norm_mean": 2.5 + e,
+                                                        "collapsed": collapsed}) + "\n" for e in range(epochs_done))
+                                    + '{"epoch": torn')
+    return d
+
+
+def test_the_sweep_view_shows_epoch_grad_norm_verdict_elapsed_and_eta(tmp_path):
+    _job(tmp_path, "residual=0.1", "running", 2, collapsed=True)
+    _job(tmp_path, "residual=0.3", "completed", 4, verdict="stable")
+    j = job_progress(tmp_path / "residual=0.1", now=110.0)
+    assert (j["epoch"], j["epochs"], j["grad_norm"], j["elapsed"], j["eta"]) == (2, 4, 3.5, 10.0, 10.0)
+    assert j["verdict"] == "scream?"
+    view = LiveView(tmp_path, 4, clock=Clock(110.0))
+    buf = io.StringIO()
+    Console(file=buf, width=200, color_system=None).print(view.render())
+    rows = {line.split()[0]: " ".join(line.replace("│", " ").split())
+            for line in buf.getvalue().splitlines() if line.strip().startswith("residual")}
+    assert "running 2/4 3.5 scream? 10 s 10 s" in rows["residual=0.1"], rows
+    assert "completed 4/4 5.5 stable 30 s" in rows["residual=0.3"], rows
+
+
+def test_the_sweep_view_keeps_its_width_before_any_job_started(tmp_path):
+    view = LiveView(tmp_path, 4, clock=Clock())
+    buf = io.StringIO()
+    Console(file=buf, width=200, color_system=None).print(view.render())
+    lines = buf.getvalue().splitlines()
+    assert any("0/4 done, 0 running, 0 failed" in line for line in lines), lines  # the title on one line
+    assert max(map(len, lines)) >= 100
+
+
+def test_a_sweep_in_a_log_prints_a_line_per_job_and_state(cli, tmp_path):
+    out = cli("sweep", "--runs", tmp_path, *SMOKE, "train.epochs=1", "residual=0.1,0.3").output
+    for r in ("0.1", "0.3"):
+        assert re.search(rf"done\] preset=smoke,residual={r},train.epochs=1: completed, epoch 1/1, grad norm [\d.]+, "
+                         rf"elapsed \d+ s, verdict \w+", out), out
