@@ -45,6 +45,20 @@ def test_basic_sweep_runs_the_grid_into_readable_folders(cli, tmp_path):
     assert finished == {d.name: read_json(d / "status.json")["finished"] for d in job_dirs(sweep)}
 
 
+def test_a_key_with_no_effect_makes_no_new_run_and_the_sweep_says_so(cli, tmp_path):
+    # model.final_norm only exists in a pre-norm stack: under post-norm both values are one run
+    result = cli("sweep", "--runs", tmp_path, "--name", "inert", *SMOKE, "norm=post", "model.final_norm=true,false")
+    out = " ".join(result.output.split())
+    assert "model.final_norm has no effect there" in out and "trained once" in out
+    dirs = job_dirs(tmp_path / "inert")
+    assert len(dirs) == 1 and read_json(dirs[0] / "status.json")["state"] == "completed"
+    index = read_json(tmp_path / "inert" / "sweep.json")
+    assert len(index["jobs"]) == 2 and len({j["run_id"] for j in index["jobs"]}) == 1
+    # under pre-norm the same key is a real factor: two runs
+    cli("sweep", "--runs", tmp_path, "--name", "real", *SMOKE, "norm=pre", "model.final_norm=true,false")
+    assert len(job_dirs(tmp_path / "real")) == 2
+
+
 def test_a_crashing_job_does_not_stop_the_others_and_fails_the_sweep(cli, tmp_path):
     result = cli("sweep", "--runs", tmp_path, "--name", "crash", *SMOKE, "fault.crash_at_step=null,1", ok=False)
     assert result.exit_code == 1
