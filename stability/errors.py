@@ -13,3 +13,17 @@ class DataError(ValueError):
 
 class CodecError(RuntimeError):
     """The requested EnCodec weights cannot be had."""
+
+
+class StorageError(OSError):
+    """A file could not be written (a full disk, a read-only or vanished folder). The message
+    names the path and the cause in one line: `cannot write runs/x/status.json: no space left on
+    device`. The CLI prints it and exits with status 1."""
+
+    def __init__(self, path: object, cause: OSError) -> None:
+        reason = (cause.strerror or str(cause)).lower() if isinstance(cause, OSError) else str(cause)
+        super().__init__(getattr(cause, "errno", None), f"cannot write {path}: {reason}")
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
