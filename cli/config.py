@@ -89,7 +89,11 @@ def _one_line(e: BaseException) -> str:
         return f"{m.group(1)}={m.group(2)!r} is not allowed: expected one of {', '.join(m.group(3).split())}"
     m = re.search(r"Ambiguous value for argument '([^']+)'", text)
     if m:
-        return f"{m.group(1)!r}: a comma list is a sweep; use `stab sweep {m.group(1)}` (or key=[a,b] for a list)"
+        key, _, value = m.group(1).partition("=")
+        quote = f"if the comma belongs to one value, quote it: \"{key}='{value}'\""
+        sweep = f"a comma list is a sweep: use `stab sweep {m.group(1)}` (or key=[a,b] for a list)"
+        looks_like_one_value = any(c in value for c in "/ ")  # a path or words: quoting is the likely fix
+        return f"{m.group(1)!r}: " + (f"{quote}; {sweep}" if looks_like_one_value else f"{sweep}; {quote}")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "reference_type")))
 

@@ -14,15 +14,11 @@ import typer
 
 from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt,
                         graceful_signals,
-                        user_errors, verdict_markup)
+                        user_errors, verdict_markup, write_errors)
 from cli.config import compose_run
+from stability.errors import StorageError
 from stability.preflight import preflight
-
-
-def readable_name(overrides: list[str]) -> str:
-    """A folder name from the overrides: `norm=pre,residual=0.3`, or `defaults`."""
-    safe = [o.replace("/", "_") for o in sorted(overrides) if not o.startswith(("train.device", "data.cache_dir"))]
-    return ",".join(safe)[:120] or "defaults"
+from stability.rundirs import create_unique, folder_name
 
 
 def run(
@@ -33,9 +29,13 @@ def run(
     overrides = list(overrides or [])
     with user_errors():
         cfg = compose_run(overrides)
-        run_dir = runs / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}_{readable_name(overrides)}"
         check_writable(runs)
         preflight(cfg)
+    with write_errors():
+        try:  # a folder of its own, even for the same overrides in the same second
+            run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{folder_name(overrides)}")
+        except OSError as e:
+            raise StorageError(e.filename or runs / "run", e) from e
     console.print(f"[bold]stab run[/] {' '.join(overrides) or '(defaults)'} -> {run_dir}")
     from cli.progress import RichProgress
     from stability import training
@@ -48,6 +48,9 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
+    except StorageError as e:  # a full disk: one line; status.json says failed where it could be written
+        with write_errors():
+            raise e from None
     except Exception as e:
         if DEBUG["on"]:
             raise
