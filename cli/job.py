@@ -27,7 +27,7 @@ from cli import launch  # noqa: F401  registers the job-folder resolver in the p
 from cli.common import graceful_signals
 from cli.config import to_run_config
 from stability import resources
-from stability.errors import StorageError
+from stability.errors import StorageError, storage_error
 from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone
 from stability.storage import write_status
 from stability.sweeps import read_status, should_skip
@@ -66,7 +66,7 @@ def job(cfg: DictConfig) -> dict[str, Any]:
     except BaseException as e:  # recorded in status.json by training.run (or here, if it never started)
         if isinstance(e, KeyboardInterrupt):
             raise
-        error = f"{type(e).__name__}: {e}" if not isinstance(e, StorageError) else str(e)
+        error = str(storage_error(e) or f"{type(e).__name__}: {e}")
         if read_status(run_dir).get("state") != "failed" and writer_gone(run_dir, read_status(run_dir)):
             try:  # it failed before training.run began
                 write_status(run_dir / "status.json", {"state": "failed", "error": error})

@@ -16,7 +16,7 @@ from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, check_writable, con
                         graceful_signals,
                         user_errors, verdict_markup, write_errors)
 from cli.config import compose_run
-from stability.errors import StorageError
+from stability.errors import StorageError, storage_error
 from stability.preflight import preflight
 from stability.rundirs import create_unique, folder_name
 
@@ -48,10 +48,10 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except typer.Exit:
         raise
-    except StorageError as e:  # a full disk: one line; status.json says failed where it could be written
-        with write_errors():
-            raise e from None
     except Exception as e:
+        if storage_error(e):  # a full disk: one line; status.json says failed where it could be written
+            with write_errors():
+                raise storage_error(e) from None
         if DEBUG["on"]:
             raise
         err_console.print(f"[bold red]crashed:[/] {type(e).__name__}: {e}\n"

@@ -6,6 +6,8 @@ importing torch (`stab --help` and a sweep's own process stay light).
 
 from __future__ import annotations
 
+import errno
+
 
 class DataError(ValueError):
     """The data folder, or a file in it, cannot be used. The message names the file."""
@@ -27,3 +29,15 @@ class StorageError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # the disk, not the code
+
+
+def storage_error(e: BaseException) -> StorageError | None:
+    """`e` as a StorageError if it is a failed write (full disk, quota, read-only), else None."""
+    if isinstance(e, StorageError):
+        return e
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return StorageError(e.filename or "?", e)
+    return None

@@ -20,6 +20,7 @@ Run folder (anyone can `ls` it; `stab report` needs nothing else):
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import platform
@@ -39,7 +40,8 @@ from stability.config import RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.errors import StorageError
 from stability.rundirs import RunLease
-from stability.storage import append_jsonl, atomic_write_text, read_json, write_json, write_status, write_yaml
+from stability.storage import (append_jsonl, atomic_write_bytes, atomic_write_text, read_json, write_json, write_status,
+                               write_yaml)
 from stability.preflight import preflight
 from stability.workload import make_workload
 
@@ -403,9 +405,9 @@ def save_forensics(run_dir: Path, work: Any, opt: torch.optim.Optimizer, sched: 
     blob = {"batch": tensors, "indices": indices.cpu(), "model": work.model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "step": where["step"], "epoch": where["epoch"], "batch_index": where["batch"]}
-    tmp = folder / ".state.pt.tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, folder / "state.pt")
+    buf = io.BytesIO()  # torch's file writer reports a full disk as "unexpected pos"; a plain write names it
+    torch.save(blob, buf)
+    atomic_write_bytes(folder / "state.pt", buf.getvalue())
     return "forensics/state.pt"
 
 
