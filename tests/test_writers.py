@@ -144,6 +144,30 @@ def test_a_signal_to_a_sweep_stops_its_jobs_and_a_rerun_resumes_with_one_writer(
     assert sorted(j["state"] for j in read_json(sweep / "sweep.json")["jobs"]) == ["completed", "completed"]
 
 
+@pytest.mark.slow
+def test_jobs_of_a_sigkilled_submitit_sweep_stop_themselves_and_an_immediate_rerun_has_one_writer(tmp_path):
+    """submitit re-parents its jobs: SIGKILL to the sweep leaves them orphans, which must not
+    train on beside the re-run (issue 14: 216 metric lines for 120 steps)."""
+    args = [*STAB, "sweep", "--runs", str(tmp_path), "--name", "orphans", "--launcher", "submitit_local", *SMOKE,
+            "train.epochs=15", "residual=0.1,0.3"]
+    sweep = tmp_path / "orphans"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: len(list(sweep.glob("*/epochs.jsonl"))) == 2, "a trained epoch in both jobs", proc)
+        orphans = [read_json(p.parent / "status.json")["pid"] for p in sweep.glob("*/epochs.jsonl")]
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the sweep only: its jobs live on in their own processes
+        proc.wait()
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=CEILING_S)  # at once
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not any(alive(pid) for pid in orphans)
+    for run in sorted(sweep.glob("*/status.json")):
+        assert read_json(run)["state"] == "completed" and read_json(run)["pid"] not in orphans
+        steps, epochs = steps_and_epochs(run.parent)
+        assert steps == list(range(15 * 4)) and epochs == list(range(1, 16))
+
+
 # --- full disks and write errors ------------------------------------------------------------
 
 def enospc(path: object = "?") -> OSError:
