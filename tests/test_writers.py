@@ -149,7 +149,7 @@ def test_jobs_of_a_sigkilled_submitit_sweep_stop_themselves_and_an_immediate_rer
     """submitit re-parents its jobs: SIGKILL to the sweep leaves them orphans, which must not
     train on beside the re-run (issue 14: 216 metric lines for 120 steps)."""
     args = [*STAB, "sweep", "--runs", str(tmp_path), "--name", "orphans", "--launcher", "submitit_local", *SMOKE,
-            "train.epochs=15", "residual=0.1,0.3"]
+            "train.epochs=40", "residual=0.1,0.3"]  # long enough to overlap a re-run
     sweep = tmp_path / "orphans"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -165,7 +165,7 @@ def test_jobs_of_a_sigkilled_submitit_sweep_stop_themselves_and_an_immediate_rer
     for run in sorted(sweep.glob("*/status.json")):
         assert read_json(run)["state"] == "completed" and read_json(run)["pid"] not in orphans
         steps, epochs = steps_and_epochs(run.parent)
-        assert steps == list(range(15 * 4)) and epochs == list(range(1, 16))
+        assert steps == list(range(40 * 4)) and epochs == list(range(1, 41))
 
 
 # --- full disks and write errors ------------------------------------------------------------
