@@ -24,7 +24,7 @@ from rich.text import Text
 
 from cli.config import UserError
 from stability.config import ConfigError
-from stability.errors import CodecError, DataError
+from stability.errors import CodecError, DataError, StorageError
 from stability.formatting import format_number
 
 def _width() -> int | None:
@@ -89,6 +89,26 @@ def user_errors() -> Iterator[None]:
             err_console.print_exception()
         err_console.print(styled(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER) from None
+
+
+def storage_message(e: OSError) -> str:
+    """`cannot write PATH: no space left on device` for any failed write."""
+    if isinstance(e, StorageError):
+        return str(e)
+    return str(StorageError(e.filename or "?", e))
+
+
+@contextlib.contextmanager
+def write_errors() -> Iterator[None]:
+    """A file that cannot be written (full disk, read-only folder) -> one line naming the path
+    and the cause, exit status 1. What was written before stays as it was."""
+    try:
+        yield
+    except StorageError as e:
+        if DEBUG["on"]:
+            raise
+        err_console.print(styled(("error:", "bold red"), f" {storage_message(e)}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CRASH) from None
 
 
 @contextlib.contextmanager

@@ -132,7 +132,10 @@ def _one_line(e: BaseException, overrides: list[str] = ()) -> str:
         except UserError as inner:
             if "unknown key" in str(inner) or "is not allowed" in str(inner):
                 return str(inner)
-        return f"{m.group(1)!r}: a comma list is a sweep; use `stab sweep {m.group(1)}` (or key=[a,b] for a list)"
+        quote = f"if the comma belongs to one value, quote it: \"{key}='{value}'\""
+        sweep = f"a comma list is a sweep: use `stab sweep {m.group(1)}` (or key=[a,b] for a list)"
+        looks_like_one_value = any(c in value for c in "/ ")  # a path or words: quoting is the likely fix
+        return f"{m.group(1)!r}: " + (f"{quote}; {sweep}" if looks_like_one_value else f"{sweep}; {quote}")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "reference_type")))
 

@@ -4,22 +4,34 @@ It runs in whatever process the launcher chose (the sweep's own, a joblib worker
 subprocess or a SLURM node), so it reads everything from the job's Hydra config and the
 environment, never from the parent's memory. It never raises: a crash is recorded in the job
 folder and returned, so one bad job cannot stop the others.
+
+A job of a local sweep stops when its sweep does: SIGINT/SIGTERM end it cleanly (status
+`interrupted`), and a job whose sweep process is gone (killed, even with SIGKILL; a submitit job
+is re-parented and would train on) interrupts itself within a second. A job whose folder another
+live process is writing is not started a second time: it returns `busy`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from cli import launch  # noqa: F401  registers the job-folder resolver in the process that runs the job
+from cli.common import graceful_signals
 from cli.config import to_run_config
 from stability import resources
-from stability.storage import write_json
+from stability.errors import StorageError, storage_error
+from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone
+from stability.storage import write_status
 from stability.sweeps import read_status, should_skip
 
 CONCURRENCY_ENV = "STAB_CONCURRENCY"  # set by `stab sweep`: how many jobs run at once here
@@ -34,10 +46,13 @@ def job(cfg: DictConfig) -> dict[str, Any]:
     if same is not None:  # trained by job `same`; drop the folder Hydra made for this one
         shutil.rmtree(run_dir, ignore_errors=True)
         return {"folder": None, "duplicate_of": same, "skipped": True}
+    owner = os.environ.get(OWNER_ENV)
     try:
         run_cfg = to_run_config(cfg)
         if should_skip(run_dir, run_cfg.identity()):
             return {"folder": str(run_dir), "skipped": True}
+        if owner and not owner_alive(owner):  # the sweep was stopped before this job began
+            return {"folder": str(run_dir), "skipped": False, "error": "interrupted (the sweep stopped before it began)"}
         import torch
 
         from stability import training
@@ -49,15 +64,44 @@ def job(cfg: DictConfig) -> dict[str, Any]:
             run_cfg.train.threads = plan.threads
         if plan.device:
             run_cfg.train.device = plan.device
-        training.run(run_cfg, run_dir, overrides, extra_status={
-            "job_num": hc.job.num, "concurrency": concurrency, "gpu_slot": plan.slot})
+        with graceful_signals(), _stop_when_gone(owner):
+            training.run(run_cfg, run_dir, overrides, extra_status={
+                "job_num": hc.job.num, "concurrency": concurrency, "gpu_slot": plan.slot, "owner": owner})
         return {"folder": str(run_dir), "skipped": False}
+    except LeaseBusy as e:  # another live process writes this folder: leave it to that one
+        return {"folder": str(run_dir), "skipped": False, "busy": str(e)}
     except BaseException as e:  # recorded in status.json by training.run (or here, if it never started)
         if isinstance(e, KeyboardInterrupt):
             raise
-        if read_status(run_dir).get("state") != "failed":  # it failed before training.run began
-            write_json(run_dir / "status.json", {"state": "failed", "error": f"{type(e).__name__}: {e}"})
-        return {"folder": str(run_dir), "skipped": False, "error": f"{type(e).__name__}: {e}"}
+        error = str(storage_error(e) or f"{type(e).__name__}: {e}")
+        if read_status(run_dir).get("state") != "failed" and writer_gone(run_dir, read_status(run_dir)):
+            try:  # it failed before training.run began
+                write_status(run_dir / "status.json", {"state": "failed", "error": error})
+            except StorageError:
+                pass
+        return {"folder": str(run_dir), "skipped": False, "error": error}
+
+
+@contextlib.contextmanager
+def _stop_when_gone(owner: str | None) -> Iterator[None]:
+    """Interrupt this job (as SIGTERM would) once the sweep process `owner` is gone."""
+    if not owner or owner.split(":")[0] == str(os.getpid()) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            if not owner_alive(owner):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    thread = threading.Thread(target=watch, daemon=True, name="stab-owner-watch")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def warm() -> int:

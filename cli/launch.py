@@ -22,10 +22,11 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from stability.config import did_you_mean
 from cli.config import CONF_DIR, UserError, _one_line, check_override_syntax
+from stability.config import did_you_mean
+from stability.rundirs import OPERATIONAL, folder_name
 
 # --launcher NAME -> (hydra/launcher config, plugin module that must be importable, pip package)
 LAUNCHERS: dict[str, tuple[str, str | None, str | None]] = {
@@ -35,8 +36,14 @@ LAUNCHERS: dict[str, tuple[str, str | None, str | None]] = {
     "submitit_slurm": ("stab_slurm", "hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
     "ray": ("ray", "hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
 }
-# Keys that say where or how fast a job runs: kept out of job folder names.
-OPERATIONAL = ["train.device", "train.threads", "data.cache_dir"]
+
+# A job's folder name, resolved in the process that runs the job (this module is imported there
+# through cli.job): the same rule as `stab run`'s, one level under the sweep folder whatever the
+# override values hold. Hydra's own override_dirname keeps slashes, so `data.path=/a/b` would
+# nest folders and a long list of overrides would pass the file-name limit.
+OmegaConf.register_new_resolver(
+    "stab_job_folder", lambda task: folder_name(list(task) if isinstance(task, ListConfig) else [str(task)]),
+    replace=True)
 
 
 def check_launcher(name: str) -> None:
@@ -83,7 +90,7 @@ def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
     """The hydra.* overrides that put job folders at sweep_dir/<overrides> and pick the launcher."""
     out = [
         f"hydra.sweep.dir='{sweep_dir}'",
-        "hydra.sweep.subdir=${hydra.job.override_dirname}",
+        "hydra.sweep.subdir='${stab_job_folder:${hydra.overrides.task}}'",
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(OPERATIONAL)}]",
         "hydra.job.chdir=false",
         "hydra/job_logging=disabled",

@@ -14,16 +14,11 @@ import typer
 
 from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER, check_writable, console, err_console, fmt,
                         graceful_signals,
-                        styled, user_errors, verdict_text)
+                        styled, user_errors, verdict_text, write_errors)
 from cli.config import compose_run
-from stability.errors import DataError
+from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
-
-
-def readable_name(overrides: list[str]) -> str:
-    """A folder name from the overrides: `norm=pre,residual=0.3`, or `defaults`."""
-    safe = [o.replace("/", "_") for o in sorted(overrides) if not o.startswith(("train.device", "data.cache_dir"))]
-    return ",".join(safe)[:120] or "defaults"
+from stability.rundirs import create_unique, folder_name
 
 
 def run(
@@ -34,9 +29,13 @@ def run(
     overrides = list(overrides or [])
     with user_errors():
         cfg = compose_run(overrides)
-        run_dir = runs / "run" / f"{time.strftime('%Y%m%d-%H%M%S')}_{readable_name(overrides)}"
         check_writable(runs)
         preflight(cfg)
+    with write_errors():
+        try:  # a folder of its own, even for the same overrides in the same second
+            run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{folder_name(overrides)}")
+        except OSError as e:
+            raise StorageError(e.filename or runs / "run", e) from e
     console.print(styled(("stab run", "bold"), f" {' '.join(overrides) or '(defaults)'} -> {run_dir}"))
     from cli.progress import RichProgress, reporter
     from stability import training
@@ -56,6 +55,9 @@ def run(
         err_console.print(styled(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER) from None
     except Exception as e:
+        if storage_error(e):  # a full disk: one line; status.json says failed where it could be written
+            with write_errors():
+                raise storage_error(e) from None
         if DEBUG["on"]:
             raise
         err_console.print(styled(("crashed:", "bold red"), f" {type(e).__name__}: {e}\n"

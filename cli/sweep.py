@@ -4,15 +4,20 @@
     stab sweep --launcher joblib --jobs 2 residual=0.1,0.3 clip=none,5
     stab sweep --launcher submitit_slurm hydra.launcher.partition=gpu norm=pre,post
 
-Jobs land in RUNS/NAME/<overrides>/. Running the same sweep again skips completed jobs and
-re-runs failed and interrupted ones. Exit status: 0 unless a job crashed (an exploding or NaN
-run is a result), 2 for bad input, 130 when interrupted.
+Jobs land in RUNS/NAME/<overrides>/ (one level, named by `stability.rundirs.folder_name`, as
+`stab run` names its folders). Running the same sweep again skips completed jobs and re-runs
+failed, interrupted and damaged ones; a job another live process is still writing is not started
+twice. SIGINT/SIGTERM stop every job of a local sweep and mark them `interrupted`. Exit status:
+0 unless a job crashed or could not run (an exploding or NaN run is a result), 2 for bad input,
+130 when interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -24,13 +29,18 @@ from rich.live import Live
 from rich.table import Table
 
 from cli import launch
-from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals, seconds,
-                        styled, user_errors, verdict_text)
+from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
+                        seconds, styled, user_errors, verdict_text, write_errors)
 from cli.config import UserError, compose_run
 from cli.job import CONCURRENCY_ENV, DUPLICATES_ENV, job, warm
 from stability.preflight import preflight
 from stability.resources import available_cpus
-from stability.sweeps import SweepBusy, SweepLock, job_record, mark_stale_running, read_status, write_index
+from stability.rundirs import OWNER_ENV, alive, me, owner_alive
+from stability.sweeps import (SweepBusy, SweepLock, incomplete, job_record, live_writers, mark_stale_running, read_status,
+                              write_index)
+
+LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs run on this machine, and stop with the sweep
+STOP_GRACE_S = 60.0  # how long stopped jobs get to write `interrupted` before they are killed
 
 
 def sweep(
@@ -46,7 +56,7 @@ def sweep(
     task_args = [o for o in overrides if o not in hydra_args]
     sweep_dir = (runs / name).resolve()
     with user_errors():
-        if "/" in name or not name.strip():
+        if "/" in name or not name.strip() or name.strip(".") == "":
             raise UserError(f"--name {name!r} is not allowed: expected a plain folder name")
         launch.check_launcher(launcher)
         if jobs is not None and jobs < 1:
@@ -56,6 +66,8 @@ def sweep(
     concurrency = _concurrency(launcher, jobs, len(combos))
     os.environ[CONCURRENCY_ENV] = str(concurrency)  # before any worker starts: they inherit it
     os.environ.pop(DUPLICATES_ENV, None)
+    if launcher in LOCAL_LAUNCHERS:
+        os.environ[OWNER_ENV] = me()  # its jobs stop when this process is gone
     workers = launch.WarmWorkers.start(launcher, concurrency, hydra_args, warm)  # they import torch meanwhile
     try:
         with user_errors():
@@ -76,42 +88,105 @@ def sweep(
         if workers:
             workers.cancel()
         raise
+    if duplicates:
+        os.environ[DUPLICATES_ENV] = json.dumps(duplicates)  # read by each job (cli/job.py)
     try:
-        if duplicates:
-            os.environ[DUPLICATES_ENV] = json.dumps(duplicates)  # read by each job (cli/job.py)
-        stale = mark_stale_running(sweep_dir)
-        for path in stale:
-            err_console.print(styled(("found interrupted job", "yellow"), f" {path.name}: running it again"))
-        console.print(styled(("stab sweep", "bold"), f" {len(combos)} jobs -> {sweep_dir}  "
-                             f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)"))
-        write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
-        hydra_over = task_args + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
-        view = LiveView(sweep_dir, len(combos))
-        try:
-            with view, graceful_signals():
-                if workers:
-                    workers.wait()
-                returns = launch.multirun(hydra_over, job)
-        except KeyboardInterrupt:
-            _finish(sweep_dir, name, launcher, overrides, "interrupted")
-            err_console.print(f"interrupted; run the same command again to resume ({sweep_dir})")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
-            _finish(sweep_dir, name, launcher, overrides, "failed")
-            err_console.print(styled(("sweep failed to launch:", "bold red"), f" {type(e).__name__}: {e}"))
-            raise typer.Exit(EXIT_CRASH) from None
-        records = _finish(sweep_dir, name, launcher, overrides, "completed", returns)
+        with write_errors():
+            returns, records = _run_sweep(sweep_dir, name, launcher, overrides, task_args, hydra_args, combos,
+                                          concurrency, workers)
     finally:
         lock.__exit__()
     skipped = sum(1 for r in returns if isinstance(r.return_value, dict) and r.return_value.get("skipped")
                   and "duplicate_of" not in r.return_value)
     console.print(summary_table(records, skipped, same=len(duplicates)))
     _answer(sweep_dir)
-    crashed = [r for r in records if r["state"] != "completed"]
+    busy = [r.return_value for r in returns if isinstance(r.return_value, dict) and r.return_value.get("busy")]
+    for b in busy:
+        err_console.print(styled(("not started:", "bold yellow"), f" {b['busy']}; run the sweep again once it has finished"),
+                          highlight=False)
+    crashed = [r for r in records if r["state"] != "completed" and not any(Path(b["folder"]).name == r["folder"] for b in busy)]
     for r in crashed:
         err_console.print(styled((f"job {r['state']}:", "bold red"), f" {r['folder']}: {r.get('error')}"), highlight=False)
-    if crashed:
+    if crashed or busy:
         raise typer.Exit(EXIT_CRASH)
+
+
+def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], task_args: list[str],
+               hydra_args: list[str], combos: list[list[str]], concurrency: int,
+               workers: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    _wait_for_orphans(sweep_dir)
+    for path in mark_stale_running(sweep_dir):
+        err_console.print(styled(("found interrupted job", "yellow"), f" {path.name}: running it again"))
+    for path in sorted(sweep_dir.glob("*/status.json")):
+        why = incomplete(path.parent) if read_status(path.parent).get("state") == "completed" else None
+        if why:
+            err_console.print(styled(("found damaged job", "yellow"), f" {path.parent.name}: {why}; running it again"),
+                              highlight=False)
+    console.print(styled(("stab sweep", "bold"), f" {len(combos)} jobs -> {sweep_dir}  "
+                         f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)"))
+    write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
+    hydra_over = task_args + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
+    view = LiveView(sweep_dir, len(combos))
+    try:
+        with view, graceful_signals():
+            if workers:
+                workers.wait()
+            returns = launch.multirun(hydra_over, job)
+    except KeyboardInterrupt as e:
+        how = e.args[0] if e.args else "SIGINT"
+        if launcher in LOCAL_LAUNCHERS:
+            _stop_jobs(sweep_dir)
+        mark_stale_running(sweep_dir, why=f"{how} to the sweep")
+        _finish(sweep_dir, name, launcher, overrides, "interrupted")
+        err_console.print(f"interrupted; run the same command again to resume ({sweep_dir})")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
+        _finish(sweep_dir, name, launcher, overrides, "failed")
+        err_console.print(styled(("sweep failed to launch:", "bold red"), f" {type(e).__name__}: {e}"))
+        raise typer.Exit(EXIT_CRASH) from None
+    return returns, _finish(sweep_dir, name, launcher, overrides, "completed", returns)
+
+
+def _stop_jobs(sweep_dir: Path) -> None:
+    """Stop every job this sweep started that still runs (a joblib worker, a re-parented submitit
+    process): SIGTERM, which a job turns into status `interrupted`; after STOP_GRACE_S, SIGKILL."""
+    mine = me()
+    writers = {d: w for d, w in live_writers(sweep_dir).items()
+               if w.get("owner") == mine and w.get("host") == socket.gethostname() and w.get("pid") != os.getpid()}
+    for w in writers.values():
+        _signal(w, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while writers and time.monotonic() < deadline:
+        time.sleep(0.1)
+        writers = {d: w for d, w in writers.items() if d in live_writers(sweep_dir)}
+    for w in writers.values():
+        _signal(w, signal.SIGKILL)
+
+
+def _signal(writer: dict[str, Any], sig: int) -> None:
+    pid = writer.get("pid")
+    if isinstance(pid, int) and alive(pid, writer.get("pid_start")):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for_orphans(sweep_dir: Path) -> None:
+    """Jobs of an earlier sweep of this folder that died stop themselves within a second or two
+    (they watch their sweep's process): wait for them rather than start a second writer."""
+    def orphans() -> dict[Path, dict[str, Any]]:
+        return {d: w for d, w in live_writers(sweep_dir).items()
+                if w.get("owner") and w.get("host") == socket.gethostname() and not owner_alive(w["owner"])}
+
+    waiting = orphans()
+    if waiting:
+        err_console.print(f"waiting for {len(waiting)} job(s) of a stopped sweep to finish writing: "
+                          + ", ".join(d.name for d in waiting), highlight=False)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while waiting and time.monotonic() < deadline:
+        time.sleep(0.1)
+        waiting = orphans()
 
 
 def _duplicates(combos: list[list[str]], identities: list[str]) -> dict[str, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -35,6 +36,8 @@ from stability.codec import (CodeBook, calibrate_codebooks, check_weights, encod
                              weights_fingerprint)
 from stability.config import DataConfig
 from stability.progress import phase
+from stability.errors import StorageError
+from stability.storage import atomic_write_bytes, atomic_write_text
 from stability.synth import synth_pairs
 
 __all__ = ["DataError", "LatentData", "check_audio", "fit_split", "load_latents", "inspect_latents", "cache_entries",
@@ -249,19 +252,17 @@ def _load_entry(path: Path) -> dict[str, Any] | None:
 
 
 def _write_entry(path: Path, entry: dict[str, Any]) -> None:
-    """Write the entry and its sidecar atomically (temporary file, then rename); hold the lock."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(entry, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the entry and its sidecar atomically (temporary file, then rename); hold the lock.
+
+    Serialized in memory first: torch's zip writer reports a full disk as "unexpected pos",
+    while a plain file write names the cause (StorageError: path and "no space left on device").
+    """
+    buf = io.BytesIO()
+    torch.save(entry, buf)
+    atomic_write_bytes(path, buf.getvalue())
     meta = json.loads(entry["meta"])
     meta.pop("digest")
-    side = path.with_suffix(".json")
-    tmp = side.with_name(f".{side.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, side)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
 
 
 def load_latents(cfg: DataConfig) -> LatentData:
@@ -269,16 +270,23 @@ def load_latents(cfg: DataConfig) -> LatentData:
     listing = _listing(cfg)
     key = cache_key(cfg, listing)
     path = _entry_path(cfg, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     hit = True
     entry = _load_entry(path)
     if entry is None:
-        with FileLock(str(path) + ".lock"):
+        lock = FileLock(str(path) + ".lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError as e:  # the cache folder or its lock file cannot be created
+            raise StorageError(e.filename or lock.lock_file, e) from e
+        try:
             entry = _load_entry(path)  # another process may have written it while we waited
             if entry is None:
                 hit = False
                 entry = _build_entry(cfg, listing, key)
                 _write_entry(path, entry)
+        finally:
+            lock.release()
     meta = json.loads(entry["meta"])
     skipped = meta["source"].get("skipped") or []
     if hit and skipped:  # the warnings were given when the entry was built; say it again, once

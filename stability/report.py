@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import socket
 import statistics
 import tempfile
 import time
@@ -36,6 +35,7 @@ from stability.config import OPERATIONAL_KEYS
 from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.progress import phase
+from stability.rundirs import writer_gone
 from stability.storage import atomic_write_text, read_jsonl
 
 RUN_MARKERS = ("status.json", "summary.json", "config.yaml")
@@ -211,6 +211,12 @@ def load_run(path: Path, root: Path | None = None, sweep_overrides: dict[Path, l
         except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             warn(f"grad_norms.csv unreadable: {_first_line(e)}")
 
+    if run.state == "running" and writer_gone(path, run.status):  # killed: it will never finish
+        run.state = "interrupted"
+        run.status = dict(run.status, error=f"status says running, but its writer (pid {run.status.get('pid')} on "
+                                            f"{run.status.get('host')}) is gone (killed?)")
+    if run.state == "completed" and path.joinpath("summary.json").exists() and not run.summary.get("verdict"):
+        warn("completed, but summary.json holds no verdict (damaged?); a sweep re-runs it")
     run.verdict = str(run.summary.get("verdict") or run.status.get("verdict") or
                       (run.state if run.state in ("running", "interrupted", "failed") else "?"))
     _check_state(run)
@@ -223,10 +229,7 @@ def _check_state(run: Run) -> None:
     if run.state == "running":
         started = st.get("started")
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if isinstance(started, (int, float)) else "?"
-        if st.get("host") == socket.gethostname() and isinstance(st.get("pid"), int) and not _alive(st["pid"]):
-            warn(f"status says running, but process {st['pid']} is gone (killed?); partial results")
-        else:
-            warn(f"still running (pid {st.get('pid')} on {st.get('host')}, since {since}); partial results")
+        warn(f"still running (pid {st.get('pid')} on {st.get('host')}, since {since}); partial results")
     elif run.state == "interrupted":
         warn(f"interrupted: {st.get('error') or 'no error recorded'}; partial results")
     elif run.state == "failed":
@@ -238,16 +241,6 @@ def _check_state(run: Run) -> None:
     if run.state in ("completed", "running", "interrupted") and run.epochs and run.grad_table is None \
             and not (run.path / "grad_norms.csv").exists():
         warn("no grad_norms.csv")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, not ours
-    return True
 
 
 def _read_json(path: Path, warn: Any) -> Any:

@@ -1,8 +1,14 @@
 """Run-folder files: atomic JSON/YAML/CSV writes and append-only JSON Lines.
 
 A killed process never leaves a half-written JSON file: whole files are written to a
-temporary file in the same folder, flushed, and renamed over the old one. Streams (per-step
-metrics, events) are JSON Lines appended one record per line; a reader skips a torn last line.
+temporary file in the same folder, flushed, and renamed over the old one, with the mode any file
+the user creates gets (0666 less the umask). Streams (per-step metrics, events) are JSON Lines
+appended one record per line; a reader skips a torn last line.
+
+A write that fails (a full disk, most often) raises `StorageError`, whose message names the file
+and the cause. `write_status` still gets the final state out on a full disk: status files are
+padded to STATUS_RESERVE bytes when written, and when a temporary file cannot be had the new
+status overwrites the old one in place, in blocks the file already owns.
 """
 
 from __future__ import annotations
@@ -15,19 +21,49 @@ from typing import Any, Iterable
 
 import yaml
 
+from stability.errors import StorageError
+
+STATUS_RESERVE = 4096  # bytes a status file keeps allocated for the final write on a full disk
+
+
+def file_mode() -> int:
+    """0666 less the process's umask: the mode `open()` gives a new file."""
+    try:  # Linux: read it without changing it (os.umask is process-wide, not thread-safe)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 
 def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`. On an error the old
+    file is untouched and `StorageError` names `path` and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())  # mkstemp makes 0600; results are for sharing
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise e if isinstance(e, StorageError) else StorageError(path, e) from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -46,6 +82,39 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=True) + "\n")
 
 
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    """Write a status file so that the last state gets out even on a full disk.
+
+    Padded with spaces (valid JSON) to STATUS_RESERVE bytes; if the atomic write fails, the new
+    status is written into the old file's blocks in place (without a traceback that would not
+    fit). Raises `StorageError` only when neither works.
+    """
+    text = json.dumps(_jsonable(status), indent=2, allow_nan=True) + "\n"
+    try:
+        atomic_write_text(path, text.ljust(STATUS_RESERVE))
+    except StorageError as first:
+        short = dict(status, traceback=None) if "traceback" in status else status
+        for candidate in (text, json.dumps(_jsonable(short), allow_nan=True) + "\n"):
+            if _overwrite_in_place(Path(path), candidate.encode()):
+                return
+        raise first
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> bool:
+    """Overwrite `path` without allocating: only if `data` fits in its current size."""
+    try:
+        size = path.stat().st_size
+        if len(data) > size:
+            return False
+        with open(path, "r+b") as f:
+            f.write(data.ljust(size))  # same length: no new blocks, no truncation
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        return False
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
@@ -58,9 +127,12 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Append records, one JSON object per line, in one write call."""
     lines = "".join(json.dumps(_jsonable(r), allow_nan=True) + "\n" for r in records)
     if lines:
-        with open(path, "a") as f:
-            f.write(lines)
-            f.flush()
+        try:
+            with open(path, "a") as f:
+                f.write(lines)
+                f.flush()
+        except OSError as e:
+            raise StorageError(path, e) from e
 
 
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -1,8 +1,10 @@
 """Sweep bookkeeping that Hydra does not do: job status, resume decisions, the sweep index.
 
-Every job folder holds `status.json` (written by the run itself). A sweep holds an exclusive
-lock on its folder while it runs, so a job found `running` when a sweep starts was left by a
-process that died (SIGKILL, power loss): it is marked `interrupted` and run again.
+Every job folder holds `status.json` (written by the run itself) and the run's lease (see
+`stability.rundirs`). A sweep holds an exclusive lock on its folder while it runs. A job found
+`running` when a sweep starts is `interrupted` only if its writer is provably gone (its lease is
+free: the process died, SIGKILL, power loss); one whose writer still lives is left alone and not
+started a second time. A `completed` job whose record is incomplete or unreadable is run again.
 
     with SweepLock(sweep_dir):
         mark_stale_running(sweep_dir)
@@ -18,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stability.storage import read_json, write_json
+from stability.rundirs import holder, writer_gone
+from stability.storage import read_json, read_jsonl, write_json, write_status
 
 
 class SweepBusy(RuntimeError):
@@ -60,24 +63,66 @@ def read_status(run_dir: Path) -> dict[str, Any]:
         return {"state": "corrupt", "error": f"status.json unreadable: {e}"}
 
 
-def mark_stale_running(sweep_dir: Path) -> list[Path]:
-    """Jobs still `running` while we hold the sweep lock were killed: mark them interrupted."""
+def mark_stale_running(sweep_dir: Path, why: str = "found by the next sweep") -> list[Path]:
+    """Jobs `running` whose writer is provably gone: mark them interrupted. Jobs whose writer
+    still lives (another process, a job of a sweep that is stopping) are left as they are."""
     stale = []
-    for status_path in Path(sweep_dir).rglob("status.json"):
+    for status_path in sorted(Path(sweep_dir).glob("*/status.json")):
         status = read_status(status_path.parent)
-        if status.get("state") == "running":
+        if status.get("state") == "running" and writer_gone(status_path.parent, status):
             status.update(state="interrupted", finished=None, updated=time.time(),
-                          error=f"process {status.get('pid')} died while running (found by the next sweep)")
-            write_json(status_path, status)
+                          error=f"process {status.get('pid')} stopped while running ({why})")
+            write_status(status_path, status)
             stale.append(status_path.parent)
     return stale
 
 
-def should_skip(run_dir: Path, run_id: str) -> bool:
-    """A completed run of the same configuration identity is not run again."""
+def live_writers(sweep_dir: Path) -> dict[Path, dict[str, Any]]:
+    """Job folders held by a live writer now, with what their lease says about it."""
+    out = {}
+    for lease in sorted(Path(sweep_dir).glob("*/.lease")):
+        h = holder(lease.parent)
+        if h.live:
+            out[lease.parent] = h.info
+    return out
+
+
+def incomplete(run_dir: Path) -> str | None:
+    """Why a `completed` run's record cannot be trusted (None if it can): its status, summary,
+    metrics or epochs are missing, unreadable or disagree."""
+    run_dir = Path(run_dir)
     status = read_status(run_dir)
-    return status.get("state") == "completed" and status.get("run_id") == run_id \
-        and (Path(run_dir) / "summary.json").exists()
+    if status.get("state") == "corrupt":
+        return status["error"]
+    try:
+        summary = read_json(run_dir / "summary.json")
+    except FileNotFoundError:
+        return "summary.json is missing"
+    except (ValueError, OSError) as e:
+        return f"summary.json unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(summary, dict) or not summary.get("verdict"):
+        return "summary.json holds no verdict"
+    for name in ("metrics", "epochs"):
+        path = run_dir / f"{name}.jsonl"
+        if not path.exists():
+            return f"{name}.jsonl is missing"
+        try:
+            records, bad = read_jsonl(path)
+        except (OSError, UnicodeDecodeError) as e:
+            return f"{name}.jsonl unreadable ({e})"
+        if bad:
+            return f"{name}.jsonl has {bad} unreadable line(s)"
+        if not records:
+            return f"{name}.jsonl is empty"
+    if isinstance(summary.get("steps"), int) and summary["steps"] != len(read_jsonl(run_dir / "metrics.jsonl")[0]):
+        return f"metrics.jsonl holds {len(read_jsonl(run_dir / 'metrics.jsonl')[0])} steps, summary.json says {summary['steps']}"
+    return None
+
+
+def should_skip(run_dir: Path, run_id: str) -> bool:
+    """A completed run of the same configuration identity, with a whole record, is not run again."""
+    status = read_status(run_dir)
+    return status.get("state") == "completed" and status.get("run_id") == run_id and incomplete(run_dir) is None
 
 
 def job_record(run_dir: Path, overrides: list[str]) -> dict[str, Any]:

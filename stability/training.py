@@ -20,6 +20,7 @@ Run folder (anyone can `ls` it; `stab report` needs nothing else):
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import platform
@@ -37,7 +38,10 @@ import torch
 from stability import detectors, health
 from stability.config import RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
-from stability.storage import append_jsonl, atomic_write_text, read_json, write_json, write_yaml
+from stability.errors import StorageError
+from stability.rundirs import RunLease
+from stability.storage import (append_jsonl, atomic_write_bytes, atomic_write_text, read_json, write_json, write_status,
+                               write_yaml)
 from stability.preflight import preflight
 from stability.progress import phase
 from stability.workload import make_workload
@@ -119,7 +123,15 @@ def _write_status(run_dir: Path, fresh: bool = False, **fields: Any) -> None:
     path = run_dir / "status.json"
     status = read_json(path) if path.exists() and not fresh else {}
     status.update(fields, updated=time.time())
-    write_json(path, status)
+    write_status(path, status)  # padded, and written in place if the disk is full
+
+
+def _last_words(write: Any, *args: Any, **kwargs: Any) -> None:
+    """The final state of a run that is ending badly: best effort, never hides the first error."""
+    try:
+        write(*args, **kwargs)
+    except StorageError:
+        pass
 
 
 def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks: Callbacks | None = None,
@@ -128,11 +140,20 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
 
     A crash writes status `failed` with the error and re-raises; Ctrl-C writes `interrupted`.
     An exploding or NaN run is a result, not a crash: it completes with that verdict.
+    The run holds `run_dir`'s lease throughout: `LeaseBusy` if another live process writes there.
     """
     preflight(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cb = callbacks or Callbacks()
+    lease = RunLease(run_dir, **{k: v for k, v in (extra_status or {}).items() if k == "owner"}).acquire()
+    try:
+        return _run(cfg, run_dir, overrides, callbacks or Callbacks(), extra_status)
+    finally:
+        lease.release()
+
+
+def _run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str], cb: Callbacks,
+         extra_status: dict[str, Any] | None) -> dict[str, Any]:
     for stale in ("metrics.jsonl", "epochs.jsonl", "events.jsonl", "summary.json", "grad_norms.csv", "samples.txt"):
         (run_dir / stale).unlink(missing_ok=True)  # a re-run starts its streams afresh
     shutil.rmtree(run_dir / "forensics", ignore_errors=True)  # an earlier attempt's NaN is not this run's
@@ -145,13 +166,13 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
         summary = _train(cfg, run_dir, cb, t_start)
     except KeyboardInterrupt as e:
         how = e.args[0] if e.args else "SIGINT"
-        _write_status(run_dir, state="interrupted", finished=time.time(), error=f"interrupted ({how})")
+        _last_words(_write_status, run_dir, state="interrupted", finished=time.time(), error=f"interrupted ({how})")
         raise
     except BaseException as e:
-        _write_status(run_dir, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}",
-                      traceback=traceback.format_exc())
-        write_json(run_dir / "summary.json", {"verdict": "failed", "evidence": f"{type(e).__name__}: {e}",
-                                              "run_id": cfg.identity(), "wall_s": time.time() - t_start})
+        _last_words(_write_status, run_dir, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}",
+                    traceback=traceback.format_exc())
+        _last_words(write_json, run_dir / "summary.json", {"verdict": "failed", "evidence": f"{type(e).__name__}: {e}",
+                                                           "run_id": cfg.identity(), "wall_s": time.time() - t_start})
         raise
     finally:
         cb.close()
@@ -406,9 +427,9 @@ def save_forensics(run_dir: Path, work: Any, opt: torch.optim.Optimizer, sched: 
     blob = {"batch": tensors, "indices": indices.cpu(), "model": work.model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "step": where["step"], "epoch": where["epoch"], "batch_index": where["batch"]}
-    tmp = folder / ".state.pt.tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, folder / "state.pt")
+    buf = io.BytesIO()  # torch's file writer reports a full disk as "unexpected pos"; a plain write names it
+    torch.save(blob, buf)
+    atomic_write_bytes(folder / "state.pt", buf.getvalue())
     return "forensics/state.pt"
 
 

@@ -217,6 +217,7 @@ def test_damaged_and_unfinished_runs_are_listed_with_warnings(runs, tmp_path):
     status.update(state="running", finished=None, pid=os.getpid(), verdict=None)
     (damaged / "running/status.json").write_text(json.dumps(status))
     (damaged / "running/summary.json").unlink()
+    (damaged / "running/.lease").unlink(missing_ok=True)  # no lease: judged by its pid, alive (this process)
     (damaged / "bad_status/status.json").write_text('{"state": "compl')
     summary = read_json(damaged / "inf/summary.json")
     summary["grad_norm_by_epoch"][-1] = math.inf

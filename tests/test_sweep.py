@@ -15,6 +15,7 @@ from stability.sweeps import SweepLock
 from tests.conftest import SMOKE, read_json
 
 GRID = ["residual=0.1,0.3", "norm=pre,post"]
+CEILING_S = 600.0  # waits are for events (a state, an exit); this only stops a hang
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -107,11 +108,13 @@ def test_a_sweep_killed_part_way_resumes_only_what_is_missing(tmp_path):
             "train.epochs=30", "residual=0.1,0.3"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep = tmp_path / "kill"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until the first job is done and the second is running
+    deadline = time.monotonic() + CEILING_S  # an event to wait for; the ceiling only stops a hang
+    while time.monotonic() < deadline:  # wait until the first job is done and the second is running
         states = [read_json(d / "status.json").get("state") for d in job_dirs(sweep)] if sweep.exists() else []
         if states.count("completed") == 1 and states.count("running") == 1:
             break
+        if proc.poll() is not None:
+            pytest.fail(f"sweep exited ({proc.returncode}) before one job completed and one ran: {states}")
         time.sleep(0.2)
     else:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -123,7 +126,7 @@ def test_a_sweep_killed_part_way_resumes_only_what_is_missing(tmp_path):
     assert len(done) == 1 and len(killed) == 1
     finished_before = read_json(done[0] / "status.json")["finished"]
 
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=CEILING_S)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "found interrupted job" in result.stderr and killed[0].name in result.stderr
     assert "1 already completed, skipped" in result.stdout
@@ -149,7 +152,7 @@ def test_a_refused_joblib_sweep_stops_its_warming_workers_with_one_line(tmp_path
     """The workers start before the configs are checked; a refused config stops them quietly."""
     args = [sys.executable, "-m", "cli.main", "sweep", "--runs", str(tmp_path), "--launcher", "joblib", *SMOKE,
             "residual=0.1,0.3", "norm=sideways"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=CEILING_S)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: norm='sideways' is not allowed: expected one of pre, post, deepnorm"]
