@@ -35,7 +35,7 @@ LAUNCHERS: dict[str, tuple[str, str | None, str | None]] = {
     "ray": ("ray", "hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
 }
 # Keys that say where or how fast a job runs: kept out of job folder names.
-OPERATIONAL = ["train.device", "train.threads", "data.cache_dir"]
+OPERATIONAL = ["train.device", "train.threads", "data.cache_dir", "log"]
 
 
 def check_launcher(name: str) -> None:
