@@ -170,6 +170,9 @@ class Tracker:
 
     def summary(self, summary: dict[str, Any], step: int) -> None: ...
 
+    def flush(self) -> None:
+        """Send what is buffered (called at each epoch's end)."""
+
     def close(self, state: str) -> None: ...
 
     def state(self) -> dict[str, Any]:
@@ -401,7 +404,7 @@ class Recorder:
         if self.trackers:
             metrics = epoch_metrics(erec)
             self._each(lambda t: t.log(metrics, self.last_step))
-            self._each(lambda t: t.flush() if hasattr(t, "flush") else None)
+            self._each(lambda t: t.flush())
             self.save()
 
     def event(self, rec: dict[str, Any]) -> None:
