@@ -215,6 +215,7 @@ class TensorBoardTracker(Tracker):
         lines += [f"- flag {f['flag']}: {f['evidence']}" for f in summary.get("flags") or []]
         lines += [f"- warning: {w['message']}" for w in summary.get("warnings") or []]
         self.writer.add_summary(self._text("summary/verdict", "\n".join(lines)), step)
+        self.log(summary_metrics(summary), step)  # final loss, first NaN step, ...: HParams' metric columns
 
     def close(self, state: str) -> None:
         from tensorboard.plugins.hparams import api_pb2, metadata
