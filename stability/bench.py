@@ -5,7 +5,9 @@ alternate between them, so a machine that slows down mid-benchmark slows both al
 ratio holds on a noisy machine. The bare loop is forward, loss, backward, clip, step; stab's
 adds the per-group gradient norms, the stage probes, the one host transfer, the finiteness
 check and building the step's record. Per-epoch extras (validation, scream check, health probe)
-are timed separately and reported as a share of an epoch.
+are timed separately and reported as a share of an epoch. With trackers (`log=tensorboard`), a
+third loop runs stab's step and hands each record to them, and `log_ratio` is its rate over
+stab's without them: what the trackers cost per step.
 
 The machine's matmul rate comes from a large fp32 matrix product timed in the same process; the
 model's FLOPs per step from `torch.utils.flop_counter` on one forward+backward.
@@ -16,8 +18,10 @@ model's FLOPs per step from `torch.utils.flop_counter` on one forward+backward.
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stability.config import RunConfig
 from stability.instrument import GradProbe, StageProbe
+from stability.trackers import open_trackers
 from stability.training import Stepper, _step_record, eager, resolve_device
 from stability.workload import make_workload
 
@@ -43,6 +48,8 @@ class BenchResult:
     steps: int
     device: str
     threads: int
+    log_sps: float | None = None  # stab's step with the trackers of `log` fed every record
+    log_ratio: float | None = None  # log_sps / stab_sps
 
 
 def _sync(device: torch.device) -> None:
@@ -74,6 +81,15 @@ def step_flops(work: Any, batch: Any) -> float:
 
 
 def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
+    with tempfile.TemporaryDirectory(prefix="stab-bench-") as tmp:  # the trackers' files, thrown away
+        recorder = open_trackers(cfg, Path(tmp) / "bench" / "job")
+        try:
+            return _bench(cfg, steps, block, recorder)
+        finally:
+            recorder.close("completed")
+
+
+def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult:
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -107,6 +123,10 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
         host, finite = stepper(batches[i % len(batches)])
         records.append(_step_record(host, names, n_stages, clamp, i, 1, i))
 
+    def logged_step(i: int) -> None:  # the same, and the record goes to the trackers
+        stab_step(i)
+        recorder.step(records[-1])
+
     bf16 = tc.precision == "bf16"
 
     def bare_step(i: int) -> None:
@@ -119,24 +139,22 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
         opt_b.step()
         sched_b.step()
 
+    arms = {"bare": bare_step, "stab": stab_step, **({"log": logged_step} if recorder else {})}
     for i in range(block):  # warm-up, not timed
-        stab_step(i)
-        bare_step(i)
+        for fn in arms.values():
+            fn(i)
     _sync(device)
-    t_stab = t_bare = 0.0
+    spent = dict.fromkeys(arms, 0.0)
     done = 0
     while done < steps:
-        for fn, is_stab in ((bare_step, False), (stab_step, True)):
+        for arm, fn in arms.items():
             t0 = time.perf_counter()
             for i in range(done, done + block):
                 fn(i)
             _sync(device)
-            dt = time.perf_counter() - t0
-            if is_stab:
-                t_stab += dt
-            else:
-                t_bare += dt
+            spent[arm] += time.perf_counter() - t0
         done += block
+    t_stab, t_bare = spent["stab"], spent["bare"]
 
     t0 = time.perf_counter()
     with eager(work):  # as in the loop: per-epoch probes run on the uncompiled model
@@ -150,6 +168,7 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
     machine = matmul_flops(device)
     bare_sps, stab_sps = done / t_bare, done / t_stab
     n_batches = max(1, work.n_train // tc.batch_size)
+    log_sps = done / spent["log"] if "log" in spent else None
     return BenchResult(bare_sps, stab_sps, stab_sps / bare_sps, flops, machine, bare_sps * flops / machine,
                        stab_sps * flops / machine, extras, n_batches / stab_sps, done, str(device),
-                       torch.get_num_threads())
+                       torch.get_num_threads(), log_sps, log_sps / stab_sps if log_sps else None)

@@ -419,6 +419,27 @@ class TextDataConfig:
         self.n_val = _number("data.n_val", self.n_val, lo=1, integer=True)
 
 
+# Trackers that receive the run folder's records (stability/trackers.py); `log` is operational.
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def parse_log(value: Any) -> list[str]:
+    """`log=none | NAME | [NAME,...]` -> the trackers, in the order given, each once."""
+    allowed = f"one of {', '.join(TRACKERS)}, a list of them (log=[tensorboard,mlflow]) or none"
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "off", "")):
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)):
+        _fail("log", value, allowed)
+    out: list[str] = []
+    for name in names:
+        if name not in TRACKERS:
+            _fail("log", name, allowed)
+        if name not in out:
+            out.append(name)
+    return out
+
+
 @dataclass
 class RunConfig:
     """Everything that defines one training run."""
@@ -430,9 +451,11 @@ class RunConfig:
     detect: DetectConfig = field(default_factory=DetectConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
+    log: Any = field(default_factory=list)  # trackers: [] | [tensorboard, mlflow, wandb] (operational)
 
     def __post_init__(self) -> None:
         self.seed = _number("seed", self.seed, lo=0, integer=True)
+        self.log = parse_log(self.log)
         text_model, text_data = self.model.name == "charlm", self.data.name == "text"
         if text_model and not text_data:
             _fail("data.name", self.data.name, "text with model=charlm (the char LM reads text: data=text)")
@@ -482,8 +505,8 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-# Keys that change where or how fast a run happens, never what it computes.
-OPERATIONAL_KEYS = ("train.device", "train.threads", "data.cache_dir")
+# Keys that change where or how fast a run happens, or where it is reported, never what it computes.
+OPERATIONAL_KEYS = ("train.device", "train.threads", "data.cache_dir", "log")
 
 _NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfig,
            ("RunConfig", "train"): TrainConfig, ("RunConfig", "detect"): DetectConfig,

@@ -14,6 +14,10 @@ from stability.config import ConfigError, DataConfig, RunConfig
 def preflight(cfg: RunConfig) -> None:
     """Raises ConfigError (or the data's DataError / CodecError) naming the bad value."""
     _check_device(cfg)
+    if cfg.log:  # a tracker's package must be installed (looked up, not imported)
+        from stability.trackers import check_installed
+
+        check_installed(cfg.log)
     if isinstance(cfg.data, DataConfig) and (cfg.data.name == "folder" or cfg.data.codec.weights != "random"):
         # every file of a folder, the codec weights (synthetic clips and random weights: nothing on disk)
         from stability.data import check_audio

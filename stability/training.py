@@ -44,6 +44,7 @@ from stability.storage import (append_jsonl, atomic_write_bytes, atomic_write_te
                                write_yaml)
 from stability.preflight import preflight
 from stability.progress import phase
+from stability.trackers import Recorder, open_trackers
 from stability.workload import make_workload
 
 
@@ -162,25 +163,32 @@ def _run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str], cb: Callbacks,
     t_start = time.time()
     _write_status(run_dir, fresh=True, state="running", run_id=cfg.identity(), pid=os.getpid(), host=socket.gethostname(),
                   started=t_start, finished=None, error=None, **(extra_status or {}))
+    recorder, state = open_trackers(cfg, run_dir, overrides), "failed"  # no tracker: imports nothing
     try:
-        summary = _train(cfg, run_dir, cb, t_start)
+        summary = _train(cfg, run_dir, cb, t_start, recorder)
+        state = "completed"
     except KeyboardInterrupt as e:
         how = e.args[0] if e.args else "SIGINT"
         _last_words(_write_status, run_dir, state="interrupted", finished=time.time(), error=f"interrupted ({how})")
+        state = "interrupted"
         raise
     except BaseException as e:
         _last_words(_write_status, run_dir, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}",
                     traceback=traceback.format_exc())
-        _last_words(write_json, run_dir / "summary.json", {"verdict": "failed", "evidence": f"{type(e).__name__}: {e}",
-                                                           "run_id": cfg.identity(), "wall_s": time.time() - t_start})
+        failed = {"verdict": "failed", "evidence": f"{type(e).__name__}: {e}", "run_id": cfg.identity(),
+                  "wall_s": time.time() - t_start}
+        _last_words(write_json, run_dir / "summary.json", failed)
+        recorder.summary(failed)
         raise
     finally:
         cb.close()
+        recorder.close(state)
     _write_status(run_dir, state="completed", finished=time.time(), verdict=summary["verdict"])
     return summary
 
 
-def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict[str, Any]:
+def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
+           recorder: Recorder | None = None) -> dict[str, Any]:
     tc = cfg.train
     device = resolve_device(tc.device)
     if tc.threads:
@@ -217,11 +225,13 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
     clamp_seen = [False] * n_stages
     stopped = False
     step = 0
+    recorder = recorder or Recorder()  # the trackers get every record the run folder gets
 
     def event(name: str, **fields: Any) -> None:
         rec = {"event": name, **fields}
         events.append(rec)
         append_jsonl(run_dir / "events.jsonl", [rec])
+        recorder.event(rec)
 
     model.train()
     try:
@@ -260,6 +270,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                               ratio=rec[f"stage{i}/ratio"], scale=rec[f"stage{i}/scale"])
                 steps.append(rec)
                 pending.append(rec)
+                recorder.step(rec)
                 cb.step(epoch, b, rec["loss"])
                 step += 1
                 if stopped:
@@ -271,6 +282,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
                 erec.update(work.listen(epoch, run_dir) if hasattr(work, "listen") else {})  # {"audio": [...]} at listen epochs
             epochs.append(erec)
             append_jsonl(run_dir / "epochs.jsonl", [erec])
+            recorder.epoch(erec)
             if erec.get("samples"):  # a text workload's greedy generations, readable with `cat`
                 with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
                     f.writelines(f"=== epoch {epoch}, prompt {i}: {s['prompt']!r}\n{s['output']}\n"
@@ -334,6 +346,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float) -> dict
         "device": str(device), "wall_s": time.time() - t_start,
     }
     write_json(run_dir / "summary.json", summary)
+    recorder.summary(summary)
     return summary
 
 
