@@ -117,12 +117,17 @@ def _one_line(e: BaseException, overrides: list[str] = ()) -> str:
         have = sorted(p.stem for p in (CONF_DIR / "model_preset" / m.group(1)).glob("*.yaml"))
         return (f"preset={m.group(2)!r} is not allowed with model={m.group(1)}: expected one of {', '.join(have)}"
                 + did_you_mean(m.group(2), have))
-    m = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':\s*(.*?)\s*Config search path",
+    m = re.search(r"Could not find '([^/']+)/([^']*)'.*?Available options in '[^']+':\s*(.*?)\s*Config search path",
                   text, re.S)
     if m:
         have = m.group(3).split()
         return (f"{m.group(1)}={m.group(2)!r} is not allowed: expected one of {', '.join(have)}"
                 + did_you_mean(m.group(2), have))
+    m = re.search(r"LexerNoViableAltException: (\S+?)=(.*?)\s*\^", text)
+    if m:  # characters Hydra's override grammar does not take unquoted (~, non-ASCII, ...)
+        key, value = m.group(1), m.group(2)
+        return (f"{key}={value!r}: Hydra's override grammar cannot read this value unquoted; quote it: "
+                f"\"{key}='{value}'\"")
     m = re.search(r"Ambiguous value for argument '([^']+)'", text)
     if m:
         key, _, value = m.group(1).partition("=")

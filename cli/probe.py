@@ -54,7 +54,7 @@ def init(
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "probe_init.csv", index=False)
     last_stage = df["stage"].iloc[-1]
-    t = Table(title=f"||mean grad of MLP output weight||_F at init, {last_stage}, K={batches} batches")
+    t = Table(title=f"||mean grad of MLP output weight||_F at init, {last_stage or 'the model'}, K={batches} batches")
     t.add_column("depth")
     t.add_column("norm")
     t.add_column("per layer, first -> last")

@@ -116,9 +116,10 @@ class RichProgress(Callbacks):
         elapsed = self.clock() - self.t0
         eta = elapsed / epoch * (self.n_epochs - epoch) if epoch else None
         scream = ("  output collapsed", "magenta") if record["collapsed"] else ""
+        stages = f"  stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}" if record.get("stage_rms") else ""
         self.console.print(styled(f"epoch {epoch}/{self.n_epochs}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
-                                  f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}  "
-                                  f"stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}", scream,
+                                  f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}"
+                                  f"{stages}", scream,
                                   f"  elapsed {seconds(elapsed)}, ETA {seconds(eta)}"))
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import typer
 from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER, check_writable, console, err_console, fmt,
                         graceful_signals,
                         styled, user_errors, verdict_text, write_errors)
-from cli.config import compose_run
+from cli.config import UserError, compose_run
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
 from stability.rundirs import create_unique, folder_name
@@ -29,6 +29,12 @@ def run(
     overrides = list(overrides or [])
     with user_errors():
         cfg = compose_run(overrides)
+        from cli.launch import with_declared_grid
+
+        grid = with_declared_grid(overrides)[len(overrides):]
+        if grid:  # e.g. experiment=story: its grid is under hydra.sweeper.params, which only a sweep reads
+            raise UserError(f"{' '.join(o for o in overrides if o.startswith(('experiment=', '+experiment=')))} declares "
+                            f"a sweep grid ({' '.join(grid)}): run it with `stab sweep {' '.join(overrides)}`")
         check_writable(runs)
         preflight(cfg)
     with write_errors():

@@ -134,7 +134,7 @@ def _read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CodecError(f"{what}: not loadable with torch.load(weights_only=True), so not a plain "
-                         f"state dict ({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+                         f"state dict ({_first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         keys = ", ".join(map(str, list(state)[:4])) if isinstance(state, dict) else type(state).__name__
         more = ", ..." if isinstance(state, dict) and len(state) > 4 else ""
@@ -148,7 +148,7 @@ def _load_state(model: Any, path: Path, what: str) -> None:
     try:
         model.load_state_dict(state)
     except Exception as e:
-        raise CodecError(f"{what}: not an EnCodec 24 kHz state dict ({str(e).strip().splitlines()[0]})") from None
+        raise CodecError(f"{what}: not an EnCodec 24 kHz state dict ({_first_line(e)})") from None
 
 
 _VERIFIED: set[str] = set()  # sha256 of checkpoint files that loaded in this process
@@ -269,3 +269,10 @@ class CodeBook(torch.nn.Module):
             out.append(idx.view(B, T))
             x = x - embed[idx]
         return out[0] if n_q == 1 else torch.stack(out)
+
+
+def _first_line(e: BaseException) -> str:
+    """`Type: first line of the message`, or the type alone for an empty message (an empty file
+    raises EOFError with none)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else f"{type(e).__name__} (empty or truncated file?)"

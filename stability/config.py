@@ -194,6 +194,8 @@ class DataConfig:
         self.seconds = _number("data.seconds", self.seconds, lo=0.1, hi=600.0)
         self.seed = _number("data.seed", self.seed, lo=0, integer=True)
         if self.latent_rms not in ("auto", "off", None):
+            if isinstance(self.latent_rms, str) or isinstance(self.latent_rms, bool):
+                _fail("data.latent_rms", self.latent_rms, "auto, off or a number > 0")
             self.latent_rms = _number("data.latent_rms", self.latent_rms, lo=0.0, lo_open=True)
         if self.latent_rms is None:
             self.latent_rms = "off"

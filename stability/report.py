@@ -18,7 +18,6 @@ import math
 import os
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.progress import phase
 from stability.rundirs import writer_gone
-from stability.storage import atomic_write_text, read_jsonl
+from stability.storage import atomic_write_bytes, atomic_write_text, read_jsonl
 
 RUN_MARKERS = ("status.json", "summary.json", "config.yaml")
 VERDICTS = ("stable", "exploding", "scream", "nan", "failed")  # least to most broken
@@ -70,6 +69,14 @@ class Run:
     data: dict[str, Any] = field(default_factory=dict)
     steps_recorded: int = 0
     warnings: list[str] = field(default_factory=list)
+    _flat: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as dotted key -> value (computed once)."""
+        if self._flat is None:
+            self._flat = _flatten(self.config or {})
+        return self._flat
 
     @property
     def group(self) -> str:
@@ -283,30 +290,64 @@ def _float(x: Any) -> float:
 # What differs between runs
 
 
+# The short names and where each is read in a resolved config (the last stage's residual).
+ALIAS_PATHS = {"residual": "model.residual", "norm": "model.norm", "clip": "train.clip",
+               "spectral_norm": "model.spectral_norm", "qk_norm": "model.qk_norm", "sigma_reparam": "model.sigma_reparam",
+               "v_scale": "model.v_scale", "z_loss": "model.z_loss", "warmup": "train.warmup"}
+
+
+def _operational(key: str) -> bool:
+    """Keys that say where or how a run ran, never what it computed: not factors."""
+    return key in OPERATIONAL_KEYS or key.split(".")[0] == "hydra"
+
+
 def factors(runs: Sequence[Run]) -> list[str]:
-    """The keys whose values differ between runs: override keys, or config paths where a run's
-    overrides are unknown (no overrides.json and no sweep.json entry)."""
+    """The keys whose values differ between runs: override keys (compared on the runs' resolved
+    values, so `norm=post` and the default post-norm are one value), or config paths where a
+    run's overrides are unknown (no overrides.json and no sweep.json entry). Operational keys
+    (device, threads, trackers, hydra.*) are never factors."""
     if len(runs) < 2:
         return []
     if all(r.overrides is not None for r in runs):
-        keys = list(dict.fromkeys(k for r in runs for k in r.params))
+        keys = [k for k in dict.fromkeys(k for r in runs for k in r.params) if not _operational(k)]
         differ = [k for k in keys if len({factor_value(r, k) for r in runs}) > 1]
         if differ or len({json.dumps(r.config, sort_keys=True, default=str) for r in runs}) <= 1:
             return differ
     flat = [_flatten(r.config or {}) for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
-    return [k for k in keys if k not in OPERATIONAL_KEYS and len({repr(f.get(k)) for f in flat}) > 1]
+    return [k for k in keys if not _operational(k) and len({repr(f.get(k)) for f in flat}) > 1]
+
+
+def _canonical(v: Any) -> str:
+    """One spelling per value: `10`, `10.0` and `1e1` -> `10`; quotes dropped; null/none -> `none`;
+    booleans lower case."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    text = str(v).strip().strip("'\"")
+    if text.lower() in ("none", "null"):
+        return "none"
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    return f"{x:g}" if math.isfinite(x) else text
 
 
 def factor_value(run: Run, key: str) -> str:
-    """A run's value of a factor: its override, else its config value at that path, else UNSET."""
+    """A run's value of a factor: the value its resolved config holds at that key (for a short
+    name, where the model reads it), else its override, else UNSET; spelled canonically."""
+    flat = run.flat
+    path = ALIAS_PATHS.get(key, key)
+    if path in flat:
+        v = flat[path]
+        return _canonical(v[-1] if key == "residual" and isinstance(v, list) and v else v)
     params = run.params
     if key in params:
-        return params[key]
-    flat = _flatten(run.config or {})
-    if key in flat:
-        v = flat[key]
-        return "null" if v is None else str(v)
+        return _canonical(params[key])
     return UNSET
 
 
@@ -557,17 +598,25 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
             if spread >= DECISIVE:
                 spreads.append((spread, f"{k}: {lo[1]}/{lo[2]} unstable at {lo[0]} vs {hi[1]}/{hi[2]} at {hi[0]}"))
     n_bad = sum(r.verdict in UNSTABLE for r in judged)
+    crashed = sum(r.verdict == "failed" for r in runs)
+    others = len(runs) - len(judged) - crashed  # still running, interrupted, unreadable
+    aside = "".join(f"; {n} {what} not counted" for n, what in ((crashed, "crashed (failed)"), (others, "without a verdict"))
+                    if n)
+    def all_runs(n: int, what: str) -> str:
+        return f"The one run is {what}" if n == 1 else f"All {n} runs are {what}"
+
     if not judged:
-        sentence = "No run has a verdict yet."
+        sentence = f"No run has a verdict yet{aside}."
     elif n_bad == 0:
-        sentence = f"All {len(judged)} runs are stable: no factor made a difference at these settings."
+        sentence = (f"{all_runs(len(judged), 'stable')}{aside}: no factor changed the verdict at these settings "
+                    "(compare the validation losses below).")
     elif n_bad == len(judged):
-        sentence = f"All {len(judged)} runs are unstable: no value of any factor fixed it."
+        sentence = f"{all_runs(len(judged), 'unstable')}{aside}: no value of any factor fixed it."
     elif spreads:
         spreads.sort(key=lambda t: -t[0])
-        sentence = f"Decisive: {'; '.join(t for _, t in spreads)}."
+        sentence = f"Decisive: {'; '.join(t for _, t in spreads)}{aside}."
     else:
-        sentence = (f"{n_bad}/{len(judged)} runs unstable; no single factor separates them "
+        sentence = (f"{n_bad}/{len(judged)} runs unstable{aside}; no single factor separates them "
                     f"(no factor's unstable share differs by {DECISIVE:.0%} or more between its values).")
     return pd.DataFrame(rows, columns=["factor", "value", "unstable", "unstable_share", "median final val loss",
                                        "median max grad norm"]), sentence
@@ -705,18 +754,12 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Render to memory, then write atomically (a reader never sees half a PNG)."""
+    """Render to memory, then write atomically (a reader never sees half a PNG), with the
+    permissions of any other result file (the umask's)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buf.getvalue())
 
 
 _VERDICT_COLOURS = {"nan": "tab:red", "scream": "tab:purple", "exploding": "tab:orange"}
@@ -797,10 +840,13 @@ def plot_curves(runs: Sequence[Run], names: dict[str, str], path: Path) -> Path:
             ok = np.isfinite(y) & (y > 0)
             if ok.any():
                 ax.plot(x[ok], y[ok], ls, color=c, marker="o", ms=3, lw=1.4, label=lab)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, title in zip(axes, ("loss (solid: train, dashed: validation)", "gradient norm (total, epoch mean)",
                                 "max attention logit (validation batch)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(True, which="both", alpha=0.25)
         if ax.lines:
             ax.set_yscale("log")
