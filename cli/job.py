@@ -35,14 +35,17 @@ from stability.storage import write_status
 from stability.sweeps import read_status, should_skip
 
 CONCURRENCY_ENV = "STAB_CONCURRENCY"  # set by `stab sweep`: how many jobs run at once here
-DUPLICATES_ENV = "STAB_DUPLICATES"  # set by `stab sweep`: {job number: earlier job of the same identity}
+# Written by `stab sweep` into the sweep folder before it launches: {job number: the earlier job
+# of the same run identity}. A file, not the environment: joblib's workers start before the
+# sweep has composed its jobs, so they would not inherit it.
+DUPLICATES_FILE = ".duplicates.json"
 
 
 def job(cfg: DictConfig) -> dict[str, Any]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
-    same = json.loads(os.environ.get(DUPLICATES_ENV) or "{}").get(str(hc.job.num))
+    same = _duplicates(Path(hc.sweep.dir)).get(str(hc.job.num))
     if same is not None:  # trained by job `same`; drop the folder Hydra made for this one
         shutil.rmtree(run_dir, ignore_errors=True)
         return {"folder": None, "duplicate_of": same, "skipped": True}
@@ -80,6 +83,13 @@ def job(cfg: DictConfig) -> dict[str, Any]:
             except StorageError:
                 pass
         return {"folder": str(run_dir), "skipped": False, "error": error}
+
+
+def _duplicates(sweep_dir: Path) -> dict[str, int]:
+    try:
+        return json.loads((sweep_dir / DUPLICATES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 @contextlib.contextmanager

@@ -32,8 +32,9 @@ from cli import launch
 from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
                         seconds, styled, user_errors, verdict_text, write_errors)
 from cli.config import UserError, compose_run
-from cli.job import CONCURRENCY_ENV, DUPLICATES_ENV, job, warm
+from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
 from stability.preflight import preflight
+from stability.storage import atomic_write_text
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, me, owner_alive
 from stability.sweeps import (SweepBusy, SweepLock, incomplete, job_record, live_writers, mark_stale_running, read_status,
@@ -65,7 +66,6 @@ def sweep(
         combos = launch.expand(task_args)
     concurrency = _concurrency(launcher, jobs, len(combos))
     os.environ[CONCURRENCY_ENV] = str(concurrency)  # before any worker starts: they inherit it
-    os.environ.pop(DUPLICATES_ENV, None)
     if launcher in LOCAL_LAUNCHERS:
         os.environ[OWNER_ENV] = me()  # its jobs stop when this process is gone
     workers = launch.WarmWorkers.start(launcher, concurrency, hydra_args, warm)  # they import torch meanwhile
@@ -88,8 +88,11 @@ def sweep(
         if workers:
             workers.cancel()
         raise
-    if duplicates:
-        os.environ[DUPLICATES_ENV] = json.dumps(duplicates)  # read by each job (cli/job.py)
+    with write_errors():  # read by each job (cli/job.py), in whatever process runs it
+        if duplicates:
+            atomic_write_text(sweep_dir / DUPLICATES_FILE, json.dumps(duplicates))
+        else:
+            (sweep_dir / DUPLICATES_FILE).unlink(missing_ok=True)
     try:
         with write_errors():
             returns, records = _run_sweep(sweep_dir, name, launcher, overrides, task_args, hydra_args, combos,
