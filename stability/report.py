@@ -310,6 +310,8 @@ def factors(runs: Sequence[Run]) -> list[str]:
         return []
     if all(r.overrides is not None for r in runs):
         keys = [k for k in dict.fromkeys(k for r in runs for k in r.params) if not _operational(k)]
+        by_path = {ALIAS_PATHS.get(k, k): k for k in reversed(keys)}  # `clip` and `train.clip` are one factor
+        keys = [k for k in keys if by_path[ALIAS_PATHS.get(k, k)] == k]
         differ = [k for k in keys if len({factor_value(r, k) for r in runs}) > 1]
         if differ or len({json.dumps(r.config, sort_keys=True, default=str) for r in runs}) <= 1:
             return differ

@@ -307,3 +307,27 @@ def test_report_adds_lr_sensitivity_when_the_sweep_varies_the_learning_rate(tmp_
     # judged on the validation loss, not the last training batch's
     vals = [read_json(p)["final_val_loss"] for p in (tmp_path / "lr").glob("*/summary.json")]
     assert table.loc[0, "best_final_loss"] == pytest.approx(min(vals), rel=1e-6)
+
+
+def test_factors_compare_resolved_values_not_override_spellings(tmp_path):
+    from stability.report import Run, answer, factor_value, factors
+
+    def run(name, overrides, norm, residual, clip, verdict):
+        config = {"model": {"norm": norm, "residual": [1.0, 1.0, residual]}, "train": {"clip": clip, "device": "cpu"},
+                  "seed": 0}
+        return Run(path=tmp_path / name, rel=name, state="completed", verdict=verdict, overrides=overrides,
+                   config=config, summary={"verdict": verdict, "final_val_loss": 1.0})
+
+    runs = [run("a", [], "post", 0.1, 10.0, "exploding"),  # the defaults, nothing overridden
+            run("b", ["experiment=seed_fix"], "pre", 0.3, 5.0, "stable"),
+            run("c", ["norm=post", "train.clip=5", "train.device=cuda"], "post", 0.1, 5.0, "exploding"),
+            run("d", ["clip=10", "residual=0.3"], "post", 0.3, 10.0, "exploding")]
+    keys = factors(runs)
+    # train.clip and clip are one factor; the device is operational; experiment is a real override
+    assert "train.device" not in keys and sum(k in ("clip", "train.clip") for k in keys) == 1
+    assert [factor_value(r, "norm") for r in runs] == ["post", "pre", "post", "post"]  # no "(default)"
+    assert [factor_value(r, "residual") for r in runs] == ["0.1", "0.3", "0.1", "0.3"]
+    clip = next(k for k in keys if k in ("clip", "train.clip"))
+    assert [factor_value(r, clip) for r in runs] == ["10", "5", "5", "10"]  # 10.0 and "10" are one value
+    table, sentence = answer(runs, keys)
+    assert sentence.startswith("Decisive: ") and "norm: 0/1 unstable at pre vs 3/3 at post" in sentence
