@@ -137,6 +137,8 @@ def graceful_signals() -> Iterator[None]:
 
 def check_writable(folder: Path) -> None:
     """`--runs` must be a folder we can create files in; say so before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--runs {str(folder)!r} is a file, not a folder: pass a folder (it is created if missing)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".stab-write-check"):

@@ -830,7 +830,7 @@ def plot_curves(runs: Sequence[Run], names: dict[str, str], path: Path) -> Path:
     plotted = [r for r in runs if r.epochs or r.series("grad_norm_by_epoch")]
     fig = Figure(figsize=(15, 4.6 + 0.22 * max(0, len(plotted) - 12)))
     axes = fig.subplots(1, 3)
-    palette = [f"C{i}" for i in range(10)]
+    palette = [f"C{i}" for i in range(10) if i != 3]  # as in plot_grad_norms: one colour per run in both
     for i, r in enumerate(plotted):
         c, label = palette[i % len(palette)], f"{names.get(r.rel, r.rel)}  [{r.verdict}]"
         for ax, ys, ls, lab in ((axes[0], r.series("loss_by_epoch"), "-", label),
