@@ -124,7 +124,7 @@ def wandb_records(run_dir: Path) -> list[dict]:
     out = []
     for f in files:
         text = subprocess.run([shutil.which("wandb") or "wandb", "leet", "inspect", "--json", str(f)],
-                              capture_output=True, text=True, check=True, timeout=120).stdout
+                              capture_output=True, text=True, check=True, timeout=900).stdout  # 900 s: a ceiling against a hang, not a wait
         out += [json.loads(line) for line in text.splitlines() if line.strip()]
     return out
 
