@@ -309,6 +309,8 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
         event("grad_explosion", **peak)
     diag = detectors.diagnose(epochs, first_nan, tc.clip, dc.explode_factor, dc.explode_window,
                               dc.scream.min_epochs, dc.scream.learning, dc.clamp_warn, dc.logit_growth, peak)
+    if diag["verdict"] == "nan" and cfg.fault.nan_at_step is not None:  # say so: this NaN was put there on purpose
+        diag["evidence"] += f" (injected: fault.nan_at_step={cfg.fault.nan_at_step})"
     scream_epoch = diag["scream_epoch"]
     if scream_epoch is not None:
         onset = next(e for e in epochs if e["epoch"] == scream_epoch)
