@@ -34,7 +34,7 @@ from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, e
 from cli.config import UserError, compose_run
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
 from stability.preflight import preflight
-from stability.storage import atomic_write_text
+from stability.storage import atomic_write_text, loads
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, me, owner_alive
 from stability.sweeps import (SweepBusy, SweepLock, incomplete, job_record, live_writers, mark_stale_running, read_status,
@@ -315,7 +315,7 @@ def read_jsonl_tail(path: Path) -> list[dict[str, Any]]:
     out = []
     for line in text.splitlines():
         try:
-            out.append(json.loads(line))
+            out.append(loads(line))
         except ValueError:
             continue
     return out

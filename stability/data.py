@@ -37,7 +37,7 @@ from stability.codec import (CodeBook, calibrate_codebooks, check_weights, encod
 from stability.config import DataConfig
 from stability.progress import phase
 from stability.errors import StorageError
-from stability.storage import atomic_write_bytes, atomic_write_text
+from stability.storage import atomic_write_bytes, atomic_write_text, dumps, loads
 from stability.synth import synth_pairs
 
 __all__ = ["DataError", "LatentData", "check_audio", "fit_split", "load_latents", "inspect_latents", "cache_entries",
@@ -234,7 +234,7 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
     meta = {"format": CACHE_FORMAT, "key": key, "source": source, "codec": codec.info, "n_train": n_train,
             "n_val": len(inp) - n_train, "frames": inp.shape[-1], "encode_s": encode_s,
             "audio_seconds": 2 * len(inp) * cfg.seconds, "created": time.time(), "digest": _digest(tensors)}
-    return {"tensors": tensors, "meta": json.dumps(meta)}
+    return {"tensors": tensors, "meta": dumps(meta)}
 
 
 def _load_entry(path: Path) -> dict[str, Any] | None:
@@ -243,7 +243,7 @@ def _load_entry(path: Path) -> dict[str, Any] | None:
         return None
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
-        meta = json.loads(entry["meta"])
+        meta = loads(entry["meta"])
         if _digest(entry["tensors"]) != meta["digest"]:
             return None
         return entry
@@ -260,9 +260,9 @@ def _write_entry(path: Path, entry: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(entry, buf)
     atomic_write_bytes(path, buf.getvalue())
-    meta = json.loads(entry["meta"])
+    meta = loads(entry["meta"])
     meta.pop("digest")
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(path.with_suffix(".json"), dumps(meta, indent=2) + "\n")
 
 
 def load_latents(cfg: DataConfig) -> LatentData:
@@ -287,7 +287,7 @@ def load_latents(cfg: DataConfig) -> LatentData:
                 _write_entry(path, entry)
         finally:
             lock.release()
-    meta = json.loads(entry["meta"])
+    meta = loads(entry["meta"])
     skipped = meta["source"].get("skipped") or []
     if hit and skipped:  # the warnings were given when the entry was built; say it again, once
         log.warning("%d bad file(s) skipped in %s (data.on_bad_file=skip): %s", len(skipped), cfg.path,
@@ -396,7 +396,7 @@ def cache_entries(root: Path | None = None) -> list[CacheEntry]:
         except FileNotFoundError:  # cleared meanwhile
             continue
         try:
-            meta = json.loads(p.with_suffix(".json").read_text())
+            meta = loads(p.with_suffix(".json").read_text())
         except (OSError, ValueError):
             meta = None
         out.append(CacheEntry(p.stem, p, st.st_size, st.st_mtime, meta))

@@ -35,7 +35,7 @@ from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.progress import phase
 from stability.rundirs import writer_gone
-from stability.storage import atomic_write_bytes, atomic_write_text, read_jsonl
+from stability.storage import atomic_write_bytes, atomic_write_text, loads, read_jsonl
 
 RUN_MARKERS = ("status.json", "summary.json", "config.yaml")
 VERDICTS = ("stable", "exploding", "scream", "nan", "failed")  # least to most broken
@@ -255,7 +255,7 @@ def _read_json(path: Path, warn: Any) -> Any:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        return loads(path.read_text())
     except (OSError, ValueError) as e:
         warn(f"{path.name} unreadable (truncated?): {_first_line(e)}")
         return None

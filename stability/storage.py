@@ -14,6 +14,7 @@ status overwrites the old one in place, in blocks the file already owns.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -67,19 +68,49 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _jsonable(x: Any) -> Any:
-    """Python's json writes NaN/Infinity for non-finite floats; keep them (never drop to null)."""
+# Strict JSON has no NaN or Infinity: a non-finite float is written as one of these strings, so
+# that jq, Node's JSON.parse and Python's json with parse_constant raising all read every file,
+# and its kind (nan, +inf, -inf) is kept. `decode` (used by `read_json`/`read_jsonl`) turns them
+# back into floats; older run folders with bare NaN/Infinity still read.
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _jsonable(x: Any, strict: bool = True) -> Any:
+    """Plain JSON types; with `strict`, non-finite floats as "NaN", "Infinity", "-Infinity"."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): _jsonable(v, strict) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [_jsonable(v, strict) for v in x]
     if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
-        return x.item()
+        x = x.item()
+    if strict and isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
     return x
 
 
+def decode(x: Any) -> Any:
+    """What `_jsonable` wrote, back: the non-finite strings as floats, everywhere in `x`."""
+    if isinstance(x, dict):
+        return {k: decode(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [decode(v) for v in x]
+    if isinstance(x, str) and x in NONFINITE:
+        return NONFINITE[x]
+    return x
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON text of `obj` (see NONFINITE)."""
+    return json.dumps(_jsonable(obj), allow_nan=False, **kw)
+
+
+def loads(text: str) -> Any:
+    """Parse JSON written by `dumps` (or by older stab, with bare NaN) into Python, floats restored."""
+    return decode(json.loads(text))
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=True) + "\n")
+    atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
@@ -89,12 +120,12 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
     status is written into the old file's blocks in place (without a traceback that would not
     fit). Raises `StorageError` only when neither works.
     """
-    text = json.dumps(_jsonable(status), indent=2, allow_nan=True) + "\n"
+    text = dumps(status, indent=2) + "\n"
     try:
         atomic_write_text(path, text.ljust(STATUS_RESERVE))
     except StorageError as first:
         short = dict(status, traceback=None) if "traceback" in status else status
-        for candidate in (text, json.dumps(_jsonable(short), allow_nan=True) + "\n"):
+        for candidate in (text, dumps(short) + "\n"):
             if _overwrite_in_place(Path(path), candidate.encode()):
                 return
         raise first
@@ -116,16 +147,16 @@ def _overwrite_in_place(path: Path, data: bytes) -> bool:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return loads(Path(path).read_text())
 
 
 def write_yaml(path: Path, obj: Any) -> None:
-    atomic_write_text(path, yaml.safe_dump(_jsonable(obj), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(_jsonable(obj, strict=False), sort_keys=False))
 
 
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Append records, one JSON object per line, in one write call."""
-    lines = "".join(json.dumps(_jsonable(r), allow_nan=True) + "\n" for r in records)
+    lines = "".join(dumps(r) + "\n" for r in records)
     if lines:
         try:
             with open(path, "a") as f:
@@ -145,7 +176,7 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(loads(line))
         except json.JSONDecodeError:
             bad += 1
     return records, bad

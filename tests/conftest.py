@@ -13,6 +13,7 @@ os.environ.setdefault("STAB_WIDTH", "260")  # before cli.common creates its cons
 from typer.testing import CliRunner  # noqa: E402
 
 from cli.main import app  # noqa: E402
+from stability.storage import decode  # noqa: E402
 
 SMOKE = ["preset=smoke"]
 
@@ -60,8 +61,14 @@ def only_run(runs: Path) -> Path:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    """A file stab wrote, parsed strictly (no bare NaN/Infinity), non-finite strings as floats."""
+    return decode(json.loads(Path(path).read_text(), parse_constant=_no_constant))
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [decode(json.loads(line, parse_constant=_no_constant))
+            for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _no_constant(name: str):
+    raise AssertionError(f"bare {name} in a file stab wrote: not strict JSON")

@@ -107,3 +107,25 @@ def test_char_lm_probe_in_the_papers_setting_post_norm_grows_with_depth_pre_norm
     assert set(df["stage"].fillna("")) == {""} and sorted(set(df["layer"])) == list(range(12))
     ratio = {n: part["grad_fro"].iloc[-1] / part["grad_fro"].iloc[0] for n, part in df.groupby("norm")}
     assert ratio["post"] > 1.3 and 0.5 < ratio["pre"] < 1.2 and ratio["post"] > 1.5 * ratio["pre"]
+
+
+def test_nonfinite_values_are_strict_json_and_keep_their_kind(cli, tmp_path):
+    import json
+
+    from stability.storage import dumps, loads
+
+    text = dumps({"a": [math.nan, math.inf, -math.inf, 1.5], "b": {"c": float("nan")}})
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name}"))  # jq / JSON.parse would
+    assert strict["a"][:3] == ["NaN", "Infinity", "-Infinity"]
+    back = loads(text)
+    assert math.isnan(back["a"][0]) and back["a"][1] == math.inf and back["a"][2] == -math.inf and back["a"][3] == 1.5
+    assert loads('{"x": NaN, "y": -Infinity}')["y"] == -math.inf  # run folders written before this still read
+
+    cli("run", "--runs", tmp_path, *SMOKE, "fault.nan_at_step=6")
+    run = only_run(tmp_path)
+    for path in [*run.glob("*.json"), *run.glob("*.jsonl")]:
+        for line in (path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]):
+            if line.strip():
+                json.loads(line, parse_constant=lambda name: pytest.fail(f"{path.name}: bare {name}"))
+    summary = read_json(run / "summary.json")
+    assert summary["verdict"] == "nan" and math.isnan(summary["grad_norm_by_epoch"][-1])
