@@ -28,10 +28,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stability.config import RunConfig
-from stability.instrument import GradProbe, StageProbe
 from stability.trackers import open_trackers
 from stability.training import Stepper, _step_record, eager, resolve_device
-from stability.workload import make_workload
+from stability.workloads import build, make_optimizer
 
 
 @dataclass
@@ -91,27 +90,16 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
 
 def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult:
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    work = make_workload(cfg, device)  # stab's copy
+    parts = build(cfg, device, compile=False)  # stab's copy: exactly what a run trains
+    work, tc = parts.work, cfg.train
     bare = copy.deepcopy(work.model)  # the bare loop's copy: same init
-    tc = cfg.train
     if tc.compile:
         work.model, bare = torch.compile(work.model), torch.compile(bare)
     g = torch.Generator().manual_seed(cfg.seed)
     batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
-
-    def make_opt(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (tc.warmup + 1)))
-
-    opt_s, sched_s = make_opt(work.model)
-    opt_b, sched_b = make_opt(bare)
-    groups = work.module_groups()
-    names = list(groups)
-    stepper = Stepper(work, opt_s, sched_s, GradProbe(groups), StageProbe(work.rms_matchers(), device), tc.clip,
-                      tc.precision)
+    opt_b, sched_b = make_optimizer(bare, tc)
+    names = parts.names
+    stepper = Stepper(work, parts.opt, parts.sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision)
     n_stages = len(work.rms_matchers())
     clamp = cfg.model.rms_clamp if n_stages else None
     loss_fn = type(work).loss
@@ -159,7 +147,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     t0 = time.perf_counter()
     with eager(work):  # as in the loop: per-epoch probes run on the uncompiled model
         work.evaluate()
-        if cfg.detect.health and hasattr(work, "health_layers"):
+        if cfg.detect.health and work.health_layers():
             from stability import health
             health.measure(work.model, work.health_loss, work.health_layers())
     extras = time.perf_counter() - t0

@@ -23,7 +23,7 @@ import yaml
 from stability.config import RunConfig
 from stability.instrument import NonFiniteProbe
 from stability.training import NanInjector, resolve_device
-from stability.workload import make_workload
+from stability.workloads import build
 
 
 class ReplayError(RuntimeError):
@@ -84,8 +84,7 @@ def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult
     cfg.train.device = device
     state = torch.load(path, map_location=device, weights_only=True)
     dev = resolve_device(device)
-    torch.manual_seed(cfg.seed)
-    work = make_workload(cfg, dev)
+    work = build(cfg, dev, compile=False).work
     batch = tuple(t.to(dev) for t in state["batch"])
     step = state["step"]
     probe, loss = _step(work, batch, state, step, cfg)

@@ -45,7 +45,7 @@ from stability.storage import (append_jsonl, atomic_write_bytes, atomic_write_te
 from stability.preflight import preflight
 from stability.progress import phase
 from stability.trackers import Recorder, open_trackers
-from stability.workload import make_workload
+from stability.workloads import build
 
 
 class Callbacks:
@@ -191,28 +191,16 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
            recorder: Recorder | None = None) -> dict[str, Any]:
     tc = cfg.train
     device = resolve_device(tc.device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    torch.manual_seed(cfg.seed)
-    work = make_workload(cfg, device)
-    if tc.compile:
-        # Same parameters and submodules (hooks and probes still see them); only the forward is compiled.
-        work.model = torch.compile(work.model)
-    model = work.model
-    groups = work.module_groups()
-    names = list(groups)
+    parts = build(cfg, device)
+    work, model, groups, names, opt, sched = parts.work, parts.model, parts.groups, parts.names, parts.opt, parts.sched
     write_json(run_dir / "data.json", work.info)
     _write_status(run_dir, device=str(device), threads=torch.get_num_threads(),
                   torch=torch.__version__, python=platform.python_version())
 
-    grad_probe = GradProbe(groups)
-    stage_probe = StageProbe(work.rms_matchers(), device)
-    n_stages = len(work.rms_matchers())
+    n_stages = parts.n_stages
     injector = (NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step)
                 if cfg.fault.nan_at_step is not None else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (tc.warmup + 1)))
-    stepper = Stepper(work, opt, sched, grad_probe, stage_probe, tc.clip, tc.precision)
+    stepper = Stepper(work, opt, sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
     cb.start(tc.epochs, n_batches)
@@ -279,7 +267,7 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
             pending.clear()
             with eager(work), phase(f"evaluating epoch {epoch}", unit="epochs"):  # validation, scream check, health
                 erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
-                erec.update(work.listen(epoch, run_dir) if hasattr(work, "listen") else {})  # {"audio": [...]} at listen epochs
+                erec.update(work.listen(epoch, run_dir))  # {"audio": [...]} at listen epochs
             epochs.append(erec)
             append_jsonl(run_dir / "epochs.jsonl", [erec])
             recorder.epoch(erec)
@@ -415,8 +403,9 @@ def _epoch_record(work: Any, steps: list[dict[str, Any]], epoch: int, names: lis
     g = np.array([r["grad/norm"] for r in mine])
     ev = work.evaluate() if not stopped else {"val_loss": math.nan, "collapsed": None, "scores": {},
                                                "target_scores": work.target_scores, "codes_head": []}
-    if health_on and not stopped and hasattr(work, "health_layers"):
-        layers = health.measure(work.model, work.health_loss, work.health_layers())
+    layers_of = work.health_layers() if health_on and not stopped else {}
+    if layers_of:
+        layers = health.measure(work.model, work.health_loss, layers_of)
         ev["health"], ev["health_summary"] = layers, health.summarize(layers)
     return {
         "epoch": epoch, "steps": len(mine),

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from cli.config import UserError, compose_run
-from stability import text
-from stability.charlm_workload import CharLMWorkload
+from stability.workloads.charlm import text
+from stability.workloads.charlm.workload import CharLMWorkload
 from stability.config import TextDataConfig
 from stability.detectors import loop_share, scream_check
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr

@@ -217,7 +217,7 @@ def test_a_sweep_index_on_a_full_disk_is_one_line(cli, tmp_path, monkeypatch):
 def test_a_cache_entry_on_a_full_disk_names_the_cache_and_the_cause(tmp_path, monkeypatch):
     import torch
 
-    from stability import data
+    from stability.workloads.cascade import data
 
     monkeypatch.setattr(storage.tempfile, "mkstemp", lambda *a, **kw: (_ for _ in ()).throw(enospc()))
     entry = tmp_path / "cache" / "latents" / "abc.pt"
