@@ -1,0 +1,140 @@
+"""What differs between runs: the factors of a report, each run's value of them, its label.
+
+    keys = factors(runs)                 # e.g. ["norm", "residual"]
+    factor_value(run, "residual")        # "0.1", from the run's resolved config
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Sequence
+
+from stability.config import OPERATIONAL_KEYS, SHORT_NAMES
+from stability.report.loading import Run, _flatten
+
+UNSET = "(default)"  # a factor a run did not override
+
+
+# The short names and where each is read in a resolved config (the last stage's residual).
+ALIAS_PATHS = {name: short.path for name, short in SHORT_NAMES.items()}
+
+
+def _operational(key: str) -> bool:
+    """Keys that say where or how a run ran, never what it computed: not factors."""
+    return key in OPERATIONAL_KEYS or key.split(".")[0] == "hydra"
+
+
+def factors(runs: Sequence[Run]) -> list[str]:
+    """The keys whose values differ between runs: override keys (compared on the runs' resolved
+    values, so `norm=post` and the default post-norm are one value), or config paths where a
+    run's overrides are unknown (no overrides.json and no sweep.json entry). Operational keys
+    (device, threads, trackers, hydra.*) are never factors."""
+    if len(runs) < 2:
+        return []
+    if all(r.overrides is not None for r in runs):
+        keys = [k for k in dict.fromkeys(k for r in runs for k in r.params) if not _operational(k)]
+        by_path = {ALIAS_PATHS.get(k, k): k for k in reversed(keys)}  # `clip` and `train.clip` are one factor
+        keys = [k for k in keys if by_path[ALIAS_PATHS.get(k, k)] == k]
+        differ = [k for k in keys if len({factor_value(r, k) for r in runs}) > 1]
+        if differ or len({json.dumps(r.config, sort_keys=True, default=str) for r in runs}) <= 1:
+            return differ
+    flat = [_flatten(r.config or {}) for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    return [k for k in keys if not _operational(k) and len({repr(f.get(k)) for f in flat}) > 1]
+
+
+def _canonical(v: Any) -> str:
+    """One spelling per value: `10`, `10.0` and `1e1` -> `10`; quotes dropped; null/none -> `none`;
+    booleans lower case."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    text = str(v).strip().strip("'\"")
+    if text.lower() in ("none", "null"):
+        return "none"
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    return f"{x:g}" if math.isfinite(x) else text
+
+
+def factor_value(run: Run, key: str) -> str:
+    """A run's value of a factor: the value its resolved config holds at that key (for a short
+    name, where the model reads it), else its override, else UNSET; spelled canonically."""
+    flat = run.flat
+    path = ALIAS_PATHS.get(key, key)
+    if path in flat:
+        v = flat[path]
+        return _canonical(v[-1] if key == "residual" and isinstance(v, list) and v else v)
+    params = run.params
+    if key in params:
+        return _canonical(params[key])
+    return UNSET
+
+
+class _Absent:
+    """A key one config has and the other lacks (e.g. a run recorded before the key existed)."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+    __str__ = __repr__
+
+
+ABSENT = _Absent()
+
+
+def config_diff(defaults: dict[str, Any], actual: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, default, this run's value) for every leaf that differs, in the config's order;
+    a key only one side has gives ABSENT on the other."""
+    a, b = _flatten(defaults), _flatten(actual)
+    rows = []
+    for key in dict.fromkeys([*a, *b]):
+        va, vb = a.get(key, ABSENT), b.get(key, ABSENT)
+        if not _same(va, vb):
+            rows.append((key, va, vb))
+    return rows
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def labels(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, str]:
+    """Short names for runs (by `rel`): the differing overrides each sets (`residual=0.1 norm=pre`),
+    or the config values where factors are config paths; the folder is added where names collide."""
+    override_keys = {k for r in runs for k in r.params}
+    base = {}
+    for r in runs:
+        params = r.params
+        mine = [k for k in keys if k in params or k not in override_keys]
+        base[r.rel] = " ".join(f"{k}={factor_value(r, k)}" for k in mine)
+    count: dict[str, int] = {}
+    for name in base.values():
+        count[name] = count.get(name, 0) + 1
+    return {rel: (name if name and count[name] == 1 else f"{name} ({rel})".strip() if name else rel)
+            for rel, name in base.items()}
+
+
+def _value_order(v: str) -> tuple[int, float, str]:
+    if v == UNSET:
+        return (2, 0.0, v)
+    try:
+        x = float(v)
+    except ValueError:
+        return (1, 0.0, v)
+    return (0, x, v) if not math.isnan(x) else (1, 0.0, v)
+
+
+def sort_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Run]:
+    """By folder group (sweep), then by factor values (numbers numerically)."""
+    return sorted(runs, key=lambda r: (r.group, [_value_order(factor_value(r, k)) for k in keys], r.rel))

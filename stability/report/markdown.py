@@ -1,0 +1,114 @@
+"""The report's files: report.md (Markdown), runs.csv and factors.csv (every number, NaN and inf
+spelled out, an empty cell where a value does not apply).
+
+    atomic_write_text(out / "report.md", markdown(root, out, runs, keys, ...))
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from stability.formatting import format_number
+from stability.report.loading import VERDICTS, Run
+from stability.report.plots import _slug
+from stability.report.tables import answer_display, factor_display, lr_display
+from stability.storage import atomic_write_text
+
+PLOTS = "plots"
+
+
+def csv_cell(x: Any) -> str:
+    """A CSV cell: floats at full precision, NaN as 'NaN', inf as 'inf', not applicable as ''."""
+    if x is None:
+        return ""
+    if isinstance(x, (float, np.floating)) and math.isfinite(x):
+        return repr(float(x))
+    return format_number(x)  # NaN, inf, -inf, and non-numbers as text
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    cells = frame.astype(object).map(csv_cell)
+    buf = io.StringIO()
+    cells.to_csv(buf, index=False)
+    atomic_write_text(path, buf.getvalue())
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table of display strings (`|` escaped)."""
+    if frame.empty:
+        return "_(none)_\n"
+
+    def cell(x: Any) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
+             "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], names: dict[str, str],
+              over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path],
+              lr_table: pd.DataFrame | None = None, ans: pd.DataFrame | None = None, sentence: str = "") -> str:
+    seen = sorted({r.verdict for r in runs}, key=lambda v: (VERDICTS.index(v) if v in VERDICTS else len(VERDICTS), v))
+    counts = {v: sum(r.verdict == v for r in runs) for v in seen}
+    parts = [f"# Stability report: `{root}`\n",
+             f"{len(runs)} run(s), {time.strftime('%Y-%m-%d %H:%M')}: "
+             + ", ".join(f"{n} {v}" for v, n in counts.items()) + ". "
+             + (f"Factors that differ: {', '.join(f'`{k}`' for k in keys)}." if keys else "No factor differs between runs.")
+             + " Every number of every run is in [runs.csv](runs.csv) (NaN and inf written as such, an empty cell"
+             " where a value does not apply; in pandas: `pd.read_csv('runs.csv', keep_default_na=False,"
+             " na_values=['', 'NaN'])`, so that the verdict `nan` stays a word).\n"]
+    if sentence:
+        parts.insert(1, f"**{sentence}**\n")
+    if ans is not None and not ans.empty:
+        parts.insert(2, "Unstable = `exploding`, `scream` or `nan`, out of the runs that did not crash; medians over "
+                        "the runs at each value (across all other factors).\n\n" + markdown_table(answer_display(ans)))
+    warned = [(r.rel, w) for r in runs for w in r.warnings]
+    if warned:
+        parts.append(f"**{len(warned)} warning(s)**, see [Warnings](#warnings).\n")
+    parts += ["## Runs\n", "First NaN: epoch (1-based), batch within the epoch (0-based), and the module "
+              "group that went first. Gradient norm: total norm, mean over each epoch.\n", markdown_table(over)]
+    if keys:
+        parts += ["## By factor\n", "Share of runs per verdict for each value of each factor (across all other "
+                  "factors), and the median over those runs of the last finite epoch-mean gradient norm.\n",
+                  markdown_table(factor_display(summary))]
+    if lr_table is not None:
+        parts += ["## Learning-rate sensitivity\n", "Per configuration of the other factors: the mean over the LR "
+                  "grid of min(final validation loss, initial loss) minus the best final validation loss "
+                  "(Wortsman et al. 2023, arXiv 2309.14322; the initial loss is the first step's, at init). "
+                  "0: every LR reached the best loss; smaller is flatter.\n",
+                  markdown_table(lr_display(lr_table))]
+    rel_plots = os.path.relpath(out / PLOTS, out)
+    parts += ["## Loss, gradient norm and attention logits per epoch\n", f"![curves]({rel_plots}/curves.png)\n",
+              "## Gradient norm per epoch\n", f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n"]
+    if heatmaps:
+        parts.append("## Unstable runs: gradient norm by module group\n")
+        for r in runs:
+            if r.rel in heatmaps:
+                parts += [f"### {names[r.rel]}: {r.verdict}\n",
+                          f"`{r.rel}`" + (f": {r.summary['evidence']}" if r.summary.get("evidence") else "") + "\n",
+                          f"![{_slug(r.rel)}]({rel_plots}/{heatmaps[r.rel].name})\n"]
+    if warned:
+        parts += ["## Warnings\n", "\n".join(f"- `{rel}`: {w}" for rel, w in warned) + "\n"]
+    found = diagnostic_warnings(runs)
+    if found:
+        parts += ["## What the detectors saw\n", "Warnings the runs raised about themselves (`warnings` in each "
+                  "`summary.json`), whatever their verdict.\n",
+                  "\n".join(f"- `{names.get(rel, rel)}`: {w}" for rel, w in found) + "\n"]
+    return "\n".join(parts)
+
+
+def diagnostic_warnings(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    """(run, message) for every warning in the runs' summaries (saturated clamps, attention-logit
+    growth, a clip that never or always fires, validation loss not improving, undertraining)."""
+    return [(r.rel, w.get("message", str(w))) for r in runs for w in (r.summary.get("warnings") or [])
+            if isinstance(w, dict)]

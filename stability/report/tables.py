@@ -1,0 +1,330 @@
+"""The report's tables as data frames: the overview, runs.csv, the factor summary and the answer,
+the learning-rate sensitivity, and one run's tables for `stab show`. NaN and inf stay NaN and
+inf; display frames hold strings.
+
+    over = overview(runs, keys)          # the printed table
+    table, sentence = answer(runs, keys) # unstable share per factor value, and the decisive factor
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from stability import runformat
+from stability.formatting import format_number
+from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
+from stability.report.factors import _value_order, factor_value
+from stability.report.loading import RUN_MARKERS, VERDICTS, Run, _float
+
+
+def first_nan_text(nan: dict[str, Any] | None) -> str:
+    """`e3 b205 stage2.layer0.mlp`: 1-based epoch, 0-based batch within it, module group."""
+    if not nan:
+        return "-"
+    return f"e{nan.get('epoch', '?')} b{nan.get('batch', '?')} {nan.get('module') or '?'}"
+
+
+def _series_text(values: Sequence[float], keep: int = 8) -> str:
+    cells = [format_number(v) for v in values]
+    if len(cells) > keep:  # the start and the end; runs.csv has all of them
+        cells = [*cells[:3], "…", *cells[-(keep - 4):]]
+    return " ".join(cells) or "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return format_number(seconds)
+    if seconds < 10:
+        return f"{seconds:.2g} s"
+    return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
+
+
+def overview(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
+    """The printed table: one row per run, as display strings (NaN/inf spelled out)."""
+    ids = [(r.group, *(factor_value(r, k) for k in keys)) for r in runs]
+    show_run = not keys or len(set(ids)) < len(ids)  # the factors do not tell the runs apart
+    show_group = not show_run and len({r.group for r in runs}) > 1
+    show_state = any(r.state not in ("completed", "failed") for r in runs)  # failed: the verdict says so
+    rows = []
+    for r in runs:
+        row: dict[str, str] = {}
+        if show_run:
+            row["run"] = r.rel
+        elif show_group:
+            row["sweep"] = r.group or "."
+        row.update({k: factor_value(r, k) for k in keys})
+        if show_state:
+            row["state"] = r.state
+        maxes = r.series("grad_norm_max_by_epoch")
+        scream = r.scream_epoch
+        wall = r.wall_s
+        row.update({
+            "verdict": r.verdict,
+            "first NaN": first_nan_text(r.first_nan),
+            # warning time: steps between the first grad/loss spike and the first NaN
+            "spike lead": f"{r.summary['spike_lead_steps']} steps" if r.summary.get("spike_lead_steps") is not None else "-",
+            "scream": f"e{scream}" if scream is not None else "-",
+            "grad norm per epoch": _series_text(r.series("grad_norm_by_epoch")),
+            "max, last epoch": format_number(maxes[-1]) if maxes else "-",
+            "final loss": format_number(r.final_loss),
+            "max attn logit": format_number(_health(r).get("attn_logit_max")),
+            "wall": _duration(wall),
+        })
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    optional = [c for c in ("spike lead", "max attn logit") if c in frame and (frame[c] == "-").all()]
+    return frame.drop(columns=optional)  # columns with nothing to say for these runs
+
+
+def _health(run: Run) -> dict[str, Any]:
+    """The last evaluated epoch's health summary (attention entropy, max logit, sinks, ...)."""
+    return next((e["health_summary"] for e in reversed(run.epochs) if e.get("health_summary")), {})
+
+
+_HEALTH_FIELDS = ("attn_entropy_min", "attn_logit_max", "sink_max", "sink_layers", "massive_max", "grad_sink_max")
+_SUMMARY_FIELDS = ("evidence", "scream_epoch", "final_loss", "final_val_loss", "growth_per_epoch",
+                   "first_spike_step", "spike_lead_steps", "n_grad_spikes", "n_loss_spikes", "clip_rate", "nonfinite_steps", "epochs_run", "steps",
+                   "stopped_early", "latent_scale", "device", "wall_s")
+_NAN_FIELDS = ("epoch", "batch", "step", "kind", "module", "where", "loss", "grad_norm")
+
+
+def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
+    """runs.csv: one row per run with every number; NaN/inf kept, None (not applicable) as None."""
+    n_epochs = max((len(r.series("grad_norm_by_epoch")) for r in runs), default=0)
+    n_stages = max((len(r.summary.get("stage_rms_last_epoch") or []) for r in runs), default=0)
+    fixed = {"path", "sweep", "run_id", "state", "verdict", "warnings", "overrides", "error"}
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {"path": r.rel, "sweep": r.group, "run_id": r.summary.get("run_id") or r.status.get("run_id"),
+                               "state": r.state, "verdict": r.verdict}
+        for k in keys:
+            row[f"override.{k}" if k in fixed else k] = factor_value(r, k)
+        row["overrides"] = " ".join(r.overrides) if r.overrides is not None else None
+        row["last_finite_grad_norm"] = r.last_finite_grad
+        nan = r.first_nan or {}
+        row.update({f"first_nan_{f}": nan.get(f) for f in _NAN_FIELDS})
+        for f in _SUMMARY_FIELDS:
+            row[f] = r.summary.get(f)
+        if "scream_epoch" not in r.summary:
+            row["scream_epoch"] = r.scream_epoch
+        if "final_loss" not in r.summary and r.epochs:
+            row["final_loss"] = r.final_loss
+        if row["wall_s"] is None:
+            row["wall_s"] = r.wall_s
+        codec = r.summary.get("codec") or r.data.get("codec") or {}
+        row.update({f"codec_{k}": codec.get(k) for k in ("weights", "seed", "checksum")})
+        row["steps_recorded"] = r.steps_recorded
+        health = _health(r)
+        row.update({f"health_{k}": health.get(k) for k in _HEALTH_FIELDS})
+        for key, name in (("grad_norm_by_epoch", "grad_mean"), ("grad_norm_max_by_epoch", "grad_max"),
+                          ("loss_by_epoch", "loss"), ("val_loss_by_epoch", "val_loss")):
+            s = r.series(key)
+            row.update({f"{name}_e{e}": (s[e - 1] if e <= len(s) else None) for e in range(1, n_epochs + 1)})
+        for key, name in (("stage_rms_last_epoch", "rms"), ("stage_scale_last_epoch", "scale")):
+            s = r.summary.get(key) or []
+            row.update({f"stage{i}_{name}_last": (_float(s[i]) if i < len(s) else None) for i in range(n_stages)})
+        row["error"] = r.status.get("error")
+        row["warnings"] = "; ".join(r.warnings)
+        rows.append(row)
+    # object dtype keeps None (not applicable: no NaN happened) apart from NaN (a NaN result), and ints as ints
+    return pd.DataFrame(rows, dtype=object)
+
+
+def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
+    """For each factor and value: runs, share per verdict, median of the last finite grad norm."""
+    rows = []
+    others = sorted({r.verdict for r in runs} - set(VERDICTS))
+    for k in keys:
+        values = sorted({factor_value(r, k) for r in runs}, key=_value_order)
+        for v in values:
+            mine = [r for r in runs if factor_value(r, k) == v]
+            row: dict[str, Any] = {"factor": k, "value": v, "runs": len(mine)}
+            for verdict in (*VERDICTS, *others):
+                row[verdict] = sum(r.verdict == verdict for r in mine) / len(mine)
+            finite = [g for g in (r.last_finite_grad for r in mine) if math.isfinite(g)]
+            row["median last grad norm"] = statistics.median(finite) if finite else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+UNSTABLE = ("exploding", "scream", "nan")  # verdicts that count as "unstable" in the answer
+DECISIVE = 0.5  # a factor is decisive when the unstable share differs by at least this between its values
+
+
+def _max_grad(run: Run) -> float:
+    finite = [g for g in run.series("grad_norm_max_by_epoch") if math.isfinite(g)]
+    return max(finite) if finite else math.nan
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]:
+    """The report's opening: per factor and value, unstable runs out of runs with a verdict
+    (`exploding`, `scream` or `nan` out of those that did not crash), the median final
+    validation loss and the median largest grad norm; and one sentence naming the decisive
+    factor(s), those whose unstable share differs by at least `DECISIVE` between two values,
+    largest difference first, e.g. "residual: 0/6 unstable at 0.3 vs 5/6 at 0.1"."""
+    judged = [r for r in runs if r.verdict in VERDICTS and r.verdict != "failed"]
+    rows, spreads = [], []
+    for k in keys:
+        values = sorted({factor_value(r, k) for r in judged}, key=_value_order)
+        counts = []
+        for v in values:
+            mine = [r for r in judged if factor_value(r, k) == v]
+            bad = sum(r.verdict in UNSTABLE for r in mine)
+            counts.append((v, bad, len(mine)))
+            rows.append({"factor": k, "value": v, "unstable": f"{bad}/{len(mine)}",
+                         "unstable_share": bad / len(mine),
+                         "median final val loss": _median([_float(r.summary.get("final_val_loss")) for r in mine]),
+                         "median max grad norm": _median([_max_grad(r) for r in mine])})
+        if len(counts) > 1:
+            lo, hi = min(counts, key=lambda c: c[1] / c[2]), max(counts, key=lambda c: c[1] / c[2])
+            spread = hi[1] / hi[2] - lo[1] / lo[2]
+            if spread >= DECISIVE:
+                spreads.append((spread, f"{k}: {lo[1]}/{lo[2]} unstable at {lo[0]} vs {hi[1]}/{hi[2]} at {hi[0]}"))
+    n_bad = sum(r.verdict in UNSTABLE for r in judged)
+    crashed = sum(r.verdict == "failed" for r in runs)
+    others = len(runs) - len(judged) - crashed  # still running, interrupted, unreadable
+    aside = "".join(f"; {n} {what} not counted" for n, what in ((crashed, "crashed (failed)"), (others, "without a verdict"))
+                    if n)
+    def all_runs(n: int, what: str) -> str:
+        return f"The one run is {what}" if n == 1 else f"All {n} runs are {what}"
+
+    if not judged:
+        sentence = f"No run has a verdict yet{aside}."
+    elif n_bad == 0:
+        sentence = (f"{all_runs(len(judged), 'stable')}{aside}: no factor changed the verdict at these settings "
+                    "(compare the validation losses below).")
+    elif n_bad == len(judged):
+        sentence = f"{all_runs(len(judged), 'unstable')}{aside}: no value of any factor fixed it."
+    elif spreads:
+        spreads.sort(key=lambda t: -t[0])
+        sentence = f"Decisive: {'; '.join(t for _, t in spreads)}{aside}."
+    else:
+        sentence = (f"{n_bad}/{len(judged)} runs unstable{aside}; no single factor separates them "
+                    f"(no factor's unstable share differs by {DECISIVE:.0%} or more between its values).")
+    return pd.DataFrame(rows, columns=["factor", "value", "unstable", "unstable_share", "median final val loss",
+                                       "median max grad norm"]), sentence
+
+
+def answer_display(table: pd.DataFrame) -> pd.DataFrame:
+    """`answer`'s table as strings."""
+    out = table.drop(columns=["unstable_share"]).astype(object)
+    for col in ("median final val loss", "median max grad norm"):
+        out[col] = [format_number(v) for v in table[col]]
+    return out
+
+
+def factor_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """factor_summary as strings: shares in percent, the median as a number."""
+    out = summary.copy()
+    for col in out.columns:
+        if col in ("factor", "value", "runs"):
+            out[col] = out[col].astype(str)
+        elif col == "median last grad norm":
+            out[col] = [format_number(v) for v in out[col]]
+        else:
+            out[col] = [f"{round(100 * v)}%" for v in out[col]]
+    return out
+
+
+def lr_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame | None:
+    """Wortsman et al.'s LR sensitivity per configuration of the other factors, when the
+    completed runs cover more than one learning rate; None otherwise."""
+    done = [r for r in runs if r.config and r.summary.get("verdict") not in (None, "failed")]
+    others = [k for k in keys if k not in ("train.lr", "lr")]
+    frame = pd.DataFrame([{**{k: factor_value(r, k) for k in others}, "train.lr": r.config["train"]["lr"],
+                           "initial_loss": initial_loss(r.path),
+                           # validation loss, not the last training batch's (one batch is noisy)
+                           "final_loss": _float(r.summary.get("final_val_loss"))}
+                          for r in done])
+    if frame.empty or not varies_lr(frame):
+        return None
+    return lr_sensitivity(frame, factors=others)
+
+
+def lr_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The LR-sensitivity table for reading: 3 significant digits, the LR grid as text."""
+    shown = table.copy()
+    for col in ("best_lr", "best_final_loss", "lr_sensitivity"):
+        if col in shown:
+            shown[col] = shown[col].map(format_number)
+    if "lrs" in shown:
+        shown["lrs"] = shown["lrs"].map(lambda v: ", ".join(format_number(float(x)) for x in v)
+                                        if isinstance(v, (list, tuple)) else str(v))
+    return shown
+
+
+# --- one run (`stab show`) ---------------------------------------------------------------------
+
+def is_run_folder(path: Path) -> bool:
+    return Path(path).is_dir() and any((Path(path) / m).exists() for m in RUN_MARKERS)
+
+
+def grad_epoch_frame(run: Run) -> pd.DataFrame:
+    """The grad table's wide view: group x epoch means, plus `max`, the largest step norm over all
+    epochs (NaN if any epoch's max is NaN: a group that went NaN is not hidden by its earlier maxima)."""
+    return runformat.wide_view(run.grad_table)
+
+
+def epoch_frame(run: Run) -> pd.DataFrame:
+    """Per epoch: loss, validation loss, grad norm mean/max, clip rate, collapsed (the scream check)."""
+    cols = {"epoch": "epoch", "steps": "steps", "loss": "loss", "val_loss": "val loss",
+            "grad_norm_mean": "grad mean", "grad_norm_max": "grad max", "clip_rate": "clipped",
+            "collapsed": "collapsed"}
+    return pd.DataFrame([{name: e.get(key) for key, name in cols.items()} for e in run.epochs],
+                        columns=list(cols.values()), dtype=object)
+
+
+def stage_frame(run: Run) -> pd.DataFrame:
+    """Per epoch and stage: output RMS, the ratio the RMS match needed, the scale applied after
+    clamping, and the share of steps where the clamp bound was hit."""
+    rows = []
+    for e in run.epochs:
+        rms, ratio, scale, clamp = (e.get(k) or [] for k in ("stage_rms", "stage_ratio", "stage_scale", "stage_clamp_rate"))
+        for i in range(max(len(rms), len(ratio), len(scale))):
+            def at(xs: list[Any]) -> Any:
+                return xs[i] if i < len(xs) else None
+            rows.append({"epoch": e.get("epoch"), "stage": i, "rms": at(rms), "needed ratio": at(ratio),
+                         "scale": at(scale), "clamped": at(clamp)})
+    return pd.DataFrame(rows, columns=["epoch", "stage", "rms", "needed ratio", "scale", "clamped"], dtype=object)
+
+
+def event_text(ev: dict[str, Any]) -> str:
+    """The details of one events.jsonl record, in words."""
+    kind = ev.get("event")
+    f = format_number
+    if kind == "first_nan":
+        return (f"non-finite {ev.get('kind', '?')} first in {ev.get('module', '?')} ({ev.get('where', '?')}); "
+                f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}"
+                + (f"; batch and state saved: stab replay {ev['forensics']}" if ev.get("forensics") else ""))
+    if kind in ("grad_spike", "loss_spike"):
+        return f"{'grad norm' if kind == 'grad_spike' else 'loss'} {f(ev.get('value', ev.get('grad_norm')))}"
+    if kind == "clamp_saturation":
+        return f"stage {ev.get('stage')}: needed ratio {f(ev.get('ratio'))}, clamped to {f(ev.get('scale'))}"
+    if kind == "scream":
+        s, t = ev.get("scores") or {}, ev.get("target_scores") or {}
+        return "output collapsed: " + ", ".join(f"{k} {f(v)} (target {f(t.get(k))})" for k, v in s.items())
+    skip = {"event", "epoch", "batch", "step"}
+    return ", ".join(f"{k} {f(v)}" for k, v in ev.items() if k not in skip)
+
+
+def events_frame(run: Run) -> pd.DataFrame:
+    order = {"first_nan": 0, "scream": 1, "grad_spike": 2, "clamp_saturation": 3}
+    def when(e: dict[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
+        epoch, step = e.get("epoch"), e.get("step")
+        return (epoch if isinstance(epoch, int) else 1 << 62, step if isinstance(step, int) else 1 << 62,
+                order.get(e.get("event"), 9))
+
+    evs = sorted(run.events, key=when)
+    return pd.DataFrame([{"event": e.get("event"), "epoch": e.get("epoch"), "batch": e.get("batch"),
+                          "step": e.get("step"), "details": event_text(e)} for e in evs],
+                        columns=["event", "epoch", "batch", "step", "details"], dtype=object)
