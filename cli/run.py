@@ -15,7 +15,7 @@ import typer
 from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER, check_writable, console, err_console, fmt,
                         graceful_signals,
                         styled, user_errors, verdict_text, write_errors)
-from cli.config import UserError, compose_run
+from cli.config import UserError, compose_run, set_config_dirs
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
 from stability.rundirs import create_unique, folder_name
@@ -24,10 +24,12 @@ from stability.rundirs import create_unique, folder_name
 def run(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. norm=pre residual=0.3 clip=5")] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder the run folder is created in.")] = Path("runs"),
+    config_dir: Annotated[Optional[list[Path]], typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
 ) -> None:
     """Train one configuration and write its run folder."""
     overrides = list(overrides or [])
     with user_errors():
+        set_config_dirs(config_dir)
         cfg = compose_run(overrides)
         from cli.launch import with_declared_grid
 

@@ -50,13 +50,14 @@ _STAGE_LISTS = {"stage_rms": "rms", "stage_ratio": "ratio", "stage_scale": "scal
 # Short names (cli/config.py ALIASES) -> how to read them from a RunConfig: the ablation factors,
 # as params of their own so compare views show `norm`, `residual`, ... as columns.
 SHORT_NAMES: dict[str, Callable[[RunConfig], Any]] = {
-    "residual": lambda c: c.model.residual[-1] if isinstance(getattr(c.model, "residual", None), list) else None,
-    "norm": lambda c: c.model.norm,
+    "residual": lambda c: (c.model.residual[-1] if isinstance(getattr(c.model, "residual", None), list)
+                           else getattr(c.model, "residual", None)),
+    "norm": lambda c: getattr(c.model, "norm", None),
     "clip": lambda c: "none" if c.train.clip is None else c.train.clip,
-    "spectral_norm": lambda c: c.model.spectral_norm,
-    "qk_norm": lambda c: c.model.qk_norm,
-    "sigma_reparam": lambda c: c.model.sigma_reparam,
-    "v_scale": lambda c: c.model.v_scale,
+    "spectral_norm": lambda c: getattr(c.model, "spectral_norm", None),
+    "qk_norm": lambda c: getattr(c.model, "qk_norm", None),
+    "sigma_reparam": lambda c: getattr(c.model, "sigma_reparam", None),
+    "v_scale": lambda c: getattr(c.model, "v_scale", None),
     "z_loss": lambda c: getattr(c.model, "z_loss", None),
     "warmup": lambda c: c.train.warmup,
 }
