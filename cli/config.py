@@ -21,12 +21,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from stability.config import ConfigError, RunConfig, did_you_mean
+from stability.config import SHORT_NAMES, ConfigError, RunConfig, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# Top-level keys that are not RunConfig fields: the short aliases, interpolated into groups.
-ALIASES = ("residual", "norm", "clip", "spectral_norm", "qk_norm", "sigma_reparam", "v_scale", "z_loss", "warmup")
+# Top-level keys that are not RunConfig fields: the short names, interpolated into groups.
+ALIASES = tuple(SHORT_NAMES)
 GROUP_KEYS = ("preset", "experiment")
 # Folders added to Hydra's config search path by `--config-dir` (a user's own conf/ with e.g.
 # model/my_transformer.yaml), searched after stab's conf/; set once per command.
@@ -92,9 +92,10 @@ def _declared_short_names(cfg: DictConfig) -> None:
     except ConfigError as e:
         raise UserError(str(e)) from None
     with open_dict(model):
-        for alias in ALIASES:
-            if alias in params and alias not in model and alias in cfg:
-                model[alias] = "${" + alias + "}"
+        for alias, short in SHORT_NAMES.items():
+            section, _, key = short.path.partition(".")
+            if section == "model" and alias in params and key not in model and alias in cfg:
+                model[key] = "${" + alias + "}"
 
 
 def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
