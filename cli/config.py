@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from stability.config import SHORT_NAMES, ConfigError, RunConfig, did_you_mean
 
@@ -61,11 +61,6 @@ def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         _declared_short_names(cfg)
     try:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    except MissingMandatoryValue as e:
-        if "_target_" in str(e):
-            raise UserError("model=custom needs model._target_: the dotted path of your factory function, "
-                            "e.g. model._target_=my_pkg.my_module.build (docs/your-model.md)") from None
-        raise UserError(_one_line(e)) from None
     except OmegaConfBaseException as e:
         raise UserError(_one_line(e)) from None
     if isinstance(cfg, DictConfig):
@@ -83,8 +78,11 @@ def _declared_short_names(cfg: DictConfig) -> None:
     (`def build(norm="pre", width=64)`): each one not set in the model's own keys is read from the
     short name, `model.norm: ${norm}`, as conf/model/charlm.yaml does for the char LM."""
     model = cfg.get("model")
-    if not isinstance(model, DictConfig) or model.get("name") != "custom" or OmegaConf.is_missing(model, "_target_"):
+    if not isinstance(model, DictConfig) or model.get("name") != "custom":
         return
+    if OmegaConf.is_missing(model, "_target_"):
+        raise UserError("model=custom needs model._target_: the dotted path of your factory function, "
+                        "e.g. model._target_=my_pkg.my_module.build (docs/your-model.md)")
     from stability.workloads.custom import factory_parameters
 
     try:

@@ -526,7 +526,7 @@ class CustomWorkload(Workload):
 
     def loss(self, batch: Any) -> torch.Tensor:
         inputs, target = split(batch)
-        return self.loss_fn(self.model(*inputs), target).reshape(())
+        return self.loss_fn(self.model(*inputs), target)
 
     # scream and validation ----------------------------------------------------------------------
     def _scream_setup(self) -> tuple[Callable[[Any], torch.Tensor] | None, str]:
