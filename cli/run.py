@@ -19,6 +19,7 @@ from cli.config import UserError, compose_run, set_config_dirs
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
 from stability.rundirs import create_unique, folder_name
+from stability.storage import read_json
 
 
 def run(
@@ -82,6 +83,10 @@ def run(
                   f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
     if nan:
         console.print(f"first NaN: epoch {nan['epoch']} batch {nan['batch']} (step {nan['step']}) in {nan['module']}")
+    notes = read_json(run_dir / "data.json") if (run_dir / "data.json").exists() else {}
+    for check in ("scream", "health"):  # a custom model's checks stab could not set up, and why
+        if str(notes.get(check, "")).startswith("not available"):
+            console.print(f"{check} check: {notes[check]}", highlight=False)
     data = f"codec: {s['codec']['weights']}  latent scale x{fmt(s['latent_scale'])}  " if s.get("codec") else ""
     console.print(f"{data}wall {s['wall_s']:.1f} s   run folder: {run_dir}")
 

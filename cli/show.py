@@ -71,6 +71,9 @@ def show(
             console.print(frame_table(_fmt_frame(pd.DataFrame(health)),
                                       title="health on the validation batch: min attention entropy, max logit, "
                                             "max sink score, layers with a sink (> 0.3), massive activations, gradient sink"))
+        for check in ("scream", "health"):  # a custom model's checks stab could not set up, and why
+            if str(r.data.get(check, "")).startswith("not available"):
+                console.print(f"{check} check: {r.data[check]}", highlight=False)
         last_samples = next((e["samples"] for e in reversed(r.epochs) if e.get("samples")), None)
         if last_samples:
             console.print(styled(("generated text", "bold"), f" (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in samples.txt):"))
@@ -97,7 +100,8 @@ def show(
         return
     try:
         model = (r.config.get("model") or {}).get("name", "cascade")
-        defaults = compose_run([f"model={model}"]).to_dict()  # the defaults of this run's own workload
+        target = [f"model._target_={r.config['model'].get('_target_')}"] if model == "custom" else []
+        defaults = compose_run([f"model={model}", *target]).to_dict()  # the defaults of this run's own workload
     except (UserError, ConfigError) as e:  # a broken conf/ must not hide the run itself
         warn(f"cannot compose the default config to compare with: {e}")
         return

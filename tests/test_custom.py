@@ -97,6 +97,29 @@ def not_scalar():
     x, y = data()
     return {"model": nn.Linear(4, 2), "train": (x, y), "loss": lambda out, y: (out - y) ** 2}
 
+class MyAttention(nn.Module):
+    def __init__(self, logits=False):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        if logits:  # stab's protocol for attention health: pre-softmax logits (B, heads, T, T)
+            self.logits = lambda x: (lambda q, k: (q @ k.transpose(-2, -1)).unsqueeze(1))(*self.qkv(x).chunk(3, -1)[:2])
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return F.scaled_dot_product_attention(q, k, v)
+
+class Block(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.attn, self.out = MyAttention(logits), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(x + self.attn(x))
+
+def regression(logits=False):
+    x, y = torch.randn(64, 5, 4), torch.randn(64, 5, 2)
+    return {"model": nn.Sequential(Block(logits)), "train": (x, y), "val": (x[:8], y[:8]), "loss": F.mse_loss}
+
 def good(width=8):
     x, y = data()
     return {"model": nn.Sequential(nn.Linear(4, width), nn.Linear(width, 2)), "train": (x, y), "loss": F.mse_loss}
@@ -131,6 +154,30 @@ def test_short_names_are_the_factorys_to_declare(cli, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "cannot take the model keys ['depth']" in result.output
     result = cli("run", "--runs", tmp_path, "model=custom", ok=False)
     assert result.exit_code == 2 and "model=custom needs model._target_" in result.output
+
+
+def test_checks_that_cannot_be_set_up_say_so(cli, tmp_path, monkeypatch, one_thread):
+    (tmp_path / "bad_factories.py").write_text(BAD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = cli("run", "--runs", tmp_path / "runs", "model=custom", "model._target_=bad_factories.regression",
+                 "train.epochs=2")
+    assert "health check: not available: no nn.MultiheadAttention or attention module with logits(x)" in result.output
+    assert "scream check: not available: the output is not scores over a vocabulary" in result.output
+    run = next((tmp_path / "runs").rglob("summary.json")).parent
+    epochs = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
+    assert [e["collapsed"] for e in epochs] == [None, None] and all("health" not in e for e in epochs)
+    assert all(e["val_loss"] > 0 for e in epochs)  # validation still runs
+
+    from cli.config import compose_run
+    from stability.workloads.custom import CustomWorkload
+
+    cfg = compose_run(["model=custom", "model._target_=bad_factories.regression", "+model.logits=true"])
+    work = CustomWorkload(cfg, torch.device("cpu"))
+    assert work.info["health"] == "available: 1 of 1 layers" and list(work.health_layers()) == ["0"]
+    from stability import health
+
+    stats = health.measure(work.model, work.health_loss, work.health_layers())["0"]
+    assert 0 < stats["attn_entropy"] <= torch.log(torch.tensor(5.0)).item() + 1e-6  # T = 5 positions
 
 
 def test_a_declared_short_name_reaches_the_factory_and_the_config():

@@ -114,7 +114,7 @@ def locate(path: str) -> Any:
     if error is not None:
         raise ConfigError(f"{where}: importing it raised {type(error).__name__}: {_first_line(error)}")
     raise ConfigError(f"{where}: no module {parts[0]!r} can be imported (is its folder on PYTHONPATH? "
-                      f"stab run adds the current folder)")
+                      f"stab also imports from the folder it runs in)")
 
 
 def _first_line(e: BaseException) -> str:
