@@ -437,18 +437,22 @@ def attention_probe(layer: nn.Module) -> Any | None:
 class CustomWorkload(Workload):
     """A factory's model, data and loss behind stab's workload interface (`model=custom`)."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, device: torch.device, task: Task | None = None) -> None:
+        """The factory's task (`cfg.model`), or `task` as given (stab's Monitor: your own loop
+        draws the batches, so `task.train` may be None and the training checks are skipped)."""
         self.cfg, self.device = cfg, device
         target = cfg.model.target
         self.where = where = f"model._target_={target}"
-        task = make_task(target, dict(cfg.model.params))
+        if task is None:
+            task = make_task(target, dict(cfg.model.params))
         self.task = task
         self.model: nn.Module = task.model.to(device)
-        self.train = Examples(task.train, "train", where, device)
+        self.train = Examples(task.train, "train", where, device) if task.train is not None else None
         self.val = Examples(task.val, "val", where, device) if task.val is not None else None
         self.loss_fn = task.loss
         self._groups = self._make_groups()
-        self._check()
+        if self.train is not None:
+            self._check()
         self.tokenize, scream_note = self._scream_setup()
         layers = self._layers
         self._health = {n: (m, a) for n, m in layers.items() if (a := attention_probe(m)) is not None}
@@ -464,7 +468,7 @@ class CustomWorkload(Workload):
             health_note = "not available: no validation data (the factory's val)"
             self._health = {}
         self.info: dict[str, Any] = {
-            "target": target, "params": dict(cfg.model.params), "n_train": len(self.train),
+            "target": target, "params": dict(cfg.model.params), "n_train": self.n_train,
             "n_val": len(self.val) if self.val is not None else 0, "layers": list(layers),
             "groups": list(self._groups), "scream": scream_note, "health": health_note, **task.info}
 
@@ -519,7 +523,7 @@ class CustomWorkload(Workload):
     # training ----------------------------------------------------------------------------------
     @property
     def n_train(self) -> int:
-        return len(self.train)
+        return len(self.train) if self.train is not None else 0
 
     def batch(self, idx: torch.Tensor) -> Any:
         return self.train[idx]
