@@ -4,6 +4,7 @@
     stab bench preset=smoke         # one configuration
     stab bench --sweep              # 4 smoke jobs: sequential vs joblib --jobs 2; first job vs cache hit
     stab bench log=tensorboard      # adds a third loop feeding the trackers: `log ratio` is their cost
+    stab bench --monitor            # a plain loop against the same loop with stab's Monitor.step
 
 Every figure is a ratio measured side by side in this process (or this command), so it holds
 on a noisy machine. Copy the printed lines into the README's performance section.
@@ -32,10 +33,14 @@ def bench(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; none: default preset and the seed model at 2 s clips.")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per loop.")] = 60,
     sweep: Annotated[bool, typer.Option("--sweep", help="Time 4 smoke jobs sequentially and with joblib --jobs 2 instead.")] = False,
+    monitor: Annotated[bool, typer.Option("--monitor", help="Time a plain loop against the same loop with stab's Monitor.step (your own loop).")] = False,
 ) -> None:
     """Time stab's instrumented step against a bare PyTorch step, interleaved in one process."""
     if sweep:
         _bench_sweep()
+        return
+    if monitor:
+        _bench_monitor(list(overrides or []), steps)
         return
     configs = [("given overrides", list(overrides))] if overrides else [("default preset", []), ("seed model, 2 s clips", SEED_SHORT)]
     with user_errors():
@@ -54,6 +59,23 @@ def bench(
         console.print(f"  model: {r.flops_per_step / 1e9:.3f} GFLOP per step; machine: {r.machine_flops / 1e9:.1f} GFLOP/s (fp32 matmul)")
         console.print(f"  per-epoch extras (validation, scream check, health): {r.epoch_extras_s * 1000:.0f} ms "
                       f"= {r.epoch_extras_s / (r.epoch_extras_s + r.epoch_steps_s):.1%} of an epoch")
+
+
+def _bench_monitor(overrides: list[str], steps: int) -> None:
+    """`stab bench --monitor`: a plain PyTorch loop against the same loop with `Monitor.step` in
+    place of backward/clip/step (stability.monitor.bench); the model is the configured one."""
+    with user_errors():
+        if steps < 5:
+            raise UserError(f"--steps {steps} is not allowed: expected at least 5")
+        cfg = compose_run(overrides)
+    from stability.monitor import bench as bench_monitor
+
+    r = bench_monitor(cfg, steps=steps)
+    console.print(styled(("monitor in a plain loop", "bold"), f" ({' '.join(overrides) or 'default preset'}) on "
+                         f"{r['device']}, {r['threads']} thread(s), {r['steps']} steps each, {r['groups']} module groups"))
+    console.print(f"  plain loop:            {r['bare_sps']:8.2f} steps/s")
+    console.print(f"  with Monitor.step:     {r['monitor_sps']:8.2f} steps/s")
+    console.print(f"  monitor ratio: {r['ratio']:.2f} (steps/s with the monitor over without)")
 
 
 def _timed(args: list[str], env: dict[str, str]) -> float:
