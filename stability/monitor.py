@@ -19,7 +19,7 @@ available live (`monitor.verdict`, `monitor.events`).
                 if monitor.should_stop:            # a non-finite step under on_nan="stop"
                     break
             monitor.end_epoch()                    # validation, scream check, health
-            print(monitor.verdict, monitor.events[-1:] )
+            print(monitor.verdict, monitor.events[-1:])
     print(monitor.summary["verdict"])
 
 With `factory="my_pkg.build"` (a `model=custom` factory, called with `config`), `stab replay`
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from stability import runformat as rf
-from stability.config import CustomModelConfig, DetectConfig, NoDataConfig, RunConfig, TrainConfig
+from stability.config import ConfigError, CustomModelConfig, DetectConfig, NoDataConfig, RunConfig, TrainConfig
 from stability.instrument import GradProbe
 from stability.rundirs import RunLease, create_unique
 from stability.runwriter import RunWriter
@@ -97,6 +97,9 @@ class Monitor:
                  config: dict[str, Any] | None = None, factory: str | None = None, groups: dict[str, Any] | None = None,
                  layers: str | None = None, tokens: Any = "auto", epochs: int = 1, batch_size: int | None = None,
                  detect: DetectConfig | None = None, log: Sequence[str] = ()) -> None:
+        if val is not None and loss is None:
+            raise ConfigError("Monitor(val=...) needs loss=loss(output, target): the validation loss, scream check "
+                              "and health run it")
         lr = optimizer.param_groups[0].get("lr", 1e-3)
         train = TrainConfig(epochs=epochs, batch_size=batch_size or TrainConfig.batch_size, lr=float(lr),
                             clip="none" if clip is None else clip, on_nan=on_nan, warmup=0,

@@ -67,6 +67,30 @@ def test_multihead_attention_logits_give_its_own_attention_weights(batch_first):
     assert torch.isinf(view.logits(seen[0])[..., 0, 1:]).all()  # the causal mask it was called with
 
 
+def test_a_dataset_and_tensors_give_the_same_batches():
+    from torch.utils.data import Dataset
+
+    from stability.workloads.custom import Examples, split
+
+    x, y = torch.randn(10, 3), torch.arange(10)
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return x[i], y[i]
+
+    idx = torch.tensor([7, 2, 5])
+    cpu = torch.device("cpu")
+    for a, b in zip(Examples(Pairs(), "train", "t", cpu)[idx], Examples((x, y), "train", "t", cpu)[idx]):
+        assert torch.equal(a, b)
+    one = Examples(x, "train", "t", cpu)[idx]  # one tensor: the model's input and the loss's target
+    assert split(one)[0][0] is split(one)[1]
+    with pytest.raises(ConfigError, match="different numbers of rows"):
+        Examples((x, y[:5]), "train", "t", cpu)
+
+
 def test_locate_finds_attributes_behind_the_longest_module():
     from examples import gpt
 
