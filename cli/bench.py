@@ -5,6 +5,7 @@
     stab bench --sweep              # 4 smoke jobs: sequential vs joblib --jobs 2; first job vs cache hit
     stab bench log=tensorboard      # adds a third loop feeding the trackers: `log ratio` is their cost
     stab bench --monitor            # a plain loop against the same loop with stab's Monitor.step
+    stab bench --bookkeeping        # the run-folder writer alone: us/step and memory at 1k and 100k steps
 
 Every figure is a ratio measured side by side in this process (or this command), so it holds
 on a noisy machine. Copy the printed lines into the README's performance section.
@@ -34,6 +35,7 @@ def bench(
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per loop.")] = 60,
     sweep: Annotated[bool, typer.Option("--sweep", help="Time 4 smoke jobs sequentially and with joblib --jobs 2 instead.")] = False,
     monitor: Annotated[bool, typer.Option("--monitor", help="Time a plain loop against the same loop with stab's Monitor.step (your own loop).")] = False,
+    bookkeeping: Annotated[bool, typer.Option("--bookkeeping", help="Time the run folder's writer alone on 1,000 and 100,000 synthetic steps of the seed model's module groups instead.")] = False,
 ) -> None:
     """Time stab's instrumented step against a bare PyTorch step, interleaved in one process."""
     if sweep:
@@ -41,6 +43,9 @@ def bench(
         return
     if monitor:
         _bench_monitor(list(overrides or []), steps)
+        return
+    if bookkeeping:
+        _bench_bookkeeping(overrides or ["preset=seed"])
         return
     configs = [("given overrides", list(overrides))] if overrides else [("default preset", []), ("seed model, 2 s clips", SEED_SHORT)]
     with user_errors():
@@ -76,6 +81,20 @@ def _bench_monitor(overrides: list[str], steps: int) -> None:
     console.print(f"  plain loop:            {r['bare_sps']:8.2f} steps/s")
     console.print(f"  with Monitor.step:     {r['monitor_sps']:8.2f} steps/s")
     console.print(f"  monitor ratio: {r['ratio']:.2f} (steps/s with the monitor over without)")
+def _bench_bookkeeping(overrides: list[str], sizes: tuple[int, ...] = (1_000, 100_000)) -> None:
+    with user_errors():
+        cfg = compose_run(overrides)
+    from stability.bench import bookkeeping as run_bookkeeping
+    results = []
+    for n in sizes:
+        r = run_bookkeeping(cfg, n)
+        if not results:
+            console.print(styled(("bookkeeping", "bold"), f" ({' '.join(overrides)}): {r.groups} module groups, "
+                                 f"{r.epoch_steps} steps per epoch, the real writer into a temporary folder, no model"))
+        console.print(f"  {n:>7,} steps: {r.us_per_step:7.1f} us/step   resident memory growth {r.rss_growth_mb:6.1f} MB   "
+                      f"written {r.bytes_written / 2 ** 20:.1f} MB")
+        results.append(r)
+    console.print(f"bookkeeping ratio: {results[-1].us_per_step / results[0].us_per_step:.2f}")
 
 
 def _timed(args: list[str], env: dict[str, str]) -> float:
