@@ -15,7 +15,7 @@ from cli.common import console, fmt, styled, user_errors, verdict_text, warn
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import runformat as rf
-from stability.config import ConfigError
+from stability.config import OWN_LOOP, ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -99,8 +99,13 @@ def show(
     if r.config is None:
         console.print("config: no readable config.yaml")
         return
+    model = (r.config.get("model") or {}).get("name", "cascade")
+    if model == "custom" and r.config["model"].get("_target_") == OWN_LOOP:  # stab's Monitor, no factory
+        params = {k: v for k, v in r.config["model"].items() if k not in ("name", "_target_")}
+        console.print(f"config: recorded by stab's Monitor in your own loop; model {params or '{}'}, train.lr "
+                      f"{fmt(r.config['train'].get('lr'))}, clip {fmt(r.config['train'].get('clip'))}", highlight=False)
+        return
     try:
-        model = (r.config.get("model") or {}).get("name", "cascade")
         target = [f"model._target_={r.config['model'].get('_target_')}"] if model == "custom" else []
         defaults = compose_run([f"model={model}", *target]).to_dict()  # the defaults of this run's own workload
     except (UserError, ConfigError) as e:  # a broken conf/ must not hide the run itself

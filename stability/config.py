@@ -421,6 +421,9 @@ class TextDataConfig:
         self.n_val = _number("data.n_val", self.n_val, lo=1, integer=True)
 
 
+OWN_LOOP = "(own loop)"  # model._target_ of a run recorded by stab's Monitor without a factory
+
+
 @dataclass
 class CustomModelConfig:
     """Your own model (`model=custom model._target_=my_pkg.my_module.build`): `target` is the

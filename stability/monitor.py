@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from stability import runformat as rf
-from stability.config import ConfigError, CustomModelConfig, DetectConfig, NoDataConfig, RunConfig, TrainConfig
+from stability.config import OWN_LOOP, ConfigError, CustomModelConfig, DetectConfig, NoDataConfig, RunConfig, TrainConfig
 from stability.instrument import GradProbe
 from stability.rundirs import RunLease, create_unique
 from stability.runwriter import RunWriter
@@ -52,7 +52,6 @@ from stability.trackers import open_trackers
 from stability.training import _end_epoch, _first_nan, _step_record
 from stability.workloads.custom import CustomWorkload, Task
 
-OWN_LOOP = "(own loop)"  # model._target_ recorded when no factory is given: replay cannot rebuild it
 
 
 class _Writer(RunWriter):

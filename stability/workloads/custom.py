@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from stability.config import ConfigError, RunConfig
+from stability.config import OWN_LOOP, ConfigError, RunConfig
 from stability.detectors import mean_scores, scream_check
 from stability.workloads.base import Workload
 
@@ -139,6 +139,10 @@ def factory_parameters(path: str) -> frozenset[str]:
 
 def make_task(target: str, params: dict[str, Any]) -> Task:
     """Call the factory at `target` with `params`; its result as a checked `Task`."""
+    if target == OWN_LOOP:
+        raise ConfigError(f"model._target_={target}: this run was recorded by stab's Monitor in your own loop "
+                          f"without a factory, so nothing can rebuild its model; Monitor(factory='my_pkg.build') "
+                          f"records one")
     factory = locate(target)
     factory_parameters(target)  # callable
     where = f"model._target_={target}"
