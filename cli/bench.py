@@ -4,6 +4,7 @@
     stab bench preset=smoke         # one configuration
     stab bench --sweep              # 4 smoke jobs: sequential vs joblib --jobs 2; first job vs cache hit
     stab bench log=tensorboard      # adds a third loop feeding the trackers: `log ratio` is their cost
+    stab bench --monitor            # a plain loop against the same loop with stab's Monitor.step
     stab bench --bookkeeping        # the run-folder writer alone: us/step and memory at 1k and 100k steps
 
 Every figure is a ratio measured side by side in this process (or this command), so it holds
@@ -33,11 +34,15 @@ def bench(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; none: default preset and the seed model at 2 s clips.")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per loop.")] = 60,
     sweep: Annotated[bool, typer.Option("--sweep", help="Time 4 smoke jobs sequentially and with joblib --jobs 2 instead.")] = False,
+    monitor: Annotated[bool, typer.Option("--monitor", help="Time a plain loop against the same loop with stab's Monitor.step (your own loop).")] = False,
     bookkeeping: Annotated[bool, typer.Option("--bookkeeping", help="Time the run folder's writer alone on 1,000 and 100,000 synthetic steps of the seed model's module groups instead.")] = False,
 ) -> None:
     """Time stab's instrumented step against a bare PyTorch step, interleaved in one process."""
     if sweep:
         _bench_sweep()
+        return
+    if monitor:
+        _bench_monitor(list(overrides or []), steps)
         return
     if bookkeeping:
         _bench_bookkeeping(overrides or ["preset=seed"])
@@ -61,6 +66,21 @@ def bench(
                       f"= {r.epoch_extras_s / (r.epoch_extras_s + r.epoch_steps_s):.1%} of an epoch")
 
 
+def _bench_monitor(overrides: list[str], steps: int) -> None:
+    """`stab bench --monitor`: a plain PyTorch loop against the same loop with `Monitor.step` in
+    place of backward/clip/step (stability.monitor.bench); the model is the configured one."""
+    with user_errors():
+        if steps < 5:
+            raise UserError(f"--steps {steps} is not allowed: expected at least 5")
+        cfg = compose_run(overrides)
+    from stability.monitor import bench as bench_monitor
+
+    r = bench_monitor(cfg, steps=steps)
+    console.print(styled(("monitor in a plain loop", "bold"), f" ({' '.join(overrides) or 'default preset'}) on "
+                         f"{r['device']}, {r['threads']} thread(s), {r['steps']} steps each, {r['groups']} module groups"))
+    console.print(f"  plain loop:            {r['bare_sps']:8.2f} steps/s")
+    console.print(f"  with Monitor.step:     {r['monitor_sps']:8.2f} steps/s")
+    console.print(f"  monitor ratio: {r['ratio']:.2f} (steps/s with the monitor over without)")
 def _bench_bookkeeping(overrides: list[str], sizes: tuple[int, ...] = (1_000, 100_000)) -> None:
     with user_errors():
         cfg = compose_run(overrides)

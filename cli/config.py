@@ -18,7 +18,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from stability.config import SHORT_NAMES, ConfigError, RunConfig, did_you_mean
@@ -28,6 +28,27 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Top-level keys that are not RunConfig fields: the short names, interpolated into groups.
 ALIASES = tuple(SHORT_NAMES)
 GROUP_KEYS = ("preset", "experiment")
+# Folders added to Hydra's config search path by `--config-dir` (a user's own conf/ with e.g.
+# model/my_transformer.yaml), searched after stab's conf/; set once per command.
+CONFIG_DIRS: list[Path] = []
+
+
+def set_config_dirs(dirs: list[Path] | None) -> None:
+    """`--config-dir DIR`: DIR's config groups join stab's (as Hydra's own --config-dir does)."""
+    CONFIG_DIRS[:] = []
+    for d in dirs or []:
+        d = Path(d).expanduser().resolve()
+        if not d.is_dir():
+            raise UserError(f"--config-dir {str(d)!r} is not a folder: pass the folder holding your config groups "
+                            f"(e.g. ./conf with model/my_transformer.yaml)")
+        CONFIG_DIRS.append(d)
+
+
+def search_path_overrides() -> list[str]:
+    """The `hydra.searchpath` override for `--config-dir` (none without it)."""
+    if not CONFIG_DIRS:
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in CONFIG_DIRS) + "]"]
 
 
 class UserError(Exception):
@@ -36,6 +57,8 @@ class UserError(Exception):
 
 def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     """Resolve interpolations, drop the aliases (already interpolated) and validate."""
+    if isinstance(cfg, DictConfig):
+        _declared_short_names(cfg)
     try:
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     except OmegaConfBaseException as e:
@@ -50,6 +73,29 @@ def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         raise UserError(str(e)) from None
 
 
+def _declared_short_names(cfg: DictConfig) -> None:
+    """A custom model's factory declares the short names it reads by naming them as parameters
+    (`def build(norm="pre", width=64)`): each one not set in the model's own keys is read from the
+    short name, `model.norm: ${norm}`, as conf/model/charlm.yaml does for the char LM."""
+    model = cfg.get("model")
+    if not isinstance(model, DictConfig) or model.get("name") != "custom":
+        return
+    if OmegaConf.is_missing(model, "_target_"):
+        raise UserError("model=custom needs model._target_: the dotted path of your factory function, "
+                        "e.g. model._target_=my_pkg.my_module.build (docs/your-model.md)")
+    from stability.workloads.custom import factory_parameters
+
+    try:
+        params = factory_parameters(str(model["_target_"]))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    with open_dict(model):
+        for alias, short in SHORT_NAMES.items():
+            section, _, key = short.path.partition(".")
+            if section == "model" and alias in params and key not in model and alias in cfg:
+                model[key] = "${" + alias + "}"
+
+
 def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
     """A short name changed from its default that no key of the chosen model reads would be
     silently ignored (e.g. `residual` with model=charlm, `z_loss` with the cascade): refuse it."""
@@ -59,6 +105,10 @@ def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
     for alias in ALIASES:
         if alias in resolved and "${" + alias + "}" not in read and resolved[alias] != root.get(alias):
             model = (resolved.get("model") or {}).get("name", "?")
+            if model == "custom":
+                raise UserError(f"{alias}={resolved[alias]!r} is not allowed with model._target_="
+                                f"{resolved['model'].get('_target_')}: the factory does not read {alias} (give it a "
+                                f"parameter named {alias}, or set model.{alias} in your model's config)")
             users = [p.stem for p in sorted((CONF_DIR / "model").glob("*.yaml")) if "${" + alias + "}" in p.read_text()]
             raise UserError(f"{alias}={resolved[alias]!r} is not allowed with model={model}: it does not read "
                             f"{alias}" + (f" (model={' or model='.join(users)} does)" if users else ""))
@@ -150,9 +200,10 @@ def _keys_under(parent: str, overrides: list[str] = ()) -> list[str]:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         try:
-            base = compose(config_name="config", overrides=[o for o in overrides if "," not in o])
+            base = compose(config_name="config",
+                           overrides=[o for o in overrides if "," not in o] + search_path_overrides())
         except (HydraException, OmegaConfBaseException):
-            base = compose(config_name="config")
+            base = compose(config_name="config", overrides=search_path_overrides())
     node = OmegaConf.select(base, parent) if parent else base
     return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
 
@@ -163,9 +214,29 @@ def compose_config(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=list(overrides) + search_path_overrides(),
+                          return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(_one_line(e, list(overrides))) from None
+    _check_preset(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _check_preset(choices: Any) -> None:
+    """`model_preset` is optional in the defaults list (your own model needs no presets); a preset
+    other than `default` must still exist for the chosen model, in stab's conf/ or a --config-dir."""
+    model, preset = choices.get("model"), choices.get("preset")
+    if not preset or preset == "default":
+        return
+    folders = [d / "model_preset" / str(model) for d in (CONF_DIR, *CONFIG_DIRS)]
+    if any((f / f"{preset}.yaml").exists() for f in folders):
+        return
+    have = sorted({p.stem for f in folders for p in f.glob("*.yaml")})
+    raise UserError(f"preset={preset!r} is not allowed with model={model}: expected "
+                    + (f"one of {', '.join(have)}" + did_you_mean(preset, have) if have
+                       else f"default (model={model} has no presets: add model_preset/{model}/{preset}.yaml)"))
 
 
 def compose_run(overrides: list[str]) -> RunConfig:

@@ -24,7 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cli.config import CONF_DIR, UserError, _one_line, check_override_syntax
+from cli.config import CONF_DIR, UserError, _one_line, check_override_syntax, search_path_overrides
 from stability.config import did_you_mean
 from stability.rundirs import OPERATIONAL, folder_name
 
@@ -68,7 +68,7 @@ def with_declared_grid(overrides: list[str]) -> list[str]:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             from hydra import compose
 
-            cfg = compose(config_name="config", overrides=chosen, return_hydra_config=True)
+            cfg = compose(config_name="config", overrides=chosen + search_path_overrides(), return_hydra_config=True)
     except HydraException as e:
         raise UserError(_one_line(e)) from None
     params = dict(cfg.hydra.sweeper.get("params") or {})
@@ -113,7 +113,8 @@ def multirun(overrides: list[str], task_function: Callable[[DictConfig], Any]) -
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         hydra = GlobalHydra.instance().hydra
-        batches = hydra.multirun(config_name="config", task_function=task_function, overrides=overrides)
+        batches = hydra.multirun(config_name="config", task_function=task_function,
+                                 overrides=list(overrides) + search_path_overrides())
     release_idle_workers()
     return [r for batch in batches for r in batch]
 

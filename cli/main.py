@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -45,7 +47,20 @@ def root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
     route_library_warnings()
 
 
+def user_code_importable() -> None:
+    """Your own model's package (model._target_=my_pkg.build) imports from the folder you run stab
+    in, as with `python -m`: the folder goes at the end of sys.path (installed packages win), and
+    of PYTHONPATH, so a sweep's worker processes and cluster jobs find it too."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([*paths, cwd])
+
+
 def main() -> None:
+    user_code_importable()
     try:
         app()
     finally:

@@ -45,6 +45,9 @@ def init(
         if batches < 1:
             raise UserError(f"--batches {batches} is not allowed: expected an integer >= 1")
         cfg = compose_run(overrides)
+        if cfg.model.name == "custom":  # it sets stab's n_layers and norm and reads stab's block.mlp.proj
+            raise UserError("stab probe init is for stab's own models (model=cascade or model=charlm): it sets their "
+                            "depth and norm placement; a custom model's are its factory's")
     import pandas as pd
 
     from stability.probe import compare, growth

@@ -15,19 +15,22 @@ import typer
 from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER, check_writable, console, err_console, fmt,
                         graceful_signals,
                         styled, user_errors, verdict_text, write_errors)
-from cli.config import UserError, compose_run
+from cli.config import UserError, compose_run, set_config_dirs
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
 from stability.rundirs import create_unique, folder_name
+from stability.storage import read_json
 
 
 def run(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. norm=pre residual=0.3 clip=5")] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder the run folder is created in.")] = Path("runs"),
+    config_dir: Annotated[Optional[list[Path]], typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
 ) -> None:
     """Train one configuration and write its run folder."""
     overrides = list(overrides or [])
     with user_errors():
+        set_config_dirs(config_dir)
         cfg = compose_run(overrides)
         from cli.launch import with_declared_grid
 
@@ -80,6 +83,10 @@ def run(
                   f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
     if nan:
         console.print(f"first NaN: epoch {nan['epoch']} batch {nan['batch']} (step {nan['step']}) in {nan['module']}")
+    notes = read_json(run_dir / "data.json") if (run_dir / "data.json").exists() else {}
+    for check in ("scream", "health"):  # a custom model's checks stab could not set up, and why
+        if str(notes.get(check, "")).startswith("not available"):
+            console.print(f"{check} check: {notes[check]}", highlight=False)
     data = f"codec: {s['codec']['weights']}  latent scale x{fmt(s['latent_scale'])}  " if s.get("codec") else ""
     console.print(f"{data}wall {s['wall_s']:.1f} s   run folder: {run_dir}")
 

@@ -15,7 +15,7 @@ from cli.common import console, fmt, styled, user_errors, verdict_text, warn
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import runformat as rf
-from stability.config import ConfigError
+from stability.config import OWN_LOOP, ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,6 +72,9 @@ def show(
             console.print(frame_table(_fmt_frame(pd.DataFrame(health)),
                                       title="health on the validation batch: min attention entropy, max logit, "
                                             "max sink score, layers with a sink (> 0.3), massive activations, gradient sink"))
+        for check in ("scream", "health"):  # a custom model's checks stab could not set up, and why
+            if str(r.data.get(check, "")).startswith("not available"):
+                console.print(f"{check} check: {r.data[check]}", highlight=False)
         last_samples = next((e["samples"] for e in reversed(r.epochs) if e.get("samples")), None)
         if last_samples:
             console.print(styled(("generated text", "bold"), f" (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in {rf.SAMPLES}):"))
@@ -96,9 +99,15 @@ def show(
     if r.config is None:
         console.print("config: no readable config.yaml")
         return
+    model = (r.config.get("model") or {}).get("name", "cascade")
+    if model == "custom" and r.config["model"].get("_target_") == OWN_LOOP:  # stab's Monitor, no factory
+        params = {k: v for k, v in r.config["model"].items() if k not in ("name", "_target_")}
+        console.print(f"config: recorded by stab's Monitor in your own loop; model {params or '{}'}, train.lr "
+                      f"{fmt(r.config['train'].get('lr'))}, clip {fmt(r.config['train'].get('clip'))}", highlight=False)
+        return
     try:
-        model = (r.config.get("model") or {}).get("name", "cascade")
-        defaults = compose_run([f"model={model}"]).to_dict()  # the defaults of this run's own workload
+        target = [f"model._target_={r.config['model'].get('_target_')}"] if model == "custom" else []
+        defaults = compose_run([f"model={model}", *target]).to_dict()  # the defaults of this run's own workload
     except (UserError, ConfigError) as e:  # a broken conf/ must not hide the run itself
         warn(f"cannot compose the default config to compare with: {e}")
         return

@@ -31,7 +31,7 @@ from rich.table import Table
 from cli import launch
 from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
                         seconds, styled, user_errors, verdict_text, write_errors)
-from cli.config import UserError, compose_run
+from cli.config import UserError, compose_run, set_config_dirs
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
 from stability import runformat as rf
 from stability.preflight import preflight
@@ -51,6 +51,7 @@ def sweep(
     name: Annotated[str, typer.Option("--name", help="Sweep name: its folder under --runs. Same name again = resume.")] = "sweep",
     launcher: Annotated[str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
     jobs: Annotated[Optional[int], typer.Option("--jobs", help="Jobs at once for local parallel launchers (joblib, ray); default: 2 for those, 1 for basic.")] = None,
+    config_dir: Annotated[Optional[list[Path]], typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
 ) -> None:
     """Train every combination of the comma lists and print a table of verdicts."""
     overrides = list(overrides or [])
@@ -58,6 +59,7 @@ def sweep(
     task_args = [o for o in overrides if o not in hydra_args]
     sweep_dir = (runs / name).resolve()
     with user_errors():
+        set_config_dirs(config_dir)
         if "/" in name or not name.strip() or name.strip(".") == "":
             raise UserError(f"--name {name!r} is not allowed: expected a plain folder name")
         launch.check_launcher(launcher)

@@ -421,6 +421,53 @@ class TextDataConfig:
         self.n_val = _number("data.n_val", self.n_val, lo=1, integer=True)
 
 
+OWN_LOOP = "(own loop)"  # model._target_ of a run recorded by stab's Monitor without a factory
+
+
+@dataclass
+class CustomModelConfig:
+    """Your own model (`model=custom model._target_=my_pkg.my_module.build`): `target` is the
+    dotted path of a factory function; `params` are the other `model.*` keys, passed to it as
+    keyword arguments (`+model.width=64` -> `build(width=64)`). A factory parameter named like a
+    short name (norm, residual, ...) receives that short name's value. The factory and what it
+    returns are checked before training (`stability.workloads.custom`)."""
+
+    name: str = "custom"
+    target: Any = None  # written `_target_` in YAML and on the command line, as Hydra's instantiate reads it
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _choice("model.name", self.name, ("custom",))
+        if not isinstance(self.target, str) or not self.target or self.target.startswith("."):
+            _fail("model._target_", self.target,
+                  "the dotted path of your factory function, e.g. model._target_=my_pkg.my_module.build")
+
+    def __getattr__(self, key: str) -> Any:  # model.norm etc. where the factory declares them
+        params = self.__dict__.get("params") or {}
+        if key in params:
+            return params[key]
+        raise AttributeError(key)
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], prefix: str) -> "CustomModelConfig":
+        rest = {k: v for k, v in raw.items() if k not in ("name", "_target_", "target")}
+        return cls(name=raw.get("name", "custom"), target=raw.get("_target_", raw.get("target")), params=rest)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As written in YAML: name, `_target_`, then the factory's keys (report factors: model.width)."""
+        return {"name": self.name, "_target_": self.target, **self.params}
+
+
+@dataclass
+class NoDataConfig:
+    """`data=none`: the workload brings its own data (model=custom: the factory returns it)."""
+
+    name: str = "none"
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, ("none",))
+
+
 # Trackers that receive the run folder's records (stability/trackers.py); `log` is operational.
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
@@ -447,8 +494,8 @@ class RunConfig:
     """Everything that defines one training run."""
 
     seed: int = 0
-    model: ModelConfig | CharLMConfig = field(default_factory=ModelConfig)  # by model.name
-    data: DataConfig | TextDataConfig = field(default_factory=DataConfig)  # by data.name
+    model: ModelConfig | CharLMConfig | CustomModelConfig = field(default_factory=ModelConfig)  # by model.name
+    data: DataConfig | TextDataConfig | NoDataConfig = field(default_factory=DataConfig)  # by data.name
     train: TrainConfig = field(default_factory=TrainConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
@@ -461,6 +508,12 @@ class RunConfig:
         text_model, text_data = self.model.name == "charlm", self.data.name == "text"
         if text_model and not text_data:
             _fail("data.name", self.data.name, "text with model=charlm (the char LM reads text: data=text)")
+        custom_model, no_data = self.model.name == "custom", self.data.name == "none"
+        if custom_model and not no_data:
+            _fail("data.name", self.data.name, "none with model=custom (your factory returns the data; in your own "
+                  "model file: `defaults: [override /data: none]`)")
+        if no_data and not custom_model:
+            _fail("data.name", self.data.name, f"data for model={self.model.name}: data=none is for model=custom")
         if text_data and not text_model:
             _fail("data.name", self.data.name, f"audio data with model={self.model.name} (text is for model=charlm)")
         late = [e for e in self.listen.epochs if e > self.train.epochs]
@@ -473,15 +526,18 @@ class RunConfig:
         return _build(cls, raw, "")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if isinstance(self.model, CustomModelConfig):
+            d["model"] = self.model.to_dict()
+        return d
 
     def inert_keys(self) -> list[str]:
         """Keys that have no effect in this configuration, so do not make a run's identity:
         `model.final_norm` unless norm=pre (post-norm and DeepNorm stacks end in a norm already),
         `model.rms_clamp` without `model.rms_match`, the fault targets without their fault step,
-        the char LM's text-generation scream settings for the cascade."""
+        the char LM's text-generation scream settings for the other models."""
         inert = []
-        if self.model.norm != "pre":
+        if self.model.name != "custom" and self.model.norm != "pre":  # a custom model's keys are its own
             inert.append("model.final_norm")
         if getattr(self.model, "rms_match", False) is False and hasattr(self.model, "rms_clamp"):
             inert.append("model.rms_clamp")
@@ -489,7 +545,7 @@ class RunConfig:
             inert.append("fault.nan_module")
         if self.fault.spike_at_step is None:
             inert.append("fault.spike_factor")
-        if self.model.name == "cascade":
+        if self.model.name != "charlm":
             inert += [f"detect.scream.{k}" for k in ("loop", "loop_period", "prompt_chars", "gen_chars")]
         return inert
 
@@ -516,12 +572,15 @@ _NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfi
 
 
 # Sections whose dataclass depends on their `name`: the char LM and the text it reads.
-_VARIANTS = {("RunConfig", "model"): {"charlm": CharLMConfig}, ("RunConfig", "data"): {"text": TextDataConfig}}
+_VARIANTS = {("RunConfig", "model"): {"charlm": CharLMConfig, "custom": CustomModelConfig},
+             ("RunConfig", "data"): {"text": TextDataConfig, "none": NoDataConfig}}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         _fail(prefix or "config", raw, "a mapping")
+    if hasattr(cls, "from_mapping"):  # free-form keys (a custom model's own)
+        return cls.from_mapping(raw, prefix)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
@@ -553,8 +612,8 @@ class ShortName:
         node: Any = cfg
         for part in self.path.split("."):
             node = getattr(node, part, None)
-        if self.name == "residual":
-            return node[-1] if isinstance(node, list) and node else None
+        if self.name == "residual" and isinstance(node, list):  # the cascade's per stage: the last
+            return node[-1] if node else None
         if self.name == "clip" and node is None:
             return "none"
         return node

@@ -23,7 +23,9 @@ def preflight(cfg: RunConfig) -> None:
         from stability.workloads.cascade.data import check_audio
 
         check_audio(cfg.data, need_codec=cfg.listen.enabled)
-    if cfg.fault.nan_at_step is not None:
+    if cfg.model.name == "custom":  # build it once: the factory, its data, a forward and backward
+        _check_custom(cfg)
+    elif cfg.fault.nan_at_step is not None:
         _check_fault_module(cfg)
     if cfg.model.name == "charlm":  # the text must exist, be UTF-8 and be long enough
         from stability.workloads.charlm.workload import load_split
@@ -46,6 +48,26 @@ def _check_device(cfg: RunConfig) -> None:
     if precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"train.precision=bf16 is not allowed on {torch.cuda.get_device_name(resolved)}: "
                           f"it has no bf16 support; use fp32")
+
+
+_CUSTOM_CHECKED: dict[str, list[str]] = {}  # run identity -> module groups, per process
+
+
+def _check_custom(cfg: RunConfig) -> None:
+    """Call the factory and check what it returns (stability.workloads.custom): once per
+    configuration and process, since `stab run` checks before it creates the run folder and the
+    run checks again."""
+    key = cfg.identity()
+    if key not in _CUSTOM_CHECKED:
+        import torch
+
+        from stability.workloads.custom import CustomWorkload
+
+        _CUSTOM_CHECKED[key] = list(CustomWorkload(cfg, torch.device("cpu")).module_groups())
+    names = _CUSTOM_CHECKED[key]
+    if cfg.fault.nan_at_step is not None and cfg.fault.nan_module not in names:
+        raise ConfigError(f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
+                          f"expected one of {', '.join(names)}")
 
 
 def _check_fault_module(cfg: RunConfig) -> None:

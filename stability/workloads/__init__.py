@@ -6,7 +6,8 @@
 Training (`stability.training`), `stab bench`, `stab replay` and `stab probe` all call `build`,
 so a run, its benchmark, its replay and its init probe use the same model, optimizer and
 learning-rate schedule. The workloads themselves live beside this file: `cascade/` (with its
-audio, codec, data and synth code) and `charlm/` (with its text code); `base.Workload` is the
+audio, codec, data and synth code), `charlm/` (with its text code) and `custom.py` (your own
+model from a factory function, `model=custom model._target_=...`); `base.Workload` is the
 interface they implement.
 """
 
@@ -33,8 +34,14 @@ def _charlm(cfg: RunConfig, device: torch.device) -> Workload:
     return CharLMWorkload(cfg, device)
 
 
+def _custom(cfg: RunConfig, device: torch.device) -> Workload:
+    from stability.workloads.custom import CustomWorkload
+    return CustomWorkload(cfg, device)
+
+
 # model.name -> the workload's constructor (imported on use: the cascade's codec is heavy)
-WORKLOADS: dict[str, Callable[[RunConfig, torch.device], Workload]] = {"cascade": _cascade, "charlm": _charlm}
+WORKLOADS: dict[str, Callable[[RunConfig, torch.device], Workload]] = {"cascade": _cascade, "charlm": _charlm,
+                                                                       "custom": _custom}
 
 
 def build_model(cfg: ModelConfig | CharLMConfig) -> nn.Module:
@@ -47,6 +54,9 @@ def build_model(cfg: ModelConfig | CharLMConfig) -> nn.Module:
     if cfg.name == "charlm":
         from stability.models.charlm import CharLM
         return CharLM(cfg)
+    if cfg.name == "custom":  # the factory builds its data too
+        from stability.workloads.custom import make_task
+        return make_task(cfg.target, dict(cfg.params)).model
     raise ValueError(f"model={cfg.name!r}: unknown model; allowed: {', '.join(WORKLOADS)}")
 
 
