@@ -291,6 +291,12 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
             cb.epoch(epoch, erec)
             if stopped:
                 break
+            why = tc.stop_early and detectors.certainly_unstable(
+                [e["grad_norm_mean"] for e in epochs], first_nan, cfg.detect.explode_factor, cfg.detect.explode_window)
+            if why:  # train.stop_early: the rest of the run cannot make it stable
+                event("stopped_early", epoch=epoch, step=step, reason=why)
+                stopped = True
+                break
 
     except BaseException:  # Ctrl-C, SIGTERM, a crash: keep every step recorded so far
         append_jsonl(run_dir / "metrics.jsonl", pending)
