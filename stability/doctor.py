@@ -157,6 +157,19 @@ def running_departure(values: Sequence[float], start: int, window: int = BASELIN
     return None
 
 
+def group_departure(values: Sequence[float], warmup: int, stop: int) -> tuple[int, float] | None:
+    """Where one module group's grad norm left its baseline, up to step index `stop`: the earlier
+    of a jump (`running_departure`, from the end of warmup) and a climb (above DEPART_FACTOR x its
+    median over the BASELINE_STEPS steps after warmup; smooth growth never jumps)."""
+    x = np.asarray(values, dtype=float)
+    start = max(warmup, 1)
+    hits = [running_departure(x, start, stop=stop)]
+    climb = departure(x[start:stop + 1], BASELINE_STEPS)
+    hits.append((climb[0] + start, climb[1]) if climb else None)
+    hits = [h for h in hits if h is not None]
+    return min(hits) if hits else None
+
+
 def loss_departure(losses: Sequence[float], start: int, factor: float = LOSS_FACTOR) -> int | None:
     """Index of the first loss from `start` above `factor` x its lowest value so far (or non-finite)."""
     best = math.inf
@@ -207,16 +220,14 @@ def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Calla
     (running median, from the end of warmup up to the gate), and how many steps before the loss."""
     i_total, r_total = gate
     loss_i = loss_departure(rec.series("loss"), max(warmup, 1))
-    found = {g: d for g in rec.groups
-             if (d := running_departure(rec.series(f"grad/{g}"), max(warmup, 1), stop=i_total)) is not None}
+    found = {g: d for g in rec.groups if (d := group_departure(rec.series(f"grad/{g}"), warmup, i_total)) is not None}
     if found:
         i = min(d[0] for d in found.values())
         first = sorted((g for g, d in found.items() if d[0] == i), key=lambda g: -found[g][1])
-    else:  # no group jumped on its own: the one that grew most against its warmup median
-        i, first = i_total, [max(rec.groups, key=lambda g: np.nan_to_num(
-            rec.series(f"grad/{g}")[i_total] / np.nanmedian(rec.series(f"grad/{g}")[:max(warmup, 2)]), nan=np.inf))]
-    g = first[0]
-    ratio = found[g][1] if g in found else math.nan
+        g, ratio = first[0], found[first[0]][1]
+    else:  # no group left its own baseline before the total did: the largest group at that step
+        i, first = i_total, [max(rec.groups, key=lambda g: np.nan_to_num(rec.series(f"grad/{g}")[i_total], nan=np.inf))]
+        g, ratio = first[0], math.nan
     lead = (loss_i - i) if loss_i is not None else None
     when = ("the loss never rose" if loss_i is None else
             f"{lead} steps before the loss rose (step {at(loss_i)})" if lead > 0 else
@@ -224,12 +235,13 @@ def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Calla
     others = f" (with {len(first) - 1} other group(s) at that step: {', '.join(first[1:4])}{', ...' if len(first) > 4 else ''})" if len(first) > 1 else ""
     norm = rec.get("model.norm")
     total_txt = "non-finite" if math.isinf(r_total) else f"{r_total:.0f}x its warmup median"
+    head = (f"no group left its own baseline first; the largest at step {at(i)} was {g}" if math.isnan(ratio) else
+            f"{g} left its baseline first: grad norm "
+            f"{'non-finite' if math.isinf(ratio) else f'{ratio:.0f}x its baseline'} at step {at(i)}")
     return [Finding("grad_departure", step=at(i), detail={"group": g, "ratio": ratio, "groups": first,
                                                           "loss_step": at(loss_i) if loss_i is not None else None,
                                                           "lead": lead, "total_step": at(i_total), "norm": norm},
-                    evidence=f"{g} left its baseline first: grad norm "
-                             f"{'non-finite' if math.isinf(ratio) else f'{ratio:.0f}x its running median'} at step {at(i)}"
-                             f"{others}, {when}; the total grad norm reached {total_txt} at step {at(i_total)}"
+                    evidence=head + f"{others}, {when}; the total grad norm reached {total_txt} at step {at(i_total)}"
                              + (f"; the stack is {norm}-norm" if norm else ""))]
 
 
