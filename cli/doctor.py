@@ -175,7 +175,7 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
         write_json(done.sweep_dir / "doctor.json", res)
         atomic_write_text(done.sweep_dir / "doctor.md", markdown(res))
     table = [{"fix": r["fix"], "verdict": r["verdict"], "final val loss": fmt(r["final_val_loss"]),
-              "vs best fix": fmt(r["vs_best"]) if r["vs_best"] is not None else "-",
+              "vs best fix": f"+{fmt(r['vs_best'])}" if r["vs_best"] is not None else "-",
               "folder": r["folder"]} for r in res["tries"]]
     console.print(frame_table(pd.DataFrame(table), markup={"verdict": verdict_text},
                               title=f"fixes tried from the run's exact config (failed run: val loss "

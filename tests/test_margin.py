@@ -70,3 +70,36 @@ def test_bad_brackets_are_refused():
         find_margins(["a"], synthetic({"a": 1}), 0.1, 0.01, TOL, 10)
     with pytest.raises(ValueError, match="margin.tolerance"):
         find_margins(["a"], synthetic({"a": 1}), LO, HI, 1.0, 10)
+
+
+@pytest.mark.slow
+def test_stab_margin_on_the_smoke_preset_probes_real_runs_and_resumes_without_training_again(cli, tmp_path):
+    args = ["margin", *SMOKE, "norm=pre,post", "train.epochs=3", "margin.lo=0.01", "margin.hi=1", "margin.tolerance=10",
+            "--runs", tmp_path, "--name", "m"]
+    result = cli(*args)
+    res = read_json(tmp_path / "m" / "margin.json")
+    assert res["grid_steps"] == 2 and [c["config"] for c in res["configs"]] == ["norm=pre", "norm=post"]
+    for c in res["configs"]:
+        assert 2 <= len(c["probes"]) <= promised_probes(0.01, 1, 10) == 3
+        for p in c["probes"]:  # each probe is a run folder whose own summary holds the verdict reported
+            folder = tmp_path / "m" / p["folder"]
+            assert read_json(folder / "summary.json")["verdict"] == p["verdict"]
+            assert f"train.lr={p['lr']:g}" in p["folder"] and "train.stop_early=true" in p["folder"]
+        stable = [p["lr"] for p in c["probes"] if p["stable"]]
+        unstable = [p["lr"] for p in c["probes"] if not p["stable"]]
+        assert c["margin"] == (max(stable) if stable else None)
+        assert all(u > c["margin"] for u in unstable) if stable else True
+    assert res["cost"]["probes"] == sum(len(c["probes"]) for c in res["configs"])
+    assert res["sentence"] in result.output and (tmp_path / "m" / "margin.md").exists()
+    finished = {p: read_json(p)["finished"] for p in (tmp_path / "m").glob("*/status.json")}
+    cli(*args)  # the same search again: every probe is found completed, none trains twice
+    assert {p: read_json(p)["finished"] for p in (tmp_path / "m").glob("*/status.json")} == finished
+    assert read_json(tmp_path / "m" / "margin.json")["configs"] == res["configs"]
+
+
+def test_margin_refuses_a_learning_rate_and_bad_margin_keys_before_any_run(cli, tmp_path):
+    r = cli("margin", *SMOKE, "train.lr=0.1", "--runs", tmp_path, ok=False)
+    assert r.exit_code == 2 and "train.lr is not allowed here" in r.output
+    r = cli("margin", *SMOKE, "margin.hi=0.0001", "--runs", tmp_path, ok=False)
+    assert r.exit_code == 2 and "margin.hi" in r.output
+    assert not any(tmp_path.rglob("status.json"))
