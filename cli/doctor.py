@@ -74,7 +74,9 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
         if rows:
             console.print(frame_table(pd.DataFrame(rows), title="findings (by where they started)"))
     if not dx.fixes:
-        console.print("no candidate fix: no rule matches these records", highlight=False)
+        why = ("the failure was injected" if any(f.kind == "injected_fault" for f in dx.findings)
+               else "no rule matches these records")
+        console.print(f"no candidate fix: {why}", highlight=False)
         return
     rows = [{"rank": i + 1, "fix": x.label, "why": x.rule.why, "evidence": x.finding.kind
              + (f" (step {x.finding.step})" if x.finding.step is not None else ""), "source": x.rule.source}

@@ -124,7 +124,9 @@ def print_result(res: dict[str, Any]) -> None:
     rows = [{"configuration": c["config"], "margin (largest stable lr)": c["text"],
              "smallest unstable lr": fmt(c["unstable_lr"]) if c["unstable_lr"] else "-", "status": c["status"],
              "x least stable": fmt(c["ratio"]) if c["ratio"] else "-",
-             "LR sensitivity": fmt(c["lr_sensitivity"]),
+             "grid share above": f"{c['grid_share_unstable']:.0%}",
+             "LR sensitivity floor": fmt(c["lr_sensitivity_floor"]),
+             "LR sensitivity (probes)": fmt(c["lr_sensitivity"]),
              "probes (lr verdict)": "; ".join(mg.probe_text(p) for p in c["probes"])} for c in res["configs"]]
     console.print(frame_table(pd.DataFrame(rows), title=f"stability margin: lr {res['lo']:g}..{res['hi']:g}, "
                                                         f"grid x{res['grid_ratio']:.3g}"))

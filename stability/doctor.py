@@ -131,7 +131,10 @@ def departure(values: Sequence[float], baseline: int, factor: float = DEPART_FAC
     """(index, ratio) of the first value after the first `baseline` ones that exceeds `factor` x
     their median, or is non-finite (ratio inf); None if the series never leaves its baseline."""
     x = np.asarray(values, dtype=float)
-    base = x[:baseline][np.isfinite(x[:baseline])]
+    bad = np.flatnonzero(~np.isfinite(x[:baseline]))
+    if len(bad):  # non-finite before a baseline could form: that is where it left
+        return int(bad[0]), math.inf
+    base = x[:baseline]
     med = float(np.median(base)) if len(base) else math.nan
     for i in range(baseline, len(x)):
         if not math.isfinite(x[i]):
@@ -174,7 +177,7 @@ def loss_departure(losses: Sequence[float], start: int, factor: float = LOSS_FAC
     """Index of the first loss from `start` above `factor` x its lowest value so far (or non-finite)."""
     best = math.inf
     for i, v in enumerate(np.asarray(losses, dtype=float)):
-        if i >= start and (not math.isfinite(v) or v > factor * best):
+        if not math.isfinite(v) or (i >= start and v > factor * best):
             return i
         if math.isfinite(v):
             best = min(best, v)
@@ -208,6 +211,12 @@ def find(rec: RunRecord) -> list[Finding]:
     out += _clamp(rec)
     out += _clip_always(rec)
     out += _warmup_spike(rec)
+    injected = {k: rec.get(f"fault.{k}") for k in ("nan_at_step", "spike_at_step", "crash_at_step")}
+    injected = {k: v for k, v in injected.items() if v is not None}
+    if injected:
+        out.append(Finding("injected_fault", step=min(injected.values()), detail=injected,
+                           evidence="the failure was injected (" + ", ".join(f"fault.{k}={v}" for k, v in injected.items())
+                                    + "): no change of configuration removes it"))
     verdict = rec.summary.get("verdict")
     if verdict in UNSTABLE:
         out.append(Finding("unstable", evidence=f"verdict {verdict}: {rec.summary.get('evidence', '')}",
@@ -221,7 +230,11 @@ def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Calla
     i_total, r_total = gate
     loss_i = loss_departure(rec.series("loss"), max(warmup, 1))
     found = {g: d for g in rec.groups if (d := group_departure(rec.series(f"grad/{g}"), warmup, i_total)) is not None}
-    if found:
+    nan = rec.summary.get("first_nan") or next((e for e in rec.events if e.get("event") == "first_nan"), None)
+    if nan and nan.get("module") and math.isinf(r_total):  # the step was re-run to name the module (stab replay's probe)
+        i = next((j for j, r in enumerate(rec.steps) if r.get("step") == nan.get("step")), i_total)
+        found, first, g, ratio = {}, [str(nan["module"])], str(nan["module"]), math.inf
+    elif found:
         i = min(d[0] for d in found.values())
         first = sorted((g for g, d in found.items() if d[0] == i), key=lambda g: -found[g][1])
         g, ratio = first[0], found[first[0]][1]
@@ -234,14 +247,14 @@ def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Calla
             f"{-lead} steps after the loss rose (step {at(loss_i)})" if lead < 0 else "at the step the loss rose")
     others = f" (with {len(first) - 1} other group(s) at that step: {', '.join(first[1:4])}{', ...' if len(first) > 4 else ''})" if len(first) > 1 else ""
     norm = rec.get("model.norm")
-    total_txt = "non-finite" if math.isinf(r_total) else f"{r_total:.0f}x its warmup median"
+    total_txt = "went non-finite" if math.isinf(r_total) else f"reached {r_total:.0f}x its warmup median"
     head = (f"no group left its own baseline first; the largest at step {at(i)} was {g}" if math.isnan(ratio) else
             f"{g} left its baseline first: grad norm "
             f"{'non-finite' if math.isinf(ratio) else f'{ratio:.0f}x its baseline'} at step {at(i)}")
     return [Finding("grad_departure", step=at(i), detail={"group": g, "ratio": ratio, "groups": first,
                                                           "loss_step": at(loss_i) if loss_i is not None else None,
                                                           "lead": lead, "total_step": at(i_total), "norm": norm},
-                    evidence=head + f"{others}, {when}; the total grad norm reached {total_txt} at step {at(i_total)}"
+                    evidence=head + f"{others}, {when}; the total grad norm {total_txt} at step {at(i_total)}"
                              + (f"; the stack is {norm}-norm" if norm else ""))]
 
 
@@ -440,6 +453,8 @@ def examine(rec: RunRecord, rules: Sequence[Rule] = RULES) -> Diagnosis:
     """Findings of a run and the fixes `rules` propose for them, ranked by rule weight; one entry
     per distinct override set (the best-weighted)."""
     findings = find(rec)
+    if any(f.kind == "injected_fault" for f in findings):
+        return Diagnosis(rec, rec.summary.get("verdict"), findings, [])
     best: dict[tuple[tuple[str, str], ...], Fix] = {}
     for f in findings:
         for rule in rules:

@@ -197,6 +197,26 @@ def comparison(margins: dict[str, Margin]) -> str:
             f"({best.text} vs {worst.text})")
 
 
+def sensitivity_floor(m: Margin, lo: float, hi: float, tolerance: float) -> tuple[float, float]:
+    """(share of the exhaustive grid's K + 1 points above the margin, that share x (initial loss -
+    best stable validation loss)): what the margin alone says about Wortsman et al.'s LR
+    sensitivity on that grid. Each point above the margin diverges (if stability is monotone in
+    lr) and counts as initial - best, so the grid's sensitivity is at least this floor; the stable
+    points add their mean excess loss on top. NaN without a stable probe."""
+    K = grid_size(lo, hi, tolerance)
+    r = (hi / lo) ** (1.0 / K)
+    if m.stable_lr is None:
+        share = 1.0
+    else:
+        k = round(math.log(m.stable_lr / lo) / math.log(r))
+        share = min(1.0, max(0.0, (K - k) / (K + 1)))
+    stable = [p.final_val_loss for p in m.probes if p.stable and math.isfinite(p.final_val_loss)]
+    init = [p.initial_loss for p in m.probes if math.isfinite(p.initial_loss)]
+    if not stable or not init:
+        return share, math.nan
+    return share, share * (float(pd.Series(init).median()) - min(stable))
+
+
 def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, wall_s: float,
            concurrency: int) -> dict[str, Any]:
     """Everything `stab margin` reports, as plain data (margin.json): per configuration its margin,
@@ -216,6 +236,8 @@ def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, w
         "configs": [{"config": m.config, "margin": m.stable_lr, "unstable_lr": m.unstable_lr, "status": m.status,
                      "text": m.text, "ratio": (m.stable_lr / floor) if m.stable_lr and floor else None,
                      "lr_sensitivity": sens.get(m.config, math.nan),
+                     "grid_share_unstable": sensitivity_floor(m, lo, hi, tolerance)[0],
+                     "lr_sensitivity_floor": sensitivity_floor(m, lo, hi, tolerance)[1],
                      "probes": [asdict(p) for p in m.probes]} for m in margins.values()],
         "sentence": comparison(margins),
         "cost": {"probes": len(probes), "stopped_early": sum(p.stopped_early for p in probes),
@@ -239,16 +261,25 @@ def markdown(res: dict[str, Any]) -> str:
              f"Largest learning rate that trains without nan/exploding/scream, bracketing then bisection on a log "
              f"grid from {res['lo']:g} to {res['hi']:g} in {res['grid_steps']} steps of x{res['grid_ratio']:.3g} "
              f"(margin.tolerance {res['tolerance']:g}).", "",
-             "| configuration | margin (largest stable lr) | smallest unstable lr | status | x least stable | LR sensitivity (Wortsman) | probes |",
-             "|---|---|---|---|---|---|---|"]
+             "| configuration | margin (largest stable lr) | smallest unstable lr | status | x least stable | "
+             "grid share above margin | LR sensitivity floor | LR sensitivity over probes | probes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in res["configs"]:
         un = f"{c['unstable_lr']:.3g}" if c["unstable_lr"] else "-"
         ratio = f"{c['ratio']:.3g}" if c["ratio"] else "-"
         sens = f"{c['lr_sensitivity']:.3g}" if c["lr_sensitivity"] is not None and math.isfinite(c["lr_sensitivity"]) else "-"
-        lines.append(f"| {c['config']} | {c['text']} | {un} | {c['status']} | {ratio} | {sens} | "
+        floor = f"{c['lr_sensitivity_floor']:.3g}" if math.isfinite(c["lr_sensitivity_floor"]) else "-"
+        lines.append(f"| {c['config']} | {c['text']} | {un} | {c['status']} | {ratio} | "
+                     f"{c['grid_share_unstable']:.0%} | {floor} | {sens} | "
                      f"{'; '.join(probe_text(p) for p in c['probes'])} |")
     cost = res["cost"]
     lines += ["", res["sentence"], "",
+              "LR sensitivity (Wortsman et al. 2023, arXiv 2309.14322) is the mean over an LR grid of min(final loss, "
+              "initial loss) - the best loss. On the exhaustive grid of this resolution every point above the margin "
+              "diverges and counts as initial - best, so the margin alone gives its floor (grid share above the "
+              "margin x (initial - best)); the stable points add their excess loss. 'Over probes' is the same formula "
+              "over this search's own probes: they cluster at each configuration's boundary, so compare it only "
+              "within one row.", "",
               f"Cost: {cost['probes']} probe runs in {cost['rounds']} rounds ({cost['stopped_early']} stopped early once "
               f"unstable), {cost['wall_s']:.0f} s wall ({cost['concurrency']} at a time), {cost['train_s']:.0f} s of "
               f"training summed. An exhaustive grid at the same resolution: {cost['exhaustive_runs']} runs, about "

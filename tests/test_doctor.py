@@ -107,6 +107,22 @@ def test_growth_that_starts_in_one_group_of_a_post_norm_stack_is_located_and_ans
     assert "norm=pre" not in fixes(pre)  # already pre-norm: the rule does not repeat it
 
 
+def test_a_nan_before_warmup_ends_names_the_module_the_run_located_and_an_injected_one_gets_no_fix(tmp_path):
+    steps = stable_steps()[:5]
+    steps[4]["loss"] = steps[4]["grad/norm"] = steps[4]["grad/stage2.layer0.mlp"] = math.nan
+    nan = {"epoch": 1, "batch": 4, "step": 4, "kind": "loss", "module": "stage2.layer0.mlp"}
+    run = write_run(tmp_path / "nan", steps, verdict="nan")
+    write_json(run / "summary.json", {"verdict": "nan", "evidence": "hand-made", "first_nan": nan})
+    dx = dr.examine(dr.read_run(run))
+    assert dx.first.kind == "grad_departure" and dx.first.step == 4 and dx.first.detail["group"] == "stage2.layer0.mlp"
+    assert [x.label for x in dx.fixes] == ["norm=pre", "train.lr=0.00333"]
+    faulty = write_run(tmp_path / "injected", steps, verdict="nan",
+                       config={**CONFIG, "fault": {"nan_at_step": 4, "nan_module": "stage2.layer0.mlp"}})
+    write_json(faulty / "summary.json", {"verdict": "nan", "evidence": "hand-made", "first_nan": nan})
+    dx = dr.examine(dr.read_run(faulty))
+    assert "injected_fault" in {f.kind for f in dx.findings} and dx.fixes == []
+
+
 def test_attention_logit_growth_proposes_qk_norm(tmp_path):
     steps = stable_steps()
     epochs = stable_epochs(steps)
