@@ -141,20 +141,11 @@ def merge(base: list[str], extra: dict[str, str]) -> list[str]:
     return list(out.values())
 
 
-def candidates(dx: dr.Diagnosis, n: int) -> list[dict[str, str]]:
-    """The first `n` fixes alone, then the best two together (when they set different keys)."""
-    alone = [x.overrides for x in dx.fixes[:n]]
-    out = list(alone)
-    if len(alone) >= 2 and not set(alone[0]) & set(alone[1]):
-        out.append({**alone[0], **alone[1]})
-    return out
-
-
 def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str,
               jobs: int | None) -> None:
     from cli.sweep import launch_jobs, report_crashes
 
-    tries = candidates(dx, n)
+    tries = dr.candidates(dx, n)
     combos = [merge(base, {**fix, **EARLY}) for fix in tries]
     console.print(styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
                   highlight=False)
@@ -172,10 +163,10 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
         rows.append({"fix": " ".join(f"{k}={v}" for k, v in fix.items()), "verdict": s.get("verdict", "?"),
                      "final_val_loss": float(s.get("final_val_loss", math.nan)), "wall_s": s.get("wall_s"),
                      "stopped_early": bool(s.get("stopped_early")), "folder": r["folder"]})
-    res = outcome(dx, base, rows)
+    res = dr.outcome(dx, base, rows)
     with write_errors():
         write_json(done.sweep_dir / "doctor.json", res)
-        atomic_write_text(done.sweep_dir / "doctor.md", markdown(res))
+        atomic_write_text(done.sweep_dir / "doctor.md", dr.try_markdown(res))
     table = [{"fix": r["fix"], "verdict": r["verdict"], "final val loss": fmt(r["final_val_loss"]),
               "vs best fix": f"+{fmt(r['vs_best'])}" if r["vs_best"] is not None else "-",
               "folder": r["folder"]} for r in res["tries"]]
@@ -184,31 +175,3 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
                                     f"{fmt(res['failed_val_loss'])})"))
     console.print(res["sentence"], style="bold", markup=False, highlight=False)
     console.print(f"written: {done.sweep_dir / 'doctor.md'}", highlight=False)
-
-
-def outcome(dx: dr.Diagnosis, base: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Which fixes made the run stable, each with its final validation loss and its cost against
-    the best stable fix (a difference of validation losses)."""
-    fixed = [r for r in rows if r["verdict"] not in dr.UNSTABLE and r["verdict"] != "?" and math.isfinite(r["final_val_loss"])]
-    best = min(fixed, key=lambda r: r["final_val_loss"]) if fixed else None
-    for r in rows:
-        r["vs_best"] = (r["final_val_loss"] - best["final_val_loss"]) if best and r in fixed else None
-    failed_val = float(dx.record.summary.get("final_val_loss", math.nan))
-    if best:
-        others = [f"{r['fix']} (val {r['final_val_loss']:.3g}, +{r['vs_best']:.3g})" for r in fixed if r is not best]
-        sentence = (f"fixed by {len(fixed)} of {len(rows)}: best {best['fix']} (final val loss {best['final_val_loss']:.3g} "
-                    f"against {failed_val:.3g} in the failed run)" + (f"; also {', '.join(others)}" if others else ""))
-    else:
-        sentence = f"none of the {len(rows)} fixes made the run stable: " + ", ".join(f"{r['fix']} {r['verdict']}" for r in rows)
-    return {"run": str(dx.record.path), "verdict": dx.verdict, "base_overrides": base, "failed_val_loss": failed_val,
-            "tries": rows, "fixed": [r["fix"] for r in fixed], "best": best["fix"] if best else None, "sentence": sentence}
-
-
-def markdown(res: dict[str, Any]) -> str:
-    lines = [f"# stab doctor --try: {res['run']}", "", f"Failed run: verdict {res['verdict']}, final validation loss "
-             f"{res['failed_val_loss']:.4g}; fixes trained from its exact config: `{' '.join(res['base_overrides']) or '(defaults)'}`.",
-             "", "| fix | verdict | final val loss | vs best fix | folder |", "|---|---|---|---|---|"]
-    for r in res["tries"]:
-        vs = f"+{r['vs_best']:.3g}" if r["vs_best"] is not None else "-"
-        lines.append(f"| {r['fix']} | {r['verdict']} | {r['final_val_loss']:.4g} | {vs} | {r['folder']} |")
-    return "\n".join(lines + ["", res["sentence"], ""])
