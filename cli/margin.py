@@ -132,6 +132,8 @@ def print_result(res: dict[str, Any]) -> None:
                                                         f"grid x{res['grid_ratio']:.3g}"))
     if res["sentence"]:
         console.print(res["sentence"], style="bold", markup=False, highlight=False)
+    for line in res["by_factor"]:
+        console.print(f"  {line}", markup=False, highlight=False)
     cost = res["cost"]
     console.print(f"cost: {cost['probes']} probe runs in {cost['rounds']} rounds ({cost['stopped_early']} stopped early), "
                   f"{seconds(cost['wall_s'])} wall; an exhaustive grid of the same resolution: {cost['exhaustive_runs']} "

@@ -217,6 +217,35 @@ def sensitivity_floor(m: Margin, lo: float, hi: float, tolerance: float) -> tupl
     return share, share * (float(pd.Series(init).median()) - min(stable))
 
 
+def factor_ratios(margins: dict[str, Margin]) -> list[str]:
+    """Per factor, the ratio of margins between its values with every other factor held, for
+    configurations named `key=value key=value`: "norm: pre/post 3.16x at residual=0.1, ..."."""
+    parsed = {}
+    for m in margins.values():
+        pairs = [t.split("=", 1) for t in m.config.split()]
+        if not pairs or any(len(p) != 2 for p in pairs) or m.stable_lr is None:
+            return []
+        parsed[m.config] = (dict(pairs), m)
+    keys = sorted({k for d, _ in parsed.values() for k in d})
+    out = []
+    for key in keys:
+        values = list(dict.fromkeys(d[key] for d, _ in parsed.values() if key in d))
+        if len(values) != 2:
+            continue
+        parts = []
+        for d, m in parsed.values():
+            if d.get(key) != values[0]:
+                continue
+            other = next((m2 for d2, m2 in parsed.values() if d2.get(key) == values[1]
+                          and {k: v for k, v in d2.items() if k != key} == {k: v for k, v in d.items() if k != key}), None)
+            if other is not None:
+                held = " ".join(f"{k}={v}" for k, v in d.items() if k != key)
+                parts.append(f"{m.stable_lr / other.stable_lr:.3g}x" + (f" at {held}" if held else ""))
+        if parts:
+            out.append(f"{key}: margin at {values[0]} / at {values[1]} = {', '.join(parts)}")
+    return out
+
+
 def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, wall_s: float,
            concurrency: int) -> dict[str, Any]:
     """Everything `stab margin` reports, as plain data (margin.json): per configuration its margin,
@@ -239,7 +268,7 @@ def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, w
                      "grid_share_unstable": sensitivity_floor(m, lo, hi, tolerance)[0],
                      "lr_sensitivity_floor": sensitivity_floor(m, lo, hi, tolerance)[1],
                      "probes": [asdict(p) for p in m.probes]} for m in margins.values()],
-        "sentence": comparison(margins),
+        "sentence": comparison(margins), "by_factor": factor_ratios(margins),
         "cost": {"probes": len(probes), "stopped_early": sum(p.stopped_early for p in probes),
                  "promised_per_config": promised_probes(lo, hi, tolerance), "widening_probes": widened,
                  "rounds": max((p.round for p in probes), default=0), "wall_s": wall_s, "concurrency": concurrency,
@@ -273,7 +302,8 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{c['grid_share_unstable']:.0%} | {floor} | {sens} | "
                      f"{'; '.join(probe_text(p) for p in c['probes'])} |")
     cost = res["cost"]
-    lines += ["", res["sentence"], "",
+    lines += ["", res["sentence"], ""] + [f"- {f}" for f in res.get("by_factor", [])] + [
+              "",
               "LR sensitivity (Wortsman et al. 2023, arXiv 2309.14322) is the mean over an LR grid of min(final loss, "
               "initial loss) - the best loss. On the exhaustive grid of this resolution every point above the margin "
               "diverges and counts as initial - best, so the margin alone gives its floor (grid share above the "

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from stability import doctor as dr
+from stability.config import OPERATIONAL_KEYS
 from stability.storage import append_jsonl, write_json
 from tests.conftest import SMOKE, read_json
 
@@ -209,7 +210,7 @@ def test_doctor_try_trains_the_fixes_from_the_failed_runs_exact_config(cli, tmp_
         assert t["final_val_loss"] == pytest.approx(summary["final_val_loss"], nan_ok=True)
         cfg = yaml.safe_load((folder / "config.yaml").read_text())
         assert cfg["seed"] == 3 and cfg["train"]["stop_early"] is True
-        changed = {k for k, v in flat(cfg).items() if flat(failed_cfg).get(k) != v} - {"train.stop_early"}
+        changed = {k for k, v in flat(cfg).items() if flat(failed_cfg).get(k) != v} - {"train.stop_early", *OPERATIONAL_KEYS}
         assert changed == {ALIAS.get(o.split("=")[0], o.split("=")[0]) for o in t["fix"].split()}
     assert res["fixed"] == [t["fix"] for t in res["tries"] if t["verdict"] not in dr.UNSTABLE]
     assert ("fixed by" in res["sentence"]) == bool(res["fixed"])

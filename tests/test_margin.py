@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from stability.margin import Probe, find_margins, grid_size, promised_probes
+from stability.margin import Probe, comparison, factor_ratios, find_margins, grid_size, promised_probes
 from tests.conftest import SMOKE, read_json
 
 LO, HI, TOL = 1e-3, 1e-1, 1.5
@@ -35,11 +35,15 @@ def test_bisection_brackets_the_boundary_within_tolerance_in_the_promised_probes
 
 def test_configurations_advance_together_one_probe_each_per_round():
     calls: list[list[tuple[str, float]]] = []
-    margins = find_margins(["pre", "post"], synthetic({"pre": 0.04, "post": 0.004}, calls), LO, HI, TOL, steps=10)
+    margins = find_margins(["norm=pre", "norm=post"], synthetic({"norm=pre": 0.04, "norm=post": 0.004}, calls),
+                           LO, HI, TOL, steps=10)
     assert [len(c) for c in calls][0] == 4 and all(len(c) <= 2 for c in calls[1:])
     assert len(calls) <= promised_probes(LO, HI, TOL) - 1  # rounds: the two ends together, then one probe each
     assert all(len({c for c, _ in batch}) == len(batch) // (2 if i == 0 else 1) for i, batch in enumerate(calls))
-    assert 0.04 / TOL <= margins["pre"].stable_lr <= 0.04 and 0.004 / TOL <= margins["post"].stable_lr <= 0.004
+    pre, post = margins["norm=pre"].stable_lr, margins["norm=post"].stable_lr
+    assert 0.04 / TOL <= pre <= 0.04 and 0.004 / TOL <= post <= 0.004
+    assert factor_ratios(margins) == [f"norm: margin at pre / at post = {pre / post:.3g}x"]
+    assert comparison(margins) == f"norm=pre is stable up to {pre / post:.3g}x the learning rate of norm=post ({pre:.3g} vs {post:.3g})"
 
 
 def test_a_boundary_outside_the_bracket_is_found_by_widening_and_reported_as_such():
