@@ -57,7 +57,7 @@ def human_age(seconds: float) -> str:
 @app.command("ls")
 def ls(cache_dir: DirOption = None) -> None:
     """Every entry: key, size, age and what it holds."""
-    from stability.data import cache_entries, default_cache_root
+    from stability.workloads.cascade.data import cache_entries, default_cache_root
 
     root = cache_dir or default_cache_root()
     entries = cache_entries(root)
@@ -80,7 +80,7 @@ def clear(
     cache_dir: DirOption = None,
 ) -> None:
     """Remove entries: all, those with the given keys, or those older than an age."""
-    from stability.data import cache_entries, clear_cache, default_cache_root
+    from stability.workloads.cascade.data import cache_entries, clear_cache, default_cache_root
 
     root = cache_dir or default_cache_root()
     with user_errors():

@@ -30,7 +30,7 @@ def inspect(
 ) -> None:
     """Dataset size, segments, latent RMS (raw and rescaled) and RVQ code usage."""
     from cli.progress import reporter
-    from stability.data import fit_split, inspect_latents
+    from stability.workloads.cascade.data import fit_split, inspect_latents
     from stability.progress import reporting
 
     with user_errors():

@@ -28,10 +28,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stability.config import RunConfig
-from stability.instrument import GradProbe, StageProbe
 from stability.trackers import open_trackers
 from stability.training import Stepper, _step_record, eager, resolve_device
-from stability.workload import make_workload
+from stability.workloads import build, make_optimizer
 
 
 @dataclass
@@ -91,27 +90,16 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
 
 def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult:
     device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    work = make_workload(cfg, device)  # stab's copy
+    parts = build(cfg, device, compile=False)  # stab's copy: exactly what a run trains
+    work, tc = parts.work, cfg.train
     bare = copy.deepcopy(work.model)  # the bare loop's copy: same init
-    tc = cfg.train
     if tc.compile:
         work.model, bare = torch.compile(work.model), torch.compile(bare)
     g = torch.Generator().manual_seed(cfg.seed)
     batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
-
-    def make_opt(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (tc.warmup + 1)))
-
-    opt_s, sched_s = make_opt(work.model)
-    opt_b, sched_b = make_opt(bare)
-    groups = work.module_groups()
-    names = list(groups)
-    stepper = Stepper(work, opt_s, sched_s, GradProbe(groups), StageProbe(work.rms_matchers(), device), tc.clip,
-                      tc.precision)
+    opt_b, sched_b = make_optimizer(bare, tc)
+    names = parts.names
+    stepper = Stepper(work, parts.opt, parts.sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision)
     n_stages = len(work.rms_matchers())
     clamp = cfg.model.rms_clamp if n_stages else None
     loss_fn = type(work).loss
@@ -159,7 +147,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     t0 = time.perf_counter()
     with eager(work):  # as in the loop: per-epoch probes run on the uncompiled model
         work.evaluate()
-        if cfg.detect.health and hasattr(work, "health_layers"):
+        if cfg.detect.health and work.health_layers():
             from stability import health
             health.measure(work.model, work.health_loss, work.health_layers())
     extras = time.perf_counter() - t0
@@ -172,3 +160,72 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     return BenchResult(bare_sps, stab_sps, stab_sps / bare_sps, flops, machine, bare_sps * flops / machine,
                        stab_sps * flops / machine, extras, n_batches / stab_sps, done, str(device),
                        torch.get_num_threads(), log_sps, log_sps / stab_sps if log_sps else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bookkeeping: the run folder's writer alone, on synthetic steps
+
+
+@dataclass
+class BookkeepingResult:
+    steps: int
+    groups: int  # module groups per step record
+    us_per_step: float  # microseconds per step: building the record, the writer, the detectors, epoch ends
+    rss_growth_mb: float  # resident memory after the steps minus before (MB = 2**20 bytes)
+    epoch_steps: int  # steps per epoch
+    bytes_written: int  # size of the run folder at the end
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes (Linux /proc), after a garbage collection."""
+    import gc
+    import resource
+
+    gc.collect()
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, not current: an upper bound
+
+
+def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int = 0) -> BookkeepingResult:
+    """Feed `n_steps` synthetic steps of `cfg`'s model (its module groups and stages; no model is
+    trained) through the real `RunWriter` into a temporary folder, in epochs of `epoch_steps`
+    steps, and time it all: building each step record from a host vector, the writer (aggregates,
+    metrics.jsonl, grad table, epochs.jsonl), the detectors, and the summary at the end."""
+    import numpy as np
+
+    from stability.runwriter import RunWriter
+    from stability.summarizer import Summarizer
+    from stability.workloads import build_model
+
+    model = build_model(cfg.model)
+    names = list(model.module_groups())
+    n_stages = len(model.rms_matchers()) if hasattr(model, "rms_matchers") else 0
+    clamp = cfg.model.rms_clamp if n_stages else None
+    del model
+    rng = np.random.default_rng(seed)
+    width = 2 + len(names) + 3 * n_stages
+    pool = np.abs(rng.lognormal(0.0, 0.5, size=(64, width)))  # host vectors: loss, norms, stage stats
+    evaluation = {"val_loss": 1.0, "collapsed": False, "scores": {"dominant": 0.1}, "target_scores": {"dominant": 0.1}}
+    with tempfile.TemporaryDirectory(prefix="stab-bookkeeping-") as tmp:
+        run_dir = Path(tmp)
+        before = _rss()
+        t0 = time.perf_counter()
+        writer = RunWriter(run_dir)
+        writer.open(names, n_stages, Summarizer(cfg.detect, cfg.train.clip))
+        for step in range(n_steps):
+            epoch, b = step // epoch_steps + 1, step % epoch_steps
+            host = pool[step % len(pool)]
+            rec = _step_record(host, names, n_stages, clamp, step, epoch, b)
+            rec.update({"finite": True, "grad/clipped": bool(host[1] > 10.0), "lr": 1e-3, "time/step_ms": 1.0})
+            writer.step(rec)
+            if b == epoch_steps - 1 or step == n_steps - 1:
+                writer.epoch({**writer.close_epoch(), **evaluation})
+        writer.finish(run_id="bench", steps=n_steps)
+        elapsed = time.perf_counter() - t0
+        growth = _rss() - before
+        written = sum(p.stat().st_size for p in run_dir.iterdir())
+        del writer
+    return BookkeepingResult(n_steps, len(names), 1e6 * elapsed / n_steps, growth / 2 ** 20, epoch_steps, written)

@@ -20,13 +20,13 @@ def preflight(cfg: RunConfig) -> None:
         check_installed(cfg.log)
     if isinstance(cfg.data, DataConfig) and (cfg.data.name == "folder" or cfg.data.codec.weights != "random"):
         # every file of a folder, the codec weights (synthetic clips and random weights: nothing on disk)
-        from stability.data import check_audio
+        from stability.workloads.cascade.data import check_audio
 
         check_audio(cfg.data, need_codec=cfg.listen.enabled)
     if cfg.fault.nan_at_step is not None:
         _check_fault_module(cfg)
     if cfg.model.name == "charlm":  # the text must exist, be UTF-8 and be long enough
-        from stability.charlm_workload import load_split
+        from stability.workloads.charlm.workload import load_split
 
         load_split(cfg)
 
@@ -51,7 +51,7 @@ def _check_device(cfg: RunConfig) -> None:
 def _check_fault_module(cfg: RunConfig) -> None:
     import torch
 
-    from stability.workload import build_model
+    from stability.workloads import build_model
 
     with torch.device("meta"):  # names only: no memory, no init cost
         names = list(build_model(cfg.model).module_groups())

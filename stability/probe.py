@@ -17,13 +17,12 @@ from typing import Any
 import torch
 
 from stability.config import RunConfig
-from stability.workload import make_workload
+from stability.workloads import build
 
 
 def init_profile(cfg: RunConfig, k: int, device: torch.device) -> list[dict[str, Any]]:
     """One row per transformer layer: ||mean over K batches of dL/dW_ffn_out||_F at init."""
-    torch.manual_seed(cfg.seed)
-    work = make_workload(cfg, device)
+    work = build(cfg, device, compile=False).work
     model = work.model
     model.train()
     model.zero_grad(set_to_none=True)

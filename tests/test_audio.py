@@ -17,8 +17,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from stability import audio, codec
-from stability.audio import SAMPLE_RATE, plan_folder, read_audio, scan_folder
+from stability.workloads.cascade import audio, codec
+from stability.workloads.cascade.audio import SAMPLE_RATE, plan_folder, read_audio, scan_folder
 from stability.config import CodecConfig
 from tests.conftest import SMOKE, only_run, read_json, read_jsonl
 
@@ -127,7 +127,7 @@ def test_a_folder_trains_listens_and_is_cached(cli, tmp_path, monkeypatch):
     def no_encoding(*a, **k):
         raise AssertionError("encoded again")
 
-    monkeypatch.setattr("stability.data.encode", no_encoding)
+    monkeypatch.setattr("stability.workloads.cascade.data.encode", no_encoding)
     cli("run", "--runs", tmp_path / "r2", *args)
     run2 = only_run(tmp_path / "r2")
     info2 = read_json(run2 / "data.json")
@@ -138,7 +138,7 @@ def test_a_folder_trains_listens_and_is_cached(cli, tmp_path, monkeypatch):
 
 
 def test_touching_a_file_or_changing_the_segmenting_encodes_again(tmp_path):
-    from stability.data import cache_key
+    from stability.workloads.cascade.data import cache_key
     from stability.config import DataConfig
 
     data = make_folder(tmp_path / "pairs")
@@ -250,7 +250,7 @@ def test_bad_files_are_skipped_with_a_warning_when_asked(tmp_path, caplog):
 
 def test_data_inspect_reports_sizes_rms_and_code_usage(cli, tmp_path):
     from stability.config import DataConfig
-    from stability.data import inspect_latents
+    from stability.workloads.cascade.data import inspect_latents
 
     data = make_folder(tmp_path / "pairs")
     cfg = DataConfig(name="folder", path=str(data), seconds=SEG, n_train=16, n_val=2,  # as preset=smoke

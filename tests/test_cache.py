@@ -14,7 +14,7 @@ import torch
 from filelock import FileLock
 
 from stability.config import DataConfig
-from stability.data import load_latents
+from stability.workloads.cascade.data import load_latents
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ WORKER = """
 import json, sys, time
 from pathlib import Path
 from stability.config import DataConfig
-from stability.data import load_latents
+from stability.workloads.cascade.data import load_latents
 ready, go, cache = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 ready.touch()
 while not go.exists():

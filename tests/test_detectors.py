@@ -9,7 +9,7 @@ import torch
 
 from stability import detectors
 from stability.config import RunConfig
-from stability.workload import CascadeWorkload
+from stability.workloads.cascade.workload import CascadeWorkload
 
 
 def test_scream_score_of_a_constant_and_a_varied_sequence():

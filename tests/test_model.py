@@ -69,7 +69,7 @@ def test_latents_are_scaled_each_to_the_seeds_rms_and_stage_0_needs_no_clamp_at_
     # SPEC §1: input latents RMS 5.66, target 5.69, stage-0 output scale 1.01 in the seed's runs.
     # Scaling both by the target's factor alone left the degraded input at RMS 9.24 and stage 0's
     # RMS match pinned on its lower clamp (0.7) at every step.
-    from stability.workload import CascadeWorkload
+    from stability.workloads.cascade.workload import CascadeWorkload
 
     cfg = RunConfig.from_dict({"model": {"d_model": 32, "n_heads": 2, "n_layers": 1},
                                "data": {"n_train": 8, "n_val": 4, "seconds": 1.0}})

@@ -11,7 +11,7 @@ from stability.bench import matmul_flops
 from stability.config import RunConfig
 from stability.instrument import GradProbe, StageProbe
 from stability.training import Stepper
-from stability.workload import make_workload
+from stability.workloads import make_workload
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from stability import data as data_mod
+from stability.workloads.cascade import data as data_mod
 from stability.config import DataConfig
 from stability.errors import DataError
 from tests.conftest import SMOKE

@@ -30,7 +30,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from stability.codec import decode
+from stability.workloads.cascade.codec import decode
 from stability.errors import DataError
 from stability.progress import phase
 

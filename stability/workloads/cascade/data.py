@@ -1,7 +1,7 @@
 """The cascade's data: paired (input, target) EnCodec latents, encoded once and cached on disk.
 
 Two sources: the embedded synthetic pairs (`data=synthetic`, the default) and a folder of your
-own recordings (`data=folder data.path=DIR`, read by `stability.audio`). A cache entry is keyed
+own recordings (`data=folder data.path=DIR`, read by `stability.workloads.cascade.audio`). A cache entry is keyed
 by everything that changes the latents: for synthetic data the generator's seed, the counts and
 the clip length; for a folder its path, every paired file's name, size and mtime, the segment
 length, the split and what to do with bad files; and for both the codec weights (the file's
@@ -31,14 +31,14 @@ from typing import Any, Iterable
 import torch
 from filelock import FileLock, Timeout
 
-from stability.audio import DataError, FolderPlan, Listing, ShortData, plan_folder, read_pair, scan_folder
-from stability.codec import (CodeBook, calibrate_codebooks, check_weights, encode, load_codec, quantizer_state,
+from stability.workloads.cascade.audio import DataError, FolderPlan, Listing, ShortData, plan_folder, read_pair, scan_folder
+from stability.workloads.cascade.codec import (CodeBook, calibrate_codebooks, check_weights, encode, load_codec, quantizer_state,
                              weights_fingerprint)
 from stability.config import DataConfig
 from stability.progress import phase
 from stability.errors import StorageError
 from stability.storage import atomic_write_bytes, atomic_write_text, dumps, loads
-from stability.synth import synth_pairs
+from stability.workloads.cascade.synth import synth_pairs
 
 __all__ = ["DataError", "LatentData", "check_audio", "fit_split", "load_latents", "inspect_latents", "cache_entries",
            "clear_cache", "default_cache_root"]

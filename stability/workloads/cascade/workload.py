@@ -1,7 +1,9 @@
 """The cascade workload: its data, model, loss, validation loss and scream check.
 
-The training loop (`training.py`) only sees this interface, so a second workload (a character
-LM) can bring its own data, loss and scream check without touching the loop.
+The data are pairs of EnCodec latents (`data.py`: synthetic audio from `synth.py`, or a folder
+read by `audio.py`, encoded by `codec.py`); the model is `stability.models.cascade.Cascade`;
+the scream check quantizes the output with k-means codebooks and compares code statistics with
+the target's. The loop sees it only through `stability.workloads.base.Workload`.
 """
 
 from __future__ import annotations
@@ -13,47 +15,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stability.audio import write_listening
-from stability.charlm_workload import CharLMWorkload
-from stability.config import CharLMConfig, ModelConfig, RunConfig
-from stability.codec import load_codec
-from stability.data import load_latents
+from stability.workloads.cascade.audio import write_listening
+from stability.config import RunConfig
+from stability.workloads.cascade.codec import load_codec
+from stability.workloads.cascade.data import load_latents
 from stability.detectors import mean_scores, scream_check
 from stability.models.cascade import Cascade
-from stability.models.charlm import CharLM
+from stability.workloads.base import Workload
 
 
-def build_model(cfg: ModelConfig | CharLMConfig) -> nn.Module:
-    """The configured model (by `model.name`); a model exposes `module_groups()`. The char LM's
-    vocabulary comes from its data: built here, without data, it has a placeholder vocabulary."""
-    if cfg.name == "cascade":
-        return Cascade(cfg)
-    if cfg.name == "charlm":
-        return CharLM(cfg)
-    raise ValueError(f"Unsupported model: {cfg.name!r}")
+class CascadeWorkload(Workload):
+    """Latent-to-latent regression with the cascade: MSE loss on (B, T, D) latents."""
 
-
-def make_workload(cfg: RunConfig, device: torch.device) -> "CascadeWorkload | CharLMWorkload":
-    """The workload (data + model + loss + scream check) for `model.name`.
-
-    A workload provides: model, info (dict, written to data.json), n_train, batch(idx),
-    loss(batch), module_groups(), rms_matchers() (may be empty), evaluate() ->
-    {val_loss, collapsed, scores, target_scores, ...}, and target_scores.
-    """
-    if cfg.model.name == "cascade":
-        return CascadeWorkload(cfg, device)
-    if cfg.model.name == "charlm":
-        return CharLMWorkload(cfg, device)
-    raise ValueError(f"Unsupported model: {cfg.model.name!r}")
-
-
-class CascadeWorkload:
     def __init__(self, cfg: RunConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
         self.data = load_latents(cfg.data)
         self.info: dict[str, Any] = dict(self.data.info)
-        self.model: nn.Module = build_model(cfg.model).to(device)
+        self.model: nn.Module = Cascade(cfg.model).to(device)
         d = self.data
         self.train_input, self.train_target = d.train_input.to(device), d.train_target.to(device)
         self.val_input, self.val_target = d.val_input.to(device), d.val_target.to(device)

@@ -1,6 +1,6 @@
 """The char-LM workload: text data, the character LM, its loss and the text scream check.
 
-Same interface as the cascade's (see `workload.make_workload`), so the instrumented loop
+Same interface as the cascade's (see `stability.workloads.base.Workload`), so the instrumented loop
 trains it unchanged. Training examples are the non-overlapping windows of `model.context + 1`
 characters of the training text (input: the first `context`, target: the last `context`).
 
@@ -25,7 +25,8 @@ import torch.nn as nn
 from stability.config import RunConfig
 from stability.detectors import loop_share, mean_scores, scream_check
 from stability.models.charlm import CharLM, lm_loss
-from stability.text import TextSplit, check_sizes, read_source, split_text
+from stability.workloads.base import Workload
+from stability.workloads.charlm.text import TextSplit, check_sizes, read_source, split_text
 
 HEALTH_WINDOWS = 8  # validation windows the health probe's forward and backward use
 
@@ -61,7 +62,9 @@ def prompt_starts(val: torch.Tensor, n: int, span: int, space_ids: set[int]) -> 
     return starts
 
 
-class CharLMWorkload:
+class CharLMWorkload(Workload):
+    """Next-character prediction with the char LM: cross-entropy (+ z-loss) on (B, context) ids."""
+
     def __init__(self, cfg: RunConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
@@ -104,9 +107,6 @@ class CharLMWorkload:
 
     def module_groups(self) -> dict[str, list[nn.Module]]:
         return self.model.module_groups()
-
-    def rms_matchers(self) -> list[Any]:
-        return []  # no stages, no RMS matching
 
     def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
         return self.model.health_layers()

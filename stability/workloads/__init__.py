@@ -1,0 +1,115 @@
+"""Workloads (a model with its data, loss and checks) and the one function that sets up a run.
+
+    parts = build(cfg, device)       # workload, module groups, optimizer, schedule, probes
+    parts.work.loss(parts.work.batch(idx))
+
+Training (`stability.training`), `stab bench`, `stab replay` and `stab probe` all call `build`,
+so a run, its benchmark, its replay and its init probe use the same model, optimizer and
+learning-rate schedule. The workloads themselves live beside this file: `cascade/` (with its
+audio, codec, data and synth code) and `charlm/` (with its text code); `base.Workload` is the
+interface they implement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from stability.config import CharLMConfig, ModelConfig, RunConfig, TrainConfig
+from stability.instrument import GradProbe, StageProbe
+from stability.workloads.base import Workload
+
+
+def _cascade(cfg: RunConfig, device: torch.device) -> Workload:
+    from stability.workloads.cascade.workload import CascadeWorkload
+    return CascadeWorkload(cfg, device)
+
+
+def _charlm(cfg: RunConfig, device: torch.device) -> Workload:
+    from stability.workloads.charlm.workload import CharLMWorkload
+    return CharLMWorkload(cfg, device)
+
+
+# model.name -> the workload's constructor (imported on use: the cascade's codec is heavy)
+WORKLOADS: dict[str, Callable[[RunConfig, torch.device], Workload]] = {"cascade": _cascade, "charlm": _charlm}
+
+
+def build_model(cfg: ModelConfig | CharLMConfig) -> nn.Module:
+    """The configured model alone (by `model.name`), without data: for parameter counts and
+    checks before a run. The char LM's vocabulary comes from its data: built here, without
+    data, it has a placeholder vocabulary. Raises ValueError for an unknown name."""
+    if cfg.name == "cascade":
+        from stability.models.cascade import Cascade
+        return Cascade(cfg)
+    if cfg.name == "charlm":
+        from stability.models.charlm import CharLM
+        return CharLM(cfg)
+    raise ValueError(f"model={cfg.name!r}: unknown model; allowed: {', '.join(WORKLOADS)}")
+
+
+def make_workload(cfg: RunConfig, device: torch.device) -> Workload:
+    """The workload for `model.name` with its data loaded and its model on `device`.
+    Raises ValueError for an unknown name."""
+    try:
+        factory = WORKLOADS[cfg.model.name]
+    except KeyError:
+        raise ValueError(f"model={cfg.model.name!r}: unknown model; allowed: {', '.join(WORKLOADS)}") from None
+    return factory(cfg, device)
+
+
+def make_optimizer(model: nn.Module, tc: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (decoupled weight decay, arXiv 1711.05101) over all of `model`'s parameters and
+    its schedule: the learning rate rises linearly over `train.warmup` steps, then stays at
+    `train.lr` (factor min(1, (step + 1) / (warmup + 1)))."""
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    warmup = tc.warmup
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    return opt, sched
+
+
+@dataclass
+class RunParts:
+    """Everything a training step needs, built once per run by `build`.
+
+    groups: module group name -> modules, in forward order (`Workload.module_groups`).
+    grad_probe: one total and one per-group grad norm per step, without host syncs.
+    stage_probe: the cascade's stage RMS-match records ((3 * n_stages,) per step; empty else).
+    """
+
+    work: Workload
+    device: torch.device
+    groups: dict[str, list[nn.Module]]
+    opt: torch.optim.Optimizer
+    sched: Any
+    grad_probe: GradProbe
+    stage_probe: StageProbe
+
+    @property
+    def model(self) -> nn.Module:
+        return self.work.model
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.groups)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.work.rms_matchers())
+
+
+def build(cfg: RunConfig, device: torch.device, compile: bool | None = None) -> RunParts:
+    """Seed, build the workload, (optionally) compile its model, and set up the optimizer,
+    schedule and probes. `compile` defaults to `train.compile`: the forward is compiled, the
+    parameters and submodules stay the same objects, so hooks and probes still see them."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    work = make_workload(cfg, device)
+    if cfg.train.compile if compile is None else compile:
+        work.model = torch.compile(work.model)
+    groups = work.module_groups()
+    opt, sched = make_optimizer(work.model, cfg.train)
+    return RunParts(work, device, groups, opt, sched, GradProbe(groups), StageProbe(work.rms_matchers(), device))

@@ -1,0 +1,1 @@
+"""The cascade workload and the audio, codec, latent-data and synthesis code only it uses."""

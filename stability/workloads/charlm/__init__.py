@@ -1,0 +1,1 @@
+"""The character-LM workload and its text-data code."""
