@@ -107,3 +107,16 @@ def test_margin_refuses_a_learning_rate_and_bad_margin_keys_before_any_run(cli, 
     r = cli("margin", *SMOKE, "margin.hi=0.0001", "--runs", tmp_path, ok=False)
     assert r.exit_code == 2 and "margin.hi" in r.output
     assert not any(tmp_path.rglob("status.json"))
+
+
+def test_a_probe_stops_early_only_once_its_verdict_cannot_become_stable():
+    from stability.detectors import certainly_unstable, explosion
+
+    assert certainly_unstable([1.0, 3.0, 9.5], None, 2.0, 3)  # a full 3-epoch window growing 3.1x per epoch
+    assert certainly_unstable([1.0, 3.0], None, 2.0, 3) is None  # a 2-epoch window can still be diluted
+    assert certainly_unstable([1.0, 1.1, 1.2, 1.1], None, 2.0, 3) is None
+    assert certainly_unstable([1.0], {"step": 4}, 2.0, 3) == "first non-finite value at step 4"
+    history = [1.0, 3.0, 9.5, 0.5, 0.4, 0.4, 0.3]  # grows, then collapses: still exploding at the end
+    for n in range(1, len(history) + 1):
+        if certainly_unstable(history[:n], None, 2.0, 3):
+            assert explosion(history, 2.0, 3)[0] is not None
