@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import pandas as pd
 import typer
 
 from cli.common import console, fmt, styled, user_errors, verdict_text, write_errors
@@ -61,6 +60,8 @@ def doctor(
 
 
 def print_diagnosis(dx: dr.Diagnosis) -> None:
+    import pandas as pd  # here, not at import: `stab --help` loads no pandas
+
     rec = dx.record
     console.print(styled(("stab doctor", "bold"), f" {rec.path}"), highlight=False)
     console.print(styled("verdict: ", verdict_text(dx.verdict or "?"), f"  {rec.summary.get('evidence', '')}"),
@@ -143,6 +144,8 @@ def merge(base: list[str], extra: dict[str, str]) -> list[str]:
 
 def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str,
               jobs: int | None) -> None:
+    import pandas as pd
+
     from cli.sweep import launch_jobs, report_crashes
 
     tries = dr.candidates(dx, n)

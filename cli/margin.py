@@ -16,18 +16,18 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import pandas as pd
 import typer
 
 from cli import launch
 from cli.common import console, fmt, seconds, styled, user_errors, write_errors
 from cli.config import UserError, compose_run
 from cli.report import frame_table
-from stability import margin as mg
-from stability.lr_sensitivity import initial_loss
 from stability.storage import atomic_write_text, read_json, write_json
+
+if TYPE_CHECKING:
+    from stability import margin as mg
 
 EARLY = "train.stop_early=true"
 
@@ -41,6 +41,7 @@ def margin(
 ) -> None:
     """Find each configuration's largest stable learning rate (bracketing, then bisection on a log scale)."""
     from cli.sweep import launch_jobs, report_crashes
+    from stability import margin as mg  # pandas: loaded once the command runs, not by `stab --help`
 
     overrides = list(overrides or [])
     hydra_args = [o for o in overrides if o.startswith(("hydra.", "hydra/", "+hydra."))]
@@ -110,6 +111,9 @@ def config_labels(combos: list[list[str]]) -> list[str]:
 
 def read_probe(run_dir: Path, lr: float) -> mg.Probe:
     """A finished probe's verdict and losses from its run folder (summary.json, metrics.jsonl)."""
+    from stability import margin as mg
+    from stability.lr_sensitivity import initial_loss
+
     try:
         s = read_json(run_dir / "summary.json")
     except (OSError, ValueError):
@@ -121,6 +125,10 @@ def read_probe(run_dir: Path, lr: float) -> mg.Probe:
 
 
 def print_result(res: dict[str, Any]) -> None:
+    import pandas as pd
+
+    from stability import margin as mg
+
     rows = [{"configuration": c["config"], "margin (largest stable lr)": c["text"],
              "smallest unstable lr": fmt(c["unstable_lr"]) if c["unstable_lr"] else "-", "status": c["status"],
              "x least stable": fmt(c["ratio"]) if c["ratio"] else "-",
