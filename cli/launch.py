@@ -108,15 +108,44 @@ def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
     return out
 
 
-def multirun(overrides: list[str], task_function: Callable[[DictConfig], Any]) -> list[Any]:
-    """Run Hydra's sweeper + launcher over `overrides`; returns the flat list of JobReturns."""
+def multirun(overrides: list[str], task_function: Callable[[DictConfig], Any],
+             jobs: list[list[str]] | None = None) -> list[Any]:
+    """Run Hydra's sweeper + launcher over `overrides`; returns the flat list of JobReturns.
+
+    With `jobs` (one override list per job, e.g. a margin search's probes, each configuration at
+    its own learning rate: not a Cartesian product), the launcher runs exactly those jobs, as
+    Hydra's basic sweeper hands it a batch; `overrides` then holds only the hydra.* ones."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         hydra = GlobalHydra.instance().hydra
-        batches = hydra.multirun(config_name="config", task_function=task_function,
-                                 overrides=list(overrides) + search_path_overrides())
+        overrides = list(overrides) + search_path_overrides()
+        if jobs is None:
+            batches = hydra.multirun(config_name="config", task_function=task_function, overrides=overrides)
+        else:
+            batches = [_launch(hydra, overrides, jobs, task_function)]
     release_idle_workers()
     return [r for batch in batches for r in batch]
+
+
+def _launch(hydra: Any, overrides: list[str], jobs: list[list[str]], task_function: Callable[[DictConfig], Any]) -> Any:
+    """`Hydra.multirun` (hydra-core 1.3) with the sweeper's product replaced by `jobs`: the same
+    master config, callbacks and launcher plugin, then `launcher.launch(jobs)` as the basic
+    sweeper calls it."""
+    from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext, RunMode
+    from hydra._internal.callbacks import Callbacks
+
+    cfg = hydra.compose_config(config_name="config", overrides=overrides, with_log_configuration=True,
+                               run_mode=RunMode.MULTIRUN)
+    callbacks = Callbacks(cfg)
+    callbacks.on_multirun_start(config=cfg, config_name="config")
+    launcher = Plugins.instance().instantiate_launcher(
+        hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
+        task_function=task_function, config=cfg)
+    Path(cfg.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+    returns = launcher.launch([list(j) for j in jobs], initial_job_idx=0)
+    callbacks.on_multirun_end(config=cfg, config_name="config")
+    return returns
 
 
 class WarmWorkers:

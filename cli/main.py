@@ -2,6 +2,8 @@
 
     stab run preset=smoke norm=pre
     stab sweep residual=0.1,0.3 norm=pre,post
+    stab margin norm=pre,post residual=0.1,0.3
+    stab doctor runs/run/<folder> --try
     stab report runs/
 """
 
@@ -18,6 +20,8 @@ from cli.common import DEBUG, route_library_warnings
 
 from cli import cache as cache_cmd
 from cli import data as data_cmd
+from cli import doctor as doctor_cmd
+from cli import margin as margin_cmd
 from cli import bench as bench_cmd
 from cli import probe as probe_cmd
 from cli import replay as replay_cmd
@@ -31,6 +35,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "gradients, find the first NaN and the scream.")
 app.command("run")(run_cmd.run)
 app.command("sweep")(sweep_cmd.sweep)
+app.command("margin")(margin_cmd.margin)
+app.command("doctor")(doctor_cmd.doctor)
 app.command("report")(report_cmd.report)
 app.command("show")(show_cmd.show)
 app.command("replay")(replay_cmd.replay)

@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -57,7 +58,6 @@ def sweep(
     overrides = list(overrides or [])
     hydra_args = [o for o in overrides if o.startswith(("hydra.", "hydra/", "+hydra."))]
     task_args = [o for o in overrides if o not in hydra_args]
-    sweep_dir = (runs / name).resolve()
     with user_errors():
         set_config_dirs(config_dir)
         if "/" in name or not name.strip() or name.strip(".") == "":
@@ -67,6 +67,43 @@ def sweep(
             raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
         task_args = launch.with_declared_grid(task_args)
         combos = launch.expand(task_args)
+    done = launch_jobs(combos, runs, name, launcher, jobs, hydra_args, overrides, task_args)
+    console.print(summary_table(done.records, done.skipped, same=len(done.duplicates)))
+    _answer(done.sweep_dir)
+    report_crashes(done)
+
+
+@dataclass
+class Launched:
+    """What one launch of a sweep's jobs left: Hydra's JobReturns, one index record per job (its
+    folder, state, verdict), the jobs folded into an earlier one, and those another process held."""
+
+    sweep_dir: Path
+    returns: list[Any]
+    records: list[dict[str, Any]]
+    duplicates: dict[str, int]
+    busy: list[dict[str, Any]]
+
+    @property
+    def skipped(self) -> int:
+        return sum(1 for r in self.returns if isinstance(r.return_value, dict) and r.return_value.get("skipped")
+                   and "duplicate_of" not in r.return_value)
+
+    @property
+    def crashed(self) -> list[dict[str, Any]]:
+        held = {Path(b["folder"]).name for b in self.busy}
+        return [r for r in self.records if r["state"] != "completed" and r["folder"] not in held]
+
+
+def launch_jobs(combos: list[list[str]], runs: Path, name: str, launcher: str, jobs: int | None,
+                hydra_args: list[str], overrides: list[str], task_args: list[str] | None = None) -> Launched:
+    """Check every job's config, lock RUNS/NAME, run the jobs through the launcher, index them.
+
+    With `task_args` (a grid of comma lists), Hydra's sweeper expands it into `combos`; without,
+    the launcher runs `combos` as they are (e.g. `stab margin`'s probes: each configuration at its
+    own learning rate). Resume, duplicates, live view and stop-on-signal are the same either way.
+    Bad input raises typer.Exit(EXIT_USER) before any job starts."""
+    sweep_dir = (runs / name).resolve()
     concurrency = _concurrency(launcher, jobs, len(combos))
     os.environ[CONCURRENCY_ENV] = str(concurrency)  # before any worker starts: they inherit it
     if launcher in LOCAL_LAUNCHERS:
@@ -102,22 +139,22 @@ def sweep(
                                           concurrency, workers)
     finally:
         lock.__exit__()
-    skipped = sum(1 for r in returns if isinstance(r.return_value, dict) and r.return_value.get("skipped")
-                  and "duplicate_of" not in r.return_value)
-    console.print(summary_table(records, skipped, same=len(duplicates)))
-    _answer(sweep_dir)
     busy = [r.return_value for r in returns if isinstance(r.return_value, dict) and r.return_value.get("busy")]
-    for b in busy:
+    return Launched(sweep_dir, returns, records, duplicates, busy)
+
+
+def report_crashes(done: Launched) -> None:
+    """One line per job that crashed or could not start; exit EXIT_CRASH if there was one."""
+    for b in done.busy:
         err_console.print(styled(("not started:", "bold yellow"), f" {b['busy']}; run the sweep again once it has finished"),
                           highlight=False)
-    crashed = [r for r in records if r["state"] != "completed" and not any(Path(b["folder"]).name == r["folder"] for b in busy)]
-    for r in crashed:
+    for r in done.crashed:
         err_console.print(styled((f"job {r['state']}:", "bold red"), f" {r['folder']}: {r.get('error')}"), highlight=False)
-    if crashed or busy:
+    if done.crashed or done.busy:
         raise typer.Exit(EXIT_CRASH)
 
 
-def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], task_args: list[str],
+def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], task_args: list[str] | None,
                hydra_args: list[str], combos: list[list[str]], concurrency: int,
                workers: Any) -> tuple[list[Any], list[dict[str, Any]]]:
     _wait_for_orphans(sweep_dir)
@@ -131,13 +168,14 @@ def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], 
     console.print(styled(("stab sweep", "bold"), f" {len(combos)} jobs -> {sweep_dir}  "
                          f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)"))
     write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
-    hydra_over = task_args + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
+    explicit = task_args is None  # run `combos` as given, not a grid the sweeper expands
+    hydra_over = (task_args or []) + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
     view = LiveView(sweep_dir, len(combos))
     try:
         with view, graceful_signals():
             if workers:
                 workers.wait()
-            returns = launch.multirun(hydra_over, job)
+            returns = launch.multirun(hydra_over, job, jobs=combos if explicit else None)
     except KeyboardInterrupt as e:
         how = e.args[0] if e.args else "SIGINT"
         if launcher in LOCAL_LAUNCHERS:

@@ -216,6 +216,7 @@ class TrainConfig:
     warmup: int = 10  # steps of linear learning-rate warmup
     clip: Any = 10.0  # total-norm clipping threshold, or "none"
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    stop_early: bool = False  # stop once the verdict is certain to be unstable (see detectors.certainly_unstable)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Any = None  # torch CPU threads; null: all cores (split among concurrent jobs)
     precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss)
@@ -232,6 +233,7 @@ class TrainConfig:
         self.warmup = _number("train.warmup", self.warmup, lo=0, integer=True)
         self.clip = parse_clip(self.clip)
         _choice("train.on_nan", self.on_nan, ("stop", "skip"))
+        _flag("train.stop_early", self.stop_early)
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail("train.device", self.device, "auto, cpu, cuda or cuda:N")
@@ -329,6 +331,24 @@ class FaultConfig:
             value = getattr(self, key)
             if value is not None:
                 setattr(self, key, _number(f"fault.{key}", value, lo=0, integer=True))
+
+
+@dataclass
+class MarginConfig:
+    """`stab margin`: bracketing then bisection of the learning rate on a log scale (stability/margin.py)."""
+
+    lo: float = 1e-3  # first bracket of learning rates
+    hi: float = 1e-1
+    tolerance: float = 1.5  # stop when largest stable / smallest unstable lr are within this factor
+    steps: int = 10  # at most this many probe runs per configuration
+
+    def __post_init__(self) -> None:
+        self.lo = _number("margin.lo", self.lo, lo=0.0, lo_open=True, hi=10.0)
+        self.hi = _number("margin.hi", self.hi, lo=0.0, lo_open=True, hi=10.0)
+        if self.hi <= self.lo:
+            _fail("margin.hi", self.hi, f"a learning rate above margin.lo={self.lo:g}")
+        self.tolerance = _number("margin.tolerance", self.tolerance, lo=1.0, lo_open=True)
+        self.steps = _number("margin.steps", self.steps, lo=2, hi=1000, integer=True)
 
 
 @dataclass
@@ -500,6 +520,7 @@ class RunConfig:
     detect: DetectConfig = field(default_factory=DetectConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
+    margin: MarginConfig = field(default_factory=MarginConfig)  # `stab margin` only (operational)
     log: Any = field(default_factory=list)  # trackers: [] | [tensorboard, mlflow, wandb] (operational)
 
     def __post_init__(self) -> None:
@@ -541,6 +562,8 @@ class RunConfig:
             inert.append("model.final_norm")
         if getattr(self.model, "rms_match", False) is False and hasattr(self.model, "rms_clamp"):
             inert.append("model.rms_clamp")
+        if not self.train.stop_early:  # off: the run is the same as before the key existed
+            inert.append("train.stop_early")
         if self.fault.nan_at_step is None:
             inert.append("fault.nan_module")
         if self.fault.spike_at_step is None:
@@ -564,11 +587,12 @@ class RunConfig:
 
 
 # Keys that change where or how fast a run happens, or where it is reported, never what it computes.
-OPERATIONAL_KEYS = ("train.device", "train.threads", "data.cache_dir", "log")
+OPERATIONAL_KEYS = ("train.device", "train.threads", "data.cache_dir", "log", "margin")
 
 _NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfig,
            ("RunConfig", "train"): TrainConfig, ("RunConfig", "detect"): DetectConfig,
-           ("RunConfig", "fault"): FaultConfig, ("RunConfig", "listen"): ListenConfig}
+           ("RunConfig", "fault"): FaultConfig, ("RunConfig", "listen"): ListenConfig,
+           ("RunConfig", "margin"): MarginConfig}
 
 
 # Sections whose dataclass depends on their `name`: the char LM and the text it reads.

@@ -203,6 +203,25 @@ def explosion(epoch_norms: Sequence[float], factor: float, window: int) -> tuple
     return None, best
 
 
+def certainly_unstable(epoch_norms: Sequence[float], first_nan: dict[str, Any] | None, factor: float,
+                       window: int) -> str | None:
+    """Why a run still going is certain to end `nan` or `exploding`, or None: a first NaN (it stays
+    in the record), or a full window of `window` finite epochs growing more than `factor` per epoch
+    (`explosion` finds it in every longer history too). A shorter window at the end of a history
+    is not enough: more epochs can dilute it. Neither is a scream (it must last to the end) nor the
+    step peak (its median is over the whole run). Used by `train.stop_early`."""
+    if first_nan:
+        return f"first non-finite value at step {first_nan['step']}"
+    x = [float(v) for v in epoch_norms]
+    for i in range(len(x) - window + 1):
+        seg = x[i:i + window]
+        if all(math.isfinite(v) and v > 0 for v in seg):
+            g = (seg[-1] / seg[0]) ** (1.0 / (window - 1))
+            if g > factor:
+                return f"grad norm grew {g:.2f}x per epoch over epochs {i + 1}-{i + window}"
+    return None
+
+
 # Primary verdict: the most severe finding wins. A crash (failed) is set by the runner before any
 # of these; a NaN ends the measurement; an explosion explains a collapse that comes with it, so
 # it outranks the scream; a scream outranks stable.

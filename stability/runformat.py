@@ -111,7 +111,8 @@ class EpochRecord(TypedDict, total=False):
 
 
 # --- events.jsonl -----------------------------------------------------------------------------
-EventName = Literal["first_nan", "clamp_saturation", "grad_explosion", "scream", "grad_spike", "loss_spike"]
+EventName = Literal["first_nan", "clamp_saturation", "grad_explosion", "scream", "grad_spike", "loss_spike",
+                    "stopped_early"]
 
 
 class Event(TypedDict, total=False):
@@ -121,7 +122,8 @@ class Event(TypedDict, total=False):
     clamp_saturation: stage, step, epoch, batch, ratio, scale (the first clamped step of a stage);
     grad_explosion: value (grad norm), ratio (over the run's median step), step, epoch, batch;
     scream: epoch (onset), scores, target_scores;
-    grad_spike / loss_spike: step, epoch, batch, value (the first 20 of each; counts in the summary)."""
+    grad_spike / loss_spike: step, epoch, batch, value (the first 20 of each; counts in the summary);
+    stopped_early: epoch, step, reason (train.stop_early: the verdict can no longer be stable)."""
     event: str
     epoch: int
     batch: int
@@ -156,7 +158,7 @@ class Summary(TypedDict, total=False):
     nonfinite_steps: int
     epochs_run: int
     steps: int                     # steps taken (= lines of metrics.jsonl)
-    stopped_early: bool            # stopped at a non-finite step (train.on_nan=stop)
+    stopped_early: bool            # stopped at a non-finite step (train.on_nan=stop), or once certain to be unstable (train.stop_early)
     stage_rms_last_epoch: list[float] | None
     stage_scale_last_epoch: list[float] | None
     codec: dict[str, Any] | None

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from stability import health
+from stability import detectors, health
 from stability import runformat as rf
 from stability.config import RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
@@ -173,6 +173,7 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float) -> 
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
     cb.start(tc.epochs, n_batches)
     first_nan: dict[str, Any] | None = None
+    epoch_norms: list[float] = []  # total grad norm per epoch, for train.stop_early
     stopped = False
     step = 0
 
@@ -204,8 +205,16 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float) -> 
                 step += 1
                 if stopped:
                     break
-            cb.epoch(epoch, _end_epoch(writer, work, run_dir, epoch, stopped, cfg.detect.health))
+            erec = _end_epoch(writer, work, run_dir, epoch, stopped, cfg.detect.health)
+            cb.epoch(epoch, erec)
+            epoch_norms.append(erec["grad_norm_mean"])
             if stopped:
+                break
+            why = tc.stop_early and detectors.certainly_unstable(
+                epoch_norms, first_nan, cfg.detect.explode_factor, cfg.detect.explode_window)
+            if why:  # train.stop_early: the rest of the run cannot make it stable
+                writer.event({"event": "stopped_early", "epoch": epoch, "step": step, "reason": why})
+                stopped = True
                 break
     except BaseException:  # Ctrl-C, SIGTERM, a crash: keep every step recorded so far
         writer.abort()

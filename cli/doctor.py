@@ -1,0 +1,180 @@
+"""`stab doctor RUN [--try]`: what went wrong in a finished run, where first, and what to try.
+
+    stab doctor runs/run/20261129-111902_defaults
+    stab doctor runs/sweep/norm=post,residual=0.1 --try --launcher joblib
+
+Reads only the run folder (stab's own run, a sweep job, or a run the monitor API wrote). With
+--try, the candidate fixes run as one sweep from the run's exact configuration and seed (each fix
+alone, then the best two together; train.stop_early=true, so a fix that fails stops once that is
+certain) into RUNS/NAME/, and the doctor prints which fixed it and at what final validation loss
+(also in RUNS/NAME/doctor.md and doctor.json). Exit status: 0, 2 for bad input, 1 if a job crashed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cli.common import console, fmt, styled, user_errors, verdict_text, write_errors
+from cli.config import UserError, compose_run
+from cli.report import frame_table
+from stability import doctor as dr
+from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig
+from stability.storage import atomic_write_text, read_json, write_json
+
+EARLY = {"train.stop_early": "true"}
+
+
+def doctor(
+    run: Annotated[Path, typer.Argument(help="A finished run folder (stab run, a sweep job, or the monitor API's).")],
+    try_: Annotated[bool, typer.Option("--try", help="Train the candidate fixes as a sweep and say which fixed it.")] = False,
+    fixes: Annotated[int, typer.Option("--fixes", help="With --try: how many of the ranked fixes to train alone (plus the best two together).")] = 3,
+    runs: Annotated[Path, typer.Option("--runs", help="With --try: folder that holds sweeps.")] = Path("runs"),
+    name: Annotated[Optional[str], typer.Option("--name", help="With --try: the sweep's folder under --runs; default doctor-<run folder>. Same name again = resume.")] = None,
+    launcher: Annotated[str, typer.Option("--launcher", help="With --try: basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="With --try: jobs at once for local parallel launchers.")] = None,
+) -> None:
+    """Say what went wrong in a run and where first, rank the fixes; --try trains them."""
+    with user_errors():
+        try:
+            rec = dr.read_run(run)
+        except dr.DoctorError as e:
+            raise UserError(str(e)) from None
+        if fixes < 1:
+            raise UserError(f"--fixes {fixes} is not allowed: expected an integer >= 1")
+    dx = dr.examine(rec)
+    print_diagnosis(dx)
+    if not try_:
+        return
+    with user_errors():
+        if dx.verdict not in dr.UNSTABLE:
+            raise UserError(f"{run} ended {dx.verdict or 'without a verdict'}: --try needs an unstable run "
+                            f"(verdict {', '.join(dr.UNSTABLE)})")
+        if not dx.fixes:
+            raise UserError(f"no rule proposes a fix for {run}: nothing to try")
+        base = exact_overrides(rec)
+    try_fixes(dx, base, fixes, runs, name or f"doctor-{rec.path.name}"[:120], launcher, jobs)
+
+
+def print_diagnosis(dx: dr.Diagnosis) -> None:
+    import pandas as pd  # here, not at import: `stab --help` loads no pandas
+
+    rec = dx.record
+    console.print(styled(("stab doctor", "bold"), f" {rec.path}"), highlight=False)
+    console.print(styled("verdict: ", verdict_text(dx.verdict or "?"), f"  {rec.summary.get('evidence', '')}"),
+                  highlight=False)
+    first = dx.first
+    if first is not None:
+        console.print(styled(("what went wrong first: ", "bold"), first.evidence), highlight=False)
+    if dx.findings:
+        rows = [{"where": f"step {f.step}" if f.step is not None else f"epoch {f.epoch}" if f.epoch is not None else "run",
+                 "finding": f.kind, "evidence": f.evidence} for f in dx.findings if f.kind != "unstable"]
+        if rows:
+            console.print(frame_table(pd.DataFrame(rows), title="findings (by where they started)"))
+    if not dx.fixes:
+        why = ("the failure was injected" if any(f.kind == "injected_fault" for f in dx.findings)
+               else "no rule matches these records")
+        console.print(f"no candidate fix: {why}", highlight=False)
+        return
+    rows = [{"rank": i + 1, "fix": x.label, "why": x.rule.why, "evidence": x.finding.kind
+             + (f" (step {x.finding.step})" if x.finding.step is not None else ""), "source": x.rule.source}
+            for i, x in enumerate(dx.fixes)]
+    title = "candidate fixes, best first" if dx.verdict in dr.UNSTABLE else \
+        f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
+    console.print(frame_table(pd.DataFrame(rows), title=title))
+
+
+# --- --try ----------------------------------------------------------------------------------
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _value(v: Any) -> str:
+    """A config value as a Hydra override value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
+def exact_overrides(rec: dr.RunRecord) -> list[str]:
+    """Overrides that compose the run's exact configuration (same run identity as its
+    config.yaml): the ones it was run with, plus `key=value` for every key conf/ now resolves
+    differently. UserError where the folder's config is not one stab can train."""
+    try:
+        want = RunConfig.from_dict(rec.config)
+    except (ConfigError, TypeError) as e:
+        raise UserError(f"{rec.path}/config.yaml is not a configuration stab can train again ({e}); "
+                        "--try needs a stab run or sweep job") from None
+    base = [o for o in (rec.overrides or []) if not o.lstrip("+~").startswith("hydra")]
+    have = compose_run(base)
+    if have.identity() == want.identity():
+        return base
+    ops = tuple(OPERATIONAL_KEYS)
+    w, h = _flatten(want.to_dict()), _flatten(have.to_dict())
+    extra = [f"{k}={_value(v)}" for k, v in w.items()
+             if h.get(k) != v and not any(k == o or k.startswith(o + ".") for o in ops)]
+    full = merge(base, dict(o.split("=", 1) for o in extra))
+    if compose_run(full).identity() != want.identity():
+        raise UserError(f"cannot compose {rec.path}'s exact configuration from conf/ (tried: {' '.join(extra)})")
+    return full
+
+
+def merge(base: list[str], extra: dict[str, str]) -> list[str]:
+    """`base` overrides with `extra` keys set (a key already in base takes the new value)."""
+    out = {o.split("=", 1)[0].lstrip("+"): o for o in base}
+    for k, v in extra.items():
+        out[k] = f"{k}={v}"
+    return list(out.values())
+
+
+def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str,
+              jobs: int | None) -> None:
+    import pandas as pd
+
+    from cli.sweep import launch_jobs, report_crashes
+
+    tries = dr.candidates(dx, n)
+    combos = [merge(base, {**fix, **EARLY}) for fix in tries]
+    console.print(styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
+                  highlight=False)
+    with user_errors():
+        for c in combos:
+            compose_run(c)  # a fix the run's model cannot take is refused before any training
+    done = launch_jobs(combos, runs, name, launcher, jobs, [], base)
+    report_crashes(done)
+    rows = []
+    for fix, r in zip(tries, done.records):
+        try:
+            s = read_json(done.sweep_dir / r["folder"] / "summary.json")
+        except (OSError, ValueError):
+            s = {}
+        rows.append({"fix": " ".join(f"{k}={v}" for k, v in fix.items()), "verdict": s.get("verdict", "?"),
+                     "final_val_loss": float(s.get("final_val_loss", math.nan)), "wall_s": s.get("wall_s"),
+                     "stopped_early": bool(s.get("stopped_early")), "folder": r["folder"]})
+    res = dr.outcome(dx, base, rows)
+    with write_errors():
+        write_json(done.sweep_dir / "doctor.json", res)
+        atomic_write_text(done.sweep_dir / "doctor.md", dr.try_markdown(res))
+    table = [{"fix": r["fix"], "verdict": r["verdict"], "final val loss": fmt(r["final_val_loss"]),
+              "vs best fix": f"+{fmt(r['vs_best'])}" if r["vs_best"] is not None else "-",
+              "folder": r["folder"]} for r in res["tries"]]
+    console.print(frame_table(pd.DataFrame(table), markup={"verdict": verdict_text},
+                              title=f"fixes tried from the run's exact config (failed run: val loss "
+                                    f"{fmt(res['failed_val_loss'])})"))
+    console.print(res["sentence"], style="bold", markup=False, highlight=False)
+    console.print(f"written: {done.sweep_dir / 'doctor.md'}", highlight=False)

@@ -1,0 +1,149 @@
+"""`stab margin [OPTIONS] [OVERRIDES...]`: the largest stable learning rate of each configuration.
+
+    stab margin norm=pre,post residual=0.1,0.3                 # the default preset's 2x2 grid
+    stab margin --launcher joblib --jobs 2 norm=pre,post margin.tolerance=1.25
+    stab margin preset=smoke norm=pre,post margin.lo=1e-2 margin.hi=1
+
+Each probe is a normal sweep job (train.stop_early=true: it stops once it is certain to end
+unstable) in RUNS/NAME/<overrides>/, so the same command again resumes, every launcher works and
+`stab report RUNS/NAME` reads the probes. One round of the search (every configuration's next
+probe) is launched as one sweep. The result is printed and written to RUNS/NAME/margin.md and
+margin.json. Exit status as `stab sweep`'s: 0 unless a probe crashed, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+
+from cli import launch
+from cli.common import console, fmt, seconds, styled, user_errors, write_errors
+from cli.config import UserError, compose_run
+from cli.report import frame_table
+from stability.storage import atomic_write_text, read_json, write_json
+
+if TYPE_CHECKING:
+    from stability import margin as mg
+
+EARLY = "train.stop_early=true"
+
+
+def margin(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; comma lists are the configurations compared, e.g. norm=pre,post residual=0.1,0.3")] = None,
+    runs: Annotated[Path, typer.Option("--runs", help="Folder that holds sweeps.")] = Path("runs"),
+    name: Annotated[str, typer.Option("--name", help="The margin search's folder under --runs. Same name again = resume.")] = "margin",
+    launcher: Annotated[str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Probes at once for local parallel launchers; default: 2 for those, 1 for basic.")] = None,
+) -> None:
+    """Find each configuration's largest stable learning rate (bracketing, then bisection on a log scale)."""
+    from cli.sweep import launch_jobs, report_crashes
+    from stability import margin as mg  # pandas: loaded once the command runs, not by `stab --help`
+
+    overrides = list(overrides or [])
+    hydra_args = [o for o in overrides if o.startswith(("hydra.", "hydra/", "+hydra."))]
+    task_args = [o for o in overrides if o not in hydra_args]
+    with user_errors():
+        if "/" in name or not name.strip() or name.strip(".") == "":
+            raise UserError(f"--name {name!r} is not allowed: expected a plain folder name")
+        launch.check_launcher(launcher)
+        if jobs is not None and jobs < 1:
+            raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
+        keys = {o.split("=", 1)[0].lstrip("+~") for o in task_args}
+        for bad in ("train.lr", "train.stop_early"):
+            if bad in keys:
+                raise UserError(f"{bad} is not allowed here: stab margin sets it for each probe "
+                                "(choose the learning rates searched with margin.lo, margin.hi, margin.tolerance)")
+        combos = launch.expand(task_args)
+        settings = compose_run(combos[0]).margin  # margin.* values, checked (one line naming a bad one)
+        probe_combos = [[o for o in c if not o.lstrip("+~").startswith("margin.")] for c in combos]
+        labels = config_labels(probe_combos)
+        for c in probe_combos:  # every configuration is valid before any probe runs
+            compose_run(c + [f"train.lr={settings.lo:g}", EARLY])
+    by_label = dict(zip(labels, probe_combos))
+    sweep_dir = (runs / name).resolve()
+    K = mg.grid_size(settings.lo, settings.hi, settings.tolerance)
+    console.print(styled(("stab margin", "bold"), f" {len(combos)} configuration(s), lr {settings.lo:g}..{settings.hi:g} "
+                         f"in {K} steps of x{(settings.hi / settings.lo) ** (1 / K):.3g}; at most "
+                         f"{mg.promised_probes(settings.lo, settings.hi, settings.tolerance)} probes each when the "
+                         f"boundary is inside -> {sweep_dir}"), highlight=False)
+    concurrency = [1]
+
+    def probe(batch: list[tuple[str, float]]) -> list[mg.Probe]:
+        jobs_ = [by_label[c] + [f"train.lr={lr:g}", EARLY] for c, lr in batch]
+        done = launch_jobs(jobs_, runs, name, launcher, jobs, hydra_args, overrides)
+        report_crashes(done)  # a probe that crashed says nothing about stability: stop here (exit 1)
+        concurrency[0] = max(concurrency[0], int(_concurrency_of(done)))
+        out = []
+        for (c, lr), rec in zip(batch, done.records):
+            out.append(read_probe(sweep_dir / rec["folder"], lr))
+        return out
+
+    t0 = time.time()
+    margins = mg.find_margins(labels, probe, settings.lo, settings.hi, settings.tolerance, settings.steps)
+    res = mg.result(margins, settings.lo, settings.hi, settings.tolerance, time.time() - t0, concurrency[0])
+    with write_errors():
+        write_json(sweep_dir / "margin.json", res)
+        atomic_write_text(sweep_dir / "margin.md", mg.markdown(res))
+    print_result(res)
+    console.print(f"written: {sweep_dir / 'margin.md'}, {sweep_dir / 'margin.json'} "
+                  f"(stab report {sweep_dir} for every probe)", highlight=False)
+
+
+def _concurrency_of(done: Any) -> int:
+    try:
+        return int(read_json(done.sweep_dir / done.records[0]["folder"] / "status.json").get("concurrency") or 1)
+    except (OSError, ValueError, IndexError, KeyError):
+        return 1
+
+
+def config_labels(combos: list[list[str]]) -> list[str]:
+    """Each configuration named by the overrides that differ between them ("norm=pre residual=0.1");
+    one configuration: all its overrides, or "defaults"."""
+    if len(combos) == 1:
+        return [" ".join(combos[0]) or "defaults"]
+    common = set.intersection(*(set(c) for c in combos))
+    return [" ".join(o for o in c if o not in common) for c in combos]
+
+
+def read_probe(run_dir: Path, lr: float) -> mg.Probe:
+    """A finished probe's verdict and losses from its run folder (summary.json, metrics.jsonl)."""
+    from stability import margin as mg
+    from stability.lr_sensitivity import initial_loss
+
+    try:
+        s = read_json(run_dir / "summary.json")
+    except (OSError, ValueError):
+        s = {}
+    verdict = s.get("verdict") or "?"
+    return mg.Probe(lr=lr, stable=verdict not in mg.UNSTABLE, verdict=verdict, folder=run_dir.name,
+                    final_val_loss=float(s.get("final_val_loss", math.nan)), initial_loss=initial_loss(run_dir),
+                    wall_s=float(s.get("wall_s", math.nan)), stopped_early=bool(s.get("stopped_early")))
+
+
+def print_result(res: dict[str, Any]) -> None:
+    import pandas as pd
+
+    from stability import margin as mg
+
+    rows = [{"configuration": c["config"], "margin (largest stable lr)": c["text"],
+             "smallest unstable lr": fmt(c["unstable_lr"]) if c["unstable_lr"] else "-", "status": c["status"],
+             "x least stable": fmt(c["ratio"]) if c["ratio"] else "-",
+             "grid share above": f"{c['grid_share_unstable']:.0%}",
+             "LR sensitivity floor": fmt(c["lr_sensitivity_floor"]),
+             "LR sensitivity (probes)": fmt(c["lr_sensitivity"]),
+             "probes (lr verdict)": "; ".join(mg.probe_text(p) for p in c["probes"])} for c in res["configs"]]
+    console.print(frame_table(pd.DataFrame(rows), title=f"stability margin: lr {res['lo']:g}..{res['hi']:g}, "
+                                                        f"grid x{res['grid_ratio']:.3g}"))
+    if res["sentence"]:
+        console.print(res["sentence"], style="bold", markup=False, highlight=False)
+    for line in res["by_factor"]:
+        console.print(f"  {line}", markup=False, highlight=False)
+    cost = res["cost"]
+    console.print(f"cost: {cost['probes']} probe runs in {cost['rounds']} rounds ({cost['stopped_early']} stopped early), "
+                  f"{seconds(cost['wall_s'])} wall; an exhaustive grid of the same resolution: {cost['exhaustive_runs']} "
+                  f"runs, about {seconds(cost['exhaustive_train_s_estimate'])} of training at the median full run "
+                  f"({fmt(cost['median_full_run_s'])} s)", markup=False, highlight=False)

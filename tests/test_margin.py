@@ -1,0 +1,122 @@
+"""`stab margin`: bracketing + bisection on a synthetic stability function (no training), and one
+small real margin search on the smoke preset through the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stability.margin import Probe, comparison, factor_ratios, find_margins, grid_size, promised_probes
+from tests.conftest import SMOKE, read_json
+
+LO, HI, TOL = 1e-3, 1e-1, 1.5
+
+
+def synthetic(boundaries: dict[str, float], calls: list[list[tuple[str, float]]] | None = None):
+    """A probe whose configuration c is stable exactly up to boundaries[c]."""
+    def probe(batch: list[tuple[str, float]]) -> list[Probe]:
+        if calls is not None:
+            calls.append(batch)
+        return [Probe(lr, stable=lr <= boundaries[c]) for c, lr in batch]
+    return probe
+
+
+@pytest.mark.parametrize("boundary", [1.05e-3, 3.3e-3, 0.0123, 0.05, 0.0999])
+def test_bisection_brackets_the_boundary_within_tolerance_in_the_promised_probes(boundary):
+    m = find_margins(["a"], synthetic({"a": boundary}), LO, HI, TOL, steps=10)["a"]
+    assert m.status == "found"
+    assert m.stable_lr <= boundary < m.unstable_lr
+    assert m.unstable_lr / m.stable_lr <= TOL
+    K = grid_size(LO, HI, TOL)
+    assert 2 + math.floor(math.log2(K)) <= len(m.probes) <= promised_probes(LO, HI, TOL) == 2 + math.ceil(math.log2(K))
+    assert len(m.probes) < grid_size(LO, HI, TOL) + 1  # fewer than an exhaustive grid of the same resolution
+
+
+def test_configurations_advance_together_one_probe_each_per_round():
+    calls: list[list[tuple[str, float]]] = []
+    margins = find_margins(["norm=pre", "norm=post"], synthetic({"norm=pre": 0.04, "norm=post": 0.004}, calls),
+                           LO, HI, TOL, steps=10)
+    assert [len(c) for c in calls][0] == 4 and all(len(c) <= 2 for c in calls[1:])
+    assert len(calls) <= promised_probes(LO, HI, TOL) - 1  # rounds: the two ends together, then one probe each
+    assert all(len({c for c, _ in batch}) == len(batch) // (2 if i == 0 else 1) for i, batch in enumerate(calls))
+    pre, post = margins["norm=pre"].stable_lr, margins["norm=post"].stable_lr
+    assert 0.04 / TOL <= pre <= 0.04 and 0.004 / TOL <= post <= 0.004
+    assert factor_ratios(margins) == [f"norm: margin at pre / at post = {pre / post:.3g}x"]
+    assert comparison(margins) == f"norm=pre is stable up to {pre / post:.3g}x the learning rate of norm=post ({pre:.3g} vs {post:.3g})"
+
+
+def test_a_boundary_outside_the_bracket_is_found_by_widening_and_reported_as_such():
+    up = find_margins(["a"], synthetic({"a": 0.7}), LO, HI, TOL, steps=10)["a"]
+    assert up.status == "found" and up.stable_lr <= 0.7 < up.unstable_lr
+    assert len(up.probes) <= promised_probes(LO, HI, TOL) + 1  # one widening probe (at lr 10)
+    assert 10.0 in [p.lr for p in up.probes]
+    never = find_margins(["a"], synthetic({"a": 100.0}), LO, HI, TOL, steps=10)["a"]
+    assert never.status == "above" and never.stable_lr == 10.0 and never.text == ">= 10"
+    down = find_margins(["a"], synthetic({"a": 2e-5}), LO, HI, TOL, steps=10)["a"]
+    assert down.status == "found" and down.stable_lr <= 2e-5 < down.unstable_lr
+    short = find_margins(["a"], synthetic({"a": 1e-9}), LO, HI, TOL, steps=3)["a"]
+    assert short.status == "below" and short.stable_lr is None and len(short.probes) == 3
+
+
+def test_a_budget_too_small_to_finish_says_so_and_non_monotone_ends_are_not_bisected():
+    m = find_margins(["a"], synthetic({"a": 0.0123}), LO, HI, TOL, steps=4)["a"]
+    assert m.status == "budget" and len(m.probes) == 4 and m.stable_lr <= 0.0123 < m.unstable_lr
+
+    def flipped(batch):
+        return [Probe(lr, stable=lr > 0.01) for _, lr in batch]
+    odd = find_margins(["a"], flipped, LO, HI, TOL, steps=10)["a"]
+    assert odd.status == "non_monotone" and len(odd.probes) == 2
+
+
+def test_bad_brackets_are_refused():
+    with pytest.raises(ValueError, match="margin.lo"):
+        find_margins(["a"], synthetic({"a": 1}), 0.1, 0.01, TOL, 10)
+    with pytest.raises(ValueError, match="margin.tolerance"):
+        find_margins(["a"], synthetic({"a": 1}), LO, HI, 1.0, 10)
+
+
+@pytest.mark.slow
+def test_stab_margin_on_the_smoke_preset_probes_real_runs_and_resumes_without_training_again(cli, tmp_path):
+    args = ["margin", *SMOKE, "norm=pre,post", "train.epochs=2", "margin.lo=0.01", "margin.hi=1", "margin.tolerance=10",
+            "--runs", tmp_path, "--name", "m"]
+    result = cli(*args)
+    res = read_json(tmp_path / "m" / "margin.json")
+    assert res["grid_steps"] == 2 and [c["config"] for c in res["configs"]] == ["norm=pre", "norm=post"]
+    for c in res["configs"]:
+        assert 2 <= len(c["probes"]) <= promised_probes(0.01, 1, 10) == 3
+        for p in c["probes"]:  # each probe is a run folder whose own summary holds the verdict reported
+            folder = tmp_path / "m" / p["folder"]
+            assert read_json(folder / "summary.json")["verdict"] == p["verdict"]
+            assert f"train.lr={p['lr']:g}" in p["folder"] and "train.stop_early=true" in p["folder"]
+        stable = [p["lr"] for p in c["probes"] if p["stable"]]
+        unstable = [p["lr"] for p in c["probes"] if not p["stable"]]
+        assert c["margin"] == (max(stable) if stable else None)
+        assert all(u > c["margin"] for u in unstable) if stable else True
+    assert res["cost"]["probes"] == sum(len(c["probes"]) for c in res["configs"])
+    assert res["sentence"] in result.output and (tmp_path / "m" / "margin.md").exists()
+    finished = {p: read_json(p)["finished"] for p in (tmp_path / "m").glob("*/status.json")}
+    cli(*args)  # the same search again: every probe is found completed, none trains twice
+    assert {p: read_json(p)["finished"] for p in (tmp_path / "m").glob("*/status.json")} == finished
+    assert read_json(tmp_path / "m" / "margin.json")["configs"] == res["configs"]
+
+
+def test_margin_refuses_a_learning_rate_and_bad_margin_keys_before_any_run(cli, tmp_path):
+    r = cli("margin", *SMOKE, "train.lr=0.1", "--runs", tmp_path, ok=False)
+    assert r.exit_code == 2 and "train.lr is not allowed here" in r.output
+    r = cli("margin", *SMOKE, "margin.hi=0.0001", "--runs", tmp_path, ok=False)
+    assert r.exit_code == 2 and "margin.hi" in r.output
+    assert not any(tmp_path.rglob("status.json"))
+
+
+def test_a_probe_stops_early_only_once_its_verdict_cannot_become_stable():
+    from stability.detectors import certainly_unstable, explosion
+
+    assert certainly_unstable([1.0, 3.0, 9.5], None, 2.0, 3)  # a full 3-epoch window growing 3.1x per epoch
+    assert certainly_unstable([1.0, 3.0], None, 2.0, 3) is None  # a 2-epoch window can still be diluted
+    assert certainly_unstable([1.0, 1.1, 1.2, 1.1], None, 2.0, 3) is None
+    assert certainly_unstable([1.0], {"step": 4}, 2.0, 3) == "first non-finite value at step 4"
+    history = [1.0, 3.0, 9.5, 0.5, 0.4, 0.4, 0.3]  # grows, then collapses: still exploding at the end
+    for n in range(1, len(history) + 1):
+        if certainly_unstable(history[:n], None, 2.0, 3):
+            assert explosion(history, 2.0, 3)[0] is not None
