@@ -28,6 +28,7 @@ import shutil
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -35,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stability import detectors, health
+from stability import detectors, distributed, health
 from stability.config import RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.errors import StorageError
@@ -341,35 +342,60 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
 
 
 class Stepper:
-    """One instrumented optimisation step: forward -> loss -> backward -> measure -> one host
-    transfer -> clip -> step. Returns the step's measurements on the host and whether they
-    are finite; on a non-finite step it does not update (the caller decides what happens)."""
+    """One instrumented optimisation step: forward -> loss -> backward -> measure -> clip -> step.
+
+    Two ways to call it, with the same arithmetic:
+
+    - `stepper(batch)` (train.sync_every=1): the step's measurements move to the host once, the
+      host checks them and updates only on a finite step. Returns (host vector, finite).
+    - `stepper.on_device(batch)` (sync_every=K>1): nothing leaves the device. The update is
+      guarded by the fused AdamW's `found_inf` (the path torch.amp.GradScaler uses): a
+      non-finite step leaves the weights, the moments and the step count as they were. The
+      guard is sticky (`frozen`): after a non-finite step every later step of the window is
+      skipped too, so when the host reads the window it finds the weights exactly as they were
+      before the first non-finite step and re-runs from there (`Window`). Returns the step's
+      device vector (loss, total norm, group norms, stage stats, finite flag), float64.
+
+    In a distributed run the gradients are DDP's all-reduced ones (identical on every rank), and
+    the loss and stage stats are averaged over the ranks in one device all-reduce, so a
+    non-finite loss on any rank makes the step non-finite on every rank.
+    """
 
     def __init__(self, work: Any, opt: torch.optim.Optimizer, sched: Any, grad_probe: GradProbe,
-                 stage_probe: StageProbe, clip: float | None, precision: str = "fp32") -> None:
+                 stage_probe: StageProbe, clip: float | None, precision: str = "fp32", world_size: int = 1) -> None:
         self.work, self.opt, self.sched = work, opt, sched
         self.grad_probe, self.stage_probe, self.clip = grad_probe, stage_probe, clip
         self.n_checked = 2 + len(grad_probe.names)  # loss, total norm, group norms
+        self.world_size = world_size
         device = next(work.model.parameters()).device
         bf16 = precision == "bf16"
         self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.frozen = torch.zeros((), device=device)  # 1.0 once a step of this window was non-finite
 
-    def __call__(self, batch: Any, loss_scale: float | None = None) -> tuple[np.ndarray, bool]:
-        with self.autocast():
+    def _forward_backward(self, batch: Any, loss_scale: float | None) -> tuple[torch.Tensor, ...]:
+        """-> (loss, total, per_group, stage, grads_finite) on the device; loss and stage are
+        averaged over the ranks of a distributed run."""
+        with self.autocast(), distributed.synced_batch_stats():
             loss = self.work.loss(batch)
         if loss_scale is not None:  # fault.spike_at_step
             loss = loss * loss_scale
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP all-reduces (averages) the gradients here
         total, per_group, grads_finite = self.grad_probe.measure()
-        stage = self.stage_probe.measure().double()
-        vec = torch.cat([loss.detach().double().view(1), total.view(1), per_group, stage, grads_finite.view(1)])
+        shared = torch.cat([loss.detach().double().view(1), self.stage_probe.measure().double()])
+        if self.world_size > 1:  # a device collective, no host sync
+            shared = distributed.sum_(shared) / self.world_size
+        return shared[:1], total, per_group, shared[1:], grads_finite
+
+    def __call__(self, batch: Any, loss_scale: float | None = None) -> tuple[np.ndarray, bool]:
+        loss, total, per_group, stage, grads_finite = self._forward_backward(batch, loss_scale)
+        vec = torch.cat([loss, total.view(1), per_group, stage, grads_finite.view(1)])
         host = vec.cpu().numpy()  # the step's one CPU-GPU sync point (float64: norms of finite grads stay finite)
         if np.isinf(host[2:self.n_checked]).any():
             # A float32 per-parameter norm overflowed, or a gradient holds inf: only float64
             # norms tell which. A second sync, on such a step only.
             total, per_group, grads_finite = self.grad_probe.measure(exact=True)
-            host = torch.cat([vec[:1], total.view(1), per_group, stage, grads_finite.view(1)]).cpu().numpy()
+            host = torch.cat([loss, total.view(1), per_group, stage, grads_finite.view(1)]).cpu().numpy()
         host, grads_finite = host[:-1], bool(host[-1])
         # Non-finite = the loss or some parameter's gradient is; a huge but finite norm is not.
         finite = grads_finite and bool(np.isfinite(host[0]))
@@ -378,6 +404,105 @@ class Stepper:
             self.opt.step()
         self.sched.step()
         return host, finite
+
+    def on_device(self, batch: Any, loss_scale: float | None = None) -> torch.Tensor:
+        loss, total, per_group, stage, grads_finite = self._forward_backward(batch, loss_scale)
+        finite = grads_finite & torch.isfinite(loss[0])
+        self.frozen = torch.maximum(self.frozen, (~finite).float())  # sticky until `thaw`
+        self.grad_probe.clip_(total, self.clip)  # NaN coefficients on a non-finite step: not applied
+        self.opt.found_inf = self.frozen  # read by the fused kernel on the device: 1 = skip the update
+        try:
+            self.opt.step()
+        finally:
+            del self.opt.found_inf
+        self.sched.step()
+        return torch.cat([loss, total.view(1), per_group, stage, finite.double().view(1)])
+
+    def thaw(self) -> None:
+        """Clear the sticky guard (the host has read the window and rewound to its bad step)."""
+        self.frozen = torch.zeros_like(self.frozen)
+
+
+@dataclass
+class StepContext:
+    """What the host keeps of a step until its measurements arrive: where it is in the run,
+    the global batch's example indices and this rank's batch (tensors on the device, held
+    anyway by the step), and the learning-rate schedule before it (host floats)."""
+
+    step: int
+    epoch: int
+    batch_index: int
+    indices: torch.Tensor  # (B,) the global batch, this rank's shard being `batch`
+    batch: Any
+    spike: float | None
+    sched_state: dict[str, Any]
+    lrs: list[float]
+
+
+class Window:
+    """Runs steps on the device and hands their measurements to the host every `sync_every`
+    steps (and at each epoch's end) in one transfer.
+
+        window.add(ctx)                       # launches the step (sync_every > 1)
+        for ctx, host, finite in window.drain():
+            ...                               # one record per step, in order
+
+    At sync_every=1 a step runs on the host path when drained (`Stepper.__call__`). At K > 1,
+    when the transfer shows a non-finite step, the window is rewound to it: the sticky device
+    guard left the weights and optimizer state as they were before that step, the schedule is
+    restored from the host, and the steps from there are run again one by one on the host path,
+    so the run reports the exact step, can locate its module from the weights that produced
+    it, and continues (on_nan=skip) exactly as at sync_every=1. Buffers that a forward updates
+    (spectral norm's power-iteration vectors) are not rewound.
+    """
+
+    def __init__(self, stepper: Stepper, sync_every: int, before_step: Any = None) -> None:
+        self.stepper, self.k = stepper, sync_every
+        self.before_step = before_step or (lambda step: None)  # e.g. the NaN injector's step
+        self.pending: list[tuple[StepContext, torch.Tensor | None]] = []
+
+    def add(self, ctx: StepContext) -> None:
+        self.before_step(ctx.step)
+        vec = self.stepper.on_device(ctx.batch, ctx.spike) if self.k > 1 else None
+        self.pending.append((ctx, vec))
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self.k
+
+    def drain(self) -> Iterator[tuple[StepContext, np.ndarray, bool]]:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        if self.k == 1:
+            for ctx, _ in pending:
+                self.before_step(ctx.step)
+                yield (ctx, *self.stepper(ctx.batch, ctx.spike))
+            return
+        host = torch.stack([v for _, v in pending]).cpu().numpy()  # the window's one CPU-GPU sync point
+        bad = next((i for i, row in enumerate(host) if not row[-1]), None)
+        for (ctx, _), row in zip(pending[:bad], host[:bad]):
+            yield ctx, row[:-1], True
+        if bad is None:
+            return
+        self.stepper.thaw()  # weights and optimizer state: as before step `bad`, skipped on the device
+        first = pending[bad][0]
+        self.stepper.sched.load_state_dict(first.sched_state)
+        for group, lr in zip(self.stepper.opt.param_groups, first.lrs):
+            group["lr"] = lr
+        for ctx, _ in pending[bad:]:  # at sync_every=1's pace, so each is checked before the next
+            self.before_step(ctx.step)
+            yield (ctx, *self.stepper(ctx.batch, ctx.spike))
+
+    def discard(self) -> list[tuple[StepContext, np.ndarray, bool]]:
+        """The measured steps still pending (the run is ending early: a crash, Ctrl-C), read
+        without rewinding; steps not yet run on the host path are dropped."""
+        pending, self.pending = self.pending, []
+        done = [(ctx, v) for ctx, v in pending if v is not None]
+        if not done:
+            return []
+        host = torch.stack([v for _, v in done]).cpu().numpy()
+        return [(ctx, row[:-1], bool(row[-1])) for (ctx, _), row in zip(done, host)]
 
 
 def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[float] | None, step: int,
