@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import socket
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -63,10 +64,12 @@ class Callbacks:
 
 @contextlib.contextmanager
 def eager(work: Any) -> Iterator[None]:
-    """Run probes on the uncompiled model: hooks added after `torch.compile` traced the forward
-    do not fire inside the compiled graph, and its state_dict keys carry an `_orig_mod.` prefix."""
+    """Run probes on the uncompiled model outside DDP: hooks added after `torch.compile` traced
+    the forward do not fire inside the compiled graph, its state_dict keys carry an `_orig_mod.`
+    prefix, and DDP's a `module.` prefix and a collective in every training forward."""
     compiled = work.model
-    work.model = getattr(compiled, "_orig_mod", compiled)
+    inner = distributed.unwrap(compiled)
+    work.model = getattr(inner, "_orig_mod", inner)
     try:
         yield
     finally:
@@ -137,25 +140,42 @@ def _last_words(write: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks: Callbacks | None = None,
-        extra_status: dict[str, Any] | None = None) -> dict[str, Any]:
+        extra_status: dict[str, Any] | None = None, world: distributed.World | None = None) -> dict[str, Any]:
     """Train one configuration into `run_dir`; returns the summary (also in summary.json).
 
     A crash writes status `failed` with the error and re-raises; Ctrl-C writes `interrupted`.
     An exploding or NaN run is a result, not a crash: it completes with that verdict.
     The run holds `run_dir`'s lease throughout: `LeaseBusy` if another live process writes there.
+
+    `world`: this process's place in a data-parallel run whose process group the caller has
+    joined (`stability.distributed`); every rank calls `run` with the same `run_dir`. Rank 0
+    writes it; the other ranks compute the same records (the same weights, the same
+    all-reduced measurements) into a scratch folder that is deleted at the end, so every rank
+    returns the same summary and reaches the same decisions (skip, stop) without a broadcast.
     """
+    world = world or distributed.World()
     preflight(cfg)
+    distributed.check_batch(cfg.train.batch_size, world.size)
+    if world.distributed and cfg.train.threads is None:  # the node's cores, split between its ranks
+        from stability.resources import available_cpus
+        cfg.train.threads = max(1, available_cpus() // world.local_size)
+    if not world.main:
+        scratch = Path(tempfile.mkdtemp(prefix=f"stab-rank{world.rank}-"))
+        try:
+            return _run(cfg, scratch, overrides, Callbacks(), extra_status, world)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lease = RunLease(run_dir, **{k: v for k, v in (extra_status or {}).items() if k == "owner"}).acquire()
     try:
-        return _run(cfg, run_dir, overrides, callbacks or Callbacks(), extra_status)
+        return _run(cfg, run_dir, overrides, callbacks or Callbacks(), extra_status, world)
     finally:
         lease.release()
 
 
 def _run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str], cb: Callbacks,
-         extra_status: dict[str, Any] | None) -> dict[str, Any]:
+         extra_status: dict[str, Any] | None, world: distributed.World) -> dict[str, Any]:
     for stale in ("metrics.jsonl", "epochs.jsonl", "events.jsonl", "summary.json", "grad_norms.csv", "samples.txt"):
         (run_dir / stale).unlink(missing_ok=True)  # a re-run starts its streams afresh
     shutil.rmtree(run_dir / "forensics", ignore_errors=True)  # an earlier attempt's NaN is not this run's
@@ -164,9 +184,10 @@ def _run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str], cb: Callbacks,
     t_start = time.time()
     _write_status(run_dir, fresh=True, state="running", run_id=cfg.identity(), pid=os.getpid(), host=socket.gethostname(),
                   started=t_start, finished=None, error=None, **(extra_status or {}))
-    recorder, state = open_trackers(cfg, run_dir, overrides), "failed"  # no tracker: imports nothing
+    # no tracker: imports nothing; in a distributed run, rank 0's only
+    recorder, state = open_trackers(cfg, run_dir, overrides) if world.main else Recorder(), "failed"
     try:
-        summary = _train(cfg, run_dir, cb, t_start, recorder)
+        summary = _train(cfg, run_dir, cb, t_start, recorder, world)
         state = "completed"
     except KeyboardInterrupt as e:
         how = e.args[0] if e.args else "SIGINT"
@@ -189,11 +210,13 @@ def _run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str], cb: Callbacks,
 
 
 def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
-           recorder: Recorder | None = None) -> dict[str, Any]:
+           recorder: Recorder | None = None, world: distributed.World | None = None) -> dict[str, Any]:
     tc = cfg.train
-    device = resolve_device(tc.device)
+    world = world or distributed.World()
+    device = distributed.device(world, tc.device) if world.distributed else resolve_device(tc.device)
     parts = build(cfg, device)
     work, model, groups, names, opt, sched = parts.work, parts.model, parts.groups, parts.names, parts.opt, parts.sched
+    work.model = model = distributed.wrap(work.model, world, device)  # probes stay on the inner modules
     write_json(run_dir / "data.json", work.info)
     _write_status(run_dir, device=str(device), threads=torch.get_num_threads(),
                   torch=torch.__version__, python=platform.python_version())
@@ -201,7 +224,8 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
     n_stages = parts.n_stages
     injector = (NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step)
                 if cfg.fault.nan_at_step is not None else None)
-    stepper = Stepper(work, opt, sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision)
+    stepper = Stepper(work, opt, sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision, world.size)
+    window = Window(stepper, tc.sync_every, lambda s: setattr(injector, "current", s) if injector else None)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
     cb.start(tc.epochs, n_batches)
@@ -227,41 +251,49 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
         for epoch in range(1, tc.epochs + 1):
             order = torch.randperm(work.n_train, generator=order_gen)
             for b in range(n_batches):
-                t0 = time.perf_counter()
+                if not window.pending:
+                    t0 = time.perf_counter()
                 if cfg.fault.crash_at_step == step:
                     raise InjectedCrash(f"fault.crash_at_step={step}: injected crash")
-                if injector:
-                    injector.current = step
-                batch = work.batch(order[b * tc.batch_size:(b + 1) * tc.batch_size])
-                spike = cfg.fault.spike_factor if cfg.fault.spike_at_step == step else None
-                host, finite = stepper(batch, spike)
-                if not finite:
-                    if first_nan is None:
-                        with eager(work):
-                            first_nan = _locate_nan(work, batch, groups, host, names, epoch, b, step)
-                            first_nan["forensics"] = save_forensics(run_dir, work, opt, sched, batch,
-                                                                    order[b * tc.batch_size:(b + 1) * tc.batch_size],
-                                                                    first_nan)
-                        event("first_nan", **first_nan)
-                    opt.zero_grad(set_to_none=True)  # the stepper did not step on them; drop them
-                    if tc.on_nan == "stop":
-                        stopped = True
-                rec = _step_record(host, names, n_stages, cfg.model.rms_clamp if n_stages and cfg.model.rms_match else None,
-                                   step, epoch, b)
-                rec["finite"] = finite  # from each parameter's gradient, not from the (huge) total
-                rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
-                rec["lr"] = sched.get_last_lr()[0]
-                rec["time/step_ms"] = 1000 * (time.perf_counter() - t0)
-                for i in range(n_stages):
-                    if rec[f"stage{i}/clamped"] and not clamp_seen[i]:
-                        clamp_seen[i] = True
-                        event("clamp_saturation", stage=i, step=step, epoch=epoch, batch=b,
-                              ratio=rec[f"stage{i}/ratio"], scale=rec[f"stage{i}/scale"])
-                steps.append(rec)
-                pending.append(rec)
-                recorder.step(rec)
-                cb.step(epoch, b, rec["loss"])
+                idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]  # the global batch; this rank's shard:
+                window.add(StepContext(step, epoch, b, idx, work.batch(distributed.shard(idx, world)),
+                                       cfg.fault.spike_factor if cfg.fault.spike_at_step == step else None,
+                                       sched.state_dict() if tc.sync_every > 1 else {}, [g["lr"] for g in opt.param_groups]))
                 step += 1
+                if not (window.full or b == n_batches - 1):
+                    continue  # measurements stay on the device
+                n_window = len(window.pending)
+                for ctx, host, finite in window.drain():
+                    epoch_, b_, step_ = ctx.epoch, ctx.batch_index, ctx.step
+                    if not finite:
+                        if first_nan is None:  # located on the global batch, on every rank alike
+                            global_batch = work.batch(ctx.indices) if world.distributed else ctx.batch
+                            with eager(work):
+                                first_nan = _locate_nan(work, global_batch, groups, host, names, epoch_, b_, step_)
+                                first_nan["forensics"] = save_forensics(run_dir, work, opt, sched, global_batch,
+                                                                        ctx.indices, first_nan)
+                            event("first_nan", **first_nan)
+                        opt.zero_grad(set_to_none=True)  # the stepper did not step on them; drop them
+                        if tc.on_nan == "stop":
+                            stopped = True
+                    rec = _step_record(host, names, n_stages,
+                                       cfg.model.rms_clamp if n_stages and cfg.model.rms_match else None, step_, epoch_, b_)
+                    rec["finite"] = finite  # from each parameter's gradient, not from the (huge) total
+                    rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
+                    rec["lr"] = ctx.lrs[0]
+                    rec["time/step_ms"] = 1000 * (time.perf_counter() - t0) / n_window  # the window's mean
+                    for i in range(n_stages):
+                        if rec[f"stage{i}/clamped"] and not clamp_seen[i]:
+                            clamp_seen[i] = True
+                            event("clamp_saturation", stage=i, step=step_, epoch=epoch_, batch=b_,
+                                  ratio=rec[f"stage{i}/ratio"], scale=rec[f"stage{i}/scale"])
+                    steps.append(rec)
+                    pending.append(rec)
+                    recorder.step(rec)
+                    cb.step(epoch_, b_, rec["loss"])
+                    if stopped:
+                        step = step_ + 1
+                        break
                 if stopped:
                     break
             append_jsonl(run_dir / "metrics.jsonl", pending)
@@ -334,7 +366,8 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
         "stage_rms_last_epoch": epochs[-1]["stage_rms"] if epochs else None,
         "stage_scale_last_epoch": epochs[-1]["stage_scale"] if epochs else None,
         "codec": work.info.get("codec"), "latent_scale": work.info.get("scale"),
-        "device": str(device), "wall_s": time.time() - t_start,
+        "device": str(device), "world_size": world.size, "sync_every": tc.sync_every,
+        "wall_s": time.time() - t_start,
     }
     write_json(run_dir / "summary.json", summary)
     recorder.summary(summary)
