@@ -187,14 +187,14 @@ def synced_batch_stats() -> Iterator[None]:
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:
     """x.mean() over this rank's shard, or, inside `synced_batch_stats`, over the global batch:
-    the all-reduce carries gradients to every rank (torch.distributed.nn), so DDP's averaged
+    the all-reduce carries gradients to every rank (functional collectives), so DDP's averaged
     gradient is that of the world-size-1 computation. Equal-sized shards assumed (check_batch)."""
     m = x.mean()
     if not _SYNC[0]:
         return m
-    from torch.distributed.nn.functional import all_reduce
+    from torch.distributed._functional_collectives import all_reduce  # differentiable: its backward all-reduces
 
-    return all_reduce(m) / dist.get_world_size()
+    return all_reduce(m, "sum", dist.group.WORLD) / dist.get_world_size()
 
 
 def launch(nproc: int, args: Sequence[str]) -> int:

@@ -216,12 +216,13 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
     device = distributed.device(world, tc.device) if world.distributed else resolve_device(tc.device)
     parts = build(cfg, device)
     work, model, groups, names, opt, sched = parts.work, parts.model, parts.groups, parts.names, parts.opt, parts.sched
-    work.model = model = distributed.wrap(work.model, world, device)  # probes stay on the inner modules
     write_json(run_dir / "data.json", work.info)
     _write_status(run_dir, device=str(device), threads=torch.get_num_threads(),
                   torch=torch.__version__, python=platform.python_version())
 
     n_stages = parts.n_stages
+    # DDP around the model; groups, probes, hooks and the workload's own methods see the inner module
+    work.model = model = distributed.wrap(work.model, world, device)
     injector = (NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step)
                 if cfg.fault.nan_at_step is not None else None)
     stepper = Stepper(work, opt, sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision, world.size)
