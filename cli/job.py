@@ -60,6 +60,12 @@ def job(cfg: DictConfig) -> dict[str, Any]:
             distributed.close()
 
 
+def distributed_threads(world: Any, cpus: int) -> int:
+    from stability import distributed
+
+    return distributed.threads(world, cpus)
+
+
 def _join(cfg: DictConfig) -> Any:
     """This task's `stability.distributed.World`; with several tasks, the job's group joined."""
     from stability import distributed
@@ -100,7 +106,7 @@ def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: A
         n_gpus = torch.cuda.device_count() if run_cfg.train.device == "auto" and not world.distributed else 0
         plan = resources.plan(hc.job.num, concurrency, resources.available_cpus(), n_gpus)
         if run_cfg.train.threads is None:  # the job's share of the cores, split between its tasks
-            run_cfg.train.threads = max(1, plan.threads // world.local_size)
+            run_cfg.train.threads = distributed_threads(world, plan.threads)
         if plan.device:
             run_cfg.train.device = plan.device
         with graceful_signals(), _stop_when_gone(owner):

@@ -125,6 +125,15 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def threads(world: World, cpus: int) -> int:
+    """CPU threads for this rank out of the `cpus` this process may use: srun pins each task to
+    its own cores (`cpus_per_task`), so all of them; ranks started on one machine by torchrun or
+    submitit's local executor share them, so an equal part each."""
+    if "SLURM_STEP_NUM_TASKS" in os.environ:
+        return max(1, cpus)
+    return max(1, cpus // world.local_size)
+
+
 def check_batch(batch_size: int, world_size: int) -> None:
     """Raises ValueError unless the global batch splits into equal shards."""
     if world_size > 1 and batch_size % world_size:

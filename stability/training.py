@@ -158,7 +158,7 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
     distributed.check_batch(cfg.train.batch_size, world.size)
     if world.distributed and cfg.train.threads is None:  # the node's cores, split between its ranks
         from stability.resources import available_cpus
-        cfg.train.threads = max(1, available_cpus() // world.local_size)
+        cfg.train.threads = distributed.threads(world, available_cpus())
     if not world.main:
         scratch = Path(tempfile.mkdtemp(prefix=f"stab-rank{world.rank}-"))
         try:
