@@ -21,12 +21,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from stability.config import ConfigError, RunConfig, did_you_mean
+from stability.config import SHORT_NAMES, ConfigError, RunConfig, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# Top-level keys that are not RunConfig fields: the short aliases, interpolated into groups.
-ALIASES = ("residual", "norm", "clip", "spectral_norm", "qk_norm", "sigma_reparam", "v_scale", "z_loss", "warmup")
+# Top-level keys that are not RunConfig fields: the short names, interpolated into groups.
+ALIASES = tuple(SHORT_NAMES)
 GROUP_KEYS = ("preset", "experiment")
 
 

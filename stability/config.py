@@ -536,3 +536,44 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             sub = _VARIANTS.get((cls.__name__, name), {}).get(value.get("name"), sub)
         kwargs[name] = _build(sub, value, f"{prefix}.{name}" if prefix else name) if sub else value
     return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ShortName:
+    """A top-level short name of conf/config.yaml (`norm=pre`), an ablation axis.
+
+    path: where the model or train group reads it in a resolved config (`model.norm`);
+    the cascade's `model.residual` is a list per stage, of which the short name is the last.
+    """
+
+    name: str
+    path: str
+    help: str
+
+    def read(self, cfg: RunConfig) -> Any:
+        """This short name's value in a run's config; None where the model does not read it."""
+        node: Any = cfg
+        for part in self.path.split("."):
+            node = getattr(node, part, None)
+        if self.name == "residual":
+            return node[-1] if isinstance(node, list) and node else None
+        if self.name == "clip" and node is None:
+            return "none"
+        return node
+
+
+# The one table of short names: config composition (cli/config.py drops them after
+# interpolation and refuses one the model does not read), the report's factors (a short name
+# and its path are one factor) and the trackers' params all read it. Defaults are in
+# conf/config.yaml.
+SHORT_NAMES: dict[str, ShortName] = {s.name: s for s in (
+    ShortName("residual", "model.residual", "last stage's residual weight (cascade)"),
+    ShortName("norm", "model.norm", "norm placement: pre | post | deepnorm"),
+    ShortName("clip", "train.clip", "gradient clipping on the total norm: none | a positive number"),
+    ShortName("spectral_norm", "model.spectral_norm", "spectral norm on the output projection(s)"),
+    ShortName("qk_norm", "model.qk_norm", "norm on queries and keys per head (arXiv 2309.14322)"),
+    ShortName("sigma_reparam", "model.sigma_reparam", "sigma-reparametrised weights (arXiv 2303.06296)"),
+    ShortName("v_scale", "model.v_scale", "value scaling by a learned saturating gain (arXiv 2603.17771)"),
+    ShortName("z_loss", "model.z_loss", "z-loss coefficient on the output softmax (char LM)"),
+    ShortName("warmup", "train.warmup", "steps of linear learning-rate warmup"),
+)}

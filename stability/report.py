@@ -30,7 +30,7 @@ from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from stability.config import OPERATIONAL_KEYS
+from stability.config import OPERATIONAL_KEYS, SHORT_NAMES
 from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.progress import phase
@@ -291,9 +291,7 @@ def _float(x: Any) -> float:
 
 
 # The short names and where each is read in a resolved config (the last stage's residual).
-ALIAS_PATHS = {"residual": "model.residual", "norm": "model.norm", "clip": "train.clip",
-               "spectral_norm": "model.spectral_norm", "qk_norm": "model.qk_norm", "sigma_reparam": "model.sigma_reparam",
-               "v_scale": "model.v_scale", "z_loss": "model.z_loss", "warmup": "train.warmup"}
+ALIAS_PATHS = {name: short.path for name, short in SHORT_NAMES.items()}
 
 
 def _operational(key: str) -> bool:

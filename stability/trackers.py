@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from stability.config import OPERATIONAL_KEYS, TRACKERS, ConfigError, RunConfig
+from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig
 from stability.storage import read_json, write_json
 
 PIP = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> module and pip package
@@ -47,21 +47,6 @@ STORE_FILE = "trackers.json"
 _COORDS = ("step", "epoch", "batch")
 # Per-epoch lists indexed by stage: epoch/stage{i}/<name>.
 _STAGE_LISTS = {"stage_rms": "rms", "stage_ratio": "ratio", "stage_scale": "scale", "stage_clamp_rate": "clamp_rate"}
-# Short names (cli/config.py ALIASES) -> how to read them from a RunConfig: the ablation factors,
-# as params of their own so compare views show `norm`, `residual`, ... as columns.
-SHORT_NAMES: dict[str, Callable[[RunConfig], Any]] = {
-    "residual": lambda c: c.model.residual[-1] if isinstance(getattr(c.model, "residual", None), list) else None,
-    "norm": lambda c: c.model.norm,
-    "clip": lambda c: "none" if c.train.clip is None else c.train.clip,
-    "spectral_norm": lambda c: c.model.spectral_norm,
-    "qk_norm": lambda c: c.model.qk_norm,
-    "sigma_reparam": lambda c: c.model.sigma_reparam,
-    "v_scale": lambda c: c.model.v_scale,
-    "z_loss": lambda c: getattr(c.model, "z_loss", None),
-    "warmup": lambda c: c.train.warmup,
-}
-
-
 class TrackerWarning(UserWarning):
     """A tracker failed and was switched off; the run folder has every record."""
 
@@ -149,7 +134,7 @@ def run_params(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     may change between attempts of a run, and MLflow refuses a param whose value changes."""
     flat = {k: _scalar(v) for k, v in _flatten(cfg.to_dict()).items()}
     operational = {k: flat.pop(k) for k in OPERATIONAL_KEYS if k in flat}
-    short = {name: _scalar(read(cfg)) for name, read in SHORT_NAMES.items() if read(cfg) is not None}
+    short = {name: _scalar(s.read(cfg)) for name, s in SHORT_NAMES.items() if s.read(cfg) is not None}
     return {**short, **flat}, operational
 
 

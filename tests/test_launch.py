@@ -73,3 +73,27 @@ def test_joblib_jobs_run_in_the_workers_warmed_before_the_launch(tmp_path):
 def test_unknown_or_missing_launcher_plugin_is_refused():
     with pytest.raises(UserError, match="expected one of basic, joblib"):
         launch.check_launcher("dask")
+
+
+def test_each_short_name_reads_the_value_it_sets_where_the_model_reads_it():
+    """The one table of short names (stability.config.SHORT_NAMES) is the config's top-level
+    axes, and each entry's path is where `conf/model/*.yaml` interpolates it."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    from cli.config import CONF_DIR, compose_run
+    from stability.config import SHORT_NAMES
+
+    root = OmegaConf.load(CONF_DIR / "config.yaml")
+    axes = {k for k, v in root.items() if not isinstance(v, (DictConfig, ListConfig)) and k != "seed"}
+    assert axes == set(SHORT_NAMES)
+    set_to = {"residual": ("0.3", 0.3), "norm": ("pre", "pre"), "clip": ("5", 5.0), "spectral_norm": ("true", True),
+              "qk_norm": ("true", True), "sigma_reparam": ("true", True), "v_scale": ("true", True),
+              "z_loss": ("1e-4", 1e-4), "warmup": ("3", 3)}
+    assert set(set_to) == set(SHORT_NAMES)
+    for name, (text, value) in set_to.items():
+        model = "model=charlm" if name == "z_loss" else "model=cascade"
+        cfg = compose_run([model, f"{name}={text}"])
+        assert SHORT_NAMES[name].read(cfg) == value, name
+        assert SHORT_NAMES[name].read(compose_run([model])) != value, name
+    assert SHORT_NAMES["clip"].read(compose_run(["clip=none"])) == "none"
+    assert SHORT_NAMES["residual"].read(compose_run(["model=charlm"])) is None  # the char LM has none
