@@ -5,6 +5,7 @@
     stab bench --sweep              # 4 smoke jobs: sequential vs joblib --jobs 2; first job vs cache hit
     stab bench log=tensorboard      # adds a third loop feeding the trackers: `log ratio` is their cost
     stab bench model=charlm preset=gpu   # on CUDA, also stab's step at train.sync_every=8 against 1
+    stab bench --bookkeeping        # the run-folder writer alone: us/step and memory at 1k and 100k steps
 
 Every figure is a ratio measured side by side in this process (or this command), so it holds
 on a noisy machine. Copy the printed lines into the README's performance section.
@@ -33,10 +34,14 @@ def bench(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; none: default preset and the seed model at 2 s clips.")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per loop.")] = 60,
     sweep: Annotated[bool, typer.Option("--sweep", help="Time 4 smoke jobs sequentially and with joblib --jobs 2 instead.")] = False,
+    bookkeeping: Annotated[bool, typer.Option("--bookkeeping", help="Time the run folder's writer alone on 1,000 and 100,000 synthetic steps of the seed model's module groups instead.")] = False,
 ) -> None:
     """Time stab's instrumented step against a bare PyTorch step, interleaved in one process."""
     if sweep:
         _bench_sweep()
+        return
+    if bookkeeping:
+        _bench_bookkeeping(overrides or ["preset=seed"])
         return
     configs = [("given overrides", list(overrides))] if overrides else [("default preset", []), ("seed model, 2 s clips", SEED_SHORT)]
     with user_errors():
@@ -59,6 +64,22 @@ def bench(
         console.print(f"  model: {r.flops_per_step / 1e9:.3f} GFLOP per step; machine: {r.machine_flops / 1e9:.1f} GFLOP/s (fp32 matmul)")
         console.print(f"  per-epoch extras (validation, scream check, health): {r.epoch_extras_s * 1000:.0f} ms "
                       f"= {r.epoch_extras_s / (r.epoch_extras_s + r.epoch_steps_s):.1%} of an epoch")
+
+
+def _bench_bookkeeping(overrides: list[str], sizes: tuple[int, ...] = (1_000, 100_000)) -> None:
+    with user_errors():
+        cfg = compose_run(overrides)
+    from stability.bench import bookkeeping as run_bookkeeping
+    results = []
+    for n in sizes:
+        r = run_bookkeeping(cfg, n)
+        if not results:
+            console.print(styled(("bookkeeping", "bold"), f" ({' '.join(overrides)}): {r.groups} module groups, "
+                                 f"{r.epoch_steps} steps per epoch, the real writer into a temporary folder, no model"))
+        console.print(f"  {n:>7,} steps: {r.us_per_step:7.1f} us/step   resident memory growth {r.rss_growth_mb:6.1f} MB   "
+                      f"written {r.bytes_written / 2 ** 20:.1f} MB")
+        results.append(r)
+    console.print(f"bookkeeping ratio: {results[-1].us_per_step / results[0].us_per_step:.2f}")
 
 
 def _timed(args: list[str], env: dict[str, str]) -> float:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from cli import launch  # noqa: F401  registers the job-folder resolver in the process that runs the job
 from cli.common import graceful_signals
 from cli.config import to_run_config
+from stability import runformat as rf
 from stability import resources
 from stability.errors import StorageError, storage_error
 from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone
@@ -122,7 +123,7 @@ def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: A
         error = str(storage_error(e) or f"{type(e).__name__}: {e}")
         if world.main and read_status(run_dir).get("state") != "failed" and writer_gone(run_dir, read_status(run_dir)):
             try:  # it failed before training.run began
-                write_status(run_dir / "status.json", {"state": "failed", "error": error})
+                write_status(run_dir / rf.STATUS, {"state": "failed", "error": error})
             except StorageError:
                 pass
         return {"folder": str(run_dir), "skipped": False, "error": error}

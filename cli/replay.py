@@ -12,6 +12,7 @@ import typer
 
 from cli.common import console, fmt, styled, user_errors
 from cli.config import UserError
+from stability import runformat as rf
 
 
 def replay(
@@ -22,7 +23,7 @@ def replay(
     from stability.replay import ReplayError, replay as replay_run
 
     with user_errors():
-        if not (run / "config.yaml").exists():
+        if not (run / rf.CONFIG).exists():
             raise UserError(f"{run} is not a run folder (no config.yaml)")
         try:
             r = replay_run(run, n_other=others)

@@ -14,6 +14,7 @@ import typer
 from cli.common import console, fmt, styled, user_errors, verdict_text, warn
 from cli.config import UserError, compose_run
 from cli.report import frame_table
+from stability import runformat as rf
 from stability.config import ConfigError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def show(
             inside = rep.find_runs(run) if run.is_dir() else []
             hint = f"; run folders in it: {', '.join(str(p) for p in inside[:3])}{' ...' if len(inside) > 3 else ''}" \
                 if inside else ""
-            raise UserError(f"{run}: not a run folder (no status.json, summary.json or config.yaml){hint}")
+            raise UserError(f"{run}: not a run folder (no {', '.join(rf.RUN_MARKERS[:-1])} or {rf.RUN_MARKERS[-1]}){hint}")
         r = rep.load_run(run, run.parent)
 
     s = r.summary
@@ -55,7 +56,7 @@ def show(
 
     grads = rep.grad_epoch_frame(r)
     if grads.empty:
-        console.print("no gradient-norm table (no readable grad_norms.csv)")
+        console.print(f"no gradient-norm table (no readable {rf.GRAD_TABLE})")
     else:
         nan_module = (r.first_nan or {}).get("module")
         table = grads.reset_index().rename(columns={"index": "group"})
@@ -73,7 +74,7 @@ def show(
                                             "max sink score, layers with a sink (> 0.3), massive activations, gradient sink"))
         last_samples = next((e["samples"] for e in reversed(r.epochs) if e.get("samples")), None)
         if last_samples:
-            console.print(styled(("generated text", "bold"), f" (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in samples.txt):"))
+            console.print(styled(("generated text", "bold"), f" (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in {rf.SAMPLES}):"))
             for smp in last_samples:
                 console.print(f"  {smp['prompt']!r} -> {smp['output'][:160]!r}", highlight=False)
         audio = [a for e in r.epochs for a in (e.get("audio") or [])]

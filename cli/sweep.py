@@ -33,6 +33,7 @@ from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, e
                         seconds, styled, user_errors, verdict_text, write_errors)
 from cli.config import UserError, compose_run
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
+from stability import runformat as rf
 from stability.preflight import preflight
 from stability.storage import atomic_write_text, loads
 from stability.resources import available_cpus
@@ -120,7 +121,7 @@ def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], 
     _wait_for_orphans(sweep_dir)
     for path in mark_stale_running(sweep_dir):
         err_console.print(styled(("found interrupted job", "yellow"), f" {path.name}: running it again"))
-    for path in sorted(sweep_dir.glob("*/status.json")):
+    for path in sorted(sweep_dir.glob(f"*/{rf.STATUS}")):
         why = incomplete(path.parent) if read_status(path.parent).get("state") == "completed" else None
         if why:
             err_console.print(styled(("found damaged job", "yellow"), f" {path.parent.name}: {why}; running it again"),
@@ -252,14 +253,14 @@ def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], sta
         folder = Path(value["folder"]) if value else Path(r.working_dir or "")
         records.append(job_record(folder, list(r.overrides)))
     if returns is None:  # interrupted: index what is on disk
-        records = [job_record(p.parent, _overrides_of(p.parent)) for p in sorted(sweep_dir.rglob("status.json"))]
+        records = [job_record(p.parent, _overrides_of(p.parent)) for p in sorted(sweep_dir.rglob(rf.STATUS))]
     write_index(sweep_dir, records, name=name, launcher=launcher, overrides=overrides, state=state)
     return records
 
 
 def _overrides_of(run_dir: Path) -> list[str]:
     try:
-        return list(json.loads((run_dir / "overrides.json").read_text())["overrides"])
+        return list(json.loads((run_dir / rf.OVERRIDES).read_text())["overrides"])
     except (OSError, ValueError, KeyError):
         return []
 
@@ -288,7 +289,7 @@ def job_progress(run_dir: Path, now: float) -> dict[str, Any]:
     """What the sweep view shows of one job, read from its folder: state, epoch (done/total),
     last epoch's mean grad norm, verdict so far, elapsed and ETA (elapsed per epoch so far)."""
     status = read_status(run_dir)
-    epochs = read_jsonl_tail(run_dir / "epochs.jsonl")
+    epochs = read_jsonl_tail(run_dir / rf.EPOCHS)
     total = _epochs_total(run_dir)
     done = len(epochs)
     started, finished = status.get("started"), status.get("finished")
@@ -299,7 +300,7 @@ def job_progress(run_dir: Path, now: float) -> dict[str, Any]:
         eta = elapsed / done * (total - done)
     verdict = status.get("verdict")
     if verdict is None and state == "running":  # so far: a NaN recorded, or the output collapsed
-        events = {e.get("event") for e in read_jsonl_tail(run_dir / "events.jsonl")}
+        events = {e.get("event") for e in read_jsonl_tail(run_dir / rf.EVENTS)}
         verdict = "nan" if "first_nan" in events else ("scream?" if epochs and epochs[-1].get("collapsed") else None)
     return {"name": run_dir.name, "state": state, "epoch": done, "epochs": total,
             "grad_norm": epochs[-1].get("grad_norm_mean") if epochs else None, "verdict": verdict,
@@ -323,7 +324,7 @@ def read_jsonl_tail(path: Path) -> list[dict[str, Any]]:
 
 def _epochs_total(run_dir: Path) -> int | None:
     try:
-        epochs = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"]
+        epochs = yaml.safe_load((run_dir / rf.CONFIG).read_text())["train"]["epochs"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
     return epochs if isinstance(epochs, int) else None
@@ -346,7 +347,7 @@ class LiveView:
 
     def jobs(self) -> list[dict[str, Any]]:
         now = self.clock()
-        return [job_progress(p.parent, now) for p in sorted(self.sweep_dir.glob("*/status.json"))]
+        return [job_progress(p.parent, now) for p in sorted(self.sweep_dir.glob(f"*/{rf.STATUS}"))]
 
     def render(self) -> Table:
         jobs = self.jobs()

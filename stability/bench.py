@@ -190,3 +190,72 @@ def _sync_every_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) ->
             for _ in window.drain():
                 pass
     return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Bookkeeping: the run folder's writer alone, on synthetic steps
+
+
+@dataclass
+class BookkeepingResult:
+    steps: int
+    groups: int  # module groups per step record
+    us_per_step: float  # microseconds per step: building the record, the writer, the detectors, epoch ends
+    rss_growth_mb: float  # resident memory after the steps minus before (MB = 2**20 bytes)
+    epoch_steps: int  # steps per epoch
+    bytes_written: int  # size of the run folder at the end
+
+
+def _rss() -> int:
+    """This process's resident set size in bytes (Linux /proc), after a garbage collection."""
+    import gc
+    import resource
+
+    gc.collect()
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak, not current: an upper bound
+
+
+def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int = 0) -> BookkeepingResult:
+    """Feed `n_steps` synthetic steps of `cfg`'s model (its module groups and stages; no model is
+    trained) through the real `RunWriter` into a temporary folder, in epochs of `epoch_steps`
+    steps, and time it all: building each step record from a host vector, the writer (aggregates,
+    metrics.jsonl, grad table, epochs.jsonl), the detectors, and the summary at the end."""
+    import numpy as np
+
+    from stability.runwriter import RunWriter
+    from stability.summarizer import Summarizer
+    from stability.workloads import build_model
+
+    model = build_model(cfg.model)
+    names = list(model.module_groups())
+    n_stages = len(model.rms_matchers()) if hasattr(model, "rms_matchers") else 0
+    clamp = cfg.model.rms_clamp if n_stages else None
+    del model
+    rng = np.random.default_rng(seed)
+    width = 2 + len(names) + 3 * n_stages
+    pool = np.abs(rng.lognormal(0.0, 0.5, size=(64, width)))  # host vectors: loss, norms, stage stats
+    evaluation = {"val_loss": 1.0, "collapsed": False, "scores": {"dominant": 0.1}, "target_scores": {"dominant": 0.1}}
+    with tempfile.TemporaryDirectory(prefix="stab-bookkeeping-") as tmp:
+        run_dir = Path(tmp)
+        before = _rss()
+        t0 = time.perf_counter()
+        writer = RunWriter(run_dir)
+        writer.open(names, n_stages, Summarizer(cfg.detect, cfg.train.clip))
+        for step in range(n_steps):
+            epoch, b = step // epoch_steps + 1, step % epoch_steps
+            host = pool[step % len(pool)]
+            rec = _step_record(host, names, n_stages, clamp, step, epoch, b)
+            rec.update({"finite": True, "grad/clipped": bool(host[1] > 10.0), "lr": 1e-3, "time/step_ms": 1.0})
+            writer.step(rec)
+            if b == epoch_steps - 1 or step == n_steps - 1:
+                writer.epoch({**writer.close_epoch(), **evaluation})
+        writer.finish(run_id="bench", steps=n_steps)
+        elapsed = time.perf_counter() - t0
+        growth = _rss() - before
+        written = sum(p.stat().st_size for p in run_dir.iterdir())
+        del writer
+    return BookkeepingResult(n_steps, len(names), 1e6 * elapsed / n_steps, growth / 2 ** 20, epoch_steps, written)

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from stability import runformat as rf
+
 LR = "train.lr"
 RESERVED = (LR, "initial_loss", "final_loss")
 
@@ -83,14 +85,14 @@ def initial_loss(run_dir: Path) -> float:
     epoch's mean loss from summary.json, else NaN."""
     run_dir = Path(run_dir)
     try:
-        with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        with open(run_dir / rf.METRICS, encoding="utf-8") as f:
             first = f.readline()
         if first.strip():
             return float(json.loads(first)["loss"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
-        losses = json.loads((run_dir / "summary.json").read_text())["loss_by_epoch"]
+        losses = json.loads((run_dir / rf.SUMMARY).read_text())["loss_by_epoch"]
         return float(losses[0])
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return math.nan

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from stability import runformat as rf
 from stability.config import RunConfig
 from stability.instrument import NonFiniteProbe
 from stability.training import NanInjector, resolve_device
@@ -77,10 +78,10 @@ def _step(work: Any, batch: Any, state: dict[str, Any], step: int, cfg: RunConfi
 
 def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult:
     run_dir = Path(run_dir)
-    path = run_dir / "forensics" / "state.pt"
+    path = run_dir / rf.FORENSICS_STATE
     if not path.exists():
-        raise ReplayError(f"{run_dir}: no forensics/state.pt (the run never went non-finite, or predates forensics)")
-    cfg = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        raise ReplayError(f"{run_dir}: no {rf.FORENSICS_STATE} (the run never went non-finite, or predates forensics)")
+    cfg = RunConfig.from_dict(yaml.safe_load((run_dir / rf.CONFIG).read_text()))
     cfg.train.device = device
     state = torch.load(path, map_location=device, weights_only=True)
     dev = resolve_device(device)

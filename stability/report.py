@@ -30,6 +30,7 @@ from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from stability import runformat
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES
 from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
@@ -37,7 +38,7 @@ from stability.progress import phase
 from stability.rundirs import writer_gone
 from stability.storage import atomic_write_bytes, atomic_write_text, loads, read_jsonl
 
-RUN_MARKERS = ("status.json", "summary.json", "config.yaml")
+RUN_MARKERS = runformat.RUN_MARKERS
 VERDICTS = ("stable", "exploding", "scream", "nan", "failed")  # least to most broken
 UNSET = "(default)"  # a factor a run did not override
 PLOTS = "plots"
@@ -64,7 +65,7 @@ class Run:
     overrides: list[str] | None = None
     config: dict[str, Any] | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)
-    grad_table: pd.DataFrame | None = None  # grad_norms.csv: rows module groups, columns e{i}_mean/max
+    grad_table: pd.DataFrame | None = None  # grad_norms.csv, long (runformat.GRAD_COLUMNS), from either layout
     events: list[dict[str, Any]] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     steps_recorded: int = 0
@@ -169,27 +170,27 @@ def load_run(path: Path, root: Path | None = None, sweep_overrides: dict[Path, l
     run = Run(path=path, rel=rel, state="unknown", verdict="?")
     warn = run.warnings.append
 
-    status = _read_json(path / "status.json", warn)
-    if status is None and not (path / "status.json").exists():
+    status = _read_json(path / runformat.STATUS, warn)
+    if status is None and not (path / runformat.STATUS).exists():
         warn("no status.json")
     run.status = status if isinstance(status, dict) else {}
     run.state = str(run.status.get("state") or "unknown")
 
-    summary = _read_json(path / "summary.json", warn)
+    summary = _read_json(path / runformat.SUMMARY, warn)
     run.summary = summary if isinstance(summary, dict) else {}
 
-    ov = _read_json(path / "overrides.json", warn)
+    ov = _read_json(path / runformat.OVERRIDES, warn)
     if isinstance(ov, dict) and isinstance(ov.get("overrides"), list):
         run.overrides = [str(o) for o in ov["overrides"]]
     elif sweep_overrides and path.resolve() in sweep_overrides:
         run.overrides = sweep_overrides[path.resolve()]
         warn("overrides.json missing or unreadable; overrides taken from sweep.json")
-    elif ov is None and (path / "config.yaml").exists():
+    elif ov is None and (path / runformat.CONFIG).exists():
         warn("no overrides.json; compared by config.yaml")
 
-    if (path / "config.yaml").exists():
+    if (path / runformat.CONFIG).exists():
         try:
-            cfg = yaml.safe_load((path / "config.yaml").read_text())
+            cfg = yaml.safe_load((path / runformat.CONFIG).read_text())
             run.config = cfg if isinstance(cfg, dict) else None
             if run.config is None:
                 warn("config.yaml is not a mapping")
@@ -198,23 +199,23 @@ def load_run(path: Path, root: Path | None = None, sweep_overrides: dict[Path, l
     else:
         warn("no config.yaml")
 
-    for name in ("epochs", "events", "metrics"):
-        records, bad = read_jsonl(path / f"{name}.jsonl")
+    for name in (runformat.EPOCHS, runformat.EVENTS, runformat.METRICS):
+        records, bad = read_jsonl(path / name)
         if bad:
-            warn(f"{name}.jsonl: {bad} unparsable line(s) skipped")
-        if name == "epochs":
+            warn(f"{name}: {bad} unparsable line(s) skipped")
+        if name == runformat.EPOCHS:
             run.epochs = records
-        elif name == "events":
+        elif name == runformat.EVENTS:
             run.events = records
         else:
             run.steps_recorded = len(records)
-    data = _read_json(path / "data.json", warn)
+    data = _read_json(path / runformat.DATA, warn)
     run.data = data if isinstance(data, dict) else {}
 
-    grad_csv = path / "grad_norms.csv"
+    grad_csv = path / runformat.GRAD_TABLE
     if grad_csv.exists():
         try:
-            run.grad_table = pd.read_csv(grad_csv, index_col="group")
+            run.grad_table = runformat.read_grad_table(grad_csv)
         except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
             warn(f"grad_norms.csv unreadable: {_first_line(e)}")
 
@@ -222,7 +223,7 @@ def load_run(path: Path, root: Path | None = None, sweep_overrides: dict[Path, l
         run.state = "interrupted"
         run.status = dict(run.status, error=f"status says running, but its writer (pid {run.status.get('pid')} on "
                                             f"{run.status.get('host')}) is gone (killed?)")
-    if run.state == "completed" and path.joinpath("summary.json").exists() and not run.summary.get("verdict"):
+    if run.state == "completed" and path.joinpath(runformat.SUMMARY).exists() and not run.summary.get("verdict"):
         warn("completed, but summary.json holds no verdict (damaged?); a sweep re-runs it")
     run.verdict = str(run.summary.get("verdict") or run.status.get("verdict") or
                       (run.state if run.state in ("running", "interrupted", "failed") else "?"))
@@ -243,10 +244,10 @@ def _check_state(run: Run) -> None:
         warn(f"failed: {st.get('error') or run.summary.get('evidence') or 'no error recorded'}")
     elif run.state not in ("completed", "unknown"):
         warn(f"unexpected state {run.state!r} in status.json")
-    if run.state == "completed" and not (run.path / "summary.json").exists():
+    if run.state == "completed" and not (run.path / runformat.SUMMARY).exists():
         warn("completed, but summary.json is missing")
     if run.state in ("completed", "running", "interrupted") and run.epochs and run.grad_table is None \
-            and not (run.path / "grad_norms.csv").exists():
+            and not (run.path / runformat.GRAD_TABLE).exists():
         warn("no grad_norms.csv")
 
 
@@ -264,7 +265,7 @@ def _read_json(path: Path, warn: Any) -> Any:
 def _sweep_overrides(root: Path) -> dict[Path, list[str]]:
     """Job folder -> overrides, from every sweep.json under root (a fallback for a lost overrides.json)."""
     out: dict[Path, list[str]] = {}
-    for index in root.rglob("sweep.json"):
+    for index in root.rglob(runformat.SWEEP_INDEX):
         try:
             for job in json.loads(index.read_text()).get("jobs", []):
                 out[(index.parent / job["folder"]).resolve()] = [str(o) for o in job["overrides"]]
@@ -652,16 +653,9 @@ def is_run_folder(path: Path) -> bool:
 
 
 def grad_epoch_frame(run: Run) -> pd.DataFrame:
-    """grad_norms.csv as group x epoch means, plus `max`: the largest step norm over all epochs
-    (NaN if any epoch's max is NaN: a group that went NaN is not hidden by its earlier maxima)."""
-    table = run.grad_table
-    if table is None or table.empty:
-        return pd.DataFrame()
-    means = table[[c for c in table.columns if c.endswith("_mean")]]
-    maxes = table[[c for c in table.columns if c.endswith("_max")]].to_numpy(dtype=float)
-    out = means.rename(columns=lambda c: c[: -len("_mean")]).astype(float)
-    out["max"] = [np.max(row) if row.size else math.nan for row in maxes]  # np.max propagates NaN
-    return out
+    """The grad table's wide view: group x epoch means, plus `max`, the largest step norm over all
+    epochs (NaN if any epoch's max is NaN: a group that went NaN is not hidden by its earlier maxima)."""
+    return runformat.wide_view(run.grad_table)
 
 
 def epoch_frame(run: Run) -> pd.DataFrame:
@@ -872,12 +866,8 @@ def _plain_log_ticks(ax: Any) -> None:
 def plot_heatmap(run: Run, name: str, path: Path) -> Path:
     """Per-module-group gradient norm (epoch mean) by epoch, log colour scale; NaN/inf cells are
     hatched red and labelled, the cell of the first NaN is boxed."""
-    table = run.grad_table
-    assert table is not None
-    means = table[[c for c in table.columns if c.endswith("_mean")]]
-    epochs = [int(c[1:-len("_mean")]) for c in means.columns]
-    values = means.to_numpy(dtype=float)
-    groups = list(means.index)
+    assert run.grad_table is not None
+    groups, epochs, values = runformat.grad_means(run.grad_table)
     n_g, n_e = values.shape
     fig = Figure(figsize=(3.2 + 0.75 * max(n_e, 2), 1.6 + 0.26 * n_g))
     ax = fig.add_subplot()
@@ -970,8 +960,7 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     names = labels(runs, keys)
-    mapped = [r for r in runs if r.verdict in UNSTABLE and r.grad_table is not None
-              and any(c.endswith("_mean") for c in r.grad_table.columns)]
+    mapped = [r for r in runs if r.verdict in UNSTABLE and r.grad_table is not None and not r.grad_table.empty]
     heatmaps: dict[str, Path] = {}
     used: set[str] = set()
     with phase("drawing plots", total=2 + len(mapped), unit="plots") as p:

@@ -156,11 +156,15 @@ def write_yaml(path: Path, obj: Any) -> None:
 
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     """Append records, one JSON object per line, in one write call."""
-    lines = "".join(dumps(r) + "\n" for r in records)
-    if lines:
+    append_text(path, "".join(dumps(r) + "\n" for r in records))
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append `text` (whole lines) to `path` in one write call; `StorageError` names the file."""
+    if text:
         try:
-            with open(path, "a") as f:
-                f.write(lines)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
                 f.flush()
         except OSError as e:
             raise StorageError(path, e) from e

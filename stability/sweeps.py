@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stability import runformat as rf
 from stability.rundirs import holder, writer_gone
 from stability.storage import read_json, read_jsonl, write_json, write_status
 
@@ -54,7 +55,7 @@ class SweepLock:
 
 def read_status(run_dir: Path) -> dict[str, Any]:
     """status.json of a run folder; {'state': 'corrupt', ...} if it cannot be read."""
-    path = Path(run_dir) / "status.json"
+    path = Path(run_dir) / rf.STATUS
     if not path.exists():
         return {"state": "pending"}
     try:
@@ -67,7 +68,7 @@ def mark_stale_running(sweep_dir: Path, why: str = "found by the next sweep") ->
     """Jobs `running` whose writer is provably gone: mark them interrupted. Jobs whose writer
     still lives (another process, a job of a sweep that is stopping) are left as they are."""
     stale = []
-    for status_path in sorted(Path(sweep_dir).glob("*/status.json")):
+    for status_path in sorted(Path(sweep_dir).glob(f"*/{rf.STATUS}")):
         status = read_status(status_path.parent)
         if status.get("state") == "running" and writer_gone(status_path.parent, status):
             status.update(state="interrupted", finished=None, updated=time.time(),
@@ -95,15 +96,15 @@ def incomplete(run_dir: Path) -> str | None:
     if status.get("state") == "corrupt":
         return status["error"]
     try:
-        summary = read_json(run_dir / "summary.json")
+        summary = read_json(run_dir / rf.SUMMARY)
     except FileNotFoundError:
         return "summary.json is missing"
     except (ValueError, OSError) as e:
         return f"summary.json unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if not isinstance(summary, dict) or not summary.get("verdict"):
         return "summary.json holds no verdict"
-    for name in ("metrics", "epochs"):
-        path = run_dir / f"{name}.jsonl"
+    for name in (rf.METRICS, rf.EPOCHS):
+        path = run_dir / name
         if not path.exists():
             return f"{name}.jsonl is missing"
         try:
@@ -114,8 +115,8 @@ def incomplete(run_dir: Path) -> str | None:
             return f"{name}.jsonl has {bad} unreadable line(s)"
         if not records:
             return f"{name}.jsonl is empty"
-    if isinstance(summary.get("steps"), int) and summary["steps"] != len(read_jsonl(run_dir / "metrics.jsonl")[0]):
-        return f"metrics.jsonl holds {len(read_jsonl(run_dir / 'metrics.jsonl')[0])} steps, summary.json says {summary['steps']}"
+    if isinstance(summary.get("steps"), int) and summary["steps"] != len(read_jsonl(run_dir / rf.METRICS)[0]):
+        return f"{rf.METRICS} holds {len(read_jsonl(run_dir / rf.METRICS)[0])} steps, {rf.SUMMARY} says {summary['steps']}"
     return None
 
 
@@ -130,7 +131,7 @@ def job_record(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     status = read_status(run_dir)
     rec: dict[str, Any] = {"folder": Path(run_dir).name, "overrides": overrides, "state": status.get("state"),
                            "run_id": status.get("run_id"), "error": status.get("error")}
-    summary_path = Path(run_dir) / "summary.json"
+    summary_path = Path(run_dir) / rf.SUMMARY
     if summary_path.exists():
         try:
             s = read_json(summary_path)
@@ -142,4 +143,4 @@ def job_record(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def write_index(sweep_dir: Path, jobs: list[dict[str, Any]], **meta: Any) -> None:
-    write_json(Path(sweep_dir) / "sweep.json", {"updated": time.time(), **meta, "jobs": jobs})
+    write_json(Path(sweep_dir) / rf.SWEEP_INDEX, {"updated": time.time(), **meta, "jobs": jobs})

@@ -1,32 +1,24 @@
-"""The instrumented training loop and the run folder it writes.
+"""The instrumented training loop.
 
 The loop reads top to bottom: batch -> forward -> loss -> backward -> measure -> (one host
 transfer) -> non-finite check -> clip -> step -> record. Everything measured in a step is
-concatenated into one device vector and moved to the host once; per-step records are
-appended to `metrics.jsonl` in batches, per-epoch tables are rewritten atomically.
+concatenated into one device vector and moved to the host once (`Stepper`); the step's record
+goes to the run folder's writer (`stability.runwriter.RunWriter`), which owns every file, keeps
+the epoch's aggregates as steps arrive and feeds the detectors (`stability.summarizer`). The
+files and their fields are defined in `stability.runformat` and docs/run-format.md.
 
     summary = run(RunConfig(), Path("runs/example"), overrides=["norm=pre"])
-
-Run folder (anyone can `ls` it; `stab report` needs nothing else):
-    config.yaml      resolved configuration        overrides.json   what the user changed
-    status.json      running/completed/failed/interrupted, pid, error
-    metrics.jsonl    one record per step            epochs.jsonl     one record per epoch
-    grad_norms.csv   module group x epoch (mean, max)
-    events.jsonl     first NaN, spikes, clamp saturation, scream onset
-    summary.json     verdict, first_nan, scream_epoch, grad_norm_by_epoch, final_loss, ...
-    samples.txt      text workloads: each epoch's greedy generations (also in epochs.jsonl)
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import os
 import platform
-import shutil
 import socket
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -34,18 +26,20 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
-from stability import detectors, distributed, health
+from stability import distributed, health
+from stability import runformat as rf
 from stability.config import RunConfig
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.errors import StorageError
 from stability.rundirs import RunLease
-from stability.storage import (append_jsonl, atomic_write_bytes, atomic_write_text, read_json, write_json, write_status,
-                               write_yaml)
+from stability.runformat import SCHEMA_VERSION
+from stability.runwriter import RunWriter
+from stability.storage import atomic_write_bytes
 from stability.preflight import preflight
 from stability.progress import phase
+from stability.summarizer import Summarizer
 from stability.trackers import Recorder, open_trackers
 from stability.workloads import build
 
@@ -105,32 +99,6 @@ class NanInjector:
             h.remove()
 
 
-def _epoch_grad_table(records: list[dict[str, Any]], groups: Sequence[str]) -> pd.DataFrame:
-    """Rows: 'total' then module groups; columns: e{N}_mean, e{N}_max. NaN stays NaN."""
-    df = pd.DataFrame(records)
-    cols: dict[str, pd.Series] = {}
-    keys = ["grad/norm"] + [f"grad/{g}" for g in groups]
-    for epoch, part in df.groupby("epoch", sort=True):
-        vals = part[keys].to_numpy(dtype=float)
-        # np.mean/np.max propagate NaN: an epoch with a non-finite step shows as NaN.
-        cols[f"e{epoch}_mean"] = pd.Series(vals.mean(0), index=["total", *groups])
-        cols[f"e{epoch}_max"] = pd.Series(vals.max(0), index=["total", *groups])
-    table = pd.DataFrame(cols)
-    table.index.name = "group"
-    return table
-
-
-def _write_grad_table(run_dir: Path, steps: list[dict[str, Any]], names: list[str]) -> None:
-    atomic_write_text(run_dir / "grad_norms.csv", _epoch_grad_table(steps, names).to_csv(float_format="%.6g"))
-
-
-def _write_status(run_dir: Path, fresh: bool = False, **fields: Any) -> None:
-    path = run_dir / "status.json"
-    status = read_json(path) if path.exists() and not fresh else {}
-    status.update(fields, updated=time.time())
-    write_status(path, status)  # padded, and written in place if the disk is full
-
-
 def _last_words(write: Any, *args: Any, **kwargs: Any) -> None:
     """The final state of a run that is ending badly: best effort, never hides the first error."""
     try:
@@ -150,8 +118,8 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
     `world`: this process's place in a data-parallel run whose process group the caller has
     joined (`stability.distributed`); every rank calls `run` with the same `run_dir`. Rank 0
     writes it; the other ranks compute the same records (the same weights, the same
-    all-reduced measurements) into a scratch folder that is deleted at the end, so every rank
-    returns the same summary and reaches the same decisions (skip, stop) without a broadcast.
+    all-reduced measurements) with a writer that writes nothing, so every rank returns the same
+    summary and reaches the same decisions (skip, stop) without a broadcast.
     """
     world = world or distributed.World()
     preflight(cfg)
@@ -160,11 +128,7 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
         from stability.resources import available_cpus
         cfg.train.threads = distributed.threads(world, available_cpus())
     if not world.main:
-        scratch = Path(tempfile.mkdtemp(prefix=f"stab-rank{world.rank}-"))
-        try:
-            return _run(cfg, scratch, overrides, Callbacks(), extra_status, world)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        return _run(cfg, Path(run_dir), overrides, Callbacks(), extra_status, world)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lease = RunLease(run_dir, **{k: v for k, v in (extra_status or {}).items() if k == "owner"}).acquire()
@@ -176,51 +140,52 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
 
 def _run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str], cb: Callbacks,
          extra_status: dict[str, Any] | None, world: distributed.World) -> dict[str, Any]:
-    for stale in ("metrics.jsonl", "epochs.jsonl", "events.jsonl", "summary.json", "grad_norms.csv", "samples.txt"):
-        (run_dir / stale).unlink(missing_ok=True)  # a re-run starts its streams afresh
-    shutil.rmtree(run_dir / "forensics", ignore_errors=True)  # an earlier attempt's NaN is not this run's
-    write_yaml(run_dir / "config.yaml", cfg.to_dict())
-    write_json(run_dir / "overrides.json", {"overrides": list(overrides), "run_id": cfg.identity()})
     t_start = time.time()
-    _write_status(run_dir, fresh=True, state="running", run_id=cfg.identity(), pid=os.getpid(), host=socket.gethostname(),
-                  started=t_start, finished=None, error=None, **(extra_status or {}))
-    # no tracker: imports nothing; in a distributed run, rank 0's only
+    # no tracker: imports nothing; in a distributed run rank 0 alone has trackers and writes
     recorder, state = open_trackers(cfg, run_dir, overrides) if world.main else Recorder(), "failed"
+    writer = RunWriter(run_dir, recorder, write=world.main)
+    writer.start(cfg.to_dict(), overrides, cfg.identity())
+    writer.status(fresh=True, state="running", run_id=cfg.identity(), pid=os.getpid(), host=socket.gethostname(),
+                  started=t_start, finished=None, error=None, **(extra_status or {}))
     try:
-        summary = _train(cfg, run_dir, cb, t_start, recorder, world)
+        summary = _train(cfg, writer, cb, t_start, world)
         state = "completed"
     except KeyboardInterrupt as e:
         how = e.args[0] if e.args else "SIGINT"
-        _last_words(_write_status, run_dir, state="interrupted", finished=time.time(), error=f"interrupted ({how})")
+        _last_words(writer.status, state="interrupted", finished=time.time(), error=f"interrupted ({how})")
         state = "interrupted"
         raise
     except BaseException as e:
-        _last_words(_write_status, run_dir, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}",
+        _last_words(writer.status, state="failed", finished=time.time(), error=f"{type(e).__name__}: {e}",
                     traceback=traceback.format_exc())
-        failed = {"verdict": "failed", "evidence": f"{type(e).__name__}: {e}", "run_id": cfg.identity(),
-                  "wall_s": time.time() - t_start}
-        _last_words(write_json, run_dir / "summary.json", failed)
-        recorder.summary(failed)
+        _last_words(writer.summary, {"schema_version": SCHEMA_VERSION, "verdict": "failed",
+                                     "evidence": f"{type(e).__name__}: {e}", "run_id": cfg.identity(),
+                                     "wall_s": time.time() - t_start})
         raise
     finally:
         cb.close()
         recorder.close(state)
-    _write_status(run_dir, state="completed", finished=time.time(), verdict=summary["verdict"])
+    writer.status(state="completed", finished=time.time(), verdict=summary["verdict"])
     return summary
 
 
-def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
-           recorder: Recorder | None = None, world: distributed.World | None = None) -> dict[str, Any]:
+def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
+           world: distributed.World | None = None) -> dict[str, Any]:
+    """The loop: batch -> step (`Stepper`, through a `Window` of train.sync_every steps) -> record
+    (`RunWriter`) per step; evaluate per epoch; the summary from the writer's detectors at the end.
+    In a distributed run each rank steps on its shard of the global batch in DDP."""
     tc = cfg.train
     world = world or distributed.World()
     device = distributed.device(world, tc.device) if world.distributed else resolve_device(tc.device)
     parts = build(cfg, device)
     work, model, groups, names, opt, sched = parts.work, parts.model, parts.groups, parts.names, parts.opt, parts.sched
-    write_json(run_dir / "data.json", work.info)
-    _write_status(run_dir, device=str(device), threads=torch.get_num_threads(),
-                  torch=torch.__version__, python=platform.python_version())
-
+    run_dir = writer.dir
+    writer.data(work.info)
+    writer.status(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
+                  python=platform.python_version())
     n_stages = parts.n_stages
+    clamp = cfg.model.rms_clamp if n_stages and cfg.model.rms_match else None
+    writer.open(names, n_stages, Summarizer(cfg.detect, tc.clip))
     # DDP around the model; groups, probes, hooks and the workload's own methods see the inner module
     work.model = model = distributed.wrap(work.model, world, device)
     injector = (NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step)
@@ -230,22 +195,9 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
     cb.start(tc.epochs, n_batches)
-
-    steps: list[dict[str, Any]] = []  # every step's record (host floats), for the epoch tables
-    pending: list[dict[str, Any]] = []  # not yet appended to metrics.jsonl
-    epochs: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
     first_nan: dict[str, Any] | None = None
-    clamp_seen = [False] * n_stages
     stopped = False
     step = 0
-    recorder = recorder or Recorder()  # the trackers get every record the run folder gets
-
-    def event(name: str, **fields: Any) -> None:
-        rec = {"event": name, **fields}
-        events.append(rec)
-        append_jsonl(run_dir / "events.jsonl", [rec])
-        recorder.event(rec)
 
     model.train()
     try:
@@ -265,114 +217,62 @@ def _train(cfg: RunConfig, run_dir: Path, cb: Callbacks, t_start: float,
                     continue  # measurements stay on the device
                 n_window = len(window.pending)
                 for ctx, host, finite in window.drain():
-                    epoch_, b_, step_ = ctx.epoch, ctx.batch_index, ctx.step
                     if not finite:
                         if first_nan is None:  # located on the global batch, on every rank alike
-                            global_batch = work.batch(ctx.indices) if world.distributed else ctx.batch
-                            with eager(work):
-                                first_nan = _locate_nan(work, global_batch, groups, host, names, epoch_, b_, step_)
-                                first_nan["forensics"] = save_forensics(run_dir, work, opt, sched, global_batch,
-                                                                        ctx.indices, first_nan)
-                            event("first_nan", **first_nan)
+                            batch = work.batch(ctx.indices) if world.distributed else ctx.batch
+                            first_nan = _first_nan(writer, work, groups, opt, sched, batch, ctx.indices, host,
+                                                   ctx.epoch, ctx.batch_index, ctx.step)
                         opt.zero_grad(set_to_none=True)  # the stepper did not step on them; drop them
-                        if tc.on_nan == "stop":
-                            stopped = True
-                    rec = _step_record(host, names, n_stages,
-                                       cfg.model.rms_clamp if n_stages and cfg.model.rms_match else None, step_, epoch_, b_)
-                    rec["finite"] = finite  # from each parameter's gradient, not from the (huge) total
-                    rec["grad/clipped"] = bool(finite and tc.clip is not None and host[1] > tc.clip)
-                    rec["lr"] = ctx.lrs[0]
-                    rec["time/step_ms"] = 1000 * (time.perf_counter() - t0) / n_window  # the window's mean
-                    for i in range(n_stages):
-                        if rec[f"stage{i}/clamped"] and not clamp_seen[i]:
-                            clamp_seen[i] = True
-                            event("clamp_saturation", stage=i, step=step_, epoch=epoch_, batch=b_,
-                                  ratio=rec[f"stage{i}/ratio"], scale=rec[f"stage{i}/scale"])
-                    steps.append(rec)
-                    pending.append(rec)
-                    recorder.step(rec)
-                    cb.step(epoch_, b_, rec["loss"])
+                        stopped = tc.on_nan == "stop"
+                    rec = _step_record(host, names, n_stages, clamp, ctx.step, ctx.epoch, ctx.batch_index)
+                    rec.update({rf.FINITE: finite,  # from each parameter's gradient, not from the (huge) total
+                                rf.CLIPPED: bool(finite and tc.clip is not None and host[1] > tc.clip),
+                                rf.LR: ctx.lrs[0],  # the learning rate this step used
+                                rf.STEP_MS: 1000 * (time.perf_counter() - t0) / n_window})  # the window's mean
+                    writer.step(rec)
+                    cb.step(ctx.epoch, ctx.batch_index, rec[rf.LOSS])
                     if stopped:
-                        step = step_ + 1
+                        step = ctx.step + 1
                         break
                 if stopped:
                     break
-            append_jsonl(run_dir / "metrics.jsonl", pending)
-            pending.clear()
-            with eager(work), phase(f"evaluating epoch {epoch}", unit="epochs"):  # validation, scream check, health
-                erec = _epoch_record(work, steps, epoch, names, n_stages, stopped, cfg.detect.health)
-                erec.update(work.listen(epoch, run_dir))  # {"audio": [...]} at listen epochs
-            epochs.append(erec)
-            append_jsonl(run_dir / "epochs.jsonl", [erec])
-            recorder.epoch(erec)
-            if erec.get("samples"):  # a text workload's greedy generations, readable with `cat`
-                with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
-                    f.writelines(f"=== epoch {epoch}, prompt {i}: {s['prompt']!r}\n{s['output']}\n"
-                                 for i, s in enumerate(erec["samples"]))
-            _write_grad_table(run_dir, steps, names)
-            cb.epoch(epoch, erec)
+            cb.epoch(epoch, _end_epoch(writer, work, run_dir, epoch, stopped, cfg.detect.health))
             if stopped:
                 break
-
     except BaseException:  # Ctrl-C, SIGTERM, a crash: keep every step recorded so far
-        append_jsonl(run_dir / "metrics.jsonl", pending)
-        if steps:
-            _write_grad_table(run_dir, steps, names)
+        writer.abort()
         raise
-
     if injector:
         injector.close()
-    dc = cfg.detect
-    huge = detectors.peak_norm([r["grad/norm"] for r in steps], dc.explode_step_factor)
-    peak = None
-    if huge is not None:
-        i, ratio = huge
-        peak = {"value": steps[i]["grad/norm"], "ratio": ratio, **{k: steps[i][k] for k in ("step", "epoch", "batch")}}
-        event("grad_explosion", **peak)
-    diag = detectors.diagnose(epochs, first_nan, tc.clip, dc.explode_factor, dc.explode_window,
-                              dc.scream.min_epochs, dc.scream.learning, dc.clamp_warn, dc.logit_growth, peak)
-    if diag["verdict"] == "nan" and cfg.fault.nan_at_step is not None:  # say so: this NaN was put there on purpose
-        diag["evidence"] += f" (injected: fault.nan_at_step={cfg.fault.nan_at_step})"
-    scream_epoch = diag["scream_epoch"]
-    if scream_epoch is not None:
-        onset = next(e for e in epochs if e["epoch"] == scream_epoch)
-        event("scream", epoch=scream_epoch, scores=onset["scores"], target_scores=onset["target_scores"])
-    norms = [e["grad_norm_mean"] for e in epochs]
-    spikes = detectors.detect_spikes([r["grad/norm"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup,
-                                     dc.spike_ratio)
-    loss_spikes = detectors.detect_spikes([r["loss"] for r in steps], dc.spike_window, dc.spike_z, dc.spike_warmup,
-                                          dc.spike_ratio)
-    for kind, found, key in (("grad_spike", spikes, "grad/norm"), ("loss_spike", loss_spikes, "loss")):
-        for i in found[:20]:  # the first few; the count is in the summary
-            event(kind, step=steps[i]["step"], epoch=steps[i]["epoch"], batch=steps[i]["batch"], value=steps[i][key])
-    first_spike = min([steps[found[0]]["step"] for found in (spikes, loss_spikes) if found], default=None)
-    losses = [r["loss"] for r in steps]
-    summary = {
-        "verdict": diag["verdict"], "evidence": diag["evidence"], "run_id": cfg.identity(),
-        "flags": diag["flags"], "warnings": diag["warnings"],
-        "first_nan": first_nan, "scream_epoch": scream_epoch, "grad_explosion": peak,
-        "grad_norm_by_epoch": norms, "grad_norm_max_by_epoch": [e["grad_norm_max"] for e in epochs],
-        "loss_by_epoch": [e["loss"] for e in epochs], "val_loss_by_epoch": [e["val_loss"] for e in epochs],
-        "final_loss": losses[-1] if losses else math.nan,
-        "final_val_loss": epochs[-1]["val_loss"] if epochs else math.nan,
-        "growth_per_epoch": detectors.growth_per_epoch(norms),
-        "first_spike_step": first_spike, "n_grad_spikes": len(spikes), "n_loss_spikes": len(loss_spikes),
-        # how many steps the first spike came before the event (the first NaN, else for an exploding
-        # run its largest grad norm): the warning time a user had
-        "spike_lead_steps": detectors.spike_lead(first_spike, first_nan, diag["verdict"],
-                                                 [r["grad/norm"] for r in steps]),
-        "clip_rate": float(np.mean([r["grad/clipped"] for r in steps])) if steps else math.nan,
-        "nonfinite_steps": sum(1 for r in steps if not r["finite"]),
-        "epochs_run": len(epochs), "steps": step, "stopped_early": stopped,
-        "stage_rms_last_epoch": epochs[-1]["stage_rms"] if epochs else None,
-        "stage_scale_last_epoch": epochs[-1]["stage_scale"] if epochs else None,
-        "codec": work.info.get("codec"), "latent_scale": work.info.get("scale"),
-        "device": str(device), "world_size": world.size, "sync_every": tc.sync_every,
-        "wall_s": time.time() - t_start,
-    }
-    write_json(run_dir / "summary.json", summary)
-    recorder.summary(summary)
-    return summary
+    return writer.finish(injected_nan_step=cfg.fault.nan_at_step, run_id=cfg.identity(), steps=step,
+                         stopped_early=stopped, codec=work.info.get("codec"), latent_scale=work.info.get("scale"),
+                         device=str(device), world_size=world.size, sync_every=tc.sync_every,
+                         wall_s=time.time() - t_start)
+
+
+def _first_nan(writer: RunWriter, work: Any, groups: dict[str, list[torch.nn.Module]], opt: torch.optim.Optimizer,
+               sched: Any, batch: Any, indices: torch.Tensor, host: np.ndarray, epoch: int, b: int,
+               step: int) -> dict[str, Any]:
+    """Name where the first non-finite value started, save what `stab replay` needs, record the event."""
+    with eager(work):
+        found = _locate_nan(work, batch, groups, host, writer.groups, epoch, b, step)
+        found["forensics"] = (save_forensics(writer.dir, work, opt, sched, batch, indices, found) if writer.writes
+                              else "forensics/state.pt")  # rank 0 saves it
+    writer.event({"event": "first_nan", **found})
+    return found
+
+
+def _end_epoch(writer: RunWriter, work: Any, run_dir: Path, epoch: int, stopped: bool,
+               health_on: bool) -> dict[str, Any]:
+    """The epoch's record: the writer's aggregates of its steps, then validation, the scream
+    check, the health probe and any listening; written by the writer."""
+    erec = writer.close_epoch()
+    with eager(work), phase(f"evaluating epoch {epoch}", unit="epochs"):
+        erec.update(_evaluate(work, stopped, health_on))
+        if writer.writes:  # rank 0 alone writes audio
+            erec.update(work.listen(epoch, run_dir))  # {"audio": [...]} at listen epochs
+    writer.epoch(erec)
+    return erec
 
 
 class Stepper:
@@ -541,42 +441,39 @@ class Window:
 
 def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[float] | None, step: int,
                  epoch: int, batch: int) -> dict[str, Any]:
+    """The step record (`runformat.StepRecord`) from the Stepper's host vector: loss, total grad
+    norm, G group norms, then per stage rms..., ratio..., scale... (the one place it is unpacked)."""
     G = len(names)
-    rec: dict[str, Any] = {"step": step, "epoch": epoch, "batch": batch, "loss": float(host[0]),
-                           "grad/norm": float(host[1])}
-    rec.update({f"grad/{n}": float(v) for n, v in zip(names, host[2:2 + G])})
-    stage = host[2 + G:]
+    values = host.tolist()  # Python floats, in one call
+    rec: dict[str, Any] = {rf.STEP: step, rf.EPOCH: epoch, rf.BATCH: batch, rf.LOSS: values[0],
+                           rf.GRAD_NORM: values[1]}
+    rec.update(zip(_grad_keys(tuple(names)), values[2:2 + G]))
+    stage = values[2 + G:]
     for i in range(n_stages):
         rms, ratio, scale = stage[i], stage[n_stages + i], stage[2 * n_stages + i]
-        rec[f"stage{i}/rms"] = float(rms)
-        rec[f"stage{i}/ratio"] = float(ratio)
-        rec[f"stage{i}/scale"] = float(scale)
-        rec[f"stage{i}/clamped"] = clamp is not None and bool(ratio < clamp[0] or ratio > clamp[1])
-    rec["finite"] = bool(np.isfinite(host[:2 + G]).all())
+        rec[rf.stage_key(i, "rms")] = rms
+        rec[rf.stage_key(i, "ratio")] = ratio
+        rec[rf.stage_key(i, "scale")] = scale
+        rec[rf.stage_key(i, "clamped")] = clamp is not None and bool(ratio < clamp[0] or ratio > clamp[1])
+    rec[rf.FINITE] = bool(np.isfinite(host[:2 + G]).all())
     return rec
 
 
-def _epoch_record(work: Any, steps: list[dict[str, Any]], epoch: int, names: list[str],
-                  n_stages: int, stopped: bool, health_on: bool) -> dict[str, Any]:
-    mine = [r for r in steps if r["epoch"] == epoch]
-    g = np.array([r["grad/norm"] for r in mine])
+@functools.lru_cache(maxsize=8)
+def _grad_keys(names: tuple[str, ...]) -> list[str]:
+    return [rf.grad_key(n) for n in names]
+
+
+def _evaluate(work: Any, stopped: bool, health_on: bool) -> dict[str, Any]:
+    """The epoch's evaluation: validation loss, scream check, and the health probe (skipped after
+    a stop at a non-finite step: the weights are not worth measuring)."""
     ev = work.evaluate() if not stopped else {"val_loss": math.nan, "collapsed": None, "scores": {},
                                                "target_scores": work.target_scores, "codes_head": []}
     layers_of = work.health_layers() if health_on and not stopped else {}
     if layers_of:
         layers = health.measure(work.model, work.health_loss, layers_of)
         ev["health"], ev["health_summary"] = layers, health.summarize(layers)
-    return {
-        "epoch": epoch, "steps": len(mine),
-        "loss": float(np.mean([r["loss"] for r in mine])),
-        "grad_norm_mean": float(g.mean()), "grad_norm_max": float(g.max()),
-        "clip_rate": float(np.mean([r["grad/clipped"] for r in mine])),
-        "stage_rms": [float(np.mean([r[f"stage{i}/rms"] for r in mine])) for i in range(n_stages)],
-        "stage_ratio": [float(np.mean([r[f"stage{i}/ratio"] for r in mine])) for i in range(n_stages)],
-        "stage_scale": [float(np.mean([r[f"stage{i}/scale"] for r in mine])) for i in range(n_stages)],
-        "stage_clamp_rate": [float(np.mean([r[f"stage{i}/clamped"] for r in mine])) for i in range(n_stages)],
-        **ev,
-    }
+    return ev
 
 
 def save_forensics(run_dir: Path, work: Any, opt: torch.optim.Optimizer, sched: Any, batch: Any,

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from cli.config import UserError, compose_run
+from stability.runformat import read_grad_table
 from stability.workloads.charlm import text
 from stability.workloads.charlm.workload import CharLMWorkload
 from stability.config import TextDataConfig
@@ -134,7 +135,7 @@ def test_a_short_char_lm_run_lowers_the_loss_and_stores_its_generations(cli, tmp
     assert {"dominant", "longest_run", "distinct_4", "seq_rep_4", "loop"} <= set(epochs[-1]["scores"])
     samples = (run / "samples.txt").read_text()
     assert samples.count("=== epoch") == 4 * len(epochs) and epochs[-1]["samples"][0]["output"] in samples
-    groups = pd.read_csv(run / "grad_norms.csv", index_col="group").index
+    groups = read_grad_table(run / "grad_norms.csv")["group"]
     assert {"total", "embedding", "layer0.attn", "layer1.mlp", "layer0.norm", "final_norm", "lm_head"} <= set(groups)
 
 

@@ -176,23 +176,23 @@ def enospc(path: object = "?") -> OSError:
 
 def test_a_full_disk_mid_run_ends_with_one_line_and_a_failed_status(cli, tmp_path, monkeypatch):
     """From the second metrics write on, the disk is full: no new file, no appended byte."""
-    from stability import training
+    from stability import runwriter
 
     full = {"on": False}
-    real_append, real_mkstemp = training.append_jsonl, storage.tempfile.mkstemp
+    real_append, real_mkstemp = runwriter.append_text, storage.tempfile.mkstemp
 
-    def append(path, records):
+    def append(path, text):
         if Path(path).name == "metrics.jsonl" and (path.exists() or full["on"]):
             full["on"] = True
             raise StorageError(path, enospc(path))
-        return real_append(path, records)
+        return real_append(path, text)
 
     def mkstemp(*a, **kw):
         if full["on"]:
             raise enospc()
         return real_mkstemp(*a, **kw)
 
-    monkeypatch.setattr(training, "append_jsonl", append)
+    monkeypatch.setattr(runwriter, "append_text", append)
     monkeypatch.setattr(storage.tempfile, "mkstemp", mkstemp)
     result = cli("run", "--runs", tmp_path, *SMOKE, "train.epochs=3", ok=False)
     assert result.exit_code == 1
