@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +82,6 @@ def test_a_sweep_job_with_two_tasks_is_one_distributed_run(tmp_path):
     assert s["world_size"] == 2 and s["verdict"] != "failed"
     assert read_json(run / "status.json")["state"] == "completed"
     assert all(np.isfinite(s["grad_norm_by_epoch"]))
-    assert not list(Path(tmp_path).rglob("stab-rank*"))
 
 
 @pytest.mark.slow
