@@ -5,6 +5,7 @@
     stab bench --sweep              # 4 smoke jobs: sequential vs joblib --jobs 2; first job vs cache hit
     stab bench log=tensorboard      # adds a third loop feeding the trackers: `log ratio` is their cost
     stab bench --monitor            # a plain loop against the same loop with stab's Monitor.step
+    stab bench model=charlm preset=gpu   # on CUDA, also stab's step at train.sync_every=8 against 1
     stab bench --bookkeeping        # the run-folder writer alone: us/step and memory at 1k and 100k steps
 
 Every figure is a ratio measured side by side in this process (or this command), so it holds
@@ -59,6 +60,10 @@ def bench(
         console.print(f"  bare loop:  {r.bare_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.bare_util:.3f}")
         console.print(f"  stab loop:  {r.stab_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.stab_util:.3f}")
         console.print(f"  ratio: {r.ratio:.2f}")
+        if r.sync_sps is not None:  # CUDA: measurements moved to the host every step vs every SYNC_K steps
+            from stability.bench import SYNC_K
+            console.print(f"  stab, train.sync_every={SYNC_K}: {r.sync_sps:8.2f} steps/s   "
+                          f"ratio sync_every={SYNC_K} / sync_every=1: {r.sync_ratio:.2f}")
         if r.log_sps is not None:  # log=...: stab's step feeding the trackers, against stab's step alone
             console.print(f"  stab + log={','.join(cfg.log)}: {r.log_sps:8.2f} steps/s   log ratio: {r.log_ratio:.2f}")
         console.print(f"  model: {r.flops_per_step / 1e9:.3f} GFLOP per step; machine: {r.machine_flops / 1e9:.1f} GFLOP/s (fp32 matmul)")

@@ -9,6 +9,11 @@ A job of a local sweep stops when its sweep does: SIGINT/SIGTERM end it cleanly 
 `interrupted`), and a job whose sweep process is gone (killed, even with SIGKILL; a submitit job
 is re-parented and would train on) interrupts itself within a second. A job whose folder another
 live process is writing is not started a second time: it returns `busy`.
+
+A job with several tasks (`hydra.launcher.tasks_per_node=N` with a submitit launcher: srun, or
+submitit's local executor, starts N processes, each calling this function) is one distributed
+run: each task joins the job's process group from its environment, rank 0 decides whether the
+job runs (skip, duplicate) and tells the others, and writes the job folder.
 """
 
 from __future__ import annotations
@@ -46,31 +51,69 @@ def job(cfg: DictConfig) -> dict[str, Any]:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    world = _join(cfg)
+    try:
+        return _job(cfg, hc, run_dir, overrides, world)
+    finally:
+        if world.distributed:
+            from stability import distributed
+
+            distributed.close()
+
+
+def distributed_threads(world: Any, cpus: int) -> int:
+    from stability import distributed
+
+    return distributed.threads(world, cpus)
+
+
+def _join(cfg: DictConfig) -> Any:
+    """This task's `stability.distributed.World`; with several tasks, the job's group joined."""
+    from stability import distributed
+
+    world = distributed.World.from_env()
+    if world.distributed:
+        distributed.init(world, distributed.device(world, str(cfg.train.device)))
+    return world
+
+
+def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: Any) -> dict[str, Any]:
     same = _duplicates(Path(hc.sweep.dir)).get(str(hc.job.num))
     if same is not None:  # trained by job `same`; drop the folder Hydra made for this one
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if world.main:
+            shutil.rmtree(run_dir, ignore_errors=True)
         return {"folder": None, "duplicate_of": same, "skipped": True}
     owner = os.environ.get(OWNER_ENV)
     try:
         run_cfg = to_run_config(cfg)
-        if should_skip(run_dir, run_cfg.identity()):
-            return {"folder": str(run_dir), "skipped": True}
-        if owner and not owner_alive(owner):  # the sweep was stopped before this job began
-            return {"folder": str(run_dir), "skipped": False, "error": "interrupted (the sweep stopped before it began)"}
+        decision = None
+        if world.main:
+            if should_skip(run_dir, run_cfg.identity()):
+                decision = {"folder": str(run_dir), "skipped": True}
+            elif owner and not owner_alive(owner):  # the sweep was stopped before this job began
+                decision = {"folder": str(run_dir), "skipped": False,
+                            "error": "interrupted (the sweep stopped before it began)"}
+        if world.distributed:  # rank 0 read the folder; the others do as it says
+            from stability import distributed
+
+            decision = distributed.broadcast(decision, world)
+        if decision is not None:
+            return decision
         import torch
 
         from stability import training
 
         concurrency = int(os.environ.get(CONCURRENCY_ENV, "1"))
-        n_gpus = torch.cuda.device_count() if run_cfg.train.device == "auto" else 0
+        n_gpus = torch.cuda.device_count() if run_cfg.train.device == "auto" and not world.distributed else 0
         plan = resources.plan(hc.job.num, concurrency, resources.available_cpus(), n_gpus)
-        if run_cfg.train.threads is None:
-            run_cfg.train.threads = plan.threads
+        if run_cfg.train.threads is None:  # the job's share of the cores, split between its tasks
+            run_cfg.train.threads = distributed_threads(world, plan.threads)
         if plan.device:
             run_cfg.train.device = plan.device
         with graceful_signals(), _stop_when_gone(owner):
             training.run(run_cfg, run_dir, overrides, extra_status={
-                "job_num": hc.job.num, "concurrency": concurrency, "gpu_slot": plan.slot, "owner": owner})
+                "job_num": hc.job.num, "concurrency": concurrency, "gpu_slot": plan.slot, "owner": owner,
+                "world_size": world.size}, world=world if world.distributed else None)
         return {"folder": str(run_dir), "skipped": False}
     except LeaseBusy as e:  # another live process writes this folder: leave it to that one
         return {"folder": str(run_dir), "skipped": False, "busy": str(e)}
@@ -78,7 +121,7 @@ def job(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(e, KeyboardInterrupt):
             raise
         error = str(storage_error(e) or f"{type(e).__name__}: {e}")
-        if read_status(run_dir).get("state") != "failed" and writer_gone(run_dir, read_status(run_dir)):
+        if world.main and read_status(run_dir).get("state") != "failed" and writer_gone(run_dir, read_status(run_dir)):
             try:  # it failed before training.run began
                 write_status(run_dir / rf.STATUS, {"state": "failed", "error": error})
             except StorageError:

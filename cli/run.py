@@ -1,14 +1,20 @@
-"""`stab run [--runs DIR] [OVERRIDES...]`: train one configuration and print its verdict.
+"""`stab run [--runs DIR] [--nproc N] [OVERRIDES...]`: train one configuration and print its verdict.
 
     stab run                                   # default preset, about a minute on 2 CPU cores
     stab run preset=smoke norm=pre residual=0.3 clip=5
+    stab run --nproc 2 preset=smoke            # one data-parallel run in 2 processes (torch.distributed.run)
+    torchrun --nproc-per-node 2 -m cli.main run preset=smoke   # the same, started by torchrun
+
+Started by torchrun or srun (RANK/WORLD_SIZE or SLURM's task variables in the environment), each
+process joins the run's process group itself (`stability.distributed`); rank 0 makes the run
+folder, tells the others its path and prints; the others stay silent.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -21,17 +27,39 @@ from stability.preflight import preflight
 from stability.rundirs import create_unique, folder_name
 from stability.storage import read_json
 
+if TYPE_CHECKING:
+    from stability.config import RunConfig
+    from stability.distributed import World
+
 
 def run(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. norm=pre residual=0.3 clip=5")] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder the run folder is created in.")] = Path("runs"),
     config_dir: Annotated[Optional[list[Path]], typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes of one data-parallel run on this machine "
+                                                 "(torch.distributed.run; gloo on CPU, NCCL with one GPU each); "
+                                                 "train.batch_size is the global batch.")] = None,
 ) -> None:
     """Train one configuration and write its run folder."""
     overrides = list(overrides or [])
+    from stability import distributed
+
     with user_errors():
         set_config_dirs(config_dir)
+        try:
+            world = distributed.World.from_env()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if nproc is not None and nproc < 1:
+            raise UserError(f"--nproc {nproc} is not allowed: expected an integer >= 1")
+        if nproc is not None and nproc > 1 and world.distributed:
+            raise UserError(f"--nproc {nproc} is not allowed here: this process is already rank {world.rank} of "
+                            f"{world.size} (started by torchrun or srun); drop --nproc")
         cfg = compose_run(overrides)
+        try:
+            distributed.check_batch(cfg.train.batch_size, nproc or world.size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         from cli.launch import with_declared_grid
 
         grid = with_declared_grid(overrides)[len(overrides):]
@@ -40,19 +68,66 @@ def run(
                             f"a sweep grid ({' '.join(grid)}): run it with `stab sweep {' '.join(overrides)}`")
         check_writable(runs)
         preflight(cfg)
+    if nproc is not None and nproc > 1:  # this process only launches; its children run the code below
+        _launch(nproc, runs, overrides, config_dir or [])
+        return
+    if world.distributed:
+        _distributed(cfg, runs, overrides, world)
+        return
     with write_errors():
         try:  # a folder of its own, even for the same overrides in the same second
             run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{folder_name(overrides)}")
         except OSError as e:
             raise StorageError(e.filename or runs / "run", e) from e
-    console.print(styled(("stab run", "bold"), f" {' '.join(overrides) or '(defaults)'} -> {run_dir}"))
+    _train_and_print(cfg, run_dir, overrides)
+
+
+def _launch(nproc: int, runs: Path, overrides: list[str], config_dirs: list[Path]) -> None:
+    """`nproc` processes of `stab run` through torch.distributed.run; exits with the run's status."""
+    from stability import distributed
+
+    dirs = [arg for d in config_dirs for arg in ("--config-dir", str(Path(d).resolve()))]
+    args = (["--debug"] if DEBUG["on"] else []) + ["run", "--runs", str(runs), *dirs, *overrides]
+    code = distributed.launch(nproc, args)
+    if code:
+        err_console.print(styled(("stopped:", "bold red"), f" a process of the {nproc}-process run exited with status "
+                                 f"{code}; the others were stopped (torch.distributed.run)"), highlight=False)
+        raise typer.Exit(code)
+
+
+def _distributed(cfg: RunConfig, runs: Path, overrides: list[str], world: World) -> None:
+    """One rank of a data-parallel run: join the group, agree on rank 0's run folder, train."""
+    from stability import distributed
+
+    if not world.main:  # rank 0 prints for the run
+        console.quiet = err_console.quiet = True
+    device = distributed.device(world, cfg.train.device)
+    distributed.init(world, device)
+    try:
+        run_dir = None
+        if world.main:
+            with write_errors():
+                try:
+                    run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{folder_name(overrides)}")
+                except OSError as e:
+                    raise StorageError(e.filename or runs / "run", e) from e
+        run_dir = Path(distributed.broadcast(str(run_dir) if run_dir else None, world))
+        _train_and_print(cfg, run_dir, overrides, world, f" ({world.size} processes, {distributed.backend(device)})")
+    finally:
+        distributed.close()
+
+
+def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world: World | None = None,
+                     how: str = "") -> None:
+    console.print(styled(("stab run", "bold"), f" {' '.join(overrides) or '(defaults)'} -> {run_dir}{how}"))
     from cli.progress import RichProgress, reporter
     from stability import training
     from stability.progress import reporting
 
     try:
         with graceful_signals(), reporting(reporter(console)):
-            summary = training.run(cfg, run_dir, overrides, RichProgress(console))
+            summary = training.run(cfg, run_dir, overrides, RichProgress(console) if world is None or world.main
+                                       else None, world=world)
     except KeyboardInterrupt:
         err_console.print(f"interrupted; status and metrics so far are in {run_dir}")
         raise typer.Exit(EXIT_INTERRUPTED) from None

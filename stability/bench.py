@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stability.config import RunConfig
 from stability.trackers import open_trackers
-from stability.training import Stepper, _step_record, eager, resolve_device
+from stability.training import StepContext, Stepper, Window, _step_record, eager, resolve_device
 from stability.workloads import build, make_optimizer
 
 
@@ -49,6 +49,11 @@ class BenchResult:
     threads: int
     log_sps: float | None = None  # stab's step with the trackers of `log` fed every record
     log_ratio: float | None = None  # log_sps / stab_sps
+    sync_sps: float | None = None  # CUDA only: stab's step at train.sync_every=SYNC_K (one transfer per K steps)
+    sync_ratio: float | None = None  # sync_sps / stab_sps (stab_sps: a transfer every step)
+
+
+SYNC_K = 8  # the sync_every compared with 1 on a GPU
 
 
 def _sync(device: torch.device) -> None:
@@ -127,7 +132,11 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
         opt_b.step()
         sched_b.step()
 
+    if device.type == "cuda":
+        block = max(block, SYNC_K)  # a timed block ends with a device sync: at most one per window
     arms = {"bare": bare_step, "stab": stab_step, **({"log": logged_step} if recorder else {})}
+    if device.type == "cuda":  # where a host sync stalls the device: the same step at sync_every=SYNC_K
+        arms["sync"] = _sync_every_arm(cfg, device, batches)
     for i in range(block):  # warm-up, not timed
         for fn in arms.values():
             fn(i)
@@ -157,9 +166,30 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     bare_sps, stab_sps = done / t_bare, done / t_stab
     n_batches = max(1, work.n_train // tc.batch_size)
     log_sps = done / spent["log"] if "log" in spent else None
+    sync_sps = done / spent["sync"] if "sync" in spent else None
     return BenchResult(bare_sps, stab_sps, stab_sps / bare_sps, flops, machine, bare_sps * flops / machine,
                        stab_sps * flops / machine, extras, n_batches / stab_sps, done, str(device),
-                       torch.get_num_threads(), log_sps, log_sps / stab_sps if log_sps else None)
+                       torch.get_num_threads(), log_sps, log_sps / stab_sps if log_sps else None,
+                       sync_sps, sync_sps / stab_sps if sync_sps else None)
+
+
+def _sync_every_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) -> Any:
+    """A third copy of the run's model, optimizer and probes stepped through `Window` at
+    sync_every=SYNC_K: measurements stay on the device, one transfer per SYNC_K steps (timed
+    blocks are SYNC_K steps on CUDA, so each block ends with its window's transfer)."""
+    parts = build(cfg, device, compile=False)
+    tc = cfg.train
+    stepper = Stepper(parts.work, parts.opt, parts.sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision)
+    window = Window(stepper, SYNC_K)
+    idx = torch.arange(tc.batch_size)
+
+    def step(i: int) -> None:
+        window.add(StepContext(i, 1, i, idx, batches[i % len(batches)], None, parts.sched.state_dict(),
+                               [g["lr"] for g in parts.opt.param_groups]))
+        if window.full:
+            for _ in window.drain():
+                pass
+    return step
 
 
 # ----------------------------------------------------------------------------------------------

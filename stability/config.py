@@ -221,6 +221,7 @@ class TrainConfig:
     threads: Any = None  # torch CPU threads; null: all cores (split among concurrent jobs)
     precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss)
     compile: bool = False  # torch.compile the model
+    sync_every: int = 1  # steps whose measurements stay on the device between host transfers
 
     def __post_init__(self) -> None:
         self.epochs = _number("train.epochs", self.epochs, lo=1, integer=True)
@@ -241,6 +242,7 @@ class TrainConfig:
             self.threads = _number("train.threads", self.threads, lo=1, hi=1024, integer=True)
         _choice("train.precision", self.precision, ("fp32", "bf16"))
         _flag("train.compile", self.compile)
+        self.sync_every = _number("train.sync_every", self.sync_every, lo=1, hi=10_000, integer=True)
 
 
 def parse_clip(value: Any) -> float | None:
@@ -587,7 +589,7 @@ class RunConfig:
 
 
 # Keys that change where or how fast a run happens, or where it is reported, never what it computes.
-OPERATIONAL_KEYS = ("train.device", "train.threads", "data.cache_dir", "log", "margin")
+OPERATIONAL_KEYS = ("train.device", "train.threads", "train.sync_every", "data.cache_dir", "log", "margin")
 
 _NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfig,
            ("RunConfig", "train"): TrainConfig, ("RunConfig", "detect"): DetectConfig,

@@ -18,11 +18,15 @@ import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from stability.config import ModelConfig
+from stability.distributed import global_mean
 from stability.models.layers import Stack, init_weights, sinusoidal_positions, stabilizers
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
-    return x.float().pow(2).mean().sqrt()
+    """RMS over the whole batch: in a distributed training step, over the global batch (the
+    ranks' mean squares are all-reduced, as SyncBatchNorm does), so the scale is the same at
+    any world size."""
+    return global_mean(x.float().pow(2)).sqrt()
 
 
 class RMSMatch(nn.Module):
