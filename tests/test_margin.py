@@ -78,7 +78,7 @@ def test_bad_brackets_are_refused():
 
 @pytest.mark.slow
 def test_stab_margin_on_the_smoke_preset_probes_real_runs_and_resumes_without_training_again(cli, tmp_path):
-    args = ["margin", *SMOKE, "norm=pre,post", "train.epochs=2", "margin.lo=0.01", "margin.hi=1", "margin.tolerance=10",
+    args = ["margin", *SMOKE, "norm=pre,post", "train.epochs=3", "margin.lo=0.01", "margin.hi=1", "margin.tolerance=10",
             "--runs", tmp_path, "--name", "m"]
     result = cli(*args)
     res = read_json(tmp_path / "m" / "margin.json")
