@@ -88,7 +88,10 @@ def _launch(nproc: int, runs: Path, overrides: list[str], config_dirs: list[Path
 
     dirs = [arg for d in config_dirs for arg in ("--config-dir", str(Path(d).resolve()))]
     args = (["--debug"] if DEBUG["on"] else []) + ["run", "--runs", str(runs), *dirs, *overrides]
-    code = distributed.launch(nproc, args)
+    try:
+        code = distributed.launch(nproc, args)
+    except KeyboardInterrupt:  # rank 0 has said where the run's records are
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if code:
         err_console.print(styled(("stopped:", "bold red"), f" a process of the {nproc}-process run exited with status "
                                  f"{code}; the others were stopped (torch.distributed.run)"), highlight=False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -211,11 +212,14 @@ def launch(nproc: int, args: Sequence[str]) -> int:
     `torch.distributed.run` (elastic launch, standalone rendezvous on a free port, no restarts):
     when one process fails the agent stops the others. Returns 0, or the failed rank's exit code
     (the lowest rank's when several failed)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     try:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "cli.main", *args])
+    except SignalException as e:  # Ctrl-C or SIGTERM to the launcher: the agent stopped every rank
+        raise KeyboardInterrupt(signal.Signals(e.sigval).name) from None
     except ChildFailedError as e:
         failures = sorted(e.failures.items())
         return next((f.exitcode for _, f in failures if f.exitcode and f.exitcode > 0), 1)

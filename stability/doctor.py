@@ -295,13 +295,16 @@ def _clamp(rec: RunRecord) -> list[Finding]:
         share = float(np.mean(clamped[ok])) if ok.any() else 0.0
         if share > limit:
             need = float(np.nanmedian(ratio[ok])) if ok.any() else math.nan
-            side = "upper" if need > _float(bounds[1]) else "lower" if need < _float(bounds[0]) else "a"
+            side = "upper" if need > _float(bounds[1]) else "lower" if need < _float(bounds[0]) else "either"
             first = int(np.argmax(clamped > 0))
             out.append(Finding("clamp_saturated", step=int(rec.steps[first].get("step", first)),
                                detail={"stage": i, "share": share, "side": side, "need": need,
                                        "last": f"stage{i + 1}/clamped" not in rec.steps[0]},
-                               evidence=f"stage {i}'s RMS-match clamp bound on {share:.0%} of steps at its {side} bound "
-                                        f"{bounds}: it needed a scale of {need:.3g} (median)"))
+                               evidence=f"stage {i}'s RMS-match clamp {bounds} bound on {share:.0%} of steps, "
+                                        + (f"at its {side} bound: it needed a scale of {need:.3g} (median)"
+                                           if side != "either" else
+                                           f"at either bound: the median scale it needed, {need:.3g}, lies inside, "
+                                           f"so it binds in bursts")))
         i += 1
     return out
 

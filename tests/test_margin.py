@@ -91,6 +91,9 @@ def test_stab_margin_on_the_smoke_preset_probes_real_runs_and_resumes_without_tr
             assert f"train.lr={p['lr']:g}" in p["folder"] and "train.stop_early=true" in p["folder"]
         stable = [p["lr"] for p in c["probes"] if p["stable"]]
         unstable = [p["lr"] for p in c["probes"] if not p["stable"]]
+        if c["status"] == "non_monotone":  # the smoke model can fail at a low lr and pass at a higher one:
+            assert min(unstable) < max(stable)  # then it is said so, not bisected
+            continue
         assert c["margin"] == (max(stable) if stable else None)
         assert all(u > c["margin"] for u in unstable) if stable else True
     assert res["cost"]["probes"] == sum(len(c["probes"]) for c in res["configs"])
