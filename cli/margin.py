@@ -68,7 +68,7 @@ def margin(
     K = mg.grid_size(settings.lo, settings.hi, settings.tolerance)
     console.print(styled(("stab margin", "bold"), f" {len(combos)} configuration(s), lr {settings.lo:g}..{settings.hi:g} "
                          f"in {K} steps of x{(settings.hi / settings.lo) ** (1 / K):.3g}; at most "
-                         f"{mg.promised_probes(settings.lo, settings.hi, settings.tolerance)} probes each when the "
+                         f"{min(mg.promised_probes(settings.lo, settings.hi, settings.tolerance), settings.steps)} probes each when the "
                          f"boundary is inside -> {sweep_dir}"), highlight=False)
     concurrency = [1]
 
