@@ -22,7 +22,7 @@ from cli.common import console, fmt, styled, user_errors, verdict_text, write_er
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import doctor as dr
-from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig
+from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig, flatten
 from stability.storage import atomic_write_text, read_json, write_json
 
 EARLY = {"train.stop_early": "true"}
@@ -89,17 +89,6 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
 
 # --- --try ----------------------------------------------------------------------------------
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _value(v: Any) -> str:
     """A config value as a Hydra override value."""
     if isinstance(v, bool):
@@ -125,7 +114,7 @@ def exact_overrides(rec: dr.RunRecord) -> list[str]:
     if have.identity() == want.identity():
         return base
     ops = tuple(OPERATIONAL_KEYS)
-    w, h = _flatten(want.to_dict()), _flatten(have.to_dict())
+    w, h = flatten(want.to_dict()), flatten(have.to_dict())
     extra = [f"{k}={_value(v)}" for k, v in w.items()
              if h.get(k) != v and not any(k == o or k.startswith(o + ".") for o in ops)]
     full = merge(base, dict(o.split("=", 1) for o in extra))

@@ -660,3 +660,16 @@ SHORT_NAMES: dict[str, ShortName] = {s.name: s for s in (
     ShortName("z_loss", "model.z_loss", "z-loss coefficient on the output softmax (char LM)"),
     ShortName("warmup", "train.warmup", "steps of linear learning-rate warmup"),
 )}
+
+
+def flatten(d: dict[str, Any], prefix: str = "", keep_empty: bool = False) -> dict[str, Any]:
+    """Nested dicts -> one level of dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}. An empty
+    dict is dropped, or kept as a value with `keep_empty` (so `model.params: {}` still shows)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and (v or not keep_empty):
+            out.update(flatten(v, key + ".", keep_empty))
+        else:
+            out[key] = v
+    return out

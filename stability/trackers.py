@@ -38,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig
+from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig, flatten
 from stability.storage import read_json, write_json
 
 PIP = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> module and pip package
@@ -110,17 +110,6 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _scalar(v: Any) -> str | float | int | bool:
     """A param value as the trackers take it: numbers and bools as they are, the rest as text."""
     if isinstance(v, (bool, int, float, str)):
@@ -132,7 +121,7 @@ def run_params(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(params, operational): the resolved config flattened to dotted keys plus the short names,
     without the operational keys (device, threads, cache, log), which come back separately: they
     may change between attempts of a run, and MLflow refuses a param whose value changes."""
-    flat = {k: _scalar(v) for k, v in _flatten(cfg.to_dict()).items()}
+    flat = {k: _scalar(v) for k, v in flatten(cfg.to_dict()).items()}
     operational = {k: flat.pop(k) for k in OPERATIONAL_KEYS if k in flat}
     short = {name: _scalar(s.read(cfg)) for name, s in SHORT_NAMES.items() if s.read(cfg) is not None}
     return {**short, **flat}, operational

@@ -10,8 +10,8 @@ import json
 import math
 from typing import Any, Sequence
 
-from stability.config import OPERATIONAL_KEYS, SHORT_NAMES
-from stability.report.loading import Run, _flatten
+from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, flatten
+from stability.report.loading import Run
 
 UNSET = "(default)"  # a factor a run did not override
 
@@ -39,7 +39,7 @@ def factors(runs: Sequence[Run]) -> list[str]:
         differ = [k for k in keys if len({factor_value(r, k) for r in runs}) > 1]
         if differ or len({json.dumps(r.config, sort_keys=True, default=str) for r in runs}) <= 1:
             return differ
-    flat = [_flatten(r.config or {}) for r in runs]
+    flat = [flatten(r.config or {}, keep_empty=True) for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     return [k for k in keys if not _operational(k) and len({repr(f.get(k)) for f in flat}) > 1]
 
@@ -92,7 +92,7 @@ ABSENT = _Absent()
 def config_diff(defaults: dict[str, Any], actual: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted key, default, this run's value) for every leaf that differs, in the config's order;
     a key only one side has gives ABSENT on the other."""
-    a, b = _flatten(defaults), _flatten(actual)
+    a, b = flatten(defaults, keep_empty=True), flatten(actual, keep_empty=True)
     rows = []
     for key in dict.fromkeys([*a, *b]):
         va, vb = a.get(key, ABSENT), b.get(key, ABSENT)

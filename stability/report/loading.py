@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from stability import runformat
+from stability.config import flatten
 from stability.rundirs import writer_gone
 from stability.storage import loads, read_jsonl
 
@@ -58,7 +59,7 @@ class Run:
     def flat(self) -> dict[str, Any]:
         """The resolved config as dotted key -> value (computed once)."""
         if self._flat is None:
-            self._flat = _flatten(self.config or {})
+            self._flat = flatten(self.config or {}, keep_empty=True)
         return self._flat
 
     @property
@@ -269,12 +270,3 @@ def _float(x: Any) -> float:
         return math.nan
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
