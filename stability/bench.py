@@ -84,6 +84,27 @@ def step_flops(work: Any, batch: Any) -> float:
     return float(counter.get_total_flops())
 
 
+def interleave(arms: dict[str, Any], steps: int, block: int, device: torch.device) -> tuple[dict[str, float], int]:
+    """Time step functions `arm(i)` side by side: one untimed warm-up block each, then alternating
+    blocks of `block` steps until `steps` are done (a machine that slows down slows every arm
+    alike). Returns (seconds spent per arm, steps done per arm)."""
+    for i in range(block):  # warm-up, not timed
+        for fn in arms.values():
+            fn(i)
+    _sync(device)
+    spent = dict.fromkeys(arms, 0.0)
+    done = 0
+    while done < steps:
+        for arm, fn in arms.items():
+            t0 = time.perf_counter()
+            for i in range(done, done + block):
+                fn(i)
+            _sync(device)
+            spent[arm] += time.perf_counter() - t0
+        done += block
+    return spent, done
+
+
 def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="stab-bench-") as tmp:  # the trackers' files, thrown away
         recorder = open_trackers(cfg, Path(tmp) / "bench" / "job")
@@ -137,20 +158,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     arms = {"bare": bare_step, "stab": stab_step, **({"log": logged_step} if recorder else {})}
     if device.type == "cuda":  # where a host sync stalls the device: the same step at sync_every=SYNC_K
         arms["sync"] = _sync_every_arm(cfg, device, batches)
-    for i in range(block):  # warm-up, not timed
-        for fn in arms.values():
-            fn(i)
-    _sync(device)
-    spent = dict.fromkeys(arms, 0.0)
-    done = 0
-    while done < steps:
-        for arm, fn in arms.items():
-            t0 = time.perf_counter()
-            for i in range(done, done + block):
-                fn(i)
-            _sync(device)
-            spent[arm] += time.perf_counter() - t0
-        done += block
+    spent, done = interleave(arms, steps, block, device)
     t_stab, t_bare = spent["stab"], spent["bare"]
 
     t0 = time.perf_counter()

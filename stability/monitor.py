@@ -276,6 +276,7 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, float]:
     import copy
     import tempfile
 
+    from stability.bench import interleave
     from stability.training import resolve_device
     from stability.workloads import build, make_optimizer
 
@@ -304,20 +305,7 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, float]:
             monitor.step(copies["monitor"].loss(batches[i % len(batches)]))
 
         arms = {"bare": bare_step, "monitor": monitor_step}
-        for i in range(block):  # warm-up, not timed
-            for fn in arms.values():
-                fn(i)
-        spent = dict.fromkeys(arms, 0.0)
-        done = 0
-        while done < steps:
-            for arm, fn in arms.items():
-                t0 = time.perf_counter()
-                for i in range(done, done + block):
-                    fn(i)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                spent[arm] += time.perf_counter() - t0
-            done += block
+        spent, done = interleave(arms, steps, block, device)
         monitor.close()
     bare_sps, mon_sps = done / spent["bare"], done / spent["monitor"]
     return {"bare_sps": bare_sps, "monitor_sps": mon_sps, "ratio": mon_sps / bare_sps, "steps": done,
