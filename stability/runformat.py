@@ -202,12 +202,10 @@ def grad_header() -> str:
 
 
 def _cell(x: float) -> str:
-    x = float(x)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.9g}"
+    """A grad-table cell: 9 significant digits, NaN/inf spelled out (never blank)."""
+    from stability.formatting import format_number  # imports numpy: not at CLI start-up
+
+    return format_number(float(x), digits=9)
 
 
 def read_grad_table(path: Path) -> pd.DataFrame:
