@@ -1,6 +1,6 @@
 """`stab report RUNS_DIR [--out DIR]`: one table for every run under a folder, plus files.
 
-    stab report runs/                      # prints the tables; writes runs/report.md, runs.csv, plots/
+    stab report runs/                      # prints the tables; writes runs/report.md, report.html, runs.csv, plots/
     stab report runs/grid --out /tmp/rep   # the files elsewhere
 
 Runs still going, interrupted, failed or with damaged files are listed with their state and a
@@ -61,8 +61,9 @@ def report(
                                                          "mean over the LR grid of loss above the best; smaller is flatter"))
     for rel, w in result.warnings:
         warn(f"{rel}: {w}")
-    console.print(f"wrote {', '.join(str(p.relative_to(result.out)) for p in result.files[:3])} and "
-                  f"{len(result.files) - 3} plot(s) to {result.out}", highlight=False)
+    named = [p for p in result.files if p.suffix != ".png"]
+    console.print(f"wrote {', '.join(str(p.relative_to(result.out)) for p in named)} and "
+                  f"{len(result.files) - len(named)} plot(s) to {result.out}", highlight=False)
 
 
 def _share(verdict: str) -> Callable[[str], Text]:
