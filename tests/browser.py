@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 CEILING_S = 120.0  # a ceiling against a hang, not a wait: every wait ends at its event
 
@@ -49,7 +49,8 @@ class Browser:
             [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--remote-debugging-pipe", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
              "about:blank"],
-            preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            preexec_fn=fds, close_fds=False,  # noqa: PLW1509  (no thread of ours runs yet)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_child)
         os.close(from_child)
         self.messages: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -143,8 +144,8 @@ class Browser:
     def close(self) -> None:
         try:
             self.call("Browser.close")
-        except Exception:
-            pass
+        except (RuntimeError, OSError, queue.Empty):  # already gone: the wait below ends it
+            self.proc.kill()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -153,8 +154,8 @@ class Browser:
         os.close(self._write)
         shutil.rmtree(self.profile, ignore_errors=True)
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -13,8 +13,20 @@ import numpy as np
 import pytest
 
 from stability.report import factors, load_runs, sort_runs
-from stability.report.steps import departures, detect_settings, load_steps, minmax_downsample, spikes
-from stability.report.stepplots import departure_frame, departure_table, plot_departure, plot_grouped, plot_steps
+from stability.report.stepplots import (
+    departure_frame,
+    departure_table,
+    plot_departure,
+    plot_grouped,
+    plot_steps,
+)
+from stability.report.steps import (
+    departures,
+    detect_settings,
+    load_steps,
+    minmax_downsample,
+    spikes,
+)
 from tests.synthetic_runs import make_run
 
 LRS = ["0.001", "0.003", "0.01", "0.03", "0.1"]
@@ -87,7 +99,7 @@ def test_grouped_plot_is_readable_at_2_runs_and_at_100(sweeps, tmp_path):
     two = plot_grouped(runs, series, keys, tmp_path / "two.png")
     assert two.legend[:2] == ["norm=post  (1/1 unstable)", "norm=pre  (0/1 unstable)"]
     assert len(two.legend) <= 4  # one per colour, plus the NaN mark
-    w2, h2 = png_size(two.path)
+    w2, _ = png_size(two.path)
 
     runs, keys, series = loaded(sweeps / "big")
     assert len(runs) == 100 and set(keys) == {"train.lr", "clip", "seed"}
@@ -133,3 +145,90 @@ def test_departure_is_the_first_value_out_of_the_band_or_non_finite():
                    finite=np.ones(40, bool), skipped=np.zeros(40, bool), groups={"a": flat, "b": jump, "c": nan})
     got = departures(s, {"window": 20, "z": 6.0, "warmup": 10, "ratio": 3.0})
     assert got == {"a": None, "b": 25, "c": 30}
+
+
+@pytest.fixture
+def width_80():
+    """The terminal pinned at 80 columns for one test (conftest pins 260 for the rest)."""
+    from cli.common import console
+
+    before = console.width
+    console.width = 80
+    yield 80
+    console.width = before
+
+
+def _table_words(output: str) -> list[str]:
+    """The words inside the printed tables' cells and headers (box characters dropped)."""
+    words = []
+    for line in output.splitlines():
+        if any(ch in line for ch in "│┃"):
+            for cell in line.replace("┃", "│").split("│"):
+                words += cell.split()
+    return words
+
+
+def _allowed_words(frames) -> set[str]:
+    from cli.report import SHORT_HEADERS, soft_split
+
+    words = {piece for f in frames for col in f.columns for text in [str(col), *map(str, f[col])]
+             for w in text.split() for piece in [w, *soft_split(w)]}
+    return words | {w for header in SHORT_HEADERS.values() for w in header.split()}
+
+
+def _report_frames(root: Path):
+    from stability.report import (
+        answer,
+        answer_display,
+        factor_display,
+        factor_summary,
+        lr_display,
+        lr_summary,
+        overview,
+    )
+
+    runs, keys, _ = loaded(root)
+    lr = lr_summary(runs, keys)
+    return runs, keys, [overview(runs, keys), answer_display(answer(runs, keys)[0]),
+                        factor_display(factor_summary(runs, keys)), *([lr_display(lr)] if lr is not None else [])]
+
+
+def test_stab_report_fits_80_columns_without_cutting_a_word(cli, sweeps, tmp_path, width_80):
+    result = cli("report", sweeps / "two", "--out", tmp_path)
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    _, _, frames = _report_frames(sweeps / "two")
+    cut = [w for w in _table_words(result.output) if w not in _allowed_words(frames)]
+    assert not cut, cut  # every word in a cell is a whole word of the table (or a piece after / , = : _)
+    assert [w for w in _table_words(result.output) if w in ("stable", "nan")][:2] == ["nan", "stable"]  # the runs
+
+
+def test_100_runs_tables_fit_80_columns_and_say_what_they_leave_out(sweeps, width_80):
+    import io
+
+    from rich.console import Console
+
+    from cli.report import OVERVIEW_DROP, frame_table
+
+    runs, keys, frames = _report_frames(sweeps / "big")
+    texts = []
+    for i, frame in enumerate(frames):
+        out = Console(width=80, file=io.StringIO(), color_system=None)
+        drop = [*OVERVIEW_DROP[:-2], *reversed(keys), *OVERVIEW_DROP[-2:]] if i == 0 else None
+        out.print(frame_table(frame, title="t", drop=drop), crop=False)
+        texts.append(out.file.getvalue())
+    text = "".join(texts)
+    assert max(map(len, text.splitlines())) <= 80
+    cut = [w for w in _table_words(text) if w not in _allowed_words(frames)]
+    assert not cut, cut
+    assert sum(w in ("stable", "nan") for w in _table_words(texts[0])) == len(runs) == 100  # every run, whole
+    assert "not shown at 80 columns:" in text  # the lr table's columns do not all fit: named, not cut
+
+
+def test_a_long_run_name_breaks_only_after_punctuation():
+    from cli.report import soft_split
+
+    name = "grid/norm=post,preset=smoke,residual=0.1,train.lr=0.003"
+    pieces = soft_split(name)
+    assert "".join(pieces) == name and all(len(p) <= 20 for p in pieces)
+    assert all(p[-1] in "/,=:_" for p in pieces[:-1])

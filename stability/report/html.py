@@ -15,8 +15,9 @@ from __future__ import annotations
 import base64
 import html
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -102,8 +103,8 @@ def render_html(title: str, sentence: str, sections: Sequence[tuple[str, str]], 
     """The page: the answer sentence, then `sections` ((heading, HTML body), in order), then one
     section per run (`run_sections[run.rel]`, its own anchor `run-<n>`)."""
     nav = "".join(f'<a href="#s{i}">{_e(h)}</a>' for i, (h, _) in enumerate(sections))
-    body = [f"<h1>{_e(title)}</h1>", f'<p class="answer" id="answer">{_e(sentence)}</p>', f"<nav>{nav}"
-            f'<a href="#runs">each run</a></nav>']
+    body = [f"<h1>{_e(title)}</h1>", f'<p class="answer" id="answer">{_e(sentence)}</p>', (f"<nav>{nav}"
+                                                                                           f'<a href="#runs">each run</a></nav>')]
     for i, (heading, content) in enumerate(sections):
         body.append(f'<h2 id="s{i}">{_e(heading)}</h2>{content}')
     body.append('<h2 id="runs">Each run</h2>')
@@ -125,7 +126,12 @@ def html_report(report: Any, names: dict[str, str]) -> str:
     """report.html for a `Report` (see `write_report`): every table and plot of report.md, and a
     section per run that the runs table links to."""
     from stability.formatting import format_number
-    from stability.report.tables import answer_display, events_frame, factor_display, lr_display
+    from stability.report.tables import (
+        answer_display,
+        events_frame,
+        factor_display,
+        lr_display,
+    )
 
     runs = report.runs
     index = {r.rel: i for i, r in enumerate(runs)}
@@ -159,8 +165,8 @@ def html_report(report: Any, names: dict[str, str]) -> str:
             for rel, w in warned) + "</ul>"))
     run_sections = {}
     for r in runs:
-        parts = [f'<p class="muted">{_e(r.rel)} &middot; state {_e(r.state)} &middot; final loss '
-                 f"{_e(format_number(r.final_loss))}</p>"]
+        parts = [(f'<p class="muted">{_e(r.rel)} &middot; state {_e(r.state)} &middot; final loss '
+                  f"{_e(format_number(r.final_loss))}</p>")]
         if r.summary.get("evidence"):
             parts.append(f"<p>{_e(r.summary['evidence'])}</p>")
         parts += [f'<p class="warn">{_e(w)}</p>' for w in r.warnings]

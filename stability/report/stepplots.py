@@ -9,10 +9,12 @@ unstable runs against the stable ones. PNGs written atomically (`plots._save`).
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +25,13 @@ from matplotlib.patches import Patch
 from stability.report.factors import _value_order, factor_value
 from stability.report.loading import Run
 from stability.report.plots import _plain_log_ticks, _save
-from stability.report.steps import StepSeries, departures, detect_settings, minmax_downsample, spikes
+from stability.report.steps import (
+    StepSeries,
+    departures,
+    detect_settings,
+    minmax_downsample,
+    spikes,
+)
 
 UNSTABLE = ("exploding", "scream", "nan")
 MAX_POINTS = 1000  # points per drawn line: ~ the pixels of a panel's width
@@ -163,7 +171,7 @@ def _thin_band(x: np.ndarray, med: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     if len(x) <= max_points:
         return x, med, lo, hi
     edges = np.linspace(0, len(x), max_points + 1).astype(int)
-    pick = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    pick = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
     return (np.array([x[a] for a, _ in pick]), np.array([np.median(med[a:b]) for a, b in pick]),
             np.array([lo[a:b].min() for a, b in pick]), np.array([hi[a:b].max() for a, b in pick]))
 

@@ -9,6 +9,7 @@ its running band).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,7 +83,7 @@ def minmax_downsample(x: np.ndarray, y: np.ndarray, max_points: int = 1000) -> t
     n_buckets = max(1, max_points // 2)
     edges = np.linspace(0, len(y), n_buckets + 1).astype(int)
     keep: list[int] = []
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         if b <= a:
             continue
         seg = y[a:b]
