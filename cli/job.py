@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from cli import launch  # noqa: F401  registers the job-folder resolver in the process that runs the job
 from cli.common import graceful_signals
 from cli.config import to_run_config
-from stability import runformat as rf
+from stability.record import format as rf
 from stability import resources
 from stability.errors import StorageError, storage_error
 from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone

@@ -34,7 +34,7 @@ from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, e
                         seconds, styled, user_errors, verdict_text, write_errors)
 from cli.config import UserError, compose_run, set_config_dirs
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
-from stability import runformat as rf
+from stability.record import format as rf
 from stability.preflight import preflight
 from stability.storage import atomic_write_text, loads
 from stability.resources import available_cpus

@@ -234,8 +234,8 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
     metrics.jsonl, grad table, epochs.jsonl), the detectors, and the summary at the end."""
     import numpy as np
 
-    from stability.runwriter import RunWriter
-    from stability.summarizer import Summarizer
+    from stability.record.writer import RunWriter
+    from stability.record.summarizer import Summarizer
     from stability.workloads import build_model
 
     model = build_model(cfg.model)

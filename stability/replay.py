@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from stability import runformat as rf
+from stability.record import format as rf
 from stability.config import RunConfig
 from stability.instrument import NonFiniteProbe
 from stability.training import NanInjector, resolve_device

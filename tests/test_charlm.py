@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from cli.config import UserError, compose_run
-from stability.runformat import read_grad_table
+from stability.record.format import read_grad_table
 from stability.workloads.charlm import text
 from stability.workloads.charlm.workload import CharLMWorkload
 from stability.config import TextDataConfig

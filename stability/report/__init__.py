@@ -3,7 +3,7 @@
 A package by job: `loading` (run folders into `Run`s), `factors` (what differs between runs),
 `tables` (the overview, runs.csv, the answer, one run's tables), `plots` and `markdown`
 (report.md and the CSV files). Everything reads the run folder's files and nothing else
-(`stability.runformat`), so a report works on runs that are still going, were killed, crashed,
+(`stability.record.format`), so a report works on runs that are still going, were killed, crashed,
 or have a damaged file. NaN and inf stay NaN and inf in every table, CSV cell and plot.
 
     report = write_report(Path("runs"), Path("runs"))   # report.md, runs.csv, factors.csv, plots/

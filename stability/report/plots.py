@@ -17,7 +17,7 @@ from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from stability import runformat
+from stability.record import format as runformat
 from stability.formatting import format_number
 from stability.report.loading import Run, _float
 from stability.report.tables import first_nan_text

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from stability import runformat
+from stability.record import format as runformat
 from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.report.factors import _value_order, factor_value

@@ -35,9 +35,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stability import runformat as rf
+from stability.record import format as rf
 from stability.storage import append_jsonl, append_text, dumps, read_json, write_json, write_status, write_yaml
-from stability.summarizer import Summarizer
+from stability.record.summarizer import Summarizer
 from stability.trackers import Recorder
 
 FLUSH_STEPS = 256  # step records appended to metrics.jsonl per write

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from stability import detectors
-from stability import runformat as rf
+from stability.record import format as rf
 from stability.config import DetectConfig
 
 MAX_SPIKE_EVENTS = 20  # spike events written per kind; the counts are in the summary
