@@ -18,18 +18,19 @@ from pathlib import Path
 import pandas as pd
 
 from stability.progress import phase
+from stability.record import verdicts as vd
 from stability.report.factors import (ABSENT, ALIAS_PATHS, UNSET, _canonical, config_diff, factor_value, factors,
                                       labels, sort_runs)
-from stability.report.loading import (RUN_MARKERS, VERDICTS, ReportError, Run, _float, find_runs, load_run,
+from stability.report.loading import (RUN_MARKERS, ReportError, Run, _float, find_runs, load_run,
                                       load_runs)
 from stability.report.markdown import PLOTS, _markdown, csv_cell, diagnostic_warnings, markdown_table, write_csv
 from stability.report.plots import _slug, plot_curves, plot_grad_norms, plot_heatmap
-from stability.report.tables import (DECISIVE, UNSTABLE, answer, answer_display, epoch_frame, event_text,
+from stability.report.tables import (DECISIVE, answer, answer_display, epoch_frame, event_text,
                                      events_frame, factor_display, factor_summary, first_nan_text, grad_epoch_frame,
                                      is_run_folder, lr_display, lr_summary, overview, runs_frame, stage_frame)
 from stability.storage import atomic_write_text
 
-__all__ = ["ABSENT", "ALIAS_PATHS", "DECISIVE", "PLOTS", "RUN_MARKERS", "UNSET", "UNSTABLE", "VERDICTS", "Report",
+__all__ = ["ABSENT", "ALIAS_PATHS", "DECISIVE", "PLOTS", "RUN_MARKERS", "UNSET", "Report",
            "ReportError", "Run", "answer", "answer_display", "build_report", "config_diff", "csv_cell",
            "diagnostic_warnings", "epoch_frame", "event_text", "events_frame", "factor_display", "factor_summary",
            "factor_value", "factors", "find_runs", "first_nan_text", "grad_epoch_frame", "is_run_folder", "labels",
@@ -77,7 +78,7 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     names = labels(runs, keys)
-    mapped = [r for r in runs if r.verdict in UNSTABLE and r.grad_table is not None and not r.grad_table.empty]
+    mapped = [r for r in runs if vd.is_unstable(r.verdict) and r.grad_table is not None and not r.grad_table.empty]
     heatmaps: dict[str, Path] = {}
     used: set[str] = set()
     with phase("drawing plots", total=2 + len(mapped), unit="plots") as p:

@@ -28,7 +28,6 @@ from stability.rundirs import writer_gone
 from stability.storage import loads, read_jsonl
 
 RUN_MARKERS = runformat.RUN_MARKERS
-VERDICTS = ("stable", "exploding", "scream", "nan", "failed")  # least to most broken
 
 
 class ReportError(Exception):

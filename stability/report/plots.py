@@ -33,9 +33,6 @@ def _save(fig: Figure, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-_VERDICT_COLOURS = {"nan": "tab:red", "scream": "tab:purple", "exploding": "tab:orange"}
-
-
 def plot_grad_norms(runs: Sequence[Run], names: dict[str, str], path: Path) -> Path:
     """Mean gradient norm per epoch, one line per run (log y); the epoch where a run's norm went
     NaN or inf is marked with a red X on its last finite value, the per-epoch max is dotted."""
