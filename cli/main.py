@@ -16,19 +16,18 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DEBUG, route_library_warnings
-
+from cli import bench as bench_cmd
 from cli import cache as cache_cmd
 from cli import data as data_cmd
 from cli import doctor as doctor_cmd
 from cli import margin as margin_cmd
-from cli import bench as bench_cmd
 from cli import probe as probe_cmd
 from cli import replay as replay_cmd
 from cli import report as report_cmd
 from cli import run as run_cmd
 from cli import show as show_cmd
 from cli import sweep as sweep_cmd
+from cli.common import DEBUG, route_library_warnings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Training-stability ablations of transformers: sweep stabilizers, record "
