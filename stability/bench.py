@@ -134,7 +134,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     records: list[dict[str, Any]] = []
 
     def stab_step(i: int) -> None:
-        host, finite = stepper(batches[i % len(batches)])
+        host, _ = stepper(batches[i % len(batches)])
         records.append(_step_record(host, names, n_stages, clamp, i, 1, i))
 
     def logged_step(i: int) -> None:  # the same, and the record goes to the trackers
@@ -234,8 +234,8 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
     metrics.jsonl, grad table, epochs.jsonl), the detectors, and the summary at the end."""
     import numpy as np
 
-    from stability.record.writer import RunWriter
     from stability.record.summarizer import Summarizer
+    from stability.record.writer import RunWriter
     from stability.workloads import build_model
 
     model = build_model(cfg.model)

@@ -14,9 +14,10 @@ that ranks it, and the paper or measured case it comes from.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -24,7 +25,6 @@ import yaml
 from stability import detectors
 from stability.record import verdicts as vd
 from stability.storage import read_json, read_jsonl
-
 
 # Where a run left its baseline. The total grad norm: above DEPART_FACTOR x its median over the
 # warmup steps (at least BASELINE_STEPS), or non-finite. A module group: above DEPART_FACTOR x
@@ -355,7 +355,7 @@ class Rule:
     a weight that ranks the fixes of one run (higher first), and why, in words."""
 
     finding: str
-    fix: Callable[["RunRecord", Finding], dict[str, str] | None]
+    fix: Callable[[RunRecord, Finding], dict[str, str] | None]
     weight: float
     why: str
     source: str

@@ -21,25 +21,26 @@ import platform
 import socket
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from stability import detectors, distributed, health
-from stability.record import format as rf
 from stability.config import RunConfig
-from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.errors import StorageError
-from stability.rundirs import RunLease
-from stability.record.format import SCHEMA_VERSION
-from stability.record.writer import RunWriter
-from stability.storage import atomic_write_bytes
+from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.preflight import preflight
 from stability.progress import phase
+from stability.record import format as rf
+from stability.record.format import SCHEMA_VERSION
 from stability.record.summarizer import Summarizer
+from stability.record.writer import RunWriter
+from stability.rundirs import RunLease
+from stability.storage import atomic_write_bytes
 from stability.trackers import Recorder, open_trackers
 from stability.workloads import build
 
@@ -450,7 +451,7 @@ class Window:
 
 def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[float] | None, step: int,
                  epoch: int, batch: int) -> dict[str, Any]:
-    """The step record (`runformat.StepRecord`) from the Stepper's host vector: loss, total grad
+    """The step record (`record.format.StepRecord`) from the Stepper's host vector: loss, total grad
     norm, G group norms, then per stage rms..., ratio..., scale... (the one place it is unpacked)."""
     G = len(names)
     values = host.tolist()  # Python floats, in one call

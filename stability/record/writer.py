@@ -30,14 +30,15 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from stability.record import format as rf
-from stability.storage import append_jsonl, append_text, dumps, read_json, write_json, write_status, write_yaml
 from stability.record.summarizer import Summarizer
+from stability.storage import append_jsonl, append_text, dumps, read_json, write_json, write_status, write_yaml
 from stability.trackers import Recorder
 
 FLUSH_STEPS = 256  # step records appended to metrics.jsonl per write

@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from stability.record import format as runformat
 from stability.config import flatten
+from stability.record import format as runformat
 from stability.rundirs import writer_gone
 from stability.storage import loads, read_jsonl
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
-from stability.record import format as runformat
 from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
-from stability.report.factors import _value_order, factor_value
+from stability.record import format as runformat
 from stability.record import verdicts as vd
+from stability.report.factors import _value_order, factor_value
 from stability.report.loading import RUN_MARKERS, Run, _float
 
 
@@ -291,7 +292,7 @@ def stage_frame(run: Run) -> pd.DataFrame:
     for e in run.epochs:
         rms, ratio, scale, clamp = (e.get(k) or [] for k in ("stage_rms", "stage_ratio", "stage_scale", "stage_clamp_rate"))
         for i in range(max(len(rms), len(ratio), len(scale))):
-            def at(xs: list[Any]) -> Any:
+            def at(xs: list[Any], i: int = i) -> Any:
                 return xs[i] if i < len(xs) else None
             rows.append({"epoch": e.get("epoch"), "stage": i, "rms": at(rms), "needed ratio": at(ratio),
                          "scale": at(scale), "clamped": at(clamp)})
