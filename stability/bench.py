@@ -28,8 +28,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stability.config import RunConfig
-from stability.trackers import open_trackers
 from stability.step import StepContext, Stepper, Window
+from stability.trackers import open_trackers
 from stability.training import eager, resolve_device
 from stability.workloads import build, make_optimizer
 
@@ -232,9 +232,9 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
     trained) through the real `RunWriter` into a temporary folder, in epochs of `epoch_steps`
     steps, and time it all: building each step record from a host vector, the writer (aggregates,
     metrics.jsonl, grad table, epochs.jsonl), the detectors, and the summary at the end."""
-    import numpy as np
-
     from types import SimpleNamespace
+
+    import numpy as np
 
     from stability.runwriter import RunWriter
     from stability.steplayout import STAGE, StepLayout

@@ -20,8 +20,9 @@ probes. A metric added to the layout is therefore measured, checked and recorded
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

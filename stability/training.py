@@ -21,25 +21,25 @@ import platform
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from stability import detectors, distributed, health
 from stability.config import RunConfig
-from stability.instrument import NonFiniteProbe
 from stability.errors import StorageError
+from stability.instrument import NonFiniteProbe
+from stability.preflight import preflight
+from stability.progress import phase
 from stability.rundirs import RunLease
 from stability.runformat import SCHEMA_VERSION
 from stability.runwriter import RunWriter
 from stability.step import StepContext, Stepper, Window
 from stability.steplayout import StepLayout
 from stability.storage import atomic_write_bytes
-from stability.preflight import preflight
-from stability.progress import phase
 from stability.summarizer import Summarizer
 from stability.trackers import Recorder, open_trackers
 from stability.workloads import build

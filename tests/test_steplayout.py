@@ -12,7 +12,6 @@ from stability.instrument import GradProbe, StageProbe
 from stability.step import Instruments, StepContext, Stepper, Window
 from stability.steplayout import STAGE, Metric, StepLayout
 from stability.workloads import make_optimizer
-
 from tests.test_perf import tiny_workload
 
 
@@ -63,7 +62,6 @@ def test_a_probes_metrics_reach_the_record_with_their_measured_values(sync_every
     """Two declared metrics (a grads-phase scalar, an update-phase per-group vector) are measured by
     their probes and read back from the record under their keys, equal to a hand computation."""
     work, groups, opt, sched, stepper, probes = _stepper(lambda w, g: [ParamNormProbe(w.model), UpdateProbe(g)])
-    updates = probes[-1]
     layout = stepper.layout
     window = Window(stepper, sync_every)
     expected_param_norm, weights = [], []
