@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -23,6 +23,7 @@ from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig, flatten
+from stability.record import verdicts as vd
 from stability.storage import atomic_write_text, read_json, write_json
 
 EARLY = {"train.stop_early": "true"}
@@ -33,9 +34,9 @@ def doctor(
     try_: Annotated[bool, typer.Option("--try", help="Train the candidate fixes as a sweep and say which fixed it.")] = False,
     fixes: Annotated[int, typer.Option("--fixes", help="With --try: how many of the ranked fixes to train alone (plus the best two together).")] = 3,
     runs: Annotated[Path, typer.Option("--runs", help="With --try: folder that holds sweeps.")] = Path("runs"),
-    name: Annotated[Optional[str], typer.Option("--name", help="With --try: the sweep's folder under --runs; default doctor-<run folder>. Same name again = resume.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="With --try: the sweep's folder under --runs; default doctor-<run folder>. Same name again = resume.")] = None,
     launcher: Annotated[str, typer.Option("--launcher", help="With --try: basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
-    jobs: Annotated[Optional[int], typer.Option("--jobs", help="With --try: jobs at once for local parallel launchers.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", help="With --try: jobs at once for local parallel launchers.")] = None,
 ) -> None:
     """Say what went wrong in a run and where first, rank the fixes; --try trains them."""
     with user_errors():
@@ -50,9 +51,9 @@ def doctor(
     if not try_:
         return
     with user_errors():
-        if dx.verdict not in dr.UNSTABLE:
+        if not vd.is_unstable(dx.verdict):
             raise UserError(f"{run} ended {dx.verdict or 'without a verdict'}: --try needs an unstable run "
-                            f"(verdict {', '.join(dr.UNSTABLE)})")
+                            f"(verdict {', '.join(vd.UNSTABLE)})")
         if not dx.fixes:
             raise UserError(f"no rule proposes a fix for {run}: nothing to try")
         base = exact_overrides(rec)
@@ -82,7 +83,7 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
     rows = [{"rank": i + 1, "fix": x.label, "why": x.rule.why, "evidence": x.finding.kind
              + (f" (step {x.finding.step})" if x.finding.step is not None else ""), "source": x.rule.source}
             for i, x in enumerate(dx.fixes)]
-    title = "candidate fixes, best first" if dx.verdict in dr.UNSTABLE else \
+    title = "candidate fixes, best first" if vd.is_unstable(dx.verdict) else \
         f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
     console.print(frame_table(pd.DataFrame(rows), title=title))
 

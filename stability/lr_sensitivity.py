@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from stability import runformat as rf
+from stability.record import format as rf
 
 LR = "train.lr"
 RESERVED = (LR, "initial_loss", "final_loss")

@@ -49,7 +49,7 @@ class Browser:
             [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--remote-debugging-pipe", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
              "about:blank"],
-            preexec_fn=fds, close_fds=False,  # noqa: PLW1509  (no thread of ours runs yet)
+            preexec_fn=fds, close_fds=False,  # no thread of ours runs yet
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_child)
         os.close(from_child)

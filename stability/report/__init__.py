@@ -3,7 +3,7 @@
 A package by job: `loading` (run folders into `Run`s), `factors` (what differs between runs),
 `tables` (the overview, runs.csv, the answer, one run's tables), `plots` and `markdown`
 (report.md and the CSV files). Everything reads the run folder's files and nothing else
-(`stability.runformat`), so a report works on runs that are still going, were killed, crashed,
+(`stability.record.format`), so a report works on runs that are still going, were killed, crashed,
 or have a damaged file. NaN and inf stay NaN and inf in every table, CSV cell and plot.
 
     report = write_report(Path("runs"), Path("runs"))   # report.md, report.html, runs.csv, factors.csv, plots/
@@ -18,29 +18,105 @@ from pathlib import Path
 import pandas as pd
 
 from stability.progress import phase
-from stability.report.factors import (ABSENT, ALIAS_PATHS, UNSET, _canonical, config_diff, factor_value, factors,
-                                      labels, sort_runs)
-from stability.report.loading import (RUN_MARKERS, VERDICTS, ReportError, Run, _float, find_runs, load_run,
-                                      load_runs)
+from stability.record import verdicts as vd
+from stability.report.factors import (
+    ABSENT,
+    ALIAS_PATHS,
+    UNSET,
+    _canonical,
+    config_diff,
+    factor_value,
+    factors,
+    labels,
+    sort_runs,
+)
 from stability.report.html import html_report
+from stability.report.loading import RUN_MARKERS, ReportError, Run, _float, find_runs, load_run, load_runs
 from stability.report.markdown import PLOTS, _markdown, csv_cell, diagnostic_warnings, markdown_table, write_csv
 from stability.report.plots import _slug, plot_curves, plot_grad_norms, plot_heatmap
+from stability.report.stepplots import (
+    Drawn,
+    departure_frame,
+    departure_table,
+    plot_departure,
+    plot_grouped,
+    plot_steps,
+)
 from stability.report.steps import StepSeries, load_steps, minmax_downsample
-from stability.report.stepplots import (Drawn, departure_frame, departure_table, plot_departure, plot_grouped,
-                                        plot_steps)
-from stability.report.tables import (DECISIVE, UNSTABLE, answer, answer_display, epoch_frame, event_text,
-                                     events_frame, factor_display, factor_summary, first_nan_text, grad_epoch_frame,
-                                     is_run_folder, lr_display, lr_summary, overview, runs_frame, stage_frame)
+from stability.report.tables import (
+    DECISIVE,
+    answer,
+    answer_display,
+    epoch_frame,
+    event_text,
+    events_frame,
+    factor_display,
+    factor_summary,
+    first_nan_text,
+    grad_epoch_frame,
+    is_run_folder,
+    lr_display,
+    lr_summary,
+    overview,
+    runs_frame,
+    stage_frame,
+)
 from stability.storage import atomic_write_text
 
-__all__ = ["Drawn", "StepSeries", "departure_frame", "departure_table", "load_steps", "minmax_downsample",
-           "plot_departure", "plot_grouped", "plot_steps", "ABSENT", "ALIAS_PATHS", "DECISIVE", "PLOTS", "RUN_MARKERS", "UNSET", "UNSTABLE", "VERDICTS", "Report",
-           "ReportError", "Run", "answer", "answer_display", "build_report", "config_diff", "csv_cell",
-           "diagnostic_warnings", "epoch_frame", "event_text", "events_frame", "factor_display", "factor_summary",
-           "factor_value", "factors", "find_runs", "first_nan_text", "grad_epoch_frame", "is_run_folder", "labels",
-           "load_run", "load_runs", "lr_display", "lr_summary", "markdown_table", "overview", "plot_curves",
-           "plot_grad_norms", "plot_heatmap", "runs_frame", "sort_runs", "stage_frame", "write_csv", "write_report",
-           "_canonical", "_float"]
+__all__ = [
+    "ABSENT",
+    "Drawn",
+    "StepSeries",
+    "departure_frame",
+    "departure_table",
+    "load_steps",
+    "minmax_downsample",
+    "plot_departure",
+    "plot_grouped",
+    "plot_steps",
+    "ALIAS_PATHS",
+    "DECISIVE",
+    "PLOTS",
+    "RUN_MARKERS",
+    "UNSET",
+    "Report",
+    "ReportError",
+    "Run",
+    "_canonical",
+    "_float",
+    "answer",
+    "answer_display",
+    "build_report",
+    "config_diff",
+    "csv_cell",
+    "diagnostic_warnings",
+    "epoch_frame",
+    "event_text",
+    "events_frame",
+    "factor_display",
+    "factor_summary",
+    "factor_value",
+    "factors",
+    "find_runs",
+    "first_nan_text",
+    "grad_epoch_frame",
+    "is_run_folder",
+    "labels",
+    "load_run",
+    "load_runs",
+    "lr_display",
+    "lr_summary",
+    "markdown_table",
+    "overview",
+    "plot_curves",
+    "plot_grad_norms",
+    "plot_heatmap",
+    "runs_frame",
+    "sort_runs",
+    "stage_frame",
+    "write_csv",
+    "write_report",
+]
 
 
 @dataclass
@@ -86,7 +162,7 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     names = labels(runs, keys)
-    mapped = [r for r in runs if r.verdict in UNSTABLE and r.grad_table is not None and not r.grad_table.empty]
+    mapped = [r for r in runs if vd.is_unstable(r.verdict) and r.grad_table is not None and not r.grad_table.empty]
     series: dict[str, StepSeries] = {r.rel: load_steps(r) for r in runs}
     stepped = [r for r in runs if len(series[r.rel])]
     ans, sentence = answer(runs, keys)

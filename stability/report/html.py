@@ -59,7 +59,10 @@ _SORT = """
 })();
 """
 
-VERDICT_CLASSES = ("stable", "nan", "failed", "exploding", "scream")
+def _verdict_classes() -> tuple[str, ...]:
+    from stability.record import verdicts as vd
+
+    return tuple(vd.ORDER)
 
 
 def _e(x: Any) -> str:
@@ -87,7 +90,7 @@ def table(frame: pd.DataFrame, table_id: str = "", links: dict[int, str] | None 
             text = _e(v)
             if col == link_column and i in links:
                 text = f'<a href="#{_e(links[i])}">{text}</a>'
-            cls = f' class="{_e(v)}"' if col in ("verdict", "state") and str(v) in VERDICT_CLASSES else ""
+            cls = f' class="{_e(v)}"' if col in ("verdict", "state") and str(v) in _verdict_classes() else ""
             cells.append(f"<td{cls}>{text}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     ident = f' id="{_e(table_id)}"' if table_id else ""

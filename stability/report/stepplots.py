@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from stability.record import verdicts as vd
 from stability.report.factors import _value_order, factor_value
 from stability.report.loading import Run
 from stability.report.plots import _plain_log_ticks, _save
@@ -33,7 +34,6 @@ from stability.report.steps import (
     spikes,
 )
 
-UNSTABLE = ("exploding", "scream", "nan")
 MAX_POINTS = 1000  # points per drawn line: ~ the pixels of a panel's width
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
            "#393b79", "#637939", "#8c6d31"]  # tab10 without red (red marks NaN), then darker ones
@@ -206,7 +206,7 @@ def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Seque
         ax_g, ax_l = axes[row, col], axes[row + 1, col]
         title = f"{panel_key}={pv}" if panel_key else "all runs"
         mine_p = [r for r in runs if not panel_key or factor_value(r, panel_key) == pv]
-        bad = sum(r.verdict in UNSTABLE for r in mine_p)
+        bad = sum(vd.is_unstable(r.verdict) for r in mine_p)
         ax_g.set_title(f"{title}  ({bad}/{len(mine_p)} unstable)", fontsize=9)
         titles.append(title)
         for cv in colours:
@@ -247,7 +247,7 @@ def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Seque
     handles: list[Any] = []
     for cv in colours:
         mine = [r for r in runs if not colour_key or factor_value(r, colour_key) == cv]
-        bad = sum(r.verdict in UNSTABLE for r in mine)
+        bad = sum(vd.is_unstable(r.verdict) for r in mine)
         label = f"{colour_key}={cv}  ({bad}/{len(mine)} unstable)" if colour_key else f"all runs ({bad}/{len(mine)} unstable)"
         handles.append(Line2D([], [], color=colour_of[cv], lw=2, label=label))
     if style_key:
@@ -282,7 +282,7 @@ def departure_table(runs: Sequence[Run], series: dict[str, StepSeries]) -> list[
         dep = {g: v for g, v in departures(s, detect_settings(r)).items() if g != "total"}
         found = [v for v in dep.values() if v is not None]
         first_step = min(found) if found else None
-        rows.append({"run": r.rel, "verdict": r.verdict, "unstable": r.verdict in UNSTABLE,
+        rows.append({"run": r.rel, "verdict": r.verdict, "unstable": vd.is_unstable(r.verdict),
                      "first step": first_step,
                      "first": [g for g, v in dep.items() if v is not None and v == first_step],
                      "by group": dep})
