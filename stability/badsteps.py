@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stability import runformat as rf
+from stability.record import format as rf
 from stability.storage import read_jsonl
 
 SKIPPED = "recover/skipped"  # the step record's key: the update was skipped on a spike (train.on_spike=skip)

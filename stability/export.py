@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stability import runformat as rf
 from stability.config import TRACKERS, ConfigError, RunConfig
+from stability.record import format as rf
 from stability.report.loading import Run, find_runs, load_run
 from stability.storage import dumps, read_jsonl, write_json
 

@@ -4,9 +4,9 @@ The loop reads top to bottom: batch -> forward -> loss -> backward -> measure ->
 transfer) -> non-finite check -> clip -> step -> record. Everything measured in a step is
 packed into one device vector by the run's `StepLayout` and moved to the host once
 (`stability.step.Stepper`, every `train.sync_every` steps through `Window`); the step's record
-goes to the run folder's writer (`stability.runwriter.RunWriter`), which owns every file, keeps
-the epoch's aggregates as steps arrive and feeds the detectors (`stability.summarizer`). The
-files and their fields are defined in `stability.runformat` and docs/run-format.md.
+goes to the run folder's writer (`stability.record.writer.RunWriter`), which owns every file, keeps
+the epoch's aggregates as steps arrive and feeds the detectors (`stability.record.summarizer`). The
+files and their fields are defined in `stability.record.format` and docs/run-format.md.
 
     summary = run(RunConfig(), Path("runs/example"), overrides=["norm=pre"])
 """
@@ -29,19 +29,19 @@ import numpy as np
 import torch
 
 from stability import detectors, distributed, health, snapshots
-from stability import runformat as rf
 from stability.config import RunConfig
 from stability.errors import StorageError
 from stability.instrument import NonFiniteProbe
 from stability.preflight import preflight
 from stability.progress import phase
+from stability.record import format as rf
+from stability.record.format import SCHEMA_VERSION
+from stability.record.summarizer import Summarizer
+from stability.record.writer import RunWriter
 from stability.rundirs import RunLease
-from stability.runformat import SCHEMA_VERSION
-from stability.runwriter import RunWriter
 from stability.step import StepContext, Stepper, Window
 from stability.steplayout import StepLayout
 from stability.storage import atomic_write_bytes, read_jsonl
-from stability.summarizer import Summarizer
 from stability.trackers import Recorder, open_trackers
 from stability.workloads import build
 
