@@ -30,7 +30,7 @@ from rich.live import Live
 from rich.table import Table
 
 from cli import launch
-from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
+from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER, check_writable, console, err_console, fmt, graceful_signals,
                         seconds, styled, user_errors, verdict_text, write_errors)
 from cli.config import UserError, compose_run, set_config_dirs
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
@@ -39,6 +39,7 @@ from stability.preflight import preflight
 from stability.storage import atomic_write_text, loads
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, me, owner_alive
+from stability.slurm import SbatchRefused
 from stability.sweeps import (SweepBusy, SweepLock, incomplete, job_record, live_writers, mark_stale_running, read_status,
                               write_index)
 
@@ -184,7 +185,11 @@ def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], 
         _finish(sweep_dir, name, launcher, overrides, "interrupted")
         err_console.print(f"interrupted; run the same command again to resume ({sweep_dir})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
+    except SbatchRefused as e:  # the cluster refused the resources asked for: no job started
+        _finish(sweep_dir, name, launcher, overrides, "failed")
+        err_console.print(styled(("sweep not started:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER) from None
+    except Exception as e:  # the launcher itself failed
         _finish(sweep_dir, name, launcher, overrides, "failed")
         err_console.print(styled(("sweep failed to launch:", "bold red"), f" {type(e).__name__}: {e}"))
         raise typer.Exit(EXIT_CRASH) from None
