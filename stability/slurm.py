@@ -29,8 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import submitit
 from hydra.core.utils import JobReturn, JobStatus
@@ -114,7 +115,7 @@ def squeue_states(job_ids: set[str]) -> str:
 def _watcher_class() -> type:
     from submitit.slurm.slurm import SlurmInfoWatcher
 
-    class SqueueFallbackWatcher(SlurmInfoWatcher):  # type: ignore[misc, valid-type]
+    class SqueueFallbackWatcher(SlurmInfoWatcher):
         """submitit's sacct watcher that falls back to squeue, for good, at the first failing
         sacct, saying so once on stderr instead of warning at every poll."""
 
@@ -125,7 +126,7 @@ def _watcher_class() -> type:
             if command is None:
                 return
             self._num_calls += 1
-            to_check = {x for x in self._registered - self._finished}
+            to_check = set(self._registered - self._finished)
             output = None
             if self.sacct_failed is None:
                 try:
@@ -186,7 +187,7 @@ def _stderr_held() -> Iterator[_Held]:
                 sys.stderr.flush()
 
 
-class StabSlurmLauncher(SlurmLauncher):  # type: ignore[misc]
+class StabSlurmLauncher(SlurmLauncher):
     """hydra-submitit-launcher's SlurmLauncher: the same sbatch parameters (every
     `hydra.launcher.*` key) and the same job function, with the watcher above, one record per job
     whatever became of it, and a refused submission raised as `SbatchRefused`."""
@@ -197,9 +198,8 @@ class StabSlurmLauncher(SlurmLauncher):  # type: ignore[misc]
         Raises SbatchRefused when sbatch refuses the array (no job was started)."""
         from hydra.core.singleton import Singleton
         from hydra.core.utils import filter_overrides
-        from omegaconf import OmegaConf
-
         from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
 
         assert self.config is not None
         install_watcher()
