@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from cli.common import DEBUG, route_library_warnings
+from cli.common import DEBUG, guard_stdout, route_library_warnings
 
 from cli import cache as cache_cmd
 from cli import data as data_cmd
@@ -67,12 +68,24 @@ def user_code_importable() -> None:
 
 def main() -> None:
     user_code_importable()
+    out = guard_stdout()
+    code: Any = 0
     try:
         app()
+    except SystemExit as e:
+        code = e.code
     finally:
         # Everything torch and Hydra built stays referenced until exit; freezing it spares the
         # interpreter's last garbage-collector pass over all of it (about 0.5 s per command).
         gc.freeze()
+    out.flush()
+    if out.closed_pipe and code in (0, None):
+        # the reader left (`| head`): the work is done and recorded; end as `seq 1 100000 | head -1`
+        # does, killed by SIGPIPE, not with a failure status of our own
+        sys.stderr.flush()
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
