@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMOKE, only_run, read_json
+from tests.conftest import SMOKE, Cli, only_run, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 STAB = [sys.executable, "-m", "cli.main"]
@@ -71,3 +71,92 @@ def test_a_sweep_with_a_crashed_job_and_a_closed_stdout_still_exits_1_naming_it(
     assert "job failed:" in cut.stderr
     index = read_json(tmp_path / "grid" / "sweep.json")
     assert sorted(j["state"] for j in index["jobs"]) == ["completed", "failed"]
+
+
+# --- stab report: folders that are not runs, files stab did not write, a full disk -------------
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory) -> Path:
+    """One real smoke run (1 epoch): RUNS/run/<folder>."""
+    runs = tmp_path_factory.mktemp("runs")
+    Cli()("run", "--runs", runs, *SMOKE, "train.epochs=1")
+    return only_run(runs)
+
+
+def _copy_runs(run: Path, where: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, where / "run" / run.name)
+    return where
+
+
+def test_report_on_a_folder_with_no_valid_run_refuses_in_one_line_and_touches_nothing(cli, tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "report.md").write_text("my own notes\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli("report", tmp_path, ok=False)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path}: no valid run in it") and "summary.json with a verdict" in line
+    assert (tmp_path / "report.md").read_text() == "my own notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_report_never_overwrites_a_file_it_did_not_write(cli, tmp_path, one_run):
+    runs = _copy_runs(one_run, tmp_path / "runs")
+    (runs / "report.md").write_text("my own notes\n")
+    result = cli("report", runs, ok=False)
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{runs / 'report.md'} was not written by stab report" in line
+    assert (runs / "report.md").read_text() == "my own notes\n" and not (runs / "runs.csv").exists()
+
+    (runs / "report.md").unlink()
+    cli("report", runs)
+    assert (runs / "report.md").read_text().startswith("# Stability report")
+    cli("report", runs)  # its own files: rewritten
+    (runs / "plots" / "curves.png").write_bytes(b"my own plot")  # changed by the user since
+    result = cli("report", runs, ok=False)
+    assert result.exit_code == 2 and "plots/curves.png was not written by stab report" in result.stderr
+    assert (runs / "plots" / "curves.png").read_bytes() == b"my own plot"
+
+
+def test_report_of_a_folder_written_before_the_manifest_is_still_ours(cli, tmp_path, one_run):
+    runs = _copy_runs(one_run, tmp_path / "runs")
+    cli("report", runs)
+    (runs / ".stab-report.json").unlink()  # as an older stab left it
+    cli("report", runs)
+    assert (runs / ".stab-report.json").is_file()
+
+
+def test_report_out_on_a_full_disk_exits_1_naming_the_file(cli, tmp_path, one_run, monkeypatch):
+    """A 64 KiB tmpfs as --out where it can be mounted (root), else the write fails at the OS."""
+    runs = _copy_runs(one_run, tmp_path / "runs")
+    disk = tmp_path / "disk"
+    mounted = _mount_tmpfs(disk, "64k")
+    if not mounted:
+        import errno
+
+        real_write = os.write
+
+        def full(fd, data):
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(disk)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", full)
+    try:
+        result = cli("report", runs, "--out", disk / "rep", ok=False)
+        assert result.exit_code == 1, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: cannot write {disk / 'rep'}") and line.endswith("no space left on device")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, check=False).returncode == 0
