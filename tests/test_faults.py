@@ -4,6 +4,7 @@ people keep them, and messages with holes. Each test fails on the behaviour the 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -160,3 +161,56 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True, check=False).returncode == 0
+
+
+# --- promises in the README: one naming rule, a whole last JSON line ------------------------------
+
+
+def test_stab_run_names_a_long_float_like_stab_sweep_names_the_same_job(cli, tmp_path):
+    over = [*SMOKE, "train.epochs=1", "residual=0.1000000000000000055511151231257827", "train.lr=1e-3"]
+    cli("sweep", "--runs", tmp_path / "s", "--name", "one", *over)
+    cli("run", "--runs", tmp_path / "r", *over)
+    (job,) = [p.parent.name for p in (tmp_path / "s" / "one").glob("*/status.json")]
+    (run,) = [p.name for p in (tmp_path / "r" / "run").iterdir()]
+    assert run.split("_", 1)[1] == job == "preset=smoke,residual=0.1,train.epochs=1,train.lr=0.001"
+
+
+def test_a_full_disk_mid_append_leaves_every_jsonl_line_whole(cli, tmp_path, monkeypatch):
+    """The disk fills part-way through an append (the kernel writes what fits, then ENOSPC): a
+    3 MB tmpfs with 96 KiB left where it can be mounted (root), else that short write and ENOSPC
+    made at os.write. The README says jq reads every .jsonl; after this it still does."""
+    import errno
+    import shutil
+
+    disk = tmp_path / "disk"
+    mounted = _mount_tmpfs(disk, "3m")
+    if mounted:
+        (disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 96 * 2**10))
+    else:
+        real_write, appends = os.write, []
+
+        def write(fd, data):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+                appends.append(len(data))
+                if len(appends) == 3:
+                    return real_write(fd, bytes(data[: len(data) // 2]))  # half of the lines fit ...
+                if len(appends) > 3:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # ... then the disk is full
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write)
+    try:
+        result = cli("run", "--runs", disk / "runs", *SMOKE, "train.epochs=400", ok=False)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.strip().endswith("no space left on device"), result.stderr
+        (folder,) = (disk / "runs" / "run").iterdir()
+        for path in folder.glob("*.jsonl"):
+            records = [json.loads(line) for line in path.read_text().splitlines()]  # strict: a torn line raises
+            if shutil.which("jq"):
+                jq = subprocess.run(["jq", "-c", ".", str(path)], capture_output=True, text=True, check=False)
+                assert jq.returncode == 0 and len(jq.stdout.splitlines()) == len(records), (path, jq.stderr)
+        steps = [r["step"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+        assert steps and steps == list(range(len(steps)))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
