@@ -30,8 +30,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -215,8 +216,11 @@ class RunWriter:
         append_text(self.path(rf.GRAD_TABLE), text)
 
 
-def _line(rec: dict[str, Any]) -> str:
-    """One JSON line; the fast path when every float is finite (most steps), strict JSON always."""
+def _line(rec: Any) -> str:
+    """One JSON line of a step record (a `steplayout.StepRecord` or a dict); the fast path when every
+    float is finite (most steps), strict JSON always."""
+    if not isinstance(rec, dict):
+        rec = rec.as_dict()
     try:
         return json.dumps(rec, allow_nan=False) + "\n"
     except (ValueError, TypeError):  # a non-finite float, or a numpy scalar

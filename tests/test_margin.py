@@ -70,9 +70,9 @@ def test_a_budget_too_small_to_finish_says_so_and_non_monotone_ends_are_not_bise
 
 
 def test_bad_brackets_are_refused():
-    with pytest.raises(ValueError, match="margin.lo"):
+    with pytest.raises(ValueError, match=r"margin.lo"):
         find_margins(["a"], synthetic({"a": 1}), 0.1, 0.01, TOL, 10)
-    with pytest.raises(ValueError, match="margin.tolerance"):
+    with pytest.raises(ValueError, match=r"margin.tolerance"):
         find_margins(["a"], synthetic({"a": 1}), LO, HI, 1.0, 10)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, flatten
 from stability.report.loading import Run

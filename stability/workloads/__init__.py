@@ -13,14 +13,16 @@ interface they implement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from stability.config import CharLMConfig, ModelConfig, RunConfig, TrainConfig
 from stability.instrument import GradProbe, StageProbe
+from stability.step import Instruments
 from stability.workloads.base import Workload
 
 
@@ -77,7 +79,7 @@ def make_optimizer(model: nn.Module, tc: TrainConfig) -> tuple[torch.optim.Optim
 
     The fused implementation (CPU and CUDA): one kernel for all parameters, no host reads of
     its step counters, and a `found_inf` input that skips a non-finite step on the device
-    (`training.Stepper.on_device`). Every train.sync_every uses it, so K changes no number."""
+    (`step.Stepper.on_device`). Every train.sync_every uses it, so K changes no number."""
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=True)
     warmup = tc.warmup
@@ -113,6 +115,13 @@ class RunParts:
     @property
     def n_stages(self) -> int:
         return len(self.work.rms_matchers())
+
+    def instruments(self, cfg: RunConfig, world_size: int = 1) -> Instruments:
+        """The run's step measurements (`stability.step.Instruments`): these groups and probes, the
+        run's clip and stage clamp."""
+        clamp = cfg.model.rms_clamp if self.n_stages and getattr(cfg.model, "rms_match", False) else None
+        return Instruments(self.names, self.grad_probe, [self.stage_probe], cfg.train.clip, self.n_stages, clamp,
+                           world_size)
 
 
 def build(cfg: RunConfig, device: torch.device, compile: bool | None = None) -> RunParts:
