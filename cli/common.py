@@ -113,8 +113,8 @@ class ClosedStdout:
 def guard_stdout() -> ClosedStdout:
     """Wrap sys.stdout in `ClosedStdout` once (idempotent); returns the guard."""
     if not isinstance(sys.stdout, ClosedStdout):
-        sys.stdout = ClosedStdout(sys.stdout)  # type: ignore[assignment]
-    return sys.stdout  # type: ignore[return-value]
+        sys.stdout = ClosedStdout(sys.stdout)
+    return sys.stdout
 
 
 EXIT_CRASH = 1  # a job crashed (internal error)

@@ -106,15 +106,15 @@ def incomplete(run_dir: Path) -> str | None:
     for name in (rf.METRICS, rf.EPOCHS):
         path = run_dir / name
         if not path.exists():
-            return f"{name}.jsonl is missing"
+            return f"{name} is missing"
         try:
             records, bad = read_jsonl(path)
         except (OSError, UnicodeDecodeError) as e:
-            return f"{name}.jsonl unreadable ({e})"
+            return f"{name} unreadable ({e})"
         if bad:
-            return f"{name}.jsonl has {bad} unreadable line(s)"
+            return f"{name} has {bad} unreadable line(s)"
         if not records:
-            return f"{name}.jsonl is empty"
+            return f"{name} is empty"
     if isinstance(summary.get("steps"), int) and summary["steps"] != len(read_jsonl(run_dir / rf.METRICS)[0]):
         return f"{rf.METRICS} holds {len(read_jsonl(run_dir / rf.METRICS)[0])} steps, {rf.SUMMARY} says {summary['steps']}"
     return None

@@ -214,3 +214,156 @@ def test_a_full_disk_mid_append_leaves_every_jsonl_line_whole(cli, tmp_path, mon
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], check=False)
+
+
+# --- messages with holes ------------------------------------------------------------------------
+
+
+def test_a_duplicate_job_says_why_it_is_trained_once(cli, tmp_path):
+    from cli.sweep import same_configuration
+
+    result = cli("sweep", "--runs", tmp_path, *SMOKE, "train.epochs=1", "residual=0.1,0.10")
+    (line,) = [x for x in result.stderr.splitlines() if "trained once" in x]
+    assert "( has" not in line and "()" not in line, line
+    assert line.startswith("job preset=smoke train.epochs=1 residual=0.1 is listed twice"), line
+    assert len(list(tmp_path.glob("sweep/*/status.json"))) == 1
+    line = same_configuration(["norm=post", "model.final_norm=false"], ["norm=post", "model.final_norm=true"])
+    assert "(model.final_norm=false and model.final_norm=true give the same configuration)" in line
+    line = same_configuration(["norm=post", "residual=0.1"], ["norm=post"])
+    assert "(residual=0.1 changes nothing there)" in line
+
+
+def test_a_damaged_job_is_named_with_its_file_name_once(tmp_path, one_run):
+    import shutil
+
+    from stability.sweeps import incomplete
+
+    run = shutil.copytree(one_run, tmp_path / "job")
+    assert incomplete(run) is None
+    (run / "epochs.jsonl").unlink()
+    assert incomplete(run) == "epochs.jsonl is missing"
+    (run / "metrics.jsonl").write_text("")
+    assert incomplete(run) == "metrics.jsonl is empty"
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "lo')
+    assert incomplete(run) == "metrics.jsonl has 1 unreadable line(s)"
+
+
+def test_the_live_view_counts_only_this_launchs_jobs(tmp_path, monkeypatch):
+    """`stab margin` runs rounds of probes into one folder: `[14/2 done]` counted every round's."""
+    import io
+
+    from rich.console import Console
+
+    import cli.sweep as sweep_mod
+    from cli.sweep import LiveView
+
+    def job(name: str, state: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "status.json").write_text(json.dumps({"state": state, "started": 1.0, "finished": 2.0,
+                                                                   "verdict": "stable"}))
+
+    for i in range(14):
+        job(f"residual=0.1,train.lr=0.{i + 1}", "completed")  # earlier rounds
+    job("residual=0.1,train.lr=1", "completed")
+    job("residual=0.1,train.lr=2", "running")
+    view = LiveView(tmp_path, 2, {"residual=0.1,train.lr=1", "residual=0.1,train.lr=2"}, clock=lambda: 3.0)
+    buf = io.StringIO()
+    monkeypatch.setattr(sweep_mod, "console", Console(file=buf, width=200, color_system=None))
+    view.print_changes()
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and all("/2 done]" in x for x in lines), lines
+    assert max(int(x[1:x.index("/")]) for x in lines) == 1, lines
+
+
+def test_the_live_view_never_guesses_a_scream_for_a_run_that_ends_stable(tmp_path, one_run):
+    import shutil
+
+    from cli.sweep import job_progress
+
+    run = shutil.copytree(one_run, tmp_path / "job")
+    status = read_json(run / "status.json")
+    epochs = [json.loads(x) for x in (run / "epochs.jsonl").read_text().splitlines()]
+    epochs[-1]["collapsed"] = True  # the output collapsed in its last epoch so far ...
+    (run / "epochs.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    (run / "status.json").write_text(json.dumps({**status, "state": "running", "verdict": None, "finished": None}))
+    j = job_progress(run, now=status["started"] + 1)
+    assert j["verdict"] is None and j["note"] == f"output collapsed at epoch {epochs[-1]['epoch']}"
+    (run / "status.json").write_text(json.dumps(status))  # ... and it ended stable
+    j = job_progress(run, now=status["finished"])
+    assert j["verdict"] == status["verdict"] and j["note"] is None
+
+
+def test_doctor_on_an_interrupted_run_says_why_there_is_no_verdict(cli, tmp_path, one_run):
+    import shutil
+
+    run = shutil.copytree(one_run, tmp_path / "job")
+    (run / "summary.json").unlink()  # as a run stopped by SIGINT before its end leaves it
+    status = read_json(run / "status.json")
+    (run / "status.json").write_text(json.dumps({**status, "state": "interrupted", "error": "SIGINT",
+                                                 "verdict": None}))
+    out = cli("doctor", run).output
+    (line,) = [x for x in out.splitlines() if x.startswith("verdict")]
+    assert "?" not in line, line
+    assert line.startswith("verdict: none: the run is interrupted (SIGINT) after 1 of 1 epoch(s)"), line
+    (run / "status.json").write_text(json.dumps({**status, "state": "running", "pid": 2**22 + 1, "verdict": None}))
+    out = cli("doctor", run).output
+    assert "verdict: none: the run is interrupted (its writer, pid 4194305, is gone)" in out, out
+
+
+# --- trackers that cannot work: found out in seconds, said once in one line, the run goes on ------
+
+
+def _read_only_folder(where: Path) -> bool:
+    """A read-only file system at `where` (root: a tmpfs remounted ro); else a folder without write
+    permission, which only binds a user who is not root."""
+    if _mount_tmpfs(where, "1m"):
+        return subprocess.run(["mount", "-o", "remount,ro", str(where)], capture_output=True, check=False).returncode == 0
+    where.chmod(0o555)
+    return os.geteuid() != 0
+
+
+def test_a_read_only_mlflow_store_is_one_line_at_once_and_wandb_dir_is_respected(cli, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    store = tmp_path / "ro"
+    if not _read_only_folder(store):
+        pytest.skip("no read-only folder can be made here")
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        result = cli("run", "--runs", tmp_path / "runs", *SMOKE, "train.epochs=1", "log=[mlflow,wandb]")
+    finally:
+        subprocess.run(["umount", str(store)], capture_output=True, check=False)
+    warned = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(warned) == 1, result.stderr  # not MLflow's 9 retry warnings, not a Python warning with its source line
+    assert warned[0].startswith("warning: tracker mlflow could not start (") and "cannot be written" in warned[0]
+    assert "retried" not in result.output
+    run = only_run(tmp_path / "runs")
+    assert read_json(run / "status.json")["state"] == "completed"
+    stored = read_json(run / "trackers.json")
+    assert "cannot be written" in stored["mlflow"]["error"] and stored["wandb"]["error"] is None
+    assert not (run / "wandb").exists()  # W&B's files went where WANDB_DIR says
+    assert list((tmp_path / "wandb_home" / "wandb").glob("offline-run-*"))
+    assert stored["wandb"]["dir"] == str(tmp_path / "wandb_home" / "wandb")
+
+
+@pytest.mark.slow
+def test_tensorboard_on_a_full_disk_prints_no_thread_traceback(tmp_path):
+    pytest.importorskip("tensorboard")
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "3m"):
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        (disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 96 * 2**10))
+        result = subprocess.run([*STAB, "run", "--runs", str(disk / "runs"), *SMOKE, "train.epochs=400",
+                                 "log=tensorboard"], capture_output=True, text=True, cwd=ROOT, timeout=CEILING_S,
+                                check=False)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr, result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert lines[-1].startswith("error: cannot write ") and lines[-1].endswith("no space left on device"), lines
+    assert all(x.startswith(("warning: tracker tensorboard", "error: ")) for x in lines), lines
+    assert len(lines) <= 2, lines
