@@ -222,7 +222,7 @@ def test_a_full_disk_mid_append_leaves_every_jsonl_line_whole(cli, tmp_path, mon
 def test_a_duplicate_job_says_why_it_is_trained_once(cli, tmp_path):
     from cli.sweep import same_configuration
 
-    result = cli("sweep", "--runs", tmp_path, *SMOKE, "train.epochs=1", "residual=0.1,0.10")
+    result = cli("sweep", "--runs", tmp_path, *SMOKE, "train.epochs=1", "residual=0.1,0.10", ok=False)
     (line,) = [x for x in result.stderr.splitlines() if "trained once" in x]
     assert "( has" not in line and "()" not in line, line
     assert line.startswith("job preset=smoke train.epochs=1 residual=0.1 is listed twice"), line
