@@ -5,7 +5,7 @@ it backpropagates, measures the total and per-group gradient norms (one `torch._
 `stability.instrument.GradProbe`), checks that every gradient is finite, clips (optionally), steps
 the optimizer only on a finite step, and records the step. `Monitor.end_epoch()` runs the
 validation loss, the scream check and the attention health on your validation data (as
-`model=custom` does). The run folder is written by stab's own writer (`stability.runwriter`), so
+`model=custom` does). The run folder is written by stab's own writer (`stability.record.writer`), so
 `stab report`, `stab show` and `stab replay` read it like any run; the verdict and events are
 available live (`monitor.verdict`, `monitor.events`).
 
@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stability import runformat as rf
 from stability.config import (
     OWN_LOOP,
     ConfigError,
@@ -54,10 +53,11 @@ from stability.config import (
     TrainConfig,
 )
 from stability.instrument import GradProbe
+from stability.record import format as rf
+from stability.record.summarizer import Summarizer
+from stability.record.writer import RunWriter
 from stability.rundirs import RunLease, create_unique
-from stability.runwriter import RunWriter
 from stability.step import Instruments
-from stability.summarizer import Summarizer
 from stability.trackers import open_trackers
 from stability.training import _end_epoch, _first_nan
 from stability.workloads.custom import CustomWorkload, Task
