@@ -55,7 +55,7 @@ from stability.record.folder import RunFolder
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, folder_name, me, owner_alive
 from stability.slurm import SbatchRefused
-from stability.storage import atomic_write_text, loads
+from stability.storage import atomic_write_text
 from stability.sweeps import (
     SweepBusy,
     SweepLock,

@@ -232,3 +232,56 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     report.files = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra, *files]
     _remember(out, report.files)
     return report
+
+
+MANIFEST = ".stab-report.json"  # in the report's folder: the files `stab report` wrote there, with their sha256
+_OUTPUTS = ("report.md", "report.html", "runs.csv", "factors.csv", "lr_sensitivity.csv", f"{PLOTS}/curves.png",
+            f"{PLOTS}/grad_norm.png")
+
+
+def _valid(run: Run) -> bool:
+    """A folder stab wrote a run into: a known state, a verdict, or a config with stab's sections."""
+    return (run.state in ("running", "completed", "failed", "interrupted") or bool(run.summary.get("verdict"))
+            or bool(run.config and "train" in run.config))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_ours(out: Path) -> None:
+    """Raise ReportError, before anything is written, if `out` holds a file the report would
+    overwrite or remove that `stab report` did not write (the user's own report.md, say). Ours:
+    listed in out/.stab-report.json with the same content; a folder reported on before that list
+    existed counts as ours when its report.md opens as stab's does."""
+    out = Path(out)
+    existing = [out / rel for rel in _OUTPUTS if (out / rel).is_file()] + sorted((out / PLOTS).glob("heatmap_*.png"))
+    if not existing:
+        return
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        known, writing = dict(manifest["files"]), bool(manifest.get("writing"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        known, writing = None, False
+    for path in existing:
+        rel = path.relative_to(out).as_posix()
+        if known is not None:  # a report cut short (full disk, kill) left "writing": its files are ours
+            ours = writing or known.get(rel) == _sha256(path)
+        else:
+            try:
+                with open(out / "report.md", encoding="utf-8", errors="replace") as f:
+                    ours = f.readline().startswith("# Stability report: ")
+            except OSError:
+                ours = False
+        if not ours:
+            raise ReportError(f"{path} was not written by stab report (or was changed since): not overwriting it; "
+                              f"move it, or pass --out to another folder")
+
+
+def _remember(out: Path, files: list[Path], writing: bool = False) -> None:
+    """out/.stab-report.json: what this report wrote, so the next one knows what it may overwrite;
+    `writing` marks a report under way (its files may be half new)."""
+    listed = {p.relative_to(out).as_posix(): _sha256(p) for p in files if p.is_file()}
+    atomic_write_text(out / MANIFEST, json.dumps({"files": listed, "writing": writing}, indent=1) + "\n")
