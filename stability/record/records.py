@@ -11,7 +11,7 @@ reads as the attribute's default; a key this version does not know stays in the 
     s.verdict = "stable"             # AttributeError: records are frozen
 
 Writers take plain mappings; `dict(record)` is what goes to the file. The step record is
-`format.StepRecord`; its packing on the device belongs to the training step.
+`steplayout.StepRecord`, packed and unpacked by the run's `StepLayout`.
 """
 
 from __future__ import annotations
