@@ -33,6 +33,7 @@ from cli import launch
 from cli.common import (
     EXIT_CRASH,
     EXIT_INTERRUPTED,
+    EXIT_USER,
     check_writable,
     console,
     err_console,
@@ -52,6 +53,7 @@ from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, me, owner_alive
+from stability.slurm import SbatchRefused
 from stability.storage import atomic_write_text
 from stability.sweeps import (
     SweepBusy,
@@ -206,7 +208,11 @@ def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], 
         _finish(sweep_dir, name, launcher, overrides, "interrupted")
         err_console.print(f"interrupted; run the same command again to resume ({sweep_dir})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
+    except SbatchRefused as e:  # the cluster refused the resources asked for: no job started
+        _finish(sweep_dir, name, launcher, overrides, "failed")
+        err_console.print(styled(("sweep not started:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER) from None
+    except Exception as e:  # the launcher itself failed
         _finish(sweep_dir, name, launcher, overrides, "failed")
         err_console.print(styled(("sweep failed to launch:", "bold red"), f" {type(e).__name__}: {e}"))
         raise typer.Exit(EXIT_CRASH) from None
