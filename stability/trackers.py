@@ -40,12 +40,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig, flatten
 from stability.record import verdicts as vd
+from stability.record.records import EpochRecord, Event, Summary
 from stability.storage import read_json, write_json
 
 PIP = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> module and pip package
@@ -136,7 +137,7 @@ def _number(v: Any) -> float | None:
     return None
 
 
-def step_metrics(rec: dict[str, Any]) -> dict[str, float]:
+def step_metrics(rec: Mapping[str, Any]) -> dict[str, float]:
     """A step record's measurements under their run-folder names (`loss`, `grad/norm`,
     `grad/<group>`, `grad/clipped`, `stage{i}/rms`, ..., `lr`, `time/step_ms`, `finite`, `epoch`);
     booleans as 0/1."""
@@ -144,7 +145,7 @@ def step_metrics(rec: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def epoch_metrics(erec: dict[str, Any]) -> dict[str, float]:
+def epoch_metrics(erec: Mapping[str, Any]) -> dict[str, float]:
     """An epoch record's numbers under `epoch/`: loss, val_loss, grad norm mean/max, clip rate,
     per-stage RMS/ratio/scale/clamp rate, scream scores of output and target, collapsed, and the
     health summary. Per-layer health, codes and samples stay in the run folder."""
@@ -163,7 +164,7 @@ def epoch_metrics(erec: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """The summary's numbers under `summary/` (final loss, spikes, clip rate, first NaN step, ...),
     and `summary/stable` (1 when the verdict is stable) for a compare view that wants a number."""
     out = {f"summary/{k}": _number(v) for k, v in summary.items()
@@ -207,9 +208,9 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def event(self, rec: dict[str, Any], step: int) -> None: ...
+    def event(self, rec: Event, step: int) -> None: ...
 
-    def summary(self, summary: dict[str, Any], step: int) -> None: ...
+    def summary(self, summary: Summary, step: int) -> None: ...
 
     def flush(self) -> None:
         """Send what is buffered (called at each epoch's end)."""
@@ -249,10 +250,10 @@ class TensorBoardTracker(Tracker):
         S = self._summary
         self.writer.add_summary(S(value=[S.Value(tag=k, simple_value=v) for k, v in metrics.items()]), step)
 
-    def event(self, rec: dict[str, Any], step: int) -> None:
+    def event(self, rec: Event, step: int) -> None:
         self.writer.add_summary(self._text(f"event/{rec['event']}", _event_text(rec)), step)
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Summary, step: int) -> None:
         lines = [f"**{summary['verdict']}**: {summary.get('evidence', '')}"]
         lines += [f"- flag {f['flag']}: {f['evidence']}" for f in summary.get("flags") or []]
         lines += [f"- warning: {w['message']}" for w in summary.get("warnings") or []]
@@ -336,12 +337,12 @@ class MlflowTracker(Tracker):
         for i in range(0, len(pending), self._BATCH):
             self.client.log_batch(self.run_id, metrics=pending[i:i + self._BATCH])
 
-    def event(self, rec: dict[str, Any], step: int) -> None:
+    def event(self, rec: Event, step: int) -> None:
         # one tag per event and step (spikes recur), and a 1 at that step on the event's own chart
         self.client.set_tag(self.run_id, f"event.{rec['event']}.step_{step}", _event_text(rec)[:5000])
         self.log({f"event/{rec['event']}": 1.0}, step)
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Summary, step: int) -> None:
         tags = {"verdict": summary["verdict"], "evidence": str(summary.get("evidence", ""))[:5000]}
         if summary.get("first_nan"):
             nan = summary["first_nan"]
@@ -393,12 +394,12 @@ class WandbTracker(Tracker):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._log(metrics, step)
 
-    def event(self, rec: dict[str, Any], step: int) -> None:
+    def event(self, rec: Event, step: int) -> None:
         self._log({f"event/{rec['event']}": _event_text(rec)}, step)
         if f"first/{rec['event']}" not in self.run.summary.keys():  # noqa: SIM118 (W&B's Summary has no __contains__); the first of each kind, in the summary
             self.run.summary[f"first/{rec['event']}"] = {k: v for k, v in rec.items() if k != "event"}
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Summary, step: int) -> None:
         self._log(summary_metrics(summary), step)
         keep = ("verdict", "evidence", "flags", "warnings", "first_nan", "scream_epoch", "final_loss",
                 "final_val_loss", "grad_norm_by_epoch")
@@ -441,25 +442,25 @@ class Recorder:
                           f"({_why(e)}); the run folder has every record")
                 self.save()
 
-    def step(self, rec: dict[str, Any]) -> None:
+    def step(self, rec: Mapping[str, Any]) -> None:
         if self.trackers:
             self.last_step = rec["step"]
             metrics = step_metrics(rec)
             self._each(lambda t: t.log(metrics, rec["step"]))
 
-    def epoch(self, erec: dict[str, Any]) -> None:
+    def epoch(self, erec: EpochRecord) -> None:
         if self.trackers:
             metrics = epoch_metrics(erec)
             self._each(lambda t: t.log(metrics, self.last_step))
             self._each(lambda t: t.flush())
             self.save()
 
-    def event(self, rec: dict[str, Any]) -> None:
+    def event(self, rec: Event) -> None:
         if self.trackers:
             step = rec.get("step", self.last_step)
             self._each(lambda t: t.event(rec, step))
 
-    def summary(self, summary: dict[str, Any]) -> None:
+    def summary(self, summary: Summary) -> None:
         if self.trackers:
             self._each(lambda t: t.summary(summary, self.last_step))
 
