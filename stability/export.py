@@ -33,8 +33,9 @@ from typing import Any
 
 from stability.config import TRACKERS, ConfigError, RunConfig
 from stability.record import format as rf
+from stability.record.folder import RunFolder
 from stability.report.loading import Run, find_runs, load_run
-from stability.storage import dumps, read_jsonl, write_json
+from stability.storage import dumps, write_json
 
 
 class ExportError(Exception):
@@ -158,7 +159,7 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
         cfg = RunConfig.from_dict({**run.config, "log": [name]})
     except (ConfigError, TypeError, ValueError) as e:
         raise ExportError(f"not exported: {rf.CONFIG} does not load ({e})") from None
-    steps, _ = read_jsonl(run.path / rf.METRICS)
+    steps = RunFolder(run.path).steps()
     steps = [s for s in steps if isinstance(s.get(rf.STEP), int)]
     epochs = [e for e in run.epochs if isinstance(e.get("epoch"), int)]
     events = [e for e in run.events if e.get("event")]

@@ -20,8 +20,9 @@ from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.record import format as runformat
 from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
 from stability.report.factors import _value_order, factor_value
-from stability.report.loading import RUN_MARKERS, Run, _float
+from stability.report.loading import Run, _float
 
 
 def first_nan_text(nan: dict[str, Any] | None) -> str:
@@ -267,7 +268,8 @@ def lr_display(table: pd.DataFrame) -> pd.DataFrame:
 # --- one run (`stab show`) ---------------------------------------------------------------------
 
 def is_run_folder(path: Path) -> bool:
-    return Path(path).is_dir() and any((Path(path) / m).exists() for m in RUN_MARKERS)
+    """A folder holding any of `format.RUN_MARKERS` (`RunFolder.is_run`)."""
+    return RunFolder(path).is_run()
 
 
 def grad_epoch_frame(run: Run) -> pd.DataFrame:
