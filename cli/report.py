@@ -116,7 +116,7 @@ def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str,
     import pandas as pd
 
     markup = markup or {}
-    styles = list(row_styles) if row_styles is not None else [None] * len(frame)
+    styles: list[str | None] = list(row_styles) if row_styles is not None else [None] * len(frame)
     width = console.width
     widths = _widths({c: [str(v) for v in frame[c]] + [str(c)] for c in frame.columns}, width)
     if widths is not None:

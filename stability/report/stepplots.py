@@ -53,7 +53,7 @@ class Drawn:
 def _clip_of(run: Run) -> float | None:
     clip = ((run.config or {}).get("train") or {}).get("clip")
     try:
-        clip = float(clip)
+        clip = float(clip)  # type: ignore[arg-type]  # None raises TypeError, caught
     except (TypeError, ValueError):
         return None
     return clip if math.isfinite(clip) and clip > 0 else None
@@ -252,7 +252,7 @@ def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Seque
         handles.append(Line2D([], [], color=colour_of[cv], lw=2, label=label))
     if style_key:
         handles += [Line2D([], [], color="black", ls=style_of[sv], lw=1.3, label=f"{style_key}={sv}") for sv in styles]
-    group_sizes = {}
+    group_sizes: dict[tuple[str, ...], int] = {}
     for r in runs:
         k = tuple(factor_value(r, key) for key in (colour_key, panel_key, style_key) if key)
         group_sizes[k] = group_sizes.get(k, 0) + 1
@@ -347,4 +347,4 @@ def plot_departure(rows: Sequence[dict[str, Any]], path: Path) -> Drawn:
     if not groups:
         ax.text(0.5, 0.5, "no per-group norms recorded", ha="center", va="center", transform=ax.transAxes)
     _save(fig, path)
-    return Drawn(path, [h.get_label() for h in handles], groups)
+    return Drawn(path, [str(h.get_label()) for h in handles], groups)
