@@ -94,6 +94,7 @@ def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str,
 
 
 def _fits(t: Table) -> bool:
-    probe = Console(width=console.width, file=io.StringIO(), color_system=None)
+    out = io.StringIO()
+    probe = Console(width=console.width, file=out, color_system=None)
     probe.print(t, crop=False)
-    return max(map(len, probe.file.getvalue().splitlines()), default=0) <= console.width
+    return max(map(len, out.getvalue().splitlines()), default=0) <= console.width

@@ -265,10 +265,10 @@ def _duplicates(combos: list[list[str]], identities: list[str]) -> dict[str, int
             out[str(i)] = first[ident]
         else:
             first[ident] = i
-    for i, j in out.items():
-        differ = sorted(set(combos[int(i)]) ^ set(combos[j]))
+    for i_text, j in out.items():
+        differ = sorted(set(combos[int(i_text)]) ^ set(combos[j]))
         keys = sorted({d.split("=", 1)[0] for d in differ})
-        err_console.print(f"job {' '.join(combos[int(i)])} is the same configuration as job {' '.join(combos[j])} "
+        err_console.print(f"job {' '.join(combos[int(i_text)])} is the same configuration as job {' '.join(combos[j])} "
                           f"({', '.join(keys)} has no effect there): trained once", markup=False, highlight=False)
     return out
 
@@ -304,7 +304,7 @@ def _concurrency(launcher: str, jobs: int | None, n: int) -> int:
 
 def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], state: str,
             returns: list[Any] | None = None) -> list[dict[str, Any]]:
-    records = []
+    records: list[dict[str, Any]] = []
     for r in returns or []:
         value = r.return_value if isinstance(r.return_value, dict) else {}
         if "duplicate_of" in value:  # the same configuration as an earlier job: that job's record
@@ -444,7 +444,7 @@ class LiveView:
 
     def _poll(self) -> None:
         while not self.stop.wait(0.5):
-            if self.terminal:
+            if self.live is not None:
                 self.live.update(self.render())
             else:
                 self.print_changes()

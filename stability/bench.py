@@ -22,12 +22,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stability.config import RunConfig
+from stability.config import CustomModelConfig, ModelConfig, RunConfig
 from stability.trackers import open_trackers
 from stability.training import StepContext, Stepper, Window, _step_record, eager, resolve_device
 from stability.workloads import build, make_optimizer
@@ -120,14 +121,15 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     work, tc = parts.work, cfg.train
     bare = copy.deepcopy(work.model)  # the bare loop's copy: same init
     if tc.compile:
-        work.model, bare = torch.compile(work.model), torch.compile(bare)
+        # OptimizedModules (modules), typed by torch as callables
+        work.model, bare = cast(nn.Module, torch.compile(work.model)), cast(nn.Module, torch.compile(bare))
     g = torch.Generator().manual_seed(cfg.seed)
     batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
     opt_b, sched_b = make_optimizer(bare, tc)
     names = parts.names
     stepper = Stepper(work, parts.opt, parts.sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision)
     n_stages = len(work.rms_matchers())
-    clamp = cfg.model.rms_clamp if n_stages else None
+    clamp = cfg.model.rms_clamp if n_stages and isinstance(cfg.model, ModelConfig) else None
     loss_fn = type(work).loss
     bare_work = copy.copy(work)
     bare_work.model = bare
@@ -238,11 +240,18 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
     from stability.summarizer import Summarizer
     from stability.workloads import build_model
 
-    model = build_model(cfg.model)
-    names = list(model.module_groups())
-    n_stages = len(model.rms_matchers()) if hasattr(model, "rms_matchers") else 0
-    clamp = cfg.model.rms_clamp if n_stages else None
-    del model
+    if isinstance(cfg.model, CustomModelConfig):  # its factory builds the model with its data
+        from stability.workloads.custom import CustomWorkload
+
+        names, n_stages, clamp = list(CustomWorkload(cfg, torch.device("cpu")).module_groups()), 0, None
+    else:
+        from stability.models.cascade import Cascade
+
+        model = build_model(cfg.model)
+        names = list(model.module_groups())
+        n_stages = len(model.rms_matchers()) if isinstance(model, Cascade) else 0
+        clamp = cfg.model.rms_clamp if n_stages and isinstance(cfg.model, ModelConfig) else None
+        del model
     rng = np.random.default_rng(seed)
     width = 2 + len(names) + 3 * n_stages
     pool = np.abs(rng.lognormal(0.0, 0.5, size=(64, width)))  # host vectors: loss, norms, stage stats

@@ -614,9 +614,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"unknown key {key!r}: allowed keys here are {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in raw.items():
-        sub = _NESTED.get((cls.__name__, name))
+        sub: type | None = _NESTED.get((cls.__name__, name))
         if isinstance(value, dict):
-            sub = _VARIANTS.get((cls.__name__, name), {}).get(value.get("name"), sub)
+            variants: dict[Any, type] = _VARIANTS.get((cls.__name__, name), {})
+            sub = variants.get(value.get("name"), sub)
         kwargs[name] = _build(sub, value, f"{prefix}.{name}" if prefix else name) if sub else value
     return cls(**kwargs)
 

@@ -105,7 +105,7 @@ def still_learning(val_losses: Sequence[float], rate: float) -> bool:
     return (v[-1] / v[-3]) ** 0.5 < 1.0 - rate
 
 
-def detect_spikes(values: Sequence[float], window: int, z: float, warmup: int, ratio: float = 1.0) -> list[int]:
+def detect_spikes(values: Sequence[float] | np.ndarray, window: int, z: float, warmup: int, ratio: float = 1.0) -> list[int]:
     """Indices where a value exceeds the running median of the previous `window` finite values
     by more than `z` robust standard deviations (1.4826 x MAD) and is at least `ratio` times that
     median. Non-finite values are not spikes (they are NaN events) and do not enter the baseline.
@@ -155,7 +155,7 @@ def _median(values: Iterable[float]) -> float:
 
 
 def spike_lead(first_spike: int | None, first_nan: dict[str, Any] | None, verdict: str,
-               grad_norms: Sequence[float]) -> int | None:
+               grad_norms: Sequence[float] | np.ndarray) -> int | None:
     """Steps from the first spike to the event it warned of: the first NaN's step, else, for an
     exploding run, the step of its largest finite grad norm. None without a spike before it."""
     if first_spike is None:

@@ -121,8 +121,8 @@ def replay_order(steps: Sequence[dict[str, Any]], epochs: Sequence[dict[str, Any
         e = int(ep.get("epoch", 0))
         items.append(((e, last_step.get(e, -1), 2, i), "epoch", i, ep))
     for i, ev in enumerate(events):
-        e = ev.get("epoch")
-        e = int(e) if isinstance(e, (int, float)) else 1 << 30
+        epoch = ev.get("epoch")
+        e = int(epoch) if isinstance(epoch, (int, float)) else 1 << 30
         step = ev.get("step")
         if isinstance(step, (int, float)):
             items.append(((e, step, 1, i), "event", i, ev))
@@ -194,7 +194,7 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
         getattr(recorder, kind)(rec)
         sent[kind] += 1
     send_summary = summary is not None and (done is None or done.get("summary") != now["summary"])
-    if send_summary:
+    if summary is not None and send_summary:
         recorder.summary(summary)
     recorder.close(run.state)
     if recorder.errors.get(name):

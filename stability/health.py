@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -87,7 +87,9 @@ def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
         with torch.no_grad():
             for name, (_, attn) in layers.items():
                 x = inputs[name]
-                stats = attention_stats(attn.logits(x.detach()))
+                # stab's Attention or custom.py's adapter: both have logits(x) -> (B, h, T, T) pre-softmax scores
+                logits = cast(Callable[[torch.Tensor], torch.Tensor], attn.logits)
+                stats = attention_stats(logits(x.detach()))
                 stats["massive"] = massive_ratio(outputs[name])
                 stats["grad_sink"] = grad_sink_ratio(x.grad) if x.grad is not None else math.nan
                 result[name] = stats

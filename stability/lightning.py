@@ -29,6 +29,11 @@ class StabCallback(pl.Callback):
         self.monitor: Monitor | None = None
         self._loss: torch.Tensor | None = None
 
+    def _monitor(self) -> Monitor:
+        if self.monitor is None:
+            raise RuntimeError("StabCallback: the training did not start (on_train_start was not called)")
+        return self.monitor
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.monitor = Monitor(pl_module, trainer.optimizers[0], self.runs, epochs=max(1, trainer.max_epochs or 1),
                                **self.kwargs)
@@ -38,15 +43,18 @@ class StabCallback(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if not self.monitor.after_backward(self._loss):
+        monitor = self._monitor()
+        if self._loss is None:
+            raise RuntimeError("StabCallback: no loss reached on_before_backward before the optimizer step")
+        if not monitor.after_backward(self._loss):
             optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves the weights as they were
-            trainer.should_stop = trainer.should_stop or self.monitor.should_stop
+            trainer.should_stop = trainer.should_stop or monitor.should_stop
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.monitor.end_epoch()
+        self._monitor().end_epoch()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.monitor.close()
+        self._monitor().close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.monitor is not None and self.monitor.summary is None:

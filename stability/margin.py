@@ -107,6 +107,7 @@ class Search:
             return []
         s, u = self._bounds()
         if s is None:  # unstable everywhere tried: widen downwards
+            assert u is not None  # some result exists, so one bound does
             return [u - self.K]
         if u is None:  # stable everywhere tried: widen upwards, not past LR_MAX
             k = s + self.K
@@ -178,22 +179,25 @@ def sensitivity(margins: dict[str, Margin]) -> dict[str, float]:
 
 def comparison(margins: dict[str, Margin]) -> str:
     """One sentence: the most stable configuration against the least, as a ratio of margins."""
-    known = [m for m in margins.values() if m.stable_lr is not None]
+    lr = {c: m.stable_lr for c, m in margins.items() if m.stable_lr is not None}  # the configs with a stable lr
     if len(margins) < 2:
         return ""
-    if len(known) < len(margins):
-        worst = [m.config for m in margins.values() if m.stable_lr is None]
-        if not known:
-            return f"no configuration trained stably at any learning rate tried (down to {min(m.unstable_lr for m in margins.values()):.3g})"
-        best = max(known, key=lambda m: m.stable_lr)
-        return (f"{best.config} is stable up to lr {best.stable_lr:.3g}; {', '.join(worst)} was unstable at every "
-                f"learning rate tried (down to {min(margins[w].unstable_lr for w in worst):.3g})")
-    best = max(known, key=lambda m: m.stable_lr)
-    worst = min(known, key=lambda m: m.stable_lr)
-    ratio = best.stable_lr / worst.stable_lr
+
+    def down_to(configs: list[str]) -> float:  # the smallest lr tried, all unstable
+        return min(u for c in configs if (u := margins[c].unstable_lr) is not None)
+
+    if len(lr) < len(margins):
+        never = [c for c in margins if c not in lr]
+        if not lr:
+            return f"no configuration trained stably at any learning rate tried (down to {down_to(never):.3g})"
+        best_c = max(lr, key=lambda c: lr[c])
+        return (f"{margins[best_c].config} is stable up to lr {lr[best_c]:.3g}; {', '.join(margins[c].config for c in never)} "
+                f"was unstable at every learning rate tried (down to {down_to(never):.3g})")
+    best_c, worst_c = max(lr, key=lambda c: lr[c]), min(lr, key=lambda c: lr[c])
+    best, worst, ratio = margins[best_c], margins[worst_c], lr[best_c] / lr[worst_c]
     at_least = " at least" if best.status == "above" else ""
     if ratio < 1.0001:
-        return f"every configuration is stable up to the same learning rate ({best.stable_lr:.3g}) at this resolution"
+        return f"every configuration is stable up to the same learning rate ({lr[best_c]:.3g}) at this resolution"
     return (f"{best.config} is stable up to{at_least} {ratio:.3g}x the learning rate of {worst.config} "
             f"({best.text} vs {worst.text})")
 
@@ -221,12 +225,12 @@ def sensitivity_floor(m: Margin, lo: float, hi: float, tolerance: float) -> tupl
 def factor_ratios(margins: dict[str, Margin]) -> list[str]:
     """Per factor, the ratio of margins between its values with every other factor held, for
     configurations named `key=value key=value`: "norm: pre/post 3.16x at residual=0.1, ..."."""
-    parsed = {}
+    parsed: dict[str, tuple[dict[str, str], float]] = {}  # config -> (its key=value pairs, its stable lr)
     for m in margins.values():
         pairs = [t.split("=", 1) for t in m.config.split()]
         if not pairs or any(len(p) != 2 for p in pairs) or m.stable_lr is None:
             return []
-        parsed[m.config] = (dict(pairs), m)
+        parsed[m.config] = (dict(pairs), m.stable_lr)
     keys = sorted({k for d, _ in parsed.values() for k in d})
     out = []
     for key in keys:
@@ -234,14 +238,14 @@ def factor_ratios(margins: dict[str, Margin]) -> list[str]:
         if len(values) != 2:
             continue
         parts = []
-        for d, m in parsed.values():
+        for d, lr in parsed.values():
             if d.get(key) != values[0]:
                 continue
             other = next((m2 for d2, m2 in parsed.values() if d2.get(key) == values[1]
                           and {k: v for k, v in d2.items() if k != key} == {k: v for k, v in d.items() if k != key}), None)
             if other is not None:
                 held = " ".join(f"{k}={v}" for k, v in d.items() if k != key)
-                parts.append(f"{m.stable_lr / other.stable_lr:.3g}x" + (f" at {held}" if held else ""))
+                parts.append(f"{lr / other:.3g}x" + (f" at {held}" if held else ""))
         if parts:
             out.append(f"{key}: margin at {values[0]} / at {values[1]} = {', '.join(parts)}")
     return out

@@ -170,8 +170,8 @@ class Monitor:
         if np.isinf(host[1:-1]).any():  # a float32 norm overflowed or a gradient holds inf: float64 norms say which
             total, per_group, grads_finite = self.probe.measure(exact=True)
             host = torch.cat([vec[:1], total.view(1), per_group, grads_finite.double().view(1)]).cpu().numpy()
-        host, grads_finite = host[:-1], bool(host[-1])
-        finite = grads_finite and bool(np.isfinite(host[0]))
+        host, ok = host[:-1], bool(host[-1])
+        finite = ok and bool(np.isfinite(host[0]))
         if finite:
             self.probe.clip_(total, self.cfg.train.clip)
         elif self.first_nan is None:
@@ -224,9 +224,10 @@ class Monitor:
         `nan` from the first non-finite step on; `running` before the first epoch ends."""
         if self.summary is not None:
             return self.summary["verdict"]
-        if self.first_nan is None and not self.writer.summarizer.epochs:
+        summarizer = self.writer._summarizer()
+        if self.first_nan is None and not summarizer.epochs:
             return "running"
-        return self.writer.summarizer.finish()[0]["verdict"]
+        return summarizer.finish()[0]["verdict"]
 
     def close(self) -> dict[str, Any]:
         """Close an unfinished epoch, write the summary (verdict, flags, spikes, ...) and the final
@@ -275,7 +276,7 @@ def _no_loss(output: Any, target: Any) -> torch.Tensor:
     raise TypeError("Monitor(loss=...) is needed for validation, health and locating the first NaN")
 
 
-def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, float]:
+def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, Any]:
     """What the monitor costs in a plain loop: the same model (two copies, same init and batches),
     stepped by a bare loop (forward, loss, backward, clip, AdamW step) and by the same loop with
     `Monitor.step` in place of backward/clip/step, in alternating blocks of `block` steps in this

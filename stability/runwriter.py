@@ -132,6 +132,11 @@ class RunWriter:
         if self.writes:
             write_json(self.path(rf.DATA), info)
 
+    def _summarizer(self) -> Summarizer:
+        if self.summarizer is None:
+            raise RuntimeError("RunWriter.open() was not called")
+        return self.summarizer
+
     def open(self, groups: Sequence[str], n_stages: int, summarizer: Summarizer) -> None:
         """The run's layout, known once the workload is built: module groups and stages."""
         self.groups, self.n_stages, self.summarizer = list(groups), n_stages, summarizer
@@ -147,7 +152,7 @@ class RunWriter:
             self.lines.append(_line(rec))
             if len(self.lines) >= self.flush_steps:
                 self.flush()
-        for ev in self.summarizer.step(rec):
+        for ev in self._summarizer().step(rec):
             self.event(ev)
         self.recorder.step(rec)
 
@@ -155,7 +160,7 @@ class RunWriter:
         """One event (`runformat.Event`, its name under "event"), appended at once."""
         if self.writes:
             append_jsonl(self.path(rf.EVENTS), [ev])
-        self.summarizer.event(ev)
+        self._summarizer().event(ev)
         self.recorder.event(ev)
 
     def flush(self) -> None:
@@ -181,7 +186,7 @@ class RunWriter:
                 append_text(self.path(rf.SAMPLES), "".join(
                     f"=== epoch {erec['epoch']}, prompt {i}: {s['prompt']!r}\n{s['output']}\n"
                     for i, s in enumerate(erec["samples"])))
-        self.summarizer.epoch(erec)
+        self._summarizer().epoch(erec)
         self.recorder.epoch(erec)
 
     def abort(self) -> None:
@@ -195,7 +200,7 @@ class RunWriter:
     def finish(self, **fields: Any) -> dict[str, Any]:
         """The detectors' findings and their closing events, and summary.json (with `fields`:
         run_id, steps, device, wall_s, ...); returns the summary."""
-        found, events = self.summarizer.finish(fields.pop("injected_nan_step", None))
+        found, events = self._summarizer().finish(fields.pop("injected_nan_step", None))
         for ev in events:
             self.event(ev)
         summary = {"schema_version": rf.SCHEMA_VERSION, **found, **fields}

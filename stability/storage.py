@@ -173,7 +173,8 @@ def append_text(path: Path, text: str) -> None:
 
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Records of a JSON Lines file and the number of lines that did not parse (a torn tail)."""
-    records, bad = [], 0
+    records: list[dict[str, Any]] = []
+    bad = 0
     path = Path(path)
     if not path.exists():
         return records, bad

@@ -31,7 +31,7 @@ import torch
 
 from stability import detectors, distributed, health
 from stability import runformat as rf
-from stability.config import RunConfig
+from stability.config import ModelConfig, RunConfig
 from stability.errors import StorageError
 from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.preflight import preflight
@@ -185,7 +185,7 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
     writer.status(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   python=platform.python_version())
     n_stages = parts.n_stages
-    clamp = cfg.model.rms_clamp if n_stages and cfg.model.rms_match else None
+    clamp = cfg.model.rms_clamp if n_stages and isinstance(cfg.model, ModelConfig) and cfg.model.rms_match else None
     writer.open(names, n_stages, Summarizer(cfg.detect, tc.clip))
     # DDP around the model; groups, probes, hooks and the workload's own methods see the inner module
     work.model = model = distributed.wrap(work.model, world, device)
@@ -340,9 +340,9 @@ class Stepper:
             # norms tell which. A second sync, on such a step only.
             total, per_group, grads_finite = self.grad_probe.measure(exact=True)
             host = torch.cat([loss, total.view(1), per_group, stage, grads_finite.view(1)]).cpu().numpy()
-        host, grads_finite = host[:-1], bool(host[-1])
+        host, ok = host[:-1], bool(host[-1])
         # Non-finite = the loss or some parameter's gradient is; a huge but finite norm is not.
-        finite = grads_finite and bool(np.isfinite(host[0]))
+        finite = ok and bool(np.isfinite(host[0]))
         if finite:
             self.grad_probe.clip_(total, self.clip)
             self.opt.step()
@@ -354,11 +354,12 @@ class Stepper:
         finite = grads_finite & torch.isfinite(loss[0])
         self.frozen = torch.maximum(self.frozen, (~finite).float())  # sticky until `thaw`
         self.grad_probe.clip_(total, self.clip)  # NaN coefficients on a non-finite step: not applied
-        self.opt.found_inf = self.frozen  # read by the fused kernel on the device: 1 = skip the update
+        # read by the fused kernel on the device: 1 = skip the update (torch's fused optimizers look it up; untyped)
+        self.opt.found_inf = self.frozen  # type: ignore[attr-defined]
         try:
             self.opt.step()
         finally:
-            del self.opt.found_inf
+            del self.opt.found_inf  # type: ignore[attr-defined]
         self.sched.step()
         return torch.cat([loss, total.view(1), per_group, stage, finite.double().view(1)])
 
@@ -423,7 +424,7 @@ class Window:
                 self.before_step(ctx.step)
                 yield (ctx, *self.stepper(ctx.batch, ctx.spike))
             return
-        host = torch.stack([v for _, v in pending]).cpu().numpy()  # the window's one CPU-GPU sync point
+        host = torch.stack([v for _, v in pending if v is not None]).cpu().numpy()  # the window's one CPU-GPU sync point
         bad = next((i for i, row in enumerate(host) if not row[-1]), None)
         for (ctx, _), row in zip(pending[:bad], host[:bad]):
             yield ctx, row[:-1], True

@@ -240,13 +240,13 @@ def factor_display(summary: pd.DataFrame) -> pd.DataFrame:
 def lr_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame | None:
     """Wortsman et al.'s LR sensitivity per configuration of the other factors, when the
     completed runs cover more than one learning rate; None otherwise."""
-    done = [r for r in runs if r.config and r.summary.get("verdict") not in (None, "failed")]
+    done = [(r, r.config) for r in runs if r.config and r.summary.get("verdict") not in (None, "failed")]
     others = [k for k in keys if k not in ("train.lr", "lr")]
-    frame = pd.DataFrame([{**{k: factor_value(r, k) for k in others}, "train.lr": r.config["train"]["lr"],
+    frame = pd.DataFrame([{**{k: factor_value(r, k) for k in others}, "train.lr": config["train"]["lr"],
                            "initial_loss": initial_loss(r.path),
                            # validation loss, not the last training batch's (one batch is noisy)
                            "final_loss": _float(r.summary.get("final_val_loss"))}
-                          for r in done])
+                          for r, config in done])
     if frame.empty or not varies_lr(frame):
         return None
     return lr_sensitivity(frame, factors=others)
@@ -323,7 +323,7 @@ def events_frame(run: Run) -> pd.DataFrame:
     def when(e: dict[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
         epoch, step = e.get("epoch"), e.get("step")
         return (epoch if isinstance(epoch, int) else 1 << 62, step if isinstance(step, int) else 1 << 62,
-                order.get(e.get("event"), 9))
+                order.get(str(e.get("event")), 9))
 
     evs = sorted(run.events, key=when)
     return pd.DataFrame([{"event": e.get("event"), "epoch": e.get("epoch"), "batch": e.get("batch"),

@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from stability.config import OWN_LOOP, ConfigError, RunConfig
+from stability.config import OWN_LOOP, ConfigError, CustomModelConfig, RunConfig
 from stability.detectors import mean_scores, scream_check
 from stability.workloads.base import Workload
 
@@ -93,7 +93,8 @@ def locate(path: str) -> Any:
     parts = path.split(".")
     if not path or any(not p.isidentifier() for p in parts):
         raise ConfigError(f"{where}: not a dotted path of Python names (expected e.g. my_pkg.my_module.build)")
-    module, error = None, None
+    module: Any = None
+    error: BaseException | None = None
     for i in range(len(parts), 0, -1):
         try:
             module = importlib.import_module(".".join(parts[:i]))
@@ -228,8 +229,13 @@ class Examples:
         if n == 0:
             raise ConfigError(f"{where}: the {what} data has no examples (length 0)")
 
+    def _dataset(self) -> Dataset:
+        if self.dataset is None:
+            raise RuntimeError("Examples holds tensors, not a Dataset")
+        return self.dataset
+
     def __len__(self) -> int:
-        return len(self.tensors[0]) if self.tensors is not None else len(self.dataset)
+        return len(self.tensors[0]) if self.tensors is not None else len(self._dataset())  # type: ignore[arg-type]
 
     def __getitem__(self, idx: torch.Tensor) -> Any:
         """The examples `idx` (int64, (B,)) as one batch on the device."""
@@ -237,7 +243,8 @@ class Examples:
             idx = idx.to(self.tensors[0].device)
             rows = tuple(t[idx] for t in self.tensors)
             return rows[0] if self.single else rows
-        batch = default_collate([self.dataset[i] for i in idx.tolist()])
+        dataset = self._dataset()
+        batch = default_collate([dataset[i] for i in idx.tolist()])
         return _to(batch, self.device)
 
 
@@ -445,10 +452,13 @@ class CustomWorkload(Workload):
         """The factory's task (`cfg.model`), or `task` as given (stab's Monitor: your own loop
         draws the batches, so `task.train` may be None and the training checks are skipped)."""
         self.cfg, self.device = cfg, device
-        target = cfg.model.target
+        if not isinstance(cfg.model, CustomModelConfig):
+            raise ConfigError(f"model={cfg.model.name}: a custom workload needs model=custom")
+        mcfg = cfg.model
+        target = mcfg.target
         self.where = where = f"model._target_={target}"
         if task is None:
-            task = make_task(target, dict(cfg.model.params))
+            task = make_task(target, dict(mcfg.params))
         self.task = task
         self.model: nn.Module = task.model.to(device)
         self.train = Examples(task.train, "train", where, device) if task.train is not None else None
@@ -472,7 +482,7 @@ class CustomWorkload(Workload):
             health_note = "not available: no validation data (the factory's val)"
             self._health = {}
         self.info: dict[str, Any] = {
-            "target": target, "params": dict(cfg.model.params), "n_train": self.n_train,
+            "target": target, "params": dict(mcfg.params), "n_train": self.n_train,
             "n_val": len(self.val) if self.val is not None else 0, "layers": list(layers),
             "groups": list(self._groups), "scream": scream_note, "health": health_note, **task.info}
 
@@ -497,12 +507,13 @@ class CustomWorkload(Workload):
         """One forward and backward on two examples, in eval mode (no dropout draws, no batch-norm
         statistics updated): the loss must be a scalar with a gradient path to the parameters."""
         where, model = self.where, self.model
-        idx = torch.arange(min(2, len(self.train)))
+        train = self._split("train")
+        idx = torch.arange(min(2, len(train)))
         was_training = model.training
         model.eval()
         try:
             try:
-                loss = self.loss(self.train[idx])
+                loss = self.loss(train[idx])
             except ConfigError:
                 raise
             except Exception as e:
@@ -529,8 +540,15 @@ class CustomWorkload(Workload):
     def n_train(self) -> int:
         return len(self.train) if self.train is not None else 0
 
+    def _split(self, which: str) -> Examples:
+        """`self.train` or `self.val`; RuntimeError when the factory gave none (Monitor: your own loop)."""
+        examples = self.train if which == "train" else self.val
+        if examples is None:
+            raise RuntimeError(f"{self.where}: the factory returned no {which} data")
+        return examples
+
     def batch(self, idx: torch.Tensor) -> Any:
-        return self.train[idx]
+        return self._split("train")[idx]
 
     def loss(self, batch: Any) -> torch.Tensor:
         inputs, target = split(batch)
@@ -591,16 +609,18 @@ class CustomWorkload(Workload):
         was_training = self.model.training
         self.model.eval()
         bs = self.cfg.train.batch_size
-        total, count = 0.0, 0
-        for start in range(0, min(len(self.val), VAL_BATCHES * bs), bs):
-            idx = torch.arange(start, min(start + bs, len(self.val)))
-            total += self.loss(self.val[idx]).double() * len(idx)  # stays on the device
+        val = self._split("val")
+        total: float | torch.Tensor = 0.0
+        count = 0
+        for start in range(0, min(len(val), VAL_BATCHES * bs), bs):
+            idx = torch.arange(start, min(start + bs, len(val)))
+            total += self.loss(val[idx]).double() * len(idx)  # stays on the device
             count += len(idx)
         val_loss = float(total / count)  # host sync: once per epoch
         result: dict[str, Any] = {"val_loss": val_loss, "collapsed": None, "scores": {},
                                   "target_scores": self.target_scores}
-        if self.tokenize is not None and math.isfinite(val_loss):  # argmax over NaN would fake a collapse
-            inputs, _ = split(self.val[self.scream_idx])
+        if self.tokenize is not None and self.scream_idx is not None and math.isfinite(val_loss):  # argmax over NaN would fake a collapse
+            inputs, _ = split(val[self.scream_idx])
             tokens = self.tokenize(self.model(*inputs))
             scores = self._scores(tokens)
             sc = self.cfg.detect.scream
@@ -614,4 +634,5 @@ class CustomWorkload(Workload):
         return self._health
 
     def health_loss(self) -> torch.Tensor:
-        return self.loss(self.val[torch.arange(min(HEALTH_ITEMS, len(self.val)))])
+        val = self._split("val")
+        return self.loss(val[torch.arange(min(HEALTH_ITEMS, len(val)))])

@@ -242,8 +242,8 @@ def _check_pair(name: str, fi: AudioFile, ft: AudioFile, segment: int) -> tuple[
         raise BadFile(both, f"are both silent as the model sees them (24 kHz mono): input {no_signal(sx)}, "
                             f"target {no_signal(sy)}")
     for f, stats in ((fi, sx), (ft, sy)):  # one side without signal: nothing to learn from, or to learn
-        if no_signal(stats):
-            raise BadFile(f.rel, no_signal(stats))
+        if why := no_signal(stats):
+            raise BadFile(f.rel, why)
     if abs(len(x) - len(y)) > LENGTH_TOLERANCE_S * SAMPLE_RATE:
         raise BadFile(both, f"differ in length ({len(x) / SAMPLE_RATE:.3f} s and {len(y) / SAMPLE_RATE:.3f} s); "
                             f"paired files must be time-aligned")
