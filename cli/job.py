@@ -35,8 +35,8 @@ from cli import launch  # noqa: F401  registers the job-folder resolver in the p
 from cli.common import graceful_signals
 from cli.config import to_run_config
 from stability import resources
-from stability import runformat as rf
 from stability.errors import StorageError, storage_error
+from stability.record import format as rf
 from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone
 from stability.storage import write_status
 from stability.sweeps import read_status, should_skip

@@ -24,6 +24,7 @@ from cli import launch
 from cli.common import console, fmt, seconds, styled, user_errors, write_errors
 from cli.config import UserError, compose_run
 from cli.report import frame_table
+from stability.record import verdicts as vd
 from stability.storage import atomic_write_text, read_json, write_json
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def read_probe(run_dir: Path, lr: float) -> mg.Probe:
     except (OSError, ValueError):
         s = {}
     verdict = s.get("verdict") or "?"
-    return mg.Probe(lr=lr, stable=verdict not in mg.UNSTABLE, verdict=verdict, folder=run_dir.name,
+    return mg.Probe(lr=lr, stable=not vd.is_unstable(verdict), verdict=verdict, folder=run_dir.name,
                     final_val_loss=float(s.get("final_val_loss", math.nan)), initial_loss=initial_loss(run_dir),
                     wall_s=float(s.get("wall_s", math.nan)), stopped_early=bool(s.get("stopped_early")))
 

@@ -12,7 +12,7 @@ import typer
 
 from cli.common import console, fmt, styled, user_errors
 from cli.config import UserError
-from stability import runformat as rf
+from stability.record import format as rf
 
 
 def replay(

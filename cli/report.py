@@ -21,12 +21,10 @@ from rich.text import Text
 
 from cli.common import console, user_errors, verdict_text, warn
 from cli.config import UserError
+from stability.record import verdicts as vd
 
 if TYPE_CHECKING:
     import pandas as pd
-
-SHARE_STYLE = {"stable": "green", "exploding": "yellow", "nan": "red", "scream": "magenta", "failed": "red"}
-
 
 def report(
     runs_dir: Annotated[Path, typer.Argument(metavar="RUNS_DIR", help="Folder holding run folders or sweeps (any depth).")],
@@ -56,7 +54,7 @@ def report(
     if result.keys:
         shares = rep.factor_display(result.summary)
         console.print(frame_table(shares, title="by factor: share of runs per verdict, median last finite grad norm",
-                                  markup={v: _share(v) for v in shares.columns if v in rep.VERDICTS}))
+                                  markup={v: _share(v) for v in shares.columns if v in vd.ORDER}))
     if result.lr_table is not None:
         console.print(frame_table(rep.lr_display(result.lr_table), title="learning-rate sensitivity (Wortsman et al. 2023): "
                                                          "mean over the LR grid of loss above the best; smaller is flatter"))
@@ -67,7 +65,7 @@ def report(
 
 
 def _share(verdict: str) -> Callable[[str], Text]:
-    style = SHARE_STYLE.get(verdict, "white")
+    style = vd.style(verdict)
     return lambda s: Text(s, style="dim" if s == "0%" else style)
 
 

@@ -14,8 +14,8 @@ import typer
 from cli.common import console, fmt, styled, user_errors, verdict_text, warn
 from cli.config import UserError, compose_run
 from cli.report import frame_table
-from stability import runformat as rf
 from stability.config import OWN_LOOP, ConfigError
+from stability.record import format as rf
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -47,8 +47,8 @@ from cli.common import (
 )
 from cli.config import UserError, compose_run, set_config_dirs
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
-from stability import runformat as rf
 from stability.preflight import preflight
+from stability.record import format as rf
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, me, owner_alive
 from stability.storage import atomic_write_text, loads

@@ -23,9 +23,8 @@ import numpy as np
 import yaml
 
 from stability import detectors
+from stability.record import verdicts as vd
 from stability.storage import read_json, read_jsonl
-
-UNSTABLE = ("nan", "exploding", "scream")  # verdicts a fix should remove
 
 # Where a run left its baseline. The total grad norm: above DEPART_FACTOR x its median over the
 # warmup steps (at least BASELINE_STEPS), or non-finite. A module group: above DEPART_FACTOR x
@@ -218,7 +217,7 @@ def find(rec: RunRecord) -> list[Finding]:
                            evidence="the failure was injected (" + ", ".join(f"fault.{k}={v}" for k, v in injected.items())
                                     + "): no change of configuration removes it"))
     verdict = rec.summary.get("verdict")
-    if verdict in UNSTABLE:
+    if vd.is_unstable(verdict):
         out.append(Finding("unstable", evidence=f"verdict {verdict}: {rec.summary.get('evidence', '')}",
                            detail={"verdict": verdict}))
     return sorted(out, key=lambda f: (f.step if f.step is not None else math.inf))
@@ -488,7 +487,7 @@ def candidates(dx: Diagnosis, n: int) -> list[dict[str, str]]:
 def outcome(dx: Diagnosis, base: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Which fixes made the run stable, each with its final validation loss and its cost against
     the best stable fix (a difference of validation losses)."""
-    fixed = [r for r in rows if r["verdict"] not in UNSTABLE and r["verdict"] != "?" and math.isfinite(r["final_val_loss"])]
+    fixed = [r for r in rows if not vd.is_unstable(r["verdict"]) and r["verdict"] != "?" and math.isfinite(r["final_val_loss"])]
     best = min(fixed, key=lambda r: r["final_val_loss"]) if fixed else None
     for r in rows:
         r["vs_best"] = (r["final_val_loss"] - best["final_val_loss"]) if best and r in fixed else None

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import yaml
 
-from stability import runformat as rf
 from stability.config import RunConfig
 from stability.instrument import NonFiniteProbe
+from stability.record import format as rf
 from stability.training import NanInjector, resolve_device
 from stability.workloads import build
 

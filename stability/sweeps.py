@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stability import runformat as rf
+from stability.record import format as rf
 from stability.rundirs import holder, writer_gone
 from stability.storage import read_json, read_jsonl, write_json, write_status
 

@@ -35,11 +35,12 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig, flatten
+from stability.record import verdicts as vd
 from stability.storage import read_json, write_json
 
 PIP = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> module and pip package
@@ -70,7 +71,7 @@ def _number(v: Any) -> float | None:
     return None
 
 
-def step_metrics(rec: dict[str, Any]) -> dict[str, float]:
+def step_metrics(rec: Mapping[str, Any]) -> dict[str, float]:
     """A step record's measurements under their run-folder names (`loss`, `grad/norm`,
     `grad/<group>`, `grad/clipped`, `stage{i}/rms`, ..., `lr`, `time/step_ms`, `finite`, `epoch`);
     booleans as 0/1."""
@@ -106,7 +107,7 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
         out["summary/first_nan_step"] = float(summary["first_nan"]["step"])
     if summary.get("scream_epoch") is not None:
         out["summary/scream_epoch"] = float(summary["scream_epoch"])
-    out["summary/stable"] = float(summary.get("verdict") == "stable")
+    out["summary/stable"] = float(summary.get("verdict") == vd.STABLE)
     return out
 
 
@@ -373,7 +374,7 @@ class Recorder:
                           f"({type(e).__name__}: {e}); the run folder has every record")
                 self.save()
 
-    def step(self, rec: dict[str, Any]) -> None:
+    def step(self, rec: Mapping[str, Any]) -> None:
         if self.trackers:
             self.last_step = rec["step"]
             metrics = step_metrics(rec)

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from stability.runformat import read_grad_table
+from stability.record.format import read_grad_table
 from tests.conftest import SMOKE, read_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

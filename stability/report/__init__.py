@@ -3,7 +3,7 @@
 A package by job: `loading` (run folders into `Run`s), `factors` (what differs between runs),
 `tables` (the overview, runs.csv, the answer, one run's tables), `plots` and `markdown`
 (report.md and the CSV files). Everything reads the run folder's files and nothing else
-(`stability.runformat`), so a report works on runs that are still going, were killed, crashed,
+(`stability.record.format`), so a report works on runs that are still going, were killed, crashed,
 or have a damaged file. NaN and inf stay NaN and inf in every table, CSV cell and plot.
 
     report = write_report(Path("runs"), Path("runs"))   # report.md, runs.csv, factors.csv, plots/
@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from stability.progress import phase
+from stability.record import verdicts as vd
 from stability.report.factors import (
     ABSENT,
     ALIAS_PATHS,
@@ -29,12 +30,11 @@ from stability.report.factors import (
     labels,
     sort_runs,
 )
-from stability.report.loading import RUN_MARKERS, VERDICTS, ReportError, Run, _float, find_runs, load_run, load_runs
+from stability.report.loading import RUN_MARKERS, ReportError, Run, _float, find_runs, load_run, load_runs
 from stability.report.markdown import PLOTS, _markdown, csv_cell, diagnostic_warnings, markdown_table, write_csv
 from stability.report.plots import _slug, plot_curves, plot_grad_norms, plot_heatmap
 from stability.report.tables import (
     DECISIVE,
-    UNSTABLE,
     answer,
     answer_display,
     epoch_frame,
@@ -60,8 +60,6 @@ __all__ = [
     "PLOTS",
     "RUN_MARKERS",
     "UNSET",
-    "UNSTABLE",
-    "VERDICTS",
     "Report",
     "ReportError",
     "Run",
@@ -141,7 +139,7 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     names = labels(runs, keys)
-    mapped = [r for r in runs if r.verdict in UNSTABLE and r.grad_table is not None and not r.grad_table.empty]
+    mapped = [r for r in runs if vd.is_unstable(r.verdict) and r.grad_table is not None and not r.grad_table.empty]
     heatmaps: dict[str, Path] = {}
     used: set[str] = set()
     with phase("drawing plots", total=2 + len(mapped), unit="plots") as p:

@@ -3,7 +3,7 @@
 A run folder is any folder holding `status.json`, `summary.json` or `config.yaml`
 (`runformat.RUN_MARKERS`); a sweep is a folder of them. A run that is still going, was killed,
 crashed, or has a torn or hand-damaged file is loaded as far as its files allow and carries
-warnings. The file names and keys are `stability.runformat`'s; folders written before
+warnings. The file names and keys are `stability.record.format`'s; folders written before
 `schema_version` (a wide grad table) read the same.
 
     runs = load_runs(Path("runs"))      # every run folder under runs/, sorted by folder
@@ -22,13 +22,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from stability import runformat
 from stability.config import flatten
+from stability.record import format as runformat
 from stability.rundirs import writer_gone
 from stability.storage import loads, read_jsonl
 
 RUN_MARKERS = runformat.RUN_MARKERS
-VERDICTS = ("stable", "exploding", "scream", "nan", "failed")  # least to most broken
 
 
 class ReportError(Exception):

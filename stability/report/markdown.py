@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from stability.formatting import format_number
-from stability.report.loading import VERDICTS, Run
+from stability.record import verdicts as vd
+from stability.report.loading import Run
 from stability.report.plots import _slug
 from stability.report.tables import answer_display, factor_display, lr_display
 from stability.storage import atomic_write_text
@@ -59,7 +60,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], names: dict[str, str],
               over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path],
               lr_table: pd.DataFrame | None = None, ans: pd.DataFrame | None = None, sentence: str = "") -> str:
-    seen = sorted({r.verdict for r in runs}, key=lambda v: (VERDICTS.index(v) if v in VERDICTS else len(VERDICTS), v))
+    seen = sorted({r.verdict for r in runs}, key=lambda v: (vd.ORDER.index(v) if v in vd.ORDER else len(vd.ORDER), v))
     counts = {v: sum(r.verdict == v for r in runs) for v in seen}
     parts = [f"# Stability report: `{root}`\n",
              f"{len(runs)} run(s), {time.strftime('%Y-%m-%d %H:%M')}: "

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from stability.config import CharLMConfig, ModelConfig, RunConfig, TrainConfig
 from stability.instrument import GradProbe, StageProbe
+from stability.step import Instruments
 from stability.workloads.base import Workload
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def make_optimizer(model: nn.Module, tc: TrainConfig) -> tuple[torch.optim.Optim
 
     The fused implementation (CPU and CUDA): one kernel for all parameters, no host reads of
     its step counters, and a `found_inf` input that skips a non-finite step on the device
-    (`training.Stepper.on_device`). Every train.sync_every uses it, so K changes no number."""
+    (`step.Stepper.on_device`). Every train.sync_every uses it, so K changes no number."""
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                             fused=True)
     warmup = tc.warmup
@@ -116,6 +117,14 @@ class RunParts:
     @property
     def n_stages(self) -> int:
         return len(self.work.rms_matchers())
+
+    def instruments(self, cfg: RunConfig, world_size: int = 1) -> Instruments:
+        """The run's step measurements (`stability.step.Instruments`): these groups and probes, the
+        run's clip and stage clamp."""
+        m = cfg.model
+        clamp = m.rms_clamp if self.n_stages and isinstance(m, ModelConfig) and m.rms_match else None
+        return Instruments(self.names, self.grad_probe, [self.stage_probe], cfg.train.clip, self.n_stages, clamp,
+                           world_size)
 
 
 def build(cfg: RunConfig, device: torch.device, compile: bool | None = None) -> RunParts:

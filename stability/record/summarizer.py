@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from stability import detectors
-from stability import runformat as rf
 from stability.config import DetectConfig
+from stability.record import format as rf
 
 MAX_SPIKE_EVENTS = 20  # spike events written per kind; the counts are in the summary
 _EPOCH_FIELDS = ("epoch", "loss", "grad_norm_mean", "grad_norm_max", "clip_rate", "stage_rms", "stage_scale",
@@ -50,7 +51,7 @@ class Summarizer:
         self.epochs: list[dict[str, Any]] = []
         self.first_nan: dict[str, Any] | None = None
 
-    def step(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    def step(self, rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Take one step record; returns the events it raises now (a stage's first clamped step)."""
         g, loss = rec[rf.GRAD_NORM], rec[rf.LOSS]
         self.norms.append(g)

@@ -30,15 +30,15 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stability import runformat as rf
+from stability.record import format as rf
+from stability.record.summarizer import Summarizer
 from stability.storage import append_jsonl, append_text, dumps, read_json, write_json, write_status, write_yaml
-from stability.summarizer import Summarizer
 from stability.trackers import Recorder
 
 FLUSH_STEPS = 256  # step records appended to metrics.jsonl per write
@@ -59,7 +59,7 @@ class EpochStats:
         self.grad_max = np.full(len(self.keys), -math.inf)
         self.stage_sum = np.zeros(4 * n_stages)  # rms..., ratio..., scale..., clamped...
 
-    def add(self, rec: dict[str, Any]) -> None:
+    def add(self, rec: Mapping[str, Any]) -> None:
         g = np.fromiter((rec[k] for k in self.keys), dtype=float, count=len(self.keys))
         self.grad_sum += g
         np.maximum(self.grad_max, g, out=self.grad_max)  # propagates NaN
@@ -76,7 +76,7 @@ class EpochStats:
         return self.grad_max if self.steps else np.full(len(self.keys), math.nan)
 
     def record(self) -> dict[str, Any]:
-        """The epoch record's training part (see `runformat.EpochRecord`)."""
+        """The epoch record's training part (see `record.format.EpochRecord`)."""
         n, S = self.steps, self.n_stages
         stage = self.stage_sum / n if n else np.full(4 * S, math.nan)
         return {"epoch": self.epoch, "steps": n,
@@ -142,8 +142,8 @@ class RunWriter:
         self.groups, self.n_stages, self.summarizer = list(groups), n_stages, summarizer
 
     # --- as the run goes ----------------------------------------------------------------------
-    def step(self, rec: dict[str, Any]) -> None:
-        """One step record (`runformat.StepRecord`): aggregated, buffered for metrics.jsonl, given
+    def step(self, rec: Mapping[str, Any]) -> None:
+        """One step record (`record.format.StepRecord`): aggregated, buffered for metrics.jsonl, given
         to the detectors and the trackers."""
         if self.stats is None or self.stats.epoch != rec[rf.EPOCH]:
             self.stats = EpochStats(rec[rf.EPOCH], self.groups, self.n_stages)
@@ -157,7 +157,7 @@ class RunWriter:
         self.recorder.step(rec)
 
     def event(self, ev: dict[str, Any]) -> None:
-        """One event (`runformat.Event`, its name under "event"), appended at once."""
+        """One event (`record.format.Event`, its name under "event"), appended at once."""
         if self.writes:
             append_jsonl(self.path(rf.EVENTS), [ev])
         self._summarizer().event(ev)
@@ -221,8 +221,11 @@ class RunWriter:
         append_text(self.path(rf.GRAD_TABLE), text)
 
 
-def _line(rec: dict[str, Any]) -> str:
-    """One JSON line; the fast path when every float is finite (most steps), strict JSON always."""
+def _line(rec: Any) -> str:
+    """One JSON line of a step record (a `steplayout.StepRecord` or a dict); the fast path when every
+    float is finite (most steps), strict JSON always."""
+    if not isinstance(rec, dict):
+        rec = rec.as_dict()
     try:
         return json.dumps(rec, allow_nan=False) + "\n"
     except (ValueError, TypeError):  # a non-finite float, or a numpy scalar

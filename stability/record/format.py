@@ -1,12 +1,12 @@
 """The run folder's format, defined once: file names, record types with units, the grad table.
 
-The writer (`stability.runwriter`) and every reader (report, show, sweeps, progress, replay,
+The writer (`stability.record.writer`) and every reader (report, show, sweeps, progress, replay,
 the sweep command) take file names and keys from here; `docs/run-format.md` describes the same
 things for people. `SCHEMA_VERSION` is written into `summary.json` and `status.json`; a folder
 without it was written by stab before the version existed (schema 1): its grad table is wide
 (`group, e1_mean, e1_max, ...`), everything else is the same. Readers accept both.
 
-    from stability import runformat as rf
+    from stability.record import format as rf
     steps, bad = read_jsonl(run_dir / rf.METRICS)
     table = rf.read_grad_table(run_dir / rf.GRAD_TABLE)   # long: epoch, group, mean, max
 
