@@ -24,7 +24,8 @@ from cli.report import frame_table
 from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig, flatten
 from stability.record import verdicts as vd
-from stability.storage import atomic_write_text, read_json, write_json
+from stability.record.folder import RunFolder
+from stability.storage import atomic_write_text, write_json
 
 EARLY = {"train.stop_early": "true"}
 
@@ -149,10 +150,7 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
     report_crashes(done)
     rows = []
     for fix, r in zip(tries, done.records):
-        try:
-            s = read_json(done.sweep_dir / r["folder"] / "summary.json")
-        except (OSError, ValueError):
-            s = {}
+        s = RunFolder(done.sweep_dir / r["folder"]).summary()
         rows.append({"fix": " ".join(f"{k}={v}" for k, v in fix.items()), "verdict": s.get("verdict", "?"),
                      "final_val_loss": float(s.get("final_val_loss", math.nan)), "wall_s": s.get("wall_s"),
                      "stopped_early": bool(s.get("stopped_early")), "folder": r["folder"]})

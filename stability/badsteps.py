@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stability.record import format as rf
-from stability.storage import read_jsonl
+from stability.record.folder import RunFolder
 
 SKIPPED = "recover/skipped"  # the step record's key: the update was skipped on a spike (train.on_spike=skip)
 
@@ -53,8 +53,8 @@ class BadStep:
 def bad_steps(run_dir: Path) -> list[BadStep]:
     """Every flagged step of a run folder, by step. Raises ValueError when the folder holds no
     step records (metrics.jsonl missing or empty)."""
-    run_dir = Path(run_dir)
-    steps, _ = read_jsonl(run_dir / rf.METRICS)
+    folder = RunFolder(run_dir)
+    steps = folder.steps()
     if not steps:
         raise ValueError(f"{run_dir} holds no step records (metrics.jsonl missing or empty): expected a run folder")
     where = {int(r[rf.STEP]): (int(r.get(rf.EPOCH, 0)), int(r.get(rf.BATCH, 0))) for r in steps if rf.STEP in r}
@@ -67,7 +67,7 @@ def bad_steps(run_dir: Path) -> list[BadStep]:
             why.setdefault(int(s), []).append("non-finite")
         if r.get(SKIPPED):
             why.setdefault(int(s), []).append("skipped")
-    events, _ = read_jsonl(run_dir / rf.EVENTS)
+    events = folder.events()
     for e in events:
         if e.get("event") in ("grad_spike", "loss_spike") and e.get("step") is not None:
             why.setdefault(int(e["step"]), []).append(str(e["event"]))

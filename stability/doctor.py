@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from stability import detectors
+from stability.record import format as rf
 from stability.record import verdicts as vd
-from stability.storage import read_json, read_jsonl
+from stability.record.folder import RunFolder
+from stability.record.records import EpochRecord, Event, Summary
 
 # Where a run left its baseline. The total grad norm: above DEPART_FACTOR x its median over the
 # warmup steps (at least BASELINE_STEPS), or non-finite. A module group: above DEPART_FACTOR x
@@ -53,10 +54,10 @@ class RunRecord:
 
     path: Path
     config: dict[str, Any]
-    summary: dict[str, Any]
-    epochs: list[dict[str, Any]]
+    summary: Summary
+    epochs: list[EpochRecord]
     steps: list[dict[str, Any]]
-    events: list[dict[str, Any]]
+    events: list[Event]
     overrides: list[str] | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -89,28 +90,15 @@ def _float(x: Any) -> float:
 
 def read_run(run_dir: Path) -> RunRecord:
     """Read a finished run folder. Raises DoctorError naming what is missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DoctorError(f"RUN {str(run_dir)!r} is not a folder: expected a run folder (with metrics.jsonl)")
-    steps, _ = read_jsonl(run_dir / "metrics.jsonl")
+    folder = RunFolder(run_dir)
+    if not folder.path.is_dir():
+        raise DoctorError(f"RUN {str(run_dir)!r} is not a folder: expected a run folder (with {rf.METRICS})")
+    steps = folder.steps()
     if not steps:
-        raise DoctorError(f"{run_dir} holds no step records (metrics.jsonl missing or empty): "
+        raise DoctorError(f"{run_dir} holds no step records ({rf.METRICS} missing or empty): "
                           "expected a run folder written by stab run, stab sweep or the monitor API")
-    epochs, _ = read_jsonl(run_dir / "epochs.jsonl")
-    events, _ = read_jsonl(run_dir / "events.jsonl")
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
-    try:
-        summary = read_json(run_dir / "summary.json")
-    except (OSError, ValueError):
-        summary = {}
-    try:
-        overrides = list(read_json(run_dir / "overrides.json")["overrides"])
-    except (OSError, ValueError, KeyError, TypeError):
-        overrides = None
-    return RunRecord(run_dir, config if isinstance(config, dict) else {}, summary or {}, epochs, steps, events, overrides)
+    return RunRecord(folder.path, folder.config() or {}, folder.summary(), folder.epochs(), steps, folder.events(),
+                     folder.overrides())
 
 
 # --- findings -------------------------------------------------------------------------------

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stability.config import TRACKERS, ConfigError, RunConfig
 from stability.record import format as rf
+from stability.record.folder import RunFolder
 from stability.report.loading import Run, find_runs, load_run
-from stability.storage import dumps, read_jsonl, write_json
+from stability.storage import dumps, write_json
 
 
 class ExportError(Exception):
@@ -105,13 +106,13 @@ def export(path: Path, to: str, out: Path | None = None) -> list[Outcome]:
 
 # --- the trackers --------------------------------------------------------------------------------
 
-def replay_order(steps: Sequence[dict[str, Any]], epochs: Sequence[dict[str, Any]],
-                 events: Sequence[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
+def replay_order(steps: Sequence[Mapping[str, Any]], epochs: Sequence[Mapping[str, Any]],
+                 events: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, Mapping[str, Any]]]:
     """The records as the training loop handed them to the Recorder: each step, then the events
     of that step, each epoch's record after its last step, events without a step (a scream's
     onset) after their epoch's record. Items are (kind, index within its file, record), kind one
     of step | event | epoch."""
-    items: list[tuple[tuple[float, float, int, int], str, int, dict[str, Any]]] = []
+    items: list[tuple[tuple[float, float, int, int], str, int, Mapping[str, Any]]] = []
     last_step: dict[int, int] = {}
     for i, s in enumerate(steps):
         e = int(s.get(rf.EPOCH, 0))
@@ -158,7 +159,7 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
         cfg = RunConfig.from_dict({**run.config, "log": [name]})
     except (ConfigError, TypeError, ValueError) as e:
         raise ExportError(f"not exported: {rf.CONFIG} does not load ({e})") from None
-    steps, _ = read_jsonl(run.path / rf.METRICS)
+    steps = RunFolder(run.path).steps()
     steps = [s for s in steps if isinstance(s.get(rf.STEP), int)]
     epochs = [e for e in run.epochs if isinstance(e.get("epoch"), int)]
     events = [e for e in run.events if e.get("event")]

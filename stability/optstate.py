@@ -23,8 +23,12 @@ sync (device tensors the step's one transfer carries to the host):
   materialises the logits.
 
     probe = OptStateProbe(groups, opt)
-    opt.step(); vec = probe.measure(skipped)      # (4 * G,) float64 on the device
-    lm = LMProbe(model); loss = work.loss(batch); lm.measure()   # (3,) float64, or (0,)
+    opt.step(); vec = probe.vector(skipped)       # (4 * G,) float64 on the device
+    lm = LMProbe(model); loss = work.loss(batch); lm.vector()    # (3,) float64, or (0,)
+
+Both are step probes (`stability.steplayout`): `measure()` gives {metric name: device tensor} and
+`metrics` declares the record keys, so the run's `StepLayout` packs them into the step's one
+transfer and unpacks them into metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
+
+from stability.steplayout import Metric
 
 # Per module group, in this order in `OptStateProbe.measure`'s vector (G values each).
 OPT_STATS = ("update_rel", "adam_m", "adam_v", "eps_share")
@@ -87,18 +93,34 @@ class OptStateProbe:
         # one device scalar per optimizer param group, refilled with its lr each step (no sync)
         self._lr = [torch.zeros((), device=device, dtype=torch.float64) for _ in opt.param_groups]
         self._flat: tuple | None = None
+        self.skipped: torch.Tensor | None = None  # set by the step: 1.0 = this step did not update
         self._numels = torch.zeros(0)
+
+    phase = "update"  # measured after the optimizer step (stability.steplayout)
+    metrics = (
+        Metric("update_rel", "update_rel/{group}", "RMS of Adam's update over RMS of the parameters (unitless; "
+               "0 on a skipped step)"),
+        Metric("adam_m", "adam_m/{group}", "L2 norm of Adam's first moment exp_avg (gradient units)"),
+        Metric("adam_v", "adam_v/{group}", "L2 norm of Adam's second moment exp_avg_sq (gradient units squared)"),
+        Metric("eps_share", "eps_share/{group}", "share of coordinates with bias-corrected sqrt(v) < eps, 0..1"),
+    )
 
     @property
     def size(self) -> int:
         return len(OPT_STATS) * len(self.names)
+
+    def measure(self) -> dict[str, torch.Tensor]:
+        """{metric name: (G,) device tensor} (`steplayout.StepProbe`); `skipped`, when a step sets
+        it, zeroes the relative update of a step that did not update."""
+        vec = self.vector(self.skipped)
+        return dict(zip(OPT_STATS, vec.split(len(self.names))))
 
     def keys(self) -> list[str]:
         """The record keys of `measure`'s vector, in order."""
         return [opt_key(s, g) for s in OPT_STATS for g in self.names]
 
     @torch.no_grad()
-    def measure(self, skipped: torch.Tensor | None = None) -> torch.Tensor:
+    def vector(self, skipped: torch.Tensor | None = None) -> torch.Tensor:
         """(4 * G,) float64 on the device, after `opt.step()`: update_rel..., adam_m..., adam_v...,
         eps_share... per group. `skipped` (0-dim, 1.0 = the step's update was skipped on the
         device, e.g. by `found_inf`) zeroes the relative update. No host sync.
@@ -205,6 +227,17 @@ class LMProbe:
             for a in self.attn:
                 a.watch_logits = True
 
+    phase = "grads"  # captured in the forward: travels with the step's first transfer
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        if not self.handles:
+            return ()
+        return (Metric("log_z", lm_key("log_z"), "mean log Z = logsumexp of the output logits over the batch (nats)"),
+                Metric("log_z_max", lm_key("log_z_max"), "largest log Z of the batch's positions (nats)"),
+                Metric("attn_logit_max", lm_key("attn_logit_max"), "largest pre-softmax attention logit of any "
+                       "layer in the training forward (unitless; NaN without attention layers)"))
+
     @property
     def size(self) -> int:
         return len(LM_STATS) if self.handles else 0
@@ -218,8 +251,13 @@ class LMProbe:
                 z = torch.logsumexp(out.detach().float(), dim=-1)  # (B, T)
                 self.log_z, self.log_z_max = z.mean().double(), z.max().double()
 
+    def measure(self) -> dict[str, torch.Tensor]:
+        """{metric name: 0-dim device tensor} (`steplayout.StepProbe`); {} without an lm_head."""
+        vec = self.vector()
+        return dict(zip(LM_STATS, vec.unbind())) if self.size else {}
+
     @torch.no_grad()
-    def measure(self) -> torch.Tensor:
+    def vector(self) -> torch.Tensor:
         """(3,) float64 on the device: mean log Z, max log Z, max attention logit (NaN where the
         model has no attention layer); (0,) when the model has no lm_head."""
         if not self.size:

@@ -31,6 +31,7 @@ does not shorten recovery): stab measures it (report's recovery metrics).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -174,3 +175,93 @@ class UpdateClip:
         # p <- p + (1 - f) (old - p) = old + f (p - old)
         torch._foreach_lerp_([p.detach() for p in self._params], self._old, [1 - f for f in self._factor])
         self._old = []
+
+
+class Recovery:
+    """A run's recovery policies around the optimizer step, and the step probe that records them
+    (`steplayout.StepProbe`, "update" phase): `recover/spike` (1.0: the detector fired),
+    `recover/skipped` (1.0: the update was skipped, on_spike=skip), `recover/lr_scale` (the
+    learning-rate multiplier the step used, on_spike=backoff) and `recover/update_clipped` (the
+    share of tensors whose update was scaled down, update_clip).
+
+        skip = recovery.before(values)    # device tensors of the step's "grads" metrics
+        opt.found_inf = max(guard, skip); opt.step(); recovery.after()
+    """
+
+    phase = "update"
+
+    def __init__(self, on_spike: str, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                 device: torch.device, window: int = 128, sigma: float = 6.0, backoff_factor: float = 0.5,
+                 backoff_steps: int = 100, update_clip: float | None = None) -> None:
+        from stability.steplayout import Metric
+
+        if on_spike not in ON_SPIKE:
+            raise ValueError(f"train.on_spike={on_spike!r} is not allowed: expected one of {', '.join(ON_SPIKE)}")
+        self.opt = opt
+        self.guard = SpikeGuard(window, sigma, device) if on_spike != "none" else None
+        self.skip = on_spike == "skip"
+        self.backoff = LRBackoff(backoff_factor, backoff_steps, device) if on_spike == "backoff" else None
+        self.clip = UpdateClip(update_clip, opt, params) if update_clip is not None else None
+        self._zero = torch.zeros((), device=device, dtype=torch.float64)
+        self.spike = self.skipped = self._zero
+        metrics = []
+        if self.guard is not None:
+            metrics += [Metric("spike", "recover/spike", "1 if the spike detector fired on this step "
+                               "(loss or grad norm > spike_sigma std above the window's mean)"),
+                        Metric("skipped", "recover/skipped", "1 if this step's update was skipped (on_spike=skip)")]
+        if self.backoff is not None:
+            metrics.append(Metric("lr_scale", "recover/lr_scale", "the learning-rate multiplier this step used "
+                                  "(on_spike=backoff)"))
+        if self.clip is not None:
+            metrics.append(Metric("update_clipped", "recover/update_clipped", "share of tensors whose update was "
+                                  "scaled down by update_clip, 0..1"))
+        self.metrics = tuple(metrics)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.metrics)
+
+    def before(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """Decide on the device, before the optimizer step: returns the skip flag (0-dim float32,
+        1.0 = skip this update), sets the backed-off learning rate, measures the update clip."""
+        if self.guard is not None:
+            self.spike = self.guard.check(loss, grad_norm)
+            self.skipped = self.spike if self.skip else self._zero
+        if self.backoff is not None:
+            self.backoff.update(self.spike)
+            self.backoff.apply(self.opt)
+        if self.clip is not None:
+            self.clip.before()
+        return self.skipped.float()
+
+    def after(self) -> None:
+        """After the optimizer step: the schedule's learning rate back, the clipped updates scaled."""
+        if self.backoff is not None:
+            self.backoff.restore(self.opt)
+        if self.clip is not None:
+            self.clip.after()
+
+    def idle(self) -> None:
+        """A step that does not update (non-finite): nothing was detected or skipped by a policy."""
+        self.spike = self.skipped = self._zero
+
+    def measure(self) -> dict[str, torch.Tensor]:
+        out: dict[str, Any] = {}
+        if self.guard is not None:
+            out.update(spike=self.spike, skipped=self.skipped)
+        if self.backoff is not None:
+            out["lr_scale"] = self.backoff.scale
+        if self.clip is not None:
+            out["update_clipped"] = self.clip.last_clipped
+        return out
+
+    def state_dict(self) -> dict[str, object]:
+        """The device state a snapshot keeps (the spike window, the lr multiplier)."""
+        return {"guard": self.guard.state_dict() if self.guard else None,
+                "backoff": self.backoff.state_dict() if self.backoff else None}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if self.guard is not None and state.get("guard"):
+            self.guard.load_state_dict(state["guard"])  # type: ignore[arg-type]
+        if self.backoff is not None and state.get("backoff"):
+            self.backoff.load_state_dict(state["backoff"])  # type: ignore[arg-type]

@@ -98,7 +98,7 @@ def epoch_metrics(erec: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """The summary's numbers under `summary/` (final loss, spikes, clip rate, first NaN step, ...),
     and `summary/stable` (1 when the verdict is stable) for a compare view that wants a number."""
     out = {f"summary/{k}": x for k, v in summary.items()
@@ -143,7 +143,7 @@ class Tracker:
 
     def event(self, rec: dict[str, Any], step: int) -> None: ...
 
-    def summary(self, summary: dict[str, Any], step: int) -> None: ...
+    def summary(self, summary: Mapping[str, Any], step: int) -> None: ...
 
     def flush(self) -> None:
         """Send what is buffered (called at each epoch's end)."""
@@ -185,7 +185,7 @@ class TensorBoardTracker(Tracker):
     def event(self, rec: dict[str, Any], step: int) -> None:
         self.writer.add_summary(self._text(f"event/{rec['event']}", _event_text(rec)), step)
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Mapping[str, Any], step: int) -> None:
         lines = [f"**{summary['verdict']}**: {summary.get('evidence', '')}"]
         lines += [f"- flag {f['flag']}: {f['evidence']}" for f in summary.get("flags") or []]
         lines += [f"- warning: {w['message']}" for w in summary.get("warnings") or []]
@@ -277,7 +277,7 @@ class MlflowTracker(Tracker):
         self.client.set_tag(self.run_id, f"event.{rec['event']}.step_{step}", _event_text(rec)[:5000])
         self.log({f"event/{rec['event']}": 1.0}, step)
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Mapping[str, Any], step: int) -> None:
         tags = {"verdict": summary["verdict"], "evidence": str(summary.get("evidence", ""))[:5000]}
         if summary.get("first_nan"):
             nan = summary["first_nan"]
@@ -332,7 +332,7 @@ class WandbTracker(Tracker):
         if f"first/{rec['event']}" not in self.run.summary.keys():  # noqa: SIM118 (W&B's Summary has no __contains__); the first of each kind, in the summary
             self.run.summary[f"first/{rec['event']}"] = {k: v for k, v in rec.items() if k != "event"}
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Mapping[str, Any], step: int) -> None:
         self._log(summary_metrics(summary), step)
         keep = ("verdict", "evidence", "flags", "warnings", "first_nan", "scream_epoch", "final_loss",
                 "final_val_loss", "grad_norm_by_epoch")
@@ -392,7 +392,7 @@ class Recorder:
             step = rec.get("step", self.last_step)
             self._each(lambda t: t.event(rec, step))
 
-    def summary(self, summary: dict[str, Any]) -> None:
+    def summary(self, summary: Mapping[str, Any]) -> None:
         if self.trackers:
             self._each(lambda t: t.summary(summary, self.last_step))
 

@@ -35,12 +35,12 @@ def test_relative_update_is_the_update_the_optimizer_applied():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0, fused=True)
     probe = OptStateProbe({"first": [model[0]], "last": [model[2]]}, opt)
     assert probe.keys()[:2] == ["update_rel/first", "update_rel/last"]
-    assert float(probe.measure().abs().sum()) == 0.0  # no state yet: zeros, no error
+    assert float(probe.vector().abs().sum()) == 0.0  # no state yet: zeros, no error
     for step in range(6):
         _grads(model, seed=step)
         old = [p.detach().clone() for p in model.parameters()]
         opt.step()
-        vec = probe.measure().tolist()
+        vec = probe.vector().tolist()
         ps = list(model.parameters())
         for g, (a, b) in enumerate([(0, 2), (2, 4)]):
             du = math.sqrt(sum(float(((ps[j] - old[j]) ** 2).sum()) for j in range(a, b)))
@@ -63,9 +63,9 @@ def test_eps_share_counts_coordinates_below_epsilon_and_skips_zero_the_update():
     for p in model[0].parameters():
         p.grad.mul_(1e-6)
     opt.step()
-    vec = probe.measure().tolist()
+    vec = probe.vector().tolist()
     assert vec[6] == 1.0 and vec[7] < 0.5
-    assert probe.measure(torch.tensor(1.0))[:2].tolist() == [0.0, 0.0]
+    assert probe.vector(torch.tensor(1.0))[:2].tolist() == [0.0, 0.0]
 
 
 def test_probe_follows_a_reloaded_optimizer_state():
@@ -75,14 +75,14 @@ def test_probe_follows_a_reloaded_optimizer_state():
     probe = OptStateProbe({"all": [model]}, opt)
     _grads(model)
     opt.step()
-    first = probe.measure().tolist()
+    first = probe.vector().tolist()
     saved = copy.deepcopy(opt.state_dict())
     for s in range(3):
         _grads(model, seed=s + 1)
         opt.step()
-    assert probe.measure().tolist() != first
+    assert probe.vector().tolist() != first
     opt.load_state_dict(saved)
-    assert probe.measure().tolist()[2:] == pytest.approx(first[2:], rel=1e-6)
+    assert probe.vector().tolist()[2:] == pytest.approx(first[2:], rel=1e-6)
 
 
 def test_lm_probe_reads_log_z_and_the_largest_attention_logit():
@@ -95,7 +95,7 @@ def test_lm_probe_reads_log_z_and_the_largest_attention_logit():
     assert probe.keys() == ["lm/log_z", "lm/log_z_max", "lm/attn_logit_max"]
     x = torch.randint(0, 11, (3, 8))
     logits = model(x)
-    vec = probe.measure().tolist()
+    vec = probe.vector().tolist()
     z = torch.logsumexp(logits.detach(), -1)
     assert vec[0] == pytest.approx(float(z.mean()), rel=1e-5)
     assert vec[1] == pytest.approx(float(z.max()), rel=1e-5)
@@ -109,7 +109,7 @@ def test_lm_probe_reads_log_z_and_the_largest_attention_logit():
     assert vec[2] == pytest.approx(top[0] if len(top) == 1 else max(top), rel=1e-4)
     model.eval()
     model(x * 0)  # an eval forward does not overwrite the training values
-    assert probe.measure().tolist() == vec
+    assert probe.vector().tolist() == vec
     probe.close()
     assert not any(getattr(a, "watch_logits", False) for a in model.modules())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.record import format as runformat
 from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
 from stability.report.factors import _value_order, factor_value
-from stability.report.loading import RUN_MARKERS, Run, _float
+from stability.report.loading import Run, _float
 
 
-def first_nan_text(nan: dict[str, Any] | None) -> str:
+def first_nan_text(nan: Mapping[str, Any] | None) -> str:
     """`e3 b205 stage2.layer0.mlp`: 1-based epoch, 0-based batch within it, module group."""
     if not nan:
         return "-"
@@ -267,7 +268,8 @@ def lr_display(table: pd.DataFrame) -> pd.DataFrame:
 # --- one run (`stab show`) ---------------------------------------------------------------------
 
 def is_run_folder(path: Path) -> bool:
-    return Path(path).is_dir() and any((Path(path) / m).exists() for m in RUN_MARKERS)
+    """A folder holding any of `format.RUN_MARKERS` (`RunFolder.is_run`)."""
+    return RunFolder(path).is_run()
 
 
 def grad_epoch_frame(run: Run) -> pd.DataFrame:
@@ -299,7 +301,7 @@ def stage_frame(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["epoch", "stage", "rms", "needed ratio", "scale", "clamped"], dtype=object)
 
 
-def event_text(ev: dict[str, Any]) -> str:
+def event_text(ev: Mapping[str, Any]) -> str:
     """The details of one events.jsonl record, in words."""
     kind = ev.get("event")
     f = format_number
@@ -320,7 +322,7 @@ def event_text(ev: dict[str, Any]) -> str:
 
 def events_frame(run: Run) -> pd.DataFrame:
     order = {"first_nan": 0, "scream": 1, "grad_spike": 2, "clamp_saturation": 3}
-    def when(e: dict[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
+    def when(e: Mapping[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
         epoch, step = e.get("epoch"), e.get("step")
         return (epoch if isinstance(epoch, int) else 1 << 62, step if isinstance(step, int) else 1 << 62,
                 order.get(str(e.get("event")), 9))
