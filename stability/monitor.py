@@ -35,7 +35,7 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,9 @@ class _Writer(RunWriter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.seen: list[dict[str, Any]] = []
+        self.seen: list[Mapping[str, Any]] = []
 
-    def event(self, ev: dict[str, Any]) -> None:
+    def event(self, ev: Mapping[str, Any]) -> None:
         self.seen.append(ev)
         super().event(ev)
 
@@ -145,7 +145,7 @@ class Monitor:
         self.epoch, self.batch, self.global_step = 1, 0, 0
         self.first_nan: dict[str, Any] | None = None
         self.should_stop = False
-        self.summary: dict[str, Any] | None = None
+        self.summary: Mapping[str, Any] | None = None
         self._t_last = time.perf_counter()
 
     # --- per step -------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ class Monitor:
         return erec
 
     @property
-    def events(self) -> list[dict[str, Any]]:
+    def events(self) -> list[Mapping[str, Any]]:
         """Every event written so far (first_nan, clamp saturation, ...; spikes and the scream at close)."""
         return list(self.writer.seen)
 
@@ -226,7 +226,7 @@ class Monitor:
             return "running"
         return summarizer.finish()[0]["verdict"]
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> Mapping[str, Any]:
         """Close an unfinished epoch, write the summary (verdict, flags, spikes, ...) and the final
         status; returns the summary. Called by `with Monitor(...)` on exit."""
         if self.summary is not None:

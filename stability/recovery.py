@@ -31,7 +31,6 @@ does not shorten recovery): stab measures it (report's recovery metrics).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -152,9 +151,8 @@ class UpdateClip:
             g = group_of[id(p)]
             b2, eps = g["betas"][1], g["eps"]
             st = self.opt.state.get(p, {})
-            grad = p.grad
-            assert grad is not None  # `ps` holds the parameters with a gradient
-            g2 = grad.float().square()
+            assert p.grad is not None  # `ps` holds the parameters with a gradient
+            g2 = p.grad.float().square()
             if "exp_avg_sq" in st:
                 t = st["step"] + 1 if torch.is_tensor(st["step"]) else torch.tensor(float(st["step"]) + 1)
                 v_hat = (st["exp_avg_sq"] * b2 + g2 * (1 - b2)) / (1 - b2 ** t.to(g2.device).float())
@@ -246,7 +244,7 @@ class Recovery:
         self.spike = self.skipped = self._zero
 
     def measure(self) -> dict[str, torch.Tensor]:
-        out: dict[str, Any] = {}
+        out: dict[str, torch.Tensor] = {}
         if self.guard is not None:
             out.update(spike=self.spike, skipped=self.skipped)
         if self.backoff is not None:

@@ -170,7 +170,7 @@ class Stepper:
         if skip is None:
             self.opt.step()
             return
-        self.opt.found_inf = skip  # type: ignore[attr-defined]  # read by the fused kernel: 1 = skip the update
+        self.opt.found_inf = skip  # type: ignore[attr-defined]  # the fused kernel reads it: 1 = skip the update
         try:
             self.opt.step()
         finally:
@@ -185,7 +185,7 @@ class Stepper:
         skip = self.frozen
         if rec:  # a spike skipped by train.on_spike=skip, decided on the device too
             skip = torch.maximum(skip, rec.before(values["loss"], values["grad_norm"]))
-        self.opt.found_inf = skip  # type: ignore[attr-defined]  # read by the fused kernel: 1 = skip the update
+        self.opt.found_inf = skip  # type: ignore[attr-defined]  # the fused kernel reads it: 1 = skip the update
         try:
             self.opt.step()
         finally:

@@ -21,7 +21,7 @@ import platform
 import socket
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def _last_words(write: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks: Callbacks | None = None,
-        extra_status: dict[str, Any] | None = None, world: distributed.World | None = None) -> dict[str, Any]:
+        extra_status: dict[str, Any] | None = None, world: distributed.World | None = None) -> Mapping[str, Any]:
     """Train one configuration into `run_dir`; returns the summary (also in summary.json).
 
     A crash writes status `failed` with the error and re-raises; Ctrl-C writes `interrupted`.
@@ -141,7 +141,7 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
 
 
 def _run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str], cb: Callbacks,
-         extra_status: dict[str, Any] | None, world: distributed.World) -> dict[str, Any]:
+         extra_status: dict[str, Any] | None, world: distributed.World) -> Mapping[str, Any]:
     t_start = time.time()
     # no tracker: imports nothing; in a distributed run rank 0 alone has trackers and writes
     recorder, state = open_trackers(cfg, run_dir, overrides) if world.main else Recorder(), "failed"
@@ -172,7 +172,7 @@ def _run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str], cb: Callbacks,
 
 
 def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
-           world: distributed.World | None = None) -> dict[str, Any]:
+           world: distributed.World | None = None) -> Mapping[str, Any]:
     """The loop: batch -> step (`Stepper`, through a `Window` of train.sync_every steps) -> record
     (`RunWriter`) per step; evaluate per epoch; the summary from the writer's detectors at the end.
     In a distributed run each rank steps on its shard of the global batch in DDP."""
