@@ -140,6 +140,8 @@ def print_result(res: dict[str, Any]) -> None:
                                                         f"grid x{res['grid_ratio']:.3g}"))
     if res["sentence"]:
         console.print(res["sentence"], style="bold", markup=False, highlight=False)
+    for line in res.get("non_monotone", []):
+        console.print(f"  {line}", style="yellow", markup=False, highlight=False)
     for line in res["by_factor"]:
         console.print(f"  {line}", markup=False, highlight=False)
     cost = res["cost"]

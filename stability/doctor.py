@@ -24,7 +24,7 @@ import yaml
 from stability import detectors
 from stability.storage import read_json, read_jsonl
 
-UNSTABLE = ("nan", "exploding", "scream")  # verdicts a fix should remove
+UNSTABLE = detectors.UNSTABLE  # verdicts a fix should remove
 
 # Where a run left its baseline. The total grad norm: above DEPART_FACTOR x its median over the
 # warmup steps (at least BASELINE_STEPS), or non-finite. A module group: above DEPART_FACTOR x

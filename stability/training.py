@@ -200,6 +200,7 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
     stopped = False
     step = 0
 
+    writer.event({"event": "init_eval", **_evaluate_init(work)})  # the start a diverged run is measured against
     model.train()
     try:
         for epoch in range(1, tc.epochs + 1):
@@ -471,6 +472,18 @@ def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[
 @functools.lru_cache(maxsize=8)
 def _grad_keys(names: tuple[str, ...]) -> list[str]:
     return [rf.grad_key(n) for n in names]
+
+
+def _evaluate_init(work: Any) -> dict[str, Any]:
+    """The evaluation before the first step: the validation loss at initialisation (what
+    `diverged` and the LR sensitivity's cap compare the final validation loss with: validation
+    against validation, not the first training batch), the scream scores of the untrained model,
+    and the workload's no-learning baseline (`info["baseline_loss"]`, e.g. the unigram entropy of
+    the text), where it has one."""
+    with eager(work), phase("evaluating at initialisation", unit="evals"):
+        ev = work.evaluate()
+    return {"val_loss": ev.get("val_loss", math.nan), "collapsed": ev.get("collapsed"), "scores": ev.get("scores") or {},
+            "baseline_loss": work.info.get("baseline_loss", math.nan), "baseline": work.info.get("baseline")}
 
 
 def _evaluate(work: Any, stopped: bool, health_on: bool) -> dict[str, Any]:

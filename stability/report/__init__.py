@@ -24,13 +24,13 @@ from stability.report.loading import (RUN_MARKERS, VERDICTS, ReportError, Run, _
                                       load_runs)
 from stability.report.markdown import PLOTS, _markdown, csv_cell, diagnostic_warnings, markdown_table, write_csv
 from stability.report.plots import _slug, plot_curves, plot_grad_norms, plot_heatmap
-from stability.report.tables import (DECISIVE, UNSTABLE, answer, answer_display, epoch_frame, event_text,
+from stability.report.tables import (DECISIVE, UNSTABLE, answer, answer_display, configurations, epoch_frame, event_text,
                                      events_frame, factor_display, factor_summary, first_nan_text, grad_epoch_frame,
                                      is_run_folder, lr_display, lr_summary, overview, runs_frame, stage_frame)
 from stability.storage import atomic_write_text
 
 __all__ = ["ABSENT", "ALIAS_PATHS", "DECISIVE", "PLOTS", "RUN_MARKERS", "UNSET", "UNSTABLE", "VERDICTS", "Report",
-           "ReportError", "Run", "answer", "answer_display", "build_report", "config_diff", "csv_cell",
+           "ReportError", "Run", "answer", "answer_display", "build_report", "configurations", "config_diff", "csv_cell",
            "diagnostic_warnings", "epoch_frame", "event_text", "events_frame", "factor_display", "factor_summary",
            "factor_value", "factors", "find_runs", "first_nan_text", "grad_epoch_frame", "is_run_folder", "labels",
            "load_run", "load_runs", "lr_display", "lr_summary", "markdown_table", "overview", "plot_curves",
@@ -54,6 +54,7 @@ class Report:
     lr_table: pd.DataFrame | None = None  # LR sensitivity per configuration, when the LR was swept
     answer: pd.DataFrame | None = None  # unstable share per factor value (see `answer`)
     sentence: str = ""  # the report's one-sentence answer
+    configs: pd.DataFrame | None = None  # per configuration (seeds pooled): unstable share with interval, medians
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
@@ -100,11 +101,15 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     write_csv(summary, out / "factors.csv")
     lr_table = lr_summary(runs, keys)
     ans, sentence = answer(runs, keys)
+    configs = configurations(runs, keys)
     extra = []
+    if not configs.empty:
+        write_csv(configs, out / "configs.csv")
+        extra.append(out / "configs.csv")
     if lr_table is not None:
         write_csv(lr_table, out / "lr_sensitivity.csv")
         extra.append(out / "lr_sensitivity.csv")
     atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table,
-                                                   ans, sentence))
+                                                   ans, sentence, configs))
     files = [out / "report.md", out / "runs.csv", out / "factors.csv", *extra, *files]
-    return Report(root, out, runs, keys, over, table, summary, files, heatmaps, lr_table, ans, sentence)
+    return Report(root, out, runs, keys, over, table, summary, files, heatmaps, lr_table, ans, sentence, configs)

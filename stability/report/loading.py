@@ -22,13 +22,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from stability import runformat
+from stability import detectors, runformat
 from stability.config import flatten
 from stability.rundirs import writer_gone
 from stability.storage import loads, read_jsonl
 
 RUN_MARKERS = runformat.RUN_MARKERS
-VERDICTS = ("stable", "exploding", "scream", "nan", "failed")  # least to most broken
+VERDICTS = tuple(reversed(detectors.SEVERITY))  # least to most broken
 
 
 class ReportError(Exception):
