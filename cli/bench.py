@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,7 +32,7 @@ SEED_SHORT = ["preset=seed", "data.seconds=2.0", "data.n_train=16", "data.n_val=
 
 
 def bench(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; none: default preset and the seed model at 2 s clips.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides; none: default preset and the seed model at 2 s clips.")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per loop.")] = 60,
     sweep: Annotated[bool, typer.Option("--sweep", help="Time 4 smoke jobs sequentially and with joblib --jobs 2 instead.")] = False,
     monitor: Annotated[bool, typer.Option("--monitor", help="Time a plain loop against the same loop with stab's Monitor.step (your own loop).")] = False,

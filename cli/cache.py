@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -25,7 +25,7 @@ from cli.config import UserError
 
 app = typer.Typer(no_args_is_help=True, help="The latent cache shared by runs and sweeps.")
 
-DirOption = Annotated[Optional[Path], typer.Option(
+DirOption = Annotated[Path | None, typer.Option(
     "--dir", help="Cache folder (default: $STAB_CACHE, else ~/.cache/stab).")]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -75,8 +75,8 @@ def ls(cache_dir: DirOption = None) -> None:
 
 @app.command("clear")
 def clear(
-    keys: Annotated[Optional[list[str]], typer.Argument(help="Keys (or key prefixes) to remove; none: all.")] = None,
-    older_than: Annotated[Optional[str], typer.Option("--older-than", help="Only entries older than this: 90s, 30m, 12h, 7d, 2w.")] = None,
+    keys: Annotated[list[str] | None, typer.Argument(help="Keys (or key prefixes) to remove; none: all.")] = None,
+    older_than: Annotated[str | None, typer.Option("--older-than", help="Only entries older than this: 90s, 30m, 12h, 7d, 2w.")] = None,
     cache_dir: DirOption = None,
 ) -> None:
     """Remove entries: all, those with the given keys, or those older than an age."""

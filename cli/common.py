@@ -15,8 +15,9 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -26,6 +27,7 @@ from cli.config import UserError
 from stability.config import ConfigError
 from stability.errors import CodecError, DataError, StorageError
 from stability.formatting import format_number
+
 
 def _width() -> int | None:
     """STAB_WIDTH if set; a terminal's own width; 160 columns when output goes to a file or a CI

@@ -205,7 +205,7 @@ def _keys_under(parent: str, overrides: list[str] = ()) -> list[str]:
         except (HydraException, OmegaConfBaseException):
             base = compose(config_name="config", overrides=search_path_overrides())
     node = OmegaConf.select(base, parent) if parent else base
-    return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+    return sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -12,7 +12,7 @@ on first use, like a run would.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -26,12 +26,12 @@ app = typer.Typer(no_args_is_help=True, help="Look at the data a run trains on."
 
 @app.command("inspect")
 def inspect(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. data=folder data.path=DIR")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides, e.g. data=folder data.path=DIR")] = None,
 ) -> None:
     """Dataset size, segments, latent RMS (raw and rescaled) and RVQ code usage."""
     from cli.progress import reporter
-    from stability.workloads.cascade.data import fit_split, inspect_latents
     from stability.progress import reporting
+    from stability.workloads.cascade.data import fit_split, inspect_latents
 
     with user_errors():
         cfg = compose_run(list(overrides or []))

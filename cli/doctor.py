@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -33,9 +33,9 @@ def doctor(
     try_: Annotated[bool, typer.Option("--try", help="Train the candidate fixes as a sweep and say which fixed it.")] = False,
     fixes: Annotated[int, typer.Option("--fixes", help="With --try: how many of the ranked fixes to train alone (plus the best two together).")] = 3,
     runs: Annotated[Path, typer.Option("--runs", help="With --try: folder that holds sweeps.")] = Path("runs"),
-    name: Annotated[Optional[str], typer.Option("--name", help="With --try: the sweep's folder under --runs; default doctor-<run folder>. Same name again = resume.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="With --try: the sweep's folder under --runs; default doctor-<run folder>. Same name again = resume.")] = None,
     launcher: Annotated[str, typer.Option("--launcher", help="With --try: basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
-    jobs: Annotated[Optional[int], typer.Option("--jobs", help="With --try: jobs at once for local parallel launchers.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", help="With --try: jobs at once for local parallel launchers.")] = None,
 ) -> None:
     """Say what went wrong in a run and where first, rank the fixes; --try trains them."""
     with user_errors():

@@ -24,8 +24,9 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -33,8 +34,8 @@ from omegaconf import DictConfig
 from cli import launch  # noqa: F401  registers the job-folder resolver in the process that runs the job
 from cli.common import graceful_signals
 from cli.config import to_run_config
-from stability import runformat as rf
 from stability import resources
+from stability import runformat as rf
 from stability.errors import StorageError, storage_error
 from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone
 from stability.storage import write_status

@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hydra import initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -131,9 +132,9 @@ def _launch(hydra: Any, overrides: list[str], jobs: list[list[str]], task_functi
     """`Hydra.multirun` (hydra-core 1.3) with the sweeper's product replaced by `jobs`: the same
     master config, callbacks and launcher plugin, then `launcher.launch(jobs)` as the basic
     sweeper calls it."""
+    from hydra._internal.callbacks import Callbacks
     from hydra.core.plugins import Plugins
     from hydra.types import HydraContext, RunMode
-    from hydra._internal.callbacks import Callbacks
 
     cfg = hydra.compose_config(config_name="config", overrides=overrides, with_log_configuration=True,
                                run_mode=RunMode.MULTIRUN)

@@ -5,6 +5,7 @@
     stab margin norm=pre,post residual=0.1,0.3
     stab doctor runs/run/<folder> --try
     stab report runs/
+    stab export runs/grid --to tensorboard
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from typing import Annotated
 
 import typer
 
-from cli.common import DEBUG, route_library_warnings
-
+from cli import bench as bench_cmd
 from cli import cache as cache_cmd
 from cli import data as data_cmd
 from cli import doctor as doctor_cmd
+from cli import export as export_cmd
 from cli import margin as margin_cmd
-from cli import bench as bench_cmd
 from cli import probe as probe_cmd
 from cli import replay as replay_cmd
 from cli import report as report_cmd
 from cli import run as run_cmd
 from cli import show as show_cmd
 from cli import sweep as sweep_cmd
+from cli.common import DEBUG, route_library_warnings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Training-stability ablations of transformers: sweep stabilizers, record "
@@ -40,6 +41,7 @@ app.command("doctor")(doctor_cmd.doctor)
 app.command("report")(report_cmd.report)
 app.command("show")(show_cmd.show)
 app.command("replay")(replay_cmd.replay)
+app.command("export")(export_cmd.export)
 app.add_typer(probe_cmd.app, name="probe")
 app.command("bench")(bench_cmd.bench)
 app.add_typer(data_cmd.app, name="data")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -33,11 +33,11 @@ EARLY = "train.stop_early=true"
 
 
 def margin(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; comma lists are the configurations compared, e.g. norm=pre,post residual=0.1,0.3")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides; comma lists are the configurations compared, e.g. norm=pre,post residual=0.1,0.3")] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder that holds sweeps.")] = Path("runs"),
     name: Annotated[str, typer.Option("--name", help="The margin search's folder under --runs. Same name again = resume.")] = "margin",
     launcher: Annotated[str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
-    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Probes at once for local parallel launchers; default: 2 for those, 1 for basic.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", help="Probes at once for local parallel launchers; default: 2 for those, 1 for basic.")] = None,
 ) -> None:
     """Find each configuration's largest stable learning rate (bracketing, then bisection on a log scale)."""
     from cli.sweep import launch_jobs, report_crashes
@@ -78,7 +78,7 @@ def margin(
         report_crashes(done)  # a probe that crashed says nothing about stability: stop here (exit 1)
         concurrency[0] = max(concurrency[0], int(_concurrency_of(done)))
         out = []
-        for (c, lr), rec in zip(batch, done.records):
+        for (_, lr), rec in zip(batch, done.records):
             out.append(read_probe(sweep_dir / rec["folder"], lr))
         return out
 

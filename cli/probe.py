@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -23,7 +23,7 @@ app = typer.Typer(help="Probes of a model's state, e.g. gradients at initialisat
 
 @app.command("init")
 def init(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides for the model and data.")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides for the model and data.")] = None,
     depths: Annotated[str, typer.Option("--depths", help="Comma list of layer counts per stage.")] = "2,6,12",
     batches: Annotated[int, typer.Option("--batches", help="K: batches the gradient is averaged over.")] = 4,
     out: Annotated[Path, typer.Option("--out", help="Folder for probe_init.csv and probe_init.png.")] = Path("runs/probe"),

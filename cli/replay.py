@@ -20,7 +20,8 @@ def replay(
     others: Annotated[int, typer.Option("--others", help="Other batches to try from the same state.")] = 2,
 ) -> None:
     """Reload the saved batch and state of the first non-finite step and re-run it with hooks."""
-    from stability.replay import ReplayError, replay as replay_run
+    from stability.replay import ReplayError
+    from stability.replay import replay as replay_run
 
     with user_errors():
         if not (run / rf.CONFIG).exists():

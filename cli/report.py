@@ -10,8 +10,9 @@ warning, never skipped. Exit status 2 when RUNS_DIR is missing or holds no run f
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -29,7 +30,7 @@ SHARE_STYLE = {"stable": "green", "exploding": "yellow", "nan": "red", "scream":
 
 def report(
     runs_dir: Annotated[Path, typer.Argument(metavar="RUNS_DIR", help="Folder holding run folders or sweeps (any depth).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where report.md, runs.csv and plots/ go (default: RUNS_DIR).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Where report.md, runs.csv and plots/ go (default: RUNS_DIR).")] = None,
 ) -> None:
     """Tabulate, summarise and plot every run under RUNS_DIR."""
     from stability import report as rep

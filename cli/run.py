@@ -14,13 +14,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cli.common import (DEBUG, EXIT_CRASH, EXIT_INTERRUPTED, EXIT_USER, check_writable, console, err_console, fmt,
-                        graceful_signals,
-                        styled, user_errors, verdict_text, write_errors)
+from cli.common import (
+    DEBUG,
+    EXIT_CRASH,
+    EXIT_INTERRUPTED,
+    EXIT_USER,
+    check_writable,
+    console,
+    err_console,
+    fmt,
+    graceful_signals,
+    styled,
+    user_errors,
+    verdict_text,
+    write_errors,
+)
 from cli.config import UserError, compose_run, set_config_dirs
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
@@ -33,10 +45,10 @@ if TYPE_CHECKING:
 
 
 def run(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides, e.g. norm=pre residual=0.3 clip=5")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides, e.g. norm=pre residual=0.3 clip=5")] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder the run folder is created in.")] = Path("runs"),
-    config_dir: Annotated[Optional[list[Path]], typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
-    nproc: Annotated[Optional[int], typer.Option("--nproc", help="Processes of one data-parallel run on this machine "
+    config_dir: Annotated[list[Path] | None, typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", help="Processes of one data-parallel run on this machine "
                                                  "(torch.distributed.run; gloo on CPU, NCCL with one GPU each); "
                                                  "train.batch_size is the global batch.")] = None,
 ) -> None:

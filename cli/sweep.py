@@ -20,9 +20,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -30,29 +31,49 @@ from rich.live import Live
 from rich.table import Table
 
 from cli import launch
-from cli.common import (EXIT_CRASH, EXIT_INTERRUPTED, check_writable, console, err_console, fmt, graceful_signals,
-                        seconds, styled, user_errors, verdict_text, write_errors)
+from cli.common import (
+    EXIT_CRASH,
+    EXIT_INTERRUPTED,
+    check_writable,
+    console,
+    err_console,
+    fmt,
+    graceful_signals,
+    seconds,
+    styled,
+    user_errors,
+    verdict_text,
+    write_errors,
+)
 from cli.config import UserError, compose_run, set_config_dirs
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
 from stability import runformat as rf
 from stability.preflight import preflight
-from stability.storage import atomic_write_text, loads
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, me, owner_alive
-from stability.sweeps import (SweepBusy, SweepLock, incomplete, job_record, live_writers, mark_stale_running, read_status,
-                              write_index)
+from stability.storage import atomic_write_text, loads
+from stability.sweeps import (
+    SweepBusy,
+    SweepLock,
+    incomplete,
+    job_record,
+    live_writers,
+    mark_stale_running,
+    read_status,
+    write_index,
+)
 
 LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs run on this machine, and stop with the sweep
 STOP_GRACE_S = 60.0  # how long stopped jobs get to write `interrupted` before they are killed
 
 
 def sweep(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Hydra overrides; comma lists are swept, e.g. residual=0.1,0.3 norm=pre,post")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides; comma lists are swept, e.g. residual=0.1,0.3 norm=pre,post")] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder that holds sweeps.")] = Path("runs"),
     name: Annotated[str, typer.Option("--name", help="Sweep name: its folder under --runs. Same name again = resume.")] = "sweep",
     launcher: Annotated[str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
-    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Jobs at once for local parallel launchers (joblib, ray); default: 2 for those, 1 for basic.")] = None,
-    config_dir: Annotated[Optional[list[Path]], typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", help="Jobs at once for local parallel launchers (joblib, ray); default: 2 for those, 1 for basic.")] = None,
+    config_dir: Annotated[list[Path] | None, typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
 ) -> None:
     """Train every combination of the comma lists and print a table of verdicts."""
     overrides = list(overrides or [])
@@ -428,7 +449,7 @@ class LiveView:
             else:
                 self.print_changes()
 
-    def __enter__(self) -> "LiveView":
+    def __enter__(self) -> LiveView:
         if self.live:
             self.live.__enter__()
         self.thread.start()

@@ -134,7 +134,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     records: list[dict[str, Any]] = []
 
     def stab_step(i: int) -> None:
-        host, finite = stepper(batches[i % len(batches)])
+        host, _ = stepper(batches[i % len(batches)])
         records.append(_step_record(host, names, n_stages, clamp, i, 1, i))
 
     def logged_step(i: int) -> None:  # the same, and the record goes to the trackers

@@ -194,7 +194,7 @@ class DataConfig:
         self.seconds = _number("data.seconds", self.seconds, lo=0.1, hi=600.0)
         self.seed = _number("data.seed", self.seed, lo=0, integer=True)
         if self.latent_rms not in ("auto", "off", None):
-            if isinstance(self.latent_rms, str) or isinstance(self.latent_rms, bool):
+            if isinstance(self.latent_rms, (str, bool)):
                 _fail("data.latent_rms", self.latent_rms, "auto, off or a number > 0")
             self.latent_rms = _number("data.latent_rms", self.latent_rms, lo=0.0, lo_open=True)
         if self.latent_rms is None:
@@ -481,7 +481,7 @@ class CustomModelConfig:
         raise AttributeError(key)
 
     @classmethod
-    def from_mapping(cls, raw: dict[str, Any], prefix: str) -> "CustomModelConfig":
+    def from_mapping(cls, raw: dict[str, Any], prefix: str) -> CustomModelConfig:
         rest = {k: v for k, v in raw.items() if k not in ("name", "_target_", "target")}
         return cls(name=raw.get("name", "custom"), target=raw.get("_target_", raw.get("target")), params=rest)
 
@@ -554,7 +554,7 @@ class RunConfig:
             _fail("listen.epochs", self.listen.epochs, f"epochs between 1 and train.epochs={self.train.epochs}")
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         """Build from a plain nested mapping; unknown keys are errors."""
         return _build(cls, raw, "")
 

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, deque
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +30,7 @@ def scream_score(tokens: Sequence[int], n: int = 4) -> dict[str, float]:
                 f"seq_rep_{n}": math.nan}
     dominant = Counter(t).most_common(1)[0][1] / L
     longest = run = 1
-    for a, b in zip(t, t[1:]):
+    for a, b in itertools.pairwise(t):
         run = run + 1 if a == b else 1
         longest = max(longest, run)
     grams = [tuple(t[i: i + n]) for i in range(L - n + 1)]

@@ -25,8 +25,9 @@ import contextlib
 import datetime
 import os
 import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ class World:
         return self.size > 1
 
     @classmethod
-    def from_env(cls, environ: Any = None) -> "World":
+    def from_env(cls, environ: Any = None) -> World:
         """The world this process was started in: torchrun's variables (RANK, WORLD_SIZE,
         LOCAL_RANK, LOCAL_WORLD_SIZE), else a SLURM step or submitit job with several tasks
         (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID / submitit's local executor), whose

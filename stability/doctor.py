@@ -14,9 +14,10 @@ that ranks it, and the paper or measured case it comes from.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -355,7 +356,7 @@ class Rule:
     a weight that ranks the fixes of one run (higher first), and why, in words."""
 
     finding: str
-    fix: Callable[["RunRecord", Finding], dict[str, str] | None]
+    fix: Callable[[RunRecord, Finding], dict[str, str] | None]
     weight: float
     why: str
     source: str

@@ -19,7 +19,8 @@ discarded, so training is unaffected.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -84,7 +85,7 @@ def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
                 loss.backward()
         result = {}
         with torch.no_grad():
-            for name, (block, attn) in layers.items():
+            for name, (_, attn) in layers.items():
                 x = inputs[name]
                 stats = attention_stats(attn.logits(x.detach()))
                 stats["massive"] = massive_ratio(outputs[name])
@@ -102,8 +103,10 @@ def summarize(health: dict[str, dict[str, float]]) -> dict[str, float]:
     """Across layers: min entropy, max logit, max sink, number of sink layers, max massive, max grad sink."""
     if not health:
         return {}
-    col = lambda k: [v[k] for v in health.values() if math.isfinite(v[k])]
-    pick = lambda f, k: f(col(k)) if col(k) else math.nan
+    def pick(f: Callable[[list[float]], float], k: str) -> float:
+        col = [v[k] for v in health.values() if math.isfinite(v[k])]
+        return f(col) if col else math.nan
+
     return {"attn_entropy_min": pick(min, "attn_entropy"), "attn_logit_max": pick(max, "attn_logit_max"),
             "sink_max": pick(max, "sink"), "sink_layers": sum(1 for v in health.values() if v["sink"] > SINK_THRESHOLD),
             "massive_max": pick(max, "massive"), "grad_sink_max": pick(max, "grad_sink")}

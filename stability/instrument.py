@@ -15,7 +15,8 @@ step where a non-finite value first appeared, to name the module group where it 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn

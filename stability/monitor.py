@@ -35,15 +35,24 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from stability import runformat as rf
-from stability.config import OWN_LOOP, ConfigError, CustomModelConfig, DetectConfig, NoDataConfig, RunConfig, TrainConfig
+from stability.config import (
+    OWN_LOOP,
+    ConfigError,
+    CustomModelConfig,
+    DetectConfig,
+    NoDataConfig,
+    RunConfig,
+    TrainConfig,
+)
 from stability.instrument import GradProbe
 from stability.rundirs import RunLease, create_unique
 from stability.runwriter import RunWriter
@@ -51,7 +60,6 @@ from stability.summarizer import Summarizer
 from stability.trackers import open_trackers
 from stability.training import _end_epoch, _first_nan, _step_record
 from stability.workloads.custom import CustomWorkload, Task
-
 
 
 class _Writer(RunWriter):
@@ -246,7 +254,7 @@ class Monitor:
         self.lease.release()
         self.summary = {"verdict": "failed"}
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:

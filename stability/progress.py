@@ -14,7 +14,7 @@ reporting costs a function call. `stability/` imports no Rich: this is the whole
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 
 class Reporter:

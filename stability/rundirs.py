@@ -23,9 +23,10 @@ import socket
 import threading
 import time
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from stability.config import OPERATIONAL_KEYS
 
@@ -206,7 +207,7 @@ class RunLease:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    def acquire(self) -> "RunLease":
+    def acquire(self) -> RunLease:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -248,7 +249,7 @@ class RunLease:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "RunLease":
+    def __enter__(self) -> RunLease:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

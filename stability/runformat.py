@@ -22,8 +22,9 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 if TYPE_CHECKING:  # the CLI imports this module at start-up: numpy and pandas only when a table is read
     import numpy as np

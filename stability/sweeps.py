@@ -34,7 +34,7 @@ class SweepLock:
         self.path = Path(sweep_dir) / ".sweep.lock"
         self.fd: int | None = None
 
-    def __enter__(self) -> "SweepLock":
+    def __enter__(self) -> SweepLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -35,8 +35,9 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig, flatten
 from stability.storage import read_json, write_json
@@ -324,7 +325,7 @@ class WandbTracker(Tracker):
 
     def event(self, rec: dict[str, Any], step: int) -> None:
         self._log({f"event/{rec['event']}": _event_text(rec)}, step)
-        if f"first/{rec['event']}" not in self.run.summary.keys():  # the first of each kind, in the summary
+        if f"first/{rec['event']}" not in self.run.summary.keys():  # noqa: SIM118 (W&B's Summary has no __contains__); the first of each kind, in the summary
             self.run.summary[f"first/{rec['event']}"] = {k: v for k, v in rec.items() if k != "event"}
 
     def summary(self, summary: dict[str, Any], step: int) -> None:
@@ -469,5 +470,17 @@ def open_trackers(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (),
     return recorder
 
 
-__all__ = ["TRACKERS", "Tracker", "TensorBoardTracker", "MlflowTracker", "WandbTracker", "Recorder",
-           "open_trackers", "check_installed", "step_metrics", "epoch_metrics", "summary_metrics", "run_params"]
+__all__ = [
+    "TRACKERS",
+    "MlflowTracker",
+    "Recorder",
+    "TensorBoardTracker",
+    "Tracker",
+    "WandbTracker",
+    "check_installed",
+    "epoch_metrics",
+    "open_trackers",
+    "run_params",
+    "step_metrics",
+    "summary_metrics",
+]

@@ -21,9 +21,10 @@ import platform
 import socket
 import time
 import traceback
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,14 +32,14 @@ import torch
 from stability import detectors, distributed, health
 from stability import runformat as rf
 from stability.config import RunConfig
-from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
 from stability.errors import StorageError
+from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
+from stability.preflight import preflight
+from stability.progress import phase
 from stability.rundirs import RunLease
 from stability.runformat import SCHEMA_VERSION
 from stability.runwriter import RunWriter
 from stability.storage import atomic_write_bytes
-from stability.preflight import preflight
-from stability.progress import phase
 from stability.summarizer import Summarizer
 from stability.trackers import Recorder, open_trackers
 from stability.workloads import build

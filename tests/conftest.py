@@ -10,10 +10,10 @@ import pytest
 
 os.environ.setdefault("STAB_WIDTH", "260")  # before cli.common creates its consoles
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from cli.main import app  # noqa: E402
-from stability.storage import decode  # noqa: E402
+from cli.main import app
+from stability.storage import decode
 
 SMOKE = ["preset=smoke"]
 
@@ -38,7 +38,7 @@ def one_thread():
 
 
 @pytest.fixture
-def cli() -> "Cli":
+def cli() -> Cli:
     return Cli()
 
 

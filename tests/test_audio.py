@@ -17,9 +17,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from stability.config import CodecConfig
 from stability.workloads.cascade import audio, codec
 from stability.workloads.cascade.audio import SAMPLE_RATE, plan_folder, read_audio, scan_folder
-from stability.config import CodecConfig
 from tests.conftest import SMOKE, only_run, read_json, read_jsonl
 
 SEG = 0.4  # seconds: 9600 samples at 24 kHz = 30 EnCodec frames of 320 samples
@@ -138,8 +138,8 @@ def test_a_folder_trains_listens_and_is_cached(cli, tmp_path, monkeypatch):
 
 
 def test_touching_a_file_or_changing_the_segmenting_encodes_again(tmp_path):
-    from stability.workloads.cascade.data import cache_key
     from stability.config import DataConfig
+    from stability.workloads.cascade.data import cache_key
 
     data = make_folder(tmp_path / "pairs")
     cfg = DataConfig(name="folder", path=str(data), seconds=SEG, n_val=2)

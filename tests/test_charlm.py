@@ -11,12 +11,12 @@ import torch
 import yaml
 
 from cli.config import UserError, compose_run
-from stability.runformat import read_grad_table
-from stability.workloads.charlm import text
-from stability.workloads.charlm.workload import CharLMWorkload
 from stability.config import TextDataConfig
 from stability.detectors import loop_share, scream_check
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
+from stability.runformat import read_grad_table
+from stability.workloads.charlm import text
+from stability.workloads.charlm.workload import CharLMWorkload
 from tests.conftest import only_run, read_json, read_jsonl
 
 CHARLM = ["model=charlm", "preset=smoke", "train.threads=1"]  # one thread: steady on a shared 2-core box
@@ -47,7 +47,7 @@ def test_split_is_seeded_and_keeps_every_character():
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     (b"caf\xe9 latin-1, not UTF-8 " * 200, "expected a UTF-8 text file (byte 3 is not UTF-8"),
-    ("too short".encode(), "is too short: 9 characters"),
+    (b"too short", "is too short: 9 characters"),
 ], ids=["missing", "latin-1", "too-short"])
 def test_a_bad_text_file_is_refused_before_any_work_naming_the_file(cli, tmp_path, content, message):
     path = tmp_path / "book.txt"

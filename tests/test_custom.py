@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from stability.config import ConfigError, RunConfig
-from stability.workloads.custom import (MultiheadAttentionLogits, auto_groups, find_layers, locate)
+from stability.workloads.custom import MultiheadAttentionLogits, auto_groups, find_layers, locate
 
 ROOT = Path(__file__).resolve().parent.parent
 STAB = [sys.executable, "-m", "cli.main"]
@@ -96,7 +96,7 @@ def test_locate_finds_attributes_behind_the_longest_module():
 
     assert locate("examples.gpt.build") is gpt.build
     assert locate("examples.gpt.GPT.forward") is gpt.GPT.forward
-    with pytest.raises(ConfigError, match="module examples.gpt has no attribute 'nope'"):
+    with pytest.raises(ConfigError, match=r"module examples.gpt has no attribute 'nope'"):
         locate("examples.gpt.nope")
 
 

@@ -13,7 +13,7 @@ import yaml
 from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS
 from stability.storage import append_jsonl, write_json
-from tests.conftest import SMOKE, read_json
+from tests.conftest import read_json
 
 GROUPS = ["stage0.in_proj", "stage2.layer0.attn", "stage2.layer0.mlp", "stage2.output_proj"]
 CONFIG = {"seed": 0, "model": {"name": "cascade", "norm": "post", "residual": [1.0, 1.0, 0.1], "qk_norm": False,

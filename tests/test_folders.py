@@ -31,7 +31,7 @@ ODD = [
 
 def test_folder_names_are_one_safe_bounded_component_and_distinct():
     names = [folder_name(o) for o in ODD]
-    for overrides, name in zip(ODD, names):
+    for name in names:
         assert "/" not in name and "\\" not in name and "\t" not in name and "'" not in name, name
         assert name not in (".", "..") and not name.startswith(".")
         assert len(name.encode()) <= NAME_BYTES, name

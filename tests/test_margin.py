@@ -91,9 +91,9 @@ def test_non_monotone_stability_reports_the_lowest_failing_lr_and_says_so():
 
 
 def test_bad_brackets_are_refused():
-    with pytest.raises(ValueError, match="margin.lo"):
+    with pytest.raises(ValueError, match=r"margin.lo"):
         find_margins(["a"], synthetic({"a": 1}), 0.1, 0.01, TOL, 10)
-    with pytest.raises(ValueError, match="margin.tolerance"):
+    with pytest.raises(ValueError, match=r"margin.tolerance"):
         find_margins(["a"], synthetic({"a": 1}), LO, HI, 1.0, 10)
 
 

@@ -63,8 +63,9 @@ def test_progress_and_tables_keep_brackets():
     p.progress.update(p.batches, description=NAME, info=NAME)
     con.print(p.progress.make_tasks_table(p.progress.tasks))  # what the live display draws
     p.close()
-    from cli.report import frame_table
     import pandas as pd
+
+    from cli.report import frame_table
 
     con.print(frame_table(pd.DataFrame({"run": [NAME], "verdict": ["stable"]}), title=NAME))
     text = buf.getvalue()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 import pytest
+import torch
 
 from stability.config import ModelConfig, RunConfig
 from stability.models.cascade import Cascade

@@ -110,7 +110,7 @@ def test_the_first_nan_is_live_located_skipped_and_replayable(cli, tmp_path, one
 def test_monitor_bench_prints_a_measured_ratio(cli):
     result = cli("bench", "--monitor", "--steps", "5", "model=custom", "model._target_=examples.gpt.build",
                  *(f"+model.{k}={v}" for k, v in TINY.items()))
-    line = next(l for l in result.output.splitlines() if "monitor ratio:" in l)
+    line = next(ln for ln in result.output.splitlines() if "monitor ratio:" in ln)
     assert 0 < float(line.split("monitor ratio:")[1].split()[0]) < 10
 
 

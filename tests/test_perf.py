@@ -32,7 +32,7 @@ def test_one_instrumented_step_moves_data_to_the_host_exactly_once(monkeypatch):
     stepper = Stepper(work, opt, sched, GradProbe(groups), StageProbe(work.rms_matchers(), torch.device("cpu")), 1.0)
     batch = work.batch(torch.arange(4))
     stepper(batch)  # warm-up outside the count
-    counts = {name: 0 for name in SYNCS}
+    counts = dict.fromkeys(SYNCS, 0)
     paused = [False]
     step = opt.step
 
@@ -62,7 +62,7 @@ def test_one_instrumented_step_moves_data_to_the_host_exactly_once(monkeypatch):
 
 def _count_transfers(monkeypatch, run) -> dict[str, int]:
     """Calls of each host-sync method of torch.Tensor made while `run()` runs."""
-    counts = {name: 0 for name in SYNCS}
+    counts = dict.fromkeys(SYNCS, 0)
     for name in SYNCS:
         original = getattr(torch.Tensor, name)
 

@@ -3,6 +3,7 @@ strict JSON, and run folders written by earlier stab (tests/fixtures/runs_v0, ma
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -16,7 +17,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from stability import report, runformat as rf, sweeps
+from stability import report, sweeps
+from stability import runformat as rf
 from stability.config import DetectConfig
 from stability.lr_sensitivity import initial_loss
 from stability.runwriter import RunWriter
@@ -117,7 +119,7 @@ def _feed(run_dir: Path, n_epochs: int, epoch_steps: int, groups: list[str]) -> 
         if b == epoch_steps - 1:
             writer.epoch({**writer.close_epoch(), "val_loss": 1.0, "collapsed": False})
             tables.append((run_dir / rf.GRAD_TABLE).read_text())
-    for before, after in zip(tables, tables[1:]):  # an epoch end appends its own rows, touches none before
+    for before, after in itertools.pairwise(tables):  # an epoch end appends its own rows, touches none before
         assert after.startswith(before) and after.count("\n") - before.count("\n") == len(groups) + 1
     return writer
 
@@ -125,7 +127,7 @@ def _feed(run_dir: Path, n_epochs: int, epoch_steps: int, groups: list[str]) -> 
 def _retained(obj: object, seen: set[int] | None = None) -> tuple[int, int]:
     """(dicts reachable from `obj`, bytes of them all), following containers and object attributes."""
     seen = set() if seen is None else seen
-    if id(obj) in seen or isinstance(obj, (type, type(sys), Path)) or callable(obj) and not hasattr(obj, "__dict__"):
+    if id(obj) in seen or isinstance(obj, (type, type(sys), Path)) or (callable(obj) and not hasattr(obj, "__dict__")):
         return 0, 0
     seen.add(id(obj))
     dicts, size = int(isinstance(obj, dict)), sys.getsizeof(obj)

@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from stability.workloads.cascade import data as data_mod
 from stability.config import DataConfig
 from stability.errors import DataError
+from stability.workloads.cascade import data as data_mod
 from tests.conftest import SMOKE
 from tests.test_audio import FOLDER, make_folder, tone, write_pair
 

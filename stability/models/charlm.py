@@ -67,7 +67,7 @@ class CharLM(nn.Module):
             spectral_norm(self.lm_head)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        B, T = idx.shape
+        _, T = idx.shape  # (B, T)
         pos = torch.arange(T, device=idx.device)
         x = (self.tok(idx) + self.pos(pos)) * self.embed_mult  # (B, T, d)
         x = self.stack(x)  # (B, T, d)

@@ -18,24 +18,90 @@ from pathlib import Path
 import pandas as pd
 
 from stability.progress import phase
-from stability.report.factors import (ABSENT, ALIAS_PATHS, UNSET, _canonical, config_diff, factor_value, factors,
-                                      labels, sort_runs)
-from stability.report.loading import (RUN_MARKERS, VERDICTS, ReportError, Run, _float, find_runs, load_run,
-                                      load_runs)
+from stability.report.factors import (
+    ABSENT,
+    ALIAS_PATHS,
+    UNSET,
+    _canonical,
+    config_diff,
+    factor_value,
+    factors,
+    labels,
+    sort_runs,
+)
+from stability.report.loading import RUN_MARKERS, VERDICTS, ReportError, Run, _float, find_runs, load_run, load_runs
 from stability.report.markdown import PLOTS, _markdown, csv_cell, diagnostic_warnings, markdown_table, write_csv
 from stability.report.plots import _slug, plot_curves, plot_grad_norms, plot_heatmap
-from stability.report.tables import (DECISIVE, UNSTABLE, answer, answer_display, configurations, epoch_frame, event_text,
-                                     events_frame, factor_display, factor_summary, first_nan_text, grad_epoch_frame,
-                                     is_run_folder, lr_display, lr_summary, overview, runs_frame, stage_frame)
+from stability.report.tables import (
+    DECISIVE,
+    UNSTABLE,
+    answer,
+    answer_display,
+    configurations,
+    epoch_frame,
+    event_text,
+    events_frame,
+    factor_display,
+    factor_summary,
+    first_nan_text,
+    grad_epoch_frame,
+    is_run_folder,
+    lr_display,
+    lr_summary,
+    overview,
+    runs_frame,
+    stage_frame,
+)
 from stability.storage import atomic_write_text
 
-__all__ = ["ABSENT", "ALIAS_PATHS", "DECISIVE", "PLOTS", "RUN_MARKERS", "UNSET", "UNSTABLE", "VERDICTS", "Report",
-           "ReportError", "Run", "answer", "answer_display", "build_report", "configurations", "config_diff", "csv_cell",
-           "diagnostic_warnings", "epoch_frame", "event_text", "events_frame", "factor_display", "factor_summary",
-           "factor_value", "factors", "find_runs", "first_nan_text", "grad_epoch_frame", "is_run_folder", "labels",
-           "load_run", "load_runs", "lr_display", "lr_summary", "markdown_table", "overview", "plot_curves",
-           "plot_grad_norms", "plot_heatmap", "runs_frame", "sort_runs", "stage_frame", "write_csv", "write_report",
-           "_canonical", "_float"]
+__all__ = [
+    "ABSENT",
+    "ALIAS_PATHS",
+    "DECISIVE",
+    "PLOTS",
+    "RUN_MARKERS",
+    "UNSET",
+    "UNSTABLE",
+    "VERDICTS",
+    "Report",
+    "ReportError",
+    "Run",
+    "_canonical",
+    "_float",
+    "answer",
+    "answer_display",
+    "build_report",
+    "configurations",
+    "config_diff",
+    "csv_cell",
+    "diagnostic_warnings",
+    "epoch_frame",
+    "event_text",
+    "events_frame",
+    "factor_display",
+    "factor_summary",
+    "factor_value",
+    "factors",
+    "find_runs",
+    "first_nan_text",
+    "grad_epoch_frame",
+    "is_run_folder",
+    "labels",
+    "load_run",
+    "load_runs",
+    "lr_display",
+    "lr_summary",
+    "markdown_table",
+    "overview",
+    "plot_curves",
+    "plot_grad_norms",
+    "plot_heatmap",
+    "runs_frame",
+    "sort_runs",
+    "stage_frame",
+    "write_csv",
+    "write_report",
+]
 
 
 @dataclass

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -371,7 +372,7 @@ def stage_frame(run: Run) -> pd.DataFrame:
     for e in run.epochs:
         rms, ratio, scale, clamp = (e.get(k) or [] for k in ("stage_rms", "stage_ratio", "stage_scale", "stage_clamp_rate"))
         for i in range(max(len(rms), len(ratio), len(scale))):
-            def at(xs: list[Any]) -> Any:
+            def at(xs: list[Any], i: int = i) -> Any:
                 return xs[i] if i < len(xs) else None
             rows.append({"epoch": e.get("epoch"), "stage": i, "rms": at(rms), "needed ratio": at(ratio),
                          "scale": at(scale), "clamped": at(clamp)})

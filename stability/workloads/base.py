@@ -42,8 +42,8 @@ class Workload(abc.ABC):
     """
 
     model: nn.Module
-    info: dict[str, Any] = {}  # a subclass assigns its own dict; never mutated here
-    target_scores: dict[str, float] = {}
+    info: dict[str, Any] = {}  # noqa: RUF012 (a subclass assigns its own dict; never mutated here)
+    target_scores: dict[str, float] = {}  # noqa: RUF012 (as info)
 
     @property
     @abc.abstractmethod

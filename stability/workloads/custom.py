@@ -52,8 +52,9 @@ import importlib
 import inspect
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -97,7 +98,7 @@ def locate(path: str) -> Any:
         try:
             module = importlib.import_module(".".join(parts[:i]))
         except ModuleNotFoundError as e:
-            if e.name and ".".join(parts[:i]).startswith(e.name) or e.name is None:
+            if (e.name and ".".join(parts[:i]).startswith(e.name)) or e.name is None:
                 continue  # this prefix is not a module: try a shorter one
             error = e  # the module exists but imports something that does not
             break
@@ -303,7 +304,6 @@ def _kind(child: nn.Module) -> str:
 def auto_groups(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, list[nn.Module]]:
     """Every trainable parameter in exactly one group, in the order the model registers them:
     `<layer>.attn|mlp|norm` for each layer, the owning module's name elsewhere."""
-    owner: dict[int, tuple[str, nn.Module]] = {}  # id(param) -> (group, module that holds it for the probes)
     groups: dict[str, list[nn.Module]] = {}
     loose: dict[str, dict[str, nn.Parameter]] = {}
 
@@ -316,7 +316,7 @@ def auto_groups(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, lis
         direct = {n: p for n, p in m.named_parameters(recurse=False) if p.requires_grad}
         if not direct:
             continue
-        layer = next((l for l in layers if mname == l or mname.startswith(l + ".")), None)
+        layer = next((lay for lay in layers if mname == lay or mname.startswith(lay + ".")), None)
         if layer is None:
             if mname:
                 add(mname, m)

@@ -30,9 +30,9 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from stability.workloads.cascade.codec import decode
 from stability.errors import DataError
 from stability.progress import phase
+from stability.workloads.cascade.codec import decode
 
 SAMPLE_RATE = 24_000  # EnCodec 24 kHz
 SILENT_RMS = 1e-4  # -80 dBFS: a file whose 24 kHz mono signal stays below this is silent

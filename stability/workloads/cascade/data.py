@@ -24,24 +24,49 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
 
-from stability.workloads.cascade.audio import DataError, FolderPlan, Listing, ShortData, plan_folder, read_pair, scan_folder
-from stability.workloads.cascade.codec import (CodeBook, calibrate_codebooks, check_weights, encode, load_codec, quantizer_state,
-                             weights_fingerprint)
 from stability.config import DataConfig
-from stability.progress import phase
 from stability.errors import StorageError
+from stability.progress import phase
 from stability.storage import atomic_write_bytes, atomic_write_text, dumps, loads
+from stability.workloads.cascade.audio import (
+    DataError,
+    FolderPlan,
+    Listing,
+    ShortData,
+    plan_folder,
+    read_pair,
+    scan_folder,
+)
+from stability.workloads.cascade.codec import (
+    CodeBook,
+    calibrate_codebooks,
+    check_weights,
+    encode,
+    load_codec,
+    quantizer_state,
+    weights_fingerprint,
+)
 from stability.workloads.cascade.synth import synth_pairs
 
-__all__ = ["DataError", "LatentData", "check_audio", "fit_split", "load_latents", "inspect_latents", "cache_entries",
-           "clear_cache", "default_cache_root"]
+__all__ = [
+    "DataError",
+    "LatentData",
+    "cache_entries",
+    "check_audio",
+    "clear_cache",
+    "default_cache_root",
+    "fit_split",
+    "inspect_latents",
+    "load_latents",
+]
 
 # The seed's pretrained-EnCodec latent RMS (SPEC §1): input 5.66, target 5.69. `latent_rms=auto`
 # brings random-weight latents (two orders of magnitude smaller, ~0.03) to these, each side to

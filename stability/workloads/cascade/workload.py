@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stability.workloads.cascade.audio import write_listening
 from stability.config import RunConfig
-from stability.workloads.cascade.codec import load_codec
-from stability.workloads.cascade.data import load_latents
 from stability.detectors import mean_scores, scream_check
 from stability.models.cascade import Cascade
 from stability.workloads.base import Workload
+from stability.workloads.cascade.audio import write_listening
+from stability.workloads.cascade.codec import load_codec
+from stability.workloads.cascade.data import load_latents
 
 
 class CascadeWorkload(Workload):

@@ -14,7 +14,6 @@ and a checksum are recorded in every run's data.json.
 from __future__ import annotations
 
 import ast
-from collections import Counter
 import functools
 import hashlib
 import os
@@ -22,9 +21,11 @@ import platform
 import sys
 import sysconfig
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
