@@ -386,7 +386,7 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
     baseline = _num(init.get("baseline_loss"))
     reference, ref_name = (init_val, "its validation loss at initialisation") if math.isfinite(init_val) else \
         (baseline, f"the no-learning baseline ({init.get('baseline') or 'baseline'})")
-    evaluated = [v for v in vals]
+    evaluated = list(vals)
     last, ratio = divergence(evaluated, reference) if evaluated else (math.nan, math.nan)
     if not first_nan and evaluated and (ratio > 1.0 or (not math.isfinite(last) and math.isfinite(ratio))):
         flags.append({"flag": "diverged", "epoch": epochs[-1]["epoch"], "ratio": ratio,

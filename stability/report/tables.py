@@ -19,8 +19,15 @@ import pandas as pd
 from stability import detectors, runformat
 from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
-from stability.report.factors import (ALPHA, _value_order, design_factors, factor_test, factor_value,
-                                      median_interval, share_interval)
+from stability.report.factors import (
+    ALPHA,
+    _value_order,
+    design_factors,
+    factor_test,
+    factor_value,
+    median_interval,
+    share_interval,
+)
 from stability.report.loading import RUN_MARKERS, VERDICTS, Run, _float
 
 
