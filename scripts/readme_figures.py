@@ -34,9 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -75,6 +75,7 @@ def _summaries(folder: Path) -> list[dict]:
     for s in sorted(folder.glob("*/summary.json")):
         summary = json.loads(s.read_text())
         overrides = json.loads((s.parent / "overrides.json").read_text()) if (s.parent / "overrides.json").exists() else []
+        overrides = overrides.get("overrides", []) if isinstance(overrides, dict) else overrides
         out.append({"overrides": dict(o.split("=", 1) for o in overrides if "=" in o), **summary})
     return out
 

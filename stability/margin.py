@@ -49,6 +49,27 @@ class Probe:
     wall_s: float = math.nan
     stopped_early: bool = False
     round: int = 0
+    n: int = 1  # replicates (seeds) behind this probe
+    n_unstable: int = 0  # ... of which unstable
+    verdicts: list[str] = field(default_factory=list)  # each replicate's verdict
+
+
+def replicate(lr: float, probes: Sequence[Probe]) -> Probe:
+    """One probe from several seeds' runs at the same lr: unstable when any seed is (the margin is
+    where failures start, so one failing seed in three fails the learning rate), with the
+    unstable count, the median final validation loss and initial loss, the summed wall time."""
+    import statistics
+
+    bad = sum(not p.stable for p in probes)
+    finite = [p.final_val_loss for p in probes if math.isfinite(p.final_val_loss)]
+    inits = [p.initial_loss for p in probes if math.isfinite(p.initial_loss)]
+    verdicts = [p.verdict for p in probes]
+    summary = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
+    return Probe(lr, stable=bad == 0, verdict=summary, folder=probes[0].folder if probes else None,
+                 final_val_loss=statistics.median(finite) if finite else math.nan,
+                 initial_loss=statistics.median(inits) if inits else math.nan,
+                 wall_s=sum(p.wall_s for p in probes if math.isfinite(p.wall_s)),
+                 stopped_early=all(p.stopped_early for p in probes), n=len(probes), n_unstable=bad, verdicts=verdicts)
 
 
 @dataclass
@@ -309,7 +330,15 @@ def non_monotone_text(m: Margin) -> str:
 
 
 def probe_text(p: dict[str, Any]) -> str:
-    """`3.16e-02 stable` / `1e-01 exploding (stopped early)`, for a probe of margin.json."""
+    """`3.16e-02 stable` / `1e-01 exploding (stopped early)`, for a probe of margin.json; a probe
+    over several seeds: `0.1 unstable 2/3 (21%..94%): 2 diverged, 1 stable`, the unstable count with
+    its 95% Wilson interval."""
+    if p.get("n", 1) > 1:
+        from stability.report.factors import share_interval
+
+        lo, hi = share_interval(p["n_unstable"], p["n"])
+        return (f"{p['lr']:.3g} {'stable' if p['stable'] else 'unstable'} {p['n_unstable']}/{p['n']} "
+                f"({lo:.0%}..{hi:.0%}): {p['verdict']}")
     return f"{p['lr']:.3g} {p['verdict'] or ('stable' if p['stable'] else 'unstable')}" + \
         (" (stopped early)" if p.get("stopped_early") else "")
 

@@ -394,6 +394,9 @@ def event_text(ev: dict[str, Any]) -> str:
         return (f"non-finite {ev.get('kind', '?')} first in {ev.get('module', '?')} ({ev.get('where', '?')}); "
                 f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}"
                 + (f"; batch and state saved: stab replay {ev['forensics']}" if ev.get("forensics") else ""))
+    if kind == "init_eval":
+        base = f", no-learning baseline {f(ev.get('baseline_loss'))}" if ev.get("baseline") else ""
+        return f"validation loss at initialisation {f(ev.get('val_loss'))}{base}"
     if kind in ("grad_spike", "loss_spike"):
         return f"{'grad norm' if kind == 'grad_spike' else 'loss'} {f(ev.get('value', ev.get('grad_norm')))}"
     if kind == "clamp_saturation":
@@ -408,6 +411,8 @@ def event_text(ev: dict[str, Any]) -> str:
 def events_frame(run: Run) -> pd.DataFrame:
     order = {"first_nan": 0, "scream": 1, "grad_spike": 2, "clamp_saturation": 3}
     def when(e: dict[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
+        if e.get("event") == "init_eval":  # before the first step
+            return (-1, -1, 0)
         epoch, step = e.get("epoch"), e.get("step")
         return (epoch if isinstance(epoch, int) else 1 << 62, step if isinstance(step, int) else 1 << 62,
                 order.get(e.get("event"), 9))
