@@ -27,6 +27,7 @@ from cli.config import UserError
 from stability.config import ConfigError
 from stability.errors import CodecError, DataError, StorageError
 from stability.formatting import format_number
+from stability.record import verdicts as vd
 
 
 def _width() -> int | None:
@@ -74,8 +75,7 @@ EXIT_CRASH = 1  # a job crashed (internal error)
 EXIT_USER = 2  # bad input: nothing was started
 EXIT_INTERRUPTED = 130
 
-VERDICT_STYLE = {"stable": "green", "exploding": "yellow", "nan": "bold red", "scream": "magenta",
-                 "failed": "bold white on red", "running": "cyan", "interrupted": "yellow", "?": "dim"}
+STATE_STYLE = {"running": "cyan", "interrupted": "yellow", "?": "dim"}  # run states shown beside verdicts
 
 
 DEBUG = {"on": False}  # set by `stab --debug`: tracebacks instead of one-line errors
@@ -150,7 +150,7 @@ def check_writable(folder: Path) -> None:
 
 
 def verdict_text(v: str) -> Text:
-    return Text(v, style=VERDICT_STYLE.get(v, "white"))
+    return Text(v, style=STATE_STYLE.get(v) or vd.style(v))
 
 
 verdict_markup = verdict_text  # the old name: its str() is the plain verdict

@@ -23,7 +23,9 @@ from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig, flatten
-from stability.storage import atomic_write_text, read_json, write_json
+from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
+from stability.storage import atomic_write_text, write_json
 
 EARLY = {"train.stop_early": "true"}
 
@@ -50,9 +52,9 @@ def doctor(
     if not try_:
         return
     with user_errors():
-        if dx.verdict not in dr.UNSTABLE:
+        if not vd.is_unstable(dx.verdict):
             raise UserError(f"{run} ended {dx.verdict or 'without a verdict'}: --try needs an unstable run "
-                            f"(verdict {', '.join(dr.UNSTABLE)})")
+                            f"(verdict {', '.join(vd.UNSTABLE)})")
         if not dx.fixes:
             raise UserError(f"no rule proposes a fix for {run}: nothing to try")
         base = exact_overrides(rec)
@@ -82,7 +84,7 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
     rows = [{"rank": i + 1, "fix": x.label, "why": x.rule.why, "evidence": x.finding.kind
              + (f" (step {x.finding.step})" if x.finding.step is not None else ""), "source": x.rule.source}
             for i, x in enumerate(dx.fixes)]
-    title = "candidate fixes, best first" if dx.verdict in dr.UNSTABLE else \
+    title = "candidate fixes, best first" if vd.is_unstable(dx.verdict) else \
         f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
     console.print(frame_table(pd.DataFrame(rows), title=title))
 
@@ -148,10 +150,7 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
     report_crashes(done)
     rows = []
     for fix, r in zip(tries, done.records):
-        try:
-            s = read_json(done.sweep_dir / r["folder"] / "summary.json")
-        except (OSError, ValueError):
-            s = {}
+        s = RunFolder(done.sweep_dir / r["folder"]).summary()
         rows.append({"fix": " ".join(f"{k}={v}" for k, v in fix.items()), "verdict": s.get("verdict", "?"),
                      "final_val_loss": float(s.get("final_val_loss", math.nan)), "wall_s": s.get("wall_s"),
                      "stopped_early": bool(s.get("stopped_early")), "folder": r["folder"]})

@@ -36,8 +36,8 @@ from cli.common import (
 from cli.config import UserError, compose_run, set_config_dirs
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
+from stability.record.folder import RunFolder
 from stability.rundirs import create_unique, folder_name
-from stability.storage import read_json
 
 if TYPE_CHECKING:
     from stability.config import RunConfig
@@ -173,7 +173,7 @@ def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world:
                   f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
     if nan:
         console.print(f"first NaN: epoch {nan['epoch']} batch {nan['batch']} (step {nan['step']}) in {nan['module']}")
-    notes = read_json(run_dir / "data.json") if (run_dir / "data.json").exists() else {}
+    notes = RunFolder(run_dir).data()
     for check in ("scream", "health"):  # a custom model's checks stab could not set up, and why
         if str(notes.get(check, "")).startswith("not available"):
             console.print(f"{check} check: {notes[check]}", highlight=False)

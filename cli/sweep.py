@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.live import Live
 from rich.table import Table
 
@@ -34,6 +33,7 @@ from cli import launch
 from cli.common import (
     EXIT_CRASH,
     EXIT_INTERRUPTED,
+    EXIT_USER,
     check_writable,
     console,
     err_console,
@@ -47,10 +47,13 @@ from cli.common import (
 )
 from cli.config import UserError, compose_run, set_config_dirs
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
-from stability import runformat as rf
 from stability.preflight import preflight
+from stability.record import format as rf
+from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, me, owner_alive
+from stability.slurm import SbatchRefused
 from stability.storage import atomic_write_text, loads
 from stability.sweeps import (
     SweepBusy,
@@ -205,7 +208,11 @@ def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], 
         _finish(sweep_dir, name, launcher, overrides, "interrupted")
         err_console.print(f"interrupted; run the same command again to resume ({sweep_dir})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
+    except SbatchRefused as e:  # the cluster refused the resources asked for: no job started
+        _finish(sweep_dir, name, launcher, overrides, "failed")
+        err_console.print(styled(("sweep not started:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER) from None
+    except Exception as e:  # the launcher itself failed
         _finish(sweep_dir, name, launcher, overrides, "failed")
         err_console.print(styled(("sweep failed to launch:", "bold red"), f" {type(e).__name__}: {e}"))
         raise typer.Exit(EXIT_CRASH) from None
@@ -314,16 +321,9 @@ def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], sta
         folder = Path(value["folder"]) if value else Path(r.working_dir or "")
         records.append(job_record(folder, list(r.overrides)))
     if returns is None:  # interrupted: index what is on disk
-        records = [job_record(p.parent, _overrides_of(p.parent)) for p in sorted(sweep_dir.rglob(rf.STATUS))]
+        records = [job_record(p.parent, RunFolder(p.parent).overrides() or []) for p in sorted(sweep_dir.rglob(rf.STATUS))]
     write_index(sweep_dir, records, name=name, launcher=launcher, overrides=overrides, state=state)
     return records
-
-
-def _overrides_of(run_dir: Path) -> list[str]:
-    try:
-        return list(json.loads((run_dir / rf.OVERRIDES).read_text())["overrides"])
-    except (OSError, ValueError, KeyError):
-        return []
 
 
 def summary_table(records: list[dict[str, Any]], skipped: int = 0, same: int = 0) -> Table:
@@ -349,46 +349,24 @@ def summary_table(records: list[dict[str, Any]], skipped: int = 0, same: int = 0
 def job_progress(run_dir: Path, now: float) -> dict[str, Any]:
     """What the sweep view shows of one job, read from its folder: state, epoch (done/total),
     last epoch's mean grad norm, verdict so far, elapsed and ETA (elapsed per epoch so far)."""
+    folder = RunFolder(run_dir)
     status = read_status(run_dir)
-    epochs = read_jsonl_tail(run_dir / rf.EPOCHS)
-    total = _epochs_total(run_dir)
+    epochs = folder.epochs()  # a torn last line (the job is writing it) is left out
+    total = folder.epochs_planned()
     done = len(epochs)
-    started, finished = status.get("started"), status.get("finished")
+    started, finished = status.started, status.finished
     elapsed = ((finished or now) - started) if isinstance(started, (int, float)) else None
-    state = status.get("state", "?")
+    state = status.state
     eta = None
     if state == "running" and elapsed is not None and done and total:
         eta = elapsed / done * (total - done)
-    verdict = status.get("verdict")
+    verdict = status.verdict
     if verdict is None and state == "running":  # so far: a NaN recorded, or the output collapsed
-        events = {e.get("event") for e in read_jsonl_tail(run_dir / rf.EVENTS)}
-        verdict = "nan" if "first_nan" in events else ("scream?" if epochs and epochs[-1].get("collapsed") else None)
+        events = {e.event for e in folder.events()}
+        verdict = vd.NAN if "first_nan" in events else (f"{vd.SCREAM}?" if epochs and epochs[-1].collapsed else None)
     return {"name": run_dir.name, "state": state, "epoch": done, "epochs": total,
             "grad_norm": epochs[-1].get("grad_norm_mean") if epochs else None, "verdict": verdict,
             "elapsed": elapsed, "eta": eta}
-
-
-def read_jsonl_tail(path: Path) -> list[dict[str, Any]]:
-    """The parsed lines of a JSON Lines file being appended to (a torn last line is left out)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def _epochs_total(run_dir: Path) -> int | None:
-    try:
-        epochs = yaml.safe_load((run_dir / rf.CONFIG).read_text())["train"]["epochs"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
-    return epochs if isinstance(epochs, int) else None
 
 
 class LiveView:

@@ -28,8 +28,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stability.config import RunConfig
+from stability.step import StepContext, Stepper, Window
 from stability.trackers import open_trackers
-from stability.training import StepContext, Stepper, Window, _step_record, eager, resolve_device
+from stability.training import eager, resolve_device
 from stability.workloads import build, make_optimizer
 
 
@@ -124,18 +125,17 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     g = torch.Generator().manual_seed(cfg.seed)
     batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
     opt_b, sched_b = make_optimizer(bare, tc)
-    names = parts.names
-    stepper = Stepper(work, parts.opt, parts.sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision)
-    n_stages = len(work.rms_matchers())
-    clamp = cfg.model.rms_clamp if n_stages else None
+    stepper = Stepper(work, parts.opt, parts.sched, parts.instruments(cfg), tc.precision)
+    layout = stepper.layout
     loss_fn = type(work).loss
     bare_work = copy.copy(work)
     bare_work.model = bare
-    records: list[dict[str, Any]] = []
+    records: list[Any] = []
 
     def stab_step(i: int) -> None:
-        host, _ = stepper(batches[i % len(batches)])
-        records.append(_step_record(host, names, n_stages, clamp, i, 1, i))
+        host, finite = stepper(batches[i % len(batches)])
+        records.append(layout.record(host, step=i, epoch=1, batch=i, lr=tc.lr, step_ms=0.0, clip=tc.clip,
+                                     finite=finite))
 
     def logged_step(i: int) -> None:  # the same, and the record goes to the trackers
         stab_step(i)
@@ -187,7 +187,7 @@ def _sync_every_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) ->
     blocks are SYNC_K steps on CUDA, so each block ends with its window's transfer)."""
     parts = build(cfg, device, compile=False)
     tc = cfg.train
-    stepper = Stepper(parts.work, parts.opt, parts.sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision)
+    stepper = Stepper(parts.work, parts.opt, parts.sched, parts.instruments(cfg), tc.precision)
     window = Window(stepper, SYNC_K)
     idx = torch.arange(tc.batch_size)
 
@@ -232,10 +232,13 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
     trained) through the real `RunWriter` into a temporary folder, in epochs of `epoch_steps`
     steps, and time it all: building each step record from a host vector, the writer (aggregates,
     metrics.jsonl, grad table, epochs.jsonl), the detectors, and the summary at the end."""
+    from types import SimpleNamespace
+
     import numpy as np
 
-    from stability.runwriter import RunWriter
-    from stability.summarizer import Summarizer
+    from stability.record.summarizer import Summarizer
+    from stability.record.writer import RunWriter
+    from stability.steplayout import STAGE, StepLayout
     from stability.workloads import build_model
 
     model = build_model(cfg.model)
@@ -243,9 +246,10 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
     n_stages = len(model.rms_matchers()) if hasattr(model, "rms_matchers") else 0
     clamp = cfg.model.rms_clamp if n_stages else None
     del model
+    layout = StepLayout(names, n_stages, [SimpleNamespace(metrics=STAGE)] if n_stages else [], clamp)
     rng = np.random.default_rng(seed)
-    width = 2 + len(names) + 3 * n_stages
-    pool = np.abs(rng.lognormal(0.0, 0.5, size=(64, width)))  # host vectors: loss, norms, stage stats
+    pool = np.abs(rng.lognormal(0.0, 0.5, size=(64, layout.width)))  # host rows: loss, norms, stage stats
+    pool[:, layout.slices["grads_finite"]] = 1.0
     evaluation = {"val_loss": 1.0, "collapsed": False, "scores": {"dominant": 0.1}, "target_scores": {"dominant": 0.1}}
     with tempfile.TemporaryDirectory(prefix="stab-bookkeeping-") as tmp:
         run_dir = Path(tmp)
@@ -256,8 +260,7 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
         for step in range(n_steps):
             epoch, b = step // epoch_steps + 1, step % epoch_steps
             host = pool[step % len(pool)]
-            rec = _step_record(host, names, n_stages, clamp, step, epoch, b)
-            rec.update({"finite": True, "grad/clipped": bool(host[1] > 10.0), "lr": 1e-3, "time/step_ms": 1.0})
+            rec = layout.record(host, step=step, epoch=epoch, batch=b, lr=1e-3, step_ms=1.0, clip=10.0)
             writer.step(rec)
             if b == epoch_steps - 1 or step == n_steps - 1:
                 writer.epoch({**writer.close_epoch(), **evaluation})

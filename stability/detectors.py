@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from stability.record import verdicts as vd
+
 
 def scream_score(tokens: Sequence[int], n: int = 4) -> dict[str, float]:
     """How collapsed one token sequence is.
@@ -233,8 +235,8 @@ def certainly_unstable(epoch_norms: Sequence[float], first_nan: dict[str, Any] |
 # failed whatever its output looks like, so it outranks the scream; a run too short for the
 # detectors (inconclusive) is only "not found unstable", so it sits between the unstable verdicts
 # and stable.
-SEVERITY = ("failed", "nan", "exploding", "diverged", "scream", "inconclusive", "stable")
-UNSTABLE = ("nan", "exploding", "diverged", "scream")  # the verdicts that count as unstable
+SEVERITY = vd.SEVERITY  # ("failed", "nan", "exploding", "diverged", "scream", "inconclusive", "stable")
+UNSTABLE = vd.UNSTABLE  # the verdicts that count as unstable
 
 
 def collapse_level(score: dict[str, float], dominant: float, longest_run: float, loop: float | None = None,

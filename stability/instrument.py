@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from stability.steplayout import STAGE
+
 
 class GradProbe:
     def __init__(self, groups: dict[str, list[nn.Module]]) -> None:
@@ -74,17 +76,21 @@ class GradProbe:
 
 
 class StageProbe:
-    """Per-stage (rms(out) before matching, needed ratio, applied scale) from `RMSMatch.last`."""
+    """Per-stage (rms(out) before matching, needed ratio, applied scale) from `RMSMatch.last`: a
+    step probe (`stability.steplayout`) whose metrics are `steplayout.STAGE`, none without stages."""
+
+    phase = "grads"
 
     def __init__(self, matchers: list[Any], device: torch.device) -> None:
         self.matchers, self.device = matchers, device
+        self.metrics = STAGE if matchers else ()
 
-    def measure(self) -> torch.Tensor:
-        """(3 * n_stages,) on the device: rms..., ratio..., scale... (empty without stages)"""
+    def measure(self) -> dict[str, torch.Tensor]:
+        """{"stage_rms", "stage_ratio", "stage_scale": (n_stages,)} on the device ({} without stages)."""
         if not self.matchers:
-            return torch.zeros(0, device=self.device)
+            return {}
         rms, ratio, scale = zip(*(m.last for m in self.matchers))
-        return torch.stack([*rms, *ratio, *scale]).float()
+        return {"stage_rms": torch.stack(rms), "stage_ratio": torch.stack(ratio), "stage_scale": torch.stack(scale)}
 
 
 class NonFiniteProbe:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stability import runformat as rf
+from stability.record import format as rf
 
 LR = "train.lr"
 RESERVED = (LR, "initial_loss", "final_loss", "stable")

@@ -27,16 +27,14 @@ from typing import Any
 
 import pandas as pd
 
-from stability import detectors
 from stability.lr_sensitivity import lr_sensitivity
 
 LR_MAX = 10.0  # the largest train.lr the config accepts: widening upwards stops here
-UNSTABLE = detectors.UNSTABLE
 
 
 @dataclass
 class Probe:
-    """One probe run: its lr, whether it was stable (verdict not in UNSTABLE), and what the run
+    """One probe run: its lr, whether it was stable (`verdicts.is_unstable` is false), and what the run
     folder recorded (verdict, folder, validation loss at the end, loss at init, wall seconds,
     whether it stopped early once the verdict was certain)."""
 

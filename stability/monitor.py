@@ -5,7 +5,7 @@ it backpropagates, measures the total and per-group gradient norms (one `torch._
 `stability.instrument.GradProbe`), checks that every gradient is finite, clips (optionally), steps
 the optimizer only on a finite step, and records the step. `Monitor.end_epoch()` runs the
 validation loss, the scream check and the attention health on your validation data (as
-`model=custom` does). The run folder is written by stab's own writer (`stability.runwriter`), so
+`model=custom` does). The run folder is written by stab's own writer (`stability.record.writer`), so
 `stab report`, `stab show` and `stab replay` read it like any run; the verdict and events are
 available live (`monitor.verdict`, `monitor.events`).
 
@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stability import runformat as rf
 from stability.config import (
     OWN_LOOP,
     ConfigError,
@@ -54,11 +53,13 @@ from stability.config import (
     TrainConfig,
 )
 from stability.instrument import GradProbe
+from stability.record import format as rf
+from stability.record.summarizer import Summarizer
+from stability.record.writer import RunWriter
 from stability.rundirs import RunLease, create_unique
-from stability.runwriter import RunWriter
-from stability.summarizer import Summarizer
+from stability.step import Instruments
 from stability.trackers import open_trackers
-from stability.training import _end_epoch, _first_nan, _step_record
+from stability.training import _end_epoch, _first_nan
 from stability.workloads.custom import CustomWorkload, Task
 
 
@@ -121,6 +122,8 @@ class Monitor:
         self.groups = self.work.module_groups()
         self.names = list(self.groups)
         self.probe = GradProbe(self.groups)
+        self.ins = Instruments(self.names, self.probe, clip=self.cfg.train.clip)
+        self.layout = self.ins.layout
         self.has_loss = loss is not None
 
         if run_dir is None:
@@ -164,26 +167,19 @@ class Monitor:
     def after_backward(self, loss: torch.Tensor, batch: Any = None, indices: torch.Tensor | None = None) -> bool:
         """Measure the gradients already computed (one host transfer), clip them, record the step;
         does not step. Returns whether the loss and every gradient were finite."""
-        total, per_group, grads_finite = self.probe.measure()
-        vec = torch.cat([loss.detach().double().reshape(1), total.view(1), per_group, grads_finite.double().view(1)])
-        host = vec.cpu().numpy()  # the step's one CPU-GPU sync point
-        if np.isinf(host[1:-1]).any():  # a float32 norm overflowed or a gradient holds inf: float64 norms say which
-            total, per_group, grads_finite = self.probe.measure(exact=True)
-            host = torch.cat([vec[:1], total.view(1), per_group, grads_finite.double().view(1)]).cpu().numpy()
-        host, grads_finite = host[:-1], bool(host[-1])
-        finite = grads_finite and bool(np.isfinite(host[0]))
+        values = self.ins.measure(loss)
+        host, finite = self.ins.read(values)  # the step's one CPU-GPU sync point
         if finite:
-            self.probe.clip_(total, self.cfg.train.clip)
+            self.ins.clip_(values)
         elif self.first_nan is None:
             self.first_nan = self._locate(batch, indices, host)
         if not finite and self.cfg.train.on_nan == "stop":
             self.should_stop = True
-        rec = _step_record(host, self.names, 0, None, self.global_step, self.epoch, self.batch)
-        clip = self.cfg.train.clip
         now = time.perf_counter()
-        rec.update({rf.FINITE: finite, rf.CLIPPED: bool(finite and clip is not None and host[1] > clip),
-                    rf.LR: float(self.opt.param_groups[0].get("lr", math.nan)),
-                    rf.STEP_MS: 1000 * (now - self._t_last)})  # since the previous step: your forward included
+        rec = self.layout.record(host, step=self.global_step, epoch=self.epoch, batch=self.batch,
+                                 lr=float(self.opt.param_groups[0].get("lr", math.nan)),
+                                 step_ms=1000 * (now - self._t_last),  # since the previous step: your forward included
+                                 clip=self.cfg.train.clip, finite=finite)
         self._t_last = now
         self.writer.step(rec)
         self.batch += 1
@@ -196,11 +192,12 @@ class Monitor:
         if batch is not None and self.has_loss:
             idx = indices if indices is not None else torch.zeros(0, dtype=torch.long)
             return _first_nan(self.writer, self.work, self.groups, self.opt, self.sched or _NoSchedule(), batch,
-                              idx, host, self.epoch, self.batch, self.global_step)
-        bad = [n for n, v in zip(self.names, host[2:2 + len(self.names)]) if not math.isfinite(v)]
+                              idx, host, self.layout, self.epoch, self.batch, self.global_step)
+        bad = self.layout.nonfinite_groups(host)
+        loss = float(self.layout.take(host, "loss")[0])
         found = {"epoch": self.epoch, "batch": self.batch, "step": self.global_step,
-                 "kind": "loss" if not math.isfinite(host[0]) else "grad", "module": bad[-1] if bad else "unknown",
-                 "where": "recorded grad norms", "loss": float(host[0]), "grad_norm": float(host[1])}
+                 "kind": "loss" if not math.isfinite(loss) else "grad", "module": bad[-1] if bad else "unknown",
+                 "where": "recorded grad norms", "loss": loss, "grad_norm": float(self.layout.take(host, "grad_norm")[0])}
         self.writer.event({"event": "first_nan", **found})
         return found
 

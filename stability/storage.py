@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,9 @@ NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def _jsonable(x: Any, strict: bool = True) -> Any:
-    """Plain JSON types; with `strict`, non-finite floats as "NaN", "Infinity", "-Infinity"."""
-    if isinstance(x, dict):
+    """Plain JSON types; with `strict`, non-finite floats as "NaN", "Infinity", "-Infinity". Any
+    mapping (a dict, a frozen record of `stability.record.records`) becomes a dict."""
+    if isinstance(x, Mapping):
         return {str(k): _jsonable(v, strict) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v, strict) for v in x]

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig, flatten
+from stability.record import verdicts as vd
 from stability.storage import read_json, write_json
 
 PIP = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> module and pip package
@@ -107,7 +108,7 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
         out["summary/first_nan_step"] = float(summary["first_nan"]["step"])
     if summary.get("scream_epoch") is not None:
         out["summary/scream_epoch"] = float(summary["scream_epoch"])
-    out["summary/stable"] = float(summary.get("verdict") == "stable")
+    out["summary/stable"] = float(summary.get("verdict") == vd.STABLE)
     return out
 
 

@@ -2,10 +2,11 @@
 
 The loop reads top to bottom: batch -> forward -> loss -> backward -> measure -> (one host
 transfer) -> non-finite check -> clip -> step -> record. Everything measured in a step is
-concatenated into one device vector and moved to the host once (`Stepper`); the step's record
-goes to the run folder's writer (`stability.runwriter.RunWriter`), which owns every file, keeps
-the epoch's aggregates as steps arrive and feeds the detectors (`stability.summarizer`). The
-files and their fields are defined in `stability.runformat` and docs/run-format.md.
+packed into one device vector by the run's `StepLayout` and moved to the host once
+(`stability.step.Stepper`, every `train.sync_every` steps through `Window`); the step's record
+goes to the run folder's writer (`stability.record.writer.RunWriter`), which owns every file, keeps
+the epoch's aggregates as steps arrive and feeds the detectors (`stability.record.summarizer`). The
+files and their fields are defined in `stability.record.format` and docs/run-format.md.
 
     summary = run(RunConfig(), Path("runs/example"), overrides=["norm=pre"])
 """
@@ -13,7 +14,6 @@ files and their fields are defined in `stability.runformat` and docs/run-format.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import math
 import os
@@ -22,25 +22,26 @@ import socket
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from stability import detectors, distributed, health
-from stability import runformat as rf
+from stability import detectors, distributed, health, snapshots
 from stability.config import RunConfig
 from stability.errors import StorageError
-from stability.instrument import GradProbe, NonFiniteProbe, StageProbe
+from stability.instrument import NonFiniteProbe
 from stability.preflight import preflight
 from stability.progress import phase
+from stability.record import format as rf
+from stability.record.format import SCHEMA_VERSION
+from stability.record.summarizer import Summarizer
+from stability.record.writer import RunWriter
 from stability.rundirs import RunLease
-from stability.runformat import SCHEMA_VERSION
-from stability.runwriter import RunWriter
-from stability.storage import atomic_write_bytes
-from stability.summarizer import Summarizer
+from stability.step import StepContext, Stepper, Window
+from stability.steplayout import StepLayout
+from stability.storage import atomic_write_bytes, read_jsonl
 from stability.trackers import Recorder, open_trackers
 from stability.workloads import build
 
@@ -185,13 +186,14 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
     writer.status(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
                   python=platform.python_version())
     n_stages = parts.n_stages
-    clamp = cfg.model.rms_clamp if n_stages and cfg.model.rms_match else None
     writer.open(names, n_stages, Summarizer(cfg.detect, tc.clip))
     # DDP around the model; groups, probes, hooks and the workload's own methods see the inner module
     work.model = model = distributed.wrap(work.model, world, device)
     injector = (NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step)
                 if cfg.fault.nan_at_step is not None else None)
-    stepper = Stepper(work, opt, sched, parts.grad_probe, parts.stage_probe, tc.clip, tc.precision, world.size)
+    ins = parts.instruments(cfg, world.size)
+    layout = ins.layout
+    stepper = Stepper(work, opt, sched, ins, tc.precision)
     window = Window(stepper, tc.sync_every, lambda s: setattr(injector, "current", s) if injector else None)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
@@ -202,11 +204,24 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
     step = 0
 
     writer.event({"event": "init_eval", **_evaluate_init(work)})  # the start a diverged run is measured against
+    ring = snapshots.SnapshotRing(run_dir / snapshots.FOLDER, tc.snapshot_every, tc.snapshot_keep, write=writer.writes)
+    first_epoch, first_batch = 1, 0
+    if tc.rewind_from:  # continue from a snapshot (stab doctor --try): its run's records up to there are this run's
+        snap = _rewind(Path(tc.rewind_from), writer, distributed.unwrap(model), opt, sched, ins.recovery, epoch_norms)
+        step, first_epoch, first_batch = int(snap["step"]), int(snap["epoch"]), int(snap["batch"])
+        order_gen.set_state(snap["order_state"])
+        writer.event({"event": "rewound", "step": step, "epoch": first_epoch, "batch": first_batch,
+                      "snapshot": str(tc.rewind_from)})
+
     model.train()
     try:
-        for epoch in range(1, tc.epochs + 1):
+        for epoch in range(first_epoch, tc.epochs + 1):
+            order_state = order_gen.get_state()  # the data order, as a snapshot keeps it
             order = torch.randperm(work.n_train, generator=order_gen)
-            for b in range(n_batches):
+            for b in range(first_batch if epoch == first_epoch else 0, n_batches):
+                if not window.pending and ring.due(step):  # at a host transfer: no step in flight
+                    ring.save(step, snapshots.capture(distributed.unwrap(model), opt, sched, order_state, epoch, b,
+                                                      {"recovery": ins.recovery.state_dict() if ins.recovery else None}))
                 if not window.pending:
                     t0 = time.perf_counter()
                 if cfg.fault.crash_at_step == step:
@@ -224,16 +239,16 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
                         if first_nan is None:  # located on the global batch, on every rank alike
                             batch = work.batch(ctx.indices) if world.distributed else ctx.batch
                             first_nan = _first_nan(writer, work, groups, opt, sched, batch, ctx.indices, host,
-                                                   ctx.epoch, ctx.batch_index, ctx.step)
+                                                   layout, ctx.epoch, ctx.batch_index, ctx.step)
                         opt.zero_grad(set_to_none=True)  # the stepper did not step on them; drop them
                         stopped = tc.on_nan == "stop"
-                    rec = _step_record(host, names, n_stages, clamp, ctx.step, ctx.epoch, ctx.batch_index)
-                    rec.update({rf.FINITE: finite,  # from each parameter's gradient, not from the (huge) total
-                                rf.CLIPPED: bool(finite and tc.clip is not None and host[1] > tc.clip),
-                                rf.LR: ctx.lrs[0],  # the learning rate this step used
-                                rf.STEP_MS: 1000 * (time.perf_counter() - t0) / n_window})  # the window's mean
+                    # finite: from each parameter's gradient, not from the (huge) total; lr: the one this step used;
+                    # step_ms: the window's mean
+                    rec = layout.record(host, step=ctx.step, epoch=ctx.epoch, batch=ctx.batch_index, lr=ctx.lrs[0],
+                                        step_ms=1000 * (time.perf_counter() - t0) / n_window, clip=tc.clip,
+                                        finite=finite)
                     writer.step(rec)
-                    cb.step(ctx.epoch, ctx.batch_index, rec[rf.LOSS])
+                    cb.step(ctx.epoch, ctx.batch_index, rec.loss)
                     if stopped:
                         step = ctx.step + 1
                         break
@@ -261,12 +276,51 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
                          wall_s=time.time() - t_start)
 
 
+def _rewind(path: Path, writer: RunWriter, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+            recovery: Any, epoch_norms: list[float]) -> dict[str, Any]:
+    """Load a snapshot into the run (`snapshots.restore`) and feed the writer the snapshot's run's
+    records before it: its steps (so the epoch aggregates and detectors see the whole run) and
+    the evaluations of its finished epochs. Raises ConfigError naming train.rewind_from when the
+    file is not a snapshot, its run folder has no records, or its weights do not fit the model."""
+    from stability.config import ConfigError
+
+    try:
+        snap = snapshots.load(path)
+        snapshots.restore(snap, model, opt, sched)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.rewind_from={str(path)!r}: {e}") from None
+    if recovery is not None:
+        recovery.load_state_dict((snap.get("extra") or {}).get("recovery") or {})
+    parent = path.parent.parent
+    steps, _ = read_jsonl(parent / rf.METRICS)
+    epochs = {int(e["epoch"]): e for e in read_jsonl(parent / rf.EPOCHS)[0] if "epoch" in e}
+    k, epoch = int(snap["step"]), int(snap["epoch"])
+    before = [r for r in steps if int(r.get(rf.STEP, -1)) < k]
+    if len(before) < k:
+        raise ConfigError(f"train.rewind_from={str(path)!r}: its run folder {parent} holds {len(before)} step "
+                          f"records before step {k}; a rewind needs them all")
+    for r in before:
+        if writer.stats is not None and int(r[rf.EPOCH]) != writer.stats.epoch:
+            _replay_epoch(writer, epochs, writer.stats.epoch, epoch_norms)
+        writer.step(r)
+    if writer.stats is not None and writer.stats.epoch < epoch:
+        _replay_epoch(writer, epochs, writer.stats.epoch, epoch_norms)
+    return snap
+
+
+def _replay_epoch(writer: RunWriter, epochs: dict[int, dict[str, Any]], epoch: int, epoch_norms: list[float]) -> None:
+    """Close a replayed epoch: the writer's aggregates with the snapshot's run's evaluation of it."""
+    erec = {**epochs.get(epoch, {"epoch": epoch}), **writer.close_epoch()}
+    writer.epoch(erec)
+    epoch_norms.append(erec["grad_norm_mean"])
+
+
 def _first_nan(writer: RunWriter, work: Any, groups: dict[str, list[torch.nn.Module]], opt: torch.optim.Optimizer,
-               sched: Any, batch: Any, indices: torch.Tensor, host: np.ndarray, epoch: int, b: int,
+               sched: Any, batch: Any, indices: torch.Tensor, host: np.ndarray, layout: StepLayout, epoch: int, b: int,
                step: int) -> dict[str, Any]:
     """Name where the first non-finite value started, save what `stab replay` needs, record the event."""
     with eager(work):
-        found = _locate_nan(work, batch, groups, host, writer.groups, epoch, b, step)
+        found = _locate_nan(work, batch, groups, host, layout, epoch, b, step)
         found["forensics"] = (save_forensics(writer.dir, work, opt, sched, batch, indices, found) if writer.writes
                               else "forensics/state.pt")  # rank 0 saves it
     writer.event({"event": "first_nan", **found})
@@ -284,195 +338,6 @@ def _end_epoch(writer: RunWriter, work: Any, run_dir: Path, epoch: int, stopped:
             erec.update(work.listen(epoch, run_dir))  # {"audio": [...]} at listen epochs
     writer.epoch(erec)
     return erec
-
-
-class Stepper:
-    """One instrumented optimisation step: forward -> loss -> backward -> measure -> clip -> step.
-
-    Two ways to call it, with the same arithmetic:
-
-    - `stepper(batch)` (train.sync_every=1): the step's measurements move to the host once, the
-      host checks them and updates only on a finite step. Returns (host vector, finite).
-    - `stepper.on_device(batch)` (sync_every=K>1): nothing leaves the device. The update is
-      guarded by the fused AdamW's `found_inf` (the path torch.amp.GradScaler uses): a
-      non-finite step leaves the weights, the moments and the step count as they were. The
-      guard is sticky (`frozen`): after a non-finite step every later step of the window is
-      skipped too, so when the host reads the window it finds the weights exactly as they were
-      before the first non-finite step and re-runs from there (`Window`). Returns the step's
-      device vector (loss, total norm, group norms, stage stats, finite flag), float64.
-
-    In a distributed run the gradients are DDP's all-reduced ones (identical on every rank), and
-    the loss and stage stats are averaged over the ranks in one device all-reduce, so a
-    non-finite loss on any rank makes the step non-finite on every rank.
-    """
-
-    def __init__(self, work: Any, opt: torch.optim.Optimizer, sched: Any, grad_probe: GradProbe,
-                 stage_probe: StageProbe, clip: float | None, precision: str = "fp32", world_size: int = 1) -> None:
-        self.work, self.opt, self.sched = work, opt, sched
-        self.grad_probe, self.stage_probe, self.clip = grad_probe, stage_probe, clip
-        self.n_checked = 2 + len(grad_probe.names)  # loss, total norm, group norms
-        self.world_size = world_size
-        device = next(work.model.parameters()).device
-        bf16 = precision == "bf16"
-        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.frozen = torch.zeros((), device=device)  # 1.0 once a step of this window was non-finite
-
-    def _forward_backward(self, batch: Any, loss_scale: float | None) -> tuple[torch.Tensor, ...]:
-        """-> (loss, total, per_group, stage, grads_finite) on the device; loss and stage are
-        averaged over the ranks of a distributed run."""
-        with self.autocast(), distributed.synced_batch_stats():
-            loss = self.work.loss(batch)
-        if loss_scale is not None:  # fault.spike_at_step
-            loss = loss * loss_scale
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()  # DDP all-reduces (averages) the gradients here
-        total, per_group, grads_finite = self.grad_probe.measure()
-        shared = torch.cat([loss.detach().double().view(1), self.stage_probe.measure().double()])
-        if self.world_size > 1:  # a device collective, no host sync
-            shared = distributed.sum_(shared) / self.world_size
-        return shared[:1], total, per_group, shared[1:], grads_finite
-
-    def __call__(self, batch: Any, loss_scale: float | None = None) -> tuple[np.ndarray, bool]:
-        loss, total, per_group, stage, grads_finite = self._forward_backward(batch, loss_scale)
-        vec = torch.cat([loss, total.view(1), per_group, stage, grads_finite.view(1)])
-        host = vec.cpu().numpy()  # the step's one CPU-GPU sync point (float64: norms of finite grads stay finite)
-        if np.isinf(host[2:self.n_checked]).any():
-            # A float32 per-parameter norm overflowed, or a gradient holds inf: only float64
-            # norms tell which. A second sync, on such a step only.
-            total, per_group, grads_finite = self.grad_probe.measure(exact=True)
-            host = torch.cat([loss, total.view(1), per_group, stage, grads_finite.view(1)]).cpu().numpy()
-        host, grads_finite = host[:-1], bool(host[-1])
-        # Non-finite = the loss or some parameter's gradient is; a huge but finite norm is not.
-        finite = grads_finite and bool(np.isfinite(host[0]))
-        if finite:
-            self.grad_probe.clip_(total, self.clip)
-            self.opt.step()
-        self.sched.step()
-        return host, finite
-
-    def on_device(self, batch: Any, loss_scale: float | None = None) -> torch.Tensor:
-        loss, total, per_group, stage, grads_finite = self._forward_backward(batch, loss_scale)
-        finite = grads_finite & torch.isfinite(loss[0])
-        self.frozen = torch.maximum(self.frozen, (~finite).float())  # sticky until `thaw`
-        self.grad_probe.clip_(total, self.clip)  # NaN coefficients on a non-finite step: not applied
-        self.opt.found_inf = self.frozen  # read by the fused kernel on the device: 1 = skip the update
-        try:
-            self.opt.step()
-        finally:
-            del self.opt.found_inf
-        self.sched.step()
-        return torch.cat([loss, total.view(1), per_group, stage, finite.double().view(1)])
-
-    def thaw(self) -> None:
-        """Clear the sticky guard (the host has read the window and rewound to its bad step)."""
-        self.frozen = torch.zeros_like(self.frozen)
-
-
-@dataclass
-class StepContext:
-    """What the host keeps of a step until its measurements arrive: where it is in the run,
-    the global batch's example indices and this rank's batch (tensors on the device, held
-    anyway by the step), and the learning-rate schedule before it (host floats)."""
-
-    step: int
-    epoch: int
-    batch_index: int
-    indices: torch.Tensor  # (B,) the global batch, this rank's shard being `batch`
-    batch: Any
-    spike: float | None
-    sched_state: dict[str, Any]
-    lrs: list[float]
-
-
-class Window:
-    """Runs steps on the device and hands their measurements to the host every `sync_every`
-    steps (and at each epoch's end) in one transfer.
-
-        window.add(ctx)                       # launches the step (sync_every > 1)
-        for ctx, host, finite in window.drain():
-            ...                               # one record per step, in order
-
-    At sync_every=1 a step runs on the host path when drained (`Stepper.__call__`). At K > 1,
-    when the transfer shows a non-finite step, the window is rewound to it: the sticky device
-    guard left the weights and optimizer state as they were before that step, the schedule is
-    restored from the host, and the steps from there are run again one by one on the host path,
-    so the run reports the exact step, can locate its module from the weights that produced
-    it, and continues (on_nan=skip) exactly as at sync_every=1. Buffers that a forward updates
-    (spectral norm's power-iteration vectors) are not rewound.
-    """
-
-    def __init__(self, stepper: Stepper, sync_every: int, before_step: Any = None) -> None:
-        self.stepper, self.k = stepper, sync_every
-        self.before_step = before_step or (lambda step: None)  # e.g. the NaN injector's step
-        self.pending: list[tuple[StepContext, torch.Tensor | None]] = []
-
-    def add(self, ctx: StepContext) -> None:
-        self.before_step(ctx.step)
-        vec = self.stepper.on_device(ctx.batch, ctx.spike) if self.k > 1 else None
-        self.pending.append((ctx, vec))
-
-    @property
-    def full(self) -> bool:
-        return len(self.pending) >= self.k
-
-    def drain(self) -> Iterator[tuple[StepContext, np.ndarray, bool]]:
-        pending, self.pending = self.pending, []
-        if not pending:
-            return
-        if self.k == 1:
-            for ctx, _ in pending:
-                self.before_step(ctx.step)
-                yield (ctx, *self.stepper(ctx.batch, ctx.spike))
-            return
-        host = torch.stack([v for _, v in pending]).cpu().numpy()  # the window's one CPU-GPU sync point
-        bad = next((i for i, row in enumerate(host) if not row[-1]), None)
-        for (ctx, _), row in zip(pending[:bad], host[:bad]):
-            yield ctx, row[:-1], True
-        if bad is None:
-            return
-        self.stepper.thaw()  # weights and optimizer state: as before step `bad`, skipped on the device
-        first = pending[bad][0]
-        self.stepper.sched.load_state_dict(first.sched_state)
-        for group, lr in zip(self.stepper.opt.param_groups, first.lrs):
-            group["lr"] = lr
-        for ctx, _ in pending[bad:]:  # at sync_every=1's pace, so each is checked before the next
-            self.before_step(ctx.step)
-            yield (ctx, *self.stepper(ctx.batch, ctx.spike))
-
-    def discard(self) -> list[tuple[StepContext, np.ndarray, bool]]:
-        """The measured steps still pending (the run is ending early: a crash, Ctrl-C), read
-        without rewinding; steps not yet run on the host path are dropped."""
-        pending, self.pending = self.pending, []
-        done = [(ctx, v) for ctx, v in pending if v is not None]
-        if not done:
-            return []
-        host = torch.stack([v for _, v in done]).cpu().numpy()
-        return [(ctx, row[:-1], bool(row[-1])) for (ctx, _), row in zip(done, host)]
-
-
-def _step_record(host: np.ndarray, names: list[str], n_stages: int, clamp: list[float] | None, step: int,
-                 epoch: int, batch: int) -> dict[str, Any]:
-    """The step record (`runformat.StepRecord`) from the Stepper's host vector: loss, total grad
-    norm, G group norms, then per stage rms..., ratio..., scale... (the one place it is unpacked)."""
-    G = len(names)
-    values = host.tolist()  # Python floats, in one call
-    rec: dict[str, Any] = {rf.STEP: step, rf.EPOCH: epoch, rf.BATCH: batch, rf.LOSS: values[0],
-                           rf.GRAD_NORM: values[1]}
-    rec.update(zip(_grad_keys(tuple(names)), values[2:2 + G]))
-    stage = values[2 + G:]
-    for i in range(n_stages):
-        rms, ratio, scale = stage[i], stage[n_stages + i], stage[2 * n_stages + i]
-        rec[rf.stage_key(i, "rms")] = rms
-        rec[rf.stage_key(i, "ratio")] = ratio
-        rec[rf.stage_key(i, "scale")] = scale
-        rec[rf.stage_key(i, "clamped")] = clamp is not None and bool(ratio < clamp[0] or ratio > clamp[1])
-    rec[rf.FINITE] = bool(np.isfinite(host[:2 + G]).all())
-    return rec
-
-
-@functools.lru_cache(maxsize=8)
-def _grad_keys(names: tuple[str, ...]) -> list[str]:
-    return [rf.grad_key(n) for n in names]
 
 
 def _evaluate_init(work: Any) -> dict[str, Any]:
@@ -517,10 +382,11 @@ def save_forensics(run_dir: Path, work: Any, opt: torch.optim.Optimizer, sched: 
 
 
 def _locate_nan(work: Any, batch: Any, groups: dict[str, list[torch.nn.Module]], host: np.ndarray,
-                names: list[str], epoch: int, b: int, step: int) -> dict[str, Any]:
+                layout: StepLayout, epoch: int, b: int, step: int) -> dict[str, Any]:
     """Re-run the offending step (same weights, same batch) with per-module checks to name the
     module group where the non-finite value started. Runs once per run, so its syncs are free."""
-    kind = "loss" if not math.isfinite(host[0]) else "grad"
+    loss, total = float(layout.take(host, "loss")[0]), float(layout.take(host, "grad_norm")[0])
+    kind = "loss" if not math.isfinite(loss) else "grad"
     probe = NonFiniteProbe(groups)
     try:
         work.model.zero_grad(set_to_none=True)
@@ -530,7 +396,7 @@ def _locate_nan(work: Any, batch: Any, groups: dict[str, list[torch.nn.Module]],
         work.model.zero_grad(set_to_none=True)
     module, where = probe.first
     if module is None:  # not reproducible on re-run: fall back to the recorded per-group norms
-        bad = [n for n, v in zip(names, host[2:2 + len(names)]) if not math.isfinite(v)]
+        bad = layout.nonfinite_groups(host)
         module, where = (bad[-1] if bad else "unknown"), "recorded grad norms"
     return {"epoch": epoch, "batch": b, "step": step, "kind": kind, "module": module, "where": where,
-            "loss": float(host[0]), "grad_norm": float(host[1])}
+            "loss": loss, "grad_norm": total}

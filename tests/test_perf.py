@@ -11,7 +11,7 @@ import torch
 from stability.bench import matmul_flops
 from stability.config import RunConfig
 from stability.instrument import GradProbe, StageProbe
-from stability.training import StepContext, Stepper, Window
+from stability.step import Instruments, StepContext, Stepper, Window
 from stability.workloads import make_optimizer, make_workload
 
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
@@ -29,7 +29,7 @@ def test_one_instrumented_step_moves_data_to_the_host_exactly_once(monkeypatch):
     groups = work.module_groups()
     opt = torch.optim.AdamW(work.model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    stepper = Stepper(work, opt, sched, GradProbe(groups), StageProbe(work.rms_matchers(), torch.device("cpu")), 1.0)
+    stepper = Stepper(work, opt, sched, Instruments(list(groups), GradProbe(groups), [StageProbe(work.rms_matchers(), torch.device("cpu"))], 1.0, len(work.rms_matchers())))
     batch = work.batch(torch.arange(4))
     stepper(batch)  # warm-up outside the count
     counts = dict.fromkeys(SYNCS, 0)
@@ -54,7 +54,7 @@ def test_one_instrumented_step_moves_data_to_the_host_exactly_once(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting)
     host, finite = stepper(batch)
     monkeypatch.undo()
-    assert finite and len(host) == 2 + len(groups) + 3 * 3
+    assert finite and len(host) == 2 + len(groups) + 1 + 3 * 3  # loss, total, groups, finite flag, stages
     # 62 parameters in 27 groups, and still one transfer: .cpu() then .numpy() on the host copy
     assert counts["cpu"] == 1 and counts["numpy"] == 1
     assert sum(counts[k] for k in SYNCS if k not in ("cpu", "numpy")) == 0, counts
@@ -81,7 +81,7 @@ def _window(sync_every: int, nan_at: int | None = None):
     cfg, work = tiny_workload()
     groups = work.module_groups()
     opt, sched = make_optimizer(work.model, cfg.train)  # the run's own: fused AdamW, no host reads
-    stepper = Stepper(work, opt, sched, GradProbe(groups), StageProbe(work.rms_matchers(), torch.device("cpu")), 1.0)
+    stepper = Stepper(work, opt, sched, Instruments(list(groups), GradProbe(groups), [StageProbe(work.rms_matchers(), torch.device("cpu"))], 1.0, len(work.rms_matchers())))
     nan = torch.tensor(float("nan"))
     window = Window(stepper, sync_every)
     records = []

@@ -16,9 +16,11 @@ from typing import Any
 
 import pandas as pd
 
-from stability import detectors, runformat
 from stability.formatting import format_number
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
+from stability.record import format as runformat
+from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
 from stability.report.factors import (
     ALPHA,
     _value_order,
@@ -28,7 +30,7 @@ from stability.report.factors import (
     median_interval,
     share_interval,
 )
-from stability.report.loading import RUN_MARKERS, VERDICTS, Run, _float
+from stability.report.loading import Run, _float
 
 
 def first_nan_text(nan: dict[str, Any] | None) -> str:
@@ -147,13 +149,13 @@ def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
 def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     """For each factor and value: runs, share per verdict, median of the last finite grad norm."""
     rows = []
-    others = sorted({r.verdict for r in runs} - set(VERDICTS))
+    others = sorted({r.verdict for r in runs} - set(vd.ORDER))
     for k in keys:
         values = sorted({factor_value(r, k) for r in runs}, key=_value_order)
         for v in values:
             mine = [r for r in runs if factor_value(r, k) == v]
             row: dict[str, Any] = {"factor": k, "value": v, "runs": len(mine)}
-            for verdict in (*VERDICTS, *others):
+            for verdict in (*vd.ORDER, *others):
                 row[verdict] = sum(r.verdict == verdict for r in mine) / len(mine)
             finite = [g for g in (r.last_finite_grad for r in mine) if math.isfinite(g)]
             row["median last grad norm"] = statistics.median(finite) if finite else math.nan
@@ -161,8 +163,8 @@ def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-UNSTABLE = detectors.UNSTABLE  # verdicts that count as "unstable" in the answer
-NOT_JUDGED = ("inconclusive",)  # a verdict that says the run could not be judged: counted apart
+UNSTABLE = vd.UNSTABLE  # verdicts that count as "unstable" in the answer
+NOT_JUDGED = (vd.INCONCLUSIVE,)  # a verdict that says the run could not be judged: counted apart
 DECISIVE = ALPHA  # a factor is decisive when Fisher's exact test on its unstable counts gives p below this
 
 
@@ -214,7 +216,7 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
     the pairs of values); with too few runs per value for any split to pass, the sentence says
     the answer is untested and how many seeds it would need."""
     facs = design_factors(keys)
-    judged = [r for r in runs if r.verdict in VERDICTS and r.verdict != "failed"]
+    judged = [r for r in runs if vd.is_judged(r.verdict)]
     counted = [r for r in judged if _counted(r)]
     rows, decisive, untested, tested = [], [], [], []
     seeds = len({factor_value(r, "seed") for r in counted}) if "seed" in keys else 1
@@ -286,7 +288,7 @@ def configurations(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     the verdicts, and the median final validation loss and largest grad norm with their
     order-statistic intervals."""
     facs = design_factors(keys)
-    judged = [r for r in runs if r.verdict in VERDICTS and r.verdict != "failed"]
+    judged = [r for r in runs if vd.is_judged(r.verdict)]
     groups: dict[tuple[str, ...], list[Run]] = {}
     for r in judged:
         groups.setdefault(tuple(factor_value(r, k) for k in facs), []).append(r)
@@ -354,7 +356,8 @@ def lr_display(table: pd.DataFrame) -> pd.DataFrame:
 # --- one run (`stab show`) ---------------------------------------------------------------------
 
 def is_run_folder(path: Path) -> bool:
-    return Path(path).is_dir() and any((Path(path) / m).exists() for m in RUN_MARKERS)
+    """A folder holding any of `format.RUN_MARKERS` (`RunFolder.is_run`)."""
+    return RunFolder(path).is_run()
 
 
 def grad_epoch_frame(run: Run) -> pd.DataFrame:

@@ -1,13 +1,13 @@
 """The run folder's format, defined once: file names, record types with units, the grad table.
 
-The writer (`stability.runwriter`) and every reader (report, show, sweeps, progress, replay,
-the sweep command) take file names and keys from here; `docs/run-format.md` describes the same
+The writer (`stability.record.writer`) and the one reader (`stability.record.folder.RunFolder`)
+take file names and keys from here; `docs/run-format.md` describes the same
 things for people. `SCHEMA_VERSION` is written into `summary.json` and `status.json`; a folder
 without it was written by stab before the version existed (schema 1): its grad table is wide
 (`group, e1_mean, e1_max, ...`), everything else is the same. Readers accept both.
 
-    from stability import runformat as rf
-    steps, bad = read_jsonl(run_dir / rf.METRICS)
+    from stability.record import format as rf
+    run_dir / rf.METRICS                                   # metrics.jsonl
     table = rf.read_grad_table(run_dir / rf.GRAD_TABLE)   # long: epoch, group, mean, max
 
 Units: a loss is the workload's training objective (cascade: mean squared error on the rescaled
@@ -113,7 +113,7 @@ class EpochRecord(TypedDict, total=False):
 
 # --- events.jsonl -----------------------------------------------------------------------------
 EventName = Literal["first_nan", "clamp_saturation", "grad_explosion", "scream", "grad_spike", "loss_spike",
-                    "stopped_early"]
+                    "stopped_early", "rewound"]
 
 
 class Event(TypedDict, total=False):
@@ -124,7 +124,9 @@ class Event(TypedDict, total=False):
     grad_explosion: value (grad norm), ratio (over the run's median step), step, epoch, batch;
     scream: epoch (onset), scores, target_scores;
     grad_spike / loss_spike: step, epoch, batch, value (the first 20 of each; counts in the summary);
-    stopped_early: epoch, step, reason (train.stop_early: the verdict can no longer be stable)."""
+    stopped_early: epoch, step, reason (train.stop_early: the verdict can no longer be stable);
+    rewound: step, epoch, batch, snapshot (train.rewind_from: the run continued from that snapshot, the
+      steps before it are the snapshot's run's records)."""
     event: str
     epoch: int
     batch: int

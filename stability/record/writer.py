@@ -36,9 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from stability import runformat as rf
+from stability.record import format as rf
+from stability.record.summarizer import Summarizer
 from stability.storage import append_jsonl, append_text, dumps, read_json, write_json, write_status, write_yaml
-from stability.summarizer import Summarizer
 from stability.trackers import Recorder
 
 FLUSH_STEPS = 256  # step records appended to metrics.jsonl per write
@@ -76,7 +76,7 @@ class EpochStats:
         return self.grad_max if self.steps else np.full(len(self.keys), math.nan)
 
     def record(self) -> dict[str, Any]:
-        """The epoch record's training part (see `runformat.EpochRecord`)."""
+        """The epoch record's training part (see `record.format.EpochRecord`)."""
         n, S = self.steps, self.n_stages
         stage = self.stage_sum / n if n else np.full(4 * S, math.nan)
         return {"epoch": self.epoch, "steps": n,
@@ -138,7 +138,7 @@ class RunWriter:
 
     # --- as the run goes ----------------------------------------------------------------------
     def step(self, rec: dict[str, Any]) -> None:
-        """One step record (`runformat.StepRecord`): aggregated, buffered for metrics.jsonl, given
+        """One step record (`record.format.StepRecord`): aggregated, buffered for metrics.jsonl, given
         to the detectors and the trackers."""
         if self.stats is None or self.stats.epoch != rec[rf.EPOCH]:
             self.stats = EpochStats(rec[rf.EPOCH], self.groups, self.n_stages)
@@ -152,7 +152,7 @@ class RunWriter:
         self.recorder.step(rec)
 
     def event(self, ev: dict[str, Any]) -> None:
-        """One event (`runformat.Event`, its name under "event"), appended at once."""
+        """One event (`record.format.Event`, its name under "event"), appended at once."""
         if self.writes:
             append_jsonl(self.path(rf.EVENTS), [ev])
         self.summarizer.event(ev)
@@ -216,8 +216,11 @@ class RunWriter:
         append_text(self.path(rf.GRAD_TABLE), text)
 
 
-def _line(rec: dict[str, Any]) -> str:
-    """One JSON line; the fast path when every float is finite (most steps), strict JSON always."""
+def _line(rec: Any) -> str:
+    """One JSON line of a step record (a `steplayout.StepRecord` or a dict); the fast path when every
+    float is finite (most steps), strict JSON always."""
+    if not isinstance(rec, dict):
+        rec = rec.as_dict()
     try:
         return json.dumps(rec, allow_nan=False) + "\n"
     except (ValueError, TypeError):  # a non-finite float, or a numpy scalar

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from stability import detectors
-from stability import runformat as rf
 from stability.config import DetectConfig
+from stability.record import format as rf
 
 MAX_SPIKE_EVENTS = 20  # spike events written per kind; the counts are in the summary
 _EPOCH_FIELDS = ("epoch", "loss", "grad_norm_mean", "grad_norm_max", "clip_rate", "stage_rms", "stage_scale",
