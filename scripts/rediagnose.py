@@ -23,7 +23,7 @@ import yaml
 
 from stability.config import RunConfig
 from stability.storage import read_jsonl
-from stability.summarizer import Summarizer
+from stability.record.summarizer import Summarizer
 from stability.workloads import build
 
 _init_cache: dict[str, dict] = {}

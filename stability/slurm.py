@@ -230,7 +230,7 @@ class StabSlurmLauncher(SlurmLauncher):
     def _left_no_result(self, sweep_dir: Path, overrides: list[str], job: Any, error: Exception) -> JobReturn:
         """The record of a job that ended without a result: SLURM's reason, in its status.json
         too where its writer is gone and left it `running` (or `interrupted` without a reason)."""
-        from stability import runformat as rf
+        from stability.record import format as rf
         from stability.rundirs import folder_name, writer_gone
         from stability.storage import write_status
         from stability.sweeps import read_status

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stability import runformat as rf
+from stability.record import format as rf
 from stability.detectors import SpikeDetector, detect_spikes
 from stability.report.loading import Run
 from stability.storage import read_jsonl
