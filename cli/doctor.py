@@ -133,6 +133,26 @@ def merge(base: list[str], extra: dict[str, str]) -> list[str]:
     return list(out.values())
 
 
+# Fixes that leave the model's weights the same shape and meaning: they can continue from a snapshot.
+REWINDABLE = ("train.", "clip", "warmup", "z_loss", "model.z_loss", "on_spike", "update_clip")
+
+
+def rewindable(fix: dict[str, str]) -> bool:
+    """Whether every override of `fix` changes training only (not the architecture)."""
+    return all(any(k == r or k.startswith(r) for r in REWINDABLE) for k in fix)
+
+
+def rewind_snapshot(dx: dr.Diagnosis) -> Path | None:
+    """The run's snapshot taken last before its first departure (`Diagnosis.first`), or None."""
+    from stability import snapshots
+
+    first = dx.first
+    if first is None or first.step is None:
+        return None
+    snap = snapshots.before(dx.record.path, first.step)
+    return snap.resolve() if snap else None
+
+
 def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str,
               jobs: int | None) -> None:
     import pandas as pd
@@ -140,9 +160,17 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
     from cli.sweep import launch_jobs, report_crashes
 
     tries = dr.candidates(dx, n)
-    combos = [merge(base, {**fix, **EARLY}) for fix in tries]
+    snap = rewind_snapshot(dx)
+    combos = [merge(base, {**fix, **EARLY, **({"train.rewind_from": f"'{snap}'"} if snap and rewindable(fix) else {})})
+              for fix in tries]
     console.print(styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
                   highlight=False)
+    if snap:
+        console.print(f"fixes that keep the model train from the snapshot before the first departure: {snap}",
+                      highlight=False)
+    else:
+        console.print("the run kept no snapshot before its first departure (train.snapshot_every=0): "
+                      "every fix trains from step 0", highlight=False)
     with user_errors():
         for c in combos:
             compose_run(c)  # a fix the run's model cannot take is refused before any training

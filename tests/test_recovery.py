@@ -97,3 +97,14 @@ def test_rewind_from_a_file_that_is_no_snapshot_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match=r"train\.rewind_from"):
         run(compose_run([*BASE, f"train.rewind_from={bad}"]), tmp_path / "r")
+
+
+def test_doctor_try_trains_training_only_fixes_from_the_snapshot_before_the_departure(skipped):
+    from cli.doctor import rewind_snapshot, rewindable
+    from stability import doctor as dr
+
+    folder, _ = skipped
+    rec = dr.read_run(folder)
+    dx = dr.Diagnosis(rec, "exploding", [dr.Finding("grad_departure", "planted", step=SPIKE)], [])
+    assert rewind_snapshot(dx) == (folder / "snapshots" / snapshots.snapshot_name(SPIKE - 10)).resolve()
+    assert rewindable({"train.lr": "1e-3", "clip": "1"}) and not rewindable({"norm": "pre", "clip": "1"})
