@@ -61,13 +61,31 @@ def doctor(
     try_fixes(dx, base, fixes, runs, name or f"doctor-{rec.path.name}"[:120], launcher, jobs)
 
 
+def no_verdict(rec: dr.RunRecord) -> str:
+    """Why a run has no verdict (no summary.json): its state, how far it got, what is read instead."""
+    from stability.rundirs import writer_gone
+    from stability.sweeps import read_status
+
+    status = read_status(rec.path) if (rec.path / "status.json").exists() else {}
+    state = status.get("state") if status.get("state") not in (None, "corrupt") else "of unknown state (no readable status.json)"
+    if state == "running" and writer_gone(rec.path, status):
+        state, status = "interrupted", {"error": f"its writer, pid {status.get('pid')}, is gone"}
+    total = (rec.config.get("train") or {}).get("epochs") if isinstance(rec.config.get("train"), dict) else None
+    why = f" ({status['error']})" if state in ("interrupted", "failed") and status.get("error") else ""
+    return (f"the run is {state}{why} after {len(rec.epochs)} of {total or '?'} epoch(s) and {len(rec.steps)} step(s), "
+            f"and has no summary.json; the findings below come from the steps it recorded")
+
+
 def print_diagnosis(dx: dr.Diagnosis) -> None:
     import pandas as pd  # here, not at import: `stab --help` loads no pandas
 
     rec = dx.record
     console.print(styled(("stab doctor", "bold"), f" {rec.path}"), highlight=False)
-    console.print(styled("verdict: ", verdict_text(dx.verdict or "?"), f"  {rec.summary.get('evidence', '')}"),
-                  highlight=False)
+    if dx.verdict:
+        console.print(styled("verdict: ", verdict_text(dx.verdict), f"  {rec.summary.get('evidence', '')}"),
+                      highlight=False)
+    else:
+        console.print(f"verdict: none: {no_verdict(rec)}", highlight=False)
     first = dx.first
     if first is not None:
         console.print(styled(("what went wrong first: ", "bold"), first.evidence), highlight=False)

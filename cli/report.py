@@ -4,7 +4,8 @@
     stab report runs/grid --out /tmp/rep   # the files elsewhere
 
 Runs still going, interrupted, failed or with damaged files are listed with their state and a
-warning, never skipped. Exit status 2 when RUNS_DIR is missing or holds no run folder.
+warning, never skipped. Exit status 2 when RUNS_DIR is missing or holds no valid run, or when a file the
+report would overwrite was not written by `stab report`; 1 when a file cannot be written (full disk).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from cli.common import console, user_errors, verdict_text, warn
+from cli.common import console, user_errors, verdict_text, warn, write_errors
 from cli.config import UserError
+from stability.errors import StorageError
 from stability.record import verdicts as vd
 
 if TYPE_CHECKING:
@@ -35,13 +37,18 @@ def report(
         from cli.progress import reporter
         from stability.progress import reporting
 
+        if out is not None and out.exists() and not out.is_dir():
+            raise UserError(f"--out {str(out)!r} is a file, not a folder: pass a folder (it is created if missing)")
         try:
-            with reporting(reporter(console)):
-                result = rep.write_report(runs_dir, out)
+            with reporting(reporter(console)), write_errors():
+                try:
+                    result = rep.write_report(runs_dir, out)
+                except StorageError:
+                    raise
+                except OSError as e:  # a full disk, a read-only folder: exit 1 naming the file
+                    raise StorageError(e.filename or str(out or runs_dir), e) from e
         except rep.ReportError as e:
             raise UserError(str(e)) from None
-        except OSError as e:  # e.g. --out not writable
-            raise UserError(f"cannot write the report: {e}") from None
     if result.sentence:
         console.print(result.sentence, style="bold", markup=False, highlight=False)
     if result.answer is not None and not result.answer.empty:

@@ -88,10 +88,17 @@ def run(
         return
     with write_errors():
         try:  # a folder of its own, even for the same overrides in the same second
-            run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{folder_name(overrides)}")
+            run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{_folder(overrides)}")
         except OSError as e:
             raise StorageError(e.filename or runs / "run", e) from e
     _train_and_print(cfg, run_dir, overrides)
+
+
+def _folder(overrides: list[str]) -> str:
+    """A run's folder name: `folder_name` of its overrides as Hydra reads them, as a sweep job's."""
+    from cli.launch import as_hydra_reads
+
+    return folder_name(as_hydra_reads(overrides))
 
 
 def _launch(nproc: int, runs: Path, overrides: list[str], config_dirs: list[Path]) -> None:
@@ -123,7 +130,7 @@ def _distributed(cfg: RunConfig, runs: Path, overrides: list[str], world: World)
         if world.main:
             with write_errors():
                 try:
-                    run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{folder_name(overrides)}")
+                    run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{_folder(overrides)}")
                 except OSError as e:
                     raise StorageError(e.filename or runs / "run", e) from e
         run_dir = Path(distributed.broadcast(str(run_dir) if run_dir else None, world))

@@ -42,8 +42,8 @@ def show(
         r = rep.load_run(run, run.parent)
 
     if plot:
-        from stability.report.steps import load_steps
         from stability.report.stepplots import plot_steps
+        from stability.report.steps import load_steps
 
         series = load_steps(r)
         if not len(series):

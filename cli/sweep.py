@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from cli import launch
 from cli.common import (
@@ -52,9 +53,9 @@ from stability.record import format as rf
 from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
 from stability.resources import available_cpus
-from stability.rundirs import OWNER_ENV, alive, me, owner_alive
+from stability.rundirs import OWNER_ENV, alive, folder_name, me, owner_alive
 from stability.slurm import SbatchRefused
-from stability.storage import atomic_write_text, loads
+from stability.storage import atomic_write_text
 from stability.sweeps import (
     SweepBusy,
     SweepLock,
@@ -194,7 +195,7 @@ def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], 
     write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
     explicit = task_args is None  # run `combos` as given, not a grid the sweeper expands
     hydra_over = (task_args or []) + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
-    view = LiveView(sweep_dir, len(combos))
+    view = LiveView(sweep_dir, len(combos), {folder_name(c) for c in combos})
     try:
         with view, graceful_signals():
             if workers:
@@ -273,11 +274,25 @@ def _duplicates(combos: list[list[str]], identities: list[str]) -> dict[str, int
         else:
             first[ident] = i
     for i, j in out.items():
-        differ = sorted(set(combos[int(i)]) ^ set(combos[j]))
-        keys = sorted({d.split("=", 1)[0] for d in differ})
-        err_console.print(f"job {' '.join(combos[int(i)])} is the same configuration as job {' '.join(combos[j])} "
-                          f"({', '.join(keys)} has no effect there): trained once", markup=False, highlight=False)
+        err_console.print(same_configuration(combos[int(i)], combos[j]), markup=False, highlight=False)
     return out
+
+
+def same_configuration(job: list[str], earlier: list[str]) -> str:
+    """One line on why `job` is trained once with `earlier`: listed twice, or which of its
+    overrides change nothing (a key with no effect there, a default, the same value spelt apart)."""
+    if sorted(job) == sorted(earlier):
+        return f"job {' '.join(job)} is listed twice (the same overrides as job {' '.join(earlier)}): trained once"
+    mine, theirs = (dict(o.split("=", 1) if "=" in o else (o, "") for o in c) for c in (job, earlier))
+    why = []
+    for key in sorted(mine.keys() | theirs.keys()):
+        if mine.get(key) == theirs.get(key):
+            continue
+        shown = " and ".join(f"{key}={c[key]}" for c in (mine, theirs) if key in c)
+        why.append(f"{shown} give the same configuration" if key in mine and key in theirs
+                   else f"{shown} changes nothing there")
+    return (f"job {' '.join(job)} is the same configuration as job {' '.join(earlier)} ({'; '.join(why)}): "
+            f"trained once")
 
 
 def _answer(sweep_dir: Path) -> None:
@@ -360,13 +375,17 @@ def job_progress(run_dir: Path, now: float) -> dict[str, Any]:
     eta = None
     if state == "running" and elapsed is not None and done and total:
         eta = elapsed / done * (total - done)
-    verdict = status.verdict
-    if verdict is None and state == "running":  # so far: a NaN recorded, or the output collapsed
+    verdict, note = status.verdict, None
+    if verdict is None and state == "running":  # so far: a NaN recorded (final: nothing undoes it)
         events = {e.event for e in folder.events()}
-        verdict = vd.NAN if "first_nan" in events else (f"{vd.SCREAM}?" if epochs and epochs[-1].collapsed else None)
+        verdict = vd.NAN if "first_nan" in events else None
+        if verdict is None and epochs and epochs[-1].collapsed:
+            # a fact, not a verdict: a scream must last to the end, and a collapse while the loss
+            # still falls is undertraining (stability.detectors.scream_onset); many end stable
+            note = f"output collapsed at epoch {epochs[-1].get('epoch', done)}"
     return {"name": run_dir.name, "state": state, "epoch": done, "epochs": total,
             "grad_norm": epochs[-1].get("grad_norm_mean") if epochs else None, "verdict": verdict,
-            "elapsed": elapsed, "eta": eta}
+            "note": note, "elapsed": elapsed, "eta": eta}
 
 
 class LiveView:
@@ -376,8 +395,11 @@ class LiveView:
     elapsed time and ETA, as wide as the terminal from its first frame. Elsewhere (a CI log): a
     line each time a job starts, finishes an epoch or ends."""
 
-    def __init__(self, sweep_dir: Path, total: int, clock: Callable[[], float] = time.time) -> None:
-        self.sweep_dir, self.total, self.clock = sweep_dir, total, clock
+    def __init__(self, sweep_dir: Path, total: int, names: set[str] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        # `names`: this launch's job folders; a folder also holds earlier launches' jobs (a margin
+        # search's rounds, another grid under the same --name), which are not counted in `total`
+        self.sweep_dir, self.total, self.names, self.clock = sweep_dir, total, names, clock
         self.terminal = console.is_terminal
         self.live = Live(self.render(), console=console, refresh_per_second=2, transient=True) if self.terminal else None
         self.seen: dict[str, tuple[Any, ...]] = {}
@@ -386,7 +408,8 @@ class LiveView:
 
     def jobs(self) -> list[dict[str, Any]]:
         now = self.clock()
-        return [job_progress(p.parent, now) for p in sorted(self.sweep_dir.glob(f"*/{rf.STATUS}"))]
+        return [job_progress(p.parent, now) for p in sorted(self.sweep_dir.glob(f"*/{rf.STATUS}"))
+                if self.names is None or p.parent.name in self.names]
 
     def render(self) -> Table:
         jobs = self.jobs()
@@ -400,14 +423,15 @@ class LiveView:
                          overflow="fold")
         for j in jobs:
             t.add_row(j["name"], verdict_text(j["state"]), f"{j['epoch']}/{j['epochs'] or '?'}", fmt(j["grad_norm"]),
-                      verdict_text(j["verdict"]) if j["verdict"] else "", seconds(j["elapsed"]),
+                      verdict_text(j["verdict"]) if j["verdict"] else Text(j["note"] or "", style="dim"),
+                      seconds(j["elapsed"]),
                       seconds(j["eta"]) if j["state"] == "running" else "")
         return t
 
     def print_changes(self) -> None:
         """Plain lines for what changed since the last poll (no terminal)."""
         for j in self.jobs():
-            key = (j["state"], j["epoch"], j["verdict"])
+            key = (j["state"], j["epoch"], j["verdict"], j["note"])
             if self.seen.get(j["name"]) == key:
                 continue
             self.seen[j["name"]] = key
@@ -418,6 +442,8 @@ class LiveView:
                 line += f", ETA {seconds(j['eta'])}"
             if j["verdict"]:
                 line += f", verdict {j['verdict']}"
+            elif j["note"]:
+                line += f", {j['note']} (a verdict comes at the end)"
             console.print(line, highlight=False, soft_wrap=True)
 
     def _poll(self) -> None:

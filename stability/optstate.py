@@ -262,7 +262,7 @@ class LMProbe:
         model has no attention layer); (0,) when the model has no lm_head."""
         if not self.size:
             return self._empty
-        logits = [a.logit_max for a in self.attn if getattr(a, "logit_max", None) is not None]
+        logits = [a.logit_max for a in self.attn if a.logit_max is not None]
         top = torch.stack(logits).max().double() if logits else self._nan
         return torch.stack([self.log_z, self.log_z_max, top])
 

@@ -151,6 +151,7 @@ class UpdateClip:
             g = group_of[id(p)]
             b2, eps = g["betas"][1], g["eps"]
             st = self.opt.state.get(p, {})
+            assert p.grad is not None  # `ps` holds the parameters with a gradient
             g2 = p.grad.float().square()
             if "exp_avg_sq" in st:
                 t = st["step"] + 1 if torch.is_tensor(st["step"]) else torch.tensor(float(st["step"]) + 1)
@@ -161,7 +162,7 @@ class UpdateClip:
             factors.append(1.0 / (rms / self.d).clamp(min=1.0))
         self._factor = factors
         self.factors = factors
-        self._old = torch._foreach_mul([p.detach() for p in ps], 1.0)  # a copy of the weights
+        self._old = list(torch._foreach_mul([p.detach() for p in ps], 1.0))  # a copy of the weights
         self.last_clipped = (torch.stack(factors) < 1).double().mean()
 
     @torch.no_grad()
@@ -243,7 +244,7 @@ class Recovery:
         self.spike = self.skipped = self._zero
 
     def measure(self) -> dict[str, torch.Tensor]:
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         if self.guard is not None:
             out.update(spike=self.spike, skipped=self.skipped)
         if self.backoff is not None:

@@ -170,11 +170,11 @@ class Stepper:
         if skip is None:
             self.opt.step()
             return
-        self.opt.found_inf = skip  # read by the fused kernel on the device: 1 = skip the update
+        self.opt.found_inf = skip  # type: ignore[attr-defined]  # the fused kernel reads it: 1 = skip the update
         try:
             self.opt.step()
         finally:
-            del self.opt.found_inf
+            del self.opt.found_inf  # type: ignore[attr-defined]
 
     def on_device(self, batch: Any, loss_scale: float | None = None) -> torch.Tensor:
         values = self._forward_backward(batch, loss_scale)
@@ -185,11 +185,11 @@ class Stepper:
         skip = self.frozen
         if rec:  # a spike skipped by train.on_spike=skip, decided on the device too
             skip = torch.maximum(skip, rec.before(values["loss"], values["grad_norm"]))
-        self.opt.found_inf = skip  # read by the fused kernel on the device: 1 = skip the update
+        self.opt.found_inf = skip  # type: ignore[attr-defined]  # the fused kernel reads it: 1 = skip the update
         try:
             self.opt.step()
         finally:
-            del self.opt.found_inf
+            del self.opt.found_inf  # type: ignore[attr-defined]
         if rec:
             rec.after()
         if self.opt_probe is not None:

@@ -145,7 +145,7 @@ class RunFolder:
         return [Event(r) for r in self.lines(rf.EVENTS)]
 
     def steps(self) -> list[dict[str, Any]]:
-        """metrics.jsonl: the step records (`format.StepRecord`)."""
+        """metrics.jsonl: the step records (`steplayout.StepRecord`'s keys)."""
         return self.lines(rf.METRICS)
 
     def first_step(self) -> dict[str, Any] | None:

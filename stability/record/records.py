@@ -11,7 +11,7 @@ reads as the attribute's default; a key this version does not know stays in the 
     s.verdict = "stable"             # AttributeError: records are frozen
 
 Writers take plain mappings; `dict(record)` is what goes to the file. The step record is
-`format.StepRecord`; its packing on the device belongs to the training step.
+`steplayout.StepRecord`, packed and unpacked by the run's `StepLayout`.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ class EpochRecord(Record):
 
 
 # --- events.jsonl -------------------------------------------------------------------------------
-EVENT_NAMES = ("first_nan", "clamp_saturation", "grad_explosion", "scream", "grad_spike", "loss_spike", "stopped_early")
+EVENT_NAMES = ("first_nan", "clamp_saturation", "grad_explosion", "scream", "grad_spike", "loss_spike", "stopped_early",
+               "rewound")
 
 
 class Event(Record):
@@ -128,7 +129,9 @@ class Event(Record):
     grad_explosion: value (grad norm), ratio (over the run's median step), step, epoch, batch;
     scream: epoch (onset), scores, target_scores;
     grad_spike / loss_spike: step, epoch, batch, value (the first 20 of each; counts in the summary);
-    stopped_early: epoch, step, reason (train.stop_early: the verdict can no longer be stable)."""
+    stopped_early: epoch, step, reason (train.stop_early: the verdict can no longer be stable);
+    rewound: step, epoch, batch, snapshot (train.rewind_from: the run continued from that snapshot, the
+      steps before it are the snapshot's run's records)."""
     event = key("")                      # one of EVENT_NAMES
     epoch: key[int | None] = key(None)
     batch: key[int | None] = key(None)

@@ -12,6 +12,7 @@ or have a damaged file. NaN and inf stay NaN and inf in every table, CSV cell an
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,13 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     root = Path(root)
     out = Path(out) if out is not None else root
     runs, keys = build_report(root)
+    if not any(_valid(r) for r in runs):
+        shown = ", ".join(f"{r.rel} ({'; '.join(r.warnings[:1]) or 'nothing stab wrote'})" for r in runs[:3])
+        raise ReportError(f"{root}: no valid run in it ({shown}{', ...' if len(runs) > 3 else ''}); a run folder "
+                          f"holds status.json with a state, summary.json with a verdict or a stab config.yaml")
+    check_ours(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _remember(out, [out / rel for rel in _OUTPUTS] + sorted((out / PLOTS).glob("heatmap_*.png")), writing=True)
     over = overview(runs, keys)
     table = runs_frame(runs, keys)
     summary = factor_summary(runs, keys)
@@ -229,4 +237,58 @@ def write_report(root: Path, out: Path | None = None) -> Report:
                                                    ans, sentence, report, configs))
     atomic_write_text(out / "report.html", html_report(report, names))
     report.files = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra, *files]
+    _remember(out, report.files)
     return report
+
+
+MANIFEST = ".stab-report.json"  # in the report's folder: the files `stab report` wrote there, with their sha256
+_OUTPUTS = ("report.md", "report.html", "runs.csv", "factors.csv", "lr_sensitivity.csv", f"{PLOTS}/curves.png",
+            f"{PLOTS}/grad_norm.png")
+
+
+def _valid(run: Run) -> bool:
+    """A folder stab wrote a run into: a known state, a verdict, or a config with stab's sections."""
+    return (run.state in ("running", "completed", "failed", "interrupted") or bool(run.summary.get("verdict"))
+            or bool(run.config and "train" in run.config))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_ours(out: Path) -> None:
+    """Raise ReportError, before anything is written, if `out` holds a file the report would
+    overwrite or remove that `stab report` did not write (the user's own report.md, say). Ours:
+    listed in out/.stab-report.json with the same content; a folder reported on before that list
+    existed counts as ours when its report.md opens as stab's does."""
+    out = Path(out)
+    existing = [out / rel for rel in _OUTPUTS if (out / rel).is_file()] + sorted((out / PLOTS).glob("heatmap_*.png"))
+    if not existing:
+        return
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        known, writing = dict(manifest["files"]), bool(manifest.get("writing"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        known, writing = None, False
+    for path in existing:
+        rel = path.relative_to(out).as_posix()
+        if known is not None:  # a report cut short (full disk, kill) left "writing": its files are ours
+            ours = writing or known.get(rel) == _sha256(path)
+        else:
+            try:
+                with open(out / "report.md", encoding="utf-8", errors="replace") as f:
+                    ours = f.readline().startswith("# Stability report: ")
+            except OSError:
+                ours = False
+        if not ours:
+            raise ReportError(f"{path} was not written by stab report (or was changed since): not overwriting it; "
+                              f"move it, or pass --out to another folder")
+
+
+def _remember(out: Path, files: list[Path], writing: bool = False) -> None:
+    """out/.stab-report.json: what this report wrote, so the next one knows what it may overwrite;
+    `writing` marks a report under way (its files may be half new)."""
+    listed = {p.relative_to(out).as_posix(): _sha256(p) for p in files if p.is_file()}
+    atomic_write_text(out / MANIFEST, json.dumps({"files": listed, "writing": writing}, indent=1) + "\n")

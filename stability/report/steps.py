@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from stability.record import format as rf
 from stability.detectors import SpikeDetector, detect_spikes
+from stability.record import format as rf
 from stability.report.loading import Run
 from stability.storage import read_jsonl
 
