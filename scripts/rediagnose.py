@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from stability.config import RunConfig
-from stability.storage import read_jsonl
 from stability.record.summarizer import Summarizer
+from stability.storage import read_jsonl
 from stability.workloads import build
 
 _init_cache: dict[str, dict] = {}
