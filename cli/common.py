@@ -27,6 +27,7 @@ from cli.config import UserError
 from stability.config import ConfigError
 from stability.errors import CodecError, DataError, StorageError
 from stability.formatting import format_number
+from stability.record import verdicts as vd
 
 
 def _width() -> int | None:
@@ -70,12 +71,58 @@ def route_library_warnings() -> None:
     if not any(isinstance(h, WarningsToConsole) for h in logger.handlers):
         logger.addHandler(WarningsToConsole(logging.WARNING))
 
+class ClosedStdout:
+    """sys.stdout that a closed reader cannot break: `stab sweep ... | head -2`, `stab show RUN |
+    head`. The first write or flush that finds the pipe closed (EPIPE) points file descriptor 1
+    at /dev/null, so later prints, child processes and the interpreter's last flush write
+    nowhere, and sets `closed`; the command goes on and finishes its work. `main` then ends the
+    way other Unix tools end on a closed pipe: killed by SIGPIPE (status 141 in a shell), unless
+    the work itself failed, whose status wins."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.closed_pipe = False
+
+    def _cut(self) -> None:
+        self.closed_pipe = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # no real descriptor (a test's StringIO): just stop writing
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.closed_pipe:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._cut()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_pipe:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._cut()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, buffer, ...
+        return getattr(self._stream, name)
+
+
+def guard_stdout() -> ClosedStdout:
+    """Wrap sys.stdout in `ClosedStdout` once (idempotent); returns the guard."""
+    if not isinstance(sys.stdout, ClosedStdout):
+        sys.stdout = ClosedStdout(sys.stdout)
+    return sys.stdout
+
+
 EXIT_CRASH = 1  # a job crashed (internal error)
 EXIT_USER = 2  # bad input: nothing was started
 EXIT_INTERRUPTED = 130
 
-VERDICT_STYLE = {"stable": "green", "exploding": "yellow", "nan": "bold red", "scream": "magenta",
-                 "failed": "bold white on red", "running": "cyan", "interrupted": "yellow", "?": "dim"}
+STATE_STYLE = {"running": "cyan", "interrupted": "yellow", "?": "dim"}  # run states shown beside verdicts
 
 
 DEBUG = {"on": False}  # set by `stab --debug`: tracebacks instead of one-line errors
@@ -150,7 +197,7 @@ def check_writable(folder: Path) -> None:
 
 
 def verdict_text(v: str) -> Text:
-    return Text(v, style=VERDICT_STYLE.get(v, "white"))
+    return Text(v, style=STATE_STYLE.get(v) or vd.style(v))
 
 
 verdict_markup = verdict_text  # the old name: its str() is the plain verdict

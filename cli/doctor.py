@@ -23,7 +23,9 @@ from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig, flatten
-from stability.storage import atomic_write_text, read_json, write_json
+from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
+from stability.storage import atomic_write_text, write_json
 
 EARLY = {"train.stop_early": "true"}
 
@@ -50,13 +52,28 @@ def doctor(
     if not try_:
         return
     with user_errors():
-        if dx.verdict not in dr.UNSTABLE:
+        if not vd.is_unstable(dx.verdict):
             raise UserError(f"{run} ended {dx.verdict or 'without a verdict'}: --try needs an unstable run "
-                            f"(verdict {', '.join(dr.UNSTABLE)})")
+                            f"(verdict {', '.join(vd.UNSTABLE)})")
         if not dx.fixes:
             raise UserError(f"no rule proposes a fix for {run}: nothing to try")
         base = exact_overrides(rec)
     try_fixes(dx, base, fixes, runs, name or f"doctor-{rec.path.name}"[:120], launcher, jobs)
+
+
+def no_verdict(rec: dr.RunRecord) -> str:
+    """Why a run has no verdict (no summary.json): its state, how far it got, what is read instead."""
+    from stability.rundirs import writer_gone
+    from stability.sweeps import read_status
+
+    status = read_status(rec.path) if (rec.path / "status.json").exists() else {}
+    state = status.get("state") if status.get("state") not in (None, "corrupt") else "of unknown state (no readable status.json)"
+    if state == "running" and writer_gone(rec.path, status):
+        state, status = "interrupted", {"error": f"its writer, pid {status.get('pid')}, is gone"}
+    total = (rec.config.get("train") or {}).get("epochs") if isinstance(rec.config.get("train"), dict) else None
+    why = f" ({status['error']})" if state in ("interrupted", "failed") and status.get("error") else ""
+    return (f"the run is {state}{why} after {len(rec.epochs)} of {total or '?'} epoch(s) and {len(rec.steps)} step(s), "
+            f"and has no summary.json; the findings below come from the steps it recorded")
 
 
 def print_diagnosis(dx: dr.Diagnosis) -> None:
@@ -64,8 +81,11 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
 
     rec = dx.record
     console.print(styled(("stab doctor", "bold"), f" {rec.path}"), highlight=False)
-    console.print(styled("verdict: ", verdict_text(dx.verdict or "?"), f"  {rec.summary.get('evidence', '')}"),
-                  highlight=False)
+    if dx.verdict:
+        console.print(styled("verdict: ", verdict_text(dx.verdict), f"  {rec.summary.get('evidence', '')}"),
+                      highlight=False)
+    else:
+        console.print(f"verdict: none: {no_verdict(rec)}", highlight=False)
     first = dx.first
     if first is not None:
         console.print(styled(("what went wrong first: ", "bold"), first.evidence), highlight=False)
@@ -82,7 +102,7 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
     rows = [{"rank": i + 1, "fix": x.label, "why": x.rule.why, "evidence": x.finding.kind
              + (f" (step {x.finding.step})" if x.finding.step is not None else ""), "source": x.rule.source}
             for i, x in enumerate(dx.fixes)]
-    title = "candidate fixes, best first" if dx.verdict in dr.UNSTABLE else \
+    title = "candidate fixes, best first" if vd.is_unstable(dx.verdict) else \
         f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
     console.print(frame_table(pd.DataFrame(rows), title=title))
 
@@ -131,6 +151,26 @@ def merge(base: list[str], extra: dict[str, str]) -> list[str]:
     return list(out.values())
 
 
+# Fixes that leave the model's weights the same shape and meaning: they can continue from a snapshot.
+REWINDABLE = ("train.", "clip", "warmup", "z_loss", "model.z_loss", "on_spike", "update_clip")
+
+
+def rewindable(fix: dict[str, str]) -> bool:
+    """Whether every override of `fix` changes training only (not the architecture)."""
+    return all(any(k == r or k.startswith(r) for r in REWINDABLE) for k in fix)
+
+
+def rewind_snapshot(dx: dr.Diagnosis) -> Path | None:
+    """The run's snapshot taken last before its first departure (`Diagnosis.first`), or None."""
+    from stability import snapshots
+
+    first = dx.first
+    if first is None or first.step is None:
+        return None
+    snap = snapshots.before(dx.record.path, first.step)
+    return snap.resolve() if snap else None
+
+
 def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str,
               jobs: int | None) -> None:
     import pandas as pd
@@ -138,9 +178,17 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
     from cli.sweep import launch_jobs, report_crashes
 
     tries = dr.candidates(dx, n)
-    combos = [merge(base, {**fix, **EARLY}) for fix in tries]
+    snap = rewind_snapshot(dx)
+    combos = [merge(base, {**fix, **EARLY, **({"train.rewind_from": f"'{snap}'"} if snap and rewindable(fix) else {})})
+              for fix in tries]
     console.print(styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
                   highlight=False)
+    if snap:
+        console.print(f"fixes that keep the model train from the snapshot before the first departure: {snap}",
+                      highlight=False)
+    else:
+        console.print("the run kept no snapshot before its first departure (train.snapshot_every=0): "
+                      "every fix trains from step 0", highlight=False)
     with user_errors():
         for c in combos:
             compose_run(c)  # a fix the run's model cannot take is refused before any training
@@ -148,10 +196,7 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
     report_crashes(done)
     rows = []
     for fix, r in zip(tries, done.records):
-        try:
-            s = read_json(done.sweep_dir / r["folder"] / "summary.json")
-        except (OSError, ValueError):
-            s = {}
+        s = RunFolder(done.sweep_dir / r["folder"]).summary()
         rows.append({"fix": " ".join(f"{k}={v}" for k, v in fix.items()), "verdict": s.get("verdict", "?"),
                      "final_val_loss": float(s.get("final_val_loss", math.nan)), "wall_s": s.get("wall_s"),
                      "stopped_early": bool(s.get("stopped_early")), "folder": r["folder"]})

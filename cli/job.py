@@ -34,9 +34,9 @@ from omegaconf import DictConfig
 from cli import launch  # noqa: F401  registers the job-folder resolver in the process that runs the job
 from cli.common import graceful_signals
 from cli.config import to_run_config
-from stability import resources
-from stability import runformat as rf
+from stability import resources, slurm
 from stability.errors import StorageError, storage_error
+from stability.record import format as rf
 from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone
 from stability.storage import write_status
 from stability.sweeps import read_status, should_skip
@@ -111,10 +111,10 @@ def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: A
             run_cfg.train.threads = distributed_threads(world, plan.threads)
         if plan.device:
             run_cfg.train.device = plan.device
-        with graceful_signals(), _stop_when_gone(owner):
+        with graceful_signals(), _stop_when_gone(owner), slurm.time_limit_warning_noted():
             training.run(run_cfg, run_dir, overrides, extra_status={
                 "job_num": hc.job.num, "concurrency": concurrency, "gpu_slot": plan.slot, "owner": owner,
-                "world_size": world.size}, world=world if world.distributed else None)
+                "world_size": world.size, "slurm_job": slurm.job_id()}, world=world if world.distributed else None)
         return {"folder": str(run_dir), "skipped": False}
     except LeaseBusy as e:  # another live process writes this folder: leave it to that one
         return {"folder": str(run_dir), "skipped": False, "busy": str(e)}

@@ -87,6 +87,18 @@ def expand(overrides: list[str]) -> list[list[str]]:
         raise UserError(f"bad sweep override: {_one_line(e)}") from None
 
 
+def as_hydra_reads(overrides: list[str]) -> list[str]:
+    """The overrides of one job spelt as Hydra's sweeper spells a sweep job's (`train.lr=1e-3` ->
+    `train.lr=0.001`, a float longer than a double holds -> its shortest repr), so `stab run` names
+    its folder by the same rule and text as `stab sweep` names the same job's; as given if they do
+    not parse as one job."""
+    try:
+        jobs = expand(list(overrides))
+    except UserError:
+        return list(overrides)
+    return jobs[0] if len(jobs) == 1 else list(overrides)
+
+
 def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
     """The hydra.* overrides that put job folders at sweep_dir/<overrides> and pick the launcher."""
     out = [

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -29,7 +30,7 @@ from cli import report as report_cmd
 from cli import run as run_cmd
 from cli import show as show_cmd
 from cli import sweep as sweep_cmd
-from cli.common import DEBUG, route_library_warnings
+from cli.common import DEBUG, guard_stdout, route_library_warnings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Training-stability ablations of transformers: sweep stabilizers, record "
@@ -69,12 +70,24 @@ def user_code_importable() -> None:
 
 def main() -> None:
     user_code_importable()
+    out = guard_stdout()
+    code: Any = 0
     try:
         app()
+    except SystemExit as e:
+        code = e.code
     finally:
         # Everything torch and Hydra built stays referenced until exit; freezing it spares the
         # interpreter's last garbage-collector pass over all of it (about 0.5 s per command).
         gc.freeze()
+    out.flush()
+    if out.closed_pipe and code in (0, None):
+        # the reader left (`| head`): the work is done and recorded; end as `seq 1 100000 | head -1`
+        # does, killed by SIGPIPE, not with a failure status of our own
+        sys.stderr.flush()
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ from cli import launch
 from cli.common import console, fmt, seconds, styled, user_errors, write_errors
 from cli.config import UserError, compose_run
 from cli.report import frame_table
-from stability.storage import atomic_write_text, read_json, write_json
+from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
+from stability.storage import atomic_write_text, write_json
 
 if TYPE_CHECKING:
     from stability import margin as mg
@@ -95,8 +97,8 @@ def margin(
 
 def _concurrency_of(done: Any) -> int:
     try:
-        return int(read_json(done.sweep_dir / done.records[0]["folder"] / "status.json").get("concurrency") or 1)
-    except (OSError, ValueError, IndexError, KeyError):
+        return int(RunFolder(done.sweep_dir / done.records[0]["folder"]).status().concurrency or 1)
+    except (IndexError, KeyError, TypeError, ValueError):
         return 1
 
 
@@ -114,12 +116,9 @@ def read_probe(run_dir: Path, lr: float) -> mg.Probe:
     from stability import margin as mg
     from stability.lr_sensitivity import initial_loss
 
-    try:
-        s = read_json(run_dir / "summary.json")
-    except (OSError, ValueError):
-        s = {}
+    s = RunFolder(run_dir).summary()
     verdict = s.get("verdict") or "?"
-    return mg.Probe(lr=lr, stable=verdict not in mg.UNSTABLE, verdict=verdict, folder=run_dir.name,
+    return mg.Probe(lr=lr, stable=not vd.is_unstable(verdict), verdict=verdict, folder=run_dir.name,
                     final_val_loss=float(s.get("final_val_loss", math.nan)), initial_loss=initial_loss(run_dir),
                     wall_s=float(s.get("wall_s", math.nan)), stopped_early=bool(s.get("stopped_early")))
 

@@ -12,7 +12,8 @@ import typer
 
 from cli.common import console, fmt, styled, user_errors
 from cli.config import UserError
-from stability import runformat as rf
+from stability.record import format as rf
+from stability.record.folder import RunFolder
 
 
 def replay(
@@ -24,7 +25,7 @@ def replay(
     from stability.replay import replay as replay_run
 
     with user_errors():
-        if not (run / rf.CONFIG).exists():
+        if not RunFolder(run).has(rf.CONFIG):
             raise UserError(f"{run} is not a run folder (no config.yaml)")
         try:
             r = replay_run(run, n_other=others)

@@ -36,8 +36,8 @@ from cli.common import (
 from cli.config import UserError, compose_run, set_config_dirs
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
+from stability.record.folder import RunFolder
 from stability.rundirs import create_unique, folder_name
-from stability.storage import read_json
 
 if TYPE_CHECKING:
     from stability.config import RunConfig
@@ -88,10 +88,17 @@ def run(
         return
     with write_errors():
         try:  # a folder of its own, even for the same overrides in the same second
-            run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{folder_name(overrides)}")
+            run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{_folder(overrides)}")
         except OSError as e:
             raise StorageError(e.filename or runs / "run", e) from e
     _train_and_print(cfg, run_dir, overrides)
+
+
+def _folder(overrides: list[str]) -> str:
+    """A run's folder name: `folder_name` of its overrides as Hydra reads them, as a sweep job's."""
+    from cli.launch import as_hydra_reads
+
+    return folder_name(as_hydra_reads(overrides))
 
 
 def _launch(nproc: int, runs: Path, overrides: list[str], config_dirs: list[Path]) -> None:
@@ -123,7 +130,7 @@ def _distributed(cfg: RunConfig, runs: Path, overrides: list[str], world: World)
         if world.main:
             with write_errors():
                 try:
-                    run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{folder_name(overrides)}")
+                    run_dir = create_unique(runs / "run", f"{time.strftime('%Y%m%d-%H%M%S')}_{_folder(overrides)}")
                 except OSError as e:
                     raise StorageError(e.filename or runs / "run", e) from e
         run_dir = Path(distributed.broadcast(str(run_dir) if run_dir else None, world))
@@ -173,7 +180,7 @@ def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world:
                   f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
     if nan:
         console.print(f"first NaN: epoch {nan['epoch']} batch {nan['batch']} (step {nan['step']}) in {nan['module']}")
-    notes = read_json(run_dir / "data.json") if (run_dir / "data.json").exists() else {}
+    notes = RunFolder(run_dir).data()
     for check in ("scream", "health"):  # a custom model's checks stab could not set up, and why
         if str(notes.get(check, "")).startswith("not available"):
             console.print(f"{check} check: {notes[check]}", highlight=False)

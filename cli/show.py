@@ -2,6 +2,7 @@
 scale factors, events, codec, and how its config differs from the defaults.
 
     stab show runs/grid/norm=post,preset=smoke,residual=0.1
+    stab show runs/grid/norm=post,preset=smoke,residual=0.1 --plot   # + RUN/plots/steps.png
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import typer
 from cli.common import console, fmt, styled, user_errors, verdict_text, warn
 from cli.config import UserError, compose_run
 from cli.report import frame_table
-from stability import runformat as rf
 from stability.config import OWN_LOOP, ConfigError
+from stability.record import format as rf
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 def show(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder (holds status.json, summary.json or config.yaml).")],
+    plot: Annotated[bool, typer.Option("--plot", help="Also draw loss and grad norm per step into RUN/plots/steps.png.")] = False,
 ) -> None:
     """Print one run's per-epoch gradient norms by module group, stages, events and config."""
     import pandas as pd
@@ -39,6 +41,20 @@ def show(
             raise UserError(f"{run}: not a run folder (no {', '.join(rf.RUN_MARKERS[:-1])} or {rf.RUN_MARKERS[-1]}){hint}")
         r = rep.load_run(run, run.parent)
 
+    if plot:
+        from stability.report.stepplots import plot_steps
+        from stability.report.steps import load_steps
+
+        series = load_steps(r)
+        if not len(series):
+            warn(f"no step recorded (no readable {rf.METRICS}): nothing to plot")
+        else:
+            with user_errors():
+                try:
+                    drawn = plot_steps(r, series, r.rel, run / "plots" / "steps.png")
+                except OSError as e:
+                    raise UserError(f"cannot write {run / 'plots' / 'steps.png'}: {e}") from None
+            console.print(f"per-step plot: {drawn.path}", highlight=False, soft_wrap=True)
     s = r.summary
     console.print(styled((str(run), "bold"), "  state ", verdict_text(r.state), "  verdict ", verdict_text(r.verdict),
                          f"  run {s.get('run_id') or r.status.get('run_id') or '?'}"), highlight=False)

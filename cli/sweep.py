@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from cli import launch
 from cli.common import (
     EXIT_CRASH,
     EXIT_INTERRUPTED,
+    EXIT_USER,
     check_writable,
     console,
     err_console,
@@ -47,11 +48,14 @@ from cli.common import (
 )
 from cli.config import UserError, compose_run, set_config_dirs
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
-from stability import runformat as rf
 from stability.preflight import preflight
+from stability.record import format as rf
+from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
 from stability.resources import available_cpus
-from stability.rundirs import OWNER_ENV, alive, me, owner_alive
-from stability.storage import atomic_write_text, loads
+from stability.rundirs import OWNER_ENV, alive, folder_name, me, owner_alive
+from stability.slurm import SbatchRefused
+from stability.storage import atomic_write_text
 from stability.sweeps import (
     SweepBusy,
     SweepLock,
@@ -191,7 +195,7 @@ def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], 
     write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
     explicit = task_args is None  # run `combos` as given, not a grid the sweeper expands
     hydra_over = (task_args or []) + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
-    view = LiveView(sweep_dir, len(combos))
+    view = LiveView(sweep_dir, len(combos), {folder_name(c) for c in combos})
     try:
         with view, graceful_signals():
             if workers:
@@ -205,7 +209,11 @@ def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], 
         _finish(sweep_dir, name, launcher, overrides, "interrupted")
         err_console.print(f"interrupted; run the same command again to resume ({sweep_dir})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as e:  # the launcher itself failed (e.g. cluster submission refused)
+    except SbatchRefused as e:  # the cluster refused the resources asked for: no job started
+        _finish(sweep_dir, name, launcher, overrides, "failed")
+        err_console.print(styled(("sweep not started:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER) from None
+    except Exception as e:  # the launcher itself failed
         _finish(sweep_dir, name, launcher, overrides, "failed")
         err_console.print(styled(("sweep failed to launch:", "bold red"), f" {type(e).__name__}: {e}"))
         raise typer.Exit(EXIT_CRASH) from None
@@ -266,11 +274,25 @@ def _duplicates(combos: list[list[str]], identities: list[str]) -> dict[str, int
         else:
             first[ident] = i
     for i, j in out.items():
-        differ = sorted(set(combos[int(i)]) ^ set(combos[j]))
-        keys = sorted({d.split("=", 1)[0] for d in differ})
-        err_console.print(f"job {' '.join(combos[int(i)])} is the same configuration as job {' '.join(combos[j])} "
-                          f"({', '.join(keys)} has no effect there): trained once", markup=False, highlight=False)
+        err_console.print(same_configuration(combos[int(i)], combos[j]), markup=False, highlight=False)
     return out
+
+
+def same_configuration(job: list[str], earlier: list[str]) -> str:
+    """One line on why `job` is trained once with `earlier`: listed twice, or which of its
+    overrides change nothing (a key with no effect there, a default, the same value spelt apart)."""
+    if sorted(job) == sorted(earlier):
+        return f"job {' '.join(job)} is listed twice (the same overrides as job {' '.join(earlier)}): trained once"
+    mine, theirs = (dict(o.split("=", 1) if "=" in o else (o, "") for o in c) for c in (job, earlier))
+    why = []
+    for key in sorted(mine.keys() | theirs.keys()):
+        if mine.get(key) == theirs.get(key):
+            continue
+        shown = " and ".join(f"{key}={c[key]}" for c in (mine, theirs) if key in c)
+        why.append(f"{shown} give the same configuration" if key in mine and key in theirs
+                   else f"{shown} changes nothing there")
+    return (f"job {' '.join(job)} is the same configuration as job {' '.join(earlier)} ({'; '.join(why)}): "
+            f"trained once")
 
 
 def _answer(sweep_dir: Path) -> None:
@@ -314,16 +336,9 @@ def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], sta
         folder = Path(value["folder"]) if value else Path(r.working_dir or "")
         records.append(job_record(folder, list(r.overrides)))
     if returns is None:  # interrupted: index what is on disk
-        records = [job_record(p.parent, _overrides_of(p.parent)) for p in sorted(sweep_dir.rglob(rf.STATUS))]
+        records = [job_record(p.parent, RunFolder(p.parent).overrides() or []) for p in sorted(sweep_dir.rglob(rf.STATUS))]
     write_index(sweep_dir, records, name=name, launcher=launcher, overrides=overrides, state=state)
     return records
-
-
-def _overrides_of(run_dir: Path) -> list[str]:
-    try:
-        return list(json.loads((run_dir / rf.OVERRIDES).read_text())["overrides"])
-    except (OSError, ValueError, KeyError):
-        return []
 
 
 def summary_table(records: list[dict[str, Any]], skipped: int = 0, same: int = 0) -> Table:
@@ -349,46 +364,28 @@ def summary_table(records: list[dict[str, Any]], skipped: int = 0, same: int = 0
 def job_progress(run_dir: Path, now: float) -> dict[str, Any]:
     """What the sweep view shows of one job, read from its folder: state, epoch (done/total),
     last epoch's mean grad norm, verdict so far, elapsed and ETA (elapsed per epoch so far)."""
+    folder = RunFolder(run_dir)
     status = read_status(run_dir)
-    epochs = read_jsonl_tail(run_dir / rf.EPOCHS)
-    total = _epochs_total(run_dir)
+    epochs = folder.epochs()  # a torn last line (the job is writing it) is left out
+    total = folder.epochs_planned()
     done = len(epochs)
-    started, finished = status.get("started"), status.get("finished")
+    started, finished = status.started, status.finished
     elapsed = ((finished or now) - started) if isinstance(started, (int, float)) else None
-    state = status.get("state", "?")
+    state = status.state
     eta = None
     if state == "running" and elapsed is not None and done and total:
         eta = elapsed / done * (total - done)
-    verdict = status.get("verdict")
-    if verdict is None and state == "running":  # so far: a NaN recorded, or the output collapsed
-        events = {e.get("event") for e in read_jsonl_tail(run_dir / rf.EVENTS)}
-        verdict = "nan" if "first_nan" in events else ("scream?" if epochs and epochs[-1].get("collapsed") else None)
+    verdict, note = status.verdict, None
+    if verdict is None and state == "running":  # so far: a NaN recorded (final: nothing undoes it)
+        events = {e.event for e in folder.events()}
+        verdict = vd.NAN if "first_nan" in events else None
+        if verdict is None and epochs and epochs[-1].collapsed:
+            # a fact, not a verdict: a scream must last to the end, and a collapse while the loss
+            # still falls is undertraining (stability.detectors.scream_onset); many end stable
+            note = f"output collapsed at epoch {epochs[-1].get('epoch', done)}"
     return {"name": run_dir.name, "state": state, "epoch": done, "epochs": total,
             "grad_norm": epochs[-1].get("grad_norm_mean") if epochs else None, "verdict": verdict,
-            "elapsed": elapsed, "eta": eta}
-
-
-def read_jsonl_tail(path: Path) -> list[dict[str, Any]]:
-    """The parsed lines of a JSON Lines file being appended to (a torn last line is left out)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def _epochs_total(run_dir: Path) -> int | None:
-    try:
-        epochs = yaml.safe_load((run_dir / rf.CONFIG).read_text())["train"]["epochs"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
-    return epochs if isinstance(epochs, int) else None
+            "note": note, "elapsed": elapsed, "eta": eta}
 
 
 class LiveView:
@@ -398,8 +395,11 @@ class LiveView:
     elapsed time and ETA, as wide as the terminal from its first frame. Elsewhere (a CI log): a
     line each time a job starts, finishes an epoch or ends."""
 
-    def __init__(self, sweep_dir: Path, total: int, clock: Callable[[], float] = time.time) -> None:
-        self.sweep_dir, self.total, self.clock = sweep_dir, total, clock
+    def __init__(self, sweep_dir: Path, total: int, names: set[str] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        # `names`: this launch's job folders; a folder also holds earlier launches' jobs (a margin
+        # search's rounds, another grid under the same --name), which are not counted in `total`
+        self.sweep_dir, self.total, self.names, self.clock = sweep_dir, total, names, clock
         self.terminal = console.is_terminal
         self.live = Live(self.render(), console=console, refresh_per_second=2, transient=True) if self.terminal else None
         self.seen: dict[str, tuple[Any, ...]] = {}
@@ -408,7 +408,8 @@ class LiveView:
 
     def jobs(self) -> list[dict[str, Any]]:
         now = self.clock()
-        return [job_progress(p.parent, now) for p in sorted(self.sweep_dir.glob(f"*/{rf.STATUS}"))]
+        return [job_progress(p.parent, now) for p in sorted(self.sweep_dir.glob(f"*/{rf.STATUS}"))
+                if self.names is None or p.parent.name in self.names]
 
     def render(self) -> Table:
         jobs = self.jobs()
@@ -422,14 +423,15 @@ class LiveView:
                          overflow="fold")
         for j in jobs:
             t.add_row(j["name"], verdict_text(j["state"]), f"{j['epoch']}/{j['epochs'] or '?'}", fmt(j["grad_norm"]),
-                      verdict_text(j["verdict"]) if j["verdict"] else "", seconds(j["elapsed"]),
+                      verdict_text(j["verdict"]) if j["verdict"] else Text(j["note"] or "", style="dim"),
+                      seconds(j["elapsed"]),
                       seconds(j["eta"]) if j["state"] == "running" else "")
         return t
 
     def print_changes(self) -> None:
         """Plain lines for what changed since the last poll (no terminal)."""
         for j in self.jobs():
-            key = (j["state"], j["epoch"], j["verdict"])
+            key = (j["state"], j["epoch"], j["verdict"], j["note"])
             if self.seen.get(j["name"]) == key:
                 continue
             self.seen[j["name"]] = key
@@ -440,6 +442,8 @@ class LiveView:
                 line += f", ETA {seconds(j['eta'])}"
             if j["verdict"]:
                 line += f", verdict {j['verdict']}"
+            elif j["note"]:
+                line += f", {j['note']} (a verdict comes at the end)"
             console.print(line, highlight=False, soft_wrap=True)
 
     def _poll(self) -> None:

@@ -237,9 +237,9 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
 
     import numpy as np
 
-    from stability.runwriter import RunWriter
+    from stability.record.summarizer import Summarizer
+    from stability.record.writer import RunWriter
     from stability.steplayout import STAGE, StepLayout
-    from stability.summarizer import Summarizer
     from stability.workloads import build_model
 
     model = build_model(cfg.model)

@@ -222,6 +222,16 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss)
     compile: bool = False  # torch.compile the model
     sync_every: int = 1  # steps whose measurements stay on the device between host transfers
+    # Recovery policies (stability/recovery.py): what a detected spike does, and update clipping.
+    on_spike: str = "none"  # none | skip (OLMo-core's SkipStepAdamW rule) | backoff (lower the lr)
+    spike_window: int = 128  # steps in the on-device spike detector's window (OLMo-core: 128)
+    spike_sigma: float = 6.0  # a loss or total grad norm this many std above the window's mean (OLMo-core: 6)
+    backoff_factor: float = 0.5  # on_spike=backoff: the lr multiplier at a spike ...
+    backoff_steps: int = 100  # ... growing back geometrically to 1 over this many steps
+    update_clip: Any = None  # StableAdamW update clipping threshold (arXiv 2304.13013: 1.0), or none
+    snapshot_every: int = 0  # steps between snapshots in RUN/snapshots/ (0: none), for stab doctor --try
+    snapshot_keep: int = 4  # snapshots kept, spread over the run
+    rewind_from: Any = None  # a snapshot file (RUN/snapshots/stepN.pt) to continue a run from
 
     def __post_init__(self) -> None:
         self.epochs = _number("train.epochs", self.epochs, lo=1, integer=True)
@@ -243,6 +253,31 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("fp32", "bf16"))
         _flag("train.compile", self.compile)
         self.sync_every = _number("train.sync_every", self.sync_every, lo=1, hi=10_000, integer=True)
+        _choice("train.on_spike", self.on_spike, ON_SPIKE)
+        self.spike_window = _number("train.spike_window", self.spike_window, lo=2, hi=100_000, integer=True)
+        self.spike_sigma = _number("train.spike_sigma", self.spike_sigma, lo=0.0, lo_open=True)
+        self.backoff_factor = _number("train.backoff_factor", self.backoff_factor, lo=0.0, lo_open=True, hi=0.999)
+        self.backoff_steps = _number("train.backoff_steps", self.backoff_steps, lo=1, integer=True)
+        self.update_clip = parse_positive("update_clip", self.update_clip, "a positive number (StableAdamW: 1.0)")
+        self.snapshot_every = _number("train.snapshot_every", self.snapshot_every, lo=0, integer=True)
+        self.snapshot_keep = _number("train.snapshot_keep", self.snapshot_keep, lo=1, hi=1000, integer=True)
+        if self.rewind_from is not None and (not isinstance(self.rewind_from, str) or not self.rewind_from):
+            _fail("train.rewind_from", self.rewind_from, "null or the path of a snapshot file (RUN/snapshots/stepN.pt)")
+
+
+ON_SPIKE = ("none", "skip", "backoff")  # train.on_spike (stability.recovery)
+
+
+def parse_positive(key: str, value: Any, what: str) -> float | None:
+    """`none|<positive float>` -> None or the number (`clip`, `update_clip`)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "off")):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            _fail(key, value, "none or " + what)
+    return _number(key, value, lo=0.0, lo_open=True)
 
 
 def parse_clip(value: Any) -> float | None:
@@ -300,10 +335,12 @@ class DetectConfig:
     health: bool = True  # attention/activation health on the validation batch each epoch
     clamp_warn: float = 0.5  # warn when a stage's RMS-match clamp binds on more than this share of steps
     logit_growth: float = 10.0  # warn when the max attention logit grows by this factor over the run
+    opt_state: bool = True  # optimizer-state and output signals every step (stability/optstate.py)
     scream: ScreamConfig = field(default_factory=ScreamConfig)
 
     def __post_init__(self) -> None:
         _flag("detect.health", self.health)
+        _flag("detect.opt_state", self.opt_state)
         if isinstance(self.scream, dict):
             self.scream = _build(ScreamConfig, self.scream, "detect.scream")
         self.explode_factor = _number("detect.explode_factor", self.explode_factor, lo=1.0, lo_open=True)
@@ -570,6 +607,14 @@ class RunConfig:
             inert.append("fault.nan_module")
         if self.fault.spike_at_step is None:
             inert.append("fault.spike_factor")
+        if self.train.on_spike == "none":  # off: the run is the same as before these keys existed
+            inert += ["train.on_spike", "train.spike_window", "train.spike_sigma"]
+        if self.train.update_clip is None:
+            inert.append("train.update_clip")
+        if self.train.rewind_from is None:
+            inert.append("train.rewind_from")
+        if self.train.on_spike != "backoff":
+            inert += ["train.backoff_factor", "train.backoff_steps"]
         if self.model.name != "charlm":
             inert += [f"detect.scream.{k}" for k in ("loop", "loop_period", "prompt_chars", "gen_chars")]
         return inert
@@ -589,7 +634,8 @@ class RunConfig:
 
 
 # Keys that change where or how fast a run happens, or where it is reported, never what it computes.
-OPERATIONAL_KEYS = ("train.device", "train.threads", "train.sync_every", "data.cache_dir", "log", "margin")
+OPERATIONAL_KEYS = ("train.device", "train.threads", "train.sync_every", "train.snapshot_every", "train.snapshot_keep",
+                    "detect.opt_state", "data.cache_dir", "log", "margin")
 
 _NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfig,
            ("RunConfig", "train"): TrainConfig, ("RunConfig", "detect"): DetectConfig,
@@ -640,7 +686,7 @@ class ShortName:
             node = getattr(node, part, None)
         if self.name == "residual" and isinstance(node, list):  # the cascade's per stage: the last
             return node[-1] if node else None
-        if self.name == "clip" and node is None:
+        if self.name in ("clip", "update_clip") and node is None:
             return "none"
         return node
 
@@ -659,6 +705,8 @@ SHORT_NAMES: dict[str, ShortName] = {s.name: s for s in (
     ShortName("v_scale", "model.v_scale", "value scaling by a learned saturating gain (arXiv 2603.17771)"),
     ShortName("z_loss", "model.z_loss", "z-loss coefficient on the output softmax (char LM)"),
     ShortName("warmup", "train.warmup", "steps of linear learning-rate warmup"),
+    ShortName("on_spike", "train.on_spike", "what a loss or grad-norm spike does: none | skip | backoff"),
+    ShortName("update_clip", "train.update_clip", "StableAdamW update clipping: none | a positive number"),
 )}
 
 

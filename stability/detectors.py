@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from stability.formatting import nan_place
+from stability.record import verdicts as vd
 
 
 def scream_score(tokens: Sequence[int], n: int = 4) -> dict[str, float]:
@@ -226,12 +227,6 @@ def certainly_unstable(epoch_norms: Sequence[float], first_nan: dict[str, Any] |
     return None
 
 
-# Primary verdict: the most severe finding wins. A crash (failed) is set by the runner before any
-# of these; a NaN ends the measurement; an explosion explains a collapse that comes with it, so
-# it outranks the scream; a scream outranks stable.
-SEVERITY = ("failed", "nan", "exploding", "scream", "stable")
-
-
 def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None, clip: float | None,
              explode_factor: float, explode_window: int, scream_min_epochs: int,
              learning_rate: float, stage_clamp: float = 0.5, logit_growth: float = 10.0,
@@ -242,7 +237,7 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
     epochs: the epoch records (`grad_norm_mean`, `grad_norm_max`, `val_loss`, `collapsed`,
     `clip_rate`, `stage_clamp_rate`, `health_summary`), in order. Returns {"verdict", "evidence",
     "flags": [{"flag", "epoch"|"step", "evidence"}], "warnings": [{"warning", "message", ...}],
-    "scream_epoch"}. The verdict is the first of `SEVERITY` among the flags, else `stable`.
+    "scream_epoch"}. The verdict is the most severe flag (`verdicts.SEVERITY`), else `stable`.
     `peak` ({value, ratio, step, epoch, batch}, from `peak_norm`) is a step whose finite grad norm
     was huge against the run's median step: an explosion even when every gradient was finite.
     """
@@ -279,11 +274,11 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
                       "evidence": f"output collapsed to one repeated token from epoch {onset} to the end "
                                   f"({epochs[-1]['epoch'] - onset + 1} epochs)"})
     warnings += _warnings(epochs, clip, stage_clamp, logit_growth)
-    verdict, evidence = "stable", f"grad norm per epoch {series}"
-    for f in sorted(flags, key=lambda f: SEVERITY.index(f["flag"])):
+    verdict, evidence = vd.STABLE, f"grad norm per epoch {series}"
+    for f in sorted(flags, key=lambda f: vd.severity(f["flag"])):
         verdict, evidence = f["flag"], f["evidence"]
         break
-    if verdict == "stable" and math.isfinite(growth):
+    if verdict == vd.STABLE and math.isfinite(growth):
         evidence += f" (at most {growth:.2f}x per epoch over {explode_window} epochs)"
     return {"verdict": verdict, "evidence": evidence, "flags": flags, "warnings": warnings, "scream_epoch": onset}
 

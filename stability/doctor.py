@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from stability import detectors
-from stability.storage import read_json, read_jsonl
-
-UNSTABLE = ("nan", "exploding", "scream")  # verdicts a fix should remove
+from stability.record import format as rf
+from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
+from stability.record.records import EpochRecord, Event, Summary
 
 # Where a run left its baseline. The total grad norm: above DEPART_FACTOR x its median over the
 # warmup steps (at least BASELINE_STEPS), or non-finite. A module group: above DEPART_FACTOR x
@@ -54,10 +54,10 @@ class RunRecord:
 
     path: Path
     config: dict[str, Any]
-    summary: dict[str, Any]
-    epochs: list[dict[str, Any]]
+    summary: Summary
+    epochs: list[EpochRecord]
     steps: list[dict[str, Any]]
-    events: list[dict[str, Any]]
+    events: list[Event]
     overrides: list[str] | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -90,28 +90,15 @@ def _float(x: Any) -> float:
 
 def read_run(run_dir: Path) -> RunRecord:
     """Read a finished run folder. Raises DoctorError naming what is missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DoctorError(f"RUN {str(run_dir)!r} is not a folder: expected a run folder (with metrics.jsonl)")
-    steps, _ = read_jsonl(run_dir / "metrics.jsonl")
+    folder = RunFolder(run_dir)
+    if not folder.path.is_dir():
+        raise DoctorError(f"RUN {str(run_dir)!r} is not a folder: expected a run folder (with {rf.METRICS})")
+    steps = folder.steps()
     if not steps:
-        raise DoctorError(f"{run_dir} holds no step records (metrics.jsonl missing or empty): "
+        raise DoctorError(f"{run_dir} holds no step records ({rf.METRICS} missing or empty): "
                           "expected a run folder written by stab run, stab sweep or the monitor API")
-    epochs, _ = read_jsonl(run_dir / "epochs.jsonl")
-    events, _ = read_jsonl(run_dir / "events.jsonl")
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
-    try:
-        summary = read_json(run_dir / "summary.json")
-    except (OSError, ValueError):
-        summary = {}
-    try:
-        overrides = list(read_json(run_dir / "overrides.json")["overrides"])
-    except (OSError, ValueError, KeyError, TypeError):
-        overrides = None
-    return RunRecord(run_dir, config if isinstance(config, dict) else {}, summary or {}, epochs, steps, events, overrides)
+    return RunRecord(folder.path, folder.config() or {}, folder.summary(), folder.epochs(), steps, folder.events(),
+                     folder.overrides())
 
 
 # --- findings -------------------------------------------------------------------------------
@@ -219,7 +206,7 @@ def find(rec: RunRecord) -> list[Finding]:
                            evidence="the failure was injected (" + ", ".join(f"fault.{k}={v}" for k, v in injected.items())
                                     + "): no change of configuration removes it"))
     verdict = rec.summary.get("verdict")
-    if verdict in UNSTABLE:
+    if vd.is_unstable(verdict):
         out.append(Finding("unstable", evidence=f"verdict {verdict}: {rec.summary.get('evidence', '')}",
                            detail={"verdict": verdict}))
     return sorted(out, key=lambda f: (f.step if f.step is not None else math.inf))
@@ -489,7 +476,7 @@ def candidates(dx: Diagnosis, n: int) -> list[dict[str, str]]:
 def outcome(dx: Diagnosis, base: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Which fixes made the run stable, each with its final validation loss and its cost against
     the best stable fix (a difference of validation losses)."""
-    fixed = [r for r in rows if r["verdict"] not in UNSTABLE and r["verdict"] != "?" and math.isfinite(r["final_val_loss"])]
+    fixed = [r for r in rows if not vd.is_unstable(r["verdict"]) and r["verdict"] != "?" and math.isfinite(r["final_val_loss"])]
     best = min(fixed, key=lambda r: r["final_val_loss"]) if fixed else None
     for r in rows:
         r["vs_best"] = (r["final_val_loss"] - best["final_val_loss"]) if best and r in fixed else None

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stability import runformat as rf
 from stability.config import TRACKERS, ConfigError, RunConfig
+from stability.record import format as rf
+from stability.record.folder import RunFolder
 from stability.report.loading import Run, find_runs, load_run
-from stability.storage import dumps, read_jsonl, write_json
+from stability.storage import dumps, write_json
 
 
 class ExportError(Exception):
@@ -158,7 +159,7 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
         cfg = RunConfig.from_dict({**run.config, "log": [name]})
     except (ConfigError, TypeError, ValueError) as e:
         raise ExportError(f"not exported: {rf.CONFIG} does not load ({e})") from None
-    steps, _ = read_jsonl(run.path / rf.METRICS)
+    steps = RunFolder(run.path).steps()
     steps = [s for s in steps if isinstance(s.get(rf.STEP), int)]
     epochs = [e for e in run.epochs if isinstance(e.get("epoch"), int)]
     events = [e for e in run.events if e.get("event")]
@@ -211,6 +212,35 @@ for _name, _help in (("tensorboard", "event files in RUN/tb/ (tensorboard --logd
                      ("wandb", "a W&B run per job, offline in RUN/wandb/ unless WANDB_MODE is set")):
     assert _name in TRACKERS
     register(Target(_name, _help, _tracker_send(_name), package=_name))
+
+
+# --- the bad steps, in other trainers' formats (stability.badsteps) ------------------------------
+
+def _bad_steps_send(fmt: str) -> Callable[[Run, Path | None], str]:
+    def send(run: Run, out: Path | None) -> str:
+        from stability import badsteps
+        from stability.storage import atomic_write_text
+
+        try:
+            steps = badsteps.bad_steps(run.path)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        name, text = badsteps.FORMATS[fmt].render(steps)
+        folder = run.path if out is None else Path(out) / run.rel
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / name, text)
+        return f"{fmt}: {len(steps)} bad step(s) -> {folder / name}"
+    return send
+
+
+def _register_bad_steps() -> None:
+    from stability.badsteps import FORMATS
+
+    for fmt in FORMATS.values():
+        register(Target(fmt.name, fmt.help + " (written into the run folder, or --out/RUN)", _bad_steps_send(fmt.name)))
+
+
+_register_bad_steps()
 
 
 __all__ = [

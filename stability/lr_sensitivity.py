@@ -19,7 +19,6 @@ loss_by_epoch[0] (the first epoch's mean, an underestimate).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stability import runformat as rf
+from stability.record import format as rf
+from stability.record.folder import RunFolder
+from stability.record.records import number
 
 LR = "train.lr"
 RESERVED = (LR, "initial_loss", "final_loss")
@@ -83,16 +84,9 @@ def varies_lr(runs: pd.DataFrame, lr: str = LR) -> bool:
 def initial_loss(run_dir: Path) -> float:
     """The loss at initialisation: the first step's loss in metrics.jsonl, else the first
     epoch's mean loss from summary.json, else NaN."""
-    run_dir = Path(run_dir)
-    try:
-        with open(run_dir / rf.METRICS, encoding="utf-8") as f:
-            first = f.readline()
-        if first.strip():
-            return float(json.loads(first)["loss"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        losses = json.loads((run_dir / rf.SUMMARY).read_text())["loss_by_epoch"]
-        return float(losses[0])
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return math.nan
+    folder = RunFolder(run_dir)
+    first = folder.first_step()
+    if first is not None and rf.LOSS in first:
+        return number(first[rf.LOSS])
+    losses = folder.summary().loss_by_epoch
+    return number(losses[0]) if losses else math.nan

@@ -28,14 +28,14 @@ from typing import Any
 import pandas as pd
 
 from stability.lr_sensitivity import lr_sensitivity
+from stability.record import verdicts as vd
 
 LR_MAX = 10.0  # the largest train.lr the config accepts: widening upwards stops here
-UNSTABLE = ("nan", "exploding", "scream")
 
 
 @dataclass
 class Probe:
-    """One probe run: its lr, whether it was stable (verdict not in UNSTABLE), and what the run
+    """One probe run: its lr, whether it was stable (`verdicts.is_unstable` is false), and what the run
     folder recorded (verdict, folder, validation loss at the end, loss at init, wall seconds,
     whether it stopped early once the verdict was certain)."""
 
@@ -281,7 +281,7 @@ def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, w
 
 def probe_text(p: dict[str, Any]) -> str:
     """`3.16e-02 stable` / `1e-01 exploding (stopped early)`, for a probe of margin.json."""
-    return f"{p['lr']:.3g} {p['verdict'] or ('stable' if p['stable'] else 'unstable')}" + \
+    return f"{p['lr']:.3g} {p['verdict'] or (vd.STABLE if p['stable'] else 'unstable')}" + \
         (" (stopped early)" if p.get("stopped_early") else "")
 
 

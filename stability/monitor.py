@@ -5,7 +5,7 @@ it backpropagates, measures the total and per-group gradient norms (one `torch._
 `stability.instrument.GradProbe`), checks that every gradient is finite, clips (optionally), steps
 the optimizer only on a finite step, and records the step. `Monitor.end_epoch()` runs the
 validation loss, the scream check and the attention health on your validation data (as
-`model=custom` does). The run folder is written by stab's own writer (`stability.runwriter`), so
+`model=custom` does). The run folder is written by stab's own writer (`stability.record.writer`), so
 `stab report`, `stab show` and `stab replay` read it like any run; the verdict and events are
 available live (`monitor.verdict`, `monitor.events`).
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from stability import runformat as rf
 from stability.config import RunConfig
 from stability.forensics import NanInjector
 from stability.instrument import NonFiniteProbe
 from stability.outputs import map_tensors, tensors
+from stability.record import format as rf
+from stability.record.folder import RunFolder
 from stability.training import resolve_device
 from stability.workloads import build
 
@@ -79,11 +79,14 @@ def _step(work: Any, batch: Any, state: dict[str, Any], step: int, cfg: RunConfi
 
 
 def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult:
-    run_dir = Path(run_dir)
-    path = run_dir / rf.FORENSICS_STATE
-    if not path.exists():
+    folder = RunFolder(run_dir)
+    path = folder.forensics()
+    if path is None:
         raise ReplayError(f"{run_dir}: no {rf.FORENSICS_STATE} (the run never went non-finite, or predates forensics)")
-    cfg = RunConfig.from_dict(yaml.safe_load((run_dir / rf.CONFIG).read_text()))
+    config = folder.config()
+    if config is None:
+        raise ReplayError(f"{run_dir}: {'; '.join(folder.warnings)}: the run's config is needed to rebuild its model")
+    cfg = RunConfig.from_dict(config)
     cfg.train.device = device
     state = torch.load(path, map_location=device, weights_only=True)
     dev = resolve_device(device)

@@ -32,7 +32,11 @@ def plan(job_num: int, concurrency: int, n_cpus: int, n_gpus: int) -> Resources:
 
 
 def available_cpus() -> int:
+    """The cores this process may use: its CPU affinity, and in a SLURM job at most its
+    `--cpus-per-task` (a cluster without task affinity, e.g. `TaskPlugin=task/none`, pins nothing)."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return min(n, int(per_task)) if per_task.isdigit() and int(per_task) > 0 else n

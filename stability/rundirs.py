@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,7 @@ def holder(run_dir: Path) -> Holder:
         os.close(fd)  # closing drops our shared lock, if we got it
 
 
-def writer_gone(run_dir: Path, status: dict[str, Any] | None = None) -> bool:
+def writer_gone(run_dir: Path, status: Mapping[str, Any] | None = None) -> bool:
     """True when the folder's writer is provably gone: no live holder of its lease. A folder
     written before leases existed is judged by its status's pid: gone if that pid is not alive
     on this host; a writer on another host without a lease is not provably gone."""

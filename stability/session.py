@@ -37,11 +37,11 @@ from stability.config import RunConfig
 from stability.errors import StorageError
 from stability.forensics import eager
 from stability.progress import phase
+from stability.record.format import SCHEMA_VERSION
+from stability.record.summarizer import Summarizer
+from stability.record.writer import RunWriter
 from stability.rundirs import RunLease
-from stability.runformat import SCHEMA_VERSION
-from stability.runwriter import RunWriter
 from stability.steplayout import StepLayout
-from stability.summarizer import Summarizer
 from stability.trackers import Recorder, open_trackers
 
 

@@ -49,6 +49,8 @@ class Instruments:
                  clip: float | None = None, n_stages: int = 0, clamp: Sequence[float] | None = None,
                  world_size: int = 1) -> None:
         self.probes = [p for p in probes if p.metrics]
+        self.recovery: Any = None  # stability.recovery.Recovery of the run, set by RunParts.instruments
+        self.opt_probe: Any = None  # stability.optstate.OptStateProbe, likewise
         self.layout = StepLayout(groups, n_stages, self.probes, clamp)
         self.grad_probe, self.clip, self.world_size = grad_probe, clip, world_size
         self.grads_probes = [p for p in self.probes if p.phase == "grads"]
@@ -133,6 +135,9 @@ class Stepper:
         bf16 = precision == "bf16"
         self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.frozen = torch.zeros((), device=device)  # 1.0 once a step of this window was non-finite
+        # train.on_spike / train.update_clip (stability.recovery) and the optimizer-state probe, if the run has them
+        self.recovery = getattr(instruments, "recovery", None)
+        self.opt_probe = getattr(instruments, "opt_probe", None)
 
     def _forward_backward(self, batch: Any, loss_scale: float | None) -> dict[str, torch.Tensor]:
         with self.autocast(), distributed.synced_batch_stats():
@@ -146,22 +151,49 @@ class Stepper:
     def __call__(self, batch: Any, loss_scale: float | None = None) -> tuple[np.ndarray, bool]:
         values = self._forward_backward(batch, loss_scale)
         host, finite = self.ins.read(values)
+        rec, skip = self.recovery, None
         if finite:  # a huge but finite norm is finite: only the loss and each gradient decide
             self.ins.clip_(values)
-            self.opt.step()
+            skip = rec.before(values["loss"], values["grad_norm"]) if rec else None
+            self._step(skip)
+            if rec:
+                rec.after()
+        elif rec:
+            rec.idle()
+        if self.opt_probe is not None:  # no update on a non-finite step: its relative update is 0
+            self.opt_probe.skipped = skip if finite else torch.ones((), device=self.frozen.device)
         self.sched.step()
         return self.ins.after_update(host), finite
+
+    def _step(self, skip: torch.Tensor | None) -> None:
+        """The optimizer step; `skip` (0-dim, 1.0 = skip) goes through the fused AdamW's found_inf."""
+        if skip is None:
+            self.opt.step()
+            return
+        self.opt.found_inf = skip  # type: ignore[attr-defined]  # the fused kernel reads it: 1 = skip the update
+        try:
+            self.opt.step()
+        finally:
+            del self.opt.found_inf  # type: ignore[attr-defined]
 
     def on_device(self, batch: Any, loss_scale: float | None = None) -> torch.Tensor:
         values = self._forward_backward(batch, loss_scale)
         finite = self.ins.finite_on_device(values)
         self.frozen = torch.maximum(self.frozen, (~finite).float())  # sticky until `thaw`
         self.ins.clip_(values)  # NaN coefficients on a non-finite step: not applied
-        self.opt.found_inf = self.frozen  # read by the fused kernel on the device: 1 = skip the update
+        rec = self.recovery
+        skip = self.frozen
+        if rec:  # a spike skipped by train.on_spike=skip, decided on the device too
+            skip = torch.maximum(skip, rec.before(values["loss"], values["grad_norm"]))
+        self.opt.found_inf = skip  # type: ignore[attr-defined]  # the fused kernel reads it: 1 = skip the update
         try:
             self.opt.step()
         finally:
-            del self.opt.found_inf
+            del self.opt.found_inf  # type: ignore[attr-defined]
+        if rec:
+            rec.after()
+        if self.opt_probe is not None:
+            self.opt_probe.skipped = skip
         self.sched.step()
         values.update(self.ins.update_values())
         return self.layout.pack(values)

@@ -4,7 +4,7 @@
 Every instrumented loop (stab's own, `Monitor`, the Lightning and transformers callbacks) asks
 its probes for device tensors by name, `layout.pack`s them into one float64 vector, moves that
 to the host once (or once per `train.sync_every` steps), and `layout.record`s each host row into a
-typed `StepRecord`, whose flat keys are metrics.jsonl's (`stability.runformat`,
+typed `StepRecord`, whose flat keys are metrics.jsonl's (`stability.record.format`,
 docs/run-format.md).
 
     layout = StepLayout(groups=["tok_emb", "blocks.0.attn"], probes=[stage_probe])
@@ -52,7 +52,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-from stability import runformat as rf
+from stability.record import format as rf
 
 Phase = Literal["grads", "update"]
 
@@ -95,7 +95,7 @@ CORE: tuple[Metric, ...] = (
     Metric("grad", "grad/{group}", "L2 norm of one module group's gradients, before clipping"),
     Metric("grads_finite", "grads_finite", "1 if every parameter's gradient is finite", written=False),
 )
-# The cascade's RMS match (`instrument.StageProbe`): see `runformat.stage_key`.
+# The cascade's RMS match (`instrument.StageProbe`): see `record.format.stage_key`.
 STAGE: tuple[Metric, ...] = (
     Metric("stage_rms", "stage{stage}/rms", "RMS of the stage's output before matching"),
     Metric("stage_ratio", "stage{stage}/ratio", "the scale the match needed (target RMS / rms)"),

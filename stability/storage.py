@@ -13,11 +13,12 @@ status overwrites the old one in place, in blocks the file already owns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,9 @@ NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def _jsonable(x: Any, strict: bool = True) -> Any:
-    """Plain JSON types; with `strict`, non-finite floats as "NaN", "Infinity", "-Infinity"."""
-    if isinstance(x, dict):
+    """Plain JSON types; with `strict`, non-finite floats as "NaN", "Infinity", "-Infinity". Any
+    mapping (a dict, a frozen record of `stability.record.records`) becomes a dict."""
+    if isinstance(x, Mapping):
         return {str(k): _jsonable(v, strict) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v, strict) for v in x]
@@ -161,14 +163,26 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 
 def append_text(path: Path, text: str) -> None:
-    """Append `text` (whole lines) to `path` in one write call; `StorageError` names the file."""
-    if text:
-        try:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-        except OSError as e:
-            raise StorageError(path, e) from e
+    """Append `text` (whole lines) to `path`; `StorageError` names the file. A write that fails
+    part-way (a full disk takes what fits, then says ENOSPC) is taken back by truncating the file
+    to its length before, so every line in it stays whole: `jq` reads it after a full disk."""
+    if not text:
+        return
+    data = memoryview(text.encode("utf-8"))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # 0o666 less the umask, as open()
+    except OSError as e:
+        raise StorageError(path, e) from e
+    try:
+        start = os.fstat(fd).st_size
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)  # frees blocks: possible on a full disk
+        raise StorageError(path, e) from e
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:

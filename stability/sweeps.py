@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stability import runformat as rf
-from stability.rundirs import holder, writer_gone
-from stability.storage import read_json, read_jsonl, write_json, write_status
+from stability.record import format as rf
+from stability.record.folder import RunFolder
+from stability.record.records import Status
+from stability.rundirs import holder
+from stability.storage import write_json, write_status
 
 
 class SweepBusy(RuntimeError):
@@ -53,15 +55,16 @@ class SweepLock:
             os.close(self.fd)
 
 
-def read_status(run_dir: Path) -> dict[str, Any]:
-    """status.json of a run folder; {'state': 'corrupt', ...} if it cannot be read."""
-    path = Path(run_dir) / rf.STATUS
-    if not path.exists():
-        return {"state": "pending"}
-    try:
-        return read_json(path)
-    except (ValueError, OSError) as e:
-        return {"state": "corrupt", "error": f"status.json unreadable: {e}"}
+def read_status(run_dir: Path) -> Status:
+    """status.json of a run folder (`RunFolder.status`); state `pending` where there is none yet,
+    `corrupt` (with the reason under `error`) where it cannot be read."""
+    folder = RunFolder(run_dir)
+    if not folder.has(rf.STATUS):
+        return Status(state="pending")
+    status = folder.status()
+    if folder.warnings or not status:
+        return Status(state="corrupt", error=folder.warnings[0] if folder.warnings else f"{rf.STATUS} is not a mapping")
+    return status
 
 
 def mark_stale_running(sweep_dir: Path, why: str = "found by the next sweep") -> list[Path]:
@@ -70,10 +73,9 @@ def mark_stale_running(sweep_dir: Path, why: str = "found by the next sweep") ->
     stale = []
     for status_path in sorted(Path(sweep_dir).glob(f"*/{rf.STATUS}")):
         status = read_status(status_path.parent)
-        if status.get("state") == "running" and writer_gone(status_path.parent, status):
-            status.update(state="interrupted", finished=None, updated=time.time(),
-                          error=f"process {status.get('pid')} stopped while running ({why})")
-            write_status(status_path, status)
+        if status.state == "running" and RunFolder(status_path.parent).state(status) == "interrupted":
+            write_status(status_path, {**status, "state": "interrupted", "finished": None, "updated": time.time(),
+                                       "error": f"process {status.pid} stopped while running ({why})"})
             stale.append(status_path.parent)
     return stale
 
@@ -89,56 +91,29 @@ def live_writers(sweep_dir: Path) -> dict[Path, dict[str, Any]]:
 
 
 def incomplete(run_dir: Path) -> str | None:
-    """Why a `completed` run's record cannot be trusted (None if it can): its status, summary,
-    metrics or epochs are missing, unreadable or disagree."""
-    run_dir = Path(run_dir)
-    status = read_status(run_dir)
-    if status.get("state") == "corrupt":
-        return status["error"]
-    try:
-        summary = read_json(run_dir / rf.SUMMARY)
-    except FileNotFoundError:
-        return "summary.json is missing"
-    except (ValueError, OSError) as e:
-        return f"summary.json unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    if not isinstance(summary, dict) or not summary.get("verdict"):
-        return "summary.json holds no verdict"
-    for name in (rf.METRICS, rf.EPOCHS):
-        path = run_dir / name
-        if not path.exists():
-            return f"{name}.jsonl is missing"
-        try:
-            records, bad = read_jsonl(path)
-        except (OSError, UnicodeDecodeError) as e:
-            return f"{name}.jsonl unreadable ({e})"
-        if bad:
-            return f"{name}.jsonl has {bad} unreadable line(s)"
-        if not records:
-            return f"{name}.jsonl is empty"
-    if isinstance(summary.get("steps"), int) and summary["steps"] != len(read_jsonl(run_dir / rf.METRICS)[0]):
-        return f"{rf.METRICS} holds {len(read_jsonl(run_dir / rf.METRICS)[0])} steps, {rf.SUMMARY} says {summary['steps']}"
-    return None
+    """Why a `completed` run's record cannot be trusted (None if it can): `RunFolder.incomplete`."""
+    return RunFolder(run_dir).incomplete()
 
 
 def should_skip(run_dir: Path, run_id: str) -> bool:
     """A completed run of the same configuration identity, with a whole record, is not run again."""
     status = read_status(run_dir)
-    return status.get("state") == "completed" and status.get("run_id") == run_id and incomplete(run_dir) is None
+    return status.state == "completed" and status.run_id == run_id and incomplete(run_dir) is None
 
 
 def job_record(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """One line of the sweep index: where, what, and how it ended."""
+    folder = RunFolder(run_dir)
     status = read_status(run_dir)
-    rec: dict[str, Any] = {"folder": Path(run_dir).name, "overrides": overrides, "state": status.get("state"),
+    rec: dict[str, Any] = {"folder": folder.path.name, "overrides": overrides, "state": status.get("state"),
                            "run_id": status.get("run_id"), "error": status.get("error")}
-    summary_path = Path(run_dir) / rf.SUMMARY
-    if summary_path.exists():
-        try:
-            s = read_json(summary_path)
+    if folder.has(rf.SUMMARY):
+        s = folder.summary()
+        if folder.warnings:
+            rec.update(verdict="?", error=(rec["error"] or "") + f" {rf.SUMMARY} unreadable")
+        else:
             rec.update(verdict=s.get("verdict"), first_nan=s.get("first_nan"), final_loss=s.get("final_loss"),
                        scream_epoch=s.get("scream_epoch"))
-        except (ValueError, OSError):
-            rec.update(verdict="?", error=(rec["error"] or "") + " summary.json unreadable")
     return rec
 
 

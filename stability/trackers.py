@@ -14,8 +14,8 @@ Where each tracker writes, for a job RUNS/NAME/JOB/ (a sweep NAME; `stab run` us
   tensorboard  event files in RUNS/NAME/JOB/tb/; RUNS/NAME is the parent folder of the sweep's runs
   mlflow       experiment NAME, run JOB, in the SQLite store RUNS/mlflow/mlflow.db (artifacts in
                RUNS/mlflow/artifacts/) unless MLFLOW_TRACKING_URI names another store
-  wandb        project stab (or WANDB_PROJECT), group NAME, run JOB, offline in RUNS/NAME/JOB/wandb/
-               unless WANDB_MODE is set
+  wandb        project stab (or WANDB_PROJECT), group NAME, run JOB, offline unless WANDB_MODE is set;
+               its files in RUNS/NAME/JOB/wandb/, or in WANDB_DIR/wandb/ when WANDB_DIR is set
 RUN/trackers.json keeps each tracker's run id, so a re-run of the job continues the same tracker run.
 
 Non-finite values are sent as they are. TensorBoard stores NaN, +inf and -inf (as 32-bit floats);
@@ -24,22 +24,29 @@ W&B writes NaN, Infinity and -Infinity into its history. Every step also carries
 and the first NaN is an event, so a non-finite step is visible whatever a chart makes of it.
 
 A tracker that raises (its store full or gone) is switched off with one warning and noted in
-trackers.json; the run goes on, and its folder stays the record of truth.
+trackers.json; the run goes on, and its folder stays the record of truth. The warning is one line
+on the `stab.trackers` logger (the CLI prints it as `warning: ...`). A store that cannot work is
+found out in seconds: a SQLite MLflow store is probed for writing before MLflow's 100 s retry
+loop, an HTTP one gets short retries (`MLFLOW_HTTP_DEFAULTS`, unless set), and TensorBoard's
+writer thread no longer prints a traceback beside that warning.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import threading
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig, flatten
+from stability.record import verdicts as vd
+from stability.record.records import EpochRecord, Event, Summary
 from stability.storage import read_json, write_json
 
 PIP = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> module and pip package
@@ -50,6 +57,66 @@ _COORDS = ("step", "epoch", "batch")
 _STAGE_LISTS = {"stage_rms": "rms", "stage_ratio": "ratio", "stage_scale": "scale", "stage_clamp_rate": "clamp_rate"}
 class TrackerWarning(UserWarning):
     """A tracker failed and was switched off; the run folder has every record."""
+
+
+log = logging.getLogger("stab.trackers")  # the CLI prints it as one `warning:` line (cli.common.warn)
+# MLflow's REST client retries a refused or timed-out call 7 times with a growing back-off (minutes
+# for a server that is down); a tracker that cannot work must be found out in seconds. The user's
+# own settings of these variables win.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _why(e: BaseException) -> str:
+    """An exception in one line: its type and the first line of its text (SQLAlchemy adds more)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _probe_mlflow_store(uri: str) -> None:
+    """Fail in well under a second, in one line, where MLflow would retry for about 100 s: a SQLite
+    store that cannot be opened for writing (a read-only mount or file, a folder that cannot be
+    made). MLflow tries to create its engine 10 times, sleeping 0.1 (2^k - 1) s between tries and
+    logging a multi-line warning each time (`mlflow.store.db.utils.create_sqlalchemy_engine_with_retry`).
+    Other SQL stores are left to MLflow; an HTTP store gets `MLFLOW_HTTP_DEFAULTS`."""
+    if uri.startswith(("http://", "https://")):
+        for key, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        return
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if path in ("", ":memory:"):
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(path, timeout=5)
+        try:
+            con.execute("BEGIN IMMEDIATE")  # takes the write lock: refused on a read-only store
+            con.rollback()
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error) as e:
+        raise OSError(f"the MLflow store {uri} cannot be written: {_why(e)}") from None
+
+
+def _quiet_tensorboard_threads() -> None:
+    """TensorBoard writes event files in a thread that re-raises a write error (a full disk) after
+    storing it for the writer's next call, so Python printed a thread traceback before stab's own
+    warning. The error still reaches the next `add_summary`/`close`, which the Recorder turns into
+    one warning; only the duplicate traceback is dropped. Other threads' errors print as before."""
+    previous = threading.excepthook
+    if getattr(previous, "stab_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and getattr(args.thread, "exception", None) is not None:
+            return
+        previous(args)
+
+    hook.stab_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def check_installed(names: Sequence[str]) -> None:
@@ -70,7 +137,7 @@ def _number(v: Any) -> float | None:
     return None
 
 
-def step_metrics(rec: dict[str, Any]) -> dict[str, float]:
+def step_metrics(rec: Mapping[str, Any]) -> dict[str, float]:
     """A step record's measurements under their run-folder names (`loss`, `grad/norm`,
     `grad/<group>`, `grad/clipped`, `stage{i}/rms`, ..., `lr`, `time/step_ms`, `finite`, `epoch`);
     booleans as 0/1."""
@@ -78,7 +145,7 @@ def step_metrics(rec: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def epoch_metrics(erec: dict[str, Any]) -> dict[str, float]:
+def epoch_metrics(erec: Mapping[str, Any]) -> dict[str, float]:
     """An epoch record's numbers under `epoch/`: loss, val_loss, grad norm mean/max, clip rate,
     per-stage RMS/ratio/scale/clamp rate, scream scores of output and target, collapsed, and the
     health summary. Per-layer health, codes and samples stay in the run folder."""
@@ -97,7 +164,7 @@ def epoch_metrics(erec: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """The summary's numbers under `summary/` (final loss, spikes, clip rate, first NaN step, ...),
     and `summary/stable` (1 when the verdict is stable) for a compare view that wants a number."""
     out = {f"summary/{k}": _number(v) for k, v in summary.items()
@@ -107,7 +174,7 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
         out["summary/first_nan_step"] = float(summary["first_nan"]["step"])
     if summary.get("scream_epoch") is not None:
         out["summary/scream_epoch"] = float(summary["scream_epoch"])
-    out["summary/stable"] = float(summary.get("verdict") == "stable")
+    out["summary/stable"] = float(summary.get("verdict") == vd.STABLE)
     return out
 
 
@@ -141,9 +208,9 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def event(self, rec: dict[str, Any], step: int) -> None: ...
+    def event(self, rec: Event, step: int) -> None: ...
 
-    def summary(self, summary: dict[str, Any], step: int) -> None: ...
+    def summary(self, summary: Summary, step: int) -> None: ...
 
     def flush(self) -> None:
         """Send what is buffered (called at each epoch's end)."""
@@ -171,6 +238,7 @@ class TensorBoardTracker(Tracker):
         from torch.utils.tensorboard.writer import FileWriter
 
         self._summary, self._text = Summary, text
+        _quiet_tensorboard_threads()
         self.logdir = run_dir / "tb"
         self.writer = FileWriter(str(self.logdir), flush_secs=30)
         if resumed:
@@ -182,10 +250,10 @@ class TensorBoardTracker(Tracker):
         S = self._summary
         self.writer.add_summary(S(value=[S.Value(tag=k, simple_value=v) for k, v in metrics.items()]), step)
 
-    def event(self, rec: dict[str, Any], step: int) -> None:
+    def event(self, rec: Event, step: int) -> None:
         self.writer.add_summary(self._text(f"event/{rec['event']}", _event_text(rec)), step)
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Summary, step: int) -> None:
         lines = [f"**{summary['verdict']}**: {summary.get('evidence', '')}"]
         lines += [f"- flag {f['flag']}: {f['evidence']}" for f in summary.get("flags") or []]
         lines += [f"- warning: {w['message']}" for w in summary.get("warnings") or []]
@@ -226,6 +294,7 @@ class MlflowTracker(Tracker):
         self._metric, self._param, self._tag = Metric, Param, RunTag
         self.uri = os.environ.get("MLFLOW_TRACKING_URI") or self._local_store(runs_root)
         local = "MLFLOW_TRACKING_URI" not in os.environ
+        _probe_mlflow_store(self.uri)
         with _store_lock(runs_root / "mlflow" if local else None):
             self.client = MlflowClient(tracking_uri=self.uri)  # creates the local store's tables once
             exp = self.client.get_experiment_by_name(group)
@@ -268,12 +337,12 @@ class MlflowTracker(Tracker):
         for i in range(0, len(pending), self._BATCH):
             self.client.log_batch(self.run_id, metrics=pending[i:i + self._BATCH])
 
-    def event(self, rec: dict[str, Any], step: int) -> None:
+    def event(self, rec: Event, step: int) -> None:
         # one tag per event and step (spikes recur), and a 1 at that step on the event's own chart
         self.client.set_tag(self.run_id, f"event.{rec['event']}.step_{step}", _event_text(rec)[:5000])
         self.log({f"event/{rec['event']}": 1.0}, step)
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Summary, step: int) -> None:
         tags = {"verdict": summary["verdict"], "evidence": str(summary.get("evidence", ""))[:5000]}
         if summary.get("first_nan"):
             nan = summary["first_nan"]
@@ -307,10 +376,12 @@ class WandbTracker(Tracker):
         import wandb
 
         self.id = previous.get("id") or uuid.uuid4().hex[:8]
+        # W&B's files go where W&B users put them (WANDB_DIR), else into the run folder
+        self.dir = os.environ.get("WANDB_DIR") or str(run_dir)
         self.next = int(previous.get("next_step", 0))
         self.run = wandb.init(
             project=None if os.environ.get("WANDB_PROJECT") else "stab", group=group, name=run_dir.name, id=self.id,
-            resume="allow", dir=str(run_dir), config={**params, **operational},
+            resume="allow", dir=self.dir, config={**params, **operational},
             mode=None if os.environ.get("WANDB_MODE") else "offline", reinit="create_new",
             settings=wandb.Settings(console="off", silent=True, disable_git=True))
         self.run.define_metric("step")
@@ -323,12 +394,12 @@ class WandbTracker(Tracker):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._log(metrics, step)
 
-    def event(self, rec: dict[str, Any], step: int) -> None:
+    def event(self, rec: Event, step: int) -> None:
         self._log({f"event/{rec['event']}": _event_text(rec)}, step)
         if f"first/{rec['event']}" not in self.run.summary.keys():  # noqa: SIM118 (W&B's Summary has no __contains__); the first of each kind, in the summary
             self.run.summary[f"first/{rec['event']}"] = {k: v for k, v in rec.items() if k != "event"}
 
-    def summary(self, summary: dict[str, Any], step: int) -> None:
+    def summary(self, summary: Summary, step: int) -> None:
         self._log(summary_metrics(summary), step)
         keep = ("verdict", "evidence", "flags", "warnings", "first_nan", "scream_epoch", "final_loss",
                 "final_val_loss", "grad_norm_by_epoch")
@@ -338,7 +409,8 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=0 if state == "completed" else 1)
 
     def state(self) -> dict[str, Any]:
-        return {"id": self.id, "next_step": self.next, "dir": "wandb"}
+        return {"id": self.id, "next_step": self.next,
+                "dir": "wandb" if "WANDB_DIR" not in os.environ else str(Path(self.dir) / "wandb")}
 
 
 # -- the fan-out --------------------------------------------------------------------------------
@@ -352,7 +424,7 @@ class Recorder:
                  warn: Callable[[str], None] | None = None) -> None:
         self.trackers = list(trackers)
         self.run_dir = run_dir
-        self.warn = warn or (lambda msg: warnings.warn(msg, TrackerWarning, stacklevel=3))
+        self.warn = warn or log.warning
         self.errors: dict[str, str] = {}
         self.last_step = 0
 
@@ -367,28 +439,28 @@ class Recorder:
                 self.trackers.remove(t)
                 self.errors[t.name] = f"{type(e).__name__}: {e}"
                 self.warn(f"tracker {t.name} failed and is off for the rest of this run "
-                          f"({type(e).__name__}: {e}); the run folder has every record")
+                          f"({_why(e)}); the run folder has every record")
                 self.save()
 
-    def step(self, rec: dict[str, Any]) -> None:
+    def step(self, rec: Mapping[str, Any]) -> None:
         if self.trackers:
             self.last_step = rec["step"]
             metrics = step_metrics(rec)
             self._each(lambda t: t.log(metrics, rec["step"]))
 
-    def epoch(self, erec: dict[str, Any]) -> None:
+    def epoch(self, erec: EpochRecord) -> None:
         if self.trackers:
             metrics = epoch_metrics(erec)
             self._each(lambda t: t.log(metrics, self.last_step))
             self._each(lambda t: t.flush())
             self.save()
 
-    def event(self, rec: dict[str, Any]) -> None:
+    def event(self, rec: Event) -> None:
         if self.trackers:
             step = rec.get("step", self.last_step)
             self._each(lambda t: t.event(rec, step))
 
-    def summary(self, summary: dict[str, Any]) -> None:
+    def summary(self, summary: Summary) -> None:
         if self.trackers:
             self._each(lambda t: t.summary(summary, self.last_step))
 
@@ -464,7 +536,7 @@ def open_trackers(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (),
             recorder.trackers.append(makers[name]())
         except Exception as e:
             recorder.errors[name] = f"{type(e).__name__}: {e}"
-            recorder.warn(f"tracker {name} could not start ({type(e).__name__}: {e}); "
+            recorder.warn(f"tracker {name} could not start ({_why(e)}); "
                           f"the run goes on without it, its folder has every record")
     recorder.save()
     return recorder

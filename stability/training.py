@@ -4,9 +4,9 @@ The loop reads top to bottom: batch -> forward -> loss -> backward -> measure ->
 transfer) -> non-finite check -> clip -> step -> record. Everything measured in a step is
 packed into one device vector by the run's `StepLayout` and moved to the host once
 (`stability.step.Stepper`, every `train.sync_every` steps through `Window`); the step's record
-goes to the run folder's writer (`stability.runwriter.RunWriter`), which owns every file, keeps
-the epoch's aggregates as steps arrive and feeds the detectors (`stability.summarizer`). The
-files and their fields are defined in `stability.runformat` and docs/run-format.md.
+goes to the run folder's writer (`stability.record.writer.RunWriter`), which owns every file, keeps
+the epoch's aggregates as steps arrive and feeds the detectors (`stability.record.summarizer`). The
+files and their fields are defined in `stability.record.format` and docs/run-format.md.
 
     summary = run(RunConfig(), Path("runs/example"), overrides=["norm=pre"])
 """
@@ -20,12 +20,15 @@ from typing import Any
 
 import torch
 
-from stability import detectors, distributed, forensics
+from stability import detectors, distributed, forensics, snapshots
 from stability.config import RunConfig
 from stability.forensics import NanInjector
 from stability.preflight import preflight
+from stability.record import format as rf
+from stability.record.writer import RunWriter
 from stability.session import RunSession
 from stability.step import StepContext, Stepper, Window
+from stability.storage import read_jsonl
 from stability.workloads import build
 
 
@@ -112,11 +115,24 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
     stopped = False
     step = 0
 
+    ring = snapshots.SnapshotRing(writer.dir / snapshots.FOLDER, tc.snapshot_every, tc.snapshot_keep, write=writer.writes)
+    first_epoch, first_batch = 1, 0
+    if tc.rewind_from:  # continue from a snapshot (stab doctor --try): its run's records up to there are this run's
+        snap = _rewind(Path(tc.rewind_from), writer, distributed.unwrap(model), opt, sched, ins.recovery, epoch_norms)
+        step, first_epoch, first_batch = int(snap["step"]), int(snap["epoch"]), int(snap["batch"])
+        order_gen.set_state(snap["order_state"])
+        writer.event({"event": "rewound", "step": step, "epoch": first_epoch, "batch": first_batch,
+                      "snapshot": str(tc.rewind_from)})
+
     model.train()
     try:
-        for epoch in range(1, tc.epochs + 1):
+        for epoch in range(first_epoch, tc.epochs + 1):
+            order_state = order_gen.get_state()  # the data order, as a snapshot keeps it
             order = torch.randperm(work.n_train, generator=order_gen)
-            for b in range(n_batches):
+            for b in range(first_batch if epoch == first_epoch else 0, n_batches):
+                if not window.pending and ring.due(step):  # at a host transfer: no step in flight
+                    ring.save(step, snapshots.capture(distributed.unwrap(model), opt, sched, order_state, epoch, b,
+                                                      {"recovery": ins.recovery.state_dict() if ins.recovery else None}))
                 if not window.pending:
                     t0 = time.perf_counter()
                 if cfg.fault.crash_at_step == step:
@@ -167,3 +183,42 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
                          stopped_early=stopped, codec=work.info.get("codec"), latent_scale=work.info.get("scale"),
                          device=str(device), world_size=world.size, sync_every=tc.sync_every,
                          wall_s=time.time() - session.t_start)
+
+
+def _rewind(path: Path, writer: RunWriter, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+            recovery: Any, epoch_norms: list[float]) -> dict[str, Any]:
+    """Load a snapshot into the run (`snapshots.restore`) and feed the writer the snapshot's run's
+    records before it: its steps (so the epoch aggregates and detectors see the whole run) and
+    the evaluations of its finished epochs. Raises ConfigError naming train.rewind_from when the
+    file is not a snapshot, its run folder has no records, or its weights do not fit the model."""
+    from stability.config import ConfigError
+
+    try:
+        snap = snapshots.load(path)
+        snapshots.restore(snap, model, opt, sched)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.rewind_from={str(path)!r}: {e}") from None
+    if recovery is not None:
+        recovery.load_state_dict((snap.get("extra") or {}).get("recovery") or {})
+    parent = path.parent.parent
+    steps, _ = read_jsonl(parent / rf.METRICS)
+    epochs = {int(e["epoch"]): e for e in read_jsonl(parent / rf.EPOCHS)[0] if "epoch" in e}
+    k, epoch = int(snap["step"]), int(snap["epoch"])
+    before = [r for r in steps if int(r.get(rf.STEP, -1)) < k]
+    if len(before) < k:
+        raise ConfigError(f"train.rewind_from={str(path)!r}: its run folder {parent} holds {len(before)} step "
+                          f"records before step {k}; a rewind needs them all")
+    for r in before:
+        if writer.stats is not None and int(r[rf.EPOCH]) != writer.stats.epoch:
+            _replay_epoch(writer, epochs, writer.stats.epoch, epoch_norms)
+        writer.step(r)
+    if writer.stats is not None and writer.stats.epoch < epoch:
+        _replay_epoch(writer, epochs, writer.stats.epoch, epoch_norms)
+    return snap
+
+
+def _replay_epoch(writer: RunWriter, epochs: dict[int, dict[str, Any]], epoch: int, epoch_norms: list[float]) -> None:
+    """Close a replayed epoch: the writer's aggregates with the snapshot's run's evaluation of it."""
+    erec = {**epochs.get(epoch, {"epoch": epoch}), **writer.close_epoch()}
+    writer.epoch(erec)
+    epoch_norms.append(erec["grad_norm_mean"])

@@ -341,3 +341,58 @@ def test_write_listening_skips_non_finite_outputs(tmp_path, random_codec):
     assert out["audio_nonfinite"] == [1]
     wav, rate = sf.read(tmp_path / "audio" / "epoch7_item0_output.wav")
     assert rate == 24_000 and len(wav) == 5 * 320
+
+
+# --- folders as people keep them (issue 29) ------------------------------------------------------
+
+
+def test_a_linked_speaker_folder_is_followed_and_said_where_it_leads(tmp_path, caplog):
+    data = make_folder(tmp_path / "pairs")
+    elsewhere = tmp_path / "other_disk" / "speaker2"
+    write_pair(elsewhere, "s1", 16_000, 1)
+    for side in ("input", "target"):
+        os.symlink(elsewhere / side, data / side / "speaker2")
+    caplog.set_level("WARNING", logger="stab.audio")
+    plan = plan_folder(scan_folder(data), SEG, n_train=None, n_val=2, seed=0)
+    assert [p.name for p in plan.pairs] == ["a_stereo44k", "b_mono16k", "c_flac48k", "speaker2/s1"]
+    linked = next(p for p in plan.pairs if p.name == "speaker2/s1")
+    assert linked.samples == SAMPLE_RATE and linked.input.path.resolve().parent == elsewhere / "input"
+    said = [r.getMessage() for r in caplog.records]
+    assert f"input/speaker2 is a link to {elsewhere / 'input'}: its files are read from there" in said
+
+
+def test_a_link_loop_or_a_link_to_nothing_is_named(tmp_path):
+    data = make_folder(tmp_path / "pairs")
+    os.symlink(data / "input", data / "input" / "again")
+    with pytest.raises(audio.DataError, match=r"input/again is a link to .*pairs/input, a folder read already"):
+        scan_folder(data)
+    (data / "input" / "again").unlink()
+    os.symlink(tmp_path / "gone.wav", data / "input" / "d.wav")
+    listing = scan_folder(data)
+    assert ("input/d.wav", f"is a link to {tmp_path / 'gone.wav'}, which does not exist") in listing.bad
+
+
+def test_float_audio_beyond_full_scale_is_warned_with_file_and_peak(tmp_path, caplog):
+    data = make_folder(tmp_path / "pairs")
+    loud = tone(24_000, 1.0) * 5.0  # peak about 2.0: only a float file can hold it
+    sf.write(data / "target" / "b_mono16k.wav", loud, 24_000, subtype="FLOAT")
+    sf.write(data / "input" / "b_mono16k.wav", tone(24_000, 1.0), 24_000, subtype="FLOAT")
+    caplog.set_level("WARNING", logger="stab.audio")
+    plan = plan_folder(scan_folder(data), SEG, n_train=None, n_val=2, seed=0)
+    peak = float(np.abs(loud).max())
+    (said,) = [r.getMessage() for r in caplog.records if "full scale" in r.getMessage()]
+    assert said.startswith(f"target/b_mono16k.wav holds float samples beyond full scale: peak {peak:.4g} (+")
+    assert plan.summary()["over_full_scale"] == {"target/b_mono16k.wav": pytest.approx(peak)}
+
+
+def test_a_file_name_that_is_not_utf8_is_named_by_its_bytes_and_read(cli, tmp_path):
+    data = make_folder(tmp_path / "pairs")
+    for side in ("input", "target"):
+        sf.write(os.fsencode(data / side) + b"/caf\xe9.wav", tone(24_000, 1.0), 24_000)
+    plan = plan_folder(scan_folder(data), SEG, n_train=None, n_val=2, seed=0)
+    assert "b'caf\\xe9'" in [p.name for p in plan.pairs]  # decoded and paired, not "cannot be decoded"
+    os.remove(os.fsencode(data / "target") + b"/caf\xe9.wav")
+    result = cli("data", "inspect", *SMOKE, *FOLDER, f"data.path={data}", ok=False)
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "b'input/caf\\xe9.wav' has no partner target/b'caf\\xe9'.* to pair with" in line, line

@@ -14,7 +14,7 @@ from cli.config import UserError, compose_run
 from stability.config import TextDataConfig
 from stability.detectors import loop_share, scream_check
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
-from stability.runformat import read_grad_table
+from stability.record.format import read_grad_table
 from stability.workloads.charlm import text
 from stability.workloads.charlm.workload import CharLMWorkload
 from tests.conftest import only_run, read_json, read_jsonl

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from stability import runformat as rf
+from stability.record import format as rf
 from stability.replay import replay
 from tests.conftest import SMOKE, only_run, read_json, read_jsonl
 

@@ -12,6 +12,7 @@ import yaml
 
 from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS
+from stability.record import verdicts as vd
 from stability.storage import append_jsonl, write_json
 from tests.conftest import read_json
 
@@ -196,7 +197,7 @@ def test_doctor_try_trains_the_fixes_from_the_failed_runs_exact_config(cli, tmp_
     cli("run", "--runs", tmp_path, *failing)
     run = next((tmp_path / "run").iterdir())
     before = read_json(run / "summary.json")
-    assert before["verdict"] in dr.UNSTABLE, before["verdict"]
+    assert vd.is_unstable(before["verdict"]), before["verdict"]
     result = cli("doctor", run, "--try", "--fixes", "2", "--runs", tmp_path, "--name", "try")
     assert "what went wrong first" in result.output
     res = read_json(tmp_path / "try" / "doctor.json")
@@ -212,5 +213,5 @@ def test_doctor_try_trains_the_fixes_from_the_failed_runs_exact_config(cli, tmp_
         assert cfg["seed"] == 3 and cfg["train"]["stop_early"] is True
         changed = {k for k, v in flat(cfg).items() if flat(failed_cfg).get(k) != v} - {"train.stop_early", *OPERATIONAL_KEYS}
         assert changed == {ALIAS.get(o.split("=")[0], o.split("=")[0]) for o in t["fix"].split()}
-    assert res["fixed"] == [t["fix"] for t in res["tries"] if t["verdict"] not in dr.UNSTABLE]
+    assert res["fixed"] == [t["fix"] for t in res["tries"] if not vd.is_unstable(t["verdict"])]
     assert ("fixed by" in res["sentence"]) == bool(res["fixed"])

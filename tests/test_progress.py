@@ -86,13 +86,13 @@ def test_the_sweep_view_shows_epoch_grad_norm_verdict_elapsed_and_eta(tmp_path):
     _job(tmp_path, "residual=0.3", "completed", 4, verdict="stable")
     j = job_progress(tmp_path / "residual=0.1", now=110.0)
     assert (j["epoch"], j["epochs"], j["grad_norm"], j["elapsed"], j["eta"]) == (2, 4, 3.5, 10.0, 10.0)
-    assert j["verdict"] == "scream?"
+    assert j["verdict"] is None and j["note"] == "output collapsed at epoch 2"  # not a verdict: it may end stable
     view = LiveView(tmp_path, 4, clock=Clock(110.0))
     buf = io.StringIO()
     Console(file=buf, width=200, color_system=None).print(view.render())
     rows = {line.split()[0]: " ".join(line.replace("│", " ").split())
             for line in buf.getvalue().splitlines() if line.strip().startswith("residual")}
-    assert "running 2/4 3.5 scream? 10 s 10 s" in rows["residual=0.1"], rows
+    assert "running 2/4 3.5 output collapsed at epoch 2 10 s 10 s" in rows["residual=0.1"], rows
     assert "completed 4/4 5.5 stable 30 s" in rows["residual=0.3"], rows
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stability.runformat import read_grad_table
+from stability.record.format import read_grad_table
 from stability.storage import append_jsonl, read_jsonl
 from tests.conftest import SMOKE, read_json
 

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from stability.runformat import read_grad_table
+from stability.record.format import read_grad_table
 from tests.conftest import SMOKE, read_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -205,6 +205,73 @@ def test_plots_are_real_images_embedded_in_the_markdown(runs, reported):
         assert f"](plots/{h.name})" in md
     assert "e2 b2 stage2.layer0.mlp" in md and "| NaN |" in md
     assert "InjectedCrash" in md  # the crashed run is in the warnings section
+
+
+def test_each_run_gets_its_per_step_plot_and_the_nan_run_its_departure(runs, reported):
+    _, out = reported
+    md = (out / "report.md").read_text()
+    trained = [d for d in run_dirs(runs) if (d / "metrics.jsonl").exists() and (d / "metrics.jsonl").stat().st_size]
+    steps = sorted((out / "plots" / "steps").glob("*.png"))
+    assert len(steps) == len(trained) >= 5  # the crashed run recorded no step
+    for p in steps:
+        _png(p)
+        assert f"](plots/steps/{p.name})" in md
+    _png(out / "plots" / "grouped.png")
+    _png(out / "plots" / "departure.png")
+    from stability.report import load_run
+    from stability.report.steps import departures, detect_settings, load_steps
+
+    nan_dir = by_summary(runs, "nan")
+    dep = departures(load_steps(load_run(nan_dir)), detect_settings(load_run(nan_dir)))
+    assert min(v for v in dep.values() if v is not None) <= 6  # by the first NaN at the latest
+    assert "## Which module group left its band first" in md
+
+
+def test_report_html_opens_in_a_real_browser_with_the_answer_and_every_run(runs, reported, tmp_path):
+    """Headless Chromium over the DevTools protocol: no console error, no request but the file
+    itself, the answer sentence and a link to each run's section, sorting by a column works, and
+    the screenshot is not blank."""
+    from tests.browser import Browser, chromium
+
+    if chromium() is None:
+        pytest.skip("no chromium (apt-get install chromium; .ci/run installs it)")
+    output, out = reported
+    page = out / "report.html"
+    sentence = next(line for line in output.output.splitlines() if line.startswith(("Decisive", "All", "The one", "No run")))
+    with Browser() as b:
+        b.open(page)
+        assert b.errors == []
+        assert b.eval("document.documentElement.getAttribute('data-ready')") == "1"
+        assert b.eval("document.documentElement.getAttribute('data-errors')") is None
+        assert [u for u in b.requests if not u.startswith("data:")] == [page.resolve().as_uri()]  # offline
+        assert b.eval("document.getElementById('answer').textContent") == sentence.strip()
+        links = b.eval("Array.from(document.querySelectorAll('#runs-table tbody a')).map(a => a.getAttribute('href'))")
+        assert len(links) == len(run_dirs(runs))
+        headings = b.eval("Array.from(document.querySelectorAll('section.run')).map(s => '#' + s.id)")
+        assert links == headings  # every run has its section, each linked
+        rels = b.eval("Array.from(document.querySelectorAll('section.run p.muted')).map(p => p.textContent)")
+        assert all(any(p.startswith(os.path.relpath(d, runs)) for p in rels) for d in run_dirs(runs))
+        images = b.eval("Array.from(document.images).map(i => i.naturalWidth)")
+        assert len(images) >= 3 + len(run_dirs(runs)) - 1 and all(w > 200 for w in images)  # all decoded
+        col = "final loss"
+        b.eval(f"Array.from(document.querySelectorAll('#runs-table th')).find(t => t.textContent == '{col}').click()")
+        idx = b.eval(f"Array.from(document.querySelectorAll('#runs-table th')).findIndex(t => t.textContent == '{col}')")
+        cells = b.eval(f"Array.from(document.querySelectorAll('#runs-table tbody tr')).map(r => r.cells[{idx}].textContent)")
+        numbers = [float(c) for c in cells if c not in ("-", "NaN", "inf")]
+        assert numbers == sorted(numbers) and len(numbers) >= 4
+        shot = tmp_path / "shot.png"
+        shot.write_bytes(b.screenshot())
+        assert b.errors == []
+    img = mpimg.imread(shot)[..., :3]
+    assert img.shape[0] > 500 and img.shape[1] > 1000
+    assert (img.min(axis=2) < 0.9).mean() > 0.02 and img.std() > 0.05  # text and tables, not a blank page
+
+
+def test_show_plot_draws_the_run_per_step(runs):
+    nan_dir = by_summary(runs, "nan")
+    result = invoke("show", nan_dir, "--plot")
+    assert f"per-step plot: {nan_dir / 'plots' / 'steps.png'}" in result.output.replace("\n", "")
+    _png(nan_dir / "plots" / "steps.png")
 
 
 def test_damaged_and_unfinished_runs_are_listed_with_warnings(runs, tmp_path):

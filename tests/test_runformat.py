@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from stability import report, sweeps
-from stability import runformat as rf
 from stability.config import DetectConfig
 from stability.lr_sensitivity import initial_loss
-from stability.runwriter import RunWriter
-from stability.summarizer import Summarizer
+from stability.record import format as rf
+from stability.record.summarizer import Summarizer
+from stability.record.writer import RunWriter
 from tests.conftest import SMOKE, only_run, read_json, read_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "runs_v0"

@@ -176,7 +176,7 @@ def enospc(path: object = "?") -> OSError:
 
 def test_a_full_disk_mid_run_ends_with_one_line_and_a_failed_status(cli, tmp_path, monkeypatch):
     """From the second metrics write on, the disk is full: no new file, no appended byte."""
-    from stability import runwriter
+    from stability.record import writer as runwriter
 
     full = {"on": False}
     real_append, real_mkstemp = runwriter.append_text, storage.tempfile.mkstemp

@@ -115,9 +115,20 @@ class Attention(nn.Module):
             v = v * (r / (r + c)).to(v.dtype)
         return q, k, v
 
+    # Set by `optstate.LMProbe`: each training forward keeps its largest pre-softmax logit
+    # (0-dim, on the device) in `logit_max`; off by default, so the forward costs nothing extra.
+    watch_logits = False
+    logit_max: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.heads(x)
+        if self.watch_logits and self.training:
+            with torch.no_grad():
+                att = q.detach() @ k.detach().transpose(-2, -1)  # (B, nh, T, T), unscaled
+                if self.causal:
+                    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=att.device).triu(1), float("-inf"))
+                self.logit_max = att.amax().float() / math.sqrt(q.shape[-1])
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)

@@ -3,21 +3,23 @@
 A package by job: `loading` (run folders into `Run`s), `factors` (what differs between runs),
 `tables` (the overview, runs.csv, the answer, one run's tables), `plots` and `markdown`
 (report.md and the CSV files). Everything reads the run folder's files and nothing else
-(`stability.runformat`), so a report works on runs that are still going, were killed, crashed,
+(`stability.record.format`), so a report works on runs that are still going, were killed, crashed,
 or have a damaged file. NaN and inf stay NaN and inf in every table, CSV cell and plot.
 
-    report = write_report(Path("runs"), Path("runs"))   # report.md, runs.csv, factors.csv, plots/
+    report = write_report(Path("runs"), Path("runs"))   # report.md, report.html, runs.csv, factors.csv, plots/
     report.overview                                     # the printed table, as strings
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from stability.progress import phase
+from stability.record import verdicts as vd
 from stability.report.factors import (
     ABSENT,
     ALIAS_PATHS,
@@ -29,12 +31,21 @@ from stability.report.factors import (
     labels,
     sort_runs,
 )
-from stability.report.loading import RUN_MARKERS, VERDICTS, ReportError, Run, _float, find_runs, load_run, load_runs
+from stability.report.html import html_report
+from stability.report.loading import RUN_MARKERS, ReportError, Run, _float, find_runs, load_run, load_runs
 from stability.report.markdown import PLOTS, _markdown, csv_cell, diagnostic_warnings, markdown_table, write_csv
 from stability.report.plots import _slug, plot_curves, plot_grad_norms, plot_heatmap
+from stability.report.stepplots import (
+    Drawn,
+    departure_frame,
+    departure_table,
+    plot_departure,
+    plot_grouped,
+    plot_steps,
+)
+from stability.report.steps import StepSeries, load_steps, minmax_downsample
 from stability.report.tables import (
     DECISIVE,
-    UNSTABLE,
     answer,
     answer_display,
     epoch_frame,
@@ -60,11 +71,11 @@ __all__ = [
     "PLOTS",
     "RUN_MARKERS",
     "UNSET",
-    "UNSTABLE",
-    "VERDICTS",
+    "Drawn",
     "Report",
     "ReportError",
     "Run",
+    "StepSeries",
     "_canonical",
     "_float",
     "answer",
@@ -72,6 +83,8 @@ __all__ = [
     "build_report",
     "config_diff",
     "csv_cell",
+    "departure_frame",
+    "departure_table",
     "diagnostic_warnings",
     "epoch_frame",
     "event_text",
@@ -87,13 +100,18 @@ __all__ = [
     "labels",
     "load_run",
     "load_runs",
+    "load_steps",
     "lr_display",
     "lr_summary",
     "markdown_table",
+    "minmax_downsample",
     "overview",
     "plot_curves",
+    "plot_departure",
     "plot_grad_norms",
+    "plot_grouped",
     "plot_heatmap",
+    "plot_steps",
     "runs_frame",
     "sort_runs",
     "stage_frame",
@@ -118,6 +136,10 @@ class Report:
     lr_table: pd.DataFrame | None = None  # LR sensitivity per configuration, when the LR was swept
     answer: pd.DataFrame | None = None  # unstable share per factor value (see `answer`)
     sentence: str = ""  # the report's one-sentence answer
+    step_plots: dict[str, Path] = field(default_factory=dict)  # run.rel -> per-step PNG
+    grouped: Drawn | None = None  # per-step curves grouped by factor (2+ runs)
+    departure: Drawn | None = None  # which module group left its band first (unstable and stable runs)
+    departures: pd.DataFrame | None = None  # per group: how often it left first, unstable vs stable runs
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
@@ -135,16 +157,30 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     root = Path(root)
     out = Path(out) if out is not None else root
     runs, keys = build_report(root)
+    if not any(_valid(r) for r in runs):
+        shown = ", ".join(f"{r.rel} ({'; '.join(r.warnings[:1]) or 'nothing stab wrote'})" for r in runs[:3])
+        raise ReportError(f"{root}: no valid run in it ({shown}{', ...' if len(runs) > 3 else ''}); a run folder "
+                          f"holds status.json with a state, summary.json with a verdict or a stab config.yaml")
+    check_ours(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _remember(out, [out / rel for rel in _OUTPUTS] + sorted((out / PLOTS).glob("heatmap_*.png")), writing=True)
     over = overview(runs, keys)
     table = runs_frame(runs, keys)
     summary = factor_summary(runs, keys)
     plots = out / PLOTS
     plots.mkdir(parents=True, exist_ok=True)
     names = labels(runs, keys)
-    mapped = [r for r in runs if r.verdict in UNSTABLE and r.grad_table is not None and not r.grad_table.empty]
+    mapped = [r for r in runs if vd.is_unstable(r.verdict) and r.grad_table is not None and not r.grad_table.empty]
+    series: dict[str, StepSeries] = {r.rel: load_steps(r) for r in runs}
+    stepped = [r for r in runs if len(series[r.rel])]
+    ans, sentence = answer(runs, keys)
+    spread = {k: float(g["unstable_share"].max() - g["unstable_share"].min()) for k, g in ans.groupby("factor")} \
+        if not ans.empty else {}
     heatmaps: dict[str, Path] = {}
+    step_plots: dict[str, Path] = {}
+    grouped = departure = None
     used: set[str] = set()
-    with phase("drawing plots", total=2 + len(mapped), unit="plots") as p:
+    with phase("drawing plots", total=4 + len(mapped) + len(stepped), unit="plots") as p:
         files = [plot_curves(runs, names, plots / "curves.png")]
         p.advance()
         files.append(plot_grad_norms(runs, names, plots / "grad_norm.png"))
@@ -156,19 +192,96 @@ def write_report(root: Path, out: Path | None = None) -> Report:
             used.add(name)
             heatmaps[r.rel] = plot_heatmap(r, names[r.rel], plots / f"{name}.png")
             p.advance()
-    for stale in plots.glob("heatmap_*.png"):  # from an earlier report of runs since removed or now stable
-        if stale not in heatmaps.values():
+        for r in stepped:
+            name = _slug(f"steps_{r.rel}")
+            while name in used:
+                name += "_"
+            used.add(name)
+            step_plots[r.rel] = plot_steps(r, series[r.rel], names[r.rel], plots / "steps" / f"{name}.png").path
+            p.advance()
+        if len(stepped) > 1:
+            grouped = plot_grouped(stepped, series, keys, plots / "grouped.png", spread)
+            files.append(grouped.path)
+        p.advance()
+        dep_rows = departure_table(stepped, series)
+        departures = departure_frame(dep_rows) if dep_rows else None
+        if dep_rows and any(r["unstable"] for r in dep_rows):
+            departure = plot_departure(dep_rows, plots / "departure.png")
+            files.append(departure.path)
+        p.advance()
+    for stale in [*plots.glob("heatmap_*.png"), *plots.glob("steps/*.png")]:  # runs since removed or now stable
+        if stale not in heatmaps.values() and stale not in step_plots.values():
+            stale.unlink(missing_ok=True)
+    for stale in (plots / "grouped.png", plots / "departure.png"):
+        if stale not in files:
             stale.unlink(missing_ok=True)
     files += heatmaps.values()
+    files += step_plots.values()
     write_csv(table, out / "runs.csv")
     write_csv(summary, out / "factors.csv")
     lr_table = lr_summary(runs, keys)
-    ans, sentence = answer(runs, keys)
     extra = []
     if lr_table is not None:
         write_csv(lr_table, out / "lr_sensitivity.csv")
         extra.append(out / "lr_sensitivity.csv")
+    report = Report(root, out, runs, keys, over, table, summary, [], heatmaps, lr_table, ans, sentence, step_plots,
+                    grouped, departure, departures)
     atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table,
-                                                   ans, sentence))
-    files = [out / "report.md", out / "runs.csv", out / "factors.csv", *extra, *files]
-    return Report(root, out, runs, keys, over, table, summary, files, heatmaps, lr_table, ans, sentence)
+                                                   ans, sentence, report))
+    atomic_write_text(out / "report.html", html_report(report, names))
+    report.files = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra, *files]
+    _remember(out, report.files)
+    return report
+
+
+MANIFEST = ".stab-report.json"  # in the report's folder: the files `stab report` wrote there, with their sha256
+_OUTPUTS = ("report.md", "report.html", "runs.csv", "factors.csv", "lr_sensitivity.csv", f"{PLOTS}/curves.png",
+            f"{PLOTS}/grad_norm.png")
+
+
+def _valid(run: Run) -> bool:
+    """A folder stab wrote a run into: a known state, a verdict, or a config with stab's sections."""
+    return (run.state in ("running", "completed", "failed", "interrupted") or bool(run.summary.get("verdict"))
+            or bool(run.config and "train" in run.config))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_ours(out: Path) -> None:
+    """Raise ReportError, before anything is written, if `out` holds a file the report would
+    overwrite or remove that `stab report` did not write (the user's own report.md, say). Ours:
+    listed in out/.stab-report.json with the same content; a folder reported on before that list
+    existed counts as ours when its report.md opens as stab's does."""
+    out = Path(out)
+    existing = [out / rel for rel in _OUTPUTS if (out / rel).is_file()] + sorted((out / PLOTS).glob("heatmap_*.png"))
+    if not existing:
+        return
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        known, writing = dict(manifest["files"]), bool(manifest.get("writing"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        known, writing = None, False
+    for path in existing:
+        rel = path.relative_to(out).as_posix()
+        if known is not None:  # a report cut short (full disk, kill) left "writing": its files are ours
+            ours = writing or known.get(rel) == _sha256(path)
+        else:
+            try:
+                with open(out / "report.md", encoding="utf-8", errors="replace") as f:
+                    ours = f.readline().startswith("# Stability report: ")
+            except OSError:
+                ours = False
+        if not ours:
+            raise ReportError(f"{path} was not written by stab report (or was changed since): not overwriting it; "
+                              f"move it, or pass --out to another folder")
+
+
+def _remember(out: Path, files: list[Path], writing: bool = False) -> None:
+    """out/.stab-report.json: what this report wrote, so the next one knows what it may overwrite;
+    `writing` marks a report under way (its files may be half new)."""
+    listed = {p.relative_to(out).as_posix(): _sha256(p) for p in files if p.is_file()}
+    atomic_write_text(out / MANIFEST, json.dumps({"files": listed, "writing": writing}, indent=1) + "\n")

@@ -1,9 +1,9 @@
 """Loading run folders for a report: find them, read each robustly, never drop one.
 
 A run folder is any folder holding `status.json`, `summary.json` or `config.yaml`
-(`runformat.RUN_MARKERS`); a sweep is a folder of them. A run that is still going, was killed,
+(`rf.RUN_MARKERS`); a sweep is a folder of them. A run that is still going, was killed,
 crashed, or has a torn or hand-damaged file is loaded as far as its files allow and carries
-warnings. The file names and keys are `stability.runformat`'s; folders written before
+warnings. The file names and keys are `stability.record.format`'s; folders written before
 `schema_version` (a wide grad table) read the same.
 
     runs = load_runs(Path("runs"))      # every run folder under runs/, sorted by folder
@@ -11,7 +11,6 @@ warnings. The file names and keys are `stability.runformat`'s; folders written b
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,15 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from stability import runformat
 from stability.config import flatten
-from stability.rundirs import writer_gone
-from stability.storage import loads, read_jsonl
+from stability.record import format as rf
+from stability.record.folder import RunFolder, find_runs, sweep_overrides
+from stability.record.records import EpochRecord, Event, Status, Summary
 
-RUN_MARKERS = runformat.RUN_MARKERS
-VERDICTS = ("stable", "exploding", "scream", "nan", "failed")  # least to most broken
+RUN_MARKERS = rf.RUN_MARKERS
 
 
 class ReportError(Exception):
@@ -43,13 +40,13 @@ class Run:
     rel: str  # path relative to the report's root ("." for the root itself)
     state: str  # running | completed | failed | interrupted | unknown (no or unreadable status.json)
     verdict: str  # stable | exploding | scream | nan | failed, or the state while there is none
-    status: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
+    status: Status = field(default_factory=Status)
+    summary: Summary = field(default_factory=Summary)
     overrides: list[str] | None = None
     config: dict[str, Any] | None = None
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    grad_table: pd.DataFrame | None = None  # grad_norms.csv, long (runformat.GRAD_COLUMNS), from either layout
-    events: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[EpochRecord] = field(default_factory=list)
+    grad_table: pd.DataFrame | None = None  # grad_norms.csv, long (rf.GRAD_COLUMNS), from either layout
+    events: list[Event] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     steps_recorded: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -120,18 +117,6 @@ class Run:
         return next((g for g in reversed(self.series("grad_norm_by_epoch")) if math.isfinite(g)), math.nan)
 
 
-def find_runs(root: Path) -> list[Path]:
-    """Every run folder under `root`, at any depth; hidden folders (`.hydra`) are skipped."""
-    root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if any(m in filenames for m in RUN_MARKERS):
-            found.append(Path(dirpath))
-            dirnames[:] = []  # a run folder holds no runs
-    return found
-
-
 def load_runs(root: Path) -> list[Run]:
     """All runs under `root`, sorted by folder; ReportError if there is nothing to report on."""
     root = Path(root)
@@ -142,72 +127,46 @@ def load_runs(root: Path) -> list[Run]:
     paths = find_runs(root)
     if not paths:
         raise ReportError(f"{root}: no run folders in it (a run folder holds {', '.join(RUN_MARKERS)})")
-    index = _sweep_overrides(root)
+    index = sweep_overrides(root)
     return [load_run(p, root, index) for p in paths]
 
 
 def load_run(path: Path, root: Path | None = None, sweep_overrides: dict[Path, list[str]] | None = None) -> Run:
-    """Load one run folder; never raises on damaged or missing files, records a warning instead."""
+    """Load one run folder through `RunFolder`; never raises on damaged or missing files, records a
+    warning instead."""
     path = Path(path)
     rel = os.path.relpath(path, root) if root is not None else path.name
     run = Run(path=path, rel=rel, state="unknown", verdict="?")
+    folder = RunFolder(path)
+    folder.warnings = run.warnings  # one list, in the order the files are read
     warn = run.warnings.append
 
-    status = _read_json(path / runformat.STATUS, warn)
-    if status is None and not (path / runformat.STATUS).exists():
-        warn("no status.json")
-    run.status = status if isinstance(status, dict) else {}
-    run.state = str(run.status.get("state") or "unknown")
+    status = folder.status()
+    if not folder.has(rf.STATUS):
+        warn(f"no {rf.STATUS}")
+    run.status, run.state = status, status.state
+    run.summary = folder.summary()
 
-    summary = _read_json(path / runformat.SUMMARY, warn)
-    run.summary = summary if isinstance(summary, dict) else {}
-
-    ov = _read_json(path / runformat.OVERRIDES, warn)
+    ov = folder.json(rf.OVERRIDES)
     if isinstance(ov, dict) and isinstance(ov.get("overrides"), list):
         run.overrides = [str(o) for o in ov["overrides"]]
     elif sweep_overrides and path.resolve() in sweep_overrides:
         run.overrides = sweep_overrides[path.resolve()]
-        warn("overrides.json missing or unreadable; overrides taken from sweep.json")
-    elif ov is None and (path / runformat.CONFIG).exists():
-        warn("no overrides.json; compared by config.yaml")
+        warn(f"{rf.OVERRIDES} missing or unreadable; overrides taken from {rf.SWEEP_INDEX}")
+    elif ov is None and folder.has(rf.CONFIG):
+        warn(f"no {rf.OVERRIDES}; compared by {rf.CONFIG}")
+    run.config = folder.config()
+    run.epochs, run.events = folder.epochs(), folder.events()
+    run.steps_recorded = len(folder.steps())
+    run.data = folder.data()
+    run.grad_table = folder.grad_table()
 
-    if (path / runformat.CONFIG).exists():
-        try:
-            cfg = yaml.safe_load((path / runformat.CONFIG).read_text())
-            run.config = cfg if isinstance(cfg, dict) else None
-            if run.config is None:
-                warn("config.yaml is not a mapping")
-        except (OSError, yaml.YAMLError) as e:
-            warn(f"config.yaml unreadable: {_first_line(e)}")
-    else:
-        warn("no config.yaml")
-
-    for name in (runformat.EPOCHS, runformat.EVENTS, runformat.METRICS):
-        records, bad = read_jsonl(path / name)
-        if bad:
-            warn(f"{name}: {bad} unparsable line(s) skipped")
-        if name == runformat.EPOCHS:
-            run.epochs = records
-        elif name == runformat.EVENTS:
-            run.events = records
-        else:
-            run.steps_recorded = len(records)
-    data = _read_json(path / runformat.DATA, warn)
-    run.data = data if isinstance(data, dict) else {}
-
-    grad_csv = path / runformat.GRAD_TABLE
-    if grad_csv.exists():
-        try:
-            run.grad_table = runformat.read_grad_table(grad_csv)
-        except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-            warn(f"grad_norms.csv unreadable: {_first_line(e)}")
-
-    if run.state == "running" and writer_gone(path, run.status):  # killed: it will never finish
+    if run.state == "running" and folder.state(status) == "interrupted":  # killed: it will never finish
         run.state = "interrupted"
-        run.status = dict(run.status, error=f"status says running, but its writer (pid {run.status.get('pid')} on "
-                                            f"{run.status.get('host')}) is gone (killed?)")
-    if run.state == "completed" and path.joinpath(runformat.SUMMARY).exists() and not run.summary.get("verdict"):
-        warn("completed, but summary.json holds no verdict (damaged?); a sweep re-runs it")
+        run.status = Status(status, error=f"status says running, but its writer (pid {status.pid} on "
+                                          f"{status.host}) is gone (killed?)")
+    if run.state == "completed" and folder.has(rf.SUMMARY) and not run.summary.get("verdict"):
+        warn(f"completed, but {rf.SUMMARY} holds no verdict (damaged?); a sweep re-runs it")
     run.verdict = str(run.summary.get("verdict") or run.status.get("verdict") or
                       (run.state if run.state in ("running", "interrupted", "failed") else "?"))
     _check_state(run)
@@ -227,39 +186,11 @@ def _check_state(run: Run) -> None:
         warn(f"failed: {st.get('error') or run.summary.get('evidence') or 'no error recorded'}")
     elif run.state not in ("completed", "unknown"):
         warn(f"unexpected state {run.state!r} in status.json")
-    if run.state == "completed" and not (run.path / runformat.SUMMARY).exists():
+    if run.state == "completed" and not (run.path / rf.SUMMARY).exists():
         warn("completed, but summary.json is missing")
     if run.state in ("completed", "running", "interrupted") and run.epochs and run.grad_table is None \
-            and not (run.path / runformat.GRAD_TABLE).exists():
+            and not (run.path / rf.GRAD_TABLE).exists():
         warn("no grad_norms.csv")
-
-
-def _read_json(path: Path, warn: Any) -> Any:
-    """The parsed file, or None (missing: silently; unreadable or truncated: with a warning)."""
-    if not path.exists():
-        return None
-    try:
-        return loads(path.read_text())
-    except (OSError, ValueError) as e:
-        warn(f"{path.name} unreadable (truncated?): {_first_line(e)}")
-        return None
-
-
-def _sweep_overrides(root: Path) -> dict[Path, list[str]]:
-    """Job folder -> overrides, from every sweep.json under root (a fallback for a lost overrides.json)."""
-    out: dict[Path, list[str]] = {}
-    for index in root.rglob(runformat.SWEEP_INDEX):
-        try:
-            for job in json.loads(index.read_text()).get("jobs", []):
-                out[(index.parent / job["folder"]).resolve()] = [str(o) for o in job["overrides"]]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return out
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _float(x: Any) -> float:

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from stability.formatting import format_number
-from stability.report.loading import VERDICTS, Run
+from stability.record import verdicts as vd
+from stability.report.loading import Run
 from stability.report.plots import _slug
 from stability.report.tables import answer_display, factor_display, lr_display
 from stability.storage import atomic_write_text
@@ -58,8 +59,9 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], names: dict[str, str],
               over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path],
-              lr_table: pd.DataFrame | None = None, ans: pd.DataFrame | None = None, sentence: str = "") -> str:
-    seen = sorted({r.verdict for r in runs}, key=lambda v: (VERDICTS.index(v) if v in VERDICTS else len(VERDICTS), v))
+              lr_table: pd.DataFrame | None = None, ans: pd.DataFrame | None = None, sentence: str = "",
+              report: Any = None) -> str:
+    seen = sorted({r.verdict for r in runs}, key=lambda v: (vd.ORDER.index(v) if v in vd.ORDER else len(vd.ORDER), v))
     counts = {v: sum(r.verdict == v for r in runs) for v in seen}
     parts = [f"# Stability report: `{root}`\n",
              f"{len(runs)} run(s), {time.strftime('%Y-%m-%d %H:%M')}: "
@@ -91,6 +93,26 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], n
     rel_plots = os.path.relpath(out / PLOTS, out)
     parts += ["## Loss, gradient norm and attention logits per epoch\n", f"![curves]({rel_plots}/curves.png)\n",
               "## Gradient norm per epoch\n", f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n"]
+    if report is not None and report.grouped is not None:
+        parts += ["## Per step, grouped by what was varied\n",
+                  "Gradient norm and loss per step; one colour per value of the most decisive factor, one panel "
+                  "per value of the next; runs alike in those (seeds) as a median line with a min-max band. "
+                  + (f"Pooled in each band: {report.grouped.note.split(': ', 1)[-1]}. " if report.grouped.note else "")
+                  + "All of it, with tables you can sort, in [report.html](report.html).\n",
+                  f"![grouped]({rel_plots}/{os.path.relpath(report.grouped.path, out / PLOTS)})\n"]
+    if report is not None and report.departure is not None:
+        parts += ["## Which module group left its band first\n",
+                  "The first step each group's gradient norm left its running band (the run's own spike detector: "
+                  "above the median of the last `detect.spike_window` steps by `detect.spike_z` robust deviations "
+                  "and `detect.spike_ratio` times it, or non-finite), unstable runs against stable ones.\n",
+                  f"![departure]({rel_plots}/{os.path.relpath(report.departure.path, out / PLOTS)})\n"]
+        if report.departures is not None:
+            parts.append(markdown_table(report.departures))
+    if report is not None and report.step_plots:
+        parts += ["## Each run per step\n", "Loss and gradient norm per step, with the clip threshold, spikes, "
+                  "skipped steps, the first NaN and epoch boundaries marked:\n",
+                  "\n".join(f"- [{names.get(r.rel, r.rel)}]({rel_plots}/{os.path.relpath(report.step_plots[r.rel], out / PLOTS)})"
+                            f" ({r.verdict})" for r in runs if r.rel in report.step_plots) + "\n"]
     if heatmaps:
         parts.append("## Unstable runs: gradient norm by module group\n")
         for r in runs:

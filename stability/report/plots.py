@@ -18,8 +18,8 @@ from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from stability import runformat
 from stability.formatting import format_number
+from stability.record import format as runformat
 from stability.report.loading import Run, _float
 from stability.report.tables import first_nan_text
 from stability.storage import atomic_write_bytes
@@ -32,9 +32,6 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
-
-
-_VERDICT_COLOURS = {"nan": "tab:red", "scream": "tab:purple", "exploding": "tab:orange"}
 
 
 def plot_grad_norms(runs: Sequence[Run], names: dict[str, str], path: Path) -> Path:

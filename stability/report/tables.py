@@ -16,11 +16,13 @@ from typing import Any
 
 import pandas as pd
 
-from stability import runformat
 from stability.formatting import format_number, nan_place
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
+from stability.record import format as runformat
+from stability.record import verdicts as vd
+from stability.record.folder import RunFolder
 from stability.report.factors import _value_order, factor_value
-from stability.report.loading import RUN_MARKERS, VERDICTS, Run, _float
+from stability.report.loading import Run, _float
 
 
 def first_nan_text(nan: dict[str, Any] | None) -> str:
@@ -142,13 +144,13 @@ def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
 def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     """For each factor and value: runs, share per verdict, median of the last finite grad norm."""
     rows = []
-    others = sorted({r.verdict for r in runs} - set(VERDICTS))
+    others = sorted({r.verdict for r in runs} - set(vd.ORDER))
     for k in keys:
         values = sorted({factor_value(r, k) for r in runs}, key=_value_order)
         for v in values:
             mine = [r for r in runs if factor_value(r, k) == v]
             row: dict[str, Any] = {"factor": k, "value": v, "runs": len(mine)}
-            for verdict in (*VERDICTS, *others):
+            for verdict in (*vd.ORDER, *others):
                 row[verdict] = sum(r.verdict == verdict for r in mine) / len(mine)
             finite = [g for g in (r.last_finite_grad for r in mine) if math.isfinite(g)]
             row["median last grad norm"] = statistics.median(finite) if finite else math.nan
@@ -156,7 +158,6 @@ def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-UNSTABLE = ("exploding", "scream", "nan")  # verdicts that count as "unstable" in the answer
 DECISIVE = 0.5  # a factor is decisive when the unstable share differs by at least this between its values
 
 
@@ -172,18 +173,18 @@ def _median(values: Sequence[float]) -> float:
 
 def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]:
     """The report's opening: per factor and value, unstable runs out of runs with a verdict
-    (`exploding`, `scream` or `nan` out of those that did not crash), the median final
+    (`verdicts.UNSTABLE` out of those that did not crash), the median final
     validation loss and the median largest grad norm; and one sentence naming the decisive
     factor(s), those whose unstable share differs by at least `DECISIVE` between two values,
     largest difference first, e.g. "residual: 0/6 unstable at 0.3 vs 5/6 at 0.1"."""
-    judged = [r for r in runs if r.verdict in VERDICTS and r.verdict != "failed"]
+    judged = [r for r in runs if vd.is_judged(r.verdict)]
     rows, spreads = [], []
     for k in keys:
         values = sorted({factor_value(r, k) for r in judged}, key=_value_order)
         counts = []
         for v in values:
             mine = [r for r in judged if factor_value(r, k) == v]
-            bad = sum(r.verdict in UNSTABLE for r in mine)
+            bad = sum(vd.is_unstable(r.verdict) for r in mine)
             counts.append((v, bad, len(mine)))
             rows.append({"factor": k, "value": v, "unstable": f"{bad}/{len(mine)}",
                          "unstable_share": bad / len(mine),
@@ -194,8 +195,8 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
             spread = hi[1] / hi[2] - lo[1] / lo[2]
             if spread >= DECISIVE:
                 spreads.append((spread, f"{k}: {lo[1]}/{lo[2]} unstable at {lo[0]} vs {hi[1]}/{hi[2]} at {hi[0]}"))
-    n_bad = sum(r.verdict in UNSTABLE for r in judged)
-    crashed = sum(r.verdict == "failed" for r in runs)
+    n_bad = sum(vd.is_unstable(r.verdict) for r in judged)
+    crashed = sum(r.verdict == vd.FAILED for r in runs)
     others = len(runs) - len(judged) - crashed  # still running, interrupted, unreadable
     aside = "".join(f"; {n} {what} not counted" for n, what in ((crashed, "crashed (failed)"), (others, "without a verdict"))
                     if n)
@@ -270,7 +271,8 @@ def lr_display(table: pd.DataFrame) -> pd.DataFrame:
 # --- one run (`stab show`) ---------------------------------------------------------------------
 
 def is_run_folder(path: Path) -> bool:
-    return Path(path).is_dir() and any((Path(path) / m).exists() for m in RUN_MARKERS)
+    """A folder holding any of `format.RUN_MARKERS` (`RunFolder.is_run`)."""
+    return RunFolder(path).is_run()
 
 
 def grad_epoch_frame(run: Run) -> pd.DataFrame:

@@ -103,6 +103,7 @@ class RunParts:
     sched: Any
     grad_probe: GradProbe
     stage_probe: StageProbe
+    _probes: tuple[list[Any], Any, Any] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -118,10 +119,34 @@ class RunParts:
 
     def instruments(self, cfg: RunConfig, world_size: int = 1) -> Instruments:
         """The run's step measurements (`stability.step.Instruments`): these groups and probes, the
-        run's clip and stage clamp."""
+        run's clip and stage clamp; with `detect.opt_state` the optimizer-state and output signals
+        (`stability.optstate`), and the recovery policies of `train.on_spike` / `train.update_clip`
+        (`stability.recovery`, `ins.recovery`), built once per run (their hooks and state are the model's)."""
         clamp = cfg.model.rms_clamp if self.n_stages and getattr(cfg.model, "rms_match", False) else None
-        return Instruments(self.names, self.grad_probe, [self.stage_probe], cfg.train.clip, self.n_stages, clamp,
-                           world_size)
+        probes, recovery, opt_probe = self.step_probes(cfg)
+        ins = Instruments(self.names, self.grad_probe, [self.stage_probe, *probes], cfg.train.clip, self.n_stages,
+                          clamp, world_size)
+        ins.recovery, ins.opt_probe = recovery, opt_probe
+        return ins
+
+    def step_probes(self, cfg: RunConfig) -> tuple[list[Any], Any, Any]:
+        """([probes], recovery or None, optimizer-state probe or None), made on the first call."""
+        if self._probes is None:
+            from stability.optstate import LMProbe, OptStateProbe
+            from stability.recovery import Recovery
+
+            tc = cfg.train
+            probes: list[Any] = []
+            opt_probe = None
+            if cfg.detect.opt_state:
+                opt_probe = OptStateProbe(self.groups, self.opt)
+                probes += [LMProbe(self.work.model), opt_probe]
+            recovery = Recovery(tc.on_spike, self.opt, list(self.work.model.parameters()), self.device,
+                                tc.spike_window, tc.spike_sigma, tc.backoff_factor, tc.backoff_steps, tc.update_clip)
+            if recovery.active:
+                probes.append(recovery)
+            self._probes = (probes, recovery if recovery.active else None, opt_probe)
+        return self._probes
 
 
 def build(cfg: RunConfig, device: torch.device, compile: bool | None = None) -> RunParts:

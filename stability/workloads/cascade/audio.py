@@ -20,6 +20,7 @@ removes, or a constant (DC) level are caught, not only digital silence.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,9 @@ class Listing:
 
     root: Path
     pairs: list[tuple[str, AudioFile, AudioFile]]  # (NAME, input, target), sorted by NAME
-    bad: list[tuple[str, str]]  # (file, reason): unpaired or ambiguous names
+    bad: list[tuple[str, str]]  # (file, reason): unpaired or ambiguous names, links to nothing
     ignored: list[str]  # files whose suffix is not an audio format
+    links: dict[str, str] = field(default_factory=dict)  # followed folder links -> where they lead
 
     def fingerprint(self) -> list[list[Any]]:
         """Every paired file's name, size and mtime: what the latent cache is keyed by."""
@@ -116,7 +118,9 @@ class FolderPlan:
                 "segment_seconds": self.seconds, "segments": {"train": len(self.train), "val": len(self.val)},
                 "val_files": sorted({self.pairs[i].name for i, _ in self.val}),
                 "source_rates": rates, "source_channels": channels,
-                "skipped": self.skipped, "ignored": self.ignored}
+                "skipped": self.skipped, "ignored": self.ignored,
+                "over_full_scale": {getattr(p, side).rel: p.source[side]["peak"] for p in self.pairs
+                                    for side in ("input", "target") if "peak" in p.source[side]}}
 
 
 def scan_folder(path: str | Path) -> Listing:
@@ -127,15 +131,15 @@ def scan_folder(path: str | Path) -> Listing:
         raise DataError(f"data.path={str(path)!r}: no such folder; {hint}")
     sides: dict[str, dict[str, list[AudioFile]]] = {}
     ignored: list[str] = []
+    links: dict[str, str] = {}  # a followed folder link (relative) -> where it leads
+    dangling: list[tuple[str, str]] = []  # (file, reason): links that lead nowhere
     for side in ("input", "target"):
         folder = root / side
         if not folder.is_dir():
             raise DataError(f"data.path={str(path)!r}: there is no {side}/ folder in it; {hint}")
         by_name: dict[str, list[AudioFile]] = {}
-        for p in sorted(folder.rglob("*")):
-            rel = p.relative_to(root).as_posix()
-            if any(part.startswith(".") for part in p.relative_to(folder).parts) or not p.is_file():
-                continue  # hidden files (.DS_Store, editors' swap files) and folders
+        for p in _walk(root, folder, links, dangling):
+            rel = display(p.relative_to(root).as_posix())  # what messages name: bytes if not text
             if p.suffix.lower() not in AUDIO_SUFFIXES:
                 ignored.append(rel)
                 continue
@@ -147,20 +151,66 @@ def scan_folder(path: str | Path) -> Listing:
                 if ignored else ""
             raise DataError(f"data.path={str(path)!r}: {side}/ holds no audio files{others}; {hint}")
         sides[side] = by_name
-    bad: list[tuple[str, str]] = []
+    bad: list[tuple[str, str]] = list(dangling)
     pairs = []
     inputs, targets = sides["input"], sides["target"]
     for name in sorted(inputs.keys() | targets.keys()):
         files = inputs.get(name, []) + targets.get(name, [])
         if len(inputs.get(name, [])) > 1 or len(targets.get(name, [])) > 1:
-            bad.append((files[0].rel, f"is ambiguous: {', '.join(f.rel for f in files)} share the name {name!r}"))
+            bad.append((files[0].rel, f"is ambiguous: {', '.join(f.rel for f in files)} share the name "
+                                      f"{display(name)!r}"))
         elif name not in targets:
-            bad.append((files[0].rel, f"has no partner target/{name}.* to pair with"))
+            bad.append((files[0].rel, f"has no partner target/{display(name)}.* to pair with"))
         elif name not in inputs:
-            bad.append((files[0].rel, f"has no partner input/{name}.* to pair with"))
+            bad.append((files[0].rel, f"has no partner input/{display(name)}.* to pair with"))
         else:
-            pairs.append((name, inputs[name][0], targets[name][0]))
-    return Listing(root, pairs, bad, ignored)
+            pairs.append((display(name), inputs[name][0], targets[name][0]))
+    for rel, target in links.items():
+        log.warning("%s is a link to %s: its files are read from there", display(rel), display(target))
+    return Listing(root, pairs, bad, ignored, links)
+
+
+def display(text: str) -> str:
+    """A file name as text: names that are not valid UTF-8 (Python keeps their bytes as lone
+    surrogates) are shown by their bytes, `b'caf\\xe9.wav'`, never as the audio's fault."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return repr(os.fsencode(text))
+
+
+def _walk(root: Path, folder: Path, links: dict[str, str], dangling: list[tuple[str, str]]) -> list[Path]:
+    """Every file under `folder`, sorted, following links to folders (a speaker folder kept on
+    another disk) and recording where each leads in `links`. Hidden files and folders (.DS_Store,
+    .git) are left out. A link back into a folder it is inside of is a loop: DataError. A link
+    that leads nowhere goes to `dangling` with why."""
+    files: list[Path] = []
+    read: set[Path] = set()  # the real folders walked so far
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        read.add(here.resolve())
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in dirnames:
+            sub = here / d
+            if sub.is_symlink():
+                target = sub.resolve()
+                rel = sub.relative_to(root).as_posix()
+                if target in read or target in here.resolve().parents:
+                    raise DataError(f"data.path={str(root)!r}: {display(rel)} is a link to {display(str(target))}, "
+                                    f"a folder read already (a loop, or the same files twice); remove the link")
+                links[rel] = str(target)
+        for f in sorted(filenames):
+            p = here / f
+            if f.startswith("."):
+                continue
+            if not p.is_file():
+                if p.is_symlink():
+                    dangling.append((p.relative_to(root).as_posix(),
+                                     f"is a link to {display(os.readlink(p))}, which does not exist"))
+                continue
+            files.append(p)
+    return sorted(files)
 
 
 def _truncation(info: Any, frames_read: int) -> str | None:
@@ -179,9 +229,9 @@ def _truncation(info: Any, frames_read: int) -> str | None:
 
 def read_audio(f: AudioFile) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decode one file to 24 kHz mono float32 (samples,), checking it on the way; raises BadFile."""
-    try:
-        info = sf.info(str(f.path))
-        data, rate = sf.read(str(f.path), dtype="float32", always_2d=True)  # (frames, channels)
+    try:  # the path as bytes: libsndfile takes any name the file system holds, UTF-8 or not
+        info = sf.info(os.fsencode(f.path))
+        data, rate = sf.read(os.fsencode(f.path), dtype="float32", always_2d=True)  # (frames, channels)
     except Exception as e:  # libsndfile: unknown format, broken header, decoder lost sync; OSError
         raise BadFile(f.rel, f"cannot be decoded, unreadable or truncated ({str(e).strip()})") from None
     if len(data) == 0:
@@ -194,7 +244,8 @@ def read_audio(f: AudioFile) -> tuple[torch.Tensor, dict[str, Any]]:
         first = int(np.argwhere(~finite)[0][0])
         raise BadFile(f.rel, f"contains NaN or inf samples (the first at {first / rate:.3f} s)")
     mono = torch.from_numpy(data).mean(dim=1)  # downmix before resampling: 1 channel to filter
-    before = {"raw_rms": float(np.sqrt(np.mean(np.square(data, dtype=np.float64)))), "mono_rms": _rms(mono)}
+    before = {"raw_rms": float(np.sqrt(np.mean(np.square(data, dtype=np.float64)))), "mono_rms": _rms(mono),
+              "peak": float(np.abs(data).max()), "subtype": info.subtype}
     if rate != SAMPLE_RATE:
         mono = AF.resample(mono, int(rate), SAMPLE_RATE)  # windowed-sinc, torchaudio's defaults
     # What the model is fed, measured without the first and last 10 ms, where the resampler's
@@ -244,6 +295,11 @@ def _check_pair(name: str, fi: AudioFile, ft: AudioFile, segment: int) -> tuple[
     for f, stats in ((fi, sx), (ft, sy)):  # one side without signal: nothing to learn from, or to learn
         if no_signal(stats):
             raise BadFile(f.rel, no_signal(stats))
+    for f, stats in ((fi, sx), (ft, sy)):  # only float files can hold samples beyond full scale
+        if stats["peak"] > 1.0:
+            log.warning("%s holds %s samples beyond full scale: peak %.4g (%+.1f dBFS); used as they are, while "
+                        "EnCodec expects [-1, 1]: scale the file down if that is not intended", f.rel,
+                        str(stats["subtype"]).lower(), stats["peak"], 20 * np.log10(stats["peak"]))
     if abs(len(x) - len(y)) > LENGTH_TOLERANCE_S * SAMPLE_RATE:
         raise BadFile(both, f"differ in length ({len(x) / SAMPLE_RATE:.3f} s and {len(y) / SAMPLE_RATE:.3f} s); "
                             f"paired files must be time-aligned")
@@ -251,7 +307,8 @@ def _check_pair(name: str, fi: AudioFile, ft: AudioFile, segment: int) -> tuple[
     if n < segment:
         raise BadFile(both, f"are {n / SAMPLE_RATE:.2f} s long, shorter than one segment "
                             f"(data.seconds={segment / SAMPLE_RATE:g}); lower data.seconds")
-    source = {"input": {k: sx[k] for k in ("rate", "channels")}, "target": {k: sy[k] for k in ("rate", "channels")}}
+    source = {side: {k: st[k] for k in ("rate", "channels")} | ({"peak": st["peak"]} if st["peak"] > 1.0 else {})
+              for side, st in (("input", sx), ("target", sy))}
     return Pair(name, fi, ft, n, source), x[:n], y[:n]
 
 

@@ -1,13 +1,13 @@
 """The run folder's format, defined once: file names, record types with units, the grad table.
 
-The writer (`stability.runwriter`) and every reader (report, show, sweeps, progress, replay,
-the sweep command) take file names and keys from here; `docs/run-format.md` describes the same
+The writer (`stability.record.writer`) and the one reader (`stability.record.folder.RunFolder`)
+take file names and keys from here; `docs/run-format.md` describes the same
 things for people. `SCHEMA_VERSION` is written into `summary.json` and `status.json`; a folder
 without it was written by stab before the version existed (schema 1): its grad table is wide
 (`group, e1_mean, e1_max, ...`), everything else is the same. Readers accept both.
 
-    from stability import runformat as rf
-    steps, bad = read_jsonl(run_dir / rf.METRICS)
+    from stability.record import format as rf
+    run_dir / rf.METRICS                                   # metrics.jsonl
     table = rf.read_grad_table(run_dir / rf.GRAD_TABLE)   # long: epoch, group, mean, max
 
 Units: a loss is the workload's training objective (cascade: mean squared error on the rescaled
@@ -24,7 +24,7 @@ import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports this module at start-up: numpy and pandas only when a table is read
     import numpy as np
@@ -74,117 +74,9 @@ def stage_key(stage: int, stat: str) -> str:
     return f"stage{stage}/{stat}"
 
 
-class StepRecord(TypedDict, total=False):
-    """One line of metrics.jsonl. Besides these keys: `grad/<group>` (float, one per module group,
-    see `grad_key`) and, for workloads with stages, `stage{i}/rms|ratio|scale|clamped`
-    (`stage_key`). Non-finite floats are the strings "NaN", "Infinity", "-Infinity"."""
-    step: int
-    epoch: int
-    batch: int
-    loss: float
-    # "grad/norm", "grad/clipped", "time/step_ms" are not identifiers: see the constants above
-    lr: float
-    finite: bool
-
-
-# --- epochs.jsonl: the epoch record -----------------------------------------------------------
-class EpochRecord(TypedDict, total=False):
-    """One line of epochs.jsonl: the epoch's training aggregates, then its evaluation."""
-    epoch: int                     # 1-based
-    steps: int                     # steps taken in the epoch
-    loss: float                    # mean training loss over the epoch's steps (NaN if any was)
-    grad_norm_mean: float          # mean total grad norm over the epoch's steps (NaN if any was)
-    grad_norm_max: float           # largest total grad norm of the epoch (NaN if any was)
-    clip_rate: float               # share of the epoch's steps on which the clip fired, 0..1
-    stage_rms: list[float]         # per stage: mean of stage{i}/rms
-    stage_ratio: list[float]       # per stage: mean of stage{i}/ratio
-    stage_scale: list[float]       # per stage: mean of stage{i}/scale
-    stage_clamp_rate: list[float]  # per stage: share of steps clamped, 0..1
-    val_loss: float                # validation loss (the same objective); NaN without validation data
-    collapsed: bool | None         # the scream check on the validation batch; None: not checked
-    scores: dict[str, float]       # scream scores of the output (dominant, longest_run, distinct_4, seq_rep_4, ...)
-    target_scores: dict[str, float]  # the same for the target
-    codes_head: list[Any]          # cascade: the first codes of each validation output
-    health: dict[str, Any]         # per-layer attention health (stability.health)
-    health_summary: dict[str, float]  # attn_entropy_min, attn_logit_max, sink_max, sink_layers, massive_max, grad_sink_max
-    samples: list[dict[str, str]]  # text workloads: [{"prompt", "output"}] greedy generations
-    audio: list[str]               # cascade listen epochs: WAV paths relative to the run folder
-
-
-# --- events.jsonl -----------------------------------------------------------------------------
-EventName = Literal["first_nan", "clamp_saturation", "grad_explosion", "scream", "grad_spike", "loss_spike",
-                    "stopped_early"]
-
-
-class Event(TypedDict, total=False):
-    """One line of events.jsonl. `event` names it; the other keys depend on it:
-    first_nan: epoch, batch, step, kind (loss|grad), module, where (forward|backward|recorded
-      grad norms), loss, grad_norm, forensics (path of the saved state, relative to the run folder);
-    clamp_saturation: stage, step, epoch, batch, ratio, scale (the first clamped step of a stage);
-    grad_explosion: value (grad norm), ratio (over the run's median step), step, epoch, batch;
-    scream: epoch (onset), scores, target_scores;
-    grad_spike / loss_spike: step, epoch, batch, value (the first 20 of each; counts in the summary);
-    stopped_early: epoch, step, reason (train.stop_early: the verdict can no longer be stable)."""
-    event: str
-    epoch: int
-    batch: int
-    step: int
-
-
-# --- summary.json, status.json ----------------------------------------------------------------
-class Summary(TypedDict, total=False):
-    """summary.json: what the run found. A crashed run's summary holds only verdict ("failed"),
-    evidence, run_id, wall_s and schema_version."""
-    schema_version: int
-    verdict: str                   # stable | exploding | scream | nan | failed
-    evidence: str                  # one sentence: why this verdict
-    run_id: str                    # hash of the run's identity (its non-operational config)
-    flags: list[dict[str, Any]]    # every finding: {flag, epoch|step, evidence}
-    warnings: list[dict[str, Any]]  # {warning, message, ...}: saturated clamp, logit growth, clip never/always, ...
-    first_nan: dict[str, Any] | None  # the first_nan event's fields, or None
-    scream_epoch: int | None       # onset of the scream, or None
-    grad_explosion: dict[str, Any] | None  # the grad_explosion event's fields, or None
-    grad_norm_by_epoch: list[float]      # EpochRecord.grad_norm_mean per epoch
-    grad_norm_max_by_epoch: list[float]  # EpochRecord.grad_norm_max per epoch
-    loss_by_epoch: list[float]
-    val_loss_by_epoch: list[float]
-    final_loss: float              # the last step's training loss
-    final_val_loss: float          # the last epoch's validation loss
-    growth_per_epoch: float        # geometric-mean growth of grad_norm_by_epoch over finite epochs
-    first_spike_step: int | None   # first grad or loss spike (global step)
-    n_grad_spikes: int
-    n_loss_spikes: int
-    spike_lead_steps: int | None   # steps from the first spike to the first NaN (or the explosion's peak)
-    clip_rate: float               # share of all steps clipped, 0..1
-    nonfinite_steps: int
-    epochs_run: int
-    steps: int                     # steps taken (= lines of metrics.jsonl)
-    stopped_early: bool            # stopped at a non-finite step (train.on_nan=stop), or once certain to be unstable (train.stop_early)
-    stage_rms_last_epoch: list[float] | None
-    stage_scale_last_epoch: list[float] | None
-    codec: dict[str, Any] | None
-    latent_scale: float | None
-    device: str
-    wall_s: float                  # seconds from start to summary
-
-
-class Status(TypedDict, total=False):
-    """status.json, rewritten at each change of state (padded to 4096 bytes: see storage.write_status)."""
-    schema_version: int
-    state: str                     # running | completed | failed | interrupted
-    run_id: str
-    pid: int
-    host: str
-    started: float                 # Unix time, s
-    finished: float | None
-    updated: float
-    error: str | None
-    traceback: str
-    verdict: str                   # once completed
-    device: str
-    threads: int
-    torch: str
-    python: str
+# The records themselves, typed and frozen: the step's is `stability.steplayout.StepRecord` (packed
+# and unpacked by the run's StepLayout); epoch, event, summary and status are in
+# `stability.record.records`, each key with its unit.
 
 
 # --- grad_norms.csv ---------------------------------------------------------------------------

@@ -30,15 +30,16 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stability import runformat as rf
+from stability.record import format as rf
+from stability.record.records import EpochRecord, Event, Summary
+from stability.record.summarizer import Summarizer
 from stability.storage import append_jsonl, append_text, dumps, read_json, write_json, write_status, write_yaml
-from stability.summarizer import Summarizer
 from stability.trackers import Recorder
 
 FLUSH_STEPS = 256  # step records appended to metrics.jsonl per write
@@ -76,7 +77,7 @@ class EpochStats:
         return self.grad_max if self.steps else np.full(len(self.keys), math.nan)
 
     def record(self) -> dict[str, Any]:
-        """The epoch record's training part (see `runformat.EpochRecord`)."""
+        """The epoch record's training part (see `records.EpochRecord`)."""
         n, S = self.steps, self.n_stages
         stage = self.stage_sum / n if n else np.full(4 * S, math.nan)
         return {"epoch": self.epoch, "steps": n,
@@ -138,7 +139,7 @@ class RunWriter:
 
     # --- as the run goes ----------------------------------------------------------------------
     def step(self, rec: dict[str, Any]) -> None:
-        """One step record (`runformat.StepRecord`): aggregated, buffered for metrics.jsonl, given
+        """One step record (`steplayout.StepRecord`): aggregated, buffered for metrics.jsonl, given
         to the detectors and the trackers."""
         if self.stats is None or self.stats.epoch != rec[rf.EPOCH]:
             self.stats = EpochStats(rec[rf.EPOCH], self.groups, self.n_stages)
@@ -151,8 +152,9 @@ class RunWriter:
             self.event(ev)
         self.recorder.step(rec)
 
-    def event(self, ev: dict[str, Any]) -> None:
-        """One event (`runformat.Event`, its name under "event"), appended at once."""
+    def event(self, ev: Mapping[str, Any]) -> None:
+        """One event (`records.Event`, its name under "event"), appended at once."""
+        ev = Event(ev)
         if self.writes:
             append_jsonl(self.path(rf.EVENTS), [ev])
         self.summarizer.event(ev)
@@ -173,8 +175,10 @@ class RunWriter:
         self.stats = None
         return stats.record()
 
-    def epoch(self, erec: dict[str, Any]) -> None:
-        """The whole epoch record (aggregates and evaluation): epochs.jsonl, samples.txt, trackers."""
+    def epoch(self, erec: Mapping[str, Any]) -> None:
+        """The whole epoch record (`records.EpochRecord`: aggregates and evaluation): epochs.jsonl,
+        samples.txt, the detectors, the trackers."""
+        erec = EpochRecord(erec)
         if self.writes:
             append_jsonl(self.path(rf.EPOCHS), [erec])
             if erec.get("samples"):  # a text workload's greedy generations, readable with `cat`
@@ -192,17 +196,18 @@ class RunWriter:
             self._grad_rows(self.stats)
             self.stats = None
 
-    def finish(self, **fields: Any) -> dict[str, Any]:
+    def finish(self, **fields: Any) -> Summary:
         """The detectors' findings and their closing events, and summary.json (with `fields`:
         run_id, steps, device, wall_s, ...); returns the summary."""
         found, events = self.summarizer.finish(fields.pop("injected_nan_step", None))
         for ev in events:
             self.event(ev)
-        summary = {"schema_version": rf.SCHEMA_VERSION, **found, **fields}
+        summary = Summary({"schema_version": rf.SCHEMA_VERSION, **found, **fields})
         self.summary(summary)
         return summary
 
-    def summary(self, summary: dict[str, Any]) -> None:
+    def summary(self, summary: Mapping[str, Any]) -> None:
+        """summary.json (`records.Summary`), and the trackers' summary."""
         if self.writes:
             write_json(self.path(rf.SUMMARY), summary)
         self.recorder.summary(summary)

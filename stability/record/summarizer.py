@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from stability import detectors
-from stability import runformat as rf
 from stability.config import DetectConfig
+from stability.record import format as rf
+from stability.record.records import EpochRecord, Event
 
 MAX_SPIKE_EVENTS = 20  # spike events written per kind; the counts are in the summary
 _EPOCH_FIELDS = ("epoch", "loss", "grad_norm_mean", "grad_norm_max", "clip_rate", "stage_rms", "stage_scale",
@@ -79,12 +80,12 @@ class Summarizer:
             i += 1
         return events
 
-    def event(self, ev: dict[str, Any]) -> None:
+    def event(self, ev: Event) -> None:
         """Take an event raised outside the step record (the loop's first_nan)."""
         if ev.get("event") == "first_nan" and self.first_nan is None:
             self.first_nan = {k: v for k, v in ev.items() if k != "event"}
 
-    def epoch(self, erec: dict[str, Any]) -> None:
+    def epoch(self, erec: EpochRecord) -> None:
         """Take one epoch record (its aggregates and evaluation)."""
         self.epochs.append({k: erec[k] for k in _EPOCH_FIELDS if k in erec})
 

@@ -1,0 +1,79 @@
+"""The verdict vocabulary, defined once: the names a run's verdict can take, their severity order,
+which of them count as "unstable", and how each is shown.
+
+A run's verdict is the most severe of its findings (`detectors.diagnose`); the report counts the
+unstable ones per factor value, `stab doctor` looks for a fix of an unstable run, `stab margin`
+calls a probe stable when its verdict is not unstable, the terminal colours them.
+Every one of those reads this table: a new verdict is one row here (its place in the tuple is its
+severity), plus the detector that finds it.
+
+    from stability.record import verdicts as vd
+    vd.worst(["scream", "exploding"])   # 'exploding'
+    vd.is_unstable("scream")            # True
+    vd.ORDER                            # ('stable', 'scream', 'exploding', 'nan', 'failed'): report columns
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One verdict. `unstable`: it counts as unstable (the report's answer, what a doctor's fix
+    should remove, a margin probe above the margin); `judged`: training was judged at all (a crash
+    was not); `style`: its Rich style in the terminal."""
+    name: str
+    unstable: bool
+    judged: bool
+    style: str
+    meaning: str
+
+
+# Most severe first; a run's verdict is the first of these among its findings. A crash (failed)
+# is set by the runner before any detector; a NaN ends the measurement; an explosion explains a
+# collapse that comes with it, so it outranks the scream; a scream outranks stable.
+KINDS: tuple[Verdict, ...] = (
+    Verdict("failed", unstable=False, judged=False, style="bold white on red",
+            meaning="the run crashed: status.json holds the error"),
+    Verdict("nan", unstable=True, judged=True, style="bold red",
+            meaning="a loss or gradient went non-finite"),
+    Verdict("exploding", unstable=True, judged=True, style="yellow",
+            meaning="the grad norm grew geometrically over epochs, or one step's was huge against the run's median"),
+    Verdict("scream", unstable=True, judged=True, style="magenta",
+            meaning="the output collapsed to one repeated token to the end of the run"),
+    Verdict("stable", unstable=False, judged=True, style="green",
+            meaning="none of the above"),
+)
+
+BY_NAME = {k.name: k for k in KINDS}
+SEVERITY = tuple(k.name for k in KINDS)  # most severe first
+ORDER = SEVERITY[::-1]  # least to most broken: the report's columns and lists
+UNSTABLE = tuple(k.name for k in KINDS if k.unstable)  # in severity order
+STABLE, FAILED, NAN, EXPLODING, SCREAM = "stable", "failed", "nan", "exploding", "scream"
+
+
+def severity(name: str) -> int:
+    """Rank of a verdict, 0 = most severe; an unknown name ranks after every known one."""
+    return SEVERITY.index(name) if name in BY_NAME else len(SEVERITY)
+
+
+def worst(names: Iterable[str], default: str = STABLE) -> str:
+    """The most severe of `names` (`default` when there are none)."""
+    return min(names, key=severity, default=default)
+
+
+def is_unstable(name: str | None) -> bool:
+    """True for a verdict that counts as unstable; False for stable, failed, None or an unknown name."""
+    return name in BY_NAME and BY_NAME[name].unstable
+
+
+def is_judged(name: str | None) -> bool:
+    """True for a verdict about the training itself (not failed, not None, not an unknown name)."""
+    return name in BY_NAME and BY_NAME[name].judged
+
+
+def style(name: str, default: str = "white") -> str:
+    """The Rich style of a verdict in the terminal."""
+    return BY_NAME[name].style if name in BY_NAME else default

@@ -1,0 +1,350 @@
+"""Per-step plots: one run's loss and gradient norm per step with everything that happened marked;
+runs grouped by what was varied (a colour per value of one factor, a panel per value of another,
+seeds as a median line with a min-max band); and which module group departed first in the
+unstable runs against the stable ones. PNGs written atomically (`plots._save`).
+
+    plot_steps(run, load_steps(run), "norm=post", out / "plots" / "steps_x.png")
+    plot_grouped(runs, series, keys, out / "plots" / "grouped.png")
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from stability.record import verdicts as vd
+from stability.report.factors import _value_order, factor_value
+from stability.report.loading import Run
+from stability.report.plots import _plain_log_ticks, _save
+from stability.report.steps import (
+    StepSeries,
+    departures,
+    detect_settings,
+    minmax_downsample,
+    spikes,
+)
+
+MAX_POINTS = 1000  # points per drawn line: ~ the pixels of a panel's width
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+           "#393b79", "#637939", "#8c6d31"]  # tab10 without red (red marks NaN), then darker ones
+STYLES = ["-", "--", ":", "-."]
+
+
+@dataclass
+class Drawn:
+    """A written plot and what a reader sees in it: its legend entries and panel titles."""
+
+    path: Path
+    legend: list[str] = field(default_factory=list)
+    panels: list[str] = field(default_factory=list)
+    note: str = ""  # what the figure pools or leaves out, in words
+
+
+def _clip_of(run: Run) -> float | None:
+    clip = ((run.config or {}).get("train") or {}).get("clip")
+    try:
+        clip = float(clip)
+    except (TypeError, ValueError):
+        return None
+    return clip if math.isfinite(clip) and clip > 0 else None
+
+
+def _nonfinite_marks(ax: Any, x: np.ndarray, y: np.ndarray) -> None:
+    bad = ~np.isfinite(y)
+    if bad.any():  # at the top edge of the panel: a NaN has no height
+        ax.plot(x[bad], np.ones(bad.sum()), "x", color="red", ms=6, mew=1.5, transform=ax.get_xaxis_transform(),
+                clip_on=False, zorder=6)
+
+
+# --- one run -------------------------------------------------------------------------------------
+
+def plot_steps(run: Run, s: StepSeries, name: str, path: Path, max_points: int = MAX_POINTS) -> Drawn:
+    """Loss and total gradient norm per step (log y, shared step axis), thinned to `max_points`
+    with each bucket's min and max kept. Marked: the clip threshold (dashed) and clipped steps,
+    spikes by the run's own detector (triangles), skipped steps (grey ticks), non-finite values
+    (red x at the top), the first NaN (red vertical line), epoch boundaries (dotted)."""
+    fig = Figure(figsize=(10, 5.6))
+    ax_loss, ax_grad = fig.subplots(2, 1, sharex=True)
+    settings = detect_settings(run)
+    legend: list[Any] = []
+    for ax, y, label, colour in ((ax_loss, s.loss, "loss", "tab:blue"), (ax_grad, s.grad, "gradient norm", "tab:green")):
+        xs, ys = minmax_downsample(s.step, y, max_points)
+        ys_pos = np.where(ys > 0, ys, np.nan)
+        ax.plot(xs, ys_pos, "-", color=colour, lw=1.0, label=f"{label} (min/max per {max(1, len(y) * 2 // max_points)} steps)"
+                if len(y) > max_points else label)
+        sp = spikes(y, settings)
+        if len(sp):
+            ax.plot(s.step[sp], y[sp], "^", color="darkorange", ms=6, mec="black", mew=0.5, zorder=5,
+                    label=f"spike ({len(sp)})")
+        _nonfinite_marks(ax, s.step, y)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.25)
+        if np.isfinite(ys_pos).any():
+            _plain_log_ticks(ax)
+    clip = _clip_of(run)
+    if clip is not None:
+        ax_grad.axhline(clip, ls="--", color="black", lw=1, label=f"clip threshold {clip:g}")
+        if s.clipped.any():
+            ax_grad.plot(s.step[s.clipped], np.full(s.clipped.sum(), 0.02), "|", color="black", ms=6,
+                         transform=ax_grad.get_xaxis_transform(), label=f"clipped ({int(s.clipped.sum())} steps)")
+    if s.skipped.any():
+        for ax in (ax_loss, ax_grad):
+            ax.plot(s.step[s.skipped], np.full(s.skipped.sum(), 0.06), "|", color="grey", ms=10, mew=2,
+                    transform=ax.get_xaxis_transform())
+        legend.append(Line2D([], [], marker="|", color="grey", ls="", ms=10, mew=2,
+                             label=f"skipped ({int(s.skipped.sum())} steps)"))
+    if (~np.isfinite(s.loss) | ~np.isfinite(s.grad)).any():
+        legend.append(Line2D([], [], marker="x", color="red", ls="", label="non-finite"))
+    nan = run.first_nan
+    if nan and isinstance(nan.get("step"), int):
+        for ax in (ax_loss, ax_grad):
+            ax.axvline(nan["step"], color="red", lw=1.5, alpha=0.8)
+        legend.append(Line2D([], [], color="red", lw=1.5, label=f"first NaN: step {nan['step']} in {nan.get('module', '?')}"))
+    starts = [int(s.step[i]) for i in range(1, len(s)) if s.epoch[i] != s.epoch[i - 1]]
+    for x in starts:
+        for ax in (ax_loss, ax_grad):
+            ax.axvline(x - 0.5, color="grey", ls=":", lw=0.8)
+    if starts and len(starts) <= 30:
+        for x, e in zip(starts, [int(s.epoch[s.step == x][0]) for x in starts]):
+            ax_loss.text(x, 1.0, f" e{e}", transform=ax_loss.get_xaxis_transform(), fontsize=7, color="grey",
+                         va="bottom")
+    if not len(s):
+        ax_loss.text(0.5, 0.5, "no step recorded", ha="center", va="center", transform=ax_loss.transAxes)
+    ax_grad.set_xlabel("step" + (" (dotted: epoch boundaries)" if starts else ""))
+    handles = [h for ax in (ax_loss, ax_grad) for h in ax.get_legend_handles_labels()[0]] + legend
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)),
+               fontsize=8, frameon=False)
+    fig.suptitle(f"{name}: {run.verdict}", fontsize=10)
+    _save(fig, path)
+    return Drawn(path, [h.get_label() for h in handles])
+
+
+# --- many runs, grouped by factor --------------------------------------------------------------------
+
+def is_seed(key: str) -> bool:
+    """A factor that replicates rather than varies (`seed`, `train.seed`, `data.seed`)."""
+    return key.split(".")[-1] in ("seed", "seeds")
+
+
+def choose_factors(runs: Sequence[Run], keys: Sequence[str], spread: dict[str, float] | None = None) -> list[str]:
+    """The factors to draw, most decisive first: by the spread of the unstable share between
+    their values (`spread`, from the report's answer), then by fewer values. Seeds are left out
+    (they are the band)."""
+    spread = spread or {}
+    varied = [k for k in keys if not is_seed(k)]
+    return sorted(varied, key=lambda k: (-spread.get(k, 0.0), len({factor_value(r, k) for r in runs}), keys.index(k)))
+
+
+def _band(series: Sequence[np.ndarray], steps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Runs aligned on the step: (steps, median, min, max) over the runs that have a finite
+    value at each step."""
+    n = max((int(s.max()) + 1 for s in steps if len(s)), default=0)
+    grid = np.full((len(series), n), np.nan)
+    for i, (y, s) in enumerate(zip(series, steps)):
+        ok = np.isfinite(y) & (y > 0)
+        grid[i, s[ok]] = y[ok]
+    has = np.isfinite(grid).any(axis=0)
+    x = np.arange(n)[has]
+    g = grid[:, has]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return x, np.nanmedian(g, axis=0), np.nanmin(g, axis=0), np.nanmax(g, axis=0)
+
+
+def _thin_band(x: np.ndarray, med: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+               max_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A band for drawing: per bucket the lowest low, the highest high (spikes kept) and the
+    median of the medians."""
+    if len(x) <= max_points:
+        return x, med, lo, hi
+    edges = np.linspace(0, len(x), max_points + 1).astype(int)
+    pick = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
+    return (np.array([x[a] for a, _ in pick]), np.array([np.median(med[a:b]) for a, b in pick]),
+            np.array([lo[a:b].min() for a, b in pick]), np.array([hi[a:b].max() for a, b in pick]))
+
+
+def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Sequence[str], path: Path,
+                 spread: dict[str, float] | None = None, max_points: int = 600) -> Drawn:
+    """Gradient norm and loss per step across runs: one colour per value of the most decisive
+    factor, one panel column per value of the next, a line style per value of a third (up to
+    4 values); runs that share all drawn factors (seeds, and any further factor, named in the
+    title) are one median line with a min-max band. One legend entry per colour and per style,
+    never one per run. Red x: a run's first non-finite step, at the top of its panel."""
+    order = choose_factors(runs, keys, spread)
+    colour_key = order[0] if order else None
+    panel_key = order[1] if len(order) > 1 else None
+    style_key = order[2] if len(order) > 2 and len({factor_value(r, order[2]) for r in runs}) <= len(STYLES) else None
+    pooled = [k for k in keys if k not in (colour_key, panel_key, style_key) and not is_seed(k)]
+    seeds = [k for k in keys if is_seed(k)]
+
+    def values(key: str | None) -> list[str]:
+        return sorted({factor_value(r, key) for r in runs}, key=_value_order) if key else [""]
+
+    colours, panels, styles = values(colour_key), values(panel_key), values(style_key)
+    n_col = min(len(panels), 5)
+    n_wrap = math.ceil(len(panels) / n_col)
+    fig = Figure(figsize=(min(3.6 * n_col + 2.4, 22), 2.6 * 2 * n_wrap + 1.2), layout="constrained")
+    axes = np.array(fig.subplots(2 * n_wrap, n_col, sharex=True, squeeze=False))
+    colour_of = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(colours)}
+    style_of = {v: STYLES[i] for i, v in enumerate(styles)}
+    titles = []
+    for p, pv in enumerate(panels):
+        row, col = 2 * (p // n_col), p % n_col
+        ax_g, ax_l = axes[row, col], axes[row + 1, col]
+        title = f"{panel_key}={pv}" if panel_key else "all runs"
+        mine_p = [r for r in runs if not panel_key or factor_value(r, panel_key) == pv]
+        bad = sum(vd.is_unstable(r.verdict) for r in mine_p)
+        ax_g.set_title(f"{title}  ({bad}/{len(mine_p)} unstable)", fontsize=9)
+        titles.append(title)
+        for cv in colours:
+            for sv in styles:
+                mine = [r for r in mine_p if (not colour_key or factor_value(r, colour_key) == cv)
+                        and (not style_key or factor_value(r, style_key) == sv) and r.rel in series]
+                if not mine:
+                    continue
+                for ax, attr in ((ax_g, "grad"), (ax_l, "loss")):
+                    ys = [getattr(series[r.rel], attr) for r in mine]
+                    xs = [series[r.rel].step for r in mine]
+                    x, med, lo, hi = _thin_band(*_band(ys, xs), max_points)
+                    if not len(x):
+                        continue
+                    c = colour_of[cv]
+                    if len(mine) > 1:
+                        ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0, step="mid")
+                    ax.plot(x, med, STYLES[0] if not style_key else style_of[sv], color=c, lw=1.3)
+                    for r, y, s in zip(mine, ys, xs):
+                        bad_steps = s[~np.isfinite(y)]
+                        if len(bad_steps):
+                            ax.plot([bad_steps[0]], [1.0], "x", color="red", ms=6, mew=1.5,
+                                    transform=ax.get_xaxis_transform(), clip_on=False, zorder=6)
+        for ax, label in ((ax_g, "grad norm"), (ax_l, "loss")):
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.25)
+            if ax.lines:
+                _plain_log_ticks(ax)
+            if col == 0:
+                ax.set_ylabel(label)
+            if not ax.lines:
+                ax.text(0.5, 0.5, "no steps", ha="center", va="center", transform=ax.transAxes)
+        ax_l.set_xlabel("step")
+    for p in range(len(panels), n_wrap * n_col):  # empty cells of the last row
+        axes[2 * (p // n_col), p % n_col].set_visible(False)
+        axes[2 * (p // n_col) + 1, p % n_col].set_visible(False)
+
+    handles: list[Any] = []
+    for cv in colours:
+        mine = [r for r in runs if not colour_key or factor_value(r, colour_key) == cv]
+        bad = sum(vd.is_unstable(r.verdict) for r in mine)
+        label = f"{colour_key}={cv}  ({bad}/{len(mine)} unstable)" if colour_key else f"all runs ({bad}/{len(mine)} unstable)"
+        handles.append(Line2D([], [], color=colour_of[cv], lw=2, label=label))
+    if style_key:
+        handles += [Line2D([], [], color="black", ls=style_of[sv], lw=1.3, label=f"{style_key}={sv}") for sv in styles]
+    group_sizes = {}
+    for r in runs:
+        k = tuple(factor_value(r, key) for key in (colour_key, panel_key, style_key) if key)
+        group_sizes[k] = group_sizes.get(k, 0) + 1
+    most = max(group_sizes.values(), default=1)
+    if most > 1:
+        over = f"{most} runs" + (f" ({', '.join([*seeds, *pooled])})" if seeds or pooled else "")
+        handles.append(Patch(color="grey", alpha=0.3, label=f"line: median, band: min-max over up to {over}"))
+    if any((~np.isfinite(series[r.rel].grad)).any() for r in runs if r.rel in series):
+        handles.append(Line2D([], [], marker="x", color="red", ls="", label="a run's first non-finite step"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    note = f"pooled in each band: {', '.join(pooled)}" if pooled else ""
+    fig.suptitle(f"{len(runs)} runs: gradient norm and loss per step" + (f" ({note})" if note else ""), fontsize=10)
+    _save(fig, path)
+    return Drawn(path, [h.get_label() for h in handles], titles, note)
+
+
+# --- which group went first ---------------------------------------------------------------------------
+
+def departure_table(runs: Sequence[Run], series: dict[str, StepSeries]) -> list[dict[str, Any]]:
+    """One row per run with per-step group norms: its verdict, the first step any group left its
+    running band (`departures`), the groups that left then (`first`), and every group's step."""
+    rows = []
+    for r in runs:
+        s = series.get(r.rel)
+        if s is None or not s.groups:
+            continue
+        dep = {g: v for g, v in departures(s, detect_settings(r)).items() if g != "total"}
+        found = [v for v in dep.values() if v is not None]
+        first_step = min(found) if found else None
+        rows.append({"run": r.rel, "verdict": r.verdict, "unstable": vd.is_unstable(r.verdict),
+                     "first step": first_step,
+                     "first": [g for g, v in dep.items() if v is not None and v == first_step],
+                     "by group": dep})
+    return rows
+
+
+def departure_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per module group (in model order): in how many unstable and how many stable runs it was
+    among the first to leave its band, and the median step it left at in each, as strings."""
+    groups = [g for g in dict.fromkeys(g for r in rows for g in r["by group"]) if g != "total"]
+    out = []
+    for g in groups:
+        row: dict[str, str] = {"group": g}
+        for unstable, name in ((True, "unstable"), (False, "stable")):
+            mine = [r for r in rows if r["unstable"] == unstable]
+            left = [r["by group"][g] for r in mine if r["by group"].get(g) is not None]
+            row[f"first in {name}"] = f"{sum(g in r['first'] for r in mine)}/{len(mine)}"
+            row[f"median step left, {name}"] = f"{float(np.median(left)):g}" if left else "-"
+        out.append(row)
+    return pd.DataFrame(out, columns=["group", "first in unstable", "median step left, unstable", "first in stable",
+                                      "median step left, stable"])
+
+
+def plot_departure(rows: Sequence[dict[str, Any]], path: Path) -> Drawn:
+    """Left: per module group, the step each run's norm first left its band (red: unstable runs,
+    blue: stable), one row per group. Right: in what share of the unstable and of the stable runs
+    the group was among the first to leave. A group that leads in the unstable runs and not in
+    the stable ones is where the instability starts."""
+    groups = list(dict.fromkeys(g for r in rows for g in r["by group"]))
+    groups = [g for g in groups if g != "total"]
+    fig = Figure(figsize=(12, 1.6 + 0.24 * max(len(groups), 4)), layout="constrained")
+    ax, ax_share = fig.subplots(1, 2, sharey=True, width_ratios=[3, 1.4])
+    y_of = {g: i for i, g in enumerate(groups)}
+    rng = np.random.default_rng(0)  # jitter only; fixed so the picture is the same each time
+    kinds = ((True, "tab:red", "unstable"), (False, "tab:blue", "stable"))
+    for unstable, colour, _ in kinds:
+        mine = [r for r in rows if r["unstable"] == unstable]
+        xs, ys = [], []
+        for r in mine:
+            for g, step in r["by group"].items():
+                if step is not None and g in y_of:
+                    xs.append(step)
+                    ys.append(y_of[g] + (-0.18 if unstable else 0.18) + rng.uniform(-0.08, 0.08))
+        ax.plot(xs, ys, "o", color=colour, ms=3.5, alpha=0.6, ls="")
+        n = max(len(mine), 1)
+        share = [sum(g in r["first"] for r in mine) / n for g in groups]
+        ax_share.barh([y_of[g] + (-0.2 if unstable else 0.2) for g in groups], share, height=0.38, color=colour,
+                      alpha=0.8)
+    ax.set_yticks(range(len(groups)), groups, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("step the group's gradient norm first left its running band")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax_share.set_xlim(0, 1)
+    ax_share.set_xlabel("share of runs where the group left first")
+    ax_share.grid(True, axis="x", alpha=0.3)
+    n_u, n_s = sum(r["unstable"] for r in rows), sum(not r["unstable"] for r in rows)
+    never = [sum(r["first step"] is None for r in rows if r["unstable"] == u) for u, _, _ in kinds]
+    handles = [Line2D([], [], marker="o", color=c, ls="", label=f"{name} runs ({n}; {k} never left it)")
+               for (u, c, name), n, k in zip(kinds, (n_u, n_s), never)]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("Which module group left its running band first (band: the run's spike detector)", fontsize=10)
+    if not groups:
+        ax.text(0.5, 0.5, "no per-group norms recorded", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)
+    return Drawn(path, [h.get_label() for h in handles], groups)

@@ -1,0 +1,110 @@
+"""Recovery policies, signals and rewind in the real training loop: a spike planted at a step
+(`fault.spike_at_step`), the char LM's smoke preset for one epoch (about 50 steps)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cli.config import compose_run
+from stability import snapshots
+from stability.storage import read_jsonl
+from stability.training import run
+
+SPIKE = 30
+BASE = ["model=charlm", "preset=smoke", "train.epochs=1", "train.threads=1", "detect.health=false",
+        f"fault.spike_at_step={SPIKE}", "fault.spike_factor=1000", "train.spike_window=16"]
+
+
+def _train(tmp_path, name, extra):
+    folder = tmp_path / name
+    run(compose_run([*BASE, *extra]), folder)
+    steps, _ = read_jsonl(folder / "metrics.jsonl")
+    return folder, steps
+
+
+@pytest.fixture(scope="module")
+def skipped(tmp_path_factory):
+    """on_spike=skip with update clipping and a snapshot every 10 steps."""
+    return _train(tmp_path_factory.mktemp("skip"), "skip",
+                  ["on_spike=skip", "update_clip=1", "train.snapshot_every=10", "train.snapshot_keep=100"])
+
+
+def test_skip_and_update_clip_act_at_the_planted_spike(skipped):
+    folder, steps = skipped
+    by = {r["step"]: r for r in steps}
+    assert by[SPIKE]["recover/spike"] == 1.0 and by[SPIKE]["recover/skipped"] == 1.0
+    # a 16-step window early in training also fires on the odd ordinary step (a false alarm)
+    assert len([s for s, r in by.items() if r["recover/skipped"] and s != SPIKE]) <= 3
+    assert all(by[SPIKE][k] == 0.0 for k in by[SPIKE] if k.startswith("update_rel/"))  # no update applied
+    assert all(by[SPIKE - 1][k] > 0.0 for k in by[SPIKE - 1] if k.startswith("update_rel/layer"))
+    clipped = [r["recover/update_clipped"] for r in steps]
+    assert by[SPIKE]["recover/update_clipped"] == max(clipped) > 0.5
+
+
+def test_signals_are_finite_and_where_the_run_format_says(skipped):
+    _, steps = skipped
+    groups = [k[5:] for k in steps[0] if k.startswith("grad/") and k not in ("grad/norm", "grad/clipped")]
+    for r in steps:
+        for stat in ("update_rel", "adam_m", "adam_v", "eps_share"):
+            for g in groups:
+                assert math.isfinite(r[f"{stat}/{g}"]), (r["step"], stat, g)
+        assert all(0.0 <= r[f"eps_share/{g}"] <= 1.0 for g in groups)
+        for k in ("lm/log_z", "lm/log_z_max", "lm/attn_logit_max"):
+            assert math.isfinite(r[k])
+        assert r["lm/log_z_max"] >= r["lm/log_z"]
+
+
+def test_lr_backoff_acts_at_the_planted_spike(tmp_path):
+    _, steps = _train(tmp_path, "backoff", ["on_spike=backoff", "train.backoff_steps=4"])
+    by = {r["step"]: r for r in steps}
+    assert all(by[s]["recover/lr_scale"] == 1.0 for s in range(10))
+    before = by[SPIKE - 1]["recover/lr_scale"]  # 1, or growing back from a false alarm
+    assert by[SPIKE]["recover/spike"] == 1.0 and by[SPIKE]["recover/lr_scale"] == pytest.approx(0.5 * before)
+    assert by[SPIKE + 1]["recover/lr_scale"] == pytest.approx(0.5 * before * 2 ** 0.25)  # 0.5^(-1/4) a step
+    assert max(by[s]["recover/lr_scale"] for s in range(SPIKE + 5, SPIKE + 8)) == pytest.approx(1.0)
+
+
+def test_rewind_restarts_from_the_snapshot_bitwise(skipped, tmp_path):
+    """A run continued from the snapshot before the spike computes the same steps, bit for bit,
+    and its snapshots hold the same weights and optimizer state as the original run's."""
+    folder, steps = skipped
+    snap = snapshots.before(folder, SPIKE)
+    assert snap is not None and snap.name == f"step{SPIKE - 10:08d}.pt"
+    again, steps2 = _train(tmp_path, "rewound", ["on_spike=skip", "update_clip=1", "train.snapshot_every=10",
+                                                  "train.snapshot_keep=100", f"train.rewind_from={snap}"])
+    assert [r["loss"] for r in steps2] == [r["loss"] for r in steps]
+    assert [r["grad/norm"] for r in steps2] == [r["grad/norm"] for r in steps]
+    later = [s for s in snapshots.kept(folder) if s > SPIKE]
+    assert later and later == [s for s in snapshots.kept(again) if s > SPIKE]
+    for s in later:
+        a = snapshots.load(folder / "snapshots" / snapshots.snapshot_name(s))
+        b = snapshots.load(again / "snapshots" / snapshots.snapshot_name(s))
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        for p, st in a["optimizer"]["state"].items():
+            assert torch.equal(st["exp_avg_sq"], b["optimizer"]["state"][p]["exp_avg_sq"])
+    events, _ = read_jsonl(again / "events.jsonl")
+    assert any(e["event"] == "rewound" and e["step"] == SPIKE - 10 for e in events)
+
+
+def test_rewind_from_a_file_that_is_no_snapshot_is_one_line(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"nope")
+    from stability.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.rewind_from"):
+        run(compose_run([*BASE, f"train.rewind_from={bad}"]), tmp_path / "r")
+
+
+def test_doctor_try_trains_training_only_fixes_from_the_snapshot_before_the_departure(skipped):
+    from cli.doctor import rewind_snapshot, rewindable
+    from stability import doctor as dr
+
+    folder, _ = skipped
+    rec = dr.read_run(folder)
+    dx = dr.Diagnosis(rec, "exploding", [dr.Finding("grad_departure", "planted", step=SPIKE)], [])
+    assert rewind_snapshot(dx) == (folder / "snapshots" / snapshots.snapshot_name(SPIKE - 10)).resolve()
+    assert rewindable({"train.lr": "1e-3", "clip": "1"}) and not rewindable({"norm": "pre", "clip": "1"})
