@@ -335,7 +335,7 @@ class DetectConfig:
     health: bool = True  # attention/activation health on the validation batch each epoch
     clamp_warn: float = 0.5  # warn when a stage's RMS-match clamp binds on more than this share of steps
     logit_growth: float = 10.0  # warn when the max attention logit grows by this factor over the run
-    opt_state: bool = True  # optimizer-state and output signals every step (stability/optstate.py)
+    opt_state: bool = False  # optimizer-state and output signals every step (stability/optstate.py); off: cost
     scream: ScreamConfig = field(default_factory=ScreamConfig)
 
     def __post_init__(self) -> None:
