@@ -203,6 +203,7 @@ def _train(cfg: RunConfig, writer: RunWriter, cb: Callbacks, t_start: float,
     stopped = False
     step = 0
 
+    writer.event({"event": "init_eval", **_evaluate_init(work)})  # the start a diverged run is measured against
     ring = snapshots.SnapshotRing(run_dir / snapshots.FOLDER, tc.snapshot_every, tc.snapshot_keep, write=writer.writes)
     first_epoch, first_batch = 1, 0
     if tc.rewind_from:  # continue from a snapshot (stab doctor --try): its run's records up to there are this run's
@@ -337,6 +338,18 @@ def _end_epoch(writer: RunWriter, work: Any, run_dir: Path, epoch: int, stopped:
             erec.update(work.listen(epoch, run_dir))  # {"audio": [...]} at listen epochs
     writer.epoch(erec)
     return erec
+
+
+def _evaluate_init(work: Any) -> dict[str, Any]:
+    """The evaluation before the first step: the validation loss at initialisation (what
+    `diverged` and the LR sensitivity's cap compare the final validation loss with: validation
+    against validation, not the first training batch), the scream scores of the untrained model,
+    and the workload's no-learning baseline (`info["baseline_loss"]`, e.g. the unigram entropy of
+    the text), where it has one."""
+    with eager(work), phase("evaluating at initialisation", unit="evals"):
+        ev = work.evaluate()
+    return {"val_loss": ev.get("val_loss", math.nan), "collapsed": ev.get("collapsed"), "scores": ev.get("scores") or {},
+            "baseline_loss": work.info.get("baseline_loss", math.nan), "baseline": work.info.get("baseline")}
 
 
 def _evaluate(work: Any, stopped: bool, health_on: bool) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Hand-made run folders for drawing tests at scale (100 runs would take an hour to train here):
-the files and keys of `stability.runformat`, written with stab's own JSON writer, with numbers
+the files and keys of `stability.record.format`, written with stab's own JSON writer, with numbers
 from a seeded generator: a slowly falling loss, a noisy grad norm per module group, and where
 asked a planted spike, a NaN from a given step, clipped steps."""
 

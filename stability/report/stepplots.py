@@ -225,7 +225,7 @@ def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Seque
                     if len(mine) > 1:
                         ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0, step="mid")
                     ax.plot(x, med, STYLES[0] if not style_key else style_of[sv], color=c, lw=1.3)
-                    for r, y, s in zip(mine, ys, xs):
+                    for y, s in zip(ys, xs):
                         bad_steps = s[~np.isfinite(y)]
                         if len(bad_steps):
                             ax.plot([bad_steps[0]], [1.0], "x", color="red", ms=6, mew=1.5,

@@ -27,7 +27,7 @@ class StepSeries:
     """One run's step records as arrays (length = steps recorded). Non-finite values stay NaN/inf.
     `groups` maps a module group to its gradient norm per step (`grad/<group>`, NaN where a step
     lacks it); `skipped` is a step whose update was not applied (non-finite under
-    train.on_nan=skip, or a record that says `skipped`)."""
+    train.on_nan=skip, or `recover/skipped` of train.on_spike=skip)."""
 
     step: np.ndarray          # (N,) int, global step
     epoch: np.ndarray         # (N,) int, 1-based
@@ -59,7 +59,7 @@ def load_steps(run: Run) -> StepSeries:
     records = [r for r in records if isinstance(r.get(rf.STEP), int)]
     finite = np.array([bool(r.get(rf.FINITE, True)) for r in records], dtype=bool)
     on_nan = ((run.config or {}).get("train") or {}).get("on_nan")
-    skipped = np.array([bool(r.get("skipped", False)) for r in records], dtype=bool)
+    skipped = np.array([bool(r.get("recover/skipped", r.get("skipped", False))) for r in records], dtype=bool)
     if on_nan == "skip":
         skipped |= ~finite
     groups = [k[len("grad/"):] for k in dict.fromkeys(k for r in records[:1] for k in r)

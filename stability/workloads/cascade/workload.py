@@ -40,6 +40,11 @@ class CascadeWorkload(Workload):
         self._scream_slice = slice(0, k)
         target_codes = d.codebook.codes(self.to_codec(d.val_target[:k])).tolist()
         self.target_scores = mean_scores(target_codes, cfg.detect.scream.n)
+        # the no-learning baseline: the MSE of predicting every validation frame by the target's mean over
+        # items and frames (per channel), i.e. the target's variance: what a model scores that ignores its input
+        vt = d.val_target.double()
+        self.info["baseline_loss"] = float(((vt - vt.mean(dim=(0, 1), keepdim=True)) ** 2).mean())
+        self.info["baseline"] = "variance of the validation target (MSE of predicting its per-channel mean)"
 
     def to_codec(self, latents: torch.Tensor, side: str = "target") -> torch.Tensor:
         """Model space -> the codec's own latent space (see `LatentData.to_codec`)."""

@@ -62,6 +62,14 @@ def prompt_starts(val: torch.Tensor, n: int, span: int, space_ids: set[int]) -> 
     return starts
 
 
+def unigram_entropy(ids: torch.Tensor, vocab: int) -> float:
+    """Entropy (nats) of the character frequencies of `ids` (N,) int64 over a vocabulary of `vocab`:
+    the cross-entropy of a model that predicts each character by its frequency alone."""
+    counts = torch.bincount(ids.flatten(), minlength=vocab).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
 class CharLMWorkload(Workload):
     """Next-character prediction with the char LM: cross-entropy (+ z-loss) on (B, context) ids."""
 
@@ -85,7 +93,10 @@ class CharLMWorkload(Workload):
         self.info: dict[str, Any] = {
             **split.info, "train_windows": len(self.train_windows), "val_windows": len(self.val_windows),
             "prompts": [tok.decode(p.tolist()) for p in self.prompts],
-            "references": [tok.decode(r) for r in references]}
+            "references": [tok.decode(r) for r in references],
+            # the no-learning baseline: the cross-entropy of predicting every character by its frequency in
+            # the training text (nats), what a model scores that has learned the unigram and nothing else
+            "baseline_loss": unigram_entropy(split.train, len(tok)), "baseline": "unigram entropy of the training text"}
 
     def _scores(self, rows: list[list[int]]) -> dict[str, float]:
         sc = self.cfg.detect.scream
@@ -128,7 +139,8 @@ class CharLMWorkload(Workload):
             out = self.model.generate(self.prompts, sc.gen_chars)[:, self.prompts.shape[1]:]  # (items, G)
             rows = out.tolist()
             scores = self._scores(rows)
-            screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run, sc.loop)
+            screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run, sc.loop,
+                                    sc.seq_rep, sc.n)
             samples = [{"prompt": self.tokenizer.decode(p.tolist()), "output": self.tokenizer.decode(r)}
                        for p, r in zip(self.prompts, rows)]
         else:  # non-finite weights: argmax over NaN logits would fake a collapse
