@@ -342,7 +342,7 @@ class DetectConfig:
     attn_entropy_min: float = 0.1  # warn when a layer's mean attention entropy falls to this (nats)
     band: float = 0.1  # relative band around a threshold: a value within it is `borderline`; a collapse
     #                    ends only below (1 - band) x its threshold (hysteresis)
-    opt_state: bool = True  # optimizer-state and output signals every step (stability/optstate.py)
+    opt_state: bool = False  # optimizer-state and output signals every step (stability/optstate.py); off: cost
     scream: ScreamConfig = field(default_factory=ScreamConfig)
 
     def __post_init__(self) -> None:

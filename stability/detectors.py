@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from stability.formatting import nan_place
 from stability.record import verdicts as vd
 
 
@@ -364,7 +365,7 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
     if first_nan:
         flags.append({"flag": "nan", "epoch": first_nan["epoch"], "step": first_nan["step"],
                       "evidence": f"first non-finite {first_nan['kind']} at epoch {first_nan['epoch']}, batch "
-                                  f"{first_nan['batch']} (step {first_nan['step']}), in {first_nan['module']}"})
+                                  f"{first_nan['batch']} (step {first_nan['step']}), {nan_place(first_nan)}"})
     window = min(explode_window, max(2, sum(math.isfinite(v) for v in norms)))
     start, growth = explosion(norms, explode_factor, explode_window)
     if start is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from stability.formatting import format_number
+from stability.formatting import format_number, nan_place
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.record import format as runformat
 from stability.record import verdicts as vd
@@ -37,6 +37,9 @@ def first_nan_text(nan: Mapping[str, Any] | None) -> str:
     """`e3 b205 stage2.layer0.mlp`: 1-based epoch, 0-based batch within it, module group."""
     if not nan:
         return "-"
+    if nan.get("how") not in (None, "located"):  # not located: the likeliest candidate, marked as such
+        top = (nan.get("candidates") or [{}])[0].get("group")
+        return f"e{nan.get('epoch', '?')} b{nan.get('batch', '?')} {top + '?' if top else '?'} ({nan['how']})"
     return f"e{nan.get('epoch', '?')} b{nan.get('batch', '?')} {nan.get('module') or '?'}"
 
 
@@ -101,7 +104,7 @@ _HEALTH_FIELDS = ("attn_entropy_min", "attn_logit_max", "sink_max", "sink_layers
 _SUMMARY_FIELDS = ("evidence", "scream_epoch", "final_loss", "final_val_loss", "growth_per_epoch",
                    "first_spike_step", "spike_lead_steps", "n_grad_spikes", "n_loss_spikes", "clip_rate", "nonfinite_steps", "epochs_run", "steps",
                    "stopped_early", "latent_scale", "device", "wall_s")
-_NAN_FIELDS = ("epoch", "batch", "step", "kind", "module", "where", "loss", "grad_norm")
+_NAN_FIELDS = ("epoch", "batch", "step", "kind", "how", "module", "where", "loss", "grad_norm")
 
 
 def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
@@ -394,7 +397,7 @@ def event_text(ev: Mapping[str, Any]) -> str:
     kind = ev.get("event")
     f = format_number
     if kind == "first_nan":
-        return (f"non-finite {ev.get('kind', '?')} first in {ev.get('module', '?')} ({ev.get('where', '?')}); "
+        return (f"non-finite {ev.get('kind', '?')} first {nan_place(ev)}; "
                 f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}"
                 + (f"; batch and state saved: stab replay {ev['forensics']}" if ev.get("forensics") else ""))
     if kind == "init_eval":
