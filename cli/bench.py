@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -90,7 +90,7 @@ def _bench_bookkeeping(overrides: list[str], sizes: tuple[int, ...] = (1_000, 10
     with user_errors():
         cfg = compose_run(overrides)
     from stability.bench import bookkeeping as run_bookkeeping
-    results = []
+    results: list[Any] = []
     for n in sizes:
         r = run_bookkeeping(cfg, n)
         if not results:

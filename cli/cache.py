@@ -66,8 +66,8 @@ def ls(cache_dir: DirOption = None) -> None:
         return
     now = time.time()
     t = Table(title=f"{len(entries)} latent cache entries, {human_bytes(sum(e.bytes for e in entries))}, in {root}")
-    for col, just in (("key", "left"), ("size", "right"), ("age", "right"), ("holds", "left")):
-        t.add_column(col, justify=just, overflow="fold")
+    for col, right in (("key", False), ("size", True), ("age", True), ("holds", False)):
+        t.add_column(col, justify="right" if right else "left", overflow="fold")
     for e in entries:
         t.add_row(e.key, human_bytes(e.bytes), human_age(now - e.modified), e.describe())
     console.print(t)

@@ -12,8 +12,9 @@ import difflib
 import functools
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -60,7 +61,7 @@ def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     if isinstance(cfg, DictConfig):
         _declared_short_names(cfg)
     try:
-        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        raw = _container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     except OmegaConfBaseException as e:
         raise UserError(_one_line(e)) from None
     if isinstance(cfg, DictConfig):
@@ -71,6 +72,11 @@ def to_run_config(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         return RunConfig.from_dict(raw)
     except ConfigError as e:
         raise UserError(str(e)) from None
+
+
+def _container(cfg: DictConfig, resolve: bool) -> dict[str, Any]:
+    """`cfg` as plain dicts and lists (a DictConfig's container is a dict with str keys)."""
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=resolve))
 
 
 def _declared_short_names(cfg: DictConfig) -> None:
@@ -99,7 +105,7 @@ def _declared_short_names(cfg: DictConfig) -> None:
 def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
     """A short name changed from its default that no key of the chosen model reads would be
     silently ignored (e.g. `residual` with model=charlm, `z_loss` with the cascade): refuse it."""
-    unresolved = OmegaConf.to_container(cfg, resolve=False)
+    unresolved = _container(cfg, resolve=False)
     read = json.dumps({k: v for k, v in unresolved.items() if k not in ALIASES}, default=str)
     root = _root_values()
     for alias in ALIASES:
@@ -117,8 +123,9 @@ def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
 @functools.lru_cache(maxsize=1)
 def _root_values() -> dict[str, Any]:
     """The short names' defaults, as conf/config.yaml sets them."""
-    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")).items()
-            if k in ALIASES}
+    root = OmegaConf.load(CONF_DIR / "config.yaml")
+    assert isinstance(root, DictConfig)
+    return {k: v for k, v in _container(root, resolve=False).items() if k in ALIASES}
 
 
 def check_override_syntax(overrides: list[str]) -> None:
@@ -155,7 +162,7 @@ def _unknown_key(key: str, others: list[str]) -> str:
     return f"unknown key {key!r}: allowed keys{where} are {', '.join(keys)}{near}"
 
 
-def _one_line(e: BaseException, overrides: list[str] = ()) -> str:
+def _one_line(e: BaseException, overrides: Sequence[str] = ()) -> str:
     """Hydra's multi-line messages, made into one line that names the key and what is allowed."""
     text = str(e)
     m = re.search(r"Could not override '([^']+)'", text)
@@ -195,7 +202,7 @@ def _one_line(e: BaseException, overrides: list[str] = ()) -> str:
     return " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "reference_type")))
 
 
-def _keys_under(parent: str, overrides: list[str] = ()) -> list[str]:
+def _keys_under(parent: str, overrides: Sequence[str] = ()) -> list[str]:
     """Keys under `parent` in the config the other overrides compose (model=charlm has its own)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

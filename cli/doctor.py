@@ -90,7 +90,7 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
     if first is not None:
         console.print(styled(("what went wrong first: ", "bold"), first.evidence), highlight=False)
     if dx.findings:
-        rows = [{"where": f"step {f.step}" if f.step is not None else f"epoch {f.epoch}" if f.epoch is not None else "run",
+        rows: list[dict[str, Any]] = [{"where": f"step {f.step}" if f.step is not None else f"epoch {f.epoch}" if f.epoch is not None else "run",
                  "finding": f.kind, "evidence": f.evidence} for f in dx.findings if f.kind != "unstable"]
         if rows:
             console.print(frame_table(pd.DataFrame(rows), title="findings (by where they started)"))

@@ -131,6 +131,7 @@ def multirun(overrides: list[str], task_function: Callable[[DictConfig], Any],
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         hydra = GlobalHydra.instance().hydra
+        assert hydra is not None  # initialize_config_dir made it
         overrides = list(overrides) + search_path_overrides()
         if jobs is None:
             batches = hydra.multirun(config_name="config", task_function=task_function, overrides=overrides)

@@ -3,6 +3,7 @@
     stab margin norm=pre,post residual=0.1,0.3                 # the default preset's 2x2 grid
     stab margin --launcher joblib --jobs 2 norm=pre,post margin.tolerance=1.25
     stab margin preset=smoke norm=pre,post margin.lo=1e-2 margin.hi=1
+    stab margin preset=smoke norm=pre,post seed=0,1,2     # each probe: 3 seeds, unstable if any seed is
 
 Each probe is a normal sweep job (train.stop_early=true: it stops once it is certain to end
 unstable) in RUNS/NAME/<overrides>/, so the same command again resumes, every launcher works and
@@ -59,6 +60,9 @@ def margin(
             if bad in keys:
                 raise UserError(f"{bad} is not allowed here: stab margin sets it for each probe "
                                 "(choose the learning rates searched with margin.lo, margin.hi, margin.tolerance)")
+        seed_args = [o for o in task_args if o.split("=", 1)[0].lstrip("+~") == "seed"]
+        task_args = [o for o in task_args if o not in seed_args]
+        seeds: list[str | None] = [x.strip() for o in seed_args for x in o.split("=", 1)[1].split(",")] or [None]
         combos = launch.expand(task_args)
         settings = compose_run(combos[0]).margin  # margin.* values, checked (one line naming a bad one)
         probe_combos = [[o for o in c if not o.lstrip("+~").startswith("margin.")] for c in combos]
@@ -75,13 +79,16 @@ def margin(
     concurrency = [1]
 
     def probe(batch: list[tuple[str, float]]) -> list[mg.Probe]:
-        jobs_ = [by_label[c] + [f"train.lr={lr:g}", EARLY] for c, lr in batch]
+        jobs_ = [by_label[c] + ([f"seed={x}"] if x is not None else []) + [f"train.lr={lr:g}", EARLY]
+                 for c, lr in batch for x in seeds]
         done = launch_jobs(jobs_, runs, name, launcher, jobs, hydra_args, overrides)
         report_crashes(done)  # a probe that crashed says nothing about stability: stop here (exit 1)
         concurrency[0] = max(concurrency[0], int(_concurrency_of(done)))
         out = []
-        for (_, lr), rec in zip(batch, done.records):
-            out.append(read_probe(sweep_dir / rec["folder"], lr))
+        for i, (_, lr) in enumerate(batch):  # each seed's run of this (configuration, lr): one probe
+            recs = done.records[i * len(seeds):(i + 1) * len(seeds)]
+            replicates = [read_probe(sweep_dir / rec["folder"], lr) for rec in recs]
+            out.append(replicates[0] if seeds == [None] else mg.replicate(lr, replicates))
         return out
 
     t0 = time.time()
@@ -139,6 +146,8 @@ def print_result(res: dict[str, Any]) -> None:
                                                         f"grid x{res['grid_ratio']:.3g}"))
     if res["sentence"]:
         console.print(res["sentence"], style="bold", markup=False, highlight=False)
+    for line in res.get("non_monotone", []):
+        console.print(f"  {line}", style="yellow", markup=False, highlight=False)
     for line in res["by_factor"]:
         console.print(f"  {line}", markup=False, highlight=False)
     cost = res["cost"]

@@ -2,6 +2,7 @@
 
     stab probe init --depths 2,6,12 preset=smoke
     stab probe init model=charlm --paper        # Xavier init, unit-scale embeddings, as in the paper
+    stab probe init model=charlm --paper --seeds 0,1,2,3,4    # the last/first ratio: median and interval over seeds
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def init(
     out: Annotated[Path, typer.Option("--out", help="Folder for probe_init.csv and probe_init.png.")] = Path("runs/probe"),
     paper: Annotated[bool, typer.Option("--paper", help="Xiong et al.'s setting: Xavier init (model.init_std=0) and, "
                                         "for the char LM, unit-scale embeddings (model.embed_scale=true).")] = False,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma list of seeds (model init and batches): the ratio is "
+                                       "given as the median over them with its order-statistic interval.")] = "0",
 ) -> None:
     """Frobenius norm of the mean gradient of each layer's MLP output weight at init (Xiong et al. 2020)."""
     overrides = list(overrides or [])
@@ -44,27 +47,46 @@ def init(
             raise UserError(f"--depths {depths!r} is not allowed: each depth must be 1..96")
         if batches < 1:
             raise UserError(f"--batches {batches} is not allowed: expected an integer >= 1")
-        cfg = compose_run(overrides)
+        try:
+            seed_list = list(dict.fromkeys(int(x) for x in seeds.split(",")))
+        except ValueError:
+            raise UserError(f"--seeds {seeds!r} is not allowed: expected a comma list of integers, e.g. 0,1,2") from None
+        if any(o.lstrip("+~").startswith("seed=") for o in overrides):
+            raise UserError("seed=... is not allowed here: pass the seeds with --seeds (e.g. --seeds 0,1,2)")
+        cfgs = [compose_run([*overrides, f"seed={x}"]) for x in seed_list]
+        cfg = cfgs[0]
         if cfg.model.name == "custom":  # it sets stab's n_layers and norm and reads stab's block.mlp.proj
             raise UserError("stab probe init is for stab's own models (model=cascade or model=charlm): it sets their "
                             "depth and norm placement; a custom model's are its factory's")
     import pandas as pd
 
     from stability.probe import compare, growth
+    from stability.report.factors import median_interval
 
-    rows = compare(cfg, depth_list, ["pre", "post"], batches)
+    rows = [{"seed": x, **r} for x, c in zip(seed_list, cfgs) for r in compare(c, depth_list, ["pre", "post"], batches)]
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "probe_init.csv", index=False)
     last_stage = df["stage"].iloc[-1]
-    t = Table(title=f"||mean grad of MLP output weight||_F at init, {last_stage or 'the model'}, K={batches} batches")
+    n = len(seed_list)
+    t = Table(title=f"||mean grad of MLP output weight||_F at init, {last_stage or 'the model'}, K={batches} batches, "
+                    f"{n} seed(s)" + (" (per layer: median over seeds)" if n > 1 else ""))
     t.add_column("depth")
     t.add_column("norm")
     t.add_column("per layer, first -> last")
-    t.add_column("last / first")
-    for (depth, norm), part in df[df["stage"] == last_stage].groupby(["depth", "norm"], sort=False):
-        recs = part.to_dict("records")
-        t.add_row(str(depth), norm, " ".join(fmt(r["grad_fro"], 2) for r in recs), fmt(growth(recs), 3))
+    t.add_column("last / first" + (" (median)" if n > 1 else ""))
+    if n > 1:
+        t.add_column("interval (coverage)")
+        t.add_column("per seed")
+    shown = df[df["stage"] == last_stage]
+    for (depth, norm), part in shown.groupby(["depth", "norm"], sort=False):
+        per_layer = part.groupby("layer", sort=True)["grad_fro"].median()
+        ratios = [growth(p.sort_values("layer").to_dict("records")) for _, p in part.groupby("seed", sort=False)]
+        med, lo, hi, cov = median_interval(ratios)
+        cells = [str(depth), norm, " ".join(fmt(v, 2) for v in per_layer), fmt(med, 3)]
+        if n > 1:
+            cells += [f"{fmt(lo, 3)}..{fmt(hi, 3)} ({cov:.0%})", " ".join(fmt(r, 3) for r in ratios)]
+        t.add_row(*cells)
     console.print(t)
     _plot(df, out / "probe_init.png")
     console.print(f"wrote {out / 'probe_init.csv'} and {out / 'probe_init.png'}")
@@ -81,6 +103,7 @@ def _plot(df: pd.DataFrame, path: Path) -> None:
     colors = {d: f"C{i}" for i, d in enumerate(dict.fromkeys(df["depth"]))}  # ... colour the depth
     for ax, stage in zip(axes[0], stages):
         for (depth, norm), part in df[df["stage"] == stage].groupby(["depth", "norm"], sort=False):
+            part = part.groupby("layer", as_index=False)["grad_fro"].median()  # over seeds
             ls, marker = styles[norm]
             ax.plot(part["layer"] + 1, part["grad_fro"], ls, marker=marker, ms=3, color=colors[depth],
                     label=f"{norm}-norm, {depth} layers")

@@ -20,6 +20,7 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -106,7 +107,7 @@ class RichProgress(Callbacks):
     def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
         self.console, self.clock = console, clock
         self.progress = _bar(console)
-        self.epochs = self.batches = None
+        self.epochs = self.batches = TaskID(-1)  # set by start()
         self.n_epochs, self.t0 = 0, 0.0
 
     def start(self, epochs: int, batches: int) -> None:

@@ -161,9 +161,9 @@ def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world:
         err_console.print(styled(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER) from None
     except Exception as e:
-        if storage_error(e):  # a full disk: one line; status.json says failed where it could be written
+        if (full := storage_error(e)) is not None:  # a full disk: one line; status.json says failed where it could be written
             with write_errors():
-                raise storage_error(e) from None
+                raise full from None
         if DEBUG["on"]:
             raise
         err_console.print(styled(("crashed:", "bold red"), f" {type(e).__name__}: {e}\n"

@@ -74,10 +74,18 @@ def show(
     if grads.empty:
         console.print(f"no gradient-norm table (no readable {rf.GRAD_TABLE})")
     else:
-        nan_module = (r.first_nan or {}).get("module")
+        nan_module = (r.first_nan or {}).get("module")  # None when not located: no row is marked as the start
         table = grads.reset_index().rename(columns={"index": "group"})
         console.print(frame_table(_fmt_frame(table), title="gradient norm by module group: mean per epoch; max over all steps (NaN if any step was)",
                                   row_styles=["red" if g == nan_module else None for g in table["group"]]))
+    for tie in r.data.get("tied") or []:  # parameters shared by two modules: one gradient, counted once
+        console.print(f"tied: {tie.get('param')} is {tie.get('same_as')} (counted once, in group "
+                      f"{tie.get('counted_in')})", highlight=False)
+    optimizer = r.data.get("optimizer") or {}
+    if len(optimizer.get("param_groups") or []) > 1:
+        for i, g in enumerate(optimizer["param_groups"]):
+            settings = ", ".join(f"{k} {fmt(v)}" for k, v in g.items() if k in ("lr", "weight_decay", "n_params"))
+            console.print(f"optimizer {optimizer.get('class', '?')} param group {i}: {settings}", highlight=False)
     if r.epochs:
         console.print(frame_table(_fmt_frame(rep.epoch_frame(r)), title="epochs"))
         if any(e.get("stage_rms") for e in r.epochs):

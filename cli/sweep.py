@@ -273,8 +273,8 @@ def _duplicates(combos: list[list[str]], identities: list[str]) -> dict[str, int
             out[str(i)] = first[ident]
         else:
             first[ident] = i
-    for i, j in out.items():
-        err_console.print(same_configuration(combos[int(i)], combos[j]), markup=False, highlight=False)
+    for i_text, j in out.items():
+        err_console.print(same_configuration(combos[int(i_text)], combos[j]), markup=False, highlight=False)
     return out
 
 
@@ -283,7 +283,7 @@ def same_configuration(job: list[str], earlier: list[str]) -> str:
     overrides change nothing (a key with no effect there, a default, the same value spelt apart)."""
     if sorted(job) == sorted(earlier):
         return f"job {' '.join(job)} is listed twice (the same overrides as job {' '.join(earlier)}): trained once"
-    mine, theirs = (dict(o.split("=", 1) if "=" in o else (o, "") for o in c) for c in (job, earlier))
+    mine, theirs = (dict(o.partition("=")[::2] for o in c) for c in (job, earlier))
     why = []
     for key in sorted(mine.keys() | theirs.keys()):
         if mine.get(key) == theirs.get(key):
@@ -326,7 +326,7 @@ def _concurrency(launcher: str, jobs: int | None, n: int) -> int:
 
 def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], state: str,
             returns: list[Any] | None = None) -> list[dict[str, Any]]:
-    records = []
+    records: list[dict[str, Any]] = []
     for r in returns or []:
         value = r.return_value if isinstance(r.return_value, dict) else {}
         if "duplicate_of" in value:  # the same configuration as an earlier job: that job's record
@@ -448,7 +448,7 @@ class LiveView:
 
     def _poll(self) -> None:
         while not self.stop.wait(0.5):
-            if self.terminal:
+            if self.live is not None:
                 self.live.update(self.render())
             else:
                 self.print_changes()

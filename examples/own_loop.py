@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from gpt import build  # examples/gpt.py, beside this file: a small GPT and its data
+
 from stability.monitor import Monitor
 
 

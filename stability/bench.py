@@ -22,15 +22,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stability.config import RunConfig
+from stability.config import CustomModelConfig, ModelConfig, RunConfig
+from stability.forensics import eager
 from stability.step import StepContext, Stepper, Window
 from stability.trackers import open_trackers
-from stability.training import eager, resolve_device
+from stability.training import resolve_device
 from stability.workloads import build, make_optimizer
 
 
@@ -121,7 +123,8 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     work, tc = parts.work, cfg.train
     bare = copy.deepcopy(work.model)  # the bare loop's copy: same init
     if tc.compile:
-        work.model, bare = torch.compile(work.model), torch.compile(bare)
+        # OptimizedModules (modules), typed by torch as callables
+        work.model, bare = cast(nn.Module, torch.compile(work.model)), cast(nn.Module, torch.compile(bare))
     g = torch.Generator().manual_seed(cfg.seed)
     batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
     opt_b, sched_b = make_optimizer(bare, tc)
@@ -241,11 +244,18 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
     from stability.steplayout import STAGE, StepLayout
     from stability.workloads import build_model
 
-    model = build_model(cfg.model)
-    names = list(model.module_groups())
-    n_stages = len(model.rms_matchers()) if hasattr(model, "rms_matchers") else 0
-    clamp = cfg.model.rms_clamp if n_stages else None
-    del model
+    if isinstance(cfg.model, CustomModelConfig):  # its factory builds the model with its data
+        from stability.workloads.custom import CustomWorkload
+
+        names, n_stages, clamp = list(CustomWorkload(cfg, torch.device("cpu")).module_groups()), 0, None
+    else:
+        from stability.models.cascade import Cascade
+
+        model = build_model(cfg.model)
+        names = list(model.module_groups())
+        n_stages = len(model.rms_matchers()) if isinstance(model, Cascade) else 0
+        clamp = cfg.model.rms_clamp if n_stages and isinstance(cfg.model, ModelConfig) else None
+        del model
     layout = StepLayout(names, n_stages, [SimpleNamespace(metrics=STAGE)] if n_stages else [], clamp)
     rng = np.random.default_rng(seed)
     pool = np.abs(rng.lognormal(0.0, 0.5, size=(64, layout.width)))  # host rows: loss, norms, stage stats

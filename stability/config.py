@@ -302,11 +302,13 @@ class ScreamConfig:
     items: int = 4  # validation clips in the fixed scream-check batch (char LM: prompts)
     loop: float = 0.5  # char LM: ... or it ends in a loop of period <= loop_period this long (share)
     loop_period: int = 3  # char LM: longest period that still counts as a collapse ("e e e", "ab")
+    seq_rep: float = 0.5  # ... or at least this share of its n-grams repeat an earlier one (seq-rep-n) where the
+    #                       target's own seq-rep-n is below it ("the the the ale ale": 0.83 against 0.09)
     prompt_chars: int = 32  # char LM: characters of validation text each greedy generation starts from
     gen_chars: int = 128  # char LM: characters generated greedily from each prompt
-    min_epochs: int = 2  # a scream is a collapse that lasts at least this many epochs, to the end ...
-    learning: float = 0.05  # ... and not an undertrained model: collapsed from the first epoch while the
-    #                         validation loss still falls by more than this share per epoch
+    min_epochs: int = 2  # a scream is a collapse that lasts at least this many evaluated epochs ...
+    learning: float = 0.05  # ... and not an undertrained model: collapsed to the end while the validation
+    #                         loss is below its start and still falls by more than this share per epoch
 
     def __post_init__(self) -> None:
         self.dominant = _number("detect.scream.dominant", self.dominant, lo=0.0, lo_open=True, hi=1.0)
@@ -319,6 +321,7 @@ class ScreamConfig:
         self.gen_chars = _number("detect.scream.gen_chars", self.gen_chars, lo=8, hi=100_000, integer=True)
         self.min_epochs = _number("detect.scream.min_epochs", self.min_epochs, lo=1, integer=True)
         self.learning = _number("detect.scream.learning", self.learning, lo=0.0, hi=1.0)
+        self.seq_rep = _number("detect.scream.seq_rep", self.seq_rep, lo=0.0, lo_open=True, hi=1.0)
 
 
 @dataclass
@@ -334,8 +337,12 @@ class DetectConfig:
     spike_ratio: float = 3.0  # ... and a spike is at least this many times the running median
     health: bool = True  # attention/activation health on the validation batch each epoch
     clamp_warn: float = 0.5  # warn when a stage's RMS-match clamp binds on more than this share of steps
-    logit_growth: float = 10.0  # warn when the max attention logit grows by this factor over the run
-    opt_state: bool = True  # optimizer-state and output signals every step (stability/optstate.py)
+    logit_growth: float = 10.0  # quote the max attention logit's growth when it grew by this factor (supporting)
+    attn_logit_max: float = 50.0  # warn when the max attention logit reaches this (near one-hot attention)
+    attn_entropy_min: float = 0.1  # warn when a layer's mean attention entropy falls to this (nats)
+    band: float = 0.1  # relative band around a threshold: a value within it is `borderline`; a collapse
+    #                    ends only below (1 - band) x its threshold (hysteresis)
+    opt_state: bool = False  # optimizer-state and output signals every step (stability/optstate.py); off: cost
     scream: ScreamConfig = field(default_factory=ScreamConfig)
 
     def __post_init__(self) -> None:
@@ -347,6 +354,9 @@ class DetectConfig:
         self.explode_window = _number("detect.explode_window", self.explode_window, lo=2, integer=True)
         self.clamp_warn = _number("detect.clamp_warn", self.clamp_warn, lo=0.0, hi=1.0)
         self.logit_growth = _number("detect.logit_growth", self.logit_growth, lo=1.0, lo_open=True)
+        self.attn_logit_max = _number("detect.attn_logit_max", self.attn_logit_max, lo=0.0, lo_open=True)
+        self.attn_entropy_min = _number("detect.attn_entropy_min", self.attn_entropy_min, lo=0.0)
+        self.band = _number("detect.band", self.band, lo=0.0, hi=0.5)
         self.explode_step_factor = _number("detect.explode_step_factor", self.explode_step_factor, lo=1.0, lo_open=True)
         self.spike_window = _number("detect.spike_window", self.spike_window, lo=3, integer=True)
         self.spike_z = _number("detect.spike_z", self.spike_z, lo=0.0, lo_open=True)
@@ -660,9 +670,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"unknown key {key!r}: allowed keys here are {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in raw.items():
-        sub = _NESTED.get((cls.__name__, name))
+        sub: type | None = _NESTED.get((cls.__name__, name))
         if isinstance(value, dict):
-            sub = _VARIANTS.get((cls.__name__, name), {}).get(value.get("name"), sub)
+            variants: dict[Any, type] = _VARIANTS.get((cls.__name__, name), {})
+            sub = variants.get(value.get("name"), sub)
         kwargs[name] = _build(sub, value, f"{prefix}.{name}" if prefix else name) if sub else value
     return cls(**kwargs)
 

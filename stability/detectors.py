@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from stability.formatting import nan_place
 from stability.record import verdicts as vd
 
 
@@ -69,17 +70,20 @@ def loop_share(tokens: Sequence[int], max_period: int) -> float:
 
 
 def is_degenerate(score: dict[str, float], dominant: float, longest_run: float,
-                  loop: float | None = None) -> bool:
-    """One token dominates, or repeats in one run, or (with `loop`) the sequence ends in a short loop."""
+                  loop: float | None = None, seq_rep: float | None = None, n: int = 4) -> bool:
+    """One token dominates, or repeats in one run, or (with `loop`) the sequence ends in a short
+    loop, or (with `seq_rep`) at least that share of its n-grams repeat an earlier one."""
     looped = loop is not None and score.get("loop", 0.0) >= loop
-    return score["dominant"] >= dominant or score["longest_run"] >= longest_run or looped
+    repeats = seq_rep is not None and score.get(f"seq_rep_{n}", 0.0) >= seq_rep
+    return score["dominant"] >= dominant or score["longest_run"] >= longest_run or looped or repeats
 
 
 def scream_check(output: dict[str, float], target: dict[str, float], dominant: float,
-                 longest_run: float, loop: float | None = None) -> bool:
-    """A scream: the output is degenerate and the target it should match is not."""
-    return (is_degenerate(output, dominant, longest_run, loop)
-            and not is_degenerate(target, dominant, longest_run, loop))
+                 longest_run: float, loop: float | None = None, seq_rep: float | None = None, n: int = 4) -> bool:
+    """A collapsed epoch: the output is degenerate by a measure by which the target it should
+    match is not (`collapse_level` >= 1 against the target)."""
+    level = collapse_level(output, dominant, longest_run, loop, seq_rep, n, target)
+    return bool(math.isfinite(level) and level >= 1.0)
 
 
 def scream_onset(collapsed: Sequence[bool | None], epochs: Sequence[int], min_epochs: int = 1) -> int | None:
@@ -107,7 +111,7 @@ def still_learning(val_losses: Sequence[float], rate: float) -> bool:
     return (v[-1] / v[-3]) ** 0.5 < 1.0 - rate
 
 
-def detect_spikes(values: Sequence[float], window: int, z: float, warmup: int, ratio: float = 1.0) -> list[int]:
+def detect_spikes(values: Sequence[float] | np.ndarray, window: int, z: float, warmup: int, ratio: float = 1.0) -> list[int]:
     """Indices where a value exceeds the running median of the previous `window` finite values
     by more than `z` robust standard deviations (1.4826 x MAD) and is at least `ratio` times that
     median. Non-finite values are not spikes (they are NaN events) and do not enter the baseline.
@@ -157,7 +161,7 @@ def _median(values: Iterable[float]) -> float:
 
 
 def spike_lead(first_spike: int | None, first_nan: dict[str, Any] | None, verdict: str,
-               grad_norms: Sequence[float]) -> int | None:
+               grad_norms: Sequence[float] | np.ndarray) -> int | None:
     """Steps from the first spike to the event it warned of: the first NaN's step, else, for an
     exploding run, the step of its largest finite grad norm. None without a spike before it."""
     if first_spike is None:
@@ -226,34 +230,152 @@ def certainly_unstable(epoch_norms: Sequence[float], first_nan: dict[str, Any] |
     return None
 
 
+# Primary verdict: the most severe finding wins. A crash (failed) is set by the runner before any
+# of these; a NaN ends the measurement; an explosion explains a collapse or a divergence that
+# comes with it, so it outranks both; a run whose loss ended above where it started (diverged)
+# failed whatever its output looks like, so it outranks the scream; a run too short for the
+# detectors (inconclusive) is only "not found unstable", so it sits between the unstable verdicts
+# and stable.
+SEVERITY = vd.SEVERITY  # ("failed", "nan", "exploding", "diverged", "scream", "inconclusive", "stable")
+UNSTABLE = vd.UNSTABLE  # the verdicts that count as unstable
+
+
+def collapse_level(score: dict[str, float], dominant: float, longest_run: float, loop: float | None = None,
+                   seq_rep: float | None = None, n: int = 4, target: dict[str, float] | None = None) -> float:
+    """How far a token sequence's scores are past the degeneracy thresholds: the largest of
+    dominant / `dominant`, longest_run / `longest_run`, loop / `loop` and seq_rep_n / `seq_rep`
+    (the last two only where given and scored). >= 1: degenerate; 0.9: every measure is at least
+    10% below its threshold. With `target` (the same scores of the real data), a measure counts
+    only where the target itself is below its threshold: repetition is degenerate only against a
+    target that does not repeat like that (seq-rep-n and distinct-n of Welleck et al. 2020, arXiv
+    1908.04319, compare model text with human text the same way). NaN without scores.
+
+        collapse_level({"dominant": 0.3, "longest_run": 0.1, "seq_rep_4": 0.83}, 0.6, 0.5, seq_rep=0.5,
+                       target={"dominant": 0.2, "longest_run": 0.05, "seq_rep_4": 0.09})   # 1.66
+    """
+    pairs = [("dominant", dominant), ("longest_run", longest_run)]
+    if loop is not None:
+        pairs.append(("loop", loop))
+    if seq_rep is not None:
+        pairs.append((f"seq_rep_{n}", seq_rep))
+    ratios = []
+    for key, threshold in pairs:
+        if key not in score:
+            continue
+        if target and key in target and target[key] >= threshold:
+            continue  # the real data repeats like this itself: not a collapse by this measure
+        ratios.append(score[key] / threshold)
+    finite = [r for r in ratios if math.isfinite(r)]
+    return max(finite) if finite else math.nan
+
+
+def collapse_states(levels: Sequence[float | None], band: float) -> list[bool | None]:
+    """The collapsed state of each epoch, with hysteresis: an output enters the collapsed state
+    when its `collapse_level` reaches 1 and leaves it only when the level falls below 1 - `band`.
+    A collapse of eight epochs is not ended by one epoch at 0.58 against a threshold of 0.6.
+    None (not evaluated) keeps the state and yields None."""
+    out: list[bool | None] = []
+    state = False
+    for lv in levels:
+        if lv is None or not math.isfinite(lv):
+            out.append(None)
+            continue
+        state = lv >= (1.0 - band if state else 1.0)
+        out.append(state)
+    return out
+
+
+def collapse_stretches(collapsed: Sequence[bool | None], epochs: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first epoch, last epoch, evaluated epochs) of every stretch of collapsed epochs, in order;
+    None entries (not evaluated) neither extend nor end a stretch."""
+    out: list[tuple[int, int, int]] = []
+    cur: list[int] = []
+    for flag, epoch in zip(collapsed, epochs):
+        if flag is None:
+            continue
+        if flag:
+            cur.append(epoch)
+        elif cur:
+            out.append((cur[0], cur[-1], len(cur)))
+            cur = []
+    if cur:
+        out.append((cur[0], cur[-1], len(cur)))
+    return out
+
+
+def learning_rate_per_epoch(val_losses: Sequence[float]) -> float:
+    """Relative fall of the validation loss per epoch over the last two intervals (geometric
+    mean; one interval with two points): 0.1 = falling 10% per epoch, negative = rising. NaN
+    with fewer than two finite positive values."""
+    v = [x for x in val_losses if math.isfinite(x) and x > 0]
+    if len(v) < 2:
+        return math.nan
+    k = min(2, len(v) - 1)
+    return 1.0 - (v[-1] / v[-1 - k]) ** (1.0 / k)
+
+
+def divergence(vals: Sequence[float], reference: float) -> tuple[float, float]:
+    """(the last evaluated validation loss, its ratio to `reference`, the loss at initialisation
+    or a no-learning baseline). A non-finite last value has ratio inf; NaN without a reference."""
+    if not vals:
+        return math.nan, math.nan
+    last = float(vals[-1])
+    if not math.isfinite(reference) or reference <= 0:
+        return last, math.nan
+    return last, (last / reference if math.isfinite(last) else math.inf)
+
+
 def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None, clip: float | None,
              explode_factor: float, explode_window: int, scream_min_epochs: int,
              learning_rate: float, stage_clamp: float = 0.5, logit_growth: float = 10.0,
-             peak: dict[str, Any] | None = None) -> dict[str, Any]:
+             peak: dict[str, Any] | None = None, *, init: dict[str, Any] | None = None, band: float = 0.1,
+             scream: Any = None, attn_logit_level: float = 50.0, attn_entropy_level: float = 0.1) -> dict[str, Any]:
     """Every finding of a finished run, its primary verdict and the warnings a researcher should
     see even in a stable run.
 
     epochs: the epoch records (`grad_norm_mean`, `grad_norm_max`, `val_loss`, `collapsed`,
-    `clip_rate`, `stage_clamp_rate`, `health_summary`), in order. Returns {"verdict", "evidence",
-    "flags": [{"flag", "epoch"|"step", "evidence"}], "warnings": [{"warning", "message", ...}],
-    "scream_epoch"}. The verdict is the most severe flag (`verdicts.SEVERITY`), else `stable`.
-    `peak` ({value, ratio, step, epoch, batch}, from `peak_norm`) is a step whose finite grad norm
-    was huge against the run's median step: an explosion even when every gradient was finite.
+    `scores`, `target_scores`, `clip_rate`, `stage_clamp_rate`, `health_summary`), in order.
+    init: the evaluation before the first step ({"val_loss", "baseline_loss", "baseline"}: the
+    validation loss at initialisation and the workload's no-learning baseline, e.g. the unigram
+    entropy of the text). scream: the `detect.scream` thresholds (dominant, longest_run, loop,
+    seq_rep, n), for the collapse's hysteresis; without them the epochs' `collapsed` is used as is.
+    band: relative width around a threshold within which a finding is `borderline`, and the
+    hysteresis of the collapsed state.
+
+    Verdicts (most severe first, `SEVERITY`): nan; exploding (the grad norm grew more than
+    `explode_factor` per epoch over `explode_window` epochs, or one step's was huge: `peak`);
+    diverged (the last validation loss is above the loss at initialisation, or non-finite: the
+    run ended worse than it started; Wortsman et al. 2023, arXiv 2309.14322, count such a run as
+    a complete failure); scream (a collapse of at least `scream_min_epochs` evaluated epochs, not
+    the untrained model's output learning its way out, not an undertrained run); inconclusive
+    (nothing unstable found in fewer evaluated epochs than the detectors need); stable.
+
+    Returns {"verdict", "evidence", "flags": [{"flag", "epoch"|"step", "evidence"}],
+    "warnings": [{"warning", "message", ...}], "borderline": [{"what", "value", "threshold",
+    "message"}], "scream_epoch", "val_loss_init", "baseline_loss", "loss_ratio"}.
     """
+    init = init or {}
     norms = [e["grad_norm_mean"] for e in epochs]
-    vals = [e["val_loss"] for e in epochs]
+    vals = [e.get("val_loss", math.nan) for e in epochs]
     series = ", ".join(f"{v:.3g}" for v in norms)
     flags: list[dict[str, Any]] = []
     warnings: list[dict[str, Any]] = []
+    borderline: list[dict[str, Any]] = []
+    lo_b, hi_b = 1.0 - band, 1.0 + band
     if first_nan:
         flags.append({"flag": "nan", "epoch": first_nan["epoch"], "step": first_nan["step"],
                       "evidence": f"first non-finite {first_nan['kind']} at epoch {first_nan['epoch']}, batch "
-                                  f"{first_nan['batch']} (step {first_nan['step']}), in {first_nan['module']}"})
+                                  f"{first_nan['batch']} (step {first_nan['step']}), {nan_place(first_nan)}"})
+    window = min(explode_window, max(2, sum(math.isfinite(v) for v in norms)))
     start, growth = explosion(norms, explode_factor, explode_window)
     if start is not None:
         flags.append({"flag": "exploding", "epoch": start, "growth": growth,
                       "evidence": f"grad norm grew {growth:.2f}x per epoch from epoch {start} "
-                                  f"(> {explode_factor} over {explode_window} epochs): {series}"})
+                                  f"(> {explode_factor} over {window} epochs): {series}"})
+    if math.isfinite(growth) and lo_b * explode_factor <= growth <= hi_b * explode_factor:
+        borderline.append({"what": "grad norm growth", "value": growth, "threshold": explode_factor,
+                           "message": f"grad norm growth {growth:.2f}x per epoch is within {band:.0%} of the "
+                                      f"exploding threshold {explode_factor:g} (detect.explode_factor)"})
     if peak:
         huge = (f"grad norm reached {peak['value']:.3g} at epoch {peak['epoch']}, batch {peak['batch']} (step "
                 f"{peak['step']}), {peak['ratio']:.3g}x the run's median step, with every gradient finite")
@@ -261,30 +383,122 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
             flags.append({"flag": "exploding", "epoch": peak["epoch"], "step": peak["step"], "evidence": huge})
         else:
             flags[-1]["evidence"] += f"; {huge}"
-    onset = scream_onset([e["collapsed"] for e in epochs], [e["epoch"] for e in epochs], scream_min_epochs)
-    if onset is not None and onset == epochs[0]["epoch"] and still_learning(vals, learning_rate):
-        warnings.append({"warning": "undertrained", "epoch": onset,
-                         "message": f"output collapsed from epoch {onset} to the end while the validation loss is "
-                                    f"still falling (>{learning_rate:.0%} per epoch): undertrained, not a scream; "
-                                    "train longer"})
-        onset = None
-    if onset is not None:
-        flags.append({"flag": "scream", "epoch": onset,
-                      "evidence": f"output collapsed to one repeated token from epoch {onset} to the end "
-                                  f"({epochs[-1]['epoch'] - onset + 1} epochs)"})
-    warnings += _warnings(epochs, clip, stage_clamp, logit_growth)
-    verdict, evidence = vd.STABLE, f"grad norm per epoch {series}"
-    for f in sorted(flags, key=lambda f: vd.severity(f["flag"])):
+
+    # divergence: the last validation loss against the loss at initialisation (validation against validation)
+    init_val = _num(init.get("val_loss"))
+    baseline = _num(init.get("baseline_loss"))
+    reference, ref_name = (init_val, "its validation loss at initialisation") if math.isfinite(init_val) else \
+        (baseline, f"the no-learning baseline ({init.get('baseline') or 'baseline'})")
+    evaluated = list(vals)
+    last, ratio = divergence(evaluated, reference) if evaluated else (math.nan, math.nan)
+    if not first_nan and evaluated and (ratio > 1.0 or (not math.isfinite(last) and math.isfinite(ratio))):
+        flags.append({"flag": "diverged", "epoch": epochs[-1]["epoch"], "ratio": ratio,
+                      "evidence": f"validation loss ended at {last:.4g}, above {ref_name} {reference:.4g} "
+                                  f"({ratio:.3g}x): the run ended worse than it started"})
+    if math.isfinite(ratio) and lo_b <= ratio <= hi_b:
+        borderline.append({"what": "final loss", "value": ratio, "threshold": 1.0,
+                           "message": f"validation loss ended at {last:.4g}, within {band:.0%} of {ref_name} "
+                                      f"{reference:.4g}: cannot tell a run that barely learned from one that diverged"})
+    if math.isfinite(init_val) and math.isfinite(baseline) and math.isfinite(last) and last > baseline \
+            and not any(f["flag"] == "diverged" for f in flags):
+        warnings.append({"warning": "above_baseline", "baseline": baseline, "last": last,
+                         "message": f"validation loss ended at {last:.4g}, above the no-learning baseline "
+                                    f"{baseline:.4g} ({init.get('baseline') or 'baseline'}): the model has not "
+                                    "learned more than that baseline predicts"})
+
+    # the scream: a collapse of at least scream_min_epochs evaluated epochs, with hysteresis
+    ep_nums = [e["epoch"] for e in epochs]
+    levels = [_level(e, scream) for e in epochs]
+    states = collapse_states(levels, band) if scream is not None and any(
+        lv is not None and math.isfinite(lv) for lv in levels) else [e.get("collapsed") for e in epochs]
+    n_eval = sum(s is not None for s in states)
+    last_eval = next((ep for s, ep in zip(reversed(states), reversed(ep_nums)) if s is not None), None)
+    first_eval = next((ep for s, ep in zip(states, ep_nums) if s is not None), None)
+    onset = None
+    rate = learning_rate_per_epoch([init_val, *vals])
+    for a, b, count in collapse_stretches(states, ep_nums):
+        if count < scream_min_epochs:
+            continue
+        if a == first_eval and b != last_eval:
+            continue  # the untrained model's near-constant output, learned its way out
+        if b == last_eval and math.isfinite(rate) and rate > learning_rate and not (ratio > 1.0):
+            warnings.append({"warning": "undertrained", "epoch": a,
+                             "message": f"output collapsed from epoch {a} to the end while the validation loss is "
+                                        f"still falling ({rate:.0%} per epoch, > {learning_rate:.0%}) and below its "
+                                        "start: undertrained, not a scream; train longer"})
+            if lo_b * learning_rate <= rate <= hi_b * learning_rate:
+                borderline.append({"what": "still learning", "value": rate, "threshold": learning_rate,
+                                   "message": f"validation loss falls {rate:.1%} per epoch, within {band:.0%} of the "
+                                              f"undertrained threshold {learning_rate:.0%} (detect.scream.learning): "
+                                              "scream or undertrained is a toss-up"})
+            continue
+        onset = a
+        to_end = " to the end" if b == last_eval else f" to epoch {b}"
+        flags.append({"flag": "scream", "epoch": a,
+                      "evidence": f"output collapsed to repeated tokens from epoch {a}{to_end} ({count} evaluated "
+                                  f"epochs collapsed, >= {scream_min_epochs})"})
+        peak_level = max((lv for lv, ep in zip(levels, ep_nums) if lv is not None and math.isfinite(lv)
+                          and a <= ep <= b), default=math.nan)
+        if math.isfinite(peak_level) and peak_level < hi_b:
+            borderline.append({"what": "collapse", "value": peak_level, "threshold": 1.0,
+                               "message": f"the collapse from epoch {a} peaked at {peak_level:.2f}x its threshold, "
+                                          f"within {band:.0%} of it"})
+        break
+    warnings += _warnings(epochs, clip, stage_clamp, logit_growth, first_nan, peak, attn_logit_level,
+                          attn_entropy_level)
+    unstable = [f for f in flags if f["flag"] != "inconclusive"]
+    need = max(2, scream_min_epochs)
+    if not unstable and n_eval < need and len(epochs) < need:
+        flags.append({"flag": "inconclusive", "epoch": epochs[-1]["epoch"] if epochs else 0,
+                      "evidence": f"{len(epochs)} epoch(s) evaluated: too short to judge (a scream needs "
+                                  f"{scream_min_epochs} (detect.scream.min_epochs), an explosion the grad norms of at "
+                                  f"least 2 epochs; this run has no sign of either): train at least {need} epochs"})
+    verdict, evidence = "stable", f"grad norm per epoch {series}"
+    for f in sorted(flags, key=lambda f: SEVERITY.index(f["flag"])):
         verdict, evidence = f["flag"], f["evidence"]
         break
-    if verdict == vd.STABLE and math.isfinite(growth):
-        evidence += f" (at most {growth:.2f}x per epoch over {explode_window} epochs)"
-    return {"verdict": verdict, "evidence": evidence, "flags": flags, "warnings": warnings, "scream_epoch": onset}
+    if verdict == "stable" and math.isfinite(growth):
+        evidence += f" (at most {growth:.2f}x per epoch over {window} epochs)"
+    if verdict == "stable" and math.isfinite(ratio):
+        evidence += f"; validation loss {last:.4g}, {ratio:.3g}x {ref_name}"
+    return {"verdict": verdict, "evidence": evidence, "flags": flags, "warnings": warnings,
+            "borderline": borderline, "scream_epoch": onset, "val_loss_init": init_val,
+            "baseline_loss": baseline, "loss_ratio": ratio}
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _level(epoch: dict[str, Any], sc: Any) -> float | None:
+    """An epoch's `collapse_level` against its target's scores; NaN when the epoch has no scores
+    (not evaluated, non-finite output); None without thresholds."""
+    if sc is None:
+        return None
+    scores = epoch.get("scores") or {}
+    if not scores or epoch.get("collapsed") is None:
+        return math.nan
+    return collapse_level(scores, sc.dominant, sc.longest_run, getattr(sc, "loop", None),
+                          getattr(sc, "seq_rep", None), getattr(sc, "n", 4), epoch.get("target_scores") or {})
 
 
 def _warnings(epochs: Sequence[dict[str, Any]], clip: float | None, stage_clamp: float,
-              logit_growth: float) -> list[dict[str, Any]]:
-    """What a researcher should see even in a stable run (see `diagnose`)."""
+              logit_growth: float, first_nan: dict[str, Any] | None = None, peak: dict[str, Any] | None = None,
+              attn_logit_level: float = 50.0, attn_entropy_level: float = 0.1) -> list[dict[str, Any]]:
+    """What a researcher should see even in a stable run (see `diagnose`).
+
+    Attention: on absolute levels, the state the papers describe, not on growth from a tiny
+    start (a healthy run's max logit goes 0.23 -> 2.45, 10x, and means nothing): `attn_logit`
+    when the largest pre-softmax logit reaches `attn_logit_level` (a logit 50 above its
+    neighbours takes 1 - 2e-22 of the softmax: one-hot attention; Dehghani et al. 2023, arXiv
+    2302.05442, and Wortsman et al. 2023, arXiv 2309.14322, describe this logit growth), and
+    `attn_entropy_collapse` when the lowest layer's mean attention entropy falls to
+    `attn_entropy_level` nats (Zhai et al. 2023, arXiv 2303.06296: entropy collapse; 0.1 nats is
+    a row with ~98% of its weight on one key). Growth over the run (>= `logit_growth`x) is quoted
+    as supporting evidence."""
     out: list[dict[str, Any]] = []
     if not epochs:
         return out
@@ -295,20 +509,36 @@ def _warnings(epochs: Sequence[dict[str, Any]], clip: float | None, stage_clamp:
                 out.append({"warning": "clamp_saturated", "stage": i, "rate": float(r),
                             "message": f"stage {i}'s RMS-match clamp bound on {r:.0%} of steps: its scale is "
                                        "pinned at a bound, so the stage cannot reach the target's RMS"})
-    logits = [(e["epoch"], (e.get("health_summary") or {}).get("attn_logit_max", math.nan)) for e in epochs]
-    logits = [(ep, v) for ep, v in logits if v is not None and math.isfinite(v) and v > 0]
-    if len(logits) >= 2 and logits[-1][1] / logits[0][1] >= logit_growth:
-        out.append({"warning": "attn_logit_growth", "from": logits[0][1], "to": logits[-1][1],
-                    "message": f"max attention logit grew {logits[-1][1] / logits[0][1]:.0f}x "
-                               f"({logits[0][1]:.3g} at epoch {logits[0][0]} -> {logits[-1][1]:.3g} at epoch "
-                               f"{logits[-1][0]}): attention-entropy collapse ahead (Wortsman et al. 2023, "
+    health = [(e["epoch"], e.get("health_summary") or {}) for e in epochs]
+    logits = [(ep, _num(h.get("attn_logit_max"))) for ep, h in health]
+    logits = [(ep, v) for ep, v in logits if math.isfinite(v)]
+    entropies = [(ep, _num(h.get("attn_entropy_min"))) for ep, h in health]
+    entropies = [(ep, v) for ep, v in entropies if math.isfinite(v)]
+    growth = ""
+    if len(logits) >= 2 and logits[0][1] > 0:
+        g = max(v for _, v in logits) / logits[0][1]
+        if g >= logit_growth:
+            growth = f"; it grew {g:.0f}x from {logits[0][1]:.3g} at epoch {logits[0][0]}"
+    top = max(logits, key=lambda t: t[1], default=None)
+    if top is not None and top[1] >= attn_logit_level:
+        out.append({"warning": "attn_logit", "epoch": top[0], "value": top[1], "level": attn_logit_level,
+                    "message": f"max attention logit {top[1]:.3g} at epoch {top[0]}, past {attn_logit_level:g} "
+                               f"(detect.attn_logit_max): near one-hot attention{growth} (Wortsman et al. 2023, "
                                "arXiv 2309.14322); qk_norm caps it"})
+    low = min(entropies, key=lambda t: t[1], default=None)
+    if low is not None and low[1] <= attn_entropy_level:
+        out.append({"warning": "attn_entropy_collapse", "epoch": low[0], "value": low[1],
+                    "level": attn_entropy_level,
+                    "message": f"attention entropy fell to {low[1]:.3g} nats at epoch {low[0]} (a layer's mean, at "
+                               f"most {attn_entropy_level:g}: detect.attn_entropy_min): attention entropy collapse "
+                               "(Zhai et al. 2023, arXiv 2303.06296)"})
+    nonfinite = bool(first_nan) or any(not math.isfinite(e.get("grad_norm_max", math.nan)) for e in epochs)
     if clip is not None:
         clip_rates = [e["clip_rate"] for e in epochs if math.isfinite(e.get("clip_rate", math.nan))]
-        peak = max((e["grad_norm_max"] for e in epochs if math.isfinite(e["grad_norm_max"])), default=math.nan)
-        if clip_rates and max(clip_rates) == 0:
-            out.append({"warning": "clip_never", "clip": clip, "grad_norm_max": peak,
-                        "message": f"clip={clip:g} never fired (largest grad norm {peak:.3g}): "
+        grad_peak = max((e["grad_norm_max"] for e in epochs if math.isfinite(e["grad_norm_max"])), default=math.nan)
+        if clip_rates and max(clip_rates) == 0 and not nonfinite:  # a NaN run's norms say nothing of the clip
+            out.append({"warning": "clip_never", "clip": clip, "grad_norm_max": grad_peak,
+                        "message": f"clip={clip:g} never fired (largest grad norm {grad_peak:.3g}): "
                                    "at this setting the clip axis changes nothing"})
         elif clip_rates and min(clip_rates) >= 0.95:
             out.append({"warning": "clip_always", "clip": clip, "rate": float(np.mean(clip_rates)),

@@ -205,7 +205,9 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
         return m
     from torch.distributed._functional_collectives import all_reduce  # differentiable: its backward all-reduces
 
-    return all_reduce(m, "sum", dist.group.WORLD) / dist.get_world_size()
+    world = dist.group.WORLD
+    assert world is not None  # _SYNC is set only inside an initialised process group
+    return all_reduce(m, "sum", world) / dist.get_world_size()
 
 
 def launch(nproc: int, args: Sequence[str]) -> int:

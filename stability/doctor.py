@@ -115,7 +115,7 @@ class Finding:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def departure(values: Sequence[float], baseline: int, factor: float = DEPART_FACTOR) -> tuple[int, float] | None:
+def departure(values: Sequence[float] | np.ndarray, baseline: int, factor: float = DEPART_FACTOR) -> tuple[int, float] | None:
     """(index, ratio) of the first value after the first `baseline` ones that exceeds `factor` x
     their median, or is non-finite (ratio inf); None if the series never leaves its baseline."""
     x = np.asarray(values, dtype=float)
@@ -132,7 +132,7 @@ def departure(values: Sequence[float], baseline: int, factor: float = DEPART_FAC
     return None
 
 
-def running_departure(values: Sequence[float], start: int, window: int = BASELINE_STEPS,
+def running_departure(values: Sequence[float] | np.ndarray, start: int, window: int = BASELINE_STEPS,
                       factor: float = DEPART_FACTOR, stop: int | None = None) -> tuple[int, float] | None:
     """(index, ratio) of the first value from `start` (up to `stop`, inclusive) above `factor` x
     the median of the `window` finite values before it, or non-finite; None if none is."""
@@ -148,20 +148,19 @@ def running_departure(values: Sequence[float], start: int, window: int = BASELIN
     return None
 
 
-def group_departure(values: Sequence[float], warmup: int, stop: int) -> tuple[int, float] | None:
+def group_departure(values: Sequence[float] | np.ndarray, warmup: int, stop: int) -> tuple[int, float] | None:
     """Where one module group's grad norm left its baseline, up to step index `stop`: the earlier
     of a jump (`running_departure`, from the end of warmup) and a climb (above DEPART_FACTOR x its
     median over the BASELINE_STEPS steps after warmup; smooth growth never jumps)."""
     x = np.asarray(values, dtype=float)
     start = max(warmup, 1)
-    hits = [running_departure(x, start, stop=stop)]
     climb = departure(x[start:stop + 1], BASELINE_STEPS)
-    hits.append((climb[0] + start, climb[1]) if climb else None)
-    hits = [h for h in hits if h is not None]
+    hits = [h for h in (running_departure(x, start, stop=stop), (climb[0] + start, climb[1]) if climb else None)
+            if h is not None]
     return min(hits) if hits else None
 
 
-def loss_departure(losses: Sequence[float], start: int, factor: float = LOSS_FACTOR) -> int | None:
+def loss_departure(losses: Sequence[float] | np.ndarray, start: int, factor: float = LOSS_FACTOR) -> int | None:
     """Index of the first loss from `start` above `factor` x its lowest value so far (or non-finite)."""
     best = math.inf
     for i, v in enumerate(np.asarray(losses, dtype=float)):
@@ -190,7 +189,7 @@ def find(rec: RunRecord) -> list[Finding]:
         peak = int(np.nanargmax(np.where(np.isfinite(total), total, -np.inf)))
         shares = {g: float(rec.series(f"grad/{g}")[peak] ** 2 / total[peak] ** 2) for g in rec.groups
                   if is_output_projection(g) and math.isfinite(total[peak]) and total[peak] > 0}
-        top = max(shares, key=shares.get) if shares else None
+        top = max(shares, key=lambda k: shares[k]) if shares else None
         if top is not None and shares[top] >= 0.5:
             out.append(Finding("output_proj_gradient", step=at(peak), detail={"group": top, "share": shares[top]},
                                evidence=f"{top} holds {shares[top]:.0%} of the squared grad norm at the run's peak "
@@ -229,7 +228,7 @@ def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Calla
     else:  # no group left its own baseline before the total did: the largest group at that step
         i, first = i_total, [max(rec.groups, key=lambda g: np.nan_to_num(rec.series(f"grad/{g}")[i_total], nan=np.inf))]
         g, ratio = first[0], math.nan
-    lead = (loss_i - i) if loss_i is not None else None
+    lead = (loss_i - i) if loss_i is not None else 0
     when = ("the loss never rose" if loss_i is None else
             f"{lead} steps before the loss rose (step {at(loss_i)})" if lead > 0 else
             f"{-lead} steps after the loss rose (step {at(loss_i)})" if lead < 0 else "at the step the loss rose")

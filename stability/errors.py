@@ -28,7 +28,7 @@ class StorageError(OSError):
         self.path = str(path)
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # the disk, not the code

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,13 +106,13 @@ def export(path: Path, to: str, out: Path | None = None) -> list[Outcome]:
 
 # --- the trackers --------------------------------------------------------------------------------
 
-def replay_order(steps: Sequence[dict[str, Any]], epochs: Sequence[dict[str, Any]],
-                 events: Sequence[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
+def replay_order(steps: Sequence[Mapping[str, Any]], epochs: Sequence[Mapping[str, Any]],
+                 events: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, Mapping[str, Any]]]:
     """The records as the training loop handed them to the Recorder: each step, then the events
     of that step, each epoch's record after its last step, events without a step (a scream's
     onset) after their epoch's record. Items are (kind, index within its file, record), kind one
     of step | event | epoch."""
-    items: list[tuple[tuple[float, float, int, int], str, int, dict[str, Any]]] = []
+    items: list[tuple[tuple[float, float, int, int], str, int, Mapping[str, Any]]] = []
     last_step: dict[int, int] = {}
     for i, s in enumerate(steps):
         e = int(s.get(rf.EPOCH, 0))
@@ -122,8 +122,8 @@ def replay_order(steps: Sequence[dict[str, Any]], epochs: Sequence[dict[str, Any
         e = int(ep.get("epoch", 0))
         items.append(((e, last_step.get(e, -1), 2, i), "epoch", i, ep))
     for i, ev in enumerate(events):
-        e = ev.get("epoch")
-        e = int(e) if isinstance(e, (int, float)) else 1 << 30
+        epoch = ev.get("epoch")
+        e = int(epoch) if isinstance(epoch, (int, float)) else 1 << 30
         step = ev.get("step")
         if isinstance(step, (int, float)):
             items.append(((e, step, 1, i), "event", i, ev))
@@ -195,7 +195,7 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
         getattr(recorder, kind)(rec)
         sent[kind] += 1
     send_summary = summary is not None and (done is None or done.get("summary") != now["summary"])
-    if send_summary:
+    if summary is not None and send_summary:
         recorder.summary(summary)
     recorder.close(run.state)
     if recorder.errors.get(name):

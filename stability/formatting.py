@@ -20,3 +20,16 @@ def format_number(x: Any, digits: int = 3) -> str:
             return "inf" if x > 0 else "-inf"
         return f"{x:.{digits}g}"
     return str(x)
+
+
+def nan_place(ev: dict[str, Any]) -> str:
+    """Where a first_nan event says the non-finite value started, in words: `in X (located, forward
+    pass)` or `not located (not reproduced; candidates: a, b)` (`stability.forensics`); an event
+    written before attribution existed (no `how`) as it said."""
+    how = ev.get("how")
+    if how is None:
+        return f"in {ev.get('module', '?')}"
+    if how == "located":
+        return f"in {ev.get('module')} (located, {ev.get('where')} pass)"
+    names = ", ".join(c["group"] for c in ev.get("candidates") or []) or "none"
+    return f"not located ({how}; candidates: {names})"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from stability.outputs import all_finite
 from stability.steplayout import STAGE
 
 
@@ -51,6 +52,9 @@ class GradProbe:
         float32 gradients always have a finite norm, so finiteness is the gradients' own.
         """
         grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            raise RuntimeError("no parameter has a gradient: measure after loss.backward(), before the gradients "
+                               "are zeroed")
         if len(grads) == len(self.params):
             idx = self._index_on.get(grads[0].device)
             if idx is None:
@@ -94,9 +98,10 @@ class StageProbe:
 
 
 class NonFiniteProbe:
-    """Finds where non-finite values start: the first group (in forward order) whose output is
-    non-finite, else the first group (in backward order) whose gradient is. Syncs per module;
-    only for re-running one step."""
+    """Finds where non-finite values start: the first group (in forward order) with a non-finite
+    tensor anywhere in its output (tensors, tuples, dicts, `ModelOutput`: `stability.outputs`), else
+    the first group (in backward order) whose gradient is. Syncs per module; only for re-running
+    one step."""
 
     def __init__(self, groups: dict[str, list[nn.Module]]) -> None:
         self.first_forward: str | None = None
@@ -111,8 +116,7 @@ class NonFiniteProbe:
 
     def _forward_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
-            if self.first_forward is None and isinstance(out, torch.Tensor) \
-                    and not torch.isfinite(out).all():  # sync: forensic mode only
+            if self.first_forward is None and not all_finite(out):  # syncs: forensic mode only
                 self.first_forward = name
         return hook
 

@@ -12,13 +12,21 @@ the best loss; "qk_norm flattens the LR curve" reads as a smaller number with qk
     frame = pd.DataFrame([{"qk_norm": "false", "train.lr": 1e-3, "initial_loss": 4.5, "final_loss": 1.9}, ...])
     lr_sensitivity(frame)            # one row per qk_norm value
 
-Initial loss is the first step's loss (the loss at initialisation, before any update):
-`initial_loss(run_dir)` reads it from metrics.jsonl, falling back to summary.json's
-loss_by_epoch[0] (the first epoch's mean, an underestimate).
+The initial loss is the validation loss at initialisation, measured before the first step
+(summary.json's val_loss_init, the init_eval event): the final loss it caps is a validation loss
+too, so the two are measured on the same data. (The first training batch's loss, used before,
+is another batch: on the cascade smoke preset 23.4 against 25.4 on validation, so every run that
+barely moved counted as diverged.) Runs recorded before init_eval existed fall back to the first
+step's loss, and say so (`initial_loss_source`). Every term is >= 0, so the sensitivity is too.
+
+With a `stable` column (the run's verdict was not unstable), a configuration with no stable run
+in the grid gets a warning: its sensitivity is then only the cap (every LR failed), and a small
+number there means "fails everywhere", not "robust".
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +35,9 @@ import numpy as np
 import pandas as pd
 
 from stability.record import format as rf
-from stability.record.folder import RunFolder
-from stability.record.records import number
 
 LR = "train.lr"
-RESERVED = (LR, "initial_loss", "final_loss")
+RESERVED = (LR, "initial_loss", "final_loss", "stable")
 
 
 def lr_sensitivity(runs: pd.DataFrame, factors: Sequence[str] | None = None, lr: str = LR) -> pd.DataFrame:
@@ -45,8 +51,9 @@ def lr_sensitivity(runs: pd.DataFrame, factors: Sequence[str] | None = None, lr:
     missing = [c for c in (lr, "initial_loss", "final_loss") if c not in runs.columns]
     if missing:
         raise ValueError(f"lr_sensitivity needs columns {', '.join(missing)}; it has {', '.join(map(str, runs.columns))}")
-    factors = [c for c in runs.columns if c not in (lr, "initial_loss", "final_loss")] if factors is None else list(factors)
+    factors = [c for c in runs.columns if c not in (lr, *RESERVED)] if factors is None else list(factors)
     df = runs[[*factors, lr, "initial_loss", "final_loss"]].copy()
+    df["_stable"] = runs["stable"].astype(bool) if "stable" in runs.columns else True
     lrs = pd.to_numeric(df[lr], errors="coerce")
     if lrs.isna().any():
         bad = sorted(set(df.loc[lrs.isna(), lr].astype(str)))
@@ -62,17 +69,20 @@ def lr_sensitivity(runs: pd.DataFrame, factors: Sequence[str] | None = None, lr:
     rows = []
     groups = df.groupby(factors, dropna=False, sort=True) if factors else [((), df)]
     for key, part in groups:
-        per_lr = part.groupby(lr, sort=True).agg(loss=("_loss", "mean"), bad=("_bad", "sum"))
+        per_lr = part.groupby(lr, sort=True).agg(loss=("_loss", "mean"), bad=("_bad", "sum"), stable=("_stable", "all"))
         finite = per_lr["loss"][np.isfinite(per_lr["loss"])]
         best = float(finite.min()) if len(finite) else math.nan
         best_lr = float(finite.idxmin()) if len(finite) else math.nan
-        sens = float((per_lr["loss"] - best).mean()) if len(per_lr) >= 2 and len(finite) else math.nan
+        sens = float((per_lr["loss"] - best).clip(lower=0).mean()) if len(per_lr) >= 2 and len(finite) else math.nan
         key = key if isinstance(key, tuple) else (key,)
+        n_stable = int(per_lr["stable"].sum())
+        warning = ("no stable learning rate in the grid: the sensitivity measures a configuration that fails "
+                   "everywhere" if n_stable == 0 else "")
         rows.append({**dict(zip(factors, key)), "n_lr": len(per_lr), "lrs": list(per_lr.index),
                      "best_lr": best_lr, "best_final_loss": best, "n_diverged": int(per_lr["bad"].sum()),
-                     "lr_sensitivity": sens})
+                     "n_stable_lr": n_stable, "lr_sensitivity": sens, "warning": warning})
     out = pd.DataFrame(rows, columns=[*factors, "n_lr", "lrs", "best_lr", "best_final_loss", "n_diverged",
-                                      "lr_sensitivity"])
+                                      "n_stable_lr", "lr_sensitivity", "warning"])
     return out.sort_values("lr_sensitivity", na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -82,11 +92,40 @@ def varies_lr(runs: pd.DataFrame, lr: str = LR) -> bool:
 
 
 def initial_loss(run_dir: Path) -> float:
-    """The loss at initialisation: the first step's loss in metrics.jsonl, else the first
-    epoch's mean loss from summary.json, else NaN."""
-    folder = RunFolder(run_dir)
-    first = folder.first_step()
-    if first is not None and rf.LOSS in first:
-        return number(first[rf.LOSS])
-    losses = folder.summary().loss_by_epoch
-    return number(losses[0]) if losses else math.nan
+    """The loss at initialisation (see the module docstring): the validation loss before the
+    first step (summary.json val_loss_init, else the init_eval event of events.jsonl), else, for
+    a run recorded before that existed, the first step's training loss in metrics.jsonl, else the
+    first epoch's mean loss from summary.json, else NaN."""
+    return initial_loss_source(run_dir)[0]
+
+
+def initial_loss_source(run_dir: Path) -> tuple[float, str]:
+    """(`initial_loss`, where it came from: "validation at init" | "first training step" |
+    "first epoch's mean" | "none")."""
+    run_dir = Path(run_dir)
+    try:
+        v = float(json.loads((run_dir / rf.SUMMARY).read_text()).get("val_loss_init", math.nan))
+        if math.isfinite(v):
+            return v, "validation at init"
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    try:
+        with open(run_dir / rf.EVENTS, encoding="utf-8") as f:
+            for line in f:
+                ev = json.loads(line)
+                if ev.get("event") == "init_eval" and math.isfinite(float(ev.get("val_loss", math.nan))):
+                    return float(ev["val_loss"]), "validation at init"
+    except (OSError, ValueError, TypeError):
+        pass
+    try:
+        with open(run_dir / rf.METRICS, encoding="utf-8") as f:
+            first = f.readline()
+        if first.strip():
+            return float(json.loads(first)["loss"]), "first training step"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        losses = json.loads((run_dir / rf.SUMMARY).read_text())["loss_by_epoch"]
+        return float(losses[0]), "first epoch's mean"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return math.nan, "none"

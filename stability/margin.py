@@ -28,7 +28,6 @@ from typing import Any
 import pandas as pd
 
 from stability.lr_sensitivity import lr_sensitivity
-from stability.record import verdicts as vd
 
 LR_MAX = 10.0  # the largest train.lr the config accepts: widening upwards stops here
 
@@ -48,6 +47,27 @@ class Probe:
     wall_s: float = math.nan
     stopped_early: bool = False
     round: int = 0
+    n: int = 1  # replicates (seeds) behind this probe
+    n_unstable: int = 0  # ... of which unstable
+    verdicts: list[str] = field(default_factory=list)  # each replicate's verdict
+
+
+def replicate(lr: float, probes: Sequence[Probe]) -> Probe:
+    """One probe from several seeds' runs at the same lr: unstable when any seed is (the margin is
+    where failures start, so one failing seed in three fails the learning rate), with the
+    unstable count, the median final validation loss and initial loss, the summed wall time."""
+    import statistics
+
+    bad = sum(not p.stable for p in probes)
+    finite = [p.final_val_loss for p in probes if math.isfinite(p.final_val_loss)]
+    inits = [p.initial_loss for p in probes if math.isfinite(p.initial_loss)]
+    verdicts = [p.verdict for p in probes]
+    summary = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
+    return Probe(lr, stable=bad == 0, verdict=summary, folder=probes[0].folder if probes else None,
+                 final_val_loss=statistics.median(finite) if finite else math.nan,
+                 initial_loss=statistics.median(inits) if inits else math.nan,
+                 wall_s=sum(p.wall_s for p in probes if math.isfinite(p.wall_s)),
+                 stopped_early=all(p.stopped_early for p in probes), n=len(probes), n_unstable=bad, verdicts=verdicts)
 
 
 @dataclass
@@ -55,21 +75,30 @@ class Margin:
     """One configuration's result. `stable_lr`: largest lr probed stable (None: none was);
     `unstable_lr`: smallest lr probed unstable (None: none was); `status`: found (neighbouring
     grid points), above (stable at the largest lr tried), below (unstable at the smallest),
-    budget (margin.steps ran out first) or non_monotone (lo unstable, hi stable)."""
+    budget (margin.steps ran out first) or non_monotone (a probe above the lowest unstable one was
+    stable: stability is not monotone in the learning rate, so bisection's premise fails; the
+    margin is then the largest stable lr below the LOWEST failing one, and `stable_above` lists
+    the stable lrs above it)."""
 
     config: str
     stable_lr: float | None
     unstable_lr: float | None
     status: str
     probes: list[Probe] = field(default_factory=list)
+    stable_above: list[float] = field(default_factory=list)
 
     @property
     def text(self) -> str:
-        if self.status == "below":
-            return f"< {self.unstable_lr:.3g}"
-        if self.status == "above":
-            return f">= {self.stable_lr:.3g}"
-        return f"{self.stable_lr:.3g}" if self.stable_lr is not None else "?"
+        if self.status == "below" or (self.stable_lr is None and self.unstable_lr is not None):
+            core = f"< {self.unstable_lr:.3g}"
+        elif self.status == "above":
+            core = f">= {self.stable_lr:.3g}"
+        else:
+            core = f"{self.stable_lr:.3g}" if self.stable_lr is not None else "?"
+        if self.stable_above:
+            core += (f" (non-monotone: unstable at {self.unstable_lr:.3g}, stable again at "
+                     f"{', '.join(f'{x:.3g}' for x in self.stable_above)})")
+        return core
 
 
 def grid_size(lo: float, hi: float, tolerance: float) -> int:
@@ -95,9 +124,17 @@ class Search:
         return float(f"{self.lo * self.r ** k:.3g}")  # 3 significant digits: readable folder names
 
     def _bounds(self) -> tuple[int | None, int | None]:
-        stable = [k for k, ok in self.results.items() if ok]
+        """(the largest stable index below the lowest unstable one, the lowest unstable index): the
+        margin is the lowest failing learning rate even where a higher one trained stably."""
         unstable = [k for k, ok in self.results.items() if not ok]
-        return (max(stable) if stable else None), (min(unstable) if unstable else None)
+        u = min(unstable) if unstable else None
+        stable = [k for k, ok in self.results.items() if ok and (u is None or k < u)]
+        return (max(stable) if stable else None), u
+
+    def stable_above(self) -> list[int]:
+        """Indices probed stable above the lowest unstable one: stability is not monotone in lr there."""
+        _, u = self._bounds()
+        return sorted(k for k, ok in self.results.items() if ok and u is not None and k > u)
 
     def next(self) -> list[int]:
         """The grid indices to probe in the next round ([] when done)."""
@@ -107,13 +144,14 @@ class Search:
             return []
         s, u = self._bounds()
         if s is None:  # unstable everywhere tried: widen downwards
+            assert u is not None  # some result exists, so one bound does
             return [u - self.K]
         if u is None:  # stable everywhere tried: widen upwards, not past LR_MAX
             k = s + self.K
             while k > s and self.lr(k) > LR_MAX:
                 k -= 1
             return [k] if k > s and k not in self.results else []
-        if u < s or u - s <= 1:
+        if u - s <= 1:
             return []
         return [(s + u) // 2]
 
@@ -122,7 +160,7 @@ class Search:
 
     def status(self) -> str:
         s, u = self._bounds()
-        if s is not None and u is not None and u < s:
+        if self.stable_above():
             return "non_monotone"
         if s is not None and u is not None and u - s <= 1:
             return "found"
@@ -157,7 +195,7 @@ def find_margins(configs: Sequence[str], probe: Callable[[list[tuple[str, float]
     for c, s in searches.items():
         st, un = s._bounds()
         out[c] = Margin(c, s.lr(st) if st is not None else None, s.lr(un) if un is not None else None, s.status(),
-                        sorted(done[c], key=lambda p: p.lr))
+                        sorted(done[c], key=lambda p: p.lr), [s.lr(k) for k in s.stable_above()])
     return out
 
 
@@ -178,22 +216,25 @@ def sensitivity(margins: dict[str, Margin]) -> dict[str, float]:
 
 def comparison(margins: dict[str, Margin]) -> str:
     """One sentence: the most stable configuration against the least, as a ratio of margins."""
-    known = [m for m in margins.values() if m.stable_lr is not None]
+    lr = {c: m.stable_lr for c, m in margins.items() if m.stable_lr is not None}  # the configs with a stable lr
     if len(margins) < 2:
         return ""
-    if len(known) < len(margins):
-        worst = [m.config for m in margins.values() if m.stable_lr is None]
-        if not known:
-            return f"no configuration trained stably at any learning rate tried (down to {min(m.unstable_lr for m in margins.values()):.3g})"
-        best = max(known, key=lambda m: m.stable_lr)
-        return (f"{best.config} is stable up to lr {best.stable_lr:.3g}; {', '.join(worst)} was unstable at every "
-                f"learning rate tried (down to {min(margins[w].unstable_lr for w in worst):.3g})")
-    best = max(known, key=lambda m: m.stable_lr)
-    worst = min(known, key=lambda m: m.stable_lr)
-    ratio = best.stable_lr / worst.stable_lr
+
+    def down_to(configs: list[str]) -> float:  # the smallest lr tried, all unstable
+        return min(u for c in configs if (u := margins[c].unstable_lr) is not None)
+
+    if len(lr) < len(margins):
+        never = [c for c in margins if c not in lr]
+        if not lr:
+            return f"no configuration trained stably at any learning rate tried (down to {down_to(never):.3g})"
+        best_c = max(lr, key=lambda c: lr[c])
+        return (f"{margins[best_c].config} is stable up to lr {lr[best_c]:.3g}; {', '.join(margins[c].config for c in never)} "
+                f"was unstable at every learning rate tried (down to {down_to(never):.3g})")
+    best_c, worst_c = max(lr, key=lambda c: lr[c]), min(lr, key=lambda c: lr[c])
+    best, worst, ratio = margins[best_c], margins[worst_c], lr[best_c] / lr[worst_c]
     at_least = " at least" if best.status == "above" else ""
     if ratio < 1.0001:
-        return f"every configuration is stable up to the same learning rate ({best.stable_lr:.3g}) at this resolution"
+        return f"every configuration is stable up to the same learning rate ({lr[best_c]:.3g}) at this resolution"
     return (f"{best.config} is stable up to{at_least} {ratio:.3g}x the learning rate of {worst.config} "
             f"({best.text} vs {worst.text})")
 
@@ -215,18 +256,18 @@ def sensitivity_floor(m: Margin, lo: float, hi: float, tolerance: float) -> tupl
     init = [p.initial_loss for p in m.probes if math.isfinite(p.initial_loss)]
     if not stable or not init:
         return share, math.nan
-    return share, share * (float(pd.Series(init).median()) - min(stable))
+    return share, share * max(0.0, float(pd.Series(init).median()) - min(stable))  # a cap is never below the best
 
 
 def factor_ratios(margins: dict[str, Margin]) -> list[str]:
     """Per factor, the ratio of margins between its values with every other factor held, for
     configurations named `key=value key=value`: "norm: pre/post 3.16x at residual=0.1, ..."."""
-    parsed = {}
+    parsed: dict[str, tuple[dict[str, str], float]] = {}  # config -> (its key=value pairs, its stable lr)
     for m in margins.values():
         pairs = [t.split("=", 1) for t in m.config.split()]
         if not pairs or any(len(p) != 2 for p in pairs) or m.stable_lr is None:
             return []
-        parsed[m.config] = (dict(pairs), m)
+        parsed[m.config] = (dict(pairs), m.stable_lr)
     keys = sorted({k for d, _ in parsed.values() for k in d})
     out = []
     for key in keys:
@@ -234,14 +275,14 @@ def factor_ratios(margins: dict[str, Margin]) -> list[str]:
         if len(values) != 2:
             continue
         parts = []
-        for d, m in parsed.values():
+        for d, lr in parsed.values():
             if d.get(key) != values[0]:
                 continue
             other = next((m2 for d2, m2 in parsed.values() if d2.get(key) == values[1]
                           and {k: v for k, v in d2.items() if k != key} == {k: v for k, v in d.items() if k != key}), None)
             if other is not None:
                 held = " ".join(f"{k}={v}" for k, v in d.items() if k != key)
-                parts.append(f"{m.stable_lr / other.stable_lr:.3g}x" + (f" at {held}" if held else ""))
+                parts.append(f"{lr / other:.3g}x" + (f" at {held}" if held else ""))
         if parts:
             out.append(f"{key}: margin at {values[0]} / at {values[1]} = {', '.join(parts)}")
     return out
@@ -264,12 +305,13 @@ def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, w
     return {
         "lo": lo, "hi": hi, "tolerance": tolerance, "grid_steps": K, "grid_ratio": (hi / lo) ** (1 / K),
         "configs": [{"config": m.config, "margin": m.stable_lr, "unstable_lr": m.unstable_lr, "status": m.status,
-                     "text": m.text, "ratio": (m.stable_lr / floor) if m.stable_lr and floor else None,
+                     "text": m.text, "stable_above": m.stable_above, "ratio": (m.stable_lr / floor) if m.stable_lr and floor else None,
                      "lr_sensitivity": sens.get(m.config, math.nan),
                      "grid_share_unstable": sensitivity_floor(m, lo, hi, tolerance)[0],
                      "lr_sensitivity_floor": sensitivity_floor(m, lo, hi, tolerance)[1],
                      "probes": [asdict(p) for p in m.probes]} for m in margins.values()],
         "sentence": comparison(margins), "by_factor": factor_ratios(margins),
+        "non_monotone": [non_monotone_text(m) for m in margins.values() if m.stable_above],
         "cost": {"probes": len(probes), "stopped_early": sum(p.stopped_early for p in probes),
                  "promised_per_config": promised_probes(lo, hi, tolerance), "widening_probes": widened,
                  "rounds": max((p.round for p in probes), default=0), "wall_s": wall_s, "concurrency": concurrency,
@@ -279,9 +321,27 @@ def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, w
     }
 
 
+def non_monotone_text(m: Margin) -> str:
+    """The sentence for a configuration whose stability is not monotone in the learning rate."""
+    above = ", ".join(f"{x:.3g}" for x in m.stable_above)
+    below = f"the largest stable lr below it is {m.stable_lr:.3g}" if m.stable_lr is not None else \
+        "no lr below it was found stable"
+    return (f"{m.config}: stability is not monotone in the learning rate: unstable at {m.unstable_lr:.3g} but stable "
+            f"again at {above}. The margin reported is the lowest failing lr ({m.unstable_lr:.3g}; {below}), not a "
+            "bisection between a stable and an unstable probe; a fixed grid over the range shows the whole curve")
+
+
 def probe_text(p: dict[str, Any]) -> str:
-    """`3.16e-02 stable` / `1e-01 exploding (stopped early)`, for a probe of margin.json."""
-    return f"{p['lr']:.3g} {p['verdict'] or (vd.STABLE if p['stable'] else 'unstable')}" + \
+    """`3.16e-02 stable` / `1e-01 exploding (stopped early)`, for a probe of margin.json; a probe
+    over several seeds: `0.1 unstable 2/3 (21%..94%): 2 diverged, 1 stable`, the unstable count with
+    its 95% Wilson interval."""
+    if p.get("n", 1) > 1:
+        from stability.report.factors import share_interval
+
+        lo, hi = share_interval(p["n_unstable"], p["n"])
+        return (f"{p['lr']:.3g} {'stable' if p['stable'] else 'unstable'} {p['n_unstable']}/{p['n']} "
+                f"({lo:.0%}..{hi:.0%}): {p['verdict']}")
+    return f"{p['lr']:.3g} {p['verdict'] or ('stable' if p['stable'] else 'unstable')}" + \
         (" (stopped early)" if p.get("stopped_early") else "")
 
 
@@ -303,7 +363,8 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{c['grid_share_unstable']:.0%} | {floor} | {sens} | "
                      f"{'; '.join(probe_text(p) for p in c['probes'])} |")
     cost = res["cost"]
-    lines += ["", res["sentence"], ""] + [f"- {f}" for f in res.get("by_factor", [])] + [
+    lines += ["", res["sentence"], ""] + [f"- {f}" for f in res.get("non_monotone", [])] + \
+        [f"- {f}" for f in res.get("by_factor", [])] + [
               "",
               "LR sensitivity (Wortsman et al. 2023, arXiv 2309.14322) is the mean over an LR grid of min(final loss, "
               "initial loss) - the best loss. On the exhaustive grid of this resolution every point above the margin "

@@ -24,25 +24,30 @@ available live (`monitor.verdict`, `monitor.events`).
 
 With `factory="my_pkg.build"` (a `model=custom` factory, called with `config`), `stab replay`
 can rebuild the model and re-run the first non-finite step from the saved batch.
-Hooks for frameworks that own the backward and the step (a Lightning callback:
-`stability.lightning`): `after_backward(loss)` measures, clips and records without stepping.
+
+The monitor is stab's own step and run lifecycle, not a copy: the measurements are
+`stability.step.Instruments` with the run's `StepLayout` (as in `stab run`), the first NaN is
+`stability.forensics.first_nan`, the folder's lease, trackers and final status are a
+`stability.session.RunSession` (Ctrl-C inside `with Monitor(...)` records `interrupted`).
+Hooks for frameworks that own the backward and the step (`stability.lightning.StabCallback`,
+`stability.hf.StabTrainerCallback`): `micro_batch(loss, batch)` after each backward,
+`before_optimizer_step()` when the (accumulated) gradients are complete: it measures, clips and
+records without stepping, and returns False for a step the framework must skip.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-import os
-import platform
-import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from stability import forensics
 from stability.config import (
     OWN_LOOP,
     ConfigError,
@@ -53,26 +58,12 @@ from stability.config import (
     TrainConfig,
 )
 from stability.instrument import GradProbe
-from stability.record import format as rf
-from stability.record.summarizer import Summarizer
-from stability.record.writer import RunWriter
-from stability.rundirs import RunLease, create_unique
+from stability.rundirs import create_unique
+from stability.session import RunSession
 from stability.step import Instruments
-from stability.trackers import open_trackers
-from stability.training import _end_epoch, _first_nan
-from stability.workloads.custom import CustomWorkload, Task
+from stability.workloads.custom import CustomWorkload, Task, locate
 
-
-class _Writer(RunWriter):
-    """stab's writer, keeping the events it writes for `Monitor.events`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.seen: list[dict[str, Any]] = []
-
-    def event(self, ev: dict[str, Any]) -> None:
-        self.seen.append(ev)
-        super().event(ev)
+ON_NAN = ("stop", "skip")
 
 
 class Monitor:
@@ -84,97 +75,149 @@ class Monitor:
             run folder itself.
         loss: loss(output, target), needed for validation, health and locating the first NaN.
         val: validation data (tensors (x, y), a Dataset): validation loss, scream check, health.
-        scheduler: stepped after every step (a per-step schedule), or None.
+        scheduler: stepped after every optimizer step (a per-step schedule), or None.
         clip: total gradient-norm clipping threshold, or None.
         on_nan: "stop" (`should_stop` turns true at the first non-finite step) or "skip".
+        accumulate: micro-batches per optimizer step (gradient accumulation): `step(loss)` is
+            called once per micro-batch with its own (mean) loss; stab backpropagates loss /
+            accumulate and steps every `accumulate` calls. Records are per optimizer step.
         config: your hyperparameters, recorded as `model.*` in config.yaml (factors of `stab
             report`) and passed to `factory` by `stab replay`.
-        factory: the dotted path of a `model=custom` factory that rebuilds model and data.
+        factory: the dotted path of a `model=custom` factory that rebuilds model and data;
+            `config` must fit its parameters (checked here, not at replay time).
         groups, layers, tokens: as a factory's (docs/your-model.md): grad-norm groups, the layer
             pattern, how outputs become tokens for the scream check.
         epochs, batch_size: what the run plans (the progress view's ETA, the validation batch size).
         detect: the detectors' thresholds (stability.config.DetectConfig); log: trackers.
+        batch_loss: how to recompute the loss of a recorded batch (for locating the first NaN);
+            default: loss(model(*inputs), target). The Lightning and transformers callbacks
+            pass their framework's own.
     Raises:
         ConfigError for a bad value (a clip <= 0, an unknown tracker, a layer pattern that matches
-        nothing), before anything is written.
+        nothing, config keys the factory does not take, a model with no trainable parameter),
+        before anything is written.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, runs: str | Path = "runs", *,
                  run_dir: str | Path | None = None, name: str = "run", loss: Any = None, val: Any = None,
-                 scheduler: Any = None, clip: float | None = None, on_nan: str = "stop",
+                 scheduler: Any = None, clip: float | None = None, on_nan: str = "stop", accumulate: int = 1,
                  config: dict[str, Any] | None = None, factory: str | None = None, groups: dict[str, Any] | None = None,
                  layers: str | None = None, tokens: Any = "auto", epochs: int = 1, batch_size: int | None = None,
-                 detect: DetectConfig | None = None, log: Sequence[str] = ()) -> None:
+                 detect: DetectConfig | None = None, log: Sequence[str] = (),
+                 batch_loss: Callable[[Any], torch.Tensor] | None = None, recorded_by: str = "stability.monitor.Monitor",
+                 info: dict[str, Any] | None = None) -> None:
         if val is not None and loss is None:
             raise ConfigError("Monitor(val=...) needs loss=loss(output, target): the validation loss, scream check "
                               "and health run it")
-        lr = optimizer.param_groups[0].get("lr", 1e-3)
-        train = TrainConfig(epochs=epochs, batch_size=batch_size or TrainConfig.batch_size, lr=float(lr),
-                            clip="none" if clip is None else clip, on_nan=on_nan, warmup=0,
-                            weight_decay=float(optimizer.param_groups[0].get("weight_decay", 0.0)))
+        if on_nan not in ON_NAN:
+            raise ConfigError(f"Monitor(on_nan={on_nan!r}) is not allowed: expected one of {', '.join(ON_NAN)}")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ConfigError(f"Monitor(accumulate={accumulate!r}) is not allowed: expected an integer >= 1 "
+                              f"(micro-batches per optimizer step)")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError("Monitor(model=...): the model has no trainable parameters (every parameter has "
+                              "requires_grad=False), so there is no gradient to measure")
+        if factory is not None:
+            _check_factory(factory, dict(config or {}))
+        pgroups = optimizer.param_groups
+        train = TrainConfig(epochs=epochs, batch_size=batch_size or TrainConfig.batch_size,
+                            lr=float(pgroups[0].get("lr", 1e-3)), clip="none" if clip is None else clip,
+                            on_nan=on_nan, warmup=0, weight_decay=float(pgroups[0].get("weight_decay", 0.0)))
         self.cfg = RunConfig(model=CustomModelConfig(target=factory or OWN_LOOP, params=dict(config or {})),
                              data=NoDataConfig(), train=train, detect=detect or DetectConfig(), log=list(log))
         device = next(model.parameters()).device
         task = Task(model=model, train=None, loss=loss if loss is not None else _no_loss, val=val, layers=layers,
                     groups=groups, tokens=tokens if val is not None else None)
         self.work = CustomWorkload(self.cfg, device, task=task)
+        if batch_loss is not None:
+            self.work.loss = batch_loss  # type: ignore[method-assign]  # how this loop computes a batch's loss
+        self.can_rerun = loss is not None or batch_loss is not None
         self.model, self.opt, self.sched = model, optimizer, scheduler
         self.groups = self.work.module_groups()
         self.names = list(self.groups)
-        self.probe = GradProbe(self.groups)
-        self.ins = Instruments(self.names, self.probe, clip=self.cfg.train.clip)
+        self.ins = Instruments(self.names, GradProbe(self.groups), clip=self.cfg.train.clip)
         self.layout = self.ins.layout
-        self.has_loss = loss is not None
+        self.accumulate = accumulate
 
         if run_dir is None:
             Path(runs).mkdir(parents=True, exist_ok=True)
             run_dir = create_unique(Path(runs) / "own", f"{time.strftime('%Y%m%d-%H%M%S')}_{name}")
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.lease = RunLease(self.dir).acquire()
-        self.t_start = time.time()
-        self.recorder = open_trackers(self.cfg, self.dir, [])
-        self.writer = _Writer(self.dir, self.recorder)
-        self.writer.start(self.cfg.to_dict(), [], self.cfg.identity())
-        self.writer.status(fresh=True, state="running", run_id=self.cfg.identity(), pid=os.getpid(),
-                           host=socket.gethostname(), started=self.t_start, finished=None, error=None,
-                           device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                           python=platform.python_version(), recorded_by="stability.monitor.Monitor")
-        self.writer.data(self.work.info)
-        self.writer.open(self.names, 0, Summarizer(self.cfg.detect, self.cfg.train.clip))
+        self.session = RunSession(self.cfg, self.dir, status={"recorded_by": recorded_by}).open()
+        self.writer = self.session.writer
+        self.session.describe(device, {**self.work.info, "optimizer": optimizer_info(optimizer), **(info or {})})
+        self.session.open_steps(self.layout)
         self.epoch, self.batch, self.global_step = 1, 0, 0
         self.first_nan: dict[str, Any] | None = None
         self.should_stop = False
         self.summary: dict[str, Any] | None = None
+        self.busy = False  # True while stab itself runs the model (locating, evaluating): not a training forward
         self._t_last = time.perf_counter()
+        self._loss_sum: torch.Tensor | None = None  # the optimizer step's micro-batch losses, on the device
+        self._micro = 0
+        self._shares = False
+        self._batches: list[Any] = []
+        self._mismatches = 0
 
-    # --- per step -------------------------------------------------------------------------------
+    # --- per micro-batch and per optimizer step -------------------------------------------------
     def step(self, loss: torch.Tensor, batch: Any = None, indices: torch.Tensor | None = None) -> bool:
-        """Backward, measure, clip, `optimizer.step()` (finite steps only), scheduler step, record.
-        `batch` (what the model and loss were given, (inputs..., target)) lets the first non-finite
-        step be located module by module and saved for `stab replay`. Returns whether it was finite."""
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        finite = self.after_backward(loss, batch, indices)
+        """Your loop's step: backward, and on the last micro-batch of an optimizer step (every
+        call, unless `accumulate` > 1) measure, clip, `optimizer.step()` (finite steps only),
+        scheduler step, record. `batch` (what the model and loss were given, (inputs..., target))
+        lets the first non-finite step be located module by module and saved for `stab replay`.
+        Returns whether the step was finite (True for a micro-batch that does not step)."""
+        if self._micro == 0:
+            self.opt.zero_grad(set_to_none=True)
+        (loss / self.accumulate if self.accumulate > 1 else loss).backward()
+        self.micro_batch(loss, batch)
+        if self._micro < self.accumulate:
+            return True
+        return self._optimizer_step(indices)
+
+    def _optimizer_step(self, indices: torch.Tensor | None = None) -> bool:
+        finite = self.before_optimizer_step(indices)
         if finite:
             self.opt.step()
-        else:
-            self.opt.zero_grad(set_to_none=True)  # not stepped on; dropped
+        self.opt.zero_grad(set_to_none=True)  # stepped on, or not stepped on and dropped
         if self.sched is not None:
             self.sched.step()
         return finite
 
-    def after_backward(self, loss: torch.Tensor, batch: Any = None, indices: torch.Tensor | None = None) -> bool:
-        """Measure the gradients already computed (one host transfer), clip them, record the step;
-        does not step. Returns whether the loss and every gradient were finite."""
-        values = self.ins.measure(loss)
+    def micro_batch(self, loss: torch.Tensor, batch: Any = None, share: bool = False) -> None:
+        """Note one micro-batch of the coming optimizer step (no host sync): its loss (the
+        micro-batch's own mean loss, or with `share` its share of the step's loss, as when a
+        loss is normalised by the step's token count) and the batch it came from."""
+        value = loss.detach().double().reshape(())
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._micro += 1
+        self._shares = share
+        if batch is not None:
+            self._batches.append(batch)
+
+    def before_optimizer_step(self, indices: torch.Tensor | None = None) -> bool:
+        """The gradients of an optimizer step are complete: measure them (one host transfer),
+        check, clip, and record the step; does not step. The step's loss is the mean of its
+        micro-batches' losses (the sum of their shares). Returns whether the loss and every
+        gradient were finite; on False the caller must not step (`step` does not)."""
+        if self._micro == 0:
+            raise RuntimeError("Monitor: no loss for this optimizer step: call monitor.step(loss) or "
+                               "monitor.micro_batch(loss) after each backward, before the optimizer step")
+        n = self._micro
+        loss = self._loss_sum if self._shares or n == 1 else self._loss_sum / n
+        try:
+            values = self.ins.measure(loss)
+        except RuntimeError:  # no gradients (called before any backward): this step's notes are void
+            self._loss_sum, self._micro, self._batches = None, 0, []
+            raise
         host, finite = self.ins.read(values)  # the step's one CPU-GPU sync point
         if finite:
             self.ins.clip_(values)
         elif self.first_nan is None:
-            self.first_nan = self._locate(batch, indices, host)
+            self.first_nan = self._locate(indices, host)
         if not finite and self.cfg.train.on_nan == "stop":
             self.should_stop = True
+        if n != self.accumulate:
+            self._mismatch(n)
         now = time.perf_counter()
         rec = self.layout.record(host, step=self.global_step, epoch=self.epoch, batch=self.batch,
                                  lr=float(self.opt.param_groups[0].get("lr", math.nan)),
@@ -184,36 +227,56 @@ class Monitor:
         self.writer.step(rec)
         self.batch += 1
         self.global_step += 1
+        self._loss_sum, self._micro, self._batches = None, 0, []
         return finite
 
-    def _locate(self, batch: Any, indices: torch.Tensor | None, host: np.ndarray) -> dict[str, Any]:
-        """The first non-finite step: re-run module by module on `batch` (and save it for replay)
-        when there is one and a loss; else the last group whose recorded norm is not finite."""
-        if batch is not None and self.has_loss:
-            idx = indices if indices is not None else torch.zeros(0, dtype=torch.long)
-            return _first_nan(self.writer, self.work, self.groups, self.opt, self.sched or _NoSchedule(), batch,
-                              idx, host, self.layout, self.epoch, self.batch, self.global_step)
-        bad = self.layout.nonfinite_groups(host)
-        loss = float(self.layout.take(host, "loss")[0])
-        found = {"epoch": self.epoch, "batch": self.batch, "step": self.global_step,
-                 "kind": "loss" if not math.isfinite(loss) else "grad", "module": bad[-1] if bad else "unknown",
-                 "where": "recorded grad norms", "loss": loss, "grad_norm": float(self.layout.take(host, "grad_norm")[0])}
-        self.writer.event({"event": "first_nan", **found})
-        return found
+    def after_backward(self, loss: torch.Tensor, batch: Any = None, indices: torch.Tensor | None = None) -> bool:
+        """One micro-batch that is the whole step: `micro_batch(loss, batch)` then
+        `before_optimizer_step()`. Returns whether the step was finite."""
+        self.micro_batch(loss, batch)
+        return self.before_optimizer_step(indices)
+
+    def _mismatch(self, n: int) -> None:
+        """An optimizer step that accumulated a different number of micro-batches than planned:
+        said in an event (the first one; the count is in the summary)."""
+        self._mismatches += 1
+        if self._mismatches == 1:
+            self.writer.event({"event": "accumulation_mismatch", "step": self.global_step, "epoch": self.epoch,
+                               "batch": self.batch, "micro_batches": n, "expected": self.accumulate,
+                               "note": f"this optimizer step accumulated {n} micro-batches, not {self.accumulate}; "
+                                       f"its loss is the mean over the {n}"})
+
+    def _locate(self, indices: torch.Tensor | None, host: Any) -> dict[str, Any]:
+        """The first non-finite step: re-run module by module on this step's micro-batches (and
+        save one for replay) when there are batches and a loss; else ranked candidates."""
+        self.busy = True
+        try:
+            return forensics.first_nan(self.writer, self.work, self.groups, self.opt, self.sched, self._batches,
+                                       indices, host, self.layout, self.epoch, self.batch, self.global_step,
+                                       rerun=self.can_rerun)
+        finally:
+            self.busy = False
 
     # --- per epoch, live, at the end -----------------------------------------------------------
     def end_epoch(self) -> dict[str, Any]:
-        """Close the epoch: its aggregates, then validation loss, scream check and health on `val`;
+        """Close the epoch: an optimizer step for micro-batches still accumulated (said as a
+        mismatch), its aggregates, then validation loss, scream check and health on `val`;
         written to epochs.jsonl and grad_norms.csv. Returns the epoch record."""
-        erec = _end_epoch(self.writer, self.work, self.dir, self.epoch, self.should_stop, self.cfg.detect.health)
+        if self._micro:
+            self._optimizer_step()
+        self.busy = True
+        try:
+            erec = self.session.end_epoch(self.work, self.epoch, self.should_stop)
+        finally:
+            self.busy = False
         self.epoch += 1
         self.batch = 0
         return erec
 
     @property
-    def events(self) -> list[dict[str, Any]]:
+    def events(self) -> list[Mapping[str, Any]]:
         """Every event written so far (first_nan, clamp saturation, ...; spikes and the scream at close)."""
-        return list(self.writer.seen)
+        return self.session.events
 
     @property
     def verdict(self) -> str:
@@ -221,35 +284,34 @@ class Monitor:
         `nan` from the first non-finite step on; `running` before the first epoch ends."""
         if self.summary is not None:
             return self.summary["verdict"]
-        if self.first_nan is None and not self.writer.summarizer.epochs:
+        summarizer = self.writer._summarizer()
+        if self.first_nan is None and not summarizer.epochs:
             return "running"
-        return self.writer.summarizer.finish()[0]["verdict"]
+        return summarizer.finish()[0]["verdict"]
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> Mapping[str, Any]:
         """Close an unfinished epoch, write the summary (verdict, flags, spikes, ...) and the final
         status; returns the summary. Called by `with Monitor(...)` on exit."""
         if self.summary is not None:
             return self.summary
-        if self.batch:  # steps since the last end_epoch
-            self.end_epoch()
-        self.summary = self.writer.finish(run_id=self.cfg.identity(), steps=self.global_step,
-                                          stopped_early=self.should_stop, device=str(self.work.device),
-                                          wall_s=time.time() - self.t_start)
-        self.writer.status(state="completed", finished=time.time(), verdict=self.summary["verdict"])
-        self.recorder.close("completed")
-        self.lease.release()
+        try:
+            if self.batch or self._micro:  # steps since the last end_epoch
+                self.end_epoch()
+            self.summary = self.writer.finish(run_id=self.cfg.identity(), steps=self.global_step,
+                                              stopped_early=self.should_stop, device=str(self.work.device),
+                                              accumulate=self.accumulate, accumulation_mismatches=self._mismatches,
+                                              wall_s=time.time() - self.session.t_start)
+        except BaseException as e:
+            self.fail(e)
+            raise
+        self.session.complete(self.summary)
         return self.summary
 
     def fail(self, error: BaseException) -> None:
-        """The loop crashed: keep what was recorded, status `failed` with the error."""
-        self.writer.abort()
-        self.writer.status(state="failed", finished=time.time(), error=f"{type(error).__name__}: {error}")
-        self.writer.summary({"schema_version": rf.SCHEMA_VERSION, "verdict": "failed",
-                             "evidence": f"{type(error).__name__}: {error}", "run_id": self.cfg.identity(),
-                             "wall_s": time.time() - self.t_start})
-        self.recorder.close("failed")
-        self.lease.release()
-        self.summary = {"verdict": "failed"}
+        """The loop stopped on `error`: keep what was recorded, status `interrupted` (Ctrl-C) or
+        `failed` with the error."""
+        self.session.end(error)
+        self.summary = {"verdict": self.session.state}
 
     def __enter__(self) -> Monitor:
         return self
@@ -261,18 +323,39 @@ class Monitor:
             self.fail(error)
 
 
-class _NoSchedule:
-    """What `save_forensics` stores when you have no scheduler."""
+def optimizer_info(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer as data.json records it: its class and every parameter group's settings
+    (learning rate, weight decay, betas, eps, ... and its parameter count), as they are."""
+    groups = []
+    for g in opt.param_groups:
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
+                    if k != "params" and isinstance(v, (int, float, str, bool, tuple, type(None)))}
+        groups.append({**settings, "n_params": sum(p.numel() for p in g["params"])})
+    return {"class": type(opt).__name__, "param_groups": groups}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+
+def _check_factory(factory: str, config: dict[str, Any]) -> None:
+    """`config` must be keyword arguments the factory takes (what `stab replay` will call it with)."""
+    fn = locate(factory)
+    if not callable(fn):
+        raise ConfigError(f"Monitor(factory={factory!r}): {type(fn).__name__} is not callable")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(**config)
+    except TypeError as e:
+        have = ", ".join(sig.parameters) or "none"
+        raise ConfigError(f"Monitor(factory={factory!r}, config=...): the factory cannot take {sorted(config)}: {e} "
+                          f"(its parameters: {have})") from None
 
 
 def _no_loss(output: Any, target: Any) -> torch.Tensor:
     raise TypeError("Monitor(loss=...) is needed for validation, health and locating the first NaN")
 
 
-def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, float]:
+def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, Any]:
     """What the monitor costs in a plain loop: the same model (two copies, same init and batches),
     stepped by a bare loop (forward, loss, backward, clip, AdamW step) and by the same loop with
     `Monitor.step` in place of backward/clip/step, in alternating blocks of `block` steps in this

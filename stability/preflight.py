@@ -8,7 +8,7 @@ torch into its own process: the workers start sooner.
 
 from __future__ import annotations
 
-from stability.config import ConfigError, DataConfig, RunConfig
+from stability.config import ConfigError, CustomModelConfig, DataConfig, RunConfig
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -75,6 +75,7 @@ def _check_fault_module(cfg: RunConfig) -> None:
 
     from stability.workloads import build_model
 
+    assert not isinstance(cfg.model, CustomModelConfig)  # custom models: `_check_custom`
     with torch.device("meta"):  # names only: no memory, no init cost
         names = list(build_model(cfg.model).module_groups())
     if cfg.fault.nan_module not in names:

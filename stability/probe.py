@@ -11,12 +11,13 @@ K batches of its real training data.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+import dataclasses
+from typing import Any, cast
 
 import torch
+import torch.nn as nn
 
-from stability.config import RunConfig
+from stability.config import ConfigError, CustomModelConfig, ModelConfig, RunConfig
 from stability.workloads import build
 
 
@@ -33,7 +34,7 @@ def init_profile(cfg: RunConfig, k: int, device: torch.device) -> list[dict[str,
         (work.loss(work.batch(idx)) / k).backward()  # accumulates the mean gradient
     rows = []
     for name, (block, _attn) in work.health_layers().items():
-        weight = block.mlp.proj.weight
+        weight = cast(nn.Linear, block.get_submodule("mlp.proj")).weight
         grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
         stage, _, layer = name.rpartition("layer")  # "stage2.layer3" (cascade) or "layer3" (char LM)
         rows.append({"layer_name": name, "stage": stage.rstrip("."), "layer": int(layer),
@@ -48,10 +49,15 @@ def compare(cfg: RunConfig, depths: list[int], norms: list[str], k: int,
     out = []
     for depth in depths:
         for norm in norms:
-            c = copy.deepcopy(cfg)
+            m = cfg.model
+            if isinstance(m, CustomModelConfig):
+                raise ConfigError("model=custom: stab probe varies the built-in models' depth and norm; a factory's "
+                                  "model has its own parameters")
             # the cascade has one layer count per stage, the char LM one for its single stack
-            c.model.n_layers = depth if isinstance(c.model.n_layers, int) else [depth] * len(c.model.n_layers)
-            c.model.norm = norm
+            if isinstance(m, ModelConfig):
+                c = dataclasses.replace(cfg, model=dataclasses.replace(m, n_layers=[depth] * len(m.n_layers), norm=norm))
+            else:
+                c = dataclasses.replace(cfg, model=dataclasses.replace(m, n_layers=depth, norm=norm))
             for row in init_profile(c, k, device):
                 out.append({"depth": depth, "norm": norm, **row})
     return out

@@ -1,6 +1,6 @@
 """Re-run the first non-finite step of a run, from the state saved when it happened.
 
-`training.save_forensics` keeps the batch and the model/optimizer state from before the step's
+`forensics.save` keeps the batch and the model/optimizer state from before the step's
 update. `replay` rebuilds the model from the run's own config, loads that state, runs the step
 again with a hook on every module (in execution order) and every parameter gradient, and names
 the first module whose output, or failing that whose gradient, went non-finite. It then runs the
@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from stability.config import RunConfig
+from stability.forensics import NanInjector
 from stability.instrument import NonFiniteProbe
+from stability.outputs import map_tensors, tensors
 from stability.record import format as rf
 from stability.record.folder import RunFolder
-from stability.training import NanInjector, resolve_device
+from stability.training import resolve_device
 from stability.workloads import build
 
 
@@ -89,17 +91,19 @@ def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult
     state = torch.load(path, map_location=device, weights_only=True)
     dev = resolve_device(device)
     work = build(cfg, dev, compile=False).work
-    batch = tuple(t.to(dev) for t in state["batch"])
+    batch = state["batch"]
+    batch = map_tensors(lambda t: t.to(dev), tuple(batch) if isinstance(batch, list) else batch)
     step = state["step"]
     probe, loss = _step(work, batch, state, step, cfg)
     name, where = probe.first
     group = _group_of(work.model, work.module_groups()).get(name) if name else None
-    batch_finite = all(bool(torch.isfinite(t).all()) for t in batch if t.is_floating_point())
+    batch_finite = all(bool(torch.isfinite(t).all()) for t in tensors(batch) if t.is_floating_point())
 
     others = []
     saved = set(state["indices"].tolist())
     pool = [i for i in range(work.n_train) if i not in saved]
-    bs = len(state["indices"])
+    leaves = tensors(batch)
+    bs = len(state["indices"]) or (len(leaves[0]) if leaves and leaves[0].dim() else 0)  # a Monitor run keeps no indices
     for k in range(n_other):
         idx = torch.tensor(pool[k * bs:(k + 1) * bs])
         if len(idx) < 1:

@@ -230,6 +230,8 @@ class RunLease:
 
     def _write(self) -> None:
         data = json.dumps(self.info).encode().ljust(512)  # same size every time: rewritten in place
+        if self.fd is None:  # released
+            return
         try:
             os.pwrite(self.fd, data, 0)
         except OSError:

@@ -62,6 +62,9 @@ SLURM_ENDS: dict[str, tuple[str, str]] = {
 }
 
 
+WRITER_WAIT_S = 90.0  # how long a job that ended without a result may still be writing (SLURM's KillWait, 30 s by default)
+
+
 class SbatchRefused(Exception):
     """sbatch refused the sweep's jobs: one line with sbatch's reason and the launcher key to
     change (e.g. `Invalid generic resource (gres) specification` -> hydra.launcher.gpus_per_node)."""
@@ -241,12 +244,17 @@ class StabSlurmLauncher(SlurmLauncher):
         if state not in SLURM_ENDS and isinstance(error, submitit.core.utils.FailedJobError):
             why = f"{why}: {' '.join(str(error).split())[-300:]}"
         run_dir = sweep_dir / folder_name(overrides)
-        status = read_status(run_dir)
-        if status and status.get("state") in ("running", "interrupted") and writer_gone(run_dir, status):
+        # SLURM says CANCELLED or TIMEOUT at once; the job's process may still be writing its
+        # `interrupted` for up to KillWait seconds: wait for its lease (a ceiling, not a sleep)
+        deadline = time.monotonic() + WRITER_WAIT_S
+        while not writer_gone(run_dir, read_status(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = dict(read_status(run_dir))  # a Status record (a Mapping); updated below
+        if status.get("state") in ("running", "interrupted") and writer_gone(run_dir, status):
             prior = status.get("error") if status.get("state") == "interrupted" else None
-            status.update(state=stab_state, updated=time.time(), slurm_state=state, slurm_job_id=job.job_id,
-                          error=f"{prior}: {why}" if prior else why)
-            write_status(run_dir / rf.STATUS, status)
+            write_status(run_dir / rf.STATUS, {**status, "state": stab_state, "updated": time.time(),
+                                               "slurm_state": state, "slurm_job_id": job.job_id,
+                                               "error": f"{prior}: {why}" if prior else why})
         return JobReturn(overrides=overrides, working_dir=str(run_dir), status=JobStatus.COMPLETED,
                          _return_value={"folder": str(run_dir), "skipped": False, "error": why})
 

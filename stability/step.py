@@ -260,7 +260,7 @@ class Window:
                 yield (ctx, *self.stepper(ctx.batch, ctx.spike))
             return
         layout = self.stepper.layout
-        host = torch.stack([v for _, v in pending]).cpu().numpy()  # the window's one CPU-GPU sync point
+        host = torch.stack([v for _, v in pending if v is not None]).cpu().numpy()  # the window's one CPU-GPU sync point
         bad = next((i for i, row in enumerate(host) if not layout.finite(row)), None)
         for (ctx, _), row in zip(pending[:bad], host[:bad]):
             yield ctx, row, True

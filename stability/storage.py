@@ -157,7 +157,7 @@ def write_yaml(path: Path, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(_jsonable(obj, strict=False), sort_keys=False))
 
 
-def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+def append_jsonl(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
     """Append records, one JSON object per line, in one write call."""
     append_text(path, "".join(dumps(r) + "\n" for r in records))
 
@@ -187,7 +187,8 @@ def append_text(path: Path, text: str) -> None:
 
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Records of a JSON Lines file and the number of lines that did not parse (a torn tail)."""
-    records, bad = [], 0
+    records: list[dict[str, Any]] = []
+    bad = 0
     path = Path(path)
     if not path.exists():
         return records, bad

@@ -156,20 +156,19 @@ def epoch_metrics(erec: Mapping[str, Any]) -> dict[str, float]:
                         if _number(v) is not None})
         elif key in ("scores", "target_scores", "health_summary") and isinstance(value, dict):
             prefix = {"scores": "scream", "target_scores": "scream_target", "health_summary": "health"}[key]
-            out.update({f"epoch/{prefix}/{k}": _number(v) for k, v in value.items() if _number(v) is not None})
+            out.update({f"epoch/{prefix}/{k}": x for k, v in value.items() if (x := _number(v)) is not None})
         elif key == "collapsed" and value is not None:
             out["epoch/scream/collapsed"] = float(value)
-        elif key not in ("epoch", "steps") and _number(value) is not None:
-            out[f"epoch/{key}"] = _number(value)
+        elif key not in ("epoch", "steps") and (x := _number(value)) is not None:
+            out[f"epoch/{key}"] = x
     return out
 
 
 def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """The summary's numbers under `summary/` (final loss, spikes, clip rate, first NaN step, ...),
     and `summary/stable` (1 when the verdict is stable) for a compare view that wants a number."""
-    out = {f"summary/{k}": _number(v) for k, v in summary.items()
-           if _number(v) is not None and k not in ("latent_scale",)}
-    out = {k: v for k, v in out.items() if v is not None}
+    out = {f"summary/{k}": x for k, v in summary.items()
+           if (x := _number(v)) is not None and k not in ("latent_scale",)}
     if summary.get("first_nan"):
         out["summary/first_nan_step"] = float(summary["first_nan"]["step"])
     if summary.get("scream_epoch") is not None:
@@ -195,7 +194,7 @@ def run_params(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return {**short, **flat}, operational
 
 
-def _event_text(rec: dict[str, Any]) -> str:
+def _event_text(rec: Mapping[str, Any]) -> str:
     return json.dumps({k: v for k, v in rec.items() if k != "event"}, default=str)
 
 
@@ -303,7 +302,10 @@ class MlflowTracker(Tracker):
                     artifacts = (runs_root / "mlflow" / "artifacts").resolve().as_uri() if local else None
                     experiment_id = self.client.create_experiment(group, artifact_location=artifacts)
                 except Exception:  # created meanwhile by another job of the sweep (a remote store)
-                    experiment_id = self.client.get_experiment_by_name(group).experiment_id
+                    again = self.client.get_experiment_by_name(group)
+                    if again is None:
+                        raise
+                    experiment_id = again.experiment_id
             else:
                 experiment_id = exp.experiment_id
         attempt = int(previous.get("attempt", 0)) + 1
@@ -312,7 +314,8 @@ class MlflowTracker(Tracker):
             self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        self.run_id, self.attempt, self.pending = run_id, attempt, []
+        self.run_id, self.attempt = run_id, attempt
+        self.pending: list[Any] = []  # mlflow Metric entities not yet sent
         tags = {**tags, **{f"stab.{k}": str(v) for k, v in operational.items()}, "stab.attempt": str(attempt),
                 "stab.run_dir": str(run_dir.resolve())}
         items = [Param(k, str(v)) for k, v in params.items()]

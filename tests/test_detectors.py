@@ -77,8 +77,12 @@ def test_an_undertrained_model_is_not_a_scream_but_a_collapse_that_stays_is():
     assert still["verdict"] == "stable" and [w["warning"] for w in still["warnings"]][:1] == ["undertrained"]
     stalled = diagnose(_epochs([2.0] * 5, collapsed=[True] * 5, val=[10, 8, 7.9, 7.9, 7.95]))
     assert stalled["verdict"] == "scream" and stalled["scream_epoch"] == 1
-    learned_then_collapsed = diagnose(_epochs([2.0] * 5, collapsed=[False, False, True, True, True]))
+    learned_then_collapsed = diagnose(_epochs([2.0] * 5, collapsed=[False, False, True, True, True],
+                                              val=[6, 5, 4.9, 4.9, 4.95]))
     assert learned_then_collapsed["verdict"] == "scream" and learned_then_collapsed["scream_epoch"] == 3
+    # the loss still falls 20% per epoch below its start: the collapse is not called a scream (the loss says otherwise)
+    falling = diagnose(_epochs([2.0] * 5, collapsed=[False, False, True, True, True], val=[10, 8, 6, 4.5, 3.4]))
+    assert falling["verdict"] == "stable" and "undertrained" in {w["warning"] for w in falling["warnings"]}
 
 
 def test_warnings_a_stable_run_still_shows():
@@ -89,7 +93,9 @@ def test_warnings_a_stable_run_still_shows():
     assert "clip_never" not in names(diagnose(_epochs([2.0, 1.9, 1.8], clip_rate=0.0), clip=None))
     assert "clip_always" in names(diagnose(_epochs([2.0, 1.9, 1.8], clip_rate=1.0)))
     assert "clamp_saturated" in names(diagnose(_epochs([2.0, 1.9, 1.8], clamp=(1.0, 0.0, 0.2))))
-    assert "attn_logit_growth" in names(diagnose(_epochs([2.0, 1.9, 1.8], logits=[5.0, 60.0, 500.0])))
+    # attention: absolute levels, not growth from a tiny start
+    assert "attn_logit" in names(diagnose(_epochs([2.0, 1.9, 1.8], logits=[5.0, 60.0, 500.0])))
+    assert "attn_logit" not in names(diagnose(_epochs([2.0, 1.9, 1.8], logits=[0.23, 1.0, 2.45])))  # healthy, 10x
     assert "val_not_improving" in names(diagnose(_epochs([2.0, 1.9, 1.8], val=[3.0, 3.2, 3.1])))
     stage = [w for w in diagnose(_epochs([2.0, 1.9, 1.8], clamp=(1.0, 0.0, 0.2)))["warnings"]
              if w["warning"] == "clamp_saturated"]
@@ -125,3 +131,108 @@ def test_a_model_forced_to_collapse_is_flagged_and_a_copying_model_is_not(tmp_pa
         work.model.stages[0].output_proj.bias.zero_()
     healthy = work.evaluate()
     assert not healthy["collapsed"] and healthy["scores"]["dominant"] < 0.6
+
+
+def _diag(epochs, first_nan=None, init=None, clip=10.0, scream=None, peak=None):
+    return detectors.diagnose(epochs, first_nan, clip, 2.0, 3, 2, 0.05, peak=peak, init=init, band=0.1,
+                              scream=scream)
+
+
+def test_a_run_that_ends_above_its_initial_loss_diverged_whatever_its_gradients_did():
+    # the issue's char LM at lr 1: gradients bounded, validation loss 26.6 against 4.46 at init
+    up = _diag(_epochs([21.4, 30.2, 30.3], val=[28.5, 21.6, 26.6]), init={"val_loss": 4.46})
+    assert up["verdict"] == "diverged" and up["loss_ratio"] == pytest.approx(26.6 / 4.46)
+    assert "above its validation loss at initialisation 4.46" in up["evidence"]
+    assert detectors.SEVERITY.index("exploding") < detectors.SEVERITY.index("diverged") < detectors.SEVERITY.index("scream")
+    assert "diverged" in detectors.UNSTABLE
+    # learning: below its start, stable; without an init evaluation the no-learning baseline is the reference
+    assert _diag(_epochs([2.0, 1.9, 1.8], val=[3.0, 2.8, 2.6]), init={"val_loss": 4.46})["verdict"] == "stable"
+    base = _diag(_epochs([2.0, 1.9, 1.8], val=[3.0, 3.2, 3.3]), init={"baseline_loss": 3.1, "baseline": "unigram"})
+    assert base["verdict"] == "diverged" and "no-learning baseline (unigram)" in base["evidence"]
+    # a collapse of a diverged run is not excused as undertraining, and the verdict names the divergence
+    both = _diag(_epochs([2.0] * 4, collapsed=[True] * 4, val=[30, 25, 20, 15]), init={"val_loss": 4.46})
+    assert both["verdict"] == "diverged" and {f["flag"] for f in both["flags"]} == {"diverged", "scream"}
+
+
+def test_a_run_too_short_for_the_detectors_is_inconclusive_not_stable():
+    one = _diag(_epochs([2.0], val=[3.0]), init={"val_loss": 4.46})
+    assert one["verdict"] == "inconclusive" and "too short" in one["evidence"]
+    # an unstable finding needs no length: a NaN in epoch 1 is a NaN
+    nan = {"epoch": 1, "batch": 3, "step": 3, "module": "layer0.mlp", "kind": "loss"}
+    assert _diag(_epochs([math.nan], val=[math.nan]), nan)["verdict"] == "nan"
+    # two epochs are enough to judge (the undertrained test uses the loss at init as its first point)
+    two = _diag(_epochs([2.0, 1.9], collapsed=[True, True], val=[3.2, 2.6]), init={"val_loss": 4.46})
+    assert two["verdict"] == "stable" and "undertrained" in {w["warning"] for w in two["warnings"]}
+    assert "over 2 epochs" in _diag(_epochs([2.0, 1.9], val=[3.2, 2.6]), init={"val_loss": 4.46})["evidence"]
+
+
+def test_values_within_the_band_of_a_threshold_are_borderline():
+    near = _diag(_epochs([2.0, 1.9, 1.8], val=[4.5, 4.4, 4.3]), init={"val_loss": 4.46})
+    assert near["verdict"] == "stable" and [b["what"] for b in near["borderline"]] == ["final loss"]
+    clear = _diag(_epochs([2.0, 1.9, 1.8], val=[3.0, 2.8, 2.6]), init={"val_loss": 4.46})
+    assert clear["borderline"] == []
+    grow = _diag(_epochs([1.0, 2.05, 4.1]))  # 2.02x per epoch against a factor of 2
+    assert grow["verdict"] == "exploding" and [b["what"] for b in grow["borderline"]] == ["grad norm growth"]
+
+
+def _scored(dominants, target=0.2):
+    return [{"dominant": d, "longest_run": 0.1} for d in dominants], {"dominant": target, "longest_run": 0.05}
+
+
+def test_a_collapse_is_not_erased_by_one_epoch_just_under_the_threshold_nor_by_recovering_at_the_end():
+    from stability.config import ScreamConfig
+    sc = ScreamConfig()
+    # the issue's cascade run: collapsed in epochs 4-11, the last epoch at 0.58 against 0.6
+    dominants = [0.3, 0.35, 0.4] + [0.9] * 8 + [0.58]
+    scores, target = _scored(dominants)
+    eps = _epochs([2.0] * 12, collapsed=[d >= 0.6 for d in dominants], val=[10 - 0.1 * i for i in range(12)])
+    for e, s in zip(eps, scores):
+        e.update(scores=s, target_scores=target)
+    found = _diag(eps, init={"val_loss": 11.0}, scream=sc)
+    assert found["verdict"] == "scream" and found["scream_epoch"] == 4 and "to the end" in found["evidence"]
+    # without hysteresis the last epoch would end the collapse; it still counts: a collapse need not last to the end
+    for e, d in zip(eps, [0.3, 0.35, 0.4] + [0.9] * 8 + [0.2]):
+        e["scores"] = {"dominant": d, "longest_run": 0.1}
+    recovered = _diag(eps, init={"val_loss": 11.0}, scream=sc)
+    assert recovered["verdict"] == "scream" and "to epoch 11" in recovered["evidence"]
+    # the default run of the issue: collapsed in epochs 3-6, 8, 9, 11 of 12, dips to 0.55 in between
+    pattern = [0.3, 0.4, 0.9, 0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.56, 0.9, 0.3]
+    for e, d in zip(eps, pattern):
+        e["scores"] = {"dominant": d, "longest_run": 0.1}
+    gaps = _diag(eps, init={"val_loss": 11.0}, scream=sc)
+    assert gaps["verdict"] == "scream" and gaps["scream_epoch"] == 3 and "to epoch 11" in gaps["evidence"]
+    # an untrained model's near-constant output that learns its way out is still no scream
+    for e, d in zip(eps, [0.9, 0.9, 0.9] + [0.3] * 9):
+        e["scores"] = {"dominant": d, "longest_run": 0.1}
+    assert _diag(eps, init={"val_loss": 11.0}, scream=sc)["verdict"] == "stable"
+
+
+def test_repetition_of_any_short_period_is_degenerate_against_the_target():
+    from stability.config import ScreamConfig
+    sc = ScreamConfig()
+    text = [ord(c) for c in "the the the the ale ale ale ale the the the the ale ale ale ale "]
+    out = detectors.scream_score(text, 4)
+    out["loop"] = detectors.loop_share(text, sc.loop_period)
+    prose = [ord(c) for c in "call me ishmael. some years ago, never mind how long precisely, having little money"]
+    target = detectors.scream_score(prose, 4)
+    target["loop"] = detectors.loop_share(prose, sc.loop_period)
+    assert out["dominant"] < sc.dominant and out["loop"] < sc.loop  # the old checks pass it
+    assert out["seq_rep_4"] > 0.7 and target["seq_rep_4"] < 0.3
+    assert detectors.scream_check(out, target, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
+    assert not detectors.scream_check(target, target, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
+    # a target that repeats like that itself does not make its repetition a collapse
+    assert not detectors.scream_check(out, out, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
+
+
+def test_attention_warnings_fire_on_absolute_levels_and_clip_never_not_on_a_nan_run():
+    def names(found):
+        return {w["warning"] for w in found["warnings"]}
+    eps = _epochs([2.0, 1.9, 1.8], logits=[3e3, 3e3, 3e3])  # the issue's pre-norm run: no growth, huge logits
+    for e in eps:
+        e["health_summary"]["attn_entropy_min"] = 0.017
+    found = _diag(eps)
+    assert {"attn_logit", "attn_entropy_collapse"} <= names(found)
+    nan = {"epoch": 2, "batch": 0, "step": 5, "module": "layer0.mlp", "kind": "grad"}
+    eps = _epochs([2.0, math.nan], clip_rate=0.0)
+    eps[1]["grad_norm_max"] = math.nan
+    assert "clip_never" not in names(_diag(eps, nan))

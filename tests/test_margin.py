@@ -59,14 +59,35 @@ def test_a_boundary_outside_the_bracket_is_found_by_widening_and_reported_as_suc
     assert short.status == "below" and short.stable_lr is None and len(short.probes) == 3
 
 
-def test_a_budget_too_small_to_finish_says_so_and_non_monotone_ends_are_not_bisected():
+def test_a_budget_too_small_to_finish_says_so():
     m = find_margins(["a"], synthetic({"a": 0.0123}), LO, HI, TOL, steps=4)["a"]
     assert m.status == "budget" and len(m.probes) == 4 and m.stable_lr <= 0.0123 < m.unstable_lr
 
-    def flipped(batch):
-        return [Probe(lr, stable=lr > 0.01) for _, lr in batch]
-    odd = find_margins(["a"], flipped, LO, HI, TOL, steps=10)["a"]
-    assert odd.status == "non_monotone" and len(odd.probes) == 2
+
+def band(stable_below: float, fail_from: float, fail_to: float):
+    """Stable below `stable_below`, unstable in [fail_from, fail_to), stable again above: the issue's
+    post-norm + qk-norm char LM (failing at 0.03-0.3, `stable` at 1 once divergence was mislabelled)."""
+    def probe(batch):
+        return [Probe(lr, stable=lr < stable_below or not fail_from <= lr < fail_to) for _, lr in batch]
+    return probe
+
+
+def test_non_monotone_stability_reports_the_lowest_failing_lr_and_says_so():
+    # unstable at lo, stable at hi: widen downwards and bisect below the LOWEST failing lr, never between
+    odd = find_margins(["a"], band(3e-4, 3e-4, 0.05), LO, HI, TOL, steps=10)["a"]
+    assert odd.status == "non_monotone" and odd.stable_above == [HI]
+    assert odd.stable_lr is not None and odd.stable_lr < 3e-4 <= odd.unstable_lr and odd.unstable_lr / odd.stable_lr <= TOL
+    assert "non-monotone" in odd.text and "stable again at 0.1" in odd.text
+    # failing in [0.006, 0.02), stable again in [0.02, 0.05), failing above: the bisection's probe at 0.01 fails
+    # first, so the margin is the boundary below the hole, as a fixed grid of the same resolution finds it
+    def islands(batch):
+        return [Probe(lr, stable=lr < 0.006 or 0.02 <= lr < 0.05) for _, lr in batch]
+    hole = find_margins(["a"], islands, LO, HI, TOL, steps=10)["a"]
+    K = grid_size(LO, HI, TOL)
+    grid = [float(f"{LO * (HI / LO) ** (k / K):.3g}") for k in range(K + 1)]
+    verdicts = islands([("a", lr) for lr in grid])
+    lowest_failing = min(p.lr for p in verdicts if not p.stable)
+    assert hole.unstable_lr == lowest_failing and hole.stable_lr == max(p.lr for p in verdicts if p.lr < lowest_failing)
 
 
 def test_bad_brackets_are_refused():

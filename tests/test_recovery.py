@@ -14,7 +14,7 @@ from stability.storage import read_jsonl
 from stability.training import run
 
 SPIKE = 30
-BASE = ["model=charlm", "preset=smoke", "train.epochs=1", "train.threads=1", "detect.health=false",
+BASE = ["model=charlm", "preset=smoke", "train.epochs=1", "train.threads=1", "detect.health=false", "detect.opt_state=true",
         f"fault.spike_at_step={SPIKE}", "fault.spike_factor=1000", "train.spike_window=16"]
 
 

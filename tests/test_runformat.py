@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from stability import report, sweeps
 from stability.config import DetectConfig
-from stability.lr_sensitivity import initial_loss
+from stability.lr_sensitivity import initial_loss, initial_loss_source
 from stability.record import format as rf
 from stability.record.summarizer import Summarizer
 from stability.record.writer import RunWriter
@@ -181,12 +181,15 @@ def test_folders_from_before_the_schema_read_as_they_did(old_runs):
         for e in (1, 2):
             np.testing.assert_array_equal(view[f"e{e}"].to_numpy(), wide[f"e{e}_mean"].to_numpy())
         np.testing.assert_array_equal(view["max"].to_numpy(), wide[["e1_max", "e2_max"]].to_numpy().max(axis=1))
+        # no evaluation at init in these old runs: the first step's loss, and it says so
         assert initial_loss(r.path) == read_jsonl(r.path / rf.METRICS)[0]["loss"]
+        assert initial_loss_source(r.path)[1] == "first training step"
     nan = runs["nan_run"]
     assert nan.verdict == "nan" and nan.first_nan["step"] == 5 and math.isnan(report.grad_epoch_frame(nan).at["total", "e2"])
 
     out = invoke("report", old_runs)
-    assert "Decisive: residual: 0/1 unstable at 0.3 vs 2/2 at 0.1" in out  # the verdicts in the summaries
+    # the verdicts in the summaries; one run per value is never decisive
+    assert "residual: 0/1 unstable at 0.3 vs 2/2 at 0.1: untested" in out
     written = pd.read_csv(old_runs / "runs.csv", keep_default_na=False, na_values=["", "NaN"])
     assert sorted(written["verdict"]) == ["nan", "scream", "stable"]
     assert len(list((old_runs / "plots").glob("heatmap_*.png"))) == 2  # the NaN run and the scream, from wide tables

@@ -167,4 +167,4 @@ def test_each_stabilizer_flag_is_read_at_exactly_one_place():
     sources = "\n".join(p.read_text() for p in (ROOT / "stability").rglob("*.py"))
     for flag in ("qk_norm", "v_scale", "sigma_reparam"):
         assert len(re.findall(rf"\bcfg\.{flag}\b", sources)) == 1, flag
-    assert len(re.findall(r"\bcfg\.model\.z_loss\b", sources)) == 1
+    assert len(re.findall(r"\b(cfg\.model|mcfg)\.z_loss\b", sources)) == 1  # mcfg: the char LM's typed cfg.model

@@ -78,8 +78,12 @@ class Cascade(nn.Module):
         if cfg.spectral_norm:
             # Bounds each projection's gain by its largest singular value (Miyato et al. 2018,
             # arXiv 1802.05957); one power iteration per training forward.
-            for stage in self.stages:
+            for stage in self.stage_list():
                 spectral_norm(stage.output_proj)
+
+    def stage_list(self) -> list[Stage]:
+        """The stages in order, typed (iterating the `nn.ModuleList` yields plain modules)."""
+        return [s for s in self.stages if isinstance(s, Stage)]
 
     def forward(self, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         x = inp
@@ -90,9 +94,9 @@ class Cascade(nn.Module):
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """Named groups whose gradient norms are recorded, in forward (execution) order."""
         groups: dict[str, list[nn.Module]] = {}
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stage_list()):
             groups[f"stage{i}.in_proj"] = [stage.in_proj]
-            for j, layer in enumerate(stage.stack.layers):
+            for j, layer in enumerate(stage.stack.blocks()):
                 groups[f"stage{i}.layer{j}.attn"] = [layer.attn]
                 groups[f"stage{i}.layer{j}.mlp"] = [layer.mlp]
                 groups[f"stage{i}.layer{j}.norm"] = [layer.norm1, layer.norm2]
@@ -104,7 +108,7 @@ class Cascade(nn.Module):
     def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
         """Each transformer layer and its attention, named like its gradient groups."""
         return {f"stage{i}.layer{j}": (layer, layer.attn)
-                for i, stage in enumerate(self.stages) for j, layer in enumerate(stage.stack.layers)}
+                for i, stage in enumerate(self.stage_list()) for j, layer in enumerate(stage.stack.blocks())}
 
     def rms_matchers(self) -> list[RMSMatch]:
-        return [stage.rms_match for stage in self.stages]
+        return [stage.rms_match for stage in self.stage_list()]

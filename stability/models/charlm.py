@@ -90,7 +90,7 @@ class CharLM(nn.Module):
     def module_groups(self) -> dict[str, list[nn.Module]]:
         """Named groups whose gradient norms are recorded, in forward (execution) order."""
         groups: dict[str, list[nn.Module]] = {"embedding": [self.tok, self.pos]}
-        for j, layer in enumerate(self.stack.layers):
+        for j, layer in enumerate(self.stack.blocks()):
             groups[f"layer{j}.attn"] = [layer.attn]
             groups[f"layer{j}.mlp"] = [layer.mlp]
             groups[f"layer{j}.norm"] = [layer.norm1, layer.norm2]
@@ -101,4 +101,4 @@ class CharLM(nn.Module):
 
     def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
         """Each transformer layer and its attention, named like its gradient groups."""
-        return {f"layer{j}": (layer, layer.attn) for j, layer in enumerate(self.stack.layers)}
+        return {f"layer{j}": (layer, layer.attn) for j, layer in enumerate(self.stack.blocks())}

@@ -56,6 +56,9 @@ class SigmaReparam(nn.Module):
     `torch.nn.utils.parametrizations.spectral_norm`; u and v are buffers, no gradient.
     """
 
+    u: torch.Tensor  # (out_features,) buffer: the left singular vector estimate
+    v: torch.Tensor  # (in_features,) buffer: the right singular vector estimate
+
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         out_f, in_f = weight.shape
@@ -207,11 +210,15 @@ class Stack(nn.Module):
         self.final_norm = make_norm(norm_type, d_model) if norm == "pre" and final_norm else nn.Identity()
         self.sigma_reparam = sigma_reparam  # applied by `init_weights`, once the weights are drawn
 
+    def blocks(self) -> list[Block]:
+        """The blocks in order, typed (iterating the `nn.ModuleList` yields plain modules)."""
+        return [b for b in self.layers if isinstance(b, Block)]
+
     def reparametrize(self) -> None:
         """sigmaReparam on every attention and MLP weight (once; a no-op unless enabled)."""
         if not self.sigma_reparam:
             return
-        for block in self.layers:
+        for block in self.blocks():
             for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
                 if not parametrize.is_parametrized(linear, "weight"):
                     parametrize.register_parametrization(linear, "weight", SigmaReparam(linear.weight))

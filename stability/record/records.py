@@ -46,7 +46,7 @@ class key(Generic[T]):
             return self
         value = obj._data.get(self.name)  # type: ignore[arg-type]
         if value is not None:
-            return value  # type: ignore[no-any-return]
+            return value
         return copy(self.default) if isinstance(self.default, (list, dict)) else self.default  # a caller's own
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -50,8 +51,9 @@ class Summarizer:
         self.clamp_seen: set[int] = set()
         self.epochs: list[dict[str, Any]] = []
         self.first_nan: dict[str, Any] | None = None
+        self.init: dict[str, Any] | None = None  # the evaluation before the first step (init_eval)
 
-    def step(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
+    def step(self, rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Take one step record; returns the events it raises now (a stage's first clamped step)."""
         g, loss = rec[rf.GRAD_NORM], rec[rf.LOSS]
         self.norms.append(g)
@@ -84,6 +86,8 @@ class Summarizer:
         """Take an event raised outside the step record (the loop's first_nan)."""
         if ev.get("event") == "first_nan" and self.first_nan is None:
             self.first_nan = {k: v for k, v in ev.items() if k != "event"}
+        elif ev.get("event") == "init_eval" and self.init is None:
+            self.init = {k: v for k, v in ev.items() if k != "event"}
 
     def epoch(self, erec: EpochRecord) -> None:
         """Take one epoch record (its aggregates and evaluation)."""
@@ -96,7 +100,9 @@ class Summarizer:
         if peak is not None:
             events.append({"event": "grad_explosion", **peak})
         diag = detectors.diagnose(epochs, self.first_nan, self.clip, dc.explode_factor, dc.explode_window,
-                                  dc.scream.min_epochs, dc.scream.learning, dc.clamp_warn, dc.logit_growth, peak)
+                                  dc.scream.min_epochs, dc.scream.learning, dc.clamp_warn, dc.logit_growth, peak,
+                                  init=self.init, band=dc.band, scream=dc.scream, attn_logit_level=dc.attn_logit_max,
+                                  attn_entropy_level=dc.attn_entropy_min)
         if diag["verdict"] == "nan" and injected_nan_step is not None:  # say so: this NaN was put there on purpose
             diag["evidence"] += f" (injected: fault.nan_at_step={injected_nan_step})"
         scream_epoch = diag["scream_epoch"]
@@ -108,7 +114,11 @@ class Summarizer:
         norms = [e["grad_norm_mean"] for e in epochs]
         fields = {
             "verdict": diag["verdict"], "evidence": diag["evidence"],
-            "flags": diag["flags"], "warnings": diag["warnings"],
+            "flags": diag["flags"], "warnings": diag["warnings"], "borderline": diag["borderline"],
+            # the loss at initialisation on the validation data, the workload's no-learning baseline, and the
+            # last validation loss over the first (or the baseline, without it): > 1 is `diverged`
+            "val_loss_init": diag["val_loss_init"], "baseline_loss": diag["baseline_loss"],
+            "baseline": (self.init or {}).get("baseline"), "loss_ratio": diag["loss_ratio"],
             "first_nan": self.first_nan, "scream_epoch": scream_epoch, "grad_explosion": peak,
             "grad_norm_by_epoch": norms, "grad_norm_max_by_epoch": [e["grad_norm_max"] for e in epochs],
             "loss_by_epoch": [e["loss"] for e in epochs], "val_loss_by_epoch": [e["val_loss"] for e in epochs],

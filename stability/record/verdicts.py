@@ -33,7 +33,10 @@ class Verdict:
 
 # Most severe first; a run's verdict is the first of these among its findings. A crash (failed)
 # is set by the runner before any detector; a NaN ends the measurement; an explosion explains a
-# collapse that comes with it, so it outranks the scream; a scream outranks stable.
+# collapse or a divergence that comes with it, so it outranks both; a run that ended above its
+# initial loss (diverged) failed whatever its output looks like, so it outranks the scream; a run
+# too short to judge (inconclusive) is only "not found unstable": after the unstable ones, before
+# stable. The report counts inconclusive runs apart (never in a test).
 KINDS: tuple[Verdict, ...] = (
     Verdict("failed", unstable=False, judged=False, style="bold white on red",
             meaning="the run crashed: status.json holds the error"),
@@ -41,8 +44,13 @@ KINDS: tuple[Verdict, ...] = (
             meaning="a loss or gradient went non-finite"),
     Verdict("exploding", unstable=True, judged=True, style="yellow",
             meaning="the grad norm grew geometrically over epochs, or one step's was huge against the run's median"),
+    Verdict("diverged", unstable=True, judged=True, style="red",
+            meaning="the last validation loss ended above the validation loss at initialisation (or the "
+                    "no-learning baseline): the run ended worse than it started"),
     Verdict("scream", unstable=True, judged=True, style="magenta",
-            meaning="the output collapsed to one repeated token to the end of the run"),
+            meaning="the output collapsed to repeated tokens for at least detect.scream.min_epochs epochs"),
+    Verdict("inconclusive", unstable=False, judged=True, style="dim",
+            meaning="nothing unstable found in a run too short for the detectors: not called stable"),
     Verdict("stable", unstable=False, judged=True, style="green",
             meaning="none of the above"),
 )
@@ -52,6 +60,7 @@ SEVERITY = tuple(k.name for k in KINDS)  # most severe first
 ORDER = SEVERITY[::-1]  # least to most broken: the report's columns and lists
 UNSTABLE = tuple(k.name for k in KINDS if k.unstable)  # in severity order
 STABLE, FAILED, NAN, EXPLODING, SCREAM = "stable", "failed", "nan", "exploding", "scream"
+DIVERGED, INCONCLUSIVE = "diverged", "inconclusive"
 
 
 def severity(name: str) -> int:

@@ -60,7 +60,7 @@ class EpochStats:
         self.grad_max = np.full(len(self.keys), -math.inf)
         self.stage_sum = np.zeros(4 * n_stages)  # rms..., ratio..., scale..., clamped...
 
-    def add(self, rec: dict[str, Any]) -> None:
+    def add(self, rec: Mapping[str, Any]) -> None:
         g = np.fromiter((rec[k] for k in self.keys), dtype=float, count=len(self.keys))
         self.grad_sum += g
         np.maximum(self.grad_max, g, out=self.grad_max)  # propagates NaN
@@ -133,12 +133,17 @@ class RunWriter:
         if self.writes:
             write_json(self.path(rf.DATA), info)
 
+    def _summarizer(self) -> Summarizer:
+        if self.summarizer is None:
+            raise RuntimeError("RunWriter.open() was not called")
+        return self.summarizer
+
     def open(self, groups: Sequence[str], n_stages: int, summarizer: Summarizer) -> None:
         """The run's layout, known once the workload is built: module groups and stages."""
         self.groups, self.n_stages, self.summarizer = list(groups), n_stages, summarizer
 
     # --- as the run goes ----------------------------------------------------------------------
-    def step(self, rec: dict[str, Any]) -> None:
+    def step(self, rec: Mapping[str, Any]) -> None:
         """One step record (`steplayout.StepRecord`): aggregated, buffered for metrics.jsonl, given
         to the detectors and the trackers."""
         if self.stats is None or self.stats.epoch != rec[rf.EPOCH]:
@@ -148,7 +153,7 @@ class RunWriter:
             self.lines.append(_line(rec))
             if len(self.lines) >= self.flush_steps:
                 self.flush()
-        for ev in self.summarizer.step(rec):
+        for ev in self._summarizer().step(rec):
             self.event(ev)
         self.recorder.step(rec)
 
@@ -157,7 +162,7 @@ class RunWriter:
         ev = Event(ev)
         if self.writes:
             append_jsonl(self.path(rf.EVENTS), [ev])
-        self.summarizer.event(ev)
+        self._summarizer().event(ev)
         self.recorder.event(ev)
 
     def flush(self) -> None:
@@ -185,7 +190,7 @@ class RunWriter:
                 append_text(self.path(rf.SAMPLES), "".join(
                     f"=== epoch {erec['epoch']}, prompt {i}: {s['prompt']!r}\n{s['output']}\n"
                     for i, s in enumerate(erec["samples"])))
-        self.summarizer.epoch(erec)
+        self._summarizer().epoch(erec)
         self.recorder.epoch(erec)
 
     def abort(self) -> None:
@@ -199,7 +204,7 @@ class RunWriter:
     def finish(self, **fields: Any) -> Summary:
         """The detectors' findings and their closing events, and summary.json (with `fields`:
         run_id, steps, device, wall_s, ...); returns the summary."""
-        found, events = self.summarizer.finish(fields.pop("injected_nan_step", None))
+        found, events = self._summarizer().finish(fields.pop("injected_nan_step", None))
         for ev in events:
             self.event(ev)
         summary = Summary({"schema_version": rf.SCHEMA_VERSION, **found, **fields})
@@ -210,7 +215,7 @@ class RunWriter:
         """summary.json (`records.Summary`), and the trackers' summary."""
         if self.writes:
             write_json(self.path(rf.SUMMARY), summary)
-        self.recorder.summary(summary)
+        self.recorder.summary(Summary(summary))
 
     def _grad_rows(self, stats: EpochStats) -> None:
         if not self.writes or not stats.steps:

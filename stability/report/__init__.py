@@ -48,6 +48,7 @@ from stability.report.tables import (
     DECISIVE,
     answer,
     answer_display,
+    configurations,
     epoch_frame,
     event_text,
     events_frame,
@@ -82,6 +83,7 @@ __all__ = [
     "answer_display",
     "build_report",
     "config_diff",
+    "configurations",
     "csv_cell",
     "departure_frame",
     "departure_table",
@@ -140,6 +142,7 @@ class Report:
     grouped: Drawn | None = None  # per-step curves grouped by factor (2+ runs)
     departure: Drawn | None = None  # which module group left its band first (unstable and stable runs)
     departures: pd.DataFrame | None = None  # per group: how often it left first, unstable vs stable runs
+    configs: pd.DataFrame | None = None  # per configuration (seeds pooled): unstable share with interval, medians
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
@@ -220,14 +223,18 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     write_csv(table, out / "runs.csv")
     write_csv(summary, out / "factors.csv")
     lr_table = lr_summary(runs, keys)
+    configs = configurations(runs, keys)
     extra = []
+    if not configs.empty:
+        write_csv(configs, out / "configs.csv")
+        extra.append(out / "configs.csv")
     if lr_table is not None:
         write_csv(lr_table, out / "lr_sensitivity.csv")
         extra.append(out / "lr_sensitivity.csv")
     report = Report(root, out, runs, keys, over, table, summary, [], heatmaps, lr_table, ans, sentence, step_plots,
-                    grouped, departure, departures)
+                    grouped, departure, departures, configs)
     atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table,
-                                                   ans, sentence, report))
+                                                   ans, sentence, report, configs))
     atomic_write_text(out / "report.html", html_report(report, names))
     report.files = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra, *files]
     _remember(out, report.files)

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, flatten
 from stability.report.loading import Run
 
@@ -139,3 +141,84 @@ def _value_order(v: str) -> tuple[int, float, str]:
 def sort_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Run]:
     """By folder group (sweep), then by factor values (numbers numerically)."""
     return sorted(runs, key=lambda r: (r.group, [_value_order(factor_value(r, k)) for k in keys], r.rel))
+
+
+# --- statistics: seeds are replication ---------------------------------------------------------
+
+REPLICATE = ("seed",)  # keys whose values are replicates of one configuration, never factors
+ALPHA = 0.05  # significance level of the tests and 1 - the level of the intervals
+
+
+def design_factors(keys: Sequence[str]) -> list[str]:
+    """The factors of a report that are treatments (every key but the replicate keys: `seed`)."""
+    return [k for k in keys if k not in REPLICATE]
+
+
+def share_interval(k: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
+    """Wilson score interval (statsmodels) of a share k/n at level 1 - alpha; (nan, nan) for n = 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(k, n, alpha=alpha, method="wilson")
+    return float(lo), float(hi)
+
+
+def median_interval(values: Sequence[float], level: float = 1 - ALPHA) -> tuple[float, float, float, float]:
+    """(median, lo, hi, coverage) of the finite `values`: the distribution-free order-statistic
+    interval [x_(j), x_(n+1-j)] for the median, the narrowest symmetric one whose coverage
+    (1 - 2 P(Binom(n, 1/2) <= j - 1), scipy) reaches `level`. Below 6 values none does: the
+    interval is then [min, max] and `coverage` says how much it covers (3 values: 75%, 5: 94%).
+    NaNs for no finite value."""
+    x = sorted(v for v in values if math.isfinite(v))
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    med = float(np.median(x))
+    if n == 1:
+        return med, x[0], x[0], 0.0
+    from scipy.stats import binom
+
+    best = (x[0], x[-1], float(1 - 2 * binom.cdf(0, n, 0.5)))
+    for j in range(2, n // 2 + 1):
+        cov = float(1 - 2 * binom.cdf(j - 1, n, 0.5))
+        if cov < level:
+            break
+        best = (x[j - 1], x[n - j], cov)
+    return med, best[0], best[1], best[2]
+
+
+def fisher_p(bad_a: int, n_a: int, bad_b: int, n_b: int) -> float:
+    """Two-sided Fisher's exact test (scipy) of unstable counts bad_a/n_a against bad_b/n_b."""
+    from scipy.stats import fisher_exact
+
+    return float(fisher_exact([[bad_a, n_a - bad_a], [bad_b, n_b - bad_b]])[1])
+
+
+def runs_needed(alpha: float = ALPHA, pairs: int = 1) -> int:
+    """The fewest runs per value at which even a clean split (0/m unstable against m/m) reaches
+    Fisher's two-sided p < alpha / pairs (Bonferroni over `pairs` comparisons): 4 at 0.05."""
+    m = 1
+    while fisher_p(0, m, m, m) >= alpha / pairs:
+        m += 1
+    return m
+
+
+def factor_test(counts: Sequence[tuple[str, int, int]], alpha: float = ALPHA) -> dict[str, Any]:
+    """Whether a factor's values differ in their unstable share. counts: (value, unstable, runs
+    judged) per value. The value with the lowest share against the one with the highest, by
+    Fisher's exact test, Bonferroni-corrected over the value pairs when there are more than two.
+    Returns {"lo", "hi" (the two (value, bad, n)), "p" (corrected), "decisive" (p < alpha),
+    "pairs", "needed" (runs per value a clean split needs)}; p is NaN with fewer than 2 values
+    with runs."""
+    have = [c for c in counts if c[2] > 0]
+    pairs = max(1, len(have) * (len(have) - 1) // 2)
+    out: dict[str, Any] = {"lo": None, "hi": None, "p": math.nan, "decisive": False, "pairs": pairs,
+                           "needed": runs_needed(alpha, pairs)}
+    if len(have) < 2:
+        return out
+    lo = min(have, key=lambda c: c[1] / c[2])
+    hi = max(have, key=lambda c: c[1] / c[2])
+    p = min(1.0, fisher_p(lo[1], lo[2], hi[1], hi[2]) * pairs)
+    out.update(lo=lo, hi=hi, p=p, decisive=bool(p < alpha and hi[1] / hi[2] > lo[1] / lo[2]))
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class Run:
         return [_float(v) for v in values]
 
     @property
-    def first_nan(self) -> dict[str, Any] | None:
+    def first_nan(self) -> Mapping[str, Any] | None:
         if "first_nan" in self.summary:
             return self.summary["first_nan"]
         return next((e for e in self.events if e.get("event") == "first_nan"), None)

@@ -60,7 +60,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], names: dict[str, str],
               over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path],
               lr_table: pd.DataFrame | None = None, ans: pd.DataFrame | None = None, sentence: str = "",
-              report: Any = None) -> str:
+              report: Any = None, configs: pd.DataFrame | None = None) -> str:
     seen = sorted({r.verdict for r in runs}, key=lambda v: (vd.ORDER.index(v) if v in vd.ORDER else len(vd.ORDER), v))
     counts = {v: sum(r.verdict == v for r in runs) for v in seen}
     parts = [f"# Stability report: `{root}`\n",
@@ -73,8 +73,13 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], n
     if sentence:
         parts.insert(1, f"**{sentence}**\n")
     if ans is not None and not ans.empty:
-        parts.insert(2, "Unstable = `exploding`, `scream` or `nan`, out of the runs that did not crash; medians over "
-                        "the runs at each value (across all other factors).\n\n" + markdown_table(answer_display(ans)))
+        parts.insert(2, "Unstable = `nan`, `exploding`, `diverged` or `scream`, out of the runs judged: runs "
+                        "`inconclusive` (too short to judge) or flagged borderline (a value within `detect.band` of its "
+                        "threshold) are not counted. `seed` is replication, not a factor. 95% interval: Wilson score "
+                        "interval of the unstable share. Medians over the runs at each value (across all other "
+                        "factors), with the order-statistic interval of the median (its coverage in brackets where "
+                        "too few runs reach 95%). A factor is decisive only when Fisher's exact test on its unstable "
+                        "counts gives p < 0.05.\n\n" + markdown_table(answer_display(ans)))
     warned = [(r.rel, w) for r in runs for w in r.warnings]
     if warned:
         parts.append(f"**{len(warned)} warning(s)**, see [Warnings](#warnings).\n")
@@ -84,10 +89,14 @@ def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], n
         parts += ["## By factor\n", "Share of runs per verdict for each value of each factor (across all other "
                   "factors), and the median over those runs of the last finite epoch-mean gradient norm.\n",
                   markdown_table(factor_display(summary))]
+    if configs is not None and len(configs) and (configs["runs"] > 1).any():
+        parts += ["## By configuration\n", "Each configuration's replicates (seeds) pooled: unstable share with its "
+                  "95% Wilson interval, and medians with their order-statistic intervals.\n",
+                  markdown_table(answer_display(configs))]
     if lr_table is not None:
         parts += ["## Learning-rate sensitivity\n", "Per configuration of the other factors: the mean over the LR "
                   "grid of min(final validation loss, initial loss) minus the best final validation loss "
-                  "(Wortsman et al. 2023, arXiv 2309.14322; the initial loss is the first step's, at init). "
+                  "(Wortsman et al. 2023, arXiv 2309.14322; the initial loss is the validation loss at initialisation, measured before the first step; a configuration with no stable learning rate in the grid is warned about, its small number means it fails everywhere). "
                   "0: every LR reached the best loss; smaller is flatter.\n",
                   markdown_table(lr_display(lr_table))]
     rel_plots = os.path.relpath(out / PLOTS, out)

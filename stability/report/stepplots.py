@@ -53,7 +53,7 @@ class Drawn:
 def _clip_of(run: Run) -> float | None:
     clip = ((run.config or {}).get("train") or {}).get("clip")
     try:
-        clip = float(clip)  # type: ignore[arg-type]  # None raises TypeError, caught
+        clip = float(clip)  # type: ignore[arg-type]  # None or "none": no line
     except (TypeError, ValueError):
         return None
     return clip if math.isfinite(clip) and clip > 0 else None

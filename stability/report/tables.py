@@ -10,25 +10,36 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from stability.formatting import format_number
+from stability.formatting import format_number, nan_place
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.record import format as runformat
 from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
-from stability.report.factors import _value_order, factor_value
+from stability.report.factors import (
+    ALPHA,
+    _value_order,
+    design_factors,
+    factor_test,
+    factor_value,
+    median_interval,
+    share_interval,
+)
 from stability.report.loading import Run, _float
 
 
-def first_nan_text(nan: dict[str, Any] | None) -> str:
+def first_nan_text(nan: Mapping[str, Any] | None) -> str:
     """`e3 b205 stage2.layer0.mlp`: 1-based epoch, 0-based batch within it, module group."""
     if not nan:
         return "-"
+    if nan.get("how") not in (None, "located"):  # not located: the likeliest candidate, marked as such
+        top = (nan.get("candidates") or [{}])[0].get("group")
+        return f"e{nan.get('epoch', '?')} b{nan.get('batch', '?')} {top + '?' if top else '?'} ({nan['how']})"
     return f"e{nan.get('epoch', '?')} b{nan.get('batch', '?')} {nan.get('module') or '?'}"
 
 
@@ -93,7 +104,7 @@ _HEALTH_FIELDS = ("attn_entropy_min", "attn_logit_max", "sink_max", "sink_layers
 _SUMMARY_FIELDS = ("evidence", "scream_epoch", "final_loss", "final_val_loss", "growth_per_epoch",
                    "first_spike_step", "spike_lead_steps", "n_grad_spikes", "n_loss_spikes", "clip_rate", "nonfinite_steps", "epochs_run", "steps",
                    "stopped_early", "latent_scale", "device", "wall_s")
-_NAN_FIELDS = ("epoch", "batch", "step", "kind", "module", "where", "loss", "grad_norm")
+_NAN_FIELDS = ("epoch", "batch", "step", "kind", "how", "module", "where", "loss", "grad_norm")
 
 
 def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
@@ -155,7 +166,9 @@ def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-DECISIVE = 0.5  # a factor is decisive when the unstable share differs by at least this between its values
+UNSTABLE = vd.UNSTABLE  # verdicts that count as "unstable" in the answer
+NOT_JUDGED = (vd.INCONCLUSIVE,)  # a verdict that says the run could not be judged: counted apart
+DECISIVE = ALPHA  # a factor is decisive when Fisher's exact test on its unstable counts gives p below this
 
 
 def _max_grad(run: Run) -> float:
@@ -168,53 +181,129 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
+def _interval_text(lo: float, hi: float, coverage: float | None = None) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "-"
+    cov = f" ({coverage:.0%})" if coverage is not None and math.isfinite(coverage) and coverage < 0.95 - 1e-9 else ""
+    return f"{format_number(lo)}..{format_number(hi)}{cov}"
+
+
+def _share_row(mine: Sequence[Run], apart: int) -> dict[str, Any]:
+    """unstable k/n with its Wilson interval, the runs not counted, the median final validation
+    loss and the median largest grad norm with their order-statistic intervals."""
+    bad = sum(r.verdict in UNSTABLE for r in mine)
+    n = len(mine)
+    lo, hi = share_interval(bad, n)
+    med, mlo, mhi, cov = median_interval([_float(r.summary.get("final_val_loss")) for r in mine])
+    gmed, glo, ghi, gcov = median_interval([_max_grad(r) for r in mine])
+    return {"unstable": f"{bad}/{n}", "unstable_share": bad / n if n else math.nan,
+            "95% interval": f"{lo:.0%}..{hi:.0%}" if n else "-",
+            "not counted": apart,
+            "median final val loss": med, "val loss interval": _interval_text(mlo, mhi, cov),
+            "median max grad norm": gmed, "grad norm interval": _interval_text(glo, ghi, gcov)}
+
+
+def _counted(r: Run) -> bool:
+    """A run that counts towards the unstable share: judged, not inconclusive, not borderline."""
+    return r.verdict not in NOT_JUDGED and not r.summary.get("borderline")
+
+
 def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]:
-    """The report's opening: per factor and value, unstable runs out of runs with a verdict
-    (`verdicts.UNSTABLE` out of those that did not crash), the median final
-    validation loss and the median largest grad norm; and one sentence naming the decisive
-    factor(s), those whose unstable share differs by at least `DECISIVE` between two values,
-    largest difference first, e.g. "residual: 0/6 unstable at 0.3 vs 5/6 at 0.1"."""
+    """The report's opening: per factor and value, unstable runs (`UNSTABLE`) out of the runs
+    judged, with a 95% Wilson interval (statsmodels); runs `inconclusive` or flagged
+    `borderline` are counted apart ("not counted") and never make a factor decisive; the median
+    final validation loss and the median largest grad norm with order-statistic intervals
+    (`factors.median_interval`: with fewer than 6 runs the interval is the range and its
+    coverage is shown). `seed` is replication, never a factor. A factor is decisive only when
+    Fisher's exact test (scipy) on its unstable counts gives p < 0.05 (Bonferroni-corrected over
+    the pairs of values); with too few runs per value for any split to pass, the sentence says
+    the answer is untested and how many seeds it would need."""
+    facs = design_factors(keys)
     judged = [r for r in runs if vd.is_judged(r.verdict)]
-    rows, spreads = [], []
-    for k in keys:
+    counted = [r for r in judged if _counted(r)]
+    rows, decisive, untested, tested = [], [], [], []
+    seeds = len({factor_value(r, "seed") for r in counted}) if "seed" in keys else 1
+    for k in facs:
         values = sorted({factor_value(r, k) for r in judged}, key=_value_order)
         counts = []
         for v in values:
-            mine = [r for r in judged if factor_value(r, k) == v]
-            bad = sum(vd.is_unstable(r.verdict) for r in mine)
+            mine = [r for r in counted if factor_value(r, k) == v]
+            apart = sum(factor_value(r, k) == v for r in judged) - len(mine)
+            bad = sum(r.verdict in UNSTABLE for r in mine)
             counts.append((v, bad, len(mine)))
-            rows.append({"factor": k, "value": v, "unstable": f"{bad}/{len(mine)}",
-                         "unstable_share": bad / len(mine),
-                         "median final val loss": _median([_float(r.summary.get("final_val_loss")) for r in mine]),
-                         "median max grad norm": _median([_max_grad(r) for r in mine])})
-        if len(counts) > 1:
-            lo, hi = min(counts, key=lambda c: c[1] / c[2]), max(counts, key=lambda c: c[1] / c[2])
-            spread = hi[1] / hi[2] - lo[1] / lo[2]
-            if spread >= DECISIVE:
-                spreads.append((spread, f"{k}: {lo[1]}/{lo[2]} unstable at {lo[0]} vs {hi[1]}/{hi[2]} at {hi[0]}"))
-    n_bad = sum(vd.is_unstable(r.verdict) for r in judged)
-    crashed = sum(r.verdict == vd.FAILED for r in runs)
+            rows.append({"factor": k, "value": v, **_share_row(mine, apart)})
+        if len(counts) < 2:
+            continue
+        t = factor_test(counts)
+        if t["lo"] is None:
+            continue
+        lo, hi = t["lo"], t["hi"]
+        text = f"{k}: {lo[1]}/{lo[2]} unstable at {lo[0]} vs {hi[1]}/{hi[2]} at {hi[0]}"
+        spread = hi[1] / hi[2] - lo[1] / lo[2]
+        if t["decisive"]:
+            decisive.append((t["p"], f"{text} (Fisher's exact p = {t['p']:.2g}"
+                                     + (f", Bonferroni over {t['pairs']} pairs)" if t["pairs"] > 1 else ")")))
+        elif spread > 0 and min(lo[2], hi[2]) < t["needed"]:
+            per_seed = max(1.0, min(lo[2], hi[2]) / max(1, seeds))
+            untested.append((-spread, f"{text}: untested, {min(lo[2], hi[2])} run(s) per value; Fisher's exact test "
+                                      f"needs at least {t['needed']} per value even for a clean split, i.e. about "
+                                      f"{math.ceil(t['needed'] / per_seed)} seeds"))
+        elif spread > 0:
+            tested.append((-spread, f"{text} (Fisher's exact p = {t['p']:.2g}, not significant)"))
+    n_bad = sum(r.verdict in UNSTABLE for r in counted)
+    crashed = sum(r.verdict == "failed" for r in runs)
+    n_inc = sum(r.verdict in NOT_JUDGED for r in judged)
+    n_border = sum(r.verdict not in NOT_JUDGED and bool(r.summary.get("borderline")) for r in judged)
     others = len(runs) - len(judged) - crashed  # still running, interrupted, unreadable
-    aside = "".join(f"; {n} {what} not counted" for n, what in ((crashed, "crashed (failed)"), (others, "without a verdict"))
-                    if n)
+    aside = "".join(f"; {n} {what} not counted" for n, what in (
+        (n_inc, "inconclusive (too short to judge)"), (n_border, "borderline (a value within detect.band of its threshold)"),
+        (crashed, "crashed (failed)"), (others, "without a verdict")) if n)
+
     def all_runs(n: int, what: str) -> str:
-        return f"The one run is {what}" if n == 1 else f"All {n} runs are {what}"
+        return f"The one judged run is {what}" if n == 1 else f"All {n} judged runs are {what}"
 
     if not judged:
         sentence = f"No run has a verdict yet{aside}."
+    elif not counted:
+        sentence = f"No run could be judged{aside}."
     elif n_bad == 0:
-        sentence = (f"{all_runs(len(judged), 'stable')}{aside}: no factor changed the verdict at these settings "
+        sentence = (f"{all_runs(len(counted), 'stable')}{aside}: no factor changed the verdict at these settings "
                     "(compare the validation losses below).")
-    elif n_bad == len(judged):
-        sentence = f"{all_runs(len(judged), 'unstable')}{aside}: no value of any factor fixed it."
-    elif spreads:
-        spreads.sort(key=lambda t: -t[0])
-        sentence = f"Decisive: {'; '.join(t for _, t in spreads)}{aside}."
+    elif n_bad == len(counted):
+        sentence = f"{all_runs(len(counted), 'unstable')}{aside}: no value of any factor fixed it."
+    elif decisive:
+        decisive.sort(key=lambda t: t[0])
+        sentence = f"Decisive: {'; '.join(t for _, t in decisive)}{aside}."
+    elif untested:
+        untested.sort(key=lambda t: t[0])
+        sentence = f"{n_bad}/{len(counted)} runs unstable{aside}; no factor is decisive yet: {'; '.join(t for _, t in untested)}."
     else:
-        sentence = (f"{n_bad}/{len(judged)} runs unstable{aside}; no single factor separates them "
-                    f"(no factor's unstable share differs by {DECISIVE:.0%} or more between its values).")
-    return pd.DataFrame(rows, columns=["factor", "value", "unstable", "unstable_share", "median final val loss",
-                                       "median max grad norm"]), sentence
+        sentence = (f"{n_bad}/{len(counted)} runs unstable{aside}; no single factor separates them"
+                    + (f": {'; '.join(t for _, t in sorted(tested))}." if tested else "."))
+    return pd.DataFrame(rows, columns=["factor", "value", "unstable", "unstable_share", "95% interval", "not counted",
+                                       "median final val loss", "val loss interval", "median max grad norm",
+                                       "grad norm interval"]), sentence
+
+
+def configurations(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
+    """One row per configuration (the values of every factor but `seed`): its replicates (runs,
+    seeds), unstable k/n with a 95% Wilson interval, runs not counted (inconclusive, borderline),
+    the verdicts, and the median final validation loss and largest grad norm with their
+    order-statistic intervals."""
+    facs = design_factors(keys)
+    judged = [r for r in runs if vd.is_judged(r.verdict)]
+    groups: dict[tuple[str, ...], list[Run]] = {}
+    for r in judged:
+        groups.setdefault(tuple(factor_value(r, k) for k in facs), []).append(r)
+    rows = []
+    for key in sorted(groups, key=lambda t: [_value_order(v) for v in t]):
+        mine = groups[key]
+        counted = [r for r in mine if _counted(r)]
+        verdicts = sorted({r.verdict for r in mine})
+        rows.append({**dict(zip(facs, key)), "runs": len(mine),
+                     "verdicts": ", ".join(f"{sum(r.verdict == v for r in mine)} {v}" for v in verdicts),
+                     **_share_row(counted, len(mine) - len(counted))})
+    return pd.DataFrame(rows)
 
 
 def answer_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -222,6 +311,7 @@ def answer_display(table: pd.DataFrame) -> pd.DataFrame:
     out = table.drop(columns=["unstable_share"]).astype(object)
     for col in ("median final val loss", "median max grad norm"):
         out[col] = [format_number(v) for v in table[col]]
+    out["not counted"] = [str(v) if v else "-" for v in table["not counted"]]
     return out
 
 
@@ -242,11 +332,12 @@ def lr_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame | None:
     """Wortsman et al.'s LR sensitivity per configuration of the other factors, when the
     completed runs cover more than one learning rate; None otherwise."""
     done = [r for r in runs if r.config and r.summary.get("verdict") not in (None, "failed")]
-    others = [k for k in keys if k not in ("train.lr", "lr")]
-    frame = pd.DataFrame([{**{k: factor_value(r, k) for k in others}, "train.lr": r.config["train"]["lr"],
-                           "initial_loss": initial_loss(r.path),
+    others = [k for k in design_factors(keys) if k not in ("train.lr", "lr")]  # seeds: averaged per LR
+    frame = pd.DataFrame([{**{k: factor_value(r, k) for k in others}, "train.lr": (r.config or {})["train"]["lr"],
+                           "initial_loss": initial_loss(r.path),  # validation loss at init, as the final one
                            # validation loss, not the last training batch's (one batch is noisy)
-                           "final_loss": _float(r.summary.get("final_val_loss"))}
+                           "final_loss": _float(r.summary.get("final_val_loss")),
+                           "stable": r.verdict not in UNSTABLE}
                           for r in done])
     if frame.empty or not varies_lr(frame):
         return None
@@ -301,14 +392,17 @@ def stage_frame(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["epoch", "stage", "rms", "needed ratio", "scale", "clamped"], dtype=object)
 
 
-def event_text(ev: dict[str, Any]) -> str:
+def event_text(ev: Mapping[str, Any]) -> str:
     """The details of one events.jsonl record, in words."""
     kind = ev.get("event")
     f = format_number
     if kind == "first_nan":
-        return (f"non-finite {ev.get('kind', '?')} first in {ev.get('module', '?')} ({ev.get('where', '?')}); "
+        return (f"non-finite {ev.get('kind', '?')} first {nan_place(ev)}; "
                 f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}"
                 + (f"; batch and state saved: stab replay {ev['forensics']}" if ev.get("forensics") else ""))
+    if kind == "init_eval":
+        base = f", no-learning baseline {f(ev.get('baseline_loss'))}" if ev.get("baseline") else ""
+        return f"validation loss at initialisation {f(ev.get('val_loss'))}{base}"
     if kind in ("grad_spike", "loss_spike"):
         return f"{'grad norm' if kind == 'grad_spike' else 'loss'} {f(ev.get('value', ev.get('grad_norm')))}"
     if kind == "clamp_saturation":
@@ -322,10 +416,12 @@ def event_text(ev: dict[str, Any]) -> str:
 
 def events_frame(run: Run) -> pd.DataFrame:
     order = {"first_nan": 0, "scream": 1, "grad_spike": 2, "clamp_saturation": 3}
-    def when(e: dict[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
+    def when(e: Mapping[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
+        if e.get("event") == "init_eval":  # before the first step
+            return (-1, -1, 0)
         epoch, step = e.get("epoch"), e.get("step")
         return (epoch if isinstance(epoch, int) else 1 << 62, step if isinstance(step, int) else 1 << 62,
-                order.get(e.get("event"), 9))
+                order.get(str(e.get("event")), 9))
 
     evs = sorted(run.events, key=when)
     return pd.DataFrame([{"event": e.get("event"), "epoch": e.get("epoch"), "batch": e.get("batch"),

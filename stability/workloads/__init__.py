@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,10 @@ from stability.config import CharLMConfig, ModelConfig, RunConfig, TrainConfig
 from stability.instrument import GradProbe, StageProbe
 from stability.step import Instruments
 from stability.workloads.base import Workload
+
+if TYPE_CHECKING:
+    from stability.models.cascade import Cascade
+    from stability.models.charlm import CharLM
 
 
 def _cascade(cfg: RunConfig, device: torch.device) -> Workload:
@@ -46,19 +50,17 @@ WORKLOADS: dict[str, Callable[[RunConfig, torch.device], Workload]] = {"cascade"
                                                                        "custom": _custom}
 
 
-def build_model(cfg: ModelConfig | CharLMConfig) -> nn.Module:
-    """The configured model alone (by `model.name`), without data: for parameter counts and
+def build_model(cfg: ModelConfig | CharLMConfig) -> Cascade | CharLM:
+    """A built-in model alone (by `model.name`), without data: for parameter counts and
     checks before a run. The char LM's vocabulary comes from its data: built here, without
-    data, it has a placeholder vocabulary. Raises ValueError for an unknown name."""
-    if cfg.name == "cascade":
+    data, it has a placeholder vocabulary. A custom model has no data-free build (its factory
+    makes its data too): use `CustomWorkload`. Raises ValueError for an unknown name."""
+    if isinstance(cfg, ModelConfig):
         from stability.models.cascade import Cascade
         return Cascade(cfg)
-    if cfg.name == "charlm":
+    if isinstance(cfg, CharLMConfig):
         from stability.models.charlm import CharLM
         return CharLM(cfg)
-    if cfg.name == "custom":  # the factory builds its data too
-        from stability.workloads.custom import make_task
-        return make_task(cfg.target, dict(cfg.params)).model
     raise ValueError(f"model={cfg.name!r}: unknown model; allowed: {', '.join(WORKLOADS)}")
 
 
@@ -122,7 +124,8 @@ class RunParts:
         run's clip and stage clamp; with `detect.opt_state` the optimizer-state and output signals
         (`stability.optstate`), and the recovery policies of `train.on_spike` / `train.update_clip`
         (`stability.recovery`, `ins.recovery`), built once per run (their hooks and state are the model's)."""
-        clamp = cfg.model.rms_clamp if self.n_stages and getattr(cfg.model, "rms_match", False) else None
+        m = cfg.model
+        clamp = m.rms_clamp if self.n_stages and isinstance(m, ModelConfig) and m.rms_match else None
         probes, recovery, opt_probe = self.step_probes(cfg)
         ins = Instruments(self.names, self.grad_probe, [self.stage_probe, *probes], cfg.train.clip, self.n_stages,
                           clamp, world_size)
@@ -158,7 +161,7 @@ def build(cfg: RunConfig, device: torch.device, compile: bool | None = None) -> 
     torch.manual_seed(cfg.seed)
     work = make_workload(cfg, device)
     if cfg.train.compile if compile is None else compile:
-        work.model = torch.compile(work.model)
+        work.model = cast(nn.Module, torch.compile(work.model))  # an OptimizedModule: typed as a callable
     groups = work.module_groups()
     opt, sched = make_optimizer(work.model, cfg.train)
     return RunParts(work, device, groups, opt, sched, GradProbe(groups), StageProbe(work.rms_matchers(), device))

@@ -35,10 +35,13 @@ tree: transformer layers are `nn.TransformerEncoderLayer`/`DecoderLayer` and any
 attention child (`nn.MultiheadAttention` or a class named *Attention*), or the modules whose
 names match `layers`. Each layer gives `<name>.attn`, `<name>.mlp` (its other children with
 parameters) and `<name>.norm`; every other module that owns parameters is a group of its own
-(`tok_emb`, `head`, a root-level `pos_emb`). Attention health (stability.health) needs the
-attention's logits: it is measured for `nn.MultiheadAttention` (recomputed from its input
-projection) and for any attention module with a method `logits(x) -> (B, heads, T, T)`, and is
-reported "not available" otherwise (data.json, `stab run`, `stab show`).
+(`tok_emb`, `head`, a root-level `pos_emb`). A parameter shared by two modules (an LM head tied
+to the token embedding) is counted once, in the first group that holds it; the tie is listed in
+data.json (`tied`) and by `stab show`. Attention health (stability.health) needs the attention's
+logits: it is measured for `nn.MultiheadAttention` (recomputed from its input projection), for
+any attention module with a method `logits(x) -> (B, heads, T, T)`, and for attention that calls
+`F.scaled_dot_product_attention` (q and k captured at the call: HF GPT-2/Llama, timm ViT, your own
+SDPA block), and is reported "not available" otherwise (data.json, `stab run`, `stab show`).
 
 Everything the factory returns is checked before training (`CustomWorkload.__init__`, which
 `stab run`/`stab sweep` reach through preflight): each problem is one `ConfigError` line naming
@@ -52,7 +55,7 @@ import importlib
 import inspect
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -60,13 +63,15 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from stability.config import OWN_LOOP, ConfigError, RunConfig
+from stability.config import OWN_LOOP, ConfigError, CustomModelConfig, RunConfig
 from stability.detectors import mean_scores, scream_check
+from stability.health import SdpaAttention, calls_sdpa
 from stability.workloads.base import Workload
 
 VAL_BATCHES = 64  # validation batches (of train.batch_size) the validation loss averages at most
 HEALTH_ITEMS = 8  # validation examples the health probe's forward and backward use
 SCREAM_SINGLE_ITEMS = 256  # one token per example (a classifier): these many predictions form one sequence
+RESERVED_GROUPS = ("norm", "clipped")  # `grad/<group>` would be the total norm's or the clip flag's key
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
@@ -93,7 +98,8 @@ def locate(path: str) -> Any:
     parts = path.split(".")
     if not path or any(not p.isidentifier() for p in parts):
         raise ConfigError(f"{where}: not a dotted path of Python names (expected e.g. my_pkg.my_module.build)")
-    module, error = None, None
+    module: Any = None
+    error: BaseException | None = None
     for i in range(len(parts), 0, -1):
         try:
             module = importlib.import_module(".".join(parts[:i]))
@@ -209,6 +215,10 @@ class Examples:
             data = data.tensors
         if isinstance(data, torch.Tensor):
             data = (data,)
+        self.keys: tuple[str, ...] | None = None
+        if isinstance(data, Mapping) and data and all(isinstance(t, torch.Tensor) for t in data.values()):
+            self.keys = tuple(data)  # a dict of model inputs ({"input_ids": ..., "labels": ...}): dict batches
+            data = tuple(data.values())
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
             sizes = {len(t) if t.dim() else -1 for t in data}
             if len(sizes) != 1 or -1 in sizes:
@@ -228,29 +238,40 @@ class Examples:
         if n == 0:
             raise ConfigError(f"{where}: the {what} data has no examples (length 0)")
 
+    def _dataset(self) -> Dataset:
+        if self.dataset is None:
+            raise RuntimeError("Examples holds tensors, not a Dataset")
+        return self.dataset
+
     def __len__(self) -> int:
-        return len(self.tensors[0]) if self.tensors is not None else len(self.dataset)
+        return len(self.tensors[0]) if self.tensors is not None else len(self._dataset())  # type: ignore[arg-type]
 
     def __getitem__(self, idx: torch.Tensor) -> Any:
         """The examples `idx` (int64, (B,)) as one batch on the device."""
         if self.tensors is not None:
             idx = idx.to(self.tensors[0].device)
             rows = tuple(t[idx] for t in self.tensors)
+            if self.keys is not None:
+                return dict(zip(self.keys, rows))
             return rows[0] if self.single else rows
-        batch = default_collate([self.dataset[i] for i in idx.tolist()])
+        dataset = self._dataset()
+        batch = default_collate([dataset[i] for i in idx.tolist()])
         return _to(batch, self.device)
 
 
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return tuple(_to(b, device) for b in batch)
     return batch
 
 
 def split(batch: Any) -> tuple[tuple[Any, ...], Any]:
-    """(model inputs, target) of a batch: (inputs..., target), or one tensor that is both."""
+    """(model inputs, target) of a batch: (inputs..., target), or one tensor that is both. A dict
+    batch (keyword inputs, `model(**batch)`) is its own target: see `CustomWorkload.loss`."""
     if isinstance(batch, (tuple, list)):
         if len(batch) == 1:
             return (batch[0],), batch[0]
@@ -305,6 +326,7 @@ def auto_groups(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, lis
     """Every trainable parameter in exactly one group, in the order the model registers them:
     `<layer>.attn|mlp|norm` for each layer, the owning module's name elsewhere."""
     groups: dict[str, list[nn.Module]] = {}
+    seen: set[int] = set()  # a parameter shared by two modules (tied weights) belongs to the first
     loose: dict[str, dict[str, nn.Parameter]] = {}
 
     def add(group: str, module: nn.Module) -> None:
@@ -313,8 +335,9 @@ def auto_groups(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, lis
             mods.append(module)
 
     for mname, m in model.named_modules():
-        direct = {n: p for n, p in m.named_parameters(recurse=False) if p.requires_grad}
-        if not direct:
+        direct = {n: p for n, p in m.named_parameters(recurse=False) if p.requires_grad and id(p) not in seen}
+        seen.update(id(p) for p in direct.values())
+        if not direct:  # no parameters, or only ones tied to a module seen before (an LM head tied to the embedding)
             continue
         layer = next((lay for lay in layers if mname == lay or mname.startswith(lay + ".")), None)
         if layer is None:
@@ -334,7 +357,31 @@ def auto_groups(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, lis
         add(f"{layer}.{_kind(child)}", child)
     for g, params in loose.items():
         groups[g] = [ParamGroup(params)]
-    return {g: mods for g, mods in groups.items() if mods}
+    # a group named like a step field (timm's final `norm`: `grad/norm` is the total) gets `_module`
+    return {(f"{g}_module" if g in RESERVED_GROUPS else g): mods for g, mods in groups.items() if mods}
+
+
+def tied(model: nn.Module, groups: dict[str, list[nn.Module]]) -> list[dict[str, str]]:
+    """Parameters registered under two names (tied weights, e.g. `lm_head.weight` is
+    `transformer.wte.weight`): [{param, same_as, counted_in}], the group whose gradient norm counts
+    it (the first that holds it; the probes count a parameter once)."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append({"param": name, "same_as": first[id(p)]})
+        else:
+            first[id(p)] = name
+    if out:
+        owner: dict[int, str] = {}
+        for g, mods in groups.items():
+            for m in mods:
+                for p in m.parameters():
+                    owner.setdefault(id(p), g)
+        by_name = dict(model.named_parameters())
+        for tie in out:
+            tie["counted_in"] = owner.get(id(by_name[tie["same_as"]]), "none (not trainable)")
+    return out
 
 
 def explicit_groups(model: nn.Module, spec: dict[str, Any], where: str) -> dict[str, list[nn.Module]]:
@@ -433,6 +480,8 @@ def attention_probe(layer: nn.Module) -> Any | None:
         return MultiheadAttentionLogits(attn)
     if attn is not None and callable(getattr(attn, "logits", None)):
         return attn
+    if attn is not None:  # measured if it calls F.scaled_dot_product_attention (checked by a forward)
+        return SdpaAttention(attn)
     return None
 
 
@@ -445,10 +494,13 @@ class CustomWorkload(Workload):
         """The factory's task (`cfg.model`), or `task` as given (stab's Monitor: your own loop
         draws the batches, so `task.train` may be None and the training checks are skipped)."""
         self.cfg, self.device = cfg, device
-        target = cfg.model.target
+        if not isinstance(cfg.model, CustomModelConfig):
+            raise ConfigError(f"model={cfg.model.name}: a custom workload needs model=custom")
+        mcfg = cfg.model
+        target = mcfg.target
         self.where = where = f"model._target_={target}"
         if task is None:
-            task = make_task(target, dict(cfg.model.params))
+            task = make_task(target, dict(mcfg.params))
         self.task = task
         self.model: nn.Module = task.model.to(device)
         self.train = Examples(task.train, "train", where, device) if task.train is not None else None
@@ -460,11 +512,18 @@ class CustomWorkload(Workload):
         self.tokenize, scream_note = self._scream_setup()
         layers = self._layers
         self._health = {n: (m, a) for n, m in layers.items() if (a := attention_probe(m)) is not None}
+        sdpa = {n: a.module for n, (_, a) in self._health.items() if isinstance(a, SdpaAttention)}
+        if sdpa and self.val is not None:  # keep those whose forward calls SDPA
+            idx = torch.arange(min(HEALTH_ITEMS, len(self.val)))
+            calling = calls_sdpa(self.model, lambda: self.forward(self.val[idx]), sdpa)
+            self._health = {n: v for n, v in self._health.items() if n not in sdpa or n in calling}
+            sdpa = {n: m for n, m in sdpa.items() if n in calling}
         if self._health:
-            health_note = f"available: {len(self._health)} of {len(layers)} layers"
+            how = " (q and k captured at F.scaled_dot_product_attention)" if sdpa else ""
+            health_note = f"available: {len(self._health)} of {len(layers)} layers{how}"
         elif layers:
-            health_note = (f"not available: no nn.MultiheadAttention or attention module with logits(x) in the "
-                           f"{len(layers)} layers found")
+            health_note = (f"not available: no nn.MultiheadAttention, attention module with logits(x) or call of "
+                           f"F.scaled_dot_product_attention in the {len(layers)} layers found")
         else:
             health_note = ("not available: no transformer layers found (nn.TransformerEncoderLayer, a module with "
                            "an attention child, or the factory's layers=PATTERN)")
@@ -472,9 +531,10 @@ class CustomWorkload(Workload):
             health_note = "not available: no validation data (the factory's val)"
             self._health = {}
         self.info: dict[str, Any] = {
-            "target": target, "params": dict(cfg.model.params), "n_train": self.n_train,
+            "target": target, "params": dict(mcfg.params), "n_train": self.n_train,
             "n_val": len(self.val) if self.val is not None else 0, "layers": list(layers),
-            "groups": list(self._groups), "scream": scream_note, "health": health_note, **task.info}
+            "groups": list(self._groups), "tied": tied(self.model, self._groups), "scream": scream_note,
+            "health": health_note, **task.info}
 
     # groups ----------------------------------------------------------------------------------
     def _make_groups(self) -> dict[str, list[nn.Module]]:
@@ -497,12 +557,13 @@ class CustomWorkload(Workload):
         """One forward and backward on two examples, in eval mode (no dropout draws, no batch-norm
         statistics updated): the loss must be a scalar with a gradient path to the parameters."""
         where, model = self.where, self.model
-        idx = torch.arange(min(2, len(self.train)))
+        train = self._split("train")
+        idx = torch.arange(min(2, len(train)))
         was_training = model.training
         model.eval()
         try:
             try:
-                loss = self.loss(self.train[idx])
+                loss = self.loss(train[idx])
             except ConfigError:
                 raise
             except Exception as e:
@@ -529,10 +590,27 @@ class CustomWorkload(Workload):
     def n_train(self) -> int:
         return len(self.train) if self.train is not None else 0
 
+    def _split(self, which: str) -> Examples:
+        """`self.train` or `self.val`; RuntimeError when the factory gave none (Monitor: your own loop)."""
+        examples = self.train if which == "train" else self.val
+        if examples is None:
+            raise RuntimeError(f"{self.where}: the factory returned no {which} data")
+        return examples
+
     def batch(self, idx: torch.Tensor) -> Any:
-        return self.train[idx]
+        return self._split("train")[idx]
+
+    def forward(self, batch: Any) -> Any:
+        """The model's output on a batch: model(*inputs), or model(**batch) for a dict batch."""
+        if isinstance(batch, Mapping):
+            return self.model(**batch)
+        return self.model(*split(batch)[0])
 
     def loss(self, batch: Any) -> torch.Tensor:
+        """loss(model(*inputs), target); for a dict batch (a transformers model's keyword inputs,
+        labels among them) loss(model(**batch), batch)."""
+        if isinstance(batch, Mapping):
+            return self.loss_fn(self.model(**batch), batch)
         inputs, target = split(batch)
         return self.loss_fn(self.model(*inputs), target)
 
@@ -545,11 +623,12 @@ class CustomWorkload(Workload):
         if self.val is None:
             return None, "not available: no validation data (the factory's val)"
         idx = torch.arange(min(len(self.val), SCREAM_SINGLE_ITEMS))
-        inputs, target = split(self.val[idx])
+        batch = self.val[idx]
+        target = batch if isinstance(batch, Mapping) else split(batch)[1]
         with torch.no_grad():
             was = self.model.training
             self.model.eval()
-            out = self.model(*inputs)
+            out = self.forward(batch)
             self.model.train(was)
         tokens = self.task.tokens
         if tokens == "auto":
@@ -561,11 +640,19 @@ class CustomWorkload(Workload):
                               "(give the factory's tokens=a function from outputs to integer tokens)")
             tokens = "argmax"
         fn = (lambda t: t.argmax(-1)) if tokens == "argmax" else tokens
-        target_tokens = target if tokens == "argmax" else fn(target)
-        try:
-            out_tokens = fn(out)
-        except Exception as e:
-            raise ConfigError(f"{self.where}: tokens(output) raised {type(e).__name__}: {_first_line(e)}") from e
+        for what, value in (("output", out), ("target", target)):
+            if what == "target" and tokens == "argmax":
+                target_tokens = target
+                continue
+            try:
+                made = fn(value)
+            except Exception as e:
+                raise ConfigError(f"{self.where}: tokens({what}) raised {type(e).__name__}: {_first_line(e)} (tokens "
+                                  f"is applied to the model's output and to the target)") from e
+            if what == "output":
+                out_tokens = made
+            else:
+                target_tokens = made
         for what, t in (("output", out_tokens), ("target", target_tokens)):
             if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dim() == 0:
                 raise ConfigError(f"{self.where}: the scream check's tokens of the {what} are not an integer tensor "
@@ -591,17 +678,18 @@ class CustomWorkload(Workload):
         was_training = self.model.training
         self.model.eval()
         bs = self.cfg.train.batch_size
-        total, count = 0.0, 0
-        for start in range(0, min(len(self.val), VAL_BATCHES * bs), bs):
-            idx = torch.arange(start, min(start + bs, len(self.val)))
-            total += self.loss(self.val[idx]).double() * len(idx)  # stays on the device
+        val = self._split("val")
+        total: float | torch.Tensor = 0.0
+        count = 0
+        for start in range(0, min(len(val), VAL_BATCHES * bs), bs):
+            idx = torch.arange(start, min(start + bs, len(val)))
+            total += self.loss(val[idx]).double() * len(idx)  # stays on the device
             count += len(idx)
         val_loss = float(total / count)  # host sync: once per epoch
         result: dict[str, Any] = {"val_loss": val_loss, "collapsed": None, "scores": {},
                                   "target_scores": self.target_scores}
         if self.tokenize is not None and math.isfinite(val_loss):  # argmax over NaN would fake a collapse
-            inputs, _ = split(self.val[self.scream_idx])
-            tokens = self.tokenize(self.model(*inputs))
+            tokens = self.tokenize(self.forward(self.val[self.scream_idx]))
             scores = self._scores(tokens)
             sc = self.cfg.detect.scream
             result.update(scores=scores, collapsed=scream_check(scores, self.target_scores, sc.dominant, sc.longest_run),
@@ -614,4 +702,5 @@ class CustomWorkload(Workload):
         return self._health
 
     def health_loss(self) -> torch.Tensor:
-        return self.loss(self.val[torch.arange(min(HEALTH_ITEMS, len(self.val)))])
+        val = self._split("val")
+        return self.loss(val[torch.arange(min(HEALTH_ITEMS, len(val)))])

@@ -293,8 +293,8 @@ def _check_pair(name: str, fi: AudioFile, ft: AudioFile, segment: int) -> tuple[
         raise BadFile(both, f"are both silent as the model sees them (24 kHz mono): input {no_signal(sx)}, "
                             f"target {no_signal(sy)}")
     for f, stats in ((fi, sx), (ft, sy)):  # one side without signal: nothing to learn from, or to learn
-        if no_signal(stats):
-            raise BadFile(f.rel, no_signal(stats))
+        if why := no_signal(stats):
+            raise BadFile(f.rel, why)
     for f, stats in ((fi, sx), (ft, sy)):  # only float files can hold samples beyond full scale
         if stats["peak"] > 1.0:
             log.warning("%s holds %s samples beyond full scale: peak %.4g (%+.1f dBFS); used as they are, while "

@@ -253,6 +253,8 @@ def quantizer_state(quantizer: Any, n_q: int) -> dict[str, torch.Tensor]:
 class CodeBook(torch.nn.Module):
     """A standalone residual quantizer built from `quantizer_state`: nearest-codeword codes."""
 
+    embed: torch.Tensor  # (n_q, codebook size, D) buffer
+
     def __init__(self, embeds: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.register_buffer("embed", torch.stack([embeds[k] for k in sorted(embeds, key=int)]))

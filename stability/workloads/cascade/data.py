@@ -205,7 +205,8 @@ def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Te
     by_pair: dict[int, list[int]] = {}
     for i, start in wanted:
         by_pair.setdefault(i, []).append(start)
-    inp = target = None
+    inp: torch.Tensor | None = None
+    target: torch.Tensor | None = None
     encode_s = 0.0
     with phase("encoding latents", total=2 * len(wanted), unit="segments") as p:
         for i in sorted(by_pair):
@@ -221,10 +222,12 @@ def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Te
                 if why:
                     raise DataError(f"data.path={str(plan.root)!r}: {f.rel}: its {side} latents {why}; EnCodec "
                                     f"sees no signal in it; fix or remove it")
-            if inp is None:
+            if inp is None or target is None:
                 inp, target = zx.new_empty(len(wanted), *zx.shape[1:]), zy.new_empty(len(wanted), *zy.shape[1:])
             for k, s in enumerate(starts):
                 inp[slot[(i, s)]], target[slot[(i, s)]] = zx[k], zy[k]
+    if inp is None or target is None:
+        raise DataError(f"data.path={str(plan.root)!r}: no segments to encode")
     return inp, target, encode_s
 
 

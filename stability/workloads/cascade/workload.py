@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stability.config import RunConfig
+from stability.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from stability.detectors import mean_scores, scream_check
 from stability.models.cascade import Cascade
 from stability.workloads.base import Workload
@@ -30,9 +30,15 @@ class CascadeWorkload(Workload):
     def __init__(self, cfg: RunConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
+        if not isinstance(cfg.model, ModelConfig) or not isinstance(cfg.data, DataConfig):
+            raise ConfigError(f"model={cfg.model.name} data={cfg.data.name}: the cascade needs model=cascade and "
+                              f"audio data")
+        self.data_cfg = cfg.data
         self.data = load_latents(cfg.data)
         self.info: dict[str, Any] = dict(self.data.info)
-        self.model: nn.Module = Cascade(cfg.model).to(device)
+        # `net`: the cascade itself, for its own methods; `model`: what is trained (it may be compiled or DDP-wrapped)
+        self.net = Cascade(cfg.model).to(device)
+        self.model: nn.Module = self.net
         d = self.data
         self.train_input, self.train_target = d.train_input.to(device), d.train_target.to(device)
         self.val_input, self.val_target = d.val_input.to(device), d.val_target.to(device)
@@ -40,6 +46,11 @@ class CascadeWorkload(Workload):
         self._scream_slice = slice(0, k)
         target_codes = d.codebook.codes(self.to_codec(d.val_target[:k])).tolist()
         self.target_scores = mean_scores(target_codes, cfg.detect.scream.n)
+        # the no-learning baseline: the MSE of predicting every validation frame by the target's mean over
+        # items and frames (per channel), i.e. the target's variance: what a model scores that ignores its input
+        vt = d.val_target.double()
+        self.info["baseline_loss"] = float(((vt - vt.mean(dim=(0, 1), keepdim=True)) ** 2).mean())
+        self.info["baseline"] = "variance of the validation target (MSE of predicting its per-channel mean)"
 
     def to_codec(self, latents: torch.Tensor, side: str = "target") -> torch.Tensor:
         """Model space -> the codec's own latent space (see `LatentData.to_codec`)."""
@@ -58,10 +69,10 @@ class CascadeWorkload(Workload):
         return F.mse_loss(self.model(inp, target).float(), target.float())
 
     def module_groups(self) -> dict[str, list[nn.Module]]:
-        return self.model.module_groups()
+        return self.net.module_groups()
 
     def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
-        return self.model.health_layers()
+        return self.net.health_layers()
 
     def health_loss(self) -> torch.Tensor:
         """The loss on the fixed validation (scream-check) batch, for the health probe."""
@@ -69,7 +80,7 @@ class CascadeWorkload(Workload):
         return self.loss((self.val_input[s], self.val_target[s]))
 
     def rms_matchers(self) -> list[Any]:
-        return self.model.rms_matchers()
+        return self.net.rms_matchers()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -98,7 +109,7 @@ class CascadeWorkload(Workload):
         if not self.cfg.listen.at(epoch):
             return {}
         if getattr(self, "_codec", None) is None:  # the decoder is loaded only to listen (~2 s)
-            self._codec = load_codec(self.cfg.data.codec)
+            self._codec = load_codec(self.data_cfg.codec)
         k = min(self.cfg.listen.items, len(self.val_input))
         was_training = self.model.training
         self.model.eval()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from stability.config import RunConfig
+from stability.config import CharLMConfig, ConfigError, RunConfig, TextDataConfig
 from stability.detectors import loop_share, mean_scores, scream_check
 from stability.models.charlm import CharLM, lm_loss
 from stability.workloads.base import Workload
@@ -31,14 +31,22 @@ from stability.workloads.charlm.text import TextSplit, check_sizes, read_source,
 HEALTH_WINDOWS = 8  # validation windows the health probe's forward and backward use
 
 
+def configs(cfg: RunConfig) -> tuple[CharLMConfig, TextDataConfig]:
+    """`cfg.model` and `cfg.data`, typed; ConfigError when they are not the char LM's."""
+    if not isinstance(cfg.model, CharLMConfig) or not isinstance(cfg.data, TextDataConfig):
+        raise ConfigError(f"model={cfg.model.name} data={cfg.data.name}: the char LM needs model=charlm and text data")
+    return cfg.model, cfg.data
+
+
 def load_split(cfg: RunConfig) -> TextSplit:
     """Read and split the configured text; `ConfigError` (naming data.path) if it cannot serve
     this configuration. Cheap to call twice: the corpus and files are cached per process."""
-    text, info = read_source(cfg.data)
-    split = split_text(text, cfg.data, info)
+    mcfg, dcfg = configs(cfg)
+    text, info = read_source(dcfg)
+    split = split_text(text, dcfg, info)
     sc = cfg.detect.scream
-    check_sizes(split, cfg.data, cfg.model.context, cfg.train.batch_size,
-                need_val=max(cfg.model.context + 1, sc.prompt_chars + sc.gen_chars))
+    check_sizes(split, dcfg, mcfg.context, cfg.train.batch_size,
+                need_val=max(mcfg.context + 1, sc.prompt_chars + sc.gen_chars))
     return split
 
 
@@ -62,6 +70,14 @@ def prompt_starts(val: torch.Tensor, n: int, span: int, space_ids: set[int]) -> 
     return starts
 
 
+def unigram_entropy(ids: torch.Tensor, vocab: int) -> float:
+    """Entropy (nats) of the character frequencies of `ids` (N,) int64 over a vocabulary of `vocab`:
+    the cross-entropy of a model that predicts each character by its frequency alone."""
+    counts = torch.bincount(ids.flatten(), minlength=vocab).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
 class CharLMWorkload(Workload):
     """Next-character prediction with the char LM: cross-entropy (+ z-loss) on (B, context) ids."""
 
@@ -70,10 +86,14 @@ class CharLMWorkload(Workload):
         self.device = device
         split = load_split(cfg)
         self.tokenizer = tok = split.tokenizer
-        T = cfg.model.context
-        self.model: nn.Module = CharLM(cfg.model, vocab_size=len(tok)).to(device)
+        mcfg, dcfg = configs(cfg)
+        self.z_loss = mcfg.z_loss
+        T = mcfg.context
+        # `net`: the char LM itself, for its own methods; `model`: what is trained (it may be compiled or DDP-wrapped)
+        self.net = CharLM(mcfg, vocab_size=len(tok)).to(device)
+        self.model: nn.Module = self.net
         self.train_windows = windows(split.train, T).to(device)  # (N, T + 1)
-        self.val_windows = windows(split.val, T)[:cfg.data.n_val].to(device)  # (n_val, T + 1)
+        self.val_windows = windows(split.val, T)[:dcfg.n_val].to(device)  # (n_val, T + 1)
 
         sc = cfg.detect.scream
         P, G = sc.prompt_chars, sc.gen_chars
@@ -85,7 +105,10 @@ class CharLMWorkload(Workload):
         self.info: dict[str, Any] = {
             **split.info, "train_windows": len(self.train_windows), "val_windows": len(self.val_windows),
             "prompts": [tok.decode(p.tolist()) for p in self.prompts],
-            "references": [tok.decode(r) for r in references]}
+            "references": [tok.decode(r) for r in references],
+            # the no-learning baseline: the cross-entropy of predicting every character by its frequency in
+            # the training text (nats), what a model scores that has learned the unigram and nothing else
+            "baseline_loss": unigram_entropy(split.train, len(tok)), "baseline": "unigram entropy of the training text"}
 
     def _scores(self, rows: list[list[int]]) -> dict[str, float]:
         sc = self.cfg.detect.scream
@@ -103,13 +126,13 @@ class CharLMWorkload(Workload):
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        return lm_loss(self.model(x), y, self.cfg.model.z_loss)  # the one place z_loss is read
+        return lm_loss(self.model(x), y, self.z_loss)  # the one place z_loss is used
 
     def module_groups(self) -> dict[str, list[nn.Module]]:
-        return self.model.module_groups()
+        return self.net.module_groups()
 
     def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
-        return self.model.health_layers()
+        return self.net.health_layers()
 
     def health_loss(self) -> torch.Tensor:
         """The loss on the first validation windows, for the health probe."""
@@ -125,10 +148,11 @@ class CharLMWorkload(Workload):
         w = self.val_windows
         val_loss = lm_loss(self.model(w[:, :-1]), w[:, 1:]).item()  # host sync: once per epoch
         if math.isfinite(val_loss):
-            out = self.model.generate(self.prompts, sc.gen_chars)[:, self.prompts.shape[1]:]  # (items, G)
+            out = self.net.generate(self.prompts, sc.gen_chars)[:, self.prompts.shape[1]:]  # (items, G)
             rows = out.tolist()
             scores = self._scores(rows)
-            screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run, sc.loop)
+            screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run, sc.loop,
+                                    sc.seq_rep, sc.n)
             samples = [{"prompt": self.tokenizer.decode(p.tolist()), "output": self.tokenizer.decode(r)}
                        for p, r in zip(self.prompts, rows)]
         else:  # non-finite weights: argmax over NaN logits would fake a collapse

@@ -1,0 +1,251 @@
+"""Make the README's measured figures and example outputs, and check that none has gone stale.
+
+    python scripts/readme_figures.py --check                  # fast, no training: fails on a stale block
+    python scripts/readme_figures.py --make charlm_lr_grid    # re-run its commands, rewrite its block
+    python scripts/readme_figures.py --mark-stale             # stale blocks become `not-remade`, visibly
+    python scripts/readme_figures.py --list
+
+A block of README.md is written only by this script, between two markers:
+
+    <!-- figure charlm_lr_grid: made inputs=0123abcd4567 -->
+    ...the generated text...
+    <!-- /figure charlm_lr_grid -->
+
+`inputs` is a hash of the figure's commands (`FIGURES` below) and of the text of the code files
+that produce its numbers (`code`: the detectors, the model, its presets, ...). `--check`
+recomputes it without re-running anything and fails on a `made` block whose hash differs: the
+code that produced the figure has changed since, so the figure may no longer be what the
+command prints. Re-make it (`--make NAME`), or, where that is too expensive for the machine at
+hand, `--mark-stale`: the block's status becomes `not-remade` and it opens with a visible note
+saying so, so that a stale figure is never stated as fact. A block marked `not-remade` passes the
+check only with that note. The README names the machine and its load next to each made figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MARK = re.compile(r"<!-- figure (?P<name>[\w.-]+): (?P<status>made|not-remade) inputs=(?P<hash>[0-9a-f]{12}) -->\n"
+                  r"(?P<body>.*?)<!-- /figure (?P=name) -->", re.S)
+STALE_NOTE = "> **Not re-made** with the code as it is now"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One README block: the `stab` commands that make it (each a list of CLI arguments, RUNS in
+    them replaced by a fresh folder), the code files (glob patterns, relative to the repository)
+    whose text its numbers depend on, and `render(runs_folder, seconds per command) -> text`."""
+
+    name: str
+    commands: tuple[tuple[str, ...], ...]
+    code: tuple[str, ...]
+    render: Callable[[Path, list[float]], str] = field(compare=False)
+
+
+def inputs_hash(fig: Figure, root: Path = ROOT) -> str:
+    """12 hex digits of sha256 over the figure's commands and its code files' names and text."""
+    h = hashlib.sha256()
+    h.update(json.dumps([list(c) for c in fig.commands]).encode())
+    for pattern in fig.code:
+        for path in sorted(glob.glob(str(root / pattern), recursive=True)):
+            h.update(os.path.relpath(path, root).encode())
+            h.update(Path(path).read_bytes())
+    return h.hexdigest()[:12]
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+def _summaries(folder: Path) -> list[dict]:
+    out = []
+    for s in sorted(folder.glob("*/summary.json")):
+        summary = json.loads(s.read_text())
+        overrides = json.loads((s.parent / "overrides.json").read_text()) if (s.parent / "overrides.json").exists() else []
+        overrides = overrides.get("overrides", []) if isinstance(overrides, dict) else overrides
+        out.append({"overrides": dict(o.split("=", 1) for o in overrides if "=" in o), **summary})
+    return out
+
+
+def _num(v: object) -> str:
+    try:
+        x = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "-"
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+def lr_grid_table(folder: Path, column: str = "norm") -> str:
+    """A learning-rate x `column` table of verdicts with each run's last validation loss over its
+    validation loss at initialisation, and the borderline flags."""
+    runs = _summaries(folder)
+    lrs = sorted({float(r["overrides"]["train.lr"]) for r in runs})
+    cols = sorted({r["overrides"].get(column, "-") for r in runs})
+    lines = [f"| train.lr | {' | '.join(f'{column}={c}' for c in cols)} |", "|---" * (len(cols) + 1) + "|"]
+    for lr in lrs:
+        cells = []
+        for c in cols:
+            r = next((r for r in runs if float(r["overrides"]["train.lr"]) == lr and r["overrides"].get(column, "-") == c),
+                     None)
+            if r is None:
+                cells.append("-")
+                continue
+            border = " (borderline)" if r.get("borderline") else ""
+            cells.append(f"{r['verdict']}{border}, val {_num(r.get('final_val_loss'))} / {_num(r.get('val_loss_init'))}")
+        lines.append(f"| {lr:g} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _render_lr_grid(what: str) -> Callable[[Path, list[float]], str]:
+    def render(runs: Path, seconds: list[float]) -> str:
+        folder = next(p for p in runs.iterdir() if p.is_dir())
+        return (f"{what}, one seed (`{' '.join(FIGURE_BY_NAME[folder.name].commands[0])}`); each cell: verdict, last "
+                f"validation loss / validation loss at initialisation. Made by `scripts/readme_figures.py --make "
+                f"{folder.name}` in {sum(seconds):.0f} s on the 2-core machine shared with other jobs.\n\n"
+                + lr_grid_table(folder) + "\n")
+    return render
+
+
+def _render_story(runs: Path, seconds: list[float]) -> str:
+    from stability import report as rep
+
+    result = rep.write_report(runs / "story")
+    ans = rep.answer_display(result.answer)
+    return (f"```\n{result.sentence}\n\n{ans.to_string(index=False)}\n```\n\n"
+            f"Wall time of the sweep: {seconds[0] / 60:.1f} min (2 cores shared with other jobs).\n")
+
+
+DETECT = ("stability/detectors.py", "stability/**/summarizer.py", "stability/lr_sensitivity.py", "stability/training.py",
+          "conf/config.yaml")
+FIGURES = (
+    Figure("charlm_lr_grid",
+           (("sweep", "--runs", "RUNS", "--name", "charlm_lr_grid", "model=charlm", "preset=smoke", "norm=pre,post",
+             "train.lr=1e-3,1e-2,0.1,1,10"),),
+           (*DETECT, "stability/models/charlm.py", "stability/models/layers.py", "stability/workloads/charlm/*.py",
+            "conf/model/charlm.yaml", "conf/model_preset/charlm/smoke.yaml"),
+           _render_lr_grid("The char LM's smoke preset over a learning-rate grid")),
+    Figure("cascade_lr_grid",
+           (("sweep", "--runs", "RUNS", "--name", "cascade_lr_grid", "preset=smoke", "norm=pre,post",
+             "train.lr=1e-3,1e-2,0.1,1,10"),),
+           (*DETECT, "stability/models/cascade.py", "stability/models/layers.py", "stability/workloads/cascade/*.py",
+            "conf/model/cascade.yaml", "conf/model_preset/cascade/smoke.yaml"),
+           _render_lr_grid("The cascade's smoke preset over a learning-rate grid")),
+    Figure("story",
+           (("sweep", "--runs", "RUNS", "--name", "story", "--launcher", "joblib", "--jobs", "2", "experiment=story"),),
+           (*DETECT, "stability/report/factors.py", "stability/report/tables.py", "stability/models/cascade.py",
+            "stability/models/layers.py", "stability/workloads/cascade/*.py", "conf/experiment/story.yaml",
+            "conf/model_preset/cascade/default.yaml"),
+           _render_story),
+)
+FIGURE_BY_NAME = {f.name: f for f in FIGURES}
+
+
+# --- the README's blocks ----------------------------------------------------------------------
+
+def blocks(text: str) -> list[re.Match]:
+    return list(MARK.finditer(text))
+
+
+def check(text: str, root: Path = ROOT, figures: dict[str, Figure] | None = None) -> list[str]:
+    """What is wrong with the README's blocks, one line each ([] when every block is fresh): a
+    block of an unknown figure, a `made` block whose inputs no longer hash the same, a
+    `not-remade` block without its visible note."""
+    figures = FIGURE_BY_NAME if figures is None else figures
+    problems = []
+    for m in blocks(text):
+        name, status = m["name"], m["status"]
+        if name not in figures:
+            problems.append(f"{name}: no such figure in scripts/readme_figures.py")
+            continue
+        if status == "made" and inputs_hash(figures[name], root) != m["hash"]:
+            problems.append(f"{name}: its commands or code changed since it was made (inputs "
+                            f"{inputs_hash(figures[name], root)}, block {m['hash']}): re-make it "
+                            f"(--make {name}) or mark it not re-made (--mark-stale)")
+        if status == "not-remade" and STALE_NOTE not in m["body"]:
+            problems.append(f"{name}: marked not-remade without the visible note ({STALE_NOTE!r})")
+    return problems
+
+
+def replace_block(text: str, name: str, status: str, digest: str, body: str) -> str:
+    """`text` with block `name` rewritten (status, hash, body); ValueError if it has no such block."""
+    for m in blocks(text):
+        if m["name"] == name:
+            new = f"<!-- figure {name}: {status} inputs={digest} -->\n{body.rstrip()}\n<!-- /figure {name} -->"
+            return text[:m.start()] + new + text[m.end():]
+    raise ValueError(f"README.md has no block for figure {name!r}")
+
+
+def mark_stale(text: str, root: Path = ROOT, figures: dict[str, Figure] | None = None) -> str:
+    """Every stale `made` block becomes `not-remade`, its body opened by the visible note."""
+    figures = FIGURE_BY_NAME if figures is None else figures
+    for m in blocks(text):
+        fig = figures.get(m["name"])
+        if fig is None or m["status"] != "made" or inputs_hash(fig, root) == m["hash"]:
+            continue
+        note = (f"{STALE_NOTE} (its code changed after it was made; `python scripts/readme_figures.py --make "
+                f"{fig.name}` re-makes it): the figures below may no longer be what the command prints.\n\n")
+        text = replace_block(text, fig.name, "not-remade", m["hash"], note + m["body"])
+    return text
+
+
+def make(fig: Figure) -> str:
+    """Run the figure's commands in a fresh folder (python -m cli.main, this checkout's code) and
+    render its block's body."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = Path(tmp)
+        seconds = []
+        for cmd in fig.commands:
+            args = [a.replace("RUNS", str(runs)) for a in cmd]
+            t0 = time.time()
+            subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, check=True)
+            seconds.append(time.time() - t0)
+        return fig.render(runs, seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="fail (exit 1) on a stale block; runs nothing")
+    ap.add_argument("--make", nargs="*", metavar="NAME", help="re-run these figures (none named: every one)")
+    ap.add_argument("--mark-stale", action="store_true", help="mark stale blocks not re-made, with a note")
+    ap.add_argument("--list", action="store_true", help="the figures, their status and inputs hash")
+    args = ap.parse_args(argv)
+    text = README.read_text(encoding="utf-8")
+    if args.list:
+        status = {m["name"]: m["status"] for m in blocks(text)}
+        for f in FIGURES:
+            print(f"{f.name}: {status.get(f.name, 'no block')}, inputs {inputs_hash(f)}")
+        return 0
+    if args.make is not None:
+        for name in args.make or list(FIGURE_BY_NAME):
+            if name not in FIGURE_BY_NAME:
+                print(f"--make {name}: no such figure; figures: {', '.join(FIGURE_BY_NAME)}", file=sys.stderr)
+                return 2
+            body = make(FIGURE_BY_NAME[name])
+            text = replace_block(text, name, "made", inputs_hash(FIGURE_BY_NAME[name]), body)
+            README.write_text(text, encoding="utf-8")
+            print(f"{name}: made")
+        return 0
+    if args.mark_stale:
+        README.write_text(mark_stale(text), encoding="utf-8")
+    problems = check(README.read_text(encoding="utf-8"))
+    for p in problems:
+        print(f"README.md: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

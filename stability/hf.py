@@ -1,0 +1,149 @@
+"""stab's monitor as a transformers `TrainerCallback` (optional: `pip install -e '.[transformers]'`).
+
+    from stability.hf import StabTrainerCallback
+    with StabTrainerCallback("runs", factory="my_pkg.build", config={"n_layer": 2}) as stab:
+        trainer = Trainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=2),
+                          train_dataset=ds, callbacks=[stab])
+        trainer.train()                  # a run folder under runs/own/; stab report, show, replay run
+
+It drives a `stability.monitor.Monitor`, so the records, the first-NaN attribution and the run
+lifecycle are stab's own. The Trainer hands a callback neither the loss nor the batch, so the
+callback reads both from the model's forward (a forward hook, training forwards only): the
+inputs the Trainer passed (`input_ids`, `attention_mask`, `labels`, ...) are the batch, kept for
+locating the first NaN and for `stab replay`, and the output's `loss` is the micro-batch's loss.
+When the gradients of an optimizer step are complete (`on_pre_optimizer_step`) they are measured,
+checked, clipped and recorded; a non-finite step's gradients are dropped (the optimizer skips it)
+and with on_nan="stop" training stops.
+
+- Clipping: the Trainer clips *before* `on_pre_optimizer_step`, so measured norms would be the
+  clipped ones. The callback therefore takes over `max_grad_norm`: it sets the Trainer's to 0 and
+  clips with the same rule (total L2 norm) at the same threshold after measuring (status.json
+  and data.json say so). `clip=` sets it instead.
+- Gradient accumulation (`gradient_accumulation_steps=N`): one record per optimizer step; its
+  loss is the mean of the micro-batch losses, or their sum when the Trainer normalised each by
+  the step's label count (`num_items_in_batch` passed to the model): then the recorded loss is
+  the one the gradients are of and the Trainer logs, and a `loss_normalisation` event says so
+  (the Trainer counts labels before a causal LM's shift, so it reads (T-1)/T of the model's own
+  token mean for sequences of T unpadded tokens). A step with fewer
+  micro-batches (an epoch's last) is said in an `accumulation_mismatch` event.
+- The model must return its loss (`labels` in the batch): a model output without `loss` stops
+  the run with a one-line error at the first step.
+- A crash or Ctrl-C inside `trainer.train()`: the Trainer has no exception event, so use the
+  callback as a context manager (above); the run then ends `failed` or `interrupted`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from stability.monitor import Monitor
+
+NOT_INPUTS = ("num_items_in_batch", "return_dict", "use_cache", "output_attentions", "output_hidden_states")
+
+
+def output_loss(out: Any) -> torch.Tensor | None:
+    """The loss of a model output: `ModelOutput.loss`, a dict's "loss", or None."""
+    if isinstance(out, dict):  # ModelOutput is an OrderedDict
+        return out.get("loss")
+    return getattr(out, "loss", None)
+
+
+def hf_loss(output: Any, batch: Any) -> torch.Tensor:
+    """A factory's `loss` for a model that computes its own (labels in the batch): `output.loss`."""
+    loss = output_loss(output)
+    if loss is None:
+        raise ValueError("the model returned no loss: pass labels in the batch (or give loss=)")
+    return loss
+
+
+class StabTrainerCallback(TrainerCallback):
+    """Keyword arguments are `Monitor`'s (clip, on_nan, config, factory, groups, val, loss, log, ...);
+    `accumulate`, `epochs` and the optimizer come from the Trainer."""
+
+    def __init__(self, runs: str = "runs", **monitor_kwargs: Any) -> None:
+        self.runs, self.kwargs = runs, monitor_kwargs
+        self.monitor: Monitor | None = None
+        self._hook: Any = None
+        self._model: Any = None
+        self._said = False
+
+    # --- the run ------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        kw = dict(self.kwargs)
+        info: dict[str, Any] = {"trainer": {"gradient_accumulation_steps": args.gradient_accumulation_steps,
+                                            "max_grad_norm": args.max_grad_norm}}
+        if "clip" not in kw and args.max_grad_norm and args.max_grad_norm > 0:
+            kw["clip"] = float(args.max_grad_norm)
+            info["trainer"]["clip"] = (f"stab clips at max_grad_norm={args.max_grad_norm} after measuring; the "
+                                       f"Trainer's own clip is set to 0 so the recorded norms are before clipping")
+        if kw.get("clip") is not None:
+            args.max_grad_norm = 0.0
+        kw.setdefault("loss", hf_loss)
+        kw.setdefault("tokens", None)  # a ModelOutput is not a tensor of scores: no scream check unless given
+        kw.setdefault("batch_loss", lambda batch: hf_loss(model(**batch), batch))
+        self._model = model
+        self.monitor = Monitor(model, optimizer, self.runs, accumulate=args.gradient_accumulation_steps,
+                               epochs=max(1, int(args.num_train_epochs)), batch_size=args.per_device_train_batch_size,
+                               recorded_by="stability.hf.StabTrainerCallback", info=info, **kw)
+        self._hook = model.register_forward_hook(self._forward, with_kwargs=True)
+
+    def _forward(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        monitor = self.monitor
+        if monitor is None or monitor.busy or not module.training or not torch.is_grad_enabled():
+            return
+        loss = output_loss(out)
+        if loss is None:
+            raise ValueError("StabTrainerCallback: the model's output has no loss; stab records the loss the model "
+                             "computes from `labels` in the batch (give the Trainer labeled data)")
+        batch = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in NOT_INPUTS}
+        if args:
+            batch.update({f"arg{i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)})
+        items = kwargs.get("num_items_in_batch")
+        share = items is not None  # the loss is already this micro-batch's share of the step's
+        if share and not self._said:
+            self._said = True
+            n = int(items) if not isinstance(items, torch.Tensor) or items.numel() == 1 else items.tolist()
+            monitor.writer.event({"event": "loss_normalisation", "step": monitor.global_step, "num_items_in_batch": n,
+                                  "note": "the Trainer passes num_items_in_batch: each micro-batch's loss is its "
+                                          "summed token loss over the step's label count, and the recorded loss is "
+                                          "their sum, the loss the gradients are of (a causal LM that shifts its "
+                                          "labels averages over fewer tokens than were counted)"})
+        monitor.micro_batch(loss, batch, share=share)
+
+    # --- per optimizer step -------------------------------------------------------------------
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        monitor = self.monitor
+        if not monitor.before_optimizer_step():
+            (optimizer or monitor.opt).zero_grad(set_to_none=True)  # no gradients: the step leaves the weights
+            if monitor.should_stop:
+                control.should_training_stop = True
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.end_epoch()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._remove_hook()
+        if self.monitor is not None and self.monitor.summary is None:
+            self.monitor.close()
+
+    # --- a crash ------------------------------------------------------------------------------
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __enter__(self) -> StabTrainerCallback:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        self._remove_hook()
+        if self.monitor is not None and self.monitor.summary is None:
+            if error is None:
+                self.monitor.close()
+            else:
+                self.monitor.fail(error)

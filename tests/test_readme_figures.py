@@ -1,0 +1,53 @@
+"""scripts/readme_figures.py: a README block made by a command goes stale when the code behind it
+changes, the check says so without re-running anything, and a block marked not re-made says so
+visibly."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("readme_figures", ROOT / "scripts" / "readme_figures.py")
+rf = importlib.util.module_from_spec(spec)
+sys.modules["readme_figures"] = rf  # dataclasses look their module up there
+spec.loader.exec_module(rf)
+
+
+def _setup(tmp_path: Path):
+    (tmp_path / "code.py").write_text("THRESHOLD = 0.6\n")
+    fig = rf.Figure("demo", (("run", "preset=smoke"),), ("code.py",), lambda runs, s: "x\n")
+    figures = {"demo": fig}
+    digest = rf.inputs_hash(fig, tmp_path)
+    text = f"# R\n\n<!-- figure demo: made inputs={digest} -->\nverdict: stable\n<!-- /figure demo -->\n"
+    return fig, figures, text
+
+
+def test_a_made_block_is_fresh_until_its_code_changes_and_then_the_check_fails(tmp_path):
+    fig, figures, text = _setup(tmp_path)
+    assert rf.check(text, tmp_path, figures) == []
+    (tmp_path / "code.py").write_text("THRESHOLD = 0.5\n")  # the code behind the figure changed
+    problems = rf.check(text, tmp_path, figures)
+    assert len(problems) == 1 and problems[0].startswith("demo: its commands or code changed")
+    # marking it not re-made keeps the old text under a visible note, and the check passes
+    marked = rf.mark_stale(text, tmp_path, figures)
+    assert rf.check(marked, tmp_path, figures) == []
+    assert "not-remade" in marked and rf.STALE_NOTE in marked and "verdict: stable" in marked
+    # a not-remade block without the note, or a block of a figure the script does not know, fails
+    bare = text.replace(": made ", ": not-remade ")
+    assert "without the visible note" in rf.check(bare, tmp_path, figures)[0]
+    assert "no such figure" in rf.check(text.replace("demo", "other"), tmp_path, figures)[0]
+
+
+def test_replace_block_rewrites_only_its_block(tmp_path):
+    fig, figures, text = _setup(tmp_path)
+    new = rf.replace_block(text + "\ntail\n", "demo", "made", "0" * 12, "verdict: diverged\n")
+    assert "verdict: diverged" in new and "verdict: stable" not in new and new.endswith("tail\n")
+    assert rf.blocks(new)[0]["hash"] == "0" * 12
+
+
+def test_the_readme_blocks_name_known_figures():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    names = [m["name"] for m in rf.blocks(text)]
+    assert names and set(names) <= set(rf.FIGURE_BY_NAME)

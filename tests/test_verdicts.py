@@ -1,0 +1,63 @@
+"""Verdicts that do not contradict the loss, trained for real on the char LM's smoke preset: a
+run that ends far above its initial validation loss is `diverged`, a 1-epoch run is
+`inconclusive`, and a factor with one run per value is never called decisive."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from stability import report as rep
+from tests.conftest import Cli, read_json, read_jsonl
+
+CHAR = ["model=charlm", "preset=smoke"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("verdicts")
+    cli = Cli()
+    cli("sweep", *CHAR, "train.epochs=2", "train.lr=0.01,10", "--runs", root, "--name", "grid")
+    cli("run", *CHAR, "train.epochs=1", "--runs", root / "short")
+    return root
+
+
+def _by_lr(root: Path, lr: str) -> Path:
+    return next(p.parent for p in (root / "grid").glob("*/summary.json") if f"train.lr={lr}" in p.parent.name)
+
+
+def test_a_run_that_ends_above_its_initial_validation_loss_is_diverged(runs):
+    s = read_json(_by_lr(runs, "10") / "summary.json")
+    init = next(e for e in read_jsonl(_by_lr(runs, "10") / "events.jsonl") if e["event"] == "init_eval")
+    assert math.isfinite(init["val_loss"]) and s["val_loss_init"] == init["val_loss"]
+    assert s["final_val_loss"] > s["val_loss_init"]  # lr 10: the loss ended far above where it started
+    assert s["verdict"] in ("diverged", "exploding", "nan") and s["verdict"] != "stable"
+    if s["verdict"] == "diverged":
+        assert s["loss_ratio"] == pytest.approx(s["final_val_loss"] / s["val_loss_init"])
+    assert "diverged" in {f["flag"] for f in s["flags"]} or s["verdict"] == "nan"
+    # the char LM's no-learning baseline: the unigram entropy of its training text, below ln(vocab)
+    vocab = read_json(_by_lr(runs, "10") / "data.json")["vocab"]
+    assert 0 < s["baseline_loss"] < math.log(vocab)
+    # the learning run at lr 0.01 ended below its start: not diverged
+    ok = read_json(_by_lr(runs, "0.01") / "summary.json")
+    assert ok["final_val_loss"] < ok["val_loss_init"] and ok["verdict"] != "diverged"
+
+
+def test_a_one_epoch_run_is_inconclusive_and_the_report_counts_it_apart(runs):
+    short = next((runs / "short").rglob("summary.json"))
+    s = read_json(short)
+    assert s["epochs_run"] == 1 and s["verdict"] == "inconclusive" and "too short" in s["evidence"]
+    result = rep.write_report(runs)
+    assert "1 inconclusive (too short to judge) not counted" in result.sentence
+
+
+def test_one_run_per_value_is_never_decisive_and_says_how_many_seeds_it_needs(runs):
+    result = rep.write_report(runs / "grid")
+    verdicts = {r.verdict for r in result.runs}
+    assert "Decisive" not in result.sentence
+    if len(verdicts) == 2 and "stable" in verdicts:  # a clean 0/1 vs 1/1 split: untested, with the seeds it needs
+        assert "untested, 1 run(s) per value" in result.sentence and "about 4 seeds" in result.sentence
+    row = result.answer[result.answer["value"] == "10"].iloc[0]
+    assert row["unstable"] == "1/1" and row["95% interval"] == "21%..100%"  # Wilson interval of 1/1
