@@ -88,7 +88,8 @@ def test_each_short_name_reads_the_value_it_sets_where_the_model_reads_it():
     assert axes == set(SHORT_NAMES)
     set_to = {"residual": ("0.3", 0.3), "norm": ("pre", "pre"), "clip": ("5", 5.0), "spectral_norm": ("true", True),
               "qk_norm": ("true", True), "sigma_reparam": ("true", True), "v_scale": ("true", True),
-              "z_loss": ("1e-4", 1e-4), "warmup": ("3", 3)}
+              "z_loss": ("1e-4", 1e-4), "warmup": ("3", 3), "on_spike": ("skip", "skip"),
+              "update_clip": ("1.0", 1.0)}
     assert set(set_to) == set(SHORT_NAMES)
     for name, (text, value) in set_to.items():
         model = "model=charlm" if name == "z_loss" else "model=cascade"
