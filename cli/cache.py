@@ -25,8 +25,9 @@ from cli.config import UserError
 
 app = typer.Typer(no_args_is_help=True, help="The latent cache shared by runs and sweeps.")
 
-DirOption = Annotated[Path | None, typer.Option(
-    "--dir", help="Cache folder (default: $STAB_CACHE, else ~/.cache/stab).")]
+DirOption = Annotated[
+    Path | None, typer.Option("--dir", help="Cache folder (default: $STAB_CACHE, else ~/.cache/stab).")
+]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -35,7 +36,9 @@ def parse_age(text: str) -> float:
     """'90s', '30m', '12h', '7d', '2w' -> seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if not m:
-        raise UserError(f"--older-than {text!r} is not allowed: expected a number and a unit, e.g. 90s, 30m, 12h, 7d, 2w")
+        raise UserError(
+            f"--older-than {text!r} is not allowed: expected a number and a unit, e.g. 90s, 30m, 12h, 7d, 2w"
+        )
     return float(m[1]) * _UNITS[m[2]]
 
 
@@ -76,7 +79,9 @@ def ls(cache_dir: DirOption = None) -> None:
 @app.command("clear")
 def clear(
     keys: Annotated[list[str] | None, typer.Argument(help="Keys (or key prefixes) to remove; none: all.")] = None,
-    older_than: Annotated[str | None, typer.Option("--older-than", help="Only entries older than this: 90s, 30m, 12h, 7d, 2w.")] = None,
+    older_than: Annotated[
+        str | None, typer.Option("--older-than", help="Only entries older than this: 90s, 30m, 12h, 7d, 2w.")
+    ] = None,
     cache_dir: DirOption = None,
 ) -> None:
     """Remove entries: all, those with the given keys, or those older than an age."""
@@ -91,7 +96,10 @@ def clear(
             if unknown:
                 raise UserError(f"no cache entry in {root} has a key starting with {unknown[0]!r}; see `stab cache ls`")
     removed, busy = clear_cache(root, keys or (), age)
-    console.print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} "
-                  f"({human_bytes(sum(e.bytes for e in removed))}) from {root}", highlight=False)
+    console.print(
+        f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} "
+        f"({human_bytes(sum(e.bytes for e in removed))}) from {root}",
+        highlight=False,
+    )
     for e in busy:
         err_console.print(styled((f"left {e.key}", "yellow"), ": another process is writing it"), highlight=False)

@@ -71,6 +71,7 @@ def route_library_warnings() -> None:
     if not any(isinstance(h, WarningsToConsole) for h in logger.handlers):
         logger.addHandler(WarningsToConsole(logging.WARNING))
 
+
 class ClosedStdout:
     """sys.stdout that a closed reader cannot break: `stab sweep ... | head -2`, `stab show RUN |
     head`. The first write or flush that finds the pipe closed (EPIPE) points file descriptor 1

@@ -40,8 +40,10 @@ def set_config_dirs(dirs: list[Path] | None) -> None:
     for d in dirs or []:
         d = Path(d).expanduser().resolve()
         if not d.is_dir():
-            raise UserError(f"--config-dir {str(d)!r} is not a folder: pass the folder holding your config groups "
-                            f"(e.g. ./conf with model/my_transformer.yaml)")
+            raise UserError(
+                f"--config-dir {str(d)!r} is not a folder: pass the folder holding your config groups "
+                f"(e.g. ./conf with model/my_transformer.yaml)"
+            )
         CONFIG_DIRS.append(d)
 
 
@@ -87,8 +89,10 @@ def _declared_short_names(cfg: DictConfig) -> None:
     if not isinstance(model, DictConfig) or model.get("name") != "custom":
         return
     if OmegaConf.is_missing(model, "_target_"):
-        raise UserError("model=custom needs model._target_: the dotted path of your factory function, "
-                        "e.g. model._target_=my_pkg.my_module.build (docs/your-model.md)")
+        raise UserError(
+            "model=custom needs model._target_: the dotted path of your factory function, "
+            "e.g. model._target_=my_pkg.my_module.build (docs/your-model.md)"
+        )
     from stability.workloads.custom import factory_parameters
 
     try:
@@ -112,12 +116,16 @@ def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
         if alias in resolved and "${" + alias + "}" not in read and resolved[alias] != root.get(alias):
             model = (resolved.get("model") or {}).get("name", "?")
             if model == "custom":
-                raise UserError(f"{alias}={resolved[alias]!r} is not allowed with model._target_="
-                                f"{resolved['model'].get('_target_')}: the factory does not read {alias} (give it a "
-                                f"parameter named {alias}, or set model.{alias} in your model's config)")
+                raise UserError(
+                    f"{alias}={resolved[alias]!r} is not allowed with model._target_="
+                    f"{resolved['model'].get('_target_')}: the factory does not read {alias} (give it a "
+                    f"parameter named {alias}, or set model.{alias} in your model's config)"
+                )
             users = [p.stem for p in sorted((CONF_DIR / "model").glob("*.yaml")) if "${" + alias + "}" in p.read_text()]
-            raise UserError(f"{alias}={resolved[alias]!r} is not allowed with model={model}: it does not read "
-                            f"{alias}" + (f" (model={' or model='.join(users)} does)" if users else ""))
+            raise UserError(
+                f"{alias}={resolved[alias]!r} is not allowed with model={model}: it does not read "
+                f"{alias}" + (f" (model={' or model='.join(users)} does)" if users else "")
+            )
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,10 +149,14 @@ def check_override_syntax(overrides: list[str]) -> None:
         if "=" in prev and not prev.startswith("~") and not key_like:
             key, _, value = prev.partition("=")
             lst = f"{value.rstrip(',')},{arg}"
-            raise UserError(f"{arg!r} is not an override (key=value): lists are written without spaces, "
-                            f"{key}={lst} (a sweep: stab sweep {key}={lst})")
-        raise UserError(f"{arg!r} is not an override: expected key=value, e.g. residual=0.3"
-                        + (did_you_mean(arg, keys).replace("?", "=...?") if not dotted else ""))
+            raise UserError(
+                f"{arg!r} is not an override (key=value): lists are written without spaces, "
+                f"{key}={lst} (a sweep: stab sweep {key}={lst})"
+            )
+        raise UserError(
+            f"{arg!r} is not an override: expected key=value, e.g. residual=0.3"
+            + (did_you_mean(arg, keys).replace("?", "=...?") if not dotted else "")
+        )
 
 
 def _unknown_key(key: str, others: list[str]) -> str:
@@ -157,7 +169,7 @@ def _unknown_key(key: str, others: list[str]) -> str:
             break
     near = did_you_mean(parts[depth], keys + (list(GROUP_KEYS) if not parent else []))
     if near:  # suggest the whole corrected key: trian.lr -> train.lr
-        near = f"; did you mean {'.'.join([*parts[:depth], near[len('; did you mean '):-1], *parts[depth + 1:]])}?"
+        near = f"; did you mean {'.'.join([*parts[:depth], near[len('; did you mean ') : -1], *parts[depth + 1 :]])}?"
     where = f" under {parent}" if parent else ""
     return f"unknown key {key!r}: allowed keys{where} are {', '.join(keys)}{near}"
 
@@ -172,19 +184,24 @@ def _one_line(e: BaseException, overrides: Sequence[str] = ()) -> str:
     m = re.search(r"Could not find 'model_preset/([^/']+)/([^']+)'", text)
     if m:  # a preset with no values for this model
         have = sorted(p.stem for p in (CONF_DIR / "model_preset" / m.group(1)).glob("*.yaml"))
-        return (f"preset={m.group(2)!r} is not allowed with model={m.group(1)}: expected one of {', '.join(have)}"
-                + did_you_mean(m.group(2), have))
-    m = re.search(r"Could not find '([^/']+)/([^']*)'.*?Available options in '[^']+':\s*(.*?)\s*Config search path",
-                  text, re.S)
+        return (
+            f"preset={m.group(2)!r} is not allowed with model={m.group(1)}: expected one of {', '.join(have)}"
+            + did_you_mean(m.group(2), have)
+        )
+    m = re.search(
+        r"Could not find '([^/']+)/([^']*)'.*?Available options in '[^']+':\s*(.*?)\s*Config search path", text, re.S
+    )
     if m:
         have = m.group(3).split()
-        return (f"{m.group(1)}={m.group(2)!r} is not allowed: expected one of {', '.join(have)}"
-                + did_you_mean(m.group(2), have))
+        return f"{m.group(1)}={m.group(2)!r} is not allowed: expected one of {', '.join(have)}" + did_you_mean(
+            m.group(2), have
+        )
     m = re.search(r"LexerNoViableAltException: (\S+?)=(.*?)\s*\^", text)
     if m:  # characters Hydra's override grammar does not take unquoted (~, non-ASCII, ...)
         key, value = m.group(1), m.group(2)
-        return (f"{key}={value!r}: Hydra's override grammar cannot read this value unquoted; quote it: "
-                f"\"{key}='{value}'\"")
+        return (
+            f"{key}={value!r}: Hydra's override grammar cannot read this value unquoted; quote it: \"{key}='{value}'\""
+        )
     m = re.search(r"Ambiguous value for argument '([^']+)'", text)
     if m:
         key, _, value = m.group(1).partition("=")
@@ -207,8 +224,9 @@ def _keys_under(parent: str, overrides: Sequence[str] = ()) -> list[str]:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         try:
-            base = compose(config_name="config",
-                           overrides=[o for o in overrides if "," not in o] + search_path_overrides())
+            base = compose(
+                config_name="config", overrides=[o for o in overrides if "," not in o] + search_path_overrides()
+            )
         except (HydraException, OmegaConfBaseException):
             base = compose(config_name="config", overrides=search_path_overrides())
     node = OmegaConf.select(base, parent) if parent else base
@@ -221,8 +239,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(config_name="config", overrides=list(overrides) + search_path_overrides(),
-                          return_hydra_config=True)
+            cfg = compose(
+                config_name="config", overrides=list(overrides) + search_path_overrides(), return_hydra_config=True
+            )
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(_one_line(e, list(overrides))) from None
     _check_preset(cfg.hydra.runtime.choices)
@@ -241,9 +260,14 @@ def _check_preset(choices: Any) -> None:
     if any((f / f"{preset}.yaml").exists() for f in folders):
         return
     have = sorted({p.stem for f in folders for p in f.glob("*.yaml")})
-    raise UserError(f"preset={preset!r} is not allowed with model={model}: expected "
-                    + (f"one of {', '.join(have)}" + did_you_mean(preset, have) if have
-                       else f"default (model={model} has no presets: add model_preset/{model}/{preset}.yaml)"))
+    raise UserError(
+        f"preset={preset!r} is not allowed with model={model}: expected "
+        + (
+            f"one of {', '.join(have)}" + did_you_mean(preset, have)
+            if have
+            else f"default (model={model} has no presets: add model_preset/{model}/{preset}.yaml)"
+        )
+    )
 
 
 def compose_run(overrides: list[str]) -> RunConfig:

@@ -26,7 +26,9 @@ app = typer.Typer(no_args_is_help=True, help="Look at the data a run trains on."
 
 @app.command("inspect")
 def inspect(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides, e.g. data=folder data.path=DIR")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Hydra overrides, e.g. data=folder data.path=DIR")
+    ] = None,
 ) -> None:
     """Dataset size, segments, latent RMS (raw and rescaled) and RVQ code usage."""
     from cli.progress import reporter
@@ -36,7 +38,9 @@ def inspect(
     with user_errors():
         cfg = compose_run(list(overrides or []))
         if not isinstance(cfg.data, DataConfig):
-            raise UserError(f"data={cfg.data.name}: `stab data inspect` looks at audio data (data=synthetic or data=folder)")
+            raise UserError(
+                f"data={cfg.data.name}: `stab data inspect` looks at audio data (data=synthetic or data=folder)"
+            )
         with reporting(reporter(console)):  # decoding and checking every file of a folder
             data_cfg, short = fit_split(cfg.data)  # an inspect inspects: a split too big for the folder is a warning
         if short:
@@ -49,21 +53,41 @@ def inspect(
 def _print(info: dict[str, Any]) -> None:
     src, segs, codec, cache = info["source"], info["segments"], info["codec"], info["cache"]
     if src["kind"] == "folder":
-        console.print(styled(("folder", "bold"), f" {src['path']}: {src['pairs']} pairs, "
-                      f"{src['audio_seconds']:.1f} s of audio each side (rates {', '.join(map(str, src['source_rates']))} Hz, "
-                      f"{'/'.join(map(str, src['source_channels']))} channel(s), as 24 kHz mono)"), highlight=False)
+        console.print(
+            styled(
+                ("folder", "bold"),
+                f" {src['path']}: {src['pairs']} pairs, "
+                f"{src['audio_seconds']:.1f} s of audio each side (rates {', '.join(map(str, src['source_rates']))} Hz, "
+                f"{'/'.join(map(str, src['source_channels']))} channel(s), as 24 kHz mono)",
+            ),
+            highlight=False,
+        )
         if src["skipped"]:
-            console.print(styled((f"skipped {len(src['skipped'])} bad file(s)", "yellow"), ": " + "; ".join(
-                f"{s['file']} {s['reason']}" for s in src["skipped"])), highlight=False)
+            console.print(
+                styled(
+                    (f"skipped {len(src['skipped'])} bad file(s)", "yellow"),
+                    ": " + "; ".join(f"{s['file']} {s['reason']}" for s in src["skipped"]),
+                ),
+                highlight=False,
+            )
         if src["ignored"]:
-            console.print(f"ignored {len(src['ignored'])} non-audio file(s): {', '.join(src['ignored'][:5])}"
-                          f"{' ...' if len(src['ignored']) > 5 else ''}", highlight=False)
+            console.print(
+                f"ignored {len(src['ignored'])} non-audio file(s): {', '.join(src['ignored'][:5])}"
+                f"{' ...' if len(src['ignored']) > 5 else ''}",
+                highlight=False,
+            )
     else:
         console.print(styled(("synthetic", "bold"), f" pairs, seed {src['seed']}"))
-    console.print(f"segments: {segs['train']} train + {segs['val']} validation of {src['segment_seconds']:g} s "
-                  f"({info['frames']} latent frames each)", highlight=False)
-    console.print(f"codec: EnCodec 24 kHz, weights {codec['weights']}, sha256 "
-                  f"{(codec.get('checksum') or '?')[:16]}... (of the {codec.get('checksum_of', '?')})", highlight=False)
+    console.print(
+        f"segments: {segs['train']} train + {segs['val']} validation of {src['segment_seconds']:g} s "
+        f"({info['frames']} latent frames each)",
+        highlight=False,
+    )
+    console.print(
+        f"codec: EnCodec 24 kHz, weights {codec['weights']}, sha256 "
+        f"{(codec.get('checksum') or '?')[:16]}... (of the {codec.get('checksum_of', '?')})",
+        highlight=False,
+    )
     how = "hit" if cache["hit"] else f"encoded now: {info['encode_s']:.1f} s for {info['audio_seconds']:g} s of audio"
     console.print(f"cache: {cache['key']} ({how})  {cache['path']}", highlight=False)
 
@@ -71,8 +95,11 @@ def _print(info: dict[str, Any]) -> None:
     for col in ("", "input", "target"):
         t.add_column(col, justify="right" if col else "left")
     t.add_row("raw (EnCodec's own space)", fmt(info["rms"]["raw"]["input"]), fmt(info["rms"]["raw"]["target"]))
-    how = (f"centered, x{fmt(info['scale'])}" if info["centered"] else f"x{fmt(info['scale'])}") \
-        if info["latent_rms"] != "off" else ("centered" if info["centered"] else "as is")
+    how = (
+        (f"centered, x{fmt(info['scale'])}" if info["centered"] else f"x{fmt(info['scale'])}")
+        if info["latent_rms"] != "off"
+        else ("centered" if info["centered"] else "as is")
+    )
     t.add_row(f"what the model sees ({how})", fmt(info["rms"]["model"]["input"]), fmt(info["rms"]["model"]["target"]))
     console.print(t)
 
@@ -80,6 +107,11 @@ def _print(info: dict[str, Any]) -> None:
     for col in ("codebook", "input: used", "input: entropy", "target: used", "target: entropy"):
         t.add_column(col, justify="right")
     for a, b in zip(info["codes"]["input"], info["codes"]["target"]):
-        t.add_row(str(a["codebook"]), f"{a['used']} / {a['size']}", f"{a['entropy_bits']:.2f} / {a['max_bits']:.0f} bits",
-                  f"{b['used']} / {b['size']}", f"{b['entropy_bits']:.2f} / {b['max_bits']:.0f} bits")
+        t.add_row(
+            str(a["codebook"]),
+            f"{a['used']} / {a['size']}",
+            f"{a['entropy_bits']:.2f} / {a['max_bits']:.0f} bits",
+            f"{b['used']} / {b['size']}",
+            f"{b['entropy_bits']:.2f} / {b['max_bits']:.0f} bits",
+        )
     console.print(t)

@@ -32,12 +32,29 @@ EARLY = {"train.stop_early": "true"}
 
 def doctor(
     run: Annotated[Path, typer.Argument(help="A finished run folder (stab run, a sweep job, or the monitor API's).")],
-    try_: Annotated[bool, typer.Option("--try", help="Train the candidate fixes as a sweep and say which fixed it.")] = False,
-    fixes: Annotated[int, typer.Option("--fixes", help="With --try: how many of the ranked fixes to train alone (plus the best two together).")] = 3,
+    try_: Annotated[
+        bool, typer.Option("--try", help="Train the candidate fixes as a sweep and say which fixed it.")
+    ] = False,
+    fixes: Annotated[
+        int,
+        typer.Option(
+            "--fixes", help="With --try: how many of the ranked fixes to train alone (plus the best two together)."
+        ),
+    ] = 3,
     runs: Annotated[Path, typer.Option("--runs", help="With --try: folder that holds sweeps.")] = Path("runs"),
-    name: Annotated[str | None, typer.Option("--name", help="With --try: the sweep's folder under --runs; default doctor-<run folder>. Same name again = resume.")] = None,
-    launcher: Annotated[str, typer.Option("--launcher", help="With --try: basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
-    jobs: Annotated[int | None, typer.Option("--jobs", help="With --try: jobs at once for local parallel launchers.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="With --try: the sweep's folder under --runs; default doctor-<run folder>. Same name again = resume.",
+        ),
+    ] = None,
+    launcher: Annotated[
+        str, typer.Option("--launcher", help="With --try: basic | joblib | submitit_local | submitit_slurm | ray")
+    ] = "basic",
+    jobs: Annotated[
+        int | None, typer.Option("--jobs", help="With --try: jobs at once for local parallel launchers.")
+    ] = None,
 ) -> None:
     """Say what went wrong in a run and where first, rank the fixes; --try trains them."""
     with user_errors():
@@ -53,8 +70,10 @@ def doctor(
         return
     with user_errors():
         if not vd.is_unstable(dx.verdict):
-            raise UserError(f"{run} ended {dx.verdict or 'without a verdict'}: --try needs an unstable run "
-                            f"(verdict {', '.join(vd.UNSTABLE)})")
+            raise UserError(
+                f"{run} ended {dx.verdict or 'without a verdict'}: --try needs an unstable run "
+                f"(verdict {', '.join(vd.UNSTABLE)})"
+            )
         if not dx.fixes:
             raise UserError(f"no rule proposes a fix for {run}: nothing to try")
         base = exact_overrides(rec)
@@ -67,13 +86,19 @@ def no_verdict(rec: dr.RunRecord) -> str:
     from stability.sweeps import read_status
 
     status = read_status(rec.path) if (rec.path / "status.json").exists() else {}
-    state = status.get("state") if status.get("state") not in (None, "corrupt") else "of unknown state (no readable status.json)"
+    state = (
+        status.get("state")
+        if status.get("state") not in (None, "corrupt")
+        else "of unknown state (no readable status.json)"
+    )
     if state == "running" and writer_gone(rec.path, status):
         state, status = "interrupted", {"error": f"its writer, pid {status.get('pid')}, is gone"}
     total = (rec.config.get("train") or {}).get("epochs") if isinstance(rec.config.get("train"), dict) else None
     why = f" ({status['error']})" if state in ("interrupted", "failed") and status.get("error") else ""
-    return (f"the run is {state}{why} after {len(rec.epochs)} of {total or '?'} epoch(s) and {len(rec.steps)} step(s), "
-            f"and has no summary.json; the findings below come from the steps it recorded")
+    return (
+        f"the run is {state}{why} after {len(rec.epochs)} of {total or '?'} epoch(s) and {len(rec.steps)} step(s), "
+        f"and has no summary.json; the findings below come from the steps it recorded"
+    )
 
 
 def print_diagnosis(dx: dr.Diagnosis) -> None:
@@ -82,32 +107,58 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
     rec = dx.record
     console.print(styled(("stab doctor", "bold"), f" {rec.path}"), highlight=False)
     if dx.verdict:
-        console.print(styled("verdict: ", verdict_text(dx.verdict), f"  {rec.summary.get('evidence', '')}"),
-                      highlight=False)
+        console.print(
+            styled("verdict: ", verdict_text(dx.verdict), f"  {rec.summary.get('evidence', '')}"), highlight=False
+        )
     else:
         console.print(f"verdict: none: {no_verdict(rec)}", highlight=False)
     first = dx.first
     if first is not None:
         console.print(styled(("what went wrong first: ", "bold"), first.evidence), highlight=False)
     if dx.findings:
-        rows: list[dict[str, Any]] = [{"where": f"step {f.step}" if f.step is not None else f"epoch {f.epoch}" if f.epoch is not None else "run",
-                 "finding": f.kind, "evidence": f.evidence} for f in dx.findings if f.kind != "unstable"]
+        rows: list[dict[str, Any]] = [
+            {
+                "where": f"step {f.step}"
+                if f.step is not None
+                else f"epoch {f.epoch}"
+                if f.epoch is not None
+                else "run",
+                "finding": f.kind,
+                "evidence": f.evidence,
+            }
+            for f in dx.findings
+            if f.kind != "unstable"
+        ]
         if rows:
             console.print(frame_table(pd.DataFrame(rows), title="findings (by where they started)"))
     if not dx.fixes:
-        why = ("the failure was injected" if any(f.kind == "injected_fault" for f in dx.findings)
-               else "no rule matches these records")
+        why = (
+            "the failure was injected"
+            if any(f.kind == "injected_fault" for f in dx.findings)
+            else "no rule matches these records"
+        )
         console.print(f"no candidate fix: {why}", highlight=False)
         return
-    rows = [{"rank": i + 1, "fix": x.label, "why": x.rule.why, "evidence": x.finding.kind
-             + (f" (step {x.finding.step})" if x.finding.step is not None else ""), "source": x.rule.source}
-            for i, x in enumerate(dx.fixes)]
-    title = "candidate fixes, best first" if vd.is_unstable(dx.verdict) else \
-        f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
+    rows = [
+        {
+            "rank": i + 1,
+            "fix": x.label,
+            "why": x.rule.why,
+            "evidence": x.finding.kind + (f" (step {x.finding.step})" if x.finding.step is not None else ""),
+            "source": x.rule.source,
+        }
+        for i, x in enumerate(dx.fixes)
+    ]
+    title = (
+        "candidate fixes, best first"
+        if vd.is_unstable(dx.verdict)
+        else f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
+    )
     console.print(frame_table(pd.DataFrame(rows), title=title))
 
 
 # --- --try ----------------------------------------------------------------------------------
+
 
 def _value(v: Any) -> str:
     """A config value as a Hydra override value."""
@@ -127,16 +178,21 @@ def exact_overrides(rec: dr.RunRecord) -> list[str]:
     try:
         want = RunConfig.from_dict(rec.config)
     except (ConfigError, TypeError) as e:
-        raise UserError(f"{rec.path}/config.yaml is not a configuration stab can train again ({e}); "
-                        "--try needs a stab run or sweep job") from None
+        raise UserError(
+            f"{rec.path}/config.yaml is not a configuration stab can train again ({e}); "
+            "--try needs a stab run or sweep job"
+        ) from None
     base = [o for o in (rec.overrides or []) if not o.lstrip("+~").startswith("hydra")]
     have = compose_run(base)
     if have.identity() == want.identity():
         return base
     ops = tuple(OPERATIONAL_KEYS)
     w, h = flatten(want.to_dict()), flatten(have.to_dict())
-    extra = [f"{k}={_value(v)}" for k, v in w.items()
-             if h.get(k) != v and not any(k == o or k.startswith(o + ".") for o in ops)]
+    extra = [
+        f"{k}={_value(v)}"
+        for k, v in w.items()
+        if h.get(k) != v and not any(k == o or k.startswith(o + ".") for o in ops)
+    ]
     full = merge(base, dict(o.split("=", 1) for o in extra))
     if compose_run(full).identity() != want.identity():
         raise UserError(f"cannot compose {rec.path}'s exact configuration from conf/ (tried: {' '.join(extra)})")
@@ -171,24 +227,33 @@ def rewind_snapshot(dx: dr.Diagnosis) -> Path | None:
     return snap.resolve() if snap else None
 
 
-def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str,
-              jobs: int | None) -> None:
+def try_fixes(
+    dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str, jobs: int | None
+) -> None:
     import pandas as pd
 
     from cli.sweep import launch_jobs, report_crashes
 
     tries = dr.candidates(dx, n)
     snap = rewind_snapshot(dx)
-    combos = [merge(base, {**fix, **EARLY, **({"train.rewind_from": f"'{snap}'"} if snap and rewindable(fix) else {})})
-              for fix in tries]
-    console.print(styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
-                  highlight=False)
+    combos = [
+        merge(base, {**fix, **EARLY, **({"train.rewind_from": f"'{snap}'"} if snap and rewindable(fix) else {})})
+        for fix in tries
+    ]
+    console.print(
+        styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
+        highlight=False,
+    )
     if snap:
-        console.print(f"fixes that keep the model train from the snapshot before the first departure: {snap}",
-                      highlight=False)
+        console.print(
+            f"fixes that keep the model train from the snapshot before the first departure: {snap}", highlight=False
+        )
     else:
-        console.print("the run kept no snapshot before its first departure (train.snapshot_every=0): "
-                      "every fix trains from step 0", highlight=False)
+        console.print(
+            "the run kept no snapshot before its first departure (train.snapshot_every=0): "
+            "every fix trains from step 0",
+            highlight=False,
+        )
     with user_errors():
         for c in combos:
             compose_run(c)  # a fix the run's model cannot take is refused before any training
@@ -197,18 +262,36 @@ def try_fixes(dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, 
     rows = []
     for fix, r in zip(tries, done.records):
         s = RunFolder(done.sweep_dir / r["folder"]).summary()
-        rows.append({"fix": " ".join(f"{k}={v}" for k, v in fix.items()), "verdict": s.get("verdict", "?"),
-                     "final_val_loss": float(s.get("final_val_loss", math.nan)), "wall_s": s.get("wall_s"),
-                     "stopped_early": bool(s.get("stopped_early")), "folder": r["folder"]})
+        rows.append(
+            {
+                "fix": " ".join(f"{k}={v}" for k, v in fix.items()),
+                "verdict": s.get("verdict", "?"),
+                "final_val_loss": float(s.get("final_val_loss", math.nan)),
+                "wall_s": s.get("wall_s"),
+                "stopped_early": bool(s.get("stopped_early")),
+                "folder": r["folder"],
+            }
+        )
     res = dr.outcome(dx, base, rows)
     with write_errors():
         write_json(done.sweep_dir / "doctor.json", res)
         atomic_write_text(done.sweep_dir / "doctor.md", dr.try_markdown(res))
-    table = [{"fix": r["fix"], "verdict": r["verdict"], "final val loss": fmt(r["final_val_loss"]),
-              "vs best fix": f"+{fmt(r['vs_best'])}" if r["vs_best"] is not None else "-",
-              "folder": r["folder"]} for r in res["tries"]]
-    console.print(frame_table(pd.DataFrame(table), markup={"verdict": verdict_text},
-                              title=f"fixes tried from the run's exact config (failed run: val loss "
-                                    f"{fmt(res['failed_val_loss'])})"))
+    table = [
+        {
+            "fix": r["fix"],
+            "verdict": r["verdict"],
+            "final val loss": fmt(r["final_val_loss"]),
+            "vs best fix": f"+{fmt(r['vs_best'])}" if r["vs_best"] is not None else "-",
+            "folder": r["folder"],
+        }
+        for r in res["tries"]
+    ]
+    console.print(
+        frame_table(
+            pd.DataFrame(table),
+            markup={"verdict": verdict_text},
+            title=f"fixes tried from the run's exact config (failed run: val loss {fmt(res['failed_val_loss'])})",
+        )
+    )
     console.print(res["sentence"], style="bold", markup=False, highlight=False)
     console.print(f"written: {done.sweep_dir / 'doctor.md'}", highlight=False)

@@ -20,7 +20,9 @@ from cli.config import UserError
 
 
 def export(
-    runs: Annotated[Path, typer.Argument(metavar="RUN_OR_SWEEP", help="A run folder, or a folder of them (any depth).")],
+    runs: Annotated[
+        Path, typer.Argument(metavar="RUN_OR_SWEEP", help="A run folder, or a folder of them (any depth).")
+    ],
     to: Annotated[str, typer.Option("--to", help="Where to: tensorboard, mlflow, wandb (and any registered target).")],
     out: Annotated[Path | None, typer.Option("--out", help="For targets that write files: the folder.")] = None,
 ) -> None:

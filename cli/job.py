@@ -92,8 +92,11 @@ def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: A
             if should_skip(run_dir, run_cfg.identity()):
                 decision = {"folder": str(run_dir), "skipped": True}
             elif owner and not owner_alive(owner):  # the sweep was stopped before this job began
-                decision = {"folder": str(run_dir), "skipped": False,
-                            "error": "interrupted (the sweep stopped before it began)"}
+                decision = {
+                    "folder": str(run_dir),
+                    "skipped": False,
+                    "error": "interrupted (the sweep stopped before it began)",
+                }
         if world.distributed:  # rank 0 read the folder; the others do as it says
             from stability import distributed
 
@@ -112,9 +115,20 @@ def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: A
         if plan.device:
             run_cfg.train.device = plan.device
         with graceful_signals(), _stop_when_gone(owner), slurm.time_limit_warning_noted():
-            training.run(run_cfg, run_dir, overrides, extra_status={
-                "job_num": hc.job.num, "concurrency": concurrency, "gpu_slot": plan.slot, "owner": owner,
-                "world_size": world.size, "slurm_job": slurm.job_id()}, world=world if world.distributed else None)
+            training.run(
+                run_cfg,
+                run_dir,
+                overrides,
+                extra_status={
+                    "job_num": hc.job.num,
+                    "concurrency": concurrency,
+                    "gpu_slot": plan.slot,
+                    "owner": owner,
+                    "world_size": world.size,
+                    "slurm_job": slurm.job_id(),
+                },
+                world=world if world.distributed else None,
+            )
         return {"folder": str(run_dir), "skipped": False}
     except LeaseBusy as e:  # another live process writes this folder: leave it to that one
         return {"folder": str(run_dir), "skipped": False, "busy": str(e)}
@@ -140,7 +154,11 @@ def _duplicates(sweep_dir: Path) -> dict[str, int]:
 @contextlib.contextmanager
 def _stop_when_gone(owner: str | None) -> Iterator[None]:
     """Interrupt this job (as SIGTERM would) once the sweep process `owner` is gone."""
-    if not owner or owner.split(":")[0] == str(os.getpid()) or threading.current_thread() is not threading.main_thread():
+    if (
+        not owner
+        or owner.split(":")[0] == str(os.getpid())
+        or threading.current_thread() is not threading.main_thread()
+    ):
         yield
         return
     done = threading.Event()

@@ -43,14 +43,18 @@ LAUNCHERS: dict[str, tuple[str, str | None, str | None]] = {
 # override values hold. Hydra's own override_dirname keeps slashes, so `data.path=/a/b` would
 # nest folders and a long list of overrides would pass the file-name limit.
 OmegaConf.register_new_resolver(
-    "stab_job_folder", lambda task: folder_name(list(task) if isinstance(task, ListConfig) else [str(task)]),
-    replace=True)
+    "stab_job_folder",
+    lambda task: folder_name(list(task) if isinstance(task, ListConfig) else [str(task)]),
+    replace=True,
+)
 
 
 def check_launcher(name: str) -> None:
     if name not in LAUNCHERS:
-        raise UserError(f"--launcher {name!r} is not allowed: expected one of {', '.join(LAUNCHERS)}"
-                        + did_you_mean(name, LAUNCHERS))
+        raise UserError(
+            f"--launcher {name!r} is not allowed: expected one of {', '.join(LAUNCHERS)}"
+            + did_you_mean(name, LAUNCHERS)
+        )
     _, module, package = LAUNCHERS[name]
     if module and importlib.util.find_spec(module) is None:
         raise UserError(f"--launcher {name} needs the Hydra plugin {package}: pip install {package}")
@@ -121,8 +125,9 @@ def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
     return out
 
 
-def multirun(overrides: list[str], task_function: Callable[[DictConfig], Any],
-             jobs: list[list[str]] | None = None) -> list[Any]:
+def multirun(
+    overrides: list[str], task_function: Callable[[DictConfig], Any], jobs: list[list[str]] | None = None
+) -> list[Any]:
     """Run Hydra's sweeper + launcher over `overrides`; returns the flat list of JobReturns.
 
     With `jobs` (one override list per job, e.g. a margin search's probes, each configuration at
@@ -149,13 +154,16 @@ def _launch(hydra: Any, overrides: list[str], jobs: list[list[str]], task_functi
     from hydra.core.plugins import Plugins
     from hydra.types import HydraContext, RunMode
 
-    cfg = hydra.compose_config(config_name="config", overrides=overrides, with_log_configuration=True,
-                               run_mode=RunMode.MULTIRUN)
+    cfg = hydra.compose_config(
+        config_name="config", overrides=overrides, with_log_configuration=True, run_mode=RunMode.MULTIRUN
+    )
     callbacks = Callbacks(cfg)
     callbacks.on_multirun_start(config=cfg, config_name="config")
     launcher = Plugins.instance().instantiate_launcher(
         hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
-        task_function=task_function, config=cfg)
+        task_function=task_function,
+        config=cfg,
+    )
     Path(cfg.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
     returns = launcher.launch([list(j) for j in jobs], initial_job_idx=0)
     callbacks.on_multirun_end(config=cfg, config_name="config")
@@ -187,9 +195,14 @@ class WarmWorkers:
         from joblib import Parallel, delayed
 
         conf = JobLibLauncherConf()
-        self._results = Parallel(n_jobs=jobs, backend="loky", max_nbytes=conf.max_nbytes, mmap_mode=conf.mmap_mode,
-                                 verbose=conf.verbose, return_as="generator_unordered")(
-            delayed(warm)() for _ in range(jobs))
+        self._results = Parallel(
+            n_jobs=jobs,
+            backend="loky",
+            max_nbytes=conf.max_nbytes,
+            mmap_mode=conf.mmap_mode,
+            verbose=conf.verbose,
+            return_as="generator_unordered",
+        )(delayed(warm)() for _ in range(jobs))
 
     def wait(self) -> set[int]:
         return set(self._results)

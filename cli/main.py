@@ -1,11 +1,11 @@
 """The `stab` command: wires one module per command, nothing else.
 
-    stab run preset=smoke norm=pre
-    stab sweep residual=0.1,0.3 norm=pre,post
-    stab margin norm=pre,post residual=0.1,0.3
-    stab doctor runs/run/<folder> --try
-    stab report runs/
-    stab export runs/grid --to tensorboard
+stab run preset=smoke norm=pre
+stab sweep residual=0.1,0.3 norm=pre,post
+stab margin norm=pre,post residual=0.1,0.3
+stab doctor runs/run/<folder> --try
+stab report runs/
+stab export runs/grid --to tensorboard
 """
 
 from __future__ import annotations
@@ -32,9 +32,13 @@ from cli import show as show_cmd
 from cli import sweep as sweep_cmd
 from cli.common import DEBUG, guard_stdout, route_library_warnings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Training-stability ablations of transformers: sweep stabilizers, record "
-                       "gradients, find the first NaN and the scream.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Training-stability ablations of transformers: sweep stabilizers, record "
+    "gradients, find the first NaN and the scream.",
+)
 app.command("run")(run_cmd.run)
 app.command("sweep")(sweep_cmd.sweep)
 app.command("margin")(margin_cmd.margin)

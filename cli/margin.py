@@ -36,11 +36,23 @@ EARLY = "train.stop_early=true"
 
 
 def margin(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides; comma lists are the configurations compared, e.g. norm=pre,post residual=0.1,0.3")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Hydra overrides; comma lists are the configurations compared, e.g. norm=pre,post residual=0.1,0.3"
+        ),
+    ] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder that holds sweeps.")] = Path("runs"),
-    name: Annotated[str, typer.Option("--name", help="The margin search's folder under --runs. Same name again = resume.")] = "margin",
-    launcher: Annotated[str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
-    jobs: Annotated[int | None, typer.Option("--jobs", help="Probes at once for local parallel launchers; default: 2 for those, 1 for basic.")] = None,
+    name: Annotated[
+        str, typer.Option("--name", help="The margin search's folder under --runs. Same name again = resume.")
+    ] = "margin",
+    launcher: Annotated[
+        str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")
+    ] = "basic",
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", help="Probes at once for local parallel launchers; default: 2 for those, 1 for basic."),
+    ] = None,
 ) -> None:
     """Find each configuration's largest stable learning rate (bracketing, then bisection on a log scale)."""
     from cli.sweep import launch_jobs, report_crashes
@@ -58,8 +70,10 @@ def margin(
         keys = {o.split("=", 1)[0].lstrip("+~") for o in task_args}
         for bad in ("train.lr", "train.stop_early"):
             if bad in keys:
-                raise UserError(f"{bad} is not allowed here: stab margin sets it for each probe "
-                                "(choose the learning rates searched with margin.lo, margin.hi, margin.tolerance)")
+                raise UserError(
+                    f"{bad} is not allowed here: stab margin sets it for each probe "
+                    "(choose the learning rates searched with margin.lo, margin.hi, margin.tolerance)"
+                )
         seed_args = [o for o in task_args if o.split("=", 1)[0].lstrip("+~") == "seed"]
         task_args = [o for o in task_args if o not in seed_args]
         seeds: list[str | None] = [x.strip() for o in seed_args for x in o.split("=", 1)[1].split(",")] or [None]
@@ -72,21 +86,30 @@ def margin(
     by_label = dict(zip(labels, probe_combos))
     sweep_dir = (runs / name).resolve()
     K = mg.grid_size(settings.lo, settings.hi, settings.tolerance)
-    console.print(styled(("stab margin", "bold"), f" {len(combos)} configuration(s), lr {settings.lo:g}..{settings.hi:g} "
-                         f"in {K} steps of x{(settings.hi / settings.lo) ** (1 / K):.3g}; at most "
-                         f"{min(mg.promised_probes(settings.lo, settings.hi, settings.tolerance), settings.steps)} probes each when the "
-                         f"boundary is inside -> {sweep_dir}"), highlight=False)
+    console.print(
+        styled(
+            ("stab margin", "bold"),
+            f" {len(combos)} configuration(s), lr {settings.lo:g}..{settings.hi:g} "
+            f"in {K} steps of x{(settings.hi / settings.lo) ** (1 / K):.3g}; at most "
+            f"{min(mg.promised_probes(settings.lo, settings.hi, settings.tolerance), settings.steps)} probes each when the "
+            f"boundary is inside -> {sweep_dir}",
+        ),
+        highlight=False,
+    )
     concurrency = [1]
 
     def probe(batch: list[tuple[str, float]]) -> list[mg.Probe]:
-        jobs_ = [by_label[c] + ([f"seed={x}"] if x is not None else []) + [f"train.lr={lr:g}", EARLY]
-                 for c, lr in batch for x in seeds]
+        jobs_ = [
+            by_label[c] + ([f"seed={x}"] if x is not None else []) + [f"train.lr={lr:g}", EARLY]
+            for c, lr in batch
+            for x in seeds
+        ]
         done = launch_jobs(jobs_, runs, name, launcher, jobs, hydra_args, overrides)
         report_crashes(done)  # a probe that crashed says nothing about stability: stop here (exit 1)
         concurrency[0] = max(concurrency[0], int(_concurrency_of(done)))
         out = []
         for i, (_, lr) in enumerate(batch):  # each seed's run of this (configuration, lr): one probe
-            recs = done.records[i * len(seeds):(i + 1) * len(seeds)]
+            recs = done.records[i * len(seeds) : (i + 1) * len(seeds)]
             replicates = [read_probe(sweep_dir / rec["folder"], lr) for rec in recs]
             out.append(replicates[0] if seeds == [None] else mg.replicate(lr, replicates))
         return out
@@ -98,8 +121,10 @@ def margin(
         write_json(sweep_dir / "margin.json", res)
         atomic_write_text(sweep_dir / "margin.md", mg.markdown(res))
     print_result(res)
-    console.print(f"written: {sweep_dir / 'margin.md'}, {sweep_dir / 'margin.json'} "
-                  f"(stab report {sweep_dir} for every probe)", highlight=False)
+    console.print(
+        f"written: {sweep_dir / 'margin.md'}, {sweep_dir / 'margin.json'} (stab report {sweep_dir} for every probe)",
+        highlight=False,
+    )
 
 
 def _concurrency_of(done: Any) -> int:
@@ -125,9 +150,16 @@ def read_probe(run_dir: Path, lr: float) -> mg.Probe:
 
     s = RunFolder(run_dir).summary()
     verdict = s.get("verdict") or "?"
-    return mg.Probe(lr=lr, stable=not vd.is_unstable(verdict), verdict=verdict, folder=run_dir.name,
-                    final_val_loss=float(s.get("final_val_loss", math.nan)), initial_loss=initial_loss(run_dir),
-                    wall_s=float(s.get("wall_s", math.nan)), stopped_early=bool(s.get("stopped_early")))
+    return mg.Probe(
+        lr=lr,
+        stable=not vd.is_unstable(verdict),
+        verdict=verdict,
+        folder=run_dir.name,
+        final_val_loss=float(s.get("final_val_loss", math.nan)),
+        initial_loss=initial_loss(run_dir),
+        wall_s=float(s.get("wall_s", math.nan)),
+        stopped_early=bool(s.get("stopped_early")),
+    )
 
 
 def print_result(res: dict[str, Any]) -> None:
@@ -135,15 +167,26 @@ def print_result(res: dict[str, Any]) -> None:
 
     from stability import margin as mg
 
-    rows = [{"configuration": c["config"], "margin (largest stable lr)": c["text"],
-             "smallest unstable lr": fmt(c["unstable_lr"]) if c["unstable_lr"] else "-", "status": c["status"],
-             "x least stable": fmt(c["ratio"]) if c["ratio"] else "-",
-             "grid share above": f"{c['grid_share_unstable']:.0%}",
-             "LR sensitivity floor": fmt(c["lr_sensitivity_floor"]),
-             "LR sensitivity (probes)": fmt(c["lr_sensitivity"]),
-             "probes (lr verdict)": "; ".join(mg.probe_text(p) for p in c["probes"])} for c in res["configs"]]
-    console.print(frame_table(pd.DataFrame(rows), title=f"stability margin: lr {res['lo']:g}..{res['hi']:g}, "
-                                                        f"grid x{res['grid_ratio']:.3g}"))
+    rows = [
+        {
+            "configuration": c["config"],
+            "margin (largest stable lr)": c["text"],
+            "smallest unstable lr": fmt(c["unstable_lr"]) if c["unstable_lr"] else "-",
+            "status": c["status"],
+            "x least stable": fmt(c["ratio"]) if c["ratio"] else "-",
+            "grid share above": f"{c['grid_share_unstable']:.0%}",
+            "LR sensitivity floor": fmt(c["lr_sensitivity_floor"]),
+            "LR sensitivity (probes)": fmt(c["lr_sensitivity"]),
+            "probes (lr verdict)": "; ".join(mg.probe_text(p) for p in c["probes"]),
+        }
+        for c in res["configs"]
+    ]
+    console.print(
+        frame_table(
+            pd.DataFrame(rows),
+            title=f"stability margin: lr {res['lo']:g}..{res['hi']:g}, grid x{res['grid_ratio']:.3g}",
+        )
+    )
     if res["sentence"]:
         console.print(res["sentence"], style="bold", markup=False, highlight=False)
     for line in res.get("non_monotone", []):
@@ -151,7 +194,11 @@ def print_result(res: dict[str, Any]) -> None:
     for line in res["by_factor"]:
         console.print(f"  {line}", markup=False, highlight=False)
     cost = res["cost"]
-    console.print(f"cost: {cost['probes']} probe runs in {cost['rounds']} rounds ({cost['stopped_early']} stopped early), "
-                  f"{seconds(cost['wall_s'])} wall; an exhaustive grid of the same resolution: {cost['exhaustive_runs']} "
-                  f"runs, about {seconds(cost['exhaustive_train_s_estimate'])} of training at the median full run "
-                  f"({fmt(cost['median_full_run_s'])} s)", markup=False, highlight=False)
+    console.print(
+        f"cost: {cost['probes']} probe runs in {cost['rounds']} rounds ({cost['stopped_early']} stopped early), "
+        f"{seconds(cost['wall_s'])} wall; an exhaustive grid of the same resolution: {cost['exhaustive_runs']} "
+        f"runs, about {seconds(cost['exhaustive_train_s_estimate'])} of training at the median full run "
+        f"({fmt(cost['median_full_run_s'])} s)",
+        markup=False,
+        highlight=False,
+    )

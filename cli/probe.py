@@ -1,8 +1,8 @@
 """`stab probe init [OVERRIDES...]`: per-layer FFN gradient norms at initialisation, pre vs post.
 
-    stab probe init --depths 2,6,12 preset=smoke
-    stab probe init model=charlm --paper        # Xavier init, unit-scale embeddings, as in the paper
-    stab probe init model=charlm --paper --seeds 0,1,2,3,4    # the last/first ratio: median and interval over seeds
+stab probe init --depths 2,6,12 preset=smoke
+stab probe init model=charlm --paper        # Xavier init, unit-scale embeddings, as in the paper
+stab probe init model=charlm --paper --seeds 0,1,2,3,4    # the last/first ratio: median and interval over seeds
 """
 
 from __future__ import annotations
@@ -27,11 +27,25 @@ def init(
     overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides for the model and data.")] = None,
     depths: Annotated[str, typer.Option("--depths", help="Comma list of layer counts per stage.")] = "2,6,12",
     batches: Annotated[int, typer.Option("--batches", help="K: batches the gradient is averaged over.")] = 4,
-    out: Annotated[Path, typer.Option("--out", help="Folder for probe_init.csv and probe_init.png.")] = Path("runs/probe"),
-    paper: Annotated[bool, typer.Option("--paper", help="Xiong et al.'s setting: Xavier init (model.init_std=0) and, "
-                                        "for the char LM, unit-scale embeddings (model.embed_scale=true).")] = False,
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma list of seeds (model init and batches): the ratio is "
-                                       "given as the median over them with its order-statistic interval.")] = "0",
+    out: Annotated[Path, typer.Option("--out", help="Folder for probe_init.csv and probe_init.png.")] = Path(
+        "runs/probe"
+    ),
+    paper: Annotated[
+        bool,
+        typer.Option(
+            "--paper",
+            help="Xiong et al.'s setting: Xavier init (model.init_std=0) and, "
+            "for the char LM, unit-scale embeddings (model.embed_scale=true).",
+        ),
+    ] = False,
+    seeds: Annotated[
+        str,
+        typer.Option(
+            "--seeds",
+            help="Comma list of seeds (model init and batches): the ratio is "
+            "given as the median over them with its order-statistic interval.",
+        ),
+    ] = "0",
 ) -> None:
     """Frobenius norm of the mean gradient of each layer's MLP output weight at init (Xiong et al. 2020)."""
     overrides = list(overrides or [])
@@ -42,7 +56,9 @@ def init(
         try:
             depth_list = [int(d) for d in depths.split(",")]
         except ValueError:
-            raise UserError(f"--depths {depths!r} is not allowed: expected a comma list of integers, e.g. 2,6,12") from None
+            raise UserError(
+                f"--depths {depths!r} is not allowed: expected a comma list of integers, e.g. 2,6,12"
+            ) from None
         if any(d < 1 or d > 96 for d in depth_list):
             raise UserError(f"--depths {depths!r} is not allowed: each depth must be 1..96")
         if batches < 1:
@@ -50,14 +66,18 @@ def init(
         try:
             seed_list = list(dict.fromkeys(int(x) for x in seeds.split(",")))
         except ValueError:
-            raise UserError(f"--seeds {seeds!r} is not allowed: expected a comma list of integers, e.g. 0,1,2") from None
+            raise UserError(
+                f"--seeds {seeds!r} is not allowed: expected a comma list of integers, e.g. 0,1,2"
+            ) from None
         if any(o.lstrip("+~").startswith("seed=") for o in overrides):
             raise UserError("seed=... is not allowed here: pass the seeds with --seeds (e.g. --seeds 0,1,2)")
         cfgs = [compose_run([*overrides, f"seed={x}"]) for x in seed_list]
         cfg = cfgs[0]
         if cfg.model.name == "custom":  # it sets stab's n_layers and norm and reads stab's block.mlp.proj
-            raise UserError("stab probe init is for stab's own models (model=cascade or model=charlm): it sets their "
-                            "depth and norm placement; a custom model's are its factory's")
+            raise UserError(
+                "stab probe init is for stab's own models (model=cascade or model=charlm): it sets their "
+                "depth and norm placement; a custom model's are its factory's"
+            )
     import pandas as pd
 
     from stability.probe import compare, growth
@@ -69,8 +89,10 @@ def init(
     df.to_csv(out / "probe_init.csv", index=False)
     last_stage = df["stage"].iloc[-1]
     n = len(seed_list)
-    t = Table(title=f"||mean grad of MLP output weight||_F at init, {last_stage or 'the model'}, K={batches} batches, "
-                    f"{n} seed(s)" + (" (per layer: median over seeds)" if n > 1 else ""))
+    t = Table(
+        title=f"||mean grad of MLP output weight||_F at init, {last_stage or 'the model'}, K={batches} batches, "
+        f"{n} seed(s)" + (" (per layer: median over seeds)" if n > 1 else "")
+    )
     t.add_column("depth")
     t.add_column("norm")
     t.add_column("per layer, first -> last")
@@ -94,6 +116,7 @@ def init(
 
 def _plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -105,8 +128,15 @@ def _plot(df: pd.DataFrame, path: Path) -> None:
         for (depth, norm), part in df[df["stage"] == stage].groupby(["depth", "norm"], sort=False):
             part = part.groupby("layer", as_index=False)["grad_fro"].median()  # over seeds
             ls, marker = styles[norm]
-            ax.plot(part["layer"] + 1, part["grad_fro"], ls, marker=marker, ms=3, color=colors[depth],
-                    label=f"{norm}-norm, {depth} layers")
+            ax.plot(
+                part["layer"] + 1,
+                part["grad_fro"],
+                ls,
+                marker=marker,
+                ms=3,
+                color=colors[depth],
+                label=f"{norm}-norm, {depth} layers",
+            )
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_title(stage or "model")

@@ -43,9 +43,18 @@ class RateColumn(ProgressColumn):
 
 
 def _bar(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TextColumn("{task.fields[info]}", markup=False),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 class TerminalReporter(Reporter):
@@ -120,17 +129,25 @@ class RichProgress(Callbacks):
         self.progress.update(self.batches, completed=batch + 1, info=f"loss {fmt(loss)}")
 
     def epoch(self, epoch: int, record: dict[str, Any]) -> None:
-        self.progress.update(self.epochs, completed=epoch,
-                             info=f"grad norm {fmt(record['grad_norm_mean'])}  val {fmt(record['val_loss'])}")
+        self.progress.update(
+            self.epochs,
+            completed=epoch,
+            info=f"grad norm {fmt(record['grad_norm_mean'])}  val {fmt(record['val_loss'])}",
+        )
         self.progress.reset(self.batches)
         elapsed = self.clock() - self.t0
         eta = elapsed / epoch * (self.n_epochs - epoch) if epoch else None
         scream = ("  output collapsed", "magenta") if record["collapsed"] else ""
         stages = f"  stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}" if record.get("stage_rms") else ""
-        self.console.print(styled(f"epoch {epoch}/{self.n_epochs}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
-                                  f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}"
-                                  f"{stages}", scream,
-                                  f"  elapsed {seconds(elapsed)}, ETA {seconds(eta)}"))
+        self.console.print(
+            styled(
+                f"epoch {epoch}/{self.n_epochs}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
+                f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}"
+                f"{stages}",
+                scream,
+                f"  elapsed {seconds(elapsed)}, ETA {seconds(eta)}",
+            )
+        )
 
     def close(self) -> None:
         self.progress.stop()

@@ -1,6 +1,6 @@
 """`stab replay RUN`: re-run a run's first non-finite step and name where it started.
 
-    stab replay runs/sweep/norm=post,residual=0.1
+stab replay runs/sweep/norm=post,residual=0.1
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ def replay(
     console.print(styled(("replay", "bold"), f" of step {r.step} (epoch {r.epoch}, batch {r.batch_index}) from {run}"))
     console.print(f"loss on replay: {fmt(r.loss)}   batch tensors finite: {r.batch_finite}")
     if r.module:
-        console.print(styled(f"first non-finite {'output' if r.where == 'forward' else 'gradient'}: ",
-                             (r.module, "bold red"), f" (group {r.group}, in the {r.where} pass)"))
+        console.print(
+            styled(
+                f"first non-finite {'output' if r.where == 'forward' else 'gradient'}: ",
+                (r.module, "bold red"),
+                f" (group {r.group}, in the {r.where} pass)",
+            )
+        )
     for o in r.other_batches:
-        console.print(f"same state, batch {o['indices']}: {'finite' if o['finite'] else 'non-finite'} (loss {fmt(o['loss'])})")
+        console.print(
+            f"same state, batch {o['indices']}: {'finite' if o['finite'] else 'non-finite'} (loss {fmt(o['loss'])})"
+        )
     console.print(f"cause: {r.cause}")

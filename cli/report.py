@@ -26,9 +26,14 @@ from stability.record import verdicts as vd
 if TYPE_CHECKING:
     import pandas as pd
 
+
 def report(
-    runs_dir: Annotated[Path, typer.Argument(metavar="RUNS_DIR", help="Folder holding run folders or sweeps (any depth).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Where report.md, runs.csv and plots/ go (default: RUNS_DIR).")] = None,
+    runs_dir: Annotated[
+        Path, typer.Argument(metavar="RUNS_DIR", help="Folder holding run folders or sweeps (any depth).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where report.md, runs.csv and plots/ go (default: RUNS_DIR).")
+    ] = None,
 ) -> None:
     """Tabulate, summarise and plot every run under RUNS_DIR."""
     from stability import report as rep
@@ -52,23 +57,45 @@ def report(
     if result.sentence:
         console.print(result.sentence, style="bold", markup=False, highlight=False)
     if result.answer is not None and not result.answer.empty:
-        console.print(frame_table(rep.answer_display(result.answer),
-                                  title="unstable (exploding, scream or nan) per factor value; medians over those runs"))
-    console.print(frame_table(result.overview, title=f"{len(result.runs)} runs under {runs_dir}",
-                              markup={"verdict": verdict_text, "state": verdict_text},
-                              drop=[*OVERVIEW_DROP[:-2], *reversed(result.keys), *OVERVIEW_DROP[-2:]]))
+        console.print(
+            frame_table(
+                rep.answer_display(result.answer),
+                title="unstable (exploding, scream or nan) per factor value; medians over those runs",
+            )
+        )
+    console.print(
+        frame_table(
+            result.overview,
+            title=f"{len(result.runs)} runs under {runs_dir}",
+            markup={"verdict": verdict_text, "state": verdict_text},
+            drop=[*OVERVIEW_DROP[:-2], *reversed(result.keys), *OVERVIEW_DROP[-2:]],
+        )
+    )
     if result.keys:
         shares = rep.factor_display(result.summary)
-        console.print(frame_table(shares, title="by factor: share of runs per verdict, median last finite grad norm",
-                                  markup={v: _share(v) for v in shares.columns if v in vd.ORDER}))
+        console.print(
+            frame_table(
+                shares,
+                title="by factor: share of runs per verdict, median last finite grad norm",
+                markup={v: _share(v) for v in shares.columns if v in vd.ORDER},
+            )
+        )
     if result.lr_table is not None:
-        console.print(frame_table(rep.lr_display(result.lr_table), title="learning-rate sensitivity (Wortsman et al. 2023): "
-                                                         "mean over the LR grid of loss above the best; smaller is flatter"))
+        console.print(
+            frame_table(
+                rep.lr_display(result.lr_table),
+                title="learning-rate sensitivity (Wortsman et al. 2023): "
+                "mean over the LR grid of loss above the best; smaller is flatter",
+            )
+        )
     for rel, w in result.warnings:
         warn(f"{rel}: {w}")
     named = [p for p in result.files if p.suffix != ".png"]
-    console.print(f"wrote {', '.join(str(p.relative_to(result.out)) for p in named)} and "
-                  f"{len(result.files) - len(named)} plot(s) to {result.out}", highlight=False)
+    console.print(
+        f"wrote {', '.join(str(p.relative_to(result.out)) for p in named)} and "
+        f"{len(result.files) - len(named)} plot(s) to {result.out}",
+        highlight=False,
+    )
 
 
 def _share(verdict: str) -> Callable[[str], Text]:
@@ -77,12 +104,29 @@ def _share(verdict: str) -> Callable[[str], Text]:
 
 
 # Shorter headers for a narrow terminal (a header still wraps at its spaces, never inside a word).
-SHORT_HEADERS = {"grad norm per epoch": "grad/epoch", "max, last epoch": "max last", "max attn logit": "attn logit",
-                 "median final val loss": "med val loss", "median max grad norm": "med max grad",
-                 "median last grad norm": "med last grad", "spike lead": "lead"}
+SHORT_HEADERS = {
+    "grad norm per epoch": "grad/epoch",
+    "max, last epoch": "max last",
+    "max attn logit": "attn logit",
+    "median final val loss": "med val loss",
+    "median max grad norm": "med max grad",
+    "median last grad norm": "med last grad",
+    "spike lead": "lead",
+}
 # The overview's columns least needed first: what goes when the terminal is too narrow for all.
-OVERVIEW_DROP = ("wall", "max attn logit", "scream", "spike lead", "max, last epoch", "grad norm per epoch", "state",
-                 "first NaN", "final loss", "sweep", "run")
+OVERVIEW_DROP = (
+    "wall",
+    "max attn logit",
+    "scream",
+    "spike lead",
+    "max, last epoch",
+    "grad norm per epoch",
+    "state",
+    "first NaN",
+    "final loss",
+    "sweep",
+    "run",
+)
 _LONG = 20  # a cell's word longer than this may break after / , = or : when the terminal is narrow
 
 
@@ -103,9 +147,14 @@ def soft_split(word: str, limit: int = _LONG) -> list[str]:
     return out
 
 
-def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str, Callable[[str], Text]] | None = None,
-                row_styles: Iterable[str | None] | None = None, drop: Sequence[str] | None = None,
-                keep: Sequence[str] = ("verdict",)) -> Table:
+def frame_table(
+    frame: pd.DataFrame,
+    title: str | None = None,
+    markup: dict[str, Callable[[str], Text]] | None = None,
+    row_styles: Iterable[str | None] | None = None,
+    drop: Sequence[str] | None = None,
+    keep: Sequence[str] = ("verdict",),
+) -> Table:
     """A Rich table from a frame of display strings that fits the console's width; `markup` maps
     a column to a cell formatter (a `Text`: styled, never parsed; the console parses no markup,
     so `[live]` stays in a cell). No word is ever cut: each column is at least as wide as its
@@ -122,7 +171,9 @@ def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str,
     if widths is not None:
         return _build(frame, title, markup, styles, widths)
     # narrow: short headers, long words in pieces, and columns dropped until every word fits
-    cells = {c: [" ".join("\n".join(soft_split(w)) for w in str(v).split(" ")) for v in frame[c]] for c in frame.columns}
+    cells = {
+        c: [" ".join("\n".join(soft_split(w)) for w in str(v).split(" ")) for v in frame[c]] for c in frame.columns
+    }
     heads = {c: SHORT_HEADERS.get(str(c), str(c)) for c in frame.columns}
     shown = list(frame.columns)
     order = [c for c in (drop if drop is not None else reversed(list(frame.columns))) if c in shown]
@@ -134,8 +185,14 @@ def frame_table(frame: pd.DataFrame, title: str | None = None, markup: dict[str,
         dropped.append(str(gone))
     narrow = pd.DataFrame({heads[c]: cells[c] for c in shown}, columns=[heads[c] for c in shown])
     caption = f"not shown at {width} columns: {', '.join(dropped)}" if dropped else None
-    return _build(narrow, title, {heads[c]: markup[c] for c in shown if c in markup}, styles,
-                  {heads[c]: w for c, w in (widths or {}).items()}, caption)
+    return _build(
+        narrow,
+        title,
+        {heads[c]: markup[c] for c in shown if c in markup},
+        styles,
+        {heads[c]: w for c, w in (widths or {}).items()},
+        caption,
+    )
 
 
 def _widths(texts: dict[Any, list[str]], width: int) -> dict[Any, int] | None:
@@ -144,7 +201,10 @@ def _widths(texts: dict[Any, list[str]], width: int) -> dict[Any, int] | None:
     to show their longest line whole, then to the rest; None if the longest words alone do not
     fit. Rich's box: 2 padding + 1 border per column, 1 border more."""
     frame_w = 3 * len(texts) + 1
-    mins = {c: max((len(w) for t in ts for line in t.split("\n") for w in line.split()), default=1) for c, ts in texts.items()}
+    mins = {
+        c: max((len(w) for t in ts for line in t.split("\n") for w in line.split()), default=1)
+        for c, ts in texts.items()
+    }
     full = {c: max((len(line) for t in ts for line in t.split("\n")), default=1) for c, ts in texts.items()}
     spare = width - frame_w - sum(mins.values())
     if spare < 0:
@@ -157,8 +217,14 @@ def _widths(texts: dict[Any, list[str]], width: int) -> dict[Any, int] | None:
     return out
 
 
-def _build(frame: pd.DataFrame, title: str | None, markup: dict[str, Callable[[str], Text]], styles: list[str | None],
-           widths: dict[Any, int], caption: str | None = None) -> Table:
+def _build(
+    frame: pd.DataFrame,
+    title: str | None,
+    markup: dict[str, Callable[[str], Text]],
+    styles: list[str | None],
+    widths: dict[Any, int],
+    caption: str | None = None,
+) -> Table:
     t = Table(title=title, caption=caption)
     for col in frame.columns:
         t.add_column(str(col), overflow="fold", width=widths.get(col))

@@ -45,12 +45,26 @@ if TYPE_CHECKING:
 
 
 def run(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides, e.g. norm=pre residual=0.3 clip=5")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Hydra overrides, e.g. norm=pre residual=0.3 clip=5")
+    ] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder the run folder is created in.")] = Path("runs"),
-    config_dir: Annotated[list[Path] | None, typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
-    nproc: Annotated[int | None, typer.Option("--nproc", help="Processes of one data-parallel run on this machine "
-                                                 "(torch.distributed.run; gloo on CPU, NCCL with one GPU each); "
-                                                 "train.batch_size is the global batch.")] = None,
+    config_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--config-dir",
+            help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.",
+        ),
+    ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            help="Processes of one data-parallel run on this machine "
+            "(torch.distributed.run; gloo on CPU, NCCL with one GPU each); "
+            "train.batch_size is the global batch.",
+        ),
+    ] = None,
 ) -> None:
     """Train one configuration and write its run folder."""
     overrides = list(overrides or [])
@@ -65,8 +79,10 @@ def run(
         if nproc is not None and nproc < 1:
             raise UserError(f"--nproc {nproc} is not allowed: expected an integer >= 1")
         if nproc is not None and nproc > 1 and world.distributed:
-            raise UserError(f"--nproc {nproc} is not allowed here: this process is already rank {world.rank} of "
-                            f"{world.size} (started by torchrun or srun); drop --nproc")
+            raise UserError(
+                f"--nproc {nproc} is not allowed here: this process is already rank {world.rank} of "
+                f"{world.size} (started by torchrun or srun); drop --nproc"
+            )
         cfg = compose_run(overrides)
         try:
             distributed.check_batch(cfg.train.batch_size, nproc or world.size)
@@ -74,10 +90,12 @@ def run(
             raise UserError(str(e)) from None
         from cli.launch import with_declared_grid
 
-        grid = with_declared_grid(overrides)[len(overrides):]
+        grid = with_declared_grid(overrides)[len(overrides) :]
         if grid:  # e.g. experiment=story: its grid is under hydra.sweeper.params, which only a sweep reads
-            raise UserError(f"{' '.join(o for o in overrides if o.startswith(('experiment=', '+experiment=')))} declares "
-                            f"a sweep grid ({' '.join(grid)}): run it with `stab sweep {' '.join(overrides)}`")
+            raise UserError(
+                f"{' '.join(o for o in overrides if o.startswith(('experiment=', '+experiment=')))} declares "
+                f"a sweep grid ({' '.join(grid)}): run it with `stab sweep {' '.join(overrides)}`"
+            )
         check_writable(runs)
         preflight(cfg)
     if nproc is not None and nproc > 1:  # this process only launches; its children run the code below
@@ -112,8 +130,14 @@ def _launch(nproc: int, runs: Path, overrides: list[str], config_dirs: list[Path
     except KeyboardInterrupt:  # rank 0 has said where the run's records are
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if code:
-        err_console.print(styled(("stopped:", "bold red"), f" a process of the {nproc}-process run exited with status "
-                                 f"{code}; the others were stopped (torch.distributed.run)"), highlight=False)
+        err_console.print(
+            styled(
+                ("stopped:", "bold red"),
+                f" a process of the {nproc}-process run exited with status "
+                f"{code}; the others were stopped (torch.distributed.run)",
+            ),
+            highlight=False,
+        )
         raise typer.Exit(code)
 
 
@@ -139,8 +163,9 @@ def _distributed(cfg: RunConfig, runs: Path, overrides: list[str], world: World)
         distributed.close()
 
 
-def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world: World | None = None,
-                     how: str = "") -> None:
+def _train_and_print(
+    cfg: RunConfig, run_dir: Path, overrides: list[str], world: World | None = None, how: str = ""
+) -> None:
     console.print(styled(("stab run", "bold"), f" {' '.join(overrides) or '(defaults)'} -> {run_dir}{how}"))
     from cli.progress import RichProgress, reporter
     from stability import training
@@ -148,8 +173,9 @@ def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world:
 
     try:
         with graceful_signals(), reporting(reporter(console)):
-            summary = training.run(cfg, run_dir, overrides, RichProgress(console) if world is None or world.main
-                                       else None, world=world)
+            summary = training.run(
+                cfg, run_dir, overrides, RichProgress(console) if world is None or world.main else None, world=world
+            )
     except KeyboardInterrupt:
         err_console.print(f"interrupted; status and metrics so far are in {run_dir}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -161,13 +187,19 @@ def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world:
         err_console.print(styled(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER) from None
     except Exception as e:
-        if (full := storage_error(e)) is not None:  # a full disk: one line; status.json says failed where it could be written
+        if (
+            full := storage_error(e)
+        ) is not None:  # a full disk: one line; status.json says failed where it could be written
             with write_errors():
                 raise full from None
         if DEBUG["on"]:
             raise
-        err_console.print(styled(("crashed:", "bold red"), f" {type(e).__name__}: {e}\n"
-                                 f"traceback in {run_dir / 'status.json'} (or run with stab --debug)"))
+        err_console.print(
+            styled(
+                ("crashed:", "bold red"),
+                f" {type(e).__name__}: {e}\ntraceback in {run_dir / 'status.json'} (or run with stab --debug)",
+            )
+        )
         raise typer.Exit(EXIT_CRASH) from None
     s = summary
     nan = s["first_nan"]
@@ -176,8 +208,10 @@ def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world:
         console.print(f"  also {f['flag']}: {f['evidence']}")
     for w in s.get("warnings", []):
         console.print(f"  warning: {w['message']}", style="yellow")
-    console.print(f"grad norm by epoch: {', '.join(fmt(v) for v in s['grad_norm_by_epoch'])}   "
-                  f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}")
+    console.print(
+        f"grad norm by epoch: {', '.join(fmt(v) for v in s['grad_norm_by_epoch'])}   "
+        f"final loss {fmt(s['final_loss'])}   val {fmt(s['final_val_loss'])}"
+    )
     if nan:
         console.print(f"first NaN: epoch {nan['epoch']} batch {nan['batch']} (step {nan['step']}) in {nan['module']}")
     notes = RunFolder(run_dir).data()
@@ -186,4 +220,3 @@ def _train_and_print(cfg: RunConfig, run_dir: Path, overrides: list[str], world:
             console.print(f"{check} check: {notes[check]}", highlight=False)
     data = f"codec: {s['codec']['weights']}  latent scale x{fmt(s['latent_scale'])}  " if s.get("codec") else ""
     console.print(f"{data}wall {s['wall_s']:.1f} s   run folder: {run_dir}")
-

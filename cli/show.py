@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 
 
 def show(
-    run: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder (holds status.json, summary.json or config.yaml).")],
-    plot: Annotated[bool, typer.Option("--plot", help="Also draw loss and grad norm per step into RUN/plots/steps.png.")] = False,
+    run: Annotated[
+        Path, typer.Argument(metavar="RUN", help="A run folder (holds status.json, summary.json or config.yaml).")
+    ],
+    plot: Annotated[
+        bool, typer.Option("--plot", help="Also draw loss and grad norm per step into RUN/plots/steps.png.")
+    ] = False,
 ) -> None:
     """Print one run's per-epoch gradient norms by module group, stages, events and config."""
     import pandas as pd
@@ -36,9 +40,14 @@ def show(
             raise UserError(f"{run}: no such folder")
         if not rep.is_run_folder(run):
             inside = rep.find_runs(run) if run.is_dir() else []
-            hint = f"; run folders in it: {', '.join(str(p) for p in inside[:3])}{' ...' if len(inside) > 3 else ''}" \
-                if inside else ""
-            raise UserError(f"{run}: not a run folder (no {', '.join(rf.RUN_MARKERS[:-1])} or {rf.RUN_MARKERS[-1]}){hint}")
+            hint = (
+                f"; run folders in it: {', '.join(str(p) for p in inside[:3])}{' ...' if len(inside) > 3 else ''}"
+                if inside
+                else ""
+            )
+            raise UserError(
+                f"{run}: not a run folder (no {', '.join(rf.RUN_MARKERS[:-1])} or {rf.RUN_MARKERS[-1]}){hint}"
+            )
         r = rep.load_run(run, run.parent)
 
     if plot:
@@ -56,17 +65,29 @@ def show(
                     raise UserError(f"cannot write {run / 'plots' / 'steps.png'}: {e}") from None
             console.print(f"per-step plot: {drawn.path}", highlight=False, soft_wrap=True)
     s = r.summary
-    console.print(styled((str(run), "bold"), "  state ", verdict_text(r.state), "  verdict ", verdict_text(r.verdict),
-                         f"  run {s.get('run_id') or r.status.get('run_id') or '?'}"), highlight=False)
+    console.print(
+        styled(
+            (str(run), "bold"),
+            "  state ",
+            verdict_text(r.state),
+            "  verdict ",
+            verdict_text(r.verdict),
+            f"  run {s.get('run_id') or r.status.get('run_id') or '?'}",
+        ),
+        highlight=False,
+    )
     if s.get("evidence"):
         console.print(f"  {s['evidence']}", highlight=False)
     for f in (s.get("flags") or [])[1:]:  # every finding besides the verdict's own
         console.print(f"  also {f.get('flag')}: {f.get('evidence')}", highlight=False)
     for w in s.get("warnings") or []:
         console.print(f"  warning: {w.get('message')}", highlight=False, style="yellow")
-    console.print(f"  overrides: {' '.join(r.overrides) if r.overrides is not None else '?'}   "
-                  f"device {r.status.get('device', '?')}  threads {r.status.get('threads', '?')}   "
-                  f"wall {fmt(r.wall_s)} s", highlight=False)
+    console.print(
+        f"  overrides: {' '.join(r.overrides) if r.overrides is not None else '?'}   "
+        f"device {r.status.get('device', '?')}  threads {r.status.get('threads', '?')}   "
+        f"wall {fmt(r.wall_s)} s",
+        highlight=False,
+    )
     for w in r.warnings:
         warn(w)
 
@@ -76,11 +97,18 @@ def show(
     else:
         nan_module = (r.first_nan or {}).get("module")  # None when not located: no row is marked as the start
         table = grads.reset_index().rename(columns={"index": "group"})
-        console.print(frame_table(_fmt_frame(table), title="gradient norm by module group: mean per epoch; max over all steps (NaN if any step was)",
-                                  row_styles=["red" if g == nan_module else None for g in table["group"]]))
+        console.print(
+            frame_table(
+                _fmt_frame(table),
+                title="gradient norm by module group: mean per epoch; max over all steps (NaN if any step was)",
+                row_styles=["red" if g == nan_module else None for g in table["group"]],
+            )
+        )
     for tie in r.data.get("tied") or []:  # parameters shared by two modules: one gradient, counted once
-        console.print(f"tied: {tie.get('param')} is {tie.get('same_as')} (counted once, in group "
-                      f"{tie.get('counted_in')})", highlight=False)
+        console.print(
+            f"tied: {tie.get('param')} is {tie.get('same_as')} (counted once, in group {tie.get('counted_in')})",
+            highlight=False,
+        )
     optimizer = r.data.get("optimizer") or {}
     if len(optimizer.get("param_groups") or []) > 1:
         for i, g in enumerate(optimizer["param_groups"]):
@@ -89,36 +117,53 @@ def show(
     if r.epochs:
         console.print(frame_table(_fmt_frame(rep.epoch_frame(r)), title="epochs"))
         if any(e.get("stage_rms") for e in r.epochs):
-            console.print(frame_table(_fmt_frame(rep.stage_frame(r)),
-                                      title="stages: output RMS, ratio the RMS match needed, scale applied (clamped), share of steps clamped"))
+            console.print(
+                frame_table(
+                    _fmt_frame(rep.stage_frame(r)),
+                    title="stages: output RMS, ratio the RMS match needed, scale applied (clamped), share of steps clamped",
+                )
+            )
         health = [{"epoch": e["epoch"], **e["health_summary"]} for e in r.epochs if e.get("health_summary")]
         if health:
-            console.print(frame_table(_fmt_frame(pd.DataFrame(health)),
-                                      title="health on the validation batch: min attention entropy, max logit, "
-                                            "max sink score, layers with a sink (> 0.3), massive activations, gradient sink"))
+            console.print(
+                frame_table(
+                    _fmt_frame(pd.DataFrame(health)),
+                    title="health on the validation batch: min attention entropy, max logit, "
+                    "max sink score, layers with a sink (> 0.3), massive activations, gradient sink",
+                )
+            )
         for check in ("scream", "health"):  # a custom model's checks stab could not set up, and why
             if str(r.data.get(check, "")).startswith("not available"):
                 console.print(f"{check} check: {r.data[check]}", highlight=False)
         last_samples = next((e["samples"] for e in reversed(r.epochs) if e.get("samples")), None)
         if last_samples:
-            console.print(styled(("generated text", "bold"), f" (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in {rf.SAMPLES}):"))
+            console.print(
+                styled(
+                    ("generated text", "bold"), f" (greedy, epoch {r.epochs[-1]['epoch']}; all epochs in {rf.SAMPLES}):"
+                )
+            )
             for smp in last_samples:
                 console.print(f"  {smp['prompt']!r} -> {smp['output'][:160]!r}", highlight=False)
         audio = [a for e in r.epochs for a in (e.get("audio") or [])]
         if audio:
-            console.print(styled(("audio", "bold"), " (decoded with the EnCodec decoder): " + ", ".join(map(str, audio))),
-                          highlight=False, soft_wrap=True)
+            console.print(
+                styled(("audio", "bold"), " (decoded with the EnCodec decoder): " + ", ".join(map(str, audio))),
+                highlight=False,
+                soft_wrap=True,
+            )
     events = rep.events_frame(r)
     console.print(frame_table(_fmt_frame(events), title="events") if not events.empty else "events: none")
 
     codec = s.get("codec") or r.data.get("codec") or {}
     cache = r.data.get("cache") or {}
     if codec:
-        console.print(f"codec: weights {codec.get('weights', '?')}  seed {fmt(codec.get('seed'))}  "
-                      f"checksum {fmt(codec.get('checksum'))}   latent RMS {fmt(r.data.get('latent_rms'))}  "
-                      f"scale x{fmt(s.get('latent_scale', r.data.get('scale')))}   "
-                      f"cache {'hit' if cache.get('hit') else 'miss' if cache else '?'} {cache.get('key', '')}",
-                      highlight=False)
+        console.print(
+            f"codec: weights {codec.get('weights', '?')}  seed {fmt(codec.get('seed'))}  "
+            f"checksum {fmt(codec.get('checksum'))}   latent RMS {fmt(r.data.get('latent_rms'))}  "
+            f"scale x{fmt(s.get('latent_scale', r.data.get('scale')))}   "
+            f"cache {'hit' if cache.get('hit') else 'miss' if cache else '?'} {cache.get('key', '')}",
+            highlight=False,
+        )
 
     if r.config is None:
         console.print("config: no readable config.yaml")
@@ -126,8 +171,11 @@ def show(
     model = (r.config.get("model") or {}).get("name", "cascade")
     if model == "custom" and r.config["model"].get("_target_") == OWN_LOOP:  # stab's Monitor, no factory
         params = {k: v for k, v in r.config["model"].items() if k not in ("name", "_target_")}
-        console.print(f"config: recorded by stab's Monitor in your own loop; model {params or '{}'}, train.lr "
-                      f"{fmt(r.config['train'].get('lr'))}, clip {fmt(r.config['train'].get('clip'))}", highlight=False)
+        console.print(
+            f"config: recorded by stab's Monitor in your own loop; model {params or '{}'}, train.lr "
+            f"{fmt(r.config['train'].get('lr'))}, clip {fmt(r.config['train'].get('clip'))}",
+            highlight=False,
+        )
         return
     try:
         target = [f"model._target_={r.config['model'].get('_target_')}"] if model == "custom" else []
@@ -137,8 +185,7 @@ def show(
         return
     diff = rep.config_diff(defaults, r.config)
     frame = pd.DataFrame([(k, _value(a), _value(b)) for k, a, b in diff], columns=["key", "default", "this run"])
-    console.print(frame_table(frame, title="config: differences from the defaults") if diff
-                  else "config: the defaults")
+    console.print(frame_table(frame, title="config: differences from the defaults") if diff else "config: the defaults")
 
 
 def _value(x: Any) -> str:

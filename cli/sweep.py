@@ -67,17 +67,40 @@ from stability.sweeps import (
     write_index,
 )
 
-LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local", "ray")  # their jobs run on this machine, and stop with the sweep
+LOCAL_LAUNCHERS = (
+    "basic",
+    "joblib",
+    "submitit_local",
+    "ray",
+)  # their jobs run on this machine, and stop with the sweep
 STOP_GRACE_S = 60.0  # how long stopped jobs get to write `interrupted` before they are killed
 
 
 def sweep(
-    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides; comma lists are swept, e.g. residual=0.1,0.3 norm=pre,post")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="Hydra overrides; comma lists are swept, e.g. residual=0.1,0.3 norm=pre,post"),
+    ] = None,
     runs: Annotated[Path, typer.Option("--runs", help="Folder that holds sweeps.")] = Path("runs"),
-    name: Annotated[str, typer.Option("--name", help="Sweep name: its folder under --runs. Same name again = resume.")] = "sweep",
-    launcher: Annotated[str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")] = "basic",
-    jobs: Annotated[int | None, typer.Option("--jobs", help="Jobs at once for local parallel launchers (joblib, ray); default: 2 for those, 1 for basic.")] = None,
-    config_dir: Annotated[list[Path] | None, typer.Option("--config-dir", help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.")] = None,
+    name: Annotated[
+        str, typer.Option("--name", help="Sweep name: its folder under --runs. Same name again = resume.")
+    ] = "sweep",
+    launcher: Annotated[
+        str, typer.Option("--launcher", help="basic | joblib | submitit_local | submitit_slurm | ray")
+    ] = "basic",
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs", help="Jobs at once for local parallel launchers (joblib, ray); default: 2 for those, 1 for basic."
+        ),
+    ] = None,
+    config_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--config-dir",
+            help="A folder of your own config groups (e.g. model/my_transformer.yaml), searched after stab's conf/; repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Train every combination of the comma lists and print a table of verdicts."""
     overrides = list(overrides or [])
@@ -111,8 +134,13 @@ class Launched:
 
     @property
     def skipped(self) -> int:
-        return sum(1 for r in self.returns if isinstance(r.return_value, dict) and r.return_value.get("skipped")
-                   and "duplicate_of" not in r.return_value)
+        return sum(
+            1
+            for r in self.returns
+            if isinstance(r.return_value, dict)
+            and r.return_value.get("skipped")
+            and "duplicate_of" not in r.return_value
+        )
 
     @property
     def crashed(self) -> list[dict[str, Any]]:
@@ -120,8 +148,16 @@ class Launched:
         return [r for r in self.records if r["state"] != "completed" and r["folder"] not in held]
 
 
-def launch_jobs(combos: list[list[str]], runs: Path, name: str, launcher: str, jobs: int | None,
-                hydra_args: list[str], overrides: list[str], task_args: list[str] | None = None) -> Launched:
+def launch_jobs(
+    combos: list[list[str]],
+    runs: Path,
+    name: str,
+    launcher: str,
+    jobs: int | None,
+    hydra_args: list[str],
+    overrides: list[str],
+    task_args: list[str] | None = None,
+) -> Launched:
     """Check every job's config, lock RUNS/NAME, run the jobs through the launcher, index them.
 
     With `task_args` (a grid of comma lists), Hydra's sweeper expands it into `combos`; without,
@@ -160,8 +196,9 @@ def launch_jobs(combos: list[list[str]], runs: Path, name: str, launcher: str, j
             (sweep_dir / DUPLICATES_FILE).unlink(missing_ok=True)
     try:
         with write_errors():
-            returns, records = _run_sweep(sweep_dir, name, launcher, overrides, task_args, hydra_args, combos,
-                                          concurrency, workers)
+            returns, records = _run_sweep(
+                sweep_dir, name, launcher, overrides, task_args, hydra_args, combos, concurrency, workers
+            )
     finally:
         lock.__exit__()
     busy = [r.return_value for r in returns if isinstance(r.return_value, dict) and r.return_value.get("busy")]
@@ -171,27 +208,46 @@ def launch_jobs(combos: list[list[str]], runs: Path, name: str, launcher: str, j
 def report_crashes(done: Launched) -> None:
     """One line per job that crashed or could not start; exit EXIT_CRASH if there was one."""
     for b in done.busy:
-        err_console.print(styled(("not started:", "bold yellow"), f" {b['busy']}; run the sweep again once it has finished"),
-                          highlight=False)
+        err_console.print(
+            styled(("not started:", "bold yellow"), f" {b['busy']}; run the sweep again once it has finished"),
+            highlight=False,
+        )
     for r in done.crashed:
-        err_console.print(styled((f"job {r['state']}:", "bold red"), f" {r['folder']}: {r.get('error')}"), highlight=False)
+        err_console.print(
+            styled((f"job {r['state']}:", "bold red"), f" {r['folder']}: {r.get('error')}"), highlight=False
+        )
     if done.crashed or done.busy:
         raise typer.Exit(EXIT_CRASH)
 
 
-def _run_sweep(sweep_dir: Path, name: str, launcher: str, overrides: list[str], task_args: list[str] | None,
-               hydra_args: list[str], combos: list[list[str]], concurrency: int,
-               workers: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+def _run_sweep(
+    sweep_dir: Path,
+    name: str,
+    launcher: str,
+    overrides: list[str],
+    task_args: list[str] | None,
+    hydra_args: list[str],
+    combos: list[list[str]],
+    concurrency: int,
+    workers: Any,
+) -> tuple[list[Any], list[dict[str, Any]]]:
     _wait_for_orphans(sweep_dir)
     for path in mark_stale_running(sweep_dir):
         err_console.print(styled(("found interrupted job", "yellow"), f" {path.name}: running it again"))
     for path in sorted(sweep_dir.glob(f"*/{rf.STATUS}")):
         why = incomplete(path.parent) if read_status(path.parent).get("state") == "completed" else None
         if why:
-            err_console.print(styled(("found damaged job", "yellow"), f" {path.parent.name}: {why}; running it again"),
-                              highlight=False)
-    console.print(styled(("stab sweep", "bold"), f" {len(combos)} jobs -> {sweep_dir}  "
-                         f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)"))
+            err_console.print(
+                styled(("found damaged job", "yellow"), f" {path.parent.name}: {why}; running it again"),
+                highlight=False,
+            )
+    console.print(
+        styled(
+            ("stab sweep", "bold"),
+            f" {len(combos)} jobs -> {sweep_dir}  "
+            f"(launcher {launcher}, {concurrency} at a time, {max(1, available_cpus() // concurrency)} thread(s) each)",
+        )
+    )
     write_index(sweep_dir, [], name=name, launcher=launcher, overrides=overrides, state="running")
     explicit = task_args is None  # run `combos` as given, not a grid the sweeper expands
     hydra_over = (task_args or []) + launch.hydra_overrides(sweep_dir, launcher, concurrency) + hydra_args
@@ -224,8 +280,11 @@ def _stop_jobs(sweep_dir: Path) -> None:
     """Stop every job this sweep started that still runs (a joblib worker, a re-parented submitit
     process): SIGTERM, which a job turns into status `interrupted`; after STOP_GRACE_S, SIGKILL."""
     mine = me()
-    writers = {d: w for d, w in live_writers(sweep_dir).items()
-               if w.get("owner") == mine and w.get("host") == socket.gethostname() and w.get("pid") != os.getpid()}
+    writers = {
+        d: w
+        for d, w in live_writers(sweep_dir).items()
+        if w.get("owner") == mine and w.get("host") == socket.gethostname() and w.get("pid") != os.getpid()
+    }
     for w in writers.values():
         _signal(w, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
@@ -248,14 +307,21 @@ def _signal(writer: dict[str, Any], sig: int) -> None:
 def _wait_for_orphans(sweep_dir: Path) -> None:
     """Jobs of an earlier sweep of this folder that died stop themselves within a second or two
     (they watch their sweep's process): wait for them rather than start a second writer."""
+
     def orphans() -> dict[Path, dict[str, Any]]:
-        return {d: w for d, w in live_writers(sweep_dir).items()
-                if w.get("owner") and w.get("host") == socket.gethostname() and not owner_alive(w["owner"])}
+        return {
+            d: w
+            for d, w in live_writers(sweep_dir).items()
+            if w.get("owner") and w.get("host") == socket.gethostname() and not owner_alive(w["owner"])
+        }
 
     waiting = orphans()
     if waiting:
-        err_console.print(f"waiting for {len(waiting)} job(s) of a stopped sweep to finish writing: "
-                          + ", ".join(d.name for d in waiting), highlight=False)
+        err_console.print(
+            f"waiting for {len(waiting)} job(s) of a stopped sweep to finish writing: "
+            + ", ".join(d.name for d in waiting),
+            highlight=False,
+        )
     deadline = time.monotonic() + STOP_GRACE_S
     while waiting and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -289,10 +355,12 @@ def same_configuration(job: list[str], earlier: list[str]) -> str:
         if mine.get(key) == theirs.get(key):
             continue
         shown = " and ".join(f"{key}={c[key]}" for c in (mine, theirs) if key in c)
-        why.append(f"{shown} give the same configuration" if key in mine and key in theirs
-                   else f"{shown} changes nothing there")
-    return (f"job {' '.join(job)} is the same configuration as job {' '.join(earlier)} ({'; '.join(why)}): "
-            f"trained once")
+        why.append(
+            f"{shown} give the same configuration"
+            if key in mine and key in theirs
+            else f"{shown} changes nothing there"
+        )
+    return f"job {' '.join(job)} is the same configuration as job {' '.join(earlier)} ({'; '.join(why)}): trained once"
 
 
 def _answer(sweep_dir: Path) -> None:
@@ -307,11 +375,16 @@ def _answer(sweep_dir: Path) -> None:
         err_console.print(f"no report: {e}", markup=False)
         return
     if result.answer is not None and not result.answer.empty:
-        console.print(frame_table(rep.answer_display(result.answer),
-                                  title="unstable (exploding, scream or nan) per factor value; medians over those runs"))
+        console.print(
+            frame_table(
+                rep.answer_display(result.answer),
+                title="unstable (exploding, scream or nan) per factor value; medians over those runs",
+            )
+        )
     console.print(result.sentence, style="bold", markup=False, highlight=False)
-    console.print(f"report: {result.out / 'report.md'} (stab report {sweep_dir} for every table)", markup=False,
-                  highlight=False)
+    console.print(
+        f"report: {result.out / 'report.md'} (stab report {sweep_dir} for every table)", markup=False, highlight=False
+    )
 
 
 def _concurrency(launcher: str, jobs: int | None, n: int) -> int:
@@ -324,19 +397,27 @@ def _concurrency(launcher: str, jobs: int | None, n: int) -> int:
     return min(n, jobs or 2)
 
 
-def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], state: str,
-            returns: list[Any] | None = None) -> list[dict[str, Any]]:
+def _finish(
+    sweep_dir: Path, name: str, launcher: str, overrides: list[str], state: str, returns: list[Any] | None = None
+) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for r in returns or []:
         value = r.return_value if isinstance(r.return_value, dict) else {}
         if "duplicate_of" in value:  # the same configuration as an earlier job: that job's record
-            records.append({**records[value["duplicate_of"]], "overrides": list(r.overrides),
-                            "same_as": records[value["duplicate_of"]]["overrides"]})
+            records.append(
+                {
+                    **records[value["duplicate_of"]],
+                    "overrides": list(r.overrides),
+                    "same_as": records[value["duplicate_of"]]["overrides"],
+                }
+            )
             continue
         folder = Path(value["folder"]) if value else Path(r.working_dir or "")
         records.append(job_record(folder, list(r.overrides)))
     if returns is None:  # interrupted: index what is on disk
-        records = [job_record(p.parent, RunFolder(p.parent).overrides() or []) for p in sorted(sweep_dir.rglob(rf.STATUS))]
+        records = [
+            job_record(p.parent, RunFolder(p.parent).overrides() or []) for p in sorted(sweep_dir.rglob(rf.STATUS))
+        ]
     write_index(sweep_dir, records, name=name, launcher=launcher, overrides=overrides, state=state)
     return records
 
@@ -344,20 +425,28 @@ def _finish(sweep_dir: Path, name: str, launcher: str, overrides: list[str], sta
 def summary_table(records: list[dict[str, Any]], skipped: int = 0, same: int = 0) -> Table:
     """One row per job; the overrides that differ between jobs are the first columns."""
     parsed = [dict(o.split("=", 1) for o in r["overrides"] if "=" in o) for r in records]
-    keys = [k for k in dict.fromkeys(k for p in parsed for k in p)
-            if len({p.get(k) for p in parsed}) > 1] if len(records) > 1 else []
-    notes = ([f"{skipped} already completed, skipped"] if skipped else []) + \
-        ([f"{same} the same configuration as another, trained once"] if same else [])
+    keys = (
+        [k for k in dict.fromkeys(k for p in parsed for k in p) if len({p.get(k) for p in parsed}) > 1]
+        if len(records) > 1
+        else []
+    )
+    notes = ([f"{skipped} already completed, skipped"] if skipped else []) + (
+        [f"{same} the same configuration as another, trained once"] if same else []
+    )
     t = Table(title=f"{len(records)} jobs" + (f" ({'; '.join(notes)})" if notes else ""))
     show_state = any(r["state"] != "completed" for r in records)  # only worth a column when some did not finish
     for col in (*keys, *(["state"] if show_state else []), "verdict", "first NaN", "scream", "final loss"):
         t.add_column(col, overflow="fold")
     for r, p in zip(records, parsed):
         nan = r.get("first_nan")
-        t.add_row(*(p.get(k, "") for k in keys), *([r["state"] or "?"] if show_state else []),
-                  verdict_text(r.get("verdict") or "?"),
-                  f"e{nan['epoch']} b{nan['batch']} {nan['module']}" if nan else "-",
-                  fmt(r.get("scream_epoch")), fmt(r.get("final_loss")))
+        t.add_row(
+            *(p.get(k, "") for k in keys),
+            *([r["state"] or "?"] if show_state else []),
+            verdict_text(r.get("verdict") or "?"),
+            f"e{nan['epoch']} b{nan['batch']} {nan['module']}" if nan else "-",
+            fmt(r.get("scream_epoch")),
+            fmt(r.get("final_loss")),
+        )
     return t
 
 
@@ -383,9 +472,17 @@ def job_progress(run_dir: Path, now: float) -> dict[str, Any]:
             # a fact, not a verdict: a scream must last to the end, and a collapse while the loss
             # still falls is undertraining (stability.detectors.scream_onset); many end stable
             note = f"output collapsed at epoch {epochs[-1].get('epoch', done)}"
-    return {"name": run_dir.name, "state": state, "epoch": done, "epochs": total,
-            "grad_norm": epochs[-1].get("grad_norm_mean") if epochs else None, "verdict": verdict,
-            "note": note, "elapsed": elapsed, "eta": eta}
+    return {
+        "name": run_dir.name,
+        "state": state,
+        "epoch": done,
+        "epochs": total,
+        "grad_norm": epochs[-1].get("grad_norm_mean") if epochs else None,
+        "verdict": verdict,
+        "note": note,
+        "elapsed": elapsed,
+        "eta": eta,
+    }
 
 
 class LiveView:
@@ -395,37 +492,52 @@ class LiveView:
     elapsed time and ETA, as wide as the terminal from its first frame. Elsewhere (a CI log): a
     line each time a job starts, finishes an epoch or ends."""
 
-    def __init__(self, sweep_dir: Path, total: int, names: set[str] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, sweep_dir: Path, total: int, names: set[str] | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         # `names`: this launch's job folders; a folder also holds earlier launches' jobs (a margin
         # search's rounds, another grid under the same --name), which are not counted in `total`
         self.sweep_dir, self.total, self.names, self.clock = sweep_dir, total, names, clock
         self.terminal = console.is_terminal
-        self.live = Live(self.render(), console=console, refresh_per_second=2, transient=True) if self.terminal else None
+        self.live = (
+            Live(self.render(), console=console, refresh_per_second=2, transient=True) if self.terminal else None
+        )
         self.seen: dict[str, tuple[Any, ...]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
     def jobs(self) -> list[dict[str, Any]]:
         now = self.clock()
-        return [job_progress(p.parent, now) for p in sorted(self.sweep_dir.glob(f"*/{rf.STATUS}"))
-                if self.names is None or p.parent.name in self.names]
+        return [
+            job_progress(p.parent, now)
+            for p in sorted(self.sweep_dir.glob(f"*/{rf.STATUS}"))
+            if self.names is None or p.parent.name in self.names
+        ]
 
     def render(self) -> Table:
         jobs = self.jobs()
         counts = {s: sum(1 for j in jobs if j["state"] == s) for s in ("completed", "running", "failed", "interrupted")}
         # min_width: with no rows yet, Rich would size the table (and wrap its title) to the
         # header's ~23 columns; the first frames keep the terminal's width instead
-        t = Table(title=f"{counts['completed']}/{self.total} done, {counts['running']} running, "
-                        f"{counts['failed']} failed", show_edge=False, min_width=min(console.width, 120))
+        t = Table(
+            title=f"{counts['completed']}/{self.total} done, {counts['running']} running, {counts['failed']} failed",
+            show_edge=False,
+            min_width=min(console.width, 120),
+        )
         for col in ("job", "state", "epoch", "grad norm", "verdict", "elapsed", "ETA"):
-            t.add_column(col, justify="right" if col in ("epoch", "grad norm", "elapsed", "ETA") else "left",
-                         overflow="fold")
+            t.add_column(
+                col, justify="right" if col in ("epoch", "grad norm", "elapsed", "ETA") else "left", overflow="fold"
+            )
         for j in jobs:
-            t.add_row(j["name"], verdict_text(j["state"]), f"{j['epoch']}/{j['epochs'] or '?'}", fmt(j["grad_norm"]),
-                      verdict_text(j["verdict"]) if j["verdict"] else Text(j["note"] or "", style="dim"),
-                      seconds(j["elapsed"]),
-                      seconds(j["eta"]) if j["state"] == "running" else "")
+            t.add_row(
+                j["name"],
+                verdict_text(j["state"]),
+                f"{j['epoch']}/{j['epochs'] or '?'}",
+                fmt(j["grad_norm"]),
+                verdict_text(j["verdict"]) if j["verdict"] else Text(j["note"] or "", style="dim"),
+                seconds(j["elapsed"]),
+                seconds(j["eta"]) if j["state"] == "running" else "",
+            )
         return t
 
     def print_changes(self) -> None:
@@ -436,8 +548,10 @@ class LiveView:
                 continue
             self.seen[j["name"]] = key
             done = sum(1 for k in self.seen.values() if k[0] == "completed")
-            line = (f"[{done}/{self.total} done] {j['name']}: {j['state']}, epoch {j['epoch']}/{j['epochs'] or '?'}, "
-                    f"grad norm {fmt(j['grad_norm'])}, elapsed {seconds(j['elapsed'])}")
+            line = (
+                f"[{done}/{self.total} done] {j['name']}: {j['state']}, epoch {j['epoch']}/{j['epochs'] or '?'}, "
+                f"grad norm {fmt(j['grad_norm'])}, elapsed {seconds(j['elapsed'])}"
+            )
             if j["state"] == "running":
                 line += f", ETA {seconds(j['eta'])}"
             if j["verdict"]:

@@ -54,8 +54,15 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))  # (B, T, vocab)
 
 
-def build(path: str | None = None, max_chars: int = 20_000, context: int = 32, width: int = 32, depth: int = 2,
-          heads: int = 2, norm: str = "post") -> dict:
+def build(
+    path: str | None = None,
+    max_chars: int = 20_000,
+    context: int = 32,
+    width: int = 32,
+    depth: int = 2,
+    heads: int = 2,
+    norm: str = "post",
+) -> dict:
     """Next-character prediction on `path` (default: stab's README). `norm` is stab's short name."""
     if norm not in ("pre", "post"):
         raise ValueError(f"norm={norm!r}: this GPT has pre or post")

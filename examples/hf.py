@@ -22,8 +22,17 @@ def _tokens(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=g)
 
 
-def build(arch: str = "gpt2", n_layer: int = 2, n_embd: int = 16, n_head: int = 2, vocab: int = 32,
-          length: int = 8, n_train: int = 48, n_val: int = 8, seed: int = 0) -> dict:
+def build(
+    arch: str = "gpt2",
+    n_layer: int = 2,
+    n_embd: int = 16,
+    n_head: int = 2,
+    vocab: int = 32,
+    length: int = 8,
+    n_train: int = 48,
+    n_val: int = 8,
+    seed: int = 0,
+) -> dict:
     """A randomly initialised `GPT2LMHeadModel` or `LlamaForCausalLM` and random token data."""
     import transformers
 
@@ -31,35 +40,70 @@ def build(arch: str = "gpt2", n_layer: int = 2, n_embd: int = 16, n_head: int = 
 
     torch.manual_seed(seed)
     if arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=vocab, n_positions=length, n_embd=n_embd, n_layer=n_layer,
-                                         n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                         attn_implementation="sdpa")  # no dropout: a re-run is the same step
+        config = transformers.GPT2Config(
+            vocab_size=vocab,
+            n_positions=length,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            attn_implementation="sdpa",
+        )  # no dropout: a re-run is the same step
         model = transformers.GPT2LMHeadModel(config)
     elif arch == "llama":
-        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=2 * n_embd,
-                                          num_hidden_layers=n_layer, num_attention_heads=n_head,
-                                          num_key_value_heads=max(1, n_head // 2), max_position_embeddings=length,
-                                          attn_implementation="sdpa")
+        config = transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=n_embd,
+            intermediate_size=2 * n_embd,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=max(1, n_head // 2),
+            max_position_embeddings=length,
+            attn_implementation="sdpa",
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
         raise ValueError(f"arch={arch!r}: expected gpt2 or llama")
     x = _tokens(n_train + n_val, length, vocab, seed + 1)
-    return {"model": model, "train": {"input_ids": x[n_val:], "labels": x[n_val:]},
-            "val": {"input_ids": x[:n_val], "labels": x[:n_val]}, "loss": hf_loss, "tokens": None,
-            "info": {"arch": arch}}
+    return {
+        "model": model,
+        "train": {"input_ids": x[n_val:], "labels": x[n_val:]},
+        "val": {"input_ids": x[:n_val], "labels": x[:n_val]},
+        "loss": hf_loss,
+        "tokens": None,
+        "info": {"arch": arch},
+    }
 
 
-def vit(depth: int = 2, width: int = 16, heads: int = 2, image: int = 8, patch: int = 4, classes: int = 4,
-        n_train: int = 32, n_val: int = 8, seed: int = 0) -> dict:
+def vit(
+    depth: int = 2,
+    width: int = 16,
+    heads: int = 2,
+    image: int = 8,
+    patch: int = 4,
+    classes: int = 4,
+    n_train: int = 32,
+    n_val: int = 8,
+    seed: int = 0,
+) -> dict:
     """A randomly initialised timm `VisionTransformer` on random images and labels."""
     import torch.nn.functional as F
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
-    model = VisionTransformer(img_size=image, patch_size=patch, in_chans=3, num_classes=classes, embed_dim=width,
-                              depth=depth, num_heads=heads, mlp_ratio=2.0)
+    model = VisionTransformer(
+        img_size=image,
+        patch_size=patch,
+        in_chans=3,
+        num_classes=classes,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=2.0,
+    )
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(n_train + n_val, 3, image, image, generator=g)
     y = torch.randint(0, classes, (n_train + n_val,), generator=g)
-    return {"model": model, "train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val]),
-            "loss": F.cross_entropy}
+    return {"model": model, "train": (x[n_val:], y[n_val:]), "val": (x[:n_val], y[:n_val]), "loss": F.cross_entropy}

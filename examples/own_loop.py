@@ -28,9 +28,19 @@ def main() -> None:
     task = build(**config)
     model, loss_fn, (x, y) = task["model"], task["loss"], task["train"]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    with Monitor(model, opt, args.runs, name="own_loop", loss=loss_fn, val=task["val"], clip=5.0,
-                 config=config, factory="examples.gpt.build", epochs=args.epochs,
-                 batch_size=16) as monitor:
+    with Monitor(
+        model,
+        opt,
+        args.runs,
+        name="own_loop",
+        loss=loss_fn,
+        val=task["val"],
+        clip=5.0,
+        config=config,
+        factory="examples.gpt.build",
+        epochs=args.epochs,
+        batch_size=16,
+    ) as monitor:
         for epoch in range(1, args.epochs + 1):
             for idx in torch.randperm(len(x)).split(16):
                 loss = loss_fn(model(x[idx]), y[idx])
@@ -38,8 +48,10 @@ def main() -> None:
                 if monitor.should_stop:  # a non-finite step (on_nan="stop")
                     break
             record = monitor.end_epoch()  # validation loss, scream check, attention health
-            print(f"epoch {epoch}: loss {record['loss']:.3f}  val {record['val_loss']:.3f}  "
-                  f"grad norm {record['grad_norm_mean']:.3g}  verdict so far: {monitor.verdict}")
+            print(
+                f"epoch {epoch}: loss {record['loss']:.3f}  val {record['val_loss']:.3f}  "
+                f"grad norm {record['grad_norm_mean']:.3g}  verdict so far: {monitor.verdict}"
+            )
             if monitor.should_stop:
                 break
     s = monitor.summary

@@ -21,7 +21,7 @@ def images(n: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch
     for i, q in enumerate(y.tolist()):
         r0 = (q // 2) * half + int(torch.randint(0, half - s + 1, (1,), generator=gen))
         c0 = (q % 2) * half + int(torch.randint(0, half - s + 1, (1,), generator=gen))
-        x[i, 0, r0:r0 + s, c0:c0 + s] += 2.0
+        x[i, 0, r0 : r0 + s, c0 : c0 + s] += 2.0
     return x, y
 
 
@@ -34,10 +34,12 @@ class ViT(nn.Module):
         self.embed = nn.Conv2d(1, width, patch, stride=patch)  # (B, width, size/patch, size/patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.pos = nn.Parameter(0.02 * torch.randn(1, n_patches + 1, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True,
-                                           norm_first=norm == "pre")
-        self.encoder = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(width) if norm == "pre" else None,
-                                             enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=norm == "pre"
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, depth, norm=nn.LayerNorm(width) if norm == "pre" else None, enable_nested_tensor=False
+        )
         self.head = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +48,16 @@ class ViT(nn.Module):
         return self.head(self.encoder(h)[:, 0])  # (B, classes)
 
 
-def build(n: int = 512, size: int = 8, patch: int = 2, width: int = 32, depth: int = 2, heads: int = 2,
-          norm: str = "post", seed: int = 0) -> dict:
+def build(
+    n: int = 512,
+    size: int = 8,
+    patch: int = 2,
+    width: int = 32,
+    depth: int = 2,
+    heads: int = 2,
+    norm: str = "post",
+    seed: int = 0,
+) -> dict:
     """`n` images (a tenth held out); `norm` is stab's short name (pre: norm_first and a final norm)."""
     if norm not in ("pre", "post"):
         raise ValueError(f"norm={norm!r}: nn.TransformerEncoderLayer has pre (norm_first) or post")

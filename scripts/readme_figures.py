@@ -40,8 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-MARK = re.compile(r"<!-- figure (?P<name>[\w.-]+): (?P<status>made|not-remade) inputs=(?P<hash>[0-9a-f]{12}) -->\n"
-                  r"(?P<body>.*?)<!-- /figure (?P=name) -->", re.S)
+MARK = re.compile(
+    r"<!-- figure (?P<name>[\w.-]+): (?P<status>made|not-remade) inputs=(?P<hash>[0-9a-f]{12}) -->\n"
+    r"(?P<body>.*?)<!-- /figure (?P=name) -->",
+    re.S,
+)
 STALE_NOTE = "> **Not re-made** with the code as it is now"
 
 
@@ -70,11 +73,14 @@ def inputs_hash(fig: Figure, root: Path = ROOT) -> str:
 
 # --- rendering --------------------------------------------------------------------------------
 
+
 def _summaries(folder: Path) -> list[dict]:
     out = []
     for s in sorted(folder.glob("*/summary.json")):
         summary = json.loads(s.read_text())
-        overrides = json.loads((s.parent / "overrides.json").read_text()) if (s.parent / "overrides.json").exists() else []
+        overrides = (
+            json.loads((s.parent / "overrides.json").read_text()) if (s.parent / "overrides.json").exists() else []
+        )
         overrides = overrides.get("overrides", []) if isinstance(overrides, dict) else overrides
         out.append({"overrides": dict(o.split("=", 1) for o in overrides if "=" in o), **summary})
     return out
@@ -98,13 +104,17 @@ def lr_grid_table(folder: Path, column: str = "norm") -> str:
     for lr in lrs:
         cells = []
         for c in cols:
-            r = next((r for r in runs if float(r["overrides"]["train.lr"]) == lr and r["overrides"].get(column, "-") == c),
-                     None)
+            r = next(
+                (r for r in runs if float(r["overrides"]["train.lr"]) == lr and r["overrides"].get(column, "-") == c),
+                None,
+            )
             if r is None:
                 cells.append("-")
                 continue
             border = " (borderline)" if r.get("borderline") else ""
-            cells.append(f"{r['verdict']}{border}, val {_num(r.get('final_val_loss'))} / {_num(r.get('val_loss_init'))}")
+            cells.append(
+                f"{r['verdict']}{border}, val {_num(r.get('final_val_loss'))} / {_num(r.get('val_loss_init'))}"
+            )
         lines.append(f"| {lr:g} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -112,10 +122,14 @@ def lr_grid_table(folder: Path, column: str = "norm") -> str:
 def _render_lr_grid(what: str) -> Callable[[Path, list[float]], str]:
     def render(runs: Path, seconds: list[float]) -> str:
         folder = next(p for p in runs.iterdir() if p.is_dir())
-        return (f"{what}, one seed (`{' '.join(FIGURE_BY_NAME[folder.name].commands[0])}`); each cell: verdict, last "
-                f"validation loss / validation loss at initialisation. Made by `scripts/readme_figures.py --make "
-                f"{folder.name}` in {sum(seconds):.0f} s on the 2-core machine shared with other jobs.\n\n"
-                + lr_grid_table(folder) + "\n")
+        return (
+            f"{what}, one seed (`{' '.join(FIGURE_BY_NAME[folder.name].commands[0])}`); each cell: verdict, last "
+            f"validation loss / validation loss at initialisation. Made by `scripts/readme_figures.py --make "
+            f"{folder.name}` in {sum(seconds):.0f} s on the 2-core machine shared with other jobs.\n\n"
+            + lr_grid_table(folder)
+            + "\n"
+        )
+
     return render
 
 
@@ -124,36 +138,90 @@ def _render_story(runs: Path, seconds: list[float]) -> str:
 
     result = rep.write_report(runs / "story")
     ans = rep.answer_display(result.answer)
-    return (f"```\n{result.sentence}\n\n{ans.to_string(index=False)}\n```\n\n"
-            f"Wall time of the sweep: {seconds[0] / 60:.1f} min (2 cores shared with other jobs).\n")
+    return (
+        f"```\n{result.sentence}\n\n{ans.to_string(index=False)}\n```\n\n"
+        f"Wall time of the sweep: {seconds[0] / 60:.1f} min (2 cores shared with other jobs).\n"
+    )
 
 
-DETECT = ("stability/detectors.py", "stability/**/summarizer.py", "stability/lr_sensitivity.py", "stability/training.py",
-          "conf/config.yaml")
+DETECT = (
+    "stability/detectors.py",
+    "stability/**/summarizer.py",
+    "stability/lr_sensitivity.py",
+    "stability/training.py",
+    "conf/config.yaml",
+)
 FIGURES = (
-    Figure("charlm_lr_grid",
-           (("sweep", "--runs", "RUNS", "--name", "charlm_lr_grid", "model=charlm", "preset=smoke", "norm=pre,post",
-             "train.lr=1e-3,1e-2,0.1,1,10"),),
-           (*DETECT, "stability/models/charlm.py", "stability/models/layers.py", "stability/workloads/charlm/*.py",
-            "conf/model/charlm.yaml", "conf/model_preset/charlm/smoke.yaml"),
-           _render_lr_grid("The char LM's smoke preset over a learning-rate grid")),
-    Figure("cascade_lr_grid",
-           (("sweep", "--runs", "RUNS", "--name", "cascade_lr_grid", "preset=smoke", "norm=pre,post",
-             "train.lr=1e-3,1e-2,0.1,1,10"),),
-           (*DETECT, "stability/models/cascade.py", "stability/models/layers.py", "stability/workloads/cascade/*.py",
-            "conf/model/cascade.yaml", "conf/model_preset/cascade/smoke.yaml"),
-           _render_lr_grid("The cascade's smoke preset over a learning-rate grid")),
-    Figure("story",
-           (("sweep", "--runs", "RUNS", "--name", "story", "--launcher", "joblib", "--jobs", "2", "experiment=story"),),
-           (*DETECT, "stability/report/factors.py", "stability/report/tables.py", "stability/models/cascade.py",
-            "stability/models/layers.py", "stability/workloads/cascade/*.py", "conf/experiment/story.yaml",
-            "conf/model_preset/cascade/default.yaml"),
-           _render_story),
+    Figure(
+        "charlm_lr_grid",
+        (
+            (
+                "sweep",
+                "--runs",
+                "RUNS",
+                "--name",
+                "charlm_lr_grid",
+                "model=charlm",
+                "preset=smoke",
+                "norm=pre,post",
+                "train.lr=1e-3,1e-2,0.1,1,10",
+            ),
+        ),
+        (
+            *DETECT,
+            "stability/models/charlm.py",
+            "stability/models/layers.py",
+            "stability/workloads/charlm/*.py",
+            "conf/model/charlm.yaml",
+            "conf/model_preset/charlm/smoke.yaml",
+        ),
+        _render_lr_grid("The char LM's smoke preset over a learning-rate grid"),
+    ),
+    Figure(
+        "cascade_lr_grid",
+        (
+            (
+                "sweep",
+                "--runs",
+                "RUNS",
+                "--name",
+                "cascade_lr_grid",
+                "preset=smoke",
+                "norm=pre,post",
+                "train.lr=1e-3,1e-2,0.1,1,10",
+            ),
+        ),
+        (
+            *DETECT,
+            "stability/models/cascade.py",
+            "stability/models/layers.py",
+            "stability/workloads/cascade/*.py",
+            "conf/model/cascade.yaml",
+            "conf/model_preset/cascade/smoke.yaml",
+        ),
+        _render_lr_grid("The cascade's smoke preset over a learning-rate grid"),
+    ),
+    Figure(
+        "story",
+        (("sweep", "--runs", "RUNS", "--name", "story", "--launcher", "joblib", "--jobs", "2", "experiment=story"),),
+        (
+            *DETECT,
+            "stability/report/factors.py",
+            "stability/report/tables.py",
+            "stability/models/cascade.py",
+            "stability/models/layers.py",
+            "stability/workloads/cascade/*.py",
+            "conf/experiment/story.yaml",
+            "conf/model_preset/cascade/default.yaml",
+        ),
+        _render_story,
+    ),
 )
 FIGURE_BY_NAME = {f.name: f for f in FIGURES}
 
 
 # --- the README's blocks ----------------------------------------------------------------------
+
 
 def blocks(text: str) -> list[re.Match]:
     return list(MARK.finditer(text))
@@ -171,9 +239,11 @@ def check(text: str, root: Path = ROOT, figures: dict[str, Figure] | None = None
             problems.append(f"{name}: no such figure in scripts/readme_figures.py")
             continue
         if status == "made" and inputs_hash(figures[name], root) != m["hash"]:
-            problems.append(f"{name}: its commands or code changed since it was made (inputs "
-                            f"{inputs_hash(figures[name], root)}, block {m['hash']}): re-make it "
-                            f"(--make {name}) or mark it not re-made (--mark-stale)")
+            problems.append(
+                f"{name}: its commands or code changed since it was made (inputs "
+                f"{inputs_hash(figures[name], root)}, block {m['hash']}): re-make it "
+                f"(--make {name}) or mark it not re-made (--mark-stale)"
+            )
         if status == "not-remade" and STALE_NOTE not in m["body"]:
             problems.append(f"{name}: marked not-remade without the visible note ({STALE_NOTE!r})")
     return problems
@@ -184,7 +254,7 @@ def replace_block(text: str, name: str, status: str, digest: str, body: str) -> 
     for m in blocks(text):
         if m["name"] == name:
             new = f"<!-- figure {name}: {status} inputs={digest} -->\n{body.rstrip()}\n<!-- /figure {name} -->"
-            return text[:m.start()] + new + text[m.end():]
+            return text[: m.start()] + new + text[m.end() :]
     raise ValueError(f"README.md has no block for figure {name!r}")
 
 
@@ -195,8 +265,10 @@ def mark_stale(text: str, root: Path = ROOT, figures: dict[str, Figure] | None =
         fig = figures.get(m["name"])
         if fig is None or m["status"] != "made" or inputs_hash(fig, root) == m["hash"]:
             continue
-        note = (f"{STALE_NOTE} (its code changed after it was made; `python scripts/readme_figures.py --make "
-                f"{fig.name}` re-makes it): the figures below may no longer be what the command prints.\n\n")
+        note = (
+            f"{STALE_NOTE} (its code changed after it was made; `python scripts/readme_figures.py --make "
+            f"{fig.name}` re-makes it): the figures below may no longer be what the command prints.\n\n"
+        )
         text = replace_block(text, fig.name, "not-remade", m["hash"], note + m["body"])
     return text
 

@@ -36,8 +36,13 @@ def init_eval(raw: dict) -> dict:
         cfg = RunConfig.from_dict(raw)
         work = build(cfg, torch.device("cpu")).work
         ev = work.evaluate()
-        _init_cache[key] = {"event": "init_eval", "val_loss": ev["val_loss"], "scores": ev.get("scores") or {},
-                            "baseline_loss": work.info.get("baseline_loss"), "baseline": work.info.get("baseline")}
+        _init_cache[key] = {
+            "event": "init_eval",
+            "val_loss": ev["val_loss"],
+            "scores": ev.get("scores") or {},
+            "baseline_loss": work.info.get("baseline_loss"),
+            "baseline": work.info.get("baseline"),
+        }
     return _init_cache[key]
 
 
@@ -66,8 +71,10 @@ def main(paths: list[str]) -> None:
             old = json.loads(summary.read_text())
             new = rediagnose(run)
             border = "; ".join(b["what"] for b in new["borderline"])
-            print(f"{run.name}\t{old.get('verdict')} -> {new['verdict']}\tval {new['final_val_loss']:.3g} / "
-                  f"{new['val_loss_init']:.3g}\t{border}\t{new['evidence'][:110]}")
+            print(
+                f"{run.name}\t{old.get('verdict')} -> {new['verdict']}\tval {new['final_val_loss']:.3g} / "
+                f"{new['val_loss_init']:.3g}\t{border}\t{new['evidence'][:110]}"
+            )
 
 
 if __name__ == "__main__":

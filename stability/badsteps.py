@@ -124,11 +124,26 @@ class Format:
         return self.filename, self.render_steps(steps)
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("lightning", "skip_batches.json", lightning,
-           "Lightning SpikeDetection's skip_batches.json: batch indices within the epoch (the bad one and the one before)"),
-    Format("olmo-core", "olmo_core_steps_to_skip.json", olmo_core,
-           "OLMo-core trainer steps_to_skip: StepSkipRange start/stop, 1-based, stop exclusive"),
-    Format("megatron", "megatron_iterations_to_skip.txt", megatron,
-           "Megatron-LM --iterations-to-skip: 1-indexed iterations"),
-)}
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            "lightning",
+            "skip_batches.json",
+            lightning,
+            "Lightning SpikeDetection's skip_batches.json: batch indices within the epoch (the bad one and the one before)",
+        ),
+        Format(
+            "olmo-core",
+            "olmo_core_steps_to_skip.json",
+            olmo_core,
+            "OLMo-core trainer steps_to_skip: StepSkipRange start/stop, 1-based, stop exclusive",
+        ),
+        Format(
+            "megatron",
+            "megatron_iterations_to_skip.txt",
+            megatron,
+            "Megatron-LM --iterations-to-skip: 1-indexed iterations",
+        ),
+    )
+}

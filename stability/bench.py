@@ -76,7 +76,7 @@ def matmul_flops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
         a @ b
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def step_flops(work: Any, batch: Any) -> float:
@@ -126,7 +126,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
         # OptimizedModules (modules), typed by torch as callables
         work.model, bare = cast(nn.Module, torch.compile(work.model)), cast(nn.Module, torch.compile(bare))
     g = torch.Generator().manual_seed(cfg.seed)
-    batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
+    batches = [work.batch(torch.randperm(work.n_train, generator=g)[: tc.batch_size]) for _ in range(8)]
     opt_b, sched_b = make_optimizer(bare, tc)
     stepper = Stepper(work, parts.opt, parts.sched, parts.instruments(cfg), tc.precision)
     layout = stepper.layout
@@ -137,8 +137,9 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
 
     def stab_step(i: int) -> None:
         host, finite = stepper(batches[i % len(batches)])
-        records.append(layout.record(host, step=i, epoch=1, batch=i, lr=tc.lr, step_ms=0.0, clip=tc.clip,
-                                     finite=finite))
+        records.append(
+            layout.record(host, step=i, epoch=1, batch=i, lr=tc.lr, step_ms=0.0, clip=tc.clip, finite=finite)
+        )
 
     def logged_step(i: int) -> None:  # the same, and the record goes to the trackers
         stab_step(i)
@@ -169,6 +170,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
         work.evaluate()
         if cfg.detect.health and work.health_layers():
             from stability import health
+
             health.measure(work.model, work.health_loss, work.health_layers())
     extras = time.perf_counter() - t0
 
@@ -178,10 +180,24 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     n_batches = max(1, work.n_train // tc.batch_size)
     log_sps = done / spent["log"] if "log" in spent else None
     sync_sps = done / spent["sync"] if "sync" in spent else None
-    return BenchResult(bare_sps, stab_sps, stab_sps / bare_sps, flops, machine, bare_sps * flops / machine,
-                       stab_sps * flops / machine, extras, n_batches / stab_sps, done, str(device),
-                       torch.get_num_threads(), log_sps, log_sps / stab_sps if log_sps else None,
-                       sync_sps, sync_sps / stab_sps if sync_sps else None)
+    return BenchResult(
+        bare_sps,
+        stab_sps,
+        stab_sps / bare_sps,
+        flops,
+        machine,
+        bare_sps * flops / machine,
+        stab_sps * flops / machine,
+        extras,
+        n_batches / stab_sps,
+        done,
+        str(device),
+        torch.get_num_threads(),
+        log_sps,
+        log_sps / stab_sps if log_sps else None,
+        sync_sps,
+        sync_sps / stab_sps if sync_sps else None,
+    )
 
 
 def _sync_every_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) -> Any:
@@ -195,11 +211,22 @@ def _sync_every_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) ->
     idx = torch.arange(tc.batch_size)
 
     def step(i: int) -> None:
-        window.add(StepContext(i, 1, i, idx, batches[i % len(batches)], None, parts.sched.state_dict(),
-                               [g["lr"] for g in parts.opt.param_groups]))
+        window.add(
+            StepContext(
+                i,
+                1,
+                i,
+                idx,
+                batches[i % len(batches)],
+                None,
+                parts.sched.state_dict(),
+                [g["lr"] for g in parts.opt.param_groups],
+            )
+        )
         if window.full:
             for _ in window.drain():
                 pass
+
     return step
 
 
@@ -279,4 +306,4 @@ def bookkeeping(cfg: RunConfig, n_steps: int, epoch_steps: int = 500, seed: int 
         growth = _rss() - before
         written = sum(p.stat().st_size for p in run_dir.iterdir())
         del writer
-    return BookkeepingResult(n_steps, len(names), 1e6 * elapsed / n_steps, growth / 2 ** 20, epoch_steps, written)
+    return BookkeepingResult(n_steps, len(names), 1e6 * elapsed / n_steps, growth / 2**20, epoch_steps, written)

@@ -35,8 +35,15 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
 
 
-def _number(key: str, value: Any, *, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, integer: bool = False) -> Any:
+def _number(
+    key: str,
+    value: Any,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    integer: bool = False,
+) -> Any:
     """Check that `value` is a number in range; return it as int or float."""
     what = "an integer" if integer else "a number"
     rng = ""
@@ -158,8 +165,7 @@ class CodecConfig:
         if not isinstance(self.weights, str) or not self.weights:
             _fail("data.codec.weights", self.weights, "random, pretrained or a checkpoint path")
         self.seed = _number("data.codec.seed", self.seed, lo=0, integer=True)
-        self.calib_codebooks = _number("data.codec.calib_codebooks", self.calib_codebooks,
-                                       lo=1, hi=32, integer=True)
+        self.calib_codebooks = _number("data.codec.calib_codebooks", self.calib_codebooks, lo=1, hi=32, integer=True)
 
 
 @dataclass
@@ -171,7 +177,9 @@ class DataConfig:
     n_val: int = 8  # clips; the first `scream_items` are the fixed scream-check batch
     seconds: float = 2.0  # clip length; 75 latent frames per second
     seed: int = 0  # seeds the generated audio (folder: the train/validation split)
-    latent_rms: Any = "auto"  # auto (seed: input 5.66, target 5.69) | off | positive float: rescale each side to this RMS
+    latent_rms: Any = (
+        "auto"  # auto (seed: input 5.66, target 5.69) | off | positive float: rescale each side to this RMS
+    )
     latent_center: str = "auto"  # auto | on | off: remove the per-channel offset before scaling
     cache_dir: Any = None  # null: $STAB_CACHE or ~/.cache/stab
     path: Any = None  # folder data: the folder holding input/ and target/
@@ -246,7 +254,8 @@ class TrainConfig:
         _choice("train.on_nan", self.on_nan, ("stop", "skip"))
         _flag("train.stop_early", self.stop_early)
         if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        ):
             _fail("train.device", self.device, "auto, cpu, cuda or cuda:N")
         if self.threads is not None:
             self.threads = _number("train.threads", self.threads, lo=1, hi=1024, integer=True)
@@ -411,8 +420,7 @@ class ListenConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, (list, tuple)):
             _fail("listen.epochs", self.epochs, "a list of epochs, e.g. [1,5]")
-        self.epochs = sorted({_number(f"listen.epochs[{i}]", e, lo=1, integer=True)
-                              for i, e in enumerate(self.epochs)})
+        self.epochs = sorted({_number(f"listen.epochs[{i}]", e, lo=1, integer=True) for i, e in enumerate(self.epochs)})
         if self.every is not None:
             self.every = _number("listen.every", self.every, lo=1, integer=True)
         self.items = _number("listen.items", self.items, lo=1, hi=64, integer=True)
@@ -508,8 +516,11 @@ class CustomModelConfig:
     def __post_init__(self) -> None:
         _choice("model.name", self.name, ("custom",))
         if not isinstance(self.target, str) or not self.target or self.target.startswith("."):
-            _fail("model._target_", self.target,
-                  "the dotted path of your factory function, e.g. model._target_=my_pkg.my_module.build")
+            _fail(
+                "model._target_",
+                self.target,
+                "the dotted path of your factory function, e.g. model._target_=my_pkg.my_module.build",
+            )
 
     def __getattr__(self, key: str) -> Any:  # model.norm etc. where the factory declares them
         params = self.__dict__.get("params") or {}
@@ -580,8 +591,12 @@ class RunConfig:
             _fail("data.name", self.data.name, "text with model=charlm (the char LM reads text: data=text)")
         custom_model, no_data = self.model.name == "custom", self.data.name == "none"
         if custom_model and not no_data:
-            _fail("data.name", self.data.name, "none with model=custom (your factory returns the data; in your own "
-                  "model file: `defaults: [override /data: none]`)")
+            _fail(
+                "data.name",
+                self.data.name,
+                "none with model=custom (your factory returns the data; in your own "
+                "model file: `defaults: [override /data: none]`)",
+            )
         if no_data and not custom_model:
             _fail("data.name", self.data.name, f"data for model={self.model.name}: data=none is for model=custom")
         if text_data and not text_model:
@@ -644,18 +659,34 @@ class RunConfig:
 
 
 # Keys that change where or how fast a run happens, or where it is reported, never what it computes.
-OPERATIONAL_KEYS = ("train.device", "train.threads", "train.sync_every", "train.snapshot_every", "train.snapshot_keep",
-                    "detect.opt_state", "data.cache_dir", "log", "margin")
+OPERATIONAL_KEYS = (
+    "train.device",
+    "train.threads",
+    "train.sync_every",
+    "train.snapshot_every",
+    "train.snapshot_keep",
+    "detect.opt_state",
+    "data.cache_dir",
+    "log",
+    "margin",
+)
 
-_NESTED = {("RunConfig", "model"): ModelConfig, ("RunConfig", "data"): DataConfig,
-           ("RunConfig", "train"): TrainConfig, ("RunConfig", "detect"): DetectConfig,
-           ("RunConfig", "fault"): FaultConfig, ("RunConfig", "listen"): ListenConfig,
-           ("RunConfig", "margin"): MarginConfig}
+_NESTED = {
+    ("RunConfig", "model"): ModelConfig,
+    ("RunConfig", "data"): DataConfig,
+    ("RunConfig", "train"): TrainConfig,
+    ("RunConfig", "detect"): DetectConfig,
+    ("RunConfig", "fault"): FaultConfig,
+    ("RunConfig", "listen"): ListenConfig,
+    ("RunConfig", "margin"): MarginConfig,
+}
 
 
 # Sections whose dataclass depends on their `name`: the char LM and the text it reads.
-_VARIANTS = {("RunConfig", "model"): {"charlm": CharLMConfig, "custom": CustomModelConfig},
-             ("RunConfig", "data"): {"text": TextDataConfig, "none": NoDataConfig}}
+_VARIANTS = {
+    ("RunConfig", "model"): {"charlm": CharLMConfig, "custom": CustomModelConfig},
+    ("RunConfig", "data"): {"text": TextDataConfig, "none": NoDataConfig},
+}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -706,19 +737,22 @@ class ShortName:
 # interpolation and refuses one the model does not read), the report's factors (a short name
 # and its path are one factor) and the trackers' params all read it. Defaults are in
 # conf/config.yaml.
-SHORT_NAMES: dict[str, ShortName] = {s.name: s for s in (
-    ShortName("residual", "model.residual", "last stage's residual weight (cascade)"),
-    ShortName("norm", "model.norm", "norm placement: pre | post | deepnorm"),
-    ShortName("clip", "train.clip", "gradient clipping on the total norm: none | a positive number"),
-    ShortName("spectral_norm", "model.spectral_norm", "spectral norm on the output projection(s)"),
-    ShortName("qk_norm", "model.qk_norm", "norm on queries and keys per head (arXiv 2309.14322)"),
-    ShortName("sigma_reparam", "model.sigma_reparam", "sigma-reparametrised weights (arXiv 2303.06296)"),
-    ShortName("v_scale", "model.v_scale", "value scaling by a learned saturating gain (arXiv 2603.17771)"),
-    ShortName("z_loss", "model.z_loss", "z-loss coefficient on the output softmax (char LM)"),
-    ShortName("warmup", "train.warmup", "steps of linear learning-rate warmup"),
-    ShortName("on_spike", "train.on_spike", "what a loss or grad-norm spike does: none | skip | backoff"),
-    ShortName("update_clip", "train.update_clip", "StableAdamW update clipping: none | a positive number"),
-)}
+SHORT_NAMES: dict[str, ShortName] = {
+    s.name: s
+    for s in (
+        ShortName("residual", "model.residual", "last stage's residual weight (cascade)"),
+        ShortName("norm", "model.norm", "norm placement: pre | post | deepnorm"),
+        ShortName("clip", "train.clip", "gradient clipping on the total norm: none | a positive number"),
+        ShortName("spectral_norm", "model.spectral_norm", "spectral norm on the output projection(s)"),
+        ShortName("qk_norm", "model.qk_norm", "norm on queries and keys per head (arXiv 2309.14322)"),
+        ShortName("sigma_reparam", "model.sigma_reparam", "sigma-reparametrised weights (arXiv 2303.06296)"),
+        ShortName("v_scale", "model.v_scale", "value scaling by a learned saturating gain (arXiv 2603.17771)"),
+        ShortName("z_loss", "model.z_loss", "z-loss coefficient on the output softmax (char LM)"),
+        ShortName("warmup", "train.warmup", "steps of linear learning-rate warmup"),
+        ShortName("on_spike", "train.on_spike", "what a loss or grad-norm spike does: none | skip | backoff"),
+        ShortName("update_clip", "train.update_clip", "StableAdamW update clipping: none | a positive number"),
+    )
+}
 
 
 def flatten(d: dict[str, Any], prefix: str = "", keep_empty: bool = False) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Detectors: pure functions over recorded histories, easy to test on hand-made sequences.
 
-    scream_score([7, 7, 7, 7, 3])            # dominant 0.8, longest run 0.8, ...
-    detect_spikes([1, 1.1, 0.9, 1, 40], window=4, z=6, warmup=3)   # [4]
-    growth_per_epoch([2.45, 6.66, 16.71])     # ~2.61
+scream_score([7, 7, 7, 7, 3])            # dominant 0.8, longest run 0.8, ...
+detect_spikes([1, 1.1, 0.9, 1, 40], window=4, z=6, warmup=3)   # [4]
+growth_per_epoch([2.45, 6.66, 16.71])     # ~2.61
 """
 
 from __future__ import annotations
@@ -29,17 +29,20 @@ def scream_score(tokens: Sequence[int], n: int = 4) -> dict[str, float]:
     t = list(tokens)
     L = len(t)
     if L == 0:
-        return {"dominant": math.nan, "longest_run": math.nan, f"distinct_{n}": math.nan,
-                f"seq_rep_{n}": math.nan}
+        return {"dominant": math.nan, "longest_run": math.nan, f"distinct_{n}": math.nan, f"seq_rep_{n}": math.nan}
     dominant = Counter(t).most_common(1)[0][1] / L
     longest = run = 1
     for a, b in itertools.pairwise(t):
         run = run + 1 if a == b else 1
         longest = max(longest, run)
-    grams = [tuple(t[i: i + n]) for i in range(L - n + 1)]
+    grams = [tuple(t[i : i + n]) for i in range(L - n + 1)]
     distinct = len(set(grams)) / len(grams) if grams else 1.0
-    return {"dominant": dominant, "longest_run": longest / L, f"distinct_{n}": distinct,
-            f"seq_rep_{n}": 1.0 - distinct if grams else 0.0}
+    return {
+        "dominant": dominant,
+        "longest_run": longest / L,
+        f"distinct_{n}": distinct,
+        f"seq_rep_{n}": 1.0 - distinct if grams else 0.0,
+    }
 
 
 def mean_scores(rows: Sequence[Sequence[int]], n: int = 4) -> dict[str, float]:
@@ -69,8 +72,14 @@ def loop_share(tokens: Sequence[int], max_period: int) -> float:
     return best / L if L else math.nan
 
 
-def is_degenerate(score: dict[str, float], dominant: float, longest_run: float,
-                  loop: float | None = None, seq_rep: float | None = None, n: int = 4) -> bool:
+def is_degenerate(
+    score: dict[str, float],
+    dominant: float,
+    longest_run: float,
+    loop: float | None = None,
+    seq_rep: float | None = None,
+    n: int = 4,
+) -> bool:
     """One token dominates, or repeats in one run, or (with `loop`) the sequence ends in a short
     loop, or (with `seq_rep`) at least that share of its n-grams repeat an earlier one."""
     looped = loop is not None and score.get("loop", 0.0) >= loop
@@ -78,8 +87,15 @@ def is_degenerate(score: dict[str, float], dominant: float, longest_run: float,
     return score["dominant"] >= dominant or score["longest_run"] >= longest_run or looped or repeats
 
 
-def scream_check(output: dict[str, float], target: dict[str, float], dominant: float,
-                 longest_run: float, loop: float | None = None, seq_rep: float | None = None, n: int = 4) -> bool:
+def scream_check(
+    output: dict[str, float],
+    target: dict[str, float],
+    dominant: float,
+    longest_run: float,
+    loop: float | None = None,
+    seq_rep: float | None = None,
+    n: int = 4,
+) -> bool:
     """A collapsed epoch: the output is degenerate by a measure by which the target it should
     match is not (`collapse_level` >= 1 against the target)."""
     level = collapse_level(output, dominant, longest_run, loop, seq_rep, n, target)
@@ -111,7 +127,9 @@ def still_learning(val_losses: Sequence[float], rate: float) -> bool:
     return (v[-1] / v[-3]) ** 0.5 < 1.0 - rate
 
 
-def detect_spikes(values: Sequence[float] | np.ndarray, window: int, z: float, warmup: int, ratio: float = 1.0) -> list[int]:
+def detect_spikes(
+    values: Sequence[float] | np.ndarray, window: int, z: float, warmup: int, ratio: float = 1.0
+) -> list[int]:
     """Indices where a value exceeds the running median of the previous `window` finite values
     by more than `z` robust standard deviations (1.4826 x MAD) and is at least `ratio` times that
     median. Non-finite values are not spikes (they are NaN events) and do not enter the baseline.
@@ -160,8 +178,9 @@ def _median(values: Iterable[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
-def spike_lead(first_spike: int | None, first_nan: dict[str, Any] | None, verdict: str,
-               grad_norms: Sequence[float] | np.ndarray) -> int | None:
+def spike_lead(
+    first_spike: int | None, first_nan: dict[str, Any] | None, verdict: str, grad_norms: Sequence[float] | np.ndarray
+) -> int | None:
     """Steps from the first spike to the event it warned of: the first NaN's step, else, for an
     exploding run, the step of its largest finite grad norm. None without a spike before it."""
     if first_spike is None:
@@ -198,7 +217,7 @@ def explosion(epoch_norms: Sequence[float], factor: float, window: int) -> tuple
     best = math.nan
     for i in range(len(x)):
         seg: list[float] = []
-        for v in x[i:i + window]:  # the window, cut at the first non-finite epoch
+        for v in x[i : i + window]:  # the window, cut at the first non-finite epoch
             if not (math.isfinite(v) and v > 0):
                 break
             seg.append(v)
@@ -211,8 +230,9 @@ def explosion(epoch_norms: Sequence[float], factor: float, window: int) -> tuple
     return None, best
 
 
-def certainly_unstable(epoch_norms: Sequence[float], first_nan: dict[str, Any] | None, factor: float,
-                       window: int) -> str | None:
+def certainly_unstable(
+    epoch_norms: Sequence[float], first_nan: dict[str, Any] | None, factor: float, window: int
+) -> str | None:
     """Why a run still going is certain to end `nan` or `exploding`, or None: a first NaN (it stays
     in the record), or a full window of `window` finite epochs growing more than `factor` per epoch
     (`explosion` finds it in every longer history too). A shorter window at the end of a history
@@ -222,7 +242,7 @@ def certainly_unstable(epoch_norms: Sequence[float], first_nan: dict[str, Any] |
         return f"first non-finite value at step {first_nan['step']}"
     x = [float(v) for v in epoch_norms]
     for i in range(len(x) - window + 1):
-        seg = x[i:i + window]
+        seg = x[i : i + window]
         if all(math.isfinite(v) and v > 0 for v in seg):
             g = (seg[-1] / seg[0]) ** (1.0 / (window - 1))
             if g > factor:
@@ -240,8 +260,15 @@ SEVERITY = vd.SEVERITY  # ("failed", "nan", "exploding", "diverged", "scream", "
 UNSTABLE = vd.UNSTABLE  # the verdicts that count as unstable
 
 
-def collapse_level(score: dict[str, float], dominant: float, longest_run: float, loop: float | None = None,
-                   seq_rep: float | None = None, n: int = 4, target: dict[str, float] | None = None) -> float:
+def collapse_level(
+    score: dict[str, float],
+    dominant: float,
+    longest_run: float,
+    loop: float | None = None,
+    seq_rep: float | None = None,
+    n: int = 4,
+    target: dict[str, float] | None = None,
+) -> float:
     """How far a token sequence's scores are past the degeneracy thresholds: the largest of
     dominant / `dominant`, longest_run / `longest_run`, loop / `loop` and seq_rep_n / `seq_rep`
     (the last two only where given and scored). >= 1: degenerate; 0.9: every measure is at least
@@ -325,11 +352,24 @@ def divergence(vals: Sequence[float], reference: float) -> tuple[float, float]:
     return last, (last / reference if math.isfinite(last) else math.inf)
 
 
-def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None, clip: float | None,
-             explode_factor: float, explode_window: int, scream_min_epochs: int,
-             learning_rate: float, stage_clamp: float = 0.5, logit_growth: float = 10.0,
-             peak: dict[str, Any] | None = None, *, init: dict[str, Any] | None = None, band: float = 0.1,
-             scream: Any = None, attn_logit_level: float = 50.0, attn_entropy_level: float = 0.1) -> dict[str, Any]:
+def diagnose(
+    epochs: Sequence[dict[str, Any]],
+    first_nan: dict[str, Any] | None,
+    clip: float | None,
+    explode_factor: float,
+    explode_window: int,
+    scream_min_epochs: int,
+    learning_rate: float,
+    stage_clamp: float = 0.5,
+    logit_growth: float = 10.0,
+    peak: dict[str, Any] | None = None,
+    *,
+    init: dict[str, Any] | None = None,
+    band: float = 0.1,
+    scream: Any = None,
+    attn_logit_level: float = 50.0,
+    attn_entropy_level: float = 0.1,
+) -> dict[str, Any]:
     """Every finding of a finished run, its primary verdict and the warnings a researcher should
     see even in a stable run.
 
@@ -363,22 +403,42 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
     borderline: list[dict[str, Any]] = []
     lo_b, hi_b = 1.0 - band, 1.0 + band
     if first_nan:
-        flags.append({"flag": "nan", "epoch": first_nan["epoch"], "step": first_nan["step"],
-                      "evidence": f"first non-finite {first_nan['kind']} at epoch {first_nan['epoch']}, batch "
-                                  f"{first_nan['batch']} (step {first_nan['step']}), {nan_place(first_nan)}"})
+        flags.append(
+            {
+                "flag": "nan",
+                "epoch": first_nan["epoch"],
+                "step": first_nan["step"],
+                "evidence": f"first non-finite {first_nan['kind']} at epoch {first_nan['epoch']}, batch "
+                f"{first_nan['batch']} (step {first_nan['step']}), {nan_place(first_nan)}",
+            }
+        )
     window = min(explode_window, max(2, sum(math.isfinite(v) for v in norms)))
     start, growth = explosion(norms, explode_factor, explode_window)
     if start is not None:
-        flags.append({"flag": "exploding", "epoch": start, "growth": growth,
-                      "evidence": f"grad norm grew {growth:.2f}x per epoch from epoch {start} "
-                                  f"(> {explode_factor} over {window} epochs): {series}"})
+        flags.append(
+            {
+                "flag": "exploding",
+                "epoch": start,
+                "growth": growth,
+                "evidence": f"grad norm grew {growth:.2f}x per epoch from epoch {start} "
+                f"(> {explode_factor} over {window} epochs): {series}",
+            }
+        )
     if math.isfinite(growth) and lo_b * explode_factor <= growth <= hi_b * explode_factor:
-        borderline.append({"what": "grad norm growth", "value": growth, "threshold": explode_factor,
-                           "message": f"grad norm growth {growth:.2f}x per epoch is within {band:.0%} of the "
-                                      f"exploding threshold {explode_factor:g} (detect.explode_factor)"})
+        borderline.append(
+            {
+                "what": "grad norm growth",
+                "value": growth,
+                "threshold": explode_factor,
+                "message": f"grad norm growth {growth:.2f}x per epoch is within {band:.0%} of the "
+                f"exploding threshold {explode_factor:g} (detect.explode_factor)",
+            }
+        )
     if peak:
-        huge = (f"grad norm reached {peak['value']:.3g} at epoch {peak['epoch']}, batch {peak['batch']} (step "
-                f"{peak['step']}), {peak['ratio']:.3g}x the run's median step, with every gradient finite")
+        huge = (
+            f"grad norm reached {peak['value']:.3g} at epoch {peak['epoch']}, batch {peak['batch']} (step "
+            f"{peak['step']}), {peak['ratio']:.3g}x the run's median step, with every gradient finite"
+        )
         if start is None:
             flags.append({"flag": "exploding", "epoch": peak["epoch"], "step": peak["step"], "evidence": huge})
         else:
@@ -387,30 +447,59 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
     # divergence: the last validation loss against the loss at initialisation (validation against validation)
     init_val = _num(init.get("val_loss"))
     baseline = _num(init.get("baseline_loss"))
-    reference, ref_name = (init_val, "its validation loss at initialisation") if math.isfinite(init_val) else \
-        (baseline, f"the no-learning baseline ({init.get('baseline') or 'baseline'})")
+    reference, ref_name = (
+        (init_val, "its validation loss at initialisation")
+        if math.isfinite(init_val)
+        else (baseline, f"the no-learning baseline ({init.get('baseline') or 'baseline'})")
+    )
     evaluated = list(vals)
     last, ratio = divergence(evaluated, reference) if evaluated else (math.nan, math.nan)
     if not first_nan and evaluated and (ratio > 1.0 or (not math.isfinite(last) and math.isfinite(ratio))):
-        flags.append({"flag": "diverged", "epoch": epochs[-1]["epoch"], "ratio": ratio,
-                      "evidence": f"validation loss ended at {last:.4g}, above {ref_name} {reference:.4g} "
-                                  f"({ratio:.3g}x): the run ended worse than it started"})
+        flags.append(
+            {
+                "flag": "diverged",
+                "epoch": epochs[-1]["epoch"],
+                "ratio": ratio,
+                "evidence": f"validation loss ended at {last:.4g}, above {ref_name} {reference:.4g} "
+                f"({ratio:.3g}x): the run ended worse than it started",
+            }
+        )
     if math.isfinite(ratio) and lo_b <= ratio <= hi_b:
-        borderline.append({"what": "final loss", "value": ratio, "threshold": 1.0,
-                           "message": f"validation loss ended at {last:.4g}, within {band:.0%} of {ref_name} "
-                                      f"{reference:.4g}: cannot tell a run that barely learned from one that diverged"})
-    if math.isfinite(init_val) and math.isfinite(baseline) and math.isfinite(last) and last > baseline \
-            and not any(f["flag"] == "diverged" for f in flags):
-        warnings.append({"warning": "above_baseline", "baseline": baseline, "last": last,
-                         "message": f"validation loss ended at {last:.4g}, above the no-learning baseline "
-                                    f"{baseline:.4g} ({init.get('baseline') or 'baseline'}): the model has not "
-                                    "learned more than that baseline predicts"})
+        borderline.append(
+            {
+                "what": "final loss",
+                "value": ratio,
+                "threshold": 1.0,
+                "message": f"validation loss ended at {last:.4g}, within {band:.0%} of {ref_name} "
+                f"{reference:.4g}: cannot tell a run that barely learned from one that diverged",
+            }
+        )
+    if (
+        math.isfinite(init_val)
+        and math.isfinite(baseline)
+        and math.isfinite(last)
+        and last > baseline
+        and not any(f["flag"] == "diverged" for f in flags)
+    ):
+        warnings.append(
+            {
+                "warning": "above_baseline",
+                "baseline": baseline,
+                "last": last,
+                "message": f"validation loss ended at {last:.4g}, above the no-learning baseline "
+                f"{baseline:.4g} ({init.get('baseline') or 'baseline'}): the model has not "
+                "learned more than that baseline predicts",
+            }
+        )
 
     # the scream: a collapse of at least scream_min_epochs evaluated epochs, with hysteresis
     ep_nums = [e["epoch"] for e in epochs]
     levels = [_level(e, scream) for e in epochs]
-    states = collapse_states(levels, band) if scream is not None and any(
-        lv is not None and math.isfinite(lv) for lv in levels) else [e.get("collapsed") for e in epochs]
+    states = (
+        collapse_states(levels, band)
+        if scream is not None and any(lv is not None and math.isfinite(lv) for lv in levels)
+        else [e.get("collapsed") for e in epochs]
+    )
     n_eval = sum(s is not None for s in states)
     last_eval = next((ep for s, ep in zip(reversed(states), reversed(ep_nums)) if s is not None), None)
     first_eval = next((ep for s, ep in zip(states, ep_nums) if s is not None), None)
@@ -422,37 +511,67 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
         if a == first_eval and b != last_eval:
             continue  # the untrained model's near-constant output, learned its way out
         if b == last_eval and math.isfinite(rate) and rate > learning_rate and not (ratio > 1.0):
-            warnings.append({"warning": "undertrained", "epoch": a,
-                             "message": f"output collapsed from epoch {a} to the end while the validation loss is "
-                                        f"still falling ({rate:.0%} per epoch, > {learning_rate:.0%}) and below its "
-                                        "start: undertrained, not a scream; train longer"})
+            warnings.append(
+                {
+                    "warning": "undertrained",
+                    "epoch": a,
+                    "message": f"output collapsed from epoch {a} to the end while the validation loss is "
+                    f"still falling ({rate:.0%} per epoch, > {learning_rate:.0%}) and below its "
+                    "start: undertrained, not a scream; train longer",
+                }
+            )
             if lo_b * learning_rate <= rate <= hi_b * learning_rate:
-                borderline.append({"what": "still learning", "value": rate, "threshold": learning_rate,
-                                   "message": f"validation loss falls {rate:.1%} per epoch, within {band:.0%} of the "
-                                              f"undertrained threshold {learning_rate:.0%} (detect.scream.learning): "
-                                              "scream or undertrained is a toss-up"})
+                borderline.append(
+                    {
+                        "what": "still learning",
+                        "value": rate,
+                        "threshold": learning_rate,
+                        "message": f"validation loss falls {rate:.1%} per epoch, within {band:.0%} of the "
+                        f"undertrained threshold {learning_rate:.0%} (detect.scream.learning): "
+                        "scream or undertrained is a toss-up",
+                    }
+                )
             continue
         onset = a
         to_end = " to the end" if b == last_eval else f" to epoch {b}"
-        flags.append({"flag": "scream", "epoch": a,
-                      "evidence": f"output collapsed to repeated tokens from epoch {a}{to_end} ({count} evaluated "
-                                  f"epochs collapsed, >= {scream_min_epochs})"})
-        peak_level = max((lv for lv, ep in zip(levels, ep_nums) if lv is not None and math.isfinite(lv)
-                          and a <= ep <= b), default=math.nan)
+        flags.append(
+            {
+                "flag": "scream",
+                "epoch": a,
+                "evidence": f"output collapsed to repeated tokens from epoch {a}{to_end} ({count} evaluated "
+                f"epochs collapsed, >= {scream_min_epochs})",
+            }
+        )
+        peak_level = max(
+            (lv for lv, ep in zip(levels, ep_nums) if lv is not None and math.isfinite(lv) and a <= ep <= b),
+            default=math.nan,
+        )
         if math.isfinite(peak_level) and peak_level < hi_b:
-            borderline.append({"what": "collapse", "value": peak_level, "threshold": 1.0,
-                               "message": f"the collapse from epoch {a} peaked at {peak_level:.2f}x its threshold, "
-                                          f"within {band:.0%} of it"})
+            borderline.append(
+                {
+                    "what": "collapse",
+                    "value": peak_level,
+                    "threshold": 1.0,
+                    "message": f"the collapse from epoch {a} peaked at {peak_level:.2f}x its threshold, "
+                    f"within {band:.0%} of it",
+                }
+            )
         break
-    warnings += _warnings(epochs, clip, stage_clamp, logit_growth, first_nan, peak, attn_logit_level,
-                          attn_entropy_level)
+    warnings += _warnings(
+        epochs, clip, stage_clamp, logit_growth, first_nan, peak, attn_logit_level, attn_entropy_level
+    )
     unstable = [f for f in flags if f["flag"] != "inconclusive"]
     need = max(2, scream_min_epochs)
     if not unstable and n_eval < need and len(epochs) < need:
-        flags.append({"flag": "inconclusive", "epoch": epochs[-1]["epoch"] if epochs else 0,
-                      "evidence": f"{len(epochs)} epoch(s) evaluated: too short to judge (a scream needs "
-                                  f"{scream_min_epochs} (detect.scream.min_epochs), an explosion the grad norms of at "
-                                  f"least 2 epochs; this run has no sign of either): train at least {need} epochs"})
+        flags.append(
+            {
+                "flag": "inconclusive",
+                "epoch": epochs[-1]["epoch"] if epochs else 0,
+                "evidence": f"{len(epochs)} epoch(s) evaluated: too short to judge (a scream needs "
+                f"{scream_min_epochs} (detect.scream.min_epochs), an explosion the grad norms of at "
+                f"least 2 epochs; this run has no sign of either): train at least {need} epochs",
+            }
+        )
     verdict, evidence = "stable", f"grad norm per epoch {series}"
     for f in sorted(flags, key=lambda f: SEVERITY.index(f["flag"])):
         verdict, evidence = f["flag"], f["evidence"]
@@ -461,9 +580,17 @@ def diagnose(epochs: Sequence[dict[str, Any]], first_nan: dict[str, Any] | None,
         evidence += f" (at most {growth:.2f}x per epoch over {window} epochs)"
     if verdict == "stable" and math.isfinite(ratio):
         evidence += f"; validation loss {last:.4g}, {ratio:.3g}x {ref_name}"
-    return {"verdict": verdict, "evidence": evidence, "flags": flags, "warnings": warnings,
-            "borderline": borderline, "scream_epoch": onset, "val_loss_init": init_val,
-            "baseline_loss": baseline, "loss_ratio": ratio}
+    return {
+        "verdict": verdict,
+        "evidence": evidence,
+        "flags": flags,
+        "warnings": warnings,
+        "borderline": borderline,
+        "scream_epoch": onset,
+        "val_loss_init": init_val,
+        "baseline_loss": baseline,
+        "loss_ratio": ratio,
+    }
 
 
 def _num(v: Any) -> float:
@@ -481,13 +608,27 @@ def _level(epoch: dict[str, Any], sc: Any) -> float | None:
     scores = epoch.get("scores") or {}
     if not scores or epoch.get("collapsed") is None:
         return math.nan
-    return collapse_level(scores, sc.dominant, sc.longest_run, getattr(sc, "loop", None),
-                          getattr(sc, "seq_rep", None), getattr(sc, "n", 4), epoch.get("target_scores") or {})
+    return collapse_level(
+        scores,
+        sc.dominant,
+        sc.longest_run,
+        getattr(sc, "loop", None),
+        getattr(sc, "seq_rep", None),
+        getattr(sc, "n", 4),
+        epoch.get("target_scores") or {},
+    )
 
 
-def _warnings(epochs: Sequence[dict[str, Any]], clip: float | None, stage_clamp: float,
-              logit_growth: float, first_nan: dict[str, Any] | None = None, peak: dict[str, Any] | None = None,
-              attn_logit_level: float = 50.0, attn_entropy_level: float = 0.1) -> list[dict[str, Any]]:
+def _warnings(
+    epochs: Sequence[dict[str, Any]],
+    clip: float | None,
+    stage_clamp: float,
+    logit_growth: float,
+    first_nan: dict[str, Any] | None = None,
+    peak: dict[str, Any] | None = None,
+    attn_logit_level: float = 50.0,
+    attn_entropy_level: float = 0.1,
+) -> list[dict[str, Any]]:
     """What a researcher should see even in a stable run (see `diagnose`).
 
     Attention: on absolute levels, the state the papers describe, not on growth from a tiny
@@ -506,9 +647,15 @@ def _warnings(epochs: Sequence[dict[str, Any]], clip: float | None, stage_clamp:
     if rates.size:
         for i, r in enumerate(np.nanmean(rates, axis=0)):
             if r > stage_clamp:
-                out.append({"warning": "clamp_saturated", "stage": i, "rate": float(r),
-                            "message": f"stage {i}'s RMS-match clamp bound on {r:.0%} of steps: its scale is "
-                                       "pinned at a bound, so the stage cannot reach the target's RMS"})
+                out.append(
+                    {
+                        "warning": "clamp_saturated",
+                        "stage": i,
+                        "rate": float(r),
+                        "message": f"stage {i}'s RMS-match clamp bound on {r:.0%} of steps: its scale is "
+                        "pinned at a bound, so the stage cannot reach the target's RMS",
+                    }
+                )
     health = [(e["epoch"], e.get("health_summary") or {}) for e in epochs]
     logits = [(ep, _num(h.get("attn_logit_max"))) for ep, h in health]
     logits = [(ep, v) for ep, v in logits if math.isfinite(v)]
@@ -521,34 +668,65 @@ def _warnings(epochs: Sequence[dict[str, Any]], clip: float | None, stage_clamp:
             growth = f"; it grew {g:.0f}x from {logits[0][1]:.3g} at epoch {logits[0][0]}"
     top = max(logits, key=lambda t: t[1], default=None)
     if top is not None and top[1] >= attn_logit_level:
-        out.append({"warning": "attn_logit", "epoch": top[0], "value": top[1], "level": attn_logit_level,
-                    "message": f"max attention logit {top[1]:.3g} at epoch {top[0]}, past {attn_logit_level:g} "
-                               f"(detect.attn_logit_max): near one-hot attention{growth} (Wortsman et al. 2023, "
-                               "arXiv 2309.14322); qk_norm caps it"})
+        out.append(
+            {
+                "warning": "attn_logit",
+                "epoch": top[0],
+                "value": top[1],
+                "level": attn_logit_level,
+                "message": f"max attention logit {top[1]:.3g} at epoch {top[0]}, past {attn_logit_level:g} "
+                f"(detect.attn_logit_max): near one-hot attention{growth} (Wortsman et al. 2023, "
+                "arXiv 2309.14322); qk_norm caps it",
+            }
+        )
     low = min(entropies, key=lambda t: t[1], default=None)
     if low is not None and low[1] <= attn_entropy_level:
-        out.append({"warning": "attn_entropy_collapse", "epoch": low[0], "value": low[1],
-                    "level": attn_entropy_level,
-                    "message": f"attention entropy fell to {low[1]:.3g} nats at epoch {low[0]} (a layer's mean, at "
-                               f"most {attn_entropy_level:g}: detect.attn_entropy_min): attention entropy collapse "
-                               "(Zhai et al. 2023, arXiv 2303.06296)"})
+        out.append(
+            {
+                "warning": "attn_entropy_collapse",
+                "epoch": low[0],
+                "value": low[1],
+                "level": attn_entropy_level,
+                "message": f"attention entropy fell to {low[1]:.3g} nats at epoch {low[0]} (a layer's mean, at "
+                f"most {attn_entropy_level:g}: detect.attn_entropy_min): attention entropy collapse "
+                "(Zhai et al. 2023, arXiv 2303.06296)",
+            }
+        )
     nonfinite = bool(first_nan) or any(not math.isfinite(e.get("grad_norm_max", math.nan)) for e in epochs)
     if clip is not None:
         clip_rates = [e["clip_rate"] for e in epochs if math.isfinite(e.get("clip_rate", math.nan))]
         grad_peak = max((e["grad_norm_max"] for e in epochs if math.isfinite(e["grad_norm_max"])), default=math.nan)
         if clip_rates and max(clip_rates) == 0 and not nonfinite:  # a NaN run's norms say nothing of the clip
-            out.append({"warning": "clip_never", "clip": clip, "grad_norm_max": grad_peak,
-                        "message": f"clip={clip:g} never fired (largest grad norm {grad_peak:.3g}): "
-                                   "at this setting the clip axis changes nothing"})
+            out.append(
+                {
+                    "warning": "clip_never",
+                    "clip": clip,
+                    "grad_norm_max": grad_peak,
+                    "message": f"clip={clip:g} never fired (largest grad norm {grad_peak:.3g}): "
+                    "at this setting the clip axis changes nothing",
+                }
+            )
         elif clip_rates and min(clip_rates) >= 0.95:
-            out.append({"warning": "clip_always", "clip": clip, "rate": float(np.mean(clip_rates)),
-                        "message": f"clip={clip:g} fired on {np.mean(clip_rates):.0%} of steps: every update is "
-                                   "clipped, so the learning rate is effectively lr x clip / grad norm"})
+            out.append(
+                {
+                    "warning": "clip_always",
+                    "clip": clip,
+                    "rate": float(np.mean(clip_rates)),
+                    "message": f"clip={clip:g} fired on {np.mean(clip_rates):.0%} of steps: every update is "
+                    "clipped, so the learning rate is effectively lr x clip / grad norm",
+                }
+            )
     vals = [(e["epoch"], e["val_loss"]) for e in epochs if math.isfinite(e.get("val_loss", math.nan))]
     if len(vals) >= 2 and min(v for _, v in vals[1:]) >= vals[0][1]:
-        out.append({"warning": "val_not_improving", "first": vals[0][1], "last": vals[-1][1],
-                    "message": f"validation loss never went below its epoch-{vals[0][0]} value "
-                               f"{vals[0][1]:.4g} (last {vals[-1][1]:.4g})"})
+        out.append(
+            {
+                "warning": "val_not_improving",
+                "first": vals[0][1],
+                "last": vals[-1][1],
+                "message": f"validation loss never went below its epoch-{vals[0][0]} value "
+                f"{vals[0][1]:.4g} (last {vals[-1][1]:.4g})",
+            }
+        )
     return out
 
 

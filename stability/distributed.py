@@ -76,10 +76,14 @@ class World:
             local_rank = int(env.get("LOCAL_RANK", "0"))
             local_size = int(env.get("LOCAL_WORLD_SIZE", str(size)))
         except ValueError as e:
-            raise ValueError(f"distributed environment: {e}; expected integers in RANK, WORLD_SIZE, LOCAL_RANK") from None
+            raise ValueError(
+                f"distributed environment: {e}; expected integers in RANK, WORLD_SIZE, LOCAL_RANK"
+            ) from None
         if size < 1 or not 0 <= rank < size or not 0 <= local_rank < max(local_size, 1):
-            raise ValueError(f"distributed environment: RANK={rank} WORLD_SIZE={size} LOCAL_RANK={local_rank} "
-                             f"is not a place in a world (expected 0 <= RANK < WORLD_SIZE)")
+            raise ValueError(
+                f"distributed environment: RANK={rank} WORLD_SIZE={size} LOCAL_RANK={local_rank} "
+                f"is not a place in a world (expected 0 <= RANK < WORLD_SIZE)"
+            )
         return cls(rank, size, local_rank, local_size)
 
 
@@ -117,8 +121,9 @@ def init(world: World, dev: torch.device) -> None:
     if not world.distributed or dist.is_initialized():
         return
     kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group(backend(dev), rank=world.rank, world_size=world.size,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S), **kwargs)
+    dist.init_process_group(
+        backend(dev), rank=world.rank, world_size=world.size, timeout=datetime.timedelta(seconds=TIMEOUT_S), **kwargs
+    )
 
 
 def close() -> None:
@@ -139,14 +144,16 @@ def threads(world: World, cpus: int) -> int:
 def check_batch(batch_size: int, world_size: int) -> None:
     """Raises ValueError unless the global batch splits into equal shards."""
     if world_size > 1 and batch_size % world_size:
-        raise ValueError(f"train.batch_size={batch_size} is not allowed with {world_size} processes: the global "
-                         f"batch is split evenly between them, so expected a multiple of {world_size}")
+        raise ValueError(
+            f"train.batch_size={batch_size} is not allowed with {world_size} processes: the global "
+            f"batch is split evenly between them, so expected a multiple of {world_size}"
+        )
 
 
 def shard(indices: torch.Tensor, world: World) -> torch.Tensor:
     """This rank's examples of a global batch (B,) -> (B / size,): every size-th one from
     `rank`, the order `torch.utils.data.DistributedSampler` deals a sequence to its ranks."""
-    return indices[world.rank::world.size] if world.distributed else indices
+    return indices[world.rank :: world.size] if world.distributed else indices
 
 
 def wrap(model: torch.nn.Module, world: World, dev: torch.device) -> torch.nn.Module:

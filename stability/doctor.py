@@ -46,6 +46,7 @@ class DoctorError(ValueError):
 
 # --- reading the run folder ----------------------------------------------------------------
 
+
 @dataclass
 class RunRecord:
     """One run folder's records: `config` (the resolved config.yaml mapping), `summary`,
@@ -95,13 +96,23 @@ def read_run(run_dir: Path) -> RunRecord:
         raise DoctorError(f"RUN {str(run_dir)!r} is not a folder: expected a run folder (with {rf.METRICS})")
     steps = folder.steps()
     if not steps:
-        raise DoctorError(f"{run_dir} holds no step records ({rf.METRICS} missing or empty): "
-                          "expected a run folder written by stab run, stab sweep or the monitor API")
-    return RunRecord(folder.path, folder.config() or {}, folder.summary(), folder.epochs(), steps, folder.events(),
-                     folder.overrides())
+        raise DoctorError(
+            f"{run_dir} holds no step records ({rf.METRICS} missing or empty): "
+            "expected a run folder written by stab run, stab sweep or the monitor API"
+        )
+    return RunRecord(
+        folder.path,
+        folder.config() or {},
+        folder.summary(),
+        folder.epochs(),
+        steps,
+        folder.events(),
+        folder.overrides(),
+    )
 
 
 # --- findings -------------------------------------------------------------------------------
+
 
 @dataclass
 class Finding:
@@ -115,7 +126,9 @@ class Finding:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def departure(values: Sequence[float] | np.ndarray, baseline: int, factor: float = DEPART_FACTOR) -> tuple[int, float] | None:
+def departure(
+    values: Sequence[float] | np.ndarray, baseline: int, factor: float = DEPART_FACTOR
+) -> tuple[int, float] | None:
     """(index, ratio) of the first value after the first `baseline` ones that exceeds `factor` x
     their median, or is non-finite (ratio inf); None if the series never leaves its baseline."""
     x = np.asarray(values, dtype=float)
@@ -132,8 +145,13 @@ def departure(values: Sequence[float] | np.ndarray, baseline: int, factor: float
     return None
 
 
-def running_departure(values: Sequence[float] | np.ndarray, start: int, window: int = BASELINE_STEPS,
-                      factor: float = DEPART_FACTOR, stop: int | None = None) -> tuple[int, float] | None:
+def running_departure(
+    values: Sequence[float] | np.ndarray,
+    start: int,
+    window: int = BASELINE_STEPS,
+    factor: float = DEPART_FACTOR,
+    stop: int | None = None,
+) -> tuple[int, float] | None:
     """(index, ratio) of the first value from `start` (up to `stop`, inclusive) above `factor` x
     the median of the `window` finite values before it, or non-finite; None if none is."""
     x = np.asarray(values, dtype=float)
@@ -141,7 +159,7 @@ def running_departure(values: Sequence[float] | np.ndarray, start: int, window: 
     for i in range(max(start, 1), end):
         if not math.isfinite(x[i]):
             return i, math.inf
-        prev = x[max(0, i - window):i]
+        prev = x[max(0, i - window) : i]
         prev = prev[np.isfinite(prev)]
         if len(prev) and np.median(prev) > 0 and x[i] > factor * np.median(prev):
             return i, float(x[i] / np.median(prev))
@@ -154,9 +172,12 @@ def group_departure(values: Sequence[float] | np.ndarray, warmup: int, stop: int
     median over the BASELINE_STEPS steps after warmup; smooth growth never jumps)."""
     x = np.asarray(values, dtype=float)
     start = max(warmup, 1)
-    climb = departure(x[start:stop + 1], BASELINE_STEPS)
-    hits = [h for h in (running_departure(x, start, stop=stop), (climb[0] + start, climb[1]) if climb else None)
-            if h is not None]
+    climb = departure(x[start : stop + 1], BASELINE_STEPS)
+    hits = [
+        h
+        for h in (running_departure(x, start, stop=stop), (climb[0] + start, climb[1]) if climb else None)
+        if h is not None
+    ]
     return min(hits) if hits else None
 
 
@@ -187,13 +208,22 @@ def find(rec: RunRecord) -> list[Finding]:
     if gate is not None:
         out += _where_first(rec, gate, warmup, at)
         peak = int(np.nanargmax(np.where(np.isfinite(total), total, -np.inf)))
-        shares = {g: float(rec.series(f"grad/{g}")[peak] ** 2 / total[peak] ** 2) for g in rec.groups
-                  if is_output_projection(g) and math.isfinite(total[peak]) and total[peak] > 0}
+        shares = {
+            g: float(rec.series(f"grad/{g}")[peak] ** 2 / total[peak] ** 2)
+            for g in rec.groups
+            if is_output_projection(g) and math.isfinite(total[peak]) and total[peak] > 0
+        }
         top = max(shares, key=lambda k: shares[k]) if shares else None
         if top is not None and shares[top] >= 0.5:
-            out.append(Finding("output_proj_gradient", step=at(peak), detail={"group": top, "share": shares[top]},
-                               evidence=f"{top} holds {shares[top]:.0%} of the squared grad norm at the run's peak "
-                                        f"(step {at(peak)}, grad norm {total[peak]:.3g})"))
+            out.append(
+                Finding(
+                    "output_proj_gradient",
+                    step=at(peak),
+                    detail={"group": top, "share": shares[top]},
+                    evidence=f"{top} holds {shares[top]:.0%} of the squared grad norm at the run's peak "
+                    f"(step {at(peak)}, grad norm {total[peak]:.3g})",
+                )
+            )
     out += _logit_growth(rec)
     out += _clamp(rec)
     out += _clip_always(rec)
@@ -201,14 +231,26 @@ def find(rec: RunRecord) -> list[Finding]:
     injected = {k: rec.get(f"fault.{k}") for k in ("nan_at_step", "spike_at_step", "crash_at_step")}
     injected = {k: v for k, v in injected.items() if v is not None}
     if injected:
-        out.append(Finding("injected_fault", step=min(injected.values()), detail=injected,
-                           evidence="the failure was injected (" + ", ".join(f"fault.{k}={v}" for k, v in injected.items())
-                                    + "): no change of configuration removes it"))
+        out.append(
+            Finding(
+                "injected_fault",
+                step=min(injected.values()),
+                detail=injected,
+                evidence="the failure was injected ("
+                + ", ".join(f"fault.{k}={v}" for k, v in injected.items())
+                + "): no change of configuration removes it",
+            )
+        )
     verdict = rec.summary.get("verdict")
     if vd.is_unstable(verdict):
-        out.append(Finding("unstable", evidence=f"verdict {verdict}: {rec.summary.get('evidence', '')}",
-                           detail={"verdict": verdict}))
-    return sorted(out, key=lambda f: (f.step if f.step is not None else math.inf))
+        out.append(
+            Finding(
+                "unstable",
+                evidence=f"verdict {verdict}: {rec.summary.get('evidence', '')}",
+                detail={"verdict": verdict},
+            )
+        )
+    return sorted(out, key=lambda f: f.step if f.step is not None else math.inf)
 
 
 def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Callable[[int], int]) -> list[Finding]:
@@ -218,7 +260,9 @@ def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Calla
     loss_i = loss_departure(rec.series("loss"), max(warmup, 1))
     found = {g: d for g in rec.groups if (d := group_departure(rec.series(f"grad/{g}"), warmup, i_total)) is not None}
     nan = rec.summary.get("first_nan") or next((e for e in rec.events if e.get("event") == "first_nan"), None)
-    if nan and nan.get("module") and math.isinf(r_total):  # the step was re-run to name the module (stab replay's probe)
+    if (
+        nan and nan.get("module") and math.isinf(r_total)
+    ):  # the step was re-run to name the module (stab replay's probe)
         i = next((j for j, r in enumerate(rec.steps) if r.get("step") == nan.get("step")), i_total)
         found, first, g, ratio = {}, [str(nan["module"])], str(nan["module"]), math.inf
     elif found:
@@ -229,20 +273,46 @@ def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Calla
         i, first = i_total, [max(rec.groups, key=lambda g: np.nan_to_num(rec.series(f"grad/{g}")[i_total], nan=np.inf))]
         g, ratio = first[0], math.nan
     lead = (loss_i - i) if loss_i is not None else 0
-    when = ("the loss never rose" if loss_i is None else
-            f"{lead} steps before the loss rose (step {at(loss_i)})" if lead > 0 else
-            f"{-lead} steps after the loss rose (step {at(loss_i)})" if lead < 0 else "at the step the loss rose")
-    others = f" (with {len(first) - 1} other group(s) at that step: {', '.join(first[1:4])}{', ...' if len(first) > 4 else ''})" if len(first) > 1 else ""
+    when = (
+        "the loss never rose"
+        if loss_i is None
+        else f"{lead} steps before the loss rose (step {at(loss_i)})"
+        if lead > 0
+        else f"{-lead} steps after the loss rose (step {at(loss_i)})"
+        if lead < 0
+        else "at the step the loss rose"
+    )
+    others = (
+        f" (with {len(first) - 1} other group(s) at that step: {', '.join(first[1:4])}{', ...' if len(first) > 4 else ''})"
+        if len(first) > 1
+        else ""
+    )
     norm = rec.get("model.norm")
     total_txt = "went non-finite" if math.isinf(r_total) else f"reached {r_total:.0f}x its warmup median"
-    head = (f"no group left its own baseline first; the largest at step {at(i)} was {g}" if math.isnan(ratio) else
-            f"{g} left its baseline first: grad norm "
-            f"{'non-finite' if math.isinf(ratio) else f'{ratio:.0f}x its baseline'} at step {at(i)}")
-    return [Finding("grad_departure", step=at(i), detail={"group": g, "ratio": ratio, "groups": first,
-                                                          "loss_step": at(loss_i) if loss_i is not None else None,
-                                                          "lead": lead, "total_step": at(i_total), "norm": norm},
-                    evidence=head + f"{others}, {when}; the total grad norm {total_txt} at step {at(i_total)}"
-                             + (f"; the stack is {norm}-norm" if norm else ""))]
+    head = (
+        f"no group left its own baseline first; the largest at step {at(i)} was {g}"
+        if math.isnan(ratio)
+        else f"{g} left its baseline first: grad norm "
+        f"{'non-finite' if math.isinf(ratio) else f'{ratio:.0f}x its baseline'} at step {at(i)}"
+    )
+    return [
+        Finding(
+            "grad_departure",
+            step=at(i),
+            detail={
+                "group": g,
+                "ratio": ratio,
+                "groups": first,
+                "loss_step": at(loss_i) if loss_i is not None else None,
+                "lead": lead,
+                "total_step": at(i_total),
+                "norm": norm,
+            },
+            evidence=head
+            + f"{others}, {when}; the total grad norm {total_txt} at step {at(i_total)}"
+            + (f"; the stack is {norm}-norm" if norm else ""),
+        )
+    ]
 
 
 def _logit_growth(rec: RunRecord) -> list[Finding]:
@@ -259,14 +329,22 @@ def _logit_growth(rec: RunRecord) -> list[Finding]:
         return []
     top = max(pts, key=lambda p: p[1])
     layer = ""
-    per_layer = [(k, _float(v.get("attn_logit_max"))) for k, v in
-                 (next(e for e in rec.epochs if e.get("epoch") == top[0]).get("health") or {}).items()]
+    per_layer = [
+        (k, _float(v.get("attn_logit_max")))
+        for k, v in (next(e for e in rec.epochs if e.get("epoch") == top[0]).get("health") or {}).items()
+    ]
     per_layer = [(k, v) for k, v in per_layer if math.isfinite(v)]
     if per_layer:
         layer = f", largest in {max(per_layer, key=lambda p: p[1])[0]}"
-    return [Finding("attn_logit_growth", epoch=cross[0], detail={"from": first, "to": top[1]},
-                    evidence=f"max attention logit grew {top[1] / first:.0f}x ({first:.3g} at epoch {pts[0][0]} -> "
-                             f"{top[1]:.3g} at epoch {top[0]}; >= {limit:g}x from epoch {cross[0]}){layer}")]
+    return [
+        Finding(
+            "attn_logit_growth",
+            epoch=cross[0],
+            detail={"from": first, "to": top[1]},
+            evidence=f"max attention logit grew {top[1] / first:.0f}x ({first:.3g} at epoch {pts[0][0]} -> "
+            f"{top[1]:.3g} at epoch {top[0]}; >= {limit:g}x from epoch {cross[0]}){layer}",
+        )
+    ]
 
 
 def _clamp(rec: RunRecord) -> list[Finding]:
@@ -284,14 +362,26 @@ def _clamp(rec: RunRecord) -> list[Finding]:
             need = float(np.nanmedian(ratio[ok])) if ok.any() else math.nan
             side = "upper" if need > _float(bounds[1]) else "lower" if need < _float(bounds[0]) else "either"
             first = int(np.argmax(clamped > 0))
-            out.append(Finding("clamp_saturated", step=int(rec.steps[first].get("step", first)),
-                               detail={"stage": i, "share": share, "side": side, "need": need,
-                                       "last": f"stage{i + 1}/clamped" not in rec.steps[0]},
-                               evidence=f"stage {i}'s RMS-match clamp {bounds} bound on {share:.0%} of steps, "
-                                        + (f"at its {side} bound: it needed a scale of {need:.3g} (median)"
-                                           if side != "either" else
-                                           f"at either bound: the median scale it needed, {need:.3g}, lies inside, "
-                                           f"so it binds in bursts")))
+            out.append(
+                Finding(
+                    "clamp_saturated",
+                    step=int(rec.steps[first].get("step", first)),
+                    detail={
+                        "stage": i,
+                        "share": share,
+                        "side": side,
+                        "need": need,
+                        "last": f"stage{i + 1}/clamped" not in rec.steps[0],
+                    },
+                    evidence=f"stage {i}'s RMS-match clamp {bounds} bound on {share:.0%} of steps, "
+                    + (
+                        f"at its {side} bound: it needed a scale of {need:.3g} (median)"
+                        if side != "either"
+                        else f"at either bound: the median scale it needed, {need:.3g}, lies inside, "
+                        f"so it binds in bursts"
+                    ),
+                )
+            )
         i += 1
     return out
 
@@ -306,9 +396,15 @@ def _clip_always(rec: RunRecord) -> list[Finding]:
     share = float(np.mean(clipped[ok]))
     if share < 0.95:
         return []
-    return [Finding("clip_always", step=0, detail={"share": share, "clip": clip},
-                    evidence=f"clip={clip} fired on {share:.0%} of steps (median grad norm "
-                             f"{float(np.nanmedian(rec.series('grad/norm'))):.3g}): every update is clipped")]
+    return [
+        Finding(
+            "clip_always",
+            step=0,
+            detail={"share": share, "clip": clip},
+            evidence=f"clip={clip} fired on {share:.0%} of steps (median grad norm "
+            f"{float(np.nanmedian(rec.series('grad/norm'))):.3g}): every update is clipped",
+        )
+    ]
 
 
 def _warmup_spike(rec: RunRecord) -> list[Finding]:
@@ -321,20 +417,32 @@ def _warmup_spike(rec: RunRecord) -> list[Finding]:
     d = lambda k, v: rec.get(f"detect.{k}", v)  # noqa: E731
     hits = []
     for key in ("loss", "grad/norm"):
-        spikes = detectors.detect_spikes(rec.series(key), int(d("spike_window", 20)), float(d("spike_z", 6.0)),
-                                         int(d("spike_warmup", 10)), float(d("spike_ratio", 3.0)))
+        spikes = detectors.detect_spikes(
+            rec.series(key),
+            int(d("spike_window", 20)),
+            float(d("spike_z", 6.0)),
+            int(d("spike_warmup", 10)),
+            float(d("spike_ratio", 3.0)),
+        )
         hits += [(i, key) for i in spikes if warmup - 1 <= i <= 2 * warmup]
     if not hits:
         return []
     i, key = min(hits)
     step = int(rec.steps[i].get("step", i))
-    return [Finding("warmup_spike", step=step, detail={"warmup": warmup, "key": key},
-                    evidence=f"{'loss' if key == 'loss' else 'grad norm'} spike at step {step} "
-                             f"({_float(rec.steps[i].get(key)):.3g}), {step - warmup + 1} step(s) after the "
-                             f"{warmup}-step warmup ended")]
+    return [
+        Finding(
+            "warmup_spike",
+            step=step,
+            detail={"warmup": warmup, "key": key},
+            evidence=f"{'loss' if key == 'loss' else 'grad norm'} spike at step {step} "
+            f"({_float(rec.steps[i].get(key)):.3g}), {step - warmup + 1} step(s) after the "
+            f"{warmup}-step warmup ended",
+        )
+    ]
 
 
 # --- the rules ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -380,23 +488,49 @@ def _lower_lr(r: RunRecord, f: Finding) -> dict[str, str] | None:
 RULES: tuple[Rule, ...] = (
     # Measured: default preset, lr 1e-2, 5 seeds: post-norm exploding 9/10, pre-norm stable 10/10 (issue 13's sweep;
     # README "The story"). Xiong et al. 2020, arXiv 2002.04745: post-LN gradients near the output are large at init.
-    Rule("grad_departure", _post_norm, 0.9, "growth starts in a post-norm stack: pre-norm keeps the residual path an identity",
-         "arXiv 2002.04745; measured: default preset lr 1e-2, pre-norm stable 10/10 vs post-norm 1/10"),
+    Rule(
+        "grad_departure",
+        _post_norm,
+        0.9,
+        "growth starts in a post-norm stack: pre-norm keeps the residual path an identity",
+        "arXiv 2002.04745; measured: default preset lr 1e-2, pre-norm stable 10/10 vs post-norm 1/10",
+    ),
     # Dehghani et al. 2023, arXiv 2302.05442 and Wortsman et al. 2023, arXiv 2309.14322 §3.1: QK-layernorm caps the
     # attention logits and removes this instability; measured here: max logit 5.1e4 -> 22 (char LM, lr 0.1, issue 13).
-    Rule("attn_logit_growth", _unless("model.qk_norm", True, {"qk_norm": "true"}), 0.85, "attention logits grow without bound",
-         "arXiv 2302.05442, arXiv 2309.14322"),
+    Rule(
+        "attn_logit_growth",
+        _unless("model.qk_norm", True, {"qk_norm": "true"}),
+        0.85,
+        "attention logits grow without bound",
+        "arXiv 2302.05442, arXiv 2309.14322",
+    ),
     # Measured (the seed's fix, issue 13): stage 2 at residual 0.1 has RMS 0.82 and needs scale > 1.5, pinned at the
     # clamp; residual 0.3 gives RMS 1.85, experiment=seed_fix is stable 3/3.
-    Rule("clamp_saturated", _larger_residual, 0.7, "the last stage's output is too small for its RMS-match clamp",
-         "measured: the seed's fix, stage-2 RMS 0.82 at residual 0.1 vs 1.85 at 0.3"),
+    Rule(
+        "clamp_saturated",
+        _larger_residual,
+        0.7,
+        "the last stage's output is too small for its RMS-match clamp",
+        "measured: the seed's fix, stage-2 RMS 0.82 at residual 0.1 vs 1.85 at 0.3",
+    ),
     # Miyato et al. 2018, arXiv 1802.05957 (spectral norm bounds a layer's Lipschitz constant); the seed's fix:
     # spectral_norm on output_proj, measured stable 2/2 (issue 13).
-    Rule("output_proj_gradient", _unless("model.spectral_norm", True, {"spectral_norm": "true"}), 0.6,
-         "the output projection's gradient dominates the peak", "arXiv 1802.05957; the seed's fix"),
+    Rule(
+        "output_proj_gradient",
+        _unless("model.spectral_norm", True, {"spectral_norm": "true"}),
+        0.6,
+        "the output projection's gradient dominates the peak",
+        "arXiv 1802.05957; the seed's fix",
+    ),
     # Wortsman et al. 2023, arXiv 2309.14322 §3.4: longer warmup lowers LR sensitivity; Gilmer et al. 2021,
     # arXiv 2110.04369: warmup lets curvature settle before the full learning rate.
-    Rule("warmup_spike", _longer_warmup, 0.5, "the loss spikes as the warmup ends", "arXiv 2309.14322 §3.4, arXiv 2110.04369"),
+    Rule(
+        "warmup_spike",
+        _longer_warmup,
+        0.5,
+        "the loss spikes as the warmup ends",
+        "arXiv 2309.14322 §3.4, arXiv 2110.04369",
+    ),
     Rule("warmup_spike", _lower_lr, 0.4, "the loss spikes at the full learning rate", "arXiv 2309.14322"),
     # With every step clipped the update is lr x clip / |g|: the learning rate is too high for the clip (measured:
     # issue 13, clip 1 on the char LM at lr 3e-2 fired on almost every step).
@@ -434,8 +568,9 @@ class Diagnosis:
     def first(self) -> Finding | None:
         """What went wrong first: where the gradients left their baseline, else the earliest
         finding with a step (a clamp bound from step 0 is a condition, not the event)."""
-        located = [f for f in self.findings if f.kind == "grad_departure"] or \
-            [f for f in self.findings if f.step is not None]
+        located = [f for f in self.findings if f.kind == "grad_departure"] or [
+            f for f in self.findings if f.step is not None
+        ]
         return located[0] if located else (self.findings[0] if self.findings else None)
 
 
@@ -463,6 +598,7 @@ def examine(rec: RunRecord, rules: Sequence[Rule] = RULES) -> Diagnosis:
 
 # --- stab doctor --try: the fixes to train, and what they did ---------------------------------
 
+
 def candidates(dx: Diagnosis, n: int) -> list[dict[str, str]]:
     """The first `n` fixes alone, then the best two together (when they set different keys)."""
     alone = [x.overrides for x in dx.fixes[:n]]
@@ -475,26 +611,48 @@ def candidates(dx: Diagnosis, n: int) -> list[dict[str, str]]:
 def outcome(dx: Diagnosis, base: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Which fixes made the run stable, each with its final validation loss and its cost against
     the best stable fix (a difference of validation losses)."""
-    fixed = [r for r in rows if not vd.is_unstable(r["verdict"]) and r["verdict"] != "?" and math.isfinite(r["final_val_loss"])]
+    fixed = [
+        r
+        for r in rows
+        if not vd.is_unstable(r["verdict"]) and r["verdict"] != "?" and math.isfinite(r["final_val_loss"])
+    ]
     best = min(fixed, key=lambda r: r["final_val_loss"]) if fixed else None
     for r in rows:
         r["vs_best"] = (r["final_val_loss"] - best["final_val_loss"]) if best and r in fixed else None
     failed_val = float(dx.record.summary.get("final_val_loss", math.nan))
     if best:
         others = [f"{r['fix']} (val {r['final_val_loss']:.3g}, +{r['vs_best']:.3g})" for r in fixed if r is not best]
-        sentence = (f"fixed by {len(fixed)} of {len(rows)}: best {best['fix']} (final val loss {best['final_val_loss']:.3g} "
-                    f"against {failed_val:.3g} in the failed run)" + (f"; also {', '.join(others)}" if others else ""))
+        sentence = (
+            f"fixed by {len(fixed)} of {len(rows)}: best {best['fix']} (final val loss {best['final_val_loss']:.3g} "
+            f"against {failed_val:.3g} in the failed run)" + (f"; also {', '.join(others)}" if others else "")
+        )
     else:
-        sentence = f"none of the {len(rows)} fixes made the run stable: " + ", ".join(f"{r['fix']} {r['verdict']}" for r in rows)
-    return {"run": str(dx.record.path), "verdict": dx.verdict, "base_overrides": base, "failed_val_loss": failed_val,
-            "tries": rows, "fixed": [r["fix"] for r in fixed], "best": best["fix"] if best else None, "sentence": sentence}
+        sentence = f"none of the {len(rows)} fixes made the run stable: " + ", ".join(
+            f"{r['fix']} {r['verdict']}" for r in rows
+        )
+    return {
+        "run": str(dx.record.path),
+        "verdict": dx.verdict,
+        "base_overrides": base,
+        "failed_val_loss": failed_val,
+        "tries": rows,
+        "fixed": [r["fix"] for r in fixed],
+        "best": best["fix"] if best else None,
+        "sentence": sentence,
+    }
 
 
 def try_markdown(res: dict[str, Any]) -> str:
     """doctor.md: the fixes tried, their verdicts and validation losses, the sentence."""
-    lines = [f"# stab doctor --try: {res['run']}", "", f"Failed run: verdict {res['verdict']}, final validation loss "
-             f"{res['failed_val_loss']:.4g}; fixes trained from its exact config: `{' '.join(res['base_overrides']) or '(defaults)'}`.",
-             "", "| fix | verdict | final val loss | vs best fix | folder |", "|---|---|---|---|---|"]
+    lines = [
+        f"# stab doctor --try: {res['run']}",
+        "",
+        f"Failed run: verdict {res['verdict']}, final validation loss "
+        f"{res['failed_val_loss']:.4g}; fixes trained from its exact config: `{' '.join(res['base_overrides']) or '(defaults)'}`.",
+        "",
+        "| fix | verdict | final val loss | vs best fix | folder |",
+        "|---|---|---|---|---|",
+    ]
     for r in res["tries"]:
         vs = f"+{r['vs_best']:.3g}" if r["vs_best"] is not None else "-"
         lines.append(f"| {r['fix']} | {r['verdict']} | {r['final_val_loss']:.4g} | {vs} | {r['folder']} |")

@@ -86,8 +86,9 @@ def export(path: Path, to: str, out: Path | None = None) -> list[Outcome]:
     any run is touched; a run that cannot be exported gives an Outcome with `error`."""
     target = get_target(to)
     if target.package is not None and importlib.util.find_spec(target.package) is None:
-        raise ConfigError(f"--to {to} needs the {target.package} package, which is not installed: "
-                          f"pip install {target.package}")
+        raise ConfigError(
+            f"--to {to} needs the {target.package} package, which is not installed: pip install {target.package}"
+        )
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such folder")
@@ -106,8 +107,10 @@ def export(path: Path, to: str, out: Path | None = None) -> list[Outcome]:
 
 # --- the trackers --------------------------------------------------------------------------------
 
-def replay_order(steps: Sequence[Mapping[str, Any]], epochs: Sequence[Mapping[str, Any]],
-                 events: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, Mapping[str, Any]]]:
+
+def replay_order(
+    steps: Sequence[Mapping[str, Any]], epochs: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, int, Mapping[str, Any]]]:
     """The records as the training loop handed them to the Recorder: each step, then the events
     of that step, each epoch's record after its last step, events without a step (a scream's
     onset) after their epoch's record. Items are (kind, index within its file, record), kind one
@@ -165,8 +168,13 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
     events = [e for e in run.events if e.get("event")]
     summary = run.summary if run.summary.get("verdict") else None
     attempt = run.status.get("started")
-    now = {"started": attempt, "steps": steps[-1][rf.STEP] if steps else -1, "epochs": len(epochs),
-           "events": len(events), "summary": _digest(summary) if summary else None}
+    now = {
+        "started": attempt,
+        "steps": steps[-1][rf.STEP] if steps else -1,
+        "epochs": len(epochs),
+        "events": len(events),
+        "summary": _digest(summary) if summary else None,
+    }
 
     stored = _read_store(run.path)
     done = (stored.get("export") or {}).get(name)
@@ -186,9 +194,11 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
     sent = {"step": 0, "epoch": 0, "event": 0}
     first_step = done["steps"] if done else -1
     for kind, i, rec in replay_order(steps, epochs, events):
-        if done is not None and ((kind == "step" and rec[rf.STEP] <= first_step)
-                                 or (kind == "epoch" and i < done["epochs"])
-                                 or (kind == "event" and i < done["events"])):
+        if done is not None and (
+            (kind == "step" and rec[rf.STEP] <= first_step)
+            or (kind == "epoch" and i < done["epochs"])
+            or (kind == "event" and i < done["events"])
+        ):
             if kind == "step":
                 recorder.last_step = rec[rf.STEP]  # where a later epoch record or event is drawn
             continue
@@ -207,14 +217,17 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
     return f"{name}: sent {', '.join(parts)}{', the summary' if send_summary else ''}"
 
 
-for _name, _help in (("tensorboard", "event files in RUN/tb/ (tensorboard --logdir RUNS)"),
-                     ("mlflow", "the MLflow store beside the sweeps (RUNS/mlflow/mlflow.db) or MLFLOW_TRACKING_URI"),
-                     ("wandb", "a W&B run per job, offline in RUN/wandb/ unless WANDB_MODE is set")):
+for _name, _help in (
+    ("tensorboard", "event files in RUN/tb/ (tensorboard --logdir RUNS)"),
+    ("mlflow", "the MLflow store beside the sweeps (RUNS/mlflow/mlflow.db) or MLFLOW_TRACKING_URI"),
+    ("wandb", "a W&B run per job, offline in RUN/wandb/ unless WANDB_MODE is set"),
+):
     assert _name in TRACKERS
     register(Target(_name, _help, _tracker_send(_name), package=_name))
 
 
 # --- the bad steps, in other trainers' formats (stability.badsteps) ------------------------------
+
 
 def _bad_steps_send(fmt: str) -> Callable[[Run, Path | None], str]:
     def send(run: Run, out: Path | None) -> str:
@@ -230,6 +243,7 @@ def _bad_steps_send(fmt: str) -> Callable[[Run, Path | None], str]:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / name, text)
         return f"{fmt}: {len(steps)} bad step(s) -> {folder / name}"
+
     return send
 
 

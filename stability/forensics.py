@@ -103,43 +103,84 @@ def candidates(layout: StepLayout, host: np.ndarray, groups: dict[str, list[nn.M
     return out
 
 
-def locate(loss_of: Any, model: nn.Module, groups: dict[str, list[nn.Module]], batches: Sequence[Any],
-           host: np.ndarray, layout: StepLayout) -> tuple[dict[str, Any], Any]:
+def locate(
+    loss_of: Any,
+    model: nn.Module,
+    groups: dict[str, list[nn.Module]],
+    batches: Sequence[Any],
+    host: np.ndarray,
+    layout: StepLayout,
+) -> tuple[dict[str, Any], Any]:
     """Re-run each of the step's micro-batches (same weights) with per-group checks; `loss_of`
     None: no way to recompute a batch's loss. Returns (fields of the first_nan event: how,
     module, where, candidates; the batch that reproduced it, else the last one, else None)."""
     if not batches or loss_of is None:
-        return {"how": NO_BATCH if not batches else NO_LOSS, "module": None, "where": "none",
-                "candidates": candidates(layout, host, groups)}, (batches[-1] if batches else None)
+        return {
+            "how": NO_BATCH if not batches else NO_LOSS,
+            "module": None,
+            "where": "none",
+            "candidates": candidates(layout, host, groups),
+        }, (batches[-1] if batches else None)
     for batch in batches:
         module, where = _rerun(loss_of, model, groups, batch)
         if module is not None:
             return {"how": LOCATED, "module": module, "where": where, "candidates": []}, batch
-    return {"how": NOT_REPRODUCED, "module": None, "where": "none",
-            "candidates": candidates(layout, host, groups)}, batches[-1]
+    return {
+        "how": NOT_REPRODUCED,
+        "module": None,
+        "where": "none",
+        "candidates": candidates(layout, host, groups),
+    }, batches[-1]
 
 
-def first_nan(writer: Any, work: Any, groups: dict[str, list[nn.Module]], opt: torch.optim.Optimizer, sched: Any,
-              batches: Sequence[Any], indices: torch.Tensor | None, host: np.ndarray, layout: StepLayout,
-              epoch: int, b: int, step: int, rerun: bool = True) -> dict[str, Any]:
+def first_nan(
+    writer: Any,
+    work: Any,
+    groups: dict[str, list[nn.Module]],
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    batches: Sequence[Any],
+    indices: torch.Tensor | None,
+    host: np.ndarray,
+    layout: StepLayout,
+    epoch: int,
+    b: int,
+    step: int,
+    rerun: bool = True,
+) -> dict[str, Any]:
     """Locate the first non-finite value of the run (`locate`, on the uncompiled model), save
     what `stab replay` needs when there is a batch, and record the `first_nan` event; returns
     its fields. `work.loss(batch)` recomputes a batch's loss (`rerun=False`: it cannot)."""
     loss, total = float(layout.take(host, "loss")[0]), float(layout.take(host, "grad_norm")[0])
     with eager(work):
         found, batch = locate(work.loss if rerun else None, work.model, groups, batches, host, layout)
-        ev: dict[str, Any] = {"epoch": epoch, "batch": b, "step": step, "kind": "loss" if not math.isfinite(loss)
-                              else "grad", **found, "loss": loss, "grad_norm": total}
+        ev: dict[str, Any] = {
+            "epoch": epoch,
+            "batch": b,
+            "step": step,
+            "kind": "loss" if not math.isfinite(loss) else "grad",
+            **found,
+            "loss": loss,
+            "grad_norm": total,
+        }
         if batch is not None:
             idx = indices if indices is not None else torch.zeros(0, dtype=torch.long)
-            ev["forensics"] = (save(writer.dir, work, opt, sched, batch, idx, ev) if writer.writes
-                               else "forensics/state.pt")  # rank 0 saves it
+            ev["forensics"] = (
+                save(writer.dir, work, opt, sched, batch, idx, ev) if writer.writes else "forensics/state.pt"
+            )  # rank 0 saves it
     writer.event({"event": "first_nan", **ev})
     return ev
 
 
-def save(run_dir: Path, work: Any, opt: torch.optim.Optimizer, sched: Any, batch: Any, indices: torch.Tensor,
-         where: dict[str, Any]) -> str:
+def save(
+    run_dir: Path,
+    work: Any,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    batch: Any,
+    indices: torch.Tensor,
+    where: dict[str, Any],
+) -> str:
     """Save what `stab replay` needs to re-run the first non-finite step: the batch (indices
     and tensors, in its own structure: a tuple, a dict of model inputs) and the model and
     optimizer state from before that step's update (the loop checks finiteness before
@@ -147,10 +188,16 @@ def save(run_dir: Path, work: Any, opt: torch.optim.Optimizer, sched: Any, batch
     folder = run_dir / "forensics"
     folder.mkdir(exist_ok=True)
     cpu = map_tensors(lambda t: t.detach().cpu(), batch)
-    blob = {"batch": list(cpu) if isinstance(cpu, tuple) else cpu, "indices": indices.cpu(),
-            "model": work.model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else {},
-            "step": where["step"], "epoch": where["epoch"], "batch_index": where["batch"]}
+    blob = {
+        "batch": list(cpu) if isinstance(cpu, tuple) else cpu,
+        "indices": indices.cpu(),
+        "model": work.model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict() if sched is not None else {},
+        "step": where["step"],
+        "epoch": where["epoch"],
+        "batch_index": where["batch"],
+    }
     buf = io.BytesIO()  # torch's file writer reports a full disk as "unexpected pos"; a plain write names it
     torch.save(blob, buf)
     atomic_write_bytes(folder / "state.pt", buf.getvalue())

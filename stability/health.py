@@ -46,9 +46,11 @@ def attention_stats(logits: torch.Tensor) -> dict[str, float]:
     plogp = torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p))
     entropy = -plogp.sum(-1)  # (B, nh, T)
     finite = logits[torch.isfinite(logits)]
-    return {"attn_entropy": entropy.mean().item(),
-            "attn_logit_max": finite.max().item() if finite.numel() else math.nan,
-            "sink": p[..., 0].mean().item()}
+    return {
+        "attn_entropy": entropy.mean().item(),
+        "attn_logit_max": finite.max().item() if finite.numel() else math.nan,
+        "sink": p[..., 0].mean().item(),
+    }
 
 
 def massive_ratio(h: torch.Tensor) -> float:
@@ -65,8 +67,14 @@ def grad_sink_ratio(grad: torch.Tensor) -> float:
     return (norms[0] / norms[1:].mean().clamp_min(1e-30)).item()
 
 
-def sdpa_logits(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+def sdpa_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """The pre-softmax logits `F.scaled_dot_product_attention` computes: q (B, H, L, E), k (B, Hk,
     S, E) -> (B, H, L, S), scaled by `scale` (default 1/sqrt(E)); a boolean mask's False and the
     causal mask's upper triangle (top-left aligned, as SDPA's is_causal) are -inf, a float mask
@@ -116,16 +124,19 @@ class SdpaAttention:
                 x = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
             if x is not None:
                 hook(module, (x,))
+
         return self.module.register_forward_pre_hook(pre, with_kwargs=True)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         """While inside: SDPA calls made during this module's forward are kept (the last forward's)."""
+
         def start(module: nn.Module, args: Any) -> None:
             self.active, self.calls = True, []
 
         def stop(module: nn.Module, args: Any, out: Any) -> None:
             self.active = False
+
         handles = [self.module.register_forward_pre_hook(start), self.module.register_forward_hook(stop)]
         try:
             with _SdpaCalls(self):
@@ -140,12 +151,19 @@ class SdpaAttention:
         if not self.calls:
             return None
         c = self.calls[-1]
-        return sdpa_logits(c["query"], c["key"], c.get("attn_mask"), bool(c.get("is_causal", False)), c.get("scale"),
-                           bool(c.get("enable_gqa", False)))
+        return sdpa_logits(
+            c["query"],
+            c["key"],
+            c.get("attn_mask"),
+            bool(c.get("is_causal", False)),
+            c.get("scale"),
+            bool(c.get("enable_gqa", False)),
+        )
 
 
-def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
-            layers: dict[str, tuple[nn.Module, Any]]) -> dict[str, dict[str, float]]:
+def measure(
+    model: nn.Module, loss_fn: Callable[[], torch.Tensor], layers: dict[str, tuple[nn.Module, Any]]
+) -> dict[str, dict[str, float]]:
     """`layers`: name -> (block, its attention: a module with `logits(x)`, or an `SdpaAttention`).
     `loss_fn` runs the validation forward. A layer whose logits could not be had (its SDPA was
     not called) reads NaN for the attention statistics."""
@@ -159,6 +177,7 @@ def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
             if x.requires_grad:
                 x.retain_grad()
             inputs[name] = x
+
         return hook
 
     def keep_output(name: str) -> Callable:
@@ -166,6 +185,7 @@ def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
             found = tensors(out)  # a block may return a tuple (hidden states first)
             if found:
                 outputs[name] = found[0].detach()
+
         return hook
 
     for name, (block, attn) in layers.items():
@@ -187,8 +207,11 @@ def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
             for name, (_block, attn) in layers.items():
                 x = inputs.get(name)
                 logits = attn.logits(x.detach()) if x is not None else None
-                stats = attention_stats(logits) if logits is not None else {
-                    "attn_entropy": math.nan, "attn_logit_max": math.nan, "sink": math.nan}
+                stats = (
+                    attention_stats(logits)
+                    if logits is not None
+                    else {"attn_entropy": math.nan, "attn_logit_max": math.nan, "sink": math.nan}
+                )
                 stats["massive"] = massive_ratio(outputs[name]) if name in outputs else math.nan
                 stats["grad_sink"] = grad_sink_ratio(x.grad) if x is not None and x.grad is not None else math.nan
                 result[name] = stats
@@ -221,11 +244,16 @@ def summarize(health: dict[str, dict[str, float]]) -> dict[str, float]:
     """Across layers: min entropy, max logit, max sink, number of sink layers, max massive, max grad sink."""
     if not health:
         return {}
+
     def pick(f: Callable[[list[float]], float], k: str) -> float:
         col = [v[k] for v in health.values() if math.isfinite(v[k])]
         return f(col) if col else math.nan
 
-    return {"attn_entropy_min": pick(min, "attn_entropy"), "attn_logit_max": pick(max, "attn_logit_max"),
-            "sink_max": pick(max, "sink"),
-            "sink_layers": sum(1 for v in health.values() if math.isfinite(v["sink"]) and v["sink"] > SINK_THRESHOLD),
-            "massive_max": pick(max, "massive"), "grad_sink_max": pick(max, "grad_sink")}
+    return {
+        "attn_entropy_min": pick(min, "attn_entropy"),
+        "attn_logit_max": pick(max, "attn_logit_max"),
+        "sink_max": pick(max, "sink"),
+        "sink_layers": sum(1 for v in health.values() if math.isfinite(v["sink"]) and v["sink"] > SINK_THRESHOLD),
+        "massive_max": pick(max, "massive"),
+        "grad_sink_max": pick(max, "grad_sink"),
+    }

@@ -71,24 +71,39 @@ class StabTrainerCallback(TrainerCallback):
         self._said = False
 
     # --- the run ------------------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         kw = dict(self.kwargs)
-        info: dict[str, Any] = {"trainer": {"gradient_accumulation_steps": args.gradient_accumulation_steps,
-                                            "max_grad_norm": args.max_grad_norm}}
+        info: dict[str, Any] = {
+            "trainer": {
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "max_grad_norm": args.max_grad_norm,
+            }
+        }
         if "clip" not in kw and args.max_grad_norm and args.max_grad_norm > 0:
             kw["clip"] = float(args.max_grad_norm)
-            info["trainer"]["clip"] = (f"stab clips at max_grad_norm={args.max_grad_norm} after measuring; the "
-                                       f"Trainer's own clip is set to 0 so the recorded norms are before clipping")
+            info["trainer"]["clip"] = (
+                f"stab clips at max_grad_norm={args.max_grad_norm} after measuring; the "
+                f"Trainer's own clip is set to 0 so the recorded norms are before clipping"
+            )
         if kw.get("clip") is not None:
             args.max_grad_norm = 0.0
         kw.setdefault("loss", hf_loss)
         kw.setdefault("tokens", None)  # a ModelOutput is not a tensor of scores: no scream check unless given
         kw.setdefault("batch_loss", lambda batch: hf_loss(model(**batch), batch))
         self._model = model
-        self.monitor = Monitor(model, optimizer, self.runs, accumulate=args.gradient_accumulation_steps,
-                               epochs=max(1, int(args.num_train_epochs)), batch_size=args.per_device_train_batch_size,
-                               recorded_by="stability.hf.StabTrainerCallback", info=info, **kw)
+        self.monitor = Monitor(
+            model,
+            optimizer,
+            self.runs,
+            accumulate=args.gradient_accumulation_steps,
+            epochs=max(1, int(args.num_train_epochs)),
+            batch_size=args.per_device_train_batch_size,
+            recorded_by="stability.hf.StabTrainerCallback",
+            info=info,
+            **kw,
+        )
         self._hook = model.register_forward_hook(self._forward, with_kwargs=True)
 
     def _forward(self, module: Any, args: tuple, kwargs: dict, out: Any) -> None:
@@ -97,8 +112,10 @@ class StabTrainerCallback(TrainerCallback):
             return
         loss = output_loss(out)
         if loss is None:
-            raise ValueError("StabTrainerCallback: the model's output has no loss; stab records the loss the model "
-                             "computes from `labels` in the batch (give the Trainer labeled data)")
+            raise ValueError(
+                "StabTrainerCallback: the model's output has no loss; stab records the loss the model "
+                "computes from `labels` in the batch (give the Trainer labeled data)"
+            )
         batch = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in NOT_INPUTS}
         if args:
             batch.update({f"arg{i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)})
@@ -107,11 +124,17 @@ class StabTrainerCallback(TrainerCallback):
         if share and not self._said:
             self._said = True
             n = int(items) if not isinstance(items, torch.Tensor) or items.numel() == 1 else items.tolist()
-            monitor.writer.event({"event": "loss_normalisation", "step": monitor.global_step, "num_items_in_batch": n,
-                                  "note": "the Trainer passes num_items_in_batch: each micro-batch's loss is its "
-                                          "summed token loss over the step's label count, and the recorded loss is "
-                                          "their sum, the loss the gradients are of (a causal LM that shifts its "
-                                          "labels averages over fewer tokens than were counted)"})
+            monitor.writer.event(
+                {
+                    "event": "loss_normalisation",
+                    "step": monitor.global_step,
+                    "num_items_in_batch": n,
+                    "note": "the Trainer passes num_items_in_batch: each micro-batch's loss is its "
+                    "summed token loss over the step's label count, and the recorded loss is "
+                    "their sum, the loss the gradients are of (a causal LM that shifts its "
+                    "labels averages over fewer tokens than were counted)",
+                }
+            )
         monitor.micro_batch(loss, batch, share=share)
 
     # --- per optimizer step -------------------------------------------------------------------

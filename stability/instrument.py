@@ -53,19 +53,22 @@ class GradProbe:
         """
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
-            raise RuntimeError("no parameter has a gradient: measure after loss.backward(), before the gradients "
-                               "are zeroed")
+            raise RuntimeError(
+                "no parameter has a gradient: measure after loss.backward(), before the gradients are zeroed"
+            )
         if len(grads) == len(self.params):
             idx = self._index_on.get(grads[0].device)
             if idx is None:
                 idx = self._index_on[grads[0].device] = self._index.to(grads[0].device)
         else:  # some parameter got no gradient this step
-            idx = torch.tensor([i for p, i in zip(self.params, self._index.tolist()) if p.grad is not None],
-                               device=grads[0].device)
-        norms = torch.stack(torch._foreach_norm(grads, dtype=torch.float64) if exact
-                            else torch._foreach_norm(grads)).double()  # (P,)
+            idx = torch.tensor(
+                [i for p, i in zip(self.params, self._index.tolist()) if p.grad is not None], device=grads[0].device
+            )
+        norms = torch.stack(
+            torch._foreach_norm(grads, dtype=torch.float64) if exact else torch._foreach_norm(grads)
+        ).double()  # (P,)
         finite = torch.isfinite(norms).all()
-        sq = torch.zeros(len(self.names), device=norms.device, dtype=torch.float64).index_add_(0, idx, norms ** 2)
+        sq = torch.zeros(len(self.names), device=norms.device, dtype=torch.float64).index_add_(0, idx, norms**2)
         return sq.sum().sqrt(), sq.sqrt(), finite
 
     def clip_(self, total: torch.Tensor, max_norm: float | None) -> None:
@@ -118,12 +121,14 @@ class NonFiniteProbe:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             if self.first_forward is None and not all_finite(out):  # syncs: forensic mode only
                 self.first_forward = name
+
         return hook
 
     def _grad_hook(self, name: str) -> Callable:
         def hook(grad: torch.Tensor) -> None:
             if self.first_backward is None and not torch.isfinite(grad).all():
                 self.first_backward = name
+
         return hook
 
     @property

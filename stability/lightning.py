@@ -53,25 +53,36 @@ class StabCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
-            raise ValueError(f"StabCallback: the module has {len(trainer.optimizers)} optimizers; stab records one "
-                             f"optimizer step per batch and supports exactly one")
+            raise ValueError(
+                f"StabCallback: the module has {len(trainer.optimizers)} optimizers; stab records one "
+                f"optimizer step per batch and supports exactly one"
+            )
         self._scale = trainer.accumulate_grad_batches
         kwargs = dict(self.kwargs)
         if kwargs.get("loss") is None:  # locate by the module's own training_step
             kwargs["batch_loss"] = lambda batch: _loss_of(pl_module.training_step(batch, 0))
-        self.monitor = Monitor(pl_module, trainer.optimizers[0], self.runs, epochs=max(1, trainer.max_epochs or 1),
-                               accumulate=self._scale, recorded_by="stability.lightning.StabCallback", **kwargs)
+        self.monitor = Monitor(
+            pl_module,
+            trainer.optimizers[0],
+            self.runs,
+            epochs=max(1, trainer.max_epochs or 1),
+            accumulate=self._scale,
+            recorded_by="stability.lightning.StabCallback",
+            **kwargs,
+        )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch = batch
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self.monitor is not None and not self.monitor.busy:
             self.monitor.micro_batch(loss * self._scale, self._batch)  # Lightning's loss is divided by N
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if not self.monitor.before_optimizer_step():
             optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves the weights as they were
             trainer.should_stop = trainer.should_stop or self.monitor.should_stop

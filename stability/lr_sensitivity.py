@@ -50,15 +50,19 @@ def lr_sensitivity(runs: pd.DataFrame, factors: Sequence[str] | None = None, lr:
     """
     missing = [c for c in (lr, "initial_loss", "final_loss") if c not in runs.columns]
     if missing:
-        raise ValueError(f"lr_sensitivity needs columns {', '.join(missing)}; it has {', '.join(map(str, runs.columns))}")
+        raise ValueError(
+            f"lr_sensitivity needs columns {', '.join(missing)}; it has {', '.join(map(str, runs.columns))}"
+        )
     factors = [c for c in runs.columns if c not in (lr, *RESERVED)] if factors is None else list(factors)
     df = runs[[*factors, lr, "initial_loss", "final_loss"]].copy()
     df["_stable"] = runs["stable"].astype(bool) if "stable" in runs.columns else True
     lrs = pd.to_numeric(df[lr], errors="coerce")
     if lrs.isna().any():
         bad = sorted(set(df.loc[lrs.isna(), lr].astype(str)))
-        raise ValueError(f"lr_sensitivity: column {lr!r} has values that are not numbers: {', '.join(bad)}; "
-                         f"pass each run's resolved learning rate (config.yaml train.lr)")
+        raise ValueError(
+            f"lr_sensitivity: column {lr!r} has values that are not numbers: {', '.join(bad)}; "
+            f"pass each run's resolved learning rate (config.yaml train.lr)"
+        )
     df[lr] = lrs.astype(float)
     init = pd.to_numeric(df["initial_loss"], errors="coerce").astype(float)
     final = pd.to_numeric(df["final_loss"], errors="coerce").astype(float)
@@ -76,13 +80,38 @@ def lr_sensitivity(runs: pd.DataFrame, factors: Sequence[str] | None = None, lr:
         sens = float((per_lr["loss"] - best).clip(lower=0).mean()) if len(per_lr) >= 2 and len(finite) else math.nan
         key = key if isinstance(key, tuple) else (key,)
         n_stable = int(per_lr["stable"].sum())
-        warning = ("no stable learning rate in the grid: the sensitivity measures a configuration that fails "
-                   "everywhere" if n_stable == 0 else "")
-        rows.append({**dict(zip(factors, key)), "n_lr": len(per_lr), "lrs": list(per_lr.index),
-                     "best_lr": best_lr, "best_final_loss": best, "n_diverged": int(per_lr["bad"].sum()),
-                     "n_stable_lr": n_stable, "lr_sensitivity": sens, "warning": warning})
-    out = pd.DataFrame(rows, columns=[*factors, "n_lr", "lrs", "best_lr", "best_final_loss", "n_diverged",
-                                      "n_stable_lr", "lr_sensitivity", "warning"])
+        warning = (
+            "no stable learning rate in the grid: the sensitivity measures a configuration that fails everywhere"
+            if n_stable == 0
+            else ""
+        )
+        rows.append(
+            {
+                **dict(zip(factors, key)),
+                "n_lr": len(per_lr),
+                "lrs": list(per_lr.index),
+                "best_lr": best_lr,
+                "best_final_loss": best,
+                "n_diverged": int(per_lr["bad"].sum()),
+                "n_stable_lr": n_stable,
+                "lr_sensitivity": sens,
+                "warning": warning,
+            }
+        )
+    out = pd.DataFrame(
+        rows,
+        columns=[
+            *factors,
+            "n_lr",
+            "lrs",
+            "best_lr",
+            "best_final_loss",
+            "n_diverged",
+            "n_stable_lr",
+            "lr_sensitivity",
+            "warning",
+        ],
+    )
     return out.sort_values("lr_sensitivity", na_position="last", kind="stable").reset_index(drop=True)
 
 

@@ -63,11 +63,19 @@ def replicate(lr: float, probes: Sequence[Probe]) -> Probe:
     inits = [p.initial_loss for p in probes if math.isfinite(p.initial_loss)]
     verdicts = [p.verdict for p in probes]
     summary = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
-    return Probe(lr, stable=bad == 0, verdict=summary, folder=probes[0].folder if probes else None,
-                 final_val_loss=statistics.median(finite) if finite else math.nan,
-                 initial_loss=statistics.median(inits) if inits else math.nan,
-                 wall_s=sum(p.wall_s for p in probes if math.isfinite(p.wall_s)),
-                 stopped_early=all(p.stopped_early for p in probes), n=len(probes), n_unstable=bad, verdicts=verdicts)
+    return Probe(
+        lr,
+        stable=bad == 0,
+        verdict=summary,
+        folder=probes[0].folder if probes else None,
+        final_val_loss=statistics.median(finite) if finite else math.nan,
+        initial_loss=statistics.median(inits) if inits else math.nan,
+        wall_s=sum(p.wall_s for p in probes if math.isfinite(p.wall_s)),
+        stopped_early=all(p.stopped_early for p in probes),
+        n=len(probes),
+        n_unstable=bad,
+        verdicts=verdicts,
+    )
 
 
 @dataclass
@@ -96,8 +104,10 @@ class Margin:
         else:
             core = f"{self.stable_lr:.3g}" if self.stable_lr is not None else "?"
         if self.stable_above:
-            core += (f" (non-monotone: unstable at {self.unstable_lr:.3g}, stable again at "
-                     f"{', '.join(f'{x:.3g}' for x in self.stable_above)})")
+            core += (
+                f" (non-monotone: unstable at {self.unstable_lr:.3g}, stable again at "
+                f"{', '.join(f'{x:.3g}' for x in self.stable_above)})"
+            )
         return core
 
 
@@ -121,7 +131,7 @@ class Search:
         self.results: dict[int, bool] = {}
 
     def lr(self, k: int) -> float:
-        return float(f"{self.lo * self.r ** k:.3g}")  # 3 significant digits: readable folder names
+        return float(f"{self.lo * self.r**k:.3g}")  # 3 significant digits: readable folder names
 
     def _bounds(self) -> tuple[int | None, int | None]:
         """(the largest stable index below the lowest unstable one, the lowest unstable index): the
@@ -167,8 +177,14 @@ class Search:
         return "below" if s is None else "above" if u is None else "budget"
 
 
-def find_margins(configs: Sequence[str], probe: Callable[[list[tuple[str, float]]], list[Probe]],
-                 lo: float, hi: float, tolerance: float, steps: int) -> dict[str, Margin]:
+def find_margins(
+    configs: Sequence[str],
+    probe: Callable[[list[tuple[str, float]]], list[Probe]],
+    lo: float,
+    hi: float,
+    tolerance: float,
+    steps: int,
+) -> dict[str, Margin]:
     """The margin of every configuration. Each round asks `probe` for one batch of
     (configuration, lr) pairs (every configuration still searching, one or two lrs each) and
     expects one Probe per pair, in order. Raises ValueError on a bad bracket or tolerance."""
@@ -194,20 +210,34 @@ def find_margins(configs: Sequence[str], probe: Callable[[list[tuple[str, float]
     out = {}
     for c, s in searches.items():
         st, un = s._bounds()
-        out[c] = Margin(c, s.lr(st) if st is not None else None, s.lr(un) if un is not None else None, s.status(),
-                        sorted(done[c], key=lambda p: p.lr), [s.lr(k) for k in s.stable_above()])
+        out[c] = Margin(
+            c,
+            s.lr(st) if st is not None else None,
+            s.lr(un) if un is not None else None,
+            s.status(),
+            sorted(done[c], key=lambda p: p.lr),
+            [s.lr(k) for k in s.stable_above()],
+        )
     return out
 
 
 # --- the result table -----------------------------------------------------------------------
 
+
 def sensitivity(margins: dict[str, Margin]) -> dict[str, float]:
     """Wortsman et al.'s LR sensitivity (arXiv 2309.14322) over each configuration's probes:
     mean over its lrs of min(final validation loss, initial loss) - the best of them; an unstable
     probe counts as its initial loss, as a diverged run does in the paper. NaN below 2 probes."""
-    rows = [{"config": m.config, "train.lr": p.lr, "initial_loss": p.initial_loss,
-             "final_loss": p.final_val_loss if p.stable else math.nan}
-            for m in margins.values() for p in m.probes]
+    rows = [
+        {
+            "config": m.config,
+            "train.lr": p.lr,
+            "initial_loss": p.initial_loss,
+            "final_loss": p.final_val_loss if p.stable else math.nan,
+        }
+        for m in margins.values()
+        for p in m.probes
+    ]
     if not rows:
         return {}
     table = lr_sensitivity(pd.DataFrame(rows), ["config"])
@@ -228,15 +258,19 @@ def comparison(margins: dict[str, Margin]) -> str:
         if not lr:
             return f"no configuration trained stably at any learning rate tried (down to {down_to(never):.3g})"
         best_c = max(lr, key=lambda c: lr[c])
-        return (f"{margins[best_c].config} is stable up to lr {lr[best_c]:.3g}; {', '.join(margins[c].config for c in never)} "
-                f"was unstable at every learning rate tried (down to {down_to(never):.3g})")
+        return (
+            f"{margins[best_c].config} is stable up to lr {lr[best_c]:.3g}; {', '.join(margins[c].config for c in never)} "
+            f"was unstable at every learning rate tried (down to {down_to(never):.3g})"
+        )
     best_c, worst_c = max(lr, key=lambda c: lr[c]), min(lr, key=lambda c: lr[c])
     best, worst, ratio = margins[best_c], margins[worst_c], lr[best_c] / lr[worst_c]
     at_least = " at least" if best.status == "above" else ""
     if ratio < 1.0001:
         return f"every configuration is stable up to the same learning rate ({lr[best_c]:.3g}) at this resolution"
-    return (f"{best.config} is stable up to{at_least} {ratio:.3g}x the learning rate of {worst.config} "
-            f"({best.text} vs {worst.text})")
+    return (
+        f"{best.config} is stable up to{at_least} {ratio:.3g}x the learning rate of {worst.config} "
+        f"({best.text} vs {worst.text})"
+    )
 
 
 def sensitivity_floor(m: Margin, lo: float, hi: float, tolerance: float) -> tuple[float, float]:
@@ -278,8 +312,15 @@ def factor_ratios(margins: dict[str, Margin]) -> list[str]:
         for d, lr in parsed.values():
             if d.get(key) != values[0]:
                 continue
-            other = next((m2 for d2, m2 in parsed.values() if d2.get(key) == values[1]
-                          and {k: v for k, v in d2.items() if k != key} == {k: v for k, v in d.items() if k != key}), None)
+            other = next(
+                (
+                    m2
+                    for d2, m2 in parsed.values()
+                    if d2.get(key) == values[1]
+                    and {k: v for k, v in d2.items() if k != key} == {k: v for k, v in d.items() if k != key}
+                ),
+                None,
+            )
             if other is not None:
                 held = " ".join(f"{k}={v}" for k, v in d.items() if k != key)
                 parts.append(f"{lr / other:.3g}x" + (f" at {held}" if held else ""))
@@ -288,8 +329,9 @@ def factor_ratios(margins: dict[str, Margin]) -> list[str]:
     return out
 
 
-def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, wall_s: float,
-           concurrency: int) -> dict[str, Any]:
+def result(
+    margins: dict[str, Margin], lo: float, hi: float, tolerance: float, wall_s: float, concurrency: int
+) -> dict[str, Any]:
     """Everything `stab margin` reports, as plain data (margin.json): per configuration its margin,
     bracket, status, ratio to the least stable, LR sensitivity and probes; the cost of the search
     against an exhaustive grid of the same resolution."""
@@ -303,32 +345,59 @@ def result(margins: dict[str, Margin], lo: float, hi: float, tolerance: float, w
     widened = sum(max(0, len(m.probes) - promised_probes(lo, hi, tolerance)) for m in margins.values())
     exhaustive = (K + 1) * len(margins)
     return {
-        "lo": lo, "hi": hi, "tolerance": tolerance, "grid_steps": K, "grid_ratio": (hi / lo) ** (1 / K),
-        "configs": [{"config": m.config, "margin": m.stable_lr, "unstable_lr": m.unstable_lr, "status": m.status,
-                     "text": m.text, "stable_above": m.stable_above, "ratio": (m.stable_lr / floor) if m.stable_lr and floor else None,
-                     "lr_sensitivity": sens.get(m.config, math.nan),
-                     "grid_share_unstable": sensitivity_floor(m, lo, hi, tolerance)[0],
-                     "lr_sensitivity_floor": sensitivity_floor(m, lo, hi, tolerance)[1],
-                     "probes": [asdict(p) for p in m.probes]} for m in margins.values()],
-        "sentence": comparison(margins), "by_factor": factor_ratios(margins),
+        "lo": lo,
+        "hi": hi,
+        "tolerance": tolerance,
+        "grid_steps": K,
+        "grid_ratio": (hi / lo) ** (1 / K),
+        "configs": [
+            {
+                "config": m.config,
+                "margin": m.stable_lr,
+                "unstable_lr": m.unstable_lr,
+                "status": m.status,
+                "text": m.text,
+                "stable_above": m.stable_above,
+                "ratio": (m.stable_lr / floor) if m.stable_lr and floor else None,
+                "lr_sensitivity": sens.get(m.config, math.nan),
+                "grid_share_unstable": sensitivity_floor(m, lo, hi, tolerance)[0],
+                "lr_sensitivity_floor": sensitivity_floor(m, lo, hi, tolerance)[1],
+                "probes": [asdict(p) for p in m.probes],
+            }
+            for m in margins.values()
+        ],
+        "sentence": comparison(margins),
+        "by_factor": factor_ratios(margins),
         "non_monotone": [non_monotone_text(m) for m in margins.values() if m.stable_above],
-        "cost": {"probes": len(probes), "stopped_early": sum(p.stopped_early for p in probes),
-                 "promised_per_config": promised_probes(lo, hi, tolerance), "widening_probes": widened,
-                 "rounds": max((p.round for p in probes), default=0), "wall_s": wall_s, "concurrency": concurrency,
-                 "train_s": float(sum(p.wall_s for p in probes if math.isfinite(p.wall_s))),
-                 "exhaustive_runs": exhaustive, "median_full_run_s": per_run,
-                 "exhaustive_train_s_estimate": exhaustive * per_run},
+        "cost": {
+            "probes": len(probes),
+            "stopped_early": sum(p.stopped_early for p in probes),
+            "promised_per_config": promised_probes(lo, hi, tolerance),
+            "widening_probes": widened,
+            "rounds": max((p.round for p in probes), default=0),
+            "wall_s": wall_s,
+            "concurrency": concurrency,
+            "train_s": float(sum(p.wall_s for p in probes if math.isfinite(p.wall_s))),
+            "exhaustive_runs": exhaustive,
+            "median_full_run_s": per_run,
+            "exhaustive_train_s_estimate": exhaustive * per_run,
+        },
     }
 
 
 def non_monotone_text(m: Margin) -> str:
     """The sentence for a configuration whose stability is not monotone in the learning rate."""
     above = ", ".join(f"{x:.3g}" for x in m.stable_above)
-    below = f"the largest stable lr below it is {m.stable_lr:.3g}" if m.stable_lr is not None else \
-        "no lr below it was found stable"
-    return (f"{m.config}: stability is not monotone in the learning rate: unstable at {m.unstable_lr:.3g} but stable "
-            f"again at {above}. The margin reported is the lowest failing lr ({m.unstable_lr:.3g}; {below}), not a "
-            "bisection between a stable and an unstable probe; a fixed grid over the range shows the whole curve")
+    below = (
+        f"the largest stable lr below it is {m.stable_lr:.3g}"
+        if m.stable_lr is not None
+        else "no lr below it was found stable"
+    )
+    return (
+        f"{m.config}: stability is not monotone in the learning rate: unstable at {m.unstable_lr:.3g} but stable "
+        f"again at {above}. The margin reported is the lowest failing lr ({m.unstable_lr:.3g}; {below}), not a "
+        "bisection between a stable and an unstable probe; a fixed grid over the range shows the whole curve"
+    )
 
 
 def probe_text(p: dict[str, Any]) -> str:
@@ -339,42 +408,62 @@ def probe_text(p: dict[str, Any]) -> str:
         from stability.report.factors import share_interval
 
         lo, hi = share_interval(p["n_unstable"], p["n"])
-        return (f"{p['lr']:.3g} {'stable' if p['stable'] else 'unstable'} {p['n_unstable']}/{p['n']} "
-                f"({lo:.0%}..{hi:.0%}): {p['verdict']}")
-    return f"{p['lr']:.3g} {p['verdict'] or ('stable' if p['stable'] else 'unstable')}" + \
-        (" (stopped early)" if p.get("stopped_early") else "")
+        return (
+            f"{p['lr']:.3g} {'stable' if p['stable'] else 'unstable'} {p['n_unstable']}/{p['n']} "
+            f"({lo:.0%}..{hi:.0%}): {p['verdict']}"
+        )
+    return f"{p['lr']:.3g} {p['verdict'] or ('stable' if p['stable'] else 'unstable')}" + (
+        " (stopped early)" if p.get("stopped_early") else ""
+    )
 
 
 def markdown(res: dict[str, Any]) -> str:
     """margin.md: the table, the sentence, the cost."""
-    lines = ["# Stability margin", "",
-             f"Largest learning rate that trains without nan/exploding/scream, bracketing then bisection on a log "
-             f"grid from {res['lo']:g} to {res['hi']:g} in {res['grid_steps']} steps of x{res['grid_ratio']:.3g} "
-             f"(margin.tolerance {res['tolerance']:g}).", "",
-             "| configuration | margin (largest stable lr) | smallest unstable lr | status | x least stable | "
-             "grid share above margin | LR sensitivity floor | LR sensitivity over probes | probes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Stability margin",
+        "",
+        f"Largest learning rate that trains without nan/exploding/scream, bracketing then bisection on a log "
+        f"grid from {res['lo']:g} to {res['hi']:g} in {res['grid_steps']} steps of x{res['grid_ratio']:.3g} "
+        f"(margin.tolerance {res['tolerance']:g}).",
+        "",
+        "| configuration | margin (largest stable lr) | smallest unstable lr | status | x least stable | "
+        "grid share above margin | LR sensitivity floor | LR sensitivity over probes | probes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in res["configs"]:
         un = f"{c['unstable_lr']:.3g}" if c["unstable_lr"] else "-"
         ratio = f"{c['ratio']:.3g}" if c["ratio"] else "-"
-        sens = f"{c['lr_sensitivity']:.3g}" if c["lr_sensitivity"] is not None and math.isfinite(c["lr_sensitivity"]) else "-"
+        sens = (
+            f"{c['lr_sensitivity']:.3g}"
+            if c["lr_sensitivity"] is not None and math.isfinite(c["lr_sensitivity"])
+            else "-"
+        )
         floor = f"{c['lr_sensitivity_floor']:.3g}" if math.isfinite(c["lr_sensitivity_floor"]) else "-"
-        lines.append(f"| {c['config']} | {c['text']} | {un} | {c['status']} | {ratio} | "
-                     f"{c['grid_share_unstable']:.0%} | {floor} | {sens} | "
-                     f"{'; '.join(probe_text(p) for p in c['probes'])} |")
+        lines.append(
+            f"| {c['config']} | {c['text']} | {un} | {c['status']} | {ratio} | "
+            f"{c['grid_share_unstable']:.0%} | {floor} | {sens} | "
+            f"{'; '.join(probe_text(p) for p in c['probes'])} |"
+        )
     cost = res["cost"]
-    lines += ["", res["sentence"], ""] + [f"- {f}" for f in res.get("non_monotone", [])] + \
-        [f"- {f}" for f in res.get("by_factor", [])] + [
-              "",
-              "LR sensitivity (Wortsman et al. 2023, arXiv 2309.14322) is the mean over an LR grid of min(final loss, "
-              "initial loss) - the best loss. On the exhaustive grid of this resolution every point above the margin "
-              "diverges and counts as initial - best, so the margin alone gives its floor (grid share above the "
-              "margin x (initial - best)); the stable points add their excess loss. 'Over probes' is the same formula "
-              "over this search's own probes: they cluster at each configuration's boundary, so compare it only "
-              "within one row.", "",
-              f"Cost: {cost['probes']} probe runs in {cost['rounds']} rounds ({cost['stopped_early']} stopped early once "
-              f"unstable), {cost['wall_s']:.0f} s wall ({cost['concurrency']} at a time), {cost['train_s']:.0f} s of "
-              f"training summed. An exhaustive grid at the same resolution: {cost['exhaustive_runs']} runs, about "
-              f"{cost['exhaustive_train_s_estimate']:.0f} s of training at the median full run "
-              f"({cost['median_full_run_s']:.1f} s).", ""]
+    lines += (
+        ["", res["sentence"], ""]
+        + [f"- {f}" for f in res.get("non_monotone", [])]
+        + [f"- {f}" for f in res.get("by_factor", [])]
+        + [
+            "",
+            "LR sensitivity (Wortsman et al. 2023, arXiv 2309.14322) is the mean over an LR grid of min(final loss, "
+            "initial loss) - the best loss. On the exhaustive grid of this resolution every point above the margin "
+            "diverges and counts as initial - best, so the margin alone gives its floor (grid share above the "
+            "margin x (initial - best)); the stable points add their excess loss. 'Over probes' is the same formula "
+            "over this search's own probes: they cluster at each configuration's boundary, so compare it only "
+            "within one row.",
+            "",
+            f"Cost: {cost['probes']} probe runs in {cost['rounds']} rounds ({cost['stopped_early']} stopped early once "
+            f"unstable), {cost['wall_s']:.0f} s wall ({cost['concurrency']} at a time), {cost['train_s']:.0f} s of "
+            f"training summed. An exhaustive grid at the same resolution: {cost['exhaustive_runs']} runs, about "
+            f"{cost['exhaustive_train_s_estimate']:.0f} s of training at the median full run "
+            f"({cost['median_full_run_s']:.1f} s).",
+            "",
+        ]
+    )
     return "\n".join(lines)

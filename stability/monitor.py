@@ -98,36 +98,78 @@ class Monitor:
         before anything is written.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, runs: str | Path = "runs", *,
-                 run_dir: str | Path | None = None, name: str = "run", loss: Any = None, val: Any = None,
-                 scheduler: Any = None, clip: float | None = None, on_nan: str = "stop", accumulate: int = 1,
-                 config: dict[str, Any] | None = None, factory: str | None = None, groups: dict[str, Any] | None = None,
-                 layers: str | None = None, tokens: Any = "auto", epochs: int = 1, batch_size: int | None = None,
-                 detect: DetectConfig | None = None, log: Sequence[str] = (),
-                 batch_loss: Callable[[Any], torch.Tensor] | None = None, recorded_by: str = "stability.monitor.Monitor",
-                 info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        runs: str | Path = "runs",
+        *,
+        run_dir: str | Path | None = None,
+        name: str = "run",
+        loss: Any = None,
+        val: Any = None,
+        scheduler: Any = None,
+        clip: float | None = None,
+        on_nan: str = "stop",
+        accumulate: int = 1,
+        config: dict[str, Any] | None = None,
+        factory: str | None = None,
+        groups: dict[str, Any] | None = None,
+        layers: str | None = None,
+        tokens: Any = "auto",
+        epochs: int = 1,
+        batch_size: int | None = None,
+        detect: DetectConfig | None = None,
+        log: Sequence[str] = (),
+        batch_loss: Callable[[Any], torch.Tensor] | None = None,
+        recorded_by: str = "stability.monitor.Monitor",
+        info: dict[str, Any] | None = None,
+    ) -> None:
         if val is not None and loss is None:
-            raise ConfigError("Monitor(val=...) needs loss=loss(output, target): the validation loss, scream check "
-                              "and health run it")
+            raise ConfigError(
+                "Monitor(val=...) needs loss=loss(output, target): the validation loss, scream check and health run it"
+            )
         if on_nan not in ON_NAN:
             raise ConfigError(f"Monitor(on_nan={on_nan!r}) is not allowed: expected one of {', '.join(ON_NAN)}")
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-            raise ConfigError(f"Monitor(accumulate={accumulate!r}) is not allowed: expected an integer >= 1 "
-                              f"(micro-batches per optimizer step)")
+            raise ConfigError(
+                f"Monitor(accumulate={accumulate!r}) is not allowed: expected an integer >= 1 "
+                f"(micro-batches per optimizer step)"
+            )
         if not any(p.requires_grad for p in model.parameters()):
-            raise ConfigError("Monitor(model=...): the model has no trainable parameters (every parameter has "
-                              "requires_grad=False), so there is no gradient to measure")
+            raise ConfigError(
+                "Monitor(model=...): the model has no trainable parameters (every parameter has "
+                "requires_grad=False), so there is no gradient to measure"
+            )
         if factory is not None:
             _check_factory(factory, dict(config or {}))
         pgroups = optimizer.param_groups
-        train = TrainConfig(epochs=epochs, batch_size=batch_size or TrainConfig.batch_size,
-                            lr=float(pgroups[0].get("lr", 1e-3)), clip="none" if clip is None else clip,
-                            on_nan=on_nan, warmup=0, weight_decay=float(pgroups[0].get("weight_decay", 0.0)))
-        self.cfg = RunConfig(model=CustomModelConfig(target=factory or OWN_LOOP, params=dict(config or {})),
-                             data=NoDataConfig(), train=train, detect=detect or DetectConfig(), log=list(log))
+        train = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size or TrainConfig.batch_size,
+            lr=float(pgroups[0].get("lr", 1e-3)),
+            clip="none" if clip is None else clip,
+            on_nan=on_nan,
+            warmup=0,
+            weight_decay=float(pgroups[0].get("weight_decay", 0.0)),
+        )
+        self.cfg = RunConfig(
+            model=CustomModelConfig(target=factory or OWN_LOOP, params=dict(config or {})),
+            data=NoDataConfig(),
+            train=train,
+            detect=detect or DetectConfig(),
+            log=list(log),
+        )
         device = next(model.parameters()).device
-        task = Task(model=model, train=None, loss=loss if loss is not None else _no_loss, val=val, layers=layers,
-                    groups=groups, tokens=tokens if val is not None else None)
+        task = Task(
+            model=model,
+            train=None,
+            loss=loss if loss is not None else _no_loss,
+            val=val,
+            layers=layers,
+            groups=groups,
+            tokens=tokens if val is not None else None,
+        )
         self.work = CustomWorkload(self.cfg, device, task=task)
         if batch_loss is not None:
             self.work.loss = batch_loss  # type: ignore[method-assign]  # how this loop computes a batch's loss
@@ -200,8 +242,10 @@ class Monitor:
         micro-batches' losses (the sum of their shares). Returns whether the loss and every
         gradient were finite; on False the caller must not step (`step` does not)."""
         if self._micro == 0:
-            raise RuntimeError("Monitor: no loss for this optimizer step: call monitor.step(loss) or "
-                               "monitor.micro_batch(loss) after each backward, before the optimizer step")
+            raise RuntimeError(
+                "Monitor: no loss for this optimizer step: call monitor.step(loss) or "
+                "monitor.micro_batch(loss) after each backward, before the optimizer step"
+            )
         n = self._micro
         loss = self._loss_sum if self._shares or n == 1 else self._loss_sum / n
         try:
@@ -219,10 +263,16 @@ class Monitor:
         if n != self.accumulate:
             self._mismatch(n)
         now = time.perf_counter()
-        rec = self.layout.record(host, step=self.global_step, epoch=self.epoch, batch=self.batch,
-                                 lr=float(self.opt.param_groups[0].get("lr", math.nan)),
-                                 step_ms=1000 * (now - self._t_last),  # since the previous step: your forward included
-                                 clip=self.cfg.train.clip, finite=finite)
+        rec = self.layout.record(
+            host,
+            step=self.global_step,
+            epoch=self.epoch,
+            batch=self.batch,
+            lr=float(self.opt.param_groups[0].get("lr", math.nan)),
+            step_ms=1000 * (now - self._t_last),  # since the previous step: your forward included
+            clip=self.cfg.train.clip,
+            finite=finite,
+        )
         self._t_last = now
         self.writer.step(rec)
         self.batch += 1
@@ -241,19 +291,39 @@ class Monitor:
         said in an event (the first one; the count is in the summary)."""
         self._mismatches += 1
         if self._mismatches == 1:
-            self.writer.event({"event": "accumulation_mismatch", "step": self.global_step, "epoch": self.epoch,
-                               "batch": self.batch, "micro_batches": n, "expected": self.accumulate,
-                               "note": f"this optimizer step accumulated {n} micro-batches, not {self.accumulate}; "
-                                       f"its loss is the mean over the {n}"})
+            self.writer.event(
+                {
+                    "event": "accumulation_mismatch",
+                    "step": self.global_step,
+                    "epoch": self.epoch,
+                    "batch": self.batch,
+                    "micro_batches": n,
+                    "expected": self.accumulate,
+                    "note": f"this optimizer step accumulated {n} micro-batches, not {self.accumulate}; "
+                    f"its loss is the mean over the {n}",
+                }
+            )
 
     def _locate(self, indices: torch.Tensor | None, host: Any) -> dict[str, Any]:
         """The first non-finite step: re-run module by module on this step's micro-batches (and
         save one for replay) when there are batches and a loss; else ranked candidates."""
         self.busy = True
         try:
-            return forensics.first_nan(self.writer, self.work, self.groups, self.opt, self.sched, self._batches,
-                                       indices, host, self.layout, self.epoch, self.batch, self.global_step,
-                                       rerun=self.can_rerun)
+            return forensics.first_nan(
+                self.writer,
+                self.work,
+                self.groups,
+                self.opt,
+                self.sched,
+                self._batches,
+                indices,
+                host,
+                self.layout,
+                self.epoch,
+                self.batch,
+                self.global_step,
+                rerun=self.can_rerun,
+            )
         finally:
             self.busy = False
 
@@ -297,10 +367,15 @@ class Monitor:
         try:
             if self.batch or self._micro:  # steps since the last end_epoch
                 self.end_epoch()
-            self.summary = self.writer.finish(run_id=self.cfg.identity(), steps=self.global_step,
-                                              stopped_early=self.should_stop, device=str(self.work.device),
-                                              accumulate=self.accumulate, accumulation_mismatches=self._mismatches,
-                                              wall_s=time.time() - self.session.t_start)
+            self.summary = self.writer.finish(
+                run_id=self.cfg.identity(),
+                steps=self.global_step,
+                stopped_early=self.should_stop,
+                device=str(self.work.device),
+                accumulate=self.accumulate,
+                accumulation_mismatches=self._mismatches,
+                wall_s=time.time() - self.session.t_start,
+            )
         except BaseException as e:
             self.fail(e)
             raise
@@ -328,8 +403,11 @@ def optimizer_info(opt: torch.optim.Optimizer) -> dict[str, Any]:
     (learning rate, weight decay, betas, eps, ... and its parameter count), as they are."""
     groups = []
     for g in opt.param_groups:
-        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()
-                    if k != "params" and isinstance(v, (int, float, str, bool, tuple, type(None)))}
+        settings = {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in g.items()
+            if k != "params" and isinstance(v, (int, float, str, bool, tuple, type(None)))
+        }
         groups.append({**settings, "n_params": sum(p.numel() for p in g["params"])})
     return {"class": type(opt).__name__, "param_groups": groups}
 
@@ -347,8 +425,10 @@ def _check_factory(factory: str, config: dict[str, Any]) -> None:
         sig.bind(**config)
     except TypeError as e:
         have = ", ".join(sig.parameters) or "none"
-        raise ConfigError(f"Monitor(factory={factory!r}, config=...): the factory cannot take {sorted(config)}: {e} "
-                          f"(its parameters: {have})") from None
+        raise ConfigError(
+            f"Monitor(factory={factory!r}, config=...): the factory cannot take {sorted(config)}: {e} "
+            f"(its parameters: {have})"
+        ) from None
 
 
 def _no_loss(output: Any, target: Any) -> torch.Tensor:
@@ -372,7 +452,7 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, Any]:
     parts = build(cfg, device, compile=False)
     work, tc = parts.work, cfg.train
     g = torch.Generator().manual_seed(cfg.seed)
-    batches = [work.batch(torch.randperm(work.n_train, generator=g)[:tc.batch_size]) for _ in range(8)]
+    batches = [work.batch(torch.randperm(work.n_train, generator=g)[: tc.batch_size]) for _ in range(8)]
     copies = {arm: copy.copy(work) for arm in ("bare", "monitor")}
     for w in copies.values():
         w.model = copy.deepcopy(work.model)
@@ -396,6 +476,12 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, Any]:
         spent, done = interleave(arms, steps, block, device)
         monitor.close()
     bare_sps, mon_sps = done / spent["bare"], done / spent["monitor"]
-    return {"bare_sps": bare_sps, "monitor_sps": mon_sps, "ratio": mon_sps / bare_sps, "steps": done,
-            "groups": len(parts.groups), "threads": torch.get_num_threads(), "device": str(device)}
-
+    return {
+        "bare_sps": bare_sps,
+        "monitor_sps": mon_sps,
+        "ratio": mon_sps / bare_sps,
+        "steps": done,
+        "groups": len(parts.groups),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }

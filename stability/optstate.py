@@ -87,8 +87,11 @@ class OptStateProbe:
         self.device = device
         self.index = torch.tensor(index, device=device, dtype=torch.long)
         counts = torch.zeros(len(self.names), dtype=torch.float64)
-        counts.index_add_(0, torch.tensor(index, dtype=torch.long),
-                          torch.tensor([float(p.numel()) for p in self.params], dtype=torch.float64))
+        counts.index_add_(
+            0,
+            torch.tensor(index, dtype=torch.long),
+            torch.tensor([float(p.numel()) for p in self.params], dtype=torch.float64),
+        )
         self.counts = counts.to(device)  # coordinates per group
         # one device scalar per optimizer param group, refilled with its lr each step (no sync)
         self._lr = [torch.zeros((), device=device, dtype=torch.float64) for _ in opt.param_groups]
@@ -98,8 +101,11 @@ class OptStateProbe:
 
     phase = "update"  # measured after the optimizer step (stability.steplayout)
     metrics = (
-        Metric("update_rel", "update_rel/{group}", "RMS of Adam's update over RMS of the parameters (unitless; "
-               "0 on a skipped step)"),
+        Metric(
+            "update_rel",
+            "update_rel/{group}",
+            "RMS of Adam's update over RMS of the parameters (unitless; 0 on a skipped step)",
+        ),
         Metric("adam_m", "adam_m/{group}", "L2 norm of Adam's first moment exp_avg (gradient units)"),
         Metric("adam_v", "adam_v/{group}", "L2 norm of Adam's second moment exp_avg_sq (gradient units squared)"),
         Metric("eps_share", "eps_share/{group}", "share of coordinates with bias-corrected sqrt(v) < eps, 0..1"),
@@ -139,15 +145,18 @@ class OptStateProbe:
         assert self._flat is not None
         params, M, V, lens, idx, lr_of = self._flat
         step = self.opt.state[params[0]]["step"]
-        step = (step.to(self.device, torch.float64) if torch.is_tensor(step)
-                else torch.tensor(float(step), device=self.device, dtype=torch.float64)).clamp(min=1)
+        step = (
+            step.to(self.device, torch.float64)
+            if torch.is_tensor(step)
+            else torch.tensor(float(step), device=self.device, dtype=torch.float64)
+        ).clamp(min=1)
         pg = self.opt.param_groups[self.pg_index[0]]
         b1, b2 = pg["betas"]
         eps = float(pg["eps"])
         for g, t in zip(self.opt.param_groups, self._lr):  # device scalars refilled from host floats: no sync
             t.copy_(g["lr"]) if torch.is_tensor(g["lr"]) else t.fill_(float(g["lr"]))
-        sbc2 = (1 - b2 ** step).sqrt()
-        bc1 = 1 - b1 ** step
+        sbc2 = (1 - b2**step).sqrt()
+        bc1 = 1 - b1**step
         thr = (eps * sbc2).float()
         d = V.sqrt()  # sqrt(v) = sqrt(v_hat) * sqrt(bc2)
         below = (d < thr).float()  # sqrt(v_hat) < eps
@@ -161,7 +170,8 @@ class OptStateProbe:
         norms = [torch.stack(torch._foreach_norm(list(x.split(lens)))) for x in (u, M, V)]  # (G,) each
         count = torch.stack(torch._foreach_norm(list(below.split(lens)), 1))
         p_sq = torch.zeros(G, device=self.device, dtype=torch.float64).index_add_(
-            0, idx, torch.stack(torch._foreach_norm(params)).double() ** 2)
+            0, idx, torch.stack(torch._foreach_norm(params)).double() ** 2
+        )
         rel = norms[0].double() * scale / p_sq.sqrt().clamp_min(1e-30)  # RMS ratio = norm ratio (same count)
         if skipped is not None:
             rel = rel * (1 - skipped.to(rel.dtype))
@@ -175,11 +185,15 @@ class OptStateProbe:
         params, M, V = self._flat[:3]
         for p, at in ((params[0], 0), (params[-1], M.numel() - params[-1].numel())):
             st = self.opt.state.get(p, {})
-            if "exp_avg" not in st or st["exp_avg"].data_ptr() != M[at:].data_ptr() \
-                    or st["exp_avg_sq"].data_ptr() != V[at:].data_ptr():
+            if (
+                "exp_avg" not in st
+                or st["exp_avg"].data_ptr() != M[at:].data_ptr()
+                or st["exp_avg_sq"].data_ptr() != V[at:].data_ptr()
+            ):
                 return False
         return len(params) == len(self.params) or not any(
-            "exp_avg" in self.opt.state.get(p, {}) for p in self.params if p not in set(params))
+            "exp_avg" in self.opt.state.get(p, {}) for p in self.params if p not in set(params)
+        )
 
     def _flatten(self) -> None:
         """Copy the moments of the parameters that have optimizer state into two flat buffers
@@ -233,10 +247,16 @@ class LMProbe:
     def metrics(self) -> tuple[Metric, ...]:
         if not self.handles:
             return ()
-        return (Metric("log_z", lm_key("log_z"), "mean log Z = logsumexp of the output logits over the batch (nats)"),
-                Metric("log_z_max", lm_key("log_z_max"), "largest log Z of the batch's positions (nats)"),
-                Metric("attn_logit_max", lm_key("attn_logit_max"), "largest pre-softmax attention logit of any "
-                       "layer in the training forward (unitless; NaN without attention layers)"))
+        return (
+            Metric("log_z", lm_key("log_z"), "mean log Z = logsumexp of the output logits over the batch (nats)"),
+            Metric("log_z_max", lm_key("log_z_max"), "largest log Z of the batch's positions (nats)"),
+            Metric(
+                "attn_logit_max",
+                lm_key("attn_logit_max"),
+                "largest pre-softmax attention logit of any "
+                "layer in the training forward (unitless; NaN without attention layers)",
+            ),
+        )
 
     @property
     def size(self) -> int:

@@ -46,8 +46,10 @@ def _check_device(cfg: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"train.precision=bf16 is not allowed on {torch.cuda.get_device_name(resolved)}: "
-                          f"it has no bf16 support; use fp32")
+        raise ConfigError(
+            f"train.precision=bf16 is not allowed on {torch.cuda.get_device_name(resolved)}: "
+            f"it has no bf16 support; use fp32"
+        )
 
 
 _CUSTOM_CHECKED: dict[str, list[str]] = {}  # run identity -> module groups, per process
@@ -66,8 +68,10 @@ def _check_custom(cfg: RunConfig) -> None:
         _CUSTOM_CHECKED[key] = list(CustomWorkload(cfg, torch.device("cpu")).module_groups())
     names = _CUSTOM_CHECKED[key]
     if cfg.fault.nan_at_step is not None and cfg.fault.nan_module not in names:
-        raise ConfigError(f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
-                          f"expected one of {', '.join(names)}")
+        raise ConfigError(
+            f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
+            f"expected one of {', '.join(names)}"
+        )
 
 
 def _check_fault_module(cfg: RunConfig) -> None:
@@ -79,5 +83,7 @@ def _check_fault_module(cfg: RunConfig) -> None:
     with torch.device("meta"):  # names only: no memory, no init cost
         names = list(build_model(cfg.model).module_groups())
     if cfg.fault.nan_module not in names:
-        raise ConfigError(f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
-                          f"expected one of {', '.join(names)}")
+        raise ConfigError(
+            f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
+            f"expected one of {', '.join(names)}"
+        )

@@ -37,25 +37,31 @@ def init_profile(cfg: RunConfig, k: int, device: torch.device) -> list[dict[str,
         weight = cast(nn.Linear, block.get_submodule("mlp.proj")).weight
         grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
         stage, _, layer = name.rpartition("layer")  # "stage2.layer3" (cascade) or "layer3" (char LM)
-        rows.append({"layer_name": name, "stage": stage.rstrip("."), "layer": int(layer),
-                     "grad_fro": grad.norm().item()})
+        rows.append(
+            {"layer_name": name, "stage": stage.rstrip("."), "layer": int(layer), "grad_fro": grad.norm().item()}
+        )
     model.zero_grad(set_to_none=True)
     return rows
 
 
-def compare(cfg: RunConfig, depths: list[int], norms: list[str], k: int,
-            device: torch.device = torch.device("cpu")) -> list[dict[str, Any]]:
+def compare(
+    cfg: RunConfig, depths: list[int], norms: list[str], k: int, device: torch.device = torch.device("cpu")
+) -> list[dict[str, Any]]:
     """`init_profile` for every depth x norm placement, other settings as configured."""
     out = []
     for depth in depths:
         for norm in norms:
             m = cfg.model
             if isinstance(m, CustomModelConfig):
-                raise ConfigError("model=custom: stab probe varies the built-in models' depth and norm; a factory's "
-                                  "model has its own parameters")
+                raise ConfigError(
+                    "model=custom: stab probe varies the built-in models' depth and norm; a factory's "
+                    "model has its own parameters"
+                )
             # the cascade has one layer count per stage, the char LM one for its single stack
             if isinstance(m, ModelConfig):
-                c = dataclasses.replace(cfg, model=dataclasses.replace(m, n_layers=[depth] * len(m.n_layers), norm=norm))
+                c = dataclasses.replace(
+                    cfg, model=dataclasses.replace(m, n_layers=[depth] * len(m.n_layers), norm=norm)
+                )
             else:
                 c = dataclasses.replace(cfg, model=dataclasses.replace(m, n_layers=depth, norm=norm))
             for row in init_profile(c, k, device):

@@ -158,7 +158,7 @@ class UpdateClip:
                 v_hat = (st["exp_avg_sq"] * b2 + g2 * (1 - b2)) / (1 - b2 ** t.to(g2.device).float())
             else:  # the first step: v_hat = g^2
                 v_hat = g2
-            rms = (g2 / v_hat.clamp_min(eps ** 2)).mean().sqrt()
+            rms = (g2 / v_hat.clamp_min(eps**2)).mean().sqrt()
             factors.append(1.0 / (rms / self.d).clamp(min=1.0))
         self._factor = factors
         self.factors = factors
@@ -188,9 +188,18 @@ class Recovery:
 
     phase = "update"
 
-    def __init__(self, on_spike: str, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                 device: torch.device, window: int = 128, sigma: float = 6.0, backoff_factor: float = 0.5,
-                 backoff_steps: int = 100, update_clip: float | None = None) -> None:
+    def __init__(
+        self,
+        on_spike: str,
+        opt: torch.optim.Optimizer,
+        params: list[torch.nn.Parameter],
+        device: torch.device,
+        window: int = 128,
+        sigma: float = 6.0,
+        backoff_factor: float = 0.5,
+        backoff_steps: int = 100,
+        update_clip: float | None = None,
+    ) -> None:
         from stability.steplayout import Metric
 
         if on_spike not in ON_SPIKE:
@@ -204,15 +213,27 @@ class Recovery:
         self.spike = self.skipped = self._zero
         metrics = []
         if self.guard is not None:
-            metrics += [Metric("spike", "recover/spike", "1 if the spike detector fired on this step "
-                               "(loss or grad norm > spike_sigma std above the window's mean)"),
-                        Metric("skipped", "recover/skipped", "1 if this step's update was skipped (on_spike=skip)")]
+            metrics += [
+                Metric(
+                    "spike",
+                    "recover/spike",
+                    "1 if the spike detector fired on this step "
+                    "(loss or grad norm > spike_sigma std above the window's mean)",
+                ),
+                Metric("skipped", "recover/skipped", "1 if this step's update was skipped (on_spike=skip)"),
+            ]
         if self.backoff is not None:
-            metrics.append(Metric("lr_scale", "recover/lr_scale", "the learning-rate multiplier this step used "
-                                  "(on_spike=backoff)"))
+            metrics.append(
+                Metric("lr_scale", "recover/lr_scale", "the learning-rate multiplier this step used (on_spike=backoff)")
+            )
         if self.clip is not None:
-            metrics.append(Metric("update_clipped", "recover/update_clipped", "share of tensors whose update was "
-                                  "scaled down by update_clip, 0..1"))
+            metrics.append(
+                Metric(
+                    "update_clipped",
+                    "recover/update_clipped",
+                    "share of tensors whose update was scaled down by update_clip, 0..1",
+                )
+            )
         self.metrics = tuple(metrics)
 
     @property
@@ -255,8 +276,10 @@ class Recovery:
 
     def state_dict(self) -> dict[str, object]:
         """The device state a snapshot keeps (the spike window, the lr multiplier)."""
-        return {"guard": self.guard.state_dict() if self.guard else None,
-                "backoff": self.backoff.state_dict() if self.backoff else None}
+        return {
+            "guard": self.guard.state_dict() if self.guard else None,
+            "backoff": self.backoff.state_dict() if self.backoff else None,
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         if self.guard is not None and state.get("guard"):

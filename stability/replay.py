@@ -103,9 +103,11 @@ def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult
     saved = set(state["indices"].tolist())
     pool = [i for i in range(work.n_train) if i not in saved]
     leaves = tensors(batch)
-    bs = len(state["indices"]) or (len(leaves[0]) if leaves and leaves[0].dim() else 0)  # a Monitor run keeps no indices
+    bs = len(state["indices"]) or (
+        len(leaves[0]) if leaves and leaves[0].dim() else 0
+    )  # a Monitor run keeps no indices
     for k in range(n_other):
-        idx = torch.tensor(pool[k * bs:(k + 1) * bs])
+        idx = torch.tensor(pool[k * bs : (k + 1) * bs])
         if len(idx) < 1:
             break
         p, other_loss = _step(work, work.batch(idx), state, step, cfg)
@@ -118,5 +120,9 @@ def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult
     elif others and all(o["finite"] for o in others):
         cause = "data-caused: this batch drives the model non-finite; other batches stay finite from the same state"
     else:
-        cause = "numerical: the same step goes non-finite on other batches too (model/optimizer state or an injected fault)"
-    return ReplayResult(step, state["epoch"], state["batch_index"], name, group, where, loss, batch_finite, others, cause)
+        cause = (
+            "numerical: the same step goes non-finite on other batches too (model/optimizer state or an injected fault)"
+        )
+    return ReplayResult(
+        step, state["epoch"], state["batch_index"], name, group, where, loss, batch_finite, others, cause
+    )

@@ -42,6 +42,7 @@ OWNER_ENV = "STAB_SWEEP_OWNER"
 
 # --- names ----------------------------------------------------------------------------------
 
+
 def folder_name(overrides: Iterable[str]) -> str:
     """The folder name of a run or sweep job: its overrides, sorted and joined with commas.
 
@@ -58,7 +59,7 @@ def folder_name(overrides: Iterable[str]) -> str:
     if safe == raw and len(safe.encode()) <= NAME_BYTES:
         return safe
     digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-    head = safe.encode()[:NAME_BYTES - 9].decode(errors="ignore")  # whole characters only
+    head = safe.encode()[: NAME_BYTES - 9].decode(errors="ignore")  # whole characters only
     return f"{head}~{digest}"
 
 
@@ -82,6 +83,7 @@ def create_unique(parent: Path, name: str) -> Path:
 
 
 # --- processes ------------------------------------------------------------------------------
+
 
 def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux /proc), or None if unknown.
@@ -118,6 +120,7 @@ def owner_alive(owner: str) -> bool:
 
 # --- the lease ------------------------------------------------------------------------------
 
+
 class LeaseBusy(RuntimeError):
     """Another live process holds this run folder."""
 
@@ -125,13 +128,15 @@ class LeaseBusy(RuntimeError):
         self.run_dir, self.holder = Path(run_dir), holder
         since = holder.get("started")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
-        super().__init__(f"{run_dir} is being written by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                         f"(since {when})")
+        super().__init__(
+            f"{run_dir} is being written by pid {holder.get('pid', '?')} on {holder.get('host', '?')} (since {when})"
+        )
 
 
 @dataclass
 class Holder:
     """What the lease file says about its writer, and whether that writer is provably gone."""
+
     info: dict[str, Any]
     locked: bool  # someone holds the flock now
 
@@ -221,8 +226,14 @@ class RunLease:
             os.close(fd)
             raise LeaseBusy(self.run_dir, other.info)
         self.fd = fd
-        self.info = {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "host": socket.gethostname(),
-                     "started": time.time(), "heartbeat": time.time(), **self.extra}
+        self.info = {
+            "pid": os.getpid(),
+            "pid_start": process_start(os.getpid()),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "heartbeat": time.time(),
+            **self.extra,
+        }
         self._write()
         self._beat = threading.Thread(target=self._heartbeat, daemon=True, name="stab-lease")
         self._beat.start()

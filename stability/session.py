@@ -76,8 +76,15 @@ class RunSession:
         world: this process's place in a data-parallel run; only rank 0 writes.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, overrides: Sequence[str] = (), *,
-                 status: dict[str, Any] | None = None, world: distributed.World | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        overrides: Sequence[str] = (),
+        *,
+        status: dict[str, Any] | None = None,
+        world: distributed.World | None = None,
+    ) -> None:
         self.cfg, self.dir, self.overrides = cfg, Path(run_dir), list(overrides)
         self.extra = dict(status or {})
         self.world = world or distributed.World()
@@ -100,9 +107,17 @@ class RunSession:
             self.recorder = open_trackers(self.cfg, self.dir, self.overrides) if main else Recorder()
             self.writer = _Writer(self.dir, self.recorder, write=main)
             self.writer.start(self.cfg.to_dict(), self.overrides, self.cfg.identity())
-            self.writer.status(fresh=True, state="running", run_id=self.cfg.identity(), pid=os.getpid(),
-                               host=socket.gethostname(), started=self.t_start, finished=None, error=None,
-                               **self.extra)
+            self.writer.status(
+                fresh=True,
+                state="running",
+                run_id=self.cfg.identity(),
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                started=self.t_start,
+                finished=None,
+                error=None,
+                **self.extra,
+            )
         except BaseException:
             self._release()
             raise
@@ -112,8 +127,12 @@ class RunSession:
     def describe(self, device: torch.device | str, info: dict[str, Any]) -> None:
         """The machine in status.json, the workload's facts in data.json."""
         self.writer.data(info)
-        self.writer.status(device=str(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                           python=platform.python_version())
+        self.writer.status(
+            device=str(device),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            python=platform.python_version(),
+        )
 
     def open_steps(self, layout: StepLayout) -> None:
         """The run's step layout is known (module groups, stages): the writer and detectors take it."""
@@ -165,8 +184,16 @@ class RunSession:
                 text = f"{type(error).__name__}: {error}"
                 tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
                 _last_words(writer.status, state="failed", finished=time.time(), error=text, traceback=tb)
-                _last_words(writer.summary, {"schema_version": SCHEMA_VERSION, "verdict": "failed", "evidence": text,
-                                             "run_id": self.cfg.identity(), "wall_s": time.time() - self.t_start})
+                _last_words(
+                    writer.summary,
+                    {
+                        "schema_version": SCHEMA_VERSION,
+                        "verdict": "failed",
+                        "evidence": text,
+                        "run_id": self.cfg.identity(),
+                        "wall_s": time.time() - self.t_start,
+                    },
+                )
                 self.state = "failed"
             self.recorder.close(self.state)
         finally:
@@ -192,8 +219,17 @@ def evaluate(work: Any, stopped: bool, health_on: bool) -> dict[str, Any]:
     a stop at a non-finite step: the weights are not worth measuring)."""
     import math
 
-    ev = work.evaluate() if not stopped else {"val_loss": math.nan, "collapsed": None, "scores": {},
-                                               "target_scores": work.target_scores, "codes_head": []}
+    ev = (
+        work.evaluate()
+        if not stopped
+        else {
+            "val_loss": math.nan,
+            "collapsed": None,
+            "scores": {},
+            "target_scores": work.target_scores,
+            "codes_head": [],
+        }
+    )
     layers_of = work.health_layers() if health_on and not stopped else {}
     if layers_of:
         layers = health.measure(work.model, work.health_loss, layers_of)

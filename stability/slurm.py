@@ -43,11 +43,16 @@ SBATCH_KEYS: tuple[tuple[str, str], ...] = (
     (r"time limit", "hydra.launcher.timeout_min"),
     (r"account", "hydra.launcher.account"),
     (r"qos", "hydra.launcher.qos"),
-    (r"generic resource|\bgres\b|\bgpus?\b", "hydra.launcher.gpus_per_node (null asks for none) or hydra.launcher.gres"),
+    (
+        r"generic resource|\bgres\b|\bgpus?\b",
+        "hydra.launcher.gpus_per_node (null asks for none) or hydra.launcher.gres",
+    ),
     (r"memory|\bmem\b", "hydra.launcher.mem_gb"),
     (r"node count", "hydra.launcher.nodes"),
-    (r"more processors|cpu|node configuration|tasks",
-     "hydra.launcher.cpus_per_task, tasks_per_node or mem_gb (sinfo -o '%n %c %m %G' shows what a node has)"),
+    (
+        r"more processors|cpu|node configuration|tasks",
+        "hydra.launcher.cpus_per_task, tasks_per_node or mem_gb (sinfo -o '%n %c %m %G' shows what a node has)",
+    ),
 )
 
 # SLURM's final job states -> (stab state, why) for a job that left no result
@@ -62,7 +67,9 @@ SLURM_ENDS: dict[str, tuple[str, str]] = {
 }
 
 
-WRITER_WAIT_S = 90.0  # how long a job that ended without a result may still be writing (SLURM's KillWait, 30 s by default)
+WRITER_WAIT_S = (
+    90.0  # how long a job that ended without a result may still be writing (SLURM's KillWait, 30 s by default)
+)
 
 
 class SbatchRefused(Exception):
@@ -102,16 +109,20 @@ def squeue_states(job_ids: set[str]) -> str:
     """`sacct -o JobID,State,NodeList --parsable2`'s output for `job_ids` (array ids `5_0` or
     plain `5`), from `squeue --states=all`, which sees every job the controller still holds
     (MinJobAge after its end). A job it no longer holds is `GONE` (ended, long enough ago)."""
-    out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i|%T|%N"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["squeue", "--noheader", "--states=all", "--format=%i|%T|%N"], capture_output=True, text=True, timeout=60
+    )
     if out.returncode:
         raise subprocess.CalledProcessError(out.returncode, "squeue", out.stdout, out.stderr)
     rows = [line.strip() for line in out.stdout.splitlines() if line.strip()]
     mains = {j.split("_")[0] for j in job_ids}
     rows = [r for r in rows if r.split("|")[0].split("_")[0] in mains]
     seen = {r.split("|")[0] for r in rows} | {r.split("|")[0].split("_")[0] for r in rows}
-    gone = [f"{j}|GONE|" for j in sorted(job_ids) if j not in seen and not any(
-        r.split("|")[0].startswith(f"{j.split('_')[0]}_[") for r in rows)]
+    gone = [
+        f"{j}|GONE|"
+        for j in sorted(job_ids)
+        if j not in seen and not any(r.split("|")[0].startswith(f"{j.split('_')[0]}_[") for r in rows)
+    ]
     return "\n".join(["JobID|State|NodeList", *rows, *gone]) + "\n"
 
 
@@ -137,8 +148,12 @@ def _watcher_class() -> type:
                 except (subprocess.SubprocessError, OSError) as e:
                     err = getattr(e, "stderr", None) or getattr(e, "output", None) or str(e)
                     self.sacct_failed = " ".join(str(err).split()) or type(e).__name__
-                    print(f"sacct fails on this cluster ({self.sacct_failed}): stab reads the jobs' states "
-                          "from squeue instead", file=sys.stderr, flush=True)
+                    print(
+                        f"sacct fails on this cluster ({self.sacct_failed}): stab reads the jobs' states "
+                        "from squeue instead",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if output is None:
                 try:
                     output = squeue_states(to_check)
@@ -207,15 +222,27 @@ class StabSlurmLauncher(SlurmLauncher):
         assert self.config is not None
         install_watcher()
         init_keys = {"submitit_folder", "max_num_timeout"}
-        executor = submitit.AutoExecutor(cluster="slurm", folder=self.params["submitit_folder"],
-                                         slurm_max_num_timeout=self.params.get("max_num_timeout", 0))
+        executor = submitit.AutoExecutor(
+            cluster="slurm",
+            folder=self.params["submitit_folder"],
+            slurm_max_num_timeout=self.params.get("max_num_timeout", 0),
+        )
         base = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in self.params.items()
-                                      if k not in init_keys})
+        executor.update_parameters(
+            **{k if k in base else f"slurm_{k}": v for k, v in self.params.items() if k not in init_keys}
+        )
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        job_params = [(list(o), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
-                       Singleton.get_state()) for i, o in enumerate(job_overrides)]
+        job_params = [
+            (
+                list(o),
+                "hydra.sweep.dir",
+                initial_job_idx + i,
+                f"job_id_for_{initial_job_idx + i}",
+                Singleton.get_state(),
+            )
+            for i, o in enumerate(job_overrides)
+        ]
         with _stderr_held() as held:  # sbatch's own stderr: in SbatchRefused's one line, not beside it
             try:
                 jobs = executor.map_array(self, *zip(*job_params))
@@ -252,12 +279,23 @@ class StabSlurmLauncher(SlurmLauncher):
         status = dict(read_status(run_dir))  # a Status record (a Mapping); updated below
         if status.get("state") in ("running", "interrupted") and writer_gone(run_dir, status):
             prior = status.get("error") if status.get("state") == "interrupted" else None
-            write_status(run_dir / rf.STATUS, {**status, "state": stab_state, "updated": time.time(),
-                                               "slurm_state": state, "slurm_job_id": job.job_id,
-                                               "error": f"{prior}: {why}" if prior else why})
-        return JobReturn(overrides=overrides, working_dir=str(run_dir), status=JobStatus.COMPLETED,
-                         _return_value={"folder": str(run_dir), "skipped": False, "error": why})
-
+            write_status(
+                run_dir / rf.STATUS,
+                {
+                    **status,
+                    "state": stab_state,
+                    "updated": time.time(),
+                    "slurm_state": state,
+                    "slurm_job_id": job.job_id,
+                    "error": f"{prior}: {why}" if prior else why,
+                },
+            )
+        return JobReturn(
+            overrides=overrides,
+            working_dir=str(run_dir),
+            status=JobStatus.COMPLETED,
+            _return_value={"folder": str(run_dir), "skipped": False, "error": why},
+        )
 
 
 def job_id() -> str | None:

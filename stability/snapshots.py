@@ -69,9 +69,16 @@ class SnapshotRing:
         self.save_ms[step] = 1000 * (time.perf_counter() - t0)
         while len(self.steps) > self.keep:
             self._drop(_thin(self.steps))
-        write_json(self.folder / INDEX, {"every": self.every, "keep": self.keep, "steps": self.steps,
-                                         "bytes": {str(s): self.bytes[s] for s in self.steps},
-                                         "save_ms": {str(s): round(self.save_ms[s], 3) for s in self.steps}})
+        write_json(
+            self.folder / INDEX,
+            {
+                "every": self.every,
+                "keep": self.keep,
+                "steps": self.steps,
+                "bytes": {str(s): self.bytes[s] for s in self.steps},
+                "save_ms": {str(s): round(self.save_ms[s], 3) for s in self.steps},
+            },
+        )
         return path
 
     def _drop(self, step: int) -> None:
@@ -105,11 +112,19 @@ def before(run_dir: Path, step: int) -> Path | None:
     return Path(run_dir) / FOLDER / snapshot_name(steps[-1]) if steps else None
 
 
-def capture(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, order_state: torch.Tensor,
-            epoch: int, batch: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def capture(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    order_state: torch.Tensor,
+    epoch: int,
+    batch: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The state to save before the step at (`epoch`, `batch`): copies on the CPU, so later
     steps cannot change it. `order_state`: the batch-order generator's state before it drew
     this epoch's permutation."""
+
     def cpu(x: Any) -> Any:
         if torch.is_tensor(x):
             return x.detach().to("cpu", copy=True)
@@ -119,9 +134,16 @@ def capture(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, orde
             return type(x)(cpu(v) for v in x)
         return x
 
-    state = {"model": cpu(model.state_dict()), "optimizer": cpu(opt.state_dict()), "scheduler": cpu(sched.state_dict()),
-             "rng_cpu": torch.get_rng_state(), "order_state": order_state.clone(), "epoch": epoch, "batch": batch,
-             "extra": cpu(extra or {})}
+    state = {
+        "model": cpu(model.state_dict()),
+        "optimizer": cpu(opt.state_dict()),
+        "scheduler": cpu(sched.state_dict()),
+        "rng_cpu": torch.get_rng_state(),
+        "order_state": order_state.clone(),
+        "epoch": epoch,
+        "batch": batch,
+        "extra": cpu(extra or {}),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["rng_cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -146,8 +168,9 @@ def restore(snap: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optim
         model.load_state_dict(snap["model"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise ValueError(f"the snapshot's weights do not fit this model ({first}): a change of architecture "
-                         "trains from step 0") from None
+        raise ValueError(
+            f"the snapshot's weights do not fit this model ({first}): a change of architecture trains from step 0"
+        ) from None
     opt.load_state_dict(snap["optimizer"])
     sched.load_state_dict(snap["scheduler"])
     torch.set_rng_state(snap["rng_cpu"])

@@ -45,9 +45,16 @@ class Instruments:
             averaged over them on the device (the gradients already are, by DDP).
     """
 
-    def __init__(self, groups: Sequence[str], grad_probe: GradProbe, probes: Sequence[Any] = (),
-                 clip: float | None = None, n_stages: int = 0, clamp: Sequence[float] | None = None,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self,
+        groups: Sequence[str],
+        grad_probe: GradProbe,
+        probes: Sequence[Any] = (),
+        clip: float | None = None,
+        n_stages: int = 0,
+        clamp: Sequence[float] | None = None,
+        world_size: int = 1,
+    ) -> None:
         self.probes = [p for p in probes if p.metrics]
         self.recovery: Any = None  # stability.recovery.Recovery of the run, set by RunParts.instruments
         self.opt_probe: Any = None  # stability.optstate.OptStateProbe, likewise
@@ -61,8 +68,12 @@ class Instruments:
         """The "grads"-phase values of a step whose gradients are computed, on the device:
         loss (the scalar given), gradient norms and finiteness, the grads probes' metrics."""
         total, per_group, grads_finite = self.grad_probe.measure(exact)
-        values = {"loss": loss.detach().double().reshape(1), "grad_norm": total, "grad": per_group,
-                  "grads_finite": grads_finite}
+        values = {
+            "loss": loss.detach().double().reshape(1),
+            "grad_norm": total,
+            "grad": per_group,
+            "grads_finite": grads_finite,
+        }
         for p in self.grads_probes:
             values.update(p.measure())
         if self.world_size > 1:  # one device collective, no host sync
@@ -127,8 +138,9 @@ class Stepper:
     non-finite loss on any rank makes the step non-finite on every rank.
     """
 
-    def __init__(self, work: Any, opt: torch.optim.Optimizer, sched: Any, instruments: Instruments,
-                 precision: str = "fp32") -> None:
+    def __init__(
+        self, work: Any, opt: torch.optim.Optimizer, sched: Any, instruments: Instruments, precision: str = "fp32"
+    ) -> None:
         self.work, self.opt, self.sched, self.ins = work, opt, sched, instruments
         self.layout = instruments.layout
         device = next(work.model.parameters()).device
@@ -260,7 +272,9 @@ class Window:
                 yield (ctx, *self.stepper(ctx.batch, ctx.spike))
             return
         layout = self.stepper.layout
-        host = torch.stack([v for _, v in pending if v is not None]).cpu().numpy()  # the window's one CPU-GPU sync point
+        host = (
+            torch.stack([v for _, v in pending if v is not None]).cpu().numpy()
+        )  # the window's one CPU-GPU sync point
         bad = next((i for i, row in enumerate(host) if not layout.finite(row)), None)
         for (ctx, _), row in zip(pending[:bad], host[:bad]):
             yield ctx, row, True

@@ -89,8 +89,13 @@ class StepProbe(Protocol):
 
 # The step's own measurements, measured by the step itself (`stability.step`, `GradProbe`).
 CORE: tuple[Metric, ...] = (
-    Metric("loss", rf.LOSS, "the step's training loss (of the optimizer step: summed over accumulated "
-           "micro-batches as the loop weights them)", checked=True),
+    Metric(
+        "loss",
+        rf.LOSS,
+        "the step's training loss (of the optimizer step: summed over accumulated "
+        "micro-batches as the loop weights them)",
+        checked=True,
+    ),
     Metric("grad_norm", rf.GRAD_NORM, "total L2 norm of all gradients, before clipping"),
     Metric("grad", "grad/{group}", "L2 norm of one module group's gradients, before clipping"),
     Metric("grads_finite", "grads_finite", "1 if every parameter's gradient is finite", written=False),
@@ -126,9 +131,18 @@ class StepRecord(Mapping[str, Any]):
 
     def __post_init__(self) -> None:
         if not self._flat:
-            flat = {rf.STEP: self.step, rf.EPOCH: self.epoch, rf.BATCH: self.batch, rf.LOSS: self.loss,
-                    rf.GRAD_NORM: self.grad_norm, **self.measured, rf.FINITE: self.finite,
-                    rf.CLIPPED: self.clipped, rf.LR: self.lr, rf.STEP_MS: self.step_ms}
+            flat = {
+                rf.STEP: self.step,
+                rf.EPOCH: self.epoch,
+                rf.BATCH: self.batch,
+                rf.LOSS: self.loss,
+                rf.GRAD_NORM: self.grad_norm,
+                **self.measured,
+                rf.FINITE: self.finite,
+                rf.CLIPPED: self.clipped,
+                rf.LR: self.lr,
+                rf.STEP_MS: self.step_ms,
+            }
             object.__setattr__(self, "_flat", flat)
 
     def __getitem__(self, key: str) -> Any:
@@ -147,7 +161,7 @@ class StepRecord(Mapping[str, Any]):
     def per_group(self, prefix: str) -> dict[str, float]:
         """{group: value} of a per-group metric by its key prefix, e.g. per_group("grad")."""
         head = prefix + "/"
-        return {k[len(head):]: v for k, v in self.measured.items() if k.startswith(head)}
+        return {k[len(head) :]: v for k, v in self.measured.items() if k.startswith(head)}
 
 
 class StepLayout:
@@ -164,8 +178,9 @@ class StepLayout:
         group named like a step field, e.g. a group `norm` beside the total `grad/norm`).
     """
 
-    def __init__(self, groups: Sequence[str], n_stages: int = 0, probes: Sequence[Any] = (),
-                 clamp: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, groups: Sequence[str], n_stages: int = 0, probes: Sequence[Any] = (), clamp: Sequence[float] | None = None
+    ) -> None:
         self.groups, self.n_stages = list(groups), n_stages
         self.clamp = tuple(clamp) if clamp is not None and n_stages else None
         # a metric's phase is its probe's
@@ -187,16 +202,20 @@ class StepLayout:
         self.width = at
         self.grads_width = sum(self._len(m) for m in self.metrics if m.phase == "grads")
         written = [k for m in self.metrics if m.written for k in m.keys(self.groups, n_stages)]
-        reserved = [rf.STEP, rf.EPOCH, rf.BATCH, *HOST_KEYS,
-                    *(rf.stage_key(i, "clamped") for i in range(n_stages))]
+        reserved = [rf.STEP, rf.EPOCH, rf.BATCH, *HOST_KEYS, *(rf.stage_key(i, "clamped") for i in range(n_stages))]
         seen: set[str] = set()
         for k in [*written, *reserved]:
             if k in seen:
-                raise ValueError(f"step record key {k!r} is measured twice (a module group or metric named like "
-                                 f"another; rename the group)")
+                raise ValueError(
+                    f"step record key {k!r} is measured twice (a module group or metric named like "
+                    f"another; rename the group)"
+                )
             seen.add(k)
-        self._written = [(k, i) for i, (k, m) in enumerate(zip(self.keys, self._per_position())) if m.written
-                         and k not in (rf.LOSS, rf.GRAD_NORM)]
+        self._written = [
+            (k, i)
+            for i, (k, m) in enumerate(zip(self.keys, self._per_position()))
+            if m.written and k not in (rf.LOSS, rf.GRAD_NORM)
+        ]
         self._checked = [self.slices[m.name] for m in self.metrics if m.checked]
         self._stage = (self.slices["stage_ratio"], self.slices["stage_scale"]) if "stage_ratio" in self.slices else None
 
@@ -234,8 +253,18 @@ class StepLayout:
         """Every gradient finite and every checked metric (the loss) finite."""
         return bool(row[self.slices["grads_finite"]][0]) and all(np.isfinite(row[s]).all() for s in self._checked)
 
-    def record(self, row: np.ndarray, *, step: int, epoch: int, batch: int, lr: float, step_ms: float,
-               clip: float | None, finite: bool | None = None) -> StepRecord:
+    def record(
+        self,
+        row: np.ndarray,
+        *,
+        step: int,
+        epoch: int,
+        batch: int,
+        lr: float,
+        step_ms: float,
+        clip: float | None,
+        finite: bool | None = None,
+    ) -> StepRecord:
         """The `StepRecord` of a host row (`pack`'s vector, or its "grads" part followed by its
         "update" part). `finite` defaults to `finite(row)`; `clipped` is a finite step whose
         total norm exceeded `clip`."""
@@ -245,12 +274,22 @@ class StepLayout:
         if self._stage is not None:
             ratios, scales = values[self._stage[0]], values[self._stage[1]]
             for i, (ratio, _) in enumerate(zip(ratios, scales)):
-                measured[rf.stage_key(i, "clamped")] = (self.clamp is not None
-                                                        and bool(ratio < self.clamp[0] or ratio > self.clamp[1]))
+                measured[rf.stage_key(i, "clamped")] = self.clamp is not None and bool(
+                    ratio < self.clamp[0] or ratio > self.clamp[1]
+                )
         total = values[self.slices["grad_norm"].start]
-        return StepRecord(step=step, epoch=epoch, batch=batch, loss=values[self.slices["loss"].start],
-                          grad_norm=total, finite=ok, clipped=bool(ok and clip is not None and total > clip),
-                          lr=lr, step_ms=step_ms, measured=measured)
+        return StepRecord(
+            step=step,
+            epoch=epoch,
+            batch=batch,
+            loss=values[self.slices["loss"].start],
+            grad_norm=total,
+            finite=ok,
+            clipped=bool(ok and clip is not None and total > clip),
+            lr=lr,
+            step_ms=step_ms,
+            measured=measured,
+        )
 
     def nonfinite_groups(self, row: np.ndarray) -> list[str]:
         """The module groups whose recorded gradient norm is not finite, in group order."""

@@ -176,7 +176,7 @@ def append_text(path: Path, text: str) -> None:
     try:
         start = os.fstat(fd).st_size
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     except OSError as e:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, start)  # frees blocks: possible on a full disk

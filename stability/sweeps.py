@@ -44,7 +44,9 @@ class SweepLock:
         except BlockingIOError:
             os.close(self.fd)
             holder = self.path.read_text().strip() or "another process"
-            raise SweepBusy(f"sweep folder {self.path.parent} is in use by {holder}; wait for it or use another --name") from None
+            raise SweepBusy(
+                f"sweep folder {self.path.parent} is in use by {holder}; wait for it or use another --name"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()}".encode())
         return self
@@ -74,8 +76,16 @@ def mark_stale_running(sweep_dir: Path, why: str = "found by the next sweep") ->
     for status_path in sorted(Path(sweep_dir).glob(f"*/{rf.STATUS}")):
         status = read_status(status_path.parent)
         if status.state == "running" and RunFolder(status_path.parent).state(status) == "interrupted":
-            write_status(status_path, {**status, "state": "interrupted", "finished": None, "updated": time.time(),
-                                       "error": f"process {status.pid} stopped while running ({why})"})
+            write_status(
+                status_path,
+                {
+                    **status,
+                    "state": "interrupted",
+                    "finished": None,
+                    "updated": time.time(),
+                    "error": f"process {status.pid} stopped while running ({why})",
+                },
+            )
             stale.append(status_path.parent)
     return stale
 
@@ -105,15 +115,24 @@ def job_record(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """One line of the sweep index: where, what, and how it ended."""
     folder = RunFolder(run_dir)
     status = read_status(run_dir)
-    rec: dict[str, Any] = {"folder": folder.path.name, "overrides": overrides, "state": status.get("state"),
-                           "run_id": status.get("run_id"), "error": status.get("error")}
+    rec: dict[str, Any] = {
+        "folder": folder.path.name,
+        "overrides": overrides,
+        "state": status.get("state"),
+        "run_id": status.get("run_id"),
+        "error": status.get("error"),
+    }
     if folder.has(rf.SUMMARY):
         s = folder.summary()
         if folder.warnings:
             rec.update(verdict="?", error=(rec["error"] or "") + f" {rf.SUMMARY} unreadable")
         else:
-            rec.update(verdict=s.get("verdict"), first_nan=s.get("first_nan"), final_loss=s.get("final_loss"),
-                       scream_epoch=s.get("scream_epoch"))
+            rec.update(
+                verdict=s.get("verdict"),
+                first_nan=s.get("first_nan"),
+                final_loss=s.get("final_loss"),
+                scream_epoch=s.get("scream_epoch"),
+            )
     return rec
 
 

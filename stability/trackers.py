@@ -55,6 +55,8 @@ STORE_FILE = "trackers.json"
 _COORDS = ("step", "epoch", "batch")
 # Per-epoch lists indexed by stage: epoch/stage{i}/<name>.
 _STAGE_LISTS = {"stage_rms": "rms", "stage_ratio": "ratio", "stage_scale": "scale", "stage_clamp_rate": "clamp_rate"}
+
+
 class TrackerWarning(UserWarning):
     """A tracker failed and was switched off; the run folder has every record."""
 
@@ -86,7 +88,7 @@ def _probe_mlflow_store(uri: str) -> None:
         return
     import sqlite3
 
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
     if path in ("", ":memory:"):
         return
     try:
@@ -123,11 +125,14 @@ def check_installed(names: Sequence[str]) -> None:
     """Refuse, before any work, a tracker whose package is not installed (no import: a spec lookup)."""
     for name in names:
         if importlib.util.find_spec(PIP[name]) is None:
-            raise ConfigError(f"log={name} needs the {PIP[name]} package, which is not installed: "
-                              f"pip install {PIP[name]} (or pip install -e '.[trackers]' for all three)")
+            raise ConfigError(
+                f"log={name} needs the {PIP[name]} package, which is not installed: "
+                f"pip install {PIP[name]} (or pip install -e '.[trackers]' for all three)"
+            )
 
 
 # -- what a record becomes ---------------------------------------------------------------------
+
 
 def _number(v: Any) -> float | None:
     if isinstance(v, bool):
@@ -152,8 +157,9 @@ def epoch_metrics(erec: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {"epoch/epoch": float(erec["epoch"])}
     for key, value in erec.items():
         if key in _STAGE_LISTS and isinstance(value, list):
-            out.update({f"epoch/stage{i}/{_STAGE_LISTS[key]}": float(v) for i, v in enumerate(value)
-                        if _number(v) is not None})
+            out.update(
+                {f"epoch/stage{i}/{_STAGE_LISTS[key]}": float(v) for i, v in enumerate(value) if _number(v) is not None}
+            )
         elif key in ("scores", "target_scores", "health_summary") and isinstance(value, dict):
             prefix = {"scores": "scream", "target_scores": "scream_target", "health_summary": "health"}[key]
             out.update({f"epoch/{prefix}/{k}": x for k, v in value.items() if (x := _number(v)) is not None})
@@ -167,8 +173,9 @@ def epoch_metrics(erec: Mapping[str, Any]) -> dict[str, float]:
 def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
     """The summary's numbers under `summary/` (final loss, spikes, clip rate, first NaN step, ...),
     and `summary/stable` (1 when the verdict is stable) for a compare view that wants a number."""
-    out = {f"summary/{k}": x for k, v in summary.items()
-           if (x := _number(v)) is not None and k not in ("latent_scale",)}
+    out = {
+        f"summary/{k}": x for k, v in summary.items() if (x := _number(v)) is not None and k not in ("latent_scale",)
+    }
     if summary.get("first_nan"):
         out["summary/first_nan_step"] = float(summary["first_nan"]["step"])
     if summary.get("scream_epoch") is not None:
@@ -199,6 +206,7 @@ def _event_text(rec: Mapping[str, Any]) -> str:
 
 
 # -- the loggers ---------------------------------------------------------------------------------
+
 
 class Tracker:
     """One tracker's logger; the base does nothing (torchtitan's `log(metrics, step)`/`close()`)."""
@@ -265,11 +273,14 @@ class TensorBoardTracker(Tracker):
 
         # HParams has no "interrupted": an interrupted run is a failure to finish
         status = api_pb2.STATUS_SUCCESS if state == "completed" else api_pb2.STATUS_FAILURE
-        end = HParamsPluginData(session_end_info=SessionEndInfo(status=status, end_time_secs=time.time()),
-                                version=metadata.PLUGIN_DATA_VERSION)
+        end = HParamsPluginData(
+            session_end_info=SessionEndInfo(status=status, end_time_secs=time.time()),
+            version=metadata.PLUGIN_DATA_VERSION,
+        )
         S = self._summary
-        self.writer.add_summary(S(value=[S.Value(tag=metadata.SESSION_END_INFO_TAG,
-                                                 metadata=metadata.create_summary_metadata(end))]))
+        self.writer.add_summary(
+            S(value=[S.Value(tag=metadata.SESSION_END_INFO_TAG, metadata=metadata.create_summary_metadata(end))])
+        )
         self.writer.close()
 
     def state(self) -> dict[str, Any]:
@@ -285,8 +296,16 @@ class MlflowTracker(Tracker):
     name = "mlflow"
     _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
-    def __init__(self, run_dir: Path, runs_root: Path, group: str, params: dict[str, Any],
-                 operational: dict[str, Any], previous: dict[str, Any], tags: dict[str, str]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        runs_root: Path,
+        group: str,
+        params: dict[str, Any],
+        operational: dict[str, Any],
+        previous: dict[str, Any],
+        tags: dict[str, str],
+    ) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param, RunTag
 
@@ -316,11 +335,15 @@ class MlflowTracker(Tracker):
             run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
         self.run_id, self.attempt = run_id, attempt
         self.pending: list[Any] = []  # mlflow Metric entities not yet sent
-        tags = {**tags, **{f"stab.{k}": str(v) for k, v in operational.items()}, "stab.attempt": str(attempt),
-                "stab.run_dir": str(run_dir.resolve())}
+        tags = {
+            **tags,
+            **{f"stab.{k}": str(v) for k, v in operational.items()},
+            "stab.attempt": str(attempt),
+            "stab.run_dir": str(run_dir.resolve()),
+        }
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's limit of params per log_batch call
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self.client.log_batch(run_id, params=items[i : i + 100])
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     @staticmethod
@@ -338,7 +361,7 @@ class MlflowTracker(Tracker):
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         for i in range(0, len(pending), self._BATCH):
-            self.client.log_batch(self.run_id, metrics=pending[i:i + self._BATCH])
+            self.client.log_batch(self.run_id, metrics=pending[i : i + self._BATCH])
 
     def event(self, rec: Event, step: int) -> None:
         # one tag per event and step (spikes recur), and a 1 at that step on the event's own chart
@@ -374,8 +397,9 @@ class WandbTracker(Tracker):
 
     name = "wandb"
 
-    def __init__(self, run_dir: Path, group: str, params: dict[str, Any], operational: dict[str, Any],
-                 previous: dict[str, Any]) -> None:
+    def __init__(
+        self, run_dir: Path, group: str, params: dict[str, Any], operational: dict[str, Any], previous: dict[str, Any]
+    ) -> None:
         import wandb
 
         self.id = previous.get("id") or uuid.uuid4().hex[:8]
@@ -383,10 +407,17 @@ class WandbTracker(Tracker):
         self.dir = os.environ.get("WANDB_DIR") or str(run_dir)
         self.next = int(previous.get("next_step", 0))
         self.run = wandb.init(
-            project=None if os.environ.get("WANDB_PROJECT") else "stab", group=group, name=run_dir.name, id=self.id,
-            resume="allow", dir=self.dir, config={**params, **operational},
-            mode=None if os.environ.get("WANDB_MODE") else "offline", reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True, disable_git=True))
+            project=None if os.environ.get("WANDB_PROJECT") else "stab",
+            group=group,
+            name=run_dir.name,
+            id=self.id,
+            resume="allow",
+            dir=self.dir,
+            config={**params, **operational},
+            mode=None if os.environ.get("WANDB_MODE") else "offline",
+            reinit="create_new",
+            settings=wandb.Settings(console="off", silent=True, disable_git=True),
+        )
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
@@ -404,27 +435,41 @@ class WandbTracker(Tracker):
 
     def summary(self, summary: Summary, step: int) -> None:
         self._log(summary_metrics(summary), step)
-        keep = ("verdict", "evidence", "flags", "warnings", "first_nan", "scream_epoch", "final_loss",
-                "final_val_loss", "grad_norm_by_epoch")
+        keep = (
+            "verdict",
+            "evidence",
+            "flags",
+            "warnings",
+            "first_nan",
+            "scream_epoch",
+            "final_loss",
+            "final_val_loss",
+            "grad_norm_by_epoch",
+        )
         self.run.summary.update({k: summary[k] for k in keep if k in summary})
 
     def close(self, state: str) -> None:
         self.run.finish(exit_code=0 if state == "completed" else 1)
 
     def state(self) -> dict[str, Any]:
-        return {"id": self.id, "next_step": self.next,
-                "dir": "wandb" if "WANDB_DIR" not in os.environ else str(Path(self.dir) / "wandb")}
+        return {
+            "id": self.id,
+            "next_step": self.next,
+            "dir": "wandb" if "WANDB_DIR" not in os.environ else str(Path(self.dir) / "wandb"),
+        }
 
 
 # -- the fan-out --------------------------------------------------------------------------------
+
 
 class Recorder:
     """Hands each run-folder record to every tracker. A tracker that raises is dropped with one
     warning (and the error in trackers.json); the others and the run go on. With no tracker every
     call returns at once."""
 
-    def __init__(self, trackers: Sequence[Tracker] = (), run_dir: Path | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, trackers: Sequence[Tracker] = (), run_dir: Path | None = None, warn: Callable[[str], None] | None = None
+    ) -> None:
         self.trackers = list(trackers)
         self.run_dir = run_dir
         self.warn = warn or log.warning
@@ -441,8 +486,10 @@ class Recorder:
             except Exception as e:  # the store is full, gone, locked: the run folder has it all
                 self.trackers.remove(t)
                 self.errors[t.name] = f"{type(e).__name__}: {e}"
-                self.warn(f"tracker {t.name} failed and is off for the rest of this run "
-                          f"({_why(e)}); the run folder has every record")
+                self.warn(
+                    f"tracker {t.name} failed and is off for the rest of this run "
+                    f"({_why(e)}); the run folder has every record"
+                )
                 self.save()
 
     def step(self, rec: Mapping[str, Any]) -> None:
@@ -515,8 +562,9 @@ class _store_lock:
             self.lock.release()
 
 
-def open_trackers(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (),
-                  warn: Callable[[str], None] | None = None) -> Recorder:
+def open_trackers(
+    cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), warn: Callable[[str], None] | None = None
+) -> Recorder:
     """The Recorder for `cfg.log`: nothing imported when it is empty. The sweep (group) is the run
     folder's parent, the MLflow store goes beside the sweeps (RUNS/mlflow/). A tracker that cannot
     start warns and is left out, like one that fails later."""
@@ -530,8 +578,9 @@ def open_trackers(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (),
     tags = {"stab.run_id": cfg.identity(), "stab.overrides": " ".join(overrides)[:5000], "stab.sweep": group}
     makers = {
         "tensorboard": lambda: TensorBoardTracker(run_dir, params, operational, resumed="tensorboard" in previous),
-        "mlflow": lambda: MlflowTracker(run_dir, runs_root, group, params, operational,
-                                        previous.get("mlflow", {}), tags),
+        "mlflow": lambda: MlflowTracker(
+            run_dir, runs_root, group, params, operational, previous.get("mlflow", {}), tags
+        ),
         "wandb": lambda: WandbTracker(run_dir, group, params, operational, previous.get("wandb", {})),
     }
     for name in cfg.log:
@@ -539,8 +588,9 @@ def open_trackers(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (),
             recorder.trackers.append(makers[name]())
         except Exception as e:
             recorder.errors[name] = f"{type(e).__name__}: {e}"
-            recorder.warn(f"tracker {name} could not start ({_why(e)}); "
-                          f"the run goes on without it, its folder has every record")
+            recorder.warn(
+                f"tracker {name} could not start ({_why(e)}); the run goes on without it, its folder has every record"
+            )
     recorder.save()
     return recorder
 

@@ -58,8 +58,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks: Callbacks | None = None,
-        extra_status: dict[str, Any] | None = None, world: distributed.World | None = None) -> Mapping[str, Any]:
+def run(
+    cfg: RunConfig,
+    run_dir: Path,
+    overrides: Sequence[str] = (),
+    callbacks: Callbacks | None = None,
+    extra_status: dict[str, Any] | None = None,
+    world: distributed.World | None = None,
+) -> Mapping[str, Any]:
     """Train one configuration into `run_dir`; returns the summary (also in summary.json).
 
     The folder's lifecycle is a `stability.session.RunSession`: a crash writes status `failed`
@@ -78,6 +84,7 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
     distributed.check_batch(cfg.train.batch_size, world.size)
     if world.distributed and cfg.train.threads is None:  # the node's cores, split between its ranks
         from stability.resources import available_cpus
+
         cfg.train.threads = distributed.threads(world, available_cpus())
     cb = (callbacks or Callbacks()) if world.main else Callbacks()
     try:
@@ -89,7 +96,9 @@ def run(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), callbacks:
     return summary
 
 
-def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distributed.World | None = None) -> dict[str, Any]:
+def _train(
+    cfg: RunConfig, session: RunSession, cb: Callbacks, world: distributed.World | None = None
+) -> dict[str, Any]:
     """The loop: batch -> step (`Stepper`, through a `Window` of train.sync_every steps) -> record
     (`RunWriter`) per step; evaluate per epoch; the summary from the writer's detectors at the end.
     In a distributed run each rank steps on its shard of the global batch in DDP."""
@@ -102,8 +111,9 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
     session.describe(device, work.info)
     # DDP around the model; groups, probes, hooks and the workload's own methods see the inner module
     work.model = model = distributed.wrap(work.model, world, device)
-    injector = (NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step)
-                if cfg.fault.nan_at_step is not None else None)
+    injector = (
+        NanInjector(groups[cfg.fault.nan_module], cfg.fault.nan_at_step) if cfg.fault.nan_at_step is not None else None
+    )
     ins = parts.instruments(cfg, world.size)
     layout = ins.layout
     session.open_steps(layout)
@@ -118,14 +128,23 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
     step = 0
 
     writer.event({"event": "init_eval", **_evaluate_init(work)})  # the start a diverged run is measured against
-    ring = snapshots.SnapshotRing(writer.dir / snapshots.FOLDER, tc.snapshot_every, tc.snapshot_keep, write=writer.writes)
+    ring = snapshots.SnapshotRing(
+        writer.dir / snapshots.FOLDER, tc.snapshot_every, tc.snapshot_keep, write=writer.writes
+    )
     first_epoch, first_batch = 1, 0
     if tc.rewind_from:  # continue from a snapshot (stab doctor --try): its run's records up to there are this run's
         snap = _rewind(Path(tc.rewind_from), writer, distributed.unwrap(model), opt, sched, ins.recovery, epoch_norms)
         step, first_epoch, first_batch = int(snap["step"]), int(snap["epoch"]), int(snap["batch"])
         order_gen.set_state(snap["order_state"])
-        writer.event({"event": "rewound", "step": step, "epoch": first_epoch, "batch": first_batch,
-                      "snapshot": str(tc.rewind_from)})
+        writer.event(
+            {
+                "event": "rewound",
+                "step": step,
+                "epoch": first_epoch,
+                "batch": first_batch,
+                "snapshot": str(tc.rewind_from),
+            }
+        )
 
     model.train()
     try:
@@ -134,16 +153,35 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
             order = torch.randperm(work.n_train, generator=order_gen)
             for b in range(first_batch if epoch == first_epoch else 0, n_batches):
                 if not window.pending and ring.due(step):  # at a host transfer: no step in flight
-                    ring.save(step, snapshots.capture(distributed.unwrap(model), opt, sched, order_state, epoch, b,
-                                                      {"recovery": ins.recovery.state_dict() if ins.recovery else None}))
+                    ring.save(
+                        step,
+                        snapshots.capture(
+                            distributed.unwrap(model),
+                            opt,
+                            sched,
+                            order_state,
+                            epoch,
+                            b,
+                            {"recovery": ins.recovery.state_dict() if ins.recovery else None},
+                        ),
+                    )
                 if not window.pending:
                     t0 = time.perf_counter()
                 if cfg.fault.crash_at_step == step:
                     raise InjectedCrash(f"fault.crash_at_step={step}: injected crash")
-                idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]  # the global batch; this rank's shard:
-                window.add(StepContext(step, epoch, b, idx, work.batch(distributed.shard(idx, world)),
-                                       cfg.fault.spike_factor if cfg.fault.spike_at_step == step else None,
-                                       sched.state_dict() if tc.sync_every > 1 else {}, [g["lr"] for g in opt.param_groups]))
+                idx = order[b * tc.batch_size : (b + 1) * tc.batch_size]  # the global batch; this rank's shard:
+                window.add(
+                    StepContext(
+                        step,
+                        epoch,
+                        b,
+                        idx,
+                        work.batch(distributed.shard(idx, world)),
+                        cfg.fault.spike_factor if cfg.fault.spike_at_step == step else None,
+                        sched.state_dict() if tc.sync_every > 1 else {},
+                        [g["lr"] for g in opt.param_groups],
+                    )
+                )
                 step += 1
                 if not (window.full or b == n_batches - 1):
                     continue  # measurements stay on the device
@@ -152,15 +190,34 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
                     if not finite:
                         if first_nan is None:  # located on the global batch, on every rank alike
                             batch = work.batch(ctx.indices) if world.distributed else ctx.batch
-                            first_nan = forensics.first_nan(writer, work, groups, opt, sched, [batch], ctx.indices,
-                                                            host, layout, ctx.epoch, ctx.batch_index, ctx.step)
+                            first_nan = forensics.first_nan(
+                                writer,
+                                work,
+                                groups,
+                                opt,
+                                sched,
+                                [batch],
+                                ctx.indices,
+                                host,
+                                layout,
+                                ctx.epoch,
+                                ctx.batch_index,
+                                ctx.step,
+                            )
                         opt.zero_grad(set_to_none=True)  # the stepper did not step on them; drop them
                         stopped = tc.on_nan == "stop"
                     # finite: from each parameter's gradient, not from the (huge) total; lr: the one this step used;
                     # step_ms: the window's mean
-                    rec = layout.record(host, step=ctx.step, epoch=ctx.epoch, batch=ctx.batch_index, lr=ctx.lrs[0],
-                                        step_ms=1000 * (time.perf_counter() - t0) / n_window, clip=tc.clip,
-                                        finite=finite)
+                    rec = layout.record(
+                        host,
+                        step=ctx.step,
+                        epoch=ctx.epoch,
+                        batch=ctx.batch_index,
+                        lr=ctx.lrs[0],
+                        step_ms=1000 * (time.perf_counter() - t0) / n_window,
+                        clip=tc.clip,
+                        finite=finite,
+                    )
                     writer.step(rec)
                     cb.step(ctx.epoch, ctx.batch_index, rec.loss)
                     if stopped:
@@ -174,7 +231,8 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
             if stopped:
                 break
             why = tc.stop_early and detectors.certainly_unstable(
-                epoch_norms, first_nan, cfg.detect.explode_factor, cfg.detect.explode_window)
+                epoch_norms, first_nan, cfg.detect.explode_factor, cfg.detect.explode_window
+            )
             if why:  # train.stop_early: the rest of the run cannot make it stable
                 writer.event({"event": "stopped_early", "epoch": epoch, "step": step, "reason": why})
                 stopped = True
@@ -182,14 +240,29 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
     finally:
         if injector:
             injector.close()
-    return writer.finish(injected_nan_step=cfg.fault.nan_at_step, run_id=cfg.identity(), steps=step,
-                         stopped_early=stopped, codec=work.info.get("codec"), latent_scale=work.info.get("scale"),
-                         device=str(device), world_size=world.size, sync_every=tc.sync_every,
-                         wall_s=time.time() - session.t_start)
+    return writer.finish(
+        injected_nan_step=cfg.fault.nan_at_step,
+        run_id=cfg.identity(),
+        steps=step,
+        stopped_early=stopped,
+        codec=work.info.get("codec"),
+        latent_scale=work.info.get("scale"),
+        device=str(device),
+        world_size=world.size,
+        sync_every=tc.sync_every,
+        wall_s=time.time() - session.t_start,
+    )
 
 
-def _rewind(path: Path, writer: RunWriter, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-            recovery: Any, epoch_norms: list[float]) -> dict[str, Any]:
+def _rewind(
+    path: Path,
+    writer: RunWriter,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    recovery: Any,
+    epoch_norms: list[float],
+) -> dict[str, Any]:
     """Load a snapshot into the run (`snapshots.restore`) and feed the writer the snapshot's run's
     records before it: its steps (so the epoch aggregates and detectors see the whole run) and
     the evaluations of its finished epochs. Raises ConfigError naming train.rewind_from when the
@@ -209,8 +282,10 @@ def _rewind(path: Path, writer: RunWriter, model: torch.nn.Module, opt: torch.op
     k, epoch = int(snap["step"]), int(snap["epoch"])
     before = [r for r in steps if int(r.get(rf.STEP, -1)) < k]
     if len(before) < k:
-        raise ConfigError(f"train.rewind_from={str(path)!r}: its run folder {parent} holds {len(before)} step "
-                          f"records before step {k}; a rewind needs them all")
+        raise ConfigError(
+            f"train.rewind_from={str(path)!r}: its run folder {parent} holds {len(before)} step "
+            f"records before step {k}; a rewind needs them all"
+        )
     for r in before:
         if writer.stats is not None and int(r[rf.EPOCH]) != writer.stats.epoch:
             _replay_epoch(writer, epochs, writer.stats.epoch, epoch_norms)
@@ -235,5 +310,10 @@ def _evaluate_init(work: Any) -> dict[str, Any]:
     the text), where it has one."""
     with eager(work), phase("evaluating at initialisation", unit="evals"):
         ev = work.evaluate()
-    return {"val_loss": ev.get("val_loss", math.nan), "collapsed": ev.get("collapsed"), "scores": ev.get("scores") or {},
-            "baseline_loss": work.info.get("baseline_loss", math.nan), "baseline": work.info.get("baseline")}
+    return {
+        "val_loss": ev.get("val_loss", math.nan),
+        "collapsed": ev.get("collapsed"),
+        "scores": ev.get("scores") or {},
+        "baseline_loss": work.info.get("baseline_loss", math.nan),
+        "baseline": work.info.get("baseline"),
+    }

@@ -46,11 +46,23 @@ class Browser:
             os.dup2(b, 4)
 
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-             "--remote-debugging-pipe", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-             "about:blank"],
-            preexec_fn=fds, close_fds=False,  # no thread of ours runs yet
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            preexec_fn=fds,
+            close_fds=False,  # no thread of ours runs yet
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_child)
         os.close(from_child)
         self.messages: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -118,8 +130,10 @@ class Browser:
         for ev in self.events:
             m, p = ev.get("method"), ev.get("params", {})
             if m == "Runtime.exceptionThrown":
-                out.append(p["exceptionDetails"].get("exception", {}).get("description")
-                           or p["exceptionDetails"].get("text", "exception"))
+                out.append(
+                    p["exceptionDetails"].get("exception", {}).get("description")
+                    or p["exceptionDetails"].get("text", "exception")
+                )
             elif m == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
                 out.append(" ".join(str(a.get("value", a.get("description"))) for a in p.get("args", [])))
             elif m == "Log.entryAdded" and p["entry"].get("level") == "error":

@@ -66,8 +66,11 @@ def read_json(path: Path):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [decode(json.loads(line, parse_constant=_no_constant))
-            for line in Path(path).read_text().splitlines() if line.strip()]
+    return [
+        decode(json.loads(line, parse_constant=_no_constant))
+        for line in Path(path).read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def _no_constant(name: str):

@@ -33,8 +33,9 @@ def tone(rate: int, seconds: float, channels: int = 1, freq: float = 440.0, amp:
     return np.stack([x / (c + 1) for c in range(channels)], axis=1).astype(np.float32)
 
 
-def write_pair(root: Path, name: str, rate: int, channels: int, ext: str = "wav", seconds: float = 1.0,
-               freq: float = 440.0) -> None:
+def write_pair(
+    root: Path, name: str, rate: int, channels: int, ext: str = "wav", seconds: float = 1.0, freq: float = 440.0
+) -> None:
     """target = the tone; input = the tone plus noise (what a restoration model would meet)."""
     y = tone(rate, seconds, channels, freq)
     x = y + 0.05 * np.random.default_rng(len(name)).standard_normal(y.shape).astype(np.float32)
@@ -115,8 +116,13 @@ def test_a_folder_trains_listens_and_is_cached(cli, tmp_path, monkeypatch):
     epochs = read_jsonl(run / "epochs.jsonl")
     listed = {e["epoch"]: e.get("audio", []) for e in epochs}
     assert listed[2] == [] and listed[3] == []
-    assert {"audio/epoch1_item0_output.wav", "audio/epoch1_item1_output.wav", "audio/item0_target.wav",
-            "audio/item1_target.wav", "audio/item0_input.wav"} <= set(listed[1])
+    assert {
+        "audio/epoch1_item0_output.wav",
+        "audio/epoch1_item1_output.wav",
+        "audio/item0_target.wav",
+        "audio/item1_target.wav",
+        "audio/item0_input.wav",
+    } <= set(listed[1])
     assert set(listed[4]) == {"audio/epoch4_item0_output.wav", "audio/epoch4_item1_output.wav"}
     for rel in listed[1] + listed[4]:
         wav, rate = sf.read(run / rel)
@@ -146,8 +152,12 @@ def test_touching_a_file_or_changing_the_segmenting_encodes_again(tmp_path):
     key = cache_key(cfg)
     assert cache_key(DataConfig(name="folder", path=str(data), seconds=SEG, n_val=2, latent_rms=3.0)) == key
     assert cache_key(DataConfig(name="folder", path=str(data), seconds=0.2, n_val=2)) != key
-    assert cache_key(DataConfig(name="folder", path=str(data), seconds=SEG, n_val=2,
-                                codec={"weights": "random", "seed": 1})) != key
+    assert (
+        cache_key(
+            DataConfig(name="folder", path=str(data), seconds=SEG, n_val=2, codec={"weights": "random", "seed": 1})
+        )
+        != key
+    )
     f = data / "target" / "b_mono16k.wav"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000_000))
     assert cache_key(cfg) != key
@@ -166,6 +176,7 @@ def _bad_float(value: float):
         x = tone(24_000, 1.0)
         x[5000] = value
         sf.write(root / "input" / "b_mono16k.wav", x, 24_000, subtype="FLOAT")
+
     return mutate
 
 
@@ -175,27 +186,43 @@ def _flac_then_truncate(root: Path) -> None:
 
 
 BAD = {
-    "unpaired input": (lambda r: write_pair(r, "z", 16_000, 1) or (r / "target" / "z.wav").unlink(),
-                       "input/z.wav has no partner target/z.*"),
-    "unpaired target": (lambda r: write_pair(r, "z", 16_000, 1) or (r / "input" / "z.wav").unlink(),
-                        "target/z.wav has no partner input/z.*"),
+    "unpaired input": (
+        lambda r: write_pair(r, "z", 16_000, 1) or (r / "target" / "z.wav").unlink(),
+        "input/z.wav has no partner target/z.*",
+    ),
+    "unpaired target": (
+        lambda r: write_pair(r, "z", 16_000, 1) or (r / "input" / "z.wav").unlink(),
+        "target/z.wav has no partner input/z.*",
+    ),
     "ambiguous name": (lambda r: write_pair(r, "a_stereo44k", 16_000, 1, "flac"), "is ambiguous"),
     "empty input folder": (lambda r: [p.unlink() for p in (r / "input").iterdir()], "input/ holds no audio files"),
     "no target folder": (lambda r: shutil.rmtree(r / "target"), "there is no target/ folder"),
-    "unreadable file": (lambda r: (r / "input" / "b_mono16k.wav").write_bytes(b"RIFF not really a wav" * 10),
-                        "input/b_mono16k.wav cannot be decoded"),
+    "unreadable file": (
+        lambda r: (r / "input" / "b_mono16k.wav").write_bytes(b"RIFF not really a wav" * 10),
+        "input/b_mono16k.wav cannot be decoded",
+    ),
     "truncated wav": (lambda r: _truncate(r / "target" / "a_stereo44k.wav"), "target/a_stereo44k.wav is truncated"),
     "truncated flac": (_flac_then_truncate, "target/d_flac.flac"),
     "nan samples": (_bad_float(float("nan")), "input/b_mono16k.wav contains NaN or inf samples (the first at 0.208 s)"),
     "inf samples": (_bad_float(float("inf")), "input/b_mono16k.wav contains NaN or inf samples"),
-    "zero-length file": (lambda r: sf.write(r / "target" / "b_mono16k.wav", np.zeros((0, 1), np.float32), 16_000),
-                         "target/b_mono16k.wav is empty (0 samples)"),
-    "silent pair": (lambda r: [sf.write(r / side / "s.wav", np.zeros((24_000, 2), np.float32), 24_000)
-                               for side in ("input", "target")], "input/s.wav and target/s.wav are both silent"),
-    "lengths differ": (lambda r: sf.write(r / "input" / "b_mono16k.wav", tone(16_000, 0.5), 16_000),
-                       "input/b_mono16k.wav and target/b_mono16k.wav differ in length (0.500 s and 1.000 s)"),
-    "shorter than a segment": (lambda r: write_pair(r, "short", 22_050, 1, seconds=0.3),
-                               "are 0.30 s long, shorter than one segment (data.seconds=0.4)"),
+    "zero-length file": (
+        lambda r: sf.write(r / "target" / "b_mono16k.wav", np.zeros((0, 1), np.float32), 16_000),
+        "target/b_mono16k.wav is empty (0 samples)",
+    ),
+    "silent pair": (
+        lambda r: [
+            sf.write(r / side / "s.wav", np.zeros((24_000, 2), np.float32), 24_000) for side in ("input", "target")
+        ],
+        "input/s.wav and target/s.wav are both silent",
+    ),
+    "lengths differ": (
+        lambda r: sf.write(r / "input" / "b_mono16k.wav", tone(16_000, 0.5), 16_000),
+        "input/b_mono16k.wav and target/b_mono16k.wav differ in length (0.500 s and 1.000 s)",
+    ),
+    "shorter than a segment": (
+        lambda r: write_pair(r, "short", 22_050, 1, seconds=0.3),
+        "are 0.30 s long, shorter than one segment (data.seconds=0.4)",
+    ),
 }
 
 
@@ -221,8 +248,17 @@ def test_missing_folder_and_too_few_segments(cli, tmp_path):
     result = cli("run", "--runs", tmp_path, *SMOKE, *FOLDER, f"data.path={tmp_path / 'nope'}", ok=False)
     assert result.exit_code == 2 and "no such folder" in result.output
     data = make_folder(tmp_path / "pairs")
-    result = cli("run", "--runs", tmp_path, *SMOKE, "data=folder", f"data.path={data}", "data.seconds=0.4",
-                 "data.n_val=6", ok=False)
+    result = cli(
+        "run",
+        "--runs",
+        tmp_path,
+        *SMOKE,
+        "data=folder",
+        f"data.path={data}",
+        "data.seconds=0.4",
+        "data.n_val=6",
+        ok=False,
+    )
     assert result.exit_code == 2
     assert "3 usable pair(s) give 6 segment(s) of data.seconds=0.4, fewer than data.n_val=6" in result.output
 
@@ -240,7 +276,10 @@ def test_bad_files_are_skipped_with_a_warning_when_asked(tmp_path, caplog):
     assert [p.name for p in plan.pairs] == ["a_stereo44k", "b_mono16k", "c_flac48k"]
     assert [s["file"] for s in plan.skipped] == ["input/e_lonely.wav", "input/d_extra.wav"]
     warned = [r.getMessage() for r in caplog.records]
-    assert warned[0] == "skipping input/e_lonely.wav: has no partner target/e_lonely.* to pair with (data.on_bad_file=skip)"
+    assert (
+        warned[0]
+        == "skipping input/e_lonely.wav: has no partner target/e_lonely.* to pair with (data.on_bad_file=skip)"
+    )
     assert warned[1].startswith("skipping input/d_extra.wav: cannot be decoded")
     assert plan.summary()["ignored"] == ["input/notes.txt"]  # not audio by its suffix; hidden files unseen
 
@@ -253,8 +292,14 @@ def test_data_inspect_reports_sizes_rms_and_code_usage(cli, tmp_path):
     from stability.workloads.cascade.data import inspect_latents
 
     data = make_folder(tmp_path / "pairs")
-    cfg = DataConfig(name="folder", path=str(data), seconds=SEG, n_train=16, n_val=2,  # as preset=smoke
-                     cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        name="folder",
+        path=str(data),
+        seconds=SEG,
+        n_train=16,
+        n_val=2,  # as preset=smoke
+        cache_dir=str(tmp_path / "cache"),
+    )
     info = inspect_latents(cfg)
     assert info["segments"] == {"train": 4, "val": 2} and info["source"]["audio_seconds"] == pytest.approx(3.0)
     assert 0 < info["rms"]["raw"]["target"] < 1  # random-init EnCodec: small latents ...
@@ -284,8 +329,15 @@ def test_pretrained_weights_fail_fast_without_a_network(cli, tmp_path, monkeypat
         raise socket.gaierror(-3, "Temporary failure in name resolution")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    result = cli("run", "--runs", tmp_path / "runs", *SMOKE, "data.codec.weights=pretrained",
-                 f"data.cache_dir={tmp_path / 'cache'}", ok=False)
+    result = cli(
+        "run",
+        "--runs",
+        tmp_path / "runs",
+        *SMOKE,
+        "data.codec.weights=pretrained",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        ok=False,
+    )
     assert result.exit_code == 2, result.output
     line = result.output.strip()
     assert line.startswith("error: data.codec.weights=pretrained: could not download") and "\n" not in line
@@ -315,10 +367,21 @@ def test_a_checkpoint_file_is_loaded_safely_and_recorded_with_its_checksum(cli, 
     torch.save({"encoder.weight": torch.zeros(3)}, wrong)
     nested = tmp_path / "nested.th"
     torch.save({"model": model.state_dict(), "epoch": 3}, nested)
-    for path, why in ((evil, "weights_only=True"), (whole, "weights_only=True"),
-                      (wrong, "not an EnCodec 24 kHz state dict"), (nested, "expected an EnCodec 24 kHz state dict")):
-        result = cli("run", "--runs", tmp_path / "runs", *SMOKE, f"data.codec.weights={path}",
-                     f"data.cache_dir={tmp_path / 'cache'}", ok=False)
+    for path, why in (
+        (evil, "weights_only=True"),
+        (whole, "weights_only=True"),
+        (wrong, "not an EnCodec 24 kHz state dict"),
+        (nested, "expected an EnCodec 24 kHz state dict"),
+    ):
+        result = cli(
+            "run",
+            "--runs",
+            tmp_path / "runs",
+            *SMOKE,
+            f"data.codec.weights={path}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            ok=False,
+        )
         assert result.exit_code == 2, result.output
         assert result.output.startswith(f"error: data.codec.weights={str(path)!r}") and why in result.output
     assert not marker.exists()  # the pickle's code never ran

@@ -65,9 +65,17 @@ print(json.dumps({"hit": d.info["cache"]["hit"], "start": t0, "end": time.time()
 def test_concurrent_processes_encode_once_and_share_the_entry(tmp_path):
     cache, go = tmp_path / "cache", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"ready{i}"), str(go), str(cache)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path / f"ready{i}"), str(go), str(cache)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for i in range(2)
+    ]
     deadline = time.time() + 600  # both workers ready is the event; 600 s only stops a hang
     while not all((tmp_path / f"ready{i}").exists() for i in range(2)):  # both imported torch & co.
         assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]

@@ -24,6 +24,7 @@ CHARLM = ["model=charlm", "preset=smoke", "train.threads=1"]  # one thread: stea
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def test_embedded_corpus_is_stdlib_docstrings_read_deterministically():
     a, files = text.stdlib_corpus(20_000)
     text.stdlib_corpus.cache_clear()
@@ -44,11 +45,15 @@ def test_split_is_seeded_and_keeps_every_character():
     assert tok.decode(tok.encode("def f():")) == "def f():"
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    (b"caf\xe9 latin-1, not UTF-8 " * 200, "expected a UTF-8 text file (byte 3 is not UTF-8"),
-    (b"too short", "is too short: 9 characters"),
-], ids=["missing", "latin-1", "too-short"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"caf\xe9 latin-1, not UTF-8 " * 200, "expected a UTF-8 text file (byte 3 is not UTF-8"),
+        (b"too short", "is too short: 9 characters"),
+    ],
+    ids=["missing", "latin-1", "too-short"],
+)
 def test_a_bad_text_file_is_refused_before_any_work_naming_the_file(cli, tmp_path, content, message):
     path = tmp_path / "book.txt"
     if content is not None:
@@ -68,7 +73,9 @@ def test_presets_apply_per_model():
     assert (lm.model.name, lm.model.d_model, lm.model.n_layers, lm.data.name) == ("charlm", 32, 2, "text")
     assert lm.fault.nan_module == "layer0.mlp"
     assert compose_run(["model=charlm", "preset=gpu"]).model.d_model > compose_run(["model=charlm"]).model.d_model
-    with pytest.raises(UserError, match=r"preset='seed' is not allowed with model=charlm: expected one of default, gpu, smoke"):
+    with pytest.raises(
+        UserError, match=r"preset='seed' is not allowed with model=charlm: expected one of default, gpu, smoke"
+    ):
         compose_run(["model=charlm", "preset=seed"])
     with pytest.raises(UserError, match=r"residual=0.3 is not allowed with model=charlm: it does not read residual"):
         compose_run(["model=charlm", "residual=0.3"])
@@ -164,14 +171,27 @@ def test_lr_sensitivity_is_the_mean_loss_lost_over_the_lr_grid():
 
 
 def test_every_stabilizer_at_once_trains_the_char_lm(cli, tmp_path):
-    on = ["norm=deepnorm", "qk_norm=true", "sigma_reparam=true", "v_scale=true", "z_loss=1e-4",
-          "spectral_norm=true", "warmup=5"]
+    on = [
+        "norm=deepnorm",
+        "qk_norm=true",
+        "sigma_reparam=true",
+        "v_scale=true",
+        "z_loss=1e-4",
+        "spectral_norm=true",
+        "warmup=5",
+    ]
     cli("run", "--runs", tmp_path, *CHARLM, "train.epochs=1", *on)
     run = only_run(tmp_path)
     summary, steps = read_json(run / "summary.json"), read_jsonl(run / "metrics.jsonl")
     assert summary["verdict"] != "failed" and all(s["finite"] for s in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert {k: cfg["model"][k] for k in ("norm", "qk_norm", "sigma_reparam", "v_scale", "z_loss", "spectral_norm")} == \
-        {"norm": "deepnorm", "qk_norm": True, "sigma_reparam": True, "v_scale": True, "z_loss": 1e-4, "spectral_norm": True}
+    assert {k: cfg["model"][k] for k in ("norm", "qk_norm", "sigma_reparam", "v_scale", "z_loss", "spectral_norm")} == {
+        "norm": "deepnorm",
+        "qk_norm": True,
+        "sigma_reparam": True,
+        "v_scale": True,
+        "z_loss": 1e-4,
+        "spectral_norm": True,
+    }
     assert cfg["train"]["warmup"] == 5

@@ -21,8 +21,15 @@ from stability.workloads.custom import MultiheadAttentionLogits, auto_groups, fi
 ROOT = Path(__file__).resolve().parent.parent
 STAB = [sys.executable, "-m", "cli.main"]
 CEILING_S = 600  # a generous ceiling for a subprocess on a busy 2-core machine, not a timing
-TINY_GPT = ["model=custom", "model._target_=examples.gpt.build", "+model.max_chars=2500", "+model.context=16",
-            "+model.width=16", "train.epochs=2", "train.batch_size=16"]
+TINY_GPT = [
+    "model=custom",
+    "model._target_=examples.gpt.build",
+    "+model.max_chars=2500",
+    "+model.context=16",
+    "+model.width=16",
+    "train.epochs=2",
+    "train.batch_size=16",
+]
 
 
 def test_groups_cover_every_parameter_once_and_name_the_layers():
@@ -100,7 +107,7 @@ def test_locate_finds_attributes_behind_the_longest_module():
         locate("examples.gpt.nope")
 
 
-BAD = '''
+BAD = """
 import torch, torch.nn as nn, torch.nn.functional as F
 
 def data(n=16):
@@ -147,16 +154,19 @@ def regression(logits=False):
 def good(width=8):
     x, y = data()
     return {"model": nn.Sequential(nn.Linear(4, width), nn.Linear(width, 2)), "train": (x, y), "loss": F.mse_loss}
-'''
+"""
 
 
-@pytest.mark.parametrize("target, problem", [
-    ("nowhere_pkg.build", "no module 'nowhere_pkg' can be imported"),
-    ("bad_factories.raises", "raised RuntimeError: no GPU here"),
-    ("bad_factories.detached", "no gradient path"),
-    ("bad_factories.empty", "has no examples (length 0)"),
-    ("bad_factories.not_scalar", "not a scalar: shape (2, 2)"),
-])
+@pytest.mark.parametrize(
+    "target, problem",
+    [
+        ("nowhere_pkg.build", "no module 'nowhere_pkg' can be imported"),
+        ("bad_factories.raises", "raised RuntimeError: no GPU here"),
+        ("bad_factories.detached", "no gradient path"),
+        ("bad_factories.empty", "has no examples (length 0)"),
+        ("bad_factories.not_scalar", "not a scalar: shape (2, 2)"),
+    ],
+)
 def test_a_bad_factory_stops_before_training_with_one_line(cli, tmp_path, monkeypatch, target, problem):
     (tmp_path / "bad_factories.py").write_text(BAD)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -173,8 +183,9 @@ def test_short_names_are_the_factorys_to_declare(cli, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     result = cli("run", "--runs", tmp_path, "model=custom", "model._target_=bad_factories.good", "norm=pre", ok=False)
     assert result.exit_code == 2 and "norm='pre' is not allowed with model._target_=bad_factories.good" in result.output
-    result = cli("run", "--runs", tmp_path, "model=custom", "model._target_=bad_factories.good", "+model.depth=3",
-                 ok=False)
+    result = cli(
+        "run", "--runs", tmp_path, "model=custom", "model._target_=bad_factories.good", "+model.depth=3", ok=False
+    )
     assert result.exit_code == 2 and "cannot take the model keys ['depth']" in result.output
     result = cli("run", "--runs", tmp_path, "model=custom", ok=False)
     assert result.exit_code == 2 and "model=custom needs model._target_" in result.output
@@ -183,8 +194,9 @@ def test_short_names_are_the_factorys_to_declare(cli, tmp_path, monkeypatch):
 def test_checks_that_cannot_be_set_up_say_so(cli, tmp_path, monkeypatch, one_thread):
     (tmp_path / "bad_factories.py").write_text(BAD)
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = cli("run", "--runs", tmp_path / "runs", "model=custom", "model._target_=bad_factories.regression",
-                 "train.epochs=2")
+    result = cli(
+        "run", "--runs", tmp_path / "runs", "model=custom", "model._target_=bad_factories.regression", "train.epochs=2"
+    )
     assert "health check: not available: no nn.MultiheadAttention or attention module with logits(x)" in result.output
     assert "scream check: not available: the output is not scores over a vocabulary" in result.output
     run = next((tmp_path / "runs").rglob("summary.json")).parent
@@ -245,7 +257,8 @@ def test_gpt_example_sweeps_and_reports(tmp_path):
 def test_vit_example_from_a_users_config_dir_sweeps_its_own_key(tmp_path):
     conf = tmp_path / "conf" / "model"
     conf.mkdir(parents=True)
-    (conf / "my_vit.yaml").write_text(textwrap.dedent("""\
+    (conf / "my_vit.yaml").write_text(
+        textwrap.dedent("""\
         # @package _global_
         defaults:
           - override /data: none
@@ -254,9 +267,22 @@ def test_vit_example_from_a_users_config_dir_sweeps_its_own_key(tmp_path):
           _target_: examples.vit.build
           n: 96
           norm: ${norm}
-        """))
-    _stab("sweep", "--runs", str(tmp_path), "--name", "vit", "--config-dir", str(tmp_path / "conf"), "model=my_vit",
-          "+model.width=8,16", "norm=pre", "train.epochs=2", "train.threads=1")
+        """)
+    )
+    _stab(
+        "sweep",
+        "--runs",
+        str(tmp_path),
+        "--name",
+        "vit",
+        "--config-dir",
+        str(tmp_path / "conf"),
+        "model=my_vit",
+        "+model.width=8,16",
+        "norm=pre",
+        "train.epochs=2",
+        "train.threads=1",
+    )
     runs = _runs(tmp_path / "vit")
     widths = sorted(json.loads((r / "data.json").read_text())["params"]["width"] for r in runs)
     assert widths == [8, 16]

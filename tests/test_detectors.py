@@ -39,15 +39,25 @@ def test_scream_onset_is_the_start_of_the_final_collapsed_stretch():
 
 def _epochs(norms, collapsed=None, val=None, clip_rate=0.1, clamp=(0.0,), logits=None):
     n = len(norms)
-    return [{"epoch": i + 1, "grad_norm_mean": g, "grad_norm_max": 1.5 * g,
-             "val_loss": (val or [10.0 / (i + 1) for i in range(n)])[i],
-             "collapsed": (collapsed or [False] * n)[i], "clip_rate": clip_rate, "stage_clamp_rate": list(clamp),
-             "health_summary": {"attn_logit_max": (logits or [5.0] * n)[i]}} for i, g in enumerate(norms)]
+    return [
+        {
+            "epoch": i + 1,
+            "grad_norm_mean": g,
+            "grad_norm_max": 1.5 * g,
+            "val_loss": (val or [10.0 / (i + 1) for i in range(n)])[i],
+            "collapsed": (collapsed or [False] * n)[i],
+            "clip_rate": clip_rate,
+            "stage_clamp_rate": list(clamp),
+            "health_summary": {"attn_logit_max": (logits or [5.0] * n)[i]},
+        }
+        for i, g in enumerate(norms)
+    ]
 
 
 def diagnose(epochs, first_nan=None, clip=10.0):
-    return detectors.diagnose(epochs, first_nan, clip, explode_factor=2.0, explode_window=3,
-                              scream_min_epochs=2, learning_rate=0.05)
+    return detectors.diagnose(
+        epochs, first_nan, clip, explode_factor=2.0, explode_window=3, scream_min_epochs=2, learning_rate=0.05
+    )
 
 
 def test_growth_and_verdicts():
@@ -77,8 +87,9 @@ def test_an_undertrained_model_is_not_a_scream_but_a_collapse_that_stays_is():
     assert still["verdict"] == "stable" and [w["warning"] for w in still["warnings"]][:1] == ["undertrained"]
     stalled = diagnose(_epochs([2.0] * 5, collapsed=[True] * 5, val=[10, 8, 7.9, 7.9, 7.95]))
     assert stalled["verdict"] == "scream" and stalled["scream_epoch"] == 1
-    learned_then_collapsed = diagnose(_epochs([2.0] * 5, collapsed=[False, False, True, True, True],
-                                              val=[6, 5, 4.9, 4.9, 4.95]))
+    learned_then_collapsed = diagnose(
+        _epochs([2.0] * 5, collapsed=[False, False, True, True, True], val=[6, 5, 4.9, 4.9, 4.95])
+    )
     assert learned_then_collapsed["verdict"] == "scream" and learned_then_collapsed["scream_epoch"] == 3
     # the loss still falls 20% per epoch below its start: the collapse is not called a scream (the loss says otherwise)
     falling = diagnose(_epochs([2.0] * 5, collapsed=[False, False, True, True, True], val=[10, 8, 6, 4.5, 3.4]))
@@ -97,8 +108,11 @@ def test_warnings_a_stable_run_still_shows():
     assert "attn_logit" in names(diagnose(_epochs([2.0, 1.9, 1.8], logits=[5.0, 60.0, 500.0])))
     assert "attn_logit" not in names(diagnose(_epochs([2.0, 1.9, 1.8], logits=[0.23, 1.0, 2.45])))  # healthy, 10x
     assert "val_not_improving" in names(diagnose(_epochs([2.0, 1.9, 1.8], val=[3.0, 3.2, 3.1])))
-    stage = [w for w in diagnose(_epochs([2.0, 1.9, 1.8], clamp=(1.0, 0.0, 0.2)))["warnings"]
-             if w["warning"] == "clamp_saturated"]
+    stage = [
+        w
+        for w in diagnose(_epochs([2.0, 1.9, 1.8], clamp=(1.0, 0.0, 0.2)))["warnings"]
+        if w["warning"] == "clamp_saturated"
+    ]
     assert [w["stage"] for w in stage] == [0]
 
 
@@ -110,8 +124,12 @@ def test_spikes_on_hand_made_sequences():
 
 
 def test_a_model_forced_to_collapse_is_flagged_and_a_copying_model_is_not(tmp_path):
-    cfg = RunConfig.from_dict({"model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "residual": [0.0, 0.0, 0.0]},
-                               "data": {"n_train": 8, "n_val": 4, "seconds": 1.0}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "residual": [0.0, 0.0, 0.0]},
+            "data": {"n_train": 8, "n_val": 4, "seconds": 1.0},
+        }
+    )
     work = CascadeWorkload(cfg, torch.device("cpu"))
     last = work.model.stages[-1]
     with torch.no_grad():  # all-zero output weights and no residual: a constant output
@@ -134,8 +152,7 @@ def test_a_model_forced_to_collapse_is_flagged_and_a_copying_model_is_not(tmp_pa
 
 
 def _diag(epochs, first_nan=None, init=None, clip=10.0, scream=None, peak=None):
-    return detectors.diagnose(epochs, first_nan, clip, 2.0, 3, 2, 0.05, peak=peak, init=init, band=0.1,
-                              scream=scream)
+    return detectors.diagnose(epochs, first_nan, clip, 2.0, 3, 2, 0.05, peak=peak, init=init, band=0.1, scream=scream)
 
 
 def test_a_run_that_ends_above_its_initial_loss_diverged_whatever_its_gradients_did():
@@ -143,7 +160,11 @@ def test_a_run_that_ends_above_its_initial_loss_diverged_whatever_its_gradients_
     up = _diag(_epochs([21.4, 30.2, 30.3], val=[28.5, 21.6, 26.6]), init={"val_loss": 4.46})
     assert up["verdict"] == "diverged" and up["loss_ratio"] == pytest.approx(26.6 / 4.46)
     assert "above its validation loss at initialisation 4.46" in up["evidence"]
-    assert detectors.SEVERITY.index("exploding") < detectors.SEVERITY.index("diverged") < detectors.SEVERITY.index("scream")
+    assert (
+        detectors.SEVERITY.index("exploding")
+        < detectors.SEVERITY.index("diverged")
+        < detectors.SEVERITY.index("scream")
+    )
     assert "diverged" in detectors.UNSTABLE
     # learning: below its start, stable; without an init evaluation the no-learning baseline is the reference
     assert _diag(_epochs([2.0, 1.9, 1.8], val=[3.0, 2.8, 2.6]), init={"val_loss": 4.46})["verdict"] == "stable"
@@ -181,6 +202,7 @@ def _scored(dominants, target=0.2):
 
 def test_a_collapse_is_not_erased_by_one_epoch_just_under_the_threshold_nor_by_recovering_at_the_end():
     from stability.config import ScreamConfig
+
     sc = ScreamConfig()
     # the cascade run: collapsed in epochs 4-11, the last epoch at 0.58 against 0.6
     dominants = [0.3, 0.35, 0.4] + [0.9] * 8 + [0.58]
@@ -209,6 +231,7 @@ def test_a_collapse_is_not_erased_by_one_epoch_just_under_the_threshold_nor_by_r
 
 def test_repetition_of_any_short_period_is_degenerate_against_the_target():
     from stability.config import ScreamConfig
+
     sc = ScreamConfig()
     text = [ord(c) for c in "the the the the ale ale ale ale the the the the ale ale ale ale "]
     out = detectors.scream_score(text, 4)
@@ -227,6 +250,7 @@ def test_repetition_of_any_short_period_is_degenerate_against_the_target():
 def test_attention_warnings_fire_on_absolute_levels_and_clip_never_not_on_a_nan_run():
     def names(found):
         return {w["warning"] for w in found["warnings"]}
+
     eps = _epochs([2.0, 1.9, 1.8], logits=[3e3, 3e3, 3e3])  # the pre-norm run: no growth, huge logits
     for e in eps:
         e["health_summary"]["attn_entropy_min"] = 0.017

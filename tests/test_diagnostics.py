@@ -53,8 +53,17 @@ def test_health_is_recorded_per_layer_each_epoch(cli, tmp_path):
 
 
 def test_an_injected_spike_is_found_and_counted_before_the_nan(cli, tmp_path):
-    cli("run", "--runs", tmp_path, *SMOKE, "detect.spike_warmup=4", "fault.spike_at_step=8",
-        "fault.spike_factor=1000", "fault.nan_at_step=12", "clip=none")
+    cli(
+        "run",
+        "--runs",
+        tmp_path,
+        *SMOKE,
+        "detect.spike_warmup=4",
+        "fault.spike_at_step=8",
+        "fault.spike_factor=1000",
+        "fault.nan_at_step=12",
+        "clip=none",
+    )
     run = only_run(tmp_path)
     summary = read_json(run / "summary.json")
     assert summary["first_spike_step"] == 8
@@ -76,8 +85,13 @@ def test_replay_names_the_injected_module_and_calls_it_numerical(cli, tmp_path):
 
 
 def test_init_probe_on_a_six_layer_model():
-    cfg = RunConfig.from_dict({"model": {"d_model": 32, "n_heads": 2, "n_layers": 6, "init_std": 0},
-                               "data": {"n_train": 8, "n_val": 4, "seconds": 1.0}, "train": {"batch_size": 4}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"d_model": 32, "n_heads": 2, "n_layers": 6, "init_std": 0},
+            "data": {"n_train": 8, "n_val": 4, "seconds": 1.0},
+            "train": {"batch_size": 4},
+        }
+    )
     rows = {}
     for norm in ("pre", "post"):
         cfg.model.norm = norm
@@ -124,7 +138,7 @@ def test_nonfinite_values_are_strict_json_and_keep_their_kind(cli, tmp_path):
     cli("run", "--runs", tmp_path, *SMOKE, "fault.nan_at_step=6")
     run = only_run(tmp_path)
     for path in [*run.glob("*.json"), *run.glob("*.jsonl")]:
-        for line in (path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]):
+        for line in path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]:
             if line.strip():
                 json.loads(line, parse_constant=lambda name: pytest.fail(f"{path.name}: bare {name}"))
     summary = read_json(run / "summary.json")

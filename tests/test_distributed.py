@@ -21,14 +21,22 @@ from tests.conftest import SMOKE, only_run, read_json, read_jsonl
 
 # Pre-norm at a small learning rate: a trajectory that float32 rounding does not throw off within
 # the run, so the tables of the two summation orders (one process vs two) agree to ~1e-6.
-STEADY = [*SMOKE, "norm=pre", "train.lr=1e-3", "train.epochs=3", "train.on_nan=skip",
-          "fault.nan_at_step=6", "fault.nan_module=stage1.layer0.attn"]
+STEADY = [
+    *SMOKE,
+    "norm=pre",
+    "train.lr=1e-3",
+    "train.epochs=3",
+    "train.on_nan=skip",
+    "fault.nan_at_step=6",
+    "fault.nan_module=stage1.layer0.attn",
+]
 
 
 def stab(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "STAB_WIDTH": "200"}
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)  # a ceiling, not a wait
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )  # a ceiling, not a wait
 
 
 @pytest.mark.slow
@@ -47,8 +55,10 @@ def test_two_processes_measure_what_one_does_and_find_the_nan_at_its_step(tmp_pa
     for s in (s1, s2):
         assert (s["first_nan"]["step"], s["first_nan"]["module"]) == (6, "stage1.layer0.attn")
         assert s["nonfinite_steps"] == 1 and s["steps"] == 12
-    t1, t2 = (rf.read_grad_table(d / rf.GRAD_TABLE).sort_values(["epoch", "group"]).reset_index(drop=True)
-              for d in (one_dir, two_dir))
+    t1, t2 = (
+        rf.read_grad_table(d / rf.GRAD_TABLE).sort_values(["epoch", "group"]).reset_index(drop=True)
+        for d in (one_dir, two_dir)
+    )
     assert t1[["epoch", "group"]].equals(t2[["epoch", "group"]]) and sorted(set(t1["epoch"])) == [1, 2, 3]
     nan_epoch = t1["epoch"] == 2  # the NaN step's epoch: its means are NaN in both
     assert t1.loc[nan_epoch, "mean"].isna().all() and t2.loc[nan_epoch, "mean"].isna().all()
@@ -74,8 +84,16 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused_before_any_work(tm
 def test_a_sweep_job_with_two_tasks_is_one_distributed_run(tmp_path):
     """--launcher submitit_local with hydra.launcher.tasks_per_node=2: SLURM's code path on
     this machine. Each task joins the job's group from submitit's environment; one folder."""
-    result = stab("sweep", "--runs", str(tmp_path), "--launcher", "submitit_local",
-                  "hydra.launcher.tasks_per_node=2", *SMOKE, "train.epochs=2")
+    result = stab(
+        "sweep",
+        "--runs",
+        str(tmp_path),
+        "--launcher",
+        "submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        *SMOKE,
+        "train.epochs=2",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     run = only_run(tmp_path)
     s = read_json(run / "summary.json")

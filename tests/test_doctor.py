@@ -17,15 +17,36 @@ from stability.storage import append_jsonl, write_json
 from tests.conftest import read_json
 
 GROUPS = ["stage0.in_proj", "stage2.layer0.attn", "stage2.layer0.mlp", "stage2.output_proj"]
-CONFIG = {"seed": 0, "model": {"name": "cascade", "norm": "post", "residual": [1.0, 1.0, 0.1], "qk_norm": False,
-                               "spectral_norm": False, "rms_clamp": [0.7, 1.5]},
-          "train": {"lr": 0.01, "warmup": 10, "clip": 10.0},
-          "detect": {"logit_growth": 10.0, "clamp_warn": 0.5, "spike_window": 20, "spike_z": 6.0,
-                     "spike_warmup": 10, "spike_ratio": 3.0}}
+CONFIG = {
+    "seed": 0,
+    "model": {
+        "name": "cascade",
+        "norm": "post",
+        "residual": [1.0, 1.0, 0.1],
+        "qk_norm": False,
+        "spectral_norm": False,
+        "rms_clamp": [0.7, 1.5],
+    },
+    "train": {"lr": 0.01, "warmup": 10, "clip": 10.0},
+    "detect": {
+        "logit_growth": 10.0,
+        "clamp_warn": 0.5,
+        "spike_window": 20,
+        "spike_z": 6.0,
+        "spike_warmup": 10,
+        "spike_ratio": 3.0,
+    },
+}
 
 
-ALIAS = {"norm": "model.norm", "qk_norm": "model.qk_norm", "spectral_norm": "model.spectral_norm",
-         "residual": "model.residual", "warmup": "train.warmup", "clip": "train.clip"}
+ALIAS = {
+    "norm": "model.norm",
+    "qk_norm": "model.qk_norm",
+    "spectral_norm": "model.spectral_norm",
+    "residual": "model.residual",
+    "warmup": "train.warmup",
+    "clip": "train.clip",
+}
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -41,7 +62,12 @@ def stable_steps(n: int = 96, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for s in range(n):
-        rec = {"step": s, "epoch": s // 8 + 1, "batch": s % 8, "loss": float(25 * np.exp(-s / 30) + 1 + 0.1 * rng.random())}
+        rec = {
+            "step": s,
+            "epoch": s // 8 + 1,
+            "batch": s % 8,
+            "loss": float(25 * np.exp(-s / 30) + 1 + 0.1 * rng.random()),
+        }
         rec["grad/norm"] = float(2.0 + 0.3 * rng.random())
         for g in GROUPS:
             rec[f"grad/{g}"] = float(0.5 + 0.1 * rng.random())
@@ -58,14 +84,26 @@ def stable_epochs(steps: list[dict]) -> list[dict]:
     out = []
     for e in sorted({r["epoch"] for r in steps}):
         g = [r["grad/norm"] for r in steps if r["epoch"] == e]
-        out.append({"epoch": e, "grad_norm_mean": float(np.mean(g)), "grad_norm_max": float(np.max(g)),
-                    "val_loss": float(np.mean([r["loss"] for r in steps if r["epoch"] == e])),
-                    "health_summary": {"attn_logit_max": 3.0 + 0.1 * e}, "health": {"stage2.layer0": {"attn_logit_max": 3.0}}})
+        out.append(
+            {
+                "epoch": e,
+                "grad_norm_mean": float(np.mean(g)),
+                "grad_norm_max": float(np.max(g)),
+                "val_loss": float(np.mean([r["loss"] for r in steps if r["epoch"] == e])),
+                "health_summary": {"attn_logit_max": 3.0 + 0.1 * e},
+                "health": {"stage2.layer0": {"attn_logit_max": 3.0}},
+            }
+        )
     return out
 
 
-def write_run(folder: Path, steps: list[dict], epochs: list[dict] | None = None, verdict: str = "stable",
-              config: dict | None = None) -> Path:
+def write_run(
+    folder: Path,
+    steps: list[dict],
+    epochs: list[dict] | None = None,
+    verdict: str = "stable",
+    config: dict | None = None,
+) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config or CONFIG))
     append_jsonl(folder / "metrics.jsonl", steps)
@@ -105,7 +143,9 @@ def test_growth_that_starts_in_one_group_of_a_post_norm_stack_is_located_and_ans
     assert first.step == 35 and first.detail["lead"] == 38 - 35
     assert {f.kind for f in dx.findings} == {"grad_departure", "unstable"}
     assert [x.label for x in dx.fixes][0] == "norm=pre"
-    pre = write_run(tmp_path / "grows-pre", steps, verdict="nan", config={**CONFIG, "model": {**CONFIG["model"], "norm": "pre"}})
+    pre = write_run(
+        tmp_path / "grows-pre", steps, verdict="nan", config={**CONFIG, "model": {**CONFIG["model"], "norm": "pre"}}
+    )
     assert "norm=pre" not in fixes(pre)  # already pre-norm: the rule does not repeat it
 
 
@@ -118,8 +158,12 @@ def test_a_nan_before_warmup_ends_names_the_module_the_run_located_and_an_inject
     dx = dr.examine(dr.read_run(run))
     assert dx.first.kind == "grad_departure" and dx.first.step == 4 and dx.first.detail["group"] == "stage2.layer0.mlp"
     assert [x.label for x in dx.fixes] == ["norm=pre", "train.lr=0.00333"]
-    faulty = write_run(tmp_path / "injected", steps, verdict="nan",
-                       config={**CONFIG, "fault": {"nan_at_step": 4, "nan_module": "stage2.layer0.mlp"}})
+    faulty = write_run(
+        tmp_path / "injected",
+        steps,
+        verdict="nan",
+        config={**CONFIG, "fault": {"nan_at_step": 4, "nan_module": "stage2.layer0.mlp"}},
+    )
     write_json(faulty / "summary.json", {"verdict": "nan", "evidence": "hand-made", "first_nan": nan})
     dx = dr.examine(dr.read_run(faulty))
     assert "injected_fault" in {f.kind for f in dx.findings} and dx.fixes == []
@@ -130,7 +174,10 @@ def test_attention_logit_growth_proposes_qk_norm(tmp_path):
     epochs = stable_epochs(steps)
     for e in epochs:
         e["health_summary"]["attn_logit_max"] = 2.0 * 3 ** e["epoch"]
-        e["health"] = {"stage2.layer0": {"attn_logit_max": 2.0 * 3 ** e["epoch"]}, "stage0.layer0": {"attn_logit_max": 2.0}}
+        e["health"] = {
+            "stage2.layer0": {"attn_logit_max": 2.0 * 3 ** e["epoch"]},
+            "stage0.layer0": {"attn_logit_max": 2.0},
+        }
     run = write_run(tmp_path / "logits", steps, epochs)
     assert kinds(run) == {"attn_logit_growth"}
     f = next(f for f in dr.find(dr.read_run(run)) if f.kind == "attn_logit_growth")
@@ -211,7 +258,10 @@ def test_doctor_try_trains_the_fixes_from_the_failed_runs_exact_config(cli, tmp_
         assert t["final_val_loss"] == pytest.approx(summary["final_val_loss"], nan_ok=True)
         cfg = yaml.safe_load((folder / "config.yaml").read_text())
         assert cfg["seed"] == 3 and cfg["train"]["stop_early"] is True
-        changed = {k for k, v in flat(cfg).items() if flat(failed_cfg).get(k) != v} - {"train.stop_early", *OPERATIONAL_KEYS}
+        changed = {k for k, v in flat(cfg).items() if flat(failed_cfg).get(k) != v} - {
+            "train.stop_early",
+            *OPERATIONAL_KEYS,
+        }
         assert changed == {ALIAS.get(o.split("=")[0], o.split("=")[0]) for o in t["fix"].split()}
     assert res["fixed"] == [t["fix"] for t in res["tries"] if not vd.is_unstable(t["verdict"])]
     assert ("fixed by" in res["sentence"]) == bool(res["fixed"])

@@ -70,8 +70,9 @@ def test_mlflow_export_is_idempotent_and_sends_only_what_is_new(cli, run_copy, o
 
     full = {name: (run_copy / name).read_text() for name in ("metrics.jsonl", "epochs.jsonl", "summary.json")}
     status = read_json(run_copy / "status.json")
-    (run_copy / "metrics.jsonl").write_text("".join(line + "\n" for line in full["metrics.jsonl"].splitlines()
-                                                    if json.loads(line)["epoch"] <= 2))
+    (run_copy / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in full["metrics.jsonl"].splitlines() if json.loads(line)["epoch"] <= 2)
+    )
     (run_copy / "epochs.jsonl").write_text("".join(full["epochs.jsonl"].splitlines(keepends=True)[:2]))
     (run_copy / "summary.json").unlink()
     (run_copy / "status.json").write_text(json.dumps({**status, "state": "interrupted"}))
@@ -137,8 +138,9 @@ def test_a_running_run_is_refused_with_its_reason(cli, run_copy):
 
     (run_copy / LEASE).unlink(missing_ok=True)
     status = read_json(run_copy / "status.json")
-    (run_copy / "status.json").write_text(json.dumps({**status, "state": "running", "pid": os.getpid(),
-                                                      "host": socket.gethostname()}))
+    (run_copy / "status.json").write_text(
+        json.dumps({**status, "state": "running", "pid": os.getpid(), "host": socket.gethostname()})
+    )
     result = cli("export", run_copy, "--to", "tensorboard", ok=False)
     assert result.exit_code == 1 and "still running" in result.output
     assert not (run_copy / "tb").exists()
@@ -146,6 +148,7 @@ def test_a_running_run_is_refused_with_its_reason(cli, run_copy):
 
 def test_the_registry_takes_a_new_target(cli, run_copy, tmp_path, monkeypatch):
     """What a bad-step format adds: a Target whose send writes a file; the CLI routes to it."""
+
     def send(run, out):
         steps, _ = read_records(run.path / "metrics.jsonl")
         bad = [s["step"] for s in steps if not s["finite"]]

@@ -26,8 +26,16 @@ def closed_pipe_run(*args: str, env: dict[str, str] | None = None) -> subprocess
     read, write = os.pipe()
     os.close(read)
     try:
-        proc = subprocess.run([*STAB, *args], check=False, stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**os.environ, **(env or {})}, timeout=CEILING_S)
+        proc = subprocess.run(
+            [*STAB, *args],
+            check=False,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            timeout=CEILING_S,
+        )
     finally:
         os.close(write)
     return proc
@@ -52,8 +60,9 @@ def test_a_closed_stdout_stops_printing_but_not_the_work(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_whose_stdout_closes_finishes_every_job_and_says_so_in_sweep_json(tmp_path):
-    cut = closed_pipe_run("sweep", "--runs", str(tmp_path), "--name", "grid", *SMOKE, "train.epochs=1",
-                          "residual=0.1,0.3")
+    cut = closed_pipe_run(
+        "sweep", "--runs", str(tmp_path), "--name", "grid", *SMOKE, "train.epochs=1", "residual=0.1,0.3"
+    )
     assert cut.returncode == -signal.SIGPIPE, cut.stderr
     assert "Traceback" not in cut.stderr, cut.stderr
     index = read_json(tmp_path / "grid" / "sweep.json")
@@ -66,8 +75,9 @@ def test_a_sweep_whose_stdout_closes_finishes_every_job_and_says_so_in_sweep_jso
 
 @pytest.mark.slow
 def test_a_sweep_with_a_crashed_job_and_a_closed_stdout_still_exits_1_naming_it(tmp_path):
-    cut = closed_pipe_run("sweep", "--runs", str(tmp_path), "--name", "grid", *SMOKE, "train.epochs=1",
-                          "fault.crash_at_step=1,null")
+    cut = closed_pipe_run(
+        "sweep", "--runs", str(tmp_path), "--name", "grid", *SMOKE, "train.epochs=1", "fault.crash_at_step=1,null"
+    )
     assert cut.returncode == 1, cut.stderr  # the work's own failure wins over the cut pipe
     assert "job failed:" in cut.stderr
     index = read_json(tmp_path / "grid" / "sweep.json")
@@ -159,8 +169,12 @@ def test_report_out_on_a_full_disk_exits_1_naming_the_file(cli, tmp_path, one_ru
 
 def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
 
 
 # --- promises in the README: one naming rule, a whole last JSON line ------------------------------
@@ -258,8 +272,9 @@ def test_the_live_view_counts_only_this_launchs_jobs(tmp_path, monkeypatch):
 
     def job(name: str, state: str) -> None:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "status.json").write_text(json.dumps({"state": state, "started": 1.0, "finished": 2.0,
-                                                                   "verdict": "stable"}))
+        (tmp_path / name / "status.json").write_text(
+            json.dumps({"state": state, "started": 1.0, "finished": 2.0, "verdict": "stable"})
+        )
 
     for i in range(14):
         job(f"residual=0.1,train.lr=0.{i + 1}", "completed")  # earlier rounds
@@ -271,7 +286,7 @@ def test_the_live_view_counts_only_this_launchs_jobs(tmp_path, monkeypatch):
     view.print_changes()
     lines = buf.getvalue().splitlines()
     assert len(lines) == 2 and all("/2 done]" in x for x in lines), lines
-    assert max(int(x[1:x.index("/")]) for x in lines) == 1, lines
+    assert max(int(x[1 : x.index("/")]) for x in lines) == 1, lines
 
 
 def test_the_live_view_never_guesses_a_scream_for_a_run_that_ends_stable(tmp_path, one_run):
@@ -298,8 +313,7 @@ def test_doctor_on_an_interrupted_run_says_why_there_is_no_verdict(cli, tmp_path
     run = shutil.copytree(one_run, tmp_path / "job")
     (run / "summary.json").unlink()  # as a run stopped by SIGINT before its end leaves it
     status = read_json(run / "status.json")
-    (run / "status.json").write_text(json.dumps({**status, "state": "interrupted", "error": "SIGINT",
-                                                 "verdict": None}))
+    (run / "status.json").write_text(json.dumps({**status, "state": "interrupted", "error": "SIGINT", "verdict": None}))
     out = cli("doctor", run).output
     (line,) = [x for x in out.splitlines() if x.startswith("verdict")]
     assert "?" not in line, line
@@ -316,7 +330,9 @@ def _read_only_folder(where: Path) -> bool:
     """A read-only file system at `where` (root: a tmpfs remounted ro); else a folder without write
     permission, which only binds a user who is not root."""
     if _mount_tmpfs(where, "1m"):
-        return subprocess.run(["mount", "-o", "remount,ro", str(where)], capture_output=True, check=False).returncode == 0
+        return (
+            subprocess.run(["mount", "-o", "remount,ro", str(where)], capture_output=True, check=False).returncode == 0
+        )
     where.chmod(0o555)
     return os.geteuid() != 0
 
@@ -355,9 +371,14 @@ def test_tensorboard_on_a_full_disk_prints_no_thread_traceback(tmp_path):
         pytest.skip("cannot mount a tmpfs here (not root?)")
     try:
         (disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 96 * 2**10))
-        result = subprocess.run([*STAB, "run", "--runs", str(disk / "runs"), *SMOKE, "train.epochs=400",
-                                 "log=tensorboard"], capture_output=True, text=True, cwd=ROOT, timeout=CEILING_S,
-                                check=False)
+        result = subprocess.run(
+            [*STAB, "run", "--runs", str(disk / "runs"), *SMOKE, "train.epochs=400", "log=tensorboard"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=CEILING_S,
+            check=False,
+        )
     finally:
         subprocess.run(["umount", str(disk)], check=False)
     assert result.returncode == 1, result.stderr

@@ -51,13 +51,17 @@ def record_task(cfg) -> dict:
     return {"folder": str(out), "task": list(HydraConfig.get().overrides.task)}
 
 
-@pytest.mark.parametrize("extra", [
-    ["data=folder", "data.path=/home/me/audio/pairs"],
-    ["data=folder", "data.path=../../outside"],
-    ["data=folder", "data.path='/x/Smith, J/pairs'"],
-    ["data=folder", "data.path='/données/対/pairs'"],
-    [f"+k{i}=value_number_{i}_is_long" for i in range(19)],
-], ids=["abs-path", "dotdot", "comma-quoted", "unicode", "19-overrides"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["data=folder", "data.path=/home/me/audio/pairs"],
+        ["data=folder", "data.path=../../outside"],
+        ["data=folder", "data.path='/x/Smith, J/pairs'"],
+        ["data=folder", "data.path='/données/対/pairs'"],
+        [f"+k{i}=value_number_{i}_is_long" for i in range(19)],
+    ],
+    ids=["abs-path", "dotdot", "comma-quoted", "unicode", "19-overrides"],
+)
 def test_sweep_jobs_land_one_level_under_the_sweep_folder_named_like_stab_run(tmp_path, extra):
     sweep = tmp_path / "sweep"
     returns = launch.multirun(["residual=0.1,0.3", *extra, *launch.hydra_overrides(sweep, "basic", 1)], record_task)

@@ -30,17 +30,20 @@ def test_inspect_of_a_folder_too_short_for_the_default_split_inspects_and_says_b
 
 
 @pytest.mark.parametrize("command", ["run", "sweep"])
-@pytest.mark.parametrize("args, expected", [
-    (["residul=0.1,0.3"], "unknown key 'residul'"),
-    (["residul=0.1"], "did you mean residual?"),
-    (["train.lrr=1e-3"], "did you mean train.lr?"),
-    (["trian.lr=1e-3"], "did you mean train.lr?"),
-    (["model=charlm", "model.nlayers=3"], "did you mean model.n_layers?"),
-    (["model=charlmm"], "did you mean charlm?"),
-    (["preset=smok"], "did you mean smoke?"),
-    (["experiment=seed_fixx"], "did you mean seed_fix?"),
-    (["norm=prre"], "did you mean pre?"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["residul=0.1,0.3"], "unknown key 'residul'"),
+        (["residul=0.1"], "did you mean residual?"),
+        (["train.lrr=1e-3"], "did you mean train.lr?"),
+        (["trian.lr=1e-3"], "did you mean train.lr?"),
+        (["model=charlm", "model.nlayers=3"], "did you mean model.n_layers?"),
+        (["model=charlmm"], "did you mean charlm?"),
+        (["preset=smok"], "did you mean smoke?"),
+        (["experiment=seed_fixx"], "did you mean seed_fix?"),
+        (["norm=prre"], "did you mean pre?"),
+    ],
+)
 def test_typos_get_did_you_mean(cli, command, args, expected):
     line = one_line(cli(command, *args, ok=False))
     assert expected in line

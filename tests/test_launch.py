@@ -22,8 +22,12 @@ def record_task(cfg) -> dict:
 
 def test_expand_is_the_cartesian_product_in_hydra_order():
     combos = launch.expand(["preset=smoke", "residual=0.1,0.3", "norm=pre,post"])
-    assert combos == [["preset=smoke", "residual=0.1", "norm=pre"], ["preset=smoke", "residual=0.1", "norm=post"],
-                      ["preset=smoke", "residual=0.3", "norm=pre"], ["preset=smoke", "residual=0.3", "norm=post"]]
+    assert combos == [
+        ["preset=smoke", "residual=0.1", "norm=pre"],
+        ["preset=smoke", "residual=0.1", "norm=post"],
+        ["preset=smoke", "residual=0.3", "norm=pre"],
+        ["preset=smoke", "residual=0.3", "norm=post"],
+    ]
 
 
 def test_malformed_sweep_list_is_a_user_error():
@@ -32,13 +36,17 @@ def test_malformed_sweep_list_is_a_user_error():
 
 
 def test_multirun_runs_every_job_through_hydra_into_readable_folders(tmp_path):
-    overrides = ["residual=0.1,0.3", "norm=pre,post", "train.device=cpu",
-                 *launch.hydra_overrides(tmp_path, "basic", 1)]
+    overrides = ["residual=0.1,0.3", "norm=pre,post", "train.device=cpu", *launch.hydra_overrides(tmp_path, "basic", 1)]
     returns = launch.multirun(overrides, record_task)
     assert len(returns) == 4
     folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     # operational keys (train.device) stay out of folder names
-    assert folders == ["norm=post,residual=0.1", "norm=post,residual=0.3", "norm=pre,residual=0.1", "norm=pre,residual=0.3"]
+    assert folders == [
+        "norm=post,residual=0.1",
+        "norm=post,residual=0.3",
+        "norm=pre,residual=0.1",
+        "norm=pre,residual=0.3",
+    ]
     assert (tmp_path / "norm=pre,residual=0.3" / "seen.txt").read_text() == "0.3 pre 0.3"
     assert all(Path(r.return_value["folder"]).parent == tmp_path for r in returns)
 
@@ -60,9 +68,9 @@ def test_joblib_jobs_run_in_the_workers_warmed_before_the_launch(tmp_path):
     (tmp_path / "arrived").mkdir()
     pids = launch.WarmWorkers(2, functools.partial(barrier, tmp_path / "arrived", 2)).wait()
     assert len(pids) == 2 and os.getpid() not in pids
-    returns = launch.multirun(["residual=0.1,0.3", "norm=pre,post",
-                               *launch.hydra_overrides(tmp_path / "sweep", "joblib", 2)],
-                              pid_task)
+    returns = launch.multirun(
+        ["residual=0.1,0.3", "norm=pre,post", *launch.hydra_overrides(tmp_path / "sweep", "joblib", 2)], pid_task
+    )
     used = {r.return_value["pid"] for r in returns}
     assert len(returns) == 4 and used <= pids  # Hydra's launcher reused them: no second start-up
     for pid in used:  # and they were stopped once every job had returned
@@ -86,10 +94,19 @@ def test_each_short_name_reads_the_value_it_sets_where_the_model_reads_it():
     root = OmegaConf.load(CONF_DIR / "config.yaml")
     axes = {k for k, v in root.items() if not isinstance(v, (DictConfig, ListConfig)) and k != "seed"}
     assert axes == set(SHORT_NAMES)
-    set_to = {"residual": ("0.3", 0.3), "norm": ("pre", "pre"), "clip": ("5", 5.0), "spectral_norm": ("true", True),
-              "qk_norm": ("true", True), "sigma_reparam": ("true", True), "v_scale": ("true", True),
-              "z_loss": ("1e-4", 1e-4), "warmup": ("3", 3), "on_spike": ("skip", "skip"),
-              "update_clip": ("1.0", 1.0)}
+    set_to = {
+        "residual": ("0.3", 0.3),
+        "norm": ("pre", "pre"),
+        "clip": ("5", 5.0),
+        "spectral_norm": ("true", True),
+        "qk_norm": ("true", True),
+        "sigma_reparam": ("true", True),
+        "v_scale": ("true", True),
+        "z_loss": ("1e-4", 1e-4),
+        "warmup": ("3", 3),
+        "on_spike": ("skip", "skip"),
+        "update_clip": ("1.0", 1.0),
+    }
     assert set(set_to) == set(SHORT_NAMES)
     for name, (text, value) in set_to.items():
         model = "model=charlm" if name == "z_loss" else "model=cascade"

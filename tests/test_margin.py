@@ -15,10 +15,12 @@ LO, HI, TOL = 1e-3, 1e-1, 1.5
 
 def synthetic(boundaries: dict[str, float], calls: list[list[tuple[str, float]]] | None = None):
     """A probe whose configuration c is stable exactly up to boundaries[c]."""
+
     def probe(batch: list[tuple[str, float]]) -> list[Probe]:
         if calls is not None:
             calls.append(batch)
         return [Probe(lr, stable=lr <= boundaries[c]) for c, lr in batch]
+
     return probe
 
 
@@ -35,15 +37,19 @@ def test_bisection_brackets_the_boundary_within_tolerance_in_the_promised_probes
 
 def test_configurations_advance_together_one_probe_each_per_round():
     calls: list[list[tuple[str, float]]] = []
-    margins = find_margins(["norm=pre", "norm=post"], synthetic({"norm=pre": 0.04, "norm=post": 0.004}, calls),
-                           LO, HI, TOL, steps=10)
+    margins = find_margins(
+        ["norm=pre", "norm=post"], synthetic({"norm=pre": 0.04, "norm=post": 0.004}, calls), LO, HI, TOL, steps=10
+    )
     assert [len(c) for c in calls][0] == 4 and all(len(c) <= 2 for c in calls[1:])
     assert len(calls) <= promised_probes(LO, HI, TOL) - 1  # rounds: the two ends together, then one probe each
     assert all(len({c for c, _ in batch}) == len(batch) // (2 if i == 0 else 1) for i, batch in enumerate(calls))
     pre, post = margins["norm=pre"].stable_lr, margins["norm=post"].stable_lr
     assert 0.04 / TOL <= pre <= 0.04 and 0.004 / TOL <= post <= 0.004
     assert factor_ratios(margins) == [f"norm: margin at pre / at post = {pre / post:.3g}x"]
-    assert comparison(margins) == f"norm=pre is stable up to {pre / post:.3g}x the learning rate of norm=post ({pre:.3g} vs {post:.3g})"
+    assert (
+        comparison(margins)
+        == f"norm=pre is stable up to {pre / post:.3g}x the learning rate of norm=post ({pre:.3g} vs {post:.3g})"
+    )
 
 
 def test_a_boundary_outside_the_bracket_is_found_by_widening_and_reported_as_such():
@@ -67,8 +73,10 @@ def test_a_budget_too_small_to_finish_says_so():
 def band(stable_below: float, fail_from: float, fail_to: float):
     """Stable below `stable_below`, unstable in [fail_from, fail_to), stable again above: the issue's
     post-norm + qk-norm char LM (failing at 0.03-0.3, `stable` at 1 once divergence was mislabelled)."""
+
     def probe(batch):
         return [Probe(lr, stable=lr < stable_below or not fail_from <= lr < fail_to) for _, lr in batch]
+
     return probe
 
 
@@ -76,12 +84,16 @@ def test_non_monotone_stability_reports_the_lowest_failing_lr_and_says_so():
     # unstable at lo, stable at hi: widen downwards and bisect below the LOWEST failing lr, never between
     odd = find_margins(["a"], band(3e-4, 3e-4, 0.05), LO, HI, TOL, steps=10)["a"]
     assert odd.status == "non_monotone" and odd.stable_above == [HI]
-    assert odd.stable_lr is not None and odd.stable_lr < 3e-4 <= odd.unstable_lr and odd.unstable_lr / odd.stable_lr <= TOL
+    assert (
+        odd.stable_lr is not None and odd.stable_lr < 3e-4 <= odd.unstable_lr and odd.unstable_lr / odd.stable_lr <= TOL
+    )
     assert "non-monotone" in odd.text and "stable again at 0.1" in odd.text
+
     # failing in [0.006, 0.02), stable again in [0.02, 0.05), failing above: the bisection's probe at 0.01 fails
     # first, so the margin is the boundary below the hole, as a fixed grid of the same resolution finds it
     def islands(batch):
         return [Probe(lr, stable=lr < 0.006 or 0.02 <= lr < 0.05) for _, lr in batch]
+
     hole = find_margins(["a"], islands, LO, HI, TOL, steps=10)["a"]
     K = grid_size(LO, HI, TOL)
     grid = [float(f"{LO * (HI / LO) ** (k / K):.3g}") for k in range(K + 1)]
@@ -99,8 +111,19 @@ def test_bad_brackets_are_refused():
 
 @pytest.mark.slow
 def test_stab_margin_on_the_smoke_preset_probes_real_runs_and_resumes_without_training_again(cli, tmp_path):
-    args = ["margin", *SMOKE, "norm=pre,post", "train.epochs=3", "margin.lo=0.01", "margin.hi=1", "margin.tolerance=10",
-            "--runs", tmp_path, "--name", "m"]
+    args = [
+        "margin",
+        *SMOKE,
+        "norm=pre,post",
+        "train.epochs=3",
+        "margin.lo=0.01",
+        "margin.hi=1",
+        "margin.tolerance=10",
+        "--runs",
+        tmp_path,
+        "--name",
+        "m",
+    ]
     result = cli(*args)
     res = read_json(tmp_path / "m" / "margin.json")
     assert res["grid_steps"] == 2 and [c["config"] for c in res["configs"]] == ["norm=pre", "norm=post"]

@@ -83,4 +83,6 @@ def test_the_consoles_parse_no_markup_and_cli_code_writes_none():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and tag.search(node.value):
                 doc = node.value.strip().startswith(('"""', "The consoles")) or "\n" in node.value
-                assert doc, f"{path.name}:{node.lineno}: Rich markup in a string ({node.value!r}); use cli.common.styled"
+                assert doc, (
+                    f"{path.name}:{node.lineno}: Rich markup in a string ({node.value!r}); use cli.common.styled"
+                )

@@ -70,8 +70,9 @@ def test_latents_are_scaled_each_to_the_seeds_rms_and_stage_0_needs_no_clamp_at_
     # RMS match pinned on its lower clamp (0.7) at every step.
     from stability.workloads.cascade.workload import CascadeWorkload
 
-    cfg = RunConfig.from_dict({"model": {"d_model": 32, "n_heads": 2, "n_layers": 1},
-                               "data": {"n_train": 8, "n_val": 4, "seconds": 1.0}})
+    cfg = RunConfig.from_dict(
+        {"model": {"d_model": 32, "n_heads": 2, "n_layers": 1}, "data": {"n_train": 8, "n_val": 4, "seconds": 1.0}}
+    )
     work = CascadeWorkload(cfg, torch.device("cpu"))
     rms = lambda z: z.pow(2).mean().sqrt().item()
     assert rms(work.train_input) == pytest.approx(5.66, rel=1e-4)

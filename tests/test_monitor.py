@@ -48,8 +48,17 @@ def _loop(monitor: Monitor, task: dict, epochs: int, steps: int, nan_at: int | N
 def test_a_plain_loop_writes_the_records_stabs_loop_writes(cli, tmp_path, one_thread):
     task = _tiny_gpt()
     opt = torch.optim.AdamW(task["model"].parameters(), lr=3e-3)
-    with Monitor(task["model"], opt, run_dir=tmp_path / "own", loss=task["loss"], val=task["val"], clip=1.0,
-                 config=TINY, factory="examples.gpt.build", epochs=2) as monitor:
+    with Monitor(
+        task["model"],
+        opt,
+        run_dir=tmp_path / "own",
+        loss=task["loss"],
+        val=task["val"],
+        clip=1.0,
+        config=TINY,
+        factory="examples.gpt.build",
+        epochs=2,
+    ) as monitor:
         assert monitor.verdict == "running"
         _loop(monitor, task, epochs=2, steps=4)
         assert monitor.verdict in ("stable", "exploding", "scream")  # live, before the summary
@@ -64,8 +73,16 @@ def test_a_plain_loop_writes_the_records_stabs_loop_writes(cli, tmp_path, one_th
     assert summary["verdict"] == monitor.summary["verdict"] and summary["steps"] == 8
 
     # stab's own loop on the same model writes the same kinds of records
-    cli("run", "--runs", tmp_path / "runs", "model=custom", "model._target_=examples.gpt.build",
-        *(f"+model.{k}={v}" for k, v in TINY.items()), "train.epochs=1", "train.batch_size=64")
+    cli(
+        "run",
+        "--runs",
+        tmp_path / "runs",
+        "model=custom",
+        "model._target_=examples.gpt.build",
+        *(f"+model.{k}={v}" for k, v in TINY.items()),
+        "train.epochs=1",
+        "train.batch_size=64",
+    )
     run = next((tmp_path / "runs").rglob("summary.json")).parent
     their_steps, _ = read_jsonl(run / "metrics.jsonl")
     their_epochs, _ = read_jsonl(run / "epochs.jsonl")
@@ -74,7 +91,9 @@ def test_a_plain_loop_writes_the_records_stabs_loop_writes(cli, tmp_path, one_th
     own_loop_only = ("update_rel/", "adam_m/", "adam_v/", "eps_share/", "lm/")
     assert {k for k in their_steps[0] if not k.startswith(own_loop_only)} == set(steps[0])
     assert set(their_epochs[0]) == set(epochs[0])
-    assert (run / "grad_norms.csv").read_text().splitlines()[0] == (tmp_path / "own" / "grad_norms.csv").read_text().splitlines()[0]
+    assert (run / "grad_norms.csv").read_text().splitlines()[0] == (
+        tmp_path / "own" / "grad_norms.csv"
+    ).read_text().splitlines()[0]
 
     result = cli("show", tmp_path / "own")
     assert "blocks.1.attn" in result.output and "verdict" in result.output
@@ -85,8 +104,15 @@ def test_the_first_nan_is_live_located_skipped_and_replayable(cli, tmp_path, one
     task = _tiny_gpt()
     model = task["model"]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    with Monitor(model, opt, run_dir=tmp_path / "own", loss=task["loss"], val=task["val"], config=TINY,
-                 factory="examples.gpt.build") as monitor:
+    with Monitor(
+        model,
+        opt,
+        run_dir=tmp_path / "own",
+        loss=task["loss"],
+        val=task["val"],
+        config=TINY,
+        factory="examples.gpt.build",
+    ) as monitor:
         model_before = {}  # the weights just before the non-finite step
         orig_step = monitor.step
 
@@ -111,16 +137,28 @@ def test_the_first_nan_is_live_located_skipped_and_replayable(cli, tmp_path, one
 
 
 def test_monitor_bench_prints_a_measured_ratio(cli):
-    result = cli("bench", "--monitor", "--steps", "5", "model=custom", "model._target_=examples.gpt.build",
-                 *(f"+model.{k}={v}" for k, v in TINY.items()))
+    result = cli(
+        "bench",
+        "--monitor",
+        "--steps",
+        "5",
+        "model=custom",
+        "model._target_=examples.gpt.build",
+        *(f"+model.{k}={v}" for k, v in TINY.items()),
+    )
     line = next(ln for ln in result.output.splitlines() if "monitor ratio:" in ln)
     assert 0 < float(line.split("monitor ratio:")[1].split()[0]) < 10
 
 
 @pytest.mark.slow
 def test_own_loop_example_writes_a_run_folder(cli, tmp_path):
-    result = subprocess.run([sys.executable, "examples/own_loop.py", "--runs", str(tmp_path), "--epochs", "2"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=CEILING_S)
+    result = subprocess.run(
+        [sys.executable, "examples/own_loop.py", "--runs", str(tmp_path), "--epochs", "2"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=CEILING_S,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     run = next(tmp_path.rglob("summary.json")).parent
     assert run.parent.name == "own" and f"run folder: {run}" in result.stdout
@@ -159,8 +197,15 @@ def test_lightning_callback_writes_the_same_run_folder(tmp_path, one_thread):
     x, y = task["train"]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:48], y[:48]), batch_size=8)
     callback = StabCallback(str(tmp_path), loss=lambda out, y: loss_fn(out, y), val=task["val"])
-    trainer = pl.Trainer(max_epochs=2, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(Module(), loader)
     run = callback.monitor.dir
     steps, _ = read_jsonl(run / "metrics.jsonl")

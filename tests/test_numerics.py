@@ -32,7 +32,7 @@ def _probe_with(values: list[torch.Tensor]) -> tuple[GradProbe, list[torch.nn.Pa
 @pytest.mark.parametrize("scale", [1e20, 1e30, 3e38])
 def test_huge_finite_gradients_have_a_finite_norm_and_count_as_finite(scale):
     probe, params = _probe_with([torch.full((1000,), scale), torch.full((10, 10), -scale), torch.ones(3)])
-    expected = math.sqrt(1100 * scale ** 2 + 3)
+    expected = math.sqrt(1100 * scale**2 + 3)
     total, per_group, finite = probe.measure()
     assert per_group.dtype == torch.float64
     if scale < 1e19:  # float32 per-parameter norms hold: the fast path is exact
@@ -62,8 +62,18 @@ def test_peak_norm_and_verdict_tell_a_huge_norm_from_a_nan():
     assert detectors.peak_norm(norms, 1000.0)[0] == 3
     assert detectors.peak_norm([2.0, 2.1, 50.0, 2.0], 1000.0) is None
     peak = {"value": 3e31, "ratio": 1.4e31, "step": 3, "epoch": 1, "batch": 3}
-    epochs = [{"epoch": i + 1, "grad_norm_mean": g, "grad_norm_max": g, "val_loss": 1.0, "collapsed": False,
-               "clip_rate": 0.1, "stage_clamp_rate": []} for i, g in enumerate([2.0, 2.0])]
+    epochs = [
+        {
+            "epoch": i + 1,
+            "grad_norm_mean": g,
+            "grad_norm_max": g,
+            "val_loss": 1.0,
+            "collapsed": False,
+            "clip_rate": 0.1,
+            "stage_clamp_rate": [],
+        }
+        for i, g in enumerate([2.0, 2.0])
+    ]
 
     def diagnose(first_nan):
         return detectors.diagnose(epochs, first_nan, 10.0, 2.0, 3, 2, 0.05, peak=peak)

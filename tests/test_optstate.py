@@ -141,7 +141,7 @@ def test_lr_backoff_halves_at_a_spike_and_grows_back():
     b = LRBackoff(factor=0.5, steps=4)
     scales = [float(b.update(torch.tensor(float(s)))) for s in (0, 1, 0, 0, 0, 0, 0)]
     assert scales[0] == 1.0 and scales[1] == 0.5
-    assert scales[2] == pytest.approx(0.5 * 2 ** 0.25) and scales[5] == pytest.approx(1.0) and scales[6] == 1.0
+    assert scales[2] == pytest.approx(0.5 * 2**0.25) and scales[5] == pytest.approx(1.0) and scales[6] == 1.0
     model = _tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     ref = _tiny()
@@ -223,10 +223,15 @@ def test_bad_step_formats(tmp_path):
     rows[14]["finite"], rows[14]["loss"] = False, "NaN"
     rows[15]["recover/skipped"] = True
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "grad_spike", "step": 22, "epoch": 3, "batch": 2}) + "\n")
+    (tmp_path / "events.jsonl").write_text(
+        json.dumps({"event": "grad_spike", "step": 22, "epoch": 3, "batch": 2}) + "\n"
+    )
     steps = badsteps.bad_steps(tmp_path)
     assert [(s.step, s.epoch, s.batch, s.why) for s in steps] == [
-        (14, 2, 4, "non-finite"), (15, 2, 5, "skipped"), (22, 3, 2, "grad_spike")]
+        (14, 2, 4, "non-finite"),
+        (15, 2, 5, "skipped"),
+        (22, 3, 2, "grad_spike"),
+    ]
     name, text = badsteps.FORMATS["lightning"].render(steps)
     assert name == "skip_batches.json" and json.loads(text) == [1, 2, 3, 4, 5]
     name, text = badsteps.FORMATS["olmo-core"].render(steps)

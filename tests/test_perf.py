@@ -18,8 +18,13 @@ SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
 
 def tiny_workload():
-    cfg = RunConfig.from_dict({"model": {"d_model": 32, "n_heads": 2, "n_layers": 2},
-                               "data": {"n_train": 8, "n_val": 4, "seconds": 1.0}, "train": {"batch_size": 4}})
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"d_model": 32, "n_heads": 2, "n_layers": 2},
+            "data": {"n_train": 8, "n_val": 4, "seconds": 1.0},
+            "train": {"batch_size": 4},
+        }
+    )
     torch.manual_seed(0)
     return cfg, make_workload(cfg, torch.device("cpu"))
 
@@ -29,7 +34,18 @@ def test_one_instrumented_step_moves_data_to_the_host_exactly_once(monkeypatch):
     groups = work.module_groups()
     opt = torch.optim.AdamW(work.model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    stepper = Stepper(work, opt, sched, Instruments(list(groups), GradProbe(groups), [StageProbe(work.rms_matchers(), torch.device("cpu"))], 1.0, len(work.rms_matchers())))
+    stepper = Stepper(
+        work,
+        opt,
+        sched,
+        Instruments(
+            list(groups),
+            GradProbe(groups),
+            [StageProbe(work.rms_matchers(), torch.device("cpu"))],
+            1.0,
+            len(work.rms_matchers()),
+        ),
+    )
     batch = work.batch(torch.arange(4))
     stepper(batch)  # warm-up outside the count
     counts = dict.fromkeys(SYNCS, 0)
@@ -44,6 +60,7 @@ def test_one_instrumented_step_moves_data_to_the_host_exactly_once(monkeypatch):
             return step(*a, **k)
         finally:
             paused[0] = False
+
     monkeypatch.setattr(opt, "step", opt_step)
     for name in SYNCS:
         original = getattr(torch.Tensor, name)
@@ -51,6 +68,7 @@ def test_one_instrumented_step_moves_data_to_the_host_exactly_once(monkeypatch):
         def counting(self, *a, _name=name, _orig=original, **k):
             counts[_name] += not paused[0]
             return _orig(self, *a, **k)
+
         monkeypatch.setattr(torch.Tensor, name, counting)
     host, finite = stepper(batch)
     monkeypatch.undo()
@@ -69,6 +87,7 @@ def _count_transfers(monkeypatch, run) -> dict[str, int]:
         def counting(self, *a, _name=name, _orig=original, **k):
             counts[_name] += 1
             return _orig(self, *a, **k)
+
         monkeypatch.setattr(torch.Tensor, name, counting)
     try:
         run()
@@ -81,7 +100,18 @@ def _window(sync_every: int, nan_at: int | None = None):
     cfg, work = tiny_workload()
     groups = work.module_groups()
     opt, sched = make_optimizer(work.model, cfg.train)  # the run's own: fused AdamW, no host reads
-    stepper = Stepper(work, opt, sched, Instruments(list(groups), GradProbe(groups), [StageProbe(work.rms_matchers(), torch.device("cpu"))], 1.0, len(work.rms_matchers())))
+    stepper = Stepper(
+        work,
+        opt,
+        sched,
+        Instruments(
+            list(groups),
+            GradProbe(groups),
+            [StageProbe(work.rms_matchers(), torch.device("cpu"))],
+            1.0,
+            len(work.rms_matchers()),
+        ),
+    )
     nan = torch.tensor(float("nan"))
     window = Window(stepper, sync_every)
     records = []
@@ -91,10 +121,21 @@ def _window(sync_every: int, nan_at: int | None = None):
             inp, target = work.batch(torch.arange(4) + 4 * (step % 2))
             if step == nan_at:
                 inp = inp * nan  # a non-finite batch: loss and gradients go NaN at this step
-            window.add(StepContext(step, 1, step, torch.arange(4), (inp, target), None, sched.state_dict(),
-                                   [g["lr"] for g in opt.param_groups]))
+            window.add(
+                StepContext(
+                    step,
+                    1,
+                    step,
+                    torch.arange(4),
+                    (inp, target),
+                    None,
+                    sched.state_dict(),
+                    [g["lr"] for g in opt.param_groups],
+                )
+            )
             if window.full:
                 records.extend((ctx.step, host, finite) for ctx, host, finite in window.drain())
+
     return work, run, records
 
 
@@ -139,8 +180,9 @@ def test_grad_probe_agrees_with_torch_clip_grad_norm():
     assert torch.allclose(total.float(), expected, rtol=1e-5)
     assert torch.allclose(per_group.pow(2).sum().sqrt(), total, rtol=1e-5)
     probe.clip_(total, 0.5)
-    assert torch.allclose(torch.nn.utils.get_total_norm([p.grad for p in work.model.parameters()]),
-                          torch.tensor(0.5), rtol=1e-4)
+    assert torch.allclose(
+        torch.nn.utils.get_total_norm([p.grad for p in work.model.parameters()]), torch.tensor(0.5), rtol=1e-4
+    )
 
 
 def test_matmul_rate_is_measured_not_assumed():
@@ -151,9 +193,11 @@ def test_matmul_rate_is_measured_not_assumed():
 def test_the_cli_and_a_sweeps_checks_leave_torch_to_the_jobs():
     """`stab --help`, and the process of a sweep whose jobs run in workers, never load torch,
     pandas or matplotlib for the usual grid: the workers start on a free machine."""
-    code = ("import sys; from cli.main import app; from cli.config import compose_run; "
-            "from stability.preflight import preflight; "
-            "[preflight(compose_run(o)) for o in (['preset=smoke', 'norm=post'], ['clip=none', 'train.device=cpu'])]; "
-            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))")
+    code = (
+        "import sys; from cli.main import app; from cli.config import compose_run; "
+        "from stability.preflight import preflight; "
+        "[preflight(compose_run(o)) for o in (['preset=smoke', 'norm=post'], ['clip=none', 'train.device=cpu'])]; "
+        "print(sorted(m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -29,7 +29,9 @@ class Clock:
 
 @pytest.mark.slow
 def test_a_run_in_a_log_prints_its_phases_and_epochs_with_rate_and_eta(cli, tmp_path):
-    out = cli("run", "--runs", tmp_path / "runs", *SMOKE, "train.epochs=2", f"data.cache_dir={tmp_path / 'cache'}").output
+    out = cli(
+        "run", "--runs", tmp_path / "runs", *SMOKE, "train.epochs=2", f"data.cache_dir={tmp_path / 'cache'}"
+    ).output
     assert "encoding latents: 40 clips ..." in out  # announced before the work, then its rate
     assert re.search(r"encoding latents: 40 clips done in \d+ s \([\d.e+]+ clips/s\)", out), out
     assert re.search(r"calibrating codebooks \(k-means\): 2 codebooks done in", out), out
@@ -52,9 +54,11 @@ def test_plain_lines_carry_count_duration_and_rate():
             clock.t += 0.5
         with phase("evaluating epoch 2"):
             clock.t += 3.0
-    assert buf.getvalue().splitlines() == ["encoding latents: 72 clips ...",
-                                           "encoding latents: 72 clips done in 18 s (4 clips/s)",
-                                           "evaluating epoch 2: done in 3 s"]
+    assert buf.getvalue().splitlines() == [
+        "encoding latents: 72 clips ...",
+        "encoding latents: 72 clips done in 18 s (4 clips/s)",
+        "evaluating epoch 2: done in 3 s",
+    ]
 
 
 def test_terminal_bars_show_count_rate_and_eta():
@@ -72,12 +76,24 @@ def test_terminal_bars_show_count_rate_and_eta():
 def _job(root, name, state, epochs_done, total=4, started=100.0, verdict=None, collapsed=False):
     d = root / name
     d.mkdir(parents=True)
-    (d / "status.json").write_text(json.dumps({"state": state, "started": started, "verdict": verdict,
-                                               "finished": started + 30 if state == "completed" else None}))
+    (d / "status.json").write_text(
+        json.dumps(
+            {
+                "state": state,
+                "started": started,
+                "verdict": verdict,
+                "finished": started + 30 if state == "completed" else None,
+            }
+        )
+    )
     (d / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": total}}))
-    (d / "epochs.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "grad_norm_mean": 2.5 + e,
-                                                        "collapsed": collapsed}) + "\n" for e in range(epochs_done))
-                                    + '{"epoch": torn')
+    (d / "epochs.jsonl").write_text(
+        "".join(
+            json.dumps({"epoch": e + 1, "grad_norm_mean": 2.5 + e, "collapsed": collapsed}) + "\n"
+            for e in range(epochs_done)
+        )
+        + '{"epoch": torn'
+    )
     return d
 
 
@@ -90,8 +106,11 @@ def test_the_sweep_view_shows_epoch_grad_norm_verdict_elapsed_and_eta(tmp_path):
     view = LiveView(tmp_path, 4, clock=Clock(110.0))
     buf = io.StringIO()
     Console(file=buf, width=200, color_system=None).print(view.render())
-    rows = {line.split()[0]: " ".join(line.replace("│", " ").split())
-            for line in buf.getvalue().splitlines() if line.strip().startswith("residual")}
+    rows = {
+        line.split()[0]: " ".join(line.replace("│", " ").split())
+        for line in buf.getvalue().splitlines()
+        if line.strip().startswith("residual")
+    }
     assert "running 2/4 3.5 output collapsed at epoch 2 10 s 10 s" in rows["residual=0.1"], rows
     assert "completed 4/4 5.5 stable 30 s" in rows["residual=0.3"], rows
 
@@ -108,5 +127,8 @@ def test_the_sweep_view_keeps_its_width_before_any_job_started(tmp_path):
 def test_a_sweep_in_a_log_prints_a_line_per_job_and_state(cli, tmp_path):
     out = cli("sweep", "--runs", tmp_path, *SMOKE, "train.epochs=1", "residual=0.1,0.3").output
     for r in ("0.1", "0.3"):
-        assert re.search(rf"done\] preset=smoke,residual={r},train.epochs=1: completed, epoch 1/1, grad norm [\d.]+, "
-                         rf"elapsed \d+ s, verdict \w+", out), out
+        assert re.search(
+            rf"done\] preset=smoke,residual={r},train.epochs=1: completed, epoch 1/1, grad norm [\d.]+, "
+            rf"elapsed \d+ s, verdict \w+",
+            out,
+        ), out

@@ -53,14 +53,21 @@ class Plant:
 
 # --- groups, ties, health ---------------------------------------------------------------------
 
+
 def test_hf_models_group_by_layer_report_the_tie_once_and_get_sdpa_health(one_thread):
     gpt2 = workload(HF)
     groups = list(gpt2.module_groups())
-    assert groups[:5] == ["transformer.wte", "transformer.wpe", "transformer.h.0.norm", "transformer.h.0.attn",
-                          "transformer.h.0.mlp"]
+    assert groups[:5] == [
+        "transformer.wte",
+        "transformer.wpe",
+        "transformer.h.0.norm",
+        "transformer.h.0.attn",
+        "transformer.h.0.mlp",
+    ]
     assert "lm_head" not in groups  # tied to the token embedding: counted once, under transformer.wte
-    assert gpt2.info["tied"] == [{"param": "lm_head.weight", "same_as": "transformer.wte.weight",
-                                  "counted_in": "transformer.wte"}]
+    assert gpt2.info["tied"] == [
+        {"param": "lm_head.weight", "same_as": "transformer.wte.weight", "counted_in": "transformer.wte"}
+    ]
     assert gpt2.info["health"].startswith("available: 2 of 2 layers (q and k captured")
     llama = workload(HF, arch="llama")
     assert "model.layers.1.attn" in llama.module_groups() and llama.info["tied"] == []
@@ -142,8 +149,11 @@ def test_sdpa_health_of_uniform_causal_attention_is_its_known_entropy(one_thread
             b.attn.qkv.bias[:width].zero_()
     T = 8
     x = torch.randint(0, 16, (6, T))
-    work = CustomWorkload(RunConfig(model=CustomModelConfig(target="own", params={}), data=NoDataConfig()),
-                          torch.device("cpu"), task=_task(model, x))
+    work = CustomWorkload(
+        RunConfig(model=CustomModelConfig(target="own", params={}), data=NoDataConfig()),
+        torch.device("cpu"),
+        task=_task(model, x),
+    )
     assert work.info["health"].startswith("available: 2 of 2 layers (q and k captured")
     got = health.measure(work.model, work.health_loss, work.health_layers())
     t = torch.arange(1, T + 1, dtype=torch.float64)
@@ -156,21 +166,43 @@ def test_sdpa_health_of_uniform_causal_attention_is_its_known_entropy(one_thread
 def _task(model, x):
     from stability.workloads.custom import Task
 
-    return Task(model=model, train=(x, x), val=(x, x), loss=lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()))
+    return Task(
+        model=model, train=(x, x), val=(x, x), loss=lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())
+    )
 
 
 # --- stab's own loop: planted NaNs, located and replayed --------------------------------------
 
-@pytest.mark.parametrize(("arch", "module"), [
-    ("gpt2", "transformer.h.1.attn"), ("gpt2", "transformer.h.0.mlp"), ("gpt2", "transformer.h.0.norm"),
-    ("llama", "model.layers.0.attn"), ("llama", "model.layers.1.mlp"), ("llama", "model.norm"),
-])
-def test_a_nan_planted_in_a_real_model_is_located_there_and_replayed(arch, module, cli, tmp_path, monkeypatch,
-                                                                     one_thread):
+
+@pytest.mark.parametrize(
+    ("arch", "module"),
+    [
+        ("gpt2", "transformer.h.1.attn"),
+        ("gpt2", "transformer.h.0.mlp"),
+        ("gpt2", "transformer.h.0.norm"),
+        ("llama", "model.layers.0.attn"),
+        ("llama", "model.layers.1.mlp"),
+        ("llama", "model.norm"),
+    ],
+)
+def test_a_nan_planted_in_a_real_model_is_located_there_and_replayed(
+    arch, module, cli, tmp_path, monkeypatch, one_thread
+):
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs"
-    cli("run", "--runs", runs, "model=custom", f"model._target_={HF}", f"+model.arch={arch}", "preset=smoke",
-        "train.batch_size=8", "fault.nan_at_step=2", f"fault.nan_module={module}", "train.on_nan=stop")
+    cli(
+        "run",
+        "--runs",
+        runs,
+        "model=custom",
+        f"model._target_={HF}",
+        f"+model.arch={arch}",
+        "preset=smoke",
+        "train.batch_size=8",
+        "fault.nan_at_step=2",
+        f"fault.nan_module={module}",
+        "train.on_nan=stop",
+    )
     run_dir = only_run(runs)
     ev = first_nan(run_dir)
     assert (ev["step"], ev["how"], ev["module"], ev["where"]) == (2, "located", module, "forward")
@@ -181,18 +213,28 @@ def test_a_nan_planted_in_a_real_model_is_located_there_and_replayed(arch, modul
 
 # --- Monitor in a plain loop --------------------------------------------------------------------
 
-def _gpt2_loop(tmp_path, plant_in: str | None, at: int = 3, batch: bool = True, once: bool = False, steps: int = 6,
-               **monitor_kwargs):
+
+def _gpt2_loop(
+    tmp_path,
+    plant_in: str | None,
+    at: int = 3,
+    batch: bool = True,
+    once: bool = False,
+    steps: int = 6,
+    **monitor_kwargs,
+):
     task = __import__("examples.hf", fromlist=["build"]).build()
     model = task["model"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     plant = Plant(model.get_submodule(plant_in), at, once) if plant_in else None
     data = task["train"]
-    with Monitor(model, opt, run_dir=tmp_path / "own", loss=task["loss"], factory=HF, config={}, **monitor_kwargs) as mon:
+    with Monitor(
+        model, opt, run_dir=tmp_path / "own", loss=task["loss"], factory=HF, config={}, **monitor_kwargs
+    ) as mon:
         for i in range(steps):
             if plant:
                 plant.step = mon.global_step
-            b = {k: v[8 * i:8 * (i + 1)] for k, v in data.items()}
+            b = {k: v[8 * i : 8 * (i + 1)] for k, v in data.items()}
             loss = model(**b).loss
             mon.step(loss, batch=b if batch else None)
             if mon.should_stop:
@@ -229,7 +271,7 @@ def test_monitor_records_one_step_per_optimizer_step_under_accumulation(tmp_path
     micro = []
     with Monitor(model, opt, run_dir=tmp_path / "own", loss=task["loss"], accumulate=2) as mon:
         for i in range(5):
-            b = {k: v[8 * i:8 * (i + 1)] for k, v in data.items()}
+            b = {k: v[8 * i : 8 * (i + 1)] for k, v in data.items()}
             loss = model(**b).loss
             micro.append(float(loss.detach()))
             mon.step(loss, batch=b)
@@ -245,8 +287,9 @@ def test_monitor_records_one_step_per_optimizer_step_under_accumulation(tmp_path
 def test_monitor_says_what_is_wrong_in_one_line(tmp_path):
     model = nn.Linear(2, 2)
     with pytest.raises(ConfigError, match=r"factory cannot take \['widht'\].*its parameters: arch, n_layer"):
-        Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "a", factory=HF,
-                config={"widht": 3})
+        Monitor(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "a", factory=HF, config={"widht": 3}
+        )
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         Monitor(frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), run_dir=tmp_path / "b")
@@ -275,6 +318,7 @@ def test_ctrl_c_inside_a_monitor_records_interrupted_and_keeps_the_steps(tmp_pat
 
 # --- Lightning, with accumulation ---------------------------------------------------------------
 
+
 def lit_build(arch: str = "gpt2") -> dict:
     """A factory whose model is the LightningModule itself, so `stab replay` rebuilds what was run."""
     task = __import__("examples.hf", fromlist=["build"]).build(arch=arch)
@@ -297,8 +341,12 @@ def _lit_module():
             return self.model(**batch).loss
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=self.lr) if self.lr < 1e-20 else \
-                torch.optim.AdamW(self.parameters(), lr=self.lr)
+            return (
+                torch.optim.SGD(self.parameters(), lr=self.lr)
+                if self.lr < 1e-20
+                else torch.optim.AdamW(self.parameters(), lr=self.lr)
+            )
+
     return _LitLM
 
 
@@ -321,19 +369,27 @@ def test_lightning_with_accumulation_records_optimizer_steps_and_locates_a_plant
     task = lit_build()
     lit, data = task["model"], task["train"]
     lit.lr = 1e-30  # weights stay (float32): each step's loss is computable by hand
-    micro = [float(lit.model(**{k: v[8 * i:8 * (i + 1)] for k, v in data.items()}).loss) for i in range(5)]
+    micro = [float(lit.model(**{k: v[8 * i : 8 * (i + 1)] for k, v in data.items()}).loss) for i in range(5)]
     runs = tmp_path / "runs"
     cb = StabCallback(str(runs), factory="tests.test_real_models.lit_build", config={})
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=5, accumulate_grad_batches=2, callbacks=[cb],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=5,
+        accumulate_grad_batches=2,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(lit, _dict_loader(data, 8))
     run_dir = only_run(runs)
     recs = read_jsonl(run_dir / "metrics.jsonl")
     want = [(micro[0] + micro[1]) / 2, (micro[2] + micro[3]) / 2, micro[4]]  # not Lightning's loss / 2
     assert [r["loss"] for r in recs] == pytest.approx(want, rel=1e-5)
-    assert any(e["event"] == "accumulation_mismatch" and e["micro_batches"] == 1
-               for e in read_jsonl(run_dir / "events.jsonl"))
+    assert any(
+        e["event"] == "accumulation_mismatch" and e["micro_batches"] == 1 for e in read_jsonl(run_dir / "events.jsonl")
+    )
 
     lit = lit_build()["model"]
     plant = Plant(lit.model.get_submodule("transformer.h.0.mlp"), at=1)
@@ -343,9 +399,17 @@ def test_lightning_with_accumulation_records_optimizer_steps_and_locates_a_plant
     class Step(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             plant.step = trainer.global_step
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=6, accumulate_grad_batches=2, callbacks=[Step(), cb],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=6,
+        accumulate_grad_batches=2,
+        callbacks=[Step(), cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(lit, _dict_loader(lit_build()["train"], 8))
     run_dir = only_run(runs)
     ev = first_nan(run_dir)
@@ -355,6 +419,7 @@ def test_lightning_with_accumulation_records_optimizer_steps_and_locates_a_plant
 
 
 # --- the transformers Trainer ------------------------------------------------------------------
+
 
 def test_trainer_callback_records_accumulated_steps_and_locates_a_planted_nan(tmp_path, one_thread):
     pytest.importorskip("accelerate")
@@ -366,10 +431,22 @@ def test_trainer_callback_records_accumulated_steps_and_locates_a_planted_nan(tm
         task = __import__("examples.hf", fromlist=["build"]).build()
         model, data = task["model"], task["train"]
         ds = [{k: v[0 if same else i] for k, v in data.items()} for i in range(40)]
-        args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8,
-                                 gradient_accumulation_steps=2, max_steps=steps, learning_rate=lr, report_to=[],
-                                 save_strategy="no", logging_strategy="no", use_cpu=True, dataloader_num_workers=0,
-                                 lr_scheduler_type="constant", disable_tqdm=True, seed=0, data_seed=0)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            max_steps=steps,
+            learning_rate=lr,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            lr_scheduler_type="constant",
+            disable_tqdm=True,
+            seed=0,
+            data_seed=0,
+        )
         with StabTrainerCallback(str(runs), factory=HF, config={}) as cb:
             trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
             if plant_in:
@@ -378,6 +455,7 @@ def test_trainer_callback_records_accumulated_steps_and_locates_a_planted_nan(tm
                 class Step(transformers.TrainerCallback):
                     def on_step_begin(self, args, state, control, **kw):
                         plant.step = state.global_step
+
                 trainer.add_callback(Step())
             trainer.train()
         return only_run(runs), model, trainer
@@ -408,13 +486,24 @@ def test_trainer_callback_records_accumulated_steps_and_locates_a_planted_nan(tm
 
 # --- timm ---------------------------------------------------------------------------------------
 
+
 def test_timm_vit_trains_with_its_final_norm_renamed_and_a_planted_nan_located(cli, tmp_path, monkeypatch, one_thread):
     pytest.importorskip("timm")
     monkeypatch.chdir(tmp_path)
     work = workload("examples.hf.vit")
     assert "norm_module" in work.module_groups() and "norm" not in work.module_groups()  # grad/norm is the total
     runs = tmp_path / "runs"
-    cli("run", "--runs", runs, "model=custom", "model._target_=examples.hf.vit", "preset=smoke", "train.batch_size=8",
-        "fault.nan_at_step=1", "fault.nan_module=blocks.1.attn", "train.on_nan=stop")
+    cli(
+        "run",
+        "--runs",
+        runs,
+        "model=custom",
+        "model._target_=examples.hf.vit",
+        "preset=smoke",
+        "train.batch_size=8",
+        "fault.nan_at_step=1",
+        "fault.nan_module=blocks.1.attn",
+        "train.on_nan=stop",
+    )
     ev = first_nan(only_run(runs))
     assert (ev["how"], ev["module"]) == ("located", "blocks.1.attn")

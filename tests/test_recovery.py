@@ -14,8 +14,17 @@ from stability.storage import read_jsonl
 from stability.training import run
 
 SPIKE = 30
-BASE = ["model=charlm", "preset=smoke", "train.epochs=1", "train.threads=1", "detect.health=false", "detect.opt_state=true",
-        f"fault.spike_at_step={SPIKE}", "fault.spike_factor=1000", "train.spike_window=16"]
+BASE = [
+    "model=charlm",
+    "preset=smoke",
+    "train.epochs=1",
+    "train.threads=1",
+    "detect.health=false",
+    "detect.opt_state=true",
+    f"fault.spike_at_step={SPIKE}",
+    "fault.spike_factor=1000",
+    "train.spike_window=16",
+]
 
 
 def _train(tmp_path, name, extra):
@@ -28,8 +37,11 @@ def _train(tmp_path, name, extra):
 @pytest.fixture(scope="module")
 def skipped(tmp_path_factory):
     """on_spike=skip with update clipping and a snapshot every 10 steps."""
-    return _train(tmp_path_factory.mktemp("skip"), "skip",
-                  ["on_spike=skip", "update_clip=1", "train.snapshot_every=10", "train.snapshot_keep=100"])
+    return _train(
+        tmp_path_factory.mktemp("skip"),
+        "skip",
+        ["on_spike=skip", "update_clip=1", "train.snapshot_every=10", "train.snapshot_keep=100"],
+    )
 
 
 def test_skip_and_update_clip_act_at_the_planted_spike(skipped):
@@ -63,7 +75,7 @@ def test_lr_backoff_acts_at_the_planted_spike(tmp_path):
     assert all(by[s]["recover/lr_scale"] == 1.0 for s in range(10))
     before = by[SPIKE - 1]["recover/lr_scale"]  # 1, or growing back from a false alarm
     assert by[SPIKE]["recover/spike"] == 1.0 and by[SPIKE]["recover/lr_scale"] == pytest.approx(0.5 * before)
-    assert by[SPIKE + 1]["recover/lr_scale"] == pytest.approx(0.5 * before * 2 ** 0.25)  # 0.5^(-1/4) a step
+    assert by[SPIKE + 1]["recover/lr_scale"] == pytest.approx(0.5 * before * 2**0.25)  # 0.5^(-1/4) a step
     assert max(by[s]["recover/lr_scale"] for s in range(SPIKE + 5, SPIKE + 8)) == pytest.approx(1.0)
 
 
@@ -73,8 +85,17 @@ def test_rewind_restarts_from_the_snapshot_bitwise(skipped, tmp_path):
     folder, steps = skipped
     snap = snapshots.before(folder, SPIKE)
     assert snap is not None and snap.name == f"step{SPIKE - 10:08d}.pt"
-    again, steps2 = _train(tmp_path, "rewound", ["on_spike=skip", "update_clip=1", "train.snapshot_every=10",
-                                                  "train.snapshot_keep=100", f"train.rewind_from={snap}"])
+    again, steps2 = _train(
+        tmp_path,
+        "rewound",
+        [
+            "on_spike=skip",
+            "update_clip=1",
+            "train.snapshot_every=10",
+            "train.snapshot_keep=100",
+            f"train.rewind_from={snap}",
+        ],
+    )
     assert [r["loss"] for r in steps2] == [r["loss"] for r in steps]
     assert [r["grad/norm"] for r in steps2] == [r["grad/norm"] for r in steps]
     later = [s for s in snapshots.kept(folder) if s > SPIKE]

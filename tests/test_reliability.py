@@ -32,8 +32,12 @@ def wait_for(predicate, timeout: float = CEILING_S, what: str = "") -> None:
 
 
 def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
-    proc = subprocess.Popen([*STAB, "run", "--runs", str(tmp_path), *SMOKE, "train.epochs=2000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*STAB, "run", "--runs", str(tmp_path), *SMOKE, "train.epochs=2000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: list(tmp_path.rglob("epochs.jsonl")), what="the first epoch")
     except BaseException:
@@ -122,8 +126,10 @@ def test_soak_crashes_and_a_sigkill_then_resume_leave_no_job_unaccounted(tmp_pat
         return [read_json(p)["state"] for p in sweep.glob("*/status.json")] if sweep.exists() else []
 
     try:
-        wait_for(lambda: states().count("completed") >= 2 and "running" in states(),
-                 what="two completed jobs and one running")
+        wait_for(
+            lambda: states().count("completed") >= 2 and "running" in states(),
+            what="two completed jobs and one running",
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

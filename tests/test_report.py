@@ -89,11 +89,24 @@ def test_report_prints_one_row_per_run_with_the_overrides_that_differ(runs, repo
     table = table_with(result.output, "verdict")
     dirs = run_dirs(runs)
     assert len(table) == len(dirs) == 6
-    assert {"residual", "norm", "fault.nan_at_step", "fault.crash_at_step", "verdict", "first NaN", "scream",
-            "final loss", "wall"} <= set(table[0])
+    assert {
+        "residual",
+        "norm",
+        "fault.nan_at_step",
+        "fault.crash_at_step",
+        "verdict",
+        "first NaN",
+        "scream",
+        "final loss",
+        "wall",
+    } <= set(table[0])
     grid = [r for r in table if r["sweep"] == "grid"]
-    assert sorted((r["residual"], r["norm"]) for r in grid) == [("0.1", "post"), ("0.1", "pre"), ("0.3", "post"),
-                                                                 ("0.3", "pre")]
+    assert sorted((r["residual"], r["norm"]) for r in grid) == [
+        ("0.1", "post"),
+        ("0.1", "pre"),
+        ("0.3", "post"),
+        ("0.3", "pre"),
+    ]
     for row in grid:
         d = runs / "grid" / f"norm={row['norm']},preset=smoke,residual={row['residual']}"
         summary = read_json(d / "summary.json")
@@ -125,7 +138,9 @@ def test_factor_summary_gives_verdict_shares_and_median_last_grad_norm(runs, rep
         assert row["runs"] == len(mine) == {"0.1": 4, "0.3": 2}[value]
         for verdict in ("stable", "exploding", "scream", "nan", "failed"):
             assert row[verdict] == pytest.approx(sum(s["verdict"] == verdict for s in mine) / len(mine))
-        last = [[g for g in s["grad_norm_by_epoch"] if math.isfinite(g)][-1] for s in mine if s.get("grad_norm_by_epoch")]
+        last = [
+            [g for g in s["grad_norm_by_epoch"] if math.isfinite(g)][-1] for s in mine if s.get("grad_norm_by_epoch")
+        ]
         assert row["median last grad norm"] == pytest.approx(statistics.median(last), rel=1e-12)
         shown = next(r for r in printed if r["factor"] == "residual" and r["value"] == value)
         assert shown["stable"] == f"{round(100 * row['stable'])}%"
@@ -164,8 +179,11 @@ def test_runs_csv_has_every_number_of_every_run_and_keeps_nan(runs, reported):
             assert raw.loc[i, "final_loss"] == "" and "InjectedCrash" in raw.loc[i, "error"]
             continue
         for e, (mean, mx) in enumerate(zip(s["grad_norm_by_epoch"], s["grad_norm_max_by_epoch"]), start=1):
-            for col, want in ((f"grad_mean_e{e}", mean), (f"grad_max_e{e}", mx),
-                              (f"loss_e{e}", s["loss_by_epoch"][e - 1])):
+            for col, want in (
+                (f"grad_mean_e{e}", mean),
+                (f"grad_max_e{e}", mx),
+                (f"loss_e{e}", s["loss_by_epoch"][e - 1]),
+            ):
                 if math.isnan(want):
                     assert raw.loc[i, col] == "NaN", col
                 else:
@@ -177,8 +195,11 @@ def test_runs_csv_has_every_number_of_every_run_and_keeps_nan(runs, reported):
         if nan is None:
             assert raw.loc[i, "first_nan_epoch"] == ""  # not applicable: empty, never 0
         else:
-            assert (row["first_nan_epoch"], row["first_nan_batch"], row["first_nan_module"]) == \
-                (nan["epoch"], nan["batch"], nan["module"])
+            assert (row["first_nan_epoch"], row["first_nan_batch"], row["first_nan_module"]) == (
+                nan["epoch"],
+                nan["batch"],
+                nan["module"],
+            )
             assert raw.loc[i, "first_nan_loss"] == "NaN" and raw.loc[i, "final_loss"] == "NaN"
 
 
@@ -237,7 +258,9 @@ def test_report_html_opens_in_a_real_browser_with_the_answer_and_every_run(runs,
         pytest.skip("no chromium (apt-get install chromium; .ci/run installs it)")
     output, out = reported
     page = out / "report.html"
-    sentence = next(line for line in output.output.splitlines() if line.startswith(("Decisive", "All", "The one", "No run")))
+    sentence = next(
+        line for line in output.output.splitlines() if line.startswith(("Decisive", "All", "The one", "No run"))
+    )
     with Browser() as b:
         b.open(page)
         assert b.errors == []
@@ -255,8 +278,12 @@ def test_report_html_opens_in_a_real_browser_with_the_answer_and_every_run(runs,
         assert len(images) >= 3 + len(run_dirs(runs)) - 1 and all(w > 200 for w in images)  # all decoded
         col = "final loss"
         b.eval(f"Array.from(document.querySelectorAll('#runs-table th')).find(t => t.textContent == '{col}').click()")
-        idx = b.eval(f"Array.from(document.querySelectorAll('#runs-table th')).findIndex(t => t.textContent == '{col}')")
-        cells = b.eval(f"Array.from(document.querySelectorAll('#runs-table tbody tr')).map(r => r.cells[{idx}].textContent)")
+        idx = b.eval(
+            f"Array.from(document.querySelectorAll('#runs-table th')).findIndex(t => t.textContent == '{col}')"
+        )
+        cells = b.eval(
+            f"Array.from(document.querySelectorAll('#runs-table tbody tr')).map(r => r.cells[{idx}].textContent)"
+        )
         numbers = [float(c) for c in cells if c not in ("-", "NaN", "inf")]
         assert numbers == sorted(numbers) and len(numbers) >= 4
         shot = tmp_path / "shot.png"
@@ -307,8 +334,13 @@ def test_damaged_and_unfinished_runs_are_listed_with_warnings(runs, tmp_path):
     assert rows["bad_status"]["state"] == "unknown"
     assert rows["inf"]["grad norm per epoch"].split()[-1] == "inf"
     assert rows["nan"]["first NaN"] == "e2 b2 stage2.layer0.mlp"
-    for needle in ("truncated: summary.json unreadable", "corrupt_metrics: metrics.jsonl: 2 unparsable line(s)",
-                   "missing_files: no overrides.json", "running: still running", "bad_status: status.json unreadable"):
+    for needle in (
+        "truncated: summary.json unreadable",
+        "corrupt_metrics: metrics.jsonl: 2 unparsable line(s)",
+        "missing_files: no overrides.json",
+        "running: still running",
+        "bad_status: status.json unreadable",
+    ):
         assert needle in result.output, needle
     csv = pd.read_csv(out / "runs.csv", dtype=str, keep_default_na=False).set_index("path")
     assert csv.loc["inf", f"grad_mean_e{len(summary['grad_norm_by_epoch'])}"] == "inf"
@@ -359,8 +391,10 @@ def test_show_refuses_a_folder_that_is_not_a_run(runs):
 
 
 def test_report_library_imports_no_cli_or_config_framework():
-    code = ("import sys, stability.report; bad = [m for m in ('typer', 'rich', 'hydra', 'omegaconf') "
-            "if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, stability.report; bad = [m for m in ('typer', 'rich', 'hydra', 'omegaconf') "
+        "if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
@@ -368,9 +402,22 @@ def test_report_adds_lr_sensitivity_when_the_sweep_varies_the_learning_rate(tmp_
     from typer.testing import CliRunner
 
     from cli.main import app
+
     runner = CliRunner()
-    swept = runner.invoke(app, ["sweep", "--runs", str(tmp_path), "--name", "lr", "model=charlm", "preset=smoke",
-                                "train.lr=1e-3,1e-2", "train.threads=1"])
+    swept = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--runs",
+            str(tmp_path),
+            "--name",
+            "lr",
+            "model=charlm",
+            "preset=smoke",
+            "train.lr=1e-3,1e-2",
+            "train.threads=1",
+        ],
+    )
     assert swept.exit_code == 0, swept.output
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -388,15 +435,27 @@ def test_factors_compare_resolved_values_not_override_spellings(tmp_path):
     from stability.report import Run, answer, factor_value, factors
 
     def run(name, overrides, norm, residual, clip, verdict):
-        config = {"model": {"norm": norm, "residual": [1.0, 1.0, residual]}, "train": {"clip": clip, "device": "cpu"},
-                  "seed": 0}
-        return Run(path=tmp_path / name, rel=name, state="completed", verdict=verdict, overrides=overrides,
-                   config=config, summary={"verdict": verdict, "final_val_loss": 1.0})
+        config = {
+            "model": {"norm": norm, "residual": [1.0, 1.0, residual]},
+            "train": {"clip": clip, "device": "cpu"},
+            "seed": 0,
+        }
+        return Run(
+            path=tmp_path / name,
+            rel=name,
+            state="completed",
+            verdict=verdict,
+            overrides=overrides,
+            config=config,
+            summary={"verdict": verdict, "final_val_loss": 1.0},
+        )
 
-    runs = [run("a", [], "post", 0.1, 10.0, "exploding"),  # the defaults, nothing overridden
-            run("b", ["experiment=seed_fix"], "pre", 0.3, 5.0, "stable"),
-            run("c", ["norm=post", "train.clip=5", "train.device=cuda"], "post", 0.1, 5.0, "exploding"),
-            run("d", ["clip=10", "residual=0.3"], "post", 0.3, 10.0, "exploding")]
+    runs = [
+        run("a", [], "post", 0.1, 10.0, "exploding"),  # the defaults, nothing overridden
+        run("b", ["experiment=seed_fix"], "pre", 0.3, 5.0, "stable"),
+        run("c", ["norm=post", "train.clip=5", "train.device=cuda"], "post", 0.1, 5.0, "exploding"),
+        run("d", ["clip=10", "residual=0.3"], "post", 0.3, 10.0, "exploding"),
+    ]
     keys = factors(runs)
     # train.clip and clip are one factor; the device is operational; experiment is a real override
     assert "train.device" not in keys and sum(k in ("clip", "train.clip") for k in keys) == 1

@@ -60,8 +60,14 @@ def sweeps(tmp_path_factory) -> Path:
         for clip in CLIPS:
             for seed in range(5):
                 unstable = float(lr) >= 0.03 and (clip == "none" or seed % 2 == 0)
-                make_run(root / "big", f"lr={lr},clip={clip},seed={seed}", {"train.lr": lr, "clip": clip, "seed": seed},
-                         steps=200, seed=i, nan_at=120 + 10 * seed if unstable else None)
+                make_run(
+                    root / "big",
+                    f"lr={lr},clip={clip},seed={seed}",
+                    {"train.lr": lr, "clip": clip, "seed": seed},
+                    steps=200,
+                    seed=i,
+                    nan_at=120 + 10 * seed if unstable else None,
+                )
                 i += 1
     return root
 
@@ -141,8 +147,16 @@ def test_departure_is_the_first_value_out_of_the_band_or_non_finite():
     jump, nan = flat.copy(), flat.copy()
     jump[25:] = 10.0
     nan[30] = np.nan
-    s = StepSeries(step=np.arange(40), epoch=np.ones(40, int), loss=flat, grad=flat, clipped=np.zeros(40, bool),
-                   finite=np.ones(40, bool), skipped=np.zeros(40, bool), groups={"a": flat, "b": jump, "c": nan})
+    s = StepSeries(
+        step=np.arange(40),
+        epoch=np.ones(40, int),
+        loss=flat,
+        grad=flat,
+        clipped=np.zeros(40, bool),
+        finite=np.ones(40, bool),
+        skipped=np.zeros(40, bool),
+        groups={"a": flat, "b": jump, "c": nan},
+    )
     got = departures(s, {"window": 20, "z": 6.0, "warmup": 10, "ratio": 3.0})
     assert got == {"a": None, "b": 25, "c": 30}
 
@@ -171,8 +185,14 @@ def _table_words(output: str) -> list[str]:
 def _allowed_words(frames) -> set[str]:
     from cli.report import SHORT_HEADERS, soft_split
 
-    words = {piece for f in frames for col in f.columns for text in [str(col), *map(str, f[col])]
-             for w in text.split() for piece in [w, *soft_split(w)]}
+    words = {
+        piece
+        for f in frames
+        for col in f.columns
+        for text in [str(col), *map(str, f[col])]
+        for w in text.split()
+        for piece in [w, *soft_split(w)]
+    }
     return words | {w for header in SHORT_HEADERS.values() for w in header.split()}
 
 
@@ -189,8 +209,16 @@ def _report_frames(root: Path):
 
     runs, keys, _ = loaded(root)
     lr = lr_summary(runs, keys)
-    return runs, keys, [overview(runs, keys), answer_display(answer(runs, keys)[0]),
-                        factor_display(factor_summary(runs, keys)), *([lr_display(lr)] if lr is not None else [])]
+    return (
+        runs,
+        keys,
+        [
+            overview(runs, keys),
+            answer_display(answer(runs, keys)[0]),
+            factor_display(factor_summary(runs, keys)),
+            *([lr_display(lr)] if lr is not None else []),
+        ],
+    )
 
 
 def test_stab_report_fits_80_columns_without_cutting_a_word(cli, sweeps, tmp_path, width_80):

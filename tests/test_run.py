@@ -15,8 +15,17 @@ from tests.conftest import SMOKE, only_run, read_json, read_jsonl
 def test_run_writes_a_complete_self_describing_folder(cli, tmp_path):
     result = cli("run", "--runs", tmp_path, *SMOKE, "norm=pre", "residual=0.3")
     run = only_run(tmp_path)
-    for name in ("config.yaml", "overrides.json", "status.json", "metrics.jsonl", "epochs.jsonl",
-                 "grad_norms.csv", "events.jsonl", "summary.json", "data.json"):
+    for name in (
+        "config.yaml",
+        "overrides.json",
+        "status.json",
+        "metrics.jsonl",
+        "epochs.jsonl",
+        "grad_norms.csv",
+        "events.jsonl",
+        "summary.json",
+        "data.json",
+    ):
         assert (run / name).exists(), name
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["norm"] == "pre" and config["model"]["residual"] == [1.0, 1.0, 0.3]
@@ -43,14 +52,21 @@ def test_run_writes_a_complete_self_describing_folder(cli, tmp_path):
         assert g == pytest.approx(sum(mine) / len(mine), rel=1e-6)
     # the total norm is the root of the sum of squared group norms
     s0 = steps[0]
-    group_sq = sum(v ** 2 for k, v in s0.items() if k.startswith("grad/") and k not in ("grad/norm", "grad/clipped"))
+    group_sq = sum(v**2 for k, v in s0.items() if k.startswith("grad/") and k not in ("grad/norm", "grad/clipped"))
     assert math.sqrt(group_sq) == pytest.approx(s0["grad/norm"], rel=1e-4)
 
     table = pd.read_csv(run / "grad_norms.csv")  # long: a row per epoch and module group
     assert list(table.columns) == ["epoch", "group", "mean", "max"]
     assert sorted(set(table["epoch"])) == list(range(1, epochs + 1))
-    assert {"total", "stage0.in_proj", "stage2.layer1.attn", "stage2.layer1.mlp", "stage1.layer0.norm",
-            "stage2.final_norm", "stage2.output_proj"} <= set(table["group"])
+    assert {
+        "total",
+        "stage0.in_proj",
+        "stage2.layer1.attn",
+        "stage2.layer1.mlp",
+        "stage1.layer0.norm",
+        "stage2.final_norm",
+        "stage2.output_proj",
+    } <= set(table["group"])
     total = table[table["group"] == "total"].set_index("epoch")
     assert total.loc[1, "mean"] == pytest.approx(summary["grad_norm_by_epoch"][0], rel=1e-5)
     # the stage-2 RMS arithmetic is recorded every step
@@ -91,19 +107,25 @@ def test_on_nan_skip_keeps_training_after_the_bad_step(cli, tmp_path):
     assert all(math.isfinite(s["loss"]) for s in steps if s["step"] != 2)  # the weights stayed finite
 
 
-@pytest.mark.parametrize("override, message", [
-    ("norm=sideways", "norm='sideways' is not allowed: expected one of pre, post"),
-    ("residual=-1", "residual=-1 is not allowed"),
-    ("clip=0", "clip=0 is not allowed"),
-    ("clip=abc", "clip='abc' is not allowed: expected none or a positive number"),
-    ("nosuchkey=1", "unknown key 'nosuchkey'"),
-    ("model.depth=3", "unknown key 'model.depth'"),
-    ("preset=huge", "preset='huge' is not allowed: expected one of"),
-    ("train.epochs=0", "train.epochs=0 is not allowed"),
-    ("fault.nan_at_step=1 fault.nan_module=stage9", "fault.nan_module='stage9' is not a module group"),
-    pytest.param("train.device=cuda", "train.device='cuda': CUDA is not available on this machine",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("norm=sideways", "norm='sideways' is not allowed: expected one of pre, post"),
+        ("residual=-1", "residual=-1 is not allowed"),
+        ("clip=0", "clip=0 is not allowed"),
+        ("clip=abc", "clip='abc' is not allowed: expected none or a positive number"),
+        ("nosuchkey=1", "unknown key 'nosuchkey'"),
+        ("model.depth=3", "unknown key 'model.depth'"),
+        ("preset=huge", "preset='huge' is not allowed: expected one of"),
+        ("train.epochs=0", "train.epochs=0 is not allowed"),
+        ("fault.nan_at_step=1 fault.nan_module=stage9", "fault.nan_module='stage9' is not a module group"),
+        pytest.param(
+            "train.device=cuda",
+            "train.device='cuda': CUDA is not available on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
 def test_bad_values_exit_before_training_with_one_line(cli, tmp_path, override, message):
     result = cli("run", "--runs", tmp_path, *SMOKE, *override.split(), ok=False)
     assert result.exit_code == 2, result.output

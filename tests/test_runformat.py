@@ -36,12 +36,14 @@ def invoke(*args: object) -> str:
 
 # --- the files a run writes -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke run with a NaN at step 5 that goes on (on_nan=skip): epoch 2's means are NaN."""
     runs = tmp_path_factory.mktemp("runformat")
-    result = CliRunner().invoke(app, ["run", "--runs", str(runs), *SMOKE, "train.epochs=3", "fault.nan_at_step=5",
-                                      "train.on_nan=skip"])
+    result = CliRunner().invoke(
+        app, ["run", "--runs", str(runs), *SMOKE, "train.epochs=3", "fault.nan_at_step=5", "train.on_nan=skip"]
+    )
     assert result.exit_code == 0, result.output
     return only_run(runs)
 
@@ -64,14 +66,19 @@ def test_long_grad_table_is_what_metrics_jsonl_gives(nan_run):
     # the epoch records agree with the same steps
     for e in read_jsonl(nan_run / rf.EPOCHS):
         mine = steps[steps["epoch"] == e["epoch"]]
+
         def col(key: str) -> np.ndarray:  # numpy propagates NaN, pandas' mean would skip it
             return mine[key].to_numpy(dtype=float)
 
-        np.testing.assert_allclose([e["loss"], e["grad_norm_max"], e["clip_rate"]],
-                                   [col(rf.LOSS).mean(), col(rf.GRAD_NORM).max(), col(rf.CLIPPED).mean()], rtol=1e-12)
+        np.testing.assert_allclose(
+            [e["loss"], e["grad_norm_max"], e["clip_rate"]],
+            [col(rf.LOSS).mean(), col(rf.GRAD_NORM).max(), col(rf.CLIPPED).mean()],
+            rtol=1e-12,
+        )
         assert e["steps"] == len(mine)
-        assert e["stage_clamp_rate"] == pytest.approx([col(rf.stage_key(i, "clamped")).mean()
-                                                       for i in range(len(e["stage_rms"]))])
+        assert e["stage_clamp_rate"] == pytest.approx(
+            [col(rf.stage_key(i, "clamped")).mean() for i in range(len(e["stage_rms"]))]
+        )
 
 
 def test_every_file_is_strict_json_with_a_schema_version(nan_run):
@@ -80,14 +87,16 @@ def test_every_file_is_strict_json_with_a_schema_version(nan_run):
 
     parsed = 0
     for path in [*nan_run.glob("*.json"), *nan_run.glob("*.jsonl")]:
-        for line in (path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]):
+        for line in path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]:
             if line.strip():
                 json.loads(line, parse_constant=no_constant)
                 parsed += 1
     assert parsed > 12
     assert read_json(nan_run / rf.SUMMARY)["schema_version"] == rf.SCHEMA_VERSION
     assert read_json(nan_run / rf.STATUS)["schema_version"] == rf.SCHEMA_VERSION
-    assert any(isinstance(v, str) and v == "NaN" for v in json.loads((nan_run / rf.SUMMARY).read_text())["grad_norm_by_epoch"])
+    assert any(
+        isinstance(v, str) and v == "NaN" for v in json.loads((nan_run / rf.SUMMARY).read_text())["grad_norm_by_epoch"]
+    )
 
 
 def test_show_prints_the_wide_view_of_the_long_table(nan_run):
@@ -95,11 +104,13 @@ def test_show_prints_the_wide_view_of_the_long_table(nan_run):
     wide = rf.wide_view(rf.read_grad_table(nan_run / rf.GRAD_TABLE))
     assert list(wide.columns) == ["e1", "e2", "e3", "max"]
     total = next(line for line in out.splitlines() if line.startswith("│ total "))
-    assert [c.strip() for c in total.strip("│ ").split("│")][1:] == [f"{wide.at['total', c]:.3g}".replace("nan", "NaN")
-                                                                    for c in wide.columns]
+    assert [c.strip() for c in total.strip("│ ").split("│")][1:] == [
+        f"{wide.at['total', c]:.3g}".replace("nan", "NaN") for c in wide.columns
+    ]
 
 
 # --- streaming: what the writer keeps ---------------------------------------------------------
+
 
 def _feed(run_dir: Path, n_epochs: int, epoch_steps: int, groups: list[str]) -> RunWriter:
     run_dir.mkdir()
@@ -111,10 +122,21 @@ def _feed(run_dir: Path, n_epochs: int, epoch_steps: int, groups: list[str]) -> 
     for step in range(n_epochs * epoch_steps):
         epoch, b = step // epoch_steps + 1, step % epoch_steps
         norms = rng.lognormal(size=len(groups) + 1)
-        rec = {rf.STEP: step, rf.EPOCH: epoch, rf.BATCH: b, rf.LOSS: float(rng.random()), rf.GRAD_NORM: norms[0],
-               **{rf.grad_key(g): v for g, v in zip(groups, norms[1:])},
-               rf.stage_key(0, "rms"): 1.0, rf.stage_key(0, "ratio"): 1.0, rf.stage_key(0, "scale"): 1.0,
-               rf.stage_key(0, "clamped"): False, rf.FINITE: True, rf.CLIPPED: bool(norms[0] > 1.0), rf.LR: 1e-3}
+        rec = {
+            rf.STEP: step,
+            rf.EPOCH: epoch,
+            rf.BATCH: b,
+            rf.LOSS: float(rng.random()),
+            rf.GRAD_NORM: norms[0],
+            **{rf.grad_key(g): v for g, v in zip(groups, norms[1:])},
+            rf.stage_key(0, "rms"): 1.0,
+            rf.stage_key(0, "ratio"): 1.0,
+            rf.stage_key(0, "scale"): 1.0,
+            rf.stage_key(0, "clamped"): False,
+            rf.FINITE: True,
+            rf.CLIPPED: bool(norms[0] > 1.0),
+            rf.LR: 1e-3,
+        }
         writer.step(rec)
         if b == epoch_steps - 1:
             writer.epoch({**writer.close_epoch(), "val_loss": 1.0, "collapsed": False})
@@ -160,6 +182,7 @@ def test_the_writer_keeps_no_step_records(tmp_path):
 
 # --- run folders written by earlier stab ------------------------------------------------------
 
+
 @pytest.fixture
 def old_runs(tmp_path: Path) -> Path:
     shutil.copytree(FIXTURE, tmp_path / "runs")
@@ -168,8 +191,11 @@ def old_runs(tmp_path: Path) -> Path:
 
 def test_folders_from_before_the_schema_read_as_they_did(old_runs):
     runs = {r.rel: r for r in report.load_runs(old_runs)}
-    assert set(runs) == {"nan_run", "sweep/preset=smoke,residual=0.1,train.epochs=2",
-                         "sweep/preset=smoke,residual=0.3,train.epochs=2"}
+    assert set(runs) == {
+        "nan_run",
+        "sweep/preset=smoke,residual=0.1,train.epochs=2",
+        "sweep/preset=smoke,residual=0.3,train.epochs=2",
+    }
     for r in runs.values():
         summary = json.loads((r.path / rf.SUMMARY).read_text())
         assert "schema_version" not in summary and not r.warnings
@@ -185,7 +211,11 @@ def test_folders_from_before_the_schema_read_as_they_did(old_runs):
         assert initial_loss(r.path) == read_jsonl(r.path / rf.METRICS)[0]["loss"]
         assert initial_loss_source(r.path)[1] == "first training step"
     nan = runs["nan_run"]
-    assert nan.verdict == "nan" and nan.first_nan["step"] == 5 and math.isnan(report.grad_epoch_frame(nan).at["total", "e2"])
+    assert (
+        nan.verdict == "nan"
+        and nan.first_nan["step"] == 5
+        and math.isnan(report.grad_epoch_frame(nan).at["total", "e2"])
+    )
 
     out = invoke("report", old_runs)
     # the verdicts in the summaries; one run per value is never decisive

@@ -44,13 +44,23 @@ def env() -> dict[str, str]:
 
 
 def sweep(tmp: Path, name: str, *args: str, launcher: list[str] = SLURM) -> subprocess.CompletedProcess:
-    return subprocess.run([*STAB, "sweep", "--runs", str(tmp), "--name", name, *launcher, *args],
-                          capture_output=True, text=True, timeout=CEILING_S, env=env())
+    return subprocess.run(
+        [*STAB, "sweep", "--runs", str(tmp), "--name", name, *launcher, *args],
+        capture_output=True,
+        text=True,
+        timeout=CEILING_S,
+        env=env(),
+    )
 
 
 def start(tmp: Path, name: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([*STAB, "sweep", "--runs", str(tmp), "--name", name, *SLURM, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    return subprocess.Popen(
+        [*STAB, "sweep", "--runs", str(tmp), "--name", name, *SLURM, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
 
 
 def wait_for(predicate, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -71,7 +81,9 @@ def status(run: Path) -> dict:
 
 
 def steps_and_epochs(run: Path) -> tuple[list[int], list[int]]:
-    return [m["step"] for m in read_jsonl(run / "metrics.jsonl")], [e["epoch"] for e in read_jsonl(run / "epochs.jsonl")]
+    return [m["step"] for m in read_jsonl(run / "metrics.jsonl")], [
+        e["epoch"] for e in read_jsonl(run / "epochs.jsonl")
+    ]
 
 
 def in_queue(job: str) -> bool:
@@ -88,17 +100,31 @@ def overhead_per_job(sweep_dir: Path, wall_s: float) -> float:
 
 # --- without a cluster: the words of sbatch's refusals -----------------------------------------
 
-@pytest.mark.parametrize("error, key", [
-    ("sbatch: error: Invalid generic resource (gres) specification", "hydra.launcher.gpus_per_node"),
-    ("sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job submission failed: "
-     "Requested node configuration is not available", "hydra.launcher.mem_gb"),
-    ("sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: "
-     "Invalid partition name specified", "hydra.launcher.partition"),
-    ("sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
-     "hydra.launcher.timeout_min"),
-    ("sbatch: error: Batch job submission failed: Requested node configuration is not available",
-     "hydra.launcher.cpus_per_task"),
-])
+
+@pytest.mark.parametrize(
+    "error, key",
+    [
+        ("sbatch: error: Invalid generic resource (gres) specification", "hydra.launcher.gpus_per_node"),
+        (
+            "sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job submission failed: "
+            "Requested node configuration is not available",
+            "hydra.launcher.mem_gb",
+        ),
+        (
+            "sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: "
+            "Invalid partition name specified",
+            "hydra.launcher.partition",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+            "hydra.launcher.timeout_min",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested node configuration is not available",
+            "hydra.launcher.cpus_per_task",
+        ),
+    ],
+)
 def test_an_sbatch_refusal_names_its_reason_and_the_launcher_key(error, key):
     e = SbatchRefused(f"Command '['sbatch', '/x/submission_file_1.sh']' returned non-zero exit status 1.\n{error}")
     assert "\n" not in str(e) and key in str(e)
@@ -108,6 +134,7 @@ def test_an_sbatch_refusal_names_its_reason_and_the_launcher_key(error, key):
 
 # --- the real cluster ---------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_a_sweep_on_slurm_completes_is_reported_and_a_rerun_skips_it(cluster, tmp_path):
     args = [*SMOKE, "train.epochs=2", "residual=0.1,0.3"]
@@ -116,7 +143,10 @@ def test_a_sweep_on_slurm_completes_is_reported_and_a_rerun_skips_it(cluster, tm
     slurm_wall = time.monotonic() - t0
     assert done.returncode == 0, done.stdout + done.stderr
     runs = sorted(p.parent for p in (tmp_path / "two").glob("*/summary.json"))
-    assert [r.name for r in runs] == ["preset=smoke,residual=0.1,train.epochs=2", "preset=smoke,residual=0.3,train.epochs=2"]
+    assert [r.name for r in runs] == [
+        "preset=smoke,residual=0.1,train.epochs=2",
+        "preset=smoke,residual=0.3,train.epochs=2",
+    ]
     jobs = set()
     for run in runs:
         st, summary = status(run), read_json(run / "summary.json")
@@ -145,10 +175,15 @@ def test_a_sweep_on_slurm_completes_is_reported_and_a_rerun_skips_it(cluster, tm
     local = sweep(tmp_path, "local", *args, launcher=["--launcher", "submitit_local"])
     local_wall = time.monotonic() - t0
     assert local.returncode == 0, local.stdout + local.stderr
-    slurm_over, local_over = overhead_per_job(tmp_path / "two", slurm_wall), overhead_per_job(tmp_path / "local", local_wall)
-    print(f"\n2-job smoke sweep: submitit_slurm {slurm_wall:.1f} s, submitit_local {local_wall:.1f} s; "
-          f"per-job overhead (sweep wall minus the job's own run): slurm {slurm_over:.1f} s, "
-          f"local {local_over:.1f} s, slurm - local {slurm_over - local_over:+.1f} s")
+    slurm_over, local_over = (
+        overhead_per_job(tmp_path / "two", slurm_wall),
+        overhead_per_job(tmp_path / "local", local_wall),
+    )
+    print(
+        f"\n2-job smoke sweep: submitit_slurm {slurm_wall:.1f} s, submitit_local {local_wall:.1f} s; "
+        f"per-job overhead (sweep wall minus the job's own run): slurm {slurm_over:.1f} s, "
+        f"local {local_over:.1f} s, slurm - local {slurm_over - local_over:+.1f} s"
+    )
 
 
 @pytest.mark.slow
@@ -199,8 +234,15 @@ def test_a_job_killed_at_its_time_limit_is_recorded_and_rerun(cluster, tmp_path)
 
     proc = start(tmp_path, "limit", *args)  # resubmitted: a new SLURM job writes the folder anew
     try:
-        wait_for(lambda: status(run).get("state") == "running" and status(run).get("slurm_job") not in (None, st["slurm_job"])
-                 and (run / "epochs.jsonl").exists(), "the resubmitted job's first epoch", proc)
+        wait_for(
+            lambda: (
+                status(run).get("state") == "running"
+                and status(run).get("slurm_job") not in (None, st["slurm_job"])
+                and (run / "epochs.jsonl").exists()
+            ),
+            "the resubmitted job's first epoch",
+            proc,
+        )
         subprocess.run(["scancel", status(run)["slurm_job"]], check=True)  # not another minute
         proc.communicate(timeout=CEILING_S)
     finally:
@@ -225,9 +267,11 @@ def test_tasks_per_node_2_is_one_two_process_gloo_run(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_an_sbatch_refusal_on_the_cluster_is_one_line_before_any_job(cluster, tmp_path):
-    for setting, key in [("hydra.launcher.gpus_per_node=1", "hydra.launcher.gpus_per_node"),
-                         ("hydra.launcher.partition=nosuch", "hydra.launcher.partition"),
-                         ("hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb")]:
+    for setting, key in [
+        ("hydra.launcher.gpus_per_node=1", "hydra.launcher.gpus_per_node"),
+        ("hydra.launcher.partition=nosuch", "hydra.launcher.partition"),
+        ("hydra.launcher.mem_gb=100000", "hydra.launcher.mem_gb"),
+    ]:
         done = sweep(tmp_path, "refused", *SMOKE, "residual=0.1,0.3", setting)
         assert done.returncode == 2, done.stdout + done.stderr
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -240,8 +284,13 @@ def test_an_sbatch_refusal_on_the_cluster_is_one_line_before_any_job(cluster, tm
 def test_squeue_stands_in_for_sacct(cluster):
     """The watcher's fallback reads what squeue says in sacct's format; a job the controller no
     longer holds is GONE (ended), so a sweep never waits on it forever."""
-    out = subprocess.run(["sbatch", "--parsable", "--wrap", "true", "--output", "/dev/null"], capture_output=True,
-                         text=True, check=True, env=env())
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--wrap", "true", "--output", "/dev/null"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env(),
+    )
     job = out.stdout.strip()
     text = squeue_states({job, "999999"})
     rows = {line.split("|")[0]: line.split("|")[1] for line in text.splitlines()[1:]}

@@ -21,14 +21,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def stack(seed: int = 0, **kw) -> Stack:
     torch.manual_seed(seed)
-    args = dict(d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, norm="pre", norm_type="layer",
-                final_norm=True, causal=True)
+    args = dict(
+        d_model=32, n_layers=2, n_heads=4, mlp_ratio=4, norm="pre", norm_type="layer", final_norm=True, causal=True
+    )
     s = Stack(**{**args, **kw})
     init_weights(s)
     return s
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_qk_norm_bounds_the_attention_logits():
     torch.manual_seed(0)
@@ -87,7 +89,7 @@ def test_v_scale_keeps_large_values_and_shrinks_small_ones():
     vs.load_state_dict(plain.state_dict(), strict=False)
     assert vs.v_theta.shape == (4,)  # lambda = exp(theta), one per head
     x = torch.randn(2, 10, 32)
-    C = 32 * 8 * 0.02 ** 2  # d_model * d_head * sigma^2 * exp(0)
+    C = 32 * 8 * 0.02**2  # d_model * d_head * sigma^2 * exp(0)
     for gain, close in ((100.0, True), (0.05, False)):
         with torch.no_grad():
             plain.qkv.weight.normal_(std=0.02 * gain)
@@ -120,8 +122,8 @@ def test_deepnorm_alpha_and_beta_by_depth(n_layers):
         # beta scales the FFN, the value rows of q|k|v and the output projection; q and k keep theirs
         for p, d in ((pb.mlp.fc, db.mlp.fc), (pb.mlp.proj, db.mlp.proj), (pb.attn.proj, db.attn.proj)):
             assert torch.allclose(d.weight, beta * p.weight)
-        assert torch.allclose(db.attn.qkv.weight[2 * C:], beta * pb.attn.qkv.weight[2 * C:])
-        assert torch.equal(db.attn.qkv.weight[:2 * C], pb.attn.qkv.weight[:2 * C])
+        assert torch.allclose(db.attn.qkv.weight[2 * C :], beta * pb.attn.qkv.weight[2 * C :])
+        assert torch.equal(db.attn.qkv.weight[: 2 * C], pb.attn.qkv.weight[: 2 * C])
     # the block computes x <- LN(alpha x + f(x)) for both sublayers
     b = deep.layers[0]
     x = torch.randn(2, 6, 32)
@@ -132,8 +134,9 @@ def test_deepnorm_alpha_and_beta_by_depth(n_layers):
 
 
 def test_the_cascade_accepts_every_stabilizer():
-    cfg = compose_run(["preset=smoke", "norm=deepnorm", "qk_norm=true", "sigma_reparam=true", "v_scale=true",
-                       "warmup=50"])
+    cfg = compose_run(
+        ["preset=smoke", "norm=deepnorm", "qk_norm=true", "sigma_reparam=true", "v_scale=true", "warmup=50"]
+    )
     m = cfg.model
     assert (m.norm, m.qk_norm, m.sigma_reparam, m.v_scale, cfg.train.warmup) == ("deepnorm", True, True, True, 50)
     torch.manual_seed(0)

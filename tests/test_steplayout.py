@@ -42,8 +42,10 @@ class UpdateProbe:
         self.before = {g: [p.detach().clone() for p in ps] for g, ps in self.groups.items()}
 
     def measure(self) -> dict[str, torch.Tensor]:
-        norms = [torch.linalg.vector_norm(torch.stack([(p.detach() - b).norm() for p, b in zip(ps, self.before[g])]))
-                 for g, ps in self.groups.items()]
+        norms = [
+            torch.linalg.vector_norm(torch.stack([(p.detach() - b).norm() for p, b in zip(ps, self.before[g])]))
+            for g, ps in self.groups.items()
+        ]
         self.snapshot()
         return {"update": torch.stack(norms)}
 
@@ -71,11 +73,18 @@ def test_a_probes_metrics_reach_the_record_with_their_measured_values(sync_every
         before = [p.detach().clone() for p in work.model.parameters()]
         weights.append(before)
         expected_param_norm.append(math.sqrt(sum(float(p.double().pow(2).sum()) for p in before)))
-        window.add(StepContext(step, 1, step, torch.arange(4), batch, None, sched.state_dict(),
-                               [g["lr"] for g in opt.param_groups]))
+        window.add(
+            StepContext(
+                step, 1, step, torch.arange(4), batch, None, sched.state_dict(), [g["lr"] for g in opt.param_groups]
+            )
+        )
         if window.full:
-            records += [layout.record(row, step=ctx.step, epoch=1, batch=ctx.step, lr=ctx.lrs[0], step_ms=0.0,
-                                      clip=1.0, finite=finite) for ctx, row, finite in window.drain()]
+            records += [
+                layout.record(
+                    row, step=ctx.step, epoch=1, batch=ctx.step, lr=ctx.lrs[0], step_ms=0.0, clip=1.0, finite=finite
+                )
+                for ctx, row, finite in window.drain()
+            ]
     after = [p.detach().clone() for p in work.model.parameters()]
     weights.append(after)
     assert [r.step for r in records] == list(range(8)) and all(r.finite for r in records)
@@ -86,8 +95,9 @@ def test_a_probes_metrics_reach_the_record_with_their_measured_values(sync_every
     index = {id(p): i for i, p in enumerate(params)}
     for g, mods in groups.items():
         ps = [p for m in mods for p in m.parameters()]
-        want = math.sqrt(sum(float((weights[8][index[id(p)]] - weights[7][index[id(p)]]).double().pow(2).sum())
-                             for p in ps))
+        want = math.sqrt(
+            sum(float((weights[8][index[id(p)]] - weights[7][index[id(p)]]).double().pow(2).sum()) for p in ps)
+        )
         assert records[-1].per_group("update")[g] == pytest.approx(want, rel=1e-4, abs=1e-12)
     assert set(records[-1].per_group("update")) == set(groups)
     # the record's JSON line carries them, after the core keys and before the host ones
@@ -98,12 +108,20 @@ def test_a_probes_metrics_reach_the_record_with_their_measured_values(sync_every
 
 
 def test_the_record_reads_the_row_the_layout_packed():
-    layout = StepLayout(["emb", "head"], n_stages=2, probes=[type("P", (), {"metrics": STAGE, "phase": "grads"})()],
-                        clamp=(0.5, 2.0))
-    vec = layout.pack({"loss": torch.tensor(2.5), "grad_norm": torch.tensor(5.0),
-                       "grad": torch.tensor([3.0, 4.0]), "grads_finite": torch.tensor(True),
-                       "stage_rms": torch.tensor([1.0, 1.5]), "stage_ratio": torch.tensor([1.0, 3.0]),
-                       "stage_scale": torch.tensor([1.0, 2.0])})
+    layout = StepLayout(
+        ["emb", "head"], n_stages=2, probes=[type("P", (), {"metrics": STAGE, "phase": "grads"})()], clamp=(0.5, 2.0)
+    )
+    vec = layout.pack(
+        {
+            "loss": torch.tensor(2.5),
+            "grad_norm": torch.tensor(5.0),
+            "grad": torch.tensor([3.0, 4.0]),
+            "grads_finite": torch.tensor(True),
+            "stage_rms": torch.tensor([1.0, 1.5]),
+            "stage_ratio": torch.tensor([1.0, 3.0]),
+            "stage_scale": torch.tensor([1.0, 2.0]),
+        }
+    )
     assert vec.shape == (layout.width,) and layout.width == 1 + 1 + 2 + 1 + 6
     rec = layout.record(vec.numpy(), step=7, epoch=2, batch=3, lr=0.1, step_ms=4.0, clip=4.0)
     assert (rec.loss, rec.grad_norm, rec.finite, rec.clipped) == (2.5, 5.0, True, True)
@@ -112,14 +130,22 @@ def test_the_record_reads_the_row_the_layout_packed():
     assert "grads_finite" not in rec  # folded into `finite`, not written
     bad = vec.clone()
     bad[layout.slices["grads_finite"]] = 0
-    assert not layout.finite(bad.numpy()) and not layout.record(bad.numpy(), step=0, epoch=1, batch=0, lr=0.1,
-                                                                step_ms=0.0, clip=4.0).clipped
+    assert (
+        not layout.finite(bad.numpy())
+        and not layout.record(bad.numpy(), step=0, epoch=1, batch=0, lr=0.1, step_ms=0.0, clip=4.0).clipped
+    )
     nan_loss = vec.clone()
     nan_loss[0] = math.nan
     assert not layout.finite(nan_loss.numpy())
     with pytest.raises(KeyError, match="'stage_rms' was declared but not measured"):
-        layout.pack({"loss": torch.tensor(1.0), "grad_norm": torch.tensor(1.0), "grad": torch.zeros(2),
-                     "grads_finite": torch.tensor(True)})
+        layout.pack(
+            {
+                "loss": torch.tensor(1.0),
+                "grad_norm": torch.tensor(1.0),
+                "grad": torch.zeros(2),
+                "grads_finite": torch.tensor(True),
+            }
+        )
 
 
 def test_a_group_named_like_a_step_field_is_refused_not_overwritten():

@@ -26,12 +26,17 @@ def test_basic_sweep_runs_the_grid_into_readable_folders(cli, tmp_path):
     result = cli("sweep", "--runs", tmp_path, "--name", "grid", *SMOKE, *GRID)
     sweep = tmp_path / "grid"
     names = [p.name for p in job_dirs(sweep)]
-    assert names == ["norm=post,preset=smoke,residual=0.1", "norm=post,preset=smoke,residual=0.3",
-                     "norm=pre,preset=smoke,residual=0.1", "norm=pre,preset=smoke,residual=0.3"]
+    assert names == [
+        "norm=post,preset=smoke,residual=0.1",
+        "norm=post,preset=smoke,residual=0.3",
+        "norm=pre,preset=smoke,residual=0.1",
+        "norm=pre,preset=smoke,residual=0.3",
+    ]
     index = read_json(sweep / "sweep.json")
     assert index["state"] == "completed" and len(index["jobs"]) == 4
     assert {tuple(sorted(j["overrides"])) for j in index["jobs"]} == {
-        tuple(sorted(["preset=smoke", f"residual={r}", f"norm={n}"])) for r in ("0.1", "0.3") for n in ("pre", "post")}
+        tuple(sorted(["preset=smoke", f"residual={r}", f"norm={n}"])) for r in ("0.1", "0.3") for n in ("pre", "post")
+    }
     for d in job_dirs(sweep):
         status = read_json(d / "status.json")
         assert status["state"] == "completed"
@@ -49,8 +54,20 @@ def test_basic_sweep_runs_the_grid_into_readable_folders(cli, tmp_path):
 def test_a_key_with_no_effect_makes_no_new_run_and_the_sweep_says_so(cli, tmp_path):
     # model.final_norm only exists in a pre-norm stack: under post-norm both values are one run.
     # joblib: its workers start before the sweep knows which jobs are duplicates
-    result = cli("sweep", "--runs", tmp_path, "--name", "inert", "--launcher", "joblib", "--jobs", "2", *SMOKE,
-                 "norm=post", "model.final_norm=true,false")
+    result = cli(
+        "sweep",
+        "--runs",
+        tmp_path,
+        "--name",
+        "inert",
+        "--launcher",
+        "joblib",
+        "--jobs",
+        "2",
+        *SMOKE,
+        "norm=post",
+        "model.final_norm=true,false",
+    )
     out = " ".join(result.output.split())
     assert "model.final_norm has no effect there" in out and "trained once" in out
     dirs = job_dirs(tmp_path / "inert")
@@ -106,8 +123,19 @@ def test_submitit_local_sweep_runs_jobs_in_subprocesses(cli, tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_killed_part_way_resumes_only_what_is_missing(tmp_path):
-    args = [sys.executable, "-m", "cli.main", "sweep", "--runs", str(tmp_path), "--name", "kill", *SMOKE,
-            "train.epochs=30", "residual=0.1,0.3"]
+    args = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "sweep",
+        "--runs",
+        str(tmp_path),
+        "--name",
+        "kill",
+        *SMOKE,
+        "train.epochs=30",
+        "residual=0.1,0.3",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep = tmp_path / "kill"
     deadline = time.monotonic() + CEILING_S  # an event to wait for; the ceiling only stops a hang
@@ -152,10 +180,22 @@ def test_a_second_sweep_on_the_same_name_is_refused_while_the_first_runs(cli, tm
 
 def test_a_refused_joblib_sweep_stops_its_warming_workers_with_one_line(tmp_path):
     """The workers start before the configs are checked; a refused config stops them quietly."""
-    args = [sys.executable, "-m", "cli.main", "sweep", "--runs", str(tmp_path), "--launcher", "joblib", *SMOKE,
-            "residual=0.1,0.3", "norm=sideways"]
+    args = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "sweep",
+        "--runs",
+        str(tmp_path),
+        "--launcher",
+        "joblib",
+        *SMOKE,
+        "residual=0.1,0.3",
+        "norm=sideways",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=CEILING_S)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: norm='sideways' is not allowed: expected one of pre, post, deepnorm"]
+        "error: norm='sideways' is not allowed: expected one of pre, post, deepnorm"
+    ]
     assert not list(tmp_path.rglob("status.json"))

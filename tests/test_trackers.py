@@ -79,7 +79,8 @@ def test_tensorboard_has_every_step_the_params_and_the_first_nan(nan_run):
     assert "epoch/scream/dominant" in acc.Tags()["scalars"]
 
     start = metadata.parse_session_start_info_plugin_data(
-        acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG])
+        acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    )
     assert set(FACTORS) <= set(start.hparams)
     assert start.hparams["norm"].string_value == "post" and start.hparams["fault.nan_at_step"].number_value == 6
     assert "log" not in start.hparams  # operational
@@ -108,8 +109,13 @@ def test_mlflow_has_every_step_the_params_and_the_first_nan(nan_run):
         assert [s for s, _ in logged] == [r["step"] for r in steps], key
         assert all(same(v, r[key]) for (_, v), r in zip(logged, steps)), key
     params = run.data.params
-    assert {f: params[f] for f in FACTORS} == {"residual": "0.1", "norm": "post", "clip": "10.0",
-                                               "spectral_norm": "False", "qk_norm": "False"}
+    assert {f: params[f] for f in FACTORS} == {
+        "residual": "0.1",
+        "norm": "post",
+        "clip": "10.0",
+        "spectral_norm": "False",
+        "qk_norm": "False",
+    }
     assert "log" not in params and run.data.tags["stab.log"] == '["tensorboard", "mlflow", "wandb"]'
     tags = run.data.tags
     assert tags["verdict"] == "nan" and "stage2.layer0.mlp" in tags["first_nan"]
@@ -123,8 +129,13 @@ def wandb_records(run_dir: Path) -> list[dict]:
     assert files
     out = []
     for f in files:
-        text = subprocess.run([shutil.which("wandb") or "wandb", "leet", "inspect", "--json", str(f)],
-                              capture_output=True, text=True, check=True, timeout=900).stdout  # 900 s: a ceiling against a hang, not a wait
+        text = subprocess.run(
+            [shutil.which("wandb") or "wandb", "leet", "inspect", "--json", str(f)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=900,
+        ).stdout  # 900 s: a ceiling against a hang, not a wait
         out += [json.loads(line) for line in text.splitlines() if line.strip()]
     return out
 
@@ -261,7 +272,9 @@ def test_bad_tracker_names_and_missing_packages_stop_before_any_work(cli, tmp_pa
     from stability import trackers
 
     real = trackers.importlib.util.find_spec
-    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(
+        trackers.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
     result = cli("run", "--runs", tmp_path, *SMOKE, "log=[tensorboard,wandb]", ok=False)
     assert result.exit_code == 2 and "pip install wandb" in result.output
     assert not (tmp_path / "run").exists()  # nothing started
@@ -277,12 +290,19 @@ def test_log_is_operational_and_without_it_no_tracker_is_imported(tmp_path):
     assert compose_run(["log=none"]).log == [] and compose_run(["log=wandb"]).log == ["wandb"]
     assert "log" in OPERATIONAL  # not in a job folder's name
 
-    code = ("import sys; from pathlib import Path; from stability.config import RunConfig; "
-            "from stability import training; from stability.trackers import open_trackers; "
-            f"r = open_trackers(RunConfig(), Path({str(tmp_path)!r}) / 'job'); r.step({{'step': 0, 'loss': 1.0}}); "
-            "r.close('completed'); "
-            "print(sorted(m for m in ('tensorboard', 'mlflow', 'wandb') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    code = (
+        "import sys; from pathlib import Path; from stability.config import RunConfig; "
+        "from stability import training; from stability.trackers import open_trackers; "
+        f"r = open_trackers(RunConfig(), Path({str(tmp_path)!r}) / 'job'); r.step({{'step': 0, 'loss': 1.0}}); "
+        "r.close('completed'); "
+        "print(sorted(m for m in ('tensorboard', 'mlflow', 'wandb') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     assert out.stdout.strip() == "[]"
     assert not (tmp_path / "job" / "trackers.json").exists()

@@ -38,6 +38,7 @@ def _dc(level: float, noise: float = 0.0):
         write_pair(root, "x", 16_000, 1)
         x = level + noise * np.random.default_rng(0).standard_normal((16_000, 1))
         sf.write(root / "input" / "x.wav", x.astype(np.float32), 16_000)
+
     return make
 
 
@@ -47,8 +48,11 @@ def _silent_target(root: Path) -> None:
 
 
 UNUSABLE = {
-    "stereo channels cancel": (_inverted_stereo, "input/x.wav and target/x.wav are both silent",
-                               "silent after the downmix to mono"),
+    "stereo channels cancel": (
+        _inverted_stereo,
+        "input/x.wav and target/x.wav are both silent",
+        "silent after the downmix to mono",
+    ),
     "content above 12 kHz": (_above_nyquist, "are both silent", "silent after resampling from 48000 Hz"),
     "DC only": (_dc(0.5), "input/x.wav is constant: a DC level of -6 dBFS", "no signal"),
     "DC with noise below -80 dB": (_dc(0.5, 1e-6), "input/x.wav is constant", "DC level"),
@@ -76,7 +80,10 @@ TEXT = {
     "NUL bytes": ("\0" * 30_000, "vocabulary of 1 character ('\\x00' x 30000)"),
     "one repeated letter": ("e" * 30_000, "vocabulary of 1 character ('e' x 30000)"),
     "whitespace only": (" \n\t" * 10_000, "holds only whitespace"),
-    "mostly control characters": (("\0\1\2\3" * 9 + "some text ") * 1000, "is not text: 78% of its characters are control"),
+    "mostly control characters": (
+        ("\0\1\2\3" * 9 + "some text ") * 1000,
+        "is not text: 78% of its characters are control",
+    ),
     "one dominant character": (("a" * 97 + "bcd") * 300, "is 97% one character ('a')"),
 }
 
@@ -95,8 +102,9 @@ def test_text_without_anything_to_learn_is_refused_naming_the_file(cli, tmp_path
 def test_text_is_checked_after_the_max_chars_cut(cli, tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\0" * 5000 + "real words follow here. " * 2000, encoding="utf-8")
-    result = cli("run", "--runs", tmp_path / "runs", "model=charlm", *SMOKE, f"data.path={path}",
-                 "data.max_chars=4000", ok=False)
+    result = cli(
+        "run", "--runs", tmp_path / "runs", "model=charlm", *SMOKE, f"data.path={path}", "data.max_chars=4000", ok=False
+    )
     assert result.exit_code == 2 and "its first data.max_chars=4000" in result.output
 
 
@@ -108,6 +116,7 @@ def test_constant_latents_are_refused_before_they_are_cached(monkeypatch, tmp_pa
 
     def encode(model, audio, progress=None):  # what a codec that maps every input to one point would give
         return torch.full((audio.shape[0], 128, audio.shape[-1] // 320), 0.25)
+
     monkeypatch.setattr(data_mod, "encode", encode)
     cfg = DataConfig(n_train=4, n_val=2, seconds=1.0, cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="the input training latents are constant after encoding"):

@@ -51,13 +51,16 @@ def every_json_parses(folder: Path) -> None:
 
 # --- one writer per folder --------------------------------------------------------------------
 
+
 def test_two_runs_with_the_same_overrides_in_the_same_second_get_a_folder_each(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")  # the same second, always
     for _ in range(2):
         cli("run", "--runs", tmp_path, *SMOKE, "train.epochs=2")
     runs = sorted((tmp_path / "run").iterdir())
-    assert [r.name for r in runs] == ["20260101-000000_preset=smoke,train.epochs=2",
-                                      "20260101-000000_preset=smoke,train.epochs=2-2"]
+    assert [r.name for r in runs] == [
+        "20260101-000000_preset=smoke,train.epochs=2",
+        "20260101-000000_preset=smoke,train.epochs=2-2",
+    ]
     for run in runs:  # each written once: every step and epoch exactly once, in order
         steps, epochs = steps_and_epochs(run)
         assert steps == list(range(8)) and epochs == [1, 2]
@@ -84,8 +87,9 @@ def test_a_dead_writer_is_told_apart_from_a_live_one_by_pid_and_start_time(tmp_p
     gone.wait()
     run = tmp_path / "run"
     run.mkdir()
-    (run / "status.json").write_text(json.dumps({"state": "running", "pid": gone.pid, "host": os.uname().nodename,
-                                                 "started": time.time()}))
+    (run / "status.json").write_text(
+        json.dumps({"state": "running", "pid": gone.pid, "host": os.uname().nodename, "started": time.time()})
+    )
     (run / LEASE).write_text(json.dumps({"pid": gone.pid, "host": os.uname().nodename, "pid_start": 1}))
     loaded = report.load_run(run, tmp_path)  # report and show: never `running` forever
     assert loaded.state == "interrupted" and any("is gone" in w for w in loaded.warnings)
@@ -108,17 +112,32 @@ def test_a_job_still_written_by_a_live_process_is_not_started_a_second_time(cli,
 
 # --- signals to a sweep -----------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_a_signal_to_a_sweep_stops_its_jobs_and_a_rerun_resumes_with_one_writer(tmp_path, launcher):
-    args = [*STAB, "sweep", "--runs", str(tmp_path), "--name", "sig", "--launcher", launcher, *SMOKE,
-            "train.epochs=15", "residual=0.1,0.3"]
+    args = [
+        *STAB,
+        "sweep",
+        "--runs",
+        str(tmp_path),
+        "--name",
+        "sig",
+        "--launcher",
+        launcher,
+        *SMOKE,
+        "train.epochs=15",
+        "residual=0.1,0.3",
+    ]
     sweep = tmp_path / "sig"
     parallel = launcher != "basic"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        wait_for(lambda: len(list(sweep.glob("*/epochs.jsonl"))) >= (2 if parallel else 1),
-                 "a trained epoch in every running job", proc)
+        wait_for(
+            lambda: len(list(sweep.glob("*/epochs.jsonl"))) >= (2 if parallel else 1),
+            "a trained epoch in every running job",
+            proc,
+        )
         first = {p.parent: read_json(p.parent / "status.json")["pid"] for p in sweep.glob("*/epochs.jsonl")}
         proc.send_signal(signal.SIGTERM)  # to the sweep's pid only, not its process group
         out, err = proc.communicate(timeout=CEILING_S)
@@ -148,8 +167,19 @@ def test_a_signal_to_a_sweep_stops_its_jobs_and_a_rerun_resumes_with_one_writer(
 def test_jobs_of_a_sigkilled_submitit_sweep_stop_themselves_and_an_immediate_rerun_has_one_writer(tmp_path):
     """submitit re-parents its jobs: SIGKILL to the sweep leaves them orphans, which must not
     train on beside the re-run (issue 14: 216 metric lines for 120 steps)."""
-    args = [*STAB, "sweep", "--runs", str(tmp_path), "--name", "orphans", "--launcher", "submitit_local", *SMOKE,
-            "train.epochs=40", "residual=0.1,0.3"]  # long enough to overlap a re-run
+    args = [
+        *STAB,
+        "sweep",
+        "--runs",
+        str(tmp_path),
+        "--name",
+        "orphans",
+        "--launcher",
+        "submitit_local",
+        *SMOKE,
+        "train.epochs=40",
+        "residual=0.1,0.3",
+    ]  # long enough to overlap a re-run
     sweep = tmp_path / "orphans"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -169,6 +199,7 @@ def test_jobs_of_a_sigkilled_submitit_sweep_stop_themselves_and_an_immediate_rer
 
 
 # --- full disks and write errors ------------------------------------------------------------
+
 
 def enospc(path: object = "?") -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -211,7 +242,8 @@ def test_a_sweep_index_on_a_full_disk_is_one_line(cli, tmp_path, monkeypatch):
     result = cli("sweep", "--runs", tmp_path, "--name", "full", *SMOKE, ok=False)
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: cannot write {tmp_path / 'full' / 'sweep.json'}: no space left on device"]
+        f"error: cannot write {tmp_path / 'full' / 'sweep.json'}: no space left on device"
+    ]
 
 
 def test_a_cache_entry_on_a_full_disk_names_the_cache_and_the_cause(tmp_path, monkeypatch):
@@ -237,8 +269,12 @@ def test_status_is_written_in_place_when_no_temp_file_can_be_had(tmp_path, monke
 
 def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                        capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+        ).returncode
+        == 0
+    )
     return ok
 
 
@@ -251,8 +287,13 @@ def test_a_real_full_disk(tmp_path):
     try:
         (disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 96 * 2**10))  # leave 96 KiB
         env = dict(os.environ)
-        run = subprocess.run([*STAB, "run", "--runs", str(disk / "runs"), *SMOKE, "train.epochs=400"],
-                             capture_output=True, text=True, env=env, timeout=CEILING_S)
+        run = subprocess.run(
+            [*STAB, "run", "--runs", str(disk / "runs"), *SMOKE, "train.epochs=400"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=CEILING_S,
+        )
         assert run.returncode == 1, run.stdout + run.stderr
         (line,) = run.stderr.strip().splitlines()
         assert line.startswith(f"error: cannot write {disk}") and line.endswith("no space left on device")
@@ -263,8 +304,13 @@ def test_a_real_full_disk(tmp_path):
         (disk / "filler").unlink()
         (disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 96 * 2**10))
         env["STAB_CACHE"] = str(disk / "cache")  # a fresh cache entry (> 1 MB) cannot fit
-        cache = subprocess.run([*STAB, "run", "--runs", str(tmp_path / "runs"), *SMOKE],
-                               capture_output=True, text=True, env=env, timeout=CEILING_S)
+        cache = subprocess.run(
+            [*STAB, "run", "--runs", str(tmp_path / "runs"), *SMOKE],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=CEILING_S,
+        )
         assert cache.returncode == 1, cache.stdout + cache.stderr
         (line,) = cache.stderr.strip().splitlines()
         assert f"cannot write {disk / 'cache' / 'latents'}" in line and line.endswith("no space left on device")
@@ -273,6 +319,7 @@ def test_a_real_full_disk(tmp_path):
 
 
 # --- damaged records, file modes ------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_resume_reruns_completed_jobs_whose_record_is_damaged_and_says_why(cli, tmp_path):

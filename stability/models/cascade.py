@@ -55,8 +55,17 @@ class Stage(nn.Module):
         d, C = cfg.d_model[i], cfg.latent_dim
         self.residual = cfg.residual[i]
         self.in_proj = nn.Linear(2 * C, d)
-        self.stack = Stack(d, cfg.n_layers[i], cfg.n_heads[i], cfg.mlp_ratio, cfg.norm,
-                           cfg.norm_type, cfg.final_norm, causal=False, **stabilizers(cfg))
+        self.stack = Stack(
+            d,
+            cfg.n_layers[i],
+            cfg.n_heads[i],
+            cfg.mlp_ratio,
+            cfg.norm,
+            cfg.norm_type,
+            cfg.final_norm,
+            causal=False,
+            **stabilizers(cfg),
+        )
         self.output_proj = nn.Linear(d, C)
         self.rms_match = RMSMatch(cfg.rms_match, *cfg.rms_clamp)
 
@@ -107,8 +116,11 @@ class Cascade(nn.Module):
 
     def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
         """Each transformer layer and its attention, named like its gradient groups."""
-        return {f"stage{i}.layer{j}": (layer, layer.attn)
-                for i, stage in enumerate(self.stage_list()) for j, layer in enumerate(stage.stack.blocks())}
+        return {
+            f"stage{i}.layer{j}": (layer, layer.attn)
+            for i, stage in enumerate(self.stage_list())
+            for j, layer in enumerate(stage.stack.blocks())
+        }
 
     def rms_matchers(self) -> list[RMSMatch]:
         return [stage.rms_match for stage in self.stage_list()]

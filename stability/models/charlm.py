@@ -51,8 +51,17 @@ class CharLM(nn.Module):
         self.context = cfg.context
         self.tok = nn.Embedding(vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.context, cfg.d_model)
-        self.stack = Stack(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio, cfg.norm, cfg.norm_type,
-                           cfg.final_norm, causal=True, **stabilizers(cfg))
+        self.stack = Stack(
+            cfg.d_model,
+            cfg.n_layers,
+            cfg.n_heads,
+            cfg.mlp_ratio,
+            cfg.norm,
+            cfg.norm_type,
+            cfg.final_norm,
+            causal=True,
+            **stabilizers(cfg),
+        )
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         init_weights(self, cfg.init_std)
         # GPT-2: N(0, 0.02), not nn.Embedding's N(0, 1). With embed_scale, the Transformer's (and
@@ -60,7 +69,7 @@ class CharLM(nn.Module):
         # the residual stream does not start 50x smaller than what each block adds to it.
         self.embed_mult = math.sqrt(cfg.d_model) if cfg.embed_scale else 1.0
         for emb in (self.tok, self.pos):
-            nn.init.normal_(emb.weight, std=cfg.d_model ** -0.5 if cfg.embed_scale else 0.02)
+            nn.init.normal_(emb.weight, std=cfg.d_model**-0.5 if cfg.embed_scale else 0.02)
         if cfg.spectral_norm:
             # The char LM's output projection, as `output_proj` is the cascade's (Miyato et al.
             # 2018, arXiv 1802.05957): sigma(lm_head) = 1, one power iteration per training forward.
@@ -82,7 +91,7 @@ class CharLM(nn.Module):
         `context` characters, as in nanoGPT.
         """
         for _ in range(n):
-            logits = self(idx[:, -self.context:])  # (B, t, vocab)
+            logits = self(idx[:, -self.context :])  # (B, t, vocab)
             nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
         return idx

@@ -83,8 +83,16 @@ class SigmaReparam(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, causal: bool, *, norm_type: str = "layer",
-                 qk_norm: bool = False, v_scale: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        causal: bool,
+        *,
+        norm_type: str = "layer",
+        qk_norm: bool = False,
+        v_scale: bool = False,
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.causal = causal
@@ -101,7 +109,7 @@ class Attention(nn.Module):
         # (sigma = 0.02) times lambda = exp(theta), learned per head. Large values pass almost
         # unchanged (phi -> 1); small ones are shrunk quadratically (phi ~ r / C).
         self.v_theta = nn.Parameter(torch.zeros(n_heads)) if v_scale else None
-        self.v_c0 = d_model * hs * 0.02 ** 2
+        self.v_c0 = d_model * hs * 0.02**2
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, each (B, nh, T, hs): the one place queries and keys are made, shared by
@@ -161,8 +169,19 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One layer; `depth` (the stack's N) sets DeepNorm's alpha and beta."""
 
-    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, norm: str, norm_type: str,
-                 causal: bool, *, depth: int = 1, qk_norm: bool = False, v_scale: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        mlp_ratio: int,
+        norm: str,
+        norm_type: str,
+        causal: bool,
+        *,
+        depth: int = 1,
+        qk_norm: bool = False,
+        v_scale: bool = False,
+    ) -> None:
         super().__init__()
         self.norm = norm
         self.norm1 = make_norm(norm_type, d_model)
@@ -187,7 +206,7 @@ class Block(nn.Module):
         if self.beta == 1.0:
             return
         C = self.attn.proj.in_features
-        self.attn.qkv.weight[2 * C:].mul_(self.beta)  # the value rows of the fused q, k, v weight
+        self.attn.qkv.weight[2 * C :].mul_(self.beta)  # the value rows of the fused q, k, v weight
         for linear in (self.attn.proj, self.mlp.fc, self.mlp.proj):
             linear.weight.mul_(self.beta)
 
@@ -200,13 +219,28 @@ class Stack(nn.Module):
     end in a norm, so `final_norm` does not apply to them.
     """
 
-    def __init__(self, d_model: int, n_layers: int, n_heads: int, mlp_ratio: int, norm: str,
-                 norm_type: str, final_norm: bool, causal: bool, *, qk_norm: bool = False,
-                 v_scale: bool = False, sigma_reparam: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        mlp_ratio: int,
+        norm: str,
+        norm_type: str,
+        final_norm: bool,
+        causal: bool,
+        *,
+        qk_norm: bool = False,
+        v_scale: bool = False,
+        sigma_reparam: bool = False,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            Block(d_model, n_heads, mlp_ratio, norm, norm_type, causal, depth=n_layers, qk_norm=qk_norm,
-                  v_scale=v_scale) for _ in range(n_layers))
+            Block(
+                d_model, n_heads, mlp_ratio, norm, norm_type, causal, depth=n_layers, qk_norm=qk_norm, v_scale=v_scale
+            )
+            for _ in range(n_layers)
+        )
         self.final_norm = make_norm(norm_type, d_model) if norm == "pre" and final_norm else nn.Identity()
         self.sigma_reparam = sigma_reparam  # applied by `init_weights`, once the weights are drawn
 

@@ -33,32 +33,32 @@ if TYPE_CHECKING:  # the CLI imports this module at start-up: numpy and pandas o
 SCHEMA_VERSION = 2  # 1: the layout before this module (wide grad table, no schema_version)
 
 # --- file names (relative to the run folder) -------------------------------------------------
-CONFIG = "config.yaml"        # the resolved configuration
+CONFIG = "config.yaml"  # the resolved configuration
 OVERRIDES = "overrides.json"  # {"overrides": [...], "run_id": str}
-STATUS = "status.json"        # Status
-DATA = "data.json"            # the workload's data description (codec, latent scale, cache, ...)
-METRICS = "metrics.jsonl"     # one StepRecord per line
-EPOCHS = "epochs.jsonl"       # one EpochRecord per line
-EVENTS = "events.jsonl"       # one Event per line
+STATUS = "status.json"  # Status
+DATA = "data.json"  # the workload's data description (codec, latent scale, cache, ...)
+METRICS = "metrics.jsonl"  # one StepRecord per line
+EPOCHS = "epochs.jsonl"  # one EpochRecord per line
+EVENTS = "events.jsonl"  # one Event per line
 GRAD_TABLE = "grad_norms.csv"  # long: epoch, group, mean, max (schema 1: wide)
-SUMMARY = "summary.json"      # Summary
-SAMPLES = "samples.txt"       # text workloads: each epoch's greedy generations
-FORENSICS = "forensics"       # folder: state.pt, what `stab replay` needs
+SUMMARY = "summary.json"  # Summary
+SAMPLES = "samples.txt"  # text workloads: each epoch's greedy generations
+FORENSICS = "forensics"  # folder: state.pt, what `stab replay` needs
 FORENSICS_STATE = f"{FORENSICS}/state.pt"
-SWEEP_INDEX = "sweep.json"    # in a sweep's folder: its jobs, their overrides and states
+SWEEP_INDEX = "sweep.json"  # in a sweep's folder: its jobs, their overrides and states
 # The files a run writes as it goes: a re-run of the same folder starts them afresh.
 STREAMS = (METRICS, EPOCHS, EVENTS, SUMMARY, GRAD_TABLE, SAMPLES)
 RUN_MARKERS = (STATUS, SUMMARY, CONFIG)  # a folder holding any of these is a run folder
 
 # --- metrics.jsonl: the step record -----------------------------------------------------------
 STEP, EPOCH, BATCH = "step", "epoch", "batch"  # global step (0-based), epoch (1-based), batch in epoch (0-based)
-LOSS = "loss"                 # the step's training loss (see Units), before any loss scaling by a fault
-GRAD_NORM = "grad/norm"       # total L2 norm of all gradients, before clipping
-CLIPPED = "grad/clipped"      # bool: the clip fired on this step (total norm > train.clip)
-LR = "lr"                     # learning rate used for this step's update
-FINITE = "finite"             # bool: the loss and every parameter's gradient were finite
-STEP_MS = "time/step_ms"      # wall time of the step, milliseconds
-TOTAL = "total"               # the grad table's group name for GRAD_NORM
+LOSS = "loss"  # the step's training loss (see Units), before any loss scaling by a fault
+GRAD_NORM = "grad/norm"  # total L2 norm of all gradients, before clipping
+CLIPPED = "grad/clipped"  # bool: the clip fired on this step (total norm > train.clip)
+LR = "lr"  # learning rate used for this step's update
+FINITE = "finite"  # bool: the loss and every parameter's gradient were finite
+STEP_MS = "time/step_ms"  # wall time of the step, milliseconds
+TOTAL = "total"  # the grad table's group name for GRAD_NORM
 STAGE_STATS = ("rms", "ratio", "scale", "clamped")
 
 
@@ -130,8 +130,14 @@ def long_from_wide(wide: pd.DataFrame) -> pd.DataFrame:
     epochs = sorted({int(m.group(1)) for c in wide.columns if (m := _WIDE.match(str(c)))})
     for e in epochs:
         for g in wide.index:
-            rows.append({"epoch": e, "group": str(g), "mean": float(wide.at[g, f"e{e}_mean"]),
-                         "max": float(wide.at[g, f"e{e}_max"])})
+            rows.append(
+                {
+                    "epoch": e,
+                    "group": str(g),
+                    "mean": float(wide.at[g, f"e{e}_mean"]),
+                    "max": float(wide.at[g, f"e{e}_max"]),
+                }
+            )
     return pd.DataFrame(rows, columns=list(GRAD_COLUMNS))
 
 

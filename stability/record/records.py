@@ -74,7 +74,9 @@ class Record(Mapping[str, Any]):
         return len(self._data)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is frozen: make a new one with {type(self).__name__}(old, {name}=...)")
+        raise AttributeError(
+            f"{type(self).__name__} is frozen: make a new one with {type(self).__name__}(old, {name}=...)"
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({dict(self._data)!r})"
@@ -95,30 +97,39 @@ def number(x: Any) -> float:
 # --- epochs.jsonl -------------------------------------------------------------------------------
 class EpochRecord(Record):
     """One line of epochs.jsonl: the epoch's training aggregates, then its evaluation."""
-    epoch = key(0)                       # 1-based
-    steps = key(0)                       # steps taken in the epoch
-    loss = key(math.nan)                 # mean training loss over the epoch's steps (NaN if any was)
-    grad_norm_mean = key(math.nan)       # mean total grad norm over the epoch's steps (NaN if any was)
-    grad_norm_max = key(math.nan)        # largest total grad norm of the epoch (NaN if any was)
-    clip_rate = key(math.nan)            # share of the epoch's steps on which the clip fired, 0..1
-    stage_rms: key[list[float]] = key([])          # per stage: mean of stage{i}/rms
-    stage_ratio: key[list[float]] = key([])        # per stage: mean of stage{i}/ratio
-    stage_scale: key[list[float]] = key([])        # per stage: mean of stage{i}/scale
-    stage_clamp_rate: key[list[float]] = key([])   # per stage: share of steps clamped, 0..1
-    val_loss = key(math.nan)             # validation loss (the same objective); NaN without validation data
-    collapsed: key[bool | None] = key(None)        # the scream check on the validation batch; None: not checked
-    scores: key[dict[str, float]] = key({})        # scream scores of the output (dominant, longest_run, distinct_4, ...)
+
+    epoch = key(0)  # 1-based
+    steps = key(0)  # steps taken in the epoch
+    loss = key(math.nan)  # mean training loss over the epoch's steps (NaN if any was)
+    grad_norm_mean = key(math.nan)  # mean total grad norm over the epoch's steps (NaN if any was)
+    grad_norm_max = key(math.nan)  # largest total grad norm of the epoch (NaN if any was)
+    clip_rate = key(math.nan)  # share of the epoch's steps on which the clip fired, 0..1
+    stage_rms: key[list[float]] = key([])  # per stage: mean of stage{i}/rms
+    stage_ratio: key[list[float]] = key([])  # per stage: mean of stage{i}/ratio
+    stage_scale: key[list[float]] = key([])  # per stage: mean of stage{i}/scale
+    stage_clamp_rate: key[list[float]] = key([])  # per stage: share of steps clamped, 0..1
+    val_loss = key(math.nan)  # validation loss (the same objective); NaN without validation data
+    collapsed: key[bool | None] = key(None)  # the scream check on the validation batch; None: not checked
+    scores: key[dict[str, float]] = key({})  # scream scores of the output (dominant, longest_run, distinct_4, ...)
     target_scores: key[dict[str, float]] = key({})  # the same for the target
-    codes_head: key[list[Any]] = key([])           # cascade: the first codes of each validation output
-    health: key[dict[str, Any]] = key({})          # per-layer attention health (stability.health)
+    codes_head: key[list[Any]] = key([])  # cascade: the first codes of each validation output
+    health: key[dict[str, Any]] = key({})  # per-layer attention health (stability.health)
     health_summary: key[dict[str, float]] = key({})  # attn_entropy_min, attn_logit_max, sink_max, ...
-    samples: key[list[dict[str, str]]] = key([])   # text workloads: [{"prompt", "output"}] greedy generations
-    audio: key[list[str]] = key([])                # cascade listen epochs: WAV paths relative to the run folder
+    samples: key[list[dict[str, str]]] = key([])  # text workloads: [{"prompt", "output"}] greedy generations
+    audio: key[list[str]] = key([])  # cascade listen epochs: WAV paths relative to the run folder
 
 
 # --- events.jsonl -------------------------------------------------------------------------------
-EVENT_NAMES = ("first_nan", "clamp_saturation", "grad_explosion", "scream", "grad_spike", "loss_spike", "stopped_early",
-               "rewound")
+EVENT_NAMES = (
+    "first_nan",
+    "clamp_saturation",
+    "grad_explosion",
+    "scream",
+    "grad_spike",
+    "loss_spike",
+    "stopped_early",
+    "rewound",
+)
 
 
 class Event(Record):
@@ -132,69 +143,74 @@ class Event(Record):
     stopped_early: epoch, step, reason (train.stop_early: the verdict can no longer be stable);
     rewound: step, epoch, batch, snapshot (train.rewind_from: the run continued from that snapshot, the
       steps before it are the snapshot's run's records)."""
-    event = key("")                      # one of EVENT_NAMES
+
+    event = key("")  # one of EVENT_NAMES
     epoch: key[int | None] = key(None)
     batch: key[int | None] = key(None)
     step: key[int | None] = key(None)
     module: key[str | None] = key(None)  # first_nan: the module group where it started
-    value = key(math.nan)                # grad_explosion, spikes: the norm or loss
+    value = key(math.nan)  # grad_explosion, spikes: the norm or loss
 
 
 # --- summary.json, status.json ------------------------------------------------------------------
 class Summary(Record):
     """summary.json: what the run found. A crashed run's summary holds only verdict ("failed"),
     evidence, run_id, wall_s and schema_version."""
-    schema_version = key(1)              # absent: written before the schema had a version
-    verdict = key("?")                   # a name of `verdicts.SEVERITY`; "?" where the file has none
-    evidence = key("")                   # one sentence: why this verdict
-    run_id = key("")                     # hash of the run's identity (its non-operational config)
-    flags: key[list[dict[str, Any]]] = key([])      # every finding: {flag, epoch|step, evidence}
-    warnings: key[list[dict[str, Any]]] = key([])   # {warning, message, ...}: saturated clamp, clip never/always, ...
+
+    schema_version = key(1)  # absent: written before the schema had a version
+    verdict = key("?")  # a name of `verdicts.SEVERITY`; "?" where the file has none
+    evidence = key("")  # one sentence: why this verdict
+    run_id = key("")  # hash of the run's identity (its non-operational config)
+    flags: key[list[dict[str, Any]]] = key([])  # every finding: {flag, epoch|step, evidence}
+    warnings: key[list[dict[str, Any]]] = key([])  # {warning, message, ...}: saturated clamp, clip never/always, ...
     first_nan: key[dict[str, Any] | None] = key(None)  # the first_nan event's fields, or None
-    scream_epoch: key[int | None] = key(None)       # onset of the scream, or None
+    scream_epoch: key[int | None] = key(None)  # onset of the scream, or None
     grad_explosion: key[dict[str, Any] | None] = key(None)  # the grad_explosion event's fields, or None
-    grad_norm_by_epoch: key[list[float]] = key([])      # EpochRecord.grad_norm_mean per epoch
+    grad_norm_by_epoch: key[list[float]] = key([])  # EpochRecord.grad_norm_mean per epoch
     grad_norm_max_by_epoch: key[list[float]] = key([])  # EpochRecord.grad_norm_max per epoch
     loss_by_epoch: key[list[float]] = key([])
     val_loss_by_epoch: key[list[float]] = key([])
-    final_loss = key(math.nan)           # the last step's training loss
-    final_val_loss = key(math.nan)       # the last epoch's validation loss
-    growth_per_epoch = key(math.nan)     # geometric-mean growth of grad_norm_by_epoch over finite epochs
+    final_loss = key(math.nan)  # the last step's training loss
+    final_val_loss = key(math.nan)  # the last epoch's validation loss
+    growth_per_epoch = key(math.nan)  # geometric-mean growth of grad_norm_by_epoch over finite epochs
     first_spike_step: key[int | None] = key(None)  # first grad or loss spike (global step)
     n_grad_spikes = key(0)
     n_loss_spikes = key(0)
-    spike_lead_steps: key[int | None] = key(None)  # steps from the first spike to the first NaN (or the explosion's peak)
-    clip_rate = key(math.nan)            # share of all steps clipped, 0..1
+    spike_lead_steps: key[int | None] = key(
+        None
+    )  # steps from the first spike to the first NaN (or the explosion's peak)
+    clip_rate = key(math.nan)  # share of all steps clipped, 0..1
     nonfinite_steps = key(0)
     epochs_run = key(0)
-    steps: key[int | None] = key(None)   # steps taken (= lines of metrics.jsonl)
-    stopped_early = key(False)           # stopped at a non-finite step (train.on_nan=stop) or once certain to be unstable
+    steps: key[int | None] = key(None)  # steps taken (= lines of metrics.jsonl)
+    stopped_early = key(False)  # stopped at a non-finite step (train.on_nan=stop) or once certain to be unstable
     stage_rms_last_epoch: key[list[float] | None] = key(None)
     stage_scale_last_epoch: key[list[float] | None] = key(None)
     codec: key[dict[str, Any] | None] = key(None)
     latent_scale: key[float | None] = key(None)
     device = key("")
-    wall_s = key(math.nan)               # seconds from start to summary
+    wall_s = key(math.nan)  # seconds from start to summary
 
 
 class Status(Record):
     """status.json, rewritten at each change of state (padded to 4096 bytes: see storage.write_status)."""
+
     schema_version = key(1)
-    state = key("unknown")               # running | completed | failed | interrupted; unknown: no or unreadable file
+    state = key("unknown")  # running | completed | failed | interrupted; unknown: no or unreadable file
     run_id = key("")
     pid: key[int | None] = key(None)
     host = key("?")
-    started: key[float | None] = key(None)   # Unix time, s
+    started: key[float | None] = key(None)  # Unix time, s
     finished: key[float | None] = key(None)
     updated: key[float | None] = key(None)
     error: key[str | None] = key(None)
     traceback = key("")
-    verdict: key[str | None] = key(None)     # once completed
+    verdict: key[str | None] = key(None)  # once completed
     device = key("")
     threads: key[int | None] = key(None)
     torch = key("")
     python = key("")
-    job_num: key[int | None] = key(None)     # a sweep job: its number in the sweep
+    job_num: key[int | None] = key(None)  # a sweep job: its number in the sweep
     concurrency: key[int | None] = key(None)  # a sweep job: jobs running at once
-    gpu_slot: key[int | None] = key(None)    # a sweep job: the GPU it was given, if any
-    owner: key[str | None] = key(None)       # a sweep job: the sweep process that started it (pid:start)
+    gpu_slot: key[int | None] = key(None)  # a sweep job: the GPU it was given, if any
+    owner: key[str | None] = key(None)  # a sweep job: the sweep process that started it (pid:start)

@@ -28,8 +28,21 @@ from stability.record import format as rf
 from stability.record.records import EpochRecord, Event
 
 MAX_SPIKE_EVENTS = 20  # spike events written per kind; the counts are in the summary
-_EPOCH_FIELDS = ("epoch", "loss", "grad_norm_mean", "grad_norm_max", "clip_rate", "stage_rms", "stage_scale",
-                 "stage_clamp_rate", "val_loss", "collapsed", "scores", "target_scores", "health_summary")
+_EPOCH_FIELDS = (
+    "epoch",
+    "loss",
+    "grad_norm_mean",
+    "grad_norm_max",
+    "clip_rate",
+    "stage_rms",
+    "stage_scale",
+    "stage_clamp_rate",
+    "val_loss",
+    "collapsed",
+    "scores",
+    "target_scores",
+    "health_summary",
+)
 
 
 class Summarizer:
@@ -39,8 +52,10 @@ class Summarizer:
     def __init__(self, detect: DetectConfig, clip: float | None) -> None:
         self.dc, self.clip = detect, clip
         window = (detect.spike_window, detect.spike_z, detect.spike_warmup, detect.spike_ratio)
-        self.spike_detectors = {"grad_spike": detectors.SpikeDetector(*window),
-                                "loss_spike": detectors.SpikeDetector(*window)}
+        self.spike_detectors = {
+            "grad_spike": detectors.SpikeDetector(*window),
+            "loss_spike": detectors.SpikeDetector(*window),
+        }
         self.spikes: dict[str, list[dict[str, Any]]] = {"grad_spike": [], "loss_spike": []}  # the first few
         self.n_spikes = {"grad_spike": 0, "loss_spike": 0}
         self.first_spike_step: int | None = None
@@ -69,16 +84,31 @@ class Summarizer:
                 if self.first_spike_step is None:
                     self.first_spike_step = rec[rf.STEP]
                 if len(self.spikes[kind]) < MAX_SPIKE_EVENTS:
-                    self.spikes[kind].append({"event": kind, "step": rec[rf.STEP], "epoch": rec[rf.EPOCH],
-                                              "batch": rec[rf.BATCH], "value": value})
+                    self.spikes[kind].append(
+                        {
+                            "event": kind,
+                            "step": rec[rf.STEP],
+                            "epoch": rec[rf.EPOCH],
+                            "batch": rec[rf.BATCH],
+                            "value": value,
+                        }
+                    )
         events = []
         i = 0
         while (clamped := rec.get(rf.stage_key(i, "clamped"))) is not None:
             if clamped and i not in self.clamp_seen:
                 self.clamp_seen.add(i)
-                events.append({"event": "clamp_saturation", "stage": i, "step": rec[rf.STEP], "epoch": rec[rf.EPOCH],
-                               "batch": rec[rf.BATCH], "ratio": rec[rf.stage_key(i, "ratio")],
-                               "scale": rec[rf.stage_key(i, "scale")]})
+                events.append(
+                    {
+                        "event": "clamp_saturation",
+                        "stage": i,
+                        "step": rec[rf.STEP],
+                        "epoch": rec[rf.EPOCH],
+                        "batch": rec[rf.BATCH],
+                        "ratio": rec[rf.stage_key(i, "ratio")],
+                        "scale": rec[rf.stage_key(i, "scale")],
+                    }
+                )
             i += 1
         return events
 
@@ -99,38 +129,68 @@ class Summarizer:
         peak = self._peak()
         if peak is not None:
             events.append({"event": "grad_explosion", **peak})
-        diag = detectors.diagnose(epochs, self.first_nan, self.clip, dc.explode_factor, dc.explode_window,
-                                  dc.scream.min_epochs, dc.scream.learning, dc.clamp_warn, dc.logit_growth, peak,
-                                  init=self.init, band=dc.band, scream=dc.scream, attn_logit_level=dc.attn_logit_max,
-                                  attn_entropy_level=dc.attn_entropy_min)
+        diag = detectors.diagnose(
+            epochs,
+            self.first_nan,
+            self.clip,
+            dc.explode_factor,
+            dc.explode_window,
+            dc.scream.min_epochs,
+            dc.scream.learning,
+            dc.clamp_warn,
+            dc.logit_growth,
+            peak,
+            init=self.init,
+            band=dc.band,
+            scream=dc.scream,
+            attn_logit_level=dc.attn_logit_max,
+            attn_entropy_level=dc.attn_entropy_min,
+        )
         if diag["verdict"] == "nan" and injected_nan_step is not None:  # say so: this NaN was put there on purpose
             diag["evidence"] += f" (injected: fault.nan_at_step={injected_nan_step})"
         scream_epoch = diag["scream_epoch"]
         if scream_epoch is not None:
             onset = next(e for e in epochs if e["epoch"] == scream_epoch)
-            events.append({"event": "scream", "epoch": scream_epoch, "scores": onset.get("scores"),
-                           "target_scores": onset.get("target_scores")})
+            events.append(
+                {
+                    "event": "scream",
+                    "epoch": scream_epoch,
+                    "scores": onset.get("scores"),
+                    "target_scores": onset.get("target_scores"),
+                }
+            )
         events += self.spikes["grad_spike"] + self.spikes["loss_spike"]
         norms = [e["grad_norm_mean"] for e in epochs]
         fields = {
-            "verdict": diag["verdict"], "evidence": diag["evidence"],
-            "flags": diag["flags"], "warnings": diag["warnings"], "borderline": diag["borderline"],
+            "verdict": diag["verdict"],
+            "evidence": diag["evidence"],
+            "flags": diag["flags"],
+            "warnings": diag["warnings"],
+            "borderline": diag["borderline"],
             # the loss at initialisation on the validation data, the workload's no-learning baseline, and the
             # last validation loss over the first (or the baseline, without it): > 1 is `diverged`
-            "val_loss_init": diag["val_loss_init"], "baseline_loss": diag["baseline_loss"],
-            "baseline": (self.init or {}).get("baseline"), "loss_ratio": diag["loss_ratio"],
-            "first_nan": self.first_nan, "scream_epoch": scream_epoch, "grad_explosion": peak,
-            "grad_norm_by_epoch": norms, "grad_norm_max_by_epoch": [e["grad_norm_max"] for e in epochs],
-            "loss_by_epoch": [e["loss"] for e in epochs], "val_loss_by_epoch": [e["val_loss"] for e in epochs],
+            "val_loss_init": diag["val_loss_init"],
+            "baseline_loss": diag["baseline_loss"],
+            "baseline": (self.init or {}).get("baseline"),
+            "loss_ratio": diag["loss_ratio"],
+            "first_nan": self.first_nan,
+            "scream_epoch": scream_epoch,
+            "grad_explosion": peak,
+            "grad_norm_by_epoch": norms,
+            "grad_norm_max_by_epoch": [e["grad_norm_max"] for e in epochs],
+            "loss_by_epoch": [e["loss"] for e in epochs],
+            "val_loss_by_epoch": [e["val_loss"] for e in epochs],
             "final_loss": self.last_loss,
             "final_val_loss": epochs[-1]["val_loss"] if epochs else math.nan,
             "growth_per_epoch": detectors.growth_per_epoch(norms),
-            "first_spike_step": self.first_spike_step, "n_grad_spikes": self.n_spikes["grad_spike"],
+            "first_spike_step": self.first_spike_step,
+            "n_grad_spikes": self.n_spikes["grad_spike"],
             "n_loss_spikes": self.n_spikes["loss_spike"],
             # how many steps the first spike came before the event (the first NaN, else for an exploding
             # run its largest grad norm): the warning time a user had
-            "spike_lead_steps": detectors.spike_lead(self.first_spike_step, self.first_nan, diag["verdict"],
-                                                     np.frombuffer(self.norms, dtype=float)),
+            "spike_lead_steps": detectors.spike_lead(
+                self.first_spike_step, self.first_nan, diag["verdict"], np.frombuffer(self.norms, dtype=float)
+            ),
             "clip_rate": self.n_clipped / self.n_steps if self.n_steps else math.nan,
             "nonfinite_steps": self.n_nonfinite,
             "epochs_run": len(epochs),
@@ -150,5 +210,10 @@ class Summarizer:
         ratio = self.peak["value"] / med if med > 0 else math.inf
         if ratio <= self.dc.explode_step_factor:
             return None
-        return {"value": self.peak["value"], "ratio": ratio, "step": self.peak["step"], "epoch": self.peak["epoch"],
-                "batch": self.peak["batch"]}
+        return {
+            "value": self.peak["value"],
+            "ratio": ratio,
+            "step": self.peak["step"],
+            "epoch": self.peak["epoch"],
+            "batch": self.peak["batch"],
+        }

@@ -24,6 +24,7 @@ class Verdict:
     """One verdict. `unstable`: it counts as unstable (the report's answer, what a doctor's fix
     should remove, a margin probe above the margin); `judged`: training was judged at all (a crash
     was not); `style`: its Rich style in the terminal."""
+
     name: str
     unstable: bool
     judged: bool
@@ -38,21 +39,44 @@ class Verdict:
 # too short to judge (inconclusive) is only "not found unstable": after the unstable ones, before
 # stable. The report counts inconclusive runs apart (never in a test).
 KINDS: tuple[Verdict, ...] = (
-    Verdict("failed", unstable=False, judged=False, style="bold white on red",
-            meaning="the run crashed: status.json holds the error"),
-    Verdict("nan", unstable=True, judged=True, style="bold red",
-            meaning="a loss or gradient went non-finite"),
-    Verdict("exploding", unstable=True, judged=True, style="yellow",
-            meaning="the grad norm grew geometrically over epochs, or one step's was huge against the run's median"),
-    Verdict("diverged", unstable=True, judged=True, style="red",
-            meaning="the last validation loss ended above the validation loss at initialisation (or the "
-                    "no-learning baseline): the run ended worse than it started"),
-    Verdict("scream", unstable=True, judged=True, style="magenta",
-            meaning="the output collapsed to repeated tokens for at least detect.scream.min_epochs epochs"),
-    Verdict("inconclusive", unstable=False, judged=True, style="dim",
-            meaning="nothing unstable found in a run too short for the detectors: not called stable"),
-    Verdict("stable", unstable=False, judged=True, style="green",
-            meaning="none of the above"),
+    Verdict(
+        "failed",
+        unstable=False,
+        judged=False,
+        style="bold white on red",
+        meaning="the run crashed: status.json holds the error",
+    ),
+    Verdict("nan", unstable=True, judged=True, style="bold red", meaning="a loss or gradient went non-finite"),
+    Verdict(
+        "exploding",
+        unstable=True,
+        judged=True,
+        style="yellow",
+        meaning="the grad norm grew geometrically over epochs, or one step's was huge against the run's median",
+    ),
+    Verdict(
+        "diverged",
+        unstable=True,
+        judged=True,
+        style="red",
+        meaning="the last validation loss ended above the validation loss at initialisation (or the "
+        "no-learning baseline): the run ended worse than it started",
+    ),
+    Verdict(
+        "scream",
+        unstable=True,
+        judged=True,
+        style="magenta",
+        meaning="the output collapsed to repeated tokens for at least detect.scream.min_epochs epochs",
+    ),
+    Verdict(
+        "inconclusive",
+        unstable=False,
+        judged=True,
+        style="dim",
+        meaning="nothing unstable found in a run too short for the detectors: not called stable",
+    ),
+    Verdict("stable", unstable=False, judged=True, style="green", meaning="none of the above"),
 )
 
 BY_NAME = {k.name: k for k in KINDS}

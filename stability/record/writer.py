@@ -80,23 +80,33 @@ class EpochStats:
         """The epoch record's training part (see `records.EpochRecord`)."""
         n, S = self.steps, self.n_stages
         stage = self.stage_sum / n if n else np.full(4 * S, math.nan)
-        return {"epoch": self.epoch, "steps": n,
-                "loss": self.loss / n if n else math.nan,
-                "grad_norm_mean": float(self.means()[0]), "grad_norm_max": float(self.maxes()[0]),
-                "clip_rate": self.clipped / n if n else math.nan,
-                "stage_rms": [float(v) for v in stage[:S]],
-                "stage_ratio": [float(v) for v in stage[S:2 * S]],
-                "stage_scale": [float(v) for v in stage[2 * S:3 * S]],
-                "stage_clamp_rate": [float(v) for v in stage[3 * S:]]}
+        return {
+            "epoch": self.epoch,
+            "steps": n,
+            "loss": self.loss / n if n else math.nan,
+            "grad_norm_mean": float(self.means()[0]),
+            "grad_norm_max": float(self.maxes()[0]),
+            "clip_rate": self.clipped / n if n else math.nan,
+            "stage_rms": [float(v) for v in stage[:S]],
+            "stage_ratio": [float(v) for v in stage[S : 2 * S]],
+            "stage_scale": [float(v) for v in stage[2 * S : 3 * S]],
+            "stage_clamp_rate": [float(v) for v in stage[3 * S :]],
+        }
 
 
 class RunWriter:
     """Owns one run folder's files (see the module docstring). With `write=False` every file
     operation is skipped and the aggregates, events and summary are still computed."""
 
-    def __init__(self, run_dir: Path, recorder: Recorder | None = None, write: bool = True,
-                 flush_steps: int = FLUSH_STEPS) -> None:
-        self.dir, self.recorder, self.writes, self.flush_steps = Path(run_dir), recorder or Recorder(), write, flush_steps
+    def __init__(
+        self, run_dir: Path, recorder: Recorder | None = None, write: bool = True, flush_steps: int = FLUSH_STEPS
+    ) -> None:
+        self.dir, self.recorder, self.writes, self.flush_steps = (
+            Path(run_dir),
+            recorder or Recorder(),
+            write,
+            flush_steps,
+        )
         self.groups: list[str] = []
         self.n_stages = 0
         self.summarizer: Summarizer | None = None
@@ -187,9 +197,13 @@ class RunWriter:
         if self.writes:
             append_jsonl(self.path(rf.EPOCHS), [erec])
             if erec.get("samples"):  # a text workload's greedy generations, readable with `cat`
-                append_text(self.path(rf.SAMPLES), "".join(
-                    f"=== epoch {erec['epoch']}, prompt {i}: {s['prompt']!r}\n{s['output']}\n"
-                    for i, s in enumerate(erec["samples"])))
+                append_text(
+                    self.path(rf.SAMPLES),
+                    "".join(
+                        f"=== epoch {erec['epoch']}, prompt {i}: {s['prompt']!r}\n{s['output']}\n"
+                        for i, s in enumerate(erec["samples"])
+                    ),
+                )
         self._summarizer().epoch(erec)
         self.recorder.epoch(erec)
 

@@ -162,8 +162,10 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     runs, keys = build_report(root)
     if not any(_valid(r) for r in runs):
         shown = ", ".join(f"{r.rel} ({'; '.join(r.warnings[:1]) or 'nothing stab wrote'})" for r in runs[:3])
-        raise ReportError(f"{root}: no valid run in it ({shown}{', ...' if len(runs) > 3 else ''}); a run folder "
-                          f"holds status.json with a state, summary.json with a verdict or a stab config.yaml")
+        raise ReportError(
+            f"{root}: no valid run in it ({shown}{', ...' if len(runs) > 3 else ''}); a run folder "
+            f"holds status.json with a state, summary.json with a verdict or a stab config.yaml"
+        )
     check_ours(out)
     out.mkdir(parents=True, exist_ok=True)
     _remember(out, [out / rel for rel in _OUTPUTS] + sorted((out / PLOTS).glob("heatmap_*.png")), writing=True)
@@ -177,8 +179,11 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     series: dict[str, StepSeries] = {r.rel: load_steps(r) for r in runs}
     stepped = [r for r in runs if len(series[r.rel])]
     ans, sentence = answer(runs, keys)
-    spread = {k: float(g["unstable_share"].max() - g["unstable_share"].min()) for k, g in ans.groupby("factor")} \
-        if not ans.empty else {}
+    spread = (
+        {k: float(g["unstable_share"].max() - g["unstable_share"].min()) for k, g in ans.groupby("factor")}
+        if not ans.empty
+        else {}
+    )
     heatmaps: dict[str, Path] = {}
     step_plots: dict[str, Path] = {}
     grouped = departure = None
@@ -231,10 +236,29 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     if lr_table is not None:
         write_csv(lr_table, out / "lr_sensitivity.csv")
         extra.append(out / "lr_sensitivity.csv")
-    report = Report(root, out, runs, keys, over, table, summary, [], heatmaps, lr_table, ans, sentence, step_plots,
-                    grouped, departure, departures, configs)
-    atomic_write_text(out / "report.md", _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table,
-                                                   ans, sentence, report, configs))
+    report = Report(
+        root,
+        out,
+        runs,
+        keys,
+        over,
+        table,
+        summary,
+        [],
+        heatmaps,
+        lr_table,
+        ans,
+        sentence,
+        step_plots,
+        grouped,
+        departure,
+        departures,
+        configs,
+    )
+    atomic_write_text(
+        out / "report.md",
+        _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table, ans, sentence, report, configs),
+    )
     atomic_write_text(out / "report.html", html_report(report, names))
     report.files = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra, *files]
     _remember(out, report.files)
@@ -242,14 +266,24 @@ def write_report(root: Path, out: Path | None = None) -> Report:
 
 
 MANIFEST = ".stab-report.json"  # in the report's folder: the files `stab report` wrote there, with their sha256
-_OUTPUTS = ("report.md", "report.html", "runs.csv", "factors.csv", "lr_sensitivity.csv", f"{PLOTS}/curves.png",
-            f"{PLOTS}/grad_norm.png")
+_OUTPUTS = (
+    "report.md",
+    "report.html",
+    "runs.csv",
+    "factors.csv",
+    "lr_sensitivity.csv",
+    f"{PLOTS}/curves.png",
+    f"{PLOTS}/grad_norm.png",
+)
 
 
 def _valid(run: Run) -> bool:
     """A folder stab wrote a run into: a known state, a verdict, or a config with stab's sections."""
-    return (run.state in ("running", "completed", "failed", "interrupted") or bool(run.summary.get("verdict"))
-            or bool(run.config and "train" in run.config))
+    return (
+        run.state in ("running", "completed", "failed", "interrupted")
+        or bool(run.summary.get("verdict"))
+        or bool(run.config and "train" in run.config)
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -283,8 +317,10 @@ def check_ours(out: Path) -> None:
             except OSError:
                 ours = False
         if not ours:
-            raise ReportError(f"{path} was not written by stab report (or was changed since): not overwriting it; "
-                              f"move it, or pass --out to another folder")
+            raise ReportError(
+                f"{path} was not written by stab report (or was changed since): not overwriting it; "
+                f"move it, or pass --out to another folder"
+            )
 
 
 def _remember(out: Path, files: list[Path], writing: bool = False) -> None:

@@ -1,7 +1,7 @@
 """What differs between runs: the factors of a report, each run's value of them, its label.
 
-    keys = factors(runs)                 # e.g. ["norm", "residual"]
-    factor_value(run, "residual")        # "0.1", from the run's resolved config
+keys = factors(runs)                 # e.g. ["norm", "residual"]
+factor_value(run, "residual")        # "0.1", from the run's resolved config
 """
 
 from __future__ import annotations
@@ -107,7 +107,12 @@ def config_diff(defaults: dict[str, Any], actual: dict[str, Any]) -> list[tuple[
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+    if (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    ):
         return a == b or (math.isnan(a) and math.isnan(b))
     return a == b
 
@@ -124,8 +129,10 @@ def labels(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, str]:
     count: dict[str, int] = {}
     for name in base.values():
         count[name] = count.get(name, 0) + 1
-    return {rel: (name if name and count[name] == 1 else f"{name} ({rel})".strip() if name else rel)
-            for rel, name in base.items()}
+    return {
+        rel: (name if name and count[name] == 1 else f"{name} ({rel})".strip() if name else rel)
+        for rel, name in base.items()
+    }
 
 
 def _value_order(v: str) -> tuple[int, float, str]:
@@ -213,8 +220,14 @@ def factor_test(counts: Sequence[tuple[str, int, int]], alpha: float = ALPHA) ->
     with runs."""
     have = [c for c in counts if c[2] > 0]
     pairs = max(1, len(have) * (len(have) - 1) // 2)
-    out: dict[str, Any] = {"lo": None, "hi": None, "p": math.nan, "decisive": False, "pairs": pairs,
-                           "needed": runs_needed(alpha, pairs)}
+    out: dict[str, Any] = {
+        "lo": None,
+        "hi": None,
+        "p": math.nan,
+        "decisive": False,
+        "pairs": pairs,
+        "needed": runs_needed(alpha, pairs),
+    }
     if len(have) < 2:
         return out
     lo = min(have, key=lambda c: c[1] / c[2])

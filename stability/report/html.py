@@ -35,8 +35,10 @@ section.run{border-top:1px solid #ddd;margin-top:18px}
 """
 
 # An error hook first in <head>: any uncaught error is counted in the page itself (data-errors).
-_HOOK = ("window.__errors=[];window.addEventListener('error',function(e){window.__errors.push(String(e.message));"
-         "document.documentElement.setAttribute('data-errors',String(window.__errors.length));});")
+_HOOK = (
+    "window.__errors=[];window.addEventListener('error',function(e){window.__errors.push(String(e.message));"
+    "document.documentElement.setAttribute('data-errors',String(window.__errors.length));});"
+)
 
 _SORT = """
 (function(){
@@ -59,6 +61,7 @@ _SORT = """
 })();
 """
 
+
 def _verdict_classes() -> tuple[str, ...]:
     from stability.record import verdicts as vd
 
@@ -77,8 +80,9 @@ def image(path: Path | None, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
 
 
-def table(frame: pd.DataFrame, table_id: str = "", links: dict[int, str] | None = None,
-          link_column: str | None = None) -> str:
+def table(
+    frame: pd.DataFrame, table_id: str = "", links: dict[int, str] | None = None, link_column: str | None = None
+) -> str:
     """A sortable <table> of a display frame (strings). `links` maps a row position to an
     anchor; the `link_column` cell of that row becomes a link to it. Verdict cells get a class."""
     links = links or {}
@@ -101,24 +105,38 @@ def run_anchor(i: int) -> str:
     return f"run-{i + 1}"
 
 
-def render_html(title: str, sentence: str, sections: Sequence[tuple[str, str]], runs: Sequence[Run],
-                names: dict[str, str], run_sections: dict[str, str]) -> str:
+def render_html(
+    title: str,
+    sentence: str,
+    sections: Sequence[tuple[str, str]],
+    runs: Sequence[Run],
+    names: dict[str, str],
+    run_sections: dict[str, str],
+) -> str:
     """The page: the answer sentence, then `sections` ((heading, HTML body), in order), then one
     section per run (`run_sections[run.rel]`, its own anchor `run-<n>`)."""
     nav = "".join(f'<a href="#s{i}">{_e(h)}</a>' for i, (h, _) in enumerate(sections))
-    body = [f"<h1>{_e(title)}</h1>", f'<p class="answer" id="answer">{_e(sentence)}</p>', (f"<nav>{nav}"
-                                                                                           f'<a href="#runs">each run</a></nav>')]
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="answer" id="answer">{_e(sentence)}</p>',
+        (f'<nav>{nav}<a href="#runs">each run</a></nav>'),
+    ]
     for i, (heading, content) in enumerate(sections):
         body.append(f'<h2 id="s{i}">{_e(heading)}</h2>{content}')
     body.append('<h2 id="runs">Each run</h2>')
     for i, r in enumerate(runs):
-        body.append(f'<section class="run" id="{run_anchor(i)}"><h3>{_e(names.get(r.rel, r.rel))}: '
-                    f'<span class="{_e(r.verdict)}">{_e(r.verdict)}</span></h3>{run_sections.get(r.rel, "")}'
-                    f'<p><a href="#answer">back to the top</a></p></section>')
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><title>{_e(title)}</title>"
-            f"<script>{_HOOK}</script><style>{_CSS}</style></head><body>\n" + "\n".join(body)
-            + f"\n<script>{_SORT}</script></body></html>\n")
+        body.append(
+            f'<section class="run" id="{run_anchor(i)}"><h3>{_e(names.get(r.rel, r.rel))}: '
+            f'<span class="{_e(r.verdict)}">{_e(r.verdict)}</span></h3>{run_sections.get(r.rel, "")}'
+            f'<p><a href="#answer">back to the top</a></p></section>'
+        )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{_e(title)}</title>'
+        f"<script>{_HOOK}</script><style>{_CSS}</style></head><body>\n"
+        + "\n".join(body)
+        + f"\n<script>{_SORT}</script></body></html>\n"
+    )
 
 
 def rel_link(path: Path, out: Path) -> str:
@@ -140,14 +158,23 @@ def html_report(report: Any, names: dict[str, str]) -> str:
     index = {r.rel: i for i, r in enumerate(runs)}
     sections: list[tuple[str, str]] = []
     if report.answer is not None and not report.answer.empty:
-        sections.append(("Unstable share per factor value",
-                         "<p>Unstable = exploding, scream or nan, out of the runs that did not crash; medians over "
-                         "the runs at each value.</p>" + table(answer_display(report.answer), "answer-table")))
+        sections.append(
+            (
+                "Unstable share per factor value",
+                "<p>Unstable = exploding, scream or nan, out of the runs that did not crash; medians over "
+                "the runs at each value.</p>" + table(answer_display(report.answer), "answer-table"),
+            )
+        )
     over = report.overview.copy()
     if "run" not in over.columns:  # the overview names a run by its folder only where factors do not tell them apart
         over.insert(0, "run", [names.get(r.rel, r.rel) for r in runs])
-    sections.append((f"Runs ({len(runs)})", "<p>Click a run for its per-step curves and events; click a column "
-                     "header to sort.</p>" + table(over, "runs-table", {i: run_anchor(i) for i in range(len(runs))}, "run")))
+    sections.append(
+        (
+            f"Runs ({len(runs)})",
+            "<p>Click a run for its per-step curves and events; click a column "
+            "header to sort.</p>" + table(over, "runs-table", {i: run_anchor(i) for i in range(len(runs))}, "run"),
+        )
+    )
     if report.keys:
         sections.append(("By factor", table(factor_display(report.summary), "factor-table")))
     if report.lr_table is not None:
@@ -156,20 +183,42 @@ def html_report(report: Any, names: dict[str, str]) -> str:
         note = f"<p>{_e(report.grouped.note)}.</p>" if report.grouped.note else ""
         sections.append(("Per step, grouped by what was varied", note + image(report.grouped.path, "grouped")))
     if report.departure is not None:
-        sections.append(("Which module group left its band first", image(report.departure.path, "departure")
-                         + (table(report.departures, "departure-table") if report.departures is not None else "")))
+        sections.append(
+            (
+                "Which module group left its band first",
+                image(report.departure.path, "departure")
+                + (table(report.departures, "departure-table") if report.departures is not None else ""),
+            )
+        )
     out = report.out
-    sections.append(("Per epoch", image(out / "plots" / "curves.png", "curves")
-                     + image(out / "plots" / "grad_norm.png", "grad norm per epoch")))
+    sections.append(
+        (
+            "Per epoch",
+            image(out / "plots" / "curves.png", "curves")
+            + image(out / "plots" / "grad_norm.png", "grad norm per epoch"),
+        )
+    )
     warned = report.warnings
     if warned:
-        sections.append((f"Warnings ({len(warned)})", "<ul>" + "".join(
-            f'<li class="warn"><a href="#{run_anchor(index[rel])}">{_e(names.get(rel, rel))}</a>: {_e(w)}</li>'
-            for rel, w in warned) + "</ul>"))
+        sections.append(
+            (
+                f"Warnings ({len(warned)})",
+                "<ul>"
+                + "".join(
+                    f'<li class="warn"><a href="#{run_anchor(index[rel])}">{_e(names.get(rel, rel))}</a>: {_e(w)}</li>'
+                    for rel, w in warned
+                )
+                + "</ul>",
+            )
+        )
     run_sections = {}
     for r in runs:
-        parts = [(f'<p class="muted">{_e(r.rel)} &middot; state {_e(r.state)} &middot; final loss '
-                  f"{_e(format_number(r.final_loss))}</p>")]
+        parts = [
+            (
+                f'<p class="muted">{_e(r.rel)} &middot; state {_e(r.state)} &middot; final loss '
+                f"{_e(format_number(r.final_loss))}</p>"
+            )
+        ]
         if r.summary.get("evidence"):
             parts.append(f"<p>{_e(r.summary['evidence'])}</p>")
         parts += [f'<p class="warn">{_e(w)}</p>' for w in r.warnings]
@@ -181,5 +230,6 @@ def html_report(report: Any, names: dict[str, str]) -> str:
         if not events.empty:
             parts.append(table(events.astype(object).map(lambda x: "-" if x is None else format_number(x))))
         run_sections[r.rel] = "".join(parts)
-    return render_html(f"Stability report: {report.root}", report.sentence or f"{len(runs)} runs.", sections, runs,
-                       names, run_sections)
+    return render_html(
+        f"Stability report: {report.root}", report.sentence or f"{len(runs)} runs.", sections, runs, names, run_sections
+    )

@@ -78,8 +78,12 @@ class Run:
 
     def series(self, key: str) -> list[float]:
         """A per-epoch series from summary.json, else from epochs.jsonl (runs still going)."""
-        from_epochs = {"grad_norm_by_epoch": "grad_norm_mean", "grad_norm_max_by_epoch": "grad_norm_max",
-                       "loss_by_epoch": "loss", "val_loss_by_epoch": "val_loss"}[key]
+        from_epochs = {
+            "grad_norm_by_epoch": "grad_norm_mean",
+            "grad_norm_max_by_epoch": "grad_norm_max",
+            "loss_by_epoch": "loss",
+            "val_loss_by_epoch": "val_loss",
+        }[key]
         values = self.summary.get(key)
         if not isinstance(values, list):
             values = [e.get(from_epochs) for e in self.epochs]
@@ -164,12 +168,16 @@ def load_run(path: Path, root: Path | None = None, sweep_overrides: dict[Path, l
 
     if run.state == "running" and folder.state(status) == "interrupted":  # killed: it will never finish
         run.state = "interrupted"
-        run.status = Status(status, error=f"status says running, but its writer (pid {status.pid} on "
-                                          f"{status.host}) is gone (killed?)")
+        run.status = Status(
+            status, error=f"status says running, but its writer (pid {status.pid} on {status.host}) is gone (killed?)"
+        )
     if run.state == "completed" and folder.has(rf.SUMMARY) and not run.summary.get("verdict"):
         warn(f"completed, but {rf.SUMMARY} holds no verdict (damaged?); a sweep re-runs it")
-    run.verdict = str(run.summary.get("verdict") or run.status.get("verdict") or
-                      (run.state if run.state in ("running", "interrupted", "failed") else "?"))
+    run.verdict = str(
+        run.summary.get("verdict")
+        or run.status.get("verdict")
+        or (run.state if run.state in ("running", "interrupted", "failed") else "?")
+    )
     _check_state(run)
     return run
 
@@ -189,8 +197,12 @@ def _check_state(run: Run) -> None:
         warn(f"unexpected state {run.state!r} in status.json")
     if run.state == "completed" and not (run.path / rf.SUMMARY).exists():
         warn("completed, but summary.json is missing")
-    if run.state in ("completed", "running", "interrupted") and run.epochs and run.grad_table is None \
-            and not (run.path / rf.GRAD_TABLE).exists():
+    if (
+        run.state in ("completed", "running", "interrupted")
+        and run.epochs
+        and run.grad_table is None
+        and not (run.path / rf.GRAD_TABLE).exists()
+    ):
         warn("no grad_norms.csv")
 
 
@@ -200,5 +212,3 @@ def _float(x: Any) -> float:
         return float(x)
     except (TypeError, ValueError):
         return math.nan
-
-

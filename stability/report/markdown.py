@@ -51,96 +51,152 @@ def markdown_table(frame: pd.DataFrame) -> str:
     def cell(x: Any) -> str:
         return str(x).replace("|", "\\|").replace("\n", " ")
 
-    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
-             "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines = [
+        "| " + " | ".join(cell(c) for c in frame.columns) + " |",
+        "|" + "|".join("---" for _ in frame.columns) + "|",
+    ]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
-def _markdown(root: Path, out: Path, runs: Sequence[Run], keys: Sequence[str], names: dict[str, str],
-              over: pd.DataFrame, summary: pd.DataFrame, heatmaps: dict[str, Path],
-              lr_table: pd.DataFrame | None = None, ans: pd.DataFrame | None = None, sentence: str = "",
-              report: Any = None, configs: pd.DataFrame | None = None) -> str:
+def _markdown(
+    root: Path,
+    out: Path,
+    runs: Sequence[Run],
+    keys: Sequence[str],
+    names: dict[str, str],
+    over: pd.DataFrame,
+    summary: pd.DataFrame,
+    heatmaps: dict[str, Path],
+    lr_table: pd.DataFrame | None = None,
+    ans: pd.DataFrame | None = None,
+    sentence: str = "",
+    report: Any = None,
+    configs: pd.DataFrame | None = None,
+) -> str:
     seen = sorted({r.verdict for r in runs}, key=lambda v: (vd.ORDER.index(v) if v in vd.ORDER else len(vd.ORDER), v))
     counts = {v: sum(r.verdict == v for r in runs) for v in seen}
-    parts = [f"# Stability report: `{root}`\n",
-             f"{len(runs)} run(s), {time.strftime('%Y-%m-%d %H:%M')}: "
-             + ", ".join(f"{n} {v}" for v, n in counts.items()) + ". "
-             + (f"Factors that differ: {', '.join(f'`{k}`' for k in keys)}." if keys else "No factor differs between runs.")
-             + " Every number of every run is in [runs.csv](runs.csv) (NaN and inf written as such, an empty cell"
-             " where a value does not apply; in pandas: `pd.read_csv('runs.csv', keep_default_na=False,"
-             " na_values=['', 'NaN'])`, so that the verdict `nan` stays a word).\n"]
+    parts = [
+        f"# Stability report: `{root}`\n",
+        f"{len(runs)} run(s), {time.strftime('%Y-%m-%d %H:%M')}: "
+        + ", ".join(f"{n} {v}" for v, n in counts.items())
+        + ". "
+        + (f"Factors that differ: {', '.join(f'`{k}`' for k in keys)}." if keys else "No factor differs between runs.")
+        + " Every number of every run is in [runs.csv](runs.csv) (NaN and inf written as such, an empty cell"
+        " where a value does not apply; in pandas: `pd.read_csv('runs.csv', keep_default_na=False,"
+        " na_values=['', 'NaN'])`, so that the verdict `nan` stays a word).\n",
+    ]
     if sentence:
         parts.insert(1, f"**{sentence}**\n")
     if ans is not None and not ans.empty:
-        parts.insert(2, "Unstable = `nan`, `exploding`, `diverged` or `scream`, out of the runs judged: runs "
-                        "`inconclusive` (too short to judge) or flagged borderline (a value within `detect.band` of its "
-                        "threshold) are not counted. `seed` is replication, not a factor. 95% interval: Wilson score "
-                        "interval of the unstable share. Medians over the runs at each value (across all other "
-                        "factors), with the order-statistic interval of the median (its coverage in brackets where "
-                        "too few runs reach 95%). A factor is decisive only when Fisher's exact test on its unstable "
-                        "counts gives p < 0.05.\n\n" + markdown_table(answer_display(ans)))
+        parts.insert(
+            2,
+            "Unstable = `nan`, `exploding`, `diverged` or `scream`, out of the runs judged: runs "
+            "`inconclusive` (too short to judge) or flagged borderline (a value within `detect.band` of its "
+            "threshold) are not counted. `seed` is replication, not a factor. 95% interval: Wilson score "
+            "interval of the unstable share. Medians over the runs at each value (across all other "
+            "factors), with the order-statistic interval of the median (its coverage in brackets where "
+            "too few runs reach 95%). A factor is decisive only when Fisher's exact test on its unstable "
+            "counts gives p < 0.05.\n\n" + markdown_table(answer_display(ans)),
+        )
     warned = [(r.rel, w) for r in runs for w in r.warnings]
     if warned:
         parts.append(f"**{len(warned)} warning(s)**, see [Warnings](#warnings).\n")
-    parts += ["## Runs\n", "First NaN: epoch (1-based), batch within the epoch (0-based), and the module "
-              "group that went first. Gradient norm: total norm, mean over each epoch.\n", markdown_table(over)]
+    parts += [
+        "## Runs\n",
+        "First NaN: epoch (1-based), batch within the epoch (0-based), and the module "
+        "group that went first. Gradient norm: total norm, mean over each epoch.\n",
+        markdown_table(over),
+    ]
     if keys:
-        parts += ["## By factor\n", "Share of runs per verdict for each value of each factor (across all other "
-                  "factors), and the median over those runs of the last finite epoch-mean gradient norm.\n",
-                  markdown_table(factor_display(summary))]
+        parts += [
+            "## By factor\n",
+            "Share of runs per verdict for each value of each factor (across all other "
+            "factors), and the median over those runs of the last finite epoch-mean gradient norm.\n",
+            markdown_table(factor_display(summary)),
+        ]
     if configs is not None and len(configs) and (configs["runs"] > 1).any():
-        parts += ["## By configuration\n", "Each configuration's replicates (seeds) pooled: unstable share with its "
-                  "95% Wilson interval, and medians with their order-statistic intervals.\n",
-                  markdown_table(answer_display(configs))]
+        parts += [
+            "## By configuration\n",
+            "Each configuration's replicates (seeds) pooled: unstable share with its "
+            "95% Wilson interval, and medians with their order-statistic intervals.\n",
+            markdown_table(answer_display(configs)),
+        ]
     if lr_table is not None:
-        parts += ["## Learning-rate sensitivity\n", "Per configuration of the other factors: the mean over the LR "
-                  "grid of min(final validation loss, initial loss) minus the best final validation loss "
-                  "(Wortsman et al. 2023, arXiv 2309.14322; the initial loss is the validation loss at initialisation, measured before the first step; a configuration with no stable learning rate in the grid is warned about, its small number means it fails everywhere). "
-                  "0: every LR reached the best loss; smaller is flatter.\n",
-                  markdown_table(lr_display(lr_table))]
+        parts += [
+            "## Learning-rate sensitivity\n",
+            "Per configuration of the other factors: the mean over the LR "
+            "grid of min(final validation loss, initial loss) minus the best final validation loss "
+            "(Wortsman et al. 2023, arXiv 2309.14322; the initial loss is the validation loss at initialisation, measured before the first step; a configuration with no stable learning rate in the grid is warned about, its small number means it fails everywhere). "
+            "0: every LR reached the best loss; smaller is flatter.\n",
+            markdown_table(lr_display(lr_table)),
+        ]
     rel_plots = os.path.relpath(out / PLOTS, out)
-    parts += ["## Loss, gradient norm and attention logits per epoch\n", f"![curves]({rel_plots}/curves.png)\n",
-              "## Gradient norm per epoch\n", f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n"]
+    parts += [
+        "## Loss, gradient norm and attention logits per epoch\n",
+        f"![curves]({rel_plots}/curves.png)\n",
+        "## Gradient norm per epoch\n",
+        f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n",
+    ]
     if report is not None and report.grouped is not None:
-        parts += ["## Per step, grouped by what was varied\n",
-                  "Gradient norm and loss per step; one colour per value of the most decisive factor, one panel "
-                  "per value of the next; runs alike in those (seeds) as a median line with a min-max band. "
-                  + (f"Pooled in each band: {report.grouped.note.split(': ', 1)[-1]}. " if report.grouped.note else "")
-                  + "All of it, with tables you can sort, in [report.html](report.html).\n",
-                  f"![grouped]({rel_plots}/{os.path.relpath(report.grouped.path, out / PLOTS)})\n"]
+        parts += [
+            "## Per step, grouped by what was varied\n",
+            "Gradient norm and loss per step; one colour per value of the most decisive factor, one panel "
+            "per value of the next; runs alike in those (seeds) as a median line with a min-max band. "
+            + (f"Pooled in each band: {report.grouped.note.split(': ', 1)[-1]}. " if report.grouped.note else "")
+            + "All of it, with tables you can sort, in [report.html](report.html).\n",
+            f"![grouped]({rel_plots}/{os.path.relpath(report.grouped.path, out / PLOTS)})\n",
+        ]
     if report is not None and report.departure is not None:
-        parts += ["## Which module group left its band first\n",
-                  "The first step each group's gradient norm left its running band (the run's own spike detector: "
-                  "above the median of the last `detect.spike_window` steps by `detect.spike_z` robust deviations "
-                  "and `detect.spike_ratio` times it, or non-finite), unstable runs against stable ones.\n",
-                  f"![departure]({rel_plots}/{os.path.relpath(report.departure.path, out / PLOTS)})\n"]
+        parts += [
+            "## Which module group left its band first\n",
+            "The first step each group's gradient norm left its running band (the run's own spike detector: "
+            "above the median of the last `detect.spike_window` steps by `detect.spike_z` robust deviations "
+            "and `detect.spike_ratio` times it, or non-finite), unstable runs against stable ones.\n",
+            f"![departure]({rel_plots}/{os.path.relpath(report.departure.path, out / PLOTS)})\n",
+        ]
         if report.departures is not None:
             parts.append(markdown_table(report.departures))
     if report is not None and report.step_plots:
-        parts += ["## Each run per step\n", "Loss and gradient norm per step, with the clip threshold, spikes, "
-                  "skipped steps, the first NaN and epoch boundaries marked:\n",
-                  "\n".join(f"- [{names.get(r.rel, r.rel)}]({rel_plots}/{os.path.relpath(report.step_plots[r.rel], out / PLOTS)})"
-                            f" ({r.verdict})" for r in runs if r.rel in report.step_plots) + "\n"]
+        parts += [
+            "## Each run per step\n",
+            "Loss and gradient norm per step, with the clip threshold, spikes, "
+            "skipped steps, the first NaN and epoch boundaries marked:\n",
+            "\n".join(
+                f"- [{names.get(r.rel, r.rel)}]({rel_plots}/{os.path.relpath(report.step_plots[r.rel], out / PLOTS)})"
+                f" ({r.verdict})"
+                for r in runs
+                if r.rel in report.step_plots
+            )
+            + "\n",
+        ]
     if heatmaps:
         parts.append("## Unstable runs: gradient norm by module group\n")
         for r in runs:
             if r.rel in heatmaps:
-                parts += [f"### {names[r.rel]}: {r.verdict}\n",
-                          f"`{r.rel}`" + (f": {r.summary['evidence']}" if r.summary.get("evidence") else "") + "\n",
-                          f"![{_slug(r.rel)}]({rel_plots}/{heatmaps[r.rel].name})\n"]
+                parts += [
+                    f"### {names[r.rel]}: {r.verdict}\n",
+                    f"`{r.rel}`" + (f": {r.summary['evidence']}" if r.summary.get("evidence") else "") + "\n",
+                    f"![{_slug(r.rel)}]({rel_plots}/{heatmaps[r.rel].name})\n",
+                ]
     if warned:
         parts += ["## Warnings\n", "\n".join(f"- `{rel}`: {w}" for rel, w in warned) + "\n"]
     found = diagnostic_warnings(runs)
     if found:
-        parts += ["## What the detectors saw\n", "Warnings the runs raised about themselves (`warnings` in each "
-                  "`summary.json`), whatever their verdict.\n",
-                  "\n".join(f"- `{names.get(rel, rel)}`: {w}" for rel, w in found) + "\n"]
+        parts += [
+            "## What the detectors saw\n",
+            "Warnings the runs raised about themselves (`warnings` in each `summary.json`), whatever their verdict.\n",
+            "\n".join(f"- `{names.get(rel, rel)}`: {w}" for rel, w in found) + "\n",
+        ]
     return "\n".join(parts)
 
 
 def diagnostic_warnings(runs: Sequence[Run]) -> list[tuple[str, str]]:
     """(run, message) for every warning in the runs' summaries (saturated clamps, attention-logit
     growth, a clip that never or always fires, validation loss not improving, undertraining)."""
-    return [(r.rel, w.get("message", str(w))) for r in runs for w in (r.summary.get("warnings") or [])
-            if isinstance(w, dict)]
+    return [
+        (r.rel, w.get("message", str(w)))
+        for r in runs
+        for w in (r.summary.get("warnings") or [])
+        if isinstance(w, dict)
+    ]

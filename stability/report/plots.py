@@ -50,8 +50,16 @@ def plot_grad_norms(runs: Sequence[Run], names: dict[str, str], path: Path) -> P
         epochs = np.arange(1, len(means) + 1)
         ls = styles[(i // len(palette)) % len(styles)]
         ok = np.isfinite(means) & (means > 0)
-        ax.plot(epochs[ok], means[ok], ls, color=c, marker="o", ms=4, lw=1.6,
-                label=f"{names.get(r.rel, r.rel)}  [{r.verdict}]")
+        ax.plot(
+            epochs[ok],
+            means[ok],
+            ls,
+            color=c,
+            marker="o",
+            ms=4,
+            lw=1.6,
+            label=f"{names.get(r.rel, r.rel)}  [{r.verdict}]",
+        )
         if len(maxes) == len(means):
             okm = np.isfinite(maxes) & (maxes > 0)
             ax.plot(epochs[okm], maxes[okm], ":", color=c, lw=1, alpha=0.7)
@@ -60,11 +68,23 @@ def plot_grad_norms(runs: Sequence[Run], names: dict[str, str], path: Path) -> P
             if math.isfinite(g):
                 last = g if g > 0 else last
                 continue
-            y = last if last is not None else np.nanmax(np.where(np.isfinite(means), means, np.nan)) \
-                if np.isfinite(means).any() else 1.0
+            y = (
+                last
+                if last is not None
+                else np.nanmax(np.where(np.isfinite(means), means, np.nan))
+                if np.isfinite(means).any()
+                else 1.0
+            )
             ax.plot([e], [y], "x", color="red", ms=12, mew=2.5, zorder=5)
-            ax.annotate("NaN" if math.isnan(g) else "inf", (e, y), textcoords="offset points", xytext=(6, 6),
-                        color="red", fontsize=9, fontweight="bold")
+            ax.annotate(
+                "NaN" if math.isnan(g) else "inf",
+                (e, y),
+                textcoords="offset points",
+                xytext=(6, 6),
+                color="red",
+                fontsize=9,
+                fontweight="bold",
+            )
             marked = True
             break  # training stops at the first non-finite epoch; later ones repeat it
     ax.set_yscale("log")
@@ -100,10 +120,12 @@ def plot_curves(runs: Sequence[Run], names: dict[str, str], path: Path) -> Path:
     palette = [f"C{i}" for i in range(10) if i != 3]  # as in plot_grad_norms: one colour per run in both
     for i, r in enumerate(plotted):
         c, label = palette[i % len(palette)], f"{names.get(r.rel, r.rel)}  [{r.verdict}]"
-        for ax, ys, ls, lab in ((axes[0], r.series("loss_by_epoch"), "-", label),
-                                (axes[0], r.series("val_loss_by_epoch"), "--", None),
-                                (axes[1], r.series("grad_norm_by_epoch"), "-", None),
-                                (axes[2], _attn_logit_series(r), "-", None)):
+        for ax, ys, ls, lab in (
+            (axes[0], r.series("loss_by_epoch"), "-", label),
+            (axes[0], r.series("val_loss_by_epoch"), "--", None),
+            (axes[1], r.series("grad_norm_by_epoch"), "-", None),
+            (axes[2], _attn_logit_series(r), "-", None),
+        ):
             y = np.array(ys, dtype=float)
             x = np.arange(1, len(y) + 1)
             ok = np.isfinite(y) & (y > 0)
@@ -111,8 +133,14 @@ def plot_curves(runs: Sequence[Run], names: dict[str, str], path: Path) -> Path:
                 ax.plot(x[ok], y[ok], ls, color=c, marker="o", ms=3, lw=1.4, label=lab)
     from matplotlib.ticker import MaxNLocator
 
-    for ax, title in zip(axes, ("loss (solid: train, dashed: validation)", "gradient norm (total, epoch mean)",
-                                "max attention logit (validation batch)")):
+    for ax, title in zip(
+        axes,
+        (
+            "loss (solid: train, dashed: validation)",
+            "gradient norm (total, epoch mean)",
+            "max attention logit (validation batch)",
+        ),
+    ):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
@@ -157,18 +185,34 @@ def plot_heatmap(run: Run, name: str, path: Path) -> Path:
             v = values[gi, ei]
             if math.isfinite(v) and v > 0:
                 shade = norm(v)
-                ax.text(ei, gi, format_number(v, 2), ha="center", va="center", fontsize=6.5,
-                        color="black" if shade > 0.55 else "white")
+                ax.text(
+                    ei,
+                    gi,
+                    format_number(v, 2),
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="black" if shade > 0.55 else "white",
+                )
                 continue
             if not math.isfinite(v):
                 ax.add_patch(_rect(ei, gi, fill=False, hatch="//", edgecolor="#f4a0a0", lw=0))
-            ax.text(ei, gi, format_number(v) if not math.isfinite(v) else "0", ha="center", va="center",
-                    fontsize=7, fontweight="bold", color="red" if not math.isfinite(v) else "black",
-                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none"))
+            ax.text(
+                ei,
+                gi,
+                format_number(v) if not math.isfinite(v) else "0",
+                ha="center",
+                va="center",
+                fontsize=7,
+                fontweight="bold",
+                color="red" if not math.isfinite(v) else "black",
+                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none"),
+            )
     nan = run.first_nan
     if nan and nan.get("module") in groups and nan.get("epoch") in epochs:
-        ax.add_patch(_rect(epochs.index(nan["epoch"]), groups.index(nan["module"]), fill=False,
-                           edgecolor="red", lw=2.5))
+        ax.add_patch(
+            _rect(epochs.index(nan["epoch"]), groups.index(nan["module"]), fill=False, edgecolor="red", lw=2.5)
+        )
     if "total" in groups:
         ax.axhline(groups.index("total") + 0.5, color="white", lw=2)
     ax.set_xticks(range(n_e), [f"e{e}" for e in epochs])

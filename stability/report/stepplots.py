@@ -35,8 +35,20 @@ from stability.report.steps import (
 )
 
 MAX_POINTS = 1000  # points per drawn line: ~ the pixels of a panel's width
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-           "#393b79", "#637939", "#8c6d31"]  # tab10 without red (red marks NaN), then darker ones
+PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+]  # tab10 without red (red marks NaN), then darker ones
 STYLES = ["-", "--", ":", "-."]
 
 
@@ -62,11 +74,21 @@ def _clip_of(run: Run) -> float | None:
 def _nonfinite_marks(ax: Any, x: np.ndarray, y: np.ndarray) -> None:
     bad = ~np.isfinite(y)
     if bad.any():  # at the top edge of the panel: a NaN has no height
-        ax.plot(x[bad], np.ones(bad.sum()), "x", color="red", ms=6, mew=1.5, transform=ax.get_xaxis_transform(),
-                clip_on=False, zorder=6)
+        ax.plot(
+            x[bad],
+            np.ones(bad.sum()),
+            "x",
+            color="red",
+            ms=6,
+            mew=1.5,
+            transform=ax.get_xaxis_transform(),
+            clip_on=False,
+            zorder=6,
+        )
 
 
 # --- one run -------------------------------------------------------------------------------------
+
 
 def plot_steps(run: Run, s: StepSeries, name: str, path: Path, max_points: int = MAX_POINTS) -> Drawn:
     """Loss and total gradient norm per step (log y, shared step axis), thinned to `max_points`
@@ -77,15 +99,33 @@ def plot_steps(run: Run, s: StepSeries, name: str, path: Path, max_points: int =
     ax_loss, ax_grad = fig.subplots(2, 1, sharex=True)
     settings = detect_settings(run)
     legend: list[Any] = []
-    for ax, y, label, colour in ((ax_loss, s.loss, "loss", "tab:blue"), (ax_grad, s.grad, "gradient norm", "tab:green")):
+    for ax, y, label, colour in (
+        (ax_loss, s.loss, "loss", "tab:blue"),
+        (ax_grad, s.grad, "gradient norm", "tab:green"),
+    ):
         xs, ys = minmax_downsample(s.step, y, max_points)
         ys_pos = np.where(ys > 0, ys, np.nan)
-        ax.plot(xs, ys_pos, "-", color=colour, lw=1.0, label=f"{label} (min/max per {max(1, len(y) * 2 // max_points)} steps)"
-                if len(y) > max_points else label)
+        ax.plot(
+            xs,
+            ys_pos,
+            "-",
+            color=colour,
+            lw=1.0,
+            label=f"{label} (min/max per {max(1, len(y) * 2 // max_points)} steps)" if len(y) > max_points else label,
+        )
         sp = spikes(y, settings)
         if len(sp):
-            ax.plot(s.step[sp], y[sp], "^", color="darkorange", ms=6, mec="black", mew=0.5, zorder=5,
-                    label=f"spike ({len(sp)})")
+            ax.plot(
+                s.step[sp],
+                y[sp],
+                "^",
+                color="darkorange",
+                ms=6,
+                mec="black",
+                mew=0.5,
+                zorder=5,
+                label=f"spike ({len(sp)})",
+            )
         _nonfinite_marks(ax, s.step, y)
         ax.set_yscale("log")
         ax.set_ylabel(label)
@@ -96,41 +136,68 @@ def plot_steps(run: Run, s: StepSeries, name: str, path: Path, max_points: int =
     if clip is not None:
         ax_grad.axhline(clip, ls="--", color="black", lw=1, label=f"clip threshold {clip:g}")
         if s.clipped.any():
-            ax_grad.plot(s.step[s.clipped], np.full(s.clipped.sum(), 0.02), "|", color="black", ms=6,
-                         transform=ax_grad.get_xaxis_transform(), label=f"clipped ({int(s.clipped.sum())} steps)")
+            ax_grad.plot(
+                s.step[s.clipped],
+                np.full(s.clipped.sum(), 0.02),
+                "|",
+                color="black",
+                ms=6,
+                transform=ax_grad.get_xaxis_transform(),
+                label=f"clipped ({int(s.clipped.sum())} steps)",
+            )
     if s.skipped.any():
         for ax in (ax_loss, ax_grad):
-            ax.plot(s.step[s.skipped], np.full(s.skipped.sum(), 0.06), "|", color="grey", ms=10, mew=2,
-                    transform=ax.get_xaxis_transform())
-        legend.append(Line2D([], [], marker="|", color="grey", ls="", ms=10, mew=2,
-                             label=f"skipped ({int(s.skipped.sum())} steps)"))
+            ax.plot(
+                s.step[s.skipped],
+                np.full(s.skipped.sum(), 0.06),
+                "|",
+                color="grey",
+                ms=10,
+                mew=2,
+                transform=ax.get_xaxis_transform(),
+            )
+        legend.append(
+            Line2D(
+                [], [], marker="|", color="grey", ls="", ms=10, mew=2, label=f"skipped ({int(s.skipped.sum())} steps)"
+            )
+        )
     if (~np.isfinite(s.loss) | ~np.isfinite(s.grad)).any():
         legend.append(Line2D([], [], marker="x", color="red", ls="", label="non-finite"))
     nan = run.first_nan
     if nan and isinstance(nan.get("step"), int):
         for ax in (ax_loss, ax_grad):
             ax.axvline(nan["step"], color="red", lw=1.5, alpha=0.8)
-        legend.append(Line2D([], [], color="red", lw=1.5, label=f"first NaN: step {nan['step']} in {nan.get('module', '?')}"))
+        legend.append(
+            Line2D([], [], color="red", lw=1.5, label=f"first NaN: step {nan['step']} in {nan.get('module', '?')}")
+        )
     starts = [int(s.step[i]) for i in range(1, len(s)) if s.epoch[i] != s.epoch[i - 1]]
     for x in starts:
         for ax in (ax_loss, ax_grad):
             ax.axvline(x - 0.5, color="grey", ls=":", lw=0.8)
     if starts and len(starts) <= 30:
         for x, e in zip(starts, [int(s.epoch[s.step == x][0]) for x in starts]):
-            ax_loss.text(x, 1.0, f" e{e}", transform=ax_loss.get_xaxis_transform(), fontsize=7, color="grey",
-                         va="bottom")
+            ax_loss.text(
+                x, 1.0, f" e{e}", transform=ax_loss.get_xaxis_transform(), fontsize=7, color="grey", va="bottom"
+            )
     if not len(s):
         ax_loss.text(0.5, 0.5, "no step recorded", ha="center", va="center", transform=ax_loss.transAxes)
     ax_grad.set_xlabel("step" + (" (dotted: epoch boundaries)" if starts else ""))
     handles = [h for ax in (ax_loss, ax_grad) for h in ax.get_legend_handles_labels()[0]] + legend
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(handles)),
-               fontsize=8, frameon=False)
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(4, len(handles)),
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle(f"{name}: {run.verdict}", fontsize=10)
     _save(fig, path)
     return Drawn(path, [h.get_label() for h in handles])
 
 
 # --- many runs, grouped by factor --------------------------------------------------------------------
+
 
 def is_seed(key: str) -> bool:
     """A factor that replicates rather than varies (`seed`, `train.seed`, `data.seed`)."""
@@ -146,7 +213,9 @@ def choose_factors(runs: Sequence[Run], keys: Sequence[str], spread: dict[str, f
     return sorted(varied, key=lambda k: (-spread.get(k, 0.0), len({factor_value(r, k) for r in runs}), keys.index(k)))
 
 
-def _band(series: Sequence[np.ndarray], steps: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _band(
+    series: Sequence[np.ndarray], steps: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Runs aligned on the step: (steps, median, min, max) over the runs that have a finite
     value at each step."""
     n = max((int(s.max()) + 1 for s in steps if len(s)), default=0)
@@ -164,20 +233,31 @@ def _band(series: Sequence[np.ndarray], steps: Sequence[np.ndarray]) -> tuple[np
         return x, np.nanmedian(g, axis=0), np.nanmin(g, axis=0), np.nanmax(g, axis=0)
 
 
-def _thin_band(x: np.ndarray, med: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-               max_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _thin_band(
+    x: np.ndarray, med: np.ndarray, lo: np.ndarray, hi: np.ndarray, max_points: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A band for drawing: per bucket the lowest low, the highest high (spikes kept) and the
     median of the medians."""
     if len(x) <= max_points:
         return x, med, lo, hi
     edges = np.linspace(0, len(x), max_points + 1).astype(int)
     pick = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
-    return (np.array([x[a] for a, _ in pick]), np.array([np.median(med[a:b]) for a, b in pick]),
-            np.array([lo[a:b].min() for a, b in pick]), np.array([hi[a:b].max() for a, b in pick]))
+    return (
+        np.array([x[a] for a, _ in pick]),
+        np.array([np.median(med[a:b]) for a, b in pick]),
+        np.array([lo[a:b].min() for a, b in pick]),
+        np.array([hi[a:b].max() for a, b in pick]),
+    )
 
 
-def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Sequence[str], path: Path,
-                 spread: dict[str, float] | None = None, max_points: int = 600) -> Drawn:
+def plot_grouped(
+    runs: Sequence[Run],
+    series: dict[str, StepSeries],
+    keys: Sequence[str],
+    path: Path,
+    spread: dict[str, float] | None = None,
+    max_points: int = 600,
+) -> Drawn:
     """Gradient norm and loss per step across runs: one colour per value of the most decisive
     factor, one panel column per value of the next, a line style per value of a third (up to
     4 values); runs that share all drawn factors (seeds, and any further factor, named in the
@@ -211,8 +291,13 @@ def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Seque
         titles.append(title)
         for cv in colours:
             for sv in styles:
-                mine = [r for r in mine_p if (not colour_key or factor_value(r, colour_key) == cv)
-                        and (not style_key or factor_value(r, style_key) == sv) and r.rel in series]
+                mine = [
+                    r
+                    for r in mine_p
+                    if (not colour_key or factor_value(r, colour_key) == cv)
+                    and (not style_key or factor_value(r, style_key) == sv)
+                    and r.rel in series
+                ]
                 if not mine:
                     continue
                 for ax, attr in ((ax_g, "grad"), (ax_l, "loss")):
@@ -228,8 +313,17 @@ def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Seque
                     for y, s in zip(ys, xs):
                         bad_steps = s[~np.isfinite(y)]
                         if len(bad_steps):
-                            ax.plot([bad_steps[0]], [1.0], "x", color="red", ms=6, mew=1.5,
-                                    transform=ax.get_xaxis_transform(), clip_on=False, zorder=6)
+                            ax.plot(
+                                [bad_steps[0]],
+                                [1.0],
+                                "x",
+                                color="red",
+                                ms=6,
+                                mew=1.5,
+                                transform=ax.get_xaxis_transform(),
+                                clip_on=False,
+                                zorder=6,
+                            )
         for ax, label in ((ax_g, "grad norm"), (ax_l, "loss")):
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.25)
@@ -248,7 +342,11 @@ def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Seque
     for cv in colours:
         mine = [r for r in runs if not colour_key or factor_value(r, colour_key) == cv]
         bad = sum(vd.is_unstable(r.verdict) for r in mine)
-        label = f"{colour_key}={cv}  ({bad}/{len(mine)} unstable)" if colour_key else f"all runs ({bad}/{len(mine)} unstable)"
+        label = (
+            f"{colour_key}={cv}  ({bad}/{len(mine)} unstable)"
+            if colour_key
+            else f"all runs ({bad}/{len(mine)} unstable)"
+        )
         handles.append(Line2D([], [], color=colour_of[cv], lw=2, label=label))
     if style_key:
         handles += [Line2D([], [], color="black", ls=style_of[sv], lw=1.3, label=f"{style_key}={sv}") for sv in styles]
@@ -271,6 +369,7 @@ def plot_grouped(runs: Sequence[Run], series: dict[str, StepSeries], keys: Seque
 
 # --- which group went first ---------------------------------------------------------------------------
 
+
 def departure_table(runs: Sequence[Run], series: dict[str, StepSeries]) -> list[dict[str, Any]]:
     """One row per run with per-step group norms: its verdict, the first step any group left its
     running band (`departures`), the groups that left then (`first`), and every group's step."""
@@ -282,10 +381,16 @@ def departure_table(runs: Sequence[Run], series: dict[str, StepSeries]) -> list[
         dep = {g: v for g, v in departures(s, detect_settings(r)).items() if g != "total"}
         found = [v for v in dep.values() if v is not None]
         first_step = min(found) if found else None
-        rows.append({"run": r.rel, "verdict": r.verdict, "unstable": vd.is_unstable(r.verdict),
-                     "first step": first_step,
-                     "first": [g for g, v in dep.items() if v is not None and v == first_step],
-                     "by group": dep})
+        rows.append(
+            {
+                "run": r.rel,
+                "verdict": r.verdict,
+                "unstable": vd.is_unstable(r.verdict),
+                "first step": first_step,
+                "first": [g for g, v in dep.items() if v is not None and v == first_step],
+                "by group": dep,
+            }
+        )
     return rows
 
 
@@ -302,8 +407,16 @@ def departure_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
             row[f"first in {name}"] = f"{sum(g in r['first'] for r in mine)}/{len(mine)}"
             row[f"median step left, {name}"] = f"{float(np.median(left)):g}" if left else "-"
         out.append(row)
-    return pd.DataFrame(out, columns=["group", "first in unstable", "median step left, unstable", "first in stable",
-                                      "median step left, stable"])
+    return pd.DataFrame(
+        out,
+        columns=[
+            "group",
+            "first in unstable",
+            "median step left, unstable",
+            "first in stable",
+            "median step left, stable",
+        ],
+    )
 
 
 def plot_departure(rows: Sequence[dict[str, Any]], path: Path) -> Drawn:
@@ -329,8 +442,9 @@ def plot_departure(rows: Sequence[dict[str, Any]], path: Path) -> Drawn:
         ax.plot(xs, ys, "o", color=colour, ms=3.5, alpha=0.6, ls="")
         n = max(len(mine), 1)
         share = [sum(g in r["first"] for r in mine) / n for g in groups]
-        ax_share.barh([y_of[g] + (-0.2 if unstable else 0.2) for g in groups], share, height=0.38, color=colour,
-                      alpha=0.8)
+        ax_share.barh(
+            [y_of[g] + (-0.2 if unstable else 0.2) for g in groups], share, height=0.38, color=colour, alpha=0.8
+        )
     ax.set_yticks(range(len(groups)), groups, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("step the group's gradient norm first left its running band")
@@ -340,8 +454,10 @@ def plot_departure(rows: Sequence[dict[str, Any]], path: Path) -> Drawn:
     ax_share.grid(True, axis="x", alpha=0.3)
     n_u, n_s = sum(r["unstable"] for r in rows), sum(not r["unstable"] for r in rows)
     never = [sum(r["first step"] is None for r in rows if r["unstable"] == u) for u, _, _ in kinds]
-    handles = [Line2D([], [], marker="o", color=c, ls="", label=f"{name} runs ({n}; {k} never left it)")
-               for (u, c, name), n, k in zip(kinds, (n_u, n_s), never)]
+    handles = [
+        Line2D([], [], marker="o", color=c, ls="", label=f"{name} runs ({n}; {k} never left it)")
+        for (u, c, name), n, k in zip(kinds, (n_u, n_s), never)
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("Which module group left its running band first (band: the run's spike detector)", fontsize=10)
     if not groups:

@@ -29,13 +29,13 @@ class StepSeries:
     lacks it); `skipped` is a step whose update was not applied (non-finite under
     train.on_nan=skip, or `recover/skipped` of train.on_spike=skip)."""
 
-    step: np.ndarray          # (N,) int, global step
-    epoch: np.ndarray         # (N,) int, 1-based
-    loss: np.ndarray          # (N,) float
-    grad: np.ndarray          # (N,) float, total norm before clipping
-    clipped: np.ndarray       # (N,) bool
-    finite: np.ndarray        # (N,) bool
-    skipped: np.ndarray       # (N,) bool
+    step: np.ndarray  # (N,) int, global step
+    epoch: np.ndarray  # (N,) int, 1-based
+    loss: np.ndarray  # (N,) float
+    grad: np.ndarray  # (N,) float, total norm before clipping
+    clipped: np.ndarray  # (N,) bool
+    finite: np.ndarray  # (N,) bool
+    skipped: np.ndarray  # (N,) bool
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # group -> (N,) float
 
     def __len__(self) -> int:
@@ -62,12 +62,21 @@ def load_steps(run: Run) -> StepSeries:
     skipped = np.array([bool(r.get("recover/skipped", r.get("skipped", False))) for r in records], dtype=bool)
     if on_nan == "skip":
         skipped |= ~finite
-    groups = [k[len("grad/"):] for k in dict.fromkeys(k for r in records[:1] for k in r)
-              if k.startswith("grad/") and k not in (rf.GRAD_NORM, rf.CLIPPED)]
-    return StepSeries(step=_col(records, rf.STEP).astype(int), epoch=_col(records, rf.EPOCH, 0).astype(int),
-                      loss=_col(records, rf.LOSS), grad=_col(records, rf.GRAD_NORM),
-                      clipped=_col(records, rf.CLIPPED, 0.0) > 0, finite=finite, skipped=skipped,
-                      groups={g: _col(records, rf.grad_key(g)) for g in groups})
+    groups = [
+        k[len("grad/") :]
+        for k in dict.fromkeys(k for r in records[:1] for k in r)
+        if k.startswith("grad/") and k not in (rf.GRAD_NORM, rf.CLIPPED)
+    ]
+    return StepSeries(
+        step=_col(records, rf.STEP).astype(int),
+        epoch=_col(records, rf.EPOCH, 0).astype(int),
+        loss=_col(records, rf.LOSS),
+        grad=_col(records, rf.GRAD_NORM),
+        clipped=_col(records, rf.CLIPPED, 0.0) > 0,
+        finite=finite,
+        skipped=skipped,
+        groups={g: _col(records, rf.grad_key(g)) for g in groups},
+    )
 
 
 def minmax_downsample(x: np.ndarray, y: np.ndarray, max_points: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -99,14 +108,20 @@ def minmax_downsample(x: np.ndarray, y: np.ndarray, max_points: int = 1000) -> t
 def detect_settings(run: Run) -> dict[str, float]:
     """The run's own spike-detector settings (config `detect.spike_*`), the defaults where absent."""
     d = (run.config or {}).get("detect") or {}
-    return {"window": int(d.get("spike_window", 20)), "z": float(d.get("spike_z", 6.0)),
-            "warmup": int(d.get("spike_warmup", 10)), "ratio": float(d.get("spike_ratio", 3.0))}
+    return {
+        "window": int(d.get("spike_window", 20)),
+        "z": float(d.get("spike_z", 6.0)),
+        "warmup": int(d.get("spike_warmup", 10)),
+        "ratio": float(d.get("spike_ratio", 3.0)),
+    }
 
 
 def spikes(values: np.ndarray, settings: dict[str, float]) -> np.ndarray:
     """Indices of spikes in a step series, by the run's own detector (`detectors.detect_spikes`)."""
-    return np.array(detect_spikes(list(values), int(settings["window"]), settings["z"], int(settings["warmup"]),
-                                  settings["ratio"]), dtype=int)
+    return np.array(
+        detect_spikes(list(values), int(settings["window"]), settings["z"], int(settings["warmup"]), settings["ratio"]),
+        dtype=int,
+    )
 
 
 def departures(series: StepSeries, settings: dict[str, float]) -> dict[str, int | None]:

@@ -46,7 +46,7 @@ def first_nan_text(nan: Mapping[str, Any] | None) -> str:
 def _series_text(values: Sequence[float], keep: int = 8) -> str:
     cells = [format_number(v) for v in values]
     if len(cells) > keep:  # the start and the end; runs.csv has all of them
-        cells = [*cells[:3], "…", *cells[-(keep - 4):]]
+        cells = [*cells[:3], "…", *cells[-(keep - 4) :]]
     return " ".join(cells) or "-"
 
 
@@ -77,18 +77,22 @@ def overview(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
         maxes = r.series("grad_norm_max_by_epoch")
         scream = r.scream_epoch
         wall = r.wall_s
-        row.update({
-            "verdict": r.verdict,
-            "first NaN": first_nan_text(r.first_nan),
-            # warning time: steps between the first grad/loss spike and the first NaN
-            "spike lead": f"{r.summary['spike_lead_steps']} steps" if r.summary.get("spike_lead_steps") is not None else "-",
-            "scream": f"e{scream}" if scream is not None else "-",
-            "grad norm per epoch": _series_text(r.series("grad_norm_by_epoch")),
-            "max, last epoch": format_number(maxes[-1]) if maxes else "-",
-            "final loss": format_number(r.final_loss),
-            "max attn logit": format_number(_health(r).get("attn_logit_max")),
-            "wall": _duration(wall),
-        })
+        row.update(
+            {
+                "verdict": r.verdict,
+                "first NaN": first_nan_text(r.first_nan),
+                # warning time: steps between the first grad/loss spike and the first NaN
+                "spike lead": f"{r.summary['spike_lead_steps']} steps"
+                if r.summary.get("spike_lead_steps") is not None
+                else "-",
+                "scream": f"e{scream}" if scream is not None else "-",
+                "grad norm per epoch": _series_text(r.series("grad_norm_by_epoch")),
+                "max, last epoch": format_number(maxes[-1]) if maxes else "-",
+                "final loss": format_number(r.final_loss),
+                "max attn logit": format_number(_health(r).get("attn_logit_max")),
+                "wall": _duration(wall),
+            }
+        )
         rows.append(row)
     frame = pd.DataFrame(rows)
     optional = [c for c in ("spike lead", "max attn logit") if c in frame and (frame[c] == "-").all()]
@@ -101,9 +105,25 @@ def _health(run: Run) -> dict[str, Any]:
 
 
 _HEALTH_FIELDS = ("attn_entropy_min", "attn_logit_max", "sink_max", "sink_layers", "massive_max", "grad_sink_max")
-_SUMMARY_FIELDS = ("evidence", "scream_epoch", "final_loss", "final_val_loss", "growth_per_epoch",
-                   "first_spike_step", "spike_lead_steps", "n_grad_spikes", "n_loss_spikes", "clip_rate", "nonfinite_steps", "epochs_run", "steps",
-                   "stopped_early", "latent_scale", "device", "wall_s")
+_SUMMARY_FIELDS = (
+    "evidence",
+    "scream_epoch",
+    "final_loss",
+    "final_val_loss",
+    "growth_per_epoch",
+    "first_spike_step",
+    "spike_lead_steps",
+    "n_grad_spikes",
+    "n_loss_spikes",
+    "clip_rate",
+    "nonfinite_steps",
+    "epochs_run",
+    "steps",
+    "stopped_early",
+    "latent_scale",
+    "device",
+    "wall_s",
+)
 _NAN_FIELDS = ("epoch", "batch", "step", "kind", "how", "module", "where", "loss", "grad_norm")
 
 
@@ -114,8 +134,13 @@ def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
     fixed = {"path", "sweep", "run_id", "state", "verdict", "warnings", "overrides", "error"}
     rows = []
     for r in runs:
-        row: dict[str, Any] = {"path": r.rel, "sweep": r.group, "run_id": r.summary.get("run_id") or r.status.get("run_id"),
-                               "state": r.state, "verdict": r.verdict}
+        row: dict[str, Any] = {
+            "path": r.rel,
+            "sweep": r.group,
+            "run_id": r.summary.get("run_id") or r.status.get("run_id"),
+            "state": r.state,
+            "verdict": r.verdict,
+        }
         for k in keys:
             row[f"override.{k}" if k in fixed else k] = factor_value(r, k)
         row["overrides"] = " ".join(r.overrides) if r.overrides is not None else None
@@ -135,8 +160,12 @@ def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
         row["steps_recorded"] = r.steps_recorded
         health = _health(r)
         row.update({f"health_{k}": health.get(k) for k in _HEALTH_FIELDS})
-        for key, name in (("grad_norm_by_epoch", "grad_mean"), ("grad_norm_max_by_epoch", "grad_max"),
-                          ("loss_by_epoch", "loss"), ("val_loss_by_epoch", "val_loss")):
+        for key, name in (
+            ("grad_norm_by_epoch", "grad_mean"),
+            ("grad_norm_max_by_epoch", "grad_max"),
+            ("loss_by_epoch", "loss"),
+            ("val_loss_by_epoch", "val_loss"),
+        ):
             s = r.series(key)
             row.update({f"{name}_e{e}": (s[e - 1] if e <= len(s) else None) for e in range(1, n_epochs + 1)})
         for key, name in (("stage_rms_last_epoch", "rms"), ("stage_scale_last_epoch", "scale")):
@@ -196,11 +225,16 @@ def _share_row(mine: Sequence[Run], apart: int) -> dict[str, Any]:
     lo, hi = share_interval(bad, n)
     med, mlo, mhi, cov = median_interval([_float(r.summary.get("final_val_loss")) for r in mine])
     gmed, glo, ghi, gcov = median_interval([_max_grad(r) for r in mine])
-    return {"unstable": f"{bad}/{n}", "unstable_share": bad / n if n else math.nan,
-            "95% interval": f"{lo:.0%}..{hi:.0%}" if n else "-",
-            "not counted": apart,
-            "median final val loss": med, "val loss interval": _interval_text(mlo, mhi, cov),
-            "median max grad norm": gmed, "grad norm interval": _interval_text(glo, ghi, gcov)}
+    return {
+        "unstable": f"{bad}/{n}",
+        "unstable_share": bad / n if n else math.nan,
+        "95% interval": f"{lo:.0%}..{hi:.0%}" if n else "-",
+        "not counted": apart,
+        "median final val loss": med,
+        "val loss interval": _interval_text(mlo, mhi, cov),
+        "median max grad norm": gmed,
+        "grad norm interval": _interval_text(glo, ghi, gcov),
+    }
 
 
 def _counted(r: Run) -> bool:
@@ -241,13 +275,23 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
         text = f"{k}: {lo[1]}/{lo[2]} unstable at {lo[0]} vs {hi[1]}/{hi[2]} at {hi[0]}"
         spread = hi[1] / hi[2] - lo[1] / lo[2]
         if t["decisive"]:
-            decisive.append((t["p"], f"{text} (Fisher's exact p = {t['p']:.2g}"
-                                     + (f", Bonferroni over {t['pairs']} pairs)" if t["pairs"] > 1 else ")")))
+            decisive.append(
+                (
+                    t["p"],
+                    f"{text} (Fisher's exact p = {t['p']:.2g}"
+                    + (f", Bonferroni over {t['pairs']} pairs)" if t["pairs"] > 1 else ")"),
+                )
+            )
         elif spread > 0 and min(lo[2], hi[2]) < t["needed"]:
             per_seed = max(1.0, min(lo[2], hi[2]) / max(1, seeds))
-            untested.append((-spread, f"{text}: untested, {min(lo[2], hi[2])} run(s) per value; Fisher's exact test "
-                                      f"needs at least {t['needed']} per value even for a clean split, i.e. about "
-                                      f"{math.ceil(t['needed'] / per_seed)} seeds"))
+            untested.append(
+                (
+                    -spread,
+                    f"{text}: untested, {min(lo[2], hi[2])} run(s) per value; Fisher's exact test "
+                    f"needs at least {t['needed']} per value even for a clean split, i.e. about "
+                    f"{math.ceil(t['needed'] / per_seed)} seeds",
+                )
+            )
         elif spread > 0:
             tested.append((-spread, f"{text} (Fisher's exact p = {t['p']:.2g}, not significant)"))
     n_bad = sum(r.verdict in UNSTABLE for r in counted)
@@ -255,9 +299,16 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
     n_inc = sum(r.verdict in NOT_JUDGED for r in judged)
     n_border = sum(r.verdict not in NOT_JUDGED and bool(r.summary.get("borderline")) for r in judged)
     others = len(runs) - len(judged) - crashed  # still running, interrupted, unreadable
-    aside = "".join(f"; {n} {what} not counted" for n, what in (
-        (n_inc, "inconclusive (too short to judge)"), (n_border, "borderline (a value within detect.band of its threshold)"),
-        (crashed, "crashed (failed)"), (others, "without a verdict")) if n)
+    aside = "".join(
+        f"; {n} {what} not counted"
+        for n, what in (
+            (n_inc, "inconclusive (too short to judge)"),
+            (n_border, "borderline (a value within detect.band of its threshold)"),
+            (crashed, "crashed (failed)"),
+            (others, "without a verdict"),
+        )
+        if n
+    )
 
     def all_runs(n: int, what: str) -> str:
         return f"The one judged run is {what}" if n == 1 else f"All {n} judged runs are {what}"
@@ -267,8 +318,10 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
     elif not counted:
         sentence = f"No run could be judged{aside}."
     elif n_bad == 0:
-        sentence = (f"{all_runs(len(counted), 'stable')}{aside}: no factor changed the verdict at these settings "
-                    "(compare the validation losses below).")
+        sentence = (
+            f"{all_runs(len(counted), 'stable')}{aside}: no factor changed the verdict at these settings "
+            "(compare the validation losses below)."
+        )
     elif n_bad == len(counted):
         sentence = f"{all_runs(len(counted), 'unstable')}{aside}: no value of any factor fixed it."
     elif decisive:
@@ -278,11 +331,24 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
         untested.sort(key=lambda t: t[0])
         sentence = f"{n_bad}/{len(counted)} runs unstable{aside}; no factor is decisive yet: {'; '.join(t for _, t in untested)}."
     else:
-        sentence = (f"{n_bad}/{len(counted)} runs unstable{aside}; no single factor separates them"
-                    + (f": {'; '.join(t for _, t in sorted(tested))}." if tested else "."))
-    return pd.DataFrame(rows, columns=["factor", "value", "unstable", "unstable_share", "95% interval", "not counted",
-                                       "median final val loss", "val loss interval", "median max grad norm",
-                                       "grad norm interval"]), sentence
+        sentence = f"{n_bad}/{len(counted)} runs unstable{aside}; no single factor separates them" + (
+            f": {'; '.join(t for _, t in sorted(tested))}." if tested else "."
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "factor",
+            "value",
+            "unstable",
+            "unstable_share",
+            "95% interval",
+            "not counted",
+            "median final val loss",
+            "val loss interval",
+            "median max grad norm",
+            "grad norm interval",
+        ],
+    ), sentence
 
 
 def configurations(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
@@ -300,9 +366,14 @@ def configurations(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
         mine = groups[key]
         counted = [r for r in mine if _counted(r)]
         verdicts = sorted({r.verdict for r in mine})
-        rows.append({**dict(zip(facs, key)), "runs": len(mine),
-                     "verdicts": ", ".join(f"{sum(r.verdict == v for r in mine)} {v}" for v in verdicts),
-                     **_share_row(counted, len(mine) - len(counted))})
+        rows.append(
+            {
+                **dict(zip(facs, key)),
+                "runs": len(mine),
+                "verdicts": ", ".join(f"{sum(r.verdict == v for r in mine)} {v}" for v in verdicts),
+                **_share_row(counted, len(mine) - len(counted)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -333,12 +404,19 @@ def lr_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame | None:
     completed runs cover more than one learning rate; None otherwise."""
     done = [r for r in runs if r.config and r.summary.get("verdict") not in (None, "failed")]
     others = [k for k in design_factors(keys) if k not in ("train.lr", "lr")]  # seeds: averaged per LR
-    frame = pd.DataFrame([{**{k: factor_value(r, k) for k in others}, "train.lr": (r.config or {})["train"]["lr"],
-                           "initial_loss": initial_loss(r.path),  # validation loss at init, as the final one
-                           # validation loss, not the last training batch's (one batch is noisy)
-                           "final_loss": _float(r.summary.get("final_val_loss")),
-                           "stable": r.verdict not in UNSTABLE}
-                          for r in done])
+    frame = pd.DataFrame(
+        [
+            {
+                **{k: factor_value(r, k) for k in others},
+                "train.lr": (r.config or {})["train"]["lr"],
+                "initial_loss": initial_loss(r.path),  # validation loss at init, as the final one
+                # validation loss, not the last training batch's (one batch is noisy)
+                "final_loss": _float(r.summary.get("final_val_loss")),
+                "stable": r.verdict not in UNSTABLE,
+            }
+            for r in done
+        ]
+    )
     if frame.empty or not varies_lr(frame):
         return None
     return lr_sensitivity(frame, factors=others)
@@ -351,12 +429,14 @@ def lr_display(table: pd.DataFrame) -> pd.DataFrame:
         if col in shown:
             shown[col] = shown[col].map(format_number)
     if "lrs" in shown:
-        shown["lrs"] = shown["lrs"].map(lambda v: ", ".join(format_number(float(x)) for x in v)
-                                        if isinstance(v, (list, tuple)) else str(v))
+        shown["lrs"] = shown["lrs"].map(
+            lambda v: ", ".join(format_number(float(x)) for x in v) if isinstance(v, (list, tuple)) else str(v)
+        )
     return shown
 
 
 # --- one run (`stab show`) ---------------------------------------------------------------------
+
 
 def is_run_folder(path: Path) -> bool:
     """A folder holding any of `format.RUN_MARKERS` (`RunFolder.is_run`)."""
@@ -371,11 +451,21 @@ def grad_epoch_frame(run: Run) -> pd.DataFrame:
 
 def epoch_frame(run: Run) -> pd.DataFrame:
     """Per epoch: loss, validation loss, grad norm mean/max, clip rate, collapsed (the scream check)."""
-    cols = {"epoch": "epoch", "steps": "steps", "loss": "loss", "val_loss": "val loss",
-            "grad_norm_mean": "grad mean", "grad_norm_max": "grad max", "clip_rate": "clipped",
-            "collapsed": "collapsed"}
-    return pd.DataFrame([{name: e.get(key) for key, name in cols.items()} for e in run.epochs],
-                        columns=list(cols.values()), dtype=object)
+    cols = {
+        "epoch": "epoch",
+        "steps": "steps",
+        "loss": "loss",
+        "val_loss": "val loss",
+        "grad_norm_mean": "grad mean",
+        "grad_norm_max": "grad max",
+        "clip_rate": "clipped",
+        "collapsed": "collapsed",
+    }
+    return pd.DataFrame(
+        [{name: e.get(key) for key, name in cols.items()} for e in run.epochs],
+        columns=list(cols.values()),
+        dtype=object,
+    )
 
 
 def stage_frame(run: Run) -> pd.DataFrame:
@@ -383,12 +473,24 @@ def stage_frame(run: Run) -> pd.DataFrame:
     clamping, and the share of steps where the clamp bound was hit."""
     rows = []
     for e in run.epochs:
-        rms, ratio, scale, clamp = (e.get(k) or [] for k in ("stage_rms", "stage_ratio", "stage_scale", "stage_clamp_rate"))
+        rms, ratio, scale, clamp = (
+            e.get(k) or [] for k in ("stage_rms", "stage_ratio", "stage_scale", "stage_clamp_rate")
+        )
         for i in range(max(len(rms), len(ratio), len(scale))):
+
             def at(xs: list[Any], i: int = i) -> Any:
                 return xs[i] if i < len(xs) else None
-            rows.append({"epoch": e.get("epoch"), "stage": i, "rms": at(rms), "needed ratio": at(ratio),
-                         "scale": at(scale), "clamped": at(clamp)})
+
+            rows.append(
+                {
+                    "epoch": e.get("epoch"),
+                    "stage": i,
+                    "rms": at(rms),
+                    "needed ratio": at(ratio),
+                    "scale": at(scale),
+                    "clamped": at(clamp),
+                }
+            )
     return pd.DataFrame(rows, columns=["epoch", "stage", "rms", "needed ratio", "scale", "clamped"], dtype=object)
 
 
@@ -397,9 +499,11 @@ def event_text(ev: Mapping[str, Any]) -> str:
     kind = ev.get("event")
     f = format_number
     if kind == "first_nan":
-        return (f"non-finite {ev.get('kind', '?')} first {nan_place(ev)}; "
-                f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}"
-                + (f"; batch and state saved: stab replay {ev['forensics']}" if ev.get("forensics") else ""))
+        return (
+            f"non-finite {ev.get('kind', '?')} first {nan_place(ev)}; "
+            f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}"
+            + (f"; batch and state saved: stab replay {ev['forensics']}" if ev.get("forensics") else "")
+        )
     if kind == "init_eval":
         base = f", no-learning baseline {f(ev.get('baseline_loss'))}" if ev.get("baseline") else ""
         return f"validation loss at initialisation {f(ev.get('val_loss'))}{base}"
@@ -416,14 +520,29 @@ def event_text(ev: Mapping[str, Any]) -> str:
 
 def events_frame(run: Run) -> pd.DataFrame:
     order = {"first_nan": 0, "scream": 1, "grad_spike": 2, "clamp_saturation": 3}
+
     def when(e: Mapping[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
         if e.get("event") == "init_eval":  # before the first step
             return (-1, -1, 0)
         epoch, step = e.get("epoch"), e.get("step")
-        return (epoch if isinstance(epoch, int) else 1 << 62, step if isinstance(step, int) else 1 << 62,
-                order.get(str(e.get("event")), 9))
+        return (
+            epoch if isinstance(epoch, int) else 1 << 62,
+            step if isinstance(step, int) else 1 << 62,
+            order.get(str(e.get("event")), 9),
+        )
 
     evs = sorted(run.events, key=when)
-    return pd.DataFrame([{"event": e.get("event"), "epoch": e.get("epoch"), "batch": e.get("batch"),
-                          "step": e.get("step"), "details": event_text(e)} for e in evs],
-                        columns=["event", "epoch", "batch", "step", "details"], dtype=object)
+    return pd.DataFrame(
+        [
+            {
+                "event": e.get("event"),
+                "epoch": e.get("epoch"),
+                "batch": e.get("batch"),
+                "step": e.get("step"),
+                "details": event_text(e),
+            }
+            for e in evs
+        ],
+        columns=["event", "epoch", "batch", "step", "details"],
+        dtype=object,
+    )

@@ -32,22 +32,28 @@ if TYPE_CHECKING:
 
 def _cascade(cfg: RunConfig, device: torch.device) -> Workload:
     from stability.workloads.cascade.workload import CascadeWorkload
+
     return CascadeWorkload(cfg, device)
 
 
 def _charlm(cfg: RunConfig, device: torch.device) -> Workload:
     from stability.workloads.charlm.workload import CharLMWorkload
+
     return CharLMWorkload(cfg, device)
 
 
 def _custom(cfg: RunConfig, device: torch.device) -> Workload:
     from stability.workloads.custom import CustomWorkload
+
     return CustomWorkload(cfg, device)
 
 
 # model.name -> the workload's constructor (imported on use: the cascade's codec is heavy)
-WORKLOADS: dict[str, Callable[[RunConfig, torch.device], Workload]] = {"cascade": _cascade, "charlm": _charlm,
-                                                                       "custom": _custom}
+WORKLOADS: dict[str, Callable[[RunConfig, torch.device], Workload]] = {
+    "cascade": _cascade,
+    "charlm": _charlm,
+    "custom": _custom,
+}
 
 
 def build_model(cfg: ModelConfig | CharLMConfig) -> Cascade | CharLM:
@@ -57,9 +63,11 @@ def build_model(cfg: ModelConfig | CharLMConfig) -> Cascade | CharLM:
     makes its data too): use `CustomWorkload`. Raises ValueError for an unknown name."""
     if isinstance(cfg, ModelConfig):
         from stability.models.cascade import Cascade
+
         return Cascade(cfg)
     if isinstance(cfg, CharLMConfig):
         from stability.models.charlm import CharLM
+
         return CharLM(cfg)
     raise ValueError(f"model={cfg.name!r}: unknown model; allowed: {', '.join(WORKLOADS)}")
 
@@ -82,8 +90,9 @@ def make_optimizer(model: nn.Module, tc: TrainConfig) -> tuple[torch.optim.Optim
     The fused implementation (CPU and CUDA): one kernel for all parameters, no host reads of
     its step counters, and a `found_inf` input that skips a non-finite step on the device
     (`step.Stepper.on_device`). Every train.sync_every uses it, so K changes no number."""
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                            fused=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, fused=True
+    )
     warmup = tc.warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     return opt, sched
@@ -127,8 +136,9 @@ class RunParts:
         m = cfg.model
         clamp = m.rms_clamp if self.n_stages and isinstance(m, ModelConfig) and m.rms_match else None
         probes, recovery, opt_probe = self.step_probes(cfg)
-        ins = Instruments(self.names, self.grad_probe, [self.stage_probe, *probes], cfg.train.clip, self.n_stages,
-                          clamp, world_size)
+        ins = Instruments(
+            self.names, self.grad_probe, [self.stage_probe, *probes], cfg.train.clip, self.n_stages, clamp, world_size
+        )
         ins.recovery, ins.opt_probe = recovery, opt_probe
         return ins
 
@@ -144,8 +154,17 @@ class RunParts:
             if cfg.detect.opt_state:
                 opt_probe = OptStateProbe(self.groups, self.opt)
                 probes += [LMProbe(self.work.model), opt_probe]
-            recovery = Recovery(tc.on_spike, self.opt, list(self.work.model.parameters()), self.device,
-                                tc.spike_window, tc.spike_sigma, tc.backoff_factor, tc.backoff_steps, tc.update_clip)
+            recovery = Recovery(
+                tc.on_spike,
+                self.opt,
+                list(self.work.model.parameters()),
+                self.device,
+                tc.spike_window,
+                tc.spike_sigma,
+                tc.backoff_factor,
+                tc.backoff_steps,
+                tc.update_clip,
+            )
             if recovery.active:
                 probes.append(recovery)
             self._probes = (probes, recovery if recovery.active else None, opt_probe)

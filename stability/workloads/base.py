@@ -65,8 +65,11 @@ class Workload(abc.ABC):
         own = getattr(self.model, "module_groups", None)
         if callable(own):
             return own()
-        return {name: [child] for name, child in self.model.named_children()
-                if any(p.requires_grad for p in child.parameters())}
+        return {
+            name: [child]
+            for name, child in self.model.named_children()
+            if any(p.requires_grad for p in child.parameters())
+        }
 
     def rms_matchers(self) -> list[Any]:
         """Stage RMS-matchers whose `last` is (rms, needed ratio, applied scale); [] if none."""

@@ -72,7 +72,12 @@ VAL_BATCHES = 64  # validation batches (of train.batch_size) the validation loss
 HEALTH_ITEMS = 8  # validation examples the health probe's forward and backward use
 SCREAM_SINGLE_ITEMS = 256  # one token per example (a classifier): these many predictions form one sequence
 RESERVED_GROUPS = ("norm", "clipped")  # `grad/<group>` would be the total norm's or the clip flag's key
-NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+NORM_TYPES = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 
 
 @dataclass
@@ -90,6 +95,7 @@ class Task:
 
 
 # --- the factory ------------------------------------------------------------------------------
+
 
 def locate(path: str) -> Any:
     """The object at dotted `path` (`pkg.module.attr`), found as `hydra.utils.get_method` does: the
@@ -114,14 +120,17 @@ def locate(path: str) -> Any:
         obj = module
         for j, attr in enumerate(parts[i:], start=i):
             if not hasattr(obj, attr):
-                raise ConfigError(f"{where}: module {'.'.join(parts[:i])} has no attribute "
-                                  f"{'.'.join(parts[i:j + 1])!r}")
+                raise ConfigError(
+                    f"{where}: module {'.'.join(parts[:i])} has no attribute {'.'.join(parts[i : j + 1])!r}"
+                )
             obj = getattr(obj, attr)
         return obj
     if error is not None:
         raise ConfigError(f"{where}: importing it raised {type(error).__name__}: {_first_line(error)}")
-    raise ConfigError(f"{where}: no module {parts[0]!r} can be imported (is its folder on PYTHONPATH? "
-                      f"stab also imports from the folder it runs in)")
+    raise ConfigError(
+        f"{where}: no module {parts[0]!r} can be imported (is its folder on PYTHONPATH? "
+        f"stab also imports from the folder it runs in)"
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -134,22 +143,25 @@ def factory_parameters(path: str) -> frozenset[str]:
     """The names of the factory's parameters (the short names it declares are among them)."""
     factory = locate(path)
     if not callable(factory):
-        raise ConfigError(f"model._target_={path}: {type(factory).__name__} is not callable: expected a function "
-                          f"returning the model, its data and a loss")
+        raise ConfigError(
+            f"model._target_={path}: {type(factory).__name__} is not callable: expected a function "
+            f"returning the model, its data and a loss"
+        )
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):
         return frozenset()
-    return frozenset(n for n, p in sig.parameters.items()
-                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return frozenset(n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def make_task(target: str, params: dict[str, Any]) -> Task:
     """Call the factory at `target` with `params`; its result as a checked `Task`."""
     if target == OWN_LOOP:
-        raise ConfigError(f"model._target_={target}: this run was recorded by stab's Monitor in your own loop "
-                          f"without a factory, so nothing can rebuild its model; Monitor(factory='my_pkg.build') "
-                          f"records one")
+        raise ConfigError(
+            f"model._target_={target}: this run was recorded by stab's Monitor in your own loop "
+            f"without a factory, so nothing can rebuild its model; Monitor(factory='my_pkg.build') "
+            f"records one"
+        )
     factory = locate(target)
     factory_parameters(target)  # callable
     where = f"model._target_={target}"
@@ -158,7 +170,9 @@ def make_task(target: str, params: dict[str, Any]) -> Task:
         sig.bind(**params)
     except TypeError as e:
         have = ", ".join(n for n in sig.parameters) or "none"
-        raise ConfigError(f"{where}: cannot take the model keys {sorted(params)}: {e} (its parameters: {have})") from None
+        raise ConfigError(
+            f"{where}: cannot take the model keys {sorted(params)}: {e} (its parameters: {have})"
+        ) from None
     except ValueError:
         pass
     try:
@@ -178,12 +192,15 @@ def as_task(out: Any, where: str) -> Task:
             raise ConfigError(f"{where} returned the key {unknown[0]!r}: allowed keys are {', '.join(names)}")
         missing = [k for k in ("model", "train", "loss") if out.get(k) is None]
         if missing:
-            raise ConfigError(f"{where} returned no {missing[0]!r}: expected a dict with model, train and loss "
-                              f"(docs/your-model.md)")
+            raise ConfigError(
+                f"{where} returned no {missing[0]!r}: expected a dict with model, train and loss (docs/your-model.md)"
+            )
         task = Task(**out)
     else:
-        raise ConfigError(f"{where} returned {type(out).__name__}: expected a dict with model, train and loss, "
-                          f"or a stability.workloads.custom.Task")
+        raise ConfigError(
+            f"{where} returned {type(out).__name__}: expected a dict with model, train and loss, "
+            f"or a stability.workloads.custom.Task"
+        )
     if not isinstance(task.model, nn.Module):
         raise ConfigError(f"{where}: model is a {type(task.model).__name__}, not a torch.nn.Module")
     if not any(p.requires_grad for p in task.model.parameters()):
@@ -196,12 +213,15 @@ def as_task(out: Any, where: str) -> Task:
         except re.error as e:
             raise ConfigError(f"{where}: layers={task.layers!r} is not a regular expression: {e}") from None
     if not (task.tokens in ("auto", "argmax", None) or callable(task.tokens)):
-        raise ConfigError(f"{where}: tokens={task.tokens!r} is not allowed: expected 'auto', 'argmax', None or a "
-                          f"function from an output tensor to an integer tensor")
+        raise ConfigError(
+            f"{where}: tokens={task.tokens!r} is not allowed: expected 'auto', 'argmax', None or a "
+            f"function from an output tensor to an integer tensor"
+        )
     return task
 
 
 # --- data -------------------------------------------------------------------------------------
+
 
 class Examples:
     """Training or validation examples: tensors indexed directly (fast), or a Dataset collated
@@ -222,8 +242,10 @@ class Examples:
         if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
             sizes = {len(t) if t.dim() else -1 for t in data}
             if len(sizes) != 1 or -1 in sizes:
-                raise ConfigError(f"{where}: the {what} tensors have different numbers of rows "
-                                  f"({', '.join(str(tuple(t.shape)) for t in data)}): expected one row per example")
+                raise ConfigError(
+                    f"{where}: the {what} tensors have different numbers of rows "
+                    f"({', '.join(str(tuple(t.shape)) for t in data)}): expected one row per example"
+                )
             self.tensors = tuple(t.to(device) for t in data)
             self.single = len(data) == 1
         elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
@@ -281,6 +303,7 @@ def split(batch: Any) -> tuple[tuple[Any, ...], Any]:
 
 # --- module groups ----------------------------------------------------------------------------
 
+
 def is_attention(m: nn.Module) -> bool:
     return isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
 
@@ -301,7 +324,8 @@ def find_layers(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Mo
             hit = re.fullmatch(pattern, name) is not None
         else:
             hit = isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) or (
-                not is_attention(m) and any(is_attention(c) for c in m.children()))
+                not is_attention(m) and any(is_attention(c) for c in m.children())
+            )
         if hit:
             found[name] = m
     return found
@@ -352,7 +376,7 @@ def auto_groups(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, lis
             loose.setdefault(f"{layer}.params", {}).update(direct)
             groups.setdefault(f"{layer}.params", [])
             continue
-        child_name = mname[len(layer) + 1:].split(".")[0]
+        child_name = mname[len(layer) + 1 :].split(".")[0]
         child = layers[layer].get_submodule(child_name)
         add(f"{layer}.{_kind(child)}", child)
     for g, params in loose.items():
@@ -395,10 +419,13 @@ def explicit_groups(model: nn.Module, spec: dict[str, Any], where: str) -> dict[
                 try:
                     item = model.get_submodule(item)
                 except AttributeError:
-                    raise ConfigError(f"{where}: groups[{name!r}] names {item!r}, which is not a module of the model") from None
+                    raise ConfigError(
+                        f"{where}: groups[{name!r}] names {item!r}, which is not a module of the model"
+                    ) from None
             if not isinstance(item, nn.Module):
-                raise ConfigError(f"{where}: groups[{name!r}] holds a {type(item).__name__}: expected modules or "
-                                  f"module names")
+                raise ConfigError(
+                    f"{where}: groups[{name!r}] holds a {type(item).__name__}: expected modules or module names"
+                )
             mods.append(item)
         out[str(name)] = mods
     covered = {id(p) for mods in out.values() for m in mods for p in m.parameters()}
@@ -409,6 +436,7 @@ def explicit_groups(model: nn.Module, spec: dict[str, Any], where: str) -> dict[
 
 
 # --- attention health -------------------------------------------------------------------------
+
 
 class MultiheadAttentionLogits:
     """What `stability.health.measure` needs of an `nn.MultiheadAttention` used as self-attention:
@@ -440,8 +468,10 @@ class MultiheadAttentionLogits:
             qb = q.transpose(0, 1)  # (B, T, E), a view that becomes the forward's input
             hook(module, (qb,))
             q_new = qb.transpose(0, 1)  # (T, B, E)
-            return (tuple(q_new if t is q else t for t in args),
-                    {k: (q_new if v is q else v) for k, v in kwargs.items()})
+            return (
+                tuple(q_new if t is q else t for t in args),
+                {k: (q_new if v is q else v) for k, v in kwargs.items()},
+            )
 
         return mha.register_forward_pre_hook(pre, with_kwargs=True)
 
@@ -449,11 +479,11 @@ class MultiheadAttentionLogits:
         """x (B, T, E) -> pre-softmax self-attention logits (B, heads, T, T), masked positions -inf."""
         mha, E, H = self.mha, self.mha.embed_dim, self.mha.num_heads
         if mha._qkv_same_embed_dim:
-            wq, wk = mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E]
+            wq, wk = mha.in_proj_weight[:E], mha.in_proj_weight[E : 2 * E]
         else:
             wq, wk = mha.q_proj_weight, mha.k_proj_weight
         bq = mha.in_proj_bias[:E] if mha.in_proj_bias is not None else None
-        bk = mha.in_proj_bias[E:2 * E] if mha.in_proj_bias is not None else None
+        bk = mha.in_proj_bias[E : 2 * E] if mha.in_proj_bias is not None else None
         if x.dim() == 2:
             x = x.unsqueeze(0)
         B, T, _ = x.shape
@@ -475,7 +505,9 @@ def attention_probe(layer: nn.Module) -> Any | None:
     """The layer's self-attention as `health.measure` reads it, or None if its logits cannot be had."""
     attns = [c for n, c in layer.named_children() if is_attention(c)]
     named = dict(layer.named_children())
-    attn = named.get("self_attn") if is_attention(named.get("self_attn", nn.Identity())) else (attns[0] if attns else None)
+    attn = (
+        named.get("self_attn") if is_attention(named.get("self_attn", nn.Identity())) else (attns[0] if attns else None)
+    )
     if isinstance(attn, nn.MultiheadAttention):
         return MultiheadAttentionLogits(attn)
     if attn is not None and callable(getattr(attn, "logits", None)):
@@ -486,6 +518,7 @@ def attention_probe(layer: nn.Module) -> Any | None:
 
 
 # --- the workload -----------------------------------------------------------------------------
+
 
 class CustomWorkload(Workload):
     """A factory's model, data and loss behind stab's workload interface (`model=custom`)."""
@@ -522,26 +555,39 @@ class CustomWorkload(Workload):
             how = " (q and k captured at F.scaled_dot_product_attention)" if sdpa else ""
             health_note = f"available: {len(self._health)} of {len(layers)} layers{how}"
         elif layers:
-            health_note = (f"not available: no nn.MultiheadAttention, attention module with logits(x) or call of "
-                           f"F.scaled_dot_product_attention in the {len(layers)} layers found")
+            health_note = (
+                f"not available: no nn.MultiheadAttention, attention module with logits(x) or call of "
+                f"F.scaled_dot_product_attention in the {len(layers)} layers found"
+            )
         else:
-            health_note = ("not available: no transformer layers found (nn.TransformerEncoderLayer, a module with "
-                           "an attention child, or the factory's layers=PATTERN)")
+            health_note = (
+                "not available: no transformer layers found (nn.TransformerEncoderLayer, a module with "
+                "an attention child, or the factory's layers=PATTERN)"
+            )
         if self.val is None and self._health:
             health_note = "not available: no validation data (the factory's val)"
             self._health = {}
         self.info: dict[str, Any] = {
-            "target": target, "params": dict(mcfg.params), "n_train": self.n_train,
-            "n_val": len(self.val) if self.val is not None else 0, "layers": list(layers),
-            "groups": list(self._groups), "tied": tied(self.model, self._groups), "scream": scream_note,
-            "health": health_note, **task.info}
+            "target": target,
+            "params": dict(mcfg.params),
+            "n_train": self.n_train,
+            "n_val": len(self.val) if self.val is not None else 0,
+            "layers": list(layers),
+            "groups": list(self._groups),
+            "tied": tied(self.model, self._groups),
+            "scream": scream_note,
+            "health": health_note,
+            **task.info,
+        }
 
     # groups ----------------------------------------------------------------------------------
     def _make_groups(self) -> dict[str, list[nn.Module]]:
         self._layers = find_layers(self.model, self.task.layers)
         if self.task.layers is not None and not self._layers:
-            raise ConfigError(f"{self.where}: layers={self.task.layers!r} matches no module name "
-                              f"(names look like {', '.join(n for n, _ in list(self.model.named_modules())[1:4])})")
+            raise ConfigError(
+                f"{self.where}: layers={self.task.layers!r} matches no module name "
+                f"(names look like {', '.join(n for n, _ in list(self.model.named_modules())[1:4])})"
+            )
         if self.task.groups is not None:
             return explicit_groups(self.model, self.task.groups, self.where)
         own = getattr(self.model, "module_groups", None)
@@ -567,16 +613,20 @@ class CustomWorkload(Workload):
             except ConfigError:
                 raise
             except Exception as e:
-                raise ConfigError(f"{where}: the forward or loss on a training batch raised {type(e).__name__}: "
-                                  f"{_first_line(e)}") from e
+                raise ConfigError(
+                    f"{where}: the forward or loss on a training batch raised {type(e).__name__}: {_first_line(e)}"
+                ) from e
             if not isinstance(loss, torch.Tensor):
                 raise ConfigError(f"{where}: the loss returned a {type(loss).__name__}, not a tensor")
             if loss.numel() != 1:
-                raise ConfigError(f"{where}: the loss is not a scalar: shape {tuple(loss.shape)} (reduce it, e.g. "
-                                  f".mean())")
+                raise ConfigError(
+                    f"{where}: the loss is not a scalar: shape {tuple(loss.shape)} (reduce it, e.g. .mean())"
+                )
             if not loss.requires_grad:
-                raise ConfigError(f"{where}: the loss has no gradient path to the model's parameters (is the output "
-                                  f"detached, or computed under torch.no_grad?)")
+                raise ConfigError(
+                    f"{where}: the loss has no gradient path to the model's parameters (is the output "
+                    f"detached, or computed under torch.no_grad?)"
+                )
             model.zero_grad(set_to_none=True)
             loss.reshape(()).backward()
             if all(p.grad is None for p in model.parameters()):
@@ -632,12 +682,19 @@ class CustomWorkload(Workload):
             self.model.train(was)
         tokens = self.task.tokens
         if tokens == "auto":
-            fits = (isinstance(out, torch.Tensor) and isinstance(target, torch.Tensor) and out.is_floating_point()
-                    and not target.is_floating_point() and out.dim() == target.dim() + 1
-                    and out.shape[:-1] == target.shape)
+            fits = (
+                isinstance(out, torch.Tensor)
+                and isinstance(target, torch.Tensor)
+                and out.is_floating_point()
+                and not target.is_floating_point()
+                and out.dim() == target.dim() + 1
+                and out.shape[:-1] == target.shape
+            )
             if not fits:
-                return None, ("not available: the output is not scores over a vocabulary for an integer target "
-                              "(give the factory's tokens=a function from outputs to integer tokens)")
+                return None, (
+                    "not available: the output is not scores over a vocabulary for an integer target "
+                    "(give the factory's tokens=a function from outputs to integer tokens)"
+                )
             tokens = "argmax"
         fn = (lambda t: t.argmax(-1)) if tokens == "argmax" else tokens
         for what, value in (("output", out), ("target", target)):
@@ -647,23 +704,29 @@ class CustomWorkload(Workload):
             try:
                 made = fn(value)
             except Exception as e:
-                raise ConfigError(f"{self.where}: tokens({what}) raised {type(e).__name__}: {_first_line(e)} (tokens "
-                                  f"is applied to the model's output and to the target)") from e
+                raise ConfigError(
+                    f"{self.where}: tokens({what}) raised {type(e).__name__}: {_first_line(e)} (tokens "
+                    f"is applied to the model's output and to the target)"
+                ) from e
             if what == "output":
                 out_tokens = made
             else:
                 target_tokens = made
         for what, t in (("output", out_tokens), ("target", target_tokens)):
             if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dim() == 0:
-                raise ConfigError(f"{self.where}: the scream check's tokens of the {what} are not an integer tensor "
-                                  f"with one row per example")
+                raise ConfigError(
+                    f"{self.where}: the scream check's tokens of the {what} are not an integer tensor "
+                    f"with one row per example"
+                )
         per_item = out_tokens.dim() > 1
         n = min(self.cfg.detect.scream.items, len(self.val)) if per_item else len(idx)
         self.scream_idx = idx[:n]
         self.tokenize = fn
         self.target_scores = self._scores(target_tokens[:n])
         how = "argmax over the output's last dimension" if tokens == "argmax" else "the factory's tokens function"
-        unit = f"{n} validation sequences" if per_item else f"the predictions for {n} validation examples as one sequence"
+        unit = (
+            f"{n} validation sequences" if per_item else f"the predictions for {n} validation examples as one sequence"
+        )
         return fn, f"{how}; {unit}"
 
     def _scores(self, tokens: torch.Tensor) -> dict[str, float]:
@@ -686,14 +749,21 @@ class CustomWorkload(Workload):
             total += self.loss(val[idx]).double() * len(idx)  # stays on the device
             count += len(idx)
         val_loss = float(total / count)  # host sync: once per epoch
-        result: dict[str, Any] = {"val_loss": val_loss, "collapsed": None, "scores": {},
-                                  "target_scores": self.target_scores}
+        result: dict[str, Any] = {
+            "val_loss": val_loss,
+            "collapsed": None,
+            "scores": {},
+            "target_scores": self.target_scores,
+        }
         if self.tokenize is not None and math.isfinite(val_loss):  # argmax over NaN would fake a collapse
             tokens = self.tokenize(self.forward(self.val[self.scream_idx]))
             scores = self._scores(tokens)
             sc = self.cfg.detect.scream
-            result.update(scores=scores, collapsed=scream_check(scores, self.target_scores, sc.dominant, sc.longest_run),
-                          tokens_head=tokens.reshape(-1)[:32].tolist())
+            result.update(
+                scores=scores,
+                collapsed=scream_check(scores, self.target_scores, sc.dominant, sc.longest_run),
+                tokens_head=tokens.reshape(-1)[:32].tolist(),
+            )
         self.model.train(was_training)
         return result
 

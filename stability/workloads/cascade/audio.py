@@ -43,7 +43,8 @@ LENGTH_TOLERANCE_S = 0.01  # input and target may differ by resampling round-off
 # Suffixes of the formats this libsndfile reads (RAW has no header: it cannot be read unaided).
 AUDIO_SUFFIXES = frozenset(
     {f".{name.lower()}" for name in sf.available_formats() if name != "RAW"}
-    | {".aif", ".aifc", ".oga", ".opus", ".snd", ".sph"})
+    | {".aif", ".aifc", ".oga", ".opus", ".snd", ".sph"}
+)
 
 log = logging.getLogger("stab.audio")
 
@@ -113,14 +114,25 @@ class FolderPlan:
         """What data.json and `stab data inspect` report about the source."""
         rates = sorted({p.source[k]["rate"] for p in self.pairs for k in ("input", "target")})
         channels = sorted({p.source[k]["channels"] for p in self.pairs for k in ("input", "target")})
-        return {"kind": "folder", "path": str(self.root), "pairs": len(self.pairs),
-                "audio_seconds": sum(p.samples for p in self.pairs) / SAMPLE_RATE,
-                "segment_seconds": self.seconds, "segments": {"train": len(self.train), "val": len(self.val)},
-                "val_files": sorted({self.pairs[i].name for i, _ in self.val}),
-                "source_rates": rates, "source_channels": channels,
-                "skipped": self.skipped, "ignored": self.ignored,
-                "over_full_scale": {getattr(p, side).rel: p.source[side]["peak"] for p in self.pairs
-                                    for side in ("input", "target") if "peak" in p.source[side]}}
+        return {
+            "kind": "folder",
+            "path": str(self.root),
+            "pairs": len(self.pairs),
+            "audio_seconds": sum(p.samples for p in self.pairs) / SAMPLE_RATE,
+            "segment_seconds": self.seconds,
+            "segments": {"train": len(self.train), "val": len(self.val)},
+            "val_files": sorted({self.pairs[i].name for i, _ in self.val}),
+            "source_rates": rates,
+            "source_channels": channels,
+            "skipped": self.skipped,
+            "ignored": self.ignored,
+            "over_full_scale": {
+                getattr(p, side).rel: p.source[side]["peak"]
+                for p in self.pairs
+                for side in ("input", "target")
+                if "peak" in p.source[side]
+            },
+        }
 
 
 def scan_folder(path: str | Path) -> Listing:
@@ -147,8 +159,11 @@ def scan_folder(path: str | Path) -> Listing:
             name = p.relative_to(folder).with_suffix("").as_posix()
             by_name.setdefault(name, []).append(AudioFile(p, rel, st.st_size, st.st_mtime_ns))
         if not by_name:
-            others = f" (ignored, not audio: {', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})" \
-                if ignored else ""
+            others = (
+                f" (ignored, not audio: {', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})"
+                if ignored
+                else ""
+            )
             raise DataError(f"data.path={str(path)!r}: {side}/ holds no audio files{others}; {hint}")
         sides[side] = by_name
     bad: list[tuple[str, str]] = list(dangling)
@@ -157,8 +172,9 @@ def scan_folder(path: str | Path) -> Listing:
     for name in sorted(inputs.keys() | targets.keys()):
         files = inputs.get(name, []) + targets.get(name, [])
         if len(inputs.get(name, [])) > 1 or len(targets.get(name, [])) > 1:
-            bad.append((files[0].rel, f"is ambiguous: {', '.join(f.rel for f in files)} share the name "
-                                      f"{display(name)!r}"))
+            bad.append(
+                (files[0].rel, f"is ambiguous: {', '.join(f.rel for f in files)} share the name {display(name)!r}")
+            )
         elif name not in targets:
             bad.append((files[0].rel, f"has no partner target/{display(name)}.* to pair with"))
         elif name not in inputs:
@@ -197,8 +213,10 @@ def _walk(root: Path, folder: Path, links: dict[str, str], dangling: list[tuple[
                 target = sub.resolve()
                 rel = sub.relative_to(root).as_posix()
                 if target in read or target in here.resolve().parents:
-                    raise DataError(f"data.path={str(root)!r}: {display(rel)} is a link to {display(str(target))}, "
-                                    f"a folder read already (a loop, or the same files twice); remove the link")
+                    raise DataError(
+                        f"data.path={str(root)!r}: {display(rel)} is a link to {display(str(target))}, "
+                        f"a folder read already (a loop, or the same files twice); remove the link"
+                    )
                 links[rel] = str(target)
         for f in sorted(filenames):
             p = here / f
@@ -206,8 +224,12 @@ def _walk(root: Path, folder: Path, links: dict[str, str], dangling: list[tuple[
                 continue
             if not p.is_file():
                 if p.is_symlink():
-                    dangling.append((p.relative_to(root).as_posix(),
-                                     f"is a link to {display(os.readlink(p))}, which does not exist"))
+                    dangling.append(
+                        (
+                            p.relative_to(root).as_posix(),
+                            f"is a link to {display(os.readlink(p))}, which does not exist",
+                        )
+                    )
                 continue
             files.append(p)
     return sorted(files)
@@ -244,16 +266,26 @@ def read_audio(f: AudioFile) -> tuple[torch.Tensor, dict[str, Any]]:
         first = int(np.argwhere(~finite)[0][0])
         raise BadFile(f.rel, f"contains NaN or inf samples (the first at {first / rate:.3f} s)")
     mono = torch.from_numpy(data).mean(dim=1)  # downmix before resampling: 1 channel to filter
-    before = {"raw_rms": float(np.sqrt(np.mean(np.square(data, dtype=np.float64)))), "mono_rms": _rms(mono),
-              "peak": float(np.abs(data).max()), "subtype": info.subtype}
+    before = {
+        "raw_rms": float(np.sqrt(np.mean(np.square(data, dtype=np.float64)))),
+        "mono_rms": _rms(mono),
+        "peak": float(np.abs(data).max()),
+        "subtype": info.subtype,
+    }
     if rate != SAMPLE_RATE:
         mono = AF.resample(mono, int(rate), SAMPLE_RATE)  # windowed-sinc, torchaudio's defaults
     # What the model is fed, measured without the first and last 10 ms, where the resampler's
     # sinc rings at the file's hard edges (a constant level resampled from 16 kHz swings by 5% there).
     edge = int(EDGE_S * SAMPLE_RATE) if len(mono) > 4 * EDGE_S * SAMPLE_RATE else 0
-    core = mono[edge: len(mono) - edge]
-    stats = {"rate": int(rate), "channels": int(data.shape[1]), **before, "rms": _rms(core),
-             "level": abs(float(core.double().mean())), "ac_rms": _rms(core - core.mean())}
+    core = mono[edge : len(mono) - edge]
+    stats = {
+        "rate": int(rate),
+        "channels": int(data.shape[1]),
+        **before,
+        "rms": _rms(core),
+        "level": abs(float(core.double().mean())),
+        "ac_rms": _rms(core - core.mean()),
+    }
     return mono, stats
 
 
@@ -273,11 +305,15 @@ def no_signal(stats: dict[str, Any]) -> str | None:
     than 60 dB below it (DC)."""
     raw, mono, rms, ac, level = (stats[k] for k in ("raw_rms", "mono_rms", "rms", "ac_rms", "level"))
     if stats["channels"] > 1 and raw >= SILENT_RMS and mono < LOST * raw:
-        return (f"is silent after the downmix to mono (RMS {_db(mono)}FS from {_db(raw)}FS per channel: its "
-                f"{stats['channels']} channels cancel out, one is the other inverted)")
+        return (
+            f"is silent after the downmix to mono (RMS {_db(mono)}FS from {_db(raw)}FS per channel: its "
+            f"{stats['channels']} channels cancel out, one is the other inverted)"
+        )
     if mono >= SILENT_RMS and rms < LOST * mono:
-        return (f"is silent after resampling from {stats['rate']} Hz to {SAMPLE_RATE} Hz (RMS {_db(rms)}FS from "
-                f"{_db(mono)}FS: its content lies above {SAMPLE_RATE // 2} Hz, which 24 kHz cannot hold)")
+        return (
+            f"is silent after resampling from {stats['rate']} Hz to {SAMPLE_RATE} Hz (RMS {_db(rms)}FS from "
+            f"{_db(mono)}FS: its content lies above {SAMPLE_RATE // 2} Hz, which 24 kHz cannot hold)"
+        )
     if level >= SILENT_RMS and ac < max(SILENT_RMS, LOST * level):
         return f"is constant: a DC level of {_db(level)}FS with variation at {_db(ac)}FS, no signal"
     if ac < SILENT_RMS:
@@ -290,25 +326,39 @@ def _check_pair(name: str, fi: AudioFile, ft: AudioFile, segment: int) -> tuple[
     y, sy = read_audio(ft)
     both = f"{fi.rel} and {ft.rel}"
     if no_signal(sx) and no_signal(sy):
-        raise BadFile(both, f"are both silent as the model sees them (24 kHz mono): input {no_signal(sx)}, "
-                            f"target {no_signal(sy)}")
+        raise BadFile(
+            both, f"are both silent as the model sees them (24 kHz mono): input {no_signal(sx)}, target {no_signal(sy)}"
+        )
     for f, stats in ((fi, sx), (ft, sy)):  # one side without signal: nothing to learn from, or to learn
         if why := no_signal(stats):
             raise BadFile(f.rel, why)
     for f, stats in ((fi, sx), (ft, sy)):  # only float files can hold samples beyond full scale
         if stats["peak"] > 1.0:
-            log.warning("%s holds %s samples beyond full scale: peak %.4g (%+.1f dBFS); used as they are, while "
-                        "EnCodec expects [-1, 1]: scale the file down if that is not intended", f.rel,
-                        str(stats["subtype"]).lower(), stats["peak"], 20 * np.log10(stats["peak"]))
+            log.warning(
+                "%s holds %s samples beyond full scale: peak %.4g (%+.1f dBFS); used as they are, while "
+                "EnCodec expects [-1, 1]: scale the file down if that is not intended",
+                f.rel,
+                str(stats["subtype"]).lower(),
+                stats["peak"],
+                20 * np.log10(stats["peak"]),
+            )
     if abs(len(x) - len(y)) > LENGTH_TOLERANCE_S * SAMPLE_RATE:
-        raise BadFile(both, f"differ in length ({len(x) / SAMPLE_RATE:.3f} s and {len(y) / SAMPLE_RATE:.3f} s); "
-                            f"paired files must be time-aligned")
+        raise BadFile(
+            both,
+            f"differ in length ({len(x) / SAMPLE_RATE:.3f} s and {len(y) / SAMPLE_RATE:.3f} s); "
+            f"paired files must be time-aligned",
+        )
     n = min(len(x), len(y))
     if n < segment:
-        raise BadFile(both, f"are {n / SAMPLE_RATE:.2f} s long, shorter than one segment "
-                            f"(data.seconds={segment / SAMPLE_RATE:g}); lower data.seconds")
-    source = {side: {k: st[k] for k in ("rate", "channels")} | ({"peak": st["peak"]} if st["peak"] > 1.0 else {})
-              for side, st in (("input", sx), ("target", sy))}
+        raise BadFile(
+            both,
+            f"are {n / SAMPLE_RATE:.2f} s long, shorter than one segment "
+            f"(data.seconds={segment / SAMPLE_RATE:g}); lower data.seconds",
+        )
+    source = {
+        side: {k: st[k] for k in ("rate", "channels")} | ({"peak": st["peak"]} if st["peak"] > 1.0 else {})
+        for side, st in (("input", sx), ("target", sy))
+    }
     return Pair(name, fi, ft, n, source), x[:n], y[:n]
 
 
@@ -319,13 +369,16 @@ def read_pair(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
     except BadFile as e:
         raise DataError(f"{e.what} changed since it was checked: it now {e.reason}") from None
     if min(len(x), len(y)) < pair.samples:
-        raise DataError(f"{pair.input.rel} and {pair.target.rel} changed since they were checked: "
-                        f"now shorter than {pair.samples / SAMPLE_RATE:.2f} s")
+        raise DataError(
+            f"{pair.input.rel} and {pair.target.rel} changed since they were checked: "
+            f"now shorter than {pair.samples / SAMPLE_RATE:.2f} s"
+        )
     return x[: pair.samples], y[: pair.samples]
 
 
-def plan_folder(listing: Listing, seconds: float, n_train: int | None, n_val: int, seed: int,
-                on_bad: str = "error") -> FolderPlan:
+def plan_folder(
+    listing: Listing, seconds: float, n_train: int | None, n_val: int, seed: int, on_bad: str = "error"
+) -> FolderPlan:
     """Decode and check every pair, then split their segments into training and validation.
 
     The split is by file where it can be: the pairs are put in a seeded order and their segments
@@ -338,8 +391,10 @@ def plan_folder(listing: Listing, seconds: float, n_train: int | None, n_val: in
 
     def reject(what: str, reason: str) -> None:
         if on_bad == "error":
-            raise DataError(f"data.path={str(root)!r}: {what} {reason}; fix or remove it, or pass "
-                            f"data.on_bad_file=skip to skip bad files with a warning")
+            raise DataError(
+                f"data.path={str(root)!r}: {what} {reason}; fix or remove it, or pass "
+                f"data.on_bad_file=skip to skip bad files with a warning"
+            )
         log.warning("skipping %s: %s (data.on_bad_file=skip)", what, reason)
         skipped.append({"file": what, "reason": reason})
 
@@ -356,11 +411,15 @@ def plan_folder(listing: Listing, seconds: float, n_train: int | None, n_val: in
     total = sum(p.samples // segment for p in pairs)
     if total < n_val + 1:
         short = n_val + 1 - total
-        raise ShortData(f"data.path={str(root)!r}: {len(pairs)} usable pair(s) give {total} segment(s) of "
-                        f"data.seconds={seconds:g}, fewer than data.n_val={n_val} for validation plus 1 for "
-                        f"training: {short} segment(s) short, at least {short * seconds:g} s more audio (in "
-                        f"files of at least {seconds:g} s); add audio or lower data.seconds or data.n_val"
-                        + (f" ({len(skipped)} skipped)" if skipped else ""), total, n_val + 1)
+        raise ShortData(
+            f"data.path={str(root)!r}: {len(pairs)} usable pair(s) give {total} segment(s) of "
+            f"data.seconds={seconds:g}, fewer than data.n_val={n_val} for validation plus 1 for "
+            f"training: {short} segment(s) short, at least {short * seconds:g} s more audio (in "
+            f"files of at least {seconds:g} s); add audio or lower data.seconds or data.n_val"
+            + (f" ({len(skipped)} skipped)" if skipped else ""),
+            total,
+            n_val + 1,
+        )
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pairs), generator=g).tolist()
     segments = [(i, k * segment) for i in order for k in range(pairs[i].samples // segment)]
@@ -379,8 +438,9 @@ def write_wav(path: Path, audio: torch.Tensor, rate: int = SAMPLE_RATE) -> None:
     tmp.replace(path)
 
 
-def write_listening(model: Any, run_dir: Path, epoch: int, output: torch.Tensor,
-                    refs: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def write_listening(
+    model: Any, run_dir: Path, epoch: int, output: torch.Tensor, refs: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     """Decode latents (items, 128, T), in the codec's own space, with EnCodec's decoder and write
     RUN/audio/epoch{E}_item{i}_output.wav; `refs` ({"input": ..., "target": ...}) are written as
     item{i}_{name}.wav. Returns {"audio": [written paths, relative to run_dir]}, plus

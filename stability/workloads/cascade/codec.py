@@ -89,7 +89,8 @@ def pretrained_file() -> Path:
             f"data.codec.weights=pretrained: could not download {PRETRAINED_URL} "
             f"({type(e).__name__}: {str(e).strip()}). Without a network, fetch {PRETRAINED_NAME} "
             f"elsewhere and pass data.codec.weights=/path/to/{PRETRAINED_NAME} (or put it in "
-            f"{path.parent}/), or use data.codec.weights=random") from None
+            f"{path.parent}/), or use data.codec.weights=random"
+        ) from None
     finally:
         socket.setdefaulttimeout(old)
     return path
@@ -99,8 +100,10 @@ def checkpoint_path(cfg: CodecConfig) -> Path:
     """The checkpoint file `data.codec.weights` names (not random, not pretrained); CodecError if absent."""
     path = Path(cfg.weights).expanduser()
     if not path.is_file():
-        raise CodecError(f"data.codec.weights={cfg.weights!r}: no such file; expected random, pretrained "
-                         f"or the path of an EnCodec 24 kHz checkpoint (a state dict saved with torch.save)")
+        raise CodecError(
+            f"data.codec.weights={cfg.weights!r}: no such file; expected random, pretrained "
+            f"or the path of an EnCodec 24 kHz checkpoint (a state dict saved with torch.save)"
+        )
     return path
 
 
@@ -133,13 +136,15 @@ def _read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notes: the error says enough
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CodecError(f"{what}: not loadable with torch.load(weights_only=True), so not a plain "
-                         f"state dict ({_first_line(e)})") from None
+        raise CodecError(
+            f"{what}: not loadable with torch.load(weights_only=True), so not a plain state dict ({_first_line(e)})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         keys = ", ".join(map(str, list(state)[:4])) if isinstance(state, dict) else type(state).__name__
         more = ", ..." if isinstance(state, dict) and len(state) > 4 else ""
-        raise CodecError(f"{what}: expected an EnCodec 24 kHz state dict (parameter name -> tensor), "
-                         f"found {keys}{more}")
+        raise CodecError(
+            f"{what}: expected an EnCodec 24 kHz state dict (parameter name -> tensor), found {keys}{more}"
+        )
     return state
 
 
@@ -173,18 +178,32 @@ def load_codec(cfg: CodecConfig) -> Codec:
     """Build EnCodec 24 kHz with the configured weights, in eval mode on the CPU."""
     model = _build(cfg.seed)
     if cfg.weights == "random":
-        info = {"weights": "random", "seed": cfg.seed, "checksum": state_sha256(model),
-                "checksum_of": "state dict at init"}
+        info = {
+            "weights": "random",
+            "seed": cfg.seed,
+            "checksum": state_sha256(model),
+            "checksum_of": "state dict at init",
+        }
     elif cfg.weights == "pretrained":
         path = pretrained_file()
         _load_state(model, path, f"data.codec.weights=pretrained ({path})")
-        info = {"weights": "pretrained", "seed": None, "file": str(path), "checksum": file_sha256(path),
-                "checksum_of": "file"}
+        info = {
+            "weights": "pretrained",
+            "seed": None,
+            "file": str(path),
+            "checksum": file_sha256(path),
+            "checksum_of": "file",
+        }
     else:
         path = checkpoint_path(cfg)
         _load_state(model, path, f"data.codec.weights={cfg.weights!r}")
-        info = {"weights": str(path.resolve()), "seed": None, "file": str(path.resolve()),
-                "checksum": file_sha256(path), "checksum_of": "file"}
+        info = {
+            "weights": str(path.resolve()),
+            "seed": None,
+            "file": str(path.resolve()),
+            "checksum": file_sha256(path),
+            "checksum_of": "file",
+        }
     model.eval()
     return Codec(model, info)
 
@@ -195,7 +214,7 @@ def encode(model: Any, audio: torch.Tensor, chunk: int = 8, progress: Any = None
     (a `stability.progress.Phase`) after each chunk of n clips."""
     out = []
     for i in range(0, len(audio), chunk):
-        out.append(model.encoder(audio[i: i + chunk]))
+        out.append(model.encoder(audio[i : i + chunk]))
         if progress is not None:
             progress.advance(len(out[-1]))
     return torch.cat(out)
@@ -223,8 +242,7 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, g: torch.Generator) -> tuple[to
 
 
 @torch.no_grad()
-def calibrate_codebooks(quantizer: Any, latents: torch.Tensor, n_q: int, seed: int,
-                        iters: int = 30) -> None:
+def calibrate_codebooks(quantizer: Any, latents: torch.Tensor, n_q: int, seed: int, iters: int = 30) -> None:
     """Initialise the first `n_q` RVQ codebooks by k-means on `latents` (B, 128, T), as
     EnCodec's own training-mode forward would, but in O(N k) memory instead of O(N k D)."""
     g = torch.Generator().manual_seed(seed)

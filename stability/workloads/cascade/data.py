@@ -116,9 +116,17 @@ def _listing(cfg: DataConfig) -> Listing | None:
 
 def cache_key(cfg: DataConfig, listing: Listing | None = None) -> str:
     """Hash of everything that changes the cached latents (not latent_rms: applied on load)."""
-    blob: dict[str, Any] = {"format": CACHE_FORMAT, "name": cfg.name, "n_train": cfg.n_train, "n_val": cfg.n_val,
-                            "seconds": cfg.seconds, "seed": cfg.seed, "weights": weights_fingerprint(cfg.codec),
-                            "codec_seed": cfg.codec.seed, "calib": cfg.codec.calib_codebooks}
+    blob: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "name": cfg.name,
+        "n_train": cfg.n_train,
+        "n_val": cfg.n_val,
+        "seconds": cfg.seconds,
+        "seed": cfg.seed,
+        "weights": weights_fingerprint(cfg.codec),
+        "codec_seed": cfg.codec.seed,
+        "calib": cfg.codec.calib_codebooks,
+    }
     if cfg.name == "folder":
         listing = listing or scan_folder(cfg.path)
         blob.update(path=str(listing.root), files=listing.fingerprint(), on_bad_file=cfg.on_bad_file)
@@ -180,8 +188,9 @@ def fit_split(cfg: DataConfig) -> tuple[DataConfig, str | None]:
             raise
         fitted = dataclasses.replace(cfg, n_val=e.have - 1)
         check_audio(fitted)
-        return fitted, (f"{e}. Inspecting with data.n_val={fitted.n_val} instead; a run with these "
-                        f"settings would stop here")
+        return fitted, (
+            f"{e}. Inspecting with data.n_val={fitted.n_val} instead; a run with these settings would stop here"
+        )
 
 
 def constant_latents(z: torch.Tensor) -> str | None:
@@ -212,16 +221,18 @@ def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Te
         for i in sorted(by_pair):
             x, y = read_pair(plan.pairs[i])
             starts = by_pair[i]
-            xs = torch.stack([x[s: s + plan.segment] for s in starts]).unsqueeze(1)  # (k, 1, samples)
-            ys = torch.stack([y[s: s + plan.segment] for s in starts]).unsqueeze(1)
+            xs = torch.stack([x[s : s + plan.segment] for s in starts]).unsqueeze(1)  # (k, 1, samples)
+            ys = torch.stack([y[s : s + plan.segment] for s in starts]).unsqueeze(1)
             t0 = time.perf_counter()
             zx, zy = encode(model, xs, progress=p), encode(model, ys, progress=p)  # (k, 128, T)
             encode_s += time.perf_counter() - t0
             for side, z, f in (("input", zx, plan.pairs[i].input), ("target", zy, plan.pairs[i].target)):
                 why = constant_latents(z)
                 if why:
-                    raise DataError(f"data.path={str(plan.root)!r}: {f.rel}: its {side} latents {why}; EnCodec "
-                                    f"sees no signal in it; fix or remove it")
+                    raise DataError(
+                        f"data.path={str(plan.root)!r}: {f.rel}: its {side} latents {why}; EnCodec "
+                        f"sees no signal in it; fix or remove it"
+                    )
             if inp is None or target is None:
                 inp, target = zx.new_empty(len(wanted), *zx.shape[1:]), zy.new_empty(len(wanted), *zy.shape[1:])
             for k, s in enumerate(starts):
@@ -240,8 +251,12 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
             target, inp = encode(codec.model, clean, progress=p), encode(codec.model, degraded, progress=p)
         encode_s = time.perf_counter() - t0
         n_train = cfg.n_train
-        source = {"kind": "synthetic", "seed": cfg.seed, "segment_seconds": cfg.seconds,
-                  "segments": {"train": cfg.n_train, "val": cfg.n_val}}
+        source = {
+            "kind": "synthetic",
+            "seed": cfg.seed,
+            "segment_seconds": cfg.seconds,
+            "segments": {"train": cfg.n_train, "val": cfg.n_val},
+        }
     else:
         plan = _plan(cfg, listing, key)
         inp, target, encode_s = _encode_folder(codec.model, plan)
@@ -257,11 +272,20 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
         # Zero codebooks until k-means: every code would be 0 and nothing could look collapsed.
         calibrate_codebooks(quantizer, target[:n_train], cfg.codec.calib_codebooks, cfg.codec.seed)
     tensors = {"input": inp, "target": target}
-    tensors.update({f"codebook.{k}": v for k, v in
-                    quantizer_state(quantizer, cfg.codec.calib_codebooks).items()})
-    meta = {"format": CACHE_FORMAT, "key": key, "source": source, "codec": codec.info, "n_train": n_train,
-            "n_val": len(inp) - n_train, "frames": inp.shape[-1], "encode_s": encode_s,
-            "audio_seconds": 2 * len(inp) * cfg.seconds, "created": time.time(), "digest": _digest(tensors)}
+    tensors.update({f"codebook.{k}": v for k, v in quantizer_state(quantizer, cfg.codec.calib_codebooks).items()})
+    meta = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "source": source,
+        "codec": codec.info,
+        "n_train": n_train,
+        "n_val": len(inp) - n_train,
+        "frames": inp.shape[-1],
+        "encode_s": encode_s,
+        "audio_seconds": 2 * len(inp) * cfg.seconds,
+        "created": time.time(),
+        "digest": _digest(tensors),
+    }
     return {"tensors": tensors, "meta": dumps(meta)}
 
 
@@ -318,8 +342,12 @@ def load_latents(cfg: DataConfig) -> LatentData:
     meta = loads(entry["meta"])
     skipped = meta["source"].get("skipped") or []
     if hit and skipped:  # the warnings were given when the entry was built; say it again, once
-        log.warning("%d bad file(s) skipped in %s (data.on_bad_file=skip): %s", len(skipped), cfg.path,
-                    "; ".join(f"{s['file']} {s['reason']}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""))
+        log.warning(
+            "%d bad file(s) skipped in %s (data.on_bad_file=skip): %s",
+            len(skipped),
+            cfg.path,
+            "; ".join(f"{s['file']} {s['reason']}" for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""),
+        )
     t = entry["tensors"]
     inp, target = t["input"], t["target"]
     n = meta["n_train"]
@@ -339,20 +367,41 @@ def load_latents(cfg: DataConfig) -> LatentData:
     if rms == "auto":
         rms = SEED_TARGET_RMS if random_weights else "off"
     goal = {"input": SEED_INPUT_RMS if cfg.latent_rms == "auto" else rms, "target": rms}
-    centered_rms = {"input": (inp[:n] - input_center).pow(2).mean().sqrt().item(),
-                    "target": (target[:n] - center).pow(2).mean().sqrt().item()}
+    centered_rms = {
+        "input": (inp[:n] - input_center).pow(2).mean().sqrt().item(),
+        "target": (target[:n] - center).pow(2).mean().sqrt().item(),
+    }
     scales = {side: 1.0 if rms == "off" else float(goal[side]) / centered_rms[side] for side in ("input", "target")}
     scale = scales["target"]
     codebook = CodeBook({k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("codebook.")})
     inp, target = (inp - input_center) * scales["input"], (target - center) * scale
-    info = {"source": meta["source"], "codec": meta["codec"], "raw_rms": raw_rms, "centered": centered,
-            "offset_rms": center.pow(2).mean().sqrt().item(), "latent_rms": rms, "scale": scale,
-            "input_scale": scales["input"],
-            "rms": {"input": inp[:n].pow(2).mean().sqrt().item(), "target": target[:n].pow(2).mean().sqrt().item()},
-            "cache": {"key": key, "hit": hit, "path": str(path)}, "encode_s": meta["encode_s"],
-            "audio_seconds": meta["audio_seconds"], "frames": inp.shape[-1]}
-    return LatentData(inp[:n], target[:n], inp[n:], target[n:], scale, center, codebook, info,
-                      input_scale=scales["input"], input_center=input_center)
+    info = {
+        "source": meta["source"],
+        "codec": meta["codec"],
+        "raw_rms": raw_rms,
+        "centered": centered,
+        "offset_rms": center.pow(2).mean().sqrt().item(),
+        "latent_rms": rms,
+        "scale": scale,
+        "input_scale": scales["input"],
+        "rms": {"input": inp[:n].pow(2).mean().sqrt().item(), "target": target[:n].pow(2).mean().sqrt().item()},
+        "cache": {"key": key, "hit": hit, "path": str(path)},
+        "encode_s": meta["encode_s"],
+        "audio_seconds": meta["audio_seconds"],
+        "frames": inp.shape[-1],
+    }
+    return LatentData(
+        inp[:n],
+        target[:n],
+        inp[n:],
+        target[n:],
+        scale,
+        center,
+        codebook,
+        info,
+        input_scale=scales["input"],
+        input_center=input_center,
+    )
 
 
 # --- stab data inspect ----------------------------------------------------------------------
@@ -364,8 +413,13 @@ def code_usage(codes: torch.Tensor, size: int) -> dict[str, Any]:
     counts = torch.bincount(codes.reshape(-1), minlength=size).double()
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * p.log2()).sum())
-    return {"used": int((counts > 0).sum()), "size": size, "entropy_bits": entropy,
-            "max_bits": math.log2(size), "perplexity": 2 ** entropy}
+    return {
+        "used": int((counts > 0).sum()),
+        "size": size,
+        "entropy_bits": entropy,
+        "max_bits": math.log2(size),
+        "perplexity": 2**entropy,
+    }
 
 
 def inspect_latents(cfg: DataConfig) -> dict[str, Any]:
@@ -378,16 +432,22 @@ def inspect_latents(cfg: DataConfig) -> dict[str, Any]:
         return z.pow(2).mean().sqrt().item()
 
     usage: dict[str, list[dict[str, Any]]] = {}
-    for side, parts in (("input", (data.train_input, data.val_input)), ("target", (data.train_target, data.val_target))):
+    for side, parts in (
+        ("input", (data.train_input, data.val_input)),
+        ("target", (data.train_target, data.val_target)),
+    ):
         z = data.to_codec(torch.cat(parts), side)  # back to the codec's own space
-        codes = torch.cat([data.codebook.codes(z[i: i + 64], n_q=n_q).reshape(n_q, -1)
-                           for i in range(0, len(z), 64)], dim=1)  # (n_q, frames): chunks bound memory
+        codes = torch.cat(
+            [data.codebook.codes(z[i : i + 64], n_q=n_q).reshape(n_q, -1) for i in range(0, len(z), 64)], dim=1
+        )  # (n_q, frames): chunks bound memory
         usage[side] = [{"codebook": q, **code_usage(codes[q], size)} for q in range(n_q)]
     info = data.info
-    return {**info, "segments": {"train": len(data.train_input), "val": len(data.val_input)},
-            "rms": {"raw": info["raw_rms"],
-                    "model": {"input": rms(data.train_input), "target": rms(data.train_target)}},
-            "codes": usage}
+    return {
+        **info,
+        "segments": {"train": len(data.train_input), "val": len(data.val_input)},
+        "rms": {"raw": info["raw_rms"], "model": {"input": rms(data.train_input), "target": rms(data.train_target)}},
+        "codes": usage,
+    }
 
 
 # --- stab cache ls | clear --------------------------------------------------------------------
@@ -408,8 +468,11 @@ class CacheEntry:
             return "?"
         src, segs = m.get("source", {}), f"{m.get('n_train')}+{m.get('n_val')}"
         secs = src.get("segment_seconds")
-        what = (f"folder {src.get('path')}: {src.get('pairs')} pairs, {segs} segments x {secs:g} s"
-                if src.get("kind") == "folder" else f"synthetic seed {src.get('seed')}: {segs} clips x {secs:g} s")
+        what = (
+            f"folder {src.get('path')}: {src.get('pairs')} pairs, {segs} segments x {secs:g} s"
+            if src.get("kind") == "folder"
+            else f"synthetic seed {src.get('seed')}: {segs} clips x {secs:g} s"
+        )
         weights = m.get("codec", {}).get("weights", "?")
         return f"{what}; EnCodec {Path(weights).name if '/' in str(weights) else weights}"
 
@@ -431,8 +494,9 @@ def cache_entries(root: Path | None = None) -> list[CacheEntry]:
     return sorted(out, key=lambda e: -e.modified)
 
 
-def clear_cache(root: Path | None = None, keys: Iterable[str] = (), older_than_s: float | None = None
-                ) -> tuple[list[CacheEntry], list[CacheEntry]]:
+def clear_cache(
+    root: Path | None = None, keys: Iterable[str] = (), older_than_s: float | None = None
+) -> tuple[list[CacheEntry], list[CacheEntry]]:
     """Remove entries: those whose key starts with one of `keys`, those older than `older_than_s`,
     or (neither given) all. An entry another process holds the lock of (it is being written) is
     left alone. Returns (removed, busy)."""

@@ -30,10 +30,10 @@ def _melody(n_samples: int, g: torch.Generator) -> torch.Tensor:
         freq = f0 * (1 + (glide - 1) * seg / max(seg[-1].item(), 1e-3))
         phase = 2 * math.pi * torch.cumsum(freq, 0) / SAMPLE_RATE
         tilt = 0.3 + 0.6 * torch.rand((), generator=g).item()  # harmonic roll-off
-        note = sum(tilt ** k * torch.sin((k + 1) * phase) for k in range(5))
+        note = sum(tilt**k * torch.sin((k + 1) * phase) for k in range(5))
         decay = 1.0 + 8.0 * torch.rand((), generator=g).item()
         attack = torch.clamp(seg / 0.005, max=1.0)
-        out[pos: pos + len(seg)] = note * attack * torch.exp(-decay * seg)
+        out[pos : pos + len(seg)] = note * attack * torch.exp(-decay * seg)
         pos += dur
     return out / out.abs().max().clamp_min(1e-9)
 

@@ -31,8 +31,9 @@ class CascadeWorkload(Workload):
         self.cfg = cfg
         self.device = device
         if not isinstance(cfg.model, ModelConfig) or not isinstance(cfg.data, DataConfig):
-            raise ConfigError(f"model={cfg.model.name} data={cfg.data.name}: the cascade needs model=cascade and "
-                              f"audio data")
+            raise ConfigError(
+                f"model={cfg.model.name} data={cfg.data.name}: the cascade needs model=cascade and audio data"
+            )
         self.data_cfg = cfg.data
         self.data = load_latents(cfg.data)
         self.info: dict[str, Any] = dict(self.data.info)
@@ -98,8 +99,13 @@ class CascadeWorkload(Workload):
         else:
             codes, scores, screamed = [], {}, None
         self.model.train(was_training)
-        return {"val_loss": val_loss, "collapsed": screamed, "scores": scores,
-                "target_scores": self.target_scores, "codes_head": [c[:32] for c in codes]}
+        return {
+            "val_loss": val_loss,
+            "collapsed": screamed,
+            "scores": scores,
+            "target_scores": self.target_scores,
+            "codes_head": [c[:32] for c in codes],
+        }
 
     @torch.no_grad()
     def listen(self, epoch: int, run_dir: Path) -> dict[str, Any]:
@@ -115,7 +121,10 @@ class CascadeWorkload(Workload):
         self.model.eval()
         out = self.model(self.val_input[:k], self.val_target[:k]).float()
         self.model.train(was_training)
-        refs = None if getattr(self, "_listened", False) else \
-            {"input": self.to_codec(self.val_input[:k], "input"), "target": self.to_codec(self.val_target[:k])}
+        refs = (
+            None
+            if getattr(self, "_listened", False)
+            else {"input": self.to_codec(self.val_input[:k], "input"), "target": self.to_codec(self.val_target[:k])}
+        )
         self._listened = True
         return write_listening(self._codec.model, run_dir, epoch, self.to_codec(out), refs)

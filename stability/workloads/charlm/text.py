@@ -90,8 +90,9 @@ def _read_file(path: str, mtime_ns: int, size: int) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"data.path={path!r} is not allowed: expected a UTF-8 text file "
-                          f"(byte {e.start} is not UTF-8: {e.reason})") from None
+        raise ConfigError(
+            f"data.path={path!r} is not allowed: expected a UTF-8 text file (byte {e.start} is not UTF-8: {e.reason})"
+        ) from None
     except OSError as e:
         raise ConfigError(f"data.path={path!r} is not allowed: cannot read it ({e.strerror})") from None
 
@@ -109,12 +110,15 @@ def read_source(cfg: TextDataConfig) -> tuple[str, dict[str, Any]]:
         st = os.stat(path)
         text = _read_file(path, st.st_mtime_ns, st.st_size)
         if cfg.max_chars is not None:
-            text = text[:cfg.max_chars]
+            text = text[: cfg.max_chars]
         info = {"source": "file", "path": path}
         problem = unusable_text(text)
         if problem:
-            cut = f" (its first data.max_chars={cfg.max_chars}, what the model would see)" \
-                if cfg.max_chars is not None and st.st_size > cfg.max_chars else ""
+            cut = (
+                f" (its first data.max_chars={cfg.max_chars}, what the model would see)"
+                if cfg.max_chars is not None and st.st_size > cfg.max_chars
+                else ""
+            )
             raise ConfigError(f"data.path={cfg.path!r} is not allowed: the text{cut} {problem}; nothing to learn")
     info.update(chars=len(text), sha256=hashlib.sha256(text.encode("utf-8")).hexdigest()[:16])
     return text, info
@@ -136,8 +140,10 @@ def unusable_text(text: str) -> str | None:
         return f"has a vocabulary of 1 character ({common!r} x {n})"
     control = sum(k for c, k in counts.items() if not (c.isprintable() or c.isspace()))
     if control > MAX_CONTROL_SHARE * len(text):
-        return (f"is not text: {control / len(text):.0%} of its characters are control characters "
-                f"(the most common: {common!r})")
+        return (
+            f"is not text: {control / len(text):.0%} of its characters are control characters "
+            f"(the most common: {common!r})"
+        )
     if all(c.isspace() for c in counts):
         return f"holds only whitespace ({len(counts)} distinct whitespace characters)"
     if n > MAX_DOMINANT_SHARE * len(text):
@@ -175,7 +181,7 @@ class TextSplit:
 def split_text(text: str, cfg: TextDataConfig, info: dict[str, Any] | None = None) -> TextSplit:
     """Cut the text into chunks of `chunk_chars`; a seeded draw holds out `val_fraction` of them
     (at least one) for validation; each side keeps its chunks in their original order."""
-    chunks = [text[i:i + cfg.chunk_chars] for i in range(0, len(text), cfg.chunk_chars)]
+    chunks = [text[i : i + cfg.chunk_chars] for i in range(0, len(text), cfg.chunk_chars)]
     n_val = max(1, round(cfg.val_fraction * len(chunks)))
     if len(chunks) - n_val < 1:
         raise ConfigError(_too_short(cfg, len(text), f"at least 2 chunks of data.chunk_chars={cfg.chunk_chars}"))
@@ -184,23 +190,35 @@ def split_text(text: str, cfg: TextDataConfig, info: dict[str, Any] | None = Non
     tok = CharTokenizer(text)
     train = "".join(c for i, c in enumerate(chunks) if i not in held_out)
     val = "".join(c for i, c in enumerate(chunks) if i in held_out)
-    info = dict(info or {}, vocab=len(tok), train_chars=len(train), val_chars=len(val),
-                val_chunks=sorted(held_out)[:32])
-    return TextSplit(torch.tensor(tok.encode(train), dtype=torch.long),
-                     torch.tensor(tok.encode(val), dtype=torch.long), tok, info)
+    info = dict(
+        info or {}, vocab=len(tok), train_chars=len(train), val_chars=len(val), val_chunks=sorted(held_out)[:32]
+    )
+    return TextSplit(
+        torch.tensor(tok.encode(train), dtype=torch.long), torch.tensor(tok.encode(val), dtype=torch.long), tok, info
+    )
 
 
 def check_sizes(split: TextSplit, cfg: TextDataConfig, context: int, batch_size: int, need_val: int) -> None:
     """Enough training windows for one batch and enough validation text for the scream prompts."""
     windows = (len(split.train) - 1) // context
     if windows < batch_size:
-        raise ConfigError(_too_short(cfg, split.info.get("chars", 0),
-                                     f"training text for train.batch_size={batch_size} windows of "
-                                     f"model.context={context} characters; it has {windows}"))
+        raise ConfigError(
+            _too_short(
+                cfg,
+                split.info.get("chars", 0),
+                f"training text for train.batch_size={batch_size} windows of "
+                f"model.context={context} characters; it has {windows}",
+            )
+        )
     if len(split.val) < need_val:
-        raise ConfigError(_too_short(cfg, split.info.get("chars", 0),
-                                     f"{need_val} characters of validation text (a window of model.context and the "
-                                     f"scream check's prompt + generation); the split left {len(split.val)}"))
+        raise ConfigError(
+            _too_short(
+                cfg,
+                split.info.get("chars", 0),
+                f"{need_val} characters of validation text (a window of model.context and the "
+                f"scream check's prompt + generation); the split left {len(split.val)}",
+            )
+        )
 
 
 def _too_short(cfg: TextDataConfig, chars: int, need: str) -> str:

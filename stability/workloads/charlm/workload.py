@@ -45,8 +45,9 @@ def load_split(cfg: RunConfig) -> TextSplit:
     text, info = read_source(dcfg)
     split = split_text(text, dcfg, info)
     sc = cfg.detect.scream
-    check_sizes(split, dcfg, mcfg.context, cfg.train.batch_size,
-                need_val=max(mcfg.context + 1, sc.prompt_chars + sc.gen_chars))
+    check_sizes(
+        split, dcfg, mcfg.context, cfg.train.batch_size, need_val=max(mcfg.context + 1, sc.prompt_chars + sc.gen_chars)
+    )
     return split
 
 
@@ -93,22 +94,26 @@ class CharLMWorkload(Workload):
         self.net = CharLM(mcfg, vocab_size=len(tok)).to(device)
         self.model: nn.Module = self.net
         self.train_windows = windows(split.train, T).to(device)  # (N, T + 1)
-        self.val_windows = windows(split.val, T)[:dcfg.n_val].to(device)  # (n_val, T + 1)
+        self.val_windows = windows(split.val, T)[: dcfg.n_val].to(device)  # (n_val, T + 1)
 
         sc = cfg.detect.scream
         P, G = sc.prompt_chars, sc.gen_chars
         spaces = {i for i, c in enumerate(tok.chars) if c.isspace()}
         starts = prompt_starts(split.val, sc.items, P + G, spaces)
-        self.prompts = torch.stack([split.val[s:s + P] for s in starts]).to(device)  # (items, P)
-        references = [split.val[s + P:s + P + G].tolist() for s in starts]  # the real continuations
+        self.prompts = torch.stack([split.val[s : s + P] for s in starts]).to(device)  # (items, P)
+        references = [split.val[s + P : s + P + G].tolist() for s in starts]  # the real continuations
         self.target_scores = self._scores(references)
         self.info: dict[str, Any] = {
-            **split.info, "train_windows": len(self.train_windows), "val_windows": len(self.val_windows),
+            **split.info,
+            "train_windows": len(self.train_windows),
+            "val_windows": len(self.val_windows),
             "prompts": [tok.decode(p.tolist()) for p in self.prompts],
             "references": [tok.decode(r) for r in references],
             # the no-learning baseline: the cross-entropy of predicting every character by its frequency in
             # the training text (nats), what a model scores that has learned the unigram and nothing else
-            "baseline_loss": unigram_entropy(split.train, len(tok)), "baseline": "unigram entropy of the training text"}
+            "baseline_loss": unigram_entropy(split.train, len(tok)),
+            "baseline": "unigram entropy of the training text",
+        }
 
     def _scores(self, rows: list[list[int]]) -> dict[str, float]:
         sc = self.cfg.detect.scream
@@ -148,15 +153,21 @@ class CharLMWorkload(Workload):
         w = self.val_windows
         val_loss = lm_loss(self.model(w[:, :-1]), w[:, 1:]).item()  # host sync: once per epoch
         if math.isfinite(val_loss):
-            out = self.net.generate(self.prompts, sc.gen_chars)[:, self.prompts.shape[1]:]  # (items, G)
+            out = self.net.generate(self.prompts, sc.gen_chars)[:, self.prompts.shape[1] :]  # (items, G)
             rows = out.tolist()
             scores = self._scores(rows)
-            screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run, sc.loop,
-                                    sc.seq_rep, sc.n)
-            samples = [{"prompt": self.tokenizer.decode(p.tolist()), "output": self.tokenizer.decode(r)}
-                       for p, r in zip(self.prompts, rows)]
+            screamed = scream_check(scores, self.target_scores, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
+            samples = [
+                {"prompt": self.tokenizer.decode(p.tolist()), "output": self.tokenizer.decode(r)}
+                for p, r in zip(self.prompts, rows)
+            ]
         else:  # non-finite weights: argmax over NaN logits would fake a collapse
             scores, screamed, samples = {}, None, []
         self.model.train(was_training)
-        return {"val_loss": val_loss, "collapsed": screamed, "scores": scores,
-                "target_scores": self.target_scores, "samples": samples}
+        return {
+            "val_loss": val_loss,
+            "collapsed": screamed,
+            "scores": scores,
+            "target_scores": self.target_scores,
+            "samples": samples,
+        }
