@@ -286,19 +286,14 @@ def parse_positive(key: str, value: Any, what: str) -> float | None:
             value = float(value)
         except ValueError:
             _fail(key, value, "none or " + what)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        _fail(key, value, "none or " + what)  # a negative, zero or non-finite number: `none` is allowed too
     return _number(key, value, lo=0.0, lo_open=True)
 
 
 def parse_clip(value: Any) -> float | None:
     """`clip=none|<positive float>` -> None or the threshold."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "off")):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            _fail("clip", value, "none or a positive number (total gradient norm)")
-    return _number("clip", value, lo=0.0, lo_open=True)
+    return parse_positive("clip", value, "a positive number (total gradient norm)")
 
 
 @dataclass

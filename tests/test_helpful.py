@@ -61,3 +61,14 @@ def test_a_space_separated_list_gets_the_comma_syntax(cli, command, args):
 def test_a_bare_key_and_a_misspelt_launcher_get_suggestions(cli):
     assert "did you mean residual=...?" in one_line(cli("run", *SMOKE, "resid", ok=False))
     assert "did you mean joblib?" in one_line(cli("sweep", "--launcher", "joblb", "residual=0.1", ok=False))
+
+
+@pytest.mark.parametrize("arg", ["clip=-5", "clip=0", "clip=abc", "update_clip=-1", "update_clip=inf"])
+def test_a_bad_threshold_says_none_is_allowed_too(cli, arg):
+    """`clip` and `update_clip` take `none` or a positive number; every refusal names both."""
+    key, value = arg.split("=")
+    bad = cli("run", "preset=smoke", arg, ok=False)
+    assert bad.exit_code == 2
+    line = bad.output.strip()
+    assert "\n" not in line and line.startswith(f"error: {key}=")
+    assert "expected none or a positive number" in line, line
