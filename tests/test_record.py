@@ -43,7 +43,12 @@ CASES = {  # hand-made histories: (epochs, first_nan) -> the verdict the vocabul
         None,
         "exploding",
     ),
-    "scream alone": (_epochs([2.0] * 5, collapsed=[False, False, True, True, True]), None, "scream"),
+    # a collapse to the end while the loss has stopped falling (a falling loss is undertraining: exempt)
+    "scream alone": (
+        _epochs([2.0] * 5, collapsed=[False, False, True, True, True], val=[5, 4, 3.9, 3.9, 3.9]),
+        None,
+        "scream",
+    ),
     "nothing found": (_epochs([5.0, 4.0, 3.0]), None, "stable"),
 }
 
@@ -66,7 +71,11 @@ def test_the_report_counts_unstable_and_orders_columns_by_the_vocabulary(tmp_pat
     verdicts = sorted(r.verdict for r in runs)
     assert verdicts == ["nan", "scream", "stable"]  # what the fixture's summaries say
     table, sentence = report.answer(runs, ["residual"])
-    assert sentence.startswith("Decisive: residual: 0/1 unstable at 0.3 vs 2/2 at 0.1")
+    # one or two runs per value: the split is shown but never called decisive (issue 24: no test behind it)
+    assert sentence.startswith(
+        "2/3 runs unstable; no factor is decisive yet: residual: 0/1 unstable at 0.3 vs 2/2 at 0.1"
+    )
+    assert "untested" in sentence and "Decisive" not in sentence
     assert sum(int(u.split("/")[0]) for u in table["unstable"]) == sum(vd.is_unstable(v) for v in verdicts) == 2
     shares = report.factor_summary(runs, ["residual"])
     shown = [c for c in shares.columns if c in vd.SEVERITY]
