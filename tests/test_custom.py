@@ -197,11 +197,14 @@ def test_checks_that_cannot_be_set_up_say_so(cli, tmp_path, monkeypatch, one_thr
     result = cli(
         "run", "--runs", tmp_path / "runs", "model=custom", "model._target_=bad_factories.regression", "train.epochs=2"
     )
-    assert "health check: not available: no nn.MultiheadAttention or attention module with logits(x)" in result.output
+    # its attention calls F.scaled_dot_product_attention: health needs no logits(x) method any more (issue 25)
+    assert "health check" not in result.output
     assert "scream check: not available: the output is not scores over a vocabulary" in result.output
     run = next((tmp_path / "runs").rglob("summary.json")).parent
     epochs = [json.loads(line) for line in (run / "epochs.jsonl").read_text().splitlines()]
-    assert [e["collapsed"] for e in epochs] == [None, None] and all("health" not in e for e in epochs)
+    assert [e["collapsed"] for e in epochs] == [None, None] and all("health" in e for e in epochs)
+    data = json.loads((run / "data.json").read_text())
+    assert data["health"] == "available: 1 of 1 layers (q and k captured at F.scaled_dot_product_attention)"
     assert all(e["val_loss"] > 0 for e in epochs)  # validation still runs
 
     from cli.config import compose_run
