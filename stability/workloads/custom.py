@@ -54,7 +54,9 @@ import functools
 import importlib
 import inspect
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -104,6 +106,10 @@ def locate(path: str) -> Any:
     parts = path.split(".")
     if not path or any(not p.isidentifier() for p in parts):
         raise ConfigError(f"{where}: not a dotted path of Python names (expected e.g. my_pkg.my_module.build)")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # stab imports from the folder it runs in: also when a script (python examples/x.py, whose
+        # sys.path starts at examples/) names a factory for Monitor, as `stab run` does
+        sys.path.append(os.getcwd())
     module: Any = None
     error: BaseException | None = None
     for i in range(len(parts), 0, -1):
