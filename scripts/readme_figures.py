@@ -11,8 +11,10 @@ A block of README.md is written only by this script, between two markers:
     ...the generated text...
     <!-- /figure charlm_lr_grid -->
 
-`inputs` is a hash of the figure's commands (`FIGURES` below) and of the text of the code files
-that produce its numbers (`code`: the detectors, the model, its presets, ...). `--check`
+`inputs` is a hash of the figure's commands (`FIGURES` below) and of the code files that produce
+its numbers (`code`: the detectors, the model, its presets, ...): a Python file by its syntax tree
+with docstrings and comments left out (`code_text`), so that documenting or reformatting the code
+does not stale a figure while any change of what it does does; any other file by its bytes. `--check`
 recomputes it without re-running anything and fails on a `made` block whose hash differs: the
 code that produced the figure has changed since, so the figure may no longer be what the
 command prints. Re-make it (`--make NAME`), or, where that is too expensive for the machine at
@@ -24,6 +26,7 @@ check only with that note. The README names the machine and its load next to eac
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import hashlib
 import json
@@ -60,14 +63,64 @@ class Figure:
     render: Callable[[Path, list[float]], str] = field(compare=False)
 
 
+def code_text(path: Path) -> bytes:
+    """What of a code file a figure depends on: a Python file's syntax tree (`ast.dump`) with
+    every docstring and every function's type annotations removed (comments and formatting never
+    reach the tree), so that documenting, typing or reformatting it leaves it unchanged and any
+    change of behaviour does not; any other file (YAML, a Python file that does not parse) as its
+    bytes. Annotations of module and class attributes stay: they are evaluated (dataclass fields)."""
+    data = path.read_bytes()
+    if path.suffix != ".py":
+        return data
+    try:
+        tree = ast.parse(data)
+    except SyntaxError:
+        return data
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+            for a in [
+                *node.args.posonlyargs,
+                *node.args.args,
+                *node.args.kwonlyargs,
+                node.args.vararg,
+                node.args.kwarg,
+            ]:
+                if a is not None:
+                    a.annotation = None
+            node.body = [_unannotated(s) for s in node.body]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
+def _unannotated(stmt: ast.stmt) -> ast.stmt:
+    """A function body's `x: T = v` as `x = v` (a local annotation is never evaluated), `x: T`
+    alone as `pass`; any other statement as it is (nested bodies are walked on their own)."""
+    if not isinstance(stmt, ast.AnnAssign):
+        return stmt
+    if stmt.value is None:
+        return ast.Pass()
+    return ast.Assign(targets=[stmt.target], value=stmt.value, lineno=0)
+
+
 def inputs_hash(fig: Figure, root: Path = ROOT) -> str:
-    """12 hex digits of sha256 over the figure's commands and its code files' names and text."""
+    """12 hex digits of sha256 over the figure's commands and its code files' names and
+    `code_text` (a Python file's syntax tree without docstrings, any other file's bytes)."""
     h = hashlib.sha256()
     h.update(json.dumps([list(c) for c in fig.commands]).encode())
     for pattern in fig.code:
         for path in sorted(glob.glob(str(root / pattern), recursive=True)):
             h.update(os.path.relpath(path, root).encode())
-            h.update(Path(path).read_bytes())
+            h.update(code_text(Path(path)))
     return h.hexdigest()[:12]
 
 

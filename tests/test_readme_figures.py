@@ -51,3 +51,28 @@ def test_the_readme_blocks_name_known_figures():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     names = [m["name"] for m in rf.blocks(text)]
     assert names and set(names) <= set(rf.FIGURE_BY_NAME)
+
+
+def test_a_docstring_comment_type_or_format_edit_keeps_the_hash_and_a_code_edit_changes_it(tmp_path):
+    code = '"""Module doc."""\n\n\ndef level(x):\n    """How far past."""\n    return x / 0.6  # the threshold\n'
+    (tmp_path / "code.py").write_text(code)
+    fig = rf.Figure("demo", (("run", "preset=smoke"),), ("code.py",), lambda runs, s: "x\n")
+    before = rf.inputs_hash(fig, tmp_path)
+    documented = (
+        '"""Module doc, longer now,\nover two lines."""\n\n\ndef level(x: float) -> float:\n'
+        '    """How far past the threshold; arXiv 1908.04319."""\n    # divided by the threshold\n'
+        "    return (x / 0.6)\n"
+    )
+    (tmp_path / "code.py").write_text(documented)
+    assert rf.inputs_hash(fig, tmp_path) == before  # docstrings, comments, parentheses, types: no change
+    (tmp_path / "code.py").write_text(documented.replace("return (x / 0.6)", "t: float = 0.6\n    return x / t"))
+    assert rf.inputs_hash(fig, tmp_path) != before  # a new statement is code
+    cls = "class C:\n    a: int = 1\n"
+    (tmp_path / "code.py").write_text(code + cls)
+    with_field = rf.inputs_hash(fig, tmp_path)
+    (tmp_path / "code.py").write_text(code + cls.replace("int", "float"))
+    assert rf.inputs_hash(fig, tmp_path) != with_field  # a class attribute's annotation is a dataclass field's type
+    (tmp_path / "code.py").write_text(code.replace("0.6", "0.58"))
+    assert rf.inputs_hash(fig, tmp_path) != before  # a changed threshold stales the figure
+    (tmp_path / "code.py").write_text(code.replace('    """How far past."""\n', ""))
+    assert rf.inputs_hash(fig, tmp_path) == before  # a function losing its docstring is the same code
