@@ -159,7 +159,9 @@ class UpdateClip:
             else:  # the first step: v_hat = g^2
                 v_hat = g2
             rms = (g2 / v_hat.clamp_min(eps**2)).mean().sqrt()
-            factors.append(1.0 / (rms / self.d).clamp(min=1.0))
+            # a non-finite gradient (a step the device skips, train.sync_every > 1): factor 1, so
+            # `after` leaves the weights as the skipped step left them, not NaN
+            factors.append(torch.nan_to_num(1.0 / (rms / self.d).clamp(min=1.0), nan=1.0))
         self._factor = factors
         self.factors = factors
         self._old = list(torch._foreach_mul([p.detach() for p in ps], 1.0))  # a copy of the weights
@@ -261,8 +263,10 @@ class Recovery:
             self.clip.after()
 
     def idle(self) -> None:
-        """A step that does not update (non-finite): nothing was detected or skipped by a policy."""
+        """A step that does not update (non-finite): nothing was detected, skipped or clipped by a policy."""
         self.spike = self.skipped = self._zero
+        if self.clip is not None:
+            self.clip.last_clipped = self._zero
 
     def measure(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

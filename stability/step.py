@@ -244,17 +244,24 @@ class Window:
     guard left the weights and optimizer state as they were before that step, the schedule is
     restored from the host, and the steps from there are run again one by one on the host path,
     so the run reports the exact step, can locate its module from the weights that produced
-    it, and continues (on_nan=skip) exactly as at sync_every=1. Buffers that a forward updates
-    (spectral norm's power-iteration vectors) are not rewound.
+    it, and continues (on_nan=skip) exactly as at sync_every=1. The recovery policies' device
+    state (the spike window, the lr multiplier: `recovery.Recovery.state_dict`, a few hundred
+    numbers) is kept before each step of the window and put back at the rewound step, so the
+    steps run again count once. Buffers that a forward updates (spectral norm's power-iteration
+    vectors) are not rewound.
     """
 
     def __init__(self, stepper: Stepper, sync_every: int, before_step: Any = None) -> None:
         self.stepper, self.k = stepper, sync_every
         self.before_step = before_step or (lambda step: None)  # e.g. the NaN injector's step
         self.pending: list[tuple[StepContext, torch.Tensor | None]] = []
+        self.held: list[Any] = []  # K > 1 with recovery policies: their state before each pending step
 
     def add(self, ctx: StepContext) -> None:
         self.before_step(ctx.step)
+        rec = self.stepper.recovery
+        if self.k > 1 and rec is not None:
+            self.held.append(rec.state_dict())  # device copies, no sync
         vec = self.stepper.on_device(ctx.batch, ctx.spike) if self.k > 1 else None
         self.pending.append((ctx, vec))
 
@@ -264,6 +271,7 @@ class Window:
 
     def drain(self) -> Iterator[tuple[StepContext, np.ndarray, bool]]:
         pending, self.pending = self.pending, []
+        held, self.held = self.held, []
         if not pending:
             return
         if self.k == 1:
@@ -281,6 +289,8 @@ class Window:
         if bad is None:
             return
         self.stepper.thaw()  # weights and optimizer state: as before step `bad`, skipped on the device
+        if held:  # the steps from `bad` on entered the spike window and grew the lr multiplier: undo that
+            self.stepper.recovery.load_state_dict(held[bad])
         first = pending[bad][0]
         self.stepper.sched.load_state_dict(first.sched_state)
         for group, lr in zip(self.stepper.opt.param_groups, first.lrs):
@@ -293,6 +303,7 @@ class Window:
         """The measured steps still pending (the run is ending early: a crash, Ctrl-C), read
         without rewinding; steps not yet run on the host path are dropped."""
         pending, self.pending = self.pending, []
+        self.held = []
         done = [(ctx, v) for ctx, v in pending if v is not None]
         if not done:
             return []

@@ -129,3 +129,33 @@ def test_doctor_try_trains_training_only_fixes_from_the_snapshot_before_the_depa
     dx = dr.Diagnosis(rec, "exploding", [dr.Finding("grad_departure", "planted", step=SPIKE)], [])
     assert rewind_snapshot(dx) == (folder / "snapshots" / snapshots.snapshot_name(SPIKE - 10)).resolve()
     assert rewindable({"train.lr": "1e-3", "clip": "1"}) and not rewindable({"norm": "pre", "clip": "1"})
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ["on_spike=backoff", "train.backoff_steps=8"],  # the lr multiplier grows back once per step
+        ["on_spike=skip"],  # the spike window holds each finite step once
+        ["update_clip=1"],  # a non-finite step leaves the weights as they were
+    ],
+    ids=["backoff", "skip", "update_clip"],
+)
+def test_a_window_rewound_to_a_non_finite_step_counts_each_step_once(tmp_path, policy):
+    """train.sync_every=4 with a NaN at step 33, inside the window of steps 32-35, a spike
+    planted at 30 before it: the device ran steps 33-35 (skipped) before the host rewound to 33
+    and re-ran them. The recovery policies' state must hold each step once, as at sync_every=1,
+    so every recorded number is the same at K=1 and K=4."""
+    nan = ["fault.nan_at_step=33", "fault.nan_module=layer0.mlp", "train.on_nan=skip", "train.snapshot_every=20"]
+    f1, one = _train(tmp_path, "k1", [*policy, *nan, "train.sync_every=1"])
+    f4, four = _train(tmp_path, "k4", [*policy, *nan, "train.sync_every=4"])
+    assert [r["step"] for r in four] == [r["step"] for r in one] and len(one) > 40
+    assert [r["finite"] for r in one].count(False) == 1 and not one[33]["finite"]
+    for a, b in zip(one, four):
+        for k in a:
+            if k != "time/step_ms":
+                assert a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]), (a["step"], k, a[k], b[k])
+    # the policies' device state after step 39 (the spike window: 39 finite steps, each once)
+    s1, s4 = (snapshots.load(f / "snapshots" / snapshots.snapshot_name(40))["extra"]["recovery"] for f in (f1, f4))
+    if s1["guard"] is not None:
+        assert int(s1["guard"]["count"]) == 39 == int(s4["guard"]["count"])
+        assert torch.equal(s1["guard"]["buf"], s4["guard"]["buf"])
