@@ -50,8 +50,14 @@ def build(
             embd_pdrop=0.0,
             attn_pdrop=0.0,
             attn_implementation="sdpa",
+            bos_token_id=None,  # GPT-2's 50256 is outside a tiny vocabulary (transformers warns)
+            eos_token_id=None,
         )  # no dropout: a re-run is the same step
         model = transformers.GPT2LMHeadModel(config)
+        # transformers names a loss by the class name, and GPT2LMHeadModel's matches none: its loss is the
+        # causal-LM one anyway, but unnamed it warns, and the Trainer counts num_items_in_batch before the
+        # label shift. Named, both agree with the model.
+        model.loss_type = "ForCausalLM"
     elif arch == "llama":
         config = transformers.LlamaConfig(
             vocab_size=vocab,

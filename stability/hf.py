@@ -20,12 +20,14 @@ and with on_nan="stop" training stops.
   clips with the same rule (total L2 norm) at the same threshold after measuring (status.json
   and data.json say so). `clip=` sets it instead.
 - Gradient accumulation (`gradient_accumulation_steps=N`): one record per optimizer step; its
-  loss is the mean of the micro-batch losses, or their sum when the Trainer normalised each by
-  the step's label count (`num_items_in_batch` passed to the model): then the recorded loss is
-  the one the gradients are of and the Trainer logs, and a `loss_normalisation` event says so
-  (the Trainer counts labels before a causal LM's shift, so it reads (T-1)/T of the model's own
-  token mean for sequences of T unpadded tokens). A step with fewer
-  micro-batches (an epoch's last) is said in an `accumulation_mismatch` event.
+  loss is the step's mean loss. When the Trainer passes `num_items_in_batch` (each micro-batch's
+  loss is then its summed token loss over the step's label count), it is the mean token loss over
+  the tokens the model's loss averages (`labels[..., 1:]` for a causal LM); the Trainer counts
+  labels before the shift when the model's `loss_type` is not `ForCausalLM` (GPT2LMHeadModel's),
+  and its gradients and logged loss are then (T-1)/T of that mean for sequences of T tokens: a
+  `loss_normalisation` event gives both counts. Otherwise it is the mean of the micro-batch
+  losses. A step with fewer micro-batches (an epoch's last) is said in an `accumulation_mismatch`
+  event.
 - The model must return its loss (`labels` in the batch): a model output without `loss` stops
   the run with a one-line error at the first step.
 - A crash or Ctrl-C inside `trainer.train()`: the Trainer has no exception event, so use the
@@ -59,6 +61,31 @@ def hf_loss(output: Any, batch: Any) -> torch.Tensor:
     return loss
 
 
+def shifts_labels(model: Any) -> bool:
+    """Whether the model's loss is transformers' causal-LM loss, which predicts `labels[..., 1:]`
+    (position 0 is never a target), as `model.loss_function` says (GPT-2's defaults to it)."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+    except ImportError:
+        return False
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    return getattr(model, "loss_function", None) is ForCausalLMLoss and not encoder_decoder
+
+
+def predicted_tokens(inputs: dict[str, Any], shifts: bool) -> torch.Tensor | None:
+    """The label positions a micro-batch's loss averages over (0-dim tensor, on the labels'
+    device, no host sync): `shift_labels` when given, else `labels` (without position 0 when the
+    loss `shifts`), not counting -100; None without labels."""
+    labels = inputs.get("shift_labels")
+    if not isinstance(labels, torch.Tensor):
+        labels = inputs.get("labels")
+        if not isinstance(labels, torch.Tensor):
+            return None
+        if shifts:
+            labels = labels[..., 1:]
+    return labels.ne(-100).sum().double()
+
+
 class StabTrainerCallback(TrainerCallback):
     """Keyword arguments are `Monitor`'s (clip, on_nan, config, factory, groups, val, loss, log, ...);
     `accumulate`, `epochs` and the optimizer come from the Trainer."""
@@ -69,6 +96,8 @@ class StabTrainerCallback(TrainerCallback):
         self._hook: Any = None
         self._model: Any = None
         self._said = False
+        self._shifts = False  # the model's loss shifts its labels (a causal LM's)
+        self._counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # the first step's (counted, predicted)
 
     # --- the run ------------------------------------------------------------------------------
     def on_train_begin(
@@ -93,6 +122,7 @@ class StabTrainerCallback(TrainerCallback):
         kw.setdefault("tokens", None)  # a ModelOutput is not a tensor of scores: no scream check unless given
         kw.setdefault("batch_loss", lambda batch: hf_loss(model(**batch), batch))
         self._model = model
+        self._shifts = shifts_labels(model)
         self.monitor = Monitor(
             model,
             optimizer,
@@ -120,26 +150,55 @@ class StabTrainerCallback(TrainerCallback):
         if args:
             batch.update({f"arg{i}": a for i, a in enumerate(args) if isinstance(a, torch.Tensor)})
         items = kwargs.get("num_items_in_batch")
-        share = items is not None  # the loss is already this micro-batch's share of the step's
-        if share and not self._said:
-            self._said = True
-            n = int(items) if not isinstance(items, torch.Tensor) or items.numel() == 1 else items.tolist()
-            monitor.writer.event(
-                {
-                    "event": "loss_normalisation",
-                    "step": monitor.global_step,
-                    "num_items_in_batch": n,
-                    "note": "the Trainer passes num_items_in_batch: each micro-batch's loss is its "
-                    "summed token loss over the step's label count, and the recorded loss is "
-                    "their sum, the loss the gradients are of (a causal LM that shifts its "
-                    "labels averages over fewer tokens than were counted)",
-                }
+        if items is None:  # the model's own mean over this micro-batch
+            monitor.micro_batch(loss, batch)
+            return
+        # The loss is this micro-batch's summed token loss over the step's label count as the Trainer
+        # counted it (`counted`); the step's loss is the mean over the tokens the model's loss averages.
+        counted = torch.as_tensor(items, device=loss.device).double().sum()
+        predicted = predicted_tokens(kwargs, self._shifts)
+        if predicted is None:  # no labels among the inputs: the Trainer's count is all there is
+            predicted = counted / monitor.accumulate
+        monitor.micro_batch(loss.double() * counted / predicted.clamp(min=1), batch, items=predicted)
+        if not self._said:
+            self._counts.append((counted, predicted))
+
+    # --- per optimizer step -------------------------------------------------------------------
+    def _say_normalisation(self) -> None:
+        """The first step with num_items_in_batch: how the Trainer normalised its loss, against the
+        tokens the model's loss averages (one host read, once)."""
+        counted = int(self._counts[0][0])
+        predicted = int(sum(int(p) for _, p in self._counts))
+        self._said, self._counts = True, []
+        monitor = self.monitor
+        if monitor is None:
+            return
+        note = (
+            f"the Trainer passes num_items_in_batch={counted}: each micro-batch's loss is its summed token loss "
+            f"over that count; stab records the step's mean token loss (over the {predicted} tokens the model's "
+            f"loss averages)"
+        )
+        if predicted != counted:
+            note += (
+                f". The two counts differ (the Trainer counts labels before a causal LM's shift when the model's "
+                f"loss_type is not ForCausalLM): the gradients and the Trainer's logged loss are "
+                f"{predicted}/{counted} of the mean"
             )
-        monitor.micro_batch(loss, batch, share=share)
+        monitor.writer.event(
+            {
+                "event": "loss_normalisation",
+                "step": monitor.global_step,
+                "num_items_in_batch": counted,
+                "predicted_tokens": predicted,
+                "note": note,
+            }
+        )
 
     # --- per optimizer step -------------------------------------------------------------------
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         monitor = self.monitor
+        if self._counts:
+            self._say_normalisation()
         if not monitor.before_optimizer_step():
             (optimizer or monitor.opt).zero_grad(set_to_none=True)  # no gradients: the step leaves the weights
             if monitor.should_stop:

@@ -144,10 +144,17 @@ class Monitor:
         if factory is not None:
             _check_factory(factory, dict(config or {}))
         pgroups = optimizer.param_groups
+        # the planned lr: a scheduler's `initial_lr` (a warmup has already set `lr` to its first, often 0, value)
+        lr = float(pgroups[0].get("initial_lr", pgroups[0].get("lr", 1e-3)))
+        if not lr > 0:
+            raise ConfigError(
+                f"Monitor(optimizer=...): parameter group 0 has lr={lr!r} and no scheduler's initial_lr; "
+                f"expected a learning rate > 0"
+            )
         train = TrainConfig(
             epochs=epochs,
             batch_size=batch_size or TrainConfig.batch_size,
-            lr=float(pgroups[0].get("lr", 1e-3)),
+            lr=lr,
             clip="none" if clip is None else clip,
             on_nan=on_nan,
             warmup=0,
@@ -195,9 +202,9 @@ class Monitor:
         self.summary: dict[str, Any] | None = None
         self.busy = False  # True while stab itself runs the model (locating, evaluating): not a training forward
         self._t_last = time.perf_counter()
-        self._loss_sum: torch.Tensor | None = None  # the optimizer step's micro-batch losses, on the device
+        self._loss_sum: torch.Tensor | None = None  # the optimizer step's micro-batch losses (x items), on the device
+        self._items: torch.Tensor | None = None  # ... and their items, when the loop counts them
         self._micro = 0
-        self._shares = False
         self._batches: list[Any] = []
         self._mismatches = 0
 
@@ -225,33 +232,38 @@ class Monitor:
             self.sched.step()
         return finite
 
-    def micro_batch(self, loss: torch.Tensor, batch: Any = None, share: bool = False) -> None:
-        """Note one micro-batch of the coming optimizer step (no host sync): its loss (the
-        micro-batch's own mean loss, or with `share` its share of the step's loss, as when a
-        loss is normalised by the step's token count) and the batch it came from."""
+    def micro_batch(self, loss: torch.Tensor, batch: Any = None, items: torch.Tensor | int | None = None) -> None:
+        """Note one micro-batch of the coming optimizer step (no host sync): its own mean loss
+        and the batch it came from. With `items` (the tokens or examples its mean is over), the
+        step's loss is the items-weighted mean of its micro-batches' losses (the mean over all
+        the step's items); without, the plain mean of the micro-batch losses."""
         value = loss.detach().double().reshape(())
+        if items is not None:
+            n = torch.as_tensor(items, device=value.device).double().reshape(())
+            value = value * n
+            self._items = n if self._items is None else self._items + n
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._micro += 1
-        self._shares = share
         if batch is not None:
             self._batches.append(batch)
 
     def before_optimizer_step(self, indices: torch.Tensor | None = None) -> bool:
         """The gradients of an optimizer step are complete: measure them (one host transfer),
         check, clip, and record the step; does not step. The step's loss is the mean of its
-        micro-batches' losses (the sum of their shares). Returns whether the loss and every
+        micro-batches' losses (items-weighted where `micro_batch` was given items). Returns whether the loss and every
         gradient were finite; on False the caller must not step (`step` does not)."""
-        if self._micro == 0:
+        loss_sum = self._loss_sum  # set by micro_batch with _micro
+        if self._micro == 0 or loss_sum is None:
             raise RuntimeError(
                 "Monitor: no loss for this optimizer step: call monitor.step(loss) or "
                 "monitor.micro_batch(loss) after each backward, before the optimizer step"
             )
         n = self._micro
-        loss = self._loss_sum if self._shares or n == 1 else self._loss_sum / n
+        loss = loss_sum / (self._items if self._items is not None else n)
         try:
             values = self.ins.measure(loss)
         except RuntimeError:  # no gradients (called before any backward): this step's notes are void
-            self._loss_sum, self._micro, self._batches = None, 0, []
+            self._loss_sum, self._items, self._micro, self._batches = None, None, 0, []
             raise
         host, finite = self.ins.read(values)  # the step's one CPU-GPU sync point
         if finite:
@@ -277,7 +289,7 @@ class Monitor:
         self.writer.step(rec)
         self.batch += 1
         self.global_step += 1
-        self._loss_sum, self._micro, self._batches = None, 0, []
+        self._loss_sum, self._items, self._micro, self._batches = None, None, 0, []
         return finite
 
     def after_backward(self, loss: torch.Tensor, batch: Any = None, indices: torch.Tensor | None = None) -> bool:

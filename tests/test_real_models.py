@@ -301,6 +301,24 @@ def test_monitor_says_what_is_wrong_in_one_line(tmp_path):
     mon.close()
 
 
+def test_monitor_under_a_warmup_from_zero_records_the_planned_lr_and_each_steps_own(tmp_path):
+    """A scheduler whose warmup starts at lr 0 (the Trainer's, a LambdaLR) has set lr to 0 before the
+    monitor starts: config.yaml records the planned lr (the scheduler's initial_lr), each step the lr it used."""
+    import yaml
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 2))
+    with Monitor(model, opt, run_dir=tmp_path / "own", scheduler=sched) as mon:
+        for _ in range(3):
+            mon.step(model(torch.ones(4, 2)).pow(2).mean())
+    assert yaml.safe_load((tmp_path / "own" / "config.yaml").read_text())["train"]["lr"] == 0.1
+    assert [r["lr"] for r in read_jsonl(tmp_path / "own" / "metrics.jsonl")] == pytest.approx([0.0, 0.05, 0.1])
+    zero = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ConfigError, match=r"parameter group 0 has lr=0.0 and no scheduler's initial_lr"):
+        Monitor(model, zero, run_dir=tmp_path / "zero")
+
+
 def test_ctrl_c_inside_a_monitor_records_interrupted_and_keeps_the_steps(tmp_path):
     model = nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.0)
@@ -427,9 +445,10 @@ def test_trainer_callback_records_accumulated_steps_and_locates_a_planted_nan(tm
 
     from stability.hf import StabTrainerCallback
 
-    def train(runs, plant_in=None, lr=1e-30, steps=3, same=False):
+    def train(runs, plant_in=None, lr=1e-30, steps=3, same=False, loss_type="ForCausalLM"):
         task = __import__("examples.hf", fromlist=["build"]).build()
         model, data = task["model"], task["train"]
+        model.loss_type = loss_type  # None: GPT2LMHeadModel as transformers builds it
         ds = [{k: v[0 if same else i] for k, v in data.items()} for i in range(40)]
         args = TrainingArguments(
             output_dir=str(tmp_path / "out"),
@@ -439,7 +458,8 @@ def test_trainer_callback_records_accumulated_steps_and_locates_a_planted_nan(tm
             learning_rate=lr,
             report_to=[],
             save_strategy="no",
-            logging_strategy="no",
+            logging_strategy="steps",
+            logging_steps=1,
             use_cpu=True,
             dataloader_num_workers=0,
             lr_scheduler_type="constant",
@@ -460,19 +480,24 @@ def test_trainer_callback_records_accumulated_steps_and_locates_a_planted_nan(tm
             trainer.train()
         return only_run(runs), model, trainer
 
-    run_dir, model, trainer = train(tmp_path / "a", same=True)
-    recs = read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in recs] == [0, 1, 2] and all(r["finite"] for r in recs)
-    # every row the same sequence and lr 1e-30 (the weights stay). GPT-2 takes `num_items_in_batch`, so
-    # the Trainer backpropagates each micro-batch's summed token loss over the step's label count
-    # (counted before the causal shift: 2 x 8 x 8); the step's loss is the sum of those shares, not
-    # half of a mean
+    # every row the same sequence and lr 1e-30 (the weights stay): each step's loss is the model's own
+    # mean token loss on that row. GPT-2 takes `num_items_in_batch`, so the Trainer backpropagates each
+    # micro-batch's summed token loss over the step's label count; the recorded loss is the mean token
+    # loss, whether the Trainer counted the labels after the causal shift (2 x 8 x 7 = 112: loss_type named)
+    # or before it (128: GPT2LMHeadModel's loss_type is None, and the Trainer's own loss reads 7/8 of it)
     row = {k: v[:1].repeat(8, 1) for k, v in __import__("examples.hf", fromlist=["build"]).build()["train"].items()}
-    with torch.no_grad():
-        want = 2 * float(model(**row, num_items_in_batch=torch.tensor(2 * 8 * 8)).loss)
-    assert [r["loss"] for r in recs] == pytest.approx([want] * 3, rel=1e-5)
-    ev = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "loss_normalisation"]
-    assert len(ev) == 1 and ev[0]["num_items_in_batch"] == 128
+    for name, loss_type, counted in (("a", "ForCausalLM", 112), ("u", None, 128)):
+        run_dir, model, trainer = train(tmp_path / name, same=True, loss_type=loss_type)
+        recs = read_jsonl(run_dir / "metrics.jsonl")
+        assert [r["step"] for r in recs] == [0, 1, 2] and all(r["finite"] for r in recs)
+        with torch.no_grad():
+            want = float(model(**row).loss)
+        assert [r["loss"] for r in recs] == pytest.approx([want] * 3, rel=1e-5)
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert logged == pytest.approx([want * 112 / counted] * len(logged), rel=1e-4)  # the Trainer's own
+        ev = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "loss_normalisation"]
+        assert len(ev) == 1 and (ev[0]["num_items_in_batch"], ev[0]["predicted_tokens"]) == (counted, 112)
+        assert ("112/128 of the mean" in ev[0]["note"]) == (counted == 128)
     data = read_json(run_dir / "data.json")
     assert data["trainer"]["max_grad_norm"] == 1.0 and "stab clips at max_grad_norm=1.0" in data["trainer"]["clip"]
 
