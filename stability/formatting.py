@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ def format_number(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def nan_place(ev: dict[str, Any]) -> str:
+def nan_place(ev: Mapping[str, Any]) -> str:
     """Where a first_nan event says the non-finite value started, in words: `in X (located, forward
     pass)` or `not located (not reproduced; candidates: a, b)` (`stability.forensics`); an event
     written before attribution existed (no `how`) as it said."""

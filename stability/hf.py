@@ -99,6 +99,16 @@ class StabTrainerCallback(TrainerCallback):
         self._shifts = False  # the model's loss shifts its labels (a causal LM's)
         self._counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # the first step's (counted, predicted)
 
+    def _monitor(self) -> Monitor:
+        """The run's monitor, from `on_train_begin` on.
+
+        Raises:
+            RuntimeError: the Trainer called a step event before `on_train_begin`.
+        """
+        if self.monitor is None:
+            raise RuntimeError("StabTrainerCallback: the training did not start (on_train_begin was not called)")
+        return self.monitor
+
     # --- the run ------------------------------------------------------------------------------
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
@@ -196,7 +206,7 @@ class StabTrainerCallback(TrainerCallback):
 
     # --- per optimizer step -------------------------------------------------------------------
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        monitor = self.monitor
+        monitor = self._monitor()
         if self._counts:
             self._say_normalisation()
         if not monitor.before_optimizer_step():

@@ -83,9 +83,10 @@ class StabCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not self.monitor.before_optimizer_step():
+        monitor = self._monitor()
+        if not monitor.before_optimizer_step():
             optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves the weights as they were
-            trainer.should_stop = trainer.should_stop or self.monitor.should_stop
+            trainer.should_stop = trainer.should_stop or monitor.should_stop
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._monitor().end_epoch()

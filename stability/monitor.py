@@ -177,9 +177,7 @@ class Monitor:
             groups=groups,
             tokens=tokens if val is not None else None,
         )
-        self.work = CustomWorkload(self.cfg, device, task=task)
-        if batch_loss is not None:
-            self.work.loss = batch_loss  # type: ignore[method-assign]  # how this loop computes a batch's loss
+        self.work = CustomWorkload(self.cfg, device, task=task, batch_loss=batch_loss)
         self.can_rerun = loss is not None or batch_loss is not None
         self.model, self.opt, self.sched = model, optimizer, scheduler
         self.groups = self.work.module_groups()
@@ -199,7 +197,7 @@ class Monitor:
         self.epoch, self.batch, self.global_step = 1, 0, 0
         self.first_nan: dict[str, Any] | None = None
         self.should_stop = False
-        self.summary: dict[str, Any] | None = None
+        self.summary: Mapping[str, Any] | None = None
         self.busy = False  # True while stab itself runs the model (locating, evaluating): not a training forward
         self._t_last = time.perf_counter()
         self._loss_sum: torch.Tensor | None = None  # the optimizer step's micro-batch losses (x items), on the device
@@ -356,7 +354,7 @@ class Monitor:
         return erec
 
     @property
-    def events(self) -> list[Mapping[str, Any]]:
+    def events(self) -> list[dict[str, Any]]:
         """Every event written so far (first_nan, clamp saturation, ...; spikes and the scream at close)."""
         return self.session.events
 
@@ -379,7 +377,7 @@ class Monitor:
         try:
             if self.batch or self._micro:  # steps since the last end_epoch
                 self.end_epoch()
-            self.summary = self.writer.finish(
+            summary = self.writer.finish(
                 run_id=self.cfg.identity(),
                 steps=self.global_step,
                 stopped_early=self.should_stop,
@@ -391,8 +389,9 @@ class Monitor:
         except BaseException as e:
             self.fail(e)
             raise
-        self.session.complete(self.summary)
-        return self.summary
+        self.summary = summary
+        self.session.complete(summary)
+        return summary
 
     def fail(self, error: BaseException) -> None:
         """The loop stopped on `error`: keep what was recorded, status `interrupted` (Ctrl-C) or

@@ -26,7 +26,7 @@ import platform
 import socket
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,8 @@ class _Writer(RunWriter):
         super().__init__(*args, **kwargs)
         self.seen: list[dict[str, Any]] = []
 
-    def event(self, ev: dict[str, Any]) -> None:
-        self.seen.append(ev)
+    def event(self, ev: Mapping[str, Any]) -> None:
+        self.seen.append(dict(ev))
         super().event(ev)
 
 
@@ -90,9 +90,20 @@ class RunSession:
         self.world = world or distributed.World()
         self.lease: RunLease | None = None
         self.recorder: Recorder = Recorder()
-        self.writer: _Writer | None = None
+        self._writer: _Writer | None = None
         self.t_start = time.time()
         self.state = "new"
+
+    @property
+    def writer(self) -> _Writer:
+        """The run folder's writer, from `open` on.
+
+        Raises:
+            RuntimeError: the session is not open yet (`open` or `with RunSession(...)` first).
+        """
+        if self._writer is None:
+            raise RuntimeError("RunSession.writer: the session is not open (call open() or use `with RunSession(...)`)")
+        return self._writer
 
     # --- the start ----------------------------------------------------------------------------
     def open(self) -> RunSession:
@@ -105,7 +116,7 @@ class RunSession:
         try:
             # no tracker: imports nothing; in a distributed run rank 0 alone has trackers and writes
             self.recorder = open_trackers(self.cfg, self.dir, self.overrides) if main else Recorder()
-            self.writer = _Writer(self.dir, self.recorder, write=main)
+            self._writer = _Writer(self.dir, self.recorder, write=main)
             self.writer.start(self.cfg.to_dict(), self.overrides, self.cfg.identity())
             self.writer.status(
                 fresh=True,
@@ -155,10 +166,10 @@ class RunSession:
     @property
     def events(self) -> list[dict[str, Any]]:
         """Every event written so far."""
-        return list(self.writer.seen) if self.writer is not None else []
+        return list(self._writer.seen) if self._writer is not None else []
 
     # --- the end ------------------------------------------------------------------------------
-    def complete(self, summary: dict[str, Any]) -> None:
+    def complete(self, summary: Mapping[str, Any]) -> None:
         """The run finished (whatever its verdict): status `completed`, trackers closed, lease released."""
         try:
             self.recorder.close("completed")

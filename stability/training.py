@@ -27,6 +27,7 @@ from stability.forensics import NanInjector, eager
 from stability.preflight import preflight
 from stability.progress import phase
 from stability.record import format as rf
+from stability.record.records import Summary
 from stability.record.writer import RunWriter
 from stability.session import RunSession
 from stability.step import StepContext, Stepper, Window
@@ -96,9 +97,7 @@ def run(
     return summary
 
 
-def _train(
-    cfg: RunConfig, session: RunSession, cb: Callbacks, world: distributed.World | None = None
-) -> dict[str, Any]:
+def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distributed.World | None = None) -> Summary:
     """The loop: batch -> step (`Stepper`, through a `Window` of train.sync_every steps) -> record
     (`RunWriter`) per step; evaluate per epoch; the summary from the writer's detectors at the end.
     In a distributed run each rank steps on its shard of the global batch in DDP."""

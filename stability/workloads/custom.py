@@ -529,10 +529,20 @@ def attention_probe(layer: nn.Module) -> Any | None:
 class CustomWorkload(Workload):
     """A factory's model, data and loss behind stab's workload interface (`model=custom`)."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device, task: Task | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        device: torch.device,
+        task: Task | None = None,
+        batch_loss: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
         """The factory's task (`cfg.model`), or `task` as given (stab's Monitor: your own loop
-        draws the batches, so `task.train` may be None and the training checks are skipped)."""
+        draws the batches, so `task.train` may be None and the training checks are skipped).
+        `batch_loss`: how the caller's loop computes a batch's loss (a 0-d tensor), used by
+        `loss` instead of `task.loss(model(*inputs), target)` (Lightning: the module's own
+        training_step)."""
         self.cfg, self.device = cfg, device
+        self.batch_loss = batch_loss
         if not isinstance(cfg.model, CustomModelConfig):
             raise ConfigError(f"model={cfg.model.name}: a custom workload needs model=custom")
         mcfg = cfg.model
@@ -553,8 +563,9 @@ class CustomWorkload(Workload):
         self._health = {n: (m, a) for n, m in layers.items() if (a := attention_probe(m)) is not None}
         sdpa = {n: a.module for n, (_, a) in self._health.items() if isinstance(a, SdpaAttention)}
         if sdpa and self.val is not None:  # keep those whose forward calls SDPA
-            idx = torch.arange(min(HEALTH_ITEMS, len(self.val)))
-            calling = calls_sdpa(self.model, lambda: self.forward(self.val[idx]), sdpa)
+            val = self.val
+            idx = torch.arange(min(HEALTH_ITEMS, len(val)))
+            calling = calls_sdpa(self.model, lambda: self.forward(val[idx]), sdpa)
             self._health = {n: v for n, v in self._health.items() if n not in sdpa or n in calling}
             sdpa = {n: m for n, m in sdpa.items() if n in calling}
         if self._health:
@@ -664,7 +675,9 @@ class CustomWorkload(Workload):
 
     def loss(self, batch: Any) -> torch.Tensor:
         """loss(model(*inputs), target); for a dict batch (a transformers model's keyword inputs,
-        labels among them) loss(model(**batch), batch)."""
+        labels among them) loss(model(**batch), batch); `batch_loss(batch)` where one was given."""
+        if self.batch_loss is not None:
+            return self.batch_loss(batch)
         if isinstance(batch, Mapping):
             return self.loss_fn(self.model(**batch), batch)
         inputs, target = split(batch)
@@ -761,8 +774,9 @@ class CustomWorkload(Workload):
             "scores": {},
             "target_scores": self.target_scores,
         }
-        if self.tokenize is not None and math.isfinite(val_loss):  # argmax over NaN would fake a collapse
-            tokens = self.tokenize(self.forward(self.val[self.scream_idx]))
+        # argmax over NaN would fake a collapse; _scream_setup sets tokenize and scream_idx together
+        if self.tokenize is not None and self.scream_idx is not None and math.isfinite(val_loss):
+            tokens = self.tokenize(self.forward(val[self.scream_idx]))
             scores = self._scores(tokens)
             sc = self.cfg.detect.scream
             result.update(
