@@ -289,8 +289,11 @@ class Window:
         if bad is None:
             return
         self.stepper.thaw()  # weights and optimizer state: as before step `bad`, skipped on the device
-        if held:  # the steps from `bad` on entered the spike window and grew the lr multiplier: undo that
-            self.stepper.recovery.load_state_dict(held[bad])
+        # the steps from `bad` on entered the spike window and grew the lr multiplier: undo that
+        # (`held` is filled only where there are recovery policies, see `add`)
+        rec = self.stepper.recovery
+        if held and rec is not None:
+            rec.load_state_dict(held[bad])
         first = pending[bad][0]
         self.stepper.sched.load_state_dict(first.sched_state)
         for group, lr in zip(self.stepper.opt.param_groups, first.lrs):
