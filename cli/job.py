@@ -71,10 +71,11 @@ def distributed_threads(world: Any, cpus: int) -> int:
 def _join(cfg: DictConfig) -> Any:
     """This task's `stability.distributed.World`; with several tasks, the job's group joined."""
     from stability import distributed
+    from stability.devices import resolve_device
 
     world = distributed.World.from_env()
     if world.distributed:
-        distributed.init(world, distributed.device(world, str(cfg.train.device)))
+        distributed.init(world, resolve_device(str(cfg.train.device), world))
     return world
 
 

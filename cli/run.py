@@ -144,10 +144,11 @@ def _launch(nproc: int, runs: Path, overrides: list[str], config_dirs: list[Path
 def _distributed(cfg: RunConfig, runs: Path, overrides: list[str], world: World) -> None:
     """One rank of a data-parallel run: join the group, agree on rank 0's run folder, train."""
     from stability import distributed
+    from stability.devices import resolve_device
 
     if not world.main:  # rank 0 prints for the run
         console.quiet = err_console.quiet = True
-    device = distributed.device(world, cfg.train.device)
+    device = resolve_device(cfg.train.device, world)
     distributed.init(world, device)
     try:
         run_dir = None

@@ -29,10 +29,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from stability.config import CustomModelConfig, ModelConfig, RunConfig
+from stability.devices import resolve_device
 from stability.forensics import eager
 from stability.step import StepContext, Stepper, Window
 from stability.trackers import open_trackers
-from stability.training import resolve_device
 from stability.workloads import build, make_optimizer
 
 

@@ -104,16 +104,6 @@ def backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def device(world: World, name: str) -> torch.device:
-    """The device of this rank: for CUDA, GPU LOCAL_RANK of the node (modulo the GPUs this
-    process sees: a SLURM job with --gpus-per-task shows each task one GPU), else `name`."""
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        dev = torch.device("cuda", world.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
-        return dev
-    return torch.device(name if name != "auto" else "cpu")
-
-
 def init(world: World, dev: torch.device) -> None:
     """Join the process group of `world` (env:// rendezvous: MASTER_ADDR, MASTER_PORT); no-op
     at world size 1 or when already joined. Collectives then fail after TIMEOUT_S (set

@@ -456,7 +456,7 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, Any]:
     import tempfile
 
     from stability.bench import interleave
-    from stability.training import resolve_device
+    from stability.devices import resolve_device
     from stability.workloads import build, make_optimizer
 
     device = resolve_device(cfg.train.device)

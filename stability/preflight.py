@@ -39,7 +39,7 @@ def _check_device(cfg: RunConfig) -> None:
         return  # always available: auto takes a GPU where the job runs, if there is one
     import torch
 
-    from stability.training import resolve_device
+    from stability.devices import resolve_device
 
     try:
         resolved = resolve_device(device)

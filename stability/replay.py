@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from stability.config import RunConfig
+from stability.devices import resolve_device
 from stability.forensics import NanInjector
 from stability.instrument import NonFiniteProbe
 from stability.outputs import map_tensors, tensors
 from stability.record import format as rf
 from stability.record.folder import RunFolder
-from stability.training import resolve_device
 from stability.workloads import build
 
 

@@ -23,6 +23,7 @@ import torch
 
 from stability import detectors, distributed, forensics, snapshots
 from stability.config import RunConfig
+from stability.devices import resolve_device
 from stability.forensics import NanInjector, eager
 from stability.preflight import preflight
 from stability.progress import phase
@@ -49,14 +50,6 @@ class Callbacks:
 
 class InjectedCrash(RuntimeError):
     """Raised by `fault.crash_at_step`: a job that crashes on purpose."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r}: CUDA is not available on this machine; use auto or cpu")
-    return torch.device(name)
 
 
 def run(
@@ -103,7 +96,7 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
     In a distributed run each rank steps on its shard of the global batch in DDP."""
     tc = cfg.train
     world = world or distributed.World()
-    device = distributed.device(world, tc.device) if world.distributed else resolve_device(tc.device)
+    device = resolve_device(tc.device, world)
     parts = build(cfg, device)
     work, model, groups, opt, sched = parts.work, parts.model, parts.groups, parts.opt, parts.sched
     writer = session.writer

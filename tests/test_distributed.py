@@ -111,3 +111,23 @@ def test_a_crash_in_a_two_process_run_ends_both_and_is_recorded(tmp_path):
     status = read_json(next(tmp_path.rglob("status.json")))
     assert status["state"] == "failed" and "fault.crash_at_step=2" in status["error"]
     assert "exited with status" in result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_one_device_resolver_refuses_cuda_without_it_for_a_single_process_and_for_a_rank():
+    """stab's loop, preflight, bench, replay and each rank of a data-parallel run resolve
+    train.device through one function: a rank asking for cuda on a CPU machine is refused with the
+    same one-line error as a single process (a rank's own resolver used to hand back
+    torch.device('cuda') and fail later, inside the process group)."""
+    import torch
+
+    from stability.devices import resolve_device
+    from stability.distributed import World
+
+    rank = World(rank=1, size=2, local_rank=1, local_size=2)
+    for world in (None, rank):
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(ValueError, match=rf"train.device='{name}': CUDA is not available on this machine"):
+                resolve_device(name, world)
+        assert resolve_device("auto", world) == torch.device("cpu")
+        assert resolve_device("cpu", world) == torch.device("cpu")
