@@ -224,7 +224,7 @@ def find(rec: RunRecord) -> list[Finding]:
                     f"(step {at(peak)}, grad norm {total[peak]:.3g})",
                 )
             )
-    out += _logit_growth(rec)
+    out += _attention(rec)
     out += _clamp(rec)
     out += _clip_always(rec)
     out += _warmup_spike(rec)
@@ -242,6 +242,16 @@ def find(rec: RunRecord) -> list[Finding]:
             )
         )
     verdict = rec.summary.get("verdict")
+    diverged = next((f for f in rec.summary.get("flags") or [] if f.get("flag") == vd.DIVERGED), None)
+    if diverged is not None:
+        out.append(
+            Finding(
+                vd.DIVERGED,
+                epoch=diverged.get("epoch"),
+                detail={"ratio": diverged.get("ratio")},
+                evidence=diverged.get("evidence", ""),
+            )
+        )
     if vd.is_unstable(verdict):
         out.append(
             Finding(
@@ -315,34 +325,54 @@ def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Calla
     ]
 
 
-def _logit_growth(rec: RunRecord) -> list[Finding]:
-    """Max attention logit per epoch (health_summary) growing by detect.logit_growth or more
-    (Wortsman et al. 2023, arXiv 2309.14322: logit growth precedes attention-entropy collapse)."""
-    limit = float(rec.get("detect.logit_growth", 10.0))
-    pts = [(e.get("epoch"), _float((e.get("health_summary") or {}).get("attn_logit_max"))) for e in rec.epochs]
-    pts = [(ep, v) for ep, v in pts if math.isfinite(v) and v > 0]
-    if len(pts) < 2:
+def _attention(rec: RunRecord) -> list[Finding]:
+    """The attention state the papers describe, on the absolute levels the run's own warnings use:
+    the max attention logit at or past detect.attn_logit_max (near one-hot attention: Dehghani et
+    al. 2023, arXiv 2302.05442; Wortsman et al. 2023, arXiv 2309.14322), or a layer's mean
+    attention entropy at or below detect.attn_entropy_min nats (entropy collapse: Zhai et al.
+    2023, arXiv 2303.06296). Growth from epoch 1 (>= detect.logit_growth) is supporting evidence
+    only: a healthy run's max logit goes 0.23 -> 2.45 (10x) and means nothing, and a run already
+    at 5e8 in epoch 1 has not "grown". One finding, at the first epoch past either level."""
+    level = _float(rec.get("detect.attn_logit_max", 50.0))
+    ent_level = _float(rec.get("detect.attn_entropy_min", 0.1))
+    growth_limit = _float(rec.get("detect.logit_growth", 10.0))
+    health = [(e.get("epoch"), e.get("health_summary") or {}) for e in rec.epochs]
+    logits = [(ep, _float(h.get("attn_logit_max"))) for ep, h in health]
+    logits = [(ep, v) for ep, v in logits if math.isfinite(v) and v > 0]
+    ents = [(ep, _float(h.get("attn_entropy_min"))) for ep, h in health]
+    ents = [(ep, v) for ep, v in ents if math.isfinite(v)]
+    hot = next(((ep, v) for ep, v in logits if v >= level), None)
+    flat_ = next(((ep, v) for ep, v in ents if v <= ent_level), None)
+    if hot is None and flat_ is None:
         return []
-    first = pts[0][1]
-    cross = next(((ep, v) for ep, v in pts[1:] if v / first >= limit), None)
-    if cross is None:
-        return []
-    top = max(pts, key=lambda p: p[1])
-    layer = ""
-    per_layer = [
-        (k, _float(v.get("attn_logit_max")))
-        for k, v in (next(e for e in rec.epochs if e.get("epoch") == top[0]).get("health") or {}).items()
-    ]
-    per_layer = [(k, v) for k, v in per_layer if math.isfinite(v)]
-    if per_layer:
-        layer = f", largest in {max(per_layer, key=lambda p: p[1])[0]}"
+    parts = []
+    if hot is not None:
+        top = max(logits, key=lambda p: p[1])
+        parts.append(
+            f"max attention logit {hot[1]:.3g} at epoch {hot[0]} (>= {level:g}, detect.attn_logit_max; "
+            f"largest {top[1]:.3g} at epoch {top[0]})"
+        )
+        growth = top[1] / logits[0][1]
+        if len(logits) >= 2 and growth >= growth_limit:
+            parts[-1] += f", grown {growth:.0f}x from {logits[0][1]:.3g} at epoch {logits[0][0]}"
+        per_layer = [
+            (k, _float(v.get("attn_logit_max")))
+            for k, v in (next(e for e in rec.epochs if e.get("epoch") == top[0]).get("health") or {}).items()
+        ]
+        per_layer = [(k, v) for k, v in per_layer if math.isfinite(v)]
+        if per_layer:
+            parts[-1] += f", largest in {max(per_layer, key=lambda p: p[1])[0]}"
+    if flat_ is not None:
+        parts.append(
+            f"attention entropy {flat_[1]:.3g} nats at epoch {flat_[0]} (<= {ent_level:g}, detect.attn_entropy_min)"
+        )
+    first = min(x[0] for x in (hot, flat_) if x is not None)
     return [
         Finding(
-            "attn_logit_growth",
-            epoch=cross[0],
-            detail={"from": first, "to": top[1]},
-            evidence=f"max attention logit grew {top[1] / first:.0f}x ({first:.3g} at epoch {pts[0][0]} -> "
-            f"{top[1]:.3g} at epoch {top[0]}; >= {limit:g}x from epoch {cross[0]}){layer}",
+            "attn_logit",
+            epoch=first,
+            detail={"logit": hot[1] if hot else None, "entropy": flat_[1] if flat_ else None},
+            evidence="; ".join(parts),
         )
     ]
 
@@ -479,6 +509,10 @@ def _longer_warmup(r: RunRecord, f: Finding) -> dict[str, str] | None:
     return {"warmup": str(max(4 * int(r.get("train.warmup", 0) or 0), 20))}
 
 
+def _add_clip(r: RunRecord, f: Finding) -> dict[str, str] | None:
+    return {"clip": "1"} if r.get("train.clip") is None else None
+
+
 def _lower_lr(r: RunRecord, f: Finding) -> dict[str, str] | None:
     lr = _float(r.get("train.lr"))
     return {"train.lr": _sig(lr / 3)} if math.isfinite(lr) else None
@@ -498,11 +532,11 @@ RULES: tuple[Rule, ...] = (
     # Dehghani et al. 2023, arXiv 2302.05442 and Wortsman et al. 2023, arXiv 2309.14322 §3.1: QK-layernorm caps the
     # attention logits and removes this instability; measured here: max logit 5.1e4 -> 22 (char LM, lr 0.1, issue 13).
     Rule(
-        "attn_logit_growth",
+        "attn_logit",
         _unless("model.qk_norm", True, {"qk_norm": "true"}),
         0.85,
-        "attention logits grow without bound",
-        "arXiv 2302.05442, arXiv 2309.14322",
+        "near one-hot attention (logits past detect.attn_logit_max, or entropy collapse)",
+        "arXiv 2302.05442, arXiv 2309.14322 §3.1, arXiv 2303.06296",
     ),
     # Measured (the seed's fix, issue 13): stage 2 at residual 0.1 has RMS 0.82 and needs scale > 1.5, pinned at the
     # clamp; residual 0.3 gives RMS 1.85, experiment=seed_fix is stable 3/3.
@@ -537,6 +571,26 @@ RULES: tuple[Rule, ...] = (
     Rule("clip_always", _lower_lr, 0.45, "clipping fires on every step", "measured: char LM clip 1 at lr 3e-2"),
     # Wortsman et al. 2023, arXiv 2309.14322 Fig. 1: every instability they study appears above some learning rate;
     # `stab margin` measures where. The fallback for any unstable run.
+    # A run whose loss ended above where it started took steps too large for the loss surface: Wortsman et al. 2023,
+    # arXiv 2309.14322, count it a complete failure, and every instability of their Fig. 1 sets in above some
+    # learning rate (lower it: measured here, char LM smoke preset pre-norm: lr 10 diverged, val 762 against 4.45 at
+    # init; lr 1e-2 stable). Longer warmup lowers the LR sensitivity (§3.4); gradient clipping bounds each step's size
+    # (Pascanu et al. 2013, arXiv 1211.5063) where the run had none.
+    Rule(
+        vd.DIVERGED,
+        _lower_lr,
+        0.8,
+        "the loss ended above where it started: steps too large for this learning rate",
+        "arXiv 2309.14322 Fig. 1; measured: char LM smoke, lr 10 diverged, lr 1e-2 stable",
+    ),
+    Rule(vd.DIVERGED, _longer_warmup, 0.5, "a longer warmup lowers LR sensitivity", "arXiv 2309.14322 §3.4"),
+    Rule(
+        vd.DIVERGED,
+        _add_clip,
+        0.4,
+        "no gradient clipping bounds the step",
+        "arXiv 1211.5063",
+    ),
     Rule("unstable", _lower_lr, 0.3, "the run is unstable at this learning rate", "arXiv 2309.14322 Fig. 1"),
 )
 

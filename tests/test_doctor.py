@@ -169,20 +169,34 @@ def test_a_nan_before_warmup_ends_names_the_module_the_run_located_and_an_inject
     assert "injected_fault" in {f.kind for f in dx.findings} and dx.fixes == []
 
 
-def test_attention_logit_growth_proposes_qk_norm(tmp_path):
+def test_attention_past_its_absolute_level_proposes_qk_norm_and_growth_from_a_tiny_start_does_not(tmp_path):
     steps = stable_steps()
     epochs = stable_epochs(steps)
     for e in epochs:
-        e["health_summary"]["attn_logit_max"] = 2.0 * 3 ** e["epoch"]
+        e["health_summary"]["attn_logit_max"] = 2.0 * 3 ** e["epoch"]  # 6, 18, 54, 162, ...
         e["health"] = {
             "stage2.layer0": {"attn_logit_max": 2.0 * 3 ** e["epoch"]},
             "stage0.layer0": {"attn_logit_max": 2.0},
         }
     run = write_run(tmp_path / "logits", steps, epochs)
-    assert kinds(run) == {"attn_logit_growth"}
-    f = next(f for f in dr.find(dr.read_run(run)) if f.kind == "attn_logit_growth")
-    assert f.epoch == 4 and "stage2.layer0" in f.evidence  # 3^e / 3: 9x at epoch 3, 27x at epoch 4
+    assert kinds(run) == {"attn_logit"}
+    f = next(f for f in dr.find(dr.read_run(run)) if f.kind == "attn_logit")
+    assert f.epoch == 3 and "stage2.layer0" in f.evidence  # 54 >= detect.attn_logit_max 50 at epoch 3
     assert fixes(run) == ["qk_norm=true"]
+    # the healthy run: 0.23 -> 2.45, 10x growth, far below any level: no finding
+    for e in epochs:
+        e["health_summary"]["attn_logit_max"] = 0.23 * 10 ** ((e["epoch"] - 1) / (len(epochs) - 1))
+    assert kinds(write_run(tmp_path / "healthy", steps, epochs)) == set()
+    # a logit at 5e8 from the first epoch on has not grown at all, and is near one-hot attention all along
+    for e in epochs:
+        e["health_summary"]["attn_logit_max"] = 5e8
+    assert kinds(write_run(tmp_path / "hot", steps, epochs)) == {"attn_logit"}
+    # entropy collapse alone (logits moderate) is the same finding
+    for e in epochs:
+        e["health_summary"] = {"attn_logit_max": 3.0, "attn_entropy_min": 0.01 if e["epoch"] >= 5 else 1.5}
+    flat_run = write_run(tmp_path / "entropy", steps, epochs)
+    f = next(f for f in dr.find(dr.read_run(flat_run)) if f.kind == "attn_logit")
+    assert f.epoch == 5 and "entropy 0.01 nats" in f.evidence
 
 
 def test_a_saturated_last_stage_clamp_proposes_a_larger_residual(tmp_path):
