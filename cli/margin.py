@@ -159,6 +159,7 @@ def read_probe(run_dir: Path, lr: float) -> mg.Probe:
         initial_loss=initial_loss(run_dir),
         wall_s=float(s.get("wall_s", math.nan)),
         stopped_early=bool(s.get("stopped_early")),
+        borderline=[str(b.get("what", "?")) for b in s.get("borderline") or []],
     )
 
 
@@ -189,7 +190,7 @@ def print_result(res: dict[str, Any]) -> None:
     )
     if res["sentence"]:
         console.print(res["sentence"], style="bold", markup=False, highlight=False)
-    for line in res.get("non_monotone", []):
+    for line in res.get("non_monotone", []) + res.get("borderline", []):
         console.print(f"  {line}", style="yellow", markup=False, highlight=False)
     for line in res["by_factor"]:
         console.print(f"  {line}", markup=False, highlight=False)

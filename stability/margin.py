@@ -50,6 +50,7 @@ class Probe:
     n: int = 1  # replicates (seeds) behind this probe
     n_unstable: int = 0  # ... of which unstable
     verdicts: list[str] = field(default_factory=list)  # each replicate's verdict
+    borderline: list[str] = field(default_factory=list)  # what was within detect.band of its threshold
 
 
 def replicate(lr: float, probes: Sequence[Probe]) -> Probe:
@@ -75,6 +76,7 @@ def replicate(lr: float, probes: Sequence[Probe]) -> Probe:
         n=len(probes),
         n_unstable=bad,
         verdicts=verdicts,
+        borderline=sorted({b for p in probes for b in p.borderline}),
     )
 
 
@@ -369,6 +371,7 @@ def result(
         "sentence": comparison(margins),
         "by_factor": factor_ratios(margins),
         "non_monotone": [non_monotone_text(m) for m in margins.values() if m.stable_above],
+        "borderline": [t for m in margins.values() if (t := borderline_text(m))],
         "cost": {
             "probes": len(probes),
             "stopped_early": sum(p.stopped_early for p in probes),
@@ -400,6 +403,21 @@ def non_monotone_text(m: Margin) -> str:
     )
 
 
+def borderline_text(m: Margin) -> str:
+    """The sentence for a configuration whose margin rests on a borderline probe (a finding
+    within detect.band of its threshold at the largest stable or the smallest unstable lr: that
+    probe's verdict could go either way, so the margin could move one grid step), or ''."""
+    edge = [p for p in m.probes if p.borderline and p.lr in (m.stable_lr, m.unstable_lr)]
+    if not edge:
+        return ""
+    parts = [f"{p.lr:.3g} ({'stable' if p.stable else 'unstable'}; {', '.join(p.borderline)})" for p in edge]
+    return (
+        f"{m.config}: the margin rests on a borderline probe at lr {'; '.join(parts)}: a finding within "
+        "detect.band of its threshold, so that verdict could go either way and the margin could move a grid "
+        "step; more seeds (seed=0,1,2) settle it"
+    )
+
+
 def probe_text(p: dict[str, Any]) -> str:
     """`3.16e-02 stable` / `1e-01 exploding (stopped early)`, for a probe of margin.json; a probe
     over several seeds: `0.1 unstable 2/3 (21%..94%): 2 diverged, 1 stable`, the unstable count with
@@ -411,9 +429,11 @@ def probe_text(p: dict[str, Any]) -> str:
         return (
             f"{p['lr']:.3g} {'stable' if p['stable'] else 'unstable'} {p['n_unstable']}/{p['n']} "
             f"({lo:.0%}..{hi:.0%}): {p['verdict']}"
-        )
-    return f"{p['lr']:.3g} {p['verdict'] or ('stable' if p['stable'] else 'unstable')}" + (
-        " (stopped early)" if p.get("stopped_early") else ""
+        ) + (f" (borderline: {', '.join(p['borderline'])})" if p.get("borderline") else "")
+    return (
+        f"{p['lr']:.3g} {p['verdict'] or ('stable' if p['stable'] else 'unstable')}"
+        + (" (stopped early)" if p.get("stopped_early") else "")
+        + (f" (borderline: {', '.join(p['borderline'])})" if p.get("borderline") else "")
     )
 
 
@@ -448,6 +468,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines += (
         ["", res["sentence"], ""]
         + [f"- {f}" for f in res.get("non_monotone", [])]
+        + [f"- {f}" for f in res.get("borderline", [])]
         + [f"- {f}" for f in res.get("by_factor", [])]
         + [
             "",

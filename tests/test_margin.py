@@ -102,6 +102,32 @@ def test_non_monotone_stability_reports_the_lowest_failing_lr_and_says_so():
     assert hole.unstable_lr == lowest_failing and hole.stable_lr == max(p.lr for p in verdicts if p.lr < lowest_failing)
 
 
+def test_a_margin_that_rests_on_a_borderline_probe_says_so():
+    from stability.margin import borderline_text, markdown, probe_text, result
+
+    def probe(batch):  # stable up to 0.0123; the first unstable probe barely diverged (final loss within the band)
+        return [
+            Probe(lr, stable=lr <= 0.0123, verdict="stable" if lr <= 0.0123 else "diverged", borderline=["final loss"])
+            if 0.0123 < lr < 0.02
+            else Probe(lr, stable=lr <= 0.0123, verdict="stable" if lr <= 0.0123 else "diverged")
+            for _, lr in batch
+        ]
+
+    m = find_margins(["a"], probe, LO, HI, TOL, steps=10)
+    edge = next(p for p in m["a"].probes if p.lr == m["a"].unstable_lr)
+    assert edge.borderline == ["final loss"] and m["a"].unstable_lr < 0.02
+    text = borderline_text(m["a"])
+    assert f"borderline probe at lr {m['a'].unstable_lr:.3g} (unstable; final loss)" in text
+    res = result(m, LO, HI, TOL, 1.0, 1)
+    assert res["borderline"] == [text] and text in markdown(res)
+    shown = [probe_text(p) for p in res["configs"][0]["probes"]]
+    assert [t for t in shown if "borderline" in t] == [f"{m['a'].unstable_lr:.3g} diverged (borderline: final loss)"]
+    # a borderline probe away from the margin does not put it in doubt
+    far = find_margins(["a"], synthetic({"a": 0.0123}), LO, HI, TOL, steps=10)["a"]
+    far.probes[0].borderline = ["collapse"]
+    assert far.probes[0].lr not in (far.stable_lr, far.unstable_lr) and borderline_text(far) == ""
+
+
 def test_bad_brackets_are_refused():
     with pytest.raises(ValueError, match=r"margin.lo"):
         find_margins(["a"], synthetic({"a": 1}), 0.1, 0.01, TOL, 10)
