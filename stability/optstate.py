@@ -98,6 +98,7 @@ class OptStateProbe:
         self._flat: tuple | None = None
         self.skipped: torch.Tensor | None = None  # set by the step: 1.0 = this step did not update
         self._numels = torch.zeros(0)
+        self._idx = self.index
 
     phase = "update"  # measured after the optimizer step (stability.steplayout)
     metrics = (
@@ -133,17 +134,22 @@ class OptStateProbe:
 
         On its first call with optimizer state, the probe moves each moment into one flat
         buffer per moment (the optimizer's state tensors become views of it, in group order),
-        so the arithmetic is a few whole-vector operations and a norm per group: on a CPU,
-        torch's per-tensor ops would cost more than the optimizer step. A state the optimizer
-        replaced (`load_state_dict`) is flattened again. The bias correction uses the step
-        count of the first parameter (AdamW steps every parameter that has a gradient together).
+        so a signal costs a few whole-buffer passes and one `torch._foreach_norm` call over the
+        groups' slices, with no per-parameter Python loop: the moment norms read M and V once;
+        the epsilon-regime count is the squared L2 norm per group of v < eps^2 (1 - beta2^t) as
+        0.0/1.0 floats; the update is
+        m / (sqrt(v) + eps sqrt(1 - beta2^t)) in one scratch buffer of the same size (the
+        probe's only extra memory: 4 bytes per parameter), and the weights' norms are one
+        `_foreach_norm` over the parameters. A state the optimizer replaced (`load_state_dict`)
+        is flattened again. The bias correction uses the step count of the first parameter
+        (AdamW steps every parameter that has a gradient together).
         """
         if not self._flat_ok():
             if not any("exp_avg" in self.opt.state.get(p, {}) for p in self.params):
                 return torch.zeros(self.size, device=self.device, dtype=torch.float64)
             self._flatten()
         assert self._flat is not None
-        params, M, V, lens, idx, lr_of = self._flat
+        params, M, V, buf, views, lr_of = self._flat
         step = self.opt.state[params[0]]["step"]
         step = (
             step.to(self.device, torch.float64)
@@ -155,28 +161,29 @@ class OptStateProbe:
         eps = float(pg["eps"])
         for g, t in zip(self.opt.param_groups, self._lr):  # device scalars refilled from host floats: no sync
             t.copy_(g["lr"]) if torch.is_tensor(g["lr"]) else t.fill_(float(g["lr"]))
+        G = len(self.names)
         sbc2 = (1 - b2**step).sqrt()
         bc1 = 1 - b1**step
-        thr = (eps * sbc2).float()
-        d = V.sqrt()  # sqrt(v) = sqrt(v_hat) * sqrt(bc2)
-        below = (d < thr).float()  # sqrt(v_hat) < eps
-        u = M / d.add_(thr)  # Adam's update is lr / bc1 * sqrt(bc2) * u
+        thr = (eps * sbc2).float()  # sqrt(v_hat) < eps  <=>  sqrt(v) < thr
+        moments = torch.stack(torch._foreach_norm(views[: 2 * G])).double()  # (2G,): |m| per group, |v| per group
+        torch.lt(V, thr * thr, out=buf)  # 1.0 where v < thr^2, else 0.0 (a bool buffer costs 10x more on a CPU)
+        count = torch.stack(torch._foreach_norm(views[2 * G :])).double().square().round()
+        torch.sqrt(V, out=buf).add_(thr)
+        torch.div(M, buf, out=buf)  # Adam's update is lr / bc1 * sqrt(bc2) * buf
         if len(self._lr) == 1:
             scale = self._lr[0] * sbc2 / bc1
         else:  # several param groups: each coordinate's own lr
             scale = sbc2 / bc1
-            u.mul_(torch.stack(lr_of).float().repeat_interleave(self._numels))
-        G = len(self.names)
-        norms = [torch.stack(torch._foreach_norm(list(x.split(lens)))) for x in (u, M, V)]  # (G,) each
-        count = torch.stack(torch._foreach_norm(list(below.split(lens)), 1))
+            buf.mul_(torch.stack(lr_of).float().repeat_interleave(self._numels))
+        u = torch.stack(torch._foreach_norm(views[2 * G :])).double()
         p_sq = torch.zeros(G, device=self.device, dtype=torch.float64).index_add_(
-            0, idx, torch.stack(torch._foreach_norm(params)).double() ** 2
+            0, self._idx, torch.stack(torch._foreach_norm(params)).double() ** 2
         )
-        rel = norms[0].double() * scale / p_sq.sqrt().clamp_min(1e-30)  # RMS ratio = norm ratio (same count)
+        rel = u * scale / p_sq.sqrt().clamp_min(1e-30)  # RMS ratio = norm ratio (same count)
         if skipped is not None:
             rel = rel * (1 - skipped.to(rel.dtype))
-        share = count.double() / self.counts.clamp_min(1)
-        return torch.cat([rel, norms[1].double(), norms[2].double(), share])
+        share = count / self.counts.clamp_min(1)
+        return torch.cat([rel, moments, share])
 
     def _flat_ok(self) -> bool:
         """The flat buffers still back the optimizer's state (first and last parameter checked)."""
@@ -212,7 +219,11 @@ class OptStateProbe:
                 self.opt.state[p][key] = view.view_as(p)
             bufs.append(flat)
         lr_of = [self._lr[self.pg_index[i]] for i in have]
-        self._flat = (params, bufs[0], bufs[1], lens, idx, lr_of)
+        scratch = torch.empty_like(bufs[0])
+        # each group's slice of M, then of V, then of the scratch buffer: the `_foreach_norm` inputs
+        views = [v for flat in (bufs[0], bufs[1], scratch) for v in flat.split(lens)]
+        self._idx = idx
+        self._flat = (params, bufs[0], bufs[1], scratch, views, lr_of)
 
 
 class LMProbe:

@@ -130,6 +130,7 @@ class Attention(nn.Module):
     # (0-dim, on the device) in `logit_max`; off by default, so the forward costs nothing extra.
     watch_logits = False
     logit_max: torch.Tensor | None = None
+    _mask: torch.Tensor | None = None  # (T, T) bool, True above the diagonal: the causal positions left out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -137,8 +138,10 @@ class Attention(nn.Module):
         if self.watch_logits and self.training:
             with torch.no_grad():
                 att = q.detach() @ k.detach().transpose(-2, -1)  # (B, nh, T, T), unscaled
-                if self.causal:
-                    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=att.device).triu(1), float("-inf"))
+                if self.causal:  # in place, with the mask made once per length
+                    if self._mask is None or self._mask.shape[0] != T or self._mask.device != att.device:
+                        self._mask = torch.ones(T, T, dtype=torch.bool, device=att.device).triu(1)
+                    att.masked_fill_(self._mask, float("-inf"))
                 self.logit_max = att.amax().float() / math.sqrt(q.shape[-1])
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
