@@ -88,7 +88,7 @@ def bench(
         console.print(
             f"  stab loop:  {r.stab_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.stab_util:.3f}"
         )
-        console.print(f"  ratio: {r.ratio:.2f}")
+        console.print(f"  ratio: {r.ratio:.2f}   by CPU time of this process: {r.cpu_ratio:.2f}")
         if r.sync_sps is not None:  # CUDA: measurements moved to the host every step vs every SYNC_K steps
             from stability.bench import SYNC_K
 
@@ -96,6 +96,16 @@ def bench(
                 f"  stab, train.sync_every={SYNC_K}: {r.sync_sps:8.2f} steps/s   "
                 f"ratio sync_every={SYNC_K} / sync_every=1: {r.sync_ratio:.2f}"
             )
+        if r.plain_sps is not None:  # detect.opt_state: the signals' own cost
+            console.print(
+                f"  stab without optimizer-state signals: {r.plain_sps:8.2f} steps/s   "
+                f"signals ratio (with / without): {r.signals_ratio:.2f}   by CPU time: {r.signals_cpu_ratio:.2f}"
+            )
+        console.print(
+            f"  snapshot (model, optimizer, schedule, RNG): {r.snapshot_ms:.0f} ms, {r.snapshot_bytes / 2**20:.1f} MiB; "
+            "share of training time at train.snapshot_every="
+            + " / ".join(f"{n}: {r.snapshot_share(n):.2%}" for n in (10, 100, 1000))
+        )
         if r.log_sps is not None:  # log=...: stab's step feeding the trackers, against stab's step alone
             console.print(f"  stab + log={','.join(cfg.log)}: {r.log_sps:8.2f} steps/s   log ratio: {r.log_ratio:.2f}")
         console.print(

@@ -7,7 +7,12 @@ adds the per-group gradient norms, the stage probes, the one host transfer, the 
 check and building the step's record. Per-epoch extras (validation, scream check, health probe)
 are timed separately and reported as a share of an epoch. With trackers (`log=tensorboard`), a
 third loop runs stab's step and hands each record to them, and `log_ratio` is its rate over
-stab's without them: what the trackers cost per step.
+stab's without them: what the trackers cost per step. With the optimizer-state signals on
+(`detect.opt_state`, `stability.optstate`), another loop runs stab's step without them on a
+third copy of the model, and `signals_ratio` is stab's rate with them over that: what the signals
+cost. The snapshot ring's cost (`stability.snapshots`: capture and write one snapshot of the
+model, optimizer, schedule and RNG) is timed after the loops: `snapshot_ms`, `snapshot_bytes`,
+and `snapshot_share(every)` its share of the steps between two snapshots.
 
 The machine's matmul rate comes from a large fp32 matrix product timed in the same process; the
 model's FLOPs per step from `torch.utils.flop_counter` on one forward+backward.
@@ -18,6 +23,7 @@ model's FLOPs per step from `torch.utils.flop_counter` on one forward+backward.
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -54,9 +60,20 @@ class BenchResult:
     log_ratio: float | None = None  # log_sps / stab_sps
     sync_sps: float | None = None  # CUDA only: stab's step at train.sync_every=SYNC_K (one transfer per K steps)
     sync_ratio: float | None = None  # sync_sps / stab_sps (stab_sps: a transfer every step)
+    plain_sps: float | None = None  # detect.opt_state on: stab's step without the optimizer-state signals
+    signals_ratio: float | None = None  # stab_sps / plain_sps: the signals' own cost
+    snapshot_ms: float = 0.0  # one snapshot captured and written (stability.snapshots), mean of SNAPSHOTS
+    snapshot_bytes: int = 0  # its size on disk
+    cpu_ratio: float = math.nan  # `ratio` by CPU time of this process (bare CPU s / stab CPU s)
+    signals_cpu_ratio: float | None = None  # `signals_ratio` by CPU time
+
+    def snapshot_share(self, every: int) -> float:
+        """The snapshot's cost as a share of the `every` steps between two snapshots at stab's rate."""
+        return self.snapshot_ms / 1000 / (every / self.stab_sps + self.snapshot_ms / 1000)
 
 
 SYNC_K = 8  # the sync_every compared with 1 on a GPU
+SNAPSHOTS = 3  # snapshots timed
 
 
 def _sync(device: torch.device) -> None:
@@ -87,23 +104,31 @@ def step_flops(work: Any, batch: Any) -> float:
     return float(counter.get_total_flops())
 
 
-def interleave(arms: dict[str, Any], steps: int, block: int, device: torch.device) -> tuple[dict[str, float], int]:
+def interleave(
+    arms: dict[str, Any], steps: int, block: int, device: torch.device, cpu: dict[str, float] | None = None
+) -> tuple[dict[str, float], int]:
     """Time step functions `arm(i)` side by side: one untimed warm-up block each, then alternating
     blocks of `block` steps until `steps` are done (a machine that slows down slows every arm
-    alike). Returns (seconds spent per arm, steps done per arm)."""
+    alike). Returns (wall seconds spent per arm, steps done per arm); `cpu`, when given, is
+    filled with the CPU seconds of this process per arm (`time.process_time`, all its threads):
+    on a machine shared with other jobs, time spent waiting for a core is in the wall time only."""
     for i in range(block):  # warm-up, not timed
         for fn in arms.values():
             fn(i)
     _sync(device)
     spent = dict.fromkeys(arms, 0.0)
+    if cpu is not None:
+        cpu.update(dict.fromkeys(arms, 0.0))
     done = 0
     while done < steps:
         for arm, fn in arms.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for i in range(done, done + block):
                 fn(i)
             _sync(device)
             spent[arm] += time.perf_counter() - t0
+            if cpu is not None:
+                cpu[arm] += time.process_time() - c0
         done += block
     return spent, done
 
@@ -162,7 +187,10 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     arms = {"bare": bare_step, "stab": stab_step, **({"log": logged_step} if recorder else {})}
     if device.type == "cuda":  # where a host sync stalls the device: the same step at sync_every=SYNC_K
         arms["sync"] = _sync_every_arm(cfg, device, batches)
-    spent, done = interleave(arms, steps, block, device)
+    if cfg.detect.opt_state:  # the same step without the optimizer-state signals: what they cost
+        arms["plain"] = _plain_arm(cfg, device, batches)
+    cpu: dict[str, float] = {}
+    spent, done = interleave(arms, steps, block, device, cpu)
     t_stab, t_bare = spent["stab"], spent["bare"]
 
     t0 = time.perf_counter()
@@ -173,6 +201,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
 
             health.measure(work.model, work.health_loss, work.health_layers())
     extras = time.perf_counter() - t0
+    snap_ms, snap_bytes = _snapshot_cost(parts, stepper)
 
     flops = step_flops(work, batches[0])
     machine = matmul_flops(device)
@@ -180,6 +209,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
     n_batches = max(1, work.n_train // tc.batch_size)
     log_sps = done / spent["log"] if "log" in spent else None
     sync_sps = done / spent["sync"] if "sync" in spent else None
+    plain_sps = done / spent["plain"] if "plain" in spent else None
     return BenchResult(
         bare_sps,
         stab_sps,
@@ -197,7 +227,44 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
         log_sps / stab_sps if log_sps else None,
         sync_sps,
         sync_sps / stab_sps if sync_sps else None,
+        plain_sps,
+        stab_sps / plain_sps if plain_sps else None,
+        snap_ms,
+        snap_bytes,
+        cpu["bare"] / cpu["stab"] if cpu["stab"] > 0 else math.nan,
+        cpu["plain"] / cpu["stab"] if "plain" in cpu and cpu["stab"] > 0 else None,
     )
+
+
+def _plain_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) -> Any:
+    """Another copy of the run's model and optimizer (same init), stepped by stab's step with
+    `detect.opt_state=false`: the loop the signals are measured against."""
+    plain = copy.deepcopy(cfg)
+    plain.detect.opt_state = False
+    parts = build(plain, device, compile=False)
+    stepper = Stepper(parts.work, parts.opt, parts.sched, parts.instruments(plain), plain.train.precision)
+
+    def step(i: int) -> None:
+        stepper(batches[i % len(batches)])
+
+    return step
+
+
+def _snapshot_cost(parts: Any, stepper: Stepper) -> tuple[float, int]:
+    """(ms, bytes) of one snapshot of the trained model, optimizer, schedule and recovery state,
+    captured and written by the run's `SnapshotRing` into a temporary folder, mean of SNAPSHOTS."""
+    from stability import snapshots
+
+    with tempfile.TemporaryDirectory(prefix="stab-bench-snap-") as tmp:
+        ring = snapshots.SnapshotRing(Path(tmp), every=1, keep=SNAPSHOTS)
+        order = torch.Generator().manual_seed(0).get_state()
+        rec = stepper.recovery
+        t0 = time.perf_counter()
+        for i in range(SNAPSHOTS):
+            extra = {"recovery": rec.state_dict() if rec else None}
+            ring.save(i, snapshots.capture(parts.model, parts.opt, parts.sched, order, 1, i, extra))
+        ms = 1000 * (time.perf_counter() - t0) / SNAPSHOTS
+        return ms, max(ring.bytes.values())
 
 
 def _sync_every_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) -> Any:

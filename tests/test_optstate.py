@@ -240,3 +240,16 @@ def test_bad_step_formats(tmp_path):
     assert text.strip() == "--iterations-to-skip 15 16 23"
     with pytest.raises(ValueError, match="no step records"):
         badsteps.bad_steps(tmp_path / "nothing")
+
+
+def test_bench_measures_the_signals_and_a_snapshot_against_the_same_step_without(cli):
+    """`stab bench` with the signals on runs a third loop without them and prints their ratio,
+    and the snapshot's measured time, size and share of training at a few intervals."""
+    result = cli("bench", "--steps", "5", "model=charlm", "preset=smoke", "train.threads=1", "detect.opt_state=true")
+    line = next(ln for ln in result.output.splitlines() if "signals ratio" in ln)
+    assert 0 < float(line.rsplit(":", 1)[1]) < 10
+    snap = next(ln for ln in result.output.splitlines() if ln.strip().startswith("snapshot"))
+    ms, mib = float(snap.split(": ")[1].split(" ms")[0]), float(snap.split("ms, ")[1].split(" MiB")[0])
+    assert ms > 0 and 0 < mib < 100  # the char LM's smoke model and its Adam state: well under 100 MiB
+    shares = [float(x.split(": ")[-1].rstrip("%")) for x in snap.split("snapshot_every=")[1].split(" / ")]
+    assert shares[0] > shares[1] > shares[2] > 0  # the rarer the snapshot, the smaller its share
