@@ -13,8 +13,9 @@ A block of README.md is written only by this script, between two markers:
 
 `inputs` is a hash of the figure's commands (`FIGURES` below) and of the code files that produce
 its numbers (`code`: the detectors, the model, its presets, ...): a Python file by its syntax tree
-with docstrings and comments left out (`code_text`), so that documenting or reformatting the code
-does not stale a figure while any change of what it does does; any other file by its bytes. `--check`
+with docstrings, comments and function annotations left out, a YAML file by its values
+(`code_text`), so that documenting, typing or reformatting the code does not stale a figure while
+any change of what it does does; any other file by its bytes. `--check`
 recomputes it without re-running anything and fails on a `made` block whose hash differs: the
 code that produced the figure has changed since, so the figure may no longer be what the
 command prints. Re-make it (`--make NAME`), or, where that is too expensive for the machine at
@@ -67,9 +68,17 @@ def code_text(path: Path) -> bytes:
     """What of a code file a figure depends on: a Python file's syntax tree (`ast.dump`) with
     every docstring and every function's type annotations removed (comments and formatting never
     reach the tree), so that documenting, typing or reformatting it leaves it unchanged and any
-    change of behaviour does not; any other file (YAML, a Python file that does not parse) as its
-    bytes. Annotations of module and class attributes stay: they are evaluated (dataclass fields)."""
+    change of behaviour does not; a YAML file as its parsed values (comments and layout left out);
+    any other file (or one that does not parse) as its bytes. Annotations of module and class
+    attributes stay: they are evaluated (dataclass fields)."""
     data = path.read_bytes()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:  # its values, not its comments or layout
+            return json.dumps(yaml.safe_load(data), sort_keys=True, default=str).encode()
+        except yaml.YAMLError:
+            return data
     if path.suffix != ".py":
         return data
     try:
@@ -114,7 +123,7 @@ def _unannotated(stmt: ast.stmt) -> ast.stmt:
 
 def inputs_hash(fig: Figure, root: Path = ROOT) -> str:
     """12 hex digits of sha256 over the figure's commands and its code files' names and
-    `code_text` (a Python file's syntax tree without docstrings, any other file's bytes)."""
+    `code_text` (a Python file's syntax tree without docstrings or annotations, a YAML file's values)."""
     h = hashlib.sha256()
     h.update(json.dumps([list(c) for c in fig.commands]).encode())
     for pattern in fig.code:
@@ -147,43 +156,120 @@ def _num(v: object) -> str:
     return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 
+GRID_LRS = (0.001, 0.01, 0.1, 1.0, 10.0)  # margin.lo=1e-3, margin.hi=10, margin.tolerance=10: these points
+
+
+def _lr_of(run: dict) -> float:
+    return float(run["overrides"]["train.lr"])
+
+
 def lr_grid_table(folder: Path, column: str = "norm") -> str:
     """A learning-rate x `column` table of verdicts with each run's last validation loss over its
-    validation loss at initialisation, and the borderline flags."""
+    validation loss at initialisation, the borderline flags, runs stopped early, and the runs that
+    were also `stab margin`'s probes (marked *)."""
     runs = _summaries(folder)
-    lrs = sorted({float(r["overrides"]["train.lr"]) for r in runs})
+    margin = json.loads((folder / "margin.json").read_text()) if (folder / "margin.json").exists() else {}
+    probed = {(c["config"], p["lr"]) for c in margin.get("configs", []) for p in c["probes"]}
+    lrs = sorted({_lr_of(r) for r in runs})
     cols = sorted({r["overrides"].get(column, "-") for r in runs})
     lines = [f"| train.lr | {' | '.join(f'{column}={c}' for c in cols)} |", "|---" * (len(cols) + 1) + "|"]
     for lr in lrs:
         cells = []
         for c in cols:
-            r = next(
-                (r for r in runs if float(r["overrides"]["train.lr"]) == lr and r["overrides"].get(column, "-") == c),
-                None,
-            )
+            r = next((r for r in runs if _lr_of(r) == lr and r["overrides"].get(column, "-") == c), None)
             if r is None:
                 cells.append("-")
                 continue
-            border = " (borderline)" if r.get("borderline") else ""
+            notes = [
+                n for n, on in (("borderline", r.get("borderline")), ("stopped early", r.get("stopped_early"))) if on
+            ]
+            star = "*" if (f"{column}={c}", lr) in probed else ""
             cells.append(
-                f"{r['verdict']}{border}, val {_num(r.get('final_val_loss'))} / {_num(r.get('val_loss_init'))}"
+                f"{r['verdict']}{star}{' (' + ', '.join(notes) + ')' if notes else ''}, val "
+                f"{_num(r.get('final_val_loss'))} / {_num(r.get('val_loss_init'))}"
             )
         lines.append(f"| {lr:g} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
+def margin_against_grid(folder: Path, column: str = "norm") -> list[str]:
+    """Per configuration: margin's answer, the fixed grid's (the largest stable lr below the lowest
+    failing one; non-monotone where a stable lr lies above that), and whether they agree."""
+    from stability.record import verdicts as vd
+
+    runs = _summaries(folder)
+    margin = json.loads((folder / "margin.json").read_text())
+    out = []
+    for c in margin["configs"]:
+        value = c["config"].split("=", 1)[1] if "=" in c["config"] else c["config"]
+        grid = {_lr_of(r): r["verdict"] for r in runs if r["overrides"].get(column) == value and _lr_of(r) in GRID_LRS}
+        failing = [lr for lr in sorted(grid) if vd.is_unstable(grid[lr])]
+        low = failing[0] if failing else None
+        answer = max((lr for lr in grid if low is None or lr < low), default=None)
+        again = [lr for lr in sorted(grid) if low is not None and lr > low and not vd.is_unstable(grid[lr])]
+        grid_text = (f"largest stable lr {answer:g}" if answer is not None else "no stable lr") + (
+            f", lowest failing {low:g}" if low is not None else ", none failing"
+        )
+        if again:
+            grid_text += f", non-monotone (stable again at {', '.join(f'{x:g}' for x in again)})"
+        agree = c["margin"] == answer and c["unstable_lr"] == low
+        out.append(
+            f"- `{c['config']}`: margin says **{c['text']}** ({c['status']}, {len(c['probes'])} probes); the grid: "
+            f"{grid_text}: {'they agree' if agree else '**they disagree**'}."
+        )
+    return out
+
+
 def _render_lr_grid(what: str) -> Callable[[Path, list[float]], str]:
     def render(runs: Path, seconds: list[float]) -> str:
         folder = next(p for p in runs.iterdir() if p.is_dir())
+        fig = FIGURE_BY_NAME[folder.name]
+        cmds = "\n".join("stab " + " ".join(a for a in c if a not in ("--runs", "RUNS")) for c in fig.commands)
         return (
-            f"{what}, one seed (`{' '.join(FIGURE_BY_NAME[folder.name].commands[0])}`); each cell: verdict, last "
-            f"validation loss / validation loss at initialisation. Made by `scripts/readme_figures.py --make "
-            f"{folder.name}` in {sum(seconds):.0f} s on the 2-core machine shared with other jobs.\n\n"
+            f"{what}, one seed, made by `python scripts/readme_figures.py --make {folder.name}` in "
+            f"{sum(seconds) / 60:.0f} min on the 2-core machine shared with other jobs:\n\n```bash\n{cmds}\n```\n\n"
+            "Each cell: verdict, last validation loss / validation loss at initialisation; * marks the runs that "
+            "were also `stab margin`'s probes (the same run folders: the sweep found them completed). Every run has "
+            "`train.stop_early=true`, as margin's probes do.\n\n"
             + lr_grid_table(folder)
+            + "\n\n"
+            + "\n".join(margin_against_grid(folder))
             + "\n"
         )
 
     return render
+
+
+def _render_probe(runs: Path, seconds: list[float]) -> str:
+    """The Xiong probe's last/first layer ratio per depth and norm: median over seeds, its
+    order-statistic interval (with its coverage) and each seed's value."""
+    import pandas as pd
+
+    from stability.probe import growth
+    from stability.report.factors import median_interval
+
+    df = pd.read_csv(runs / "probe" / "probe_init.csv")
+    df["stage"] = df["stage"].fillna("")
+    seeds = sorted(df["seed"].unique())
+    lines = [
+        f"Gradient of each layer's FFN output weight at initialisation, last layer over first, over {len(seeds)} "
+        f"seeds ({', '.join(map(str, seeds))}); made by `python scripts/readme_figures.py --make xiong_probe` in "
+        f"{sum(seconds):.0f} s on the 2-core machine shared with other jobs:",
+        "",
+        "```bash",
+        "stab " + " ".join(a for a in FIGURE_BY_NAME["xiong_probe"].commands[0] if "RUNS" not in a and a != "--out"),
+        "```",
+        "",
+        "| depth | norm | last / first, median | interval (coverage) | per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for (depth, norm), part in df.groupby(["depth", "norm"], sort=False):
+        ratios = [growth(p.sort_values("layer").to_dict("records")) for _, p in part.groupby("seed", sort=True)]
+        med, lo, hi, cov = median_interval(ratios)
+        lines.append(
+            f"| {depth} | {norm} | {med:.2f} | {lo:.2f}..{hi:.2f} ({cov:.0%}) | {' '.join(f'{r:.2f}' for r in ratios)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _render_story(runs: Path, seconds: list[float]) -> str:
@@ -200,14 +286,29 @@ def _render_story(runs: Path, seconds: list[float]) -> str:
 DETECT = (
     "stability/detectors.py",
     "stability/**/summarizer.py",
+    "stability/record/verdicts.py",
     "stability/lr_sensitivity.py",
     "stability/training.py",
     "conf/config.yaml",
 )
+MARGIN = ("stability/margin.py", "cli/margin.py")
 FIGURES = (
     Figure(
         "charlm_lr_grid",
         (
+            (
+                "margin",
+                "--runs",
+                "RUNS",
+                "--name",
+                "charlm_lr_grid",
+                "model=charlm",
+                "preset=smoke",
+                "norm=pre,post",
+                "margin.lo=0.001",
+                "margin.hi=10",
+                "margin.tolerance=10",
+            ),
             (
                 "sweep",
                 "--runs",
@@ -217,11 +318,13 @@ FIGURES = (
                 "model=charlm",
                 "preset=smoke",
                 "norm=pre,post",
-                "train.lr=1e-3,1e-2,0.1,1,10",
+                "train.lr=0.001,0.01,0.1,1,10",
+                "train.stop_early=true",
             ),
         ),
         (
             *DETECT,
+            *MARGIN,
             "stability/models/charlm.py",
             "stability/models/layers.py",
             "stability/workloads/charlm/*.py",
@@ -234,6 +337,18 @@ FIGURES = (
         "cascade_lr_grid",
         (
             (
+                "margin",
+                "--runs",
+                "RUNS",
+                "--name",
+                "cascade_lr_grid",
+                "preset=smoke",
+                "norm=pre,post",
+                "margin.lo=0.001",
+                "margin.hi=10",
+                "margin.tolerance=10",
+            ),
+            (
                 "sweep",
                 "--runs",
                 "RUNS",
@@ -241,11 +356,13 @@ FIGURES = (
                 "cascade_lr_grid",
                 "preset=smoke",
                 "norm=pre,post",
-                "train.lr=1e-3,1e-2,0.1,1,10",
+                "train.lr=0.001,0.01,0.1,1,10",
+                "train.stop_early=true",
             ),
         ),
         (
             *DETECT,
+            *MARGIN,
             "stability/models/cascade.py",
             "stability/models/layers.py",
             "stability/workloads/cascade/*.py",
@@ -253,6 +370,36 @@ FIGURES = (
             "conf/model_preset/cascade/smoke.yaml",
         ),
         _render_lr_grid("The cascade's smoke preset over a learning-rate grid"),
+    ),
+    Figure(
+        "xiong_probe",
+        (
+            (
+                "probe",
+                "init",
+                "model=charlm",
+                "--paper",
+                "--depths",
+                "2,6,12",
+                "--seeds",
+                "0,1,2,3,4",
+                "--out",
+                "RUNS/probe",
+            ),
+        ),
+        (
+            "stability/probe.py",
+            "cli/probe.py",
+            "stability/report/factors.py",
+            "stability/models/charlm.py",
+            "stability/models/layers.py",
+            "stability/workloads/charlm/*.py",
+            "stability/workloads/base.py",
+            "conf/config.yaml",
+            "conf/model/charlm.yaml",
+            "conf/model_preset/charlm/default.yaml",
+        ),
+        _render_probe,
     ),
     Figure(
         "story",

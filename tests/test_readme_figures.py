@@ -76,3 +76,13 @@ def test_a_docstring_comment_type_or_format_edit_keeps_the_hash_and_a_code_edit_
     assert rf.inputs_hash(fig, tmp_path) != before  # a changed threshold stales the figure
     (tmp_path / "code.py").write_text(code.replace('    """How far past."""\n', ""))
     assert rf.inputs_hash(fig, tmp_path) == before  # a function losing its docstring is the same code
+
+
+def test_a_yaml_comment_keeps_the_hash_and_a_changed_value_changes_it(tmp_path):
+    (tmp_path / "c.yaml").write_text("detect:\n  band: 0.1  # relative band\n")
+    fig = rf.Figure("demo", (("run",),), ("c.yaml",), lambda runs, s: "x\n")
+    before = rf.inputs_hash(fig, tmp_path)
+    (tmp_path / "c.yaml").write_text("# the detectors\ndetect:\n  band: 0.1    # a longer comment now\n")
+    assert rf.inputs_hash(fig, tmp_path) == before
+    (tmp_path / "c.yaml").write_text("detect:\n  band: 0.2\n")
+    assert rf.inputs_hash(fig, tmp_path) != before
