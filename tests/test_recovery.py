@@ -159,3 +159,34 @@ def test_a_window_rewound_to_a_non_finite_step_counts_each_step_once(tmp_path, p
     if s1["guard"] is not None:
         assert int(s1["guard"]["count"]) == 39 == int(s4["guard"]["count"])
         assert torch.equal(s1["guard"]["buf"], s4["guard"]["buf"])
+
+
+def test_the_report_gives_a_spiked_run_its_recovery_metrics_against_the_run_without_the_spike(tmp_path, cli):
+    """Two runs of one configuration, one with the spike planted at step 30 and on_spike=skip:
+    the report's recovery table gives the skipped steps, the steps until the loss is back at its
+    pre-spike level, and the final-loss gap to the run without the spike, as the records say."""
+    from stability.recovery import RECOVER_WINDOW as W
+    from stability.recovery import recovery_metrics
+
+    root = tmp_path / "runs"
+    run(compose_run([*BASE, "on_spike=skip"]), root / "skip")
+    run(compose_run([o for o in BASE if not o.startswith("fault.")]), root / "clean")
+    spiked, _ = read_jsonl(root / "skip" / "metrics.jsonl")
+    clean, _ = read_jsonl(root / "clean" / "metrics.jsonl")
+    m = recovery_metrics(spiked, SPIKE)
+    assert m["skipped"] == sum(r["recover/skipped"] == 1.0 for r in spiked if r["step"] >= SPIKE) >= 1
+    loss = [r["loss"] for r in spiked]
+    pre = sum(loss[SPIKE - W : SPIKE]) / W
+    lost = m["recover_steps"]
+    assert m["pre_loss"] == pytest.approx(pre) and lost >= 1
+    assert sum(loss[SPIKE + lost : SPIKE + lost + W]) / W <= pre  # back at the pre-spike loss there ...
+    assert all(sum(loss[i : i + W]) / W > pre for i in range(SPIKE + 1, SPIKE + lost))  # ... and not before
+    gap = sum(loss[-W:]) / W - sum(r["loss"] for r in clean[-W:]) / W
+    cli("report", root)
+    md = (root / "report.md").read_text()
+    section = md.split("## Recovery")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| skip") or "skip |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:5] == ["skip", "none", str(SPIKE), str(m["skipped"])]
+    assert cells[5] == str(lost) and float(cells[8]) == pytest.approx(gap, abs=1e-3)
+    assert "| clean" not in section  # the run without the spike is the reference, not a row

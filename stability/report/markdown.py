@@ -179,6 +179,9 @@ def _markdown(
                     f"`{r.rel}`" + (f": {r.summary['evidence']}" if r.summary.get("evidence") else "") + "\n",
                     f"![{_slug(r.rel)}]({rel_plots}/{heatmaps[r.rel].name})\n",
                 ]
+    recovered = _recovery(runs, names)
+    if recovered:
+        parts += recovered
     if warned:
         parts += ["## Warnings\n", "\n".join(f"- `{rel}`: {w}" for rel, w in warned) + "\n"]
     found = diagnostic_warnings(runs)
@@ -189,6 +192,46 @@ def _markdown(
             "\n".join(f"- `{names.get(rel, rel)}`: {w}" for rel, w in found) + "\n",
         ]
     return "\n".join(parts)
+
+
+def _recovery(runs: Sequence[Run], names: dict[str, str]) -> list[str]:
+    """The recovery section (`stability.recovery.report_rows`): nothing without a spiked run."""
+    from stability.recovery import RECOVER_WINDOW, report_rows
+
+    rows = report_rows(list(runs))
+    if not rows:
+        return []
+
+    def num(x: Any, fmt: str) -> str:
+        return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+    frame = pd.DataFrame(
+        [
+            {
+                "run": names.get(r["run"], r["run"]),
+                "on_spike": r["on_spike"],
+                "update_clip": "none" if r["update_clip"] is None else r["update_clip"],
+                "spike at step": r["spike_step"],
+                "steps skipped": r["skipped"],
+                "steps lost (to pre-spike loss)": num(r["recover_steps"], "d")
+                if r["recover_steps"] is not None
+                else "not recovered",
+                "time to recover, s": num(r["recover_s"], ".2f"),
+                "final loss": num(r["final_loss"], ".4g"),
+                "gap to the run without the spike": num(r["final_gap"], "+.4g"),
+            }
+            for r in rows
+        ]
+    )
+    return [
+        "## Recovery\n",
+        f"Each run with a spike (planted by `fault.spike_at_step`, else the first step `train.on_spike`'s detector "
+        f"fired): updates not applied from it on, the steps until the mean loss over {RECOVER_WINDOW} steps is back at "
+        f"the mean of the {RECOVER_WINDOW} steps before it and their wall time, the mean loss of the last "
+        f"{RECOVER_WINDOW} steps, and its gap to the run of this report that differs only in the spike and the "
+        "recovery policy (– where there is none).\n",
+        markdown_table(frame),
+    ]
 
 
 def diagnostic_warnings(runs: Sequence[Run]) -> list[tuple[str, str]]:
