@@ -4,7 +4,8 @@
     stab bench preset=smoke         # one configuration
     stab bench --sweep              # 4 smoke jobs: sequential vs joblib --jobs 2; first job vs cache hit
     stab bench log=tensorboard      # adds a third loop feeding the trackers: `log ratio` is their cost
-    stab bench --monitor            # a plain loop against the same loop with stab's Monitor.step
+    stab bench --monitor            # a plain loop against the same loop with stab's Monitor.step, and
+                                    # Lightning / the transformers Trainer without and with stab's callback
     stab bench model=charlm preset=gpu   # on CUDA, also stab's step at train.sync_every=8 against 1
     stab bench --bookkeeping        # the run-folder writer alone: us/step and memory at 1k and 100k steps
 
@@ -14,6 +15,8 @@ on a noisy machine. Copy the printed lines into the README's performance section
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -42,7 +45,9 @@ def bench(
     monitor: Annotated[
         bool,
         typer.Option(
-            "--monitor", help="Time a plain loop against the same loop with stab's Monitor.step (your own loop)."
+            "--monitor",
+            help="Time a plain loop against the same loop with stab's Monitor.step (your own loop), and "
+            "Lightning and the transformers Trainer without and with stab's callback (where installed).",
         ),
     ] = False,
     bookkeeping: Annotated[
@@ -137,6 +142,24 @@ def _bench_monitor(overrides: list[str], steps: int) -> None:
     console.print(f"  plain loop:            {r['bare_sps']:8.2f} steps/s")
     console.print(f"  with Monitor.step:     {r['monitor_sps']:8.2f} steps/s")
     console.print(f"  monitor ratio: {r['ratio']:.2f} (steps/s with the monitor over without)")
+    for name, module, needs in (
+        ("Lightning", "stability.lightning", ("pytorch_lightning",)),
+        ("transformers Trainer", "stability.hf", ("transformers", "accelerate")),
+    ):
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if missing:
+            console.print(styled((f"{name} callback", "bold"), f": not measured ({', '.join(missing)} not installed)"))
+            continue
+        r = importlib.import_module(module).bench(cfg, steps=steps)
+        console.print(
+            styled(
+                (f"{name} callback", "bold"),
+                f" on {r['device']}, {r['threads']} thread(s), {r['steps']} timed steps each ({r['fits']} fits per arm)",
+            )
+        )
+        console.print(f"  {name + ' alone:':<30}{r['bare_sps']:8.2f} steps/s")
+        console.print(f"  {'with the callback:':<30}{r['callback_sps']:8.2f} steps/s")
+        console.print(f"  {name} callback ratio: {r['ratio']:.2f} (steps/s with the callback over without)")
 
 
 def _bench_bookkeeping(overrides: list[str], sizes: tuple[int, ...] = (1_000, 100_000)) -> None:

@@ -138,10 +138,12 @@ class RichProgress(Callbacks):
         elapsed = self.clock() - self.t0
         eta = elapsed / epoch * (self.n_epochs - epoch) if epoch else None
         scream = ("  output collapsed", "magenta") if record["collapsed"] else ""
+        bad = record.get("nonfinite") or 0
+        skipped = f" ({bad} non-finite step{'s' if bad != 1 else ''} not stepped, not in it)" if bad else ""
         stages = f"  stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}" if record.get("stage_rms") else ""
         self.console.print(
             styled(
-                f"epoch {epoch}/{self.n_epochs}: loss {fmt(record['loss'])}  val {fmt(record['val_loss'])}  "
+                f"epoch {epoch}/{self.n_epochs}: loss {fmt(record['loss'])}{skipped}  val {fmt(record['val_loss'])}  "
                 f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}"
                 f"{stages}",
                 scream,

@@ -36,12 +36,15 @@ and with on_nan="stop" training stops.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from stability.monitor import Monitor
+from stability.config import RunConfig
+from stability.monitor import Monitor, bench_setup, sync
 
 NOT_INPUTS = ("num_items_in_batch", "return_dict", "use_cache", "output_attentions", "output_hidden_states")
 
@@ -239,3 +242,102 @@ class StabTrainerCallback(TrainerCallback):
                 self.monitor.close()
             else:
                 self.monitor.fail(error)
+
+
+class _Timer(TrainerCallback):
+    """Times a `train()`'s optimizer steps from the start of step `warm` to the end of its last
+    (start-up, the first `warm` steps and teardown are not timed)."""
+
+    def __init__(self, warm: int, device: torch.device) -> None:
+        self.warm, self.device = warm, device
+        self.t0 = self.t1 = 0.0
+        self.steps = 0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.warm:
+            sync(self.device)
+            self.t0 = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step > self.warm:
+            sync(self.device)
+            self.t1, self.steps = time.perf_counter(), self.steps + 1
+
+
+class _WithLoss(torch.nn.Module):
+    """The configured workload as a model the Trainer can train: `forward(step)` returns
+    `{"loss": ...}` of the next of the fixed batches (the Trainer's batch is only a counter)."""
+
+    def __init__(self, work: Any, batches: list[Any]) -> None:
+        super().__init__()
+        self.work, self.net, self.batches, self.calls = work, work.model, batches, 0
+
+    def forward(self, step: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
+        return {"loss": self.work.loss(batch)}
+
+
+def bench(cfg: RunConfig, steps: int = 60, rounds: int = 4, warm: int = 2) -> dict[str, Any]:
+    """What the callback costs: the configured model (`stab bench --monitor OVERRIDES`) returning
+    its loss as a transformers model does (8 fixed batches, AdamW as stab's, a constant lr),
+    trained by the `Trainer` without and with `StabTrainerCallback`, from the same init. Clipping
+    at `train.clip` is the Trainer's `max_grad_norm` in both arms (the callback takes it over).
+    The arms alternate over `rounds` `train()` calls of steps / rounds timed optimizer steps each;
+    start-up, the first `warm` steps and teardown are not timed. Needs `accelerate`. Returns
+    steps/s of each and their ratio; the run folders go to a temporary folder."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from stability.workloads import make_optimizer
+
+    tc = cfg.train
+    copies, batches, device, n_groups = bench_setup(cfg, ("bare", "callback"))
+    models = {arm: _WithLoss(w, batches) for arm, w in copies.items()}
+    per_fit = max(1, steps // rounds)
+    data = [{"step": i} for i in range(per_fit + warm)]
+    spent, done = dict.fromkeys(models, 0.0), dict.fromkeys(models, 0)
+    with tempfile.TemporaryDirectory(prefix="stab-bench-trainer-") as tmp:
+        for r in range(rounds):
+            for arm in ("bare", "callback") if r % 2 == 0 else ("callback", "bare"):  # who goes first alternates
+                model = models[arm]
+                model.calls = 0
+                args = TrainingArguments(
+                    output_dir=str(Path(tmp) / "out"),
+                    per_device_train_batch_size=1,
+                    max_steps=per_fit + warm,
+                    max_grad_norm=tc.clip or 0.0,
+                    report_to=[],
+                    save_strategy="no",
+                    logging_strategy="no",
+                    use_cpu=device.type == "cpu",
+                    dataloader_num_workers=0,
+                    disable_tqdm=True,
+                )
+                opt = make_optimizer(model.net, tc)[0]
+                timer = _Timer(warm, device)
+                cb = StabTrainerCallback(tmp) if arm == "callback" else None
+                trainer = Trainer(
+                    model=model,
+                    args=args,
+                    train_dataset=data,
+                    optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),
+                    callbacks=[timer, *([cb] if cb else [])],
+                )
+                trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line, each fit
+                trainer.train()
+                spent[arm] += timer.t1 - timer.t0
+                done[arm] += timer.steps
+    bare_sps, cb_sps = done["bare"] / spent["bare"], done["callback"] / spent["callback"]
+    return {
+        "bare_sps": bare_sps,
+        "callback_sps": cb_sps,
+        "ratio": cb_sps / bare_sps,
+        "steps": done["callback"],
+        "fits": rounds,
+        "groups": n_groups,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }

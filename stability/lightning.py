@@ -23,12 +23,16 @@ the run `failed` or `interrupted` (`on_exception`).
 
 from __future__ import annotations
 
+import logging
+import time
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from stability.monitor import Monitor
+from stability.config import RunConfig
+from stability.monitor import Monitor, bench_setup, sync
 
 
 def _loss_of(out: Any) -> torch.Tensor:
@@ -97,3 +101,96 @@ class StabCallback(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.monitor is not None and self.monitor.summary is None:
             self.monitor.fail(exception)
+
+
+class _Timer(pl.Callback):
+    """Times a fit's steps from the start of batch `warm` to the end of its last batch (the
+    fit's start-up, its first `warm` steps and its teardown are not timed)."""
+
+    def __init__(self, warm: int, device: torch.device) -> None:
+        self.warm, self.device = warm, device
+        self.t0 = self.t1 = 0.0
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if i == self.warm:
+            sync(self.device)
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if i >= self.warm:
+            sync(self.device)
+            self.t1, self.steps = time.perf_counter(), self.steps + 1
+
+
+def bench(cfg: RunConfig, steps: int = 60, rounds: int = 4, warm: int = 2) -> dict[str, Any]:
+    """What the callback costs: the configured model (`stab bench --monitor OVERRIDES`) in a
+    LightningModule (its loss, 8 fixed batches, AdamW as stab's), trained by `pl.Trainer` without
+    and with `StabCallback`, from the same init. Clipping at `train.clip` is Lightning's
+    `gradient_clip_val` in the plain arm and the callback's in the other (Lightning's would
+    clip a second time). The arms alternate over `rounds` fits of steps / rounds timed steps
+    each; a fit's start-up, its first `warm` steps, its epoch end and its teardown are not timed.
+    Returns steps/s of each and their ratio; the callback's run folders go to a temporary folder."""
+    import tempfile
+
+    from stability.workloads import make_optimizer
+
+    tc = cfg.train
+    copies, batches, device, n_groups = bench_setup(cfg, ("bare", "callback"))
+
+    class Lit(pl.LightningModule):
+        def __init__(self, work: Any) -> None:
+            super().__init__()
+            self.work, self.net = work, work.model
+
+        def training_step(self, i: Any, batch_idx: int) -> torch.Tensor:
+            return self.work.loss(batches[batch_idx % len(batches)])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return make_optimizer(self.net, tc)[0]
+
+    lits = {arm: Lit(w) for arm, w in copies.items()}
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):  # its start-up notes, each fit
+        logging.getLogger(name).setLevel(logging.WARNING)
+    per_fit = max(1, steps // rounds)
+    steps_data = torch.utils.data.TensorDataset(torch.arange(per_fit + warm))
+    loader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(steps_data, batch_size=None)
+    spent, done = dict.fromkeys(lits, 0.0), dict.fromkeys(lits, 0)
+    with tempfile.TemporaryDirectory(prefix="stab-bench-lightning-") as tmp:
+        for r in range(rounds):
+            for arm in ("bare", "callback") if r % 2 == 0 else ("callback", "bare"):  # who goes first alternates
+                lit = lits[arm]
+                timer = _Timer(warm, device)
+                callbacks: list[pl.Callback] = [timer]
+                if arm == "callback":
+                    callbacks.append(StabCallback(tmp, clip=tc.clip))
+                trainer = pl.Trainer(
+                    max_epochs=1,
+                    accelerator="gpu" if device.type == "cuda" else "cpu",
+                    devices=1,
+                    gradient_clip_val=tc.clip if arm == "bare" else None,
+                    callbacks=callbacks,
+                    logger=False,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    num_sanity_val_steps=0,
+                )
+                with warnings.catch_warnings():  # Lightning's own deprecation notes, not the user's
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    trainer.fit(lit, loader)
+                spent[arm] += timer.t1 - timer.t0
+                done[arm] += timer.steps
+    bare_sps, cb_sps = done["bare"] / spent["bare"], done["callback"] / spent["callback"]
+    return {
+        "bare_sps": bare_sps,
+        "callback_sps": cb_sps,
+        "ratio": cb_sps / bare_sps,
+        "steps": done["callback"],
+        "fits": rounds,
+        "groups": n_groups,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }

@@ -346,7 +346,7 @@ class Monitor:
             self._optimizer_step()
         self.busy = True
         try:
-            erec = self.session.end_epoch(self.work, self.epoch, self.should_stop)
+            erec = self.session.end_epoch(self.work, self.epoch)
         finally:
             self.busy = False
         self.epoch += 1
@@ -446,27 +446,39 @@ def _no_loss(output: Any, target: Any) -> torch.Tensor:
     raise TypeError("Monitor(loss=...) is needed for validation, health and locating the first NaN")
 
 
+def bench_setup(cfg: RunConfig, arms: Sequence[str]) -> tuple[dict[str, Any], list[Any], torch.device, int]:
+    """The configured workload for a side-by-side timing: one shallow copy per arm, each with its
+    own deep copy of the model (same init), and 8 fixed batches of train.batch_size. Returns
+    (workload copy per arm, batches, device, module groups)."""
+    import copy
+
+    from stability.devices import resolve_device
+    from stability.workloads import build
+
+    device = resolve_device(cfg.train.device)
+    parts = build(cfg, device, compile=False)
+    work = parts.work
+    g = torch.Generator().manual_seed(cfg.seed)
+    batches = [work.batch(torch.randperm(work.n_train, generator=g)[: cfg.train.batch_size]) for _ in range(8)]
+    copies = {arm: copy.copy(work) for arm in arms}
+    for w in copies.values():
+        w.model = copy.deepcopy(work.model)
+    return copies, batches, device, len(parts.groups)
+
+
 def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, Any]:
     """What the monitor costs in a plain loop: the same model (two copies, same init and batches),
     stepped by a bare loop (forward, loss, backward, clip, AdamW step) and by the same loop with
     `Monitor.step` in place of backward/clip/step, in alternating blocks of `block` steps in this
     process (a machine that slows down slows both alike). Returns steps/s of each and their ratio;
     the monitor's run folder goes to a temporary folder."""
-    import copy
     import tempfile
 
     from stability.bench import interleave
-    from stability.devices import resolve_device
-    from stability.workloads import build, make_optimizer
+    from stability.workloads import make_optimizer
 
-    device = resolve_device(cfg.train.device)
-    parts = build(cfg, device, compile=False)
-    work, tc = parts.work, cfg.train
-    g = torch.Generator().manual_seed(cfg.seed)
-    batches = [work.batch(torch.randperm(work.n_train, generator=g)[: tc.batch_size]) for _ in range(8)]
-    copies = {arm: copy.copy(work) for arm in ("bare", "monitor")}
-    for w in copies.values():
-        w.model = copy.deepcopy(work.model)
+    tc = cfg.train
+    copies, batches, device, n_groups = bench_setup(cfg, ("bare", "monitor"))
     opts = {arm: make_optimizer(w.model, tc)[0] for arm, w in copies.items()}
     with tempfile.TemporaryDirectory(prefix="stab-bench-monitor-") as tmp:
         monitor = Monitor(copies["monitor"].model, opts["monitor"], run_dir=Path(tmp) / "run", clip=tc.clip)
@@ -492,7 +504,13 @@ def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> dict[str, Any]:
         "monitor_sps": mon_sps,
         "ratio": mon_sps / bare_sps,
         "steps": done,
-        "groups": len(parts.groups),
+        "groups": n_groups,
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so a host clock reads finished steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

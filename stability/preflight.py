@@ -28,9 +28,28 @@ def preflight(cfg: RunConfig) -> None:
     elif cfg.fault.nan_at_step is not None:
         _check_fault_module(cfg)
     if cfg.model.name == "charlm":  # the text must exist, be UTF-8 and be long enough
-        from stability.workloads.charlm.workload import load_split
+        from stability.workloads.charlm.workload import configs, load_split
 
-        load_split(cfg)
+        split = load_split(cfg)
+        check_fault_steps(cfg, (len(split.train) - 1) // configs(cfg)[0].context)
+    elif isinstance(cfg.data, DataConfig) and cfg.data.name == "synthetic":  # the cascade's synthetic clips
+        check_fault_steps(cfg, int(cfg.data.n_train))
+
+
+def check_fault_steps(cfg: RunConfig, n_train: int) -> None:
+    """A fault step (`fault.nan_at_step`, `crash_at_step`, `spike_at_step`) must be one the run
+    takes: there are `train.epochs` x (n_train // train.batch_size) steps, numbered from 0.
+    Raises ConfigError naming the key, its value and the run's steps."""
+    per_epoch = max(1, n_train // cfg.train.batch_size)
+    total = cfg.train.epochs * per_epoch
+    for key in ("nan_at_step", "crash_at_step", "spike_at_step"):
+        step = getattr(cfg.fault, key)
+        if step is not None and step >= total:
+            raise ConfigError(
+                f"fault.{key}={step} is past the end of the run: it takes {total} steps, numbered 0 to "
+                f"{total - 1} (train.epochs={cfg.train.epochs} x {per_epoch} batches of "
+                f"train.batch_size={cfg.train.batch_size} from {n_train} training examples)"
+            )
 
 
 def _check_device(cfg: RunConfig) -> None:
@@ -52,7 +71,7 @@ def _check_device(cfg: RunConfig) -> None:
         )
 
 
-_CUSTOM_CHECKED: dict[str, list[str]] = {}  # run identity -> module groups, per process
+_CUSTOM_CHECKED: dict[str, tuple[list[str], int]] = {}  # run identity -> (module groups, n_train), per process
 
 
 def _check_custom(cfg: RunConfig) -> None:
@@ -65,13 +84,20 @@ def _check_custom(cfg: RunConfig) -> None:
 
         from stability.workloads.custom import CustomWorkload
 
-        _CUSTOM_CHECKED[key] = list(CustomWorkload(cfg, torch.device("cpu")).module_groups())
-    names = _CUSTOM_CHECKED[key]
+        work = CustomWorkload(cfg, torch.device("cpu"))
+        _CUSTOM_CHECKED[key] = (list(work.module_groups()), work.n_train)
+    names, n_train = _CUSTOM_CHECKED[key]
+    if cfg.train.batch_size > n_train:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is more than the training data: "
+            f"model._target_={getattr(cfg.model, 'target', None)} gives {n_train} training examples; expected at most {n_train}"
+        )
     if cfg.fault.nan_at_step is not None and cfg.fault.nan_module not in names:
         raise ConfigError(
             f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
             f"expected one of {', '.join(names)}"
         )
+    check_fault_steps(cfg, n_train)
 
 
 def _check_fault_module(cfg: RunConfig) -> None:

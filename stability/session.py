@@ -150,14 +150,15 @@ class RunSession:
         self.writer.open(layout.groups, layout.n_stages, Summarizer(self.cfg.detect, self.cfg.train.clip))
 
     # --- as the run goes ----------------------------------------------------------------------
-    def end_epoch(self, work: Any, epoch: int, stopped: bool = False) -> dict[str, Any]:
+    def end_epoch(self, work: Any, epoch: int) -> dict[str, Any]:
         """The epoch's record: the writer's aggregates of its steps, then validation, the scream
-        check, the health probe (`detect.health`; skipped after a stop at a non-finite step) and
-        any listening; written by the writer. Returns it."""
+        check, the health probe (`detect.health`) and any listening; written by the writer.
+        Returns it. After a stop at a non-finite step the evaluation is of the weights the last
+        finite step left (the non-finite one was not applied)."""
         writer = self.writer
         erec = writer.close_epoch()
         with eager(work), phase(f"evaluating epoch {epoch}", unit="epochs"):
-            erec.update(evaluate(work, stopped, self.cfg.detect.health))
+            erec.update(evaluate(work, self.cfg.detect.health))
             if writer.writes:  # rank 0 alone writes audio
                 erec.update(work.listen(epoch, self.dir))  # {"audio": [...]} at listen epochs
         writer.epoch(erec)
@@ -225,23 +226,10 @@ class RunSession:
             self.end(RuntimeError("the run ended without a summary"))
 
 
-def evaluate(work: Any, stopped: bool, health_on: bool) -> dict[str, Any]:
-    """The epoch's evaluation: validation loss, scream check, and the health probe (skipped after
-    a stop at a non-finite step: the weights are not worth measuring)."""
-    import math
-
-    ev = (
-        work.evaluate()
-        if not stopped
-        else {
-            "val_loss": math.nan,
-            "collapsed": None,
-            "scores": {},
-            "target_scores": work.target_scores,
-            "codes_head": [],
-        }
-    )
-    layers_of = work.health_layers() if health_on and not stopped else {}
+def evaluate(work: Any, health_on: bool) -> dict[str, Any]:
+    """The epoch's evaluation: validation loss, scream check, and the health probe."""
+    ev = work.evaluate()
+    layers_of = work.health_layers() if health_on else {}
     if layers_of:
         layers = health.measure(work.model, work.health_loss, layers_of)
         ev["health"], ev["health_summary"] = layers, health.summarize(layers)

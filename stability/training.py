@@ -217,7 +217,7 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
                         break
                 if stopped:
                     break
-            erec = session.end_epoch(work, epoch, stopped)
+            erec = session.end_epoch(work, epoch)
             cb.epoch(epoch, erec)
             epoch_norms.append(erec["grad_norm_mean"])
             if stopped:

@@ -146,8 +146,18 @@ def test_monitor_bench_prints_a_measured_ratio(cli):
         "model._target_=examples.gpt.build",
         *(f"+model.{k}={v}" for k, v in TINY.items()),
     )
-    line = next(ln for ln in result.output.splitlines() if "monitor ratio:" in ln)
-    assert 0 < float(line.split("monitor ratio:")[1].split()[0]) < 10
+    lines = result.output.splitlines()
+    measured = ["monitor ratio:"]
+    for name, needs in (("Lightning", ["pytorch_lightning"]), ("transformers Trainer", ["transformers", "accelerate"])):
+        if all(importlib.util.find_spec(m) for m in needs):
+            measured.append(f"{name} callback ratio:")
+        else:
+            assert any(f"{name} callback: not measured" in ln for ln in lines), result.output
+    for what in measured:
+        line = next(ln for ln in lines if what in ln)
+        assert 0 < float(line.split(what)[1].split()[0]) < 10, result.output
+    # 5 // 4 timed steps per fit, 4 fits per arm, for each callback measured
+    assert sum("4 timed steps each (4 fits per arm)" in ln for ln in lines) == len(measured) - 1
 
 
 @pytest.mark.slow

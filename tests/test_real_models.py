@@ -211,6 +211,81 @@ def test_a_nan_planted_in_a_real_model_is_located_there_and_replayed(
     assert r.group == module and r.where == "forward" and r.cause.startswith("numerical")
 
 
+@pytest.mark.parametrize("on_nan", ["stop", "skip"])
+def test_a_non_finite_step_leaves_the_epoch_loss_and_validation_of_the_finite_steps(
+    on_nan, cli, tmp_path, monkeypatch, one_thread
+):
+    """The epoch's loss is the mean over the steps the optimizer took, the skipped one counted and
+    said; after a stop the epoch is evaluated on the weights the last finite step left (saved with
+    the bad step for replay), not reported NaN."""
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    out = cli(
+        "run",
+        "--runs",
+        runs,
+        "model=custom",
+        f"model._target_={HF}",
+        "preset=smoke",
+        "train.batch_size=8",
+        "fault.nan_at_step=2",
+        "fault.nan_module=transformer.h.0.mlp",
+        f"train.on_nan={on_nan}",
+    ).output
+    run_dir = only_run(runs)
+    steps = read_jsonl(run_dir / "metrics.jsonl")
+    epochs = read_jsonl(run_dir / "epochs.jsonl")
+    first = [r for r in steps if r["epoch"] == 1]
+    assert [r["finite"] for r in first] == [r["step"] != 2 for r in first]
+    assert epochs[0]["nonfinite"] == 1 and epochs[0]["steps"] == len(first)
+    assert epochs[0]["loss"] == pytest.approx(sum(r["loss"] for r in first if r["finite"]) / (len(first) - 1))
+    assert "loss " + format(epochs[0]["loss"], ".3g") + " (1 non-finite step not stepped, not in it)" in out
+    assert len(epochs) == (1 if on_nan == "stop" else 2)
+    if on_nan == "stop":  # the weights before the NaN step's (unapplied) update
+        work = workload(HF)
+        work.model.load_state_dict(torch.load(run_dir / "forensics" / "state.pt", weights_only=True)["model"])
+        assert math.isfinite(epochs[0]["val_loss"])
+        assert epochs[0]["val_loss"] == pytest.approx(work.evaluate()["val_loss"], rel=1e-6)
+    else:
+        assert epochs[1]["nonfinite"] == 0 and math.isfinite(epochs[1]["loss"])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            [
+                f"model._target_={HF}",
+                "train.batch_size=8",
+                "fault.nan_at_step=12",
+                "fault.nan_module=transformer.h.0.mlp",
+            ],
+            "fault.nan_at_step=12 is past the end of the run: it takes 12 steps, numbered 0 to 11 (train.epochs=2 "
+            "x 6 batches of train.batch_size=8 from 48 training examples)",
+        ),
+        (
+            [f"model._target_={HF}", "train.batch_size=8", "fault.spike_at_step=40"],
+            "fault.spike_at_step=40 is past the end of the run: it takes 12 steps",
+        ),
+        (
+            [f"model._target_={HF}", "train.batch_size=49"],
+            f"train.batch_size=49 is more than the training data: model._target_={HF} gives 48 training "
+            f"examples; expected at most 48",
+        ),
+        (["fault.crash_at_step=16"], "fault.crash_at_step=16 is past the end of the run: it takes 16 steps"),
+    ],
+)
+def test_a_fault_step_past_the_end_or_a_batch_larger_than_the_data_is_one_line_before_any_folder(
+    args, expected, cli, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    model = ["model=custom"] if args[0].startswith("model._target_") else []  # else stab's default model
+    result = cli("run", "--runs", tmp_path / "runs", *model, "preset=smoke", *args, ok=False)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], result.output
+    assert not list((tmp_path / "runs").rglob("status.json"))  # no run folder
+
+
 # --- Monitor in a plain loop --------------------------------------------------------------------
 
 

@@ -100,7 +100,8 @@ class EpochRecord(Record):
 
     epoch = key(0)  # 1-based
     steps = key(0)  # steps taken in the epoch
-    loss = key(math.nan)  # mean training loss over the epoch's steps (NaN if any was)
+    loss = key(math.nan)  # mean training loss over the epoch's finite steps (NaN if none was)
+    nonfinite = key(0)  # the epoch's steps with a non-finite loss or gradient: not stepped, not in `loss`
     grad_norm_mean = key(math.nan)  # mean total grad norm over the epoch's steps (NaN if any was)
     grad_norm_max = key(math.nan)  # largest total grad norm of the epoch (NaN if any was)
     clip_rate = key(math.nan)  # share of the epoch's steps on which the clip fired, 0..1

@@ -46,8 +46,10 @@ FLUSH_STEPS = 256  # step records appended to metrics.jsonl per write
 
 
 class EpochStats:
-    """Running aggregates of one epoch's steps. Means and maxima propagate NaN, as `np.mean` and
-    `np.max` over the steps would: an epoch with a non-finite step shows as NaN."""
+    """Running aggregates of one epoch's steps. The loss is the mean over the finite steps (those
+    the optimizer took; `nonfinite` counts the others), so one skipped step does not hide the
+    epoch's loss. The grad-norm means and maxima propagate NaN, as `np.mean` and `np.max` over the
+    steps would: the epoch of a non-finite step shows as NaN in the grad-norm table."""
 
     def __init__(self, epoch: int, groups: Sequence[str], n_stages: int) -> None:
         self.epoch, self.n_stages = epoch, n_stages
@@ -55,6 +57,7 @@ class EpochStats:
         self.stage_keys = [rf.stage_key(i, s) for s in ("rms", "ratio", "scale", "clamped") for i in range(n_stages)]
         self.steps = 0
         self.loss = 0.0
+        self.nonfinite = 0  # steps whose loss or a gradient was non-finite: not stepped, not in `loss`
         self.clipped = 0
         self.grad_sum = np.zeros(len(self.keys))
         self.grad_max = np.full(len(self.keys), -math.inf)
@@ -64,7 +67,10 @@ class EpochStats:
         g = np.fromiter((rec[k] for k in self.keys), dtype=float, count=len(self.keys))
         self.grad_sum += g
         np.maximum(self.grad_max, g, out=self.grad_max)  # propagates NaN
-        self.loss += rec[rf.LOSS]
+        if rec.get(rf.FINITE, True):
+            self.loss += rec[rf.LOSS]
+        else:
+            self.nonfinite += 1
         self.clipped += bool(rec.get(rf.CLIPPED))
         if self.n_stages:
             self.stage_sum += np.fromiter((rec[k] for k in self.stage_keys), dtype=float, count=len(self.stage_keys))
@@ -83,7 +89,8 @@ class EpochStats:
         return {
             "epoch": self.epoch,
             "steps": n,
-            "loss": self.loss / n if n else math.nan,
+            "loss": self.loss / (n - self.nonfinite) if n > self.nonfinite else math.nan,
+            "nonfinite": self.nonfinite,
             "grad_norm_mean": float(self.means()[0]),
             "grad_norm_max": float(self.maxes()[0]),
             "clip_rate": self.clipped / n if n else math.nan,

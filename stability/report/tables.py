@@ -450,10 +450,12 @@ def grad_epoch_frame(run: Run) -> pd.DataFrame:
 
 
 def epoch_frame(run: Run) -> pd.DataFrame:
-    """Per epoch: loss, validation loss, grad norm mean/max, clip rate, collapsed (the scream check)."""
+    """Per epoch: steps, non-finite steps (not stepped), loss (over the finite steps), validation
+    loss, grad norm mean/max, clip rate, collapsed (the scream check)."""
     cols = {
         "epoch": "epoch",
         "steps": "steps",
+        "nonfinite": "non-finite",
         "loss": "loss",
         "val_loss": "val loss",
         "grad_norm_mean": "grad mean",
