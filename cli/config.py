@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import json
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -45,6 +47,28 @@ def set_config_dirs(dirs: list[Path] | None) -> None:
                 f"(e.g. ./conf with model/my_transformer.yaml)"
             )
         CONFIG_DIRS.append(d)
+    named = _model_only_presets()
+    if named is not None:
+        CONFIG_DIRS.append(named)
+
+
+def _model_only_presets() -> Path | None:
+    """A folder naming the presets that a --config-dir defines only as model_preset/MODEL/NAME.yaml
+    (no preset/NAME.yaml anywhere): `preset` is a config group, so Hydra needs the name there too.
+    The folder holds an empty preset/NAME.yaml for each (in the temp folder, one per set of names);
+    None when there are none."""
+    dirs = (CONF_DIR, *CONFIG_DIRS)
+    have = {p.stem for d in dirs for p in (d / "preset").glob("*.yaml")}
+    names = sorted({p.stem for d in CONFIG_DIRS for p in (d / "model_preset").glob("*/*.yaml")} - have)
+    if not names:
+        return None
+    folder = Path(tempfile.gettempdir()) / f"stab-presets-{hashlib.sha256(' '.join(names).encode()).hexdigest()[:12]}"
+    (folder / "preset").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        path = folder / "preset" / f"{name}.yaml"
+        if not path.exists():
+            path.write_text(f"# @package _global_\n# preset={name}: its values are in model_preset/MODEL/{name}.yaml\n")
+    return folder
 
 
 def search_path_overrides() -> list[str]:
@@ -171,6 +195,9 @@ def _unknown_key(key: str, others: list[str]) -> str:
     if near:  # suggest the whole corrected key: trian.lr -> train.lr
         near = f"; did you mean {'.'.join([*parts[:depth], near[len('; did you mean ') : -1], *parts[depth + 1 :]])}?"
     where = f" under {parent}" if parent else ""
+    if parent == "model" and "_target_" in keys and not key.startswith("+") and not near:
+        # model=custom: the factory's arguments are new keys to stab's config, added with `+`
+        near = f"; a keyword argument of your factory is a new key: write +{key}=..."
     return f"unknown key {key!r}: allowed keys{where} are {', '.join(keys)}{near}"
 
 

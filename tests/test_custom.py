@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import yaml
 
 from stability.config import ConfigError, RunConfig
 from stability.workloads.custom import MultiheadAttentionLogits, auto_groups, find_layers, locate
+from tests.conftest import only_run
 
 ROOT = Path(__file__).resolve().parent.parent
 STAB = [sys.executable, "-m", "cli.main"]
@@ -151,6 +153,13 @@ def regression(logits=False):
     x, y = torch.randn(64, 5, 4), torch.randn(64, 5, 2)
     return {"model": nn.Sequential(Block(logits)), "train": (x, y), "val": (x[:8], y[:8]), "loss": F.mse_loss}
 
+def bad_tokens():  # the output's tokens are fine, the target's reshape fails
+    x = torch.randint(0, 10, (32, 6))
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10))
+    return {"model": model, "train": (x, x), "val": (x[:8], x[:8]),
+            "loss": lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()),
+            "tokens": lambda t: t.argmax(-1) if t.dim() == 3 else t.view(-1, 7)}
+
 def good(width=8):
     x, y = data()
     return {"model": nn.Sequential(nn.Linear(4, width), nn.Linear(width, 2)), "train": (x, y), "loss": F.mse_loss}
@@ -165,6 +174,7 @@ def good(width=8):
         ("bad_factories.detached", "no gradient path"),
         ("bad_factories.empty", "has no examples (length 0)"),
         ("bad_factories.not_scalar", "not a scalar: shape (2, 2)"),
+        ("bad_factories.bad_tokens", "tokens(target) raised RuntimeError: shape '[-1, 7]' is invalid"),
     ],
 )
 def test_a_bad_factory_stops_before_training_with_one_line(cli, tmp_path, monkeypatch, target, problem):
@@ -176,6 +186,33 @@ def test_a_bad_factory_stops_before_training_with_one_line(cli, tmp_path, monkey
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and f"model._target_={target}" in lines[0] and problem in lines[0], result.output
     assert not list(runs.rglob("status.json"))  # nothing started
+
+
+def test_a_factory_key_without_plus_and_a_preset_only_under_model_preset(cli, tmp_path, monkeypatch):
+    """`model.width=4` (no `+`) says how to add the key; a preset defined in a --config-dir only as
+    model_preset/custom/NAME.yaml (no preset/NAME.yaml) is taken, as docs/your-model.md says."""
+    (tmp_path / "bad_factories.py").write_text(BAD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = tmp_path / "runs"
+    result = cli("run", "--runs", runs, "model=custom", "model._target_=bad_factories.good", "model.width=4", ok=False)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].endswith("a keyword argument of your factory is a new key: write +model.width=...")
+    conf = tmp_path / "conf" / "model_preset" / "custom"
+    conf.mkdir(parents=True)
+    (conf / "tiny.yaml").write_text("# @package _global_\ntrain:\n  epochs: 1\n  batch_size: 4\n")
+    cli(
+        "run",
+        "--runs",
+        runs,
+        "--config-dir",
+        tmp_path / "conf",
+        "model=custom",
+        "model._target_=bad_factories.good",
+        "preset=tiny",
+    )
+    config = yaml.safe_load((only_run(runs) / "config.yaml").read_text())
+    assert (config["train"]["epochs"], config["train"]["batch_size"]) == (1, 4)
 
 
 def test_short_names_are_the_factorys_to_declare(cli, tmp_path, monkeypatch):
