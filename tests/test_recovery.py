@@ -190,3 +190,27 @@ def test_the_report_gives_a_spiked_run_its_recovery_metrics_against_the_run_with
     assert cells[1:5] == ["skip", "none", str(SPIKE), str(m["skipped"])]
     assert cells[5] == str(lost) and float(cells[8]) == pytest.approx(gap, abs=1e-3)
     assert "| clean" not in section  # the run without the spike is the reference, not a row
+
+
+def test_every_recorded_key_is_a_row_of_the_run_format(skipped):
+    """Each key of the step records (signals and recovery policies on) matches a key of
+    docs/run-format.md's metrics.jsonl table (`<group>` one of the run's module groups), and
+    the planted spike's loss is recorded as the table says: multiplied by fault.spike_factor."""
+    import re
+    from pathlib import Path
+
+    folder, steps = skipped
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "run-format.md").read_text()
+    table = doc.split("## `metrics.jsonl`")[1].split("\n## ")[0]
+    groups = [k[5:] for k in steps[0] if k.startswith("grad/") and k not in ("grad/norm", "grad/clipped")]
+    patterns = []
+    for row in table.splitlines():
+        if row.startswith("| `"):
+            for key in re.findall(r"`([^`]+)`", row.split("|")[1]):
+                rx = re.escape(key).replace(re.escape("<group>"), "(" + "|".join(map(re.escape, groups)) + ")")
+                patterns.append(re.compile(rx.replace(re.escape("{i}"), r"\d+") + "$"))
+    recorded = {k for r in steps for k in r}
+    assert {"update_rel/layer0.attn", "eps_share/lm_head", "lm/log_z", "recover/skipped"} <= recorded
+    assert [k for k in sorted(recorded) if not any(p.match(k) for p in patterns)] == []
+    by = {r["step"]: r for r in steps}
+    assert by[SPIKE]["loss"] > 100 * max(by[SPIKE - 1]["loss"], by[SPIKE + 1]["loss"])  # x1000, not the raw loss
