@@ -111,10 +111,10 @@ def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: A
         concurrency = int(os.environ.get(CONCURRENCY_ENV, "1"))
         n_gpus = torch.cuda.device_count() if run_cfg.train.device == "auto" and not world.distributed else 0
         plan = resources.plan(hc.job.num, concurrency, resources.available_cpus(), n_gpus)
-        if run_cfg.train.threads is None:  # the job's share of the cores, split between its tasks
-            run_cfg.train.threads = distributed_threads(world, plan.threads)
-        if plan.device:
-            run_cfg.train.device = plan.device
+        run_cfg = run_cfg.resolve(  # the job's share of the cores (split between its tasks) and its GPU
+            threads=distributed_threads(world, plan.threads) if run_cfg.train.threads is None else None,
+            device=plan.device or None,
+        )
         with graceful_signals(), _stop_when_gone(owner), slurm.time_limit_warning_noted():
             training.run(
                 run_cfg,

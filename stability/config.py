@@ -1,612 +1,677 @@
-"""Typed run configuration: what the library accepts, validated where it enters.
+"""Typed run configuration: the schema, as pydantic models, and the one line a bad value gets.
 
 The CLI composes YAML from `conf/` with Hydra and hands the resolved mapping to
-`RunConfig.from_dict`; nothing in `stability/` knows about Hydra. Every check raises
-`ConfigError` naming the key, the bad value and what is allowed, so the CLI can print one
-line and exit before any work starts.
+`RunConfig.from_dict`; nothing in `stability/` knows about Hydra. Each section is a frozen
+pydantic v2 model (`extra="forbid"`): bounds are `Field`/`annotated_types` constraints, choices
+are `Literal`s, `model` and `data` are unions discriminated by their `name`. A value that breaks
+the schema raises `ConfigError`, whose text `explain` makes from pydantic's `ValidationError`:
+one line naming the key, the bad value and what is allowed (with did-you-mean), so the CLI can
+print it and exit before any work starts.
 
     cfg = RunConfig.from_dict({"model": {"norm": "pre"}, "train": {"clip": 5.0}})
+    cfg = cfg.resolve(threads=2, device="cpu")  # operational values decided later: a new config
+
+Defaults here equal the composed `conf/` defaults (tests/test_schema.py checks it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+
+from annotated_types import Ge, Gt, Le
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    SerializerFunctionWrapHandler,
+    Strict,
+    Tag,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 N_STAGES = 3
 
 
 class ConfigError(ValueError):
-    """A user-supplied configuration value is not allowed."""
+    """A user-supplied configuration value is not allowed; the message is one line."""
 
 
-def did_you_mean(word: str, candidates: Any) -> str:
+def did_you_mean(word: object, candidates: Iterable[object]) -> str:
     """'; did you mean X?' for the closest of `candidates` to a typo'd `word` (difflib), or ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+# --- value types -------------------------------------------------------------------------------
+# Rules that a type and its bounds cannot say raise `_not_allowed(...)`: a pydantic error that
+# carries the "what is allowed" text (and, where it is not the checked value, the key and value).
 
 
-def _number(
-    key: str,
-    value: Any,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    integer: bool = False,
-) -> Any:
-    """Check that `value` is a number in range; return it as int or float."""
-    what = "an integer" if integer else "a number"
-    rng = ""
-    if lo is not None:
-        rng += f" {'>' if lo_open else '>='} {lo}"
-    if hi is not None:
-        rng += f"{' and' if rng else ''} <= {hi}"
+def _not_allowed(allowed: str, **where: Any) -> PydanticCustomError:
+    """The error a rule raises: `allowed` is the text after "expected"; `where` may name the
+    `key` (relative to the model that raises it) and `value` the message shows."""
+    return PydanticCustomError("not_allowed", "expected {allowed}", {"allowed": allowed, **where})
+
+
+def _a_number(value: object) -> object:
+    """Numbers only: a bool, a string ('1e-3') or a list is not a number, whatever it parses to."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(key, value, what + rng)
-    if integer and not float(value).is_integer():
-        _fail(key, value, what + rng)
-    if not math.isfinite(value):
-        _fail(key, value, "a finite " + what[2:] + rng)
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        _fail(key, value, what + rng)
-    if hi is not None and value > hi:
-        _fail(key, value, what + rng)
-    return int(value) if integer else float(value)
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        _fail(key, value, "one of " + ", ".join(allowed) + did_you_mean(value, allowed))
+        raise PydanticCustomError("not_a_number", "not a number")
     return value
 
 
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        _fail(key, value, "true or false")
-    return value
+Int = Annotated[int, BeforeValidator(_a_number)]  # an integral float (5.0) is accepted as 5
+Float = Annotated[float, BeforeValidator(_a_number)]  # finite: allow_inf_nan=False below
+Flag = Annotated[bool, Strict()]  # true or false, not 'yes' or 1
+
+T = TypeVar("T")
 
 
-def _per_stage(key: str, value: Any, last_key: str | None = None, **number_kw: Any) -> list:
-    """A knob given once for all stages or as one value per stage.
-
-    `last_key` names the last stage's value when it has a short alias (`residual`).
-    """
+def _per_stage(value: object) -> object:
+    """A knob given once for all stages or as one value per stage -> a list of `N_STAGES`."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * N_STAGES
     if len(values) != N_STAGES:
-        _fail(key, value, f"one value or a list of {N_STAGES} (one per stage)")
-    keys = [f"{key}[{i}]" for i in range(N_STAGES)]
-    if last_key:
-        keys[-1] = last_key
-    return [_number(k, v, **number_kw) for k, v in zip(keys, values)]
-
-
-# Norm placement in every transformer layer: post (x <- LN(x + f(x))), pre (x <- x + f(LN(x))),
-# deepnorm (x <- LN(alpha x + f(x)) with beta-scaled init; Wang et al. 2022, arXiv 2203.00555).
-NORMS = ("pre", "post", "deepnorm")
-
-
-def _check_stabilizers(cfg: Any) -> None:
-    """The layer-level stabilizer flags both workloads share (short names: see conf/config.yaml).
-
-    qk_norm: LayerNorm/RMSNorm on queries and keys (Wortsman et al. 2023, arXiv 2309.14322);
-    sigma_reparam: W <- gamma / sigma(W) * W on attention and MLP weights (Zhai et al. 2023,
-    arXiv 2303.06296); v_scale: v <- phi(|v|^2) v per head (Chen & Yao, arXiv 2603.17771).
-    """
-    for key in ("qk_norm", "sigma_reparam", "v_scale"):
-        _flag(key, getattr(cfg, key))
-
-
-@dataclass
-class ModelConfig:
-    """The cascade transformer (SPEC §2). Lists are per stage (0, 1, 2)."""
-
-    name: str = "cascade"
-    d_model: Any = field(default_factory=lambda: [64, 96, 96])
-    n_layers: Any = 4
-    n_heads: Any = 4
-    residual: Any = field(default_factory=lambda: [1.0, 1.0, 0.1])
-    norm: str = "post"
-    norm_type: str = "layer"
-    final_norm: bool = True
-    spectral_norm: bool = False
-    rms_match: bool = True
-    rms_clamp: Any = field(default_factory=lambda: [0.7, 1.5])
-    mlp_ratio: int = 4
-    latent_dim: int = 128
-    init_std: float = 0.02  # std of linear weights at init; 0: Xavier-uniform
-    qk_norm: bool = False  # stabilizers shared with the char LM: see `_check_stabilizers`
-    sigma_reparam: bool = False
-    v_scale: bool = False
-
-    def __post_init__(self) -> None:
-        _choice("model.name", self.name, ("cascade",))
-        self.d_model = _per_stage("model.d_model", self.d_model, lo=1, integer=True)
-        self.n_layers = _per_stage("model.n_layers", self.n_layers, lo=1, hi=96, integer=True)
-        self.n_heads = _per_stage("model.n_heads", self.n_heads, lo=1, integer=True)
-        for i, (d, h) in enumerate(zip(self.d_model, self.n_heads)):
-            if d % h:
-                _fail(f"model.n_heads[{i}]", h, f"a divisor of model.d_model[{i}]={d}")
-        self.residual = _per_stage("model.residual", self.residual, "residual", lo=0.0, hi=10.0)
-        _choice("norm", self.norm, NORMS)
-        _choice("model.norm_type", self.norm_type, ("layer", "rms"))
-        _flag("model.final_norm", self.final_norm)
-        _flag("spectral_norm", self.spectral_norm)
-        _check_stabilizers(self)
-        _flag("model.rms_match", self.rms_match)
-        if not isinstance(self.rms_clamp, (list, tuple)) or len(self.rms_clamp) != 2:
-            _fail("model.rms_clamp", self.rms_clamp, "[lo, hi] with 0 < lo <= 1 <= hi")
-        lo = _number("model.rms_clamp[0]", self.rms_clamp[0], lo=0.0, lo_open=True, hi=1.0)
-        hi = _number("model.rms_clamp[1]", self.rms_clamp[1], lo=1.0)
-        self.rms_clamp = [lo, hi]
-        self.mlp_ratio = _number("model.mlp_ratio", self.mlp_ratio, lo=1, hi=16, integer=True)
-        self.latent_dim = _number("model.latent_dim", self.latent_dim, lo=1, integer=True)
-        self.init_std = _number("model.init_std", self.init_std, lo=0.0, hi=10.0)
-
-
-@dataclass
-class CodecConfig:
-    """Which EnCodec weights encode the audio (SPEC §3)."""
-
-    weights: str = "random"  # random | pretrained | path to a checkpoint file
-    seed: int = 0  # seeds random-init weights and the codebook k-means
-    calib_codebooks: int = 2  # RVQ codebooks calibrated by k-means when weights are random
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.weights, str) or not self.weights:
-            _fail("data.codec.weights", self.weights, "random, pretrained or a checkpoint path")
-        self.seed = _number("data.codec.seed", self.seed, lo=0, integer=True)
-        self.calib_codebooks = _number("data.codec.calib_codebooks", self.calib_codebooks, lo=1, hi=32, integer=True)
-
-
-@dataclass
-class DataConfig:
-    """Audio pairs encoded to EnCodec latents: embedded synthetic clips, or a folder of your own."""
-
-    name: str = "synthetic"  # synthetic | folder
-    n_train: Any = 64  # clips (folder: at most this many training segments; null = all)
-    n_val: int = 8  # clips; the first `scream_items` are the fixed scream-check batch
-    seconds: float = 2.0  # clip length; 75 latent frames per second
-    seed: int = 0  # seeds the generated audio (folder: the train/validation split)
-    latent_rms: Any = (
-        "auto"  # auto (seed: input 5.66, target 5.69) | off | positive float: rescale each side to this RMS
-    )
-    latent_center: str = "auto"  # auto | on | off: remove the per-channel offset before scaling
-    cache_dir: Any = None  # null: $STAB_CACHE or ~/.cache/stab
-    path: Any = None  # folder data: the folder holding input/ and target/
-    on_bad_file: str = "error"  # folder data: error | skip (with a warning) on a bad file or pair
-    codec: CodecConfig = field(default_factory=CodecConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.codec, dict):
-            self.codec = _build(CodecConfig, self.codec, "data.codec")
-        _choice("data.name", self.name, ("synthetic", "folder"))
-        _choice("data.on_bad_file", self.on_bad_file, ("error", "skip"))
-        if self.name == "folder":
-            if not isinstance(self.path, str) or not self.path:
-                _fail("data.path", self.path, "the folder holding input/ and target/ (data=folder data.path=DIR)")
-            if self.n_train is not None:  # null: every segment of the folder
-                self.n_train = _number("data.n_train", self.n_train, lo=1, integer=True)
-        else:
-            self.n_train = _number("data.n_train", self.n_train, lo=1, integer=True)
-        self.n_val = _number("data.n_val", self.n_val, lo=1, integer=True)
-        self.seconds = _number("data.seconds", self.seconds, lo=0.1, hi=600.0)
-        self.seed = _number("data.seed", self.seed, lo=0, integer=True)
-        if self.latent_rms not in ("auto", "off", None):
-            if isinstance(self.latent_rms, (str, bool)):
-                _fail("data.latent_rms", self.latent_rms, "auto, off or a number > 0")
-            self.latent_rms = _number("data.latent_rms", self.latent_rms, lo=0.0, lo_open=True)
-        if self.latent_rms is None:
-            self.latent_rms = "off"
-        _choice("data.latent_center", self.latent_center, ("auto", "on", "off"))
-        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
-            _fail("data.cache_dir", self.cache_dir, "a folder path or null")
-
-
-@dataclass
-class TrainConfig:
-    """The optimisation loop: AdamW with linear warmup, epochs x batches."""
-
-    epochs: int = 5
-    batch_size: int = 8
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    betas: Any = field(default_factory=lambda: [0.9, 0.95])
-    warmup: int = 10  # steps of linear learning-rate warmup
-    clip: Any = 10.0  # total-norm clipping threshold, or "none"
-    on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
-    stop_early: bool = False  # stop once the verdict is certain to be unstable (see detectors.certainly_unstable)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: Any = None  # torch CPU threads; null: all cores (split among concurrent jobs)
-    precision: str = "fp32"  # fp32 | bf16 (autocast of forward and loss)
-    compile: bool = False  # torch.compile the model
-    sync_every: int = 1  # steps whose measurements stay on the device between host transfers
-    # Recovery policies (stability/recovery.py): what a detected spike does, and update clipping.
-    on_spike: str = "none"  # none | skip (OLMo-core's SkipStepAdamW rule) | backoff (lower the lr)
-    spike_window: int = 128  # steps in the on-device spike detector's window (OLMo-core: 128)
-    spike_sigma: float = 6.0  # a loss or total grad norm this many std above the window's mean (OLMo-core: 6)
-    backoff_factor: float = 0.5  # on_spike=backoff: the lr multiplier at a spike ...
-    backoff_steps: int = 100  # ... growing back geometrically to 1 over this many steps
-    update_clip: Any = None  # StableAdamW update clipping threshold (arXiv 2304.13013: 1.0), or none
-    snapshot_every: int = 0  # steps between snapshots in RUN/snapshots/ (0: none), for stab doctor --try
-    snapshot_keep: int = 4  # snapshots kept, spread over the run
-    rewind_from: Any = None  # a snapshot file (RUN/snapshots/stepN.pt) to continue a run from
-
-    def __post_init__(self) -> None:
-        self.epochs = _number("train.epochs", self.epochs, lo=1, integer=True)
-        self.batch_size = _number("train.batch_size", self.batch_size, lo=1, integer=True)
-        self.lr = _number("train.lr", self.lr, lo=0.0, lo_open=True, hi=10.0)
-        self.weight_decay = _number("train.weight_decay", self.weight_decay, lo=0.0)
-        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
-            _fail("train.betas", self.betas, "[beta1, beta2] in [0, 1)")
-        self.betas = [_number(f"train.betas[{i}]", b, lo=0.0, hi=0.9999) for i, b in enumerate(self.betas)]
-        self.warmup = _number("train.warmup", self.warmup, lo=0, integer=True)
-        self.clip = parse_clip(self.clip)
-        _choice("train.on_nan", self.on_nan, ("stop", "skip"))
-        _flag("train.stop_early", self.stop_early)
-        if not isinstance(self.device, str) or not (
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
-        ):
-            _fail("train.device", self.device, "auto, cpu, cuda or cuda:N")
-        if self.threads is not None:
-            self.threads = _number("train.threads", self.threads, lo=1, hi=1024, integer=True)
-        _choice("train.precision", self.precision, ("fp32", "bf16"))
-        _flag("train.compile", self.compile)
-        self.sync_every = _number("train.sync_every", self.sync_every, lo=1, hi=10_000, integer=True)
-        _choice("train.on_spike", self.on_spike, ON_SPIKE)
-        self.spike_window = _number("train.spike_window", self.spike_window, lo=2, hi=100_000, integer=True)
-        self.spike_sigma = _number("train.spike_sigma", self.spike_sigma, lo=0.0, lo_open=True)
-        self.backoff_factor = _number("train.backoff_factor", self.backoff_factor, lo=0.0, lo_open=True, hi=0.999)
-        self.backoff_steps = _number("train.backoff_steps", self.backoff_steps, lo=1, integer=True)
-        self.update_clip = parse_positive("update_clip", self.update_clip, "a positive number (StableAdamW: 1.0)")
-        self.snapshot_every = _number("train.snapshot_every", self.snapshot_every, lo=0, integer=True)
-        self.snapshot_keep = _number("train.snapshot_keep", self.snapshot_keep, lo=1, hi=1000, integer=True)
-        if self.rewind_from is not None and (not isinstance(self.rewind_from, str) or not self.rewind_from):
-            _fail("train.rewind_from", self.rewind_from, "null or the path of a snapshot file (RUN/snapshots/stepN.pt)")
-
-
-ON_SPIKE = ("none", "skip", "backoff")  # train.on_spike (stability.recovery)
-
-
-def parse_positive(key: str, value: Any, what: str) -> float | None:
-    """`none|<positive float>` -> None or the number (`clip`, `update_clip`)."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "off")):
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            _fail(key, value, "none or " + what)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        _fail(key, value, "none or " + what)  # a negative, zero or non-finite number: `none` is allowed too
-    return _number(key, value, lo=0.0, lo_open=True)
-
-
-def parse_clip(value: Any) -> float | None:
-    """`clip=none|<positive float>` -> None or the threshold."""
-    return parse_positive("clip", value, "a positive number (total gradient norm)")
-
-
-@dataclass
-class ScreamConfig:
-    """When is an output 'one repeated token' (SPEC §4)."""
-
-    dominant: float = 0.6  # degenerate if the most common code covers at least this share
-    longest_run: float = 0.5  # ... or one code repeats for this share of the sequence
-    n: int = 4  # n of distinct-n and seq-rep-n
-    items: int = 4  # validation clips in the fixed scream-check batch (char LM: prompts)
-    loop: float = 0.5  # char LM: ... or it ends in a loop of period <= loop_period this long (share)
-    loop_period: int = 3  # char LM: longest period that still counts as a collapse ("e e e", "ab")
-    seq_rep: float = 0.5  # ... or at least this share of its n-grams repeat an earlier one (seq-rep-n) where the
-    #                       target's own seq-rep-n is below it ("the the the ale ale": 0.83 against 0.09)
-    prompt_chars: int = 32  # char LM: characters of validation text each greedy generation starts from
-    gen_chars: int = 128  # char LM: characters generated greedily from each prompt
-    min_epochs: int = 2  # a scream is a collapse that lasts at least this many evaluated epochs ...
-    learning: float = 0.05  # ... and not an undertrained model: collapsed to the end while the validation
-    #                         loss is below its start and still falls by more than this share per epoch
-
-    def __post_init__(self) -> None:
-        self.dominant = _number("detect.scream.dominant", self.dominant, lo=0.0, lo_open=True, hi=1.0)
-        self.longest_run = _number("detect.scream.longest_run", self.longest_run, lo=0.0, lo_open=True, hi=1.0)
-        self.n = _number("detect.scream.n", self.n, lo=1, hi=16, integer=True)
-        self.items = _number("detect.scream.items", self.items, lo=1, integer=True)
-        self.loop = _number("detect.scream.loop", self.loop, lo=0.0, lo_open=True, hi=1.0)
-        self.loop_period = _number("detect.scream.loop_period", self.loop_period, lo=1, hi=64, integer=True)
-        self.prompt_chars = _number("detect.scream.prompt_chars", self.prompt_chars, lo=1, integer=True)
-        self.gen_chars = _number("detect.scream.gen_chars", self.gen_chars, lo=8, hi=100_000, integer=True)
-        self.min_epochs = _number("detect.scream.min_epochs", self.min_epochs, lo=1, integer=True)
-        self.learning = _number("detect.scream.learning", self.learning, lo=0.0, hi=1.0)
-        self.seq_rep = _number("detect.scream.seq_rep", self.seq_rep, lo=0.0, lo_open=True, hi=1.0)
-
-
-@dataclass
-class DetectConfig:
-    """Thresholds of the detectors that turn histories into events and a verdict."""
-
-    explode_factor: float = 2.0  # 'exploding' if grad norm grows by more than this per epoch ...
-    explode_window: int = 3  # ... over this many consecutive epochs (geometric mean)
-    explode_step_factor: float = 1000.0  # ... or if one step's (finite) grad norm exceeds the run's median by this
-    spike_window: int = 20  # steps in the running baseline of the spike detector
-    spike_z: float = 6.0  # robust z-score (median/MAD) that counts as a spike
-    spike_warmup: int = 10  # steps before spikes are looked for
-    spike_ratio: float = 3.0  # ... and a spike is at least this many times the running median
-    health: bool = True  # attention/activation health on the validation batch each epoch
-    clamp_warn: float = 0.5  # warn when a stage's RMS-match clamp binds on more than this share of steps
-    logit_growth: float = 10.0  # quote the max attention logit's growth when it grew by this factor (supporting)
-    attn_logit_max: float = 50.0  # warn when the max attention logit reaches this (near one-hot attention)
-    attn_entropy_min: float = 0.1  # warn when a layer's mean attention entropy falls to this (nats)
-    band: float = 0.1  # relative band around a threshold: a value within it is `borderline`; a collapse
-    #                    ends only below (1 - band) x its threshold (hysteresis)
-    opt_state: bool = False  # optimizer-state and output signals every step (stability/optstate.py); off: cost
-    scream: ScreamConfig = field(default_factory=ScreamConfig)
-
-    def __post_init__(self) -> None:
-        _flag("detect.health", self.health)
-        _flag("detect.opt_state", self.opt_state)
-        if isinstance(self.scream, dict):
-            self.scream = _build(ScreamConfig, self.scream, "detect.scream")
-        self.explode_factor = _number("detect.explode_factor", self.explode_factor, lo=1.0, lo_open=True)
-        self.explode_window = _number("detect.explode_window", self.explode_window, lo=2, integer=True)
-        self.clamp_warn = _number("detect.clamp_warn", self.clamp_warn, lo=0.0, hi=1.0)
-        self.logit_growth = _number("detect.logit_growth", self.logit_growth, lo=1.0, lo_open=True)
-        self.attn_logit_max = _number("detect.attn_logit_max", self.attn_logit_max, lo=0.0, lo_open=True)
-        self.attn_entropy_min = _number("detect.attn_entropy_min", self.attn_entropy_min, lo=0.0)
-        self.band = _number("detect.band", self.band, lo=0.0, hi=0.5)
-        self.explode_step_factor = _number("detect.explode_step_factor", self.explode_step_factor, lo=1.0, lo_open=True)
-        self.spike_window = _number("detect.spike_window", self.spike_window, lo=3, integer=True)
-        self.spike_z = _number("detect.spike_z", self.spike_z, lo=0.0, lo_open=True)
-        self.spike_warmup = _number("detect.spike_warmup", self.spike_warmup, lo=0, integer=True)
-        self.spike_ratio = _number("detect.spike_ratio", self.spike_ratio, lo=1.0)
-
-
-@dataclass
-class FaultConfig:
-    """Fault injection, for checking that the detectors and the sweep's bookkeeping work."""
-
-    nan_at_step: Any = None  # global step (0-based) whose forward produces a NaN
-    nan_module: str = "stage2.layer0.mlp"  # module group whose output the NaN is put into
-    crash_at_step: Any = None  # global step at which the job raises an exception
-    spike_at_step: Any = None  # global step whose loss (and so gradient) is multiplied by spike_factor
-    spike_factor: float = 100.0
-
-    def __post_init__(self) -> None:
-        self.spike_factor = _number("fault.spike_factor", self.spike_factor, lo=0.0, lo_open=True)
-        for key in ("nan_at_step", "crash_at_step", "spike_at_step"):
-            value = getattr(self, key)
-            if value is not None:
-                setattr(self, key, _number(f"fault.{key}", value, lo=0, integer=True))
-
-
-@dataclass
-class MarginConfig:
-    """`stab margin`: bracketing then bisection of the learning rate on a log scale (stability/margin.py)."""
-
-    lo: float = 1e-3  # first bracket of learning rates
-    hi: float = 1e-1
-    tolerance: float = 1.5  # stop when largest stable / smallest unstable lr are within this factor
-    steps: int = 10  # at most this many probe runs per configuration
-
-    def __post_init__(self) -> None:
-        self.lo = _number("margin.lo", self.lo, lo=0.0, lo_open=True, hi=10.0)
-        self.hi = _number("margin.hi", self.hi, lo=0.0, lo_open=True, hi=10.0)
-        if self.hi <= self.lo:
-            _fail("margin.hi", self.hi, f"a learning rate above margin.lo={self.lo:g}")
-        self.tolerance = _number("margin.tolerance", self.tolerance, lo=1.0, lo_open=True)
-        self.steps = _number("margin.steps", self.steps, lo=2, hi=1000, integer=True)
-
-
-@dataclass
-class ListenConfig:
-    """Decode the model's output on a few validation items to WAV files at chosen epochs."""
-
-    epochs: Any = field(default_factory=list)  # epochs (1-based) to write audio at
-    every: Any = None  # ... or every N epochs; null: only `epochs`
-    items: int = 2  # validation items decoded (the first ones of the scream-check batch)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.epochs, (list, tuple)):
-            _fail("listen.epochs", self.epochs, "a list of epochs, e.g. [1,5]")
-        self.epochs = sorted({_number(f"listen.epochs[{i}]", e, lo=1, integer=True) for i, e in enumerate(self.epochs)})
-        if self.every is not None:
-            self.every = _number("listen.every", self.every, lo=1, integer=True)
-        self.items = _number("listen.items", self.items, lo=1, hi=64, integer=True)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.epochs or self.every)
-
-    def at(self, epoch: int) -> bool:
-        return epoch in self.epochs or bool(self.every and epoch % self.every == 0)
-
-
-@dataclass
-class CharLMConfig:
-    """The character-level causal LM (`model=charlm`): the text-side scream, same layers and knobs."""
-
-    name: str = "charlm"
-    d_model: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    context: int = 64  # characters the model attends over (block size)
-    mlp_ratio: int = 4
-    norm: str = "post"
-    norm_type: str = "layer"
-    final_norm: bool = True
-    spectral_norm: bool = False  # on the lm_head, the char LM's output projection
-    init_std: float = 0.02  # std of linear weights at init; 0: Xavier-uniform
-    embed_scale: bool = False  # embeddings N(0, 1/d) times sqrt(d) (Vaswani et al. 2017), not GPT-2's N(0, 0.02)
-    qk_norm: bool = False  # shared stabilizers: see `_check_stabilizers`
-    sigma_reparam: bool = False
-    v_scale: bool = False
-    z_loss: float = 0.0  # coefficient on log^2 Z of the output softmax (Wortsman et al. 2023: 1e-4)
-
-    def __post_init__(self) -> None:
-        _choice("model.name", self.name, ("charlm",))
-        self.d_model = _number("model.d_model", self.d_model, lo=1, integer=True)
-        self.n_layers = _number("model.n_layers", self.n_layers, lo=1, hi=96, integer=True)
-        self.n_heads = _number("model.n_heads", self.n_heads, lo=1, integer=True)
-        if self.d_model % self.n_heads:
-            _fail("model.n_heads", self.n_heads, f"a divisor of model.d_model={self.d_model}")
-        self.context = _number("model.context", self.context, lo=2, hi=65536, integer=True)
-        _flag("model.embed_scale", self.embed_scale)
-        self.mlp_ratio = _number("model.mlp_ratio", self.mlp_ratio, lo=1, hi=16, integer=True)
-        _choice("norm", self.norm, NORMS)
-        _choice("model.norm_type", self.norm_type, ("layer", "rms"))
-        _flag("model.final_norm", self.final_norm)
-        _flag("spectral_norm", self.spectral_norm)
-        self.init_std = _number("model.init_std", self.init_std, lo=0.0, hi=10.0)
-        _check_stabilizers(self)
-        self.z_loss = _number("z_loss", self.z_loss, lo=0.0, hi=1.0)
-
-
-@dataclass
-class TextDataConfig:
-    """Text for the char LM: the embedded corpus (the docstrings of this Python's standard
-    library, read at run time) or a UTF-8 text file of your own (`data.path`)."""
-
-    name: str = "text"
-    path: Any = None  # null: the embedded corpus; else a UTF-8 text file
-    max_chars: Any = 200_000  # read at most this many characters; null: all
-    val_fraction: float = 0.1  # share of the chunks held out for validation
-    chunk_chars: int = 1024  # the split assigns whole chunks of this many characters
-    seed: int = 0  # seeds the train/validation split
-    n_val: int = 64  # validation windows (of model.context characters) the validation loss averages
-
-    def __post_init__(self) -> None:
-        _choice("data.name", self.name, ("text",))
-        if self.path is not None and (not isinstance(self.path, str) or not self.path):
-            _fail("data.path", self.path, "null (the embedded corpus) or the path of a UTF-8 text file")
-        if self.max_chars is not None:
-            self.max_chars = _number("data.max_chars", self.max_chars, lo=1000, integer=True)
-        self.val_fraction = _number("data.val_fraction", self.val_fraction, lo=0.0, lo_open=True, hi=0.5)
-        self.chunk_chars = _number("data.chunk_chars", self.chunk_chars, lo=64, integer=True)
-        self.seed = _number("data.seed", self.seed, lo=0, integer=True)
-        self.n_val = _number("data.n_val", self.n_val, lo=1, integer=True)
-
-
-OWN_LOOP = "(own loop)"  # model._target_ of a run recorded by stab's Monitor without a factory
-
-
-@dataclass
-class CustomModelConfig:
-    """Your own model (`model=custom model._target_=my_pkg.my_module.build`): `target` is the
-    dotted path of a factory function; `params` are the other `model.*` keys, passed to it as
-    keyword arguments (`+model.width=64` -> `build(width=64)`). A factory parameter named like a
-    short name (norm, residual, ...) receives that short name's value. The factory and what it
-    returns are checked before training (`stability.workloads.custom`)."""
-
-    name: str = "custom"
-    target: Any = None  # written `_target_` in YAML and on the command line, as Hydra's instantiate reads it
-    params: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _choice("model.name", self.name, ("custom",))
-        if not isinstance(self.target, str) or not self.target or self.target.startswith("."):
-            _fail(
-                "model._target_",
-                self.target,
-                "the dotted path of your factory function, e.g. model._target_=my_pkg.my_module.build",
-            )
-
-    def __getattr__(self, key: str) -> Any:  # model.norm etc. where the factory declares them
-        params = self.__dict__.get("params") or {}
-        if key in params:
-            return params[key]
-        raise AttributeError(key)
-
-    @classmethod
-    def from_mapping(cls, raw: dict[str, Any], prefix: str) -> CustomModelConfig:
-        rest = {k: v for k, v in raw.items() if k not in ("name", "_target_", "target")}
-        return cls(name=raw.get("name", "custom"), target=raw.get("_target_", raw.get("target")), params=rest)
-
-    def to_dict(self) -> dict[str, Any]:
-        """As written in YAML: name, `_target_`, then the factory's keys (report factors: model.width)."""
-        return {"name": self.name, "_target_": self.target, **self.params}
-
-
-@dataclass
-class NoDataConfig:
-    """`data=none`: the workload brings its own data (model=custom: the factory returns it)."""
-
-    name: str = "none"
-
-    def __post_init__(self) -> None:
-        _choice("data.name", self.name, ("none",))
+        raise _not_allowed(f"one value or a list of {N_STAGES} (one per stage)")
+    return values
+
+
+PerStage = Annotated[list[T], BeforeValidator(_per_stage)]
+
+
+def _pair(allowed: str) -> BeforeValidator:
+    """Exactly two values (`[lo, hi]`, `[beta1, beta2]`); each is then checked on its own."""
+
+    def check(value: object) -> object:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise _not_allowed(allowed)
+        return value
+
+    return BeforeValidator(check)
+
+
+def _rule(allowed: str, ok: Callable[[Any], bool]) -> BeforeValidator:
+    """A value `ok` accepts, else `allowed` is what the message says is expected."""
+
+    def check(value: object) -> object:
+        if not ok(value):
+            raise _not_allowed(allowed)
+        return value
+
+    return BeforeValidator(check)
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _positive_or_none(what: str) -> BeforeValidator:
+    """`none|off|null|<positive number>` -> None or the number (`clip`, `update_clip`)."""
+
+    def parse(value: object) -> float | None:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "off")):
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise _not_allowed("none or " + what) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise _not_allowed("none or " + what)  # a negative, zero or non-finite number
+        return float(value)
+
+    return BeforeValidator(parse)
+
+
+def _latent_rms(value: object) -> object:
+    """data.latent_rms: auto | off (null) | a number > 0."""
+    if value in ("auto", "off", None):
+        return "off" if value is None else value
+    if isinstance(value, (str, bool)) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise _not_allowed("auto, off or a number > 0")
+    return float(value)
+
+
+def _device(value: object) -> bool:
+    return isinstance(value, str) and (value in ("auto", "cpu", "cuda") or value.startswith("cuda:"))
 
 
 # Trackers that receive the run folder's records (stability/trackers.py); `log` is operational.
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
-def parse_log(value: Any) -> list[str]:
+def _trackers(value: object) -> list[str]:
     """`log=none | NAME | [NAME,...]` -> the trackers, in the order given, each once."""
     allowed = f"one of {', '.join(TRACKERS)}, a list of them (log=[tensorboard,mlflow]) or none"
     if value is None or (isinstance(value, str) and value.lower() in ("none", "off", "")):
         return []
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)):
-        _fail("log", value, allowed)
+        raise _not_allowed(allowed)
     out: list[str] = []
     for name in names:
         if name not in TRACKERS:
-            _fail("log", name, allowed)
+            raise _not_allowed(allowed, value=name)
         if name not in out:
             out.append(name)
     return out
 
 
-@dataclass
-class RunConfig:
-    """Everything that defines one training run."""
+def _epochs(value: object) -> object:
+    if not isinstance(value, (list, tuple)):
+        raise _not_allowed("a list of epochs, e.g. [1,5]")
+    return value
 
-    seed: int = 0
-    model: ModelConfig | CharLMConfig | CustomModelConfig = field(default_factory=ModelConfig)  # by model.name
-    data: DataConfig | TextDataConfig | NoDataConfig = field(default_factory=DataConfig)  # by data.name
-    train: TrainConfig = field(default_factory=TrainConfig)
-    detect: DetectConfig = field(default_factory=DetectConfig)
-    fault: FaultConfig = field(default_factory=FaultConfig)
-    listen: ListenConfig = field(default_factory=ListenConfig)
-    margin: MarginConfig = field(default_factory=MarginConfig)  # `stab margin` only (operational)
-    log: Any = field(default_factory=list)  # trackers: [] | [tensorboard, mlflow, wandb] (operational)
 
-    def __post_init__(self) -> None:
-        self.seed = _number("seed", self.seed, lo=0, integer=True)
-        self.log = parse_log(self.log)
-        text_model, text_data = self.model.name == "charlm", self.data.name == "text"
-        if text_model and not text_data:
-            _fail("data.name", self.data.name, "text with model=charlm (the char LM reads text: data=text)")
-        custom_model, no_data = self.model.name == "custom", self.data.name == "none"
-        if custom_model and not no_data:
-            _fail(
-                "data.name",
-                self.data.name,
+# --- the sections ------------------------------------------------------------------------------
+
+
+class Section(BaseModel):
+    """A frozen, closed config section. Constructing one directly (`TrainConfig(lr=1e-3)`)
+    validates like `RunConfig.from_dict` and raises `ConfigError` with the same one line.
+
+    `section` is where this model sits in a run's config (`train`, `detect.scream`), for the
+    keys the message names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    section: ClassVar[str] = ""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(explain(e, type(self), self.section)) from None
+
+    def replace(self: S, **changes: Any) -> S:
+        """A validated copy with `changes` (the frozen analogue of `dataclasses.replace`);
+        `ConfigError` if a changed value is not allowed."""
+        try:
+            return type(self).model_validate({**dict(self), **changes})
+        except ValidationError as e:
+            raise ConfigError(explain(e, type(self), self.section)) from None
+
+
+S = TypeVar("S", bound=Section)
+# Only a direct call reaches `Section.__init__`: pydantic validates nested sections itself (so
+# the error keeps its location for `explain`) when __init__ is marked as its own, as here.
+setattr(Section.__init__, "__pydantic_base_init__", True)  # noqa: B010
+
+# Norm placement in every transformer layer: post (x <- LN(x + f(x))), pre (x <- x + f(LN(x))),
+# deepnorm (x <- LN(alpha x + f(x)) with beta-scaled init; Wang et al. 2022, arXiv 2203.00555).
+Norm = Literal["pre", "post", "deepnorm"]
+
+# The sizes both transformers bound the same way (the cascade per stage, the char LM once).
+Width = Annotated[Int, Ge(1)]
+Depth = Annotated[Int, Ge(1), Le(96)]
+Heads = Annotated[Int, Ge(1)]
+
+
+class TransformerConfig(Section):
+    """The knobs both transformers (cascade, char LM) read, declared once.
+
+    norm: placement (pre | post | deepnorm). qk_norm: LayerNorm/RMSNorm on queries and keys (Wortsman et al.
+    2023, arXiv 2309.14322); sigma_reparam: W <- gamma / sigma(W) * W on attention and MLP
+    weights (Zhai et al. 2023, arXiv 2303.06296); v_scale: v <- phi(|v|^2) v per head (Chen &
+    Yao, arXiv 2603.17771); spectral_norm: on the output projection(s). init_std: std of linear
+    weights at init (0: Xavier-uniform). A head count must divide its width (`ConfigError`)."""
+
+    section: ClassVar[str] = "model"
+    _FIRST: ClassVar[tuple[str, ...]] = ("name", "d_model", "n_layers", "n_heads")  # in config.yaml
+
+    norm: Norm = "post"
+    norm_type: Literal["layer", "rms"] = "layer"
+    final_norm: Flag = True  # norm between a pre-norm stack and the output projection
+    spectral_norm: Flag = False
+    mlp_ratio: Int = Field(4, ge=1, le=16)
+    init_std: Float = Field(0.02, ge=0.0, le=10.0)
+    qk_norm: Flag = False
+    sigma_reparam: Flag = False
+    v_scale: Flag = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerConfig:
+        d_model, n_heads = getattr(self, "d_model"), getattr(self, "n_heads")  # noqa: B009 (the subclasses')
+        if isinstance(d_model, list):  # the cascade: per stage
+            for i, (d, h) in enumerate(zip(d_model, n_heads)):
+                if d % h:
+                    raise _not_allowed(f"a divisor of model.d_model[{i}]={d}", key=f"n_heads[{i}]", value=h)
+        elif d_model % n_heads:
+            raise _not_allowed(f"a divisor of model.d_model={d_model}", key="n_heads", value=n_heads)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _name_first(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d: dict[str, Any] = handler(self)
+        return {**{k: d[k] for k in self._FIRST if k in d}, **d}
+
+
+class ModelConfig(TransformerConfig):
+    """The cascade transformer (SPEC §2). d_model, n_layers, n_heads, residual: one value or
+    one per stage (0, 1, 2), stored per stage. rms_clamp: [lo, hi] bounds of the RMS match's
+    scale, 0 < lo <= 1 <= hi. latent_dim: EnCodec latent channels."""
+
+    name: Literal["cascade"] = "cascade"
+    d_model: PerStage[Width] = Field(default_factory=lambda: [64, 96, 96])
+    n_layers: PerStage[Depth] = Field(default_factory=lambda: [4] * N_STAGES)
+    n_heads: PerStage[Heads] = Field(default_factory=lambda: [4] * N_STAGES)
+    residual: PerStage[Annotated[Float, Ge(0.0), Le(10.0)]] = Field(default_factory=lambda: [1.0, 1.0, 0.1])
+    rms_match: Flag = True  # scale = clamp(rms(target) / rms(out), lo, hi)
+    rms_clamp: Annotated[
+        tuple[Annotated[Float, Gt(0.0), Le(1.0)], Annotated[Float, Ge(1.0)]],
+        _pair("[lo, hi] with 0 < lo <= 1 <= hi"),
+        PlainSerializer(list),
+    ] = (0.7, 1.5)
+    latent_dim: Int = Field(128, ge=1)
+
+
+class CharLMConfig(TransformerConfig):
+    """The character-level causal LM (`model=charlm`): the text-side scream, same layers and
+    knobs. context: characters attended over (block size); embed_scale: embeddings N(0, 1/d)
+    times sqrt(d) (Vaswani et al. 2017), not GPT-2's N(0, 0.02); z_loss: coefficient on log^2 Z
+    of the output softmax (Wortsman et al. 2023, arXiv 2309.14322: 1e-4)."""
+
+    name: Literal["charlm"] = "charlm"
+    d_model: Width = 64
+    n_layers: Depth = 4
+    n_heads: Heads = 4
+    context: Int = Field(64, ge=2, le=65536)
+    embed_scale: Flag = False
+    z_loss: Float = Field(0.0, ge=0.0, le=1.0)
+
+
+OWN_LOOP = "(own loop)"  # model._target_ of a run recorded by stab's Monitor without a factory
+
+
+class CustomModelConfig(Section):
+    """Your own model (`model=custom model._target_=my_pkg.my_module.build`): `target` is the
+    dotted path of a factory function; `params` are the other `model.*` keys, passed to it as
+    keyword arguments (`+model.width=64` -> `build(width=64)`), readable as attributes
+    (`cfg.model.width`). A factory parameter named like a short name (norm, residual, ...)
+    receives that short name's value. The factory and what it returns are checked before
+    training (`stability.workloads.custom`).
+
+    From YAML (a mapping with `_target_`) every key but `name` and `_target_` is a parameter;
+    from Python, `CustomModelConfig(target=..., params={...})`."""
+
+    section: ClassVar[str] = "model"
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: Literal["custom"] = "custom"
+    # written `_target_` in YAML and on the command line, as Hydra's instantiate reads it
+    target: Annotated[
+        str,
+        _rule(
+            "the dotted path of your factory function, e.g. model._target_=my_pkg.my_module.build",
+            lambda v: _text(v) and not v.startswith("."),
+        ),
+    ] = Field(None, alias="_target_", validate_default=True)  # None: required, with the message
+    params: dict[str, Any] = Field(default_factory=dict)  # the factory's own keyword arguments: any value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _factory_keys(cls, raw: object) -> object:
+        if isinstance(raw, dict) and ("_target_" in raw or set(raw) - {"name", "target", "params"}):
+            rest = {k: v for k, v in raw.items() if k not in ("name", "_target_", "target")}
+            return {"name": raw.get("name", "custom"), "target": raw.get("_target_", raw.get("target")), "params": rest}
+        return raw
+
+    def __getattr__(self, key: str) -> Any:  # model.norm etc. where the factory declares them
+        params = self.__dict__.get("params") or {}
+        if key in params:
+            return params[key]
+        fallback = getattr(BaseModel, "__getattr__", None)  # pydantic's own (private attributes)
+        if fallback is None:
+            raise AttributeError(key)
+        return fallback(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As written in YAML: name, `_target_`, then the factory's keys (report factors: model.width)."""
+        return {"name": self.name, "_target_": self.target, **self.params}
+
+
+class CodecConfig(Section):
+    """Which EnCodec weights encode the audio (SPEC §3): weights random | pretrained | the path
+    of a checkpoint file; seed: random-init weights and the codebook k-means; calib_codebooks:
+    RVQ codebooks calibrated by k-means when the weights are random."""
+
+    section: ClassVar[str] = "data.codec"
+
+    weights: Annotated[str, _rule("random, pretrained or a checkpoint path", _text)] = "random"
+    seed: Int = Field(0, ge=0)
+    calib_codebooks: Int = Field(2, ge=1, le=32)
+
+
+class DataConfig(Section):
+    """Audio pairs encoded to EnCodec latents: embedded synthetic clips (`synthetic`), or a
+    folder of your own (`folder`, needs `path`, the folder holding input/ and target/).
+
+    n_train, n_val: clips (folder: at most n_train training segments; null = all); seconds: clip
+    length (75 latent frames per second); latent_rms: auto (seed: input 5.66, target 5.69) | off
+    | a positive float to rescale each side to; latent_center: remove the per-channel offset
+    before scaling; cache_dir: null = $STAB_CACHE or ~/.cache/stab; on_bad_file: folder data,
+    error | skip (with a warning) on a bad file or pair."""
+
+    section: ClassVar[str] = "data"
+
+    name: Literal["synthetic", "folder"] = "synthetic"
+    n_train: Int | None = Field(64, ge=1)
+    n_val: Int = Field(8, ge=1)
+    seconds: Float = Field(2.0, ge=0.1, le=600.0)
+    seed: Int = Field(0, ge=0)
+    latent_rms: Annotated[Literal["auto", "off"] | float, BeforeValidator(_latent_rms)] = "auto"
+    latent_center: Literal["auto", "on", "off"] = "auto"
+    cache_dir: Annotated[str | None, _rule("a folder path or null", lambda v: v is None or isinstance(v, str))] = None
+    path: str | None = None
+    on_bad_file: Literal["error", "skip"] = "error"
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+
+    @model_validator(mode="after")
+    def _by_source(self) -> DataConfig:
+        if self.name == "folder" and not _text(self.path):
+            raise _not_allowed(
+                "the folder holding input/ and target/ (data=folder data.path=DIR)", key="path", value=self.path
+            )
+        if self.name != "folder" and self.n_train is None:  # null: every segment of a folder
+            raise _not_allowed("an integer >= 1", key="n_train", value=None)
+        return self
+
+
+class TextDataConfig(Section):
+    """Text for the char LM: the embedded corpus (the docstrings of this Python's standard
+    library, read at run time) or a UTF-8 text file of your own (`path`). max_chars: read at most
+    this many characters (null: all); val_fraction: share of the chunks held out; chunk_chars:
+    the split assigns whole chunks of this many characters; n_val: validation windows (of
+    model.context characters) the validation loss averages."""
+
+    section: ClassVar[str] = "data"
+
+    name: Literal["text"] = "text"
+    path: Annotated[
+        str | None,
+        _rule("null (the embedded corpus) or the path of a UTF-8 text file", lambda v: v is None or _text(v)),
+    ] = None
+    max_chars: Int | None = Field(200_000, ge=1000)
+    val_fraction: Float = Field(0.1, gt=0.0, le=0.5)
+    chunk_chars: Int = Field(1024, ge=64)
+    seed: Int = Field(0, ge=0)
+    n_val: Int = Field(64, ge=1)
+
+
+class NoDataConfig(Section):
+    """`data=none`: the workload brings its own data (model=custom: the factory returns it)."""
+
+    section: ClassVar[str] = "data"
+
+    name: Literal["none"] = "none"
+
+
+Beta = Annotated[Float, Ge(0.0), Le(0.9999)]
+
+
+class TrainConfig(Section):
+    """The optimisation loop: AdamW with linear warmup (steps), epochs x batches.
+
+    clip: total-norm clipping threshold or None (`none`); on_nan: stop | skip on a non-finite
+    loss or gradient; stop_early: stop once the verdict is certain to be unstable
+    (detectors.certainly_unstable); device: auto | cpu | cuda | cuda:N; threads: torch CPU
+    threads, None = all cores (split among concurrent jobs); sync_every: steps whose
+    measurements stay on the device between host transfers. Recovery (stability/recovery.py):
+    on_spike none | skip (OLMo-core's SkipStepAdamW rule) | backoff (lr x backoff_factor,
+    growing back over backoff_steps), with a spike_window-step detector at spike_sigma std;
+    update_clip: StableAdamW update clipping (arXiv 2304.13013: 1.0) or None. snapshot_every:
+    steps between snapshots (0: none), snapshot_keep kept; rewind_from: a snapshot file to
+    continue from."""
+
+    section: ClassVar[str] = "train"
+
+    epochs: Int = Field(5, ge=1)
+    batch_size: Int = Field(8, ge=1)
+    lr: Float = Field(3e-3, gt=0.0, le=10.0)
+    weight_decay: Float = Field(0.01, ge=0.0)
+    betas: Annotated[tuple[Beta, Beta], _pair("[beta1, beta2] in [0, 1)"), PlainSerializer(list)] = (0.9, 0.95)
+    warmup: Int = Field(10, ge=0)
+    clip: Annotated[float | None, _positive_or_none("a positive number (total gradient norm)")] = 10.0
+    on_nan: Literal["stop", "skip"] = "stop"
+    stop_early: Flag = False
+    device: Annotated[str, _rule("auto, cpu, cuda or cuda:N", _device)] = "auto"
+    threads: Int | None = Field(None, ge=1, le=1024)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: Flag = False
+    sync_every: Int = Field(1, ge=1, le=10_000)
+    on_spike: Literal["none", "skip", "backoff"] = "none"
+    spike_window: Int = Field(128, ge=2, le=100_000)
+    spike_sigma: Float = Field(6.0, gt=0.0)
+    backoff_factor: Float = Field(0.5, gt=0.0, le=0.999)
+    backoff_steps: Int = Field(100, ge=1)
+    update_clip: Annotated[float | None, _positive_or_none("a positive number (StableAdamW: 1.0)")] = None
+    snapshot_every: Int = Field(0, ge=0)
+    snapshot_keep: Int = Field(4, ge=1, le=1000)
+    rewind_from: Annotated[
+        str | None,
+        _rule("null or the path of a snapshot file (RUN/snapshots/stepN.pt)", lambda v: v is None or _text(v)),
+    ] = None
+
+
+class ScreamConfig(Section):
+    """When is an output 'one repeated token' (SPEC §4). Shares are in (0, 1].
+
+    dominant: degenerate if the most common code covers at least this share, or longest_run:
+    one code repeats for this share of the sequence, or seq_rep: at least this share of its
+    n-grams (n) repeat an earlier one where the target's own is below it ("the the the ale ale":
+    0.83 against 0.09), or (char LM) loop: it ends in a loop of period <= loop_period this long.
+    items: validation clips (char LM: prompts) checked; prompt_chars, gen_chars: the char LM's
+    greedy generation. min_epochs: a scream lasts at least this many evaluated epochs, and is
+    not an undertrained model whose validation loss still falls by more than `learning` per epoch."""
+
+    section: ClassVar[str] = "detect.scream"
+
+    dominant: Float = Field(0.6, gt=0.0, le=1.0)
+    longest_run: Float = Field(0.5, gt=0.0, le=1.0)
+    n: Int = Field(4, ge=1, le=16)
+    items: Int = Field(4, ge=1)
+    loop: Float = Field(0.5, gt=0.0, le=1.0)
+    loop_period: Int = Field(3, ge=1, le=64)
+    seq_rep: Float = Field(0.5, gt=0.0, le=1.0)
+    prompt_chars: Int = Field(32, ge=1)
+    gen_chars: Int = Field(128, ge=8, le=100_000)
+    min_epochs: Int = Field(2, ge=1)
+    learning: Float = Field(0.05, ge=0.0, le=1.0)
+
+
+class DetectConfig(Section):
+    """Thresholds of the detectors that turn histories into events and a verdict.
+
+    explode_factor: 'exploding' if the epoch-mean grad norm grows by more than this per epoch
+    over explode_window epochs (geometric mean), or one step's finite grad norm exceeds the
+    run's median by explode_step_factor. Spikes: robust z-score spike_z (median/MAD) over a
+    spike_window-step running median, at least spike_ratio x it, after spike_warmup steps.
+    health: attention/activation health each epoch; clamp_warn: share of steps a stage's RMS
+    clamp may bind; logit_growth: factor of max-logit growth quoted; attn_logit_max,
+    attn_entropy_min (nats): warning thresholds; band: relative band around a threshold
+    (`borderline`, and hysteresis); opt_state: optimizer-state signals every step (operational)."""
+
+    section: ClassVar[str] = "detect"
+
+    explode_factor: Float = Field(2.0, gt=1.0)
+    explode_window: Int = Field(3, ge=2)
+    explode_step_factor: Float = Field(1000.0, gt=1.0)
+    spike_window: Int = Field(20, ge=3)
+    spike_z: Float = Field(6.0, gt=0.0)
+    spike_warmup: Int = Field(10, ge=0)
+    spike_ratio: Float = Field(3.0, ge=1.0)
+    health: Flag = True
+    clamp_warn: Float = Field(0.5, ge=0.0, le=1.0)
+    logit_growth: Float = Field(10.0, gt=1.0)
+    attn_logit_max: Float = Field(50.0, gt=0.0)
+    attn_entropy_min: Float = Field(0.1, ge=0.0)
+    band: Float = Field(0.1, ge=0.0, le=0.5)
+    opt_state: Flag = False
+    scream: ScreamConfig = Field(default_factory=ScreamConfig)
+
+
+class FaultConfig(Section):
+    """Fault injection, for checking that the detectors and the sweep's bookkeeping work.
+    Steps are global and 0-based; None: no fault. nan_at_step puts a NaN into nan_module's
+    output; crash_at_step raises; spike_at_step multiplies the loss by spike_factor."""
+
+    section: ClassVar[str] = "fault"
+
+    nan_at_step: Int | None = Field(None, ge=0)
+    nan_module: str = "stage2.layer0.mlp"
+    crash_at_step: Int | None = Field(None, ge=0)
+    spike_at_step: Int | None = Field(None, ge=0)
+    spike_factor: Float = Field(100.0, gt=0.0)
+
+
+class MarginConfig(Section):
+    """`stab margin`: bracketing then bisection of the learning rate on a log scale
+    (stability/margin.py). lo < hi: the first bracket; tolerance: stop when the largest stable
+    and smallest unstable lr are within this factor; steps: probe runs per configuration."""
+
+    section: ClassVar[str] = "margin"
+
+    lo: Float = Field(1e-3, gt=0.0, le=10.0)
+    hi: Float = Field(1e-1, gt=0.0, le=10.0)
+    tolerance: Float = Field(1.5, gt=1.0)
+    steps: Int = Field(10, ge=2, le=1000)
+
+    @model_validator(mode="after")
+    def _bracket(self) -> MarginConfig:
+        if self.hi <= self.lo:
+            raise _not_allowed(f"a learning rate above margin.lo={self.lo:g}", key="hi", value=self.hi)
+        return self
+
+
+class ListenConfig(Section):
+    """Decode the model's output on a few validation items to WAV files: at `epochs` (1-based,
+    stored sorted and unique) or `every` N epochs; `items` validation items (the first ones of
+    the scream-check batch)."""
+
+    section: ClassVar[str] = "listen"
+
+    epochs: Annotated[
+        list[Annotated[Int, Ge(1)]], BeforeValidator(_epochs), AfterValidator(lambda e: sorted(set(e)))
+    ] = Field(default_factory=list)
+    every: Int | None = Field(None, ge=1)
+    items: Int = Field(2, ge=1, le=64)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any epoch is listened to."""
+        return bool(self.epochs or self.every)
+
+    def at(self, epoch: int) -> bool:
+        """Whether the 1-based `epoch` is listened to."""
+        return epoch in self.epochs or bool(self.every and epoch % self.every == 0)
+
+
+def _by_name(default: str, tags: dict[str, str]) -> Discriminator:
+    """Discriminate a section by its `name` (`default` when the mapping has none); several names
+    may share one model (`tags`: name -> tag). A non-mapping gets no tag (message: a mapping)."""
+
+    def tag(value: object) -> str | None:
+        if isinstance(value, dict):
+            name = value.get("name", default)
+        elif isinstance(value, BaseModel):
+            name = getattr(value, "name", None)
+        else:
+            return None
+        return tags.get(str(name), str(name))
+
+    return Discriminator(tag)
+
+
+AnyModelConfig = Annotated[
+    Union[  # noqa: UP007 (Tag-annotated members)
+        Annotated[ModelConfig, Tag("cascade")],
+        Annotated[CharLMConfig, Tag("charlm")],
+        Annotated[CustomModelConfig, Tag("custom")],
+    ],
+    _by_name("cascade", {}),
+]
+AnyDataConfig = Annotated[
+    Union[  # noqa: UP007 (Tag-annotated members)
+        Annotated[DataConfig, Tag("audio")],
+        Annotated[TextDataConfig, Tag("text")],
+        Annotated[NoDataConfig, Tag("none")],
+    ],
+    _by_name("synthetic", {"synthetic": "audio", "folder": "audio"}),
+]
+
+
+class RunConfig(Section):
+    """Everything that defines one training run: `model` by model.name (cascade | charlm |
+    custom), `data` by data.name (synthetic | folder | text | none; the model decides which),
+    `train`, `detect`, `fault`, `listen`; `margin` (`stab margin` only) and `log` (trackers:
+    tensorboard | mlflow | wandb) are operational. Build one with `from_dict`; `ConfigError`
+    names the first value that is not allowed."""
+
+    seed: Int = Field(0, ge=0)
+    model: AnyModelConfig = Field(default_factory=ModelConfig)
+    data: AnyDataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    margin: MarginConfig = Field(default_factory=MarginConfig)
+    log: Annotated[list[str], BeforeValidator(_trackers)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _model_and_data_agree(self) -> RunConfig:
+        model, data = self.model.name, self.data.name
+        if model == "charlm" and data != "text":
+            raise _not_allowed(
+                "text with model=charlm (the char LM reads text: data=text)", key="data.name", value=data
+            )
+        if model == "custom" and data != "none":
+            raise _not_allowed(
                 "none with model=custom (your factory returns the data; in your own "
                 "model file: `defaults: [override /data: none]`)",
+                key="data.name",
+                value=data,
             )
-        if no_data and not custom_model:
-            _fail("data.name", self.data.name, f"data for model={self.model.name}: data=none is for model=custom")
-        if text_data and not text_model:
-            _fail("data.name", self.data.name, f"audio data with model={self.model.name} (text is for model=charlm)")
-        late = [e for e in self.listen.epochs if e > self.train.epochs]
-        if late:
-            _fail("listen.epochs", self.listen.epochs, f"epochs between 1 and train.epochs={self.train.epochs}")
+        if data == "none" and model != "custom":
+            raise _not_allowed(f"data for model={model}: data=none is for model=custom", key="data.name", value=data)
+        if data == "text" and model != "charlm":
+            raise _not_allowed(f"audio data with model={model} (text is for model=charlm)", key="data.name", value=data)
+        if any(e > self.train.epochs for e in self.listen.epochs):
+            raise _not_allowed(
+                f"epochs between 1 and train.epochs={self.train.epochs}", key="listen.epochs", value=self.listen.epochs
+            )
+        return self
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
-        """Build from a plain nested mapping; unknown keys are errors."""
-        return _build(cls, raw, "")
+        """Build from a plain nested mapping (a composed config, a run folder's config.yaml);
+        unknown keys are errors. Raises `ConfigError` with one line."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(explain(e, cls)) from None
+
+    def resolve(self, *, threads: int | None = None, device: str | None = None) -> RunConfig:
+        """This config with the operational values a launcher decides once it knows the
+        machine (a job's share of the cores, its GPU): a new validated config; None keeps a
+        value. Neither changes `identity`."""
+        changes = {k: v for k, v in (("threads", threads), ("device", device)) if v is not None}
+        return self.replace(train=self.train.replace(**changes)) if changes else self
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """Plain nested dicts and lists, as a run folder's config.yaml holds them."""
+        d = self.model_dump()
         if isinstance(self.model, CustomModelConfig):
             d["model"] = self.model.to_dict()
         return d
@@ -619,7 +684,7 @@ class RunConfig:
         inert = []
         if self.model.name != "custom" and self.model.norm != "pre":  # a custom model's keys are its own
             inert.append("model.final_norm")
-        if getattr(self.model, "rms_match", False) is False and hasattr(self.model, "rms_clamp"):
+        if isinstance(self.model, ModelConfig) and not self.model.rms_match:
             inert.append("model.rms_clamp")
         if not self.train.stop_early:  # off: the run is the same as before the key existed
             inert.append("train.stop_early")
@@ -666,42 +731,131 @@ OPERATIONAL_KEYS = (
     "margin",
 )
 
-_NESTED = {
-    ("RunConfig", "model"): ModelConfig,
-    ("RunConfig", "data"): DataConfig,
-    ("RunConfig", "train"): TrainConfig,
-    ("RunConfig", "detect"): DetectConfig,
-    ("RunConfig", "fault"): FaultConfig,
-    ("RunConfig", "listen"): ListenConfig,
-    ("RunConfig", "margin"): MarginConfig,
-}
+
+# --- the one line ------------------------------------------------------------------------------
 
 
-# Sections whose dataclass depends on their `name`: the char LM and the text it reads.
-_VARIANTS = {
-    ("RunConfig", "model"): {"charlm": CharLMConfig, "custom": CustomModelConfig},
-    ("RunConfig", "data"): {"text": TextDataConfig, "none": NoDataConfig},
-}
+def explain(error: ValidationError, root: type[BaseModel] = RunConfig, section: str = "") -> str:
+    """pydantic's `ValidationError` (of `root`, which sits at `section` of a run's config) as
+    the one line stab prints: `KEY=VALUE is not allowed: expected WHAT[; did you mean X?]`, or
+    `unknown key 'KEY': allowed keys under PARENT are ...[; did you mean KEY?]`. WHAT comes from
+    the schema (a Literal's choices, a number's type and bounds) or from the rule that raised
+    (`_not_allowed`); a short name (norm, clip, ...) is named as the user writes it."""
+    err = error.errors(include_url=False)[0]
+    ctx = err.get("ctx") or {}
+    parts, ann, info, parent = _walk(root, err["loc"])
+    prefix = [section] if section else []
+    value = ctx.get("value", err["input"])
+    if err["type"] == "extra_forbidden":
+        keys = sorted(f.alias or name for name, f in parent.model_fields.items()) if parent else []
+        where = ".".join([*prefix, *parts[:-1]])
+        near = did_you_mean(parts[-1], keys)
+        if near:
+            near = f"; did you mean {'.'.join([*prefix, *parts[:-1], near[len('; did you mean ') : -1]])}?"
+        key = ".".join([*prefix, *parts])
+        return f"unknown key {key!r}: allowed keys{f' under {where}' if where else ''} are {', '.join(keys)}{near}"
+    if err["type"] == "union_tag_invalid":  # model.name / data.name
+        parts, value = [*parts, "name"], err["input"].get("name", ctx["tag"])
+        names = [n for member in _members(ann) for n in get_args(member.model_fields["name"].annotation)]
+        allowed = f"one of {', '.join(names)}" + did_you_mean(value, names)
+    elif err["type"] in ("union_tag_not_found", "model_type", "model_attributes_type", "dict_type"):
+        allowed = "a mapping"
+    elif "allowed" in ctx:
+        allowed = ctx["allowed"]
+        if "key" in ctx:
+            parts = [*parts, *ctx["key"].replace("[", ".[").split(".")]
+    else:
+        allowed = _expected(ann, info, value)
+    return f"{_key([*prefix, *parts])}={value!r} is not allowed: expected {allowed}"
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        _fail(prefix or "config", raw, "a mapping")
-    if hasattr(cls, "from_mapping"):  # free-form keys (a custom model's own)
-        return cls.from_mapping(raw, prefix)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown key {key!r}: allowed keys here are {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in raw.items():
-        sub: type | None = _NESTED.get((cls.__name__, name))
-        if isinstance(value, dict):
-            variants: dict[Any, type] = _VARIANTS.get((cls.__name__, name), {})
-            sub = variants.get(value.get("name"), sub)
-        kwargs[name] = _build(sub, value, f"{prefix}.{name}" if prefix else name) if sub else value
-    return cls(**kwargs)
+def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[list[str], Any, FieldInfo | None, Any]:
+    """Follow an error's location through the schema: the key's parts (`d_model`, `[1]`; a
+    union's tag is skipped), the annotation and FieldInfo found there, and the last model passed."""
+    parts: list[str] = []
+    ann: Any = root
+    info: FieldInfo | None = None
+    parent: Any = root
+    for step in loc:
+        members = {_tag(m): _strip(m) for m in _union(ann)}
+        if members and isinstance(step, str) and step in members:  # a discriminated union's tag
+            ann = members[step]
+            continue
+        base = _strip(ann)
+        if isinstance(base, type) and issubclass(base, BaseModel) and isinstance(step, str):
+            parent = base
+            field = next((f for n, f in base.model_fields.items() if step in (n, f.alias)), None)
+            parts.append(field.alias if field is not None and field.alias else str(step))
+            info, ann = field, (field.annotation if field is not None else None)
+        elif isinstance(step, int):
+            parts.append(f"[{step}]")
+            args = get_args(_strip(_optional(ann)))
+            ann = args[step] if get_origin(_strip(_optional(ann))) is tuple else (args[0] if args else None)
+            info = None
+        else:
+            parts.append(str(step))
+    return parts, ann, info, parent
+
+
+def _strip(ann: Any) -> Any:
+    """The type under `Annotated[...]`."""
+    return get_args(ann)[0] if get_origin(ann) is Annotated else ann
+
+
+def _optional(ann: Any) -> Any:
+    """`X | None` -> X."""
+    args = [a for a in get_args(ann) if a is not type(None)]
+    return args[0] if type(None) in get_args(ann) and len(args) == 1 else ann
+
+
+def _union(ann: Any) -> list[Any]:
+    """The members of a discriminated union (each `Annotated[Model, Tag(...)]`), or []."""
+    args = get_args(_strip(ann))
+    return [a for a in args if get_origin(a) is Annotated and any(isinstance(m, Tag) for m in get_args(a)[1:])]
+
+
+def _members(ann: Any) -> list[type[BaseModel]]:
+    return [_strip(m) for m in _union(ann)]
+
+
+def _tag(member: Any) -> str:
+    return next(m.tag for m in get_args(member)[1:] if isinstance(m, Tag))
+
+
+def _expected(ann: Any, info: FieldInfo | None, value: object) -> str:
+    """What a field's type and bounds allow, in words: "an integer >= 1 and <= 96"."""
+    metadata = list(info.metadata if info is not None else [])
+    if get_origin(ann) is Annotated:
+        metadata += list(get_args(ann)[1:])
+    base = _strip(_optional(_strip(ann)))
+    if get_origin(base) is Literal:
+        return "one of " + ", ".join(get_args(base)) + did_you_mean(value, get_args(base))
+    if base is bool:
+        return "true or false"
+    if base is str:
+        return "a string"
+    if base in (int, float):
+        what = "an integer" if base is int else "a number"
+        if base is float and isinstance(value, float) and not math.isfinite(value):
+            what = "a finite number"
+        lower = [f">= {m.ge}" for m in metadata if isinstance(m, Ge)] + [
+            f"> {m.gt}" for m in metadata if isinstance(m, Gt)
+        ]
+        upper = [f"<= {m.le}" for m in metadata if isinstance(m, Le)]
+        return " ".join([what, " and ".join(lower + upper)]).strip()
+    return f"a value of type {getattr(base, '__name__', base)}"
+
+
+def _key(parts: list[str]) -> str:
+    """`model.residual.[2]` parts -> `model.residual[2]`; a short name's path -> the short name."""
+    key = ".".join(parts).replace(".[", "[") or "config"
+    for short in SHORT_NAMES.values():
+        if key == short.path or (short.name == "residual" and key == f"{short.path}[{N_STAGES - 1}]"):
+            return short.name
+    return key
+
+
+# --- short names -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -730,8 +884,8 @@ class ShortName:
 
 # The one table of short names: config composition (cli/config.py drops them after
 # interpolation and refuses one the model does not read), the report's factors (a short name
-# and its path are one factor) and the trackers' params all read it. Defaults are in
-# conf/config.yaml.
+# and its path are one factor), the trackers' params and the keys of `explain`'s messages all
+# read it. Defaults are in conf/config.yaml.
 SHORT_NAMES: dict[str, ShortName] = {
     s.name: s
     for s in (

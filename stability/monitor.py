@@ -153,7 +153,7 @@ class Monitor:
             )
         train = TrainConfig(
             epochs=epochs,
-            batch_size=batch_size or TrainConfig.batch_size,
+            batch_size=batch_size or TrainConfig.model_fields["batch_size"].default,
             lr=lr,
             clip="none" if clip is None else clip,
             on_nan=on_nan,

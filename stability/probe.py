@@ -11,7 +11,6 @@ K batches of its real training data.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, cast
 
 import torch
@@ -58,12 +57,8 @@ def compare(
                     "model has its own parameters"
                 )
             # the cascade has one layer count per stage, the char LM one for its single stack
-            if isinstance(m, ModelConfig):
-                c = dataclasses.replace(
-                    cfg, model=dataclasses.replace(m, n_layers=[depth] * len(m.n_layers), norm=norm)
-                )
-            else:
-                c = dataclasses.replace(cfg, model=dataclasses.replace(m, n_layers=depth, norm=norm))
+            layers = [depth] * len(m.n_layers) if isinstance(m, ModelConfig) else depth
+            c = cfg.replace(model=m.replace(n_layers=layers, norm=norm))
             for row in init_profile(c, k, device):
                 out.append({"depth": depth, "norm": norm, **row})
     return out

@@ -86,8 +86,7 @@ def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult
     config = folder.config()
     if config is None:
         raise ReplayError(f"{run_dir}: {'; '.join(folder.warnings)}: the run's config is needed to rebuild its model")
-    cfg = RunConfig.from_dict(config)
-    cfg.train.device = device
+    cfg = RunConfig.from_dict(config).resolve(device=device)
     state = torch.load(path, map_location=device, weights_only=True)
     dev = resolve_device(device)
     work = build(cfg, dev, compile=False).work

@@ -79,7 +79,7 @@ def run(
     if world.distributed and cfg.train.threads is None:  # the node's cores, split between its ranks
         from stability.resources import available_cpus
 
-        cfg.train.threads = distributed.threads(world, available_cpus())
+        cfg = cfg.resolve(threads=distributed.threads(world, available_cpus()))
     cb = (callbacks or Callbacks()) if world.main else Callbacks()
     try:
         with RunSession(cfg, run_dir, overrides, status=extra_status, world=world) as session:

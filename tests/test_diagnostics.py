@@ -94,8 +94,9 @@ def test_init_probe_on_a_six_layer_model():
     )
     rows = {}
     for norm in ("pre", "post"):
-        cfg.model.norm = norm
-        rows[norm] = pd.DataFrame(init_profile(cfg, k=2, device=torch.device("cpu")))
+        rows[norm] = pd.DataFrame(
+            init_profile(cfg.replace(model=cfg.model.replace(norm=norm)), k=2, device=torch.device("cpu"))
+        )
         assert list(rows[norm].groupby("stage").size()) == [6, 6, 6]
         assert (rows[norm]["grad_fro"] > 0).all() and rows[norm]["grad_fro"].map(math.isfinite).all()
     # the two placements give different gradients for the same init

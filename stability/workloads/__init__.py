@@ -90,9 +90,7 @@ def make_optimizer(model: nn.Module, tc: TrainConfig) -> tuple[torch.optim.Optim
     The fused implementation (CPU and CUDA): one kernel for all parameters, no host reads of
     its step counters, and a `found_inf` input that skips a non-finite step on the device
     (`step.Stepper.on_device`). Every train.sync_every uses it, so K changes no number."""
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, fused=True
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=True)
     warmup = tc.warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     return opt, sched

@@ -16,7 +16,6 @@ A JSON sidecar next to each entry says what it holds (`stab cache ls`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -111,7 +110,13 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def _listing(cfg: DataConfig) -> Listing | None:
-    return scan_folder(cfg.path) if cfg.name == "folder" else None
+    return scan_folder(_folder(cfg)) if cfg.name == "folder" else None
+
+
+def _folder(cfg: DataConfig) -> str:
+    """data=folder's `data.path` (the schema refuses data=folder without one)."""
+    assert cfg.path is not None
+    return cfg.path
 
 
 def cache_key(cfg: DataConfig, listing: Listing | None = None) -> str:
@@ -128,7 +133,7 @@ def cache_key(cfg: DataConfig, listing: Listing | None = None) -> str:
         "calib": cfg.codec.calib_codebooks,
     }
     if cfg.name == "folder":
-        listing = listing or scan_folder(cfg.path)
+        listing = listing or scan_folder(_folder(cfg))
         blob.update(path=str(listing.root), files=listing.fingerprint(), on_bad_file=cfg.on_bad_file)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -186,7 +191,7 @@ def fit_split(cfg: DataConfig) -> tuple[DataConfig, str | None]:
     except ShortData as e:
         if e.have < 2:  # one segment cannot be both a validation and a training set
             raise
-        fitted = dataclasses.replace(cfg, n_val=e.have - 1)
+        fitted = cfg.replace(n_val=e.have - 1)
         check_audio(fitted)
         return fitted, (
             f"{e}. Inspecting with data.n_val={fitted.n_val} instead; a run with these settings would stop here"
@@ -245,6 +250,7 @@ def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Te
 def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str, Any]:
     codec = load_codec(cfg.codec)
     if listing is None:
+        assert cfg.n_train is not None  # null (all segments) is for data=folder only: the schema checks it
         clean, degraded = synth_pairs(cfg.n_train + cfg.n_val, cfg.seconds, cfg.seed)
         t0 = time.perf_counter()
         with phase("encoding latents", total=len(clean) + len(degraded), unit="clips") as p:
