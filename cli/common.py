@@ -185,16 +185,17 @@ def graceful_signals() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old[1])
 
 
-def check_writable(folder: Path) -> None:
-    """`--runs` must be a folder we can create files in; say so before any work."""
+def check_writable(folder: Path, option: str = "--runs") -> None:
+    """`--runs` (or another folder `option`) must be a folder we can create files in; say so
+    before any work. Raises UserError."""
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--runs {str(folder)!r} is a file, not a folder: pass a folder (it is created if missing)")
+        raise UserError(f"{option} {str(folder)!r} is a file, not a folder: pass a folder (it is created if missing)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".stab-write-check"):
             pass
     except OSError as e:
-        raise UserError(f"--runs {str(folder)!r} is not a writable folder: {e.strerror or e}") from None
+        raise UserError(f"{option} {str(folder)!r} is not a writable folder: {e.strerror or e}") from None
 
 
 def verdict_text(v: str) -> Text:

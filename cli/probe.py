@@ -7,14 +7,16 @@ stab probe init model=charlm --paper --seeds 0,1,2,3,4    # the last/first ratio
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from cli.common import console, fmt, user_errors
+from cli.common import check_writable, console, fmt, user_errors, write_errors
 from cli.config import UserError, compose_run
+from stability.storage import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -73,6 +75,7 @@ def init(
             raise UserError("seed=... is not allowed here: pass the seeds with --seeds (e.g. --seeds 0,1,2)")
         cfgs = [compose_run([*overrides, f"seed={x}"]) for x in seed_list]
         cfg = cfgs[0]
+        check_writable(out, "--out")  # before the probe's work, not after it
         if cfg.model.name == "custom":  # it sets stab's n_layers and norm and reads stab's block.mlp.proj
             raise UserError(
                 "stab probe init is for stab's own models (model=cascade or model=charlm): it sets their "
@@ -85,8 +88,8 @@ def init(
 
     rows = [{"seed": x, **r} for x, c in zip(seed_list, cfgs) for r in compare(c, depth_list, ["pre", "post"], batches)]
     df = pd.DataFrame(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "probe_init.csv", index=False)
+    with write_errors():  # a full disk: one line naming the file, exit 1
+        atomic_write_text(out / "probe_init.csv", df.to_csv(index=False))
     last_stage = df["stage"].iloc[-1]
     n = len(seed_list)
     t = Table(
@@ -110,7 +113,8 @@ def init(
             cells += [f"{fmt(lo, 3)}..{fmt(hi, 3)} ({cov:.0%})", " ".join(fmt(r, 3) for r in ratios)]
         t.add_row(*cells)
     console.print(t)
-    _plot(df, out / "probe_init.png")
+    with write_errors():
+        _plot(df, out / "probe_init.png")
     console.print(f"wrote {out / 'probe_init.csv'} and {out / 'probe_init.png'}")
 
 
@@ -145,5 +149,7 @@ def _plot(df: pd.DataFrame, path: Path) -> None:
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Gradient of each layer's FFN output weight at initialisation (Xiong et al. 2020, Fig. 3)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # StorageError naming the file

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import console, fmt, styled, user_errors, verdict_text, warn
+from cli.common import console, fmt, styled, user_errors, verdict_text, warn, write_errors
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability.config import OWN_LOOP, ConfigError
+from stability.errors import StorageError
 from stability.record import format as rf
 
 if TYPE_CHECKING:
@@ -49,6 +50,11 @@ def show(
                 f"{run}: not a run folder (no {', '.join(rf.RUN_MARKERS[:-1])} or {rf.RUN_MARKERS[-1]}){hint}"
             )
         r = rep.load_run(run, run.parent)
+        if not rep.is_valid_run(r):
+            raise UserError(
+                f"{run}: not a run stab wrote ({'; '.join(r.warnings[:1]) or 'no state, verdict or stab config'}); "
+                f"a run folder holds status.json with a state, summary.json with a verdict or a stab config.yaml"
+            )
 
     if plot:
         from stability.report.stepplots import plot_steps
@@ -58,11 +64,13 @@ def show(
         if not len(series):
             warn(f"no step recorded (no readable {rf.METRICS}): nothing to plot")
         else:
-            with user_errors():
+            with write_errors():  # a full disk or a read-only run folder: exit 1 naming the file
                 try:
                     drawn = plot_steps(r, series, r.rel, run / "plots" / "steps.png")
+                except StorageError:
+                    raise
                 except OSError as e:
-                    raise UserError(f"cannot write {run / 'plots' / 'steps.png'}: {e}") from None
+                    raise StorageError(e.filename or str(run / "plots" / "steps.png"), e) from None
             console.print(f"per-step plot: {drawn.path}", highlight=False, soft_wrap=True)
     s = r.summary
     console.print(

@@ -164,7 +164,7 @@ def _trackers(value: object) -> list[str]:
     out: list[str] = []
     for name in names:
         if name not in TRACKERS:
-            raise _not_allowed(allowed, value=name)
+            raise _not_allowed(allowed + did_you_mean(name, TRACKERS), value=name)
         if name not in out:
             out.append(name)
     return out

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stability.config import TRACKERS, ConfigError, RunConfig
+from stability.config import TRACKERS, ConfigError, RunConfig, did_you_mean
 from stability.record import format as rf
 from stability.record.folder import RunFolder
-from stability.report.loading import Run, find_runs, load_run
+from stability.report.loading import Run, find_runs, is_valid_run, load_run
 from stability.storage import dumps, write_json
 
 
@@ -67,7 +68,9 @@ def register(target: Target) -> Target:
 def get_target(name: str) -> Target:
     """The registered target `name`; ValueError naming the allowed ones otherwise."""
     if name not in TARGETS:
-        raise ValueError(f"Unsupported export target: {name!r} (allowed: {', '.join(TARGETS)})")
+        raise ValueError(
+            f"Unsupported export target: {name!r} (allowed: {', '.join(TARGETS)}){did_you_mean(name, TARGETS)}"
+        )
     return TARGETS[name]
 
 
@@ -89,20 +92,54 @@ def export(path: Path, to: str, out: Path | None = None) -> list[Outcome]:
         raise ConfigError(
             f"--to {to} needs the {target.package} package, which is not installed: pip install {target.package}"
         )
+    if out is not None and to in TRACKERS:  # it would be ignored: the tracker writes where log= does
+        raise ValueError(
+            f"--out is not used by --to {to}, which sends to {target.help}; --out is for "
+            f"{', '.join(t for t in TARGETS if t not in TRACKERS)}"
+        )
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such folder")
     folders = [path] if any((path / m).exists() for m in rf.RUN_MARKERS) else find_runs(path)
     if not folders:
         raise ValueError(f"{path}: no run folders in it (a run folder holds {', '.join(rf.RUN_MARKERS)})")
+    runs = [load_run(folder, path.parent if folder == path else path) for folder in folders]
+    if not any(is_valid_run(run) for run in runs):
+        raise ValueError(
+            f"{path}: no valid run in it ({', '.join(str(f) for f in folders[:3])}{' ...' if len(folders) > 3 else ''}: "
+            f"no state, verdict or stab config); a run folder holds status.json with a state, "
+            f"summary.json with a verdict or a stab config.yaml"
+        )
     outcomes = []
-    for folder in folders:
-        run = load_run(folder, path.parent if folder == path else path)
+    for folder, run in zip(folders, runs):
         try:
-            outcomes.append(Outcome(folder, sent=target.send(run, out)))
+            with _exporting(folder):
+                outcomes.append(Outcome(folder, sent=target.send(run, out)))
         except ExportError as e:
             outcomes.append(Outcome(folder, error=str(e)))
     return outcomes
+
+
+@contextmanager
+def _exporting(folder: Path) -> Iterator[None]:
+    """Hold the run folder's lease while exporting it, as its one writer (RUN/trackers.json): a
+    second `stab export` of the same run at the same time, or a job re-running it, is refused
+    instead of sending it twice. A folder that cannot be written (a read-only archive exported
+    --out elsewhere) is exported without the lease."""
+    from stability.rundirs import LeaseBusy, RunLease
+
+    lease = RunLease(folder, purpose="stab export")
+    try:
+        lease.acquire()
+    except LeaseBusy as e:
+        raise ExportError(f"not exported: {e}") from None
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lease.release()
 
 
 # --- the trackers --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ torch into its own process: the workers start sooner.
 
 from __future__ import annotations
 
-from stability.config import ConfigError, CustomModelConfig, DataConfig, RunConfig
+from stability.config import ConfigError, CustomModelConfig, DataConfig, RunConfig, did_you_mean
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -95,7 +95,7 @@ def _check_custom(cfg: RunConfig) -> None:
     if cfg.fault.nan_at_step is not None and cfg.fault.nan_module not in names:
         raise ConfigError(
             f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
-            f"expected one of {', '.join(names)}"
+            f"expected one of {', '.join(names)}" + did_you_mean(cfg.fault.nan_module, names)
         )
     check_fault_steps(cfg, n_train)
 
@@ -111,5 +111,5 @@ def _check_fault_module(cfg: RunConfig) -> None:
     if cfg.fault.nan_module not in names:
         raise ConfigError(
             f"fault.nan_module={cfg.fault.nan_module!r} is not a module group of this model: "
-            f"expected one of {', '.join(names)}"
+            f"expected one of {', '.join(names)}" + did_you_mean(cfg.fault.nan_module, names)
         )

@@ -103,6 +103,30 @@ def _probe_mlflow_store(uri: str) -> None:
         raise OSError(f"the MLflow store {uri} cannot be written: {_why(e)}") from None
 
 
+WANDB_REACH_S = 5.0  # seconds to open a connection to the W&B server before calling it unreachable
+
+
+def _probe_wandb_server(base_url: str, timeout: float = WANDB_REACH_S) -> None:
+    """Fail in seconds, in one line, where `wandb.init` in online mode without a network retries
+    for its `init_timeout` (90 s) and then raises a multi-line CommError: open one TCP connection
+    to the server's host and port (a name that does not resolve fails at once, a host that does
+    not answer after `timeout` s). Raises OSError naming the server and the cause."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror if isinstance(e, socket.gaierror) else _why(e)
+        raise OSError(
+            f"the W&B server {base_url} cannot be reached ({why}); WANDB_MODE=offline keeps the run to sync later"
+        ) from None
+
+
 def _quiet_tensorboard_threads() -> None:
     """TensorBoard writes event files in a thread that re-raises a write error (a full disk) after
     storing it for the writer's next call, so Python printed a thread traceback before stab's own
@@ -406,6 +430,9 @@ class WandbTracker(Tracker):
         # W&B's files go where W&B users put them (WANDB_DIR), else into the run folder
         self.dir = os.environ.get("WANDB_DIR") or str(run_dir)
         self.next = int(previous.get("next_step", 0))
+        mode = os.environ.get("WANDB_MODE") or "offline"
+        if mode in ("online", "run", "shared"):
+            _probe_wandb_server(str(wandb.setup().settings.base_url))  # WANDB_BASE_URL, W&B's settings file
         self.run = wandb.init(
             project=None if os.environ.get("WANDB_PROJECT") else "stab",
             group=group,

@@ -32,7 +32,16 @@ from stability.report.factors import (
     sort_runs,
 )
 from stability.report.html import html_report
-from stability.report.loading import RUN_MARKERS, ReportError, Run, _float, find_runs, load_run, load_runs
+from stability.report.loading import (
+    RUN_MARKERS,
+    ReportError,
+    Run,
+    _float,
+    find_runs,
+    is_valid_run,
+    load_run,
+    load_runs,
+)
 from stability.report.markdown import PLOTS, _markdown, csv_cell, diagnostic_warnings, markdown_table, write_csv
 from stability.report.plots import _slug, plot_curves, plot_grad_norms, plot_heatmap
 from stability.report.stepplots import (
@@ -99,6 +108,7 @@ __all__ = [
     "first_nan_text",
     "grad_epoch_frame",
     "is_run_folder",
+    "is_valid_run",
     "labels",
     "load_run",
     "load_runs",
@@ -156,24 +166,26 @@ def build_report(root: Path) -> tuple[list[Run], list[str]]:
 
 
 def write_report(root: Path, out: Path | None = None) -> Report:
-    """Load every run under `root`; write report.md, runs.csv, factors.csv and plots/ into `out`."""
+    """Load every run under `root`; write report.md, report.html, runs.csv, factors.csv (configs.csv,
+    lr_sensitivity.csv) and plots/ into `out` (default `root`).
+
+    Raises ReportError, before anything is written, when `root` holds no valid run or when a file
+    the report would write is not one `stab report` wrote (`check_ours`); a plot left from an
+    earlier report that this one does not draw is removed only if that report wrote it. OSError
+    (a full disk) propagates from the first file that cannot be written."""
     root = Path(root)
     out = Path(out) if out is not None else root
     runs, keys = build_report(root)
-    if not any(_valid(r) for r in runs):
+    if not any(is_valid_run(r) for r in runs):
         shown = ", ".join(f"{r.rel} ({'; '.join(r.warnings[:1]) or 'nothing stab wrote'})" for r in runs[:3])
         raise ReportError(
             f"{root}: no valid run in it ({shown}{', ...' if len(runs) > 3 else ''}); a run folder "
             f"holds status.json with a state, summary.json with a verdict or a stab config.yaml"
         )
-    check_ours(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _remember(out, [out / rel for rel in _OUTPUTS] + sorted((out / PLOTS).glob("heatmap_*.png")), writing=True)
     over = overview(runs, keys)
     table = runs_frame(runs, keys)
     summary = factor_summary(runs, keys)
     plots = out / PLOTS
-    plots.mkdir(parents=True, exist_ok=True)
     names = labels(runs, keys)
     mapped = [r for r in runs if vd.is_unstable(r.verdict) and r.grad_table is not None and not r.grad_table.empty]
     series: dict[str, StepSeries] = {r.rel: load_steps(r) for r in runs}
@@ -184,51 +196,55 @@ def write_report(root: Path, out: Path | None = None) -> Report:
         if not ans.empty
         else {}
     )
+    dep_rows = departure_table(stepped, series)
+    departures = departure_frame(dep_rows) if dep_rows else None
+    lr_table = lr_summary(runs, keys)
+    configs = configurations(runs, keys)
+    # every file this report will write, named before any is written, so that none is a user's
+    used: set[str] = set()
+    heat_paths = {r.rel: plots / f"{_unique(_slug(f'heatmap_{r.rel}'), used)}.png" for r in mapped}
+    step_paths = {r.rel: plots / "steps" / f"{_unique(_slug(f'steps_{r.rel}'), used)}.png" for r in stepped}
+    draw_grouped = len(stepped) > 1
+    draw_departure = bool(dep_rows) and any(r["unstable"] for r in dep_rows)
+    tables = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv"]
+    tables += [out / "configs.csv"] if not configs.empty else []
+    tables += [out / "lr_sensitivity.csv"] if lr_table is not None else []
+    drawn = [plots / "curves.png", plots / "grad_norm.png", *heat_paths.values(), *step_paths.values()]
+    drawn += [plots / "grouped.png"] if draw_grouped else []
+    drawn += [plots / "departure.png"] if draw_departure else []
+    ours = check_ours(out, [*tables, *drawn])
+    out.mkdir(parents=True, exist_ok=True)
+    _remember(out, [out / rel for rel in sorted(ours)], writing=True)
+    plots.mkdir(parents=True, exist_ok=True)
     heatmaps: dict[str, Path] = {}
     step_plots: dict[str, Path] = {}
     grouped = departure = None
-    used: set[str] = set()
-    with phase("drawing plots", total=4 + len(mapped) + len(stepped), unit="plots") as p:
+    with phase("drawing plots", total=len(drawn), unit="plots") as p:
         files = [plot_curves(runs, names, plots / "curves.png")]
         p.advance()
         files.append(plot_grad_norms(runs, names, plots / "grad_norm.png"))
         p.advance()
         for r in mapped:
-            name = _slug(f"heatmap_{r.rel}")
-            while name in used:
-                name += "_"
-            used.add(name)
-            heatmaps[r.rel] = plot_heatmap(r, names[r.rel], plots / f"{name}.png")
+            heatmaps[r.rel] = plot_heatmap(r, names[r.rel], heat_paths[r.rel])
             p.advance()
         for r in stepped:
-            name = _slug(f"steps_{r.rel}")
-            while name in used:
-                name += "_"
-            used.add(name)
-            step_plots[r.rel] = plot_steps(r, series[r.rel], names[r.rel], plots / "steps" / f"{name}.png").path
+            step_plots[r.rel] = plot_steps(r, series[r.rel], names[r.rel], step_paths[r.rel]).path
             p.advance()
-        if len(stepped) > 1:
+        if draw_grouped:
             grouped = plot_grouped(stepped, series, keys, plots / "grouped.png", spread)
             files.append(grouped.path)
-        p.advance()
-        dep_rows = departure_table(stepped, series)
-        departures = departure_frame(dep_rows) if dep_rows else None
-        if dep_rows and any(r["unstable"] for r in dep_rows):
+            p.advance()
+        if draw_departure:
             departure = plot_departure(dep_rows, plots / "departure.png")
             files.append(departure.path)
-        p.advance()
-    for stale in [*plots.glob("heatmap_*.png"), *plots.glob("steps/*.png")]:  # runs since removed or now stable
-        if stale not in heatmaps.values() and stale not in step_plots.values():
-            stale.unlink(missing_ok=True)
-    for stale in (plots / "grouped.png", plots / "departure.png"):
-        if stale not in files:
+            p.advance()
+    for stale in _optional_files(out):  # not written this time: removed only if a report wrote it
+        if stale not in tables and stale not in drawn and stale.relative_to(out).as_posix() in ours:
             stale.unlink(missing_ok=True)
     files += heatmaps.values()
     files += step_plots.values()
     write_csv(table, out / "runs.csv")
     write_csv(summary, out / "factors.csv")
-    lr_table = lr_summary(runs, keys)
-    configs = configurations(runs, keys)
     extra = []
     if not configs.empty:
         write_csv(configs, out / "configs.csv")
@@ -266,24 +282,21 @@ def write_report(root: Path, out: Path | None = None) -> Report:
 
 
 MANIFEST = ".stab-report.json"  # in the report's folder: the files `stab report` wrote there, with their sha256
-_OUTPUTS = (
-    "report.md",
-    "report.html",
-    "runs.csv",
-    "factors.csv",
-    "lr_sensitivity.csv",
-    f"{PLOTS}/curves.png",
-    f"{PLOTS}/grad_norm.png",
-)
 
 
-def _valid(run: Run) -> bool:
-    """A folder stab wrote a run into: a known state, a verdict, or a config with stab's sections."""
-    return (
-        run.state in ("running", "completed", "failed", "interrupted")
-        or bool(run.summary.get("verdict"))
-        or bool(run.config and "train" in run.config)
-    )
+def _unique(name: str, used: set[str]) -> str:
+    while name in used:
+        name += "_"
+    used.add(name)
+    return name
+
+
+def _optional_files(out: Path) -> list[Path]:
+    """The files an earlier report may have written in `out` that this one may not write again
+    (plots of runs since removed or now stable, the tables of a factor no longer swept)."""
+    plots = out / PLOTS
+    fixed = [out / "configs.csv", out / "lr_sensitivity.csv", plots / "grouped.png", plots / "departure.png"]
+    return [p for p in fixed if p.is_file()] + sorted(plots.glob("heatmap_*.png")) + sorted(plots.glob("steps/*.png"))
 
 
 def _sha256(path: Path) -> str:
@@ -292,35 +305,40 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_ours(out: Path) -> None:
-    """Raise ReportError, before anything is written, if `out` holds a file the report would
-    overwrite or remove that `stab report` did not write (the user's own report.md, say). Ours:
-    listed in out/.stab-report.json with the same content; a folder reported on before that list
-    existed counts as ours when its report.md opens as stab's does."""
+def check_ours(out: Path, planned: list[Path]) -> set[str]:
+    """The files under `out` (relative, posix) that an earlier `stab report` wrote and left as it
+    wrote them: listed in out/.stab-report.json with the same content; a folder reported on before
+    that list existed counts as ours when its report.md opens as stab's does; a report cut short
+    (full disk, kill) left "writing", and its files are ours.
+
+    Raises ReportError, before anything is written, naming the first of `planned` (the files this
+    report will write) that exists and is not ours: the user's own report.md or plots/grouped.png."""
     out = Path(out)
-    existing = [out / rel for rel in _OUTPUTS if (out / rel).is_file()] + sorted((out / PLOTS).glob("heatmap_*.png"))
+    existing = {p.relative_to(out).as_posix(): p for p in [*planned, *_optional_files(out)] if p.is_file()}
     if not existing:
-        return
+        return set()
     try:
         manifest = json.loads((out / MANIFEST).read_text())
         known, writing = dict(manifest["files"]), bool(manifest.get("writing"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         known, writing = None, False
-    for path in existing:
+    if known is None:  # before the list: ours if report.md is stab's
+        try:
+            with open(out / "report.md", encoding="utf-8", errors="replace") as f:
+                legacy = f.readline().startswith("# Stability report: ")
+        except OSError:
+            legacy = False
+        ours = set(existing) if legacy else set()
+    else:
+        ours = {rel for rel, path in existing.items() if writing or known.get(rel) == _sha256(path)}
+    for path in planned:
         rel = path.relative_to(out).as_posix()
-        if known is not None:  # a report cut short (full disk, kill) left "writing": its files are ours
-            ours = writing or known.get(rel) == _sha256(path)
-        else:
-            try:
-                with open(out / "report.md", encoding="utf-8", errors="replace") as f:
-                    ours = f.readline().startswith("# Stability report: ")
-            except OSError:
-                ours = False
-        if not ours:
+        if rel in existing and rel not in ours:
             raise ReportError(
                 f"{path} was not written by stab report (or was changed since): not overwriting it; "
                 f"move it, or pass --out to another folder"
             )
+    return ours
 
 
 def _remember(out: Path, files: list[Path], writing: bool = False) -> None:

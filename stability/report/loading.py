@@ -212,3 +212,13 @@ def _float(x: Any) -> float:
         return float(x)
     except (TypeError, ValueError):
         return math.nan
+
+
+def is_valid_run(run: Run) -> bool:
+    """A folder stab wrote a run into: a known state, a verdict, or a config with stab's sections
+    (a `{}` summary.json beside a user's own files is not one)."""
+    return (
+        run.state in ("running", "completed", "failed", "interrupted")
+        or bool(run.summary.get("verdict"))
+        or bool(run.config and "train" in run.config)
+    )
