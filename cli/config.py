@@ -75,7 +75,21 @@ def search_path_overrides() -> list[str]:
     """The `hydra.searchpath` override for `--config-dir` (none without it)."""
     if not CONFIG_DIRS:
         return []
-    return ["hydra.searchpath=[" + ",".join(f"'file://{d}'" for d in CONFIG_DIRS) + "]"]
+    return ["hydra.searchpath=[" + ",".join(hydra_quote(f"file://{d}") for d in CONFIG_DIRS) + "]"]
+
+
+def hydra_quote(text: str) -> str:
+    """`text` as a quoted value of Hydra's override grammar that composes back to exactly `text`:
+    a path is data, never grammar (`'`, `${...}`, `,`, `=`, brackets, spaces, backslashes).
+
+    Two readers see it: Hydra's quoted string, where a backslash escapes only a quote or the
+    backslashes before one (and the closing quote), and OmegaConf, where `\\${` is a literal `${`.
+
+        hydra_quote("runs/it's here") == "'runs/it\\'s here'"
+    """
+    literal = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)  # OmegaConf: no interpolation
+    quoted = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), literal)
+    return f"'{quoted}'"
 
 
 class UserError(Exception):

@@ -50,7 +50,10 @@ DUPLICATES_FILE = ".duplicates.json"
 
 def job(cfg: DictConfig) -> dict[str, Any]:
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
+    # The sweep folder and the job's subfolder, not hc.runtime.output_dir: Hydra stores that as
+    # text in the config, where a `${` of the user's path (data, quoted by cli.launch) would be
+    # read back as an interpolation and the job written elsewhere
+    run_dir = Path(os.path.abspath(os.path.join(hc.sweep.dir, hc.sweep.subdir)))
     overrides = list(hc.overrides.task)
     world = _join(cfg)
     try:

@@ -1,31 +1,35 @@
 """The one adapter between a Typer command and Hydra's multirun machinery.
 
-Typer and `@hydra.main` do not compose, and the Compose API has no multirun, so this drives
-Hydra's own runner: `initialize_config_dir` sets up the global Hydra object, whose `multirun`
-runs the configured sweeper (Cartesian product of comma lists) and launcher plugin (basic,
-joblib, submitit, ray) exactly as `python app.py --multirun ...` would. It touches Hydra
-internals (`GlobalHydra.instance().hydra`), so it stays small and has a test of its own.
+The Compose API has no multirun, so a sweep goes through Hydra's public entry point,
+`hydra.main`, as `python app.py --multirun ...` would: it composes conf/, runs stab's sweeper
+(hydra_plugins/stab_sweeper: the Cartesian product of the comma lists, or an explicit job list)
+and the launcher plugin (basic, joblib, submitit, ray). Paths (the sweep folder, --config-dir)
+reach Hydra quoted, as data, never as override grammar.
 
     returns = multirun(["residual=0.1,0.3", *hydra_overrides(sweep_dir, "joblib", 2)], task)
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
+import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import hydra
 from hydra import initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cli.config import CONF_DIR, UserError, _one_line, check_override_syntax, search_path_overrides
+from cli.config import CONF_DIR, UserError, _one_line, check_override_syntax, hydra_quote, search_path_overrides
+from hydra_plugins.stab_sweeper import StabSweeper, grid
 from stability.config import did_you_mean
 from stability.rundirs import OPERATIONAL, folder_name
 
@@ -85,8 +89,7 @@ def expand(overrides: list[str]) -> list[list[str]]:
     """Every job's overrides, as Hydra's basic sweeper will produce them (Cartesian product)."""
     check_override_syntax(list(overrides))
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-        return BasicSweeper.split_arguments(parsed, None)[0]
+        return grid(OverridesParser.create().parse_overrides(list(overrides)))
     except HydraException as e:
         raise UserError(f"bad sweep override: {_one_line(e)}") from None
 
@@ -106,18 +109,20 @@ def as_hydra_reads(overrides: list[str]) -> list[str]:
 def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
     """The hydra.* overrides that put job folders at sweep_dir/<overrides> and pick the launcher."""
     out = [
-        f"hydra.sweep.dir='{sweep_dir}'",
+        f"hydra.sweep.dir={hydra_quote(str(sweep_dir))}",
         "hydra.sweep.subdir='${stab_job_folder:${hydra.overrides.task}}'",
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(OPERATIONAL)}]",
         "hydra.job.chdir=false",
+        "hydra.output_subdir=null",  # no .hydra/ (as `stab run`): config.yaml and overrides.json say it all
         "hydra/job_logging=disabled",
         "hydra/hydra_logging=disabled",
+        "hydra/sweeper=stab",
         f"hydra/launcher={LAUNCHERS[launcher][0]}",
     ]
     if launcher == "joblib":
         out.append(f"hydra.launcher.n_jobs={jobs}")
     if launcher.startswith("submitit"):
-        out.append(f"hydra.launcher.submitit_folder='{sweep_dir}/.submitit/%j'")
+        out.append(f"hydra.launcher.submitit_folder={hydra_quote(f'{sweep_dir}/.submitit/%j')}")
     if launcher == "submitit_local":
         out.append("hydra.launcher.tasks_per_node=1")
     if launcher == "ray":
@@ -128,46 +133,58 @@ def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
 def multirun(
     overrides: list[str], task_function: Callable[[DictConfig], Any], jobs: list[list[str]] | None = None
 ) -> list[Any]:
-    """Run Hydra's sweeper + launcher over `overrides`; returns the flat list of JobReturns.
+    """Run stab's sweeper and the launcher over `overrides` through `hydra.main`; returns the
+    JobReturns, one per job in order.
 
     With `jobs` (one override list per job, e.g. a margin search's probes, each configuration at
-    its own learning rate: not a Cartesian product), the launcher runs exactly those jobs, as
-    Hydra's basic sweeper hands it a batch; `overrides` then holds only the hydra.* ones."""
+    its own learning rate: not a Cartesian product), the launcher runs exactly those jobs;
+    `overrides` then holds only the hydra.* ones. An exception of the sweeper or the launcher
+    (e.g. `stability.slurm.SbatchRefused`) reaches the caller as it was raised."""
+    args = [*overrides, *search_path_overrides()]
+    if jobs is not None:
+        listed = ",".join("[" + ",".join(hydra_quote(o) for o in job) + "]" for job in jobs)
+        args.append(f"hydra.sweeper.jobs=[{listed}]")
+    main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task_function)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        hydra = GlobalHydra.instance().hydra
-        assert hydra is not None  # initialize_config_dir made it
-        overrides = list(overrides) + search_path_overrides()
-        if jobs is None:
-            batches = hydra.multirun(config_name="config", task_function=task_function, overrides=overrides)
-        else:
-            batches = [_launch(hydra, overrides, jobs, task_function)]
-    release_idle_workers()
-    return [r for batch in batches for r in batch]
-
-
-def _launch(hydra: Any, overrides: list[str], jobs: list[list[str]], task_function: Callable[[DictConfig], Any]) -> Any:
-    """`Hydra.multirun` (hydra-core 1.3) with the sweeper's product replaced by `jobs`: the same
-    master config, callbacks and launcher plugin, then `launcher.launch(jobs)` as the basic
-    sweeper calls it."""
-    from hydra._internal.callbacks import Callbacks
-    from hydra.core.plugins import Plugins
-    from hydra.types import HydraContext, RunMode
-
-    cfg = hydra.compose_config(
-        config_name="config", overrides=overrides, with_log_configuration=True, run_mode=RunMode.MULTIRUN
-    )
-    callbacks = Callbacks(cfg)
-    callbacks.on_multirun_start(config=cfg, config_name="config")
-    launcher = Plugins.instance().instantiate_launcher(
-        hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
-        task_function=task_function,
-        config=cfg,
-    )
-    Path(cfg.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-    returns = launcher.launch([list(j) for j in jobs], initial_job_idx=0)
-    callbacks.on_multirun_end(config=cfg, config_name="config")
+    try:
+        # HYDRA_FULL_ERROR: hydra.main re-raises instead of printing a traceback and exiting
+        with _argv(["stab", "--multirun", *args]), _environ("HYDRA_FULL_ERROR", "1"):
+            main()
+        returns = list(_sweeper().returns)
+    finally:
+        _sweeper().returns = []
+    release_idle_workers()  # not on an exception: stopped jobs still have to write `interrupted`
     return returns
+
+
+def _sweeper() -> type[StabSweeper]:
+    """The sweeper class Hydra ran: its plugin scan executes the module again, so the class is
+    read from the module, not from this module's import of it."""
+    return cast(type[StabSweeper], importlib.import_module("hydra_plugins.stab_sweeper").StabSweeper)
+
+
+@contextlib.contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    """`sys.argv` as `hydra.main` reads it (its only input), restored after."""
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 class WarmWorkers:
@@ -220,10 +237,12 @@ def release_idle_workers() -> None:
 
     joblib keeps its loky workers alive for reuse, and at exit the sweep waits while each of them
     tears down its own torch (about 1.5 s on 2 cores, longer than a smoke job). They are idle
-    here, with every result back and every file written, so they are killed instead. loky has no
-    public handle on its shared executor; without one (a future joblib), they exit as before.
+    here, with every result back and every file written, so they are killed instead, through
+    loky's public `get_reusable_executor` (the executor joblib's loky backend shares; where none
+    runs it makes one with no process yet, which shuts down at once).
     """
-    reusable_executor = sys.modules.get("joblib.externals.loky.reusable_executor")  # None: no joblib sweep ran
-    executor = getattr(reusable_executor, "_executor", None)
-    if executor is not None:
-        executor.shutdown(wait=True, kill_workers=True)
+    if "joblib.externals.loky" not in sys.modules:  # no joblib sweep ran in this process
+        return
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor(reuse=True).shutdown(wait=True, kill_workers=True)

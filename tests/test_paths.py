@@ -1,0 +1,74 @@
+"""Paths are data, never Hydra grammar (issue 29, kind 1): a `--runs` folder or a path given to a
+path key reaches Hydra quoted, so `${...}`, quotes, `=`, brackets, `$`, spaces and non-ASCII
+land where the user said, for `stab sweep` (every launcher) and `stab margin` alike."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from tests.conftest import SMOKE, read_json
+
+ONE_EPOCH = [*SMOKE, "train.epochs=1"]
+
+# folder names a user can type; each is a character Hydra's override grammar would read
+ODD_NAMES = {
+    "interpolation": "${oc.env:HOME}",
+    "apostrophe": "it's here",
+    "double-quote": 'say "hi"',
+    "space-equals-comma": "a b=c,d",
+    "brackets": "[x]{y}",
+    "dollar": "$HOME$",
+    "non-ascii": "données-対",
+    "backslash": "back\\slash\\",
+    "tilde": "~user",
+}
+
+
+def test_hydra_quote_reads_back_as_the_same_text_through_hydra_the_sweeper_and_omegaconf():
+    from cli.config import hydra_quote
+    from hydra_plugins.stab_sweeper import grid
+
+    parser = OverridesParser.create()
+    alphabet = [*"ab/\\'\"${}:, =[]~é()", "${", "${x}", "\\${", "\\'"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
+        (job,) = grid([parser.parse_override("k=" + hydra_quote(text))])  # as a sweep job spells it
+        (override,) = job
+        assert OmegaConf.create({"v": parser.parse_override(override).value()}).v == text, (text, override)
+
+
+@pytest.mark.parametrize("odd", list(ODD_NAMES.values()), ids=list(ODD_NAMES))
+def test_a_sweep_writes_its_jobs_under_the_runs_folder_as_typed(cli, tmp_path, odd):
+    runs = tmp_path / f"runs {odd}" / "x"
+    result = cli("sweep", "--runs", runs, "--name", "s", *ONE_EPOCH)
+    sweep = runs / "s"
+    jobs = sorted(sweep.glob("*/status.json"))
+    assert [p.parent.name for p in jobs] == ["preset=smoke,train.epochs=1"]
+    assert sorted(tmp_path.rglob("status.json")) == jobs  # nothing anywhere else
+    assert read_json(jobs[0])["state"] == "completed"
+    index = read_json(sweep / "sweep.json")
+    assert index["state"] == "completed" and len(index["jobs"]) == 1
+    assert (sweep / "report.md").exists() and "no run folders" not in result.output
+
+
+def test_a_joblib_sweep_in_a_folder_named_like_an_interpolation_writes_there(cli, tmp_path):
+    runs = tmp_path / "${oc.env:HOME}" / "it's"
+    cli("sweep", "--runs", runs, "--name", "s", "--launcher", "joblib", "--jobs", "2", *ONE_EPOCH, "seed=0,1")
+    jobs = sorted((runs / "s").glob("*/status.json"))
+    assert len(jobs) == 2 and all(read_json(p)["state"] == "completed" for p in jobs)
+    assert sorted(tmp_path.rglob("status.json")) == jobs
+
+
+def test_margin_probes_in_an_odd_runs_folder_land_there(cli, tmp_path):
+    runs = tmp_path / "${oc.env:HOME}" / "it's [x]"
+    cli("margin", *SMOKE, "train.epochs=2", "margin.lo=0.01", "margin.hi=1", "margin.tolerance=100", "margin.steps=2",
+        "--runs", runs, "--name", "m")  # fmt: skip
+    res = read_json(runs / "m" / "margin.json")
+    probes = [p["folder"] for c in res["configs"] for p in c["probes"]]
+    assert probes and sorted(p.parent.name for p in tmp_path.rglob("status.json")) == sorted(probes)
+    assert all((runs / "m" / p / "summary.json").exists() for p in probes)
