@@ -239,8 +239,7 @@ def _bench(cfg: RunConfig, steps: int, block: int, recorder: Any) -> BenchResult
 def _plain_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) -> Any:
     """Another copy of the run's model and optimizer (same init), stepped by stab's step with
     `detect.opt_state=false`: the loop the signals are measured against."""
-    plain = copy.deepcopy(cfg)
-    plain.detect.opt_state = False
+    plain = cfg.replace(detect=cfg.detect.replace(opt_state=False))  # a validated config is frozen
     parts = build(plain, device, compile=False)
     stepper = Stepper(parts.work, parts.opt, parts.sched, parts.instruments(plain), plain.train.precision)
 

@@ -33,7 +33,8 @@ def preflight(cfg: RunConfig) -> None:
         split = load_split(cfg)
         check_fault_steps(cfg, (len(split.train) - 1) // configs(cfg)[0].context)
     elif isinstance(cfg.data, DataConfig) and cfg.data.name == "synthetic":  # the cascade's synthetic clips
-        check_fault_steps(cfg, int(cfg.data.n_train))
+        assert cfg.data.n_train is not None  # null (all segments) is for data=folder only: the schema checks it
+        check_fault_steps(cfg, cfg.data.n_train)
 
 
 def check_fault_steps(cfg: RunConfig, n_train: int) -> None:
