@@ -1,4 +1,4 @@
-"""The run config's schema (stability/config.py): `conf/` and the pydantic models agree, bad values
+"""The run config's schema (stability/config/): `conf/` and the pydantic models agree, bad values
 get one line naming the key, the value and what is allowed, and a validated config is never
 changed in place (operational values come in through `resolve`, as a new config)."""
 

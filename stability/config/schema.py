@@ -1,12 +1,5 @@
-"""Typed run configuration: the schema, as pydantic models, and the one line a bad value gets.
-
-The CLI composes YAML from `conf/` with Hydra and hands the resolved mapping to
-`RunConfig.from_dict`; nothing in `stability/` knows about Hydra. Each section is a frozen
-pydantic v2 model (`extra="forbid"`): bounds are `Field`/`annotated_types` constraints, choices
-are `Literal`s, `model` and `data` are unions discriminated by their `name`. A value that breaks
-the schema raises `ConfigError`, whose text `explain` makes from pydantic's `ValidationError`:
-one line naming the key, the bad value and what is allowed (with did-you-mean), so the CLI can
-print it and exit before any work starts.
+"""The run config's schema: frozen pydantic v2 sections, `extra="forbid"`, bounds as `Field`
+constraints, choices as `Literal`s, `model` and `data` discriminated by their `name`.
 
     cfg = RunConfig.from_dict({"model": {"norm": "pre"}, "train": {"clip": 5.0}})
     cfg = cfg.resolve(threads=2, device="cpu")  # operational values decided later: a new config
@@ -16,13 +9,9 @@ Defaults here equal the composed `conf/` defaults (tests/test_schema.py checks i
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 from annotated_types import Ge, Gt, Le
 from pydantic import (
@@ -34,149 +23,29 @@ from pydantic import (
     Field,
     PlainSerializer,
     SerializerFunctionWrapHandler,
-    Strict,
     Tag,
     ValidationError,
     model_serializer,
     model_validator,
 )
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticCustomError
 
-N_STAGES = 3
-
-
-class ConfigError(ValueError):
-    """A user-supplied configuration value is not allowed; the message is one line."""
-
-
-def did_you_mean(word: object, candidates: Iterable[object]) -> str:
-    """'; did you mean X?' for the closest of `candidates` to a typo'd `word` (difflib), or ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
-
-
-# --- value types -------------------------------------------------------------------------------
-# Rules that a type and its bounds cannot say raise `_not_allowed(...)`: a pydantic error that
-# carries the "what is allowed" text (and, where it is not the checked value, the key and value).
-
-
-def _not_allowed(allowed: str, **where: Any) -> PydanticCustomError:
-    """The error a rule raises: `allowed` is the text after "expected"; `where` may name the
-    `key` (relative to the model that raises it) and `value` the message shows."""
-    return PydanticCustomError("not_allowed", "expected {allowed}", {"allowed": allowed, **where})
-
-
-def _a_number(value: object) -> object:
-    """Numbers only: a bool, a string ('1e-3') or a list is not a number, whatever it parses to."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PydanticCustomError("not_a_number", "not a number")
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_a_number)]  # an integral float (5.0) is accepted as 5
-Float = Annotated[float, BeforeValidator(_a_number)]  # finite: allow_inf_nan=False below
-Flag = Annotated[bool, Strict()]  # true or false, not 'yes' or 1
-
-T = TypeVar("T")
-
-
-def _per_stage(value: object) -> object:
-    """A knob given once for all stages or as one value per stage -> a list of `N_STAGES`."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * N_STAGES
-    if len(values) != N_STAGES:
-        raise _not_allowed(f"one value or a list of {N_STAGES} (one per stage)")
-    return values
-
-
-PerStage = Annotated[list[T], BeforeValidator(_per_stage)]
-
-
-def _pair(allowed: str) -> BeforeValidator:
-    """Exactly two values (`[lo, hi]`, `[beta1, beta2]`); each is then checked on its own."""
-
-    def check(value: object) -> object:
-        if not isinstance(value, (list, tuple)) or len(value) != 2:
-            raise _not_allowed(allowed)
-        return value
-
-    return BeforeValidator(check)
-
-
-def _rule(allowed: str, ok: Callable[[Any], bool]) -> BeforeValidator:
-    """A value `ok` accepts, else `allowed` is what the message says is expected."""
-
-    def check(value: object) -> object:
-        if not ok(value):
-            raise _not_allowed(allowed)
-        return value
-
-    return BeforeValidator(check)
-
-
-def _text(value: object) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-def _positive_or_none(what: str) -> BeforeValidator:
-    """`none|off|null|<positive number>` -> None or the number (`clip`, `update_clip`)."""
-
-    def parse(value: object) -> float | None:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "off")):
-            return None
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise _not_allowed("none or " + what) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise _not_allowed("none or " + what)  # a negative, zero or non-finite number
-        return float(value)
-
-    return BeforeValidator(parse)
-
-
-def _latent_rms(value: object) -> object:
-    """data.latent_rms: auto | off (null) | a number > 0."""
-    if value in ("auto", "off", None):
-        return "off" if value is None else value
-    if isinstance(value, (str, bool)) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise _not_allowed("auto, off or a number > 0")
-    return float(value)
-
-
-def _device(value: object) -> bool:
-    return isinstance(value, str) and (value in ("auto", "cpu", "cuda") or value.startswith("cuda:"))
-
-
-# Trackers that receive the run folder's records (stability/trackers.py); `log` is operational.
-TRACKERS = ("tensorboard", "mlflow", "wandb")
-
-
-def _trackers(value: object) -> list[str]:
-    """`log=none | NAME | [NAME,...]` -> the trackers, in the order given, each once."""
-    allowed = f"one of {', '.join(TRACKERS)}, a list of them (log=[tensorboard,mlflow]) or none"
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "off", "")):
-        return []
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)):
-        raise _not_allowed(allowed)
-    out: list[str] = []
-    for name in names:
-        if name not in TRACKERS:
-            raise _not_allowed(allowed + did_you_mean(name, TRACKERS), value=name)
-        if name not in out:
-            out.append(name)
-    return out
-
-
-def _epochs(value: object) -> object:
-    if not isinstance(value, (list, tuple)):
-        raise _not_allowed("a list of epochs, e.g. [1,5]")
-    return value
-
-
-# --- the sections ------------------------------------------------------------------------------
+from stability.config.messages import ConfigError, explain
+from stability.config.names import N_STAGES, OPERATIONAL_KEYS
+from stability.config.values import (
+    Flag,
+    Float,
+    Int,
+    PerStage,
+    epoch_list,
+    is_device,
+    is_text,
+    latent_rms_value,
+    not_allowed,
+    pair,
+    positive_or_none,
+    rule,
+    trackers,
+)
 
 
 class Section(BaseModel):
@@ -247,9 +116,9 @@ class TransformerConfig(Section):
         if isinstance(d_model, list):  # the cascade: per stage
             for i, (d, h) in enumerate(zip(d_model, n_heads)):
                 if d % h:
-                    raise _not_allowed(f"a divisor of model.d_model[{i}]={d}", key=f"n_heads[{i}]", value=h)
+                    raise not_allowed(f"a divisor of model.d_model[{i}]={d}", key=f"n_heads[{i}]", value=h)
         elif d_model % n_heads:
-            raise _not_allowed(f"a divisor of model.d_model={d_model}", key="n_heads", value=n_heads)
+            raise not_allowed(f"a divisor of model.d_model={d_model}", key="n_heads", value=n_heads)
         return self
 
     @model_serializer(mode="wrap")
@@ -271,7 +140,7 @@ class ModelConfig(TransformerConfig):
     rms_match: Flag = True  # scale = clamp(rms(target) / rms(out), lo, hi)
     rms_clamp: Annotated[
         tuple[Annotated[Float, Gt(0.0), Le(1.0)], Annotated[Float, Ge(1.0)]],
-        _pair("[lo, hi] with 0 < lo <= 1 <= hi"),
+        pair("[lo, hi] with 0 < lo <= 1 <= hi"),
         PlainSerializer(list),
     ] = (0.7, 1.5)
     latent_dim: Int = Field(128, ge=1)
@@ -313,9 +182,9 @@ class CustomModelConfig(Section):
     # written `_target_` in YAML and on the command line, as Hydra's instantiate reads it
     target: Annotated[
         str,
-        _rule(
+        rule(
             "the dotted path of your factory function, e.g. model._target_=my_pkg.my_module.build",
-            lambda v: _text(v) and not v.startswith("."),
+            lambda v: is_text(v) and not v.startswith("."),
         ),
     ] = Field(None, alias="_target_", validate_default=True)  # None: required, with the message
     params: dict[str, Any] = Field(default_factory=dict)  # the factory's own keyword arguments: any value
@@ -349,7 +218,7 @@ class CodecConfig(Section):
 
     section: ClassVar[str] = "data.codec"
 
-    weights: Annotated[str, _rule("random, pretrained or a checkpoint path", _text)] = "random"
+    weights: Annotated[str, rule("random, pretrained or a checkpoint path", is_text)] = "random"
     seed: Int = Field(0, ge=0)
     calib_codebooks: Int = Field(2, ge=1, le=32)
 
@@ -371,21 +240,21 @@ class DataConfig(Section):
     n_val: Int = Field(8, ge=1)
     seconds: Float = Field(2.0, ge=0.1, le=600.0)
     seed: Int = Field(0, ge=0)
-    latent_rms: Annotated[Literal["auto", "off"] | float, BeforeValidator(_latent_rms)] = "auto"
+    latent_rms: Annotated[Literal["auto", "off"] | float, BeforeValidator(latent_rms_value)] = "auto"
     latent_center: Literal["auto", "on", "off"] = "auto"
-    cache_dir: Annotated[str | None, _rule("a folder path or null", lambda v: v is None or isinstance(v, str))] = None
+    cache_dir: Annotated[str | None, rule("a folder path or null", lambda v: v is None or isinstance(v, str))] = None
     path: str | None = None
     on_bad_file: Literal["error", "skip"] = "error"
     codec: CodecConfig = Field(default_factory=CodecConfig)
 
     @model_validator(mode="after")
     def _by_source(self) -> DataConfig:
-        if self.name == "folder" and not _text(self.path):
-            raise _not_allowed(
+        if self.name == "folder" and not is_text(self.path):
+            raise not_allowed(
                 "the folder holding input/ and target/ (data=folder data.path=DIR)", key="path", value=self.path
             )
         if self.name != "folder" and self.n_train is None:  # null: every segment of a folder
-            raise _not_allowed("an integer >= 1", key="n_train", value=None)
+            raise not_allowed("an integer >= 1", key="n_train", value=None)
         return self
 
 
@@ -401,7 +270,7 @@ class TextDataConfig(Section):
     name: Literal["text"] = "text"
     path: Annotated[
         str | None,
-        _rule("null (the embedded corpus) or the path of a UTF-8 text file", lambda v: v is None or _text(v)),
+        rule("null (the embedded corpus) or the path of a UTF-8 text file", lambda v: v is None or is_text(v)),
     ] = None
     max_chars: Int | None = Field(200_000, ge=1000)
     val_fraction: Float = Field(0.1, gt=0.0, le=0.5)
@@ -441,12 +310,12 @@ class TrainConfig(Section):
     batch_size: Int = Field(8, ge=1)
     lr: Float = Field(3e-3, gt=0.0, le=10.0)
     weight_decay: Float = Field(0.01, ge=0.0)
-    betas: Annotated[tuple[Beta, Beta], _pair("[beta1, beta2] in [0, 1)"), PlainSerializer(list)] = (0.9, 0.95)
+    betas: Annotated[tuple[Beta, Beta], pair("[beta1, beta2] in [0, 1)"), PlainSerializer(list)] = (0.9, 0.95)
     warmup: Int = Field(10, ge=0)
-    clip: Annotated[float | None, _positive_or_none("a positive number (total gradient norm)")] = 10.0
+    clip: Annotated[float | None, positive_or_none("a positive number (total gradient norm)")] = 10.0
     on_nan: Literal["stop", "skip"] = "stop"
     stop_early: Flag = False
-    device: Annotated[str, _rule("auto, cpu, cuda or cuda:N", _device)] = "auto"
+    device: Annotated[str, rule("auto, cpu, cuda or cuda:N", is_device)] = "auto"
     threads: Int | None = Field(None, ge=1, le=1024)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: Flag = False
@@ -456,12 +325,12 @@ class TrainConfig(Section):
     spike_sigma: Float = Field(6.0, gt=0.0)
     backoff_factor: Float = Field(0.5, gt=0.0, le=0.999)
     backoff_steps: Int = Field(100, ge=1)
-    update_clip: Annotated[float | None, _positive_or_none("a positive number (StableAdamW: 1.0)")] = None
+    update_clip: Annotated[float | None, positive_or_none("a positive number (StableAdamW: 1.0)")] = None
     snapshot_every: Int = Field(0, ge=0)
     snapshot_keep: Int = Field(4, ge=1, le=1000)
     rewind_from: Annotated[
         str | None,
-        _rule("null or the path of a snapshot file (RUN/snapshots/stepN.pt)", lambda v: v is None or _text(v)),
+        rule("null or the path of a snapshot file (RUN/snapshots/stepN.pt)", lambda v: v is None or is_text(v)),
     ] = None
 
 
@@ -551,7 +420,7 @@ class MarginConfig(Section):
     @model_validator(mode="after")
     def _bracket(self) -> MarginConfig:
         if self.hi <= self.lo:
-            raise _not_allowed(f"a learning rate above margin.lo={self.lo:g}", key="hi", value=self.hi)
+            raise not_allowed(f"a learning rate above margin.lo={self.lo:g}", key="hi", value=self.hi)
         return self
 
 
@@ -563,7 +432,7 @@ class ListenConfig(Section):
     section: ClassVar[str] = "listen"
 
     epochs: Annotated[
-        list[Annotated[Int, Ge(1)]], BeforeValidator(_epochs), AfterValidator(lambda e: sorted(set(e)))
+        list[Annotated[Int, Ge(1)]], BeforeValidator(epoch_list), AfterValidator(lambda e: sorted(set(e)))
     ] = Field(default_factory=list)
     every: Int | None = Field(None, ge=1)
     items: Int = Field(2, ge=1, le=64)
@@ -627,28 +496,26 @@ class RunConfig(Section):
     fault: FaultConfig = Field(default_factory=FaultConfig)
     listen: ListenConfig = Field(default_factory=ListenConfig)
     margin: MarginConfig = Field(default_factory=MarginConfig)
-    log: Annotated[list[str], BeforeValidator(_trackers)] = Field(default_factory=list)
+    log: Annotated[list[str], BeforeValidator(trackers)] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _model_and_data_agree(self) -> RunConfig:
         model, data = self.model.name, self.data.name
         if model == "charlm" and data != "text":
-            raise _not_allowed(
-                "text with model=charlm (the char LM reads text: data=text)", key="data.name", value=data
-            )
+            raise not_allowed("text with model=charlm (the char LM reads text: data=text)", key="data.name", value=data)
         if model == "custom" and data != "none":
-            raise _not_allowed(
+            raise not_allowed(
                 "none with model=custom (your factory returns the data; in your own "
                 "model file: `defaults: [override /data: none]`)",
                 key="data.name",
                 value=data,
             )
         if data == "none" and model != "custom":
-            raise _not_allowed(f"data for model={model}: data=none is for model=custom", key="data.name", value=data)
+            raise not_allowed(f"data for model={model}: data=none is for model=custom", key="data.name", value=data)
         if data == "text" and model != "charlm":
-            raise _not_allowed(f"audio data with model={model} (text is for model=charlm)", key="data.name", value=data)
+            raise not_allowed(f"audio data with model={model} (text is for model=charlm)", key="data.name", value=data)
         if any(e > self.train.epochs for e in self.listen.epochs):
-            raise _not_allowed(
+            raise not_allowed(
                 f"epochs between 1 and train.epochs={self.train.epochs}", key="listen.epochs", value=self.listen.epochs
             )
         return self
@@ -716,202 +583,3 @@ class RunConfig(Section):
             node.pop(name, None)
         blob = json.dumps(d, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-# Keys that change where or how fast a run happens, or where it is reported, never what it computes.
-OPERATIONAL_KEYS = (
-    "train.device",
-    "train.threads",
-    "train.sync_every",
-    "train.snapshot_every",
-    "train.snapshot_keep",
-    "detect.opt_state",
-    "data.cache_dir",
-    "log",
-    "margin",
-)
-
-
-# --- the one line ------------------------------------------------------------------------------
-
-
-def explain(error: ValidationError, root: type[BaseModel] = RunConfig, section: str = "") -> str:
-    """pydantic's `ValidationError` (of `root`, which sits at `section` of a run's config) as
-    the one line stab prints: `KEY=VALUE is not allowed: expected WHAT[; did you mean X?]`, or
-    `unknown key 'KEY': allowed keys under PARENT are ...[; did you mean KEY?]`. WHAT comes from
-    the schema (a Literal's choices, a number's type and bounds) or from the rule that raised
-    (`_not_allowed`); a short name (norm, clip, ...) is named as the user writes it."""
-    err = error.errors(include_url=False)[0]
-    ctx = err.get("ctx") or {}
-    parts, ann, info, parent = _walk(root, err["loc"])
-    prefix = [section] if section else []
-    value = ctx.get("value", err["input"])
-    if err["type"] == "extra_forbidden":
-        keys = sorted(f.alias or name for name, f in parent.model_fields.items()) if parent else []
-        where = ".".join([*prefix, *parts[:-1]])
-        near = did_you_mean(parts[-1], keys)
-        if near:
-            near = f"; did you mean {'.'.join([*prefix, *parts[:-1], near[len('; did you mean ') : -1]])}?"
-        key = ".".join([*prefix, *parts])
-        return f"unknown key {key!r}: allowed keys{f' under {where}' if where else ''} are {', '.join(keys)}{near}"
-    if err["type"] == "union_tag_invalid":  # model.name / data.name
-        parts, value = [*parts, "name"], err["input"].get("name", ctx["tag"])
-        names = [n for member in _members(ann) for n in get_args(member.model_fields["name"].annotation)]
-        allowed = f"one of {', '.join(names)}" + did_you_mean(value, names)
-    elif err["type"] in ("union_tag_not_found", "model_type", "model_attributes_type", "dict_type"):
-        allowed = "a mapping"
-    elif "allowed" in ctx:
-        allowed = ctx["allowed"]
-        if "key" in ctx:
-            parts = [*parts, *ctx["key"].replace("[", ".[").split(".")]
-    else:
-        allowed = _expected(ann, info, value)
-    return f"{_key([*prefix, *parts])}={value!r} is not allowed: expected {allowed}"
-
-
-def _walk(root: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[list[str], Any, FieldInfo | None, Any]:
-    """Follow an error's location through the schema: the key's parts (`d_model`, `[1]`; a
-    union's tag is skipped), the annotation and FieldInfo found there, and the last model passed."""
-    parts: list[str] = []
-    ann: Any = root
-    info: FieldInfo | None = None
-    parent: Any = root
-    for step in loc:
-        members = {_tag(m): _strip(m) for m in _union(ann)}
-        if members and isinstance(step, str) and step in members:  # a discriminated union's tag
-            ann = members[step]
-            continue
-        base = _strip(ann)
-        if isinstance(base, type) and issubclass(base, BaseModel) and isinstance(step, str):
-            parent = base
-            field = next((f for n, f in base.model_fields.items() if step in (n, f.alias)), None)
-            parts.append(field.alias if field is not None and field.alias else str(step))
-            info, ann = field, (field.annotation if field is not None else None)
-        elif isinstance(step, int):
-            parts.append(f"[{step}]")
-            args = get_args(_strip(_optional(ann)))
-            ann = args[step] if get_origin(_strip(_optional(ann))) is tuple else (args[0] if args else None)
-            info = None
-        else:
-            parts.append(str(step))
-    return parts, ann, info, parent
-
-
-def _strip(ann: Any) -> Any:
-    """The type under `Annotated[...]`."""
-    return get_args(ann)[0] if get_origin(ann) is Annotated else ann
-
-
-def _optional(ann: Any) -> Any:
-    """`X | None` -> X."""
-    args = [a for a in get_args(ann) if a is not type(None)]
-    return args[0] if type(None) in get_args(ann) and len(args) == 1 else ann
-
-
-def _union(ann: Any) -> list[Any]:
-    """The members of a discriminated union (each `Annotated[Model, Tag(...)]`), or []."""
-    args = get_args(_strip(ann))
-    return [a for a in args if get_origin(a) is Annotated and any(isinstance(m, Tag) for m in get_args(a)[1:])]
-
-
-def _members(ann: Any) -> list[type[BaseModel]]:
-    return [_strip(m) for m in _union(ann)]
-
-
-def _tag(member: Any) -> str:
-    return next(m.tag for m in get_args(member)[1:] if isinstance(m, Tag))
-
-
-def _expected(ann: Any, info: FieldInfo | None, value: object) -> str:
-    """What a field's type and bounds allow, in words: "an integer >= 1 and <= 96"."""
-    metadata = list(info.metadata if info is not None else [])
-    if get_origin(ann) is Annotated:
-        metadata += list(get_args(ann)[1:])
-    base = _strip(_optional(_strip(ann)))
-    if get_origin(base) is Literal:
-        return "one of " + ", ".join(get_args(base)) + did_you_mean(value, get_args(base))
-    if base is bool:
-        return "true or false"
-    if base is str:
-        return "a string"
-    if base in (int, float):
-        what = "an integer" if base is int else "a number"
-        if base is float and isinstance(value, float) and not math.isfinite(value):
-            what = "a finite number"
-        lower = [f">= {m.ge}" for m in metadata if isinstance(m, Ge)] + [
-            f"> {m.gt}" for m in metadata if isinstance(m, Gt)
-        ]
-        upper = [f"<= {m.le}" for m in metadata if isinstance(m, Le)]
-        return " ".join([what, " and ".join(lower + upper)]).strip()
-    return f"a value of type {getattr(base, '__name__', base)}"
-
-
-def _key(parts: list[str]) -> str:
-    """`model.residual.[2]` parts -> `model.residual[2]`; a short name's path -> the short name."""
-    key = ".".join(parts).replace(".[", "[") or "config"
-    for short in SHORT_NAMES.values():
-        if key == short.path or (short.name == "residual" and key == f"{short.path}[{N_STAGES - 1}]"):
-            return short.name
-    return key
-
-
-# --- short names -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShortName:
-    """A top-level short name of conf/config.yaml (`norm=pre`), an ablation axis.
-
-    path: where the model or train group reads it in a resolved config (`model.norm`);
-    the cascade's `model.residual` is a list per stage, of which the short name is the last.
-    """
-
-    name: str
-    path: str
-    help: str
-
-    def read(self, cfg: RunConfig) -> Any:
-        """This short name's value in a run's config; None where the model does not read it."""
-        node: Any = cfg
-        for part in self.path.split("."):
-            node = getattr(node, part, None)
-        if self.name == "residual" and isinstance(node, list):  # the cascade's per stage: the last
-            return node[-1] if node else None
-        if self.name in ("clip", "update_clip") and node is None:
-            return "none"
-        return node
-
-
-# The one table of short names: config composition (cli/config.py drops them after
-# interpolation and refuses one the model does not read), the report's factors (a short name
-# and its path are one factor), the trackers' params and the keys of `explain`'s messages all
-# read it. Defaults are in conf/config.yaml.
-SHORT_NAMES: dict[str, ShortName] = {
-    s.name: s
-    for s in (
-        ShortName("residual", "model.residual", "last stage's residual weight (cascade)"),
-        ShortName("norm", "model.norm", "norm placement: pre | post | deepnorm"),
-        ShortName("clip", "train.clip", "gradient clipping on the total norm: none | a positive number"),
-        ShortName("spectral_norm", "model.spectral_norm", "spectral norm on the output projection(s)"),
-        ShortName("qk_norm", "model.qk_norm", "norm on queries and keys per head (arXiv 2309.14322)"),
-        ShortName("sigma_reparam", "model.sigma_reparam", "sigma-reparametrised weights (arXiv 2303.06296)"),
-        ShortName("v_scale", "model.v_scale", "value scaling by a learned saturating gain (arXiv 2603.17771)"),
-        ShortName("z_loss", "model.z_loss", "z-loss coefficient on the output softmax (char LM)"),
-        ShortName("warmup", "train.warmup", "steps of linear learning-rate warmup"),
-        ShortName("on_spike", "train.on_spike", "what a loss or grad-norm spike does: none | skip | backoff"),
-        ShortName("update_clip", "train.update_clip", "StableAdamW update clipping: none | a positive number"),
-    )
-}
-
-
-def flatten(d: dict[str, Any], prefix: str = "", keep_empty: bool = False) -> dict[str, Any]:
-    """Nested dicts -> one level of dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}. An empty
-    dict is dropped, or kept as a value with `keep_empty` (so `model.params: {}` still shows)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and (v or not keep_empty):
-            out.update(flatten(v, key + ".", keep_empty))
-        else:
-            out[key] = v
-    return out
