@@ -387,7 +387,7 @@ class DetectConfig(Section):
     attn_logit_max: Float = Field(50.0, gt=0.0)
     attn_entropy_min: Float = Field(0.1, ge=0.0)
     band: Float = Field(0.1, ge=0.0, le=0.5)
-    opt_state: Flag = False
+    opt_state: Flag = True  # on by default: its cost, README "Optimizer-state signals"
     scream: ScreamConfig = Field(default_factory=ScreamConfig)
 
 
