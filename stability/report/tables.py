@@ -28,6 +28,7 @@ from stability.report.factors import (
     factor_test,
     factor_value,
     median_interval,
+    runs_needed,
     share_interval,
 )
 from stability.report.loading import Run, _float
@@ -310,20 +311,53 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
         if n
     )
 
+    n_under = sum(
+        r.verdict == vd.STABLE and any(w.get("warning") == "undertrained" for w in r.summary.get("warnings") or [])
+        for r in counted
+    )
+    caveat = (
+        f" {n_under} of the stable runs {'is' if n_under == 1 else 'are'} undertrained: the output stayed collapsed to "
+        "the end while the validation loss still fell, so a scream is not ruled out (train longer)."
+        if n_under
+        else ""
+    )
+
     def all_runs(n: int, what: str) -> str:
         return f"The one judged run is {what}" if n == 1 else f"All {n} judged runs are {what}"
+
+    def unanimous(what: str, claim: str) -> str:
+        """All counted runs agree: with fewer runs per value than a test needs, the claim is
+        untested; the sentence gives the Wilson interval of the share and the seeds it needs."""
+        per_value = [
+            sum(factor_value(r, k) == v for r in counted)
+            for k in facs
+            for v in {factor_value(r, k) for r in counted}
+            if len({factor_value(r, k) for r in counted}) > 1
+        ]
+        where = "per value" if per_value else "of this configuration"
+        m, needed = min(per_value or [len(counted)]), runs_needed()
+        k_bad = m if what == "unstable" else 0
+        lo, hi = share_interval(k_bad, m)
+        if m >= needed:
+            return f"{all_runs(len(counted), what)}{aside}: {claim}."
+        per_seed = max(1.0, m / max(1, seeds))
+        return (
+            f"{all_runs(len(counted), what)}{aside}: untested, {m} run(s) {where}: {k_bad}/{m} unstable is a 95% "
+            f"interval of {lo:.0%}..{hi:.0%} (Wilson); at least {needed} runs per value, i.e. about "
+            f"{math.ceil(needed / per_seed)} seeds (seed=0,1,...), before Fisher's exact test can say "
+            f"whether a factor changes the verdict."
+        )
 
     if not judged:
         sentence = f"No run has a verdict yet{aside}."
     elif not counted:
         sentence = f"No run could be judged{aside}."
     elif n_bad == 0:
-        sentence = (
-            f"{all_runs(len(counted), 'stable')}{aside}: no factor changed the verdict at these settings "
-            "(compare the validation losses below)."
+        sentence = unanimous(
+            "stable", "no factor changed the verdict at these settings (compare the validation losses below)"
         )
     elif n_bad == len(counted):
-        sentence = f"{all_runs(len(counted), 'unstable')}{aside}: no value of any factor fixed it."
+        sentence = unanimous("unstable", "no value of any factor fixed it")
     elif decisive:
         decisive.sort(key=lambda t: t[0])
         sentence = f"Decisive: {'; '.join(t for _, t in decisive)}{aside}."
@@ -334,6 +368,7 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
         sentence = f"{n_bad}/{len(counted)} runs unstable{aside}; no single factor separates them" + (
             f": {'; '.join(t for _, t in sorted(tested))}." if tested else "."
         )
+    sentence += caveat
     return pd.DataFrame(
         rows,
         columns=[
