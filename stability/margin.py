@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from stability.lr_sensitivity import lr_sensitivity
+from stability.record import verdicts as vd
 
 LR_MAX = 10.0  # the largest train.lr the config accepts: widening upwards stops here
 
@@ -406,16 +407,29 @@ def non_monotone_text(m: Margin) -> str:
 def borderline_text(m: Margin) -> str:
     """The sentence for a configuration whose margin rests on a borderline probe (a finding
     within detect.band of its threshold at the largest stable or the smallest unstable lr: that
-    probe's verdict could go either way, so the margin could move one grid step), or ''."""
-    edge = [p for p in m.probes if p.borderline and p.lr in (m.stable_lr, m.unstable_lr)]
-    if not edge:
-        return ""
-    parts = [f"{p.lr:.3g} ({'stable' if p.stable else 'unstable'}; {', '.join(p.borderline)})" for p in edge]
-    return (
-        f"{m.config}: the margin rests on a borderline probe at lr {'; '.join(parts)}: a finding within "
-        "detect.band of its threshold, so that verdict could go either way and the margin could move a grid "
-        "step; more seeds (seed=0,1,2) settle it"
-    )
+    probe's verdict could go either way, so the margin could move one grid step), or on an
+    inconclusive one (not found unstable, not judged stable either), or ''."""
+    near = {p.lr: [b for b in p.borderline if b != "undertrained"] for p in m.probes}
+    edge = [p for p in m.probes if near[p.lr] and p.lr in (m.stable_lr, m.unstable_lr)]
+    unsure = [
+        p for p in m.probes if p.lr == m.stable_lr and ("inconclusive" in p.verdict or "undertrained" in p.borderline)
+    ]
+    out = []
+    if edge:
+        parts = [f"{p.lr:.3g} ({'stable' if p.stable else 'unstable'}; {', '.join(near[p.lr])})" for p in edge]
+        out.append(
+            f"{m.config}: the margin rests on a borderline probe at lr {'; '.join(parts)}: a finding within "
+            "detect.band of its threshold, so that verdict could go either way and the margin could move a grid "
+            "step; more seeds (seed=0,1,2) settle it"
+        )
+    if unsure:
+        out.append(
+            f"{m.config}: the largest lr not found unstable, {unsure[0].lr:.3g}, is "
+            f"{'inconclusive' if 'inconclusive' in unsure[0].verdict else 'undertrained'}, not judged stable (too "
+            "short to judge, or its output stayed collapsed while its loss still fell: a scream is not ruled out); "
+            "the margin counts it as not unstable: more epochs (train.epochs) would judge it"
+        )
+    return "; ".join(out)
 
 
 def probe_text(p: dict[str, Any]) -> str:
@@ -442,7 +456,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         "# Stability margin",
         "",
-        f"Largest learning rate that trains without nan/exploding/scream, bracketing then bisection on a log "
+        f"Largest learning rate that trains without {'/'.join(vd.UNSTABLE)} (inconclusive counts as not unstable), "
+        f"bracketing then bisection on a log "
         f"grid from {res['lo']:g} to {res['hi']:g} in {res['grid_steps']} steps of x{res['grid_ratio']:.3g} "
         f"(margin.tolerance {res['tolerance']:g}).",
         "",
