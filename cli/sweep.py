@@ -115,8 +115,17 @@ def sweep(
             raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
         task_args = launch.with_declared_grid(task_args)
         combos = launch.expand(task_args)
+    t0 = time.perf_counter()
     done = launch_jobs(combos, runs, name, launcher, jobs, hydra_args, overrides, task_args)
+    wall = time.perf_counter() - t0
     console.print(summary_table(done.records, done.skipped, same=len(done.duplicates)))
+    console.print(
+        f"wall time {seconds(wall)} for {len(done.records)} jobs"
+        + (f", {done.skipped} of them already completed" if done.skipped else "")
+        + f", launcher {launcher}",
+        highlight=False,
+        markup=False,
+    )
     _answer(done.sweep_dir)
     report_crashes(done)
 

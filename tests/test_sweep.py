@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,11 @@ def test_basic_sweep_runs_the_grid_into_readable_folders(cli, tmp_path):
         assert status["threads"] == len(os.sched_getaffinity(0))  # one job at a time gets every core
         assert read_json(d / "summary.json")["verdict"] in ("stable", "exploding", "scream", "nan")
     assert "verdict" in result.output and "residual" in result.output
+    # the sweep's wall time, measured and printed: one job after another, so at least the jobs' own wall times
+    m = re.search(r"wall time (?:(\d+) min )?(\d+) s for 4 jobs, launcher basic", " ".join(result.output.split()))
+    assert m, result.output
+    wall = 60 * int(m[1] or 0) + int(m[2])
+    assert wall + 1 >= sum(read_json(d / "summary.json")["wall_s"] for d in job_dirs(sweep))
 
     # same sweep again: everything is skipped, nothing is retrained
     finished = {d.name: read_json(d / "status.json")["finished"] for d in job_dirs(sweep)}
