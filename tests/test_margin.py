@@ -126,6 +126,14 @@ def test_a_margin_that_rests_on_a_borderline_probe_says_so():
     far = find_margins(["a"], synthetic({"a": 0.0123}), LO, HI, TOL, steps=10)["a"]
     far.probes[0].borderline = ["collapse"]
     assert far.probes[0].lr not in (far.stable_lr, far.unstable_lr) and borderline_text(far) == ""
+    # an inconclusive probe at the margin (undertrained) is not called stable
+    edge = next(p for p in far.probes if p.lr == far.stable_lr)
+    edge.verdict = "inconclusive"
+    text = borderline_text(far)
+    assert f"the largest lr not found unstable, {far.stable_lr:.3g}, is inconclusive, not judged stable" in text
+    edge.verdict, edge.borderline = "stable", ["undertrained"]  # stable, output still collapsed, loss falling
+    text = borderline_text(far)
+    assert f"{far.stable_lr:.3g}, is undertrained, not judged stable" in text and "within detect.band" not in text
 
 
 def test_bad_brackets_are_refused():
@@ -193,3 +201,37 @@ def test_a_probe_stops_early_only_once_its_verdict_cannot_become_stable():
     for n in range(1, len(history) + 1):
         if certainly_unstable(history[:n], None, 2.0, 3):
             assert explosion(history, 2.0, 3)[0] is not None
+
+
+GRID = (0.001, 0.01, 0.1, 1.0, 10.0)  # margin.lo=1e-3, margin.hi=10, margin.tolerance=10: the same points
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [("model=charlm", "preset=smoke"), ("preset=smoke",)], ids=["charlm", "cascade"])
+def test_margin_agrees_with_a_fixed_log_grid_of_learning_rates_on_the_smoke_presets(cli, tmp_path, preset):
+    """Issue 24, item 4: margin's answer (largest stable lr below the lowest failing one) is the
+    fixed grid's, or margin says the grid is non-monotone and names the lowest failing lr. The
+    grid is a sweep into margin's own folder: margin's probes are the same runs (same identity,
+    found completed), the points it skipped are trained by the sweep."""
+    import re
+
+    from stability.record import verdicts as vd
+
+    bracket = ["margin.lo=0.001", "margin.hi=10", "margin.tolerance=10"]
+    cli("margin", *preset, "norm=pre", *bracket, "--runs", tmp_path, "--name", "m")
+    (c,) = read_json(tmp_path / "m" / "margin.json")["configs"]
+    lrs = ",".join(f"{x:g}" for x in GRID)
+    cli("sweep", *preset, "norm=pre", f"train.lr={lrs}", "train.stop_early=true", "--runs", tmp_path, "--name", "m")
+    grid = {}
+    for s in (tmp_path / "m").glob("*/summary.json"):
+        grid[float(re.search(r"train\.lr=([^,]+)", s.parent.name)[1])] = read_json(s)["verdict"]
+    assert set(GRID) <= set(grid)
+    for p in c["probes"]:  # margin's probes are the grid's runs at those points
+        assert grid[p["lr"]] == p["verdict"], (p, grid)
+    failing = [lr for lr in GRID if vd.is_unstable(grid[lr])]
+    lowest = min(failing, default=None)
+    answer = max((lr for lr in GRID if lowest is None or lr < lowest), default=None)
+    assert c["margin"] == answer and c["unstable_lr"] == lowest, (c["text"], grid)
+    non_monotone = lowest is not None and any(not vd.is_unstable(grid[lr]) for lr in GRID if lr > lowest)
+    if c["status"] == "non_monotone":  # said only when true, with the lowest failing lr
+        assert non_monotone and f"unstable at {lowest:.3g}" in c["text"]

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from stability import doctor as dr
 from stability import report as rep
+from stability.detectors import learning_rate_per_epoch
 from tests.conftest import Cli, read_json, read_jsonl
 
 CHAR = ["model=charlm", "preset=smoke"]
@@ -61,3 +63,48 @@ def test_one_run_per_value_is_never_decisive_and_says_how_many_seeds_it_needs(ru
         assert "untested, 1 run(s) per value" in result.sentence and "about 4 seeds" in result.sentence
     row = result.answer[result.answer["value"] == "10"].iloc[0]
     assert row["unstable"] == "1/1" and row["95% interval"] == "21%..100%"  # Wilson interval of 1/1
+
+
+def test_the_doctor_answers_a_diverged_run_with_a_lower_learning_rate_not_nothing_to_fix(runs, cli):
+    run = _by_lr(runs, "10")
+    s = read_json(run / "summary.json")
+    if s["verdict"] == "nan":  # lr 10 may also go non-finite on some machines: then the NaN is the finding
+        pytest.skip("lr 10 went non-finite here")
+    dx = dr.examine(dr.read_run(run))
+    assert "diverged" in {f.kind for f in dx.findings}
+    by_label = {x.label: x for x in dx.fixes}
+    assert "train.lr=3.33" in by_label  # lr / 3
+    assert (
+        by_label["train.lr=3.33"].finding.kind == "diverged" and "2309.14322" in by_label["train.lr=3.33"].rule.source
+    )
+    assert "warmup=40" in by_label  # 4 x the preset's 10-step warmup
+    out = cli("doctor", run).output
+    assert "nothing to fix" not in out and "candidate fixes, best first" in out
+
+
+def test_one_run_is_an_untested_answer_with_its_interval_and_the_seeds_it_needs(runs):
+    from stability.report import tables
+
+    bad = [r for r in rep.load_runs(runs / "grid") if "train.lr=10" in str(r.path)]
+    assert len(bad) == 1 and bad[0].verdict in ("diverged", "exploding", "nan")
+    _, one = tables.answer(bad, [])
+    assert one.startswith("The one judged run is unstable: untested, 1 run(s) of this configuration")
+    assert "1/1 unstable is a 95% interval of 21%..100% (Wilson)" in one and "about 4 seeds" in one
+    assert "no value of any factor fixed it" not in one  # a claim one run cannot make
+
+
+def test_a_stable_run_whose_output_stayed_collapsed_while_its_loss_fell_is_called_undertrained(runs):
+    folder = _by_lr(runs, "0.01")
+    s, epochs = read_json(folder / "summary.json"), read_jsonl(folder / "epochs.jsonl")
+    vals = [s["val_loss_init"], *(e["val_loss"] for e in epochs)]
+    falling = learning_rate_per_epoch(vals) > 0.05 and vals[-1] < vals[0]  # detect.scream.learning
+    under = "undertrained" in {w["warning"] for w in s["warnings"]}
+    # the smoke char LM after 2 epochs emits one character repeated while its loss still falls: not a scream,
+    # and the answer says the scream is not ruled out
+    assert under == (all(e["collapsed"] for e in epochs) and falling)
+    assert s["verdict"] != "scream" or not falling
+    if under:
+        result = rep.write_report(runs / "grid")
+        assert (
+            "1 of the stable runs is undertrained" in result.sentence and "scream is not ruled out" in result.sentence
+        )
