@@ -2,7 +2,7 @@
 
     stab run model=custom model._target_=examples.hf.build preset=smoke
     stab run model=custom model._target_=examples.hf.build +model.arch=llama preset=smoke \\
-        fault.nan_at_step=2 fault.nan_module=model.layers.0.self_attn
+        fault.nan_at_step=2 fault.nan_module=model.layers.0.attn
     stab run model=custom model._target_=examples.hf.vit preset=smoke
 
 `build` returns a GPT-2 (`arch=gpt2`) or Llama (`arch=llama`, grouped-query attention) language

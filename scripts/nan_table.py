@@ -13,7 +13,11 @@ batch. Loops: `stab run` with stab's own injector (`fault.nan_at_step`/`fault.na
 whole group poisoned at one step), `stab run` of the planted factory, `Monitor` in a plain loop,
 Lightning with `accumulate_grad_batches=2` (`StabCallback`), and the transformers `Trainer` with
 `gradient_accumulation_steps=2` (`StabTrainerCallback`; models that return their loss: GPT-2 and
-Llama). Every run stops at its first non-finite step (on_nan=stop).
+Llama). Every run stops at its first non-finite step (on_nan=stop). Two more `Monitor` loops show
+the answer when stab cannot re-run the step: `monitor no batch` (`monitor.step(loss)` without
+`batch=`) and `monitor fires once` (the fault fires on its first forward only, so the re-run is
+clean): no module is named, and the table gives the planted group's rank among the candidates;
+`stab replay` rebuilds the factory's model, whose fault fires again, and locates it.
 
 The table is printed as Markdown; `--out FILE` also writes it there.
 """
@@ -69,7 +73,8 @@ MODELS: dict[str, tuple[str, dict[str, Any], dict[str, str]]] = {
         {"attention": "blocks.0.attn", "MLP": "blocks.1.mlp", "norm": "blocks.1.ln1"},
     ),
 }
-LOOPS = ("stab run fault.*", "stab run", "monitor", "lightning", "trainer")
+LOOPS = ("stab run fault.*", "stab run", "monitor", "lightning", "trainer", "monitor no batch", "monitor fires once")
+HOW = {"monitor no batch": "no batch", "monitor fires once": "not reproduced"}  # else "located"
 HF_ONLY = {"trainer"}
 
 
@@ -85,6 +90,7 @@ class Plant:
 
     def __init__(self, model: nn.Module, module: str, row: torch.Tensor) -> None:
         self.row, self.armed, self.fired = row, False, 0
+        self.once = False  # fire on the first armed forward only (a transient fault: the re-run is clean)
         model.register_forward_pre_hook(self._arm, with_kwargs=True)
         model.get_submodule(module).register_forward_hook(self._poison)
 
@@ -93,7 +99,7 @@ class Plant:
         self.armed = x.shape[1:] == self.row.shape and bool((x == self.row).flatten(1).all(1).any())
 
     def _poison(self, module: nn.Module, args: tuple, out: Any) -> Any:
-        if self.armed:
+        if self.armed and not (self.once and self.fired):
             self.fired += 1
             return poison(out)
         return None
@@ -174,18 +180,19 @@ def _stab_run(runs: Path, model: str, module: str, group: str, injector: bool) -
     return _only_run(runs)
 
 
-def _monitor(runs: Path, model: str, module: str) -> Path:
+def _monitor(runs: Path, model: str, module: str, batch: bool = True, once: bool = False) -> Path:
     from stability.monitor import Monitor
 
     task = planted(model, module)
     net = task["model"]
+    net.plant.once = once
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     with Monitor(
         net, opt, run_dir=runs / "own", loss=task["loss"], factory=FACTORY, config={"net": model, "module": module}
     ) as mon:
         for b in _batches(task["train"]):
             out = net(**b) if isinstance(b, dict) else net(*b[:-1])
-            mon.step(task["loss"](out, b if isinstance(b, dict) else b[-1]), batch=b)
+            mon.step(task["loss"](out, b if isinstance(b, dict) else b[-1]), batch=b if batch else None)
             if mon.should_stop:
                 break
     return runs / "own"
@@ -285,14 +292,28 @@ def row(loop: str, model: str, kind: str, tmp: Path) -> dict[str, Any]:
     if loop.startswith("stab run"):
         run_dir = _stab_run(runs, model, module, group, injector=loop == "stab run fault.*")
     else:
-        run_dir = {"monitor": _monitor, "lightning": _lightning, "trainer": _trainer}[loop](runs, model, module)
+        run_dir = {
+            "monitor": _monitor,
+            "lightning": _lightning,
+            "trainer": _trainer,
+            "monitor no batch": lambda *a: _monitor(*a, batch=False),
+            "monitor fires once": lambda *a: _monitor(*a, once=True),
+        }[loop](runs, model, module)
     ev = next((e for e in read_jsonl(run_dir / "events.jsonl")[0] if e["event"] == "first_nan"), None)
     out: dict[str, Any] = {"loop": loop, "model": model, "planted": f"{kind}: {module}", "expected": want}
     if ev is None:
         return {**out, "located": "(no first_nan event)", "how": "", "ok": False, "replay": "", "s": 0.0}
     how = ev.get("how", "")
-    cands = ", ".join(c["group"] for c in ev.get("candidates") or [])
-    located = ev.get("module") or f"candidates: {cands}"
+    cands = [c["group"] for c in ev.get("candidates") or []]
+    if ev.get("module"):
+        located = ev["module"]
+    else:
+        rank = f"{cands.index(want) + 1} of {len(cands)}" if want in cands else f"not among {len(cands)}"
+        located = f"none; candidates: {', '.join(cands[:3])}{', ...' if len(cands) > 3 else ''} (planted group: {rank})"
+    expect_how = HOW.get(loop, "located")
+    ok = how == expect_how and (
+        ev.get("module") == want if expect_how == "located" else not ev.get("module") and want in cands
+    )
     try:
         r = replay(run_dir)
         rep = f"{r.group or '-'} ({r.where}); {r.cause.split(':')[0]}"
@@ -304,7 +325,7 @@ def row(loop: str, model: str, kind: str, tmp: Path) -> dict[str, Any]:
         "step": ev.get("step"),
         "located": located,
         "how": how,
-        "ok": ev.get("module") == want and how == "located",
+        "ok": ok,
         "replay": rep,
         "replay_ok": rep_ok,
         "s": time.perf_counter() - t0,
@@ -323,7 +344,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     right = sum(r["ok"] for r in rows)
     replayed = sum(bool(r.get("replay_ok")) for r in rows)
     lines.append("")
-    lines.append(f"{right} of {len(rows)} rows located in the planted module's group; {replayed} replayed there.")
+    lines.append(
+        f"{right} of {len(rows)} rows as expected (located in the planted module's group, or with a NaN that "
+        f"fired once or no batch: no module named and the planted group among the candidates); "
+        f"{replayed} of {len(rows)} replayed in the planted group."
+    )
     return "\n".join(lines)
 
 

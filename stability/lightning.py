@@ -179,7 +179,7 @@ def bench(cfg: RunConfig, steps: int = 60, rounds: int = 4, warm: int = 2) -> di
                     num_sanity_val_steps=0,
                 )
                 with warnings.catch_warnings():  # Lightning's own deprecation notes, not the user's
-                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.simplefilter("ignore")
                     trainer.fit(lit, loader)
                 spent[arm] += timer.t1 - timer.t0
                 done[arm] += timer.steps

@@ -78,11 +78,30 @@ def _step(work: Any, batch: Any, state: dict[str, Any], step: int, cfg: RunConfi
     return probe, loss.item()
 
 
+def _why_nothing_saved(folder: RunFolder) -> str:
+    """Why a run folder has no forensics/state.pt, from its first_nan event."""
+    ev = next((e for e in folder.events() if e.get("event") == "first_nan"), None)
+    if ev is None:
+        return f"no {rf.FORENSICS_STATE}: the run never went non-finite (or predates forensics)"
+    step = f"its first non-finite step (step {ev.get('step')})"
+    if ev.get("how") == "no batch":
+        return (
+            f"no {rf.FORENSICS_STATE}: {step} was recorded without its batch (Monitor.step(loss) without batch=), "
+            f"so there is nothing to re-run; pass batch= to have it located and saved"
+        )
+    if ev.get("how") == "no loss function":
+        return (
+            f"no {rf.FORENSICS_STATE}: {step} was recorded without a loss function to re-run it "
+            f"(Monitor(loss=...)), so nothing was saved"
+        )
+    return f"no {rf.FORENSICS_STATE}: {step} was not saved ({ev.get('how') or 'a run that predates forensics'})"
+
+
 def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult:
     folder = RunFolder(run_dir)
     path = folder.forensics()
     if path is None:
-        raise ReplayError(f"{run_dir}: no {rf.FORENSICS_STATE} (the run never went non-finite, or predates forensics)")
+        raise ReplayError(f"{run_dir}: {_why_nothing_saved(folder)}")
     config = folder.config()
     if config is None:
         raise ReplayError(f"{run_dir}: {'; '.join(folder.warnings)}: the run's config is needed to rebuild its model")

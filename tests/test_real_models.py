@@ -19,7 +19,7 @@ from stability import health
 from stability.config import ConfigError, CustomModelConfig, NoDataConfig, RunConfig
 from stability.monitor import Monitor
 from stability.outputs import poison
-from stability.replay import replay
+from stability.replay import ReplayError, replay
 from stability.workloads.custom import CustomWorkload
 from tests.conftest import only_run, read_json, read_jsonl
 
@@ -332,6 +332,8 @@ def test_without_a_batch_or_a_reproduction_the_monitor_ranks_candidates_instead_
     assert ev["how"] == "no batch" and ev["module"] is None and ev["candidates"]
     assert "non-finite loss" in ev["candidates"][0]["why"]
     assert "not located (no batch; candidates:" in mon.summary["evidence"]
+    with pytest.raises(ReplayError, match=r"its first non-finite step \(step 3\) was recorded without its batch"):
+        replay(tmp_path / "a" / "own")
     once = _gpt2_loop(tmp_path / "b", "transformer.h.0.attn", once=True)  # fires once: the re-run is clean
     ev = once.summary["first_nan"]
     assert ev["how"] == "not reproduced" and ev["module"] is None and ev["forensics"] == "forensics/state.pt"
