@@ -185,6 +185,18 @@ def graceful_signals() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old[1])
 
 
+def check_folder(path: Path, expected: str) -> None:
+    """A folder the user names (RUN, RUNS_DIR) must exist and be a folder; otherwise one line
+    naming the path, what it is, and what to pass (`expected`), before any work. Raises UserError."""
+    if not path.exists():
+        raise UserError(f"{path}: no such folder; pass {expected}")
+    if not path.is_dir():
+        raise UserError(f"{path}: is a file, not a folder; pass {expected}")
+
+
+RUN_FOLDER = "a run folder, e.g. runs/run/<folder> or runs/<sweep>/<job>"
+
+
 def check_writable(folder: Path, option: str = "--runs") -> None:
     """`--runs` (or another folder `option`) must be a folder we can create files in; say so
     before any work. Raises UserError."""

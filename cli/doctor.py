@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.common import console, fmt, styled, user_errors, verdict_text, write_errors
+from cli.common import RUN_FOLDER, check_folder, console, fmt, styled, user_errors, verdict_text, write_errors
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import doctor as dr
@@ -58,6 +58,7 @@ def doctor(
 ) -> None:
     """Say what went wrong in a run and where first, rank the fixes; --try trains them."""
     with user_errors():
+        check_folder(run, RUN_FOLDER)
         try:
             rec = dr.read_run(run)
         except dr.DoctorError as e:

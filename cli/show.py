@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import console, fmt, styled, user_errors, verdict_text, warn, write_errors
+from cli.common import RUN_FOLDER, check_folder, console, fmt, styled, user_errors, verdict_text, warn, write_errors
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability.config import OWN_LOOP, ConfigError
@@ -37,8 +37,7 @@ def show(
     from stability import report as rep
 
     with user_errors():
-        if not run.exists():
-            raise UserError(f"{run}: no such folder")
+        check_folder(run, RUN_FOLDER)
         if not rep.is_run_folder(run):
             inside = rep.find_runs(run) if run.is_dir() else []
             hint = (

@@ -93,7 +93,8 @@ def read_run(run_dir: Path) -> RunRecord:
     """Read a finished run folder. Raises DoctorError naming what is missing."""
     folder = RunFolder(run_dir)
     if not folder.path.is_dir():
-        raise DoctorError(f"RUN {str(run_dir)!r} is not a folder: expected a run folder (with {rf.METRICS})")
+        what = "is a file, not a folder" if folder.path.exists() else "no such folder"
+        raise DoctorError(f"{run_dir}: {what}; pass a run folder (with {rf.METRICS})")
     steps = folder.steps()
     if not steps:
         raise DoctorError(

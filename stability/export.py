@@ -99,7 +99,9 @@ def export(path: Path, to: str, out: Path | None = None) -> list[Outcome]:
         )
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such folder")
+        raise ValueError(f"{path}: no such folder; pass a run folder or a folder of them")
+    if not path.is_dir():
+        raise ValueError(f"{path}: is a file, not a folder; pass a run folder or a folder of them")
     folders = [path] if any((path / m).exists() for m in rf.RUN_MARKERS) else find_runs(path)
     if not folders:
         raise ValueError(f"{path}: no run folders in it (a run folder holds {', '.join(rf.RUN_MARKERS)})")

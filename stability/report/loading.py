@@ -126,9 +126,9 @@ def load_runs(root: Path) -> list[Run]:
     """All runs under `root`, sorted by folder; ReportError if there is nothing to report on."""
     root = Path(root)
     if not root.exists():
-        raise ReportError(f"{root}: no such folder")
+        raise ReportError(f"{root}: no such folder; pass a folder holding run folders or sweeps")
     if not root.is_dir():
-        raise ReportError(f"{root}: not a folder")
+        raise ReportError(f"{root}: is a file, not a folder; pass a folder holding run folders or sweeps")
     paths = find_runs(root)
     if not paths:
         raise ReportError(f"{root}: no run folders in it (a run folder holds {', '.join(RUN_MARKERS)})")
