@@ -10,6 +10,7 @@ stab export runs/grid --to tensorboard
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import signal
@@ -30,7 +31,7 @@ from cli import report as report_cmd
 from cli import run as run_cmd
 from cli import show as show_cmd
 from cli import sweep as sweep_cmd
-from cli.common import DEBUG, guard_stdout, route_library_warnings
+from cli.common import DEBUG, ClosedStdout, guard_stdout, route_library_warnings
 
 app = typer.Typer(
     add_completion=False,
@@ -75,23 +76,31 @@ def user_code_importable() -> None:
 def main() -> None:
     user_code_importable()
     out = guard_stdout()
-    code: Any = 0
+    ending: dict[str, Any] = {"code": 0}
+    # Registered before anything the command imports (joblib, loky, torch), so it runs after
+    # their exit handlers, which remove joblib's /dev/shm folders and tell loky's resource
+    # tracker they are gone (killed before them, the tracker prints "leaked folder objects").
+    atexit.register(_end_as_a_pipe_reader_left, out, ending)
     try:
         app()
     except SystemExit as e:
-        code = e.code
+        ending["code"] = e.code
     finally:
         # Everything torch and Hydra built stays referenced until exit; freezing it spares the
         # interpreter's last garbage-collector pass over all of it (about 0.5 s per command).
         gc.freeze()
     out.flush()
-    if out.closed_pipe and code in (0, None):
-        # the reader left (`| head`): the work is done and recorded; end as `seq 1 100000 | head -1`
-        # does, killed by SIGPIPE, not with a failure status of our own
+    sys.exit(ending["code"])
+
+
+def _end_as_a_pipe_reader_left(out: ClosedStdout, ending: dict[str, Any]) -> None:
+    """The last exit handler: when the reader left (`| head`) and the work succeeded, the work is
+    done and recorded; end as `seq 1 100000 | head -1` does, killed by SIGPIPE (141 in a shell),
+    not with a failure status of our own. The other exit handlers and threads have run."""
+    if out.closed_pipe and ending["code"] in (0, None):
         sys.stderr.flush()
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGPIPE)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

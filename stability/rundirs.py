@@ -199,24 +199,26 @@ def _read(path: Path) -> dict[str, Any]:
 class RunLease:
     """Exclusive, held for the life of this process's work on one run folder.
 
-    Acquire raises `LeaseBusy` if another live writer holds it. The flock is what excludes
-    writers on this host; the file's contents say who holds it, for messages and for hosts that
-    do not share locks; a thread refreshes its heartbeat.
+    Acquire raises `LeaseBusy` if another live writer holds it (`acquire(wait=True)` waits for
+    its flock instead). The flock is what excludes writers on this host; the file's contents say
+    who holds it, for messages and for hosts that do not share locks; a thread refreshes its
+    heartbeat. `name` is the lease file's name in the folder (`.lease` for a run's writer; another
+    name for another kind of writer, e.g. `stab report`'s `.stab-report.lock`).
     """
 
-    def __init__(self, run_dir: Path, **extra: Any) -> None:
+    def __init__(self, run_dir: Path, name: str = LEASE, **extra: Any) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LEASE
+        self.path = self.run_dir / name
         self.extra = extra
         self.fd: int | None = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    def acquire(self) -> RunLease:
+    def acquire(self, wait: bool = False) -> RunLease:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise LeaseBusy(self.run_dir, _read(self.path)) from None

@@ -1,11 +1,21 @@
 """Issue 29, the cases left open in round 4: a folder argument that does not exist or is a file is
-named as such, in one line, by every command that reads one. Each test fails on 68a92a6."""
+named as such, in one line, by every command that reads one; a joblib sweep whose stdout closes
+leaves no folder and no warning of joblib's behind; a second report into a folder waits for the
+first. Each test fails on the main before it."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import select
+import signal
+import subprocess
+
 import pytest
 
-from tests.conftest import Cli
+from tests.conftest import SMOKE, Cli, read_json
+from tests.test_faults import CEILING_S, ROOT, STAB, closed_pipe_run
 
 RUN = "a run folder, e.g. runs/run/<folder> or runs/<sweep>/<job>"
 RUNS_DIR = "a folder holding run folders or sweeps"
@@ -38,3 +48,78 @@ def test_a_folder_argument_that_is_missing_or_a_file_is_named_as_such(tmp_path, 
     what = "no such folder" if make == "missing" else "is a file, not a folder"
     assert line == f"error: {target}: {what}; pass {expected}"
     assert sorted(p.name for p in tmp_path.rglob("*")) == (["runs", "x"] if make == "file" else [])
+
+
+# --- a closed stdout under the joblib launcher -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_joblib_sweep_whose_stdout_closes_ends_without_leaking_joblibs_folders(tmp_path):
+    """stab ended itself by SIGPIPE before the exit handlers ran: joblib's memmapping folders were
+    left to loky's resource tracker, which printed a raw `UserWarning: resource_tracker: There
+    appear to be 2 leaked folder objects` after stab had gone."""
+    shm = tmp_path / "shm"  # where joblib makes its memmapping folders (default /dev/shm)
+    shm.mkdir()
+    cut = closed_pipe_run(
+        "sweep", "--runs", str(tmp_path), "--name", "grid", "--launcher", "joblib", "--jobs", "2",
+        *SMOKE, "train.epochs=1", "residual=0.1,0.3",
+        env={"JOBLIB_TEMP_FOLDER": str(shm)},
+    )  # fmt: skip
+    assert cut.returncode == -signal.SIGPIPE, cut.stderr  # 141 in a shell, as `seq 1 100000 | head -1`
+    assert "leaked" not in cut.stderr and "Warning" not in cut.stderr, cut.stderr
+    assert list(shm.iterdir()) == []  # joblib removed its own folders (stderr's EOF waits for the tracker)
+    index = read_json(tmp_path / "grid" / "sweep.json")
+    assert (index["launcher"], index["state"]) == ("joblib", "completed")
+    assert [j["state"] for j in index["jobs"]] == ["completed", "completed"]
+    for j in index["jobs"]:
+        summary = read_json(tmp_path / "grid" / j["folder"] / "summary.json")
+        assert summary["verdict"] == j["verdict"] and summary["epochs_run"] == 1
+
+
+# --- two `stab report` into one folder at once ------------------------------------------------
+
+
+def test_a_second_report_into_the_same_folder_waits_for_the_first(cli, tmp_path):
+    """Two reports into one folder interleaved their files and the manifest, so that the next
+    report could refuse a file as "changed since". The second now waits on the first's
+    OUT/.stab-report.lock. Made deterministic without a clock: the first report's manifest is a
+    FIFO, so the first blocks inside its check of the folder (holding the lock) until this test
+    writes the manifest into it, and the test does that only after the second has said it waits."""
+    runs = tmp_path / "runs"
+    cli("run", "--runs", runs, "model=charlm", *SMOKE, "train.threads=1", "train.epochs=1")
+    cli("report", runs)  # the files and their manifest, as a first report leaves them
+    manifest = runs / ".stab-report.json"
+    text = manifest.read_text()
+    manifest.unlink()
+    os.mkfifo(manifest)
+
+    def report() -> subprocess.Popen:
+        return subprocess.Popen(
+            [*STAB, "report", str(runs)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+
+    first = report()
+    with open(manifest, "w") as fifo:  # opens once the first report opens it to read: it is checking
+        second = report()
+        said = select.select([second.stderr], [], [], CEILING_S)[0]  # a ceiling, not a timing
+        line = second.stderr.readline() if said else ""
+        fifo.write(text)  # the first report reads its manifest and goes on
+    first_err = first.communicate(timeout=CEILING_S)[1]
+    second_err = line + second.communicate(timeout=CEILING_S)[1]
+    assert first.returncode == 0 and first_err == "", first_err
+    assert second.returncode == 0, second_err
+    assert re.fullmatch(
+        rf"warning: {re.escape(str(runs))}: another stab report \(pid {first.pid} on .+, since \d\d:\d\d:\d\d\) "
+        r"is writing there; waiting for it to end",
+        line.strip(),
+    ), second_err
+    assert second_err.strip() == line.strip()  # that one line, nothing else
+    written = read_json(manifest)
+    assert written["writing"] is False and "report.md" in written["files"]
+    for rel, digest in written["files"].items():  # the manifest is in step with every file
+        assert hashlib.sha256((runs / rel).read_bytes()).hexdigest() == digest, rel
+    cli("report", runs)  # and the next report finds every file its own

@@ -13,6 +13,10 @@ or have a damaged file. NaN and inf stay NaN and inf in every table, CSV cell an
 from __future__ import annotations
 
 import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +76,10 @@ from stability.report.tables import (
     runs_frame,
     stage_frame,
 )
+from stability.rundirs import LeaseBusy, RunLease
 from stability.storage import atomic_write_text
+
+log = logging.getLogger("stab.report")
 
 __all__ = [
     "ABSENT",
@@ -212,76 +219,102 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     drawn = [plots / "curves.png", plots / "grad_norm.png", *heat_paths.values(), *step_paths.values()]
     drawn += [plots / "grouped.png"] if draw_grouped else []
     drawn += [plots / "departure.png"] if draw_departure else []
-    ours = check_ours(out, [*tables, *drawn])
     out.mkdir(parents=True, exist_ok=True)
-    _remember(out, [out / rel for rel in sorted(ours)], writing=True)
-    plots.mkdir(parents=True, exist_ok=True)
-    heatmaps: dict[str, Path] = {}
-    step_plots: dict[str, Path] = {}
-    grouped = departure = None
-    with phase("drawing plots", total=len(drawn), unit="plots") as p:
-        files = [plot_curves(runs, names, plots / "curves.png")]
-        p.advance()
-        files.append(plot_grad_norms(runs, names, plots / "grad_norm.png"))
-        p.advance()
-        for r in mapped:
-            heatmaps[r.rel] = plot_heatmap(r, names[r.rel], heat_paths[r.rel])
+    with one_report_at_a_time(out):  # what is checked below stays true while this report writes
+        ours = check_ours(out, [*tables, *drawn])
+        _remember(out, [out / rel for rel in sorted(ours)], writing=True)
+        plots.mkdir(parents=True, exist_ok=True)
+        heatmaps: dict[str, Path] = {}
+        step_plots: dict[str, Path] = {}
+        grouped = departure = None
+        with phase("drawing plots", total=len(drawn), unit="plots") as p:
+            files = [plot_curves(runs, names, plots / "curves.png")]
             p.advance()
-        for r in stepped:
-            step_plots[r.rel] = plot_steps(r, series[r.rel], names[r.rel], step_paths[r.rel]).path
+            files.append(plot_grad_norms(runs, names, plots / "grad_norm.png"))
             p.advance()
-        if draw_grouped:
-            grouped = plot_grouped(stepped, series, keys, plots / "grouped.png", spread)
-            files.append(grouped.path)
-            p.advance()
-        if draw_departure:
-            departure = plot_departure(dep_rows, plots / "departure.png")
-            files.append(departure.path)
-            p.advance()
-    for stale in _optional_files(out):  # not written this time: removed only if a report wrote it
-        if stale not in tables and stale not in drawn and stale.relative_to(out).as_posix() in ours:
-            stale.unlink(missing_ok=True)
-    files += heatmaps.values()
-    files += step_plots.values()
-    write_csv(table, out / "runs.csv")
-    write_csv(summary, out / "factors.csv")
-    extra = []
-    if not configs.empty:
-        write_csv(configs, out / "configs.csv")
-        extra.append(out / "configs.csv")
-    if lr_table is not None:
-        write_csv(lr_table, out / "lr_sensitivity.csv")
-        extra.append(out / "lr_sensitivity.csv")
-    report = Report(
-        root,
-        out,
-        runs,
-        keys,
-        over,
-        table,
-        summary,
-        [],
-        heatmaps,
-        lr_table,
-        ans,
-        sentence,
-        step_plots,
-        grouped,
-        departure,
-        departures,
-        configs,
-    )
-    atomic_write_text(
-        out / "report.md",
-        _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table, ans, sentence, report, configs),
-    )
-    atomic_write_text(out / "report.html", html_report(report, names))
-    report.files = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra, *files]
-    _remember(out, report.files)
+            for r in mapped:
+                heatmaps[r.rel] = plot_heatmap(r, names[r.rel], heat_paths[r.rel])
+                p.advance()
+            for r in stepped:
+                step_plots[r.rel] = plot_steps(r, series[r.rel], names[r.rel], step_paths[r.rel]).path
+                p.advance()
+            if draw_grouped:
+                grouped = plot_grouped(stepped, series, keys, plots / "grouped.png", spread)
+                files.append(grouped.path)
+                p.advance()
+            if draw_departure:
+                departure = plot_departure(dep_rows, plots / "departure.png")
+                files.append(departure.path)
+                p.advance()
+        for stale in _optional_files(out):  # not written this time: removed only if a report wrote it
+            if stale not in tables and stale not in drawn and stale.relative_to(out).as_posix() in ours:
+                stale.unlink(missing_ok=True)
+        files += heatmaps.values()
+        files += step_plots.values()
+        write_csv(table, out / "runs.csv")
+        write_csv(summary, out / "factors.csv")
+        extra = []
+        if not configs.empty:
+            write_csv(configs, out / "configs.csv")
+            extra.append(out / "configs.csv")
+        if lr_table is not None:
+            write_csv(lr_table, out / "lr_sensitivity.csv")
+            extra.append(out / "lr_sensitivity.csv")
+        report = Report(
+            root,
+            out,
+            runs,
+            keys,
+            over,
+            table,
+            summary,
+            [],
+            heatmaps,
+            lr_table,
+            ans,
+            sentence,
+            step_plots,
+            grouped,
+            departure,
+            departures,
+            configs,
+        )
+        atomic_write_text(
+            out / "report.md",
+            _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table, ans, sentence, report, configs),
+        )
+        atomic_write_text(out / "report.html", html_report(report, names))
+        report.files = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra, *files]
+        _remember(out, report.files)
     return report
 
 
 MANIFEST = ".stab-report.json"  # in the report's folder: the files `stab report` wrote there, with their sha256
+LOCK = ".stab-report.lock"  # in the report's folder: held by the one `stab report` writing there
+
+
+@contextmanager
+def one_report_at_a_time(out: Path) -> Iterator[None]:
+    """Hold out/.stab-report.lock (an flock, `stability.rundirs.RunLease`) while a report checks
+    and writes its files, so that a second report into the same folder (two shells, a sweep's own
+    report) cannot interleave with it and leave the manifest out of step with a file (the next
+    report would then refuse that file as "changed since"). A second report waits for the first
+    to end, saying so in one warning on the `stab.report` logger."""
+    lease = RunLease(out, LOCK, purpose="stab report")
+    try:
+        lease.acquire()
+    except LeaseBusy as e:
+        since = e.holder.get("started")
+        when = time.strftime("%H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+        log.warning(
+            f"{out}: another stab report (pid {e.holder.get('pid', '?')} on {e.holder.get('host', '?')}, "
+            f"since {when}) is writing there; waiting for it to end"
+        )
+        lease.acquire(wait=True)
+    try:
+        yield
+    finally:
+        lease.release()
 
 
 def _unique(name: str, used: set[str]) -> str:
