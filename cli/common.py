@@ -197,11 +197,16 @@ def check_folder(path: Path, expected: str) -> None:
 RUN_FOLDER = "a run folder, e.g. runs/run/<folder> or runs/<sweep>/<job>"
 
 
+def check_not_a_file(folder: Path, option: str = "--runs") -> None:
+    """A folder option that names an existing file: one line, before any work. Raises UserError."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {str(folder)!r} is a file, not a folder: pass a folder (it is created if missing)")
+
+
 def check_writable(folder: Path, option: str = "--runs") -> None:
     """`--runs` (or another folder `option`) must be a folder we can create files in; say so
     before any work. Raises UserError."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{option} {str(folder)!r} is a file, not a folder: pass a folder (it is created if missing)")
+    check_not_a_file(folder, option)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".stab-write-check"):

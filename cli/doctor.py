@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.common import RUN_FOLDER, check_folder, console, fmt, styled, user_errors, verdict_text, write_errors
+from cli.common import RUN_FOLDER, check_folder, check_not_a_file, console, fmt, styled, user_errors, verdict_text, write_errors
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import doctor as dr
@@ -59,6 +59,8 @@ def doctor(
     """Say what went wrong in a run and where first, rank the fixes; --try trains them."""
     with user_errors():
         check_folder(run, RUN_FOLDER)
+        if try_:
+            check_not_a_file(runs)  # before the diagnosis is printed, not after it
         try:
             rec = dr.read_run(run)
         except dr.DoctorError as e:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cli import launch
-from cli.common import console, fmt, seconds, styled, user_errors, write_errors
+from cli.common import check_writable, console, fmt, seconds, styled, user_errors, write_errors
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability.record import verdicts as vd
@@ -83,6 +83,7 @@ def margin(
         labels = config_labels(probe_combos)
         for c in probe_combos:  # every configuration is valid before any probe runs
             compose_run(c + [f"train.lr={settings.lo:g}", EARLY])
+        check_writable(runs)  # before the plan is printed
     by_label = dict(zip(labels, probe_combos))
     sweep_dir = (runs / name).resolve()
     K = mg.grid_size(settings.lo, settings.hi, settings.tolerance)

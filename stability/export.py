@@ -97,6 +97,8 @@ def export(path: Path, to: str, out: Path | None = None) -> list[Outcome]:
             f"--out is not used by --to {to}, which sends to {target.help}; --out is for "
             f"{', '.join(t for t in TARGETS if t not in TRACKERS)}"
         )
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder: pass a folder (it is created if missing)")
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such folder; pass a run folder or a folder of them")

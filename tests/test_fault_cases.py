@@ -11,6 +11,7 @@ import re
 import select
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,40 @@ def test_a_folder_argument_that_is_missing_or_a_file_is_named_as_such(tmp_path, 
     what = "no such folder" if make == "missing" else "is a file, not a folder"
     assert line == f"error: {target}: {what}; pass {expected}"
     assert sorted(p.name for p in tmp_path.rglob("*")) == (["runs", "x"] if make == "file" else [])
+
+
+@pytest.fixture(scope="module")
+def nan_run(tmp_path_factory) -> Path:
+    """A real char-LM smoke run with a NaN planted at step 3: RUNS/run/<folder>."""
+    runs = tmp_path_factory.mktemp("runs")
+    Cli()("run", "--runs", runs, "model=charlm", *SMOKE, "train.threads=1", "train.epochs=1",
+          "fault.nan_at_step=3", "fault.nan_module=layer0.mlp")  # fmt: skip
+    (run,) = (runs / "run").iterdir()
+    assert read_json(run / "summary.json")["verdict"] == "nan"
+    return run
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "{run}", "--to", "lightning", "--out", "{file}"],
+        ["doctor", "{run}", "--try", "--runs", "{file}"],
+        ["margin", "--runs", "{file}", "model=charlm", *SMOKE],
+    ],
+    ids=["export-out", "doctor-try-runs", "margin-runs"],
+)
+def test_a_folder_option_that_is_a_file_is_one_line_before_anything_is_printed(tmp_path, nan_run, command):
+    """export --to lightning --out FILE was a NotADirectoryError traceback; doctor --try printed
+    its whole diagnosis and margin its plan before saying --runs is a file."""
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    result = Cli()(*[a.format(run=nan_run, file=file) for a in command], ok=False)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    option = command[command.index("{file}") - 1]
+    assert line == f"error: {option} {str(file)!r} is a file, not a folder: pass a folder (it is created if missing)"
+    assert file.read_text() == "not a folder"
 
 
 # --- a closed stdout under the joblib launcher -----------------------------------------------
