@@ -18,7 +18,17 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.common import RUN_FOLDER, check_folder, check_not_a_file, console, fmt, styled, user_errors, verdict_text, write_errors
+from cli.common import (
+    RUN_FOLDER,
+    check_folder,
+    check_not_a_file,
+    console,
+    fmt,
+    styled,
+    user_errors,
+    verdict_text,
+    write_errors,
+)
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability import doctor as dr
