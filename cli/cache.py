@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.common import console, err_console, styled, user_errors
+from cli.common import check_not_a_file, console, err_console, styled, user_errors
 from cli.config import UserError
 
 app = typer.Typer(no_args_is_help=True, help="The latent cache shared by runs and sweeps.")
@@ -42,6 +42,20 @@ def parse_age(text: str) -> float:
     return float(m[1]) * _UNITS[m[2]]
 
 
+def cache_root(cache_dir: Path | None) -> Path:
+    """The cache folder: --dir, else $STAB_CACHE, else ~/.cache/stab. Raises UserError (one line)
+    when it names a file: it is no cache, and a listing of it would say "no cache entries"."""
+    import os
+
+    from stability.workloads.cascade.data import default_cache_root
+
+    root = cache_dir or default_cache_root()
+    check_not_a_file(
+        root, "--dir" if cache_dir else "STAB_CACHE" if os.environ.get("STAB_CACHE") else "the cache folder"
+    )
+    return root
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -60,9 +74,10 @@ def human_age(seconds: float) -> str:
 @app.command("ls")
 def ls(cache_dir: DirOption = None) -> None:
     """Every entry: key, size, age and what it holds."""
-    from stability.workloads.cascade.data import cache_entries, default_cache_root
+    from stability.workloads.cascade.data import cache_entries
 
-    root = cache_dir or default_cache_root()
+    with user_errors():
+        root = cache_root(cache_dir)
     entries = cache_entries(root)
     if not entries:
         console.print(f"no cache entries in {root}", highlight=False)
@@ -85,10 +100,10 @@ def clear(
     cache_dir: DirOption = None,
 ) -> None:
     """Remove entries: all, those with the given keys, or those older than an age."""
-    from stability.workloads.cascade.data import cache_entries, clear_cache, default_cache_root
+    from stability.workloads.cascade.data import cache_entries, clear_cache
 
-    root = cache_dir or default_cache_root()
     with user_errors():
+        root = cache_root(cache_dir)
         age = parse_age(older_than) if older_than is not None else None
         if keys:
             known = [e.key for e in cache_entries(root)]

@@ -1,7 +1,7 @@
-"""Issue 29, the cases left open in round 4: a folder argument that does not exist or is a file is
-named as such, in one line, by every command that reads one; a joblib sweep whose stdout closes
-leaves no folder and no warning of joblib's behind; a second report into a folder waits for the
-first. Each test fails on the main before it."""
+"""Issue 29, the cases left open in round 4: a folder argument that does not exist or is a file
+is named as such, in one line, by every command that reads one, and a folder option that names a
+file is refused before anything is printed; a joblib sweep whose stdout closes leaves no folder
+and no warning of joblib's behind; a second report into a folder waits for the first. Each test fails on 68a92a6."""
 
 from __future__ import annotations
 
@@ -82,6 +82,22 @@ def test_a_folder_option_that_is_a_file_is_one_line_before_anything_is_printed(t
     (line,) = result.stderr.strip().splitlines()
     option = command[command.index("{file}") - 1]
     assert line == f"error: {option} {str(file)!r} is a file, not a folder: pass a folder (it is created if missing)"
+    assert file.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("command", ["ls", "clear"])
+@pytest.mark.parametrize("how", ["--dir", "STAB_CACHE"])
+def test_a_cache_folder_that_is_a_file_is_refused_in_one_line(tmp_path, monkeypatch, command, how):
+    """`stab cache ls --dir FILE` said "no cache entries in FILE", exit 0, and `clear` "removed 0
+    entries": a file is no cache folder."""
+    file = tmp_path / "cache"
+    file.write_text("not a folder")
+    monkeypatch.setenv("STAB_CACHE", str(file if how == "STAB_CACHE" else tmp_path / "unused"))
+    result = Cli()("cache", command, *(["--dir", file] if how == "--dir" else []), ok=False)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line == f"error: {how} {str(file)!r} is a file, not a folder: pass a folder (it is created if missing)"
     assert file.read_text() == "not a folder"
 
 
