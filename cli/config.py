@@ -1,25 +1,28 @@
 """The Hydra adapter for single runs: compose `conf/` with overrides into a `RunConfig`.
 
-Hydra and OmegaConf stop here; `stability/` receives plain dataclasses. Struct mode stays on,
-so a typo'd key fails with Hydra's message, which `UserError` turns into one line.
+Hydra and OmegaConf stop here; `stability/` receives plain dataclasses. Struct mode stays on, so
+a typo'd key fails; the one-line message is made from data, not from Hydra's error text: each
+override as Hydra's own parser reads it, looked up in the config the other overrides compose
+(the key, the bad value, what is allowed there, did-you-mean). A path given to a path key is data,
+quoted on its way into Hydra. `--config-dir` folders travel as an argument (`dirs`).
 
-    cfg, overrides = compose_run(["preset=smoke", "norm=pre"])
+    cfg = compose_run(["preset=smoke", "norm=pre"])
+    cfg = compose_run(["model=my_transformer"], dirs=config_dirs([Path("conf")]))
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
-import json
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -31,14 +34,16 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Top-level keys that are not RunConfig fields: the short names, interpolated into groups.
 ALIASES = tuple(SHORT_NAMES)
 GROUP_KEYS = ("preset", "experiment")
-# Folders added to Hydra's config search path by `--config-dir` (a user's own conf/ with e.g.
-# model/my_transformer.yaml), searched after stab's conf/; set once per command.
-CONFIG_DIRS: list[Path] = []
+# Keys whose value is a path: what the user types is the path, never override grammar (a comma
+# still separates a sweep's values; quote the path to keep one in it).
+PATH_KEYS = ("data.path", "data.cache_dir", "data.codec.weights", "train.rewind_from")
 
 
-def set_config_dirs(dirs: list[Path] | None) -> None:
-    """`--config-dir DIR`: DIR's config groups join stab's (as Hydra's own --config-dir does)."""
-    CONFIG_DIRS[:] = []
+def config_dirs(dirs: Sequence[Path] | None) -> tuple[Path, ...]:
+    """`--config-dir DIR`: DIR's config groups join stab's (as Hydra's own --config-dir does),
+    searched after stab's conf/. Returns the folders resolved; raises UserError for one that is
+    not a folder."""
+    out = []
     for d in dirs or []:
         d = Path(d).expanduser().resolve()
         if not d.is_dir():
@@ -46,36 +51,39 @@ def set_config_dirs(dirs: list[Path] | None) -> None:
                 f"--config-dir {str(d)!r} is not a folder: pass the folder holding your config groups "
                 f"(e.g. ./conf with model/my_transformer.yaml)"
             )
-        CONFIG_DIRS.append(d)
-    named = _model_only_presets()
-    if named is not None:
-        CONFIG_DIRS.append(named)
+        out.append(d)
+    return tuple(out)
 
 
-def _model_only_presets() -> Path | None:
-    """A folder naming the presets that a --config-dir defines only as model_preset/MODEL/NAME.yaml
-    (no preset/NAME.yaml anywhere): `preset` is a config group, so Hydra needs the name there too.
-    The folder holds an empty preset/NAME.yaml for each (in the temp folder, one per set of names);
-    None when there are none."""
-    dirs = (CONF_DIR, *CONFIG_DIRS)
-    have = {p.stem for d in dirs for p in (d / "preset").glob("*.yaml")}
-    names = sorted({p.stem for d in CONFIG_DIRS for p in (d / "model_preset").glob("*/*.yaml")} - have)
-    if not names:
-        return None
-    folder = Path(tempfile.gettempdir()) / f"stab-presets-{hashlib.sha256(' '.join(names).encode()).hexdigest()[:12]}"
-    (folder / "preset").mkdir(parents=True, exist_ok=True)
-    for name in names:
-        path = folder / "preset" / f"{name}.yaml"
-        if not path.exists():
-            path.write_text(f"# @package _global_\n# preset={name}: its values are in model_preset/MODEL/{name}.yaml\n")
-    return folder
-
-
-def search_path_overrides() -> list[str]:
-    """The `hydra.searchpath` override for `--config-dir` (none without it)."""
-    if not CONFIG_DIRS:
+def search_path_overrides(dirs: Sequence[Path] = ()) -> list[str]:
+    """The `hydra.searchpath` override for `--config-dir` folders (none without them)."""
+    if not dirs:
         return []
-    return ["hydra.searchpath=[" + ",".join(hydra_quote(f"file://{d}") for d in CONFIG_DIRS) + "]"]
+    return ["hydra.searchpath=[" + ",".join(hydra_quote(f"file://{d}") for d in dirs) + "]"]
+
+
+def paths_as_data(overrides: Sequence[str]) -> list[str]:
+    """The overrides with each path key's value quoted for Hydra (`data.path=runs/it's here` ->
+    `data.path='runs/it\\'s here'`), so `${...}`, quotes, `=`, brackets and spaces are part of the
+    path. A value already quoted whole, `null`, or one with a comma (a sweep of paths) is left as
+    the user wrote it."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and key.lstrip("+") in PATH_KEYS and value != "null" and "," not in value and not _quoted(value):
+            o = f"{key}={hydra_quote(value)}"
+        out.append(o)
+    return out
+
+
+def _quoted(value: str) -> bool:
+    """`value` is one quoted string of Hydra's grammar (`'a, b'`), as the user may already write it."""
+    if len(value) < 2 or value[0] not in "'\"" or value[-1] != value[0]:
+        return False
+    try:
+        return isinstance(OverridesParser.create().parse_override(f"k={value}").value(), str)
+    except HydraException:
+        return False
 
 
 def hydra_quote(text: str) -> str:
@@ -148,10 +156,10 @@ def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
     """A short name changed from its default that no key of the chosen model reads would be
     silently ignored (e.g. `residual` with model=charlm, `z_loss` with the cascade): refuse it."""
     unresolved = _container(cfg, resolve=False)
-    read = json.dumps({k: v for k, v in unresolved.items() if k not in ALIASES}, default=str)
+    read = _interpolated({k: v for k, v in unresolved.items() if k not in ALIASES})
     root = _root_values()
     for alias in ALIASES:
-        if alias in resolved and "${" + alias + "}" not in read and resolved[alias] != root.get(alias):
+        if alias in resolved and alias not in read and resolved[alias] != root.get(alias):
             model = (resolved.get("model") or {}).get("name", "?")
             if model == "custom":
                 raise UserError(
@@ -159,11 +167,27 @@ def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
                     f"{resolved['model'].get('_target_')}: the factory does not read {alias} (give it a "
                     f"parameter named {alias}, or set model.{alias} in your model's config)"
                 )
-            users = [p.stem for p in sorted((CONF_DIR / "model").glob("*.yaml")) if "${" + alias + "}" in p.read_text()]
+            users = [
+                p.stem
+                for p in sorted((CONF_DIR / "model").glob("*.yaml"))
+                if alias in _interpolated(_container(cast(DictConfig, OmegaConf.load(p)), resolve=False))
+            ]
             raise UserError(
                 f"{alias}={resolved[alias]!r} is not allowed with model={model}: it does not read "
                 f"{alias}" + (f" (model={' or model='.join(users)} does)" if users else "")
             )
+
+
+def _interpolated(node: Any) -> set[str]:
+    """The top-level keys that the values under `node` (a config as plain containers, unresolved)
+    interpolate: `{"model": {"norm": "${norm}"}}` -> {"norm"}."""
+    if isinstance(node, dict):
+        return set().union(*(_interpolated(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_interpolated(v) for v in node))
+    if isinstance(node, str) and "${" in node:
+        return {name for name in ALIASES if "${" + name + "}" in node}
+    return set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -174,14 +198,14 @@ def _root_values() -> dict[str, Any]:
     return {k: v for k, v in _container(root, resolve=False).items() if k in ALIASES}
 
 
-def check_override_syntax(overrides: list[str]) -> None:
+def check_override_syntax(overrides: list[str], dirs: Sequence[Path] = ()) -> None:
     """Catch the shell's word splitting before Hydra does: `residual=0.1 0.3` or `residual=0.1, 0.3`
     gives an argument with no `=`, which Hydra reports as `missing EQUAL at '<EOF>'`."""
     for i, arg in enumerate(overrides):
         if "=" in arg or arg.startswith("~"):
             continue
         prev = overrides[i - 1] if i else ""
-        keys = _keys_under("") + list(GROUP_KEYS)
+        keys = _keys_under(_base((), dirs), "") + list(GROUP_KEYS)
         dotted = re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", arg)  # train.lr, not 0.3
         key_like = dotted or difflib.get_close_matches(arg, keys, n=1, cutoff=0.75)
         if "=" in prev and not prev.startswith("~") and not key_like:
@@ -197,12 +221,69 @@ def check_override_syntax(overrides: list[str]) -> None:
         )
 
 
-def _unknown_key(key: str, others: list[str]) -> str:
+def parse_overrides(overrides: Sequence[str]) -> list[Override]:
+    """Each override as Hydra's own parser reads it; one it cannot read is a UserError naming it
+    and how to quote it (`~`, non-ASCII, an apostrophe: characters the grammar takes only quoted)."""
+    parser = OverridesParser.create()
+    out = []
+    for text in overrides:
+        try:
+            out.append(parser.parse_override(text))
+        except HydraException:
+            key, _, value = text.partition("=")
+            raise UserError(
+                f"{key}={value!r}: Hydra's override grammar cannot read this value unquoted; "
+                f"quote it: \"{key}='{value}'\""
+            ) from None
+    return out
+
+
+def explain(overrides: Sequence[str], dirs: Sequence[Path] = ()) -> str | None:
+    """What is wrong with `overrides`, in one line, found by looking each one up (not by reading
+    Hydra's error): a group option that does not exist, a key the composed config does not have
+    (`+` needed), a key that `+` would add twice. None when each one looks right."""
+    parsed = parse_overrides(overrides)
+    groups = _groups(dirs)
+    for o in parsed:
+        group = o.key_or_group
+        if group not in groups or o.is_delete() or group == "preset":  # preset: _check_preset, per model
+            continue
+        have = _group_options(group, dirs)
+        for value in o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]:
+            if value not in have:
+                return f"{group}={value!r} is not allowed: expected one of {', '.join(have)}" + did_you_mean(
+                    value, have
+                )
+    base = _base([o.input_line or "" for o in parsed if o.key_or_group in groups], dirs)
+    for o in parsed:
+        key = o.key_or_group
+        if key in groups or o.is_force_add() or key.startswith("hydra"):
+            continue
+        exists = _has_key(base, key)
+        if o.is_add() and exists:
+            value = (o.input_line or "").partition("=")[2]  # as typed: 1e-3, not Hydra's 0.001
+            return f"{o.input_line!r}: {key} is already a key; set it without +: {key}={value}"
+        if not o.is_add() and not exists:
+            return _unknown_key(("~" if o.is_delete() else "") + key, base)
+    return None
+
+
+def _one_line(e: BaseException, overrides: Sequence[str] = (), dirs: Sequence[Path] = ()) -> str:
+    """The one line for a composition error: `explain`'s, else Hydra's own message on one line."""
+    if overrides:
+        found = explain(overrides, dirs)
+        if found:
+            return found
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "reference_type")))
+
+
+def _unknown_key(key: str, base: DictConfig) -> str:
     """`unknown key 'train.lrr': ...; did you mean train.lr?`, also when a parent is misspelt."""
     parts = key.lstrip("+~").split(".")
     for depth in range(len(parts)):  # the first part of the path that does not exist
         parent = ".".join(parts[:depth])
-        keys = _keys_under(parent, others)
+        keys = _keys_under(base, parent)
         if parts[depth] not in keys:
             break
     near = did_you_mean(parts[depth], keys + (list(GROUP_KEYS) if not parent else []))
@@ -215,101 +296,107 @@ def _unknown_key(key: str, others: list[str]) -> str:
     return f"unknown key {key!r}: allowed keys{where} are {', '.join(keys)}{near}"
 
 
-def _one_line(e: BaseException, overrides: Sequence[str] = ()) -> str:
-    """Hydra's multi-line messages, made into one line that names the key and what is allowed."""
-    text = str(e)
-    m = re.search(r"Could not override '([^']+)'", text)
-    if m:
-        key = m.group(1)
-        return _unknown_key(key, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
-    m = re.search(r"Could not find 'model_preset/([^/']+)/([^']+)'", text)
-    if m:  # a preset with no values for this model
-        have = sorted(p.stem for p in (CONF_DIR / "model_preset" / m.group(1)).glob("*.yaml"))
-        return (
-            f"preset={m.group(2)!r} is not allowed with model={m.group(1)}: expected one of {', '.join(have)}"
-            + did_you_mean(m.group(2), have)
-        )
-    m = re.search(
-        r"Could not find '([^/']+)/([^']*)'.*?Available options in '[^']+':\s*(.*?)\s*Config search path", text, re.S
-    )
-    if m:
-        have = m.group(3).split()
-        return f"{m.group(1)}={m.group(2)!r} is not allowed: expected one of {', '.join(have)}" + did_you_mean(
-            m.group(2), have
-        )
-    m = re.search(r"LexerNoViableAltException: (\S+?)=(.*?)\s*\^", text)
-    if m:  # characters Hydra's override grammar does not take unquoted (~, non-ASCII, ...)
-        key, value = m.group(1), m.group(2)
-        return (
-            f"{key}={value!r}: Hydra's override grammar cannot read this value unquoted; quote it: \"{key}='{value}'\""
-        )
-    m = re.search(r"Ambiguous value for argument '([^']+)'", text)
-    if m:
-        key, _, value = m.group(1).partition("=")
-        first = [f"{key}={value.split(',')[0]}" if o == m.group(1) else o for o in overrides]
-        try:  # a misspelt key is the first thing to say, before how to sweep it
-            compose_config(first)
-        except UserError as inner:
-            if "unknown key" in str(inner) or "is not allowed" in str(inner):
-                return str(inner)
-        quote = f"if the comma belongs to one value, quote it: \"{key}='{value}'\""
-        sweep = f"a comma list is a sweep: use `stab sweep {m.group(1)}` (or key=[a,b] for a list)"
-        looks_like_one_value = any(c in value for c in "/ ")  # a path or words: quoting is the likely fix
-        return f"{m.group(1)!r}: " + (f"{quote}; {sweep}" if looks_like_one_value else f"{sweep}; {quote}")
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " ".join(line for line in lines if not line.startswith(("full_key", "object_type", "reference_type")))
+def _keys_under(base: DictConfig, parent: str) -> list[str]:
+    """The keys of `base` under `parent` (a dotted path; '' for the root), sorted."""
+    node: Any = _container(base, resolve=False)
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    return sorted(str(k) for k in node) if isinstance(node, dict) else []
 
 
-def _keys_under(parent: str, overrides: Sequence[str] = ()) -> list[str]:
-    """Keys under `parent` in the config the other overrides compose (model=charlm has its own)."""
+def _has_key(base: DictConfig, key: str) -> bool:
+    """`key` (dotted) is in `base`, whatever its value (`???` and interpolations included)."""
+    node: Any = _container(base, resolve=False)
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
+def _compose(overrides: Sequence[str], dirs: Sequence[Path], hydra_config: bool = False) -> DictConfig:
+    """Hydra's Compose API over stab's conf/ and `dirs`; Hydra's and OmegaConf's errors as raised."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        try:
-            base = compose(
-                config_name="config", overrides=[o for o in overrides if "," not in o] + search_path_overrides()
-            )
-        except (HydraException, OmegaConfBaseException):
-            base = compose(config_name="config", overrides=search_path_overrides())
-    node = OmegaConf.select(base, parent) if parent else base
-    return sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
+        return compose(
+            config_name="config",
+            overrides=[*overrides, *search_path_overrides(dirs)],
+            return_hydra_config=hydra_config,
+        )
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """Compose `conf/config.yaml` with Hydra override syntax; errors become `UserError`."""
-    check_override_syntax(list(overrides))
-    GlobalHydra.instance().clear()
+def _base(group_overrides: Sequence[str], dirs: Sequence[Path]) -> DictConfig:
+    """The config the group choices compose (model=charlm has keys of its own), or the defaults'
+    where those choices do not compose."""
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            cfg = compose(
-                config_name="config", overrides=list(overrides) + search_path_overrides(), return_hydra_config=True
-            )
+        return _compose([o for o in group_overrides if "," not in o], dirs)
+    except (HydraException, OmegaConfBaseException):
+        return _compose([], dirs)
+
+
+def _groups(dirs: Sequence[Path]) -> set[str]:
+    """The config groups of the defaults list (model, data, preset, experiment, ...)."""
+    choices = _compose([], dirs, hydra_config=True).hydra.runtime.choices
+    return {str(g) for g in choices if not str(g).startswith("hydra/")}
+
+
+def _group_options(group: str, dirs: Sequence[Path]) -> list[str]:
+    """The options of a config group: its .yaml files in stab's conf/ and each `--config-dir`."""
+    return sorted({p.stem for d in (CONF_DIR, *dirs) for p in (d / group).glob("*.yaml")})
+
+
+def compose_config(overrides: list[str], dirs: Sequence[Path] = ()) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra override syntax; errors become one-line `UserError`s."""
+    overrides = paths_as_data(overrides)
+    check_override_syntax(list(overrides), dirs)
+    for o in parse_overrides(overrides):
+        if o.is_sweep_override():  # one run: a comma list is a sweep, or one value to quote
+            raise UserError(_a_list_in_one_run(o, overrides, dirs))
+    try:
+        cfg = _compose(overrides, dirs, hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(_one_line(e, list(overrides))) from None
-    _check_preset(cfg.hydra.runtime.choices)
+        raise UserError(_one_line(e, overrides, dirs)) from None
+    _check_preset(cfg.hydra.runtime.choices, dirs)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
 
 
-def _check_preset(choices: Any) -> None:
-    """`model_preset` is optional in the defaults list (your own model needs no presets); a preset
-    other than `default` must still exist for the chosen model, in stab's conf/ or a --config-dir."""
+def _a_list_in_one_run(o: Override, overrides: Sequence[str], dirs: Sequence[Path]) -> str:
+    """`residual=0.1,0.3` given to `stab run`: a misspelt key first, else how to sweep or quote."""
+    text = o.input_line or ""
+    key, _, value = text.partition("=")
+    first = [f"{key}={next(iter(o.sweep_string_iterator()))}" if x == text else x for x in overrides]
+    found = explain(first, dirs)  # a misspelt key is the first thing to say, before how to sweep it
+    if found:
+        return found
+    quote = f"if the comma belongs to one value, quote it: \"{key}='{value}'\""
+    sweep = f"a comma list is a sweep: use `stab sweep {text}` (or key=[a,b] for a list)"
+    looks_like_one_value = any(c in value for c in "/ ")  # a path or words: quoting is the likely fix
+    return f"{text!r}: " + (f"{quote}; {sweep}" if looks_like_one_value else f"{sweep}; {quote}")
+
+
+def _check_preset(choices: Any, dirs: Sequence[Path] = ()) -> None:
+    """`preset` and `model_preset` are optional in the defaults list: a preset is a name, its values
+    for the chosen model are model_preset/MODEL/NAME.yaml (in stab's conf/ or a --config-dir; a
+    preset/NAME.yaml is not needed). A preset other than `default` must have them for this model;
+    the message lists only the presets this model takes."""
     model, preset = choices.get("model"), choices.get("preset")
     if not preset or preset == "default":
         return
-    folders = [d / "model_preset" / str(model) for d in (CONF_DIR, *CONFIG_DIRS)]
+    folders = [d / "model_preset" / str(model) for d in (CONF_DIR, *dirs)]
     if any((f / f"{preset}.yaml").exists() for f in folders):
         return
-    have = sorted({p.stem for f in folders for p in f.glob("*.yaml")})
+    have = sorted({"default"} | {p.stem for f in folders for p in f.glob("*.yaml")})
     raise UserError(
-        f"preset={preset!r} is not allowed with model={model}: expected "
-        + (
-            f"one of {', '.join(have)}" + did_you_mean(preset, have)
-            if have
-            else f"default (model={model} has no presets: add model_preset/{model}/{preset}.yaml)"
-        )
+        f"preset={preset!r} is not allowed with model={model}: expected one of {', '.join(have)}"
+        + (did_you_mean(preset, have) or f" (add model_preset/{model}/{preset}.yaml for a preset of your own)")
     )
 
 
-def compose_run(overrides: list[str]) -> RunConfig:
-    return to_run_config(compose_config(overrides))
+def compose_run(overrides: list[str], dirs: Sequence[Path] = ()) -> RunConfig:
+    """`compose_config`, then resolved and validated into a `RunConfig`; raises UserError."""
+    return to_run_config(compose_config(overrides, dirs))

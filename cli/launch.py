@@ -17,18 +17,26 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import hydra
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cli.config import CONF_DIR, UserError, _one_line, check_override_syntax, hydra_quote, search_path_overrides
+from cli.config import (
+    CONF_DIR,
+    UserError,
+    _one_line,
+    check_override_syntax,
+    hydra_quote,
+    parse_overrides,
+    paths_as_data,
+    search_path_overrides,
+)
 from hydra_plugins.stab_sweeper import StabSweeper, grid
 from stability.config import did_you_mean
 from stability.rundirs import OPERATIONAL, folder_name
@@ -64,34 +72,40 @@ def check_launcher(name: str) -> None:
         raise UserError(f"--launcher {name} needs the Hydra plugin {package}: pip install {package}")
 
 
-def with_declared_grid(overrides: list[str]) -> list[str]:
+def with_declared_grid(overrides: list[str], dirs: Sequence[Path] = ()) -> list[str]:
     """The overrides plus the grid an experiment file declares under `hydra.sweeper.params`
     (Hydra's own place for a sweep defined in config, e.g. conf/experiment/story.yaml), as
     explicit `key=a,b` overrides, so the job count, the config checks and the job folder names
-    see them. A key also given on the command line keeps the command line's value."""
+    see them. A key also given on the command line keeps the command line's value. `dirs`: the
+    `--config-dir` folders."""
+    overrides = paths_as_data(overrides)  # as the sweeper will read them: paths quoted as data
     chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == "experiment" and "," not in o]
     if not chosen:
-        return list(overrides)
+        return overrides
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             from hydra import compose
 
-            cfg = compose(config_name="config", overrides=chosen + search_path_overrides(), return_hydra_config=True)
+            cfg = compose(
+                config_name="config", overrides=chosen + search_path_overrides(dirs), return_hydra_config=True
+            )
     except HydraException as e:
-        raise UserError(_one_line(e)) from None
+        raise UserError(_one_line(e, chosen, dirs)) from None
     params = dict(cfg.hydra.sweeper.get("params") or {})
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
     return list(overrides) + [f"{k}={v}" for k, v in params.items() if k not in given]
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """Every job's overrides, as Hydra's basic sweeper will produce them (Cartesian product)."""
+    """Every job's overrides, as stab's sweeper will run them (the Cartesian product, in Hydra's
+    order), with each path key's value quoted as data (`cli.config.paths_as_data`)."""
+    overrides = paths_as_data(overrides)
     check_override_syntax(list(overrides))
     try:
-        return grid(OverridesParser.create().parse_overrides(list(overrides)))
-    except HydraException as e:
-        raise UserError(f"bad sweep override: {_one_line(e)}") from None
+        return grid(parse_overrides(overrides))
+    except (HydraException, UserError) as e:
+        raise UserError(f"bad sweep override: {e}") from None
 
 
 def as_hydra_reads(overrides: list[str]) -> list[str]:
@@ -131,16 +145,19 @@ def hydra_overrides(sweep_dir: Path, launcher: str, jobs: int) -> list[str]:
 
 
 def multirun(
-    overrides: list[str], task_function: Callable[[DictConfig], Any], jobs: list[list[str]] | None = None
+    overrides: list[str],
+    task_function: Callable[[DictConfig], Any],
+    jobs: list[list[str]] | None = None,
+    dirs: Sequence[Path] = (),
 ) -> list[Any]:
     """Run stab's sweeper and the launcher over `overrides` through `hydra.main`; returns the
     JobReturns, one per job in order.
 
     With `jobs` (one override list per job, e.g. a margin search's probes, each configuration at
     its own learning rate: not a Cartesian product), the launcher runs exactly those jobs;
-    `overrides` then holds only the hydra.* ones. An exception of the sweeper or the launcher
+    `overrides` then holds only the hydra.* ones. `dirs`: the `--config-dir` folders. An exception of the sweeper or the launcher
     (e.g. `stability.slurm.SbatchRefused`) reaches the caller as it was raised."""
-    args = [*overrides, *search_path_overrides()]
+    args = [*overrides, *search_path_overrides(dirs)]
     if jobs is not None:
         listed = ",".join("[" + ",".join(hydra_quote(o) for o in job) + "]" for job in jobs)
         args.append(f"hydra.sweeper.jobs=[{listed}]")

@@ -33,7 +33,7 @@ from cli.common import (
     verdict_text,
     write_errors,
 )
-from cli.config import UserError, compose_run, set_config_dirs
+from cli.config import UserError, compose_run, config_dirs
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
 from stability.record.folder import RunFolder
@@ -71,7 +71,7 @@ def run(
     from stability import distributed
 
     with user_errors():
-        set_config_dirs(config_dir)
+        dirs = config_dirs(config_dir)
         try:
             world = distributed.World.from_env()
         except ValueError as e:
@@ -83,14 +83,14 @@ def run(
                 f"--nproc {nproc} is not allowed here: this process is already rank {world.rank} of "
                 f"{world.size} (started by torchrun or srun); drop --nproc"
             )
-        cfg = compose_run(overrides)
+        cfg = compose_run(overrides, dirs)
         try:
             distributed.check_batch(cfg.train.batch_size, nproc or world.size)
         except ValueError as e:
             raise UserError(str(e)) from None
         from cli.launch import with_declared_grid
 
-        grid = with_declared_grid(overrides)[len(overrides) :]
+        grid = with_declared_grid(overrides, dirs)[len(overrides) :]
         if grid:  # e.g. experiment=story: its grid is under hydra.sweeper.params, which only a sweep reads
             raise UserError(
                 f"{' '.join(o for o in overrides if o.startswith(('experiment=', '+experiment=')))} declares "

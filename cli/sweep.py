@@ -46,7 +46,7 @@ from cli.common import (
     verdict_text,
     write_errors,
 )
-from cli.config import UserError, compose_run, set_config_dirs
+from cli.config import UserError, compose_run, config_dirs
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
 from stability.preflight import preflight
 from stability.record import format as rf
@@ -107,16 +107,16 @@ def sweep(
     hydra_args = [o for o in overrides if o.startswith(("hydra.", "hydra/", "+hydra."))]
     task_args = [o for o in overrides if o not in hydra_args]
     with user_errors():
-        set_config_dirs(config_dir)
+        dirs = config_dirs(config_dir)
         if "/" in name or not name.strip() or name.strip(".") == "":
             raise UserError(f"--name {name!r} is not allowed: expected a plain folder name")
         launch.check_launcher(launcher)
         if jobs is not None and jobs < 1:
             raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
-        task_args = launch.with_declared_grid(task_args)
+        task_args = launch.with_declared_grid(task_args, dirs)
         combos = launch.expand(task_args)
     t0 = time.perf_counter()
-    done = launch_jobs(combos, runs, name, launcher, jobs, hydra_args, overrides, task_args)
+    done = launch_jobs(combos, runs, name, launcher, jobs, hydra_args, overrides, task_args, dirs)
     wall = time.perf_counter() - t0
     console.print(summary_table(done.records, done.skipped, same=len(done.duplicates)))
     console.print(
@@ -166,13 +166,14 @@ def launch_jobs(
     hydra_args: list[str],
     overrides: list[str],
     task_args: list[str] | None = None,
+    dirs: tuple[Path, ...] = (),
 ) -> Launched:
     """Check every job's config, lock RUNS/NAME, run the jobs through the launcher, index them.
 
     With `task_args` (a grid of comma lists), Hydra's sweeper expands it into `combos`; without,
     the launcher runs `combos` as they are (e.g. `stab margin`'s probes: each configuration at its
     own learning rate). Resume, duplicates, live view and stop-on-signal are the same either way.
-    Bad input raises typer.Exit(EXIT_USER) before any job starts."""
+    Bad input raises typer.Exit(EXIT_USER) before any job starts. `dirs`: the `--config-dir` folders."""
     sweep_dir = (runs / name).resolve()
     concurrency = _concurrency(launcher, jobs, len(combos))
     os.environ[CONCURRENCY_ENV] = str(concurrency)  # before any worker starts: they inherit it
@@ -183,7 +184,7 @@ def launch_jobs(
         with user_errors():
             identities = []
             for combo in combos:  # every job's config is valid before any job starts
-                cfg = compose_run(combo)
+                cfg = compose_run(combo, dirs)
                 preflight(cfg)
                 identities.append(cfg.identity())
             duplicates = _duplicates(combos, identities)
@@ -206,7 +207,7 @@ def launch_jobs(
     try:
         with write_errors():
             returns, records = _run_sweep(
-                sweep_dir, name, launcher, overrides, task_args, hydra_args, combos, concurrency, workers
+                sweep_dir, name, launcher, overrides, task_args, hydra_args, combos, concurrency, workers, dirs
             )
     finally:
         lock.__exit__()
@@ -239,6 +240,7 @@ def _run_sweep(
     combos: list[list[str]],
     concurrency: int,
     workers: Any,
+    dirs: tuple[Path, ...] = (),
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     _wait_for_orphans(sweep_dir)
     for path in mark_stale_running(sweep_dir):
@@ -265,7 +267,7 @@ def _run_sweep(
         with view, graceful_signals():
             if workers:
                 workers.wait()
-            returns = launch.multirun(hydra_over, job, jobs=combos if explicit else None)
+            returns = launch.multirun(hydra_over, job, jobs=combos if explicit else None, dirs=dirs)
     except KeyboardInterrupt as e:
         how = e.args[0] if e.args else "SIGINT"
         if launcher in LOCAL_LAUNCHERS:

@@ -72,3 +72,48 @@ def test_a_bad_threshold_says_none_is_allowed_too(cli, arg):
     line = bad.output.strip()
     assert "\n" not in line and line.startswith(f"error: {key}=")
     assert "expected none or a positive number" in line, line
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize(
+    "args, allowed, near",
+    [
+        (["model=charlm", "preset=smok"], "expected one of default, gpu, smoke", "did you mean smoke?"),
+        (["preset=gpuu"], "expected one of default, seed, smoke", None),  # the cascade refuses gpu
+        (["preset=seedd"], "expected one of default, seed, smoke", "did you mean seed?"),
+    ],
+)
+def test_a_misspelt_preset_gets_only_the_presets_the_chosen_model_takes(cli, command, args, allowed, near):
+    """Issue 29.6: `preset=gpuu` suggested `gpu`, which the cascade then refuses; the char LM was
+    offered `seed`, a cascade preset. The line lists the model's own presets, and suggests one only
+    from those."""
+    line = one_line(cli(command, *args, ok=False))
+    model = "charlm" if "model=charlm" in args else "cascade"
+    assert f"is not allowed with model={model}: {allowed}" in line, line
+    assert (near in line) if near else ("did you mean" not in line), line
+    listed = line.split("expected one of ", 1)[1].split(";")[0].split(" (")[0].split(", ")
+    assert ("seed" if model == "charlm" else "gpu") not in listed, line
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_plus_on_a_key_that_exists_says_to_drop_the_plus(cli, command):
+    """`+train.epochs=3` adds a key; train.epochs exists, so the fix is `train.epochs=3`, in one line
+    (Hydra said "Could not append to config. An item is already at 'train.epochs'")."""
+    line = one_line(cli(command, *SMOKE, "+train.epochs=3", ok=False))
+    assert "train.epochs is already a key; set it without +: train.epochs=3" in line, line
+    if command == "run":  # the value as typed (a sweep's jobs carry Hydra's normalised 0.001)
+        assert "set it without +: train.lr=1e-3" in one_line(cli(command, *SMOKE, "+train.lr=1e-3", ok=False))
+
+
+@pytest.mark.parametrize("name", ["it's here", "${oc.env:HOME}", "a=b [c] {d}", 'say "hi"'])
+def test_a_path_key_takes_the_path_as_typed(cli, tmp_path, name):
+    """Issue 29.1, the `key=value` side: a path given to data.path is data, never Hydra's grammar:
+    an apostrophe used to get "quote it", `${...}` was resolved to another folder. Inspecting the
+    folder reads the audio that is in it (one segment of 2 s per pair: 1 train + 2 validation)."""
+    folder = tmp_path / name
+    for n in ("a", "b", "c"):
+        write_pair(folder, n, 16_000, 1, seconds=2.5)
+    out = " ".join(cli("data", "inspect", "data=folder", f"data.path={folder}", "data.n_val=2").output.split())
+    assert "segments: 1 train + 2 validation of 2 s" in out, out
+    bad = cli("data", "inspect", "data=folder", f"data.path={tmp_path / 'missing' / name}", ok=False)
+    assert str(tmp_path / "missing" / name) in one_line(bad)  # the path as typed, in the refusal too

@@ -116,7 +116,7 @@ def test_on_nan_skip_keeps_training_after_the_bad_step(cli, tmp_path):
         ("clip=abc", "clip='abc' is not allowed: expected none or a positive number"),
         ("nosuchkey=1", "unknown key 'nosuchkey'"),
         ("model.depth=3", "unknown key 'model.depth'"),
-        ("preset=huge", "preset='huge' is not allowed: expected one of"),
+        ("preset=huge", "preset='huge' is not allowed with model=cascade: expected one of default, seed, smoke"),
         ("train.epochs=0", "train.epochs=0 is not allowed"),
         ("fault.nan_at_step=1 fault.nan_module=stage9", "fault.nan_module='stage9' is not a module group"),
         pytest.param(
