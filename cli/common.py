@@ -112,6 +112,26 @@ class ClosedStdout:
         return getattr(self._stream, name)
 
 
+def flags_take_no_value() -> None:
+    """Help lists a flag (`--debug`, `--help`, `doctor --try`, `show --plot`) without a value type.
+
+    Typer 0.29's Rich help prints each option's type, flags included (`--debug <bool>`), which
+    reads as if the flag took a value (`--debug true` is an error). A flag's type is left out;
+    options that take a value keep theirs (`--runs <path>`). Idempotent; does nothing on a Typer
+    without `TyperOption.display_type_rich`."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_take_no_value", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich.flags_take_no_value = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
 def guard_stdout() -> ClosedStdout:
     """Wrap sys.stdout in `ClosedStdout` once (idempotent); returns the guard."""
     if not isinstance(sys.stdout, ClosedStdout):

@@ -31,8 +31,9 @@ from cli import report as report_cmd
 from cli import run as run_cmd
 from cli import show as show_cmd
 from cli import sweep as sweep_cmd
-from cli.common import DEBUG, ClosedStdout, guard_stdout, route_library_warnings
+from cli.common import DEBUG, ClosedStdout, flags_take_no_value, guard_stdout, route_library_warnings
 
+flags_take_no_value()
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

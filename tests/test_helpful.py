@@ -117,3 +117,27 @@ def test_a_path_key_takes_the_path_as_typed(cli, tmp_path, name):
     assert "segments: 1 train + 2 validation of 2 s" in out, out
     bad = cli("data", "inspect", "data=folder", f"data.path={tmp_path / 'missing' / name}", ok=False)
     assert str(tmp_path / "missing" / name) in one_line(bad)  # the path as typed, in the refusal too
+
+
+@pytest.mark.parametrize(
+    "command, flags, valued",
+    [
+        ([], ["--debug", "--help"], []),
+        (["doctor"], ["--try", "--help"], ["--runs"]),
+        (["show"], ["--plot", "--help"], []),
+        (["bench"], ["--sweep", "--monitor", "--bookkeeping"], []),
+        (["run"], ["--help"], ["--runs", "--nproc"]),
+    ],
+)
+def test_help_shows_a_flag_as_a_flag_and_a_value_option_with_its_type(cli, command, flags, valued):
+    """Issue 29.6: help printed `--debug <bool>` (and `--help <bool>`), as if the flag took a value;
+    `--debug true` is an error. A flag's row has no type; an option that takes a value keeps it."""
+    rows = {}
+    for line in cli(*command, "--help").output.splitlines():
+        words = line.strip("│ ").split()
+        if words and words[0].startswith("--"):
+            rows[words[0]] = words[1] if len(words) > 1 else ""
+    for flag in flags:
+        assert flag in rows and not rows[flag].startswith("<"), (flag, rows)
+    for option in valued:
+        assert rows[option].startswith("<"), (option, rows)
