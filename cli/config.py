@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -98,6 +99,24 @@ def hydra_quote(text: str) -> str:
     literal = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)  # OmegaConf: no interpolation
     quoted = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), literal)
     return f"'{quoted}'"
+
+
+def shell_override(key: str, value: str) -> str:
+    """`key=value` as a hint prints it to copy: the value quoted for Hydra (`hydra_quote`), the
+    whole quoted for a POSIX shell, so pasting it gives Hydra exactly `value`.
+
+        shell_override("data.note", "a, b") == "\"data.note='a, b'\""
+    """
+    text = f"{key}={hydra_quote(value)}"
+    # in a shell's double quotes, `\'` stays as it is; `"`, `$`, backquote, `!` and other
+    # backslashes would be read by the shell
+    return f'"{text}"' if not re.search(r"[\"$`!]|\\(?!')", text) else shlex.quote(text)
+
+
+def shell_command(*words: str | Path) -> str:
+    """A command for the user to copy, each word quoted for a POSIX shell only where it needs it
+    (`stab report 'runs/my sweep'`)."""
+    return shlex.join(str(w) for w in words)
 
 
 class UserError(Exception):
@@ -213,7 +232,7 @@ def check_override_syntax(overrides: list[str], dirs: Sequence[Path] = ()) -> No
             lst = f"{value.rstrip(',')},{arg}"
             raise UserError(
                 f"{arg!r} is not an override (key=value): lists are written without spaces, "
-                f"{key}={lst} (a sweep: stab sweep {key}={lst})"
+                f"{key}={lst} (a sweep: {shell_command('stab', 'sweep', f'{key}={lst}')})"
             )
         raise UserError(
             f"{arg!r} is not an override: expected key=value, e.g. residual=0.3"
@@ -233,7 +252,7 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
             key, _, value = text.partition("=")
             raise UserError(
                 f"{key}={value!r}: Hydra's override grammar cannot read this value unquoted; "
-                f"quote it: \"{key}='{value}'\""
+                f"quote it: {shell_override(key, value)}"
             ) from None
     return out
 
@@ -373,8 +392,8 @@ def _a_list_in_one_run(o: Override, overrides: Sequence[str], dirs: Sequence[Pat
     found = explain(first, dirs)  # a misspelt key is the first thing to say, before how to sweep it
     if found:
         return found
-    quote = f"if the comma belongs to one value, quote it: \"{key}='{value}'\""
-    sweep = f"a comma list is a sweep: use `stab sweep {text}` (or key=[a,b] for a list)"
+    quote = f"if the comma belongs to one value, quote it: {shell_override(key, value)}"
+    sweep = f"a comma list is a sweep: use `{shell_command('stab', 'sweep', text)}` (or key=[a,b] for a list)"
     looks_like_one_value = any(c in value for c in "/ ")  # a path or words: quoting is the likely fix
     return f"{text!r}: " + (f"{quote}; {sweep}" if looks_like_one_value else f"{sweep}; {quote}")
 

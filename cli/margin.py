@@ -23,7 +23,7 @@ import typer
 
 from cli import launch
 from cli.common import check_writable, console, fmt, seconds, styled, user_errors, write_errors
-from cli.config import UserError, compose_run
+from cli.config import UserError, compose_run, shell_command
 from cli.report import frame_table
 from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
@@ -123,7 +123,7 @@ def margin(
         atomic_write_text(sweep_dir / "margin.md", mg.markdown(res))
     print_result(res)
     console.print(
-        f"written: {sweep_dir / 'margin.md'}, {sweep_dir / 'margin.json'} (stab report {sweep_dir} for every probe)",
+        f"written: {sweep_dir / 'margin.md'}, {sweep_dir / 'margin.json'} ({shell_command('stab', 'report', sweep_dir)} for every probe)",
         highlight=False,
     )
 

@@ -33,7 +33,7 @@ from cli.common import (
     verdict_text,
     write_errors,
 )
-from cli.config import UserError, compose_run, config_dirs
+from cli.config import UserError, compose_run, config_dirs, shell_command
 from stability.errors import DataError, StorageError, storage_error
 from stability.preflight import preflight
 from stability.record.folder import RunFolder
@@ -94,7 +94,7 @@ def run(
         if grid:  # e.g. experiment=story: its grid is under hydra.sweeper.params, which only a sweep reads
             raise UserError(
                 f"{' '.join(o for o in overrides if o.startswith(('experiment=', '+experiment=')))} declares "
-                f"a sweep grid ({' '.join(grid)}): run it with `stab sweep {' '.join(overrides)}`"
+                f"a sweep grid ({' '.join(grid)}): run it with `{shell_command('stab', 'sweep', *overrides)}`"
             )
         check_writable(runs)
         preflight(cfg)

@@ -46,7 +46,7 @@ from cli.common import (
     verdict_text,
     write_errors,
 )
-from cli.config import UserError, compose_run, config_dirs
+from cli.config import UserError, compose_run, config_dirs, shell_command
 from cli.job import CONCURRENCY_ENV, DUPLICATES_FILE, job, warm
 from stability.preflight import preflight
 from stability.record import format as rf
@@ -394,7 +394,9 @@ def _answer(sweep_dir: Path) -> None:
         )
     console.print(result.sentence, style="bold", markup=False, highlight=False)
     console.print(
-        f"report: {result.out / 'report.md'} (stab report {sweep_dir} for every table)", markup=False, highlight=False
+        f"report: {result.out / 'report.md'} ({shell_command('stab', 'report', sweep_dir)} for every table)",
+        markup=False,
+        highlight=False,
     )
 
 

@@ -4,7 +4,10 @@ list gets the comma syntax, for `stab run`, `stab sweep` and `stab data inspect`
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from tests.conftest import SMOKE
 from tests.test_audio import write_pair
@@ -141,3 +144,26 @@ def test_help_shows_a_flag_as_a_flag_and_a_value_option_with_its_type(cli, comma
         assert flag in rows and not rows[flag].startswith("<"), (flag, rows)
     for option in valued:
         assert rows[option].startswith("<"), (option, rows)
+
+
+def copied(line: str, after: str, before: str = "") -> list[str]:
+    """The words a POSIX shell makes of the command a hint prints (between `after` and `before`)."""
+    text = line.split(after, 1)[1]
+    return shlex.split(text.split(before, 1)[0] if before else text)
+
+
+@pytest.mark.parametrize("value", ["it's", "it's a b", "don't $HOME", 'say "it\'s"'])
+def test_a_quote_hint_pasted_into_a_shell_gives_hydra_the_value(cli, value):
+    """Issue 29.6: `quote it: "key='it's'"` was itself unreadable by Hydra once pasted (and a `$`
+    was expanded by the shell). The hint, split as a shell splits it, is one override whose value
+    Hydra reads back as typed."""
+    line = one_line(cli("run", *SMOKE, f"fault.nan_module={value}", ok=False))
+    (override,) = copied(line, "quote it: ")
+    assert OverridesParser.create().parse_override(override).value() == value, line
+
+
+def test_a_command_in_a_hint_is_quoted_for_the_shell(cli):
+    """`stab run experiment=story` names the sweep to run instead: pasted, it gives each override
+    back as one word, a value with spaces included."""
+    line = one_line(cli("run", "experiment=story", "fault.nan_module=a b", ok=False))
+    assert copied(line, "run it with `", "`") == ["stab", "sweep", "experiment=story", "fault.nan_module=a b"]

@@ -5,6 +5,7 @@ land where the user said, for `stab sweep` (every launcher) and `stab margin` al
 from __future__ import annotations
 
 import random
+import shlex
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -54,6 +55,8 @@ def test_a_sweep_writes_its_jobs_under_the_runs_folder_as_typed(cli, tmp_path, o
     index = read_json(sweep / "sweep.json")
     assert index["state"] == "completed" and len(index["jobs"]) == 1
     assert (sweep / "report.md").exists() and "no run folders" not in result.output
+    hint = " ".join(result.output.split()).split("(stab report ", 1)[1].split(" for every table)")[0]
+    assert shlex.split(hint) == [str(sweep.resolve())]  # the hint, pasted into a shell, names the sweep
 
 
 def test_a_joblib_sweep_in_a_folder_named_like_an_interpolation_writes_there(cli, tmp_path):
@@ -66,9 +69,11 @@ def test_a_joblib_sweep_in_a_folder_named_like_an_interpolation_writes_there(cli
 
 def test_margin_probes_in_an_odd_runs_folder_land_there(cli, tmp_path):
     runs = tmp_path / "${oc.env:HOME}" / "it's [x]"
-    cli("margin", *SMOKE, "train.epochs=2", "margin.lo=0.01", "margin.hi=1", "margin.tolerance=100", "margin.steps=2",
+    out = cli("margin", *SMOKE, "train.epochs=2", "margin.lo=0.01", "margin.hi=1", "margin.tolerance=100", "margin.steps=2",
         "--runs", runs, "--name", "m")  # fmt: skip
     res = read_json(runs / "m" / "margin.json")
     probes = [p["folder"] for c in res["configs"] for p in c["probes"]]
     assert probes and sorted(p.parent.name for p in tmp_path.rglob("status.json")) == sorted(probes)
     assert all((runs / "m" / p / "summary.json").exists() for p in probes)
+    hint = " ".join(out.output.split()).split("(stab report ", 1)[1].split(" for every probe)")[0]
+    assert shlex.split(hint) == [str((runs / "m").resolve())]  # pasted into a shell: the margin's folder
