@@ -337,7 +337,8 @@ def _attention(rec: RunRecord) -> list[Finding]:
     level = _float(rec.get("detect.attn_logit_max", 50.0))
     ent_level = _float(rec.get("detect.attn_entropy_min", 0.1))
     growth_limit = _float(rec.get("detect.logit_growth", 10.0))
-    health = [(e.get("epoch"), e.get("health_summary") or {}) for e in rec.epochs]
+    # an epoch record without its number (damaged) cannot place a finding
+    health = [(e["epoch"], e.get("health_summary") or {}) for e in rec.epochs if isinstance(e.get("epoch"), int)]
     logits = [(ep, _float(h.get("attn_logit_max"))) for ep, h in health]
     logits = [(ep, v) for ep, v in logits if math.isfinite(v) and v > 0]
     ents = [(ep, _float(h.get("attn_entropy_min"))) for ep, h in health]
