@@ -28,7 +28,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from stability.config import SHORT_NAMES, ConfigError, RunConfig, did_you_mean
+from stability.config import SHORT_NAMES, ConfigError, RunConfig, data_for, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -267,10 +267,11 @@ def explain(overrides: Sequence[str], dirs: Sequence[Path] = ()) -> str | None:
         group = o.key_or_group
         if group not in groups or o.is_delete() or group == "preset":  # preset: _check_preset, per model
             continue
-        have = _group_options(group, dirs)
+        have, model = _options(group, parsed, dirs)
         for value in o.sweep_string_iterator() if o.is_sweep_override() else [o.get_value_element_as_str()]:
             if value not in have:
-                return f"{group}={value!r} is not allowed: expected one of {', '.join(have)}" + did_you_mean(
+                where = f" with model={model}" if model else ""
+                return f"{group}={value!r} is not allowed{where}: expected one of {', '.join(have)}" + did_you_mean(
                     value, have
                 )
     base = _base([o.input_line or "" for o in parsed if o.key_or_group in groups], dirs)
@@ -285,6 +286,27 @@ def explain(overrides: Sequence[str], dirs: Sequence[Path] = ()) -> str | None:
         if not o.is_add() and not exists:
             return _unknown_key(("~" if o.is_delete() else "") + key, base)
     return None
+
+
+def _options(group: str, parsed: Sequence[Override], dirs: Sequence[Path]) -> tuple[list[str], str | None]:
+    """The options of config group `group` (its .yaml files in conf/ and each --config-dir); for
+    `data`, only those the chosen model reads (`stability.config.data_for`: model=charlm takes
+    text, not synthetic), with that model's name (None where the model is not one choice)."""
+    have = _group_options(group, dirs)
+    models = [o for o in parsed if o.key_or_group == "model"]
+    if group != "data" or any(o.is_sweep_override() for o in models):
+        return have, None
+    model = str(_base([o.input_line or "" for o in models], dirs).model.name)
+    return [h for h in have if _data_name(h, dirs) in data_for(model)], model
+
+
+def _data_name(option: str, dirs: Sequence[Path]) -> str:
+    """The `data.name` that data option `option` (data/OPTION.yaml in conf/ or a --config-dir) sets."""
+    for d in (CONF_DIR, *dirs):
+        if (d / "data" / f"{option}.yaml").exists():
+            loaded = OmegaConf.load(d / "data" / f"{option}.yaml")
+            return str(loaded.get("name", option)) if isinstance(loaded, DictConfig) else option
+    return option
 
 
 def _one_line(e: BaseException, overrides: Sequence[str] = (), dirs: Sequence[Path] = ()) -> str:

@@ -167,3 +167,29 @@ def test_a_command_in_a_hint_is_quoted_for_the_shell(cli):
     back as one word, a value with spaces included."""
     line = one_line(cli("run", "experiment=story", "fault.nan_module=a b", ok=False))
     assert copied(line, "run it with `", "`") == ["stab", "sweep", "experiment=story", "fault.nan_module=a b"]
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+@pytest.mark.parametrize(
+    "args, expected",
+    [  # a misspelt data option: only the data the model reads is offered
+        (["model=charlm", "data=synthetc"], "data='synthetc' is not allowed with model=charlm: expected one of text"),
+        (["data=txt"], "data='txt' is not allowed with model=cascade: expected one of folder, synthetic"),
+        # data the model does not read, with a preset that sets the model's own data keys: the
+        # mismatch is named, not the first preset key the other data lacks (data.max_chars)
+        (
+            ["model=charlm", "data=synthetic", *SMOKE],
+            "data.name='synthetic' is not allowed: expected text with model=charlm",
+        ),
+        (
+            ["model=cascade", "data=text", *SMOKE],
+            "data.name='text' is not allowed: expected audio data with model=cascade",
+        ),
+    ],
+)
+def test_data_the_chosen_model_does_not_read_is_never_offered_and_is_named(cli, command, args, expected):
+    """Issue 29.6, the kind of `preset=gpuu`: `model=charlm data=synthetc` suggested `synthetic`,
+    which the char LM refuses; `model=charlm data=synthetic preset=smoke` said `unknown key
+    'data.max_chars'`, a key the user never wrote."""
+    line = one_line(cli(command, *args, ok=False))
+    assert expected in line and "did you mean" not in line and "unknown key" not in line, line

@@ -31,6 +31,7 @@ from stability.config.schema import (
     TextDataConfig,
     TrainConfig,
     TransformerConfig,
+    data_for,
 )
 from stability.config.values import TRACKERS
 
@@ -58,6 +59,7 @@ __all__ = [
     "TextDataConfig",
     "TrainConfig",
     "TransformerConfig",
+    "data_for",
     "did_you_mean",
     "explain",
     "flatten",

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args
 
 from annotated_types import Ge, Gt, Le
 from pydantic import (
@@ -28,6 +29,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from stability.config.messages import ConfigError, explain
 from stability.config.names import N_STAGES, OPERATIONAL_KEYS
@@ -481,6 +483,42 @@ AnyDataConfig = Annotated[
 ]
 
 
+def data_for(model: str) -> tuple[str, ...]:
+    """The data names (`data.name`) model `model` reads: the char LM text, your own model
+    (`custom`) none (its factory returns the data), the cascade audio (synthetic or folder)."""
+    if model == "charlm":
+        return ("text",)
+    if model == "custom":
+        return ("none",)
+    return get_args(DataConfig.model_fields["name"].annotation)
+
+
+MODEL_NAMES = ("cascade", "charlm", "custom")  # model.name: the tags of AnyModelConfig
+
+
+def _name(section: Any, default: str, names: Iterable[str]) -> str | None:
+    """A raw section's `name` (`default` where it gives none), or None where it is not one of
+    `names` (the section's own check names that)."""
+    name = section.get("name", default) if isinstance(section, dict) else default
+    return name if isinstance(name, str) and name in set(names) else None
+
+
+def _wrong_data(model: str, data: str) -> PydanticCustomError:
+    """The refusal of data `data` for model `model` (not in `data_for(model)`), saying what to use."""
+    if model == "charlm":
+        return not_allowed("text with model=charlm (the char LM reads text: data=text)", key="data.name", value=data)
+    if model == "custom":
+        return not_allowed(
+            "none with model=custom (your factory returns the data; in your own "
+            "model file: `defaults: [override /data: none]`)",
+            key="data.name",
+            value=data,
+        )
+    if data == "none":
+        return not_allowed(f"data for model={model}: data=none is for model=custom", key="data.name", value=data)
+    return not_allowed(f"audio data with model={model} (text is for model=charlm)", key="data.name", value=data)
+
+
 class RunConfig(Section):
     """Everything that defines one training run: `model` by model.name (cascade | charlm |
     custom), `data` by data.name (synthetic | folder | text | none; the model decides which),
@@ -498,22 +536,21 @@ class RunConfig(Section):
     margin: MarginConfig = Field(default_factory=MarginConfig)
     log: Annotated[list[str], BeforeValidator(trackers)] = Field(default_factory=list)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_and_data_agree(cls, raw: Any) -> Any:
+        """The model reads the data it is given (`data_for`), checked before either section is
+        read: data=synthetic with model=charlm is named as such, not as the first key of the char
+        LM's preset (data.max_chars) that the audio data does not have."""
+        if isinstance(raw, dict):
+            model = _name(raw.get("model"), "cascade", MODEL_NAMES)
+            data = _name(raw.get("data"), "synthetic", (d for m in MODEL_NAMES for d in data_for(m)))
+            if model is not None and data is not None and data not in data_for(model):
+                raise _wrong_data(model, data)
+        return raw
+
     @model_validator(mode="after")
-    def _model_and_data_agree(self) -> RunConfig:
-        model, data = self.model.name, self.data.name
-        if model == "charlm" and data != "text":
-            raise not_allowed("text with model=charlm (the char LM reads text: data=text)", key="data.name", value=data)
-        if model == "custom" and data != "none":
-            raise not_allowed(
-                "none with model=custom (your factory returns the data; in your own "
-                "model file: `defaults: [override /data: none]`)",
-                key="data.name",
-                value=data,
-            )
-        if data == "none" and model != "custom":
-            raise not_allowed(f"data for model={model}: data=none is for model=custom", key="data.name", value=data)
-        if data == "text" and model != "charlm":
-            raise not_allowed(f"audio data with model={model} (text is for model=charlm)", key="data.name", value=data)
+    def _epochs_agree(self) -> RunConfig:
         if any(e > self.train.epochs for e in self.listen.epochs):
             raise not_allowed(
                 f"epochs between 1 and train.epochs={self.train.epochs}", key="listen.epochs", value=self.listen.epochs
