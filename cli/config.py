@@ -171,6 +171,15 @@ def _declared_short_names(cfg: DictConfig) -> None:
                 model[key] = "${" + alias + "}"
 
 
+class UnreadShortName(UserError):
+    """A short name (`alias`: residual, z_loss, ...) set to a value that the chosen model does not
+    read; the message is `head` (`residual=0.3`) then `rest` (why, and what to do)."""
+
+    def __init__(self, alias: str, head: str, rest: str) -> None:
+        super().__init__(head + rest)
+        self.alias, self.head, self.rest = alias, head, rest
+
+
 def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
     """A short name changed from its default that no key of the chosen model reads would be
     silently ignored (e.g. `residual` with model=charlm, `z_loss` with the cascade): refuse it."""
@@ -181,19 +190,23 @@ def _check_aliases_used(cfg: DictConfig, resolved: dict[str, Any]) -> None:
         if alias in resolved and alias not in read and resolved[alias] != root.get(alias):
             model = (resolved.get("model") or {}).get("name", "?")
             if model == "custom":
-                raise UserError(
-                    f"{alias}={resolved[alias]!r} is not allowed with model._target_="
+                raise UnreadShortName(
+                    alias,
+                    f"{alias}={resolved[alias]!r}",
+                    " is not allowed with model._target_="
                     f"{resolved['model'].get('_target_')}: the factory does not read {alias} (give it a "
-                    f"parameter named {alias}, or set model.{alias} in your model's config)"
+                    f"parameter named {alias}, or set model.{alias} in your model's config)",
                 )
             users = [
                 p.stem
                 for p in sorted((CONF_DIR / "model").glob("*.yaml"))
                 if alias in _interpolated(_container(cast(DictConfig, OmegaConf.load(p)), resolve=False))
             ]
-            raise UserError(
-                f"{alias}={resolved[alias]!r} is not allowed with model={model}: it does not read "
-                f"{alias}" + (f" (model={' or model='.join(users)} does)" if users else "")
+            raise UnreadShortName(
+                alias,
+                f"{alias}={resolved[alias]!r}",
+                f" is not allowed with model={model}: it does not read "
+                f"{alias}" + (f" (model={' or model='.join(users)} does)" if users else ""),
             )
 
 
@@ -439,5 +452,31 @@ def _check_preset(choices: Any, dirs: Sequence[Path] = ()) -> None:
 
 
 def compose_run(overrides: list[str], dirs: Sequence[Path] = ()) -> RunConfig:
-    """`compose_config`, then resolved and validated into a `RunConfig`; raises UserError."""
-    return to_run_config(compose_config(overrides, dirs))
+    """`compose_config`, then resolved and validated into a `RunConfig`; raises UserError. A short
+    name the model does not read that an experiment or preset set, not the user, is said to come
+    from there (`residual=0.3 ... (set by experiment=seed_fix)`)."""
+    cfg = compose_config(overrides, dirs)
+    try:
+        return to_run_config(cfg)
+    except UnreadShortName as e:
+        typed = {o.partition("=")[0].lstrip("+~") for o in overrides}
+        if e.alias in typed:
+            raise
+        source = _set_by(e.alias, overrides, dirs)
+        raise UnreadShortName(e.alias, f"{e.head} (set by {source})" if source else e.head, e.rest) from None
+
+
+def _set_by(key: str, overrides: Sequence[str], dirs: Sequence[Path]) -> str | None:
+    """The `experiment=NAME` or `preset=NAME` among `overrides` whose file sets top-level `key`."""
+    for o in reversed(overrides):  # the last choice of a group is the one composed
+        group, _, name = o.lstrip("+").partition("=")
+        if group not in GROUP_KEYS or "," in name:
+            continue
+        for d in (CONF_DIR, *dirs):
+            path = d / group / f"{name}.yaml"
+            if path.exists():
+                loaded = OmegaConf.load(path)
+                if isinstance(loaded, DictConfig) and key in loaded:
+                    return f"{group}={name}"
+                break
+    return None

@@ -193,3 +193,14 @@ def test_data_the_chosen_model_does_not_read_is_never_offered_and_is_named(cli, 
     'data.max_chars'`, a key the user never wrote."""
     line = one_line(cli(command, *args, ok=False))
     assert expected in line and "did you mean" not in line and "unknown key" not in line, line
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_a_short_name_the_model_does_not_read_names_the_experiment_that_set_it(cli, command):
+    """`model=charlm experiment=seed_fix` said `residual=0.3 is not allowed with model=charlm`,
+    a value the user never typed: the line names where it came from. A value the user typed is
+    named as typed, without a source."""
+    line = one_line(cli(command, "model=charlm", "experiment=seed_fix", ok=False))
+    assert "residual=0.3 (set by experiment=seed_fix) is not allowed with model=charlm" in line, line
+    typed = one_line(cli(command, "model=charlm", "experiment=seed_fix", "residual=0.2", ok=False))
+    assert "residual=0.2 is not allowed with model=charlm" in typed and "set by" not in typed, typed
