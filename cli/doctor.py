@@ -29,7 +29,7 @@ from cli.common import (
     verdict_text,
     write_errors,
 )
-from cli.config import UserError, compose_run
+from cli.config import UserError, compose_run, hydra_quote, paths_as_data
 from cli.report import frame_table
 from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig, flatten
@@ -240,6 +240,14 @@ def rewind_snapshot(dx: dr.Diagnosis) -> Path | None:
     return snap.resolve() if snap else None
 
 
+def fix_overrides(base: list[str], fix: dict[str, str], snap: Path | None) -> list[str]:
+    """The overrides of one fix's job: the run's own (`base`, path keys quoted as data) with the
+    fix and the early stop; a fix that keeps the model trains from `snap`, whose path is data for
+    Hydra (a sweep job's folder has commas, a --runs folder may hold `'` or `${`)."""
+    rewind = {"train.rewind_from": hydra_quote(str(snap))} if snap and rewindable(fix) else {}
+    return merge(paths_as_data(base), {**fix, **EARLY, **rewind})
+
+
 def try_fixes(
     dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str, jobs: int | None
 ) -> None:
@@ -249,10 +257,7 @@ def try_fixes(
 
     tries = dr.candidates(dx, n)
     snap = rewind_snapshot(dx)
-    combos = [
-        merge(base, {**fix, **EARLY, **({"train.rewind_from": f"'{snap}'"} if snap and rewindable(fix) else {})})
-        for fix in tries
-    ]
+    combos = [fix_overrides(base, fix, snap) for fix in tries]
     console.print(
         styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
         highlight=False,

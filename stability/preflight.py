@@ -14,6 +14,8 @@ from stability.config import ConfigError, CustomModelConfig, DataConfig, RunConf
 def preflight(cfg: RunConfig) -> None:
     """Raises ConfigError (or the data's DataError / CodecError) naming the bad value."""
     _check_device(cfg)
+    if cfg.train.rewind_from is not None:
+        _check_snapshot_file(cfg.train.rewind_from)
     if cfg.log:  # a tracker's package must be installed (looked up, not imported)
         from stability.trackers import check_installed
 
@@ -35,6 +37,23 @@ def preflight(cfg: RunConfig) -> None:
     elif isinstance(cfg.data, DataConfig) and cfg.data.name == "synthetic":  # the cascade's synthetic clips
         assert cfg.data.n_train is not None  # null (all segments) is for data=folder only: the schema checks it
         check_fault_steps(cfg, cfg.data.n_train)
+
+
+def _check_snapshot_file(path: str) -> None:
+    """`train.rewind_from` names a file, as training opens it (the path as written; `~` is not
+    expanded there): a missing one is refused before the run folder is made, not after."""
+    from pathlib import Path
+
+    if Path(path).is_file():
+        return
+    expanded = Path(path).expanduser()
+    if expanded != Path(path) and expanded.is_file():
+        raise ConfigError(f"train.rewind_from={path!r}: ~ is not expanded here; write the full path: {expanded}")
+    what = "a folder" if Path(path).is_dir() else "no such file"
+    raise ConfigError(
+        f"train.rewind_from={path!r}: {what}; expected a snapshot file (RUN/snapshots/stepN.pt, written with "
+        "train.snapshot_every=N)"
+    )
 
 
 def check_fault_steps(cfg: RunConfig, n_train: int) -> None:

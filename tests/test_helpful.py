@@ -204,3 +204,17 @@ def test_a_short_name_the_model_does_not_read_names_the_experiment_that_set_it(c
     assert "residual=0.3 (set by experiment=seed_fix) is not allowed with model=charlm" in line, line
     typed = one_line(cli(command, "model=charlm", "experiment=seed_fix", "residual=0.2", ok=False))
     assert "residual=0.2 is not allowed with model=charlm" in typed and "set by" not in typed, typed
+
+
+def test_a_missing_snapshot_to_rewind_from_is_refused_before_the_run_folder_is_made(cli, tmp_path, monkeypatch):
+    """`train.rewind_from=/no/such.pt` made a run folder, then crashed (exit 1) when training
+    opened the file; a `~/` path (now read as data) was never expanded by training. Both are one
+    line before any work, and nothing is written."""
+    runs = tmp_path / "runs"
+    line = one_line(cli("run", *SMOKE, f"train.rewind_from={tmp_path / 'no such.pt'}", "--runs", runs, ok=False))
+    assert f"train.rewind_from='{tmp_path / 'no such.pt'}': no such file; expected a snapshot file" in line, line
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "snap.pt").write_bytes(b"")
+    line = one_line(cli("run", *SMOKE, "train.rewind_from=~/snap.pt", "--runs", runs, ok=False))
+    assert f"~ is not expanded here; write the full path: {tmp_path / 'snap.pt'}" in line, line
+    assert list(runs.rglob("*")) == []  # no run folder, no file (--runs itself is checked writable)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import shlex
+from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -77,3 +78,23 @@ def test_margin_probes_in_an_odd_runs_folder_land_there(cli, tmp_path):
     assert all((runs / "m" / p / "summary.json").exists() for p in probes)
     hint = " ".join(out.output.split()).split("(stab report ", 1)[1].split(" for every probe)")[0]
     assert shlex.split(hint) == [str((runs / "m").resolve())]  # pasted into a shell: the margin's folder
+
+
+@pytest.mark.parametrize("odd", ["norm=post,residual=0.1", *ODD_NAMES.values()])
+def test_doctor_try_gives_its_fixes_the_snapshot_path_as_data(odd):
+    """`stab doctor --try` trains a fix from the run's snapshot: the path went into Hydra as
+    `'PATH'`, so an apostrophe failed to parse and `${...}` was resolved to another file. Each
+    fix's overrides, composed as its job composes them, name the snapshot as it is on disk; so
+    does the run's own data.path."""
+    from cli.config import compose_run, hydra_quote
+    from cli.doctor import fix_overrides
+
+    snap = Path("/tmp") / f"runs {odd}" / "snapshots" / "step4.pt"
+    text = Path("/tmp") / f"text {odd}.txt"
+    typed = hydra_quote(str(text)) if "," in odd else str(text)  # a comma in a path is typed quoted
+    job = fix_overrides(["model=charlm", *SMOKE, f"data.path={typed}"], {"train.lr": "0.001"}, snap)
+    cfg = compose_run(job)
+    assert (cfg.train.rewind_from, cfg.data.path, cfg.train.lr) == (str(snap), str(text), 0.001)
+    parser = OverridesParser.create()
+    for o in job:  # as the sweeper hands each job's overrides to Hydra
+        parser.parse_override(o)
