@@ -388,7 +388,9 @@ def diagnose(
     run ended worse than it started; Wortsman et al. 2023, arXiv 2309.14322, count such a run as
     a complete failure); scream (a collapse of at least `scream_min_epochs` evaluated epochs, not
     the untrained model's output learning its way out, not an undertrained run); inconclusive
-    (nothing unstable found in fewer evaluated epochs than the detectors need); stable.
+    (nothing unstable found in fewer evaluated epochs than the detectors need, or an output
+    collapsed to the end while the validation loss still falls below its start: undertrained or a
+    scream cannot be told apart); stable.
 
     Returns {"verdict", "evidence", "flags": [{"flag", "epoch"|"step", "evidence"}],
     "warnings": [{"warning", "message", ...}], "borderline": [{"what", "value", "threshold",
@@ -511,15 +513,16 @@ def diagnose(
         if a == first_eval and b != last_eval:
             continue  # the untrained model's near-constant output, learned its way out
         if b == last_eval and math.isfinite(rate) and rate > learning_rate and not (ratio > 1.0):
-            warnings.append(
-                {
-                    "warning": "undertrained",
-                    "epoch": a,
-                    "message": f"output collapsed from epoch {a} to the end while the validation loss is "
-                    f"still falling ({rate:.0%} per epoch, > {learning_rate:.0%}) and below its "
-                    "start: undertrained, not a scream; train longer",
-                }
+            # Collapsed to the end while still learning: an undertrained model (a char LM after 3 epochs
+            # emits one character, whatever its learning rate) and a scream look the same here. Not a
+            # scream, and not `stable` either: the run cannot tell, and says so.
+            why = (
+                f"output collapsed from epoch {a} to the end while the validation loss is still falling "
+                f"({rate:.0%} per epoch, > {learning_rate:.0%}: detect.scream.learning) and below its start: "
+                "an undertrained model and a scream look the same here; train longer"
             )
+            warnings.append({"warning": "undertrained", "epoch": a, "message": why})
+            flags.append({"flag": vd.INCONCLUSIVE, "epoch": a, "reason": "undertrained", "evidence": why})
             if lo_b * learning_rate <= rate <= hi_b * learning_rate:
                 borderline.append(
                     {

@@ -74,7 +74,8 @@ KINDS: tuple[Verdict, ...] = (
         unstable=False,
         judged=True,
         style="dim",
-        meaning="nothing unstable found in a run too short for the detectors: not called stable",
+        meaning="nothing unstable found, but the run is too short for the detectors, or its output stayed "
+        "collapsed while its loss still fell (undertrained or a scream: cannot tell): not called stable",
     ),
     Verdict("stable", unstable=False, judged=True, style="green", meaning="none of the above"),
 )
