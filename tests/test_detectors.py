@@ -263,3 +263,18 @@ def test_attention_warnings_fire_on_absolute_levels_and_clip_never_not_on_a_nan_
     eps = _epochs([2.0, math.nan], clip_rate=0.0)
     eps[1]["grad_norm_max"] = math.nan
     assert "clip_never" not in names(_diag(eps, nan))
+
+
+def test_a_borderline_value_puts_in_doubt_only_the_verdicts_its_threshold_can_move():
+    from stability.record import verdicts as vd
+
+    # a loss that ends within detect.band of where it started: the divergence threshold is near
+    near = _diag(_epochs([2.0] * 4, val=[9.0, 9.2, 9.4, 9.6]), init={"val_loss": 10.0})
+    (b,) = [b for b in near["borderline"] if b["what"] == "final loss"]
+    assert vd.in_doubt(near["verdict"], near["borderline"]) == [b]  # stable or diverged: cannot tell
+    assert vd.in_doubt("diverged", [b]) == [b] and vd.in_doubt("scream", [b]) == [b]
+    assert vd.in_doubt("nan", [b]) == [] and vd.in_doubt("exploding", [b]) == []  # either outranks diverged
+    growth = {"what": "grad norm growth"}
+    assert vd.in_doubt("exploding", [growth]) == [growth] and vd.in_doubt("nan", [growth]) == []
+    assert vd.in_doubt("stable", [{"what": "something new"}]) == [{"what": "something new"}]  # unknown: doubt
+    assert vd.in_doubt("failed", [b]) == []

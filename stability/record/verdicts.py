@@ -111,3 +111,32 @@ def is_judged(name: str | None) -> bool:
 def style(name: str, default: str = "white") -> str:
     """The Rich style of a verdict in the terminal."""
     return BY_NAME[name].style if name in BY_NAME else default
+
+
+# Which verdict each borderline finding's threshold decides (`detectors.diagnose`'s `borderline`
+# entries, by their `what`): a value near that threshold can only move a run across that verdict.
+BORDERLINE_DECIDES = {
+    "grad norm growth": "exploding",
+    "final loss": "diverged",
+    "collapse": "scream",
+    "still learning": "scream",
+}
+
+
+def in_doubt(name: str | None, borderline: Iterable[dict] | None) -> list[dict]:
+    """The borderline findings that could change the verdict `name`: those whose threshold decides
+    that verdict or a more severe one. A value near the divergence threshold leaves a `nan` or
+    `exploding` run as it is (either outranks `diverged`), but makes a `diverged`, `scream` or
+    `stable` run uncertain. A finding of an unknown kind is kept (counted as doubt).
+
+        in_doubt("nan", [{"what": "final loss"}])      # []: a NaN is a NaN
+        in_doubt("stable", [{"what": "final loss"}])   # [{"what": "final loss"}]
+    """
+    if name not in BY_NAME:
+        return []
+    rank = SEVERITY.index(name)
+    return [
+        b
+        for b in borderline or []
+        if (decides := BORDERLINE_DECIDES.get(str(b.get("what")))) is None or SEVERITY.index(decides) <= rank
+    ]

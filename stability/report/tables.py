@@ -239,8 +239,10 @@ def _share_row(mine: Sequence[Run], apart: int) -> dict[str, Any]:
 
 
 def _counted(r: Run) -> bool:
-    """A run that counts towards the unstable share: judged, not inconclusive, not borderline."""
-    return r.verdict not in NOT_JUDGED and not r.summary.get("borderline")
+    """A run that counts towards the unstable share: judged, not inconclusive, and no borderline
+    finding that could change its verdict (`verdicts.in_doubt`: a NaN run near the divergence
+    threshold is still a NaN run)."""
+    return r.verdict not in NOT_JUDGED and not vd.in_doubt(r.verdict, r.summary.get("borderline"))
 
 
 def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]:
@@ -297,29 +299,30 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
             tested.append((-spread, f"{text} (Fisher's exact p = {t['p']:.2g}, not significant)"))
     n_bad = sum(r.verdict in UNSTABLE for r in counted)
     crashed = sum(r.verdict == "failed" for r in runs)
-    n_inc = sum(r.verdict in NOT_JUDGED for r in judged)
-    n_border = sum(r.verdict not in NOT_JUDGED and bool(r.summary.get("borderline")) for r in judged)
+
+    def undertrained(r: Run) -> bool:
+        return any(w.get("warning") == "undertrained" for w in r.summary.get("warnings") or [])
+
+    n_under = sum(r.verdict in NOT_JUDGED and undertrained(r) for r in judged)
+    n_inc = sum(r.verdict in NOT_JUDGED for r in judged) - n_under
+    n_border = sum(
+        r.verdict not in NOT_JUDGED and bool(vd.in_doubt(r.verdict, r.summary.get("borderline"))) for r in judged
+    )
     others = len(runs) - len(judged) - crashed  # still running, interrupted, unreadable
     aside = "".join(
         f"; {n} {what} not counted"
         for n, what in (
             (n_inc, "inconclusive (too short to judge)"),
+            (
+                n_under,
+                "inconclusive (undertrained: the output stayed collapsed to the end while the validation loss "
+                "still fell, so a scream is not ruled out; train longer)",
+            ),
             (n_border, "borderline (a value within detect.band of its threshold)"),
             (crashed, "crashed (failed)"),
             (others, "without a verdict"),
         )
         if n
-    )
-
-    n_under = sum(
-        r.verdict == vd.STABLE and any(w.get("warning") == "undertrained" for w in r.summary.get("warnings") or [])
-        for r in counted
-    )
-    caveat = (
-        f" {n_under} of the stable runs {'is' if n_under == 1 else 'are'} undertrained: the output stayed collapsed to "
-        "the end while the validation loss still fell, so a scream is not ruled out (train longer)."
-        if n_under
-        else ""
     )
 
     def all_runs(n: int, what: str) -> str:
@@ -368,7 +371,6 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
         sentence = f"{n_bad}/{len(counted)} runs unstable{aside}; no single factor separates them" + (
             f": {'; '.join(t for _, t in sorted(tested))}." if tested else "."
         )
-    sentence += caveat
     return pd.DataFrame(
         rows,
         columns=[
