@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from stability.record import verdicts as vd
 from stability.record.format import read_grad_table
 from tests.conftest import SMOKE, read_json
 
@@ -155,10 +156,16 @@ def test_the_report_opens_with_the_answer_per_factor_value(runs, reported):
     for value in ("0.1", "0.3"):  # the crashed run has no verdict to count
         mine = [read_json(d / "summary.json") for d in run_dirs(runs) if resolved_residual(d) == value]
         mine = [s for s in mine if s["verdict"] != "failed"]
-        bad = sum(s["verdict"] in ("exploding", "diverged", "scream", "nan") for s in mine)
-        assert printed[("residual", value)]["unstable"] == f"{bad}/{len(mine)}"
-        vals = sorted(s["final_val_loss"] for s in mine)
-        assert printed[("residual", value)]["median final val loss"] == f"{statistics.median(vals):.3g}"
+        # counted: judged, not inconclusive, no borderline value that could move the verdict
+        counted = [s for s in mine if s["verdict"] != "inconclusive" and not vd.in_doubt(s["verdict"], s["borderline"])]
+        bad = sum(s["verdict"] in ("exploding", "diverged", "scream", "nan") for s in counted)
+        assert printed[("residual", value)]["unstable"] == f"{bad}/{len(counted)}"
+        assert printed[("residual", value)]["not counted"] == (
+            str(len(mine) - len(counted)) if mine != counted else "-"
+        )
+        vals = sorted(s["final_val_loss"] for s in counted)  # medians over the counted runs
+        if vals:
+            assert printed[("residual", value)]["median final val loss"] == f"{statistics.median(vals):.3g}"
     # the injected NaN run is unstable at fault.nan_at_step=6, so that factor is decisive
     assert printed[("fault.nan_at_step", "6")]["unstable"] == "1/1"
     md = (out / "report.md").read_text()
@@ -219,7 +226,7 @@ def test_plots_are_real_images_embedded_in_the_markdown(runs, reported):
     pure_red = (img[..., 0] > 0.9) & (img[..., 1] < 0.1) & (img[..., 2] < 0.1)
     assert pure_red.sum() > 30  # the red X where the NaN run went non-finite
     assert "](plots/grad_norm.png)" in md
-    unstable = [d for d in run_dirs(runs) if read_json(d / "summary.json")["verdict"] not in ("stable", "failed")]
+    unstable = [d for d in run_dirs(runs) if vd.is_unstable(read_json(d / "summary.json")["verdict"])]
     heatmaps = sorted((out / "plots").glob("heatmap_*.png"))
     assert len(heatmaps) == len(unstable) >= 1
     for h in heatmaps:
