@@ -16,6 +16,8 @@ def preflight(cfg: RunConfig) -> None:
     _check_device(cfg)
     if cfg.train.rewind_from is not None:
         _check_snapshot_file(cfg.train.rewind_from)
+    if isinstance(cfg.data, DataConfig) and cfg.data.cache_dir is not None:
+        _check_cache_dir(cfg.data.cache_dir)
     if cfg.log:  # a tracker's package must be installed (looked up, not imported)
         from stability.trackers import check_installed
 
@@ -54,6 +56,23 @@ def _check_snapshot_file(path: str) -> None:
         f"train.rewind_from={path!r}: {what}; expected a snapshot file (RUN/snapshots/stepN.pt, written with "
         "train.snapshot_every=N)"
     )
+
+
+def _check_cache_dir(path: str) -> None:
+    """`data.cache_dir` is a folder or can be made one: a file there (or above it) is refused
+    before the run folder is made, not when the first latent is written."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    for above in (p, *p.parents):
+        if above.exists():
+            if not above.is_dir():
+                where = "" if above == p else f" ({above} is a file)"
+                raise ConfigError(
+                    f"data.cache_dir={path!r}: not a folder{where}; expected a folder for the latent cache "
+                    "(null: $STAB_CACHE or ~/.cache/stab)"
+                )
+            return
 
 
 def check_fault_steps(cfg: RunConfig, n_train: int) -> None:

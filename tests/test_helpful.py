@@ -218,3 +218,17 @@ def test_a_missing_snapshot_to_rewind_from_is_refused_before_the_run_folder_is_m
     line = one_line(cli("run", *SMOKE, "train.rewind_from=~/snap.pt", "--runs", runs, ok=False))
     assert f"~ is not expanded here; write the full path: {tmp_path / 'snap.pt'}" in line, line
     assert list(runs.rglob("*")) == []  # no run folder, no file (--runs itself is checked writable)
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_cache_dir_that_is_a_file_is_refused_before_the_run_folder_is_made(cli, tmp_path, below):
+    """`data.cache_dir=FILE` (or a folder under a file) made a run folder, then failed when the
+    first latent was written (`cannot write FILE/latents: not a directory`). It is one line
+    before any work, naming the file."""
+    (tmp_path / "afile").write_text("mine\n")
+    value = tmp_path / "afile" / below if below else tmp_path / "afile"
+    runs = tmp_path / "runs"
+    line = one_line(cli("run", *SMOKE, f"data.cache_dir={value}", "--runs", runs, ok=False))
+    assert f"data.cache_dir='{value}': not a folder" in line, line
+    assert (f"({tmp_path / 'afile'} is a file)" in line) == bool(below), line
+    assert list(runs.rglob("*")) == [] and (tmp_path / "afile").read_text() == "mine\n"
