@@ -432,7 +432,9 @@ class WandbTracker(Tracker):
         self.next = int(previous.get("next_step", 0))
         mode = os.environ.get("WANDB_MODE") or "offline"
         if mode in ("online", "run", "shared"):
-            _probe_wandb_server(str(wandb.setup().settings.base_url))  # WANDB_BASE_URL, W&B's settings file
+            # WANDB_BASE_URL as wandb.init reads it now; the process-wide setup() singleton keeps the value
+            # of its first call (an earlier run in this process), else W&B's settings file
+            _probe_wandb_server(os.environ.get("WANDB_BASE_URL") or str(wandb.setup().settings.base_url))
         self.run = wandb.init(
             project=None if os.environ.get("WANDB_PROJECT") else "stab",
             group=group,
