@@ -37,6 +37,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,7 +228,7 @@ def _render_lr_grid(what: str) -> Callable[[Path, list[float]], str]:
         cmds = "\n".join("stab " + " ".join(a for a in c if a not in ("--runs", "RUNS")) for c in fig.commands)
         return (
             f"{what}, one seed, made by `python scripts/readme_figures.py --make {folder.name}` in "
-            f"{sum(seconds) / 60:.0f} min on the 2-core machine shared with other jobs:\n\n```bash\n{cmds}\n```\n\n"
+            f"{sum(seconds) / 60:.0f} min on the 2-core machine ({LOAD}):\n\n```bash\n{cmds}\n```\n\n"
             "Each cell: verdict, last validation loss / validation loss at initialisation; * marks the runs that "
             "were also `stab margin`'s probes (the same run folders: the sweep found them completed). Every run has "
             "`train.stop_early=true`, as margin's probes do.\n\n"
@@ -254,7 +255,7 @@ def _render_probe(runs: Path, seconds: list[float]) -> str:
     lines = [
         f"Gradient of each layer's FFN output weight at initialisation, last layer over first, over {len(seeds)} "
         f"seeds ({', '.join(map(str, seeds))}); made by `python scripts/readme_figures.py --make xiong_probe` in "
-        f"{sum(seconds):.0f} s on the 2-core machine shared with other jobs:",
+        f"{sum(seconds):.0f} s on the 2-core machine ({LOAD}):",
         "",
         "```bash",
         "stab " + " ".join(a for a in FIGURE_BY_NAME["xiong_probe"].commands[0] if "RUNS" not in a and a != "--out"),
@@ -279,7 +280,24 @@ def _render_story(runs: Path, seconds: list[float]) -> str:
     ans = rep.answer_display(result.answer)
     return (
         f"```\n{result.sentence}\n\n{ans.to_string(index=False)}\n```\n\n"
-        f"Wall time of the sweep: {seconds[0] / 60:.1f} min (2 cores shared with other jobs).\n"
+        f"Wall time of the sweep: {seconds[0] / 60:.1f} min on the 2-core machine ({LOAD}).\n"
+    )
+
+
+def _render_doctor(runs: Path, seconds: list[float]) -> str:
+    """The default `stab run` (its verdict, evidence and wall time), `stab doctor` on it verbatim,
+    and the table `stab doctor --try` printed."""
+    (summary,) = [json.loads(p.read_text()) for p in (runs / "run").glob("*/summary.json")]
+    doctor = (runs / ".out" / "1.txt").read_text().rstrip()
+    tried = (runs / ".out" / "2.txt").read_text().rstrip()
+    cmd = FIGURE_BY_NAME["doctor"].commands
+    return (
+        f"Made by `python scripts/readme_figures.py --make doctor` on the 2-core machine ({LOAD}). "
+        f"`stab run` (the default preset: post-norm, residual 0.1, lr 1e-2, seed 0) took {seconds[0]:.0f} s "
+        f"(latents not cached before) and ended `{summary['verdict']}`: {summary['evidence']}\n\n"
+        f"```\n$ stab doctor RUN          # {seconds[1]:.1f} s\n{doctor}\n```\n\n"
+        f"`stab {' '.join(a for a in cmd[2] if 'RUNS' not in a and a not in ('--runs',))}` "
+        f"trained the fixes in {seconds[2]:.0f} s:\n\n```\n{tried}\n```\n"
     )
 
 
@@ -416,6 +434,25 @@ FIGURES = (
         ),
         _render_story,
     ),
+    Figure(
+        "doctor",
+        (
+            ("run", "--runs", "RUNS/run"),
+            ("doctor", "RUNS/run/*"),
+            ("doctor", "RUNS/run/*", "--try", "--runs", "RUNS", "--name", "try", "--launcher", "joblib", "--jobs", "2"),
+        ),
+        (
+            *DETECT,
+            "stability/doctor.py",
+            "cli/doctor.py",
+            "stability/models/cascade.py",
+            "stability/models/layers.py",
+            "stability/workloads/cascade/*.py",
+            "conf/model/cascade.yaml",
+            "conf/model_preset/cascade/default.yaml",
+        ),
+        _render_doctor,
+    ),
 )
 FIGURE_BY_NAME = {f.name: f for f in FIGURES}
 
@@ -473,18 +510,67 @@ def mark_stale(text: str, root: Path = ROOT, figures: dict[str, Figure] | None =
     return text
 
 
+class LoadSampler:
+    """The 1-minute load average of this machine, sampled every `every` seconds while a figure's
+    commands run, so that each block says how busy the machine was when its wall times were taken."""
+
+    def __init__(self, every: float = 15.0):
+        self.every, self.samples = every, [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def text(self) -> str:
+        """ "load average 0.4-2.3" (the 1-minute load's range over the commands)."""
+        return f"load average {min(self.samples):.1f}-{max(self.samples):.1f}"
+
+
+LOAD = "load average not measured"  # set by make() for the render of the figure being made
+
+
+def resolve(arg: str, runs: Path) -> str:
+    """A command argument with RUNS replaced by the figure's folder; a glob in it (RUNS/run/*: the
+    folder an earlier command made) must match exactly one path. ValueError otherwise."""
+    arg = arg.replace("RUNS", str(runs))
+    if "*" not in arg:
+        return arg
+    found = glob.glob(arg)
+    if len(found) != 1:
+        raise ValueError(f"{arg} matches {len(found)} paths, expected exactly one")
+    return found[0]
+
+
 def make(fig: Figure) -> str:
-    """Run the figure's commands in a fresh folder (python -m cli.main, this checkout's code) and
-    render its block's body."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    """Run the figure's commands in a fresh folder (python -m cli.main, this checkout's code; each
+    command's stdout kept as RUNS/.out/<i>.txt for the render) and render its block's body."""
+    global LOAD
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
+        (runs / ".out").mkdir()
         seconds = []
-        for cmd in fig.commands:
-            args = [a.replace("RUNS", str(runs)) for a in cmd]
-            t0 = time.time()
-            subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, check=True)
-            seconds.append(time.time() - t0)
+        with LoadSampler() as load:
+            for i, cmd in enumerate(fig.commands):
+                args = [resolve(a, runs) for a in cmd]
+                t0 = time.time()
+                out = subprocess.run(
+                    [sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE
+                )
+                seconds.append(time.time() - t0)
+                (runs / ".out" / f"{i}.txt").write_bytes(out.stdout)
+        LOAD = load.text()
         return fig.render(runs, seconds)
 
 
