@@ -223,7 +223,7 @@ def margin_against_grid(folder: Path, column: str = "norm") -> list[str]:
 
 def _render_lr_grid(what: str) -> Callable[[Path, list[float]], str]:
     def render(runs: Path, seconds: list[float]) -> str:
-        folder = next(p for p in runs.iterdir() if p.is_dir())
+        folder = next(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))  # not .out
         fig = FIGURE_BY_NAME[folder.name]
         cmds = "\n".join("stab " + " ".join(a for a in c if a not in ("--runs", "RUNS")) for c in fig.commands)
         return (
