@@ -163,6 +163,7 @@ def multirun(
         args.append(f"hydra.sweeper.jobs=[{listed}]")
     main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task_function)
     GlobalHydra.instance().clear()
+    register_plugins()
     try:
         # HYDRA_FULL_ERROR: hydra.main re-raises instead of printing a traceback and exiting
         with _argv(["stab", "--multirun", *args]), _environ("HYDRA_FULL_ERROR", "1"):
@@ -172,6 +173,20 @@ def multirun(
         _sweeper().returns = []
     release_idle_workers()  # not on an exception: stopped jobs still have to write `interrupted`
     return returns
+
+
+def register_plugins() -> None:
+    """Register stab's Hydra plugins (the sweeper, the SLURM launcher) with Hydra by hand.
+
+    Hydra finds plugins by scanning the `hydra_plugins` namespace package with pkgutil, which
+    cannot list the modules of an editable install (setuptools maps them through an import hook):
+    an installed `stab sweep` run outside the checkout failed with "Unknown plugin class :
+    'hydra_plugins.stab_sweeper.StabSweeper'". `Plugins.register` is Hydra's public way in."""
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()  # scans first; registering after keeps the module's current class
+    plugins.register(_sweeper())
+    plugins.register(importlib.import_module("hydra_plugins.stab_launcher").StabSlurmLauncher)
 
 
 def _sweeper() -> type[StabSweeper]:

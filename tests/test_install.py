@@ -53,3 +53,18 @@ def test_every_package_of_the_checkout_is_installed(tmp_path):
     )
     out = _outside(code, tmp_path, *packages)
     assert out.returncode == 0, f"not installed (pyproject.toml [tool.setuptools.packages.find]):\n{out.stdout}"
+
+
+def test_an_installed_sweep_runs_from_outside_the_checkout(tmp_path):
+    # Hydra's plugin scan cannot list an editable install's modules: the sweeper must be registered
+    code = (
+        "import sys; from importlib.metadata import entry_points; "
+        "(ep,) = entry_points(group='console_scripts', name='stab'); sys.argv = ['stab', *sys.argv[1:]]; ep.load()()"
+    )
+    runs = tmp_path / "runs"
+    out = _outside(
+        code, tmp_path, "sweep", "--runs", str(runs), "--name", "s", "model=charlm", "preset=smoke", "train.epochs=1"
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    (summary,) = list((runs / "s").glob("*/summary.json"))
+    assert summary.is_file() and "Unknown plugin class" not in out.stderr
