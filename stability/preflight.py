@@ -8,6 +8,8 @@ torch into its own process: the workers start sooner.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from stability.config import ConfigError, CustomModelConfig, DataConfig, RunConfig, did_you_mean
 
 
@@ -44,8 +46,6 @@ def preflight(cfg: RunConfig) -> None:
 def _check_snapshot_file(path: str) -> None:
     """`train.rewind_from` names a file, as training opens it (the path as written; `~` is not
     expanded there): a missing one is refused before the run folder is made, not after."""
-    from pathlib import Path
-
     if Path(path).is_file():
         return
     expanded = Path(path).expanduser()
@@ -61,8 +61,6 @@ def _check_snapshot_file(path: str) -> None:
 def _check_cache_dir(path: str) -> None:
     """`data.cache_dir` is a folder or can be made one: a file there (or above it) is refused
     before the run folder is made, not when the first latent is written."""
-    from pathlib import Path
-
     p = Path(path).expanduser()
     for above in (p, *p.parents):
         if above.exists():

@@ -11,6 +11,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# the installed `stab` console script, as the shell runs it (its entry point, argv[1:] passed on)
+STAB = (
+    "import sys; from importlib.metadata import entry_points; "
+    "(ep,) = entry_points(group='console_scripts', name='stab'); sys.argv = ['stab', *sys.argv[1:]]; ep.load()()"
+)
 
 
 def _outside(code: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -31,11 +36,7 @@ def _packages() -> list[str]:
 
 
 def test_the_stab_entry_point_runs_from_outside_the_checkout(tmp_path):
-    code = (
-        "import sys; from importlib.metadata import entry_points; "
-        "(ep,) = entry_points(group='console_scripts', name='stab'); sys.argv = ['stab', *sys.argv[1:]]; ep.load()()"
-    )
-    out = _outside(code, tmp_path, "margin", "--help")
+    out = _outside(STAB, tmp_path, "margin", "--help")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "largest stable learning rate" in out.stdout
 
@@ -57,13 +58,9 @@ def test_every_package_of_the_checkout_is_installed(tmp_path):
 
 def test_an_installed_sweep_runs_from_outside_the_checkout(tmp_path):
     # Hydra's plugin scan cannot list an editable install's modules: the sweeper must be registered
-    code = (
-        "import sys; from importlib.metadata import entry_points; "
-        "(ep,) = entry_points(group='console_scripts', name='stab'); sys.argv = ['stab', *sys.argv[1:]]; ep.load()()"
-    )
     runs = tmp_path / "runs"
     out = _outside(
-        code, tmp_path, "sweep", "--runs", str(runs), "--name", "s", "model=charlm", "preset=smoke", "train.epochs=1"
+        STAB, tmp_path, "sweep", "--runs", str(runs), "--name", "s", "model=charlm", "preset=smoke", "train.epochs=1"
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     (summary,) = list((runs / "s").glob("*/summary.json"))
