@@ -437,7 +437,7 @@ FIGURES = (
     Figure(
         "doctor",
         (
-            ("run", "--runs", "RUNS/run"),
+            ("run", "--runs", "RUNS"),  # RUNS/run/<time>_defaults
             ("doctor", "RUNS/run/*"),
             ("doctor", "RUNS/run/*", "--try", "--runs", "RUNS", "--name", "try", "--launcher", "joblib", "--jobs", "2"),
         ),
