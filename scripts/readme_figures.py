@@ -284,12 +284,20 @@ def _render_story(runs: Path, seconds: list[float]) -> str:
     )
 
 
+def try_table(printed: str) -> str:
+    """What `stab doctor --try` printed, from its table of fixes on: the diagnosis it repeats
+    first (shown in full above) and its live progress lines are left out."""
+    lines = printed.rstrip().splitlines()
+    start = next((i for i, line in enumerate(lines) if "fixes tried from" in line), 0)
+    return "\n".join(lines[start:])
+
+
 def _render_doctor(runs: Path, seconds: list[float]) -> str:
     """The default `stab run` (its verdict, evidence and wall time), `stab doctor` on it verbatim,
     and the table `stab doctor --try` printed."""
     (summary,) = [json.loads(p.read_text()) for p in (runs / "run").glob("*/summary.json")]
-    doctor = (runs / ".out" / "1.txt").read_text().rstrip()
-    tried = (runs / ".out" / "2.txt").read_text().rstrip()
+    doctor = (runs / ".out" / "1.txt").read_text().rstrip().replace(str(runs), "runs")
+    tried = try_table((runs / ".out" / "2.txt").read_text().replace(str(runs), "runs"))
     cmd = FIGURE_BY_NAME["doctor"].commands
     return (
         f"Made by `python scripts/readme_figures.py --make doctor` on the 2-core machine ({LOAD}). "
