@@ -217,6 +217,17 @@ def check_folder(path: Path, expected: str) -> None:
 RUN_FOLDER = "a run folder, e.g. runs/run/<folder> or runs/<sweep>/<job>"
 
 
+def runs_inside(folder: Path) -> str:
+    """ "; run folders in it: A, B, C ..." when `folder` is not a run folder but holds some (the
+    user passed the sweep or runs folder), else "" (for a not-a-run-folder message)."""
+    from stability import report as rep
+
+    inside = rep.find_runs(folder) if folder.is_dir() else []
+    if not inside:
+        return ""
+    return f"; run folders in it: {', '.join(str(p) for p in inside[:3])}{' ...' if len(inside) > 3 else ''}"
+
+
 def check_not_a_file(folder: Path, option: str = "--runs") -> None:
     """A folder option that names an existing file: one line, before any work. Raises UserError."""
     if folder.exists() and not folder.is_dir():

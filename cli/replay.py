@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import RUN_FOLDER, check_folder, console, fmt, styled, user_errors
+from cli.common import RUN_FOLDER, check_folder, console, fmt, runs_inside, styled, user_errors
 from cli.config import UserError
 from stability.record import format as rf
 from stability.record.folder import RunFolder
@@ -27,7 +27,7 @@ def replay(
     with user_errors():
         check_folder(run, RUN_FOLDER)
         if not RunFolder(run).has(rf.CONFIG):
-            raise UserError(f"{run}: not a run folder (no {rf.CONFIG}); pass {RUN_FOLDER}")
+            raise UserError(f"{run}: not a run folder (no {rf.CONFIG}){runs_inside(run) or f'; pass {RUN_FOLDER}'}")
         try:
             r = replay_run(run, n_other=others)
         except ReplayError as e:

@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.common import RUN_FOLDER, check_folder, console, fmt, styled, user_errors, verdict_text, warn, write_errors
+from cli.common import (
+    RUN_FOLDER,
+    check_folder,
+    console,
+    fmt,
+    runs_inside,
+    styled,
+    user_errors,
+    verdict_text,
+    warn,
+    write_errors,
+)
 from cli.config import UserError, compose_run
 from cli.report import frame_table
 from stability.config import OWN_LOOP, ConfigError
@@ -39,14 +50,9 @@ def show(
     with user_errors():
         check_folder(run, RUN_FOLDER)
         if not rep.is_run_folder(run):
-            inside = rep.find_runs(run) if run.is_dir() else []
-            hint = (
-                f"; run folders in it: {', '.join(str(p) for p in inside[:3])}{' ...' if len(inside) > 3 else ''}"
-                if inside
-                else ""
-            )
             raise UserError(
-                f"{run}: not a run folder (no {', '.join(rf.RUN_MARKERS[:-1])} or {rf.RUN_MARKERS[-1]}){hint}"
+                f"{run}: not a run folder (no {', '.join(rf.RUN_MARKERS[:-1])} or {rf.RUN_MARKERS[-1]})"
+                f"{runs_inside(run)}"
             )
         r = rep.load_run(run, run.parent)
         if not rep.is_valid_run(r):

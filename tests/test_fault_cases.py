@@ -174,3 +174,13 @@ def test_a_second_report_into_the_same_folder_waits_for_the_first(cli, tmp_path)
     for rel, digest in written["files"].items():  # the manifest is in step with every file
         assert hashlib.sha256((runs / rel).read_bytes()).hexdigest() == digest, rel
     cli("report", runs)  # and the next report finds every file its own
+
+
+@pytest.mark.parametrize("command", ["replay", "show"])
+def test_a_folder_that_holds_runs_names_them_instead_of_only_refusing(nan_run, command):
+    # a newcomer passes the runs folder (RUNS/run) where a run folder is expected
+    result = Cli()(command, nan_run.parent, ok=False)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {nan_run.parent}: not a run folder (no ")
+    assert line.endswith(f"; run folders in it: {nan_run}")
