@@ -10,7 +10,7 @@ epoch instead, so a long job is never silent.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -28,8 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from cli.common import fmt, seconds, styled
-from stability.progress import Reporter
-from stability.training import Callbacks
+from stability.observe import Observer
 
 PLAIN_MIN_S = 2.0  # a phase without a total gets its plain line only if it took this long
 
@@ -57,7 +56,7 @@ def _bar(console: Console) -> Progress:
     )
 
 
-class TerminalReporter(Reporter):
+class TerminalReporter(Observer):
     """The library's phases as Rich bars (a spinner-less bar for phases without a total)."""
 
     def __init__(self, console: Console) -> None:
@@ -79,7 +78,7 @@ class TerminalReporter(Reporter):
             self.progress.stop()
 
 
-class PlainReporter(Reporter):
+class PlainReporter(Observer):
     """A line when a counted phase starts and one when any phase ends (with its rate), for logs."""
 
     def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
@@ -105,11 +104,11 @@ class PlainReporter(Reporter):
         self.console.print(f"{p['name']}: {count}done in {seconds(took)}{rate}", highlight=False)
 
 
-def reporter(console: Console) -> Reporter:
+def reporter(console: Console) -> Observer:
     return TerminalReporter(console) if console.is_terminal else PlainReporter(console)
 
 
-class RichProgress(Callbacks):
+class RichProgress(Observer):
     """One run's training: bars over epochs (with ETA) and batches on a terminal; on every
     output, a line per epoch with its loss, grad norm, elapsed time and ETA."""
 
@@ -125,10 +124,11 @@ class RichProgress(Callbacks):
         self.epochs = self.progress.add_task("epochs", total=epochs, info="", unit="epochs")
         self.batches = self.progress.add_task("batches", total=batches, info="", unit="steps")
 
-    def step(self, epoch: int, batch: int, loss: float) -> None:
-        self.progress.update(self.batches, completed=batch + 1, info=f"loss {fmt(loss)}")
+    def step(self, rec: Mapping[str, Any]) -> None:
+        self.progress.update(self.batches, completed=rec["batch"] + 1, info=f"loss {fmt(rec['loss'])}")
 
-    def epoch(self, epoch: int, record: dict[str, Any]) -> None:
+    def epoch(self, record: Mapping[str, Any]) -> None:
+        epoch = record["epoch"]
         self.progress.update(
             self.epochs,
             completed=epoch,
@@ -151,5 +151,5 @@ class RichProgress(Callbacks):
             )
         )
 
-    def close(self) -> None:
+    def close(self, state: str = "completed") -> None:
         self.progress.stop()

@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, TRACKERS, ConfigError, RunConfig, flatten
+from stability.observe import Observer
 from stability.record import verdicts as vd
-from stability.record.records import EpochRecord, Event, Summary
+from stability.record.records import Event, Summary
 from stability.storage import read_json, write_json
 
 PIP = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> module and pip package
@@ -491,7 +492,7 @@ class WandbTracker(Tracker):
 # -- the fan-out --------------------------------------------------------------------------------
 
 
-class Recorder:
+class Recorder(Observer):
     """Hands each run-folder record to every tracker. A tracker that raises is dropped with one
     warning (and the error in trackers.json); the others and the run go on. With no tracker every
     call returns at once."""
@@ -527,21 +528,23 @@ class Recorder:
             metrics = step_metrics(rec)
             self._each(lambda t: t.log(metrics, rec["step"]))
 
-    def epoch(self, erec: EpochRecord) -> None:
+    def epoch(self, erec: Mapping[str, Any]) -> None:
         if self.trackers:
             metrics = epoch_metrics(erec)
             self._each(lambda t: t.log(metrics, self.last_step))
             self._each(lambda t: t.flush())
             self.save()
 
-    def event(self, rec: Event) -> None:
+    def event(self, ev: Mapping[str, Any]) -> None:
         if self.trackers:
+            rec = ev if isinstance(ev, Event) else Event(ev)
             step = rec.get("step", self.last_step)
             self._each(lambda t: t.event(rec, step))
 
-    def summary(self, summary: Summary) -> None:
+    def summary(self, summary: Mapping[str, Any]) -> None:
         if self.trackers:
-            self._each(lambda t: t.summary(summary, self.last_step))
+            s = summary if isinstance(summary, Summary) else Summary(summary)
+            self._each(lambda t: t.summary(s, self.last_step))
 
     def close(self, state: str) -> None:
         if self.trackers or self.errors:

@@ -11,13 +11,14 @@ file itself (torchtitan's metrics processor: `log(metrics, step)` / `close()`). 
   epochs.jsonl and its generations to samples.txt;
 - writes events.jsonl, status.json and summary.json, the latter from `Summarizer` (the detectors,
   fed the same records);
-- hands every record to the trackers (`Recorder`).
+- hands every record to its observer (`stability.observe.Observer`: the trackers' `Recorder`
+  and the CLI's training progress, fanned out by `Observers`).
 
 Memory that grows with the run: 8 bytes per step (the summarizer's total grad norms) and one slim
 record per epoch. `RunWriter(..., write=False)` computes the same and writes nothing: the writer a
 process that does not own the folder (a non-zero rank) gets.
 
-    w = RunWriter(run_dir, recorder)
+    w = RunWriter(run_dir, observer)
     w.start(cfg.to_dict(), overrides, cfg.identity())
     w.open(names, n_stages, Summarizer(cfg.detect, cfg.train.clip))
     w.step(rec) ...; stats = w.close_epoch(); w.epoch({**stats, **evaluation})
@@ -36,11 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from stability.observe import Observer
 from stability.record import format as rf
 from stability.record.records import EpochRecord, Event, Summary
 from stability.record.summarizer import Summarizer
 from stability.storage import append_jsonl, append_text, dumps, read_json, write_json, write_status, write_yaml
-from stability.trackers import Recorder
 
 FLUSH_STEPS = 256  # step records appended to metrics.jsonl per write
 
@@ -106,11 +107,11 @@ class RunWriter:
     operation is skipped and the aggregates, events and summary are still computed."""
 
     def __init__(
-        self, run_dir: Path, recorder: Recorder | None = None, write: bool = True, flush_steps: int = FLUSH_STEPS
+        self, run_dir: Path, observer: Observer | None = None, write: bool = True, flush_steps: int = FLUSH_STEPS
     ) -> None:
-        self.dir, self.recorder, self.writes, self.flush_steps = (
+        self.dir, self.observer, self.writes, self.flush_steps = (
             Path(run_dir),
-            recorder or Recorder(),
+            observer if observer is not None else Observer(),
             write,
             flush_steps,
         )
@@ -172,7 +173,7 @@ class RunWriter:
                 self.flush()
         for ev in self._summarizer().step(rec):
             self.event(ev)
-        self.recorder.step(rec)
+        self.observer.step(rec)
 
     def event(self, ev: Mapping[str, Any]) -> None:
         """One event (`records.Event`, its name under "event"), appended at once."""
@@ -180,7 +181,7 @@ class RunWriter:
         if self.writes:
             append_jsonl(self.path(rf.EVENTS), [ev])
         self._summarizer().event(ev)
-        self.recorder.event(ev)
+        self.observer.event(ev)
 
     def flush(self) -> None:
         """Append the buffered step records to metrics.jsonl."""
@@ -212,7 +213,7 @@ class RunWriter:
                     ),
                 )
         self._summarizer().epoch(erec)
-        self.recorder.epoch(erec)
+        self.observer.epoch(erec)
 
     def abort(self) -> None:
         """The run is ending badly (Ctrl-C, SIGTERM, a crash): keep every step recorded so far,
@@ -236,7 +237,7 @@ class RunWriter:
         """summary.json (`records.Summary`), and the trackers' summary."""
         if self.writes:
             write_json(self.path(rf.SUMMARY), summary)
-        self.recorder.summary(Summary(summary))
+        self.observer.summary(Summary(summary))
 
     def _grad_rows(self, stats: EpochStats) -> None:
         if not self.writes or not stats.steps:
