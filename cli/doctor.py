@@ -253,7 +253,8 @@ def try_fixes(
 ) -> None:
     import pandas as pd
 
-    from cli.sweep import launch_jobs, report_crashes
+    from cli.sweepview import report_crashes, run_jobs
+    from stability.sweep_engine import Sweep
 
     tries = dr.candidates(dx, n)
     snap = rewind_snapshot(dx)
@@ -275,7 +276,7 @@ def try_fixes(
     with user_errors():
         for c in combos:
             compose_run(c)  # a fix the run's model cannot take is refused before any training
-    done = launch_jobs(combos, runs, name, launcher, jobs, [], base)
+    done = run_jobs(Sweep(runs, name, launcher, combos, jobs, base))
     report_crashes(done)
     rows = []
     for fix, r in zip(tries, done.records):

@@ -1,4 +1,5 @@
-"""The task function Hydra's launchers call once per job of a sweep.
+"""A sweep's jobs through Hydra: `HydraLauncher` (how `stability.sweep_engine` composes and
+launches them) and `job`, the task function Hydra's launchers call once per job.
 
 It runs in whatever process the launcher chose (the sweep's own, a joblib worker, a submitit
 subprocess or a SLURM node), so it reads everything from the job's Hydra config and the
@@ -19,36 +20,84 @@ job runs (skip, duplicate) and tells the others, and writes the job folder.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cli import launch  # noqa: F401  registers the job-folder resolver in the process that runs the job
-from cli.common import graceful_signals
-from cli.config import to_run_config
+from cli import launch
+from cli.common import check_writable, graceful_signals
+from cli.config import compose_run, to_run_config
 from stability import resources, slurm
 from stability.errors import StorageError, storage_error
+from stability.preflight import preflight
 from stability.record import format as rf
 from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone
 from stability.storage import write_status
+from stability.sweep_engine import CONCURRENCY_ENV, Sweep, read_duplicates
 from stability.sweeps import read_status, should_skip
 
-CONCURRENCY_ENV = "STAB_CONCURRENCY"  # set by `stab sweep`: how many jobs run at once here
-# Written by `stab sweep` into the sweep folder before it launches: {job number: the earlier job
-# of the same run identity}. A file, not the environment: joblib's workers start before the
-# sweep has composed its jobs, so they would not inherit it.
-DUPLICATES_FILE = ".duplicates.json"
+
+class HydraLauncher:
+    """`stability.sweep_engine.Launcher` through Hydra: each job's config composed from conf/
+    and its overrides (`cli.config.compose_run`) and preflighted; the jobs run by Hydra's launcher
+    `name` (basic, joblib, submitit_local, submitit_slurm, ray), which calls `job` in whatever
+    process it chose.
+
+    `hydra_args`: the user's hydra.* overrides; `grid`: comma lists that Hydra's sweeper expands
+    into the jobs (`stab sweep`), or None to run the sweep's combos exactly as given (`stab margin`'s
+    probes, `stab doctor --try`'s fixes); `dirs`: the `--config-dir` folders searched after conf/."""
+
+    def __init__(
+        self,
+        name: str,
+        hydra_args: list[str] | None = None,
+        grid: list[str] | None = None,
+        dirs: Sequence[Path] = (),
+    ) -> None:
+        self.name, self.hydra_args, self.grid, self.dirs = name, list(hydra_args or []), grid, tuple(dirs)
+        self.workers: launch.WarmWorkers | None = None
+
+    def prepare(self, concurrency: int) -> None:
+        """Start joblib's workers: they import torch while this process checks the configs."""
+        self.workers = launch.WarmWorkers.start(self.name, concurrency, self.hydra_args, warm)
+
+    def check(self, sweep: Sweep) -> list[str]:
+        """Every job's run identity, its config composed and preflighted; then that --runs is a
+        writable folder. Raises UserError / ConfigError / DataError naming the bad value."""
+        identities = []
+        for combo in sweep.combos:
+            cfg = compose_run(combo, self.dirs)
+            preflight(cfg)
+            identities.append(cfg.identity())
+        check_writable(sweep.runs)
+        return identities
+
+    def run(self, sweep_dir: Path, combos: list[list[str]], concurrency: int) -> list[Any]:
+        """Hydra's multirun of `job` over the jobs; SIGINT/SIGTERM raise KeyboardInterrupt here."""
+        overrides = (self.grid or []) + launch.hydra_overrides(sweep_dir, self.name, concurrency) + self.hydra_args
+        with graceful_signals():
+            if self.workers:
+                self.workers.wait()
+            return launch.multirun(overrides, job, jobs=combos if self.grid is None else None, dirs=self.dirs)
+
+    def cancel(self) -> None:
+        """Stop the warm workers: nothing will run."""
+        if self.workers:
+            self.workers.cancel()
 
 
 def job(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job of a sweep (called by Hydra's launcher with the job's composed config):
+    skipped when completed before, folded into an earlier job of the same identity, else trained
+    into its folder. Never raises but KeyboardInterrupt; returns {folder, skipped, error | busy |
+    duplicate_of}."""
     hc = HydraConfig.get()
     # The sweep folder and the job's subfolder, not hc.runtime.output_dir: Hydra stores that as
     # text in the config, where a `${` of the user's path (data, quoted by cli.launch) would be
@@ -83,7 +132,7 @@ def _join(cfg: DictConfig) -> Any:
 
 
 def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: Any) -> dict[str, Any]:
-    same = _duplicates(Path(hc.sweep.dir)).get(str(hc.job.num))
+    same = read_duplicates(Path(hc.sweep.dir)).get(str(hc.job.num))
     if same is not None:  # trained by job `same`; drop the folder Hydra made for this one
         if world.main:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -146,13 +195,6 @@ def _job(cfg: DictConfig, hc: Any, run_dir: Path, overrides: list[str], world: A
             except StorageError:
                 pass
         return {"folder": str(run_dir), "skipped": False, "error": error}
-
-
-def _duplicates(sweep_dir: Path) -> dict[str, int]:
-    try:
-        return json.loads((sweep_dir / DUPLICATES_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 @contextlib.contextmanager

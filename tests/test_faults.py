@@ -235,7 +235,7 @@ def test_a_full_disk_mid_append_leaves_every_jsonl_line_whole(cli, tmp_path, mon
 
 
 def test_a_duplicate_job_says_why_it_is_trained_once(cli, tmp_path):
-    from cli.sweep import same_configuration
+    from stability.sweep_engine import same_configuration
 
     result = cli("sweep", "--runs", tmp_path, *SMOKE, "train.epochs=1", "residual=0.1,0.10", ok=False)
     (line,) = [x for x in result.stderr.splitlines() if "trained once" in x]
@@ -268,8 +268,9 @@ def test_the_live_view_counts_only_this_launchs_jobs(tmp_path, monkeypatch):
 
     from rich.console import Console
 
-    import cli.sweep as sweep_mod
-    from cli.sweep import LiveView
+    import cli.sweepview as sweep_mod
+    from cli.sweepview import LiveView
+    from stability.sweep_engine import sweep_progress
 
     def job(name: str, state: str) -> None:
         (tmp_path / name).mkdir()
@@ -281,10 +282,10 @@ def test_the_live_view_counts_only_this_launchs_jobs(tmp_path, monkeypatch):
         job(f"residual=0.1,train.lr=0.{i + 1}", "completed")  # earlier rounds
     job("residual=0.1,train.lr=1", "completed")
     job("residual=0.1,train.lr=2", "running")
-    view = LiveView(tmp_path, 2, {"residual=0.1,train.lr=1", "residual=0.1,train.lr=2"}, clock=lambda: 3.0)
+    view = LiveView(2)
     buf = io.StringIO()
     monkeypatch.setattr(sweep_mod, "console", Console(file=buf, width=200, color_system=None))
-    view.print_changes()
+    view.print_changes(sweep_progress(tmp_path, {"residual=0.1,train.lr=1", "residual=0.1,train.lr=2"}, 3.0))
     lines = buf.getvalue().splitlines()
     assert len(lines) == 2 and all("/2 done]" in x for x in lines), lines
     assert max(int(x[1 : x.index("/")]) for x in lines) == 1, lines
@@ -293,7 +294,7 @@ def test_the_live_view_counts_only_this_launchs_jobs(tmp_path, monkeypatch):
 def test_the_live_view_never_guesses_a_scream_for_a_run_that_ends_stable(tmp_path, one_run):
     import shutil
 
-    from cli.sweep import job_progress
+    from stability.sweep_engine import job_progress
 
     run = shutil.copytree(one_run, tmp_path / "job")
     status = read_json(run / "status.json")

@@ -14,8 +14,9 @@ import yaml
 from rich.console import Console
 
 from cli.progress import PlainReporter, TerminalReporter
-from cli.sweep import LiveView, job_progress
+from cli.sweepview import LiveView
 from stability.progress import phase, reporting
+from stability.sweep_engine import job_progress, sweep_progress
 from tests.conftest import SMOKE, only_run
 
 
@@ -103,9 +104,9 @@ def test_the_sweep_view_shows_epoch_grad_norm_verdict_elapsed_and_eta(tmp_path):
     j = job_progress(tmp_path / "residual=0.1", now=110.0)
     assert (j["epoch"], j["epochs"], j["grad_norm"], j["elapsed"], j["eta"]) == (2, 4, 3.5, 10.0, 10.0)
     assert j["verdict"] is None and j["note"] == "output collapsed at epoch 2"  # not a verdict: it may end stable
-    view = LiveView(tmp_path, 4, clock=Clock(110.0))
+    view = LiveView(4)
     buf = io.StringIO()
-    Console(file=buf, width=200, color_system=None).print(view.render())
+    Console(file=buf, width=200, color_system=None).print(view.render(sweep_progress(tmp_path, None, 110.0)))
     rows = {
         line.split()[0]: " ".join(line.replace("│", " ").split())
         for line in buf.getvalue().splitlines()
@@ -116,9 +117,9 @@ def test_the_sweep_view_shows_epoch_grad_norm_verdict_elapsed_and_eta(tmp_path):
 
 
 def test_the_sweep_view_keeps_its_width_before_any_job_started(tmp_path):
-    view = LiveView(tmp_path, 4, clock=Clock())
+    view = LiveView(4)
     buf = io.StringIO()
-    Console(file=buf, width=200, color_system=None).print(view.render())
+    Console(file=buf, width=200, color_system=None).print(view.render(sweep_progress(tmp_path, None, Clock()())))
     lines = buf.getvalue().splitlines()
     assert any("0/4 done, 0 running, 0 failed" in line for line in lines), lines  # the title on one line
     assert max(map(len, lines)) >= 100
