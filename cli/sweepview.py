@@ -64,10 +64,12 @@ def run_jobs(
     except se.SweepInterrupted as e:
         err_console.print(f"interrupted; run the same command again to resume ({e.sweep_dir})")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except SbatchRefused as e:
-        err_console.print(styled(("sweep not started:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_USER) from None
     except se.LaunchFailed as e:
+        if isinstance(e.error, SbatchRefused):  # the cluster refused the resources asked for
+            err_console.print(
+                styled(("sweep not started:", "bold red"), f" {e.error}"), highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(EXIT_USER) from None
         err_console.print(styled(("sweep failed to launch:", "bold red"), f" {e}"))
         raise typer.Exit(EXIT_CRASH) from None
 

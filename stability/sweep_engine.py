@@ -41,7 +41,6 @@ from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
 from stability.resources import available_cpus
 from stability.rundirs import OWNER_ENV, alive, folder_name, me, owner_alive
-from stability.slurm import SbatchRefused
 from stability.storage import atomic_write_text
 from stability.sweeps import (
     SweepLock,
@@ -85,7 +84,12 @@ class SweepInterrupted(Exception):
 
 
 class LaunchFailed(RuntimeError):
-    """The launcher itself failed (not a job: a job's crash is in its folder and its record)."""
+    """The launcher itself failed, or refused the jobs (`error`: e.g. `slurm.SbatchRefused`, no job
+    started); not a job's crash, which is in its folder and its record."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
 
 
 class SweepFolderError(OSError):
@@ -197,8 +201,8 @@ def launch_jobs(sweep: Sweep, launcher: Launcher, observer: Observer | None = No
         sweeps.SweepBusy: another sweep process holds RUNS/NAME;
         SweepFolderError: RUNS/NAME cannot be created;
         SweepInterrupted: Ctrl-C / SIGTERM (the jobs are stopped and marked `interrupted`);
-        slurm.SbatchRefused: the cluster refused the resources asked for (no job started);
-        LaunchFailed: the launcher itself failed (the index then says `failed`).
+        LaunchFailed: the launcher failed, or the cluster refused the resources asked for
+            (`error` a `slurm.SbatchRefused`: no job started); the index then says `failed`.
     """
     observer = observer or Observer()
     sweep_dir, concurrency = sweep.sweep_dir, sweep.concurrency
@@ -258,12 +262,9 @@ def _run(
         mark_stale_running(sweep_dir, why=f"{how} to the sweep")
         index_jobs(sweep_dir, index, "interrupted")
         raise SweepInterrupted(how, sweep_dir) from None
-    except SbatchRefused:  # the cluster refused the resources asked for: no job started
+    except Exception as e:  # the launcher itself failed, or the cluster refused the jobs
         index_jobs(sweep_dir, index, "failed")
-        raise
-    except Exception as e:  # the launcher itself failed
-        index_jobs(sweep_dir, index, "failed")
-        raise LaunchFailed(f"{type(e).__name__}: {e}") from e
+        raise LaunchFailed(e) from e
     return returns, index_jobs(sweep_dir, index, "completed", returns)
 
 
