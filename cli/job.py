@@ -115,6 +115,7 @@ def job(cfg: DictConfig) -> dict[str, Any]:
 
 
 def distributed_threads(world: Any, cpus: int) -> int:
+    """This task's share of the job's `cpus` cores (`stability.distributed.threads`)."""
     from stability import distributed
 
     return distributed.threads(world, cpus)

@@ -37,6 +37,7 @@ class RateColumn(ProgressColumn):
     """Items per second in the task's own unit (`fields['unit']`)."""
 
     def render(self, task: Task) -> Text:
+        """The task's rate, e.g. "4.2 clips/s"; empty before it has one."""
         speed = task.finished_speed or task.speed
         return Text(f"{speed:.3g} {task.fields.get('unit', 'it')}/s" if speed else "", style="cyan")
 
@@ -64,15 +65,18 @@ class TerminalReporter(Observer):
         self.tasks: list[Any] = []
 
     def begin(self, name: str, total: int | None, unit: str) -> None:
+        """A bar for the phase (the display starts with the first one)."""
         if not self.tasks:
             self.progress.start()
         self.tasks.append(self.progress.add_task(name, total=total, unit=unit, info=""))
 
     def advance(self, n: int = 1) -> None:
+        """Advance the innermost phase's bar by `n`."""
         if self.tasks:
             self.progress.advance(self.tasks[-1], n)
 
     def end(self) -> None:
+        """Remove the innermost bar (the display stops with the last one)."""
         self.progress.remove_task(self.tasks.pop())
         if not self.tasks:
             self.progress.stop()
@@ -86,15 +90,18 @@ class PlainReporter(Observer):
         self.stack: list[dict[str, Any]] = []
 
     def begin(self, name: str, total: int | None, unit: str) -> None:
+        """A counted phase prints "NAME: TOTAL UNIT ..." now; every phase is timed."""
         self.stack.append({"name": name, "total": total, "unit": unit, "done": 0, "t0": self.clock()})
         if total is not None:
             self.console.print(f"{name}: {total} {unit} ...", highlight=False)
 
     def advance(self, n: int = 1) -> None:
+        """Count `n` more items of the innermost phase."""
         if self.stack:
             self.stack[-1]["done"] += n
 
     def end(self) -> None:
+        """Print "NAME: N UNIT done in T (R UNIT/s)"; an uncounted phase only if it took PLAIN_MIN_S or more."""
         p = self.stack.pop()
         took = self.clock() - p["t0"]
         if p["total"] is None and took < PLAIN_MIN_S:
@@ -105,6 +112,7 @@ class PlainReporter(Observer):
 
 
 def reporter(console: Console) -> Observer:
+    """The phase observer for `console`: Rich bars on a terminal, plain lines elsewhere."""
     return TerminalReporter(console) if console.is_terminal else PlainReporter(console)
 
 
@@ -119,15 +127,19 @@ class RichProgress(Observer):
         self.n_epochs, self.t0 = 0, 0.0
 
     def start(self, epochs: int, batches: int) -> None:
+        """Bars over the `epochs` epochs and each epoch's `batches` steps."""
         self.n_epochs, self.t0 = epochs, self.clock()
         self.progress.start()
         self.epochs = self.progress.add_task("epochs", total=epochs, info="", unit="epochs")
         self.batches = self.progress.add_task("batches", total=batches, info="", unit="steps")
 
     def step(self, rec: Mapping[str, Any]) -> None:
+        """Advance the batch bar; show the step's loss."""
         self.progress.update(self.batches, completed=rec["batch"] + 1, info=f"loss {fmt(rec['loss'])}")
 
     def epoch(self, record: Mapping[str, Any]) -> None:
+        """Advance the epoch bar and print the epoch's line: loss, val loss, grad norm mean and
+        max, stage RMS (cascade), output collapse, elapsed and ETA."""
         epoch = record["epoch"]
         self.progress.update(
             self.epochs,
@@ -152,4 +164,5 @@ class RichProgress(Observer):
         )
 
     def close(self, state: str = "completed") -> None:
+        """Stop the bars (whatever the run's end)."""
         self.progress.stop()

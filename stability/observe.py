@@ -75,45 +75,56 @@ class Observers(Observer):
         self.observers = [o for o in observers if o is not None]
 
     def begin(self, name: str, total: int | None, unit: str) -> None:
+        """`Observer.begin`, to each observer in turn."""
         for o in self.observers:
             o.begin(name, total, unit)
 
     def advance(self, n: int = 1) -> None:
+        """`Observer.advance`, to each observer in turn."""
         for o in self.observers:
             o.advance(n)
 
     def end(self) -> None:
+        """`Observer.end`, to each observer in turn."""
         for o in self.observers:
             o.end()
 
     def start(self, epochs: int, batches: int) -> None:
+        """`Observer.start`, to each observer in turn."""
         for o in self.observers:
             o.start(epochs, batches)
 
     def step(self, rec: Mapping[str, Any]) -> None:
+        """`Observer.step`, to each observer in turn."""
         for o in self.observers:
             o.step(rec)
 
     def event(self, ev: Mapping[str, Any]) -> None:
+        """`Observer.event`, to each observer in turn."""
         for o in self.observers:
             o.event(ev)
 
     def epoch(self, erec: Mapping[str, Any]) -> None:
+        """`Observer.epoch`, to each observer in turn."""
         for o in self.observers:
             o.epoch(erec)
 
     def summary(self, summary: Mapping[str, Any]) -> None:
+        """`Observer.summary`, to each observer in turn."""
         for o in self.observers:
             o.summary(summary)
 
     def close(self, state: str) -> None:
+        """`Observer.close`, to each observer in turn."""
         for o in self.observers:
             o.close(state)
 
     def notice(self, kind: str, text: str) -> None:
+        """`Observer.notice`, to each observer in turn."""
         for o in self.observers:
             o.notice(kind, text)
 
     def jobs(self, jobs: Sequence[Any]) -> None:
+        """`Observer.jobs`, to each observer in turn."""
         for o in self.observers:
             o.jobs(jobs)

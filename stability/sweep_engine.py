@@ -101,13 +101,16 @@ class JobReturn(Protocol):
     dict: folder, skipped, busy, error, duplicate_of), its overrides and its folder."""
 
     @property
-    def return_value(self) -> Any: ...
+    def return_value(self) -> Any:
+        """The job function's return value (Hydra raises the job's own error here, if it had one)."""
 
     @property
-    def overrides(self) -> Sequence[str]: ...
+    def overrides(self) -> Sequence[str]:
+        """The job's overrides."""
 
     @property
-    def working_dir(self) -> str | None: ...
+    def working_dir(self) -> str | None:
+        """The job's folder, as the launcher made it."""
 
 
 class Launcher(Protocol):

@@ -238,16 +238,20 @@ class Tracker:
 
     name = "none"
 
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Named numbers at training step `step` (`step_metrics`, `epoch_metrics`, `summary_metrics`)."""
 
-    def event(self, rec: Event, step: int) -> None: ...
+    def event(self, rec: Event, step: int) -> None:
+        """One event (first_nan, grad_spike, ...) at training step `step`."""
 
-    def summary(self, summary: Summary, step: int) -> None: ...
+    def summary(self, summary: Summary, step: int) -> None:
+        """The run's summary (verdict, evidence, flags, warnings) at its last step."""
 
     def flush(self) -> None:
         """Send what is buffered (called at each epoch's end)."""
 
-    def close(self, state: str) -> None: ...
+    def close(self, state: str) -> None:
+        """The run ended in `state` (completed, failed, interrupted): finish the tracker's run."""
 
     def state(self) -> dict[str, Any]:
         """What trackers.json keeps for this tracker (its run id), to continue it on a re-run."""
@@ -279,13 +283,16 @@ class TensorBoardTracker(Tracker):
         self.writer.add_summary(text("config/operational", f"```\n{json.dumps(operational, indent=1)}\n```"), 0)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """One event holding every scalar of `metrics` at `step`."""
         S = self._summary
         self.writer.add_summary(S(value=[S.Value(tag=k, simple_value=v) for k, v in metrics.items()]), step)
 
     def event(self, rec: Event, step: int) -> None:
+        """The event as text under event/NAME."""
         self.writer.add_summary(self._text(f"event/{rec['event']}", _event_text(rec)), step)
 
     def summary(self, summary: Summary, step: int) -> None:
+        """The verdict, flags and warnings as text (summary/verdict), its numbers as HParams metrics."""
         lines = [f"**{summary['verdict']}**: {summary.get('evidence', '')}"]
         lines += [f"- flag {f['flag']}: {f['evidence']}" for f in summary.get("flags") or []]
         lines += [f"- warning: {w['message']}" for w in summary.get("warnings") or []]
@@ -293,6 +300,7 @@ class TensorBoardTracker(Tracker):
         self.log(summary_metrics(summary), step)  # final loss, first NaN step, ...: HParams' metric columns
 
     def close(self, state: str) -> None:
+        """HParams' session end (success only for `completed`), then close the event file."""
         from tensorboard.plugins.hparams import api_pb2, metadata
         from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 
@@ -309,6 +317,7 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
     def state(self) -> dict[str, Any]:
+        """The event files' folder, relative to the run folder."""
         return {"logdir": "tb"}
 
 
@@ -378,22 +387,26 @@ class MlflowTracker(Tracker):
         return f"sqlite:///{folder / 'mlflow.db'}"
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Buffered; sent by `flush` (at each epoch's end, or every 10 batches' worth)."""
         ms = int(time.time() * 1000)
         self.pending.extend(self._metric(k, v, ms, step) for k, v in metrics.items())
         if len(self.pending) >= 10 * self._BATCH:
             self.flush()
 
     def flush(self) -> None:
+        """Send the buffered metrics with `log_batch`, at most _BATCH per call."""
         pending, self.pending = self.pending, []
         for i in range(0, len(pending), self._BATCH):
             self.client.log_batch(self.run_id, metrics=pending[i : i + self._BATCH])
 
     def event(self, rec: Event, step: int) -> None:
+        """A tag per event and step, and a 1 at that step on the chart event/NAME."""
         # one tag per event and step (spikes recur), and a 1 at that step on the event's own chart
         self.client.set_tag(self.run_id, f"event.{rec['event']}.step_{step}", _event_text(rec)[:5000])
         self.log({f"event/{rec['event']}": 1.0}, step)
 
     def summary(self, summary: Summary, step: int) -> None:
+        """Tags: verdict, evidence, first_nan, flag.*, warning.*; the summary's numbers as metrics."""
         tags = {"verdict": summary["verdict"], "evidence": str(summary.get("evidence", ""))[:5000]}
         if summary.get("first_nan"):
             nan = summary["first_nan"]
@@ -406,11 +419,13 @@ class MlflowTracker(Tracker):
         self.log(summary_metrics(summary), step)
 
     def close(self, state: str) -> None:
+        """Flush, then end the MLflow run as FINISHED, FAILED or KILLED (interrupted)."""
         self.flush()
         status = {"completed": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
         self.client.set_terminated(self.run_id, status=status)
 
     def state(self) -> dict[str, Any]:
+        """The MLflow run id, its store and the attempt number."""
         return {"run_id": self.run_id, "tracking_uri": self.uri, "attempt": self.attempt}
 
 
@@ -456,14 +471,17 @@ class WandbTracker(Tracker):
         self.next += 1
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """One W&B history row, with stab's `step` as its x-axis."""
         self._log(metrics, step)
 
     def event(self, rec: Event, step: int) -> None:
+        """A history row event/NAME (text); the first of each kind also in the run's summary."""
         self._log({f"event/{rec['event']}": _event_text(rec)}, step)
         if f"first/{rec['event']}" not in self.run.summary.keys():  # noqa: SIM118 (W&B's Summary has no __contains__); the first of each kind, in the summary
             self.run.summary[f"first/{rec['event']}"] = {k: v for k, v in rec.items() if k != "event"}
 
     def summary(self, summary: Summary, step: int) -> None:
+        """The summary's numbers as a history row; verdict, evidence, flags, ... in W&B's summary."""
         self._log(summary_metrics(summary), step)
         keep = (
             "verdict",
@@ -479,9 +497,11 @@ class WandbTracker(Tracker):
         self.run.summary.update({k: summary[k] for k in keep if k in summary})
 
     def close(self, state: str) -> None:
+        """Finish the W&B run (exit code 0 only for `completed`)."""
         self.run.finish(exit_code=0 if state == "completed" else 1)
 
     def state(self) -> dict[str, Any]:
+        """The W&B run id, its next internal step and where its files are."""
         return {
             "id": self.id,
             "next_step": self.next,
@@ -523,12 +543,14 @@ class Recorder(Observer):
                 self.save()
 
     def step(self, rec: Mapping[str, Any]) -> None:
+        """The step record's numbers (`step_metrics`) to every tracker, at its step."""
         if self.trackers:
             self.last_step = rec["step"]
             metrics = step_metrics(rec)
             self._each(lambda t: t.log(metrics, rec["step"]))
 
     def epoch(self, erec: Mapping[str, Any]) -> None:
+        """The epoch record's numbers (`epoch_metrics`) at the last step, then flush and trackers.json."""
         if self.trackers:
             metrics = epoch_metrics(erec)
             self._each(lambda t: t.log(metrics, self.last_step))
@@ -536,17 +558,20 @@ class Recorder(Observer):
             self.save()
 
     def event(self, ev: Mapping[str, Any]) -> None:
+        """The event to every tracker, at its own step (else the last step)."""
         if self.trackers:
             rec = ev if isinstance(ev, Event) else Event(ev)
             step = rec.get("step", self.last_step)
             self._each(lambda t: t.event(rec, step))
 
     def summary(self, summary: Mapping[str, Any]) -> None:
+        """The summary to every tracker, at the last step."""
         if self.trackers:
             s = summary if isinstance(summary, Summary) else Summary(summary)
             self._each(lambda t: t.summary(s, self.last_step))
 
     def close(self, state: str) -> None:
+        """Close every tracker with the run's final state; trackers.json once more."""
         if self.trackers or self.errors:
             self._each(lambda t: t.close(state))
             self.save()
