@@ -40,8 +40,8 @@ from stability.preflight import preflight
 from stability.record import format as rf
 from stability.rundirs import OWNER_ENV, LeaseBusy, owner_alive, writer_gone
 from stability.storage import write_status
-from stability.sweep_engine import CONCURRENCY_ENV, Sweep, read_duplicates
-from stability.sweeps import read_status, should_skip
+from stability.sweep_engine import CONCURRENCY_ENV, Sweep
+from stability.sweeps import read_duplicates, read_status, should_skip
 
 
 class HydraLauncher:

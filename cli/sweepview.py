@@ -121,7 +121,7 @@ class LiveView(Observer):
             self.live.__enter__()
 
     def jobs(self, jobs: Sequence[Any]) -> None:
-        """Every job's progress (`sweep_engine.JobProgress`): redraw, or print what changed."""
+        """Every job's progress (`sweeps.JobProgress`): redraw, or print what changed."""
         if self.live is not None:
             self.live.update(self.render(jobs))
         else:

@@ -63,7 +63,7 @@ class Observer:
         `DAMAGED`, `DUPLICATE`, `WAITING`, `STARTING`), `text` the rest."""
 
     def jobs(self, jobs: Sequence[Any]) -> None:
-        """Every job of this launch as read from its folder (`sweep_engine.JobProgress`), twice
+        """Every job of this launch as read from its folder (`sweeps.JobProgress`), twice
         a second while the jobs run and once after they end."""
 
 

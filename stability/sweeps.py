@@ -1,4 +1,5 @@
-"""Sweep bookkeeping that Hydra does not do: job status, resume decisions, the sweep index.
+"""Sweep bookkeeping that Hydra does not do: job status, resume decisions, the sweep index, the
+jobs that are one configuration, and each job's progress as its folder says.
 
 Every job folder holds `status.json` (written by the run itself) and the run's lease (see
 `stability.rundirs`). A sweep holds an exclusive lock on its folder while it runs. A job found
@@ -15,16 +16,23 @@ started a second time. A `completed` job whose record is incomplete or unreadabl
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from stability.record import format as rf
+from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
 from stability.record.records import Status
 from stability.rundirs import holder
 from stability.storage import write_json, write_status
+
+# Written into the sweep folder before the launch: {job number: the earlier job of the same run
+# identity}. A file, not the environment: joblib's workers start before the sweep has composed its
+# jobs, so they would not inherit it.
+DUPLICATES_FILE = ".duplicates.json"
 
 
 class SweepBusy(RuntimeError):
@@ -138,3 +146,110 @@ def job_record(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
 
 def write_index(sweep_dir: Path, jobs: list[dict[str, Any]], **meta: Any) -> None:
     write_json(Path(sweep_dir) / rf.SWEEP_INDEX, {"updated": time.time(), **meta, "jobs": jobs})
+
+
+# --- jobs that are one configuration ---------------------------------------------------------------------------------
+
+
+def find_duplicates(identities: list[str]) -> dict[str, int]:
+    """{job number (as text): the earlier job with the same run identity}: overrides that differ
+    only in keys with no effect (e.g. model.final_norm under post-norm) are one configuration,
+    trained once."""
+    first: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for i, ident in enumerate(identities):
+        if ident in first:
+            out[str(i)] = first[ident]
+        else:
+            first[ident] = i
+    return out
+
+
+def read_duplicates(sweep_dir: Path) -> dict[str, int]:
+    """The sweep's `DUPLICATES_FILE` as a job reads it; {} where there is none."""
+    try:
+        return json.loads((sweep_dir / DUPLICATES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def same_configuration(job: list[str], earlier: list[str]) -> str:
+    """One line on why `job` is trained once with `earlier`: listed twice, or which of its
+    overrides change nothing (a key with no effect there, a default, the same value spelt apart)."""
+    if sorted(job) == sorted(earlier):
+        return f"job {' '.join(job)} is listed twice (the same overrides as job {' '.join(earlier)}): trained once"
+    mine, theirs = (dict(o.partition("=")[::2] for o in c) for c in (job, earlier))
+    why = []
+    for key in sorted(mine.keys() | theirs.keys()):
+        if mine.get(key) == theirs.get(key):
+            continue
+        shown = " and ".join(f"{key}={c[key]}" for c in (mine, theirs) if key in c)
+        why.append(
+            f"{shown} give the same configuration"
+            if key in mine and key in theirs
+            else f"{shown} changes nothing there"
+        )
+    return f"job {' '.join(job)} is the same configuration as job {' '.join(earlier)} ({'; '.join(why)}): trained once"
+
+
+# --- a sweep's progress, as its job folders say while they run -------------------------------------
+
+
+class JobProgress(TypedDict):
+    """One job as its folder says while it runs (`job_progress`)."""
+
+    name: str  # the job's folder name
+    state: str | None  # status.json's state: running, completed, failed, interrupted
+    epoch: int  # epochs done
+    epochs: int | None  # epochs planned (config.yaml), None where unknown
+    grad_norm: float | None  # the last epoch's mean total grad norm
+    verdict: str | None  # final, or `nan` so far once a first_nan event is written
+    note: str | None  # a fact that is not a verdict (an output collapse while running)
+    elapsed: float | None  # seconds since the job started (to its end, once finished)
+    eta: float | None  # seconds left, from elapsed per epoch so far (running jobs only)
+
+
+def job_progress(run_dir: Path, now: float) -> JobProgress:
+    """What the sweep view shows of one job, read from its folder (`RunFolder`) at time `now`
+    (seconds since the epoch): state, epochs done and planned, last epoch's mean grad norm,
+    verdict so far, elapsed and ETA (elapsed per epoch so far)."""
+    folder = RunFolder(run_dir)
+    status = read_status(run_dir)
+    epochs = folder.epochs()  # a torn last line (the job is writing it) is left out
+    total = folder.epochs_planned()
+    done = len(epochs)
+    started, finished = status.started, status.finished
+    elapsed = ((finished or now) - started) if isinstance(started, (int, float)) else None
+    state = status.state
+    eta = None
+    if state == "running" and elapsed is not None and done and total:
+        eta = elapsed / done * (total - done)
+    verdict, note = status.verdict, None
+    if verdict is None and state == "running":  # so far: a NaN recorded (final: nothing undoes it)
+        events = {e.event for e in folder.events()}
+        verdict = vd.NAN if "first_nan" in events else None
+        if verdict is None and epochs and epochs[-1].collapsed:
+            # a fact, not a verdict: a scream must last to the end, and a collapse while the loss
+            # still falls is undertraining (stability.detectors.scream_onset); many end stable
+            note = f"output collapsed at epoch {epochs[-1].get('epoch', done)}"
+    return {
+        "name": run_dir.name,
+        "state": state,
+        "epoch": done,
+        "epochs": total,
+        "grad_norm": epochs[-1].get("grad_norm_mean") if epochs else None,
+        "verdict": verdict,
+        "note": note,
+        "elapsed": elapsed,
+        "eta": eta,
+    }
+
+
+def sweep_progress(sweep_dir: Path, names: set[str] | None, now: float) -> list[JobProgress]:
+    """`job_progress` of every job folder in `sweep_dir` (those named in `names` only: a folder
+    also holds earlier launches' jobs, e.g. a margin search's rounds), by folder name."""
+    return [
+        job_progress(p.parent, now)
+        for p in sorted(sweep_dir.glob(f"*/{rf.STATUS}"))
+        if names is None or p.parent.name in names
+    ]

@@ -235,7 +235,7 @@ def test_a_full_disk_mid_append_leaves_every_jsonl_line_whole(cli, tmp_path, mon
 
 
 def test_a_duplicate_job_says_why_it_is_trained_once(cli, tmp_path):
-    from stability.sweep_engine import same_configuration
+    from stability.sweeps import same_configuration
 
     result = cli("sweep", "--runs", tmp_path, *SMOKE, "train.epochs=1", "residual=0.1,0.10", ok=False)
     (line,) = [x for x in result.stderr.splitlines() if "trained once" in x]
@@ -270,7 +270,7 @@ def test_the_live_view_counts_only_this_launchs_jobs(tmp_path, monkeypatch):
 
     import cli.sweepview as sweep_mod
     from cli.sweepview import LiveView
-    from stability.sweep_engine import sweep_progress
+    from stability.sweeps import sweep_progress
 
     def job(name: str, state: str) -> None:
         (tmp_path / name).mkdir()
@@ -294,7 +294,7 @@ def test_the_live_view_counts_only_this_launchs_jobs(tmp_path, monkeypatch):
 def test_the_live_view_never_guesses_a_scream_for_a_run_that_ends_stable(tmp_path, one_run):
     import shutil
 
-    from stability.sweep_engine import job_progress
+    from stability.sweeps import job_progress
 
     run = shutil.copytree(one_run, tmp_path / "job")
     status = read_json(run / "status.json")

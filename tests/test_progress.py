@@ -16,7 +16,7 @@ from rich.console import Console
 from cli.progress import PlainReporter, TerminalReporter
 from cli.sweepview import LiveView
 from stability.progress import phase, reporting
-from stability.sweep_engine import job_progress, sweep_progress
+from stability.sweeps import job_progress, sweep_progress
 from tests.conftest import SMOKE, only_run
 
 

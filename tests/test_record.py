@@ -118,7 +118,7 @@ def raw_status(run: Path) -> dict:
 
 def test_a_torn_epoch_line_and_a_truncated_summary_read_the_same_everywhere(old_run):
     from cli.margin import read_probe
-    from stability.sweep_engine import job_progress
+    from stability.sweeps import job_progress
 
     with open(old_run / rf.EPOCHS, "a") as f:
         f.write('{"epoch": 3, "loss": 0.')  # a job killed while appending
