@@ -116,6 +116,8 @@ class StabTrainerCallback(TrainerCallback):
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
     ) -> None:
+        """Open the run: a `Monitor` on the Trainer's model and optimizer, its clip taking over
+        `max_grad_norm` (set to 0), and the forward hook that reads each micro-batch's loss."""
         kw = dict(self.kwargs)
         info: dict[str, Any] = {
             "trainer": {
@@ -209,6 +211,8 @@ class StabTrainerCallback(TrainerCallback):
 
     # --- per optimizer step -------------------------------------------------------------------
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """The step's gradients are complete: measure, check, clip and record them; a non-finite
+        step's gradients are dropped, and with on_nan="stop" training stops."""
         monitor = self._monitor()
         if self._counts:
             self._say_normalisation()
@@ -218,10 +222,12 @@ class StabTrainerCallback(TrainerCallback):
                 control.should_training_stop = True
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close the epoch: its record, validation, scream check and health (`Monitor.end_epoch`)."""
         if self.monitor is not None:
             self.monitor.end_epoch()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Remove the forward hook; write the summary and the final status."""
         self._remove_hook()
         if self.monitor is not None and self.monitor.summary is None:
             self.monitor.close()

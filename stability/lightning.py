@@ -56,6 +56,7 @@ class StabCallback(pl.Callback):
         return self.monitor
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Open the run: a `Monitor` on the module and its one optimizer (ValueError for several)."""
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 f"StabCallback: the module has {len(trainer.optimizers)} optimizers; stab records one "
@@ -78,27 +79,33 @@ class StabCallback(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        """Keep the batch, to locate a first NaN on it and save it for `stab replay`."""
         self._batch = batch
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        """Note the micro-batch's loss (Lightning's, undivided by the accumulation)."""
         if self.monitor is not None and not self.monitor.busy:
             self.monitor.micro_batch(loss * self._scale, self._batch)  # Lightning's loss is divided by N
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        """Measure, check, clip and record the step's gradients; a non-finite step's are dropped."""
         monitor = self._monitor()
         if not monitor.before_optimizer_step():
             optimizer.zero_grad(set_to_none=True)  # no gradients: the step leaves the weights as they were
             trainer.should_stop = trainer.should_stop or monitor.should_stop
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Close the epoch (`Monitor.end_epoch`)."""
         self._monitor().end_epoch()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the summary and the final status (`Monitor.close`)."""
         self._monitor().close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """The fit raised: status `failed` (or `interrupted`), every step recorded so far kept."""
         if self.monitor is not None and self.monitor.summary is None:
             self.monitor.fail(exception)
 

@@ -65,6 +65,7 @@ class EpochStats:
         self.stage_sum = np.zeros(4 * n_stages)  # rms..., ratio..., scale..., clamped...
 
     def add(self, rec: Mapping[str, Any]) -> None:
+        """Add one step record to the sums and maxima (grad norms, loss, clip and clamp counts)."""
         g = np.fromiter((rec[k] for k in self.keys), dtype=float, count=len(self.keys))
         self.grad_sum += g
         np.maximum(self.grad_max, g, out=self.grad_max)  # propagates NaN
@@ -78,9 +79,11 @@ class EpochStats:
         self.steps += 1
 
     def means(self) -> np.ndarray:
+        """Mean grad norm per group and total over the epoch's steps (NaN for none), shape (len(keys),)."""
         return self.grad_sum / self.steps if self.steps else np.full(len(self.keys), math.nan)
 
     def maxes(self) -> np.ndarray:
+        """Largest grad norm per group and total over the epoch's steps (NaN for none), shape (len(keys),)."""
         return self.grad_max if self.steps else np.full(len(self.keys), math.nan)
 
     def record(self) -> dict[str, Any]:
@@ -123,6 +126,7 @@ class RunWriter:
         self.grad_header = False
 
     def path(self, name: str) -> Path:
+        """The path of the run folder's file `name`."""
         return self.dir / name
 
     # --- the folder ---------------------------------------------------------------------------
@@ -148,6 +152,7 @@ class RunWriter:
         write_status(path, status)
 
     def data(self, info: dict[str, Any]) -> None:
+        """data.json: the workload's facts (data, codec, model size, ...)."""
         if self.writes:
             write_json(self.path(rf.DATA), info)
 

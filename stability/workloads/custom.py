@@ -189,6 +189,12 @@ def make_task(target: str, params: dict[str, Any]) -> Task:
 
 
 def as_task(out: Any, where: str) -> Task:
+    """A factory's return value (`out`: a Task or a dict of its fields) as a checked Task.
+
+    Raises:
+        ConfigError: naming `where` (the factory), for an unknown or missing key, a model that is
+            not an nn.Module or has no trainable parameter, or a loss that is not callable.
+    """
     if isinstance(out, Task):
         task = out
     elif isinstance(out, dict):
@@ -311,10 +317,12 @@ def split(batch: Any) -> tuple[tuple[Any, ...], Any]:
 
 
 def is_attention(m: nn.Module) -> bool:
+    """An attention module: nn.MultiheadAttention, or a class whose name says attention."""
     return isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
 
 
 def is_norm(m: nn.Module) -> bool:
+    """A normalization layer: one of NORM_TYPES, or a class whose name says norm."""
     return isinstance(m, NORM_TYPES) or "norm" in type(m).__name__.lower()
 
 
@@ -536,11 +544,8 @@ class CustomWorkload(Workload):
         task: Task | None = None,
         batch_loss: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
-        """The factory's task (`cfg.model`), or `task` as given (stab's Monitor: your own loop
-        draws the batches, so `task.train` may be None and the training checks are skipped).
-        `batch_loss`: how the caller's loop computes a batch's loss (a 0-d tensor), used by
-        `loss` instead of `task.loss(model(*inputs), target)` (Lightning: the module's own
-        training_step)."""
+        """The factory's task (`cfg.model`), or `task` as given (Monitor: your loop draws the
+        batches, so `task.train` may be None); `batch_loss(batch)` (0-d) replaces `loss`'s own."""
         self.cfg, self.device = cfg, device
         self.batch_loss = batch_loss
         if not isinstance(cfg.model, CustomModelConfig):
@@ -613,6 +618,7 @@ class CustomWorkload(Workload):
         return auto_groups(self.model, self._layers)
 
     def module_groups(self) -> dict[str, list[nn.Module]]:
+        """The module groups whose gradients are measured: the factory's `groups`, else by layer."""
         return self._groups
 
     # checks ------------------------------------------------------------------------------------
@@ -655,6 +661,7 @@ class CustomWorkload(Workload):
     # training ----------------------------------------------------------------------------------
     @property
     def n_train(self) -> int:
+        """Training examples (0 without training data: the Monitor's own loop)."""
         return len(self.train) if self.train is not None else 0
 
     def _split(self, which: str) -> Examples:
@@ -665,6 +672,7 @@ class CustomWorkload(Workload):
         return examples
 
     def batch(self, idx: torch.Tensor) -> Any:
+        """The training examples at `idx` (a 1-d index tensor), on the device. RuntimeError without training data."""
         return self._split("train")[idx]
 
     def forward(self, batch: Any) -> Any:
@@ -789,8 +797,10 @@ class CustomWorkload(Workload):
 
     # health ------------------------------------------------------------------------------------
     def health_layers(self) -> dict[str, tuple[nn.Module, Any]]:
+        """{layer name: (layer, its attention probe)} for the layers whose attention can be measured."""
         return self._health
 
     def health_loss(self) -> torch.Tensor:
+        """The loss on the first HEALTH_ITEMS validation examples (0-d): what the health probe differentiates."""
         val = self._split("val")
         return self.loss(val[torch.arange(min(HEALTH_ITEMS, len(val)))])
