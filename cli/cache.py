@@ -57,6 +57,7 @@ def cache_root(cache_dir: Path | None) -> Path:
 
 
 def human_bytes(n: float) -> str:
+    """`n` bytes in decimal units: "512 B", "3.4 MB"."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -65,6 +66,7 @@ def human_bytes(n: float) -> str:
 
 
 def human_age(seconds: float) -> str:
+    """An age in the largest whole unit: "2.5 d", "3.0 h", "12.0 m", "40 s"."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"

@@ -57,10 +57,12 @@ class WarningsToConsole(logging.Handler):
     data.on_bad_file=skip) printed through `warn`, like the CLI's own."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Print the record's message as a `warning:` line."""
         warn(record.getMessage())
 
 
 def route_library_warnings() -> None:
+    """Send the library's `stab.*` loggers' warnings to the console (`WarningsToConsole`)."""
     # Hydra's logging setup in an in-process sweep (dictConfig) disables the loggers that exist
     # then and raises the root's level; a later command in the same process must hear the library.
     for name, existing in logging.Logger.manager.loggerDict.items():
@@ -94,6 +96,7 @@ class ClosedStdout:
             pass
 
     def write(self, text: str) -> int:
+        """Write `text`; once the reader has gone (a closed pipe), swallow it. Returns its length."""
         if not self.closed_pipe:
             try:
                 return self._stream.write(text)
@@ -102,6 +105,7 @@ class ClosedStdout:
         return len(text)
 
     def flush(self) -> None:
+        """Flush, unless the reader has gone."""
         if not self.closed_pipe:
             try:
                 self._stream.flush()
@@ -247,6 +251,7 @@ def check_writable(folder: Path, option: str = "--runs") -> None:
 
 
 def verdict_text(v: str) -> Text:
+    """A verdict or run state as Rich text in its colour (`verdicts.style`)."""
     return Text(v, style=STATE_STYLE.get(v) or vd.style(v))
 
 

@@ -75,6 +75,7 @@ def user_code_importable() -> None:
 
 
 def main() -> None:
+    """The `stab` entry point: run the Typer app; exit with its status (a closed stdout is not an error)."""
     user_code_importable()
     out = guard_stdout()
     ending: dict[str, Any] = {"code": 0}

@@ -1,0 +1,1 @@
+"""stab's library: configs, workloads, the instrumented step, the run record, detectors and reports."""

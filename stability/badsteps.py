@@ -121,6 +121,7 @@ class Format:
     help: str
 
     def render(self, steps: list[BadStep]) -> tuple[str, str]:
+        """(file name, its text) for `steps`."""
         return self.filename, self.render_steps(steps)
 
 

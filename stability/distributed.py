@@ -53,6 +53,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
+        """More than one process: a data-parallel run."""
         return self.size > 1
 
     @classmethod

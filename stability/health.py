@@ -118,6 +118,8 @@ class SdpaAttention:
         self.calls: list[dict[str, Any]] = []
 
     def register_forward_pre_hook(self, hook: Callable) -> Any:
+        """Call `hook(module, (x,))` with the attention's input before each forward (positional or `hidden_states=`); returns the handle."""
+
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
             if x is None:

@@ -35,6 +35,8 @@ class ReplayError(RuntimeError):
 
 @dataclass
 class ReplayResult:
+    """What re-running a run's first non-finite step found (`replay`)."""
+
     step: int
     epoch: int
     batch_index: int
@@ -98,6 +100,13 @@ def _why_nothing_saved(folder: RunFolder) -> str:
 
 
 def replay(run_dir: Path, n_other: int = 2, device: str = "cpu") -> ReplayResult:
+    """Rebuild the run's model from its config, load the state and batch saved at its first
+    non-finite step (forensics), and run that step again module by module on `device`.
+
+    Raises:
+        ReplayError: the run has no forensics file (it never went non-finite, or predates them),
+            or its config is unreadable.
+    """
     folder = RunFolder(run_dir)
     path = folder.forensics()
     if path is None:

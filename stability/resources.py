@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Resources:
+    """One job's share of the machine (`plan`): CPU threads, its device and GPU slot."""
+
     threads: int
     device: str | None  # None: leave the configured device alone
     slot: int | None  # GPU index this job was given, if any

@@ -114,6 +114,7 @@ def me() -> str:
 
 
 def owner_alive(owner: str) -> bool:
+    """Whether the process `owner` ("PID:START", as `me` writes it) still runs."""
     pid, _, start = owner.partition(":")
     return alive(int(pid), int(start) or None)
 
@@ -142,6 +143,7 @@ class Holder:
 
     @property
     def live(self) -> bool:
+        """Whether a live process holds the lease (this host: its lock; another: its heartbeat is fresh)."""
         if self.locked:
             return True
         if not self.info.get("pid"):  # released (or never written): nobody
@@ -215,6 +217,8 @@ class RunLease:
         self._beat: threading.Thread | None = None
 
     def acquire(self, wait: bool = False) -> RunLease:
+        """Take the lease and start its heartbeat. Raises LeaseBusy if a live process holds it;
+        with `wait`, blocks on the flock until the holder releases it instead."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -256,6 +260,7 @@ class RunLease:
             self._write()
 
     def release(self) -> None:
+        """Stop the heartbeat, mark the lease free and unlock it."""
         self._stop.set()
         if self.fd is not None:
             self.info = {}  # released: the file says nobody holds it

@@ -34,6 +34,7 @@ INDEX = "index.json"
 
 
 def snapshot_name(step: int) -> str:
+    """The file name of the snapshot taken before step `step`: "step00000042.pt"."""
     return f"step{step:08d}.pt"
 
 

@@ -43,6 +43,7 @@ def file_mode() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of `text`, UTF-8."""
     atomic_write_bytes(path, text.encode())
 
 
@@ -113,6 +114,7 @@ def loads(text: str) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """`obj` as indented strict JSON (`dumps`: non-finite floats encoded, see NONFINITE), atomically."""
     atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
@@ -150,10 +152,12 @@ def _overwrite_in_place(path: Path, data: bytes) -> bool:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file as `loads` reads it (non-finite floats restored). Raises OSError or ValueError."""
     return loads(Path(path).read_text())
 
 
 def write_yaml(path: Path, obj: Any) -> None:
+    """`obj` as YAML, keys in their order, atomically."""
     atomic_write_text(path, yaml.safe_dump(_jsonable(obj, strict=False), sort_keys=False))
 
 

@@ -40,6 +40,9 @@ class SweepBusy(RuntimeError):
 
 
 class SweepLock:
+    """An exclusive lock on a sweep folder for one `stab sweep` process (`with SweepLock(dir):`);
+    SweepBusy if another process holds it."""
+
     def __init__(self, sweep_dir: Path) -> None:
         self.path = Path(sweep_dir) / ".sweep.lock"
         self.fd: int | None = None
@@ -145,6 +148,7 @@ def job_record(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def write_index(sweep_dir: Path, jobs: list[dict[str, Any]], **meta: Any) -> None:
+    """The sweep index (sweep.json): `meta` (name, launcher, overrides, state) and a record per job."""
     write_json(Path(sweep_dir) / rf.SWEEP_INDEX, {"updated": time.time(), **meta, "jobs": jobs})
 
 
