@@ -42,6 +42,7 @@ class RMSMatch(nn.Module):
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`out` times the clamped ratio rms(target) / rms(out) (a 0-d scale: any shape); keeps `last`."""
         out_rms = rms(out)
         ratio = rms(target) / out_rms
         scale = ratio.clamp(self.lo, self.hi) if self.enabled else torch.ones_like(ratio)
@@ -50,6 +51,9 @@ class RMSMatch(nn.Module):
 
 
 class Stage(nn.Module):
+    """Stage `i` of the cascade: concat(prev, target) -> in_proj -> transformer stack ->
+    output_proj, plus residual[i] x prev, then the RMS match (see the module docstring)."""
+
     def __init__(self, cfg: ModelConfig, i: int) -> None:
         super().__init__()
         d, C = cfg.d_model[i], cfg.latent_dim
@@ -70,6 +74,7 @@ class Stage(nn.Module):
         self.rms_match = RMSMatch(cfg.rms_match, *cfg.rms_clamp)
 
     def forward(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`prev` and `target` (B, C, T) latents -> this stage's output (B, C, T)."""
         x = torch.cat([prev, target], dim=1).transpose(1, 2)  # (B, T, 2C)
         x = self.in_proj(x)  # (B, T, d)
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
@@ -80,6 +85,9 @@ class Stage(nn.Module):
 
 
 class Cascade(nn.Module):
+    """The stages in sequence, weights drawn by `init_weights` (and spectral norm on each
+    output projection with `model.spectral_norm`); see the module docstring."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.stages = nn.ModuleList(Stage(cfg, i) for i in range(len(cfg.d_model)))
@@ -95,6 +103,7 @@ class Cascade(nn.Module):
         return [s for s in self.stages if isinstance(s, Stage)]
 
     def forward(self, inp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`inp` and `target` (B, 128, T) latents -> the last stage's output (B, 128, T)."""
         x = inp
         for stage in self.stages:
             x = stage(x, target)
@@ -123,4 +132,5 @@ class Cascade(nn.Module):
         }
 
     def rms_matchers(self) -> list[RMSMatch]:
+        """Each stage's RMS match, in order (the stage probe reads their `last`)."""
         return [stage.rms_match for stage in self.stage_list()]

@@ -46,6 +46,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) ->
 
 
 class CharLM(nn.Module):
+    """A GPT-style character language model: token and position embeddings, a causal transformer
+    stack (the cascade's blocks and stabilizers), a linear head over the vocabulary."""
+
     def __init__(self, cfg: CharLMConfig, vocab_size: int = PLACEHOLDER_VOCAB) -> None:
         super().__init__()
         self.context = cfg.context
@@ -76,6 +79,7 @@ class CharLM(nn.Module):
             spectral_norm(self.lm_head)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T), T <= context -> logits (B, T, vocab_size)."""
         _, T = idx.shape  # (B, T)
         pos = torch.arange(T, device=idx.device)
         x = (self.tok(idx) + self.pos(pos)) * self.embed_mult  # (B, T, d)

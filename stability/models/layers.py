@@ -73,6 +73,7 @@ class SigmaReparam(nn.Module):
         self.gamma = nn.Parameter(sigma.clone().to(weight.dtype))
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
+        """W (out, in) -> gamma / sigma(W) x W, sigma from one power iteration per training forward."""
         if self.training:
             with torch.no_grad():  # one power iteration, starting from the last estimate
                 self.v.copy_(F.normalize(W.t() @ self.u, dim=0))
@@ -83,6 +84,9 @@ class SigmaReparam(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`, with the optional
+    qk_norm and v_scale of the module docstring; causal for the char LM."""
+
     def __init__(
         self,
         d_model: int,
@@ -133,6 +137,7 @@ class Attention(nn.Module):
     _mask: torch.Tensor | None = None  # (T, T) bool, True above the diagonal: the causal positions left out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); keeps the largest pre-softmax logit in `logit_max` when watched."""
         B, T, C = x.shape
         q, k, v = self.heads(x)
         if self.watch_logits and self.training:
@@ -160,12 +165,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The feed-forward sublayer: Linear(d, ratio x d), GELU, Linear(ratio x d, d)."""
+
     def __init__(self, d_model: int, ratio: int) -> None:
         super().__init__()
         self.fc = nn.Linear(d_model, ratio * d_model)
         self.proj = nn.Linear(ratio * d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d)."""
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -194,6 +202,7 @@ class Block(nn.Module):
         self.alpha, self.beta = deepnorm_constants(depth) if norm == "deepnorm" else (1.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d): pre-norm x + f(norm(x)); post-norm and DeepNorm norm(alpha x + f(x))."""
         if self.norm == "pre":
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
@@ -261,6 +270,7 @@ class Stack(nn.Module):
                     parametrize.register_parametrization(linear, "weight", SigmaReparam(linear.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) through every block, then the final norm (pre-norm with final_norm; else identity)."""
         for layer in self.layers:
             x = layer(x)
         return self.final_norm(x)
