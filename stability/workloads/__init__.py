@@ -116,14 +116,17 @@ class RunParts:
 
     @property
     def model(self) -> nn.Module:
+        """The model that is trained (the workload's; compiled or DDP-wrapped where the run does so)."""
         return self.work.model
 
     @property
     def names(self) -> list[str]:
+        """The module groups' names, in forward order."""
         return list(self.groups)
 
     @property
     def n_stages(self) -> int:
+        """Stages with an RMS match (the cascade's; 0 for other models)."""
         return len(self.work.rms_matchers())
 
     def instruments(self, cfg: RunConfig, world_size: int = 1) -> Instruments:

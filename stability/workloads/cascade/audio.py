@@ -67,6 +67,8 @@ class ShortData(DataError):
 
 @dataclass(frozen=True)
 class AudioFile:
+    """One audio file of a data folder: where it is, its size (bytes) and mtime (ns)."""
+
     path: Path  # absolute
     rel: str  # relative to the data folder, e.g. "input/a.wav": what messages name
     size: int
@@ -90,6 +92,8 @@ class Listing:
 
 @dataclass
 class Pair:
+    """An input file and its target, checked and decoded to a common length."""
+
     name: str
     input: AudioFile
     target: AudioFile

@@ -39,6 +39,8 @@ DOWNLOAD_TIMEOUT_S = 10.0  # per connect/read: with no network, fail in seconds,
 
 @dataclass
 class Codec:
+    """The loaded EnCodec model and what was used (weights, seed, file, its checksum)."""
+
     model: Any  # encodec.EncodecModel
     info: dict[str, Any]  # what was used: recorded in every run (data.json, summary.json)
 

@@ -79,6 +79,8 @@ log = logging.getLogger("stab.data")
 
 @dataclass
 class LatentData:
+    """A data set's EnCodec latents, split, centered and scaled for training (shapes below)."""
+
     train_input: torch.Tensor  # (N, 128, T), centered by `input_center`, rescaled by `input_scale`
     train_target: torch.Tensor  # (N, 128, T), centered by `center`, rescaled by `scale`
     val_input: torch.Tensor
@@ -102,6 +104,7 @@ class LatentData:
 
 
 def default_cache_root() -> Path:
+    """Where latents are cached: $STAB_CACHE, else ~/.cache/stab."""
     return Path(os.environ.get("STAB_CACHE") or Path.home() / ".cache" / "stab")
 
 

@@ -59,20 +59,25 @@ class CascadeWorkload(Workload):
 
     @property
     def n_train(self) -> int:
+        """Training items (latent pairs)."""
         return len(self.train_input)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training pairs at `idx` (1-d): (input, target) latents, each (B, 128, T), on the device."""
         idx = idx.to(self.device)
         return self.train_input[idx], self.train_target[idx]
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """MSE between the cascade's output and the target latents, in float32 (0-d)."""
         inp, target = batch
         return F.mse_loss(self.model(inp, target).float(), target.float())
 
     def module_groups(self) -> dict[str, list[nn.Module]]:
+        """The cascade's gradient groups (`Cascade.module_groups`)."""
         return self.net.module_groups()
 
     def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
+        """Each transformer layer and its attention (`Cascade.health_layers`)."""
         return self.net.health_layers()
 
     def health_loss(self) -> torch.Tensor:
@@ -81,6 +86,7 @@ class CascadeWorkload(Workload):
         return self.loss((self.val_input[s], self.val_target[s]))
 
     def rms_matchers(self) -> list[Any]:
+        """Each stage's RMS match, in order."""
         return self.net.rms_matchers()
 
     @torch.no_grad()

@@ -162,9 +162,11 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; KeyError for a character not in the vocabulary."""
         return [self.index[c] for c in text]
 
     def decode(self, ids: Any) -> str:
+        """The text of token ids `ids`."""
         return "".join(self.chars[i] for i in ids)
 
 

@@ -123,20 +123,25 @@ class CharLMWorkload(Workload):
 
     @property
     def n_train(self) -> int:
+        """Training windows of context + 1 characters."""
         return len(self.train_windows)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows at `idx` (1-d) as (inputs, next characters), each (B, T) token ids, on the device."""
         w = self.train_windows[idx.to(self.device)]  # (B, T + 1)
         return w[:, :-1], w[:, 1:]
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the next character in nats per token, plus the z-loss if configured (0-d)."""
         x, y = batch
         return lm_loss(self.model(x), y, self.z_loss)  # the one place z_loss is used
 
     def module_groups(self) -> dict[str, list[nn.Module]]:
+        """The char LM's gradient groups (`CharLM.module_groups`)."""
         return self.net.module_groups()
 
     def health_layers(self) -> dict[str, tuple[nn.Module, nn.Module]]:
+        """Each transformer layer and its attention (`CharLM.health_layers`)."""
         return self.net.health_layers()
 
     def health_loss(self) -> torch.Tensor:
