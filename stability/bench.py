@@ -44,6 +44,8 @@ from stability.workloads import build, make_optimizer
 
 @dataclass
 class BenchResult:
+    """`stab bench`: steps per second of a bare loop and of stab's, their ratio, and FLOP use."""
+
     bare_sps: float  # steps per second
     stab_sps: float
     ratio: float  # stab / bare
@@ -134,6 +136,9 @@ def interleave(
 
 
 def bench(cfg: RunConfig, steps: int = 60, block: int = 5) -> BenchResult:
+    """Time `steps` training steps of `cfg`'s model in a bare loop and in stab's instrumented
+    step, alternating blocks of `block` steps in this process (a slowdown of the machine hits
+    both alike); the trackers of `cfg.log` receive the records, into a folder thrown away."""
     with tempfile.TemporaryDirectory(prefix="stab-bench-") as tmp:  # the trackers' files, thrown away
         recorder = open_trackers(cfg, Path(tmp) / "bench" / "job")
         try:
@@ -302,6 +307,8 @@ def _sync_every_arm(cfg: RunConfig, device: torch.device, batches: list[Any]) ->
 
 @dataclass
 class BookkeepingResult:
+    """`stab bench --bookkeeping`: what recording costs per step with no model (time, memory, bytes)."""
+
     steps: int
     groups: int  # module groups per step record
     us_per_step: float  # microseconds per step: building the record, the writer, the detectors, epoch ends

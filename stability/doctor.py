@@ -608,6 +608,7 @@ class Fix:
 
     @property
     def label(self) -> str:
+        """The fix's overrides as one line: "train.clip=1 norm=pre"."""
         return " ".join(f"{k}={v}" for k, v in self.overrides.items())
 
 

@@ -67,6 +67,7 @@ class NanInjector:
         return None
 
     def close(self) -> None:
+        """Remove the hooks: no more NaN is injected."""
         for h in self.handles:
             h.remove()
 

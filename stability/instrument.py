@@ -26,6 +26,9 @@ from stability.steplayout import STAGE
 
 
 class GradProbe:
+    """Gradient norms of a run's module groups (a parameter shared by groups counts in the first),
+    measured on the device in one pass (`measure`)."""
+
     def __init__(self, groups: dict[str, list[nn.Module]]) -> None:
         self.names = list(groups)
         self.params: list[nn.Parameter] = []
@@ -141,6 +144,7 @@ class NonFiniteProbe:
         return None, "none"
 
     def close(self) -> None:
+        """Remove the probe's hooks."""
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -100,6 +100,7 @@ class Margin:
 
     @property
     def text(self) -> str:
+        """The margin in words: "0.003", "< 0.0001" (unstable at the lowest lr), ">= 0.1" (stable at the highest), with any non-monotone note."""
         if self.status == "below" or (self.stable_lr is None and self.unstable_lr is not None):
             core = f"< {self.unstable_lr:.3g}"
         elif self.status == "above":
@@ -134,6 +135,7 @@ class Search:
         self.results: dict[int, bool] = {}
 
     def lr(self, k: int) -> float:
+        """The learning rate at grid index k: lo x r^k, to 3 significant digits."""
         return float(f"{self.lo * self.r**k:.3g}")  # 3 significant digits: readable folder names
 
     def _bounds(self) -> tuple[int | None, int | None]:
@@ -169,9 +171,11 @@ class Search:
         return [(s + u) // 2]
 
     def tell(self, k: int, stable: bool) -> None:
+        """Record the probe at grid index k: stable or not."""
         self.results[k] = stable
 
     def status(self) -> str:
+        """found, below (unstable at lo), above (stable at hi), budget (probes spent) or non_monotone."""
         s, u = self._bounds()
         if self.stable_above():
             return "non_monotone"

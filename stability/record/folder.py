@@ -43,6 +43,7 @@ class RunFolder:
         return self.path / name
 
     def has(self, name: str) -> bool:
+        """Whether the folder holds the file `name`."""
         return (self.path / name).exists()
 
     def is_run(self) -> bool:

@@ -91,6 +91,7 @@ def grad_rows(epoch: int, groups: Iterable[str], means: np.ndarray, maxes: np.nd
 
 
 def grad_header() -> str:
+    """The long grad table's header line (GRAD_COLUMNS)."""
     return ",".join(GRAD_COLUMNS) + "\n"
 
 
