@@ -115,6 +115,7 @@ def no_verdict(rec: dr.RunRecord) -> str:
 
 
 def print_diagnosis(dx: dr.Diagnosis) -> None:
+    """Print `stab doctor`'s diagnosis of one run: the verdict, the findings, the ranked fixes."""
     import pandas as pd  # here, not at import: `stab --help` loads no pandas
 
     rec = dx.record
@@ -251,6 +252,9 @@ def fix_overrides(base: list[str], fix: dict[str, str], snap: Path | None) -> li
 def try_fixes(
     dx: dr.Diagnosis, base: list[str], n: int, runs: Path, name: str, launcher: str, jobs: int | None
 ) -> None:
+    """`stab doctor --try`: train the `n` best-ranked fixes of `dx` from the run's overrides `base`
+    (from its snapshot before the first departure, where one was kept) as the sweep RUNS/NAME;
+    write doctor.json and doctor.md there and print the comparison. Exit 1 if a fix crashed."""
     import pandas as pd
 
     from cli.sweepview import report_crashes, run_jobs

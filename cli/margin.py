@@ -167,6 +167,7 @@ def read_probe(run_dir: Path, lr: float) -> mg.Probe:
 
 
 def print_result(res: dict[str, Any]) -> None:
+    """Print the margin table (each configuration's largest stable learning rate) and its sentence."""
     import pandas as pd
 
     from stability import margin as mg

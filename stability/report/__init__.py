@@ -163,10 +163,12 @@ class Report:
 
     @property
     def warnings(self) -> list[tuple[str, str]]:
+        """(run folder relative to the root, warning) for every run read with a damaged or missing file."""
         return [(r.rel, w) for r in self.runs for w in r.warnings]
 
 
 def build_report(root: Path) -> tuple[list[Run], list[str]]:
+    """Every run under `root`, sorted by the factors that vary between them, and those factors (override keys)."""
     runs = load_runs(root)
     keys = factors(runs)
     return sort_runs(runs, keys), keys

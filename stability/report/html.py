@@ -102,6 +102,7 @@ def table(
 
 
 def run_anchor(i: int) -> str:
+    """The HTML id of run `i` (0-based) in report.html: "run-1", ..."""
     return f"run-{i + 1}"
 
 
@@ -140,6 +141,7 @@ def render_html(
 
 
 def rel_link(path: Path, out: Path) -> str:
+    """`path` relative to the report folder `out`, for a link."""
     return os.path.relpath(path, out)
 
 

@@ -91,12 +91,14 @@ class Run:
 
     @property
     def first_nan(self) -> Mapping[str, Any] | None:
+        """The first_nan event's fields (summary.json, else events.jsonl), or None."""
         if "first_nan" in self.summary:
             return self.summary["first_nan"]
         return next((e for e in self.events if e.get("event") == "first_nan"), None)
 
     @property
     def scream_epoch(self) -> int | None:
+        """The epoch the scream began (summary.json, else the scream event), or None."""
         if "scream_epoch" in self.summary:
             return self.summary["scream_epoch"]
         return next((e.get("epoch") for e in self.events if e.get("event") == "scream"), None)
@@ -111,6 +113,7 @@ class Run:
 
     @property
     def wall_s(self) -> float | None:
+        """Seconds the run took (summary.json, else status.json's started and finished), or None."""
         if "wall_s" in self.summary:
             return _float(self.summary["wall_s"])
         start, end = self.status.get("started"), self.status.get("finished")

@@ -37,6 +37,7 @@ def csv_cell(x: Any) -> str:
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """`frame` as CSV, each cell as `csv_cell` writes it (NaN and inf as text), atomically."""
     cells = frame.astype(object).map(csv_cell)
     buf = io.StringIO()
     cells.to_csv(buf, index=False)

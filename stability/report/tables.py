@@ -558,6 +558,7 @@ def event_text(ev: Mapping[str, Any]) -> str:
 
 
 def events_frame(run: Run) -> pd.DataFrame:
+    """One row per event of `run`, in the order they happened (init_eval first; at a tie, first_nan, scream, spikes, clamp saturation), with its details in words."""
     order = {"first_nan": 0, "scream": 1, "grad_spike": 2, "clamp_saturation": 3}
 
     def when(e: Mapping[str, Any]) -> tuple[int, int, int]:  # a scream has an epoch, no step: it ends the epoch
