@@ -82,6 +82,7 @@ class SignalLead:
 
     @property
     def median(self) -> float:
+        """The median of `leads`, in steps; NaN where there is none."""
         return float(np.median(self.leads)) if self.leads else math.nan
 
     @property
