@@ -10,7 +10,7 @@ epoch instead, so a long job is never silent.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -29,6 +29,7 @@ from rich.text import Text
 
 from cli.common import fmt, seconds, styled
 from stability.observe import Observer
+from stability.training import Callbacks
 
 PLAIN_MIN_S = 2.0  # a phase without a total gets its plain line only if it took this long
 
@@ -116,7 +117,7 @@ def reporter(console: Console) -> Observer:
     return TerminalReporter(console) if console.is_terminal else PlainReporter(console)
 
 
-class RichProgress(Observer):
+class RichProgress(Callbacks):
     """One run's training: bars over epochs (with ETA) and batches on a terminal; on every
     output, a line per epoch with its loss, grad norm, elapsed time and ETA."""
 
@@ -133,14 +134,13 @@ class RichProgress(Observer):
         self.epochs = self.progress.add_task("epochs", total=epochs, info="", unit="epochs")
         self.batches = self.progress.add_task("batches", total=batches, info="", unit="steps")
 
-    def step(self, rec: Mapping[str, Any]) -> None:
+    def step(self, epoch: int, batch: int, loss: float) -> None:
         """Advance the batch bar; show the step's loss."""
-        self.progress.update(self.batches, completed=rec["batch"] + 1, info=f"loss {fmt(rec['loss'])}")
+        self.progress.update(self.batches, completed=batch + 1, info=f"loss {fmt(loss)}")
 
-    def epoch(self, record: Mapping[str, Any]) -> None:
+    def epoch(self, epoch: int, record: dict[str, Any]) -> None:
         """Advance the epoch bar and print the epoch's line: loss, val loss, grad norm mean and
         max, stage RMS (cascade), output collapse, elapsed and ETA."""
-        epoch = record["epoch"]
         self.progress.update(
             self.epochs,
             completed=epoch,
@@ -163,6 +163,6 @@ class RichProgress(Observer):
             )
         )
 
-    def close(self, state: str = "completed") -> None:
+    def close(self) -> None:
         """Stop the bars (whatever the run's end)."""
         self.progress.stop()

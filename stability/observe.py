@@ -9,8 +9,8 @@ Three kinds of watcher take the same calls, each overriding what it needs (every
 - one run's records, in the order the run folder's writer writes them: `start` (the loop's size),
   `step` (a `steplayout.StepRecord`), `event` (`records.Event`), `epoch` (`records.EpochRecord`),
   `summary` (`records.Summary`), `close` (the run's final state). The writer hands every record to
-  its observer: the trackers (`stability.trackers.Recorder`) and the CLI's training progress
-  (`cli.progress.RichProgress`), fanned out by `Observers`;
+  its observer, the trackers (`stability.trackers.Recorder`; `Observers` fans calls out to
+  several). The CLI's training bars still take the loop's `training.Callbacks`;
 - a sweep (`stability.sweep_engine`): `notice` (one line about the sweep: a damaged job found, a
   configuration trained once) and `jobs` (every job's progress, read from its folder twice a
   second while the jobs run: the CLI's live view).

@@ -36,7 +36,6 @@ from stability import distributed, health
 from stability.config import RunConfig
 from stability.errors import StorageError
 from stability.forensics import eager
-from stability.observe import Observer, Observers
 from stability.progress import phase
 from stability.record.format import SCHEMA_VERSION
 from stability.record.summarizer import Summarizer
@@ -75,8 +74,6 @@ class RunSession:
         overrides: the command-line overrides, written to overrides.json.
         status: extra fields of status.json (a sweep job's `owner`, `recorded_by`, ...).
         world: this process's place in a data-parallel run; only rank 0 writes.
-        observer: receives every record the writer writes and the run's end
-            (`stability.observe.Observer`; e.g. the CLI's training progress), beside the trackers.
     """
 
     def __init__(
@@ -87,15 +84,12 @@ class RunSession:
         *,
         status: dict[str, Any] | None = None,
         world: distributed.World | None = None,
-        observer: Observer | None = None,
     ) -> None:
         self.cfg, self.dir, self.overrides = cfg, Path(run_dir), list(overrides)
         self.extra = dict(status or {})
         self.world = world or distributed.World()
         self.lease: RunLease | None = None
         self.recorder: Recorder = Recorder()
-        self.extra_observer = observer
-        self.observer: Observer = Observers([self.recorder, observer])
         self._writer: _Writer | None = None
         self.t_start = time.time()
         self.state = "new"
@@ -122,8 +116,7 @@ class RunSession:
         try:
             # no tracker: imports nothing; in a distributed run rank 0 alone has trackers and writes
             self.recorder = open_trackers(self.cfg, self.dir, self.overrides) if main else Recorder()
-            self.observer = Observers([self.recorder, self.extra_observer])
-            self._writer = _Writer(self.dir, self.observer, write=main)
+            self._writer = _Writer(self.dir, self.recorder, write=main)
             self.writer.start(self.cfg.to_dict(), self.overrides, self.cfg.identity())
             self.writer.status(
                 fresh=True,
@@ -180,7 +173,7 @@ class RunSession:
     def complete(self, summary: Mapping[str, Any]) -> None:
         """The run finished (whatever its verdict): status `completed`, trackers closed, lease released."""
         try:
-            self.observer.close("completed")
+            self.recorder.close("completed")
             self.writer.status(state="completed", finished=time.time(), verdict=summary["verdict"])
         finally:
             self.state = "completed"
@@ -214,7 +207,7 @@ class RunSession:
                     },
                 )
                 self.state = "failed"
-            self.observer.close(self.state)
+            self.recorder.close(self.state)
         finally:
             self._release()
 

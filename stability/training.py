@@ -25,7 +25,6 @@ from stability import detectors, distributed, forensics, snapshots
 from stability.config import RunConfig
 from stability.devices import resolve_device
 from stability.forensics import NanInjector, eager
-from stability.observe import Observer
 from stability.preflight import preflight
 from stability.progress import phase
 from stability.record import format as rf
@@ -37,6 +36,26 @@ from stability.storage import read_jsonl
 from stability.workloads import build
 
 
+class Callbacks:
+    """Progress hooks for a front end; the base does nothing."""
+
+    def start(self, epochs: int, batches: int) -> None:
+        """The loop starts: `epochs` epochs of `batches` optimizer steps each."""
+        ...
+
+    def step(self, epoch: int, batch: int, loss: float) -> None:
+        """One optimizer step done: its epoch (1-based), batch (0-based) and the batch's training loss (the workload's loss, `StepRecord.loss`)."""
+        ...
+
+    def epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        """Epoch `epoch` ended; `record` is its epochs.jsonl record (`records.EpochRecord`)."""
+        ...
+
+    def close(self) -> None:
+        """The run ended (whatever its state); nothing more comes."""
+        ...
+
+
 class InjectedCrash(RuntimeError):
     """Raised by `fault.crash_at_step`: a job that crashes on purpose."""
 
@@ -45,7 +64,7 @@ def run(
     cfg: RunConfig,
     run_dir: Path,
     overrides: Sequence[str] = (),
-    observer: Observer | None = None,
+    callbacks: Callbacks | None = None,
     extra_status: dict[str, Any] | None = None,
     world: distributed.World | None = None,
 ) -> Mapping[str, Any]:
@@ -61,9 +80,6 @@ def run(
     writes it; the other ranks compute the same records (the same weights, the same
     all-reduced measurements) with a writer that writes nothing, so every rank returns the same
     summary and reaches the same decisions (skip, stop) without a broadcast.
-
-    `observer` (rank 0 only; e.g. the CLI's progress) receives `start(epochs, batches)`, every
-    record the writer writes and the run's end (`stability.observe.Observer`).
     """
     world = world or distributed.World()
     preflight(cfg)
@@ -72,14 +88,17 @@ def run(
         from stability.resources import available_cpus
 
         cfg = cfg.resolve(threads=distributed.threads(world, available_cpus()))
-    observer = observer if world.main else None
-    with RunSession(cfg, run_dir, overrides, status=extra_status, world=world, observer=observer) as session:
-        summary = _train(cfg, session, world)
-        session.complete(summary)
+    cb = (callbacks or Callbacks()) if world.main else Callbacks()
+    try:
+        with RunSession(cfg, run_dir, overrides, status=extra_status, world=world) as session:
+            summary = _train(cfg, session, cb, world)
+            session.complete(summary)
+    finally:
+        cb.close()
     return summary
 
 
-def _train(cfg: RunConfig, session: RunSession, world: distributed.World | None = None) -> Summary:
+def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distributed.World | None = None) -> Summary:
     """The loop: batch -> step (`Stepper`, through a `Window` of train.sync_every steps) -> record
     (`RunWriter`) per step; evaluate per epoch; the summary from the writer's detectors at the end.
     In a distributed run each rank steps on its shard of the global batch in DDP."""
@@ -102,7 +121,7 @@ def _train(cfg: RunConfig, session: RunSession, world: distributed.World | None 
     window = Window(stepper, tc.sync_every, lambda s: setattr(injector, "current", s) if injector else None)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
-    session.observer.start(tc.epochs, n_batches)
+    cb.start(tc.epochs, n_batches)
     first_nan: dict[str, Any] | None = None
     epoch_norms: list[float] = []  # total grad norm per epoch, for train.stop_early
     stopped = False
@@ -200,12 +219,14 @@ def _train(cfg: RunConfig, session: RunSession, world: distributed.World | None 
                         finite=finite,
                     )
                     writer.step(rec)
+                    cb.step(ctx.epoch, ctx.batch_index, rec.loss)
                     if stopped:
                         step = ctx.step + 1
                         break
                 if stopped:
                     break
             erec = session.end_epoch(work, epoch)
+            cb.epoch(epoch, erec)
             epoch_norms.append(erec["grad_norm_mean"])
             if stopped:
                 break

@@ -11,8 +11,7 @@ file itself (torchtitan's metrics processor: `log(metrics, step)` / `close()`). 
   epochs.jsonl and its generations to samples.txt;
 - writes events.jsonl, status.json and summary.json, the latter from `Summarizer` (the detectors,
   fed the same records);
-- hands every record to its observer (`stability.observe.Observer`: the trackers' `Recorder`
-  and the CLI's training progress, fanned out by `Observers`).
+- hands every record to its observer (`stability.observe.Observer`: the trackers' `Recorder`).
 
 Memory that grows with the run: 8 bytes per step (the summarizer's total grad norms) and one slim
 record per epoch. `RunWriter(..., write=False)` computes the same and writes nothing: the writer a
