@@ -257,8 +257,7 @@ def try_fixes(
     write doctor.json and doctor.md there and print the comparison. Exit 1 if a fix crashed."""
     import pandas as pd
 
-    from cli.sweepview import report_crashes, run_jobs
-    from stability.sweep_engine import Sweep
+    from cli.sweep import launch_jobs, report_crashes
 
     tries = dr.candidates(dx, n)
     snap = rewind_snapshot(dx)
@@ -280,7 +279,7 @@ def try_fixes(
     with user_errors():
         for c in combos:
             compose_run(c)  # a fix the run's model cannot take is refused before any training
-    done = run_jobs(Sweep(runs, name, launcher, combos, jobs, base))
+    done = launch_jobs(combos, runs, name, launcher, jobs, [], base)
     report_crashes(done)
     rows = []
     for fix, r in zip(tries, done.records):
