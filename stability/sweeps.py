@@ -148,8 +148,33 @@ def job_record(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def write_index(sweep_dir: Path, jobs: list[dict[str, Any]], **meta: Any) -> None:
-    """The sweep index (sweep.json): `meta` (name, launcher, overrides, state) and a record per job."""
-    write_json(Path(sweep_dir) / rf.SWEEP_INDEX, {"updated": time.time(), **meta, "jobs": jobs})
+    """The sweep index (sweep.json): `meta` (name, launcher, overrides, state) of this launch and
+    a record per job in the folder: first the jobs an earlier launch into the same folder listed
+    whose folders are still there (a margin search's earlier rounds, the same --name run again
+    with another grid), each re-read from its folder (`job_record`), then this launch's `jobs`."""
+    sweep_dir = Path(sweep_dir)
+    this = {j["folder"] for j in jobs}
+    earlier: dict[str, dict[str, Any]] = {}
+    for j in _listed(sweep_dir):
+        folder = j.get("folder")
+        if isinstance(folder, str) and folder not in this and folder not in earlier and _is_job(sweep_dir, folder):
+            earlier[folder] = job_record(sweep_dir / folder, [str(o) for o in j.get("overrides") or []])
+    write_json(sweep_dir / rf.SWEEP_INDEX, {"updated": time.time(), **meta, "jobs": [*earlier.values(), *jobs]})
+
+
+def _listed(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The job records sweep.json holds now ([] when it is missing or unreadable)."""
+    try:
+        jobs = json.loads((sweep_dir / rf.SWEEP_INDEX).read_text()).get("jobs")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [j for j in jobs if isinstance(j, dict)] if isinstance(jobs, list) else []
+
+
+def _is_job(sweep_dir: Path, folder: str) -> bool:
+    """`folder` names a run folder one level under the sweep folder (never a path out of it)."""
+    path = sweep_dir / folder
+    return "/" not in folder and folder not in ("", ".", "..") and any((path / m).exists() for m in rf.RUN_MARKERS)
 
 
 # --- jobs that are one configuration ---------------------------------------------------------------------------------

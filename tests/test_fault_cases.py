@@ -1,7 +1,8 @@
 """Issue 29, the cases left open in round 4: a folder argument that does not exist or is a file
 is named as such, in one line, by every command that reads one, and a folder option that names a
 file is refused before anything is printed; a joblib sweep whose stdout closes leaves no folder
-and no warning of joblib's behind; a second report into a folder waits for the first. Each test fails on 68a92a6."""
+and no warning of joblib's behind; a second report into a folder waits for the first; sweep.json
+lists every job in its folder, whichever launch made it. Each test fails on 68a92a6."""
 
 from __future__ import annotations
 
@@ -184,3 +185,45 @@ def test_a_folder_that_holds_runs_names_them_instead_of_only_refusing(nan_run, c
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {nan_run.parent}: not a run folder (no ")
     assert line.endswith(f"; run folders in it: {nan_run}")
+
+
+# --- sweep.json lists every job in its folder -------------------------------------------------
+
+CHARLM = ["model=charlm", *SMOKE, "train.threads=1", "train.epochs=1"]
+
+
+def _index_matches_the_folder(sweep: Path) -> dict[str, dict]:
+    """sweep.json's jobs, by folder, after checking they are exactly the job folders on disk and
+    that each job's record says what its own folder says."""
+    index = read_json(sweep / "sweep.json")
+    jobs = {j["folder"]: j for j in index["jobs"]}
+    assert len(jobs) == len(index["jobs"])  # each folder once
+    assert sorted(jobs) == sorted(p.parent.name for p in sweep.glob("*/status.json"))
+    for folder, j in jobs.items():
+        assert j["state"] == read_json(sweep / folder / "status.json")["state"] == "completed"
+        assert j["verdict"] == read_json(sweep / folder / "summary.json")["verdict"]
+        assert read_json(sweep / folder / "overrides.json")["overrides"] == j["overrides"]
+    return jobs
+
+
+def test_margins_sweep_json_lists_the_probes_of_every_round(cli, tmp_path):
+    """stab margin launches one round of probes at a time into one folder; sweep.json listed only
+    the last round's (one job beside three probe folders)."""
+    cli("margin", "--runs", tmp_path, "--name", "m", *CHARLM, "margin.steps=3")
+    res = read_json(tmp_path / "m" / "margin.json")
+    probes = [p for c in res["configs"] for p in c["probes"]]
+    assert len({p["round"] for p in probes}) >= 2  # more than one launch
+    jobs = _index_matches_the_folder(tmp_path / "m")
+    assert sorted(jobs) == sorted(p["folder"] for p in probes)
+    for p in probes:
+        assert f"train.lr={p['lr']:g}" in jobs[p["folder"]]["overrides"]
+    assert read_json(tmp_path / "m" / "sweep.json")["state"] == "completed"
+
+
+def test_a_sweep_run_again_with_another_value_keeps_the_earlier_job_in_sweep_json(cli, tmp_path):
+    """The same --name with another grid adds jobs to the folder (its report counts them all);
+    sweep.json listed only the last command's."""
+    cli("sweep", "--runs", tmp_path, "--name", "g", *CHARLM, "seed=1")
+    cli("sweep", "--runs", tmp_path, "--name", "g", *CHARLM, "seed=2")
+    jobs = _index_matches_the_folder(tmp_path / "g")
+    assert sorted(o for j in jobs.values() for o in j["overrides"] if o.startswith("seed=")) == ["seed=1", "seed=2"]
