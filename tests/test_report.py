@@ -168,11 +168,34 @@ def test_the_report_opens_with_the_answer_per_factor_value(runs, reported):
             assert printed[("residual", value)]["median final val loss"] == f"{statistics.median(vals):.3g}"
     # the injected NaN run is unstable at fault.nan_at_step=6, so that factor is decisive
     assert printed[("fault.nan_at_step", "6")]["unstable"] == "1/1"
+    # its one run's last validation loss is the median (a NaN or inf loss ranks worst: "non-finite")
+    last = read_json(by_summary(runs, "nan") / "summary.json")["final_val_loss"]
+    expected = f"{last:.3g}" if math.isfinite(last) else "non-finite"
+    assert printed[("fault.nan_at_step", "6")]["median final val loss"] == expected
     md = (out / "report.md").read_text()
     sentence = next(line for line in md.splitlines() if line.startswith("**"))  # the line after the title
     assert "fault.nan_at_step: " in sentence and "1/1 at 6" in sentence
     assert sentence.strip("*") in " ".join(result.output.split())
     _png(out / "plots" / "curves.png")
+
+
+def test_a_value_whose_runs_are_all_set_aside_has_no_median(tmp_path):
+    """A 1-epoch run is inconclusive, so train.epochs=1 has no counted run: its medians are "-"
+    (nothing to take a median of), not NaN, which reads as runs whose loss went NaN."""
+    invoke("sweep", "--runs", tmp_path, "--name", "short", *SMOKE, "train.epochs=1,3")
+    result = invoke("report", tmp_path / "short")
+    summaries = {d.name: read_json(d / "summary.json") for d in run_dirs(tmp_path)}
+    one = next(s for name, s in summaries.items() if "train.epochs=1" in name)
+    three = next(s for name, s in summaries.items() if "train.epochs=3" in name)
+    assert one["verdict"] == "inconclusive" and math.isfinite(one["final_val_loss"])
+    printed = {(r["factor"], r["value"]): r for r in table_with(result.output, "unstable")}
+    row = printed[("train.epochs", "1")]
+    assert (row["unstable"], row["not counted"]) == ("0/0", "1")
+    assert row["median final val loss"] == row["median max grad norm"] == "-"
+    assert row["val loss interval"] == row["grad norm interval"] == "-"
+    if three["verdict"] != "inconclusive" and not vd.in_doubt(three["verdict"], three["borderline"]):
+        assert printed[("train.epochs", "3")]["median final val loss"] == f"{three['final_val_loss']:.3g}"
+    assert not [cell for r in printed.values() for cell in r.values() if "NaN" in cell]
 
 
 def test_runs_csv_has_every_number_of_every_run_and_keeps_nan(runs, reported):
@@ -396,6 +419,24 @@ def test_show_prints_groups_stages_events_codec_and_config_diff(runs):
     assert "model.d_model" in diff  # the smoke preset
 
 
+def test_the_replay_command_a_nan_event_names_runs_as_printed_from_a_path_with_a_space_and_a_quote(runs, tmp_path):
+    """The first_nan event names `stab replay RUN_DIR`, quoted for the shell; copied and pasted
+    (shlex.split, as a shell would) it replays the step. It used to print the forensics file
+    (`stab replay forensics/state.pt`), which replay refuses as not a run folder."""
+    import shlex
+
+    from stability.report import events_frame
+    from stability.report.loading import load_run
+
+    moved = tmp_path / "my runs" / "it's here"
+    shutil.copytree(by_summary(runs, "nan"), moved)
+    details = next(d for e, d in events_frame(load_run(moved)).loc[:, ["event", "details"]].values if e == "first_nan")
+    command = shlex.split(details.rsplit(": ", 1)[1])
+    assert command == ["stab", "replay", str(moved)]
+    result = invoke(*command[1:])
+    assert f"from {moved}" in " ".join(result.output.split()) and "first non-finite" in result.output
+
+
 def test_show_refuses_a_folder_that_is_not_a_run(runs):
     result = invoke("show", runs / "grid", code=2)
     assert "not a run folder" in result.output and "norm=" in result.output
@@ -481,3 +522,16 @@ def test_factors_compare_resolved_values_not_override_spellings(tmp_path):
     assert "Fisher's exact test needs at least 4 per value" in sentence
     row = table[(table["factor"] == "norm") & (table["value"] == "post")].iloc[0]
     assert row["unstable"] == "3/3" and row["95% interval"] == "44%..100%"  # Wilson interval of 3/3
+
+
+def test_a_loss_that_went_nan_ranks_worst_in_the_median_over_seeds():
+    """Two of three seeds went NaN: the median loss is non-finite, not the one finite run's 0.5;
+    one of three: the median is the worse finite loss and the interval reaches non-finite."""
+    from stability.report.factors import median_interval
+
+    med, lo, hi, _ = median_interval([0.5, math.nan, math.nan], nonfinite_worst=True)
+    assert (med, lo, hi) == (math.inf, 0.5, math.inf)
+    med, lo, hi, cov = median_interval([0.5, 0.9, math.nan], nonfinite_worst=True)
+    assert (med, lo, hi) == (0.9, 0.5, math.inf) and cov == pytest.approx(0.75)
+    # without it, non-finite values are left out (the grad-norm medians, over finite maxima)
+    assert median_interval([0.5, math.nan, math.nan])[0] == 0.5

@@ -171,13 +171,22 @@ def share_interval(k: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def median_interval(values: Sequence[float], level: float = 1 - ALPHA) -> tuple[float, float, float, float]:
+def median_interval(
+    values: Sequence[float], level: float = 1 - ALPHA, *, nonfinite_worst: bool = False
+) -> tuple[float, float, float, float]:
     """(median, lo, hi, coverage) of the finite `values`: the distribution-free order-statistic
     interval [x_(j), x_(n+1-j)] for the median, the narrowest symmetric one whose coverage
     (1 - 2 P(Binom(n, 1/2) <= j - 1), scipy) reaches `level`. Below 6 values none does: the
     interval is then [min, max] and `coverage` says how much it covers (3 values: 75%, 5: 94%).
-    NaNs for no finite value."""
-    x = sorted(v for v in values if math.isfinite(v))
+    With `nonfinite_worst` a NaN or inf value ranks above every finite one (+inf: a loss that went
+    NaN is the worst loss, not a missing one), so that a median over seeds where most runs went
+    NaN is inf rather than the one finite run's; without it non-finite values are left out.
+    NaNs for no value to rank."""
+    if nonfinite_worst:
+        values = [v if math.isfinite(v) else math.inf for v in values]
+        x = sorted(values)
+    else:
+        x = sorted(v for v in values if math.isfinite(v))
     n = len(x)
     if n == 0:
         return math.nan, math.nan, math.nan, math.nan

@@ -9,6 +9,7 @@ inf; display frames hold strings.
 from __future__ import annotations
 
 import math
+import shlex
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -212,10 +213,16 @@ def _median(values: Sequence[float]) -> float:
 
 
 def _interval_text(lo: float, hi: float, coverage: float | None = None) -> str:
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    if math.isnan(lo) or math.isnan(hi):
         return "-"
     cov = f" ({coverage:.0%})" if coverage is not None and math.isfinite(coverage) and coverage < 0.95 - 1e-9 else ""
-    return f"{format_number(lo)}..{format_number(hi)}{cov}"
+    return f"{_ranked_text(lo)}..{_ranked_text(hi)}{cov}"
+
+
+def _ranked_text(x: float) -> str:
+    """A median or bound of values where NaN and inf ranked as the worst (`median_interval`'s
+    `nonfinite_worst`): `non-finite` for those, the number otherwise."""
+    return "non-finite" if isinstance(x, float) and math.isinf(x) else format_number(x)
 
 
 def _share_row(mine: Sequence[Run], apart: int) -> dict[str, Any]:
@@ -224,7 +231,8 @@ def _share_row(mine: Sequence[Run], apart: int) -> dict[str, Any]:
     bad = sum(r.verdict in UNSTABLE for r in mine)
     n = len(mine)
     lo, hi = share_interval(bad, n)
-    med, mlo, mhi, cov = median_interval([_float(r.summary.get("final_val_loss")) for r in mine])
+    # a final validation loss that went NaN or inf ranks as the worst loss, not a missing one
+    med, mlo, mhi, cov = median_interval([_float(r.summary.get("final_val_loss")) for r in mine], nonfinite_worst=True)
     gmed, glo, ghi, gcov = median_interval([_max_grad(r) for r in mine])
     return {
         "unstable": f"{bad}/{n}",
@@ -417,8 +425,10 @@ def configurations(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
 def answer_display(table: pd.DataFrame) -> pd.DataFrame:
     """`answer`'s table as strings."""
     out = table.drop(columns=["unstable_share"]).astype(object)
+    counted = [int(str(u).split("/")[1]) for u in table["unstable"]]  # "k/n": n runs counted
     for col in ("median final val loss", "median max grad norm"):
-        out[col] = [format_number(v) for v in table[col]]
+        # no run counted: nothing to take a median of ("-"), which a NaN would misread as NaN losses
+        out[col] = [_ranked_text(v) if n else "-" for v, n in zip(table[col], counted)]
     out["not counted"] = [str(v) if v else "-" for v in table["not counted"]]
     return out
 
@@ -533,15 +543,21 @@ def stage_frame(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["epoch", "stage", "rms", "needed ratio", "scale", "clamped"], dtype=object)
 
 
-def event_text(ev: Mapping[str, Any]) -> str:
-    """The details of one events.jsonl record, in words."""
+def event_text(ev: Mapping[str, Any], run_dir: Path | None = None) -> str:
+    """The details of one events.jsonl record, in words; a first_nan whose batch and state were
+    saved names the command that replays it (`stab replay RUN_DIR`, quoted for a POSIX shell)."""
     kind = ev.get("event")
     f = format_number
     if kind == "first_nan":
         return (
             f"non-finite {ev.get('kind', '?')} first {nan_place(ev)}; "
             f"loss {f(ev.get('loss'))}, grad norm {f(ev.get('grad_norm'))}"
-            + (f"; batch and state saved: stab replay {ev['forensics']}" if ev.get("forensics") else "")
+            + (
+                f"; batch and state saved in {ev['forensics']}: "
+                + (shlex.join(["stab", "replay", str(run_dir)]) if run_dir is not None else "stab replay RUN_DIR")
+                if ev.get("forensics")
+                else ""
+            )
         )
     if kind == "init_eval":
         base = f", no-learning baseline {f(ev.get('baseline_loss'))}" if ev.get("baseline") else ""
@@ -579,7 +595,7 @@ def events_frame(run: Run) -> pd.DataFrame:
                 "epoch": e.get("epoch"),
                 "batch": e.get("batch"),
                 "step": e.get("step"),
-                "details": event_text(e),
+                "details": event_text(e, run.path),
             }
             for e in evs
         ],
