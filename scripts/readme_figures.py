@@ -164,10 +164,34 @@ def _lr_of(run: dict) -> float:
     return float(run["overrides"]["train.lr"])
 
 
+def _cell(rs: list[dict], star: str) -> str:
+    """One grid cell over its seeds: the verdicts (`2 diverged, 1 scream`), the median last
+    validation loss / validation loss at initialisation, the borderline and early-stopped counts."""
+    import statistics
+
+    verdicts = [r["verdict"] for r in rs]
+    counts = ", ".join(f"{verdicts.count(v)} {v}" if len(rs) > 1 else v for v in dict.fromkeys(verdicts))
+    notes = [
+        f"{n} {what}" if len(rs) > 1 else what
+        for what, n in (
+            ("borderline", sum(bool(r.get("borderline")) for r in rs)),
+            ("stopped early", sum(bool(r.get("stopped_early")) for r in rs)),
+        )
+        if n
+    ]
+
+    def med(key: str) -> str:
+        vals = [float(r[key]) if r.get(key) is not None else math.nan for r in rs]
+        # a loss that went NaN or inf ranks worst, as in the report's medians
+        return _num(statistics.median([v if math.isfinite(v) else math.inf for v in vals])) if vals else "-"
+
+    return f"{counts}{star}{' (' + ', '.join(notes) + ')' if notes else ''}, val {med('final_val_loss')} / {med('val_loss_init')}"
+
+
 def lr_grid_table(folder: Path, column: str = "norm") -> str:
-    """A learning-rate x `column` table of verdicts with each run's last validation loss over its
-    validation loss at initialisation, the borderline flags, runs stopped early, and the runs that
-    were also `stab margin`'s probes (marked *)."""
+    """A learning-rate x `column` table: per cell the verdicts over its seeds with the median last
+    validation loss over the median validation loss at initialisation, the borderline flags, runs
+    stopped early, and the cells whose runs were also `stab margin`'s probes (marked *)."""
     runs = _summaries(folder)
     margin = json.loads((folder / "margin.json").read_text()) if (folder / "margin.json").exists() else {}
     probed = {(c["config"], p["lr"]) for c in margin.get("configs", []) for p in c["probes"]}
@@ -177,25 +201,16 @@ def lr_grid_table(folder: Path, column: str = "norm") -> str:
     for lr in lrs:
         cells = []
         for c in cols:
-            r = next((r for r in runs if _lr_of(r) == lr and r["overrides"].get(column, "-") == c), None)
-            if r is None:
-                cells.append("-")
-                continue
-            notes = [
-                n for n, on in (("borderline", r.get("borderline")), ("stopped early", r.get("stopped_early"))) if on
-            ]
-            star = "*" if (f"{column}={c}", lr) in probed else ""
-            cells.append(
-                f"{r['verdict']}{star}{' (' + ', '.join(notes) + ')' if notes else ''}, val "
-                f"{_num(r.get('final_val_loss'))} / {_num(r.get('val_loss_init'))}"
-            )
+            rs = [r for r in runs if _lr_of(r) == lr and r["overrides"].get(column, "-") == c]
+            cells.append(_cell(rs, "*" if (f"{column}={c}", lr) in probed else "") if rs else "-")
         lines.append(f"| {lr:g} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def margin_against_grid(folder: Path, column: str = "norm") -> list[str]:
-    """Per configuration: margin's answer, the fixed grid's (the largest stable lr below the lowest
-    failing one; non-monotone where a stable lr lies above that), and whether they agree."""
+    """Per configuration: margin's answer, the fixed grid's (the largest lr not failing below the
+    lowest failing one, where an lr fails when any of its seeds is unstable, margin's own rule;
+    non-monotone where an lr not failing lies above that), and whether they agree."""
     from stability.record import verdicts as vd
 
     runs = _summaries(folder)
@@ -203,20 +218,35 @@ def margin_against_grid(folder: Path, column: str = "norm") -> list[str]:
     out = []
     for c in margin["configs"]:
         value = c["config"].split("=", 1)[1] if "=" in c["config"] else c["config"]
-        grid = {_lr_of(r): r["verdict"] for r in runs if r["overrides"].get(column) == value and _lr_of(r) in GRID_LRS}
-        failing = [lr for lr in sorted(grid) if vd.is_unstable(grid[lr])]
+        grid: dict[float, bool] = {}  # lr -> failing (any seed unstable)
+        for r in runs:
+            if r["overrides"].get(column) == value and _lr_of(r) in GRID_LRS:
+                grid[_lr_of(r)] = grid.get(_lr_of(r), False) or vd.is_unstable(r["verdict"])
+        failing = [lr for lr in sorted(grid) if grid[lr]]
         low = failing[0] if failing else None
         answer = max((lr for lr in grid if low is None or lr < low), default=None)
-        again = [lr for lr in sorted(grid) if low is not None and lr > low and not vd.is_unstable(grid[lr])]
-        grid_text = (f"largest stable lr {answer:g}" if answer is not None else "no stable lr") + (
+        again = [lr for lr in sorted(grid) if low is not None and lr > low and not grid[lr]]
+        grid_text = (f"largest lr not failing {answer:g}" if answer is not None else "every lr fails") + (
             f", lowest failing {low:g}" if low is not None else ", none failing"
         )
         if again:
-            grid_text += f", non-monotone (stable again at {', '.join(f'{x:g}' for x in again)})"
+            grid_text += f", non-monotone (not failing again at {', '.join(f'{x:g}' for x in again)})"
         agree = c["margin"] == answer and c["unstable_lr"] == low
+        unsure = (
+            ""
+            if c["margin"] is None
+            else next(
+                (
+                    f" (margin's {c['margin']:g} is {p['verdict']}, not judged stable)"
+                    for p in c["probes"]
+                    if p["lr"] == c["margin"] and "inconclusive" in str(p["verdict"])
+                ),
+                "",
+            )
+        )
         out.append(
-            f"- `{c['config']}`: margin says **{c['text']}** ({c['status']}, {len(c['probes'])} probes); the grid: "
-            f"{grid_text}: {'they agree' if agree else '**they disagree**'}."
+            f"- `{c['config']}`: margin says **{c['text']}** ({c['status']}, {len(c['probes'])} probes){unsure}; "
+            f"the grid: {grid_text}: {'they agree' if agree else '**they disagree**'}."
         )
     return out
 
@@ -227,11 +257,12 @@ def _render_lr_grid(what: str) -> Callable[[Path, list[float]], str]:
         fig = FIGURE_BY_NAME[folder.name]
         cmds = "\n".join("stab " + " ".join(a for a in c if a not in ("--runs", "RUNS")) for c in fig.commands)
         return (
-            f"{what}, one seed, made by `python scripts/readme_figures.py --make {folder.name}` in "
+            f"{what}, seeds 0, 1 and 2, made by `python scripts/readme_figures.py --make {folder.name}` in "
             f"{sum(seconds) / 60:.0f} min on the 2-core machine ({LOAD}):\n\n```bash\n{cmds}\n```\n\n"
-            "Each cell: verdict, last validation loss / validation loss at initialisation; * marks the runs that "
-            "were also `stab margin`'s probes (the same run folders: the sweep found them completed). Every run has "
-            "`train.stop_early=true`, as margin's probes do.\n\n"
+            "Each cell: the verdicts of its 3 seeds, median last validation loss / median validation loss at "
+            "initialisation; * marks the cells whose runs were also `stab margin`'s probes (the same run folders: the "
+            "sweep found them completed). Every run has `train.stop_early=true`, as margin's probes do. An lr fails "
+            "when any of its seeds is unstable (margin's rule: the margin is where failures start).\n\n"
             + lr_grid_table(folder)
             + "\n\n"
             + "\n".join(margin_against_grid(folder))
@@ -273,14 +304,65 @@ def _render_probe(runs: Path, seconds: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _span(values: list[float], fmt: str = "{:.3g}") -> str:
+    """ "a-b" over the finite values ("a" when they agree, "-" when none is finite)."""
+    finite = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
+    if not finite:
+        return "-"
+    lo, hi = fmt.format(finite[0]), fmt.format(finite[-1])
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def story_mechanism(runs: list) -> list[str]:
+    """Per norm, what the story's runs measured besides their verdicts, each number from the run
+    folders: the clip rate, the largest step grad norm, the largest attention logit on the
+    validation batch, the scream flags, NaN runs and how often stage 2's RMS clamp was pinned."""
+    from stability.report.factors import factor_value
+
+    lines = []
+    for norm in sorted({factor_value(r, "norm") for r in runs}):
+        mine = [r for r in runs if factor_value(r, "norm") == norm]
+        s = [r.summary for r in mine]
+        logits = [
+            max(
+                (e["health_summary"].get("attn_logit_max", math.nan) for e in r.epochs if e.get("health_summary")),
+                default=math.nan,
+            )
+            for r in mine
+        ]
+        grad = [
+            max((g for g in r.series("grad_norm_max_by_epoch") if math.isfinite(g)), default=math.nan) for r in mine
+        ]
+        screams = sum(any(f.get("flag") == "scream" for f in x.get("flags") or []) for x in s)
+        nan = sum(bool(x.get("first_nan")) for x in s)
+        clamp = sum(any(w.get("warning") == "clamp_saturated" for w in x.get("warnings") or []) for x in s)
+        lines.append(
+            f"- `norm={norm}` ({len(mine)} runs): clip rate {_span([x.get('clip_rate') for x in s], '{:.0%}')}; "
+            f"largest step grad norm {_span(grad)}; largest attention logit on the validation batch {_span(logits)}; "
+            f"a scream flag in {screams}, a NaN in {nan}; stage 2's RMS clamp pinned (`clamp_saturated`) in {clamp}."
+        )
+    return lines
+
+
 def _render_story(runs: Path, seconds: list[float]) -> str:
+    """The report's opening answer verbatim, its per-configuration table (seeds pooled) and, per
+    norm, the clip rates, grad norms, attention logits, screams and NaNs measured."""
     from stability import report as rep
 
     result = rep.write_report(runs / "story")
     ans = rep.answer_display(result.answer)
+    configs = rep.answer_display(result.configs) if result.configs is not None else None
     return (
         f"```\n{result.sentence}\n\n{ans.to_string(index=False)}\n```\n\n"
-        f"Wall time of the sweep: {seconds[0] / 60:.1f} min on the 2-core machine ({LOAD}).\n"
+        + (
+            "Per configuration (3 seeds each; `norm`, `residual`, `clip`):\n\n```\n"
+            f"{configs.to_string(index=False)}\n```\n\n"
+            if configs is not None
+            else ""
+        )
+        + "Measured in the same runs:\n\n"
+        + "\n".join(story_mechanism(result.runs))
+        + f"\n\nWall time of the sweep: {seconds[0] / 60:.1f} min on the 2-core machine ({LOAD}).\n"
     )
 
 
@@ -334,6 +416,7 @@ FIGURES = (
                 "margin.lo=0.001",
                 "margin.hi=10",
                 "margin.tolerance=10",
+                "seed=0,1,2",
             ),
             (
                 "sweep",
@@ -346,6 +429,7 @@ FIGURES = (
                 "norm=pre,post",
                 "train.lr=0.001,0.01,0.1,1,10",
                 "train.stop_early=true",
+                "seed=0,1,2",
             ),
         ),
         (
@@ -373,6 +457,7 @@ FIGURES = (
                 "margin.lo=0.001",
                 "margin.hi=10",
                 "margin.tolerance=10",
+                "seed=0,1,2",
             ),
             (
                 "sweep",
@@ -384,6 +469,7 @@ FIGURES = (
                 "norm=pre,post",
                 "train.lr=0.001,0.01,0.1,1,10",
                 "train.stop_early=true",
+                "seed=0,1,2",
             ),
         ),
         (
