@@ -387,7 +387,26 @@ def _render_doctor(runs: Path, seconds: list[float]) -> str:
         f"(latents not cached before) and ended `{summary['verdict']}`: {summary['evidence']}\n\n"
         f"```\n$ stab doctor RUN          # {seconds[1]:.1f} s\n{doctor}\n```\n\n"
         f"`stab {' '.join(a for a in cmd[2] if 'RUNS' not in a and a not in ('--runs',))}` "
-        f"trained the fixes in {seconds[2]:.0f} s:\n\n```\n{tried}\n```\n"
+        f"trained the fixes in {seconds[2]:.0f} s:\n\n```\n{tried}\n```\n\n" + seeds_line(runs / "seeds")
+    )
+
+
+def seeds_line(folder: Path) -> str:
+    """The default `stab run` over seeds 0, 1, 2 (`stab sweep seed=0,1,2`, latents cached by then):
+    the verdicts, the median final validation loss with its range, each run's wall time."""
+    import statistics
+
+    runs = sorted(_summaries(folder), key=lambda r: int(r["overrides"].get("seed", 0)))
+    verdicts = [r["verdict"] for r in runs]
+    losses = [float(r["final_val_loss"]) for r in runs]
+    walls = [f"{float(r['wall_s']):.0f} s" for r in runs]
+    return (
+        f"The same default run over seeds {', '.join(r['overrides'].get('seed', '?') for r in runs)} "
+        f"(`stab sweep seed=0,1,2`, the latents cached by then): "
+        f"{', '.join(f'{verdicts.count(v)} {v}' for v in dict.fromkeys(verdicts))}; final validation loss median "
+        f"{_num(statistics.median(v if math.isfinite(v) else math.inf for v in losses))} "
+        f"(per seed {', '.join(_num(v) for v in losses)}); wall time per run, cached: "
+        f"{', '.join(walls)}.\n"
     )
 
 
@@ -534,6 +553,7 @@ FIGURES = (
             ("run", "--runs", "RUNS"),  # RUNS/run/<time>_defaults
             ("doctor", "RUNS/run/*"),
             ("doctor", "RUNS/run/*", "--try", "--runs", "RUNS", "--name", "try", "--launcher", "joblib", "--jobs", "2"),
+            ("sweep", "--runs", "RUNS", "--name", "seeds", "seed=0,1,2"),  # the run's verdict over seeds, cached
         ),
         (
             *DETECT,
@@ -650,10 +670,11 @@ def make(fig: Figure) -> str:
     """Run the figure's commands in a fresh folder (python -m cli.main, this checkout's code; each
     command's stdout kept as RUNS/.out/<i>.txt for the render) and render its block's body."""
     global LOAD
-    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp)
         (runs / ".out").mkdir()
+        # a latent cache of its own: a figure's first cascade run encodes the latents, as on a fresh machine
+        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120", STAB_CACHE=str(runs / ".cache"))
         seconds = []
         with LoadSampler() as load:
             for i, cmd in enumerate(fig.commands):
