@@ -708,7 +708,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--make {name}: no such figure; figures: {', '.join(FIGURE_BY_NAME)}", file=sys.stderr)
                 return 2
             body = make(FIGURE_BY_NAME[name])
-            text = replace_block(text, name, "made", inputs_hash(FIGURE_BY_NAME[name]), body)
+            # the README as it is now, not as it was when the figure started: an edit made while
+            # its commands ran (a story takes half an hour) is kept, only this block is replaced
+            text = replace_block(
+                README.read_text(encoding="utf-8"), name, "made", inputs_hash(FIGURE_BY_NAME[name]), body
+            )
             README.write_text(text, encoding="utf-8")
             print(f"{name}: made")
         return 0
