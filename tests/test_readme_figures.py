@@ -86,3 +86,24 @@ def test_a_yaml_comment_keeps_the_hash_and_a_changed_value_changes_it(tmp_path):
     assert rf.inputs_hash(fig, tmp_path) == before
     (tmp_path / "c.yaml").write_text("detect:\n  band: 0.2\n")
     assert rf.inputs_hash(fig, tmp_path) != before
+
+
+def test_an_edit_to_the_readme_made_while_a_figure_runs_is_kept(tmp_path, monkeypatch):
+    """--make writes its block into the README as it is when the figure ends: prose edited while
+    the commands ran (the story takes half an hour) is not overwritten by the text read at start."""
+    fig, figures, text = _setup(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(text + "\nold prose\n")
+
+    def make(figure):  # the figure's commands run; meanwhile someone edits the prose
+        readme.write_text(readme.read_text().replace("old prose", "new prose"))
+        return "verdict: diverged\n"
+
+    monkeypatch.setattr(rf, "README", readme)
+    monkeypatch.setattr(rf, "ROOT", tmp_path)
+    monkeypatch.setattr(rf, "FIGURE_BY_NAME", figures)
+    monkeypatch.setattr(rf, "make", make)
+    assert rf.main(["--make", "demo"]) == 0
+    after = readme.read_text()
+    assert "new prose" in after and "old prose" not in after
+    assert "verdict: diverged" in after and "verdict: stable" not in after
