@@ -60,7 +60,7 @@ def report(
         console.print(
             frame_table(
                 rep.answer_display(result.answer),
-                title="unstable (exploding, scream or nan) per factor value; medians over those runs",
+                title=rep.ANSWER_TITLE,
             )
         )
     console.print(

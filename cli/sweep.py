@@ -120,7 +120,7 @@ def _answer(sweep_dir: Path) -> None:
         console.print(
             frame_table(
                 rep.answer_display(result.answer),
-                title="unstable (exploding, scream or nan) per factor value; medians over those runs",
+                title=rep.ANSWER_TITLE,
             )
         )
     console.print(result.sentence, style="bold", markup=False, highlight=False)

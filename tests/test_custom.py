@@ -47,6 +47,34 @@ def test_groups_cover_every_parameter_once_and_name_the_layers():
     assert list(find_layers(model, r"blocks\.1")) == ["blocks.1"]  # a user-given pattern
 
 
+def test_a_wrapped_model_whose_root_owns_parameters_keeps_every_group():
+    """The GPT inside a wrapper (a LightningModule's `self.model`): its root owns `pos` directly,
+    so it is no longer the root. Its own parameters are one group; the layers, `tok` and `head`
+    keep theirs. Before, the wrapped module was a group holding every parameter below it, and every
+    other group's grad norm read 0."""
+    import torch
+    from torch import nn
+
+    from examples.gpt import build
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build(max_chars=2000, width=16)["model"]
+
+    model = Wrapper()
+    groups = auto_groups(model, find_layers(model))
+    assert {"model.blocks.0.attn", "model.blocks.1.mlp", "model.tok", "model.head"} <= set(groups)
+    owned = [id(p) for mods in groups.values() for m in mods for p in m.parameters()]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())  # each exactly once
+    assert [n for n, _ in groups["model"][0].named_parameters()] == ["pos"]
+    # the gradient reaches every group: none is left at zero by another group claiming its parameters
+    idx = torch.randint(0, 8, (2, 8))
+    model.model(idx).float().pow(2).mean().backward()
+    for name, mods in groups.items():
+        assert sum(float(p.grad.norm()) for m in mods for p in m.parameters() if p.grad is not None) > 0, name
+
+
 def test_transformer_encoder_layers_are_found_by_type():
     from examples.vit import build
 

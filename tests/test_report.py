@@ -196,6 +196,8 @@ def test_a_value_whose_runs_are_all_set_aside_has_no_median(tmp_path):
     if three["verdict"] != "inconclusive" and not vd.in_doubt(three["verdict"], three["borderline"]):
         assert printed[("train.epochs", "3")]["median final val loss"] == f"{three['final_val_loss']:.3g}"
     assert not [cell for r in printed.values() for cell in r.values() if "NaN" in cell]
+    # the table's title names every unstable verdict (it once said "exploding, scream or nan")
+    assert "unstable (nan, exploding, diverged, scream) per factor value" in " ".join(result.output.split())
 
 
 def test_runs_csv_has_every_number_of_every_run_and_keeps_nan(runs, reported):

@@ -46,7 +46,15 @@ from stability.report.loading import (
     load_run,
     load_runs,
 )
-from stability.report.markdown import PLOTS, _markdown, csv_cell, diagnostic_warnings, markdown_table, write_csv
+from stability.report.markdown import (
+    ANSWER_TITLE,
+    PLOTS,
+    _markdown,
+    csv_cell,
+    diagnostic_warnings,
+    markdown_table,
+    write_csv,
+)
 from stability.report.plots import _slug, plot_curves, plot_grad_norms, plot_heatmap
 from stability.report.stepplots import (
     Drawn,
@@ -84,6 +92,7 @@ log = logging.getLogger("stab.report")
 __all__ = [
     "ABSENT",
     "ALIAS_PATHS",
+    "ANSWER_TITLE",
     "DECISIVE",
     "PLOTS",
     "RUN_MARKERS",

@@ -149,6 +149,7 @@ def html_report(report: Any, names: dict[str, str]) -> str:
     """report.html for a `Report` (see `write_report`): every table and plot of report.md, and a
     section per run that the runs table links to."""
     from stability.formatting import format_number
+    from stability.report.markdown import ANSWER_TITLE
     from stability.report.tables import (
         answer_display,
         events_frame,
@@ -163,8 +164,8 @@ def html_report(report: Any, names: dict[str, str]) -> str:
         sections.append(
             (
                 "Unstable share per factor value",
-                "<p>Unstable = exploding, scream or nan, out of the runs that did not crash; medians over "
-                "the runs at each value.</p>" + table(answer_display(report.answer), "answer-table"),
+                f"<p>{_e(ANSWER_TITLE[0].upper() + ANSWER_TITLE[1:])}.</p>"
+                + table(answer_display(report.answer), "answer-table"),
             )
         )
     over = report.overview.copy()

@@ -25,6 +25,12 @@ from stability.report.tables import answer_display, factor_display, lr_display
 from stability.storage import atomic_write_text
 
 PLOTS = "plots"
+# the answer table's title, for the terminal and report.html: every unstable verdict, named from
+# `verdicts.UNSTABLE` (a hand-written list here once left `diverged` out), and what is counted
+ANSWER_TITLE = (
+    f"unstable ({', '.join(vd.UNSTABLE)}) per factor value, out of the runs judged (inconclusive and "
+    "borderline runs not counted); medians over the runs counted"
+)
 
 
 def csv_cell(x: Any) -> str:

@@ -379,12 +379,18 @@ def auto_groups(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, lis
             continue
         layer = next((lay for lay in layers if mname == lay or mname.startswith(lay + ".")), None)
         if layer is None:
-            if mname:
-                add(mname, m)
-            else:
+            if not mname:
                 for n, p in direct.items():  # root-level parameters: one group each
                     loose.setdefault(n, {})[n] = p
                     groups.setdefault(n, [])
+            elif any(True for c in m.children() for _ in c.parameters()):
+                # a module that owns parameters and has children that do (a wrapped model: a
+                # LightningModule's `self.model`, a timm ViT's cls_token beside its blocks): its own
+                # parameters only, so that its children's go to their own groups, not all to this one
+                loose.setdefault(mname, {}).update(direct)
+                groups.setdefault(mname, [])
+            else:
+                add(mname, m)
             continue
         if mname == layer:  # parameters of the layer itself, not of a child
             loose.setdefault(f"{layer}.params", {}).update(direct)
