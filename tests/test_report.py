@@ -60,14 +60,18 @@ def by_summary(root: Path, verdict: str) -> Path:
 
 
 def rich_tables(output: str) -> list[list[dict[str, str]]]:
-    """The Rich tables printed in `output` as rows of {header: cell} (tests pin a wide console)."""
+    """The Rich tables printed in `output` as rows of {header: cell}, wrapped cells joined (tests pin a wide console)."""
     tables, header, rows = [], None, []
     for line in output.splitlines():
         line = line.strip()
         if line.startswith("┃"):
             header = [c.strip() for c in line.strip("┃").split("┃")]
         elif line.startswith("│") and header:
-            rows.append(dict(zip(header, (c.strip() for c in line.strip("│").split("│")))))
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            if rows and not cells[0]:  # a wrapped cell: Rich continues the row on the next line
+                rows[-1] = {h: " ".join(filter(None, (rows[-1][h], c))) for h, c in zip(header, cells)}
+            else:
+                rows.append(dict(zip(header, cells)))
         elif line.startswith("└") and header:
             tables.append(rows)
             header, rows = None, []
