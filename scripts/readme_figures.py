@@ -339,24 +339,34 @@ def story_mechanism(runs: list) -> list[str]:
         lines.append(
             f"- `norm={norm}` ({len(mine)} runs): clip rate {_span([x.get('clip_rate') for x in s], '{:.0%}')}; "
             f"largest step grad norm {_span(grad)}; largest attention logit on the validation batch {_span(logits)}; "
-            f"a scream flag in {screams}, a NaN in {nan}; stage 2's RMS clamp pinned (`clamp_saturated`) in {clamp}."
+            f"a scream flag in {screams}, a NaN in {nan}"
+            + (f"; stage 2's RMS clamp pinned (`clamp_saturated`) in {clamp}." if clamp else ".")
         )
     return lines
 
 
 def _render_story(runs: Path, seconds: list[float]) -> str:
-    """The report's opening answer verbatim, its per-configuration table (seeds pooled) and, per
-    norm, the clip rates, grad norms, attention logits, screams and NaNs measured."""
+    """The story sweep's report (see `render_sweep`)."""
+    return render_sweep(runs / "story", seconds, "`norm`, `residual`, `clip`")
+
+
+def _render_charlm_norms(runs: Path, seconds: list[float]) -> str:
+    """The char LM's norm x qk_norm sweep's report (see `render_sweep`)."""
+    return render_sweep(runs / "charlm_norms", seconds, "`norm`, `qk_norm`")
+
+
+def render_sweep(folder: Path, seconds: list[float], factors: str) -> str:
+    """A sweep's report: its opening answer verbatim, its per-configuration table (seeds pooled)
+    and, per norm, the clip rates, grad norms, attention logits, screams and NaNs measured."""
     from stability import report as rep
 
-    result = rep.write_report(runs / "story")
+    result = rep.write_report(folder)
     ans = rep.answer_display(result.answer)
     configs = rep.answer_display(result.configs) if result.configs is not None else None
     return (
         f"```\n{result.sentence}\n\n{ans.to_string(index=False)}\n```\n\n"
         + (
-            "Per configuration (3 seeds each; `norm`, `residual`, `clip`):\n\n```\n"
-            f"{configs.to_string(index=False)}\n```\n\n"
+            f"Per configuration (3 seeds each; {factors}):\n\n```\n{configs.to_string(index=False)}\n```\n\n"
             if configs is not None
             else ""
         )
@@ -546,6 +556,39 @@ FIGURES = (
             "conf/model_preset/cascade/default.yaml",
         ),
         _render_story,
+    ),
+    Figure(
+        "charlm_norms",
+        (
+            (
+                "sweep",
+                "--runs",
+                "RUNS",
+                "--name",
+                "charlm_norms",
+                "--launcher",
+                "joblib",
+                "--jobs",
+                "2",
+                "model=charlm",
+                "norm=pre,post",
+                "qk_norm=false,true",
+                "seed=0,1,2",
+            ),
+        ),
+        (
+            *DETECT,
+            "stability/report/factors.py",
+            "stability/report/tables.py",
+            "stability/models/charlm.py",
+            "stability/models/layers.py",
+            "stability/workloads/charlm/*.py",
+            "stability/workloads/base.py",
+            "conf/model/charlm.yaml",
+            "conf/model_preset/charlm/default.yaml",
+            "conf/data/text.yaml",
+        ),
+        _render_charlm_norms,
     ),
     Figure(
         "doctor",
