@@ -191,6 +191,9 @@ def bad_tokens():  # the output's tokens are fine, the target's reshape fails
 def good(width=8):
     x, y = data()
     return {"model": nn.Sequential(nn.Linear(4, width), nn.Linear(width, 2)), "train": (x, y), "loss": F.mse_loss}
+
+def normed(width=8, norm="pre"):  # declares the short name norm
+    return good(width)
 """
 
 
@@ -254,6 +257,23 @@ def test_short_names_are_the_factorys_to_declare(cli, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "cannot take the model keys ['depth']" in result.output
     result = cli("run", "--runs", tmp_path, "model=custom", ok=False)
     assert result.exit_code == 2 and "model=custom needs model._target_" in result.output
+
+
+def test_a_misspelt_factory_key_is_the_only_key_named_with_the_one_it_meant(cli, tmp_path, monkeypatch):
+    """`+model.widht=4` to a factory that also declares `norm` (read from the short name, so the
+    factory is called with norm too): the error names widht alone and suggests width."""
+    (tmp_path / "bad_factories.py").write_text(BAD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runs = tmp_path / "runs"
+    result = cli(
+        "run", "--runs", runs, "model=custom", "model._target_=bad_factories.normed", "+model.widht=4", ok=False
+    )
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "cannot take the model keys ['widht'] (its parameters: width, norm); did you mean width?" in lines[0]
+    assert not list(runs.rglob("status.json"))  # refused before any work
+    cli("run", "--runs", runs, "model=custom", "model._target_=bad_factories.normed", "+model.width=4", "norm=post")
+    assert yaml.safe_load((only_run(runs) / "config.yaml").read_text())["model"]["norm"] == "post"
 
 
 def test_checks_that_cannot_be_set_up_say_so(cli, tmp_path, monkeypatch, one_thread):

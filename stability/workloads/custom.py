@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from stability.config import OWN_LOOP, ConfigError, CustomModelConfig, RunConfig
+from stability.config import OWN_LOOP, ConfigError, CustomModelConfig, RunConfig, did_you_mean
 from stability.detectors import mean_scores, scream_check
 from stability.health import SdpaAttention, calls_sdpa
 from stability.workloads.base import Workload
@@ -176,8 +176,13 @@ def make_task(target: str, params: dict[str, Any]) -> Task:
         sig.bind(**params)
     except TypeError as e:
         have = ", ".join(n for n in sig.parameters) or "none"
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+        unknown = [] if takes_any else sorted(k for k in params if k not in sig.parameters)
+        if not unknown:  # a required parameter with no key, or a positional-only one
+            raise ConfigError(f"{where}: cannot be called with the model keys {sorted(params)}: {e}") from None
         raise ConfigError(
-            f"{where}: cannot take the model keys {sorted(params)}: {e} (its parameters: {have})"
+            f"{where}: cannot take the model keys {unknown} (its parameters: {have})"
+            + "".join(did_you_mean(k, sig.parameters) for k in unknown)
         ) from None
     except ValueError:
         pass
