@@ -13,6 +13,7 @@ certain) into RUNS/NAME/, and the doctor prints which fixed it and at what final
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +33,7 @@ from cli.common import (
 from cli.config import UserError, compose_run, hydra_quote, paths_as_data
 from cli.report import frame_table
 from stability import doctor as dr
-from stability.config import OPERATIONAL_KEYS, ConfigError, RunConfig, flatten
+from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, ConfigError, RunConfig, flatten
 from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
 from stability.storage import atomic_write_text, write_json
@@ -77,7 +78,8 @@ def doctor(
             raise UserError(str(e)) from None
         if fixes < 1:
             raise UserError(f"--fixes {fixes} is not allowed: expected an integer >= 1")
-    dx = dr.examine(rec)
+    base = run_overrides(rec)
+    dx = dr.examine(rec, refuse=model_refusal(base) if base is not None else None)
     print_diagnosis(dx)
     if not try_:
         return
@@ -89,7 +91,7 @@ def doctor(
             )
         if not dx.fixes:
             raise UserError(f"no rule proposes a fix for {run}: nothing to try")
-        base = exact_overrides(rec)
+        base = base if base is not None else exact_overrides(rec)  # says why it cannot compose
     try_fixes(dx, base, fixes, runs, name or f"doctor-{rec.path.name}"[:120], launcher, jobs)
 
 
@@ -149,9 +151,12 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
         why = (
             "the failure was injected"
             if any(f.kind == "injected_fault" for f in dx.findings)
+            else "the model cannot take any fix the rules propose"
+            if dx.refused
             else "no rule matches these records"
         )
         console.print(f"no candidate fix: {why}", highlight=False)
+        print_refused(dx)
         return
     rows = [
         {
@@ -169,6 +174,13 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
         else f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
     )
     console.print(frame_table(pd.DataFrame(rows), title=title))
+    print_refused(dx)
+
+
+def print_refused(dx: dr.Diagnosis) -> None:
+    """One line per fix a rule proposed that the run's model cannot take, with `stab run`'s reason."""
+    for x, why in dx.refused:
+        console.print(f"not proposed, the model cannot take it: {x.label} ({why})", highlight=False)
 
 
 # --- --try ----------------------------------------------------------------------------------
@@ -213,11 +225,40 @@ def exact_overrides(rec: dr.RunRecord) -> list[str]:
     return full
 
 
+def run_overrides(rec: dr.RunRecord) -> list[str] | None:
+    """`exact_overrides` of the run, or None where its configuration cannot be composed (a monitor
+    or Lightning run, or conf/ changed): its fixes are then advice that nothing checks."""
+    try:
+        return exact_overrides(rec)
+    except UserError:
+        return None
+
+
+def model_refusal(base: list[str]) -> Callable[[dict[str, str]], str | None]:
+    """`refuse(fix)` for `dr.examine`: the one line `stab run` refuses the run's exact overrides
+    (`base`) with the fix with (a short name the chosen model does not read, as `compose_run`
+    checks it; a value out of range), or None where the fix composes."""
+
+    def refuse(fix: dict[str, str]) -> str | None:
+        try:
+            compose_run(merge(base, fix))
+        except UserError as e:
+            return str(e)
+        return None
+
+    return refuse
+
+
 def merge(base: list[str], extra: dict[str, str]) -> list[str]:
-    """`base` overrides with `extra` keys set (a key already in base takes the new value)."""
+    """`base` overrides with `extra` keys set (a key already in base takes the new value). A short
+    name in `extra` whose path `base` sets (`warmup=12` for a run given `train.warmup=10`) sets
+    that path: the run reads the path's value, so the short name would be unread and refused. Not
+    `residual`, whose path is the cascade's list per stage."""
     out = {o.split("=", 1)[0].lstrip("+"): o for o in base}
     for k, v in extra.items():
-        out[k] = f"{k}={v}"
+        path = SHORT_NAMES[k].path if k in SHORT_NAMES and k != "residual" else None
+        key = path if path in out else k
+        out[key] = f"{key}={v}"
     return list(out.values())
 
 
@@ -259,9 +300,20 @@ def try_fixes(
 
     from cli.sweep import launch_jobs, report_crashes
 
-    tries = dr.candidates(dx, n)
     snap = rewind_snapshot(dx)
-    combos = [fix_overrides(base, fix, snap) for fix in tries]
+    tries, combos = [], []
+    for fix in dr.candidates(dx, n):
+        combo = fix_overrides(base, fix, snap)
+        try:
+            compose_run(combo)  # a fix the run's model cannot take is skipped before any training
+        except UserError as e:
+            console.print(f"skipped {' '.join(f'{k}={v}' for k, v in fix.items())}: {e}", highlight=False)
+            continue
+        tries.append(fix)
+        combos.append(combo)
+    if not combos:
+        with user_errors():
+            raise UserError(f"none of the fixes for {dx.record.path} can be trained with its model: nothing to try")
     console.print(
         styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
         highlight=False,
@@ -276,9 +328,6 @@ def try_fixes(
             "every fix trains from step 0",
             highlight=False,
         )
-    with user_errors():
-        for c in combos:
-            compose_run(c)  # a fix the run's model cannot take is refused before any training
     done = launch_jobs(combos, runs, name, launcher, jobs, [], base)
     report_crashes(done)
     rows = []

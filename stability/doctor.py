@@ -507,8 +507,26 @@ def _larger_residual(r: RunRecord, f: Finding) -> dict[str, str] | None:
     return {"residual": _sig(min(10.0, 3 * float(res[-1])))}
 
 
+def planned_steps(rec: RunRecord) -> int:
+    """The optimizer steps the run was configured for: train.epochs x the steps of its first
+    epoch (epochs.jsonl), since a run stopped early or interrupted planned more than it recorded;
+    the steps it recorded where either is missing (a monitor run's config has no train.epochs)."""
+    epochs = _float(rec.get("train.epochs"))
+    per_epoch = _float(rec.epochs[0].get("steps")) if rec.epochs else math.nan
+    recorded = len(rec.steps)
+    if math.isfinite(epochs) and math.isfinite(per_epoch) and epochs * per_epoch > 0:
+        return max(int(epochs * per_epoch), recorded)
+    return recorded
+
+
 def _longer_warmup(r: RunRecord, f: Finding) -> dict[str, str] | None:
-    return {"warmup": str(max(4 * int(r.get("train.warmup", 0) or 0), 20))}
+    """4x the run's warmup, at least 20 steps, but at most half the steps the run was planned for
+    (`planned_steps`): a warmup as long as the run never reaches the learning rate the run failed
+    at, so a fix trained with it would pass only by never testing that rate (the newcomer's
+    30-step run was offered warmup=40). None where that cap is no longer than the warmup it had."""
+    had = int(r.get("train.warmup", 0) or 0)
+    want = min(max(4 * had, 20), planned_steps(r) // 2)
+    return {"warmup": str(want)} if want > had else None
 
 
 def _add_clip(r: RunRecord, f: Finding) -> dict[str, str] | None:
@@ -614,12 +632,14 @@ class Fix:
 
 @dataclass
 class Diagnosis:
-    """`verdict` (summary.json's, or None), every `finding` (earliest first), `fixes` ranked best first."""
+    """`verdict` (summary.json's, or None), every `finding` (earliest first), `fixes` ranked best
+    first, and the fixes a rule proposed that the run's model cannot take, each with why (`refused`)."""
 
     record: RunRecord
     verdict: str | None
     findings: list[Finding]
     fixes: list[Fix]
+    refused: list[tuple[Fix, str]] = field(default_factory=list)
 
     @property
     def first(self) -> Finding | None:
@@ -631,9 +651,15 @@ class Diagnosis:
         return located[0] if located else (self.findings[0] if self.findings else None)
 
 
-def examine(rec: RunRecord, rules: Sequence[Rule] = RULES) -> Diagnosis:
+def examine(
+    rec: RunRecord,
+    rules: Sequence[Rule] = RULES,
+    refuse: Callable[[dict[str, str]], str | None] | None = None,
+) -> Diagnosis:
     """Findings of a run and the fixes `rules` propose for them, ranked by rule weight; one entry
-    per distinct override set (the best-weighted)."""
+    per distinct override set (the best-weighted). `refuse(overrides)` says why the run's model
+    cannot take a fix (the one line `stab run` would refuse it with: `qk_norm=true` for a factory
+    that does not read qk_norm), or None; a refused fix is not ranked but kept in `refused`."""
     findings = find(rec)
     if any(f.kind == "injected_fault" for f in findings):
         return Diagnosis(rec, rec.summary.get("verdict"), findings, [])
@@ -650,7 +676,10 @@ def examine(rec: RunRecord, rules: Sequence[Rule] = RULES) -> Diagnosis:
             if key not in best or score > best[key].score:
                 best[key] = Fix(dict(over), f, rule, score)
     fixes = sorted(best.values(), key=lambda x: -x.score)
-    return Diagnosis(rec, rec.summary.get("verdict"), findings, fixes)
+    why = {id(x): refuse(x.overrides) for x in fixes} if refuse else {}
+    refused = [(x, w) for x in fixes if (w := why.get(id(x)))]
+    fixes = [x for x in fixes if not why.get(id(x))]
+    return Diagnosis(rec, rec.summary.get("verdict"), findings, fixes, refused)
 
 
 # --- stab doctor --try: the fixes to train, and what they did ---------------------------------

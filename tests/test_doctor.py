@@ -14,7 +14,7 @@ from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS
 from stability.record import verdicts as vd
 from stability.storage import append_jsonl, write_json
-from tests.conftest import read_json
+from tests.conftest import only_run, read_json
 
 GROUPS = ["stage0.in_proj", "stage2.layer0.attn", "stage2.layer0.mlp", "stage2.output_proj"]
 CONFIG = {
@@ -279,3 +279,38 @@ def test_doctor_try_trains_the_fixes_from_the_failed_runs_exact_config(cli, tmp_
         assert changed == {ALIAS.get(o.split("=")[0], o.split("=")[0]) for o in t["fix"].split()}
     assert res["fixed"] == [t["fix"] for t in res["tries"] if not vd.is_unstable(t["verdict"])]
     assert ("fixed by" in res["sentence"]) == bool(res["fixed"])
+
+
+@pytest.mark.slow
+def test_a_custom_model_is_offered_only_fixes_it_reads_and_try_trains_them(cli, tmp_path):
+    """The newcomer's case (F4) on examples.gpt, whose factory declares norm but not qk_norm: at lr
+    10 its attention goes one-hot and its loss ends above where it started. The doctor names
+    qk_norm=true as a fix the model cannot take (with `stab run`'s reason) instead of ranking it
+    (and --try died on it, training nothing), offers a warmup no longer than half the run's 24
+    steps (it offered 40), and --try trains the fixes it ranks. The warmup fix sets train.warmup,
+    which the run was given: `warmup=12` there is a short name nothing reads, refused."""
+    tiny = ["model=custom", "model._target_=examples.gpt.build", "+model.max_chars=2500", "+model.context=16"]
+    tiny += ["+model.width=16", "train.epochs=3", "train.batch_size=16"]
+    cli("run", "--runs", tmp_path / "runs", *tiny, "train.lr=10", "clip=none", "train.warmup=10")
+    run = only_run(tmp_path / "runs")
+    summary = read_json(run / "summary.json")
+    assert vd.is_unstable(summary["verdict"]) and summary["steps"] == 24, summary["verdict"]
+    assert any(w["warning"] in ("attn_logit", "attn_entropy_collapse") for w in summary["warnings"])
+    result = cli("doctor", run)
+    assert "not proposed, the model cannot take it: qk_norm=true (qk_norm=True is not allowed" in result.output
+    from cli.doctor import exact_overrides, model_refusal
+
+    rec = dr.read_run(run)
+    dx = dr.examine(rec, refuse=model_refusal(exact_overrides(rec)))
+    assert [x.label for x, _ in dx.refused] == ["qk_norm=true"]
+    assert "does not read qk_norm" in dx.refused[0][1]
+    ranked = [x.label for x in dx.fixes]
+    assert "qk_norm=true" not in ranked and "warmup=12" in ranked[:2], ranked  # 4 x 10 capped at 24 // 2
+    result = cli("doctor", run, "--try", "--fixes", "2", "--runs", tmp_path, "--name", "try")
+    res = read_json(tmp_path / "try" / "doctor.json")
+    assert [t["fix"] for t in res["tries"]] == ranked[:2] + [" ".join(ranked[:2])]
+    for t in res["tries"]:
+        folder = tmp_path / "try" / t["folder"]
+        assert t["verdict"] == read_json(folder / "summary.json")["verdict"]
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        assert cfg["train"]["warmup"] == (12 if "warmup=12" in t["fix"] else 10)
