@@ -341,6 +341,21 @@ def learning_rate_per_epoch(val_losses: Sequence[float]) -> float:
     return 1.0 - (v[-1] / v[-1 - k]) ** (1.0 / k)
 
 
+def stretch_learning_rate(losses: Sequence[float], epochs: Sequence[int], first: int, last: int) -> float:
+    """Relative fall of the validation loss per epoch through a collapse of epochs `first`..`last`
+    (geometric mean, from the epoch before `first` to `last`): 0.1 = falling 10% per epoch.
+
+    losses: the loss at initialisation, then one per entry of `epochs`; a non-finite loss before
+    the stretch is skipped back to the last finite one. NaN when either end is missing."""
+    by_epoch = dict(zip(epochs, losses[1:]))
+    end = by_epoch.get(last, math.nan)
+    before = [(0, losses[0]), *((e, v) for e, v in zip(epochs, losses[1:]) if e < first)]
+    start_epoch, start = next(((e, v) for e, v in reversed(before) if math.isfinite(v) and v > 0), (0, math.nan))
+    if not (math.isfinite(end) and end > 0 and math.isfinite(start)):
+        return math.nan
+    return 1.0 - (end / start) ** (1.0 / max(1, last - start_epoch))
+
+
 def divergence(vals: Sequence[float], reference: float) -> tuple[float, float]:
     """(the last evaluated validation loss, its ratio to `reference`, the loss at initialisation
     or a no-learning baseline). A non-finite last value has ratio inf; NaN without a reference."""
@@ -369,15 +384,18 @@ def diagnose(
     scream: Any = None,
     attn_logit_level: float = 50.0,
     attn_entropy_level: float = 0.1,
+    first_train_loss: float = math.nan,
 ) -> dict[str, Any]:
     """Every finding of a finished run, its primary verdict and the warnings a researcher should
     see even in a stable run.
 
     epochs: the epoch records (`grad_norm_mean`, `grad_norm_max`, `val_loss`, `collapsed`,
     `scores`, `target_scores`, `clip_rate`, `stage_clamp_rate`, `health_summary`), in order.
-    init: the evaluation before the first step ({"val_loss", "baseline_loss", "baseline"}: the
-    validation loss at initialisation and the workload's no-learning baseline, e.g. the unigram
-    entropy of the text). scream: the `detect.scream` thresholds (dominant, longest_run, loop,
+    init: the evaluation before the first step ({"val_loss", "baseline_loss", "baseline",
+    "collapsed"}: the validation loss at initialisation, the workload's no-learning baseline, e.g.
+    the unigram entropy of the text, and whether the untrained output was already collapsed).
+    first_train_loss: the first step's training loss, taken before any update: the reference for
+    divergence when the run has no validation data (its epochs' mean training `loss` is compared). scream: the `detect.scream` thresholds (dominant, longest_run, loop,
     seq_rep, n), for the collapse's hysteresis; without them the epochs' `collapsed` is used as is.
     band: relative width around a threshold within which a finding is `borderline`, and the
     hysteresis of the collapsed state.
@@ -385,12 +403,15 @@ def diagnose(
     Verdicts (most severe first, `SEVERITY`): nan; exploding (the grad norm grew more than
     `explode_factor` per epoch over `explode_window` epochs, or one step's was huge: `peak`);
     diverged (the last validation loss is above the loss at initialisation, or non-finite: the
-    run ended worse than it started; Wortsman et al. 2023, arXiv 2309.14322, count such a run as
-    a complete failure); scream (a collapse of at least `scream_min_epochs` evaluated epochs, not
-    the untrained model's output learning its way out, not an undertrained run); inconclusive
-    (nothing unstable found in fewer evaluated epochs than the detectors need, or an output
-    collapsed to the end while the validation loss still falls below its start: undertrained or a
-    scream cannot be told apart); stable.
+    run ended worse than it started; without validation data the last epoch's mean training loss
+    against the first step's; Wortsman et al. 2023, arXiv 2309.14322, count such a run as a
+    complete failure); scream (a collapse of at least `scream_min_epochs` evaluated epochs, not
+    the untrained model's output learning its way out, not a collapse the model recovered from
+    while its validation loss fell faster than `learning_rate` per epoch through it (a
+    `transient_collapse` warning), not an undertrained run); inconclusive (nothing unstable found
+    in fewer evaluated epochs than the detectors need; an output collapsed to the end while the
+    validation loss still falls below its start: undertrained or a scream cannot be told apart;
+    an output collapsed from initialisation to the end: `never_learned`); stable.
 
     Returns {"verdict", "evidence", "flags": [{"flag", "epoch"|"step", "evidence"}],
     "warnings": [{"warning", "message", ...}], "borderline": [{"what", "value", "threshold",
@@ -449,11 +470,42 @@ def diagnose(
     # divergence: the last validation loss against the loss at initialisation (validation against validation)
     init_val = _num(init.get("val_loss"))
     baseline = _num(init.get("baseline_loss"))
-    reference, ref_name = (
-        (init_val, "its validation loss at initialisation")
-        if math.isfinite(init_val)
-        else (baseline, f"the no-learning baseline ({init.get('baseline') or 'baseline'})")
-    )
+    first_train = _num(first_train_loss)
+    has_val = any(math.isfinite(_num(v)) for v in vals)
+    loss_name = "validation loss"
+    if math.isfinite(init_val):
+        reference, ref_name = init_val, "its validation loss at initialisation"
+    elif math.isfinite(baseline):
+        reference, ref_name = baseline, f"the no-learning baseline ({init.get('baseline') or 'baseline'})"
+    elif not has_val and math.isfinite(first_train):
+        # No validation data (a monitor, Trainer or Lightning run without `val`): the training loss
+        # against the first step's, taken before any update, so still the loss at initialisation
+        vals = [_num(e.get("loss", math.nan)) for e in epochs]
+        loss_name = "mean training loss of the last epoch (no validation data)"
+        reference, ref_name = first_train, "the first step's training loss"
+    else:
+        reference, ref_name = math.nan, ""
+    unjudged: list[dict[str, Any]] = []  # said after the findings: what could not be judged
+    if not has_val:
+        unjudged.append(
+            {
+                "warning": "no_validation",
+                "message": "no validation data: the scream check did not run"
+                + (
+                    f", and divergence was judged on the training loss against {ref_name}"
+                    if math.isfinite(reference)
+                    else ", and divergence was not judged (no loss at initialisation to compare with)"
+                ),
+            }
+        )
+    elif not math.isfinite(reference):
+        unjudged.append(
+            {
+                "warning": "divergence_not_judged",
+                "message": "no validation loss at initialisation and no no-learning baseline: whether the run "
+                "ended worse than it started was not judged",
+            }
+        )
     evaluated = list(vals)
     last, ratio = divergence(evaluated, reference) if evaluated else (math.nan, math.nan)
     if not first_nan and evaluated and (ratio > 1.0 or (not math.isfinite(last) and math.isfinite(ratio))):
@@ -462,7 +514,7 @@ def diagnose(
                 "flag": "diverged",
                 "epoch": epochs[-1]["epoch"],
                 "ratio": ratio,
-                "evidence": f"validation loss ended at {last:.4g}, above {ref_name} {reference:.4g} "
+                "evidence": f"{loss_name} ended at {last:.4g}, above {ref_name} {reference:.4g} "
                 f"({ratio:.3g}x): the run ended worse than it started",
             }
         )
@@ -472,7 +524,7 @@ def diagnose(
                 "what": "final loss",
                 "value": ratio,
                 "threshold": 1.0,
-                "message": f"validation loss ended at {last:.4g}, within {band:.0%} of {ref_name} "
+                "message": f"{loss_name} ended at {last:.4g}, within {band:.0%} of {ref_name} "
                 f"{reference:.4g}: cannot tell a run that barely learned from one that diverged",
             }
         )
@@ -507,11 +559,38 @@ def diagnose(
     first_eval = next((ep for s, ep in zip(states, ep_nums) if s is not None), None)
     onset = None
     rate = learning_rate_per_epoch([init_val, *vals])
+    init_collapsed = bool(init.get("collapsed"))
     for a, b, count in collapse_stretches(states, ep_nums):
         if count < scream_min_epochs:
             continue
         if a == first_eval and b != last_eval:
             continue  # the untrained model's near-constant output, learned its way out
+        through = stretch_learning_rate([init_val, *vals], ep_nums, a, b)
+        if b != last_eval and math.isfinite(through) and through > learning_rate:
+            # A collapse the model learned its way out of, the loss falling fast all through it: a phase of
+            # learning (the most frequent code first), not a scream; training longer must not turn
+            # "inconclusive, train longer" into a scream
+            warnings.append(
+                {
+                    "warning": "transient_collapse",
+                    "epoch": a,
+                    "message": f"output collapsed in epochs {a}-{b} and recovered while the validation loss "
+                    f"fell {through:.0%} per epoch through it (> {learning_rate:.0%}: detect.scream.learning): "
+                    "a phase of learning, not a scream",
+                }
+            )
+            if lo_b * learning_rate <= through <= hi_b * learning_rate:
+                borderline.append(
+                    {
+                        "what": "still learning",
+                        "value": through,
+                        "threshold": learning_rate,
+                        "message": f"validation loss fell {through:.1%} per epoch through the collapse of epochs "
+                        f"{a}-{b}, within {band:.0%} of {learning_rate:.0%} (detect.scream.learning): "
+                        "scream or a phase of learning is a toss-up",
+                    }
+                )
+            continue
         if b == last_eval and math.isfinite(rate) and rate > learning_rate and not (ratio > 1.0):
             # Collapsed to the end while still learning: an undertrained model (a char LM after 3 epochs
             # emits one character, whatever its learning rate) and a scream look the same here. Not a
@@ -534,6 +613,18 @@ def diagnose(
                         "scream or undertrained is a toss-up",
                     }
                 )
+            continue
+        if a == first_eval and b == last_eval and init_collapsed and not (ratio > 1.0):
+            # Collapsed before the first step and never out of it: nothing went from working to
+            # collapsed, so not a scream; the model has not learned enough to tell
+            why = (
+                f"output was collapsed at initialisation and stayed collapsed to the end; validation loss "
+                f"{init_val:.4g} at initialisation, {last:.4g} at the end: the model never left its initial "
+                "output, so a scream cannot be told from a model that has not learned; train longer or "
+                "raise the learning rate"
+            )
+            warnings.append({"warning": "never_learned", "epoch": a, "message": why})
+            flags.append({"flag": vd.INCONCLUSIVE, "epoch": a, "reason": "never_learned", "evidence": why})
             continue
         onset = a
         to_end = " to the end" if b == last_eval else f" to epoch {b}"
@@ -563,6 +654,7 @@ def diagnose(
     warnings += _warnings(
         epochs, clip, stage_clamp, logit_growth, first_nan, peak, attn_logit_level, attn_entropy_level
     )
+    warnings += unjudged
     unstable = [f for f in flags if f["flag"] != "inconclusive"]
     need = max(2, scream_min_epochs)
     if not unstable and n_eval < need and len(epochs) < need:

@@ -205,6 +205,12 @@ class Monitor:
         self._micro = 0
         self._batches: list[Any] = []
         self._mismatches = 0
+        if val is not None:  # the start a diverged run is measured against, as stab's own loop has it
+            self.busy = True
+            try:
+                self.session.evaluate_init(self.work)
+            finally:
+                self.busy = False
 
     # --- per micro-batch and per optimizer step -------------------------------------------------
     def step(self, loss: torch.Tensor, batch: Any = None, indices: torch.Tensor | None = None) -> bool:

@@ -21,6 +21,7 @@ and holds no lease (`world`).
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
@@ -148,6 +149,25 @@ class RunSession:
     def open_steps(self, layout: StepLayout) -> None:
         """The run's step layout is known (module groups, stages): the writer and detectors take it."""
         self.writer.open(layout.groups, layout.n_stages, Summarizer(self.cfg.detect, self.cfg.train.clip))
+
+    def evaluate_init(self, work: Any) -> dict[str, Any]:
+        """The evaluation before the first step, written as the `init_eval` event and returned: the
+        validation loss at initialisation (what `diverged` and the LR sensitivity's cap compare the
+        final validation loss with: validation against validation, not the first training batch),
+        whether the untrained model's output is already collapsed and its scream scores, and the
+        workload's no-learning baseline (`info["baseline_loss"]`, e.g. the unigram entropy of the
+        text), where it has one."""
+        with eager(work), phase("evaluating at initialisation", unit="evals"):
+            ev = work.evaluate()
+        init = {
+            "val_loss": ev.get("val_loss", math.nan),
+            "collapsed": ev.get("collapsed"),
+            "scores": ev.get("scores") or {},
+            "baseline_loss": work.info.get("baseline_loss", math.nan),
+            "baseline": work.info.get("baseline"),
+        }
+        self.writer.event({"event": "init_eval", **init})
+        return init
 
     # --- as the run goes ----------------------------------------------------------------------
     def end_epoch(self, work: Any, epoch: int) -> dict[str, Any]:

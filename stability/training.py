@@ -13,7 +13,6 @@ files and their fields are defined in `stability.record.format` and docs/run-for
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,9 +23,8 @@ import torch
 from stability import detectors, distributed, forensics, snapshots
 from stability.config import RunConfig
 from stability.devices import resolve_device
-from stability.forensics import NanInjector, eager
+from stability.forensics import NanInjector
 from stability.preflight import preflight
-from stability.progress import phase
 from stability.record import format as rf
 from stability.record.records import Summary
 from stability.record.writer import RunWriter
@@ -127,7 +125,7 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
     stopped = False
     step = 0
 
-    writer.event({"event": "init_eval", **_evaluate_init(work)})  # the start a diverged run is measured against
+    session.evaluate_init(work)  # the start a diverged run is measured against
     ring = snapshots.SnapshotRing(
         writer.dir / snapshots.FOLDER, tc.snapshot_every, tc.snapshot_keep, write=writer.writes
     )
@@ -300,20 +298,3 @@ def _replay_epoch(writer: RunWriter, epochs: dict[int, dict[str, Any]], epoch: i
     erec = {**epochs.get(epoch, {"epoch": epoch}), **writer.close_epoch()}
     writer.epoch(erec)
     epoch_norms.append(erec["grad_norm_mean"])
-
-
-def _evaluate_init(work: Any) -> dict[str, Any]:
-    """The evaluation before the first step: the validation loss at initialisation (what
-    `diverged` and the LR sensitivity's cap compare the final validation loss with: validation
-    against validation, not the first training batch), the scream scores of the untrained model,
-    and the workload's no-learning baseline (`info["baseline_loss"]`, e.g. the unigram entropy of
-    the text), where it has one."""
-    with eager(work), phase("evaluating at initialisation", unit="evals"):
-        ev = work.evaluate()
-    return {
-        "val_loss": ev.get("val_loss", math.nan),
-        "collapsed": ev.get("collapsed"),
-        "scores": ev.get("scores") or {},
-        "baseline_loss": work.info.get("baseline_loss", math.nan),
-        "baseline": work.info.get("baseline"),
-    }

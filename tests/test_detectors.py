@@ -54,9 +54,17 @@ def _epochs(norms, collapsed=None, val=None, clip_rate=0.1, clamp=(0.0,), logits
     ]
 
 
-def diagnose(epochs, first_nan=None, clip=10.0):
+def diagnose(epochs, first_nan=None, clip=10.0, init_val=12.0):
+    """diagnose with the validation loss at initialisation above every loss `_epochs` makes by default."""
     return detectors.diagnose(
-        epochs, first_nan, clip, explode_factor=2.0, explode_window=3, scream_min_epochs=2, learning_rate=0.05
+        epochs,
+        first_nan,
+        clip,
+        explode_factor=2.0,
+        explode_window=3,
+        scream_min_epochs=2,
+        learning_rate=0.05,
+        init={"val_loss": init_val},
     )
 
 
@@ -278,3 +286,72 @@ def test_a_borderline_value_puts_in_doubt_only_the_verdicts_its_threshold_can_mo
     assert vd.in_doubt("exploding", [growth]) == [growth] and vd.in_doubt("nan", [growth]) == []
     assert vd.in_doubt("stable", [{"what": "something new"}]) == [{"what": "something new"}]  # unknown: doubt
     assert vd.in_doubt("failed", [b]) == []
+
+
+def _collapse_run(val, collapsed, init_val=25.4, init_collapsed=False):
+    """diagnose on a run with steady grad norms, the given validation losses and collapsed states."""
+    epochs = _epochs([2.0] * len(val), collapsed=collapsed, val=val)
+    return detectors.diagnose(
+        epochs,
+        None,
+        10.0,
+        explode_factor=2.0,
+        explode_window=3,
+        scream_min_epochs=2,
+        learning_rate=0.05,
+        init={"val_loss": init_val, "collapsed": init_collapsed},
+    )
+
+
+def test_a_collapse_the_model_learned_its_way_out_of_while_its_loss_fell_is_not_a_scream():
+    # the newcomer's 8-epoch smoke cascade: collapsed in epochs 2-6, recovered in 7-8, the loss falling
+    # 10-12% per epoch throughout (24.21 ... 10.40 against 25.43 at init)
+    val = [24.21, 22.03, 19.55, 17.22, 15.06, 13.16, 11.64, 10.40]
+    collapsed = [False, True, True, True, True, True, False, False]
+    d = _collapse_run(val, collapsed, init_val=25.43)
+    assert d["verdict"] == "stable" and d["scream_epoch"] is None
+    note = next(w for w in d["warnings"] if w["warning"] == "transient_collapse")
+    through = 1 - (13.16 / 24.21) ** (1 / 5)  # epoch 1 -> epoch 6
+    assert note["epoch"] == 2 and f"{through:.0%} per epoch" in note["message"]
+    # the same collapse while the loss stalls is a scream: it is the loss that tells learning from screaming
+    stalled = [24.21, 24.0, 23.9, 23.95, 23.8, 23.85, 23.0, 22.5]
+    d = _collapse_run(stalled, collapsed, init_val=25.43)
+    assert d["verdict"] == "scream" and d["scream_epoch"] == 2 and "to epoch 6" in d["evidence"]
+    assert "transient_collapse" not in {w["warning"] for w in d["warnings"]}
+
+
+def test_a_transient_collapse_falling_near_the_learning_threshold_is_borderline():
+    # 24 -> 21.6 over epochs 1-3: 5.1% per epoch, within 10% of detect.scream.learning 5%
+    val = [24.0, 22.8, 21.6, 21.0]
+    d = _collapse_run(val, [False, True, True, False], init_val=25.0)
+    assert d["verdict"] == "stable"
+    assert any(b["what"] == "still learning" and b["value"] == pytest.approx(1 - 0.9**0.5) for b in d["borderline"])
+
+
+def test_an_output_collapsed_from_initialisation_that_never_left_it_is_inconclusive_not_a_scream():
+    # the newcomer's 4-class timm ViT: collapsed at init (dominant 1.0), the loss flat at ln 4
+    d = _collapse_run([1.383, 1.384], [True, True], init_val=1.462, init_collapsed=True)
+    assert d["verdict"] == "inconclusive" and d["scream_epoch"] is None
+    assert next(f for f in d["flags"] if f["flag"] == "inconclusive")["reason"] == "never_learned"
+    assert "collapsed at initialisation" in d["evidence"] and "1.462" in d["evidence"]
+    # collapsed at init but not in the first epochs, collapsing again later with a flat loss: a scream
+    d = _collapse_run([1.2, 1.1, 1.1, 1.1], [False, False, True, True], init_val=1.462, init_collapsed=True)
+    assert d["verdict"] == "scream" and d["scream_epoch"] == 3
+
+
+def test_without_validation_data_divergence_is_judged_on_the_training_loss():
+    epochs = _epochs([1.0, 2.0, 2.5], val=[math.nan] * 3)
+    for e, loss in zip(epochs, [1800.0, 3000.0, 2400.0]):
+        e["loss"], e["collapsed"] = loss, None
+    kw = {"explode_factor": 2.0, "explode_window": 3, "scream_min_epochs": 2, "learning_rate": 0.05}
+    d = detectors.diagnose(epochs, None, 10.0, **kw, first_train_loss=4.17)
+    assert d["verdict"] == "diverged" and d["loss_ratio"] == pytest.approx(2400.0 / 4.17)
+    assert "training loss" in d["evidence"] and "first step" in d["evidence"]
+    assert "no_validation" in {w["warning"] for w in d["warnings"]}
+    for e, loss in zip(epochs, [3.0, 2.5, 2.2]):
+        e["loss"] = loss
+    d = detectors.diagnose(epochs, None, 10.0, **kw, first_train_loss=4.17)
+    assert d["verdict"] == "stable" and d["loss_ratio"] == pytest.approx(2.2 / 4.17)
+    # no loss at all to start from: said, not silently passed
+    d = detectors.diagnose(epochs, None, 10.0, **kw)
+    assert "divergence was not judged" in next(w for w in d["warnings"] if w["warning"] == "no_validation")["message"]

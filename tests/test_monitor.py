@@ -223,3 +223,38 @@ def test_lightning_callback_writes_the_same_run_folder(tmp_path, one_thread):
     assert len(steps) == 12 and [e["epoch"] for e in epochs] == [1, 2]
     assert {"grad/net.blocks.0.attn", "grad/net.head"} <= set(steps[0])
     assert json.loads((run / "summary.json").read_text())["verdict"] == callback.monitor.verdict
+
+
+def test_a_loop_without_validation_that_blows_up_is_diverged_on_its_training_loss(tmp_path, one_thread):
+    # the newcomer's Trainer run: no eval set, lr 10, loss 4.17 -> thousands, was `stable`
+    verdicts = {}
+    for lr in (10.0, 3e-3):
+        task = _tiny_gpt()
+        opt = torch.optim.AdamW(task["model"].parameters(), lr=lr)
+        with Monitor(task["model"], opt, run_dir=tmp_path / f"lr{lr:g}", loss=task["loss"], epochs=3) as monitor:
+            _loop(monitor, task, epochs=3, steps=4)
+        summary = json.loads((tmp_path / f"lr{lr:g}" / "summary.json").read_text())
+        steps, _ = read_jsonl(tmp_path / f"lr{lr:g}" / "metrics.jsonl")
+        epochs, _ = read_jsonl(tmp_path / f"lr{lr:g}" / "epochs.jsonl")
+        assert all(e["collapsed"] is None and e["val_loss"] != e["val_loss"] for e in epochs)  # no validation: NaN
+        ratio = epochs[-1]["loss"] / steps[0]["loss"]
+        assert summary["loss_ratio"] == pytest.approx(ratio)
+        assert "no_validation" in {w["warning"] for w in summary["warnings"]}
+        verdicts[lr] = (summary["verdict"], ratio)
+    (big, big_ratio), (small, small_ratio) = verdicts[10.0], verdicts[3e-3]
+    assert big_ratio > 1.1 and big in ("diverged", "exploding", "nan") and big != "stable"
+    assert small_ratio < 0.9 and small != "diverged"
+
+
+def test_a_loop_with_validation_is_measured_against_its_loss_at_initialisation(tmp_path, one_thread):
+    task = _tiny_gpt()
+    opt = torch.optim.AdamW(task["model"].parameters(), lr=3e-3)
+    with Monitor(task["model"], opt, run_dir=tmp_path / "own", loss=task["loss"], val=task["val"], epochs=2) as m:
+        _loop(m, task, epochs=2, steps=4)
+    events, _ = read_jsonl(tmp_path / "own" / "events.jsonl")
+    init = next(e for e in events if e["event"] == "init_eval")
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    epochs, _ = read_jsonl(tmp_path / "own" / "epochs.jsonl")
+    assert init["val_loss"] > 0 and summary["val_loss_init"] == init["val_loss"]
+    assert summary["loss_ratio"] == pytest.approx(epochs[-1]["val_loss"] / init["val_loss"])
+    assert not {"no_validation", "divergence_not_judged"} & {w["warning"] for w in summary["warnings"]}

@@ -107,3 +107,20 @@ def test_a_run_whose_output_stayed_collapsed_while_its_loss_fell_is_inconclusive
     result = rep.write_report(runs / "grid")
     assert "1 inconclusive (undertrained: the output stayed collapsed" in result.sentence
     assert "Decisive" not in result.sentence
+
+
+def test_training_longer_does_not_turn_a_collapse_the_model_learned_out_of_into_a_scream(tmp_path, cli):
+    # the newcomer's 8-epoch cascade smoke run: collapsed in epochs 2-6, recovered, the loss falling throughout
+    cli("run", "preset=smoke", "train.epochs=8", "norm=pre", "seed=1", "--runs", tmp_path)
+    folder = next(tmp_path.rglob("summary.json")).parent
+    s, epochs = read_json(folder / "summary.json"), read_jsonl(folder / "epochs.jsonl")
+    collapsed = [e["epoch"] for e in epochs if e["collapsed"]]
+    assert collapsed and collapsed[-1] < epochs[-1]["epoch"], "expected a collapse that ends before the last epoch"
+    first, last = collapsed[0], collapsed[-1]
+    vals = {e["epoch"]: e["val_loss"] for e in epochs}
+    before = vals.get(first - 1, s["val_loss_init"])
+    through = 1 - (vals[last] / before) ** (1 / (last - first + 1))
+    assert through > 0.05  # detect.scream.learning: the model was learning all through its collapse
+    assert s["verdict"] != "scream" and s["scream_epoch"] is None
+    note = next(w for w in s["warnings"] if w["warning"] == "transient_collapse")
+    assert f"epochs {first}-{last}" in note["message"] and f"{through:.0%} per epoch" in note["message"]

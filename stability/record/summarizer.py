@@ -63,6 +63,9 @@ class Summarizer:
         self.peak: dict[str, Any] | None = None  # largest finite total grad norm: value, step, epoch, batch
         self.n_steps = self.n_clipped = self.n_nonfinite = 0
         self.last_loss = math.nan
+        self.first_loss = (
+            math.nan
+        )  # the first step's loss, before any update: divergence's reference without validation
         self.clamp_seen: set[int] = set()
         self.epochs: list[dict[str, Any]] = []
         self.first_nan: dict[str, Any] | None = None
@@ -75,6 +78,8 @@ class Summarizer:
         self.n_steps += 1
         self.n_clipped += bool(rec.get(rf.CLIPPED))
         self.n_nonfinite += not rec[rf.FINITE]
+        if self.n_steps == 1:
+            self.first_loss = loss
         self.last_loss = loss
         if math.isfinite(g) and (self.peak is None or g > self.peak["value"]):
             self.peak = {"value": g, "step": rec[rf.STEP], "epoch": rec[rf.EPOCH], "batch": rec[rf.BATCH]}
@@ -145,6 +150,7 @@ class Summarizer:
             scream=dc.scream,
             attn_logit_level=dc.attn_logit_max,
             attn_entropy_level=dc.attn_entropy_min,
+            first_train_loss=self.first_loss,
         )
         if diag["verdict"] == "nan" and injected_nan_step is not None:  # say so: this NaN was put there on purpose
             diag["evidence"] += f" (injected: fault.nan_at_step={injected_nan_step})"

@@ -308,11 +308,15 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
     n_bad = sum(r.verdict in UNSTABLE for r in counted)
     crashed = sum(r.verdict == "failed" for r in runs)
 
-    def undertrained(r: Run) -> bool:
-        return any(w.get("warning") == "undertrained" for w in r.summary.get("warnings") or [])
+    def why_inconclusive(r: Run) -> str:
+        """The reason of the run's inconclusive flag: `undertrained`, `never_learned`, or too short."""
+        return next(
+            (f.get("reason") or "" for f in r.summary.get("flags") or [] if f.get("flag") == vd.INCONCLUSIVE), ""
+        )
 
-    n_under = sum(r.verdict in NOT_JUDGED and undertrained(r) for r in judged)
-    n_inc = sum(r.verdict in NOT_JUDGED for r in judged) - n_under
+    reasons = [why_inconclusive(r) for r in judged if r.verdict in NOT_JUDGED]
+    n_under, n_never = reasons.count("undertrained"), reasons.count("never_learned")
+    n_inc = len(reasons) - n_under - n_never
     n_border = sum(
         r.verdict not in NOT_JUDGED and bool(vd.in_doubt(r.verdict, r.summary.get("borderline"))) for r in judged
     )
@@ -326,6 +330,7 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
                 "inconclusive (undertrained: the output stayed collapsed to the end while the validation loss "
                 "still fell, so a scream is not ruled out; train longer)",
             ),
+            (n_never, "inconclusive (never learned: the output was collapsed from initialisation to the end)"),
             (n_border, "borderline (a value within detect.band of its threshold)"),
             (crashed, "crashed (failed)"),
             (others, "without a verdict"),
