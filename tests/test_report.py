@@ -541,3 +541,27 @@ def test_a_loss_that_went_nan_ranks_worst_in_the_median_over_seeds():
     assert (med, lo, hi) == (0.9, 0.5, math.inf) and cov == pytest.approx(0.75)
     # without it, non-finite values are left out (the grad-norm medians, over finite maxima)
     assert median_interval([0.5, math.nan, math.nan])[0] == 0.5
+
+
+@pytest.mark.slow
+def test_a_fault_target_a_run_does_not_read_is_no_factor_value(tmp_path):
+    """Newcomer F7: custom-model runs without a fault hold the cascade's default fault.nan_module
+    (stage2.layer0.mlp, no module of theirs); beside a run that injects into blocks.0.mlp it made
+    them a factor value `stage2.layer0.mlp`. Without fault.nan_at_step the key has no effect, so it
+    is `(default)`; a cascade run that injects at the default module keeps it as its value."""
+    from stability.report import factor_value, factors, load_runs
+
+    tiny = ["model=custom", "model._target_=examples.gpt.build", "+model.max_chars=2500", "+model.context=16"]
+    tiny += ["+model.width=16", "train.epochs=1", "train.batch_size=16"]
+    invoke("run", "--runs", tmp_path, *tiny)
+    invoke("run", "--runs", tmp_path, *tiny, "fault.nan_at_step=2", "fault.nan_module=blocks.0.mlp")
+    invoke("run", "--runs", tmp_path, *SMOKE, "train.epochs=1", "fault.nan_at_step=2")
+    runs = sorted(load_runs(tmp_path), key=lambda r: (r.config["model"]["name"], len(r.overrides or [])))
+    assert [r.flat["fault.nan_module"] for r in runs] == ["stage2.layer0.mlp", "stage2.layer0.mlp", "blocks.0.mlp"]
+    assert [(r.summary["first_nan"] or {}).get("module") for r in runs] == [
+        "stage2.layer0.mlp",
+        None,
+        "blocks.0.mlp",
+    ]
+    assert "fault.nan_module" in factors(runs)
+    assert [factor_value(r, "fault.nan_module") for r in runs] == ["stage2.layer0.mlp", "(default)", "blocks.0.mlp"]

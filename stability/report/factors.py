@@ -68,9 +68,13 @@ def _canonical(v: Any) -> str:
 
 def factor_value(run: Run, key: str) -> str:
     """A run's value of a factor: the value its resolved config holds at that key (for a short
-    name, where the model reads it), else its override, else UNSET; spelled canonically."""
+    name, where the model reads it), else its override, else UNSET; spelled canonically. A key
+    the run did not set that has no effect in it (`Run.inert`) is UNSET too: a custom model's run
+    without a fault holds the cascade's default fault.nan_module, which names no module of it."""
     flat = run.flat
     path = ALIAS_PATHS.get(key, key)
+    if path in run.inert and key not in run.params and path not in run.params:
+        return UNSET
     if path in flat:
         v = flat[path]
         return _canonical(v[-1] if key == "residual" and isinstance(v, list) and v else v)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from stability.config import flatten
+from stability.config import ConfigError, RunConfig, flatten
 from stability.record import format as rf
 from stability.record.folder import RunFolder, find_runs, sweep_overrides
 from stability.record.records import EpochRecord, Event, Status, Summary
@@ -52,6 +52,7 @@ class Run:
     steps_recorded: int = 0
     warnings: list[str] = field(default_factory=list)
     _flat: dict[str, Any] | None = field(default=None, repr=False)
+    _inert: frozenset[str] | None = field(default=None, repr=False)
 
     @property
     def flat(self) -> dict[str, Any]:
@@ -59,6 +60,18 @@ class Run:
         if self._flat is None:
             self._flat = flatten(self.config or {}, keep_empty=True)
         return self._flat
+
+    @property
+    def inert(self) -> frozenset[str]:
+        """Dotted keys of the config that have no effect in it (`RunConfig.inert_keys`:
+        fault.nan_module without fault.nan_at_step); none where the config does not validate
+        (a run recorded by another stab version). Computed once."""
+        if self._inert is None:
+            try:
+                self._inert = frozenset(RunConfig.from_dict(self.config or {}).inert_keys())
+            except (ConfigError, TypeError, ValueError):
+                self._inert = frozenset()
+        return self._inert
 
     @property
     def group(self) -> str:
