@@ -1,16 +1,16 @@
-"""Progress on the terminal, and in logs when there is none.
+"""Progress on the terminal, and in logs when there is none: two `stability.observe.Observer`s.
 
-`RichProgress` follows one run's training (bars over epochs and batches, with ETA); `reporter`
-renders the library's phases (`stability.progress`: encoding latents, calibrating codebooks,
-checking audio, evaluating, drawing plots). On a terminal both are Rich bars with rate and ETA;
-when stdout is not a terminal (a CI log, a pipe) they print one plain line per phase and per
-epoch instead, so a long job is never silent.
-"""
+`RichProgress` follows one run's training (bars over epochs and batches, with ETA; the observer
+`stab run` gives `stability.training.run`); `reporter` renders the library's phases
+(`stability.progress`: encoding latents, calibrating codebooks, checking audio, evaluating,
+drawing plots). On a terminal both are Rich bars with rate and ETA; when stdout is not a terminal
+(a CI log, a pipe) they print one plain line per phase and per epoch instead, so a long job is
+never silent."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -29,7 +29,6 @@ from rich.text import Text
 
 from cli.common import fmt, seconds, styled
 from stability.observe import Observer
-from stability.training import Callbacks
 
 PLAIN_MIN_S = 2.0  # a phase without a total gets its plain line only if it took this long
 
@@ -117,9 +116,10 @@ def reporter(console: Console) -> Observer:
     return TerminalReporter(console) if console.is_terminal else PlainReporter(console)
 
 
-class RichProgress(Callbacks):
-    """One run's training: bars over epochs (with ETA) and batches on a terminal; on every
-    output, a line per epoch with its loss, grad norm, elapsed time and ETA."""
+class RichProgress(Observer):
+    """One run's training, an observer of `stability.training.run`: bars over epochs (with ETA)
+    and batches on a terminal; on every output, a line per epoch with its loss, grad norm,
+    elapsed time and ETA."""
 
     def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
         self.console, self.clock = console, clock
@@ -134,35 +134,36 @@ class RichProgress(Callbacks):
         self.epochs = self.progress.add_task("epochs", total=epochs, info="", unit="epochs")
         self.batches = self.progress.add_task("batches", total=batches, info="", unit="steps")
 
-    def step(self, epoch: int, batch: int, loss: float) -> None:
-        """Advance the batch bar; show the step's loss."""
-        self.progress.update(self.batches, completed=batch + 1, info=f"loss {fmt(loss)}")
+    def step(self, rec: Mapping[str, Any]) -> None:
+        """Advance the batch bar to the step's batch (`StepRecord`: 0-based); show its training loss."""
+        self.progress.update(self.batches, completed=rec["batch"] + 1, info=f"loss {fmt(rec['loss'])}")
 
-    def epoch(self, epoch: int, record: dict[str, Any]) -> None:
-        """Advance the epoch bar and print the epoch's line: loss, val loss, grad norm mean and
-        max, stage RMS (cascade), output collapse, elapsed and ETA."""
+    def epoch(self, erec: Mapping[str, Any]) -> None:
+        """Advance the epoch bar and print the epoch's line (`EpochRecord`): loss, val loss, grad
+        norm mean and max, stage RMS (cascade), output collapse, elapsed and ETA."""
+        epoch = erec["epoch"]
         self.progress.update(
             self.epochs,
             completed=epoch,
-            info=f"grad norm {fmt(record['grad_norm_mean'])}  val {fmt(record['val_loss'])}",
+            info=f"grad norm {fmt(erec['grad_norm_mean'])}  val {fmt(erec['val_loss'])}",
         )
         self.progress.reset(self.batches)
         elapsed = self.clock() - self.t0
         eta = elapsed / epoch * (self.n_epochs - epoch) if epoch else None
-        scream = ("  output collapsed", "magenta") if record["collapsed"] else ""
-        bad = record.get("nonfinite") or 0
+        scream = ("  output collapsed", "magenta") if erec["collapsed"] else ""
+        bad = erec.get("nonfinite") or 0
         skipped = f" ({bad} non-finite step{'s' if bad != 1 else ''} not stepped, not in it)" if bad else ""
-        stages = f"  stage RMS {' / '.join(fmt(v) for v in record['stage_rms'])}" if record.get("stage_rms") else ""
+        stages = f"  stage RMS {' / '.join(fmt(v) for v in erec['stage_rms'])}" if erec.get("stage_rms") else ""
         self.console.print(
             styled(
-                f"epoch {epoch}/{self.n_epochs}: loss {fmt(record['loss'])}{skipped}  val {fmt(record['val_loss'])}  "
-                f"grad norm mean {fmt(record['grad_norm_mean'])} max {fmt(record['grad_norm_max'])}"
+                f"epoch {epoch}/{self.n_epochs}: loss {fmt(erec['loss'])}{skipped}  val {fmt(erec['val_loss'])}  "
+                f"grad norm mean {fmt(erec['grad_norm_mean'])} max {fmt(erec['grad_norm_max'])}"
                 f"{stages}",
                 scream,
                 f"  elapsed {seconds(elapsed)}, ETA {seconds(eta)}",
             )
         )
 
-    def close(self) -> None:
-        """Stop the bars (whatever the run's end)."""
+    def close(self, state: str) -> None:
+        """Stop the bars, whatever the run's end (`state`)."""
         self.progress.stop()

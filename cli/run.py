@@ -175,7 +175,7 @@ def _train_and_print(
     try:
         with graceful_signals(), reporting(reporter(console)):
             summary = training.run(
-                cfg, run_dir, overrides, RichProgress(console) if world is None or world.main else None, world=world
+                cfg, run_dir, overrides, [RichProgress(console)] if world is None or world.main else [], world=world
             )
     except KeyboardInterrupt:
         err_console.print(f"interrupted; status and metrics so far are in {run_dir}")

@@ -9,8 +9,10 @@ Three kinds of watcher take the same calls, each overriding what it needs (every
 - one run's records, in the order the run folder's writer writes them: `start` (the loop's size),
   `step` (a `steplayout.StepRecord`), `event` (`records.Event`), `epoch` (`records.EpochRecord`),
   `summary` (`records.Summary`), `close` (the run's final state). The writer hands every record to
-  its observer, the trackers (`stability.trackers.Recorder`; `Observers` fans calls out to
-  several). The CLI's training bars still take the loop's `training.Callbacks`;
+  its observer, the trackers (`stability.trackers.Recorder`); the training loop
+  (`stability.training.run(..., observers=...)`) hands `start`, each step and epoch record and
+  `close` to its observers, on rank 0 only (the CLI's training bars, `cli.progress.RichProgress`).
+  `Observers` fans calls out to several;
 - a sweep (`stability.sweep_engine`): `notice` (one line about the sweep: a damaged job found, a
   configuration trained once) and `jobs` (every job's progress, read from its folder twice a
   second while the jobs run: the CLI's live view).

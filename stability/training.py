@@ -24,6 +24,7 @@ from stability import detectors, distributed, forensics, snapshots
 from stability.config import RunConfig
 from stability.devices import resolve_device
 from stability.forensics import NanInjector
+from stability.observe import Observer, Observers
 from stability.preflight import preflight
 from stability.record import format as rf
 from stability.record.records import Summary
@@ -34,26 +35,6 @@ from stability.storage import read_jsonl
 from stability.workloads import build
 
 
-class Callbacks:
-    """Progress hooks for a front end; the base does nothing."""
-
-    def start(self, epochs: int, batches: int) -> None:
-        """The loop starts: `epochs` epochs of `batches` optimizer steps each."""
-        ...
-
-    def step(self, epoch: int, batch: int, loss: float) -> None:
-        """One optimizer step done: its epoch (1-based), batch (0-based) and the batch's training loss (the workload's loss, `StepRecord.loss`)."""
-        ...
-
-    def epoch(self, epoch: int, record: dict[str, Any]) -> None:
-        """Epoch `epoch` ended; `record` is its epochs.jsonl record (`records.EpochRecord`)."""
-        ...
-
-    def close(self) -> None:
-        """The run ended (whatever its state); nothing more comes."""
-        ...
-
-
 class InjectedCrash(RuntimeError):
     """Raised by `fault.crash_at_step`: a job that crashes on purpose."""
 
@@ -62,7 +43,7 @@ def run(
     cfg: RunConfig,
     run_dir: Path,
     overrides: Sequence[str] = (),
-    callbacks: Callbacks | None = None,
+    observers: Sequence[Observer] = (),
     extra_status: dict[str, Any] | None = None,
     world: distributed.World | None = None,
 ) -> Mapping[str, Any]:
@@ -78,6 +59,12 @@ def run(
     writes it; the other ranks compute the same records (the same weights, the same
     all-reduced measurements) with a writer that writes nothing, so every rank returns the same
     summary and reaches the same decisions (skip, stop) without a broadcast.
+
+    `observers` (`stability.observe.Observer`; `stab run`'s progress bars) follow the loop on
+    rank 0 only: `start(epochs, batches)`, each step's record (`steplayout.StepRecord`) and each
+    epoch's (`records.EpochRecord`) once the writer has it, and `close(state)` however the run
+    ends (completed, failed, interrupted). A rewind's replayed records (`train.rewind_from`) go to
+    the writer and its trackers only.
     """
     world = world or distributed.World()
     preflight(cfg)
@@ -86,17 +73,18 @@ def run(
         from stability.resources import available_cpus
 
         cfg = cfg.resolve(threads=distributed.threads(world, available_cpus()))
-    cb = (callbacks or Callbacks()) if world.main else Callbacks()
+    obs = Observers(observers if world.main else ())
+    session = RunSession(cfg, run_dir, overrides, status=extra_status, world=world)
     try:
-        with RunSession(cfg, run_dir, overrides, status=extra_status, world=world) as session:
-            summary = _train(cfg, session, cb, world)
+        with session:
+            summary = _train(cfg, session, obs, world)
             session.complete(summary)
     finally:
-        cb.close()
+        obs.close(session.state if session.state != "new" else "failed")
     return summary
 
 
-def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distributed.World | None = None) -> Summary:
+def _train(cfg: RunConfig, session: RunSession, obs: Observer, world: distributed.World | None = None) -> Summary:
     """The loop: batch -> step (`Stepper`, through a `Window` of train.sync_every steps) -> record
     (`RunWriter`) per step; evaluate per epoch; the summary from the writer's detectors at the end.
     In a distributed run each rank steps on its shard of the global batch in DDP."""
@@ -119,7 +107,7 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
     window = Window(stepper, tc.sync_every, lambda s: setattr(injector, "current", s) if injector else None)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = max(1, work.n_train // tc.batch_size)  # drop the ragged last batch
-    cb.start(tc.epochs, n_batches)
+    obs.start(tc.epochs, n_batches)
     first_nan: dict[str, Any] | None = None
     epoch_norms: list[float] = []  # total grad norm per epoch, for train.stop_early
     stopped = False
@@ -217,14 +205,14 @@ def _train(cfg: RunConfig, session: RunSession, cb: Callbacks, world: distribute
                         finite=finite,
                     )
                     writer.step(rec)
-                    cb.step(ctx.epoch, ctx.batch_index, rec.loss)
+                    obs.step(rec)
                     if stopped:
                         step = ctx.step + 1
                         break
                 if stopped:
                     break
             erec = session.end_epoch(work, epoch)
-            cb.epoch(epoch, erec)
+            obs.epoch(erec)
             epoch_norms.append(erec["grad_norm_mean"])
             if stopped:
                 break

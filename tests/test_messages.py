@@ -62,7 +62,7 @@ def test_progress_and_tables_keep_brackets():
     p.start(1, 2)
     p.progress.update(p.batches, description=NAME, info=NAME)
     con.print(p.progress.make_tasks_table(p.progress.tasks))  # what the live display draws
-    p.close()
+    p.close("completed")
     import pandas as pd
 
     from cli.report import frame_table

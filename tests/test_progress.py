@@ -15,9 +15,10 @@ from rich.console import Console
 
 from cli.progress import PlainReporter, TerminalReporter
 from cli.sweepview import LiveView
+from stability.observe import Observer
 from stability.progress import phase, reporting
 from stability.sweeps import job_progress, sweep_progress
-from tests.conftest import SMOKE, only_run
+from tests.conftest import SMOKE, only_run, read_jsonl
 
 
 class Clock:
@@ -26,6 +27,50 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+class Watch(Observer):
+    """An observer of `training.run` that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, epochs: int, batches: int) -> None:
+        self.calls.append(("start", epochs, batches))
+
+    def step(self, rec) -> None:
+        self.calls.append(("step", rec["step"], rec["epoch"], rec["batch"], rec["loss"]))
+
+    def epoch(self, erec) -> None:
+        self.calls.append(("epoch", erec["epoch"], erec["loss"], erec["val_loss"]))
+
+    def close(self, state: str) -> None:
+        self.calls.append(("close", state))
+
+
+def test_a_runs_observers_get_its_start_each_written_step_and_epoch_and_its_end(tmp_path, one_thread):
+    from cli.config import compose_run
+    from stability import training
+
+    overrides = [*SMOKE, "train.epochs=2"]
+    watch = Watch()
+    training.run(compose_run(overrides), tmp_path / "run", overrides, observers=[watch])
+    steps = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    epochs = read_jsonl(tmp_path / "run" / "epochs.jsonl")
+    per_epoch = len(steps) // 2
+    assert watch.calls[0] == ("start", 2, per_epoch) and watch.calls[-1] == ("close", "completed")
+    seen = watch.calls[1:-1]
+    assert [c for c in seen if c[0] == "step"] == [
+        ("step", r["step"], r["epoch"], r["batch"], r["loss"]) for r in steps
+    ]
+    assert [c for c in seen if c[0] == "epoch"] == [("epoch", e["epoch"], e["loss"], e["val_loss"]) for e in epochs]
+    assert seen.index(("epoch", 1, epochs[0]["loss"], epochs[0]["val_loss"])) == per_epoch  # after its steps
+
+    crash = Watch()  # a crash still ends the observers, with the run's state
+    with pytest.raises(training.InjectedCrash):
+        training.run(compose_run([*overrides, "fault.crash_at_step=3"]), tmp_path / "crash", observers=[crash])
+    assert [c[0] for c in crash.calls] == ["start", "step", "step", "step", "close"]
+    assert crash.calls[-1] == ("close", "failed")
 
 
 @pytest.mark.slow
