@@ -298,7 +298,8 @@ def try_fixes(
     write doctor.json and doctor.md there and print the comparison. Exit 1 if a fix crashed."""
     import pandas as pd
 
-    from cli.sweep import launch_jobs, report_crashes
+    from cli.sweepview import report_crashes, run_jobs
+    from stability.sweep_engine import Sweep
 
     snap = rewind_snapshot(dx)
     tries, combos = [], []
@@ -328,7 +329,7 @@ def try_fixes(
             "every fix trains from step 0",
             highlight=False,
         )
-    done = launch_jobs(combos, runs, name, launcher, jobs, [], base)
+    done = run_jobs(Sweep(runs, name, launcher, combos, jobs, base))
     report_crashes(done)
     rows = []
     for fix, r in zip(tries, done.records):

@@ -55,8 +55,9 @@ def margin(
     ] = None,
 ) -> None:
     """Find each configuration's largest stable learning rate (bracketing, then bisection on a log scale)."""
-    from cli.sweep import launch_jobs, report_crashes
+    from cli.sweepview import report_crashes, run_jobs
     from stability import margin as mg  # pandas: loaded once the command runs, not by `stab --help`
+    from stability.sweep_engine import Sweep
 
     overrides = list(overrides or [])
     hydra_args = [o for o in overrides if o.startswith(("hydra.", "hydra/", "+hydra."))]
@@ -105,7 +106,7 @@ def margin(
             for c, lr in batch
             for x in seeds
         ]
-        done = launch_jobs(jobs_, runs, name, launcher, jobs, hydra_args, overrides)
+        done = run_jobs(Sweep(runs, name, launcher, jobs_, jobs, overrides), hydra_args)
         report_crashes(done)  # a probe that crashed says nothing about stability: stop here (exit 1)
         concurrency[0] = max(concurrency[0], int(_concurrency_of(done)))
         out = []

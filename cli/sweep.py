@@ -15,7 +15,6 @@ twice. SIGINT/SIGTERM stop every job of a local sweep and mark them `interrupted
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,9 +25,9 @@ from cli import launch
 from cli.common import console, err_console, fmt, seconds, user_errors, verdict_text
 from cli.config import UserError, config_dirs, shell_command
 from cli.sweepview import report_crashes, run_jobs
-from stability.sweep_engine import Launched, Sweep
+from stability.sweep_engine import Sweep
 
-__all__ = ["launch_jobs", "report_crashes", "summary_table", "sweep"]
+__all__ = ["summary_table", "sweep"]
 
 
 def sweep(
@@ -71,7 +70,7 @@ def sweep(
         task_args = launch.with_declared_grid(task_args, dirs)
         combos = launch.expand(task_args)
     t0 = time.perf_counter()
-    done = launch_jobs(combos, runs, name, launcher, jobs, hydra_args, overrides, task_args, dirs)
+    done = run_jobs(Sweep(runs, name, launcher, combos, jobs, overrides), hydra_args, grid=task_args, dirs=dirs)
     wall = time.perf_counter() - t0
     console.print(summary_table(done.records, done.skipped, same=len(done.duplicates)))
     console.print(
@@ -83,26 +82,6 @@ def sweep(
     )
     _answer(done.sweep_dir)
     report_crashes(done)
-
-
-def launch_jobs(
-    combos: list[list[str]],
-    runs: Path,
-    name: str,
-    launcher: str,
-    jobs: int | None,
-    hydra_args: list[str],
-    overrides: list[str],
-    task_args: list[str] | None = None,
-    dirs: Sequence[Path] = (),
-) -> Launched:
-    """Run `combos` (one override list per job) into RUNS/NAME through the sweep engine with
-    Hydra's launcher `launcher` and the live view (`cli.sweepview.run_jobs`); returns what they left.
-
-    `task_args`: comma lists Hydra's sweeper expands into `combos` (`stab sweep`); None runs
-    `combos` as given (`stab margin`'s probes). `dirs`: the `--config-dir` folders. Bad input
-    exits 2 before any job starts, Ctrl-C 130; a job's crash is left to `report_crashes`."""
-    return run_jobs(Sweep(runs, name, launcher, combos, jobs, overrides), hydra_args, grid=task_args, dirs=dirs)
 
 
 def _answer(sweep_dir: Path) -> None:
