@@ -155,6 +155,8 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
             if dx.refused
             else "no rule matches these records"
         )
+        if dx.verdict == vd.INCONCLUSIVE:
+            why += "; the run is inconclusive: stab cannot tell yet whether it fails (train longer to judge it)"
         console.print(f"no candidate fix: {why}", highlight=False)
         print_refused(dx)
         return
@@ -171,6 +173,9 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
     title = (
         "candidate fixes, best first"
         if vd.is_unstable(dx.verdict)
+        else "the run is inconclusive: stab cannot tell yet whether it fails (train longer to judge it); these "
+        "answer its warnings"
+        if dx.verdict == vd.INCONCLUSIVE
         else f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
     )
     console.print(frame_table(pd.DataFrame(rows), title=title))

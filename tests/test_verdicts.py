@@ -55,6 +55,13 @@ def test_a_one_epoch_run_is_inconclusive_and_the_report_counts_it_apart(runs):
     assert "1 inconclusive (too short to judge) not counted" in result.sentence
 
 
+def test_the_doctor_says_an_inconclusive_run_cannot_be_judged_yet_not_that_nothing_is_wrong(runs, cli):
+    short = next((runs / "short").rglob("summary.json")).parent
+    assert read_json(short / "summary.json")["verdict"] == "inconclusive"
+    out = " ".join(cli("doctor", short).output.split())
+    assert "stab cannot tell yet whether it fails (train longer to judge it)" in out and "nothing to fix" not in out
+
+
 def test_one_run_per_value_is_never_decisive_and_says_how_many_seeds_it_needs(runs):
     result = rep.write_report(runs / "grid")
     verdicts = {r.verdict for r in result.runs}
