@@ -411,7 +411,8 @@ def diagnose(
     `transient_collapse` warning), not an undertrained run); inconclusive (nothing unstable found
     in fewer evaluated epochs than the detectors need; an output collapsed to the end while the
     validation loss still falls below its start: undertrained or a scream cannot be told apart;
-    an output collapsed from initialisation to the end: `never_learned`); stable.
+    an output collapsed from initialisation to the end with the loss within `band` of its start:
+    `never_learned`); stable.
 
     Returns {"verdict", "evidence", "flags": [{"flag", "epoch"|"step", "evidence"}],
     "warnings": [{"warning", "message", ...}], "borderline": [{"what", "value", "threshold",
@@ -614,9 +615,11 @@ def diagnose(
                     }
                 )
             continue
-        if a == first_eval and b == last_eval and init_collapsed and not (ratio > 1.0):
-            # Collapsed before the first step and never out of it: nothing went from working to
-            # collapsed, so not a scream; the model has not learned enough to tell
+        if a == first_eval and b == last_eval and init_collapsed and math.isfinite(ratio) and lo_b <= ratio <= 1.0:
+            # Collapsed before the first step and never out of it, the loss within `band` of its start:
+            # nothing went from working to collapsed and nothing was learned, so a scream cannot be told.
+            # A model whose loss fell further and then stalled with its output still collapsed (a char LM
+            # stuck at its unigram loss, emitting one character) is a scream.
             why = (
                 f"output was collapsed at initialisation and stayed collapsed to the end; validation loss "
                 f"{init_val:.4g} at initialisation, {last:.4g} at the end: the model never left its initial "

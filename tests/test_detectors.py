@@ -334,6 +334,10 @@ def test_an_output_collapsed_from_initialisation_that_never_left_it_is_inconclus
     assert d["verdict"] == "inconclusive" and d["scream_epoch"] is None
     assert next(f for f in d["flags"] if f["flag"] == "inconclusive")["reason"] == "never_learned"
     assert "collapsed at initialisation" in d["evidence"] and "1.462" in d["evidence"]
+    # collapsed at init and to the end, but the loss fell 28% and stalled (a char LM stuck at its unigram loss,
+    # emitting one character): it learned, then stopped with its output collapsed, a scream
+    d = _collapse_run([3.3, 3.2, 3.2], [True, True, True], init_val=4.45, init_collapsed=True)
+    assert d["verdict"] == "scream" and d["scream_epoch"] == 1
     # collapsed at init but not in the first epochs, collapsing again later with a flat loss: a scream
     d = _collapse_run([1.2, 1.1, 1.1, 1.1], [False, False, True, True], init_val=1.462, init_collapsed=True)
     assert d["verdict"] == "scream" and d["scream_epoch"] == 3
