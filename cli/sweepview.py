@@ -8,6 +8,7 @@ one line and an exit status.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from cli.common import (
 )
 from cli.config import UserError
 from cli.job import HydraLauncher
+from cli.launch import as_hydra_reads
 from stability import sweep_engine as se
 from stability.observe import Observer
 from stability.slurm import SbatchRefused
@@ -48,10 +50,15 @@ def run_jobs(
 ) -> se.Launched:
     """Launch `sweep`'s jobs through Hydra with the live view; returns what they left.
 
-    `grid`: comma lists Hydra's sweeper expands (`stab sweep`); None runs `sweep.combos` as given.
+    `grid`: comma lists Hydra's sweeper expands (`stab sweep`); None runs `sweep.combos`, each
+    spelt as Hydra's sweeper spells a job (`train.stop_early=true` -> `train.stop_early=True`,
+    `cli.launch.as_hydra_reads`), so a job `stab margin` or `stab doctor --try` names is the same
+    folder as the same job of a `stab sweep` and is found completed, not trained twice.
     `dirs`: the `--config-dir` folders (`cli.config.config_dirs`).
     Bad input exits 2 before any job starts, Ctrl-C 130 (resume by running it again), a refused
     or failed launch 2 or 1; a job's crash is not an exit here (`report_crashes`)."""
+    if grid is None:
+        sweep = dataclasses.replace(sweep, combos=[as_hydra_reads(c) for c in sweep.combos])
     view = LiveView()
     try:
         with user_errors(), write_errors():

@@ -166,7 +166,8 @@ def test_stab_margin_on_the_smoke_preset_probes_real_runs_and_resumes_without_tr
         for p in c["probes"]:  # each probe is a run folder whose own summary holds the verdict reported
             folder = tmp_path / "m" / p["folder"]
             assert read_json(folder / "summary.json")["verdict"] == p["verdict"]
-            assert f"train.lr={p['lr']:g}" in p["folder"] and "train.stop_early=true" in p["folder"]
+            # spelt as `stab sweep` spells the same job (Hydra's sweeper: True), so a sweep finds it
+            assert f"train.lr={p['lr']:g}" in p["folder"] and "train.stop_early=True" in p["folder"]
         stable = [p["lr"] for p in c["probes"] if p["stable"]]
         unstable = [p["lr"] for p in c["probes"] if not p["stable"]]
         if c["status"] == "non_monotone":  # the smoke model can fail at a low lr and pass at a higher one:
@@ -224,7 +225,9 @@ def test_margin_agrees_with_a_fixed_log_grid_of_learning_rates_on_the_smoke_pres
     cli("sweep", *preset, "norm=pre", f"train.lr={lrs}", "train.stop_early=true", "--runs", tmp_path, "--name", "m")
     grid = {}
     for s in (tmp_path / "m").glob("*/summary.json"):
-        grid[float(re.search(r"train\.lr=([^,]+)", s.parent.name)[1])] = read_json(s)["verdict"]
+        lr = float(re.search(r"train\.lr=([^,]+)", s.parent.name)[1])
+        assert lr not in grid, f"lr {lr:g} trained twice (margin's probe and the sweep's job): {s.parent.name}"
+        grid[lr] = read_json(s)["verdict"]
     assert set(GRID) <= set(grid)
     for p in c["probes"]:  # margin's probes are the grid's runs at those points
         assert grid[p["lr"]] == p["verdict"], (p, grid)

@@ -4,6 +4,7 @@ against each run's own summary.json, and on the PNGs being real images."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -565,3 +566,27 @@ def test_a_fault_target_a_run_does_not_read_is_no_factor_value(tmp_path):
     ]
     assert "fault.nan_module" in factors(runs)
     assert [factor_value(r, "fault.nan_module") for r in runs] == ["stage2.layer0.mlp", "(default)", "blocks.0.mlp"]
+
+
+def test_one_configuration_and_seed_trained_twice_counts_once(tmp_path):
+    """Two `stab run`s of one configuration and seed into one folder are one experiment, not two
+    replicates: the statistics count it once (the repeat named in the sentence), the runs table
+    still lists every folder. Counting both printed 3/3 unstable over "3 runs" of 2 seeds."""
+    for _ in range(2):
+        invoke("run", "--runs", tmp_path, *SMOKE, "fault.nan_at_step=6")
+    invoke("run", "--runs", tmp_path, *SMOKE, "fault.nan_at_step=6", "seed=1")
+    folders = run_dirs(tmp_path)
+    assert len(folders) == 3 and [read_json(d / "summary.json")["verdict"] for d in folders] == ["nan"] * 3
+    result = invoke("report", tmp_path)
+    assert len(table_with(result.output, "first NaN")) == 3  # every folder is listed
+    md = (tmp_path / "report.md").read_text()
+    sentence = next(line for line in md.splitlines() if line.startswith("**"))
+    assert "All 2 judged runs are unstable" in sentence and "2/2 unstable" in sentence, sentence
+    repeat = min(folders, key=lambda d: read_json(d / "status.json")["finished"])  # the earlier of seed 0's two
+    assert f"1 run(s) repeat the configuration and seed of another run ({repeat.relative_to(tmp_path)})" in sentence
+    (row,) = list(csv.DictReader((tmp_path / "configs.csv").open()))
+    assert (row["runs"], row["unstable"]) == ("2", "2/2")
+    by_seed = {
+        r["value"]: r["runs"] for r in csv.DictReader((tmp_path / "factors.csv").open()) if r["factor"] == "seed"
+    }
+    assert by_seed == {"0": "1", "1": "1"}

@@ -33,6 +33,8 @@ from stability.report.factors import (
     factor_value,
     factors,
     labels,
+    repeats_text,
+    replicates,
     sort_runs,
 )
 from stability.report.html import html_report
@@ -200,15 +202,19 @@ def write_report(root: Path, out: Path | None = None) -> Report:
             f"{root}: no valid run in it ({shown}{', ...' if len(runs) > 3 else ''}); a run folder "
             f"holds status.json with a state, summary.json with a verdict or a stab config.yaml"
         )
+    # the statistics count each configuration-and-seed once; the runs table lists every folder
+    counted, repeats = replicates(runs, keys)
     over = overview(runs, keys)
     table = runs_frame(runs, keys)
-    summary = factor_summary(runs, keys)
+    summary = factor_summary(counted, keys)
     plots = out / PLOTS
     names = labels(runs, keys)
     mapped = [r for r in runs if vd.is_unstable(r.verdict) and r.grad_table is not None and not r.grad_table.empty]
     series: dict[str, StepSeries] = {r.rel: load_steps(r) for r in runs}
     stepped = [r for r in runs if len(series[r.rel])]
-    ans, sentence = answer(runs, keys)
+    ans, sentence = answer(counted, keys)
+    if repeats:
+        sentence += " " + repeats_text(repeats)
     spread = (
         {k: float(g["unstable_share"].max() - g["unstable_share"].min()) for k, g in ans.groupby("factor")}
         if not ans.empty
@@ -216,8 +222,8 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     )
     dep_rows = departure_table(stepped, series)
     departures = departure_frame(dep_rows) if dep_rows else None
-    lr_table = lr_summary(runs, keys)
-    configs = configurations(runs, keys)
+    lr_table = lr_summary(counted, keys)
+    configs = configurations(counted, keys)
     # every file this report will write, named before any is written, so that none is a user's
     used: set[str] = set()
     heat_paths = {r.rel: plots / f"{_unique(_slug(f'heatmap_{r.rel}'), used)}.png" for r in mapped}

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, flatten
+from stability.record.verdicts import is_judged
 from stability.report.loading import Run
 
 UNSET = "(default)"  # a factor a run did not override
@@ -163,6 +164,43 @@ ALPHA = 0.05  # significance level of the tests and 1 - the level of the interva
 def design_factors(keys: Sequence[str]) -> list[str]:
     """The factors of a report that are treatments (every key but the replicate keys: `seed`)."""
     return [k for k in keys if k not in REPLICATE]
+
+
+def replicates(runs: Sequence[Run], keys: Sequence[str]) -> tuple[list[Run], list[Run]]:
+    """The runs that count as replicates, and the repeats left out: of the runs that agree on
+    every factor in `keys` (seed included, so they are one configuration trained with one seed
+    more than once: `stab run` twice into one folder, or a probe and a sweep job spelt apart),
+    only the one that finished last counts. Counting a repeat would be pseudo-replication: the
+    same seed gives the same run, and two copies of one run are not two pieces of evidence.
+    Runs that are not judged (running, failed, interrupted) are kept as they are: the tables
+    leave them out anyway. Both lists keep the order of `runs`."""
+    latest: dict[tuple[str, ...], Run] = {}
+    for r in runs:
+        if not is_judged(r.verdict):
+            continue
+        key = tuple(factor_value(r, k) for k in keys)
+        if key not in latest or _finished(r) >= _finished(latest[key]):
+            latest[key] = r
+    kept = {id(r) for r in latest.values()}
+    return (
+        [r for r in runs if id(r) in kept or not is_judged(r.verdict)],
+        [r for r in runs if is_judged(r.verdict) and id(r) not in kept],
+    )
+
+
+def repeats_text(repeats: Sequence[Run]) -> str:
+    """One sentence naming the runs `replicates` left out."""
+    shown = ", ".join(r.rel for r in repeats[:3]) + (", ..." if len(repeats) > 3 else "")
+    return (
+        f"{len(repeats)} run(s) repeat the configuration and seed of another run ({shown}): "
+        "each configuration and seed is counted once (the run that finished last); use another "
+        "seed (seed=1,2,...) to replicate."
+    )
+
+
+def _finished(run: Run) -> float:
+    t = run.status.get("finished")
+    return float(t) if isinstance(t, (int, float)) else -math.inf
 
 
 def share_interval(k: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
