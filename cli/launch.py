@@ -62,6 +62,7 @@ OmegaConf.register_new_resolver(
 
 
 def check_launcher(name: str) -> None:
+    """UserError (one line, with a did-you-mean) for a launcher stab does not know, or one whose Hydra plugin is not installed (naming its pip package)."""
     if name not in LAUNCHERS:
         raise UserError(
             f"--launcher {name!r} is not allowed: expected one of {', '.join(LAUNCHERS)}"
@@ -254,6 +255,7 @@ class WarmWorkers:
         )(delayed(warm)() for _ in range(jobs))
 
     def wait(self) -> set[int]:
+        """The indices of the workers whose warm-up (importing torch and stab) was started."""
         return set(self._results)
 
     def cancel(self) -> None:

@@ -114,6 +114,7 @@ class OptStateProbe:
 
     @property
     def size(self) -> int:
+        """Values this probe adds to the step vector: one per statistic per module group."""
         return len(OPT_STATS) * len(self.names)
 
     def measure(self) -> dict[str, torch.Tensor]:
@@ -256,6 +257,7 @@ class LMProbe:
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
+        """log Z (mean, max) and the largest attention logit; none for a model with neither an `lm_head` nor stab's attention."""
         if not self.handles:
             return ()
         return (
@@ -271,9 +273,11 @@ class LMProbe:
 
     @property
     def size(self) -> int:
+        """Values this probe adds to the step vector (0: nothing measured)."""
         return len(LM_STATS) if self.handles else 0
 
     def keys(self) -> list[str]:
+        """The step record keys of its values (`lm/log_z`, ...), in vector order."""
         return [lm_key(s) for s in LM_STATS] if self.size else []
 
     def _head_hook(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
@@ -298,6 +302,7 @@ class LMProbe:
         return torch.stack([self.log_z, self.log_z_max, top])
 
     def close(self) -> None:
+        """Remove the forward hooks and stop the attention layers recording their logits."""
         for h in self.handles:
             h.remove()
         for a in self.attn:

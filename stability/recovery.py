@@ -70,9 +70,11 @@ class SpikeGuard:
         return spike
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The spike window (2, W) and its count, as device copies a snapshot keeps."""
         return {"buf": self.buf.clone(), "count": self.count.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the window from `state_dict()` (a rewind), in place on this device."""
         self.buf.copy_(state["buf"])
         self.count.copy_(state["count"])
 
@@ -100,6 +102,7 @@ class LRBackoff:
         return self.scale
 
     def apply(self, opt: torch.optim.Optimizer) -> None:
+        """Give every param group a 0-dim tensor lr: the schedule's float times the multiplier (one step)."""
         if len(self._lr) != len(opt.param_groups):
             self._lr = [torch.zeros((), device=self.scale.device, dtype=torch.float32) for _ in opt.param_groups]
         self._saved = [g["lr"] for g in opt.param_groups]
@@ -108,13 +111,16 @@ class LRBackoff:
             g["lr"] = t
 
     def restore(self, opt: torch.optim.Optimizer) -> None:
+        """Put the schedule's float learning rates back after the step (`apply` saved them)."""
         for g, lr in zip(opt.param_groups, self._saved):
             g["lr"] = lr
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The learning-rate multiplier (0-dim), as a device copy a snapshot keeps."""
         return {"scale": self.scale.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the multiplier from `state_dict()` (a rewind)."""
         self.scale = state["scale"].clone().to(self.scale.device)
 
 
@@ -240,6 +246,7 @@ class Recovery:
 
     @property
     def active(self) -> bool:
+        """True when any policy (skip, backoff, update clip) is on, i.e. it measures something."""
         return bool(self.metrics)
 
     def before(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -269,6 +276,7 @@ class Recovery:
             self.clip.last_clipped = self._zero
 
     def measure(self) -> dict[str, torch.Tensor]:
+        """{metric: 0-dim device tensor} of this step: spike and skipped, lr_scale, update_clipped (the policies on)."""
         out: dict[str, torch.Tensor] = {}
         if self.guard is not None:
             out.update(spike=self.spike, skipped=self.skipped)
@@ -286,6 +294,7 @@ class Recovery:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore the policies' device state from `state_dict()` (a rewind); a policy off or absent in `state` is left."""
         if self.guard is not None and state.get("guard"):
             self.guard.load_state_dict(state["guard"])  # type: ignore[arg-type]
         if self.backoff is not None and state.get("backoff"):

@@ -161,6 +161,7 @@ class Stepper:
         return self.ins.measure(loss)
 
     def __call__(self, batch: Any, loss_scale: float | None = None) -> tuple[np.ndarray, bool]:
+        """One optimizer step with a host read (K = 1): forward, backward, measure, clip, recovery, update. Returns the step vector on the host and whether the loss and every gradient were finite (a non-finite step does not update)."""
         values = self._forward_backward(batch, loss_scale)
         host, finite = self.ins.read(values)
         rec, skip = self.recovery, None
@@ -189,6 +190,7 @@ class Stepper:
             del self.opt.found_inf  # type: ignore[attr-defined]
 
     def on_device(self, batch: Any, loss_scale: float | None = None) -> torch.Tensor:
+        """One optimizer step with no host sync (K > 1): the fused optimizer skips the update through `found_inf` once a step was non-finite (sticky until `thaw`) or a spike is skipped; returns the step vector, still on the device."""
         values = self._forward_backward(batch, loss_scale)
         finite = self.ins.finite_on_device(values)
         self.frozen = torch.maximum(self.frozen, (~finite).float())  # sticky until `thaw`
@@ -258,6 +260,7 @@ class Window:
         self.held: list[Any] = []  # K > 1 with recovery policies: their state before each pending step
 
     def add(self, ctx: StepContext) -> None:
+        """Queue one step: run it on the device now when K > 1 (keeping the recovery state before it), or later in `drain` when K = 1."""
         self.before_step(ctx.step)
         rec = self.stepper.recovery
         if self.k > 1 and rec is not None:
@@ -267,9 +270,11 @@ class Window:
 
     @property
     def full(self) -> bool:
+        """K steps are pending: time to `drain`."""
         return len(self.pending) >= self.k
 
     def drain(self) -> Iterator[tuple[StepContext, np.ndarray, bool]]:
+        """The pending steps as (context, host step vector, finite), in order, with one host read for the window."""
         pending, self.pending = self.pending, []
         held, self.held = self.held, []
         if not pending:

@@ -84,7 +84,9 @@ class StepProbe(Protocol):
     phase: Phase
     metrics: tuple[Metric, ...]
 
-    def measure(self) -> dict[str, torch.Tensor]: ...
+    def measure(self) -> dict[str, torch.Tensor]:
+        """{metric name: device tensor} of this step, shaped as its `Metric`s say."""
+        ...
 
 
 # The step's own measurements, measured by the step itself (`stability.step`, `GradProbe`).
