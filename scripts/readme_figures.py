@@ -421,7 +421,7 @@ def seeds_line(folder: Path) -> str:
 
 
 DETECT = (
-    "stability/detectors.py",
+    "stability/detectors/*.py",
     "stability/**/summarizer.py",
     "stability/record/verdicts.py",
     "stability/lr_sensitivity.py",

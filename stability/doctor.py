@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from stability import detectors
+from stability.detectors.series import detect_spikes
 from stability.record import format as rf
 from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
@@ -449,7 +449,7 @@ def _warmup_spike(rec: RunRecord) -> list[Finding]:
     d = lambda k, v: rec.get(f"detect.{k}", v)  # noqa: E731
     hits = []
     for key in ("loss", "grad/norm"):
-        spikes = detectors.detect_spikes(
+        spikes = detect_spikes(
             rec.series(key),
             int(d("spike_window", 20)),
             float(d("spike_z", 6.0)),

@@ -5,7 +5,7 @@ NaN, and stays quiet on runs that are fine. This module reads finished run folde
 with `detect.opt_state=true`) and measures, per signal:
 
 - the *alarm*: the first step where the signal spikes by the run's own spike rule
-  (`detectors.detect_spikes` with `detect.spike_window`, `spike_z`, `spike_warmup`,
+  (`detectors.series.detect_spikes` with `detect.spike_window`, `spike_z`, `spike_warmup`,
   `spike_ratio`: above the running median of the previous window by `spike_z` robust standard
   deviations and at least `spike_ratio` x that median), the rule `spike_lead_steps` applies to
   the total grad norm, over the steps after the learning-rate warmup (`train.warmup`): the
@@ -16,7 +16,7 @@ with `detect.opt_state=true`) and measures, per signal:
   of any of its groups; `alarm_group` says which.
 - the *event*: the run's first non-finite step, else its first loss spike (the run's own
   `loss_spike` event: the same spike rule over the loss), else, for a run whose verdict is
-  `exploding`, the step of its largest grad norm (`detectors.spike_lead`'s event). A run with
+  `exploding`, the step of its largest grad norm (`detectors.series.spike_lead`'s event). A run with
   none of these is *quiet*, whatever its verdict (a collapsed output is no spike).
 - on a run with an event, the *lead*: event step - alarm step when the alarm is at or before the
   event, else a miss; on a run without one, a *false alarm* when the signal alarmed at all.
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from stability import detectors
+from stability.detectors.series import detect_spikes
 from stability.doctor import RunRecord
 from stability.record import verdicts as vd
 
@@ -108,7 +108,7 @@ def _detect(rec: RunRecord) -> tuple[int, float, int, float]:
 
 def first_alarm(values: Sequence[float] | np.ndarray, rule: tuple[int, float, int, float]) -> int | None:
     """Index of the first spike of a series by the spike rule (window, z, warmup, ratio); None if none."""
-    hits = detectors.detect_spikes(values, *rule)
+    hits = detect_spikes(values, *rule)
     return hits[0] if hits else None
 
 
@@ -116,7 +116,7 @@ def event(rec: RunRecord) -> tuple[int | None, str]:
     """(index of the event in the run's step records, its kind: "nan" | "loss_spike" |
     "explosion"), or (None, "none"): the first non-finite step, else the run's first loss spike
     (its own detector's `loss_spike` event, the same spike rule over the loss), else, for a run
-    whose verdict is `exploding`, the step of its largest finite grad norm (`detectors.spike_lead`'s
+    whose verdict is `exploding`, the step of its largest finite grad norm (`detectors.series.spike_lead`'s
     event)."""
     loss = rec.series("loss")
     total = rec.series("grad/norm")

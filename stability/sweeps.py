@@ -259,7 +259,7 @@ def job_progress(run_dir: Path, now: float) -> JobProgress:
         verdict = vd.NAN if "first_nan" in events else None
         if verdict is None and epochs and epochs[-1].collapsed:
             # a fact, not a verdict: a scream must last to the end, and a collapse while the loss
-            # still falls is undertraining (stability.detectors.scream_onset); many end stable
+            # still falls is undertraining (stability.detectors.collapse.scream_onset); many end stable
             note = f"output collapsed at epoch {epochs[-1].get('epoch', done)}"
     return {
         "name": run_dir.name,

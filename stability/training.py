@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from stability import detectors, distributed, forensics, snapshots
+from stability import distributed, forensics, snapshots
 from stability.config import RunConfig
+from stability.detectors.series import certainly_unstable
 from stability.devices import resolve_device
 from stability.forensics import NanInjector
 from stability.observe import Observer, Observers
@@ -216,7 +217,7 @@ def _train(cfg: RunConfig, session: RunSession, obs: Observer, world: distribute
             epoch_norms.append(erec["grad_norm_mean"])
             if stopped:
                 break
-            why = tc.stop_early and detectors.certainly_unstable(
+            why = tc.stop_early and certainly_unstable(
                 epoch_norms, first_nan, cfg.detect.explode_factor, cfg.detect.explode_window
             )
             if why:  # train.stop_early: the rest of the run cannot make it stable

@@ -12,7 +12,7 @@ import yaml
 
 from cli.config import UserError, compose_run
 from stability.config import TextDataConfig
-from stability.detectors import loop_share, scream_check
+from stability.detectors.collapse import loop_share, scream_check
 from stability.lr_sensitivity import initial_loss, lr_sensitivity, varies_lr
 from stability.record.format import read_grad_table
 from stability.workloads.charlm import text

@@ -7,34 +7,37 @@ import math
 import pytest
 import torch
 
-from stability import detectors
 from stability.config import RunConfig
+from stability.detectors import verdict
+from stability.detectors.collapse import loop_share, scream_check, scream_onset, scream_score
+from stability.detectors.series import detect_spikes, growth_per_epoch
+from stability.record import verdicts as vd
 from stability.workloads.cascade.workload import CascadeWorkload
 
 
 def test_scream_score_of_a_constant_and_a_varied_sequence():
-    flat = detectors.scream_score([7] * 20)
+    flat = scream_score([7] * 20)
     assert flat["dominant"] == 1.0 and flat["longest_run"] == 1.0 and flat["seq_rep_4"] == pytest.approx(16 / 17)
-    varied = detectors.scream_score(list(range(20)))
+    varied = scream_score(list(range(20)))
     assert varied["dominant"] == 0.05 and varied["distinct_4"] == 1.0 and varied["seq_rep_4"] == 0.0
-    loop = detectors.scream_score([1, 2] * 10)
+    loop = scream_score([1, 2] * 10)
     assert loop["dominant"] == 0.5 and loop["longest_run"] == 0.05 and loop["distinct_4"] == pytest.approx(2 / 17)
 
 
 def test_scream_needs_a_degenerate_output_and_a_healthy_target():
-    flat, varied = detectors.scream_score([3] * 30), detectors.scream_score(list(range(30)))
-    assert detectors.scream_check(flat, varied, 0.6, 0.5)
-    assert not detectors.scream_check(varied, varied, 0.6, 0.5)
-    assert not detectors.scream_check(flat, flat, 0.6, 0.5)  # the target itself is flat
+    flat, varied = scream_score([3] * 30), scream_score(list(range(30)))
+    assert scream_check(flat, varied, 0.6, 0.5)
+    assert not scream_check(varied, varied, 0.6, 0.5)
+    assert not scream_check(flat, flat, 0.6, 0.5)  # the target itself is flat
 
 
 def test_scream_onset_is_the_start_of_the_final_collapsed_stretch():
-    assert detectors.scream_onset([True, False, True, True], [1, 2, 3, 4]) == 3
-    assert detectors.scream_onset([True, True, False], [1, 2, 3]) is None  # learned its way out
-    assert detectors.scream_onset([False, True, None], [1, 2, 3]) == 2
+    assert scream_onset([True, False, True, True], [1, 2, 3, 4]) == 3
+    assert scream_onset([True, True, False], [1, 2, 3]) is None  # learned its way out
+    assert scream_onset([False, True, None], [1, 2, 3]) == 2
     # a scream must last: one collapsed epoch at the end is not enough with min_epochs=2
-    assert detectors.scream_onset([False, False, True], [1, 2, 3], min_epochs=2) is None
-    assert detectors.scream_onset([False, True, True], [1, 2, 3], min_epochs=2) == 2
+    assert scream_onset([False, False, True], [1, 2, 3], min_epochs=2) is None
+    assert scream_onset([False, True, True], [1, 2, 3], min_epochs=2) == 2
 
 
 def _epochs(norms, collapsed=None, val=None, clip_rate=0.1, clamp=(0.0,), logits=None):
@@ -56,7 +59,7 @@ def _epochs(norms, collapsed=None, val=None, clip_rate=0.1, clamp=(0.0,), logits
 
 def diagnose(epochs, first_nan=None, clip=10.0, init_val=12.0):
     """diagnose with the validation loss at initialisation above every loss `_epochs` makes by default."""
-    return detectors.diagnose(
+    return verdict.diagnose(
         epochs,
         first_nan,
         clip,
@@ -69,7 +72,7 @@ def diagnose(epochs, first_nan=None, clip=10.0, init_val=12.0):
 
 
 def test_growth_and_verdicts():
-    assert detectors.growth_per_epoch([2.45, 6.66, 16.71]) == pytest.approx((16.71 / 2.45) ** 0.5)
+    assert growth_per_epoch([2.45, 6.66, 16.71]) == pytest.approx((16.71 / 2.45) ** 0.5)
     assert diagnose(_epochs([2.45, 6.66, 16.71]))["verdict"] == "exploding"
     assert diagnose(_epochs([5.0, 4.0, 3.0]))["verdict"] == "stable"
     nan = {"epoch": 3, "batch": 205, "step": 600, "module": "stage2.layer0.mlp", "kind": "loss"}
@@ -129,9 +132,9 @@ def test_warnings_a_stable_run_still_shows():
 
 def test_spikes_on_hand_made_sequences():
     base = [1.0, 1.1, 0.9, 1.05, 0.95] * 4
-    assert detectors.detect_spikes(base + [30.0] + base, window=10, z=6, warmup=5) == [20]
-    assert detectors.detect_spikes(base, window=10, z=6, warmup=5) == []
-    assert detectors.detect_spikes(base + [math.nan], window=10, z=6, warmup=5) == []
+    assert detect_spikes(base + [30.0] + base, window=10, z=6, warmup=5) == [20]
+    assert detect_spikes(base, window=10, z=6, warmup=5) == []
+    assert detect_spikes(base + [math.nan], window=10, z=6, warmup=5) == []
 
 
 def test_a_model_forced_to_collapse_is_flagged_and_a_copying_model_is_not(tmp_path):
@@ -163,7 +166,7 @@ def test_a_model_forced_to_collapse_is_flagged_and_a_copying_model_is_not(tmp_pa
 
 
 def _diag(epochs, first_nan=None, init=None, clip=10.0, scream=None, peak=None):
-    return detectors.diagnose(epochs, first_nan, clip, 2.0, 3, 2, 0.05, peak=peak, init=init, band=0.1, scream=scream)
+    return verdict.diagnose(epochs, first_nan, clip, 2.0, 3, 2, 0.05, peak=peak, init=init, band=0.1, scream=scream)
 
 
 def test_a_run_that_ends_above_its_initial_loss_diverged_whatever_its_gradients_did():
@@ -171,12 +174,8 @@ def test_a_run_that_ends_above_its_initial_loss_diverged_whatever_its_gradients_
     up = _diag(_epochs([21.4, 30.2, 30.3], val=[28.5, 21.6, 26.6]), init={"val_loss": 4.46})
     assert up["verdict"] == "diverged" and up["loss_ratio"] == pytest.approx(26.6 / 4.46)
     assert "above its validation loss at initialisation 4.46" in up["evidence"]
-    assert (
-        detectors.SEVERITY.index("exploding")
-        < detectors.SEVERITY.index("diverged")
-        < detectors.SEVERITY.index("scream")
-    )
-    assert "diverged" in detectors.UNSTABLE
+    assert vd.SEVERITY.index("exploding") < vd.SEVERITY.index("diverged") < vd.SEVERITY.index("scream")
+    assert "diverged" in vd.UNSTABLE
     # learning: below its start, stable; without an init evaluation the no-learning baseline is the reference
     assert _diag(_epochs([2.0, 1.9, 1.8], val=[3.0, 2.8, 2.6]), init={"val_loss": 4.46})["verdict"] == "stable"
     base = _diag(_epochs([2.0, 1.9, 1.8], val=[3.0, 3.2, 3.3]), init={"baseline_loss": 3.1, "baseline": "unigram"})
@@ -245,17 +244,17 @@ def test_repetition_of_any_short_period_is_degenerate_against_the_target():
 
     sc = ScreamConfig()
     text = [ord(c) for c in "the the the the ale ale ale ale the the the the ale ale ale ale "]
-    out = detectors.scream_score(text, 4)
-    out["loop"] = detectors.loop_share(text, sc.loop_period)
+    out = scream_score(text, 4)
+    out["loop"] = loop_share(text, sc.loop_period)
     prose = [ord(c) for c in "call me ishmael. some years ago, never mind how long precisely, having little money"]
-    target = detectors.scream_score(prose, 4)
-    target["loop"] = detectors.loop_share(prose, sc.loop_period)
+    target = scream_score(prose, 4)
+    target["loop"] = loop_share(prose, sc.loop_period)
     assert out["dominant"] < sc.dominant and out["loop"] < sc.loop  # the old checks pass it
     assert out["seq_rep_4"] > 0.7 and target["seq_rep_4"] < 0.3
-    assert detectors.scream_check(out, target, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
-    assert not detectors.scream_check(target, target, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
+    assert scream_check(out, target, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
+    assert not scream_check(target, target, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
     # a target that repeats like that itself does not make its repetition a collapse
-    assert not detectors.scream_check(out, out, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
+    assert not scream_check(out, out, sc.dominant, sc.longest_run, sc.loop, sc.seq_rep, sc.n)
 
 
 def test_attention_warnings_fire_on_absolute_levels_and_clip_never_not_on_a_nan_run():
@@ -291,7 +290,7 @@ def test_a_borderline_value_puts_in_doubt_only_the_verdicts_its_threshold_can_mo
 def _collapse_run(val, collapsed, init_val=25.4, init_collapsed=False):
     """diagnose on a run with steady grad norms, the given validation losses and collapsed states."""
     epochs = _epochs([2.0] * len(val), collapsed=collapsed, val=val)
-    return detectors.diagnose(
+    return verdict.diagnose(
         epochs,
         None,
         10.0,
@@ -348,14 +347,14 @@ def test_without_validation_data_divergence_is_judged_on_the_training_loss():
     for e, loss in zip(epochs, [1800.0, 3000.0, 2400.0]):
         e["loss"], e["collapsed"] = loss, None
     kw = {"explode_factor": 2.0, "explode_window": 3, "scream_min_epochs": 2, "learning_rate": 0.05}
-    d = detectors.diagnose(epochs, None, 10.0, **kw, first_train_loss=4.17)
+    d = verdict.diagnose(epochs, None, 10.0, **kw, first_train_loss=4.17)
     assert d["verdict"] == "diverged" and d["loss_ratio"] == pytest.approx(2400.0 / 4.17)
     assert "training loss" in d["evidence"] and "first step" in d["evidence"]
     assert "no_validation" in {w["warning"] for w in d["warnings"]}
     for e, loss in zip(epochs, [3.0, 2.5, 2.2]):
         e["loss"] = loss
-    d = detectors.diagnose(epochs, None, 10.0, **kw, first_train_loss=4.17)
+    d = verdict.diagnose(epochs, None, 10.0, **kw, first_train_loss=4.17)
     assert d["verdict"] == "stable" and d["loss_ratio"] == pytest.approx(2.2 / 4.17)
     # no loss at all to start from: said, not silently passed
-    d = detectors.diagnose(epochs, None, 10.0, **kw)
+    d = verdict.diagnose(epochs, None, 10.0, **kw)
     assert "divergence was not judged" in next(w for w in d["warnings"] if w["warning"] == "no_validation")["message"]

@@ -192,7 +192,7 @@ def test_margin_refuses_a_learning_rate_and_bad_margin_keys_before_any_run(cli, 
 
 
 def test_a_probe_stops_early_only_once_its_verdict_cannot_become_stable():
-    from stability.detectors import certainly_unstable, explosion
+    from stability.detectors.series import certainly_unstable, explosion
 
     assert certainly_unstable([1.0, 3.0, 9.5], None, 2.0, 3)  # a full 3-epoch window growing 3.1x per epoch
     assert certainly_unstable([1.0, 3.0], None, 2.0, 3) is None  # a 2-epoch window can still be diluted

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from stability import detectors
+from stability.detectors import verdict
+from stability.detectors.series import peak_norm
 from stability.instrument import GradProbe
 from tests.conftest import SMOKE, only_run, read_json, read_jsonl
 
@@ -59,8 +60,8 @@ def test_a_non_finite_element_makes_the_step_non_finite(bad):
 
 def test_peak_norm_and_verdict_tell_a_huge_norm_from_a_nan():
     norms = [2.0, 2.1, 1.9, 3e31, 2.2, 2.0]
-    assert detectors.peak_norm(norms, 1000.0)[0] == 3
-    assert detectors.peak_norm([2.0, 2.1, 50.0, 2.0], 1000.0) is None
+    assert peak_norm(norms, 1000.0)[0] == 3
+    assert peak_norm([2.0, 2.1, 50.0, 2.0], 1000.0) is None
     peak = {"value": 3e31, "ratio": 1.4e31, "step": 3, "epoch": 1, "batch": 3}
     epochs = [
         {
@@ -76,7 +77,7 @@ def test_peak_norm_and_verdict_tell_a_huge_norm_from_a_nan():
     ]
 
     def diagnose(first_nan):
-        return detectors.diagnose(epochs, first_nan, 10.0, 2.0, 3, 2, 0.05, peak=peak)
+        return verdict.diagnose(epochs, first_nan, 10.0, 2.0, 3, 2, 0.05, peak=peak)
 
     found = diagnose(None)
     assert found["verdict"] == "exploding" and "3e+31" in found["evidence"]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from stability import detectors, report, sweeps
 from stability import doctor as dr
+from stability import report, sweeps
+from stability.detectors.verdict import diagnose
 from stability.record import format as rf
 from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
@@ -56,7 +57,7 @@ CASES = {  # hand-made histories: (epochs, first_nan) -> the verdict the vocabul
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_runs_verdict_is_the_most_severe_of_its_findings(case):
     epochs, first_nan, expected = CASES[case]
-    found = detectors.diagnose(
+    found = diagnose(
         epochs, first_nan, 10.0, explode_factor=2.0, explode_window=3, scream_min_epochs=2, learning_rate=0.05
     )
     flags = [f["flag"] for f in found["flags"]]

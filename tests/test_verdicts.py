@@ -11,7 +11,7 @@ import pytest
 
 from stability import doctor as dr
 from stability import report as rep
-from stability.detectors import learning_rate_per_epoch
+from stability.detectors.series import learning_rate_per_epoch
 from tests.conftest import Cli, read_json, read_jsonl
 
 CHAR = ["model=charlm", "preset=smoke"]

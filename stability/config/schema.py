@@ -297,7 +297,7 @@ class TrainConfig(Section):
 
     clip: total-norm clipping threshold or None (`none`); on_nan: stop | skip on a non-finite
     loss or gradient; stop_early: stop once the verdict is certain to be unstable
-    (detectors.certainly_unstable); device: auto | cpu | cuda | cuda:N; threads: torch CPU
+    (detectors.series.certainly_unstable); device: auto | cpu | cuda | cuda:N; threads: torch CPU
     threads, None = all cores (split among concurrent jobs); sync_every: steps whose
     measurements stay on the device between host transfers. Recovery (stability/recovery.py):
     on_spike none | skip (OLMo-core's SkipStepAdamW rule) | backoff (lr x backoff_factor,

@@ -3,9 +3,9 @@
 `Summarizer` sees each step record once and keeps what the detectors need, not the records:
 running spike baselines (the last `detect.spike_window` values), the largest finite grad norm and
 where it was, counts (steps, clipped, non-finite), the first clamped step of each stage, and one
-float64 per step, the total grad norm, for the run-wide median of `detectors.peak_norm` and the
-exploding run's peak in `detectors.spike_lead` (8 bytes per step: 0.8 MB for 100,000 steps).
-Epoch records are kept in slim form (the fields `detectors.diagnose` reads), one per epoch.
+float64 per step, the total grad norm, for the run-wide median of `detectors.series.peak_norm` and the
+exploding run's peak in `detectors.series.spike_lead` (8 bytes per step: 0.8 MB for 100,000 steps).
+Epoch records are kept in slim form (the fields `detectors.verdict.diagnose` reads), one per epoch.
 
     s = Summarizer(cfg.detect, clip=cfg.train.clip)
     for rec in steps: events = s.step(rec)      # clamp_saturation events as they happen
@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from stability import detectors
 from stability.config import DetectConfig
+from stability.detectors.series import SpikeDetector, growth_per_epoch, spike_lead
+from stability.detectors.verdict import diagnose
 from stability.record import format as rf
 from stability.record.records import EpochRecord, Event
 
@@ -53,8 +54,8 @@ class Summarizer:
         self.dc, self.clip = detect, clip
         window = (detect.spike_window, detect.spike_z, detect.spike_warmup, detect.spike_ratio)
         self.spike_detectors = {
-            "grad_spike": detectors.SpikeDetector(*window),
-            "loss_spike": detectors.SpikeDetector(*window),
+            "grad_spike": SpikeDetector(*window),
+            "loss_spike": SpikeDetector(*window),
         }
         self.spikes: dict[str, list[dict[str, Any]]] = {"grad_spike": [], "loss_spike": []}  # the first few
         self.n_spikes = {"grad_spike": 0, "loss_spike": 0}
@@ -134,7 +135,7 @@ class Summarizer:
         peak = self._peak()
         if peak is not None:
             events.append({"event": "grad_explosion", **peak})
-        diag = detectors.diagnose(
+        diag = diagnose(
             epochs,
             self.first_nan,
             self.clip,
@@ -188,13 +189,13 @@ class Summarizer:
             "val_loss_by_epoch": [e["val_loss"] for e in epochs],
             "final_loss": self.last_loss,
             "final_val_loss": epochs[-1]["val_loss"] if epochs else math.nan,
-            "growth_per_epoch": detectors.growth_per_epoch(norms),
+            "growth_per_epoch": growth_per_epoch(norms),
             "first_spike_step": self.first_spike_step,
             "n_grad_spikes": self.n_spikes["grad_spike"],
             "n_loss_spikes": self.n_spikes["loss_spike"],
             # how many steps the first spike came before the event (the first NaN, else for an exploding
             # run its largest grad norm): the warning time a user had
-            "spike_lead_steps": detectors.spike_lead(
+            "spike_lead_steps": spike_lead(
                 self.first_spike_step, self.first_nan, diag["verdict"], np.frombuffer(self.norms, dtype=float)
             ),
             "clip_rate": self.n_clipped / self.n_steps if self.n_steps else math.nan,
@@ -206,7 +207,7 @@ class Summarizer:
         return fields, events
 
     def _peak(self) -> dict[str, Any] | None:
-        """`detectors.peak_norm` on the run's step norms: the largest finite one, if it exceeds
+        """`detectors.series.peak_norm` on the run's step norms: the largest finite one, if it exceeds
         the median finite step norm by more than `detect.explode_step_factor`."""
         x = np.frombuffer(self.norms, dtype=float)
         ok = np.isfinite(x)

@@ -1,7 +1,7 @@
 """The verdict vocabulary, defined once: the names a run's verdict can take, their severity order,
 which of them count as "unstable", and how each is shown.
 
-A run's verdict is the most severe of its findings (`detectors.diagnose`); the report counts the
+A run's verdict is the most severe of its findings (`detectors.verdict.diagnose`); the report counts the
 unstable ones per factor value, `stab doctor` looks for a fix of an unstable run, `stab margin`
 calls a probe stable when its verdict is not unstable, the terminal colours them.
 Every one of those reads this table: a new verdict is one row here (its place in the tuple is its
@@ -113,7 +113,7 @@ def style(name: str, default: str = "white") -> str:
     return BY_NAME[name].style if name in BY_NAME else default
 
 
-# Which verdict each borderline finding's threshold decides (`detectors.diagnose`'s `borderline`
+# Which verdict each borderline finding's threshold decides (`detectors.verdict.diagnose`'s `borderline`
 # entries, by their `what`): a value near that threshold can only move a run across that verdict.
 BORDERLINE_DECIDES = {
     "grad norm growth": "exploding",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stability.detectors import SpikeDetector, detect_spikes
+from stability.detectors.series import SpikeDetector, detect_spikes
 from stability.record import format as rf
 from stability.report.loading import Run
 from stability.storage import read_jsonl
@@ -117,7 +117,7 @@ def detect_settings(run: Run) -> dict[str, float]:
 
 
 def spikes(values: np.ndarray, settings: dict[str, float]) -> np.ndarray:
-    """Indices of spikes in a step series, by the run's own detector (`detectors.detect_spikes`)."""
+    """Indices of spikes in a step series, by the run's own detector (`detectors.series.detect_spikes`)."""
     return np.array(
         detect_spikes(list(values), int(settings["window"]), settings["z"], int(settings["warmup"]), settings["ratio"]),
         dtype=int,

@@ -66,7 +66,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from stability.config import OWN_LOOP, ConfigError, CustomModelConfig, RunConfig, did_you_mean
-from stability.detectors import mean_scores, scream_check
+from stability.detectors.collapse import mean_scores, scream_check
 from stability.health import SdpaAttention, calls_sdpa
 from stability.workloads.base import Workload
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stability.config import ConfigError, DataConfig, ModelConfig, RunConfig
-from stability.detectors import mean_scores, scream_check
+from stability.detectors.collapse import mean_scores, scream_check
 from stability.models.cascade import Cascade
 from stability.workloads.base import Workload
 from stability.workloads.cascade.audio import write_listening

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from stability.config import CharLMConfig, ConfigError, RunConfig, TextDataConfig
-from stability.detectors import loop_share, mean_scores, scream_check
+from stability.detectors.collapse import loop_share, mean_scores, scream_check
 from stability.models.charlm import CharLM, lm_loss
 from stability.workloads.base import Workload
 from stability.workloads.charlm.text import TextSplit, check_sizes, read_source, split_text
