@@ -5,10 +5,7 @@ the operational keys (not part of a run's identity) and `flatten` (nested -> dot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from stability.config.schema import RunConfig
+from typing import Any
 
 N_STAGES = 3  # stages of the cascade transformer (SPEC §2); the `residual` short name is the last one's
 
@@ -38,8 +35,9 @@ class ShortName:
     path: str
     help: str
 
-    def read(self, cfg: RunConfig) -> Any:
-        """This short name's value in a run's config; None where the model does not read it."""
+    def read(self, cfg: Any) -> Any:
+        """This short name's value in a run's config (a `RunConfig`; this file sits below the
+        schema, which reads its tables); None where the model does not read it."""
         node: Any = cfg
         for part in self.path.split("."):
             node = getattr(node, part, None)

@@ -44,7 +44,7 @@ any attention module with a method `logits(x) -> (B, heads, T, T)`, and for atte
 SDPA block), and is reported "not available" otherwise (data.json, `stab run`, `stab show`).
 
 Everything the factory returns is checked before training (`CustomWorkload.__init__`, which
-`stab run`/`stab sweep` reach through preflight): each problem is one `ConfigError` line naming
+`stab run`/`stab sweep` reach through `check` below): each problem is one `ConfigError` line naming
 `model._target_` and what is wrong.
 """
 
@@ -69,6 +69,7 @@ from stability.config import OWN_LOOP, ConfigError, CustomModelConfig, RunConfig
 from stability.detectors.collapse import mean_scores, scream_check
 from stability.health import SdpaAttention, calls_sdpa
 from stability.workloads.base import Workload
+from stability.workloads.faults import check_fault_module, check_fault_steps
 
 VAL_BATCHES = 64  # validation batches (of train.batch_size) the validation loss averages at most
 HEALTH_ITEMS = 8  # validation examples the health probe's forward and backward use
@@ -815,3 +816,28 @@ class CustomWorkload(Workload):
         """The loss on the first HEALTH_ITEMS validation examples (0-d): what the health probe differentiates."""
         val = self._split("val")
         return self.loss(val[torch.arange(min(HEALTH_ITEMS, len(val)))])
+
+
+# --- the check before any work starts ---------------------------------------------------------
+
+_CHECKED: dict[str, tuple[list[str], int]] = {}  # run identity -> (module groups, n_train), per process
+
+
+def check(cfg: RunConfig) -> None:
+    """Call the factory and check what it returns (a forward and backward, `CustomWorkload`),
+    then `train.batch_size` against its training examples and the fault keys against its module
+    groups and steps. Built once per configuration and process: `stab run` checks before it
+    creates the run folder and the run checks again. Raises ConfigError naming the bad value."""
+    key = cfg.identity()
+    if key not in _CHECKED:
+        work = CustomWorkload(cfg, torch.device("cpu"))
+        _CHECKED[key] = (list(work.module_groups()), work.n_train)
+    names, n_train = _CHECKED[key]
+    if cfg.train.batch_size > n_train:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is more than the training data: "
+            f"model._target_={getattr(cfg.model, 'target', None)} gives {n_train} training examples; expected at most {n_train}"
+        )
+    if cfg.fault.nan_at_step is not None:
+        check_fault_module(cfg, names)
+    check_fault_steps(cfg, n_train)
