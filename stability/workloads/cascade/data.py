@@ -12,6 +12,10 @@ A JSON sidecar next to each entry says what it holds (`stab cache ls`).
 
     check_audio(cfg.data)            # before any work: DataError / CodecError naming the problem
     data = load_latents(cfg.data)   # LatentData: train/val tensors (N, 128, T), scale, codec info
+
+Both start from one `LatentPlan` (the folder's listing, the cache key and entry, the decoded
+folder's split): the check makes it and the load that follows in the same process takes it, so
+a run does not walk its folder, codec weights and cache key a second time.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from stability.workloads.cascade.synth import synth_pairs
 __all__ = [
     "DataError",
     "LatentData",
+    "LatentPlan",
     "cache_entries",
     "check_audio",
     "clear_cache",
@@ -112,10 +117,6 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
 
 
-def _listing(cfg: DataConfig) -> Listing | None:
-    return scan_folder(_folder(cfg)) if cfg.name == "folder" else None
-
-
 def _folder(cfg: DataConfig) -> str:
     """data=folder's `data.path` (the schema refuses data=folder without one)."""
     assert cfg.path is not None
@@ -149,21 +150,48 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-# Folders checked in this process (cache key -> plan): `stab run` and `stab sweep` call preflight
-# more than once per configuration, and the build reuses the plan instead of checking again.
-_PLANS: dict[str, FolderPlan] = {}
+# Folders decoded and checked in this process (cache key -> plan): `stab run` and `stab sweep`
+# check a configuration more than once, and the key covers every file's size and mtime.
+_FOLDERS: dict[str, FolderPlan] = {}
 
 
-def _plan(cfg: DataConfig, listing: Listing, key: str) -> FolderPlan:
-    if key not in _PLANS:
-        if len(_PLANS) > 16:
-            _PLANS.clear()
-        _PLANS[key] = plan_folder(listing, cfg.seconds, cfg.n_train, cfg.n_val, cfg.seed, cfg.on_bad_file)
-    return _PLANS[key]
+@dataclass
+class LatentPlan:
+    """What a configuration's latents are made of and where they are cached, found once.
+
+    listing: the data folder's paired files with their sizes and mtimes (None: synthetic clips).
+    key: the cache key (`cache_key`: the source, the codec weights, the split).
+    path: the cache entry, RUN-independent (`data.cache_dir`/latents/KEY.pt); it may not exist yet.
+    """
+
+    cfg: DataConfig
+    listing: Listing | None
+    key: str
+    path: Path
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> LatentPlan:
+        """Scan the folder (names, sizes, mtimes: no decoding) and key the cache; raises DataError
+        for a folder that cannot be paired, CodecError for a missing checkpoint file."""
+        listing = scan_folder(_folder(cfg)) if cfg.name == "folder" else None
+        key = cache_key(cfg, listing)
+        return cls(cfg, listing, key, cache_root(cfg) / "latents" / f"{key}.pt")
+
+    def folder(self) -> FolderPlan:
+        """The folder's usable pairs, every file decoded and checked, and their split into
+        training and validation segments (`audio.plan_folder`): once per process and key."""
+        assert self.listing is not None, "synthetic clips have no folder plan"
+        if self.key not in _FOLDERS:
+            if len(_FOLDERS) > 16:
+                _FOLDERS.clear()
+            c = self.cfg
+            _FOLDERS[self.key] = plan_folder(self.listing, c.seconds, c.n_train, c.n_val, c.seed, c.on_bad_file)
+        return _FOLDERS[self.key]
 
 
-def _entry_path(cfg: DataConfig, key: str) -> Path:
-    return cache_root(cfg) / "latents" / f"{key}.pt"
+# The plan of the last check of each configuration in this process, taken by the loading that
+# follows it (`load_latents`): the run loads what was checked, without walking the folder again.
+_CHECKED: dict[DataConfig, LatentPlan] = {}
 
 
 def check_audio(cfg: DataConfig, need_codec: bool = False) -> None:
@@ -172,16 +200,18 @@ def check_audio(cfg: DataConfig, need_codec: bool = False) -> None:
     A folder's files are all decoded and checked unless its latents are cached already (the key
     covers every file's size and mtime, so a cached folder is unchanged since it was checked).
     The codec weights are made available (pretrained: downloaded now, or a fast failure) when the
-    latents must be encoded or `need_codec` (listening decodes the output). Raises DataError or
-    CodecError.
+    latents must be encoded or `need_codec` (listening decodes the output). The plan is kept for
+    the `load_latents` that follows in this process. Raises DataError or CodecError.
     """
-    listing = _listing(cfg)
-    key = cache_key(cfg, listing)  # a missing checkpoint file fails here
-    cached = _entry_path(cfg, key).exists()
-    if listing is not None and not cached:
-        _plan(cfg, listing, key)
+    plan = LatentPlan.of(cfg)  # a missing checkpoint file fails here
+    cached = plan.path.exists()
+    if plan.listing is not None and not cached:
+        plan.folder()
     if not cached or need_codec:
         check_weights(cfg.codec)
+    if len(_CHECKED) > 16:
+        _CHECKED.clear()
+    _CHECKED[cfg] = plan
 
 
 def fit_split(cfg: DataConfig) -> tuple[DataConfig, str | None]:
@@ -250,7 +280,8 @@ def _encode_folder(model: Any, plan: FolderPlan) -> tuple[torch.Tensor, torch.Te
     return inp, target, encode_s
 
 
-def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str, Any]:
+def _build_entry(plan: LatentPlan) -> dict[str, Any]:
+    cfg, listing = plan.cfg, plan.listing
     codec = load_codec(cfg.codec)
     if listing is None:
         assert cfg.n_train is not None  # null (all segments) is for data=folder only: the schema checks it
@@ -267,10 +298,10 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
             "segments": {"train": cfg.n_train, "val": cfg.n_val},
         }
     else:
-        plan = _plan(cfg, listing, key)
-        inp, target, encode_s = _encode_folder(codec.model, plan)
-        n_train = len(plan.train)
-        source = plan.summary()
+        folder = plan.folder()
+        inp, target, encode_s = _encode_folder(codec.model, folder)
+        n_train = len(folder.train)
+        source = folder.summary()
     for side, z in (("input", inp[:n_train]), ("target", target[:n_train])):
         why = constant_latents(z)
         if why:
@@ -284,7 +315,7 @@ def _build_entry(cfg: DataConfig, listing: Listing | None, key: str) -> dict[str
     tensors.update({f"codebook.{k}": v for k, v in quantizer_state(quantizer, cfg.codec.calib_codebooks).items()})
     meta = {
         "format": CACHE_FORMAT,
-        "key": key,
+        "key": plan.key,
         "source": source,
         "codec": codec.info,
         "n_train": n_train,
@@ -327,10 +358,10 @@ def _write_entry(path: Path, entry: dict[str, Any]) -> None:
 
 
 def load_latents(cfg: DataConfig) -> LatentData:
-    """Encode (or read from the cache) the configured pairs and rescale them."""
-    listing = _listing(cfg)
-    key = cache_key(cfg, listing)
-    path = _entry_path(cfg, key)
+    """Encode (or read from the cache) the configured pairs and rescale them: the pairs the last
+    `check_audio` of `cfg` in this process planned, else the folder as it is now."""
+    plan = _CHECKED.pop(cfg, None) or LatentPlan.of(cfg)
+    key, path = plan.key, plan.path
     hit = True
     entry = _load_entry(path)
     if entry is None:
@@ -344,7 +375,7 @@ def load_latents(cfg: DataConfig) -> LatentData:
             entry = _load_entry(path)  # another process may have written it while we waited
             if entry is None:
                 hit = False
-                entry = _build_entry(cfg, listing, key)
+                entry = _build_entry(plan)
                 _write_entry(path, entry)
         finally:
             lock.release()
