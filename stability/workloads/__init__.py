@@ -5,9 +5,9 @@
     parts.work.loss(parts.work.batch(idx))
 
 `cascade/` (with its audio, codec, data and synth code), `charlm/` (with its text code) and
-`custom.py` (your own model from a factory function, `model=custom model._target_=...`) each
+`custom/` (your own model from a factory function, `model=custom model._target_=...`) each
 implement `base.Workload`, the interface the loop sees, and check themselves before a run
-(`preflight.py` beside each; `custom.check`). The functions below hand on to `parts.py`,
+(each folder's `preflight.py`). The functions below hand on to `parts.py`,
 imported (with torch) on first call, so a check that loads no torch (the usual grid) stays so.
 """
 

@@ -60,13 +60,13 @@ def _make_charlm(cfg: RunConfig, device: torch.device) -> Workload:
 
 
 def _check_custom(cfg: RunConfig) -> None:
-    from stability.workloads.custom import check
+    from stability.workloads.custom.preflight import check
 
     check(cfg)
 
 
 def _make_custom(cfg: RunConfig, device: torch.device) -> Workload:
-    from stability.workloads.custom import CustomWorkload
+    from stability.workloads.custom.workload import CustomWorkload
 
     return CustomWorkload(cfg, device)
 
