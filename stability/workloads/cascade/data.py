@@ -70,6 +70,7 @@ __all__ = [
     "fit_split",
     "inspect_latents",
     "load_latents",
+    "plan_latents",
 ]
 
 # The seed's pretrained-EnCodec latent RMS (SPEC §1): input 5.66, target 5.69. `latent_rms=auto`
@@ -123,8 +124,14 @@ def _folder(cfg: DataConfig) -> str:
     return cfg.path
 
 
-def cache_key(cfg: DataConfig, listing: Listing | None = None) -> str:
-    """Hash of everything that changes the cached latents (not latent_rms: applied on load)."""
+def cache_key(cfg: DataConfig) -> str:
+    """Hash of everything that changes the cached latents (not latent_rms: applied on load), the
+    folder as it is now (`plan_latents`)."""
+    return plan_latents(cfg).key
+
+
+def _key(cfg: DataConfig, listing: Listing | None) -> str:
+    """`cache_key` of the configuration with its folder's `listing` (None: synthetic clips)."""
     blob: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "name": cfg.name,
@@ -136,8 +143,7 @@ def cache_key(cfg: DataConfig, listing: Listing | None = None) -> str:
         "codec_seed": cfg.codec.seed,
         "calib": cfg.codec.calib_codebooks,
     }
-    if cfg.name == "folder":
-        listing = listing or scan_folder(_folder(cfg))
+    if listing is not None:
         blob.update(path=str(listing.root), files=listing.fingerprint(), on_bad_file=cfg.on_bad_file)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -160,7 +166,7 @@ class LatentPlan:
     """What a configuration's latents are made of and where they are cached, found once.
 
     listing: the data folder's paired files with their sizes and mtimes (None: synthetic clips).
-    key: the cache key (`cache_key`: the source, the codec weights, the split).
+    key: the cache key (the source, the codec weights, the split: `cache_key`).
     path: the cache entry, RUN-independent (`data.cache_dir`/latents/KEY.pt); it may not exist yet.
     """
 
@@ -168,14 +174,6 @@ class LatentPlan:
     listing: Listing | None
     key: str
     path: Path
-
-    @classmethod
-    def of(cls, cfg: DataConfig) -> LatentPlan:
-        """Scan the folder (names, sizes, mtimes: no decoding) and key the cache; raises DataError
-        for a folder that cannot be paired, CodecError for a missing checkpoint file."""
-        listing = scan_folder(_folder(cfg)) if cfg.name == "folder" else None
-        key = cache_key(cfg, listing)
-        return cls(cfg, listing, key, cache_root(cfg) / "latents" / f"{key}.pt")
 
     def folder(self) -> FolderPlan:
         """The folder's usable pairs, every file decoded and checked, and their split into
@@ -187,6 +185,14 @@ class LatentPlan:
             c = self.cfg
             _FOLDERS[self.key] = plan_folder(self.listing, c.seconds, c.n_train, c.n_val, c.seed, c.on_bad_file)
         return _FOLDERS[self.key]
+
+
+def plan_latents(cfg: DataConfig) -> LatentPlan:
+    """Scan the folder (names, sizes, mtimes: no decoding) and key the cache; raises DataError
+    for a folder that cannot be paired, CodecError for a missing checkpoint file."""
+    listing = scan_folder(_folder(cfg)) if cfg.name == "folder" else None
+    key = _key(cfg, listing)
+    return LatentPlan(cfg, listing, key, cache_root(cfg) / "latents" / f"{key}.pt")
 
 
 # The plan of the last check of each configuration in this process, taken by the loading that
@@ -203,7 +209,7 @@ def check_audio(cfg: DataConfig, need_codec: bool = False) -> None:
     latents must be encoded or `need_codec` (listening decodes the output). The plan is kept for
     the `load_latents` that follows in this process. Raises DataError or CodecError.
     """
-    plan = LatentPlan.of(cfg)  # a missing checkpoint file fails here
+    plan = plan_latents(cfg)  # a missing checkpoint file fails here
     cached = plan.path.exists()
     if plan.listing is not None and not cached:
         plan.folder()
@@ -360,7 +366,9 @@ def _write_entry(path: Path, entry: dict[str, Any]) -> None:
 def load_latents(cfg: DataConfig) -> LatentData:
     """Encode (or read from the cache) the configured pairs and rescale them: the pairs the last
     `check_audio` of `cfg` in this process planned, else the folder as it is now."""
-    plan = _CHECKED.pop(cfg, None) or LatentPlan.of(cfg)
+    plan = _CHECKED.pop(cfg, None)
+    if plan is None:
+        plan = plan_latents(cfg)
     key, path = plan.key, plan.path
     hit = True
     entry = _load_entry(path)
