@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -196,18 +197,60 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     root = Path(root)
     out = Path(out) if out is not None else root
     runs, keys = build_report(root)
+    _require_a_valid_run(root, runs)
+    report, plan = _analyse(root, out, runs, keys)
+    out.mkdir(parents=True, exist_ok=True)
+    with one_report_at_a_time(out):  # what is checked below stays true while this report writes
+        ours = check_ours(out, [*plan.tables, *plan.drawn])
+        _remember(out, [out / rel for rel in sorted(ours)], writing=True)
+        plotted = _draw_plots(report, plan)
+        for stale in _optional_files(out):  # not written this time: removed only if a report wrote it
+            if stale not in plan.tables and stale not in plan.drawn and stale.relative_to(out).as_posix() in ours:
+                stale.unlink(missing_ok=True)
+        tables = _write_tables(report, plan.names)
+        report.files = [*tables, *plotted]
+        _remember(out, report.files)
+    return report
+
+
+@dataclass
+class _Plan:
+    """What one report draws and writes: every path named before any file is written, so that
+    `check_ours` can refuse a user's file first."""
+
+    names: dict[str, str]  # run.rel -> short label (`labels`)
+    series: dict[str, StepSeries]  # run.rel -> its per-step records
+    mapped: list[Run]  # unstable runs with a gradient table: a heatmap each
+    stepped: list[Run]  # runs with recorded steps: a per-step plot each
+    spread: dict[str, float]  # factor -> spread of the unstable share between its values
+    dep_rows: list[dict[str, Any]]  # `departure_table`: which group left its band first, per run
+    heat_paths: dict[str, Path]  # run.rel -> its heatmap PNG
+    step_paths: dict[str, Path]  # run.rel -> its per-step PNG
+    draw_grouped: bool  # 2+ runs with steps: plots/grouped.png
+    draw_departure: bool  # an unstable run's group left its band: plots/departure.png
+    tables: list[Path]  # report.md, report.html and the CSV files
+    drawn: list[Path]  # every PNG
+
+
+def _require_a_valid_run(root: Path, runs: Sequence[Run]) -> None:
+    """Raises ReportError naming the first few runs (and why each is not valid) when none under
+    `root` is a run stab wrote."""
     if not any(is_valid_run(r) for r in runs):
         shown = ", ".join(f"{r.rel} ({'; '.join(r.warnings[:1]) or 'nothing stab wrote'})" for r in runs[:3])
         raise ReportError(
             f"{root}: no valid run in it ({shown}{', ...' if len(runs) > 3 else ''}); a run folder "
             f"holds status.json with a state, summary.json with a verdict or a stab config.yaml"
         )
+
+
+def _analyse(root: Path, out: Path, runs: list[Run], keys: list[str]) -> tuple[Report, _Plan]:
+    """Every table of the report (nothing written yet) and the plan of its files; the Report's
+    files, plots and heatmaps are filled in as they are written."""
     # the statistics count each configuration-and-seed once; the runs table lists every folder
     counted, repeats = replicates(runs, keys)
     over = overview(runs, keys)
     table = runs_frame(runs, keys)
     summary = factor_summary(counted, keys)
-    plots = out / PLOTS
     names = labels(runs, keys)
     mapped = [r for r in runs if vd.is_unstable(r.verdict) and r.grad_table is not None and not r.grad_table.empty]
     series: dict[str, StepSeries] = {r.rel: load_steps(r) for r in runs}
@@ -224,86 +267,106 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     departures = departure_frame(dep_rows) if dep_rows else None
     lr_table = lr_summary(counted, keys)
     configs = configurations(counted, keys)
-    # every file this report will write, named before any is written, so that none is a user's
+    report = Report(
+        root=root,
+        out=out,
+        runs=runs,
+        keys=keys,
+        overview=over,
+        table=table,
+        summary=summary,
+        files=[],
+        heatmaps={},
+        lr_table=lr_table,
+        answer=ans,
+        sentence=sentence,
+        departures=departures,
+        configs=configs,
+    )
+    return report, _plan_files(report, names, series, mapped, stepped, spread, dep_rows)
+
+
+def _plan_files(
+    report: Report,
+    names: dict[str, str],
+    series: dict[str, StepSeries],
+    mapped: list[Run],
+    stepped: list[Run],
+    spread: dict[str, float],
+    dep_rows: list[dict[str, Any]],
+) -> _Plan:
+    """Name every file the report will write (plots get unique slugs of their run folders)."""
+    out, plots = report.out, report.out / PLOTS
     used: set[str] = set()
     heat_paths = {r.rel: plots / f"{_unique(_slug(f'heatmap_{r.rel}'), used)}.png" for r in mapped}
     step_paths = {r.rel: plots / "steps" / f"{_unique(_slug(f'steps_{r.rel}'), used)}.png" for r in stepped}
     draw_grouped = len(stepped) > 1
     draw_departure = bool(dep_rows) and any(r["unstable"] for r in dep_rows)
     tables = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv"]
-    tables += [out / "configs.csv"] if not configs.empty else []
-    tables += [out / "lr_sensitivity.csv"] if lr_table is not None else []
+    tables += [out / "configs.csv"] if report.configs is not None and not report.configs.empty else []
+    tables += [out / "lr_sensitivity.csv"] if report.lr_table is not None else []
     drawn = [plots / "curves.png", plots / "grad_norm.png", *heat_paths.values(), *step_paths.values()]
     drawn += [plots / "grouped.png"] if draw_grouped else []
     drawn += [plots / "departure.png"] if draw_departure else []
-    out.mkdir(parents=True, exist_ok=True)
-    with one_report_at_a_time(out):  # what is checked below stays true while this report writes
-        ours = check_ours(out, [*tables, *drawn])
-        _remember(out, [out / rel for rel in sorted(ours)], writing=True)
-        plots.mkdir(parents=True, exist_ok=True)
-        heatmaps: dict[str, Path] = {}
-        step_plots: dict[str, Path] = {}
-        grouped = departure = None
-        with phase("drawing plots", total=len(drawn), unit="plots") as p:
-            files = [plot_curves(runs, names, plots / "curves.png")]
+    return _Plan(
+        names,
+        series,
+        mapped,
+        stepped,
+        spread,
+        dep_rows,
+        heat_paths,
+        step_paths,
+        draw_grouped,
+        draw_departure,
+        tables,
+        drawn,
+    )
+
+
+def _draw_plots(report: Report, plan: _Plan) -> list[Path]:
+    """Draw every PNG of the plan (a progress phase), recording the heatmaps, per-step, grouped
+    and departure plots in `report`; the PNGs in the order report.files lists them."""
+    plots, runs, names = report.out / PLOTS, report.runs, plan.names
+    plots.mkdir(parents=True, exist_ok=True)
+    with phase("drawing plots", total=len(plan.drawn), unit="plots") as p:
+        files = [plot_curves(runs, names, plots / "curves.png")]
+        p.advance()
+        files.append(plot_grad_norms(runs, names, plots / "grad_norm.png"))
+        p.advance()
+        for r in plan.mapped:
+            report.heatmaps[r.rel] = plot_heatmap(r, names[r.rel], plan.heat_paths[r.rel])
             p.advance()
-            files.append(plot_grad_norms(runs, names, plots / "grad_norm.png"))
+        for r in plan.stepped:
+            report.step_plots[r.rel] = plot_steps(r, plan.series[r.rel], names[r.rel], plan.step_paths[r.rel]).path
             p.advance()
-            for r in mapped:
-                heatmaps[r.rel] = plot_heatmap(r, names[r.rel], heat_paths[r.rel])
-                p.advance()
-            for r in stepped:
-                step_plots[r.rel] = plot_steps(r, series[r.rel], names[r.rel], step_paths[r.rel]).path
-                p.advance()
-            if draw_grouped:
-                grouped = plot_grouped(stepped, series, keys, plots / "grouped.png", spread)
-                files.append(grouped.path)
-                p.advance()
-            if draw_departure:
-                departure = plot_departure(dep_rows, plots / "departure.png")
-                files.append(departure.path)
-                p.advance()
-        for stale in _optional_files(out):  # not written this time: removed only if a report wrote it
-            if stale not in tables and stale not in drawn and stale.relative_to(out).as_posix() in ours:
-                stale.unlink(missing_ok=True)
-        files += heatmaps.values()
-        files += step_plots.values()
-        write_csv(table, out / "runs.csv")
-        write_csv(summary, out / "factors.csv")
-        extra = []
-        if not configs.empty:
-            write_csv(configs, out / "configs.csv")
-            extra.append(out / "configs.csv")
-        if lr_table is not None:
-            write_csv(lr_table, out / "lr_sensitivity.csv")
-            extra.append(out / "lr_sensitivity.csv")
-        report = Report(
-            root,
-            out,
-            runs,
-            keys,
-            over,
-            table,
-            summary,
-            [],
-            heatmaps,
-            lr_table,
-            ans,
-            sentence,
-            step_plots,
-            grouped,
-            departure,
-            departures,
-            configs,
-        )
-        atomic_write_text(
-            out / "report.md",
-            _markdown(root, out, runs, keys, names, over, summary, heatmaps, lr_table, ans, sentence, report, configs),
-        )
-        atomic_write_text(out / "report.html", html_report(report, names))
-        report.files = [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra, *files]
-        _remember(out, report.files)
-    return report
+        if plan.draw_grouped:
+            report.grouped = plot_grouped(plan.stepped, plan.series, report.keys, plots / "grouped.png", plan.spread)
+            files.append(report.grouped.path)
+            p.advance()
+        if plan.draw_departure:
+            report.departure = plot_departure(plan.dep_rows, plots / "departure.png")
+            files.append(report.departure.path)
+            p.advance()
+    return [*files, *report.heatmaps.values(), *report.step_plots.values()]
+
+
+def _write_tables(report: Report, names: dict[str, str]) -> list[Path]:
+    """Write runs.csv, factors.csv (configs.csv, lr_sensitivity.csv when they have rows), then
+    report.md and report.html; the files in the order report.files lists them."""
+    out = report.out
+    write_csv(report.table, out / "runs.csv")
+    write_csv(report.summary, out / "factors.csv")
+    extra = []
+    if report.configs is not None and not report.configs.empty:
+        write_csv(report.configs, out / "configs.csv")
+        extra.append(out / "configs.csv")
+    if report.lr_table is not None:
+        write_csv(report.lr_table, out / "lr_sensitivity.csv")
+        extra.append(out / "lr_sensitivity.csv")
+    atomic_write_text(out / "report.md", _markdown(report, names))
+    atomic_write_text(out / "report.html", html_report(report, names))
+    return [out / "report.md", out / "report.html", out / "runs.csv", out / "factors.csv", *extra]
 
 
 MANIFEST = ".stab-report.json"  # in the report's folder: the files `stab report` wrote there, with their sha256

@@ -148,17 +148,36 @@ def rel_link(path: Path, out: Path) -> str:
 def html_report(report: Any, names: dict[str, str]) -> str:
     """report.html for a `Report` (see `write_report`): every table and plot of report.md, and a
     section per run that the runs table links to."""
-    from stability.formatting import format_number
-    from stability.report.markdown import ANSWER_TITLE
-    from stability.report.tables import (
-        answer_display,
-        events_frame,
-        factor_display,
-        lr_display,
+    runs = report.runs
+    sections = _table_sections(report, names)
+    sections += _plot_sections(report)
+    warned = report.warnings
+    if warned:
+        index = {r.rel: i for i, r in enumerate(runs)}
+        sections.append(
+            (
+                f"Warnings ({len(warned)})",
+                "<ul>"
+                + "".join(
+                    f'<li class="warn"><a href="#{run_anchor(index[rel])}">{_e(names.get(rel, rel))}</a>: {_e(w)}</li>'
+                    for rel, w in warned
+                )
+                + "</ul>",
+            )
+        )
+    run_sections = {r.rel: _run_section(report, r, names) for r in runs}
+    return render_html(
+        f"Stability report: {report.root}", report.sentence or f"{len(runs)} runs.", sections, runs, names, run_sections
     )
 
+
+def _table_sections(report: Any, names: dict[str, str]) -> list[tuple[str, str]]:
+    """(title, HTML) of the answer, the runs (each row linking to its section), by factor and the
+    learning-rate sensitivity, where the report has them."""
+    from stability.report.markdown import ANSWER_TITLE
+    from stability.report.tables import answer_display, factor_display, lr_display
+
     runs = report.runs
-    index = {r.rel: i for i, r in enumerate(runs)}
     sections: list[tuple[str, str]] = []
     if report.answer is not None and not report.answer.empty:
         sections.append(
@@ -182,6 +201,12 @@ def html_report(report: Any, names: dict[str, str]) -> str:
         sections.append(("By factor", table(factor_display(report.summary), "factor-table")))
     if report.lr_table is not None:
         sections.append(("Learning-rate sensitivity", table(lr_display(report.lr_table), "lr-table")))
+    return sections
+
+
+def _plot_sections(report: Any) -> list[tuple[str, str]]:
+    """(title, HTML) of the grouped per-step plot, the departure plot and table, and the per-epoch plots."""
+    sections: list[tuple[str, str]] = []
     if report.grouped is not None:
         note = f"<p>{_e(report.grouped.note)}.</p>" if report.grouped.note else ""
         sections.append(("Per step, grouped by what was varied", note + image(report.grouped.path, "grouped")))
@@ -201,38 +226,28 @@ def html_report(report: Any, names: dict[str, str]) -> str:
             + image(out / "plots" / "grad_norm.png", "grad norm per epoch"),
         )
     )
-    warned = report.warnings
-    if warned:
-        sections.append(
-            (
-                f"Warnings ({len(warned)})",
-                "<ul>"
-                + "".join(
-                    f'<li class="warn"><a href="#{run_anchor(index[rel])}">{_e(names.get(rel, rel))}</a>: {_e(w)}</li>'
-                    for rel, w in warned
-                )
-                + "</ul>",
-            )
+    return sections
+
+
+def _run_section(report: Any, r: Run, names: dict[str, str]) -> str:
+    """One run's section: folder, state, final loss, evidence, warnings, its plots and events."""
+    from stability.formatting import format_number
+    from stability.report.tables import events_frame
+
+    parts = [
+        (
+            f'<p class="muted">{_e(r.rel)} &middot; state {_e(r.state)} &middot; final loss '
+            f"{_e(format_number(r.final_loss))}</p>"
         )
-    run_sections = {}
-    for r in runs:
-        parts = [
-            (
-                f'<p class="muted">{_e(r.rel)} &middot; state {_e(r.state)} &middot; final loss '
-                f"{_e(format_number(r.final_loss))}</p>"
-            )
-        ]
-        if r.summary.get("evidence"):
-            parts.append(f"<p>{_e(r.summary['evidence'])}</p>")
-        parts += [f'<p class="warn">{_e(w)}</p>' for w in r.warnings]
-        if r.rel in report.step_plots:
-            parts.append(image(report.step_plots[r.rel], f"{names.get(r.rel, r.rel)} per step"))
-        if r.rel in report.heatmaps:
-            parts.append(image(report.heatmaps[r.rel], f"{names.get(r.rel, r.rel)} heatmap"))
-        events = events_frame(r)
-        if not events.empty:
-            parts.append(table(events.astype(object).map(lambda x: "-" if x is None else format_number(x))))
-        run_sections[r.rel] = "".join(parts)
-    return render_html(
-        f"Stability report: {report.root}", report.sentence or f"{len(runs)} runs.", sections, runs, names, run_sections
-    )
+    ]
+    if r.summary.get("evidence"):
+        parts.append(f"<p>{_e(r.summary['evidence'])}</p>")
+    parts += [f'<p class="warn">{_e(w)}</p>' for w in r.warnings]
+    if r.rel in report.step_plots:
+        parts.append(image(report.step_plots[r.rel], f"{names.get(r.rel, r.rel)} per step"))
+    if r.rel in report.heatmaps:
+        parts.append(image(report.heatmaps[r.rel], f"{names.get(r.rel, r.rel)} heatmap"))
+    events = events_frame(r)
+    if not events.empty:
+        parts.append(table(events.astype(object).map(lambda x: "-" if x is None else format_number(x))))
+    return "".join(parts)

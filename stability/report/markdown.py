@@ -1,7 +1,7 @@
 """The report's files: report.md (Markdown), runs.csv and factors.csv (every number, NaN and inf
 spelled out, an empty cell where a value does not apply).
 
-    atomic_write_text(out / "report.md", markdown(root, out, runs, keys, ...))
+    atomic_write_text(out / "report.md", _markdown(report, names))
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,9 @@ from stability.report.loading import Run
 from stability.report.plots import _slug
 from stability.report.tables import answer_display, factor_display, lr_display
 from stability.storage import atomic_write_text
+
+if TYPE_CHECKING:
+    from stability.report import Report
 
 PLOTS = "plots"
 # the answer table's title, for the terminal and report.html: every unstable verdict, named from
@@ -66,25 +69,35 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _markdown(
-    root: Path,
-    out: Path,
-    runs: Sequence[Run],
-    keys: Sequence[str],
-    names: dict[str, str],
-    over: pd.DataFrame,
-    summary: pd.DataFrame,
-    heatmaps: dict[str, Path],
-    lr_table: pd.DataFrame | None = None,
-    ans: pd.DataFrame | None = None,
-    sentence: str = "",
-    report: Any = None,
-    configs: pd.DataFrame | None = None,
-) -> str:
+def _markdown(report: Report, names: dict[str, str]) -> str:
+    """report.md for a `Report` (see `write_report`): the answer, the tables, the plots, the
+    recovery section and every warning, one section after another; `names` are the runs' labels."""
+    runs = report.runs
+    warned = report.warnings
+    parts = _opening(report, warned)
+    parts += _table_sections(report)
+    parts += _plot_sections(report, names)
+    parts += _recovery(runs, names)
+    if warned:
+        parts += ["## Warnings\n", "\n".join(f"- `{rel}`: {w}" for rel, w in warned) + "\n"]
+    found = diagnostic_warnings(runs)
+    if found:
+        parts += [
+            "## What the detectors saw\n",
+            "Warnings the runs raised about themselves (`warnings` in each `summary.json`), whatever their verdict.\n",
+            "\n".join(f"- `{names.get(rel, rel)}`: {w}" for rel, w in found) + "\n",
+        ]
+    return "\n".join(parts)
+
+
+def _opening(report: Report, warned: Sequence[tuple[str, str]]) -> list[str]:
+    """The title, the one-sentence answer, the answer table, what was run and where the numbers
+    are, and how many warnings there are."""
+    runs, keys, ans, sentence = report.runs, report.keys, report.answer, report.sentence
     seen = sorted({r.verdict for r in runs}, key=lambda v: (vd.ORDER.index(v) if v in vd.ORDER else len(vd.ORDER), v))
     counts = {v: sum(r.verdict == v for r in runs) for v in seen}
     parts = [
-        f"# Stability report: `{root}`\n",
+        f"# Stability report: `{report.root}`\n",
         f"{len(runs)} run(s), {time.strftime('%Y-%m-%d %H:%M')}: "
         + ", ".join(f"{n} {v}" for v, n in counts.items())
         + ". "
@@ -106,21 +119,26 @@ def _markdown(
             "too few runs reach 95%). A factor is decisive only when Fisher's exact test on its unstable "
             "counts gives p < 0.05.\n\n" + markdown_table(answer_display(ans)),
         )
-    warned = [(r.rel, w) for r in runs for w in r.warnings]
     if warned:
         parts.append(f"**{len(warned)} warning(s)**, see [Warnings](#warnings).\n")
-    parts += [
+    return parts
+
+
+def _table_sections(report: Report) -> list[str]:
+    """The runs table, then by factor, by configuration and learning-rate sensitivity where they apply."""
+    configs, lr_table = report.configs, report.lr_table
+    parts = [
         "## Runs\n",
         "First NaN: epoch (1-based), batch within the epoch (0-based), and the module "
         "group that went first. Gradient norm: total norm, mean over each epoch.\n",
-        markdown_table(over),
+        markdown_table(report.overview),
     ]
-    if keys:
+    if report.keys:
         parts += [
             "## By factor\n",
             "Share of runs per verdict for each value of each factor (across all other "
             "factors), and the median over those runs of the last finite epoch-mean gradient norm.\n",
-            markdown_table(factor_display(summary)),
+            markdown_table(factor_display(report.summary)),
         ]
     if configs is not None and len(configs) and (configs["runs"] > 1).any():
         parts += [
@@ -138,14 +156,21 @@ def _markdown(
             "0: every LR reached the best loss; smaller is flatter.\n",
             markdown_table(lr_display(lr_table)),
         ]
+    return parts
+
+
+def _plot_sections(report: Report, names: dict[str, str]) -> list[str]:
+    """The plots: per epoch, per step grouped by factor, which group left its band first, each
+    run per step, and a heatmap per unstable run; links relative to the report's folder."""
+    out = report.out
     rel_plots = os.path.relpath(out / PLOTS, out)
-    parts += [
+    parts = [
         "## Loss, gradient norm and attention logits per epoch\n",
         f"![curves]({rel_plots}/curves.png)\n",
         "## Gradient norm per epoch\n",
         f"![gradient norm per epoch]({rel_plots}/grad_norm.png)\n",
     ]
-    if report is not None and report.grouped is not None:
+    if report.grouped is not None:
         parts += [
             "## Per step, grouped by what was varied\n",
             "Gradient norm and loss per step; one colour per value of the most decisive factor, one panel "
@@ -154,7 +179,7 @@ def _markdown(
             + "All of it, with tables you can sort, in [report.html](report.html).\n",
             f"![grouped]({rel_plots}/{os.path.relpath(report.grouped.path, out / PLOTS)})\n",
         ]
-    if report is not None and report.departure is not None:
+    if report.departure is not None:
         parts += [
             "## Which module group left its band first\n",
             "The first step each group's gradient norm left its running band (the run's own spike detector: "
@@ -164,7 +189,7 @@ def _markdown(
         ]
         if report.departures is not None:
             parts.append(markdown_table(report.departures))
-    if report is not None and report.step_plots:
+    if report.step_plots:
         parts += [
             "## Each run per step\n",
             "Loss and gradient norm per step, with the clip threshold, spikes, "
@@ -172,33 +197,21 @@ def _markdown(
             "\n".join(
                 f"- [{names.get(r.rel, r.rel)}]({rel_plots}/{os.path.relpath(report.step_plots[r.rel], out / PLOTS)})"
                 f" ({r.verdict})"
-                for r in runs
+                for r in report.runs
                 if r.rel in report.step_plots
             )
             + "\n",
         ]
-    if heatmaps:
+    if report.heatmaps:
         parts.append("## Unstable runs: gradient norm by module group\n")
-        for r in runs:
-            if r.rel in heatmaps:
+        for r in report.runs:
+            if r.rel in report.heatmaps:
                 parts += [
                     f"### {names[r.rel]}: {r.verdict}\n",
                     f"`{r.rel}`" + (f": {r.summary['evidence']}" if r.summary.get("evidence") else "") + "\n",
-                    f"![{_slug(r.rel)}]({rel_plots}/{heatmaps[r.rel].name})\n",
+                    f"![{_slug(r.rel)}]({rel_plots}/{report.heatmaps[r.rel].name})\n",
                 ]
-    recovered = _recovery(runs, names)
-    if recovered:
-        parts += recovered
-    if warned:
-        parts += ["## Warnings\n", "\n".join(f"- `{rel}`: {w}" for rel, w in warned) + "\n"]
-    found = diagnostic_warnings(runs)
-    if found:
-        parts += [
-            "## What the detectors saw\n",
-            "Warnings the runs raised about themselves (`warnings` in each `summary.json`), whatever their verdict.\n",
-            "\n".join(f"- `{names.get(rel, rel)}`: {w}" for rel, w in found) + "\n",
-        ]
-    return "\n".join(parts)
+    return parts
 
 
 def _recovery(runs: Sequence[Run], names: dict[str, str]) -> list[str]:

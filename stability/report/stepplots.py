@@ -98,69 +98,13 @@ def plot_steps(run: Run, s: StepSeries, name: str, path: Path, max_points: int =
     fig = Figure(figsize=(10, 5.6))
     ax_loss, ax_grad = fig.subplots(2, 1, sharex=True)
     settings = detect_settings(run)
-    legend: list[Any] = []
     for ax, y, label, colour in (
         (ax_loss, s.loss, "loss", "tab:blue"),
         (ax_grad, s.grad, "gradient norm", "tab:green"),
     ):
-        xs, ys = minmax_downsample(s.step, y, max_points)
-        ys_pos = np.where(ys > 0, ys, np.nan)
-        ax.plot(
-            xs,
-            ys_pos,
-            "-",
-            color=colour,
-            lw=1.0,
-            label=f"{label} (min/max per {max(1, len(y) * 2 // max_points)} steps)" if len(y) > max_points else label,
-        )
-        sp = spikes(y, settings)
-        if len(sp):
-            ax.plot(
-                s.step[sp],
-                y[sp],
-                "^",
-                color="darkorange",
-                ms=6,
-                mec="black",
-                mew=0.5,
-                zorder=5,
-                label=f"spike ({len(sp)})",
-            )
-        _nonfinite_marks(ax, s.step, y)
-        ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.25)
-        if np.isfinite(ys_pos).any():
-            _plain_log_ticks(ax)
-    clip = _clip_of(run)
-    if clip is not None:
-        ax_grad.axhline(clip, ls="--", color="black", lw=1, label=f"clip threshold {clip:g}")
-        if s.clipped.any():
-            ax_grad.plot(
-                s.step[s.clipped],
-                np.full(s.clipped.sum(), 0.02),
-                "|",
-                color="black",
-                ms=6,
-                transform=ax_grad.get_xaxis_transform(),
-                label=f"clipped ({int(s.clipped.sum())} steps)",
-            )
-    if s.skipped.any():
-        for ax in (ax_loss, ax_grad):
-            ax.plot(
-                s.step[s.skipped],
-                np.full(s.skipped.sum(), 0.06),
-                "|",
-                color="grey",
-                ms=10,
-                mew=2,
-                transform=ax.get_xaxis_transform(),
-            )
-        legend.append(
-            Line2D(
-                [], [], marker="|", color="grey", ls="", ms=10, mew=2, label=f"skipped ({int(s.skipped.sum())} steps)"
-            )
-        )
+        _draw_step_series(ax, s.step, y, label, colour, spikes(y, settings), max_points)
+    _mark_clip(ax_grad, _clip_of(run), s)
+    legend = _mark_skipped((ax_loss, ax_grad), s)
     if (~np.isfinite(s.loss) | ~np.isfinite(s.grad)).any():
         legend.append(Line2D([], [], marker="x", color="red", ls="", label="non-finite"))
     nan = run.first_nan
@@ -170,15 +114,7 @@ def plot_steps(run: Run, s: StepSeries, name: str, path: Path, max_points: int =
         legend.append(
             Line2D([], [], color="red", lw=1.5, label=f"first NaN: step {nan['step']} in {nan.get('module', '?')}")
         )
-    starts = [int(s.step[i]) for i in range(1, len(s)) if s.epoch[i] != s.epoch[i - 1]]
-    for x in starts:
-        for ax in (ax_loss, ax_grad):
-            ax.axvline(x - 0.5, color="grey", ls=":", lw=0.8)
-    if starts and len(starts) <= 30:
-        for x, e in zip(starts, [int(s.epoch[s.step == x][0]) for x in starts]):
-            ax_loss.text(
-                x, 1.0, f" e{e}", transform=ax_loss.get_xaxis_transform(), fontsize=7, color="grey", va="bottom"
-            )
+    starts = _mark_epochs(ax_loss, ax_grad, s)
     if not len(s):
         ax_loss.text(0.5, 0.5, "no step recorded", ha="center", va="center", transform=ax_loss.transAxes)
     ax_grad.set_xlabel("step" + (" (dotted: epoch boundaries)" if starts else ""))
@@ -194,6 +130,92 @@ def plot_steps(run: Run, s: StepSeries, name: str, path: Path, max_points: int =
     fig.suptitle(f"{name}: {run.verdict}", fontsize=10)
     _save(fig, path)
     return Drawn(path, [h.get_label() for h in handles])
+
+
+def _draw_step_series(
+    ax: Any, step: np.ndarray, y: np.ndarray, label: str, colour: str, sp: np.ndarray, max_points: int
+) -> None:
+    """One per-step series on a log axis: thinned to `max_points` (min and max per bucket), its
+    spikes `sp` (indices) as triangles, non-finite values as red x at the top."""
+    xs, ys = minmax_downsample(step, y, max_points)
+    ys_pos = np.where(ys > 0, ys, np.nan)
+    ax.plot(
+        xs,
+        ys_pos,
+        "-",
+        color=colour,
+        lw=1.0,
+        label=f"{label} (min/max per {max(1, len(y) * 2 // max_points)} steps)" if len(y) > max_points else label,
+    )
+    if len(sp):
+        ax.plot(
+            step[sp],
+            y[sp],
+            "^",
+            color="darkorange",
+            ms=6,
+            mec="black",
+            mew=0.5,
+            zorder=5,
+            label=f"spike ({len(sp)})",
+        )
+    _nonfinite_marks(ax, step, y)
+    ax.set_yscale("log")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.25)
+    if np.isfinite(ys_pos).any():
+        _plain_log_ticks(ax)
+
+
+def _mark_clip(ax_grad: Any, clip: float | None, s: StepSeries) -> None:
+    """The clip threshold as a dashed line and the clipped steps as ticks at the bottom (no clip: nothing)."""
+    if clip is None:
+        return
+    ax_grad.axhline(clip, ls="--", color="black", lw=1, label=f"clip threshold {clip:g}")
+    if s.clipped.any():
+        ax_grad.plot(
+            s.step[s.clipped],
+            np.full(s.clipped.sum(), 0.02),
+            "|",
+            color="black",
+            ms=6,
+            transform=ax_grad.get_xaxis_transform(),
+            label=f"clipped ({int(s.clipped.sum())} steps)",
+        )
+
+
+def _mark_skipped(axes: Sequence[Any], s: StepSeries) -> list[Any]:
+    """Skipped steps as grey ticks on every panel; the legend entry for them (none if no step was skipped)."""
+    if not s.skipped.any():
+        return []
+    for ax in axes:
+        ax.plot(
+            s.step[s.skipped],
+            np.full(s.skipped.sum(), 0.06),
+            "|",
+            color="grey",
+            ms=10,
+            mew=2,
+            transform=ax.get_xaxis_transform(),
+        )
+    return [
+        Line2D([], [], marker="|", color="grey", ls="", ms=10, mew=2, label=f"skipped ({int(s.skipped.sum())} steps)")
+    ]
+
+
+def _mark_epochs(ax_loss: Any, ax_grad: Any, s: StepSeries) -> list[int]:
+    """Epoch boundaries as dotted lines (labelled `e3` on the loss panel up to 30 epochs); the
+    first step of each epoch after the first."""
+    starts = [int(s.step[i]) for i in range(1, len(s)) if s.epoch[i] != s.epoch[i - 1]]
+    for x in starts:
+        for ax in (ax_loss, ax_grad):
+            ax.axvline(x - 0.5, color="grey", ls=":", lw=0.8)
+    if starts and len(starts) <= 30:
+        for x, e in zip(starts, [int(s.epoch[s.step == x][0]) for x in starts]):
+            ax_loss.text(
+                x, 1.0, f" e{e}", transform=ax_loss.get_xaxis_transform(), fontsize=7, color="grey", va="bottom"
+            )
+    return starts
 
 
 # --- many runs, grouped by factor --------------------------------------------------------------------
@@ -250,6 +272,42 @@ def _thin_band(
     )
 
 
+@dataclass
+class _Layout:
+    """How `plot_grouped` splits runs: the factor for colours, for panel columns and for line
+    styles (None where there is none), and each one's values in order."""
+
+    colour_key: str | None
+    panel_key: str | None
+    style_key: str | None
+    colours: list[str]
+    panels: list[str]
+    styles: list[str]
+
+    def runs_of(self, runs: Sequence[Run], cv: str, sv: str) -> list[Run]:
+        """The runs with colour value `cv` and style value `sv`."""
+        return [
+            r
+            for r in runs
+            if (not self.colour_key or factor_value(r, self.colour_key) == cv)
+            and (not self.style_key or factor_value(r, self.style_key) == sv)
+        ]
+
+
+def _layout(runs: Sequence[Run], keys: Sequence[str], spread: dict[str, float] | None) -> _Layout:
+    """The most decisive factor for colours, the next for panels, a third for line styles when it
+    has at most len(STYLES) values (`choose_factors`)."""
+    order = choose_factors(runs, keys, spread)
+    colour_key = order[0] if order else None
+    panel_key = order[1] if len(order) > 1 else None
+    style_key = order[2] if len(order) > 2 and len({factor_value(r, order[2]) for r in runs}) <= len(STYLES) else None
+
+    def values(key: str | None) -> list[str]:
+        return sorted({factor_value(r, key) for r in runs}, key=_value_order) if key else [""]
+
+    return _Layout(colour_key, panel_key, style_key, values(colour_key), values(panel_key), values(style_key))
+
+
 def plot_grouped(
     runs: Sequence[Run],
     series: dict[str, StepSeries],
@@ -263,96 +321,126 @@ def plot_grouped(
     4 values); runs that share all drawn factors (seeds, and any further factor, named in the
     title) are one median line with a min-max band. One legend entry per colour and per style,
     never one per run. Red x: a run's first non-finite step, at the top of its panel."""
-    order = choose_factors(runs, keys, spread)
-    colour_key = order[0] if order else None
-    panel_key = order[1] if len(order) > 1 else None
-    style_key = order[2] if len(order) > 2 and len({factor_value(r, order[2]) for r in runs}) <= len(STYLES) else None
-    pooled = [k for k in keys if k not in (colour_key, panel_key, style_key) and not is_seed(k)]
-    seeds = [k for k in keys if is_seed(k)]
-
-    def values(key: str | None) -> list[str]:
-        return sorted({factor_value(r, key) for r in runs}, key=_value_order) if key else [""]
-
-    colours, panels, styles = values(colour_key), values(panel_key), values(style_key)
-    n_col = min(len(panels), 5)
-    n_wrap = math.ceil(len(panels) / n_col)
+    lay = _layout(runs, keys, spread)
+    pooled = [k for k in keys if k not in (lay.colour_key, lay.panel_key, lay.style_key) and not is_seed(k)]
+    n_col = min(len(lay.panels), 5)
+    n_wrap = math.ceil(len(lay.panels) / n_col)
     fig = Figure(figsize=(min(3.6 * n_col + 2.4, 22), 2.6 * 2 * n_wrap + 1.2), layout="constrained")
     axes = np.array(fig.subplots(2 * n_wrap, n_col, sharex=True, squeeze=False))
-    colour_of = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(colours)}
-    style_of = {v: STYLES[i] for i, v in enumerate(styles)}
+    colour_of = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(lay.colours)}
+    style_of = {v: STYLES[i] for i, v in enumerate(lay.styles)}
     titles = []
-    for p, pv in enumerate(panels):
+    for p, pv in enumerate(lay.panels):
         row, col = 2 * (p // n_col), p % n_col
-        ax_g, ax_l = axes[row, col], axes[row + 1, col]
-        title = f"{panel_key}={pv}" if panel_key else "all runs"
-        mine_p = [r for r in runs if not panel_key or factor_value(r, panel_key) == pv]
-        bad = sum(vd.is_unstable(r.verdict) for r in mine_p)
-        ax_g.set_title(f"{title}  ({bad}/{len(mine_p)} unstable)", fontsize=9)
-        titles.append(title)
-        for cv in colours:
-            for sv in styles:
-                mine = [
-                    r
-                    for r in mine_p
-                    if (not colour_key or factor_value(r, colour_key) == cv)
-                    and (not style_key or factor_value(r, style_key) == sv)
-                    and r.rel in series
-                ]
-                if not mine:
-                    continue
-                for ax, attr in ((ax_g, "grad"), (ax_l, "loss")):
-                    ys = [getattr(series[r.rel], attr) for r in mine]
-                    xs = [series[r.rel].step for r in mine]
-                    x, med, lo, hi = _thin_band(*_band(ys, xs), max_points)
-                    if not len(x):
-                        continue
-                    c = colour_of[cv]
-                    if len(mine) > 1:
-                        ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0, step="mid")
-                    ax.plot(x, med, STYLES[0] if not style_key else style_of[sv], color=c, lw=1.3)
-                    for y, s in zip(ys, xs):
-                        bad_steps = s[~np.isfinite(y)]
-                        if len(bad_steps):
-                            ax.plot(
-                                [bad_steps[0]],
-                                [1.0],
-                                "x",
-                                color="red",
-                                ms=6,
-                                mew=1.5,
-                                transform=ax.get_xaxis_transform(),
-                                clip_on=False,
-                                zorder=6,
-                            )
-        for ax, label in ((ax_g, "grad norm"), (ax_l, "loss")):
-            ax.set_yscale("log")
-            ax.grid(True, which="both", alpha=0.25)
-            if ax.lines:
-                _plain_log_ticks(ax)
+        mine_p = [r for r in runs if not lay.panel_key or factor_value(r, lay.panel_key) == pv]
+        titles.append(
+            _draw_panel(axes[row, col], axes[row + 1, col], lay, pv, mine_p, series, colour_of, style_of, max_points)
+        )
+        for ax, label in ((axes[row, col], "grad norm"), (axes[row + 1, col], "loss")):
             if col == 0:
                 ax.set_ylabel(label)
-            if not ax.lines:
-                ax.text(0.5, 0.5, "no steps", ha="center", va="center", transform=ax.transAxes)
-        ax_l.set_xlabel("step")
-    for p in range(len(panels), n_wrap * n_col):  # empty cells of the last row
+    for p in range(len(lay.panels), n_wrap * n_col):  # empty cells of the last row
         axes[2 * (p // n_col), p % n_col].set_visible(False)
         axes[2 * (p // n_col) + 1, p % n_col].set_visible(False)
+    handles = _grouped_legend(runs, series, keys, lay, pooled, colour_of, style_of)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    note = f"pooled in each band: {', '.join(pooled)}" if pooled else ""
+    fig.suptitle(f"{len(runs)} runs: gradient norm and loss per step" + (f" ({note})" if note else ""), fontsize=10)
+    _save(fig, path)
+    return Drawn(path, [h.get_label() for h in handles], titles, note)
 
+
+def _draw_panel(
+    ax_g: Any,
+    ax_l: Any,
+    lay: _Layout,
+    pv: str,
+    mine_p: Sequence[Run],
+    series: dict[str, StepSeries],
+    colour_of: dict[str, str],
+    style_of: dict[str, str],
+    max_points: int,
+) -> str:
+    """One panel column (panel value `pv`, its runs `mine_p`): gradient norm above, loss below, a
+    band and median line per colour and style; its title (without the unstable count)."""
+    title = f"{lay.panel_key}={pv}" if lay.panel_key else "all runs"
+    bad = sum(vd.is_unstable(r.verdict) for r in mine_p)
+    ax_g.set_title(f"{title}  ({bad}/{len(mine_p)} unstable)", fontsize=9)
+    for cv in lay.colours:
+        for sv in lay.styles:
+            mine = [r for r in lay.runs_of(mine_p, cv, sv) if r.rel in series]
+            if not mine:
+                continue
+            line = STYLES[0] if not lay.style_key else style_of[sv]
+            for ax, attr in ((ax_g, "grad"), (ax_l, "loss")):
+                ys = [getattr(series[r.rel], attr) for r in mine]
+                xs = [series[r.rel].step for r in mine]
+                _draw_band(ax, ys, xs, colour_of[cv], line, max_points)
+    for ax in (ax_g, ax_l):
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.25)
+        if ax.lines:
+            _plain_log_ticks(ax)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no steps", ha="center", va="center", transform=ax.transAxes)
+    ax_l.set_xlabel("step")
+    return title
+
+
+def _draw_band(ax: Any, ys: Sequence[np.ndarray], xs: Sequence[np.ndarray], c: str, line: str, max_points: int) -> None:
+    """Runs' series `ys` at steps `xs` as a median line (style `line`, colour `c`) with a min-max
+    band when there are 2+ runs; a red x at the top for each run's first non-finite step."""
+    x, med, lo, hi = _thin_band(*_band(ys, xs), max_points)
+    if not len(x):
+        return
+    if len(ys) > 1:
+        ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0, step="mid")
+    ax.plot(x, med, line, color=c, lw=1.3)
+    for y, s in zip(ys, xs):
+        bad_steps = s[~np.isfinite(y)]
+        if len(bad_steps):
+            ax.plot(
+                [bad_steps[0]],
+                [1.0],
+                "x",
+                color="red",
+                ms=6,
+                mew=1.5,
+                transform=ax.get_xaxis_transform(),
+                clip_on=False,
+                zorder=6,
+            )
+
+
+def _grouped_legend(
+    runs: Sequence[Run],
+    series: dict[str, StepSeries],
+    keys: Sequence[str],
+    lay: _Layout,
+    pooled: Sequence[str],
+    colour_of: dict[str, str],
+    style_of: dict[str, str],
+) -> list[Any]:
+    """One legend entry per colour (with its unstable count) and per line style, what a band
+    pools, and the red x where a run went non-finite."""
+    seeds = [k for k in keys if is_seed(k)]
     handles: list[Any] = []
-    for cv in colours:
-        mine = [r for r in runs if not colour_key or factor_value(r, colour_key) == cv]
+    for cv in lay.colours:
+        mine = [r for r in runs if not lay.colour_key or factor_value(r, lay.colour_key) == cv]
         bad = sum(vd.is_unstable(r.verdict) for r in mine)
         label = (
-            f"{colour_key}={cv}  ({bad}/{len(mine)} unstable)"
-            if colour_key
+            f"{lay.colour_key}={cv}  ({bad}/{len(mine)} unstable)"
+            if lay.colour_key
             else f"all runs ({bad}/{len(mine)} unstable)"
         )
         handles.append(Line2D([], [], color=colour_of[cv], lw=2, label=label))
-    if style_key:
-        handles += [Line2D([], [], color="black", ls=style_of[sv], lw=1.3, label=f"{style_key}={sv}") for sv in styles]
+    if lay.style_key:
+        handles += [
+            Line2D([], [], color="black", ls=style_of[sv], lw=1.3, label=f"{lay.style_key}={sv}") for sv in lay.styles
+        ]
     group_sizes: dict[tuple[str, ...], int] = {}
     for r in runs:
-        k = tuple(factor_value(r, key) for key in (colour_key, panel_key, style_key) if key)
+        k = tuple(factor_value(r, key) for key in (lay.colour_key, lay.panel_key, lay.style_key) if key)
         group_sizes[k] = group_sizes.get(k, 0) + 1
     most = max(group_sizes.values(), default=1)
     if most > 1:
@@ -360,11 +448,7 @@ def plot_grouped(
         handles.append(Patch(color="grey", alpha=0.3, label=f"line: median, band: min-max over up to {over}"))
     if any((~np.isfinite(series[r.rel].grad)).any() for r in runs if r.rel in series):
         handles.append(Line2D([], [], marker="x", color="red", ls="", label="a run's first non-finite step"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
-    note = f"pooled in each band: {', '.join(pooled)}" if pooled else ""
-    fig.suptitle(f"{len(runs)} runs: gradient norm and loss per step" + (f" ({note})" if note else ""), fontsize=10)
-    _save(fig, path)
-    return Drawn(path, [h.get_label() for h in handles], titles, note)
+    return handles
 
 
 # --- which group went first ---------------------------------------------------------------------------

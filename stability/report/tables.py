@@ -253,6 +253,20 @@ def _counted(r: Run) -> bool:
     return r.verdict not in NOT_JUDGED and not vd.in_doubt(r.verdict, r.summary.get("borderline"))
 
 
+ANSWER_COLUMNS = [
+    "factor",
+    "value",
+    "unstable",
+    "unstable_share",
+    "95% interval",
+    "not counted",
+    "median final val loss",
+    "val loss interval",
+    "median max grad norm",
+    "grad norm interval",
+]
+
+
 def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]:
     """The report's opening: per factor and value, unstable runs (`UNSTABLE`) out of the runs
     judged, with a 95% Wilson interval (statsmodels); runs `inconclusive` or flagged
@@ -266,27 +280,55 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
     facs = design_factors(keys)
     judged = [r for r in runs if vd.is_judged(r.verdict)]
     counted = [r for r in judged if _counted(r)]
-    rows, decisive, untested, tested = [], [], [], []
     seeds = len({factor_value(r, "seed") for r in counted}) if "seed" in keys else 1
+    rows: list[dict[str, Any]] = []
+    findings = _Findings()
     for k in facs:
-        values = sorted({factor_value(r, k) for r in judged}, key=_value_order)
-        counts = []
-        for v in values:
-            mine = [r for r in counted if factor_value(r, k) == v]
-            apart = sum(factor_value(r, k) == v for r in judged) - len(mine)
-            bad = sum(r.verdict in UNSTABLE for r in mine)
-            counts.append((v, bad, len(mine)))
-            rows.append({"factor": k, "value": v, **_share_row(mine, apart)})
-        if len(counts) < 2:
-            continue
+        counts = _factor_rows(k, judged, counted, rows)
+        if len(counts) >= 2:
+            findings.add(k, counts, seeds)
+    aside = _not_counted_aside(runs, judged)
+    sentence = _answer_sentence(facs, judged, counted, seeds, aside, findings)
+    return pd.DataFrame(rows, columns=ANSWER_COLUMNS), sentence
+
+
+def _factor_rows(
+    k: str, judged: Sequence[Run], counted: Sequence[Run], rows: list[dict[str, Any]]
+) -> list[tuple[str, int, int]]:
+    """Append one answer row per value of factor `k` to `rows`; return (value, unstable runs,
+    runs counted) per value, for `factor_test`."""
+    values = sorted({factor_value(r, k) for r in judged}, key=_value_order)
+    counts = []
+    for v in values:
+        mine = [r for r in counted if factor_value(r, k) == v]
+        apart = sum(factor_value(r, k) == v for r in judged) - len(mine)
+        bad = sum(r.verdict in UNSTABLE for r in mine)
+        counts.append((v, bad, len(mine)))
+        rows.append({"factor": k, "value": v, **_share_row(mine, apart)})
+    return counts
+
+
+class _Findings:
+    """What Fisher's exact test said of each factor, in words, with the key each list is sorted
+    by: decisive (by p), untested for too few runs (by the spread of the share, widest first),
+    tested and not significant (likewise)."""
+
+    def __init__(self) -> None:
+        self.decisive: list[tuple[float, str]] = []
+        self.untested: list[tuple[float, str]] = []
+        self.tested: list[tuple[float, str]] = []
+
+    def add(self, k: str, counts: Sequence[tuple[str, int, int]], seeds: int) -> None:
+        """File factor `k` (its (value, unstable, runs) counts; `seeds` replicates per
+        configuration) under what its test said; nothing when no two values have runs."""
         t = factor_test(counts)
         if t["lo"] is None:
-            continue
+            return
         lo, hi = t["lo"], t["hi"]
         text = f"{k}: {lo[1]}/{lo[2]} unstable at {lo[0]} vs {hi[1]}/{hi[2]} at {hi[0]}"
         spread = hi[1] / hi[2] - lo[1] / lo[2]
         if t["decisive"]:
-            decisive.append(
+            self.decisive.append(
                 (
                     t["p"],
                     f"{text} (Fisher's exact p = {t['p']:.2g}"
@@ -295,7 +337,7 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
             )
         elif spread > 0 and min(lo[2], hi[2]) < t["needed"]:
             per_seed = max(1.0, min(lo[2], hi[2]) / max(1, seeds))
-            untested.append(
+            self.untested.append(
                 (
                     -spread,
                     f"{text}: untested, {min(lo[2], hi[2])} run(s) per value; Fisher's exact test "
@@ -304,24 +346,26 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
                 )
             )
         elif spread > 0:
-            tested.append((-spread, f"{text} (Fisher's exact p = {t['p']:.2g}, not significant)"))
-    n_bad = sum(r.verdict in UNSTABLE for r in counted)
+            self.tested.append((-spread, f"{text} (Fisher's exact p = {t['p']:.2g}, not significant)"))
+
+
+def _why_inconclusive(r: Run) -> str:
+    """The reason of the run's inconclusive flag: `undertrained`, `never_learned`, or too short."""
+    return next((f.get("reason") or "" for f in r.summary.get("flags") or [] if f.get("flag") == vd.INCONCLUSIVE), "")
+
+
+def _not_counted_aside(runs: Sequence[Run], judged: Sequence[Run]) -> str:
+    """`; 2 inconclusive (...) not counted; 1 crashed (failed) not counted`: the runs left out of
+    the unstable share, by why; empty when every run counted."""
     crashed = sum(r.verdict == "failed" for r in runs)
-
-    def why_inconclusive(r: Run) -> str:
-        """The reason of the run's inconclusive flag: `undertrained`, `never_learned`, or too short."""
-        return next(
-            (f.get("reason") or "" for f in r.summary.get("flags") or [] if f.get("flag") == vd.INCONCLUSIVE), ""
-        )
-
-    reasons = [why_inconclusive(r) for r in judged if r.verdict in NOT_JUDGED]
+    reasons = [_why_inconclusive(r) for r in judged if r.verdict in NOT_JUDGED]
     n_under, n_never = reasons.count("undertrained"), reasons.count("never_learned")
     n_inc = len(reasons) - n_under - n_never
     n_border = sum(
         r.verdict not in NOT_JUDGED and bool(vd.in_doubt(r.verdict, r.summary.get("borderline"))) for r in judged
     )
     others = len(runs) - len(judged) - crashed  # still running, interrupted, unreadable
-    aside = "".join(
+    return "".join(
         f"; {n} {what} not counted"
         for n, what in (
             (n_inc, "inconclusive (too short to judge)"),
@@ -338,67 +382,70 @@ def answer(runs: Sequence[Run], keys: Sequence[str]) -> tuple[pd.DataFrame, str]
         if n
     )
 
-    def all_runs(n: int, what: str) -> str:
-        return f"The one judged run is {what}" if n == 1 else f"All {n} judged runs are {what}"
 
-    def unanimous(what: str, claim: str) -> str:
-        """All counted runs agree: with fewer runs per value than a test needs, the claim is
-        untested; the sentence gives the Wilson interval of the share and the seeds it needs."""
-        per_value = [
-            sum(factor_value(r, k) == v for r in counted)
-            for k in facs
-            for v in {factor_value(r, k) for r in counted}
-            if len({factor_value(r, k) for r in counted}) > 1
-        ]
-        where = "per value" if per_value else "of this configuration"
-        m, needed = min(per_value or [len(counted)]), runs_needed()
-        k_bad = m if what == "unstable" else 0
-        lo, hi = share_interval(k_bad, m)
-        if m >= needed:
-            return f"{all_runs(len(counted), what)}{aside}: {claim}."
-        per_seed = max(1.0, m / max(1, seeds))
-        return (
-            f"{all_runs(len(counted), what)}{aside}: untested, {m} run(s) {where}: {k_bad}/{m} unstable is a 95% "
-            f"interval of {lo:.0%}..{hi:.0%} (Wilson); at least {needed} runs per value, i.e. about "
-            f"{math.ceil(needed / per_seed)} seeds (seed=0,1,...), before Fisher's exact test can say "
-            f"whether a factor changes the verdict."
-        )
-
+def _answer_sentence(
+    facs: Sequence[str],
+    judged: Sequence[Run],
+    counted: Sequence[Run],
+    seeds: int,
+    aside: str,
+    findings: _Findings,
+) -> str:
+    """The report's one-sentence answer: no verdict yet, all runs alike (`_unanimous`), the
+    decisive factors, the factors still untested, or that no single factor separates the runs."""
+    n_bad = sum(r.verdict in UNSTABLE for r in counted)
     if not judged:
-        sentence = f"No run has a verdict yet{aside}."
-    elif not counted:
-        sentence = f"No run could be judged{aside}."
-    elif n_bad == 0:
-        sentence = unanimous(
-            "stable", "no factor changed the verdict at these settings (compare the validation losses below)"
+        return f"No run has a verdict yet{aside}."
+    if not counted:
+        return f"No run could be judged{aside}."
+    if n_bad == 0:
+        return _unanimous(
+            facs,
+            counted,
+            seeds,
+            aside,
+            "stable",
+            "no factor changed the verdict at these settings (compare the validation losses below)",
         )
-    elif n_bad == len(counted):
-        sentence = unanimous("unstable", "no value of any factor fixed it")
-    elif decisive:
-        decisive.sort(key=lambda t: t[0])
-        sentence = f"Decisive: {'; '.join(t for _, t in decisive)}{aside}."
-    elif untested:
-        untested.sort(key=lambda t: t[0])
-        sentence = f"{n_bad}/{len(counted)} runs unstable{aside}; no factor is decisive yet: {'; '.join(t for _, t in untested)}."
-    else:
-        sentence = f"{n_bad}/{len(counted)} runs unstable{aside}; no single factor separates them" + (
-            f": {'; '.join(t for _, t in sorted(tested))}." if tested else "."
-        )
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "factor",
-            "value",
-            "unstable",
-            "unstable_share",
-            "95% interval",
-            "not counted",
-            "median final val loss",
-            "val loss interval",
-            "median max grad norm",
-            "grad norm interval",
-        ],
-    ), sentence
+    if n_bad == len(counted):
+        return _unanimous(facs, counted, seeds, aside, "unstable", "no value of any factor fixed it")
+    if findings.decisive:
+        decisive = sorted(findings.decisive, key=lambda t: t[0])
+        return f"Decisive: {'; '.join(t for _, t in decisive)}{aside}."
+    if findings.untested:
+        untested = sorted(findings.untested, key=lambda t: t[0])
+        return f"{n_bad}/{len(counted)} runs unstable{aside}; no factor is decisive yet: {'; '.join(t for _, t in untested)}."
+    tested = findings.tested
+    return f"{n_bad}/{len(counted)} runs unstable{aside}; no single factor separates them" + (
+        f": {'; '.join(t for _, t in sorted(tested))}." if tested else "."
+    )
+
+
+def _unanimous(facs: Sequence[str], counted: Sequence[Run], seeds: int, aside: str, what: str, claim: str) -> str:
+    """All counted runs agree (`what`: stable or unstable): with fewer runs per value than a test
+    needs, the claim is untested; the sentence gives the Wilson interval of the share and the
+    seeds it needs."""
+    per_value = [
+        sum(factor_value(r, k) == v for r in counted)
+        for k in facs
+        for v in {factor_value(r, k) for r in counted}
+        if len({factor_value(r, k) for r in counted}) > 1
+    ]
+    where = "per value" if per_value else "of this configuration"
+    m, needed = min(per_value or [len(counted)]), runs_needed()
+    k_bad = m if what == "unstable" else 0
+    lo, hi = share_interval(k_bad, m)
+    n = len(counted)
+    everyone = f"The one judged run is {what}" if n == 1 else f"All {n} judged runs are {what}"
+    if m >= needed:
+        return f"{everyone}{aside}: {claim}."
+    per_seed = max(1.0, m / max(1, seeds))
+    return (
+        f"{everyone}{aside}: untested, {m} run(s) {where}: {k_bad}/{m} unstable is a 95% "
+        f"interval of {lo:.0%}..{hi:.0%} (Wilson); at least {needed} runs per value, i.e. about "
+        f"{math.ceil(needed / per_seed)} seeds (seed=0,1,...), before Fisher's exact test can say "
+        f"whether a factor changes the verdict."
+    )
 
 
 def configurations(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
