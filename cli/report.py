@@ -26,6 +26,8 @@ from stability.record import verdicts as vd
 if TYPE_CHECKING:
     import pandas as pd
 
+    from stability.report import Report
+
 
 def report(
     runs_dir: Annotated[
@@ -36,24 +38,45 @@ def report(
     ] = None,
 ) -> None:
     """Tabulate, summarise and plot every run under RUNS_DIR."""
+    with user_errors():
+        result = _write(runs_dir, out)
+    _print_tables(result, runs_dir)
+    for rel, w in result.warnings:
+        warn(f"{rel}: {w}")
+    named = [p for p in result.files if p.suffix != ".png"]
+    console.print(
+        f"wrote {', '.join(str(p.relative_to(result.out)) for p in named)} and "
+        f"{len(result.files) - len(named)} plot(s) to {result.out}",
+        highlight=False,
+    )
+
+
+def _write(runs_dir: Path, out: Path | None) -> Report:
+    """`stability.report.write_report`, with progress on the console; UserError for a bad --out or
+    a folder without runs, StorageError naming the file that could not be written."""
+    from cli.progress import reporter
+    from stability import report as rep
+    from stability.progress import reporting
+
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, not a folder: pass a folder (it is created if missing)")
+    try:
+        with reporting(reporter(console)), write_errors():
+            try:
+                return rep.write_report(runs_dir, out)
+            except StorageError:
+                raise
+            except OSError as e:  # a full disk, a read-only folder: exit 1 naming the file
+                raise StorageError(e.filename or str(out or runs_dir), e) from e
+    except rep.ReportError as e:
+        raise UserError(str(e)) from None
+
+
+def _print_tables(result: Report, runs_dir: Path) -> None:
+    """The one-sentence answer, the answer table, the runs, the share of verdicts by factor and the
+    learning-rate sensitivity, each fitted to the terminal (`frame_table`)."""
     from stability import report as rep
 
-    with user_errors():
-        from cli.progress import reporter
-        from stability.progress import reporting
-
-        if out is not None and out.exists() and not out.is_dir():
-            raise UserError(f"--out {str(out)!r} is a file, not a folder: pass a folder (it is created if missing)")
-        try:
-            with reporting(reporter(console)), write_errors():
-                try:
-                    result = rep.write_report(runs_dir, out)
-                except StorageError:
-                    raise
-                except OSError as e:  # a full disk, a read-only folder: exit 1 naming the file
-                    raise StorageError(e.filename or str(out or runs_dir), e) from e
-        except rep.ReportError as e:
-            raise UserError(str(e)) from None
     if result.sentence:
         console.print(result.sentence, style="bold", markup=False, highlight=False)
     if result.answer is not None and not result.answer.empty:
@@ -88,14 +111,6 @@ def report(
                 "mean over the LR grid of loss above the best; smaller is flatter",
             )
         )
-    for rel, w in result.warnings:
-        warn(f"{rel}: {w}")
-    named = [p for p in result.files if p.suffix != ".png"]
-    console.print(
-        f"wrote {', '.join(str(p.relative_to(result.out)) for p in named)} and "
-        f"{len(result.files) - len(named)} plot(s) to {result.out}",
-        highlight=False,
-    )
 
 
 def _share(verdict: str) -> Callable[[str], Text]:
