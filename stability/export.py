@@ -192,7 +192,8 @@ def send_to_tracker(run: Run, name: str, warn: Callable[[str], None] | None = No
     """Replay one finished run folder into tracker `name` through `open_trackers` (as `log=name`
     would have), sending only what an earlier export or the live run did not; updates the
     `export` entry of RUN/trackers.json. Returns one line; raises ExportError."""
-    from stability.trackers import STORE_FILE, _read_store, open_trackers
+    from stability.trackers import STORE_FILE, open_trackers
+    from stability.trackers.recorder import _read_store
 
     if run.state in ("running", "unknown"):
         why = "still running" if run.state == "running" else "no readable status.json"
