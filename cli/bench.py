@@ -23,12 +23,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cli.common import console, styled, user_errors
 from cli.config import UserError, compose_run
+
+if TYPE_CHECKING:
+    from stability.bench import BenchResult
+    from stability.config import RunConfig
 
 # The seed's model (256/384/384 x 6 layers) at a clip length a CPU can step through.
 SEED_SHORT = ["preset=seed", "data.seconds=2.0", "data.n_train=16", "data.n_val=4"]
@@ -80,46 +84,48 @@ def bench(
     from stability.bench import bench as run_bench
 
     for label, cfg, o in cfgs:
-        r = run_bench(cfg, steps=steps)
-        console.print(
-            styled(
-                (label, "bold"),
-                f" ({' '.join(o) or 'no overrides'}) on {r.device}, {r.threads} thread(s), {r.steps} steps each",
-            )
-        )
-        console.print(
-            f"  bare loop:  {r.bare_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.bare_util:.3f}"
-        )
-        console.print(
-            f"  stab loop:  {r.stab_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.stab_util:.3f}"
-        )
-        console.print(f"  ratio: {r.ratio:.2f}   by CPU time of this process: {r.cpu_ratio:.2f}")
-        if r.sync_sps is not None:  # CUDA: measurements moved to the host every step vs every SYNC_K steps
-            from stability.bench import SYNC_K
+        _print_bench(label, o, cfg, run_bench(cfg, steps=steps))
 
-            console.print(
-                f"  stab, train.sync_every={SYNC_K}: {r.sync_sps:8.2f} steps/s   "
-                f"ratio sync_every={SYNC_K} / sync_every=1: {r.sync_ratio:.2f}"
-            )
-        if r.plain_sps is not None:  # detect.opt_state: the signals' own cost
-            console.print(
-                f"  stab without optimizer-state signals: {r.plain_sps:8.2f} steps/s   "
-                f"signals ratio (with / without): {r.signals_ratio:.2f}   by CPU time: {r.signals_cpu_ratio:.2f}"
-            )
-        console.print(
-            f"  snapshot (model, optimizer, schedule, RNG): {r.snapshot_ms:.0f} ms, {r.snapshot_bytes / 2**20:.1f} MiB; "
-            "share of training time at train.snapshot_every="
-            + " / ".join(f"{n}: {r.snapshot_share(n):.2%}" for n in (10, 100, 1000))
+
+def _print_bench(label: str, overrides: list[str], cfg: RunConfig, r: BenchResult) -> None:
+    """One configuration's timings: steps/s of the bare and the instrumented loop and their ratio
+    (wall and CPU time), the sync, optimizer-state, snapshot and tracker costs where measured,
+    the model's FLOPs against the machine's and the per-epoch extras."""
+    console.print(
+        styled(
+            (label, "bold"),
+            f" ({' '.join(overrides) or 'no overrides'}) on {r.device}, {r.threads} thread(s), {r.steps} steps each",
         )
-        if r.log_sps is not None:  # log=...: stab's step feeding the trackers, against stab's step alone
-            console.print(f"  stab + log={','.join(cfg.log)}: {r.log_sps:8.2f} steps/s   log ratio: {r.log_ratio:.2f}")
+    )
+    console.print(f"  bare loop:  {r.bare_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.bare_util:.3f}")
+    console.print(f"  stab loop:  {r.stab_sps:8.2f} steps/s   model FLOP/s / machine matmul FLOP/s = {r.stab_util:.3f}")
+    console.print(f"  ratio: {r.ratio:.2f}   by CPU time of this process: {r.cpu_ratio:.2f}")
+    if r.sync_sps is not None:  # CUDA: measurements moved to the host every step vs every SYNC_K steps
+        from stability.bench import SYNC_K
+
         console.print(
-            f"  model: {r.flops_per_step / 1e9:.3f} GFLOP per step; machine: {r.machine_flops / 1e9:.1f} GFLOP/s (fp32 matmul)"
+            f"  stab, train.sync_every={SYNC_K}: {r.sync_sps:8.2f} steps/s   "
+            f"ratio sync_every={SYNC_K} / sync_every=1: {r.sync_ratio:.2f}"
         )
+    if r.plain_sps is not None:  # detect.opt_state: the signals' own cost
         console.print(
-            f"  per-epoch extras (validation, scream check, health): {r.epoch_extras_s * 1000:.0f} ms "
-            f"= {r.epoch_extras_s / (r.epoch_extras_s + r.epoch_steps_s):.1%} of an epoch"
+            f"  stab without optimizer-state signals: {r.plain_sps:8.2f} steps/s   "
+            f"signals ratio (with / without): {r.signals_ratio:.2f}   by CPU time: {r.signals_cpu_ratio:.2f}"
         )
+    console.print(
+        f"  snapshot (model, optimizer, schedule, RNG): {r.snapshot_ms:.0f} ms, {r.snapshot_bytes / 2**20:.1f} MiB; "
+        "share of training time at train.snapshot_every="
+        + " / ".join(f"{n}: {r.snapshot_share(n):.2%}" for n in (10, 100, 1000))
+    )
+    if r.log_sps is not None:  # log=...: stab's step feeding the trackers, against stab's step alone
+        console.print(f"  stab + log={','.join(cfg.log)}: {r.log_sps:8.2f} steps/s   log ratio: {r.log_ratio:.2f}")
+    console.print(
+        f"  model: {r.flops_per_step / 1e9:.3f} GFLOP per step; machine: {r.machine_flops / 1e9:.1f} GFLOP/s (fp32 matmul)"
+    )
+    console.print(
+        f"  per-epoch extras (validation, scream check, health): {r.epoch_extras_s * 1000:.0f} ms "
+        f"= {r.epoch_extras_s / (r.epoch_extras_s + r.epoch_steps_s):.1%} of an epoch"
+    )
 
 
 def _bench_monitor(overrides: list[str], steps: int) -> None:

@@ -118,8 +118,6 @@ def no_verdict(rec: dr.RunRecord) -> str:
 
 def print_diagnosis(dx: dr.Diagnosis) -> None:
     """Print `stab doctor`'s diagnosis of one run: the verdict, the findings, the ranked fixes."""
-    import pandas as pd  # here, not at import: `stab --help` loads no pandas
-
     rec = dx.record
     console.print(styled(("stab doctor", "bold"), f" {rec.path}"), highlight=False)
     if dx.verdict:
@@ -131,22 +129,7 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
     first = dx.first
     if first is not None:
         console.print(styled(("what went wrong first: ", "bold"), first.evidence), highlight=False)
-    if dx.findings:
-        rows: list[dict[str, Any]] = [
-            {
-                "where": f"step {f.step}"
-                if f.step is not None
-                else f"epoch {f.epoch}"
-                if f.epoch is not None
-                else "run",
-                "finding": f.kind,
-                "evidence": f.evidence,
-            }
-            for f in dx.findings
-            if f.kind != "unstable"
-        ]
-        if rows:
-            console.print(frame_table(pd.DataFrame(rows), title="findings (by where they started)"))
+    _print_findings(dx)
     if not dx.fixes:
         why = (
             "the failure was injected"
@@ -158,8 +141,34 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
         if dx.verdict == vd.INCONCLUSIVE:
             why += "; the run is inconclusive: stab cannot tell yet whether it fails (train longer to judge it)"
         console.print(f"no candidate fix: {why}", highlight=False)
-        print_refused(dx)
-        return
+    else:
+        _print_fixes(dx)
+    print_refused(dx)
+
+
+def _print_findings(dx: dr.Diagnosis) -> None:
+    """The findings table, by where each started (step, epoch or the whole run); the verdict's own
+    `unstable` finding is left out."""
+    import pandas as pd  # here, not at import: `stab --help` loads no pandas
+
+    rows: list[dict[str, Any]] = [
+        {
+            "where": f"step {f.step}" if f.step is not None else f"epoch {f.epoch}" if f.epoch is not None else "run",
+            "finding": f.kind,
+            "evidence": f.evidence,
+        }
+        for f in dx.findings
+        if f.kind != "unstable"
+    ]
+    if rows:
+        console.print(frame_table(pd.DataFrame(rows), title="findings (by where they started)"))
+
+
+def _print_fixes(dx: dr.Diagnosis) -> None:
+    """The ranked fixes with why, the finding each answers and its source; the title says whether
+    they fix a failure or only answer the warnings of an inconclusive or stable run."""
+    import pandas as pd
+
     rows = [
         {
             "rank": i + 1,
@@ -179,7 +188,6 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
         else f"the run is {dx.verdict}: nothing to fix; these answer its warnings"
     )
     console.print(frame_table(pd.DataFrame(rows), title=title))
-    print_refused(dx)
 
 
 def print_refused(dx: dr.Diagnosis) -> None:
@@ -301,25 +309,11 @@ def try_fixes(
     """`stab doctor --try`: train the `n` best-ranked fixes of `dx` from the run's overrides `base`
     (from its snapshot before the first departure, where one was kept) as the sweep RUNS/NAME;
     write doctor.json and doctor.md there and print the comparison. Exit 1 if a fix crashed."""
-    import pandas as pd
-
     from cli.sweepview import report_crashes, run_jobs
     from stability.sweep_engine import Sweep
 
     snap = rewind_snapshot(dx)
-    tries, combos = [], []
-    for fix in dr.candidates(dx, n):
-        combo = fix_overrides(base, fix, snap)
-        try:
-            compose_run(combo)  # a fix the run's model cannot take is skipped before any training
-        except UserError as e:
-            console.print(f"skipped {' '.join(f'{k}={v}' for k, v in fix.items())}: {e}", highlight=False)
-            continue
-        tries.append(fix)
-        combos.append(combo)
-    if not combos:
-        with user_errors():
-            raise UserError(f"none of the fixes for {dx.record.path} can be trained with its model: nothing to try")
+    tries, combos = _trainable_fixes(dx, base, n, snap)
     console.print(
         styled(("stab doctor --try", "bold"), f" {len(combos)} fixes from {' '.join(base) or '(defaults)'}"),
         highlight=False,
@@ -353,6 +347,37 @@ def try_fixes(
     with write_errors():
         write_json(done.sweep_dir / "doctor.json", res)
         atomic_write_text(done.sweep_dir / "doctor.md", dr.try_markdown(res))
+    _print_tries(res)
+    console.print(f"written: {done.sweep_dir / 'doctor.md'}", highlight=False)
+
+
+def _trainable_fixes(
+    dx: dr.Diagnosis, base: list[str], n: int, snap: Path | None
+) -> tuple[list[dict[str, str]], list[list[str]]]:
+    """The `n` best candidate fixes (`dr.candidates`) that compose with the run's model, and each
+    one's job overrides (`fix_overrides`); a fix that does not compose is skipped with a line.
+    UserError when none does."""
+    tries, combos = [], []
+    for fix in dr.candidates(dx, n):
+        combo = fix_overrides(base, fix, snap)
+        try:
+            compose_run(combo)  # a fix the run's model cannot take is skipped before any training
+        except UserError as e:
+            console.print(f"skipped {' '.join(f'{k}={v}' for k, v in fix.items())}: {e}", highlight=False)
+            continue
+        tries.append(fix)
+        combos.append(combo)
+    if not combos:
+        with user_errors():
+            raise UserError(f"none of the fixes for {dx.record.path} can be trained with its model: nothing to try")
+    return tries, combos
+
+
+def _print_tries(res: dict[str, Any]) -> None:
+    """The fixes tried (`dr.outcome`): verdict, final validation loss and its gap to the best fix,
+    then the one-sentence answer."""
+    import pandas as pd
+
     table = [
         {
             "fix": r["fix"],
@@ -371,4 +396,3 @@ def try_fixes(
         )
     )
     console.print(res["sentence"], style="bold", markup=False, highlight=False)
-    console.print(f"written: {done.sweep_dir / 'doctor.md'}", highlight=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -31,6 +32,7 @@ from stability.storage import atomic_write_text, write_json
 
 if TYPE_CHECKING:
     from stability import margin as mg
+    from stability.config import MarginConfig
 
 EARLY = "train.stop_early=true"
 
@@ -55,70 +57,28 @@ def margin(
     ] = None,
 ) -> None:
     """Find each configuration's largest stable learning rate (bracketing, then bisection on a log scale)."""
-    from cli.sweepview import report_crashes, run_jobs
     from stability import margin as mg  # pandas: loaded once the command runs, not by `stab --help`
-    from stability.sweep_engine import Sweep
 
     overrides = list(overrides or [])
-    hydra_args = [o for o in overrides if o.startswith(("hydra.", "hydra/", "+hydra."))]
-    task_args = [o for o in overrides if o not in hydra_args]
     with user_errors():
-        if "/" in name or not name.strip() or name.strip(".") == "":
-            raise UserError(f"--name {name!r} is not allowed: expected a plain folder name")
-        launch.check_launcher(launcher)
-        if jobs is not None and jobs < 1:
-            raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
-        keys = {o.split("=", 1)[0].lstrip("+~") for o in task_args}
-        for bad in ("train.lr", "train.stop_early"):
-            if bad in keys:
-                raise UserError(
-                    f"{bad} is not allowed here: stab margin sets it for each probe "
-                    "(choose the learning rates searched with margin.lo, margin.hi, margin.tolerance)"
-                )
-        seed_args = [o for o in task_args if o.split("=", 1)[0].lstrip("+~") == "seed"]
-        task_args = [o for o in task_args if o not in seed_args]
-        seeds: list[str | None] = [x.strip() for o in seed_args for x in o.split("=", 1)[1].split(",")] or [None]
-        combos = launch.expand(task_args)
-        settings = compose_run(combos[0]).margin  # margin.* values, checked (one line naming a bad one)
-        probe_combos = [[o for o in c if not o.lstrip("+~").startswith("margin.")] for c in combos]
-        labels = config_labels(probe_combos)
-        for c in probe_combos:  # every configuration is valid before any probe runs
-            compose_run(c + [f"train.lr={settings.lo:g}", EARLY])
-        check_writable(runs)  # before the plan is printed
-    by_label = dict(zip(labels, probe_combos))
+        plan = _plan(overrides, runs, name, launcher, jobs)
+    settings = plan.settings
     sweep_dir = (runs / name).resolve()
     K = mg.grid_size(settings.lo, settings.hi, settings.tolerance)
     console.print(
         styled(
             ("stab margin", "bold"),
-            f" {len(combos)} configuration(s), lr {settings.lo:g}..{settings.hi:g} "
+            f" {len(plan.combos)} configuration(s), lr {settings.lo:g}..{settings.hi:g} "
             f"in {K} steps of x{(settings.hi / settings.lo) ** (1 / K):.3g}; at most "
             f"{min(mg.promised_probes(settings.lo, settings.hi, settings.tolerance), settings.steps)} probes each when the "
             f"boundary is inside -> {sweep_dir}",
         ),
         highlight=False,
     )
-    concurrency = [1]
-
-    def probe(batch: list[tuple[str, float]]) -> list[mg.Probe]:
-        jobs_ = [
-            by_label[c] + ([f"seed={x}"] if x is not None else []) + [f"train.lr={lr:g}", EARLY]
-            for c, lr in batch
-            for x in seeds
-        ]
-        done = run_jobs(Sweep(runs, name, launcher, jobs_, jobs, overrides), hydra_args)
-        report_crashes(done)  # a probe that crashed says nothing about stability: stop here (exit 1)
-        concurrency[0] = max(concurrency[0], int(_concurrency_of(done)))
-        out = []
-        for i, (_, lr) in enumerate(batch):  # each seed's run of this (configuration, lr): one probe
-            recs = done.records[i * len(seeds) : (i + 1) * len(seeds)]
-            replicates = [read_probe(sweep_dir / rec["folder"], lr) for rec in recs]
-            out.append(replicates[0] if seeds == [None] else mg.replicate(lr, replicates))
-        return out
-
+    prober = _Prober(plan, runs, name, launcher, jobs, overrides, sweep_dir)
     t0 = time.time()
-    margins = mg.find_margins(labels, probe, settings.lo, settings.hi, settings.tolerance, settings.steps)
-    res = mg.result(margins, settings.lo, settings.hi, settings.tolerance, time.time() - t0, concurrency[0])
+    margins = mg.find_margins(plan.labels, prober.probe, settings.lo, settings.hi, settings.tolerance, settings.steps)
+    res = mg.result(margins, settings.lo, settings.hi, settings.tolerance, time.time() - t0, prober.concurrency)
     with write_errors():
         write_json(sweep_dir / "margin.json", res)
         atomic_write_text(sweep_dir / "margin.md", mg.markdown(res))
@@ -127,6 +87,96 @@ def margin(
         f"written: {sweep_dir / 'margin.md'}, {sweep_dir / 'margin.json'} ({shell_command('stab', 'report', sweep_dir)} for every probe)",
         highlight=False,
     )
+
+
+@dataclass
+class _Plan:
+    """A margin search, checked: the configurations compared and their labels, the seeds each
+    probe trains, the margin.* settings and the Hydra arguments passed to every sweep."""
+
+    hydra_args: list[str]  # hydra.* overrides, for the launcher
+    seeds: list[str | None]  # seed=0,1,2 split into one probe run each; [None]: the config's own seed
+    combos: list[list[str]]  # every configuration's overrides (comma lists expanded)
+    probe_combos: list[list[str]]  # the same without margin.* keys: what a probe trains
+    labels: list[str]  # each configuration named by what differs (`config_labels`)
+    settings: MarginConfig  # margin.* of the first configuration (lo, hi, tolerance, steps)
+
+
+def _plan(overrides: list[str], runs: Path, name: str, launcher: str, jobs: int | None) -> _Plan:
+    """Check every argument before any probe runs (one-line UserError naming a bad one): the name,
+    launcher and --jobs; no train.lr or train.stop_early (the search sets them); every
+    configuration composes at margin.lo; --runs is writable."""
+    hydra_args = [o for o in overrides if o.startswith(("hydra.", "hydra/", "+hydra."))]
+    task_args = [o for o in overrides if o not in hydra_args]
+    if "/" in name or not name.strip() or name.strip(".") == "":
+        raise UserError(f"--name {name!r} is not allowed: expected a plain folder name")
+    launch.check_launcher(launcher)
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs {jobs} is not allowed: expected an integer >= 1")
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in task_args}
+    for bad in ("train.lr", "train.stop_early"):
+        if bad in keys:
+            raise UserError(
+                f"{bad} is not allowed here: stab margin sets it for each probe "
+                "(choose the learning rates searched with margin.lo, margin.hi, margin.tolerance)"
+            )
+    seed_args = [o for o in task_args if o.split("=", 1)[0].lstrip("+~") == "seed"]
+    task_args = [o for o in task_args if o not in seed_args]
+    seeds: list[str | None] = [x.strip() for o in seed_args for x in o.split("=", 1)[1].split(",")] or [None]
+    combos = launch.expand(task_args)
+    settings = compose_run(combos[0]).margin  # margin.* values, checked (one line naming a bad one)
+    probe_combos = [[o for o in c if not o.lstrip("+~").startswith("margin.")] for c in combos]
+    labels = config_labels(probe_combos)
+    for c in probe_combos:  # every configuration is valid before any probe runs
+        compose_run(c + [f"train.lr={settings.lo:g}", EARLY])
+    check_writable(runs)  # before the plan is printed
+    return _Plan(hydra_args, seeds, combos, probe_combos, labels, settings)
+
+
+class _Prober:
+    """`probe(batch)` for `margin.find_margins`: one round of the search, each (configuration,
+    learning rate) of `batch` trained for every seed, as one sweep; exit 1 if a probe crashed.
+    `concurrency` is the most jobs a round ran at once."""
+
+    def __init__(
+        self,
+        plan: _Plan,
+        runs: Path,
+        name: str,
+        launcher: str,
+        jobs: int | None,
+        overrides: list[str],
+        sweep_dir: Path,
+    ) -> None:
+        self.plan, self.runs, self.name, self.launcher, self.jobs = plan, runs, name, launcher, jobs
+        self.overrides, self.sweep_dir = overrides, sweep_dir
+        self.by_label = dict(zip(plan.labels, plan.probe_combos))
+        self.concurrency = 1
+
+    def probe(self, batch: list[tuple[str, float]]) -> list[mg.Probe]:
+        """One probe per (configuration label, learning rate): each seed's verdict at that lr
+        (`read_probe`), pooled by `margin.replicate` when seeds were given."""
+        from cli.sweepview import report_crashes, run_jobs
+        from stability import margin as mg
+        from stability.sweep_engine import Sweep
+
+        seeds = self.plan.seeds
+        jobs_ = [
+            self.by_label[c] + ([f"seed={x}"] if x is not None else []) + [f"train.lr={lr:g}", EARLY]
+            for c, lr in batch
+            for x in seeds
+        ]
+        done = run_jobs(
+            Sweep(self.runs, self.name, self.launcher, jobs_, self.jobs, self.overrides), self.plan.hydra_args
+        )
+        report_crashes(done)  # a probe that crashed says nothing about stability: stop here (exit 1)
+        self.concurrency = max(self.concurrency, int(_concurrency_of(done)))
+        out = []
+        for i, (_, lr) in enumerate(batch):  # each seed's run of this (configuration, lr): one probe
+            recs = done.records[i * len(seeds) : (i + 1) * len(seeds)]
+            replicates = [read_probe(self.sweep_dir / rec["folder"], lr) for rec in recs]
+            out.append(replicates[0] if seeds == [None] else mg.replicate(lr, replicates))
+        return out
 
 
 def _concurrency_of(done: Any) -> int:

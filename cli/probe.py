@@ -21,6 +21,8 @@ from stability.storage import atomic_write_bytes, atomic_write_text
 if TYPE_CHECKING:
     import pandas as pd
 
+    from stability.config import RunConfig
+
 app = typer.Typer(help="Probes of a model's state, e.g. gradients at initialisation.", no_args_is_help=True)
 
 
@@ -55,43 +57,58 @@ def init(
         charlm = any(o.replace(" ", "") == "model=charlm" for o in overrides)
         overrides = ["model.init_std=0", *(["model.embed_scale=true"] if charlm else []), *overrides]
     with user_errors():
-        try:
-            depth_list = [int(d) for d in depths.split(",")]
-        except ValueError:
-            raise UserError(
-                f"--depths {depths!r} is not allowed: expected a comma list of integers, e.g. 2,6,12"
-            ) from None
-        if any(d < 1 or d > 96 for d in depth_list):
-            raise UserError(f"--depths {depths!r} is not allowed: each depth must be 1..96")
-        if batches < 1:
-            raise UserError(f"--batches {batches} is not allowed: expected an integer >= 1")
-        try:
-            seed_list = list(dict.fromkeys(int(x) for x in seeds.split(",")))
-        except ValueError:
-            raise UserError(
-                f"--seeds {seeds!r} is not allowed: expected a comma list of integers, e.g. 0,1,2"
-            ) from None
-        if any(o.lstrip("+~").startswith("seed=") for o in overrides):
-            raise UserError("seed=... is not allowed here: pass the seeds with --seeds (e.g. --seeds 0,1,2)")
-        cfgs = [compose_run([*overrides, f"seed={x}"]) for x in seed_list]
-        cfg = cfgs[0]
-        check_writable(out, "--out")  # before the probe's work, not after it
-        if cfg.model.name == "custom":  # it sets stab's n_layers and norm and reads stab's block.mlp.proj
-            raise UserError(
-                "stab probe init is for stab's own models (model=cascade or model=charlm): it sets their "
-                "depth and norm placement; a custom model's are its factory's"
-            )
+        depth_list, seed_list, cfgs = _check(overrides, depths, batches, seeds, out)
     import pandas as pd
 
-    from stability.probe import compare, growth
-    from stability.report.factors import median_interval
+    from stability.probe import compare
 
     rows = [{"seed": x, **r} for x, c in zip(seed_list, cfgs) for r in compare(c, depth_list, ["pre", "post"], batches)]
     df = pd.DataFrame(rows)
     with write_errors():  # a full disk: one line naming the file, exit 1
         atomic_write_text(out / "probe_init.csv", df.to_csv(index=False))
+    console.print(_table(df, batches, len(seed_list)))
+    with write_errors():
+        _plot(df, out / "probe_init.png")
+    console.print(f"wrote {out / 'probe_init.csv'} and {out / 'probe_init.png'}")
+
+
+def _check(
+    overrides: list[str], depths: str, batches: int, seeds: str, out: Path
+) -> tuple[list[int], list[int], list[RunConfig]]:
+    """The depths, the seeds (duplicates dropped) and one config per seed, each checked before the
+    probe's work: a one-line UserError naming a bad --depths, --batches, --seeds, a seed=
+    override, an --out that cannot be written or a custom model."""
+    try:
+        depth_list = [int(d) for d in depths.split(",")]
+    except ValueError:
+        raise UserError(f"--depths {depths!r} is not allowed: expected a comma list of integers, e.g. 2,6,12") from None
+    if any(d < 1 or d > 96 for d in depth_list):
+        raise UserError(f"--depths {depths!r} is not allowed: each depth must be 1..96")
+    if batches < 1:
+        raise UserError(f"--batches {batches} is not allowed: expected an integer >= 1")
+    try:
+        seed_list = list(dict.fromkeys(int(x) for x in seeds.split(",")))
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r} is not allowed: expected a comma list of integers, e.g. 0,1,2") from None
+    if any(o.lstrip("+~").startswith("seed=") for o in overrides):
+        raise UserError("seed=... is not allowed here: pass the seeds with --seeds (e.g. --seeds 0,1,2)")
+    cfgs = [compose_run([*overrides, f"seed={x}"]) for x in seed_list]
+    check_writable(out, "--out")  # before the probe's work, not after it
+    if cfgs[0].model.name == "custom":  # it sets stab's n_layers and norm and reads stab's block.mlp.proj
+        raise UserError(
+            "stab probe init is for stab's own models (model=cascade or model=charlm): it sets their "
+            "depth and norm placement; a custom model's are its factory's"
+        )
+    return depth_list, seed_list, cfgs
+
+
+def _table(df: pd.DataFrame, batches: int, n: int) -> Table:
+    """The last stage's per-layer norms (median over the `n` seeds) and the last/first ratio per
+    depth and norm placement; with several seeds, the ratio's interval and each seed's ratio."""
+    from stability.probe import growth
+    from stability.report.factors import median_interval
+
     last_stage = df["stage"].iloc[-1]
-    n = len(seed_list)
     t = Table(
         title=f"||mean grad of MLP output weight||_F at init, {last_stage or 'the model'}, K={batches} batches, "
         f"{n} seed(s)" + (" (per layer: median over seeds)" if n > 1 else "")
@@ -112,10 +129,7 @@ def init(
         if n > 1:
             cells += [f"{fmt(lo, 3)}..{fmt(hi, 3)} ({cov:.0%})", " ".join(fmt(r, 3) for r in ratios)]
         t.add_row(*cells)
-    console.print(t)
-    with write_errors():
-        _plot(df, out / "probe_init.png")
-    console.print(f"wrote {out / 'probe_init.csv'} and {out / 'probe_init.png'}")
+    return t
 
 
 def _plot(df: pd.DataFrame, path: Path) -> None:

@@ -68,36 +68,8 @@ def run(
 ) -> None:
     """Train one configuration and write its run folder."""
     overrides = list(overrides or [])
-    from stability import distributed
-
     with user_errors():
-        dirs = config_dirs(config_dir)
-        try:
-            world = distributed.World.from_env()
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if nproc is not None and nproc < 1:
-            raise UserError(f"--nproc {nproc} is not allowed: expected an integer >= 1")
-        if nproc is not None and nproc > 1 and world.distributed:
-            raise UserError(
-                f"--nproc {nproc} is not allowed here: this process is already rank {world.rank} of "
-                f"{world.size} (started by torchrun or srun); drop --nproc"
-            )
-        cfg = compose_run(overrides, dirs)
-        try:
-            distributed.check_batch(cfg.train.batch_size, nproc or world.size)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        from cli.launch import with_declared_grid
-
-        grid = with_declared_grid(overrides, dirs)[len(overrides) :]
-        if grid:  # e.g. experiment=story: its grid is under hydra.sweeper.params, which only a sweep reads
-            raise UserError(
-                f"{' '.join(o for o in overrides if o.startswith(('experiment=', '+experiment=')))} declares "
-                f"a sweep grid ({' '.join(grid)}): run it with `{shell_command('stab', 'sweep', *overrides)}`"
-            )
-        check_writable(runs)
-        preflight(cfg)
+        cfg, world = _check(overrides, runs, config_dir, nproc)
     if nproc is not None and nproc > 1:  # this process only launches; its children run the code below
         _launch(nproc, runs, overrides, config_dir or [])
         return
@@ -110,6 +82,44 @@ def run(
         except OSError as e:
             raise StorageError(e.filename or runs / "run", e) from e
     _train_and_print(cfg, run_dir, overrides)
+
+
+def _check(
+    overrides: list[str], runs: Path, config_dir: list[Path] | None, nproc: int | None
+) -> tuple[RunConfig, World]:
+    """The composed config and this process's place in a distributed run, everything checked
+    before any work (a one-line UserError): the world from the environment, --nproc, the batch
+    split over the processes, an experiment that declares a grid (a sweep's), --runs writable and
+    the preflight (data, trackers, device)."""
+    from cli.launch import with_declared_grid
+    from stability import distributed
+
+    dirs = config_dirs(config_dir)
+    try:
+        world = distributed.World.from_env()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc {nproc} is not allowed: expected an integer >= 1")
+    if nproc is not None and nproc > 1 and world.distributed:
+        raise UserError(
+            f"--nproc {nproc} is not allowed here: this process is already rank {world.rank} of "
+            f"{world.size} (started by torchrun or srun); drop --nproc"
+        )
+    cfg = compose_run(overrides, dirs)
+    try:
+        distributed.check_batch(cfg.train.batch_size, nproc or world.size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    grid = with_declared_grid(overrides, dirs)[len(overrides) :]
+    if grid:  # e.g. experiment=story: its grid is under hydra.sweeper.params, which only a sweep reads
+        raise UserError(
+            f"{' '.join(o for o in overrides if o.startswith(('experiment=', '+experiment=')))} declares "
+            f"a sweep grid ({' '.join(grid)}): run it with `{shell_command('stab', 'sweep', *overrides)}`"
+        )
+    check_writable(runs)
+    preflight(cfg)
+    return cfg, world
 
 
 def _folder(overrides: list[str]) -> str:
