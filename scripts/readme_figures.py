@@ -600,7 +600,7 @@ FIGURES = (
         ),
         (
             *DETECT,
-            "stability/doctor.py",
+            "stability/doctor/*.py",
             "cli/doctor.py",
             "stability/models/cascade.py",
             "stability/models/layers.py",
