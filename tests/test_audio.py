@@ -163,6 +163,29 @@ def test_touching_a_file_or_changing_the_segmenting_encodes_again(tmp_path):
     assert cache_key(cfg) != key
 
 
+def test_a_load_takes_the_plan_of_the_check_before_it_and_a_later_load_scans_afresh(tmp_path, monkeypatch):
+    """`stab run` checks its data, then loads it: the load takes the check's plan (the folder's
+    listing, the cache key, the decoded split) instead of scanning and keying the folder again;
+    a load with no check before it sees the folder as it is now (a touched file is a new key)."""
+    from stability.config import DataConfig
+    from stability.workloads.cascade import data as data_mod
+
+    folder = make_folder(tmp_path / "pairs")
+    cfg = DataConfig(name="folder", path=str(folder), seconds=SEG, n_val=2, cache_dir=str(tmp_path / "cache"))
+    scans: list[str] = []
+    real_scan = data_mod.scan_folder
+    monkeypatch.setattr(data_mod, "scan_folder", lambda path: scans.append(path) or real_scan(path))
+    data_mod.check_audio(cfg)
+    first = data_mod.load_latents(cfg)
+    assert scans == [str(folder)]  # one scan for the check and the load (two before the plan was handed on)
+    assert first.info["cache"]["hit"] is False and len(first.train_input) == 4 and len(first.val_input) == 2
+    f = folder / "target" / "b_mono16k.wav"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000_000))
+    again = data_mod.load_latents(cfg)
+    assert len(scans) == 2 and again.info["cache"]["key"] != first.info["cache"]["key"]
+    assert again.info["cache"]["hit"] is False  # the touched folder is encoded again, not read from the entry
+
+
 # --- bad input: one line, exit 2, before any training ---------------------------------------
 
 
