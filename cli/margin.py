@@ -211,7 +211,7 @@ def read_probe(run_dir: Path, lr: float) -> mg.Probe:
         initial_loss=initial_loss(run_dir),
         wall_s=float(s.get("wall_s", math.nan)),
         stopped_early=bool(s.get("stopped_early")),
-        borderline=[str(b.get("what", "?")) for b in vd.in_doubt(verdict, s.get("borderline"))]
+        borderline=[str(b.get("what", "?")) for b in vd.in_doubt(verdict, s.get("borderline"), s.get("flags"))]
         + [str(w["warning"]) for w in s.get("warnings") or [] if w.get("warning") in ("undertrained", "never_learned")],
     )
 

@@ -222,6 +222,10 @@ def test_a_collapse_is_not_erased_by_one_epoch_just_under_the_threshold_nor_by_r
         e.update(scores=s, target_scores=target)
     found = _diag(eps, init={"val_loss": 11.0}, scream=sc)
     assert found["verdict"] == "scream" and found["scream_epoch"] == 4 and "to the end" in found["evidence"]
+    # its epoch line says `collapsed: false` for epoch 12 (0.58 < 0.6): the verdict says why it still counts
+    assert eps[-1]["collapsed"] is False
+    assert "epoch 12 at 0.97 of its threshold" in found["evidence"] and "hysteresis" in found["evidence"]
+    assert "epoch 11 at" not in found["evidence"]  # past the threshold on its own: nothing to explain
     # without hysteresis the last epoch would end the collapse; it still counts: a collapse need not last to the end
     for e, d in zip(eps, [0.3, 0.35, 0.4] + [0.9] * 8 + [0.2]):
         e["scores"] = {"dominant": d, "longest_run": 0.1}
@@ -285,6 +289,22 @@ def test_a_borderline_value_puts_in_doubt_only_the_verdicts_its_threshold_can_mo
     assert vd.in_doubt("exploding", [growth]) == [growth] and vd.in_doubt("nan", [growth]) == []
     assert vd.in_doubt("stable", [{"what": "something new"}]) == [{"what": "something new"}]  # unknown: doubt
     assert vd.in_doubt("failed", [b]) == []
+
+
+def test_a_borderline_growth_does_not_put_in_doubt_a_run_unstable_without_it():
+    """The newcomer's lr-10 probes: grad norm growth 2.05x per epoch against 2.0 (borderline), and
+    a validation loss that ended hundreds of times above its start. `exploding` or `diverged`, the
+    run is unstable: the report must count it, not set it aside as borderline."""
+    norms = [1.0, 2.05, 2.05**2, 2.05**3]
+    blew = _diag(_epochs(norms, val=[40.0, 400.0, 1500.0, 3730.0]), init={"val_loss": 10.0})
+    assert blew["verdict"] == "exploding" and {f["flag"] for f in blew["flags"]} >= {"exploding", "diverged"}
+    assert [b["what"] for b in blew["borderline"]] == ["grad norm growth"]
+    assert vd.in_doubt(blew["verdict"], blew["borderline"]) == blew["borderline"]  # the name may move
+    assert vd.in_doubt(blew["verdict"], blew["borderline"], blew["flags"]) == []  # unstable it stays
+    # the same growth with a loss that fell: exploding or stable is a toss-up, in doubt
+    fell = _diag(_epochs(norms, val=[9.0, 8.0, 7.0, 6.0]), init={"val_loss": 10.0})
+    assert fell["verdict"] == "exploding" and "diverged" not in {f["flag"] for f in fell["flags"]}
+    assert vd.in_doubt(fell["verdict"], fell["borderline"], fell["flags"]) == fell["borderline"]
 
 
 def _collapse_run(val, collapsed, init_val=25.4, init_collapsed=False):

@@ -67,6 +67,25 @@ def _level(epoch: dict[str, Any], sc: Any) -> float | None:
     )
 
 
+def held_text(col: Collapse, a: int, b: int, band: float) -> str:
+    """The epochs of the collapse a..b that only the hysteresis keeps collapsed (their level below
+    1, within `band` of it), as a clause: an epoch line or epochs.jsonl shows them not collapsed
+    (`collapsed: false`, the raw threshold), and the verdict must say why it still counts them.
+    "" when every epoch of the stretch is past the threshold itself."""
+    held = [
+        (ep, lv)
+        for ep, lv, st in zip(col.epochs, col.levels, col.states)
+        if a <= ep <= b and st and lv is not None and math.isfinite(lv) and lv < 1.0
+    ]
+    if not held:
+        return ""
+    shown = ", ".join(f"epoch {ep} at {lv:.2f}" for ep, lv in held)
+    return (
+        f" ({shown} of its threshold: below it, so not collapsed on its own line, but within the "
+        f"{band:.0%} hysteresis band (detect.band), so the collapse is held, not ended)"
+    )
+
+
 def judge_scream(
     found: Findings, col: Collapse, loss: Loss, init_collapsed: bool, min_epochs: int, learning_rate: float
 ) -> int | None:
@@ -84,7 +103,7 @@ def judge_scream(
         if b != col.last_eval and math.isfinite(through) and through > learning_rate:
             _transient_collapse(found, a, b, through, learning_rate)
         elif b == col.last_eval and math.isfinite(rate) and rate > learning_rate and not (loss.ratio > 1.0):
-            _undertrained(found, a, rate, learning_rate)
+            _undertrained(found, a, rate, learning_rate, held_text(col, a, b, found.band))
         elif (
             a == col.first_eval
             and b == col.last_eval
@@ -125,12 +144,12 @@ def _transient_collapse(found: Findings, a: int, b: int, through: float, learnin
         )
 
 
-def _undertrained(found: Findings, a: int, rate: float, learning_rate: float) -> None:
+def _undertrained(found: Findings, a: int, rate: float, learning_rate: float, held: str = "") -> None:
     """Collapsed from epoch `a` to the end while the loss still falls `rate` per epoch: an
     undertrained model (a char LM after 3 epochs emits one character, whatever its learning rate)
     and a scream look the same here. Not a scream, and not `stable` either: `inconclusive`."""
     why = (
-        f"output collapsed from epoch {a} to the end while the validation loss is still falling "
+        f"output collapsed from epoch {a} to the end{held} while the validation loss is still falling "
         f"({rate:.0%} per epoch, > {learning_rate:.0%}: detect.scream.learning) and below its start: "
         "an undertrained model and a scream look the same here; train longer"
     )
@@ -173,7 +192,7 @@ def _scream_flag(found: Findings, col: Collapse, a: int, b: int, count: int, min
             "flag": "scream",
             "epoch": a,
             "evidence": f"output collapsed to repeated tokens from epoch {a}{to_end} ({count} evaluated "
-            f"epochs collapsed, >= {min_epochs})",
+            f"epochs collapsed, >= {min_epochs}){held_text(col, a, b, found.band)}",
         }
     )
     peak_level = max(

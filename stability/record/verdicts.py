@@ -123,20 +123,32 @@ BORDERLINE_DECIDES = {
 }
 
 
-def in_doubt(name: str | None, borderline: Iterable[dict] | None) -> list[dict]:
+def in_doubt(name: str | None, borderline: Iterable[dict] | None, flags: Iterable[dict] | None = None) -> list[dict]:
     """The borderline findings that could change the verdict `name`: those whose threshold decides
     that verdict or a more severe one. A value near the divergence threshold leaves a `nan` or
     `exploding` run as it is (either outranks `diverged`), but makes a `diverged`, `scream` or
     `stable` run uncertain. A finding of an unknown kind is kept (counted as doubt).
 
+    With the run's `flags` (summary.json's), an unstable run none of whose doubts can make it
+    stable is not in doubt: an `exploding` run whose growth sits near its threshold but whose loss
+    ended 373x above its start is `diverged` without it, unstable either way. The verdict's name may
+    move; whether the run counts as unstable does not.
+
         in_doubt("nan", [{"what": "final loss"}])      # []: a NaN is a NaN
         in_doubt("stable", [{"what": "final loss"}])   # [{"what": "final loss"}]
+        in_doubt("exploding", [{"what": "grad norm growth"}],
+                 [{"flag": "exploding"}, {"flag": "diverged"}])   # []: diverged without it
     """
     if name not in BY_NAME:
         return []
     rank = SEVERITY.index(name)
-    return [
+    doubts = [
         b
         for b in borderline or []
         if (decides := BORDERLINE_DECIDES.get(str(b.get("what")))) is None or SEVERITY.index(decides) <= rank
     ]
+    if doubts and flags is not None and is_unstable(name):
+        shaky = {BORDERLINE_DECIDES.get(str(b.get("what"))) for b in doubts}
+        if None not in shaky and any(is_unstable(f.get("flag")) and f.get("flag") not in shaky for f in flags):
+            return []  # another unstable finding stands whatever the borderline values do
+    return doubts

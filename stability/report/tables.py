@@ -250,7 +250,9 @@ def _counted(r: Run) -> bool:
     """A run that counts towards the unstable share: judged, not inconclusive, and no borderline
     finding that could change its verdict (`verdicts.in_doubt`: a NaN run near the divergence
     threshold is still a NaN run)."""
-    return r.verdict not in NOT_JUDGED and not vd.in_doubt(r.verdict, r.summary.get("borderline"))
+    return r.verdict not in NOT_JUDGED and not vd.in_doubt(
+        r.verdict, r.summary.get("borderline"), r.summary.get("flags")
+    )
 
 
 ANSWER_COLUMNS = [
@@ -362,7 +364,9 @@ def _not_counted_aside(runs: Sequence[Run], judged: Sequence[Run]) -> str:
     n_under, n_never = reasons.count("undertrained"), reasons.count("never_learned")
     n_inc = len(reasons) - n_under - n_never
     n_border = sum(
-        r.verdict not in NOT_JUDGED and bool(vd.in_doubt(r.verdict, r.summary.get("borderline"))) for r in judged
+        r.verdict not in NOT_JUDGED
+        and bool(vd.in_doubt(r.verdict, r.summary.get("borderline"), r.summary.get("flags")))
+        for r in judged
     )
     others = len(runs) - len(judged) - crashed  # still running, interrupted, unreadable
     return "".join(
