@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from stability.report import factors, load_runs, sort_runs
+from stability.report.grouped import plot_grouped
 from stability.report.stepplots import (
     departure_frame,
     departure_table,
     plot_departure,
-    plot_grouped,
     plot_steps,
 )
 from stability.report.steps import (

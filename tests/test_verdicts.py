@@ -90,11 +90,11 @@ def test_the_doctor_answers_a_diverged_run_with_a_lower_learning_rate_not_nothin
 
 
 def test_one_run_is_an_untested_answer_with_its_interval_and_the_seeds_it_needs(runs):
-    from stability.report import tables
+    from stability.report.answer import answer
 
     bad = [r for r in rep.load_runs(runs / "grid") if "train.lr=10" in str(r.path)]
     assert len(bad) == 1 and bad[0].verdict in ("diverged", "exploding", "nan")
-    _, one = tables.answer(bad, [])
+    _, one = answer(bad, [])
     assert one.startswith("The one judged run is unstable: untested, 1 run(s) of this configuration")
     assert "1/1 unstable is a 95% interval of 21%..100% (Wilson)" in one and "about 4 seeds" in one
     assert "no value of any factor fixed it" not in one  # a claim one run cannot make

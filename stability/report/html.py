@@ -174,8 +174,9 @@ def html_report(report: Any, names: dict[str, str]) -> str:
 def _table_sections(report: Any, names: dict[str, str]) -> list[tuple[str, str]]:
     """(title, HTML) of the answer, the runs (each row linking to its section), by factor and the
     learning-rate sensitivity, where the report has them."""
+    from stability.report.answer import answer_display
     from stability.report.markdown import ANSWER_TITLE
-    from stability.report.tables import answer_display, factor_display, lr_display
+    from stability.report.tables import factor_display, lr_display
 
     runs = report.runs
     sections: list[tuple[str, str]] = []
@@ -232,7 +233,7 @@ def _plot_sections(report: Any) -> list[tuple[str, str]]:
 def _run_section(report: Any, r: Run, names: dict[str, str]) -> str:
     """One run's section: folder, state, final loss, evidence, warnings, its plots and events."""
     from stability.formatting import format_number
-    from stability.report.tables import events_frame
+    from stability.report.runtables import events_frame
 
     parts = [
         (

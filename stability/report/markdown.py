@@ -19,13 +19,14 @@ import pandas as pd
 
 from stability.formatting import format_number
 from stability.record import verdicts as vd
+from stability.report.answer import answer_display
 from stability.report.loading import Run
 from stability.report.plots import _slug
-from stability.report.tables import answer_display, factor_display, lr_display
+from stability.report.tables import factor_display, lr_display
 from stability.storage import atomic_write_text
 
 if TYPE_CHECKING:
-    from stability.report import Report
+    from stability.report.result import Report
 
 PLOTS = "plots"
 # the answer table's title, for the terminal and report.html: every unstable verdict, named from
