@@ -134,6 +134,8 @@ def print_diagnosis(dx: dr.Diagnosis) -> None:
         why = (
             "the failure was injected"
             if any(f.kind == "injected_fault" for f in dx.findings)
+            else "the data is non-finite: clean or filter it"
+            if any(f.kind == "data_nonfinite" for f in dx.findings)
             else "the model cannot take any fix the rules propose"
             if dx.refused
             else "no rule matches these records"

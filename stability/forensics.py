@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from stability import distributed
 from stability.instrument import NonFiniteProbe
-from stability.outputs import map_tensors, poison
+from stability.outputs import map_tensors, poison, tensors
 from stability.steplayout import StepLayout
 from stability.storage import atomic_write_bytes
 
@@ -151,7 +151,9 @@ def first_nan(
 ) -> dict[str, Any]:
     """Locate the first non-finite value of the run (`locate`, on the uncompiled model), save
     what `stab replay` needs when there is a batch, and record the `first_nan` event; returns
-    its fields. `work.loss(batch)` recomputes a batch's loss (`rerun=False`: it cannot)."""
+    its fields. `work.loss(batch)` recomputes a batch's loss (`rerun=False`: it cannot).
+    `batch_finite` (where the batch is known): False when the batch's own floating-point tensors
+    hold NaN or inf, so the data is what went non-finite."""
     loss, total = float(layout.take(host, "loss")[0]), float(layout.take(host, "grad_norm")[0])
     with eager(work):
         found, batch = locate(work.loss if rerun else None, work.model, groups, batches, host, layout)
@@ -165,6 +167,8 @@ def first_nan(
             "grad_norm": total,
         }
         if batch is not None:
+            # NaN or inf in the batch's own tensors: the data, not the training, went non-finite
+            ev["batch_finite"] = all(bool(torch.isfinite(t).all()) for t in tensors(batch) if t.is_floating_point())
             idx = indices if indices is not None else torch.zeros(0, dtype=torch.long)
             ev["forensics"] = (
                 save(writer.dir, work, opt, sched, batch, idx, ev) if writer.writes else "forensics/state.pt"

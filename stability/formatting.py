@@ -26,7 +26,14 @@ def format_number(x: Any, digits: int = 3) -> str:
 def nan_place(ev: Mapping[str, Any]) -> str:
     """Where a first_nan event says the non-finite value started, in words: `in X (located, forward
     pass)` or `not located (not reproduced; candidates: a, b)` (`stability.forensics`); an event
-    written before attribution existed (no `how`) as it said."""
+    written before attribution existed (no `how`) as it said; with `; the input batch itself holds
+    NaN or inf (the data)` where the event's `batch_finite` is False."""
+    if ev.get("batch_finite") is False:  # the batch itself held NaN or inf: say so first
+        return _nan_place(ev) + "; the input batch itself holds NaN or inf (the data)"
+    return _nan_place(ev)
+
+
+def _nan_place(ev: Mapping[str, Any]) -> str:
     how = ev.get("how")
     if how is None:
         return f"in {ev.get('module', '?')}"

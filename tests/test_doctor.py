@@ -13,7 +13,7 @@ import yaml
 from stability import doctor as dr
 from stability.config import OPERATIONAL_KEYS
 from stability.record import verdicts as vd
-from stability.storage import append_jsonl, write_json
+from stability.storage import append_jsonl, read_jsonl, write_json
 from tests.conftest import only_run, read_json
 
 GROUPS = ["stage0.in_proj", "stage2.layer0.attn", "stage2.layer0.mlp", "stage2.output_proj"]
@@ -314,3 +314,33 @@ def test_a_custom_model_is_offered_only_fixes_it_reads_and_try_trains_them(cli, 
         assert t["verdict"] == read_json(folder / "summary.json")["verdict"]
         cfg = yaml.safe_load((folder / "config.yaml").read_text())
         assert cfg["train"]["warmup"] == (12 if "warmup=12" in t["fix"] else 10)
+
+
+def test_a_nan_in_the_data_is_named_as_the_data_and_gets_no_training_fix(cli, tmp_path, monkeypatch):
+    """The newcomer's ViT with one NaN pixel in a training image: the first NaN is located in the
+    patch embedding, and the run, `stab show` and the doctor say the batch itself held it. The
+    doctor ranked `train.lr=0.001` first ("unstable at this learning rate"): no learning rate
+    fixes a NaN in the data."""
+    (tmp_path / "nan_vit.py").write_text(
+        "from examples.vit import build as vit\n\n\n"
+        "def build(n: int = 128):\n"
+        "    parts = vit(n=n)\n"
+        "    x, y = parts['train']\n"
+        "    x = x.clone()\n"
+        "    x[30].view(-1)[0] = float('nan')\n"
+        "    parts['train'] = (x, y)\n"
+        "    return parts\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = cli("run", "--runs", tmp_path / "runs", "model=custom", "model._target_=nan_vit.build", "preset=smoke")
+    run = only_run(tmp_path / "runs")
+    summary = read_json(run / "summary.json")
+    (ev,) = [e for e in read_jsonl(run / "events.jsonl")[0] if e["event"] == "first_nan"]
+    assert summary["verdict"] == "nan" and ev["batch_finite"] is False and ev["module"].startswith("embed")
+    assert "the input batch itself holds NaN or inf (the data)" in " ".join(result.output.split())
+    rec = dr.read_run(run)
+    dx = dr.examine(rec)
+    assert dx.first is not None and dx.first.kind == "data_nonfinite" and dx.fixes == []
+    out = " ".join(cli("doctor", run).output.split())
+    assert f"batch {ev['batch']} (step {ev['step']}) holds NaN or inf in its own tensors" in out
+    assert "no candidate fix: the data is non-finite: clean or filter it" in out and "train.lr=" not in out

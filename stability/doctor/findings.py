@@ -148,6 +148,7 @@ def find(rec: RunRecord) -> list[Finding]:
     out += _clamp(rec)
     out += _clip_always(rec)
     out += _warmup_spike(rec)
+    out += _nonfinite_data(rec)
     injected = {k: rec.get(f"fault.{k}") for k in ("nan_at_step", "spike_at_step", "crash_at_step")}
     injected = {k: v for k, v in injected.items() if v is not None}
     if injected:
@@ -388,5 +389,25 @@ def _warmup_spike(rec: RunRecord) -> list[Finding]:
             evidence=f"{'loss' if key == 'loss' else 'grad norm'} spike at step {step} "
             f"({_float(rec.steps[i].get(key)):.3g}), {step - warmup + 1} step(s) after the "
             f"{warmup}-step warmup ended",
+        )
+    ]
+
+
+def _nonfinite_data(rec: RunRecord) -> list[Finding]:
+    """`data_nonfinite`: the first non-finite value came with a batch whose own tensors hold NaN or
+    inf (the first_nan event's `batch_finite`), so no learning rate, norm or clip removes it: the
+    data needs cleaning or filtering. `stab replay RUN` re-runs that step on the saved batch."""
+    nan = rec.summary.get("first_nan") or next((e for e in rec.events if e.get("event") == "first_nan"), None)
+    if not nan or nan.get("batch_finite") is not False:
+        return []
+    return [
+        Finding(
+            "data_nonfinite",
+            step=nan.get("step"),
+            epoch=nan.get("epoch"),
+            detail={"batch": nan.get("batch")},
+            evidence=f"the training batch at epoch {nan.get('epoch')}, batch {nan.get('batch')} (step "
+            f"{nan.get('step')}) holds NaN or inf in its own tensors: the data went non-finite, not the "
+            "training; no change of configuration removes it: clean or filter the data",
         )
     ]

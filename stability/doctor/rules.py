@@ -186,12 +186,19 @@ class Diagnosis:
 
     @property
     def first(self) -> Finding | None:
-        """What went wrong first: where the gradients left their baseline, else the earliest
+        """What went wrong first: a non-finite batch, else where the gradients left their baseline, else the earliest
         finding with a step (a clamp bound from step 0 is a condition, not the event)."""
+        data = [f for f in self.findings if f.kind == "data_nonfinite"]
+        if data:  # a non-finite batch explains the first NaN, whatever the gradients did before it
+            return data[0]
         located = [f for f in self.findings if f.kind == "grad_departure"] or [
             f for f in self.findings if f.step is not None
         ]
         return located[0] if located else (self.findings[0] if self.findings else None)
+
+
+# Findings no configuration change removes: an injected fault, non-finite data.
+NO_FIX = ("injected_fault", "data_nonfinite")
 
 
 def examine(
@@ -204,7 +211,7 @@ def examine(
     cannot take a fix (the one line `stab run` would refuse it with: `qk_norm=true` for a factory
     that does not read qk_norm), or None; a refused fix is not ranked but kept in `refused`."""
     findings = find(rec)
-    if any(f.kind == "injected_fault" for f in findings):
+    if any(f.kind in NO_FIX for f in findings):
         return Diagnosis(rec, rec.summary.get("verdict"), findings, [])
     best: dict[tuple[tuple[str, str], ...], Fix] = {}
     for f in findings:
