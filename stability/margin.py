@@ -252,7 +252,31 @@ def sensitivity(margins: dict[str, Margin]) -> dict[str, float]:
 
 
 def comparison(margins: dict[str, Margin]) -> str:
-    """One sentence: the most stable configuration against the least, as a ratio of margins."""
+    """One sentence: the most stable configuration against the least, as a ratio of margins,
+    qualified by its evidence (`_evidence`): how many seeds stand behind each probe, and whether
+    a margin rests on a borderline probe."""
+    text = _comparison(margins)
+    return text + _evidence(margins) if text else text
+
+
+def _evidence(margins: dict[str, Margin]) -> str:
+    """`; one seed per probe: ...` (or `; 3 seeds per probe, ...`) and a pointer to the borderline
+    notes, so the sentence does not read as a tested fact where it is not one."""
+    ns = [p.n for m in margins.values() for p in m.probes]
+    n = min(ns, default=1)
+    out = (
+        "; one seed per probe: untested (seed=0,1,2 replicates every probe; a learning rate then fails "
+        "when any seed is unstable)"
+        if n <= 1
+        else f"; {n} seeds per probe, a learning rate failing when any seed is unstable"
+    )
+    if any(borderline_text(m) for m in margins.values()):
+        out += "; a margin rests on a borderline probe (see below)"
+    return out
+
+
+def _comparison(margins: dict[str, Margin]) -> str:
+    """The comparison itself (`comparison`), without its evidence."""
     lr = {c: m.stable_lr for c, m in margins.items() if m.stable_lr is not None}  # the configs with a stable lr
     if len(margins) < 2:
         return ""

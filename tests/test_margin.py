@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from stability.margin import Probe, comparison, factor_ratios, find_margins, grid_size, promised_probes
+from stability.margin import Probe, comparison, factor_ratios, find_margins, grid_size, promised_probes, replicate
 from tests.conftest import SMOKE, read_json
 
 LO, HI, TOL = 1e-3, 1e-1, 1.5
@@ -46,10 +46,21 @@ def test_configurations_advance_together_one_probe_each_per_round():
     pre, post = margins["norm=pre"].stable_lr, margins["norm=post"].stable_lr
     assert 0.04 / TOL <= pre <= 0.04 and 0.004 / TOL <= post <= 0.004
     assert factor_ratios(margins) == [f"norm: margin at pre / at post = {pre / post:.3g}x"]
-    assert (
-        comparison(margins)
-        == f"norm=pre is stable up to {pre / post:.3g}x the learning rate of norm=post ({pre:.3g} vs {post:.3g})"
+    assert comparison(margins) == (
+        f"norm=pre is stable up to {pre / post:.3g}x the learning rate of norm=post ({pre:.3g} vs {post:.3g})"
+        "; one seed per probe: untested (seed=0,1,2 replicates every probe; a learning rate then fails when any "
+        "seed is unstable)"
     )
+    # with seeds behind every probe the sentence says how many
+    three = find_margins(
+        ["norm=pre", "norm=post"],
+        lambda batch: [replicate(p.lr, [p] * 3) for p in synthetic({"norm=pre": 0.04, "norm=post": 0.004})(batch)],
+        LO,
+        HI,
+        TOL,
+        steps=10,
+    )
+    assert comparison(three).endswith("; 3 seeds per probe, a learning rate failing when any seed is unstable")
 
 
 def test_a_boundary_outside_the_bracket_is_found_by_widening_and_reported_as_such():
