@@ -172,10 +172,11 @@ def runs_frame(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
 
 
 def factor_summary(runs: Sequence[Run], keys: Sequence[str]) -> pd.DataFrame:
-    """For each factor and value: runs, share per verdict, median of the last finite grad norm."""
+    """For each factor and value: runs, share per verdict, median of the last finite grad norm.
+    `seed` is replication, not a factor (`design_factors`): it has no rows here."""
     rows = []
     others = sorted({r.verdict for r in runs} - set(vd.ORDER))
-    for k in keys:
+    for k in design_factors(keys):
         values = sorted({factor_value(r, k) for r in runs}, key=_value_order)
         for v in values:
             mine = [r for r in runs if factor_value(r, k) == v]
