@@ -33,7 +33,7 @@ from cli.common import (
 from cli.config import UserError, compose_run, hydra_quote, paths_as_data
 from cli.report import frame_table
 from stability import doctor as dr
-from stability.config import OPERATIONAL_KEYS, SHORT_NAMES, ConfigError, RunConfig, flatten
+from stability.config import OPERATIONAL_KEYS, OWN_LOOP, SHORT_NAMES, ConfigError, RunConfig, flatten
 from stability.record import verdicts as vd
 from stability.record.folder import RunFolder
 from stability.storage import atomic_write_text, write_json
@@ -84,6 +84,12 @@ def doctor(
     if not try_:
         return
     with user_errors():
+        if ((rec.config or {}).get("model") or {}).get("_target_") == OWN_LOOP:
+            raise UserError(
+                f"{run} was recorded from your own loop (Monitor, Lightning or Trainer callback, no factory): "
+                "--try trains fixes only for a model stab can build (a stab run, sweep job or model=custom "
+                "factory); apply a fix in your loop and train it there"
+            )
         if not vd.is_unstable(dx.verdict):
             raise UserError(
                 f"{run} ended {dx.verdict or 'without a verdict'}: --try needs an unstable run "

@@ -258,3 +258,16 @@ def test_a_loop_with_validation_is_measured_against_its_loss_at_initialisation(t
     assert init["val_loss"] > 0 and summary["val_loss_init"] == init["val_loss"]
     assert summary["loss_ratio"] == pytest.approx(epochs[-1]["val_loss"] / init["val_loss"])
     assert not {"no_validation", "divergence_not_judged"} & {w["warning"] for w in summary["warnings"]}
+
+
+def test_doctor_try_on_an_own_loop_run_says_it_cannot_build_the_model(cli, tmp_path, one_thread):
+    """A run recorded from a plain loop without a factory has no model stab can build: --try says
+    so in one line (it said the value '(own loop)' needed quoting for Hydra), before any work."""
+    task = _tiny_gpt()
+    opt = torch.optim.AdamW(task["model"].parameters(), lr=3e-3)
+    with Monitor(task["model"], opt, run_dir=tmp_path / "own", loss=task["loss"], val=task["val"], epochs=2) as m:
+        _loop(m, task, epochs=2, steps=4, nan_at=5)
+    assert json.loads((tmp_path / "own" / "summary.json").read_text())["verdict"] == "nan"
+    r = cli("doctor", tmp_path / "own", "--try", "--runs", tmp_path / "tries", ok=False)
+    assert r.exit_code == 2 and "was recorded from your own loop" in " ".join(r.output.split())
+    assert "quote" not in r.output and not (tmp_path / "tries").exists()
