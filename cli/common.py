@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,19 @@ def verdict_text(v: str) -> Text:
 
 
 verdict_markup = verdict_text  # the old name: its str() is the plain verdict
+
+
+def doubt_lines(summary: Mapping[str, Any]) -> list[str]:
+    """One line per borderline finding that could change the run's verdict (`verdicts.in_doubt`):
+    `stab run` and `stab show` print them under the verdict, so a `stable` 2% below its start or
+    an `exploding` at 2.05x against 2.0 is not read as a firm answer (the report counts such runs
+    apart)."""
+    doubts = vd.in_doubt(summary.get("verdict"), summary.get("borderline"), summary.get("flags"))
+    return [
+        f"  borderline: {b.get('message') or b.get('what')}; the verdict could go either way "
+        "(the report counts this run apart)"
+        for b in doubts
+    ]
 
 
 def seconds(s: float | None) -> str:

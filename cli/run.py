@@ -25,6 +25,7 @@ from cli.common import (
     EXIT_USER,
     check_writable,
     console,
+    doubt_lines,
     err_console,
     fmt,
     graceful_signals,
@@ -217,6 +218,8 @@ def _train_and_print(
     console.print(styled("verdict: ", verdict_text(s["verdict"]), f"  {s['evidence']}"))
     for f in s.get("flags", [])[1:]:  # the first is the verdict's own evidence
         console.print(f"  also {f['flag']}: {f['evidence']}")
+    for line in doubt_lines(s):
+        console.print(line, style="yellow", highlight=False)
     for w in s.get("warnings", []):
         console.print(f"  warning: {w['message']}", style="yellow")
     console.print(

@@ -16,6 +16,7 @@ from cli.common import (
     RUN_FOLDER,
     check_folder,
     console,
+    doubt_lines,
     fmt,
     runs_inside,
     styled,
@@ -117,6 +118,8 @@ def _print_header(run: Path, r: Run) -> None:
         console.print(f"  {s['evidence']}", highlight=False)
     for f in (s.get("flags") or [])[1:]:  # every finding besides the verdict's own
         console.print(f"  also {f.get('flag')}: {f.get('evidence')}", highlight=False)
+    for line in doubt_lines(s):
+        console.print(line, highlight=False, style="yellow")
     for w in s.get("warnings") or []:
         console.print(f"  warning: {w.get('message')}", highlight=False, style="yellow")
     console.print(

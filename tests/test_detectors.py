@@ -305,6 +305,15 @@ def test_a_borderline_growth_does_not_put_in_doubt_a_run_unstable_without_it():
     fell = _diag(_epochs(norms, val=[9.0, 8.0, 7.0, 6.0]), init={"val_loss": 10.0})
     assert fell["verdict"] == "exploding" and "diverged" not in {f["flag"] for f in fell["flags"]}
     assert vd.in_doubt(fell["verdict"], fell["borderline"], fell["flags"]) == fell["borderline"]
+    # `stab run` and `stab show` print the doubt under the verdict; none for the run unstable either way
+    from cli.common import doubt_lines
+
+    (line,) = doubt_lines(fell)
+    assert (
+        line.startswith("  borderline: grad norm growth 2.05x per epoch is within 10%")
+        and "could go either way" in line
+    ), line
+    assert doubt_lines(blew) == []
 
 
 def _collapse_run(val, collapsed, init_val=25.4, init_collapsed=False):
