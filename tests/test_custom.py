@@ -146,6 +146,9 @@ def data(n=16):
 def raises(width=8):
     raise RuntimeError("no GPU here")
 
+def strict(width=8):  # as transformers' strict config dataclasses say a bad field: the reason on line 2
+    raise TypeError(f"Validation error for field 'n_embd':\\n  Expected int, got str {width!r}")
+
 def detached():
     x, y = data()
     lin = nn.Linear(4, 2)
@@ -202,6 +205,7 @@ def normed(width=8, norm="pre"):  # declares the short name norm
     [
         ("nowhere_pkg.build", "no module 'nowhere_pkg' can be imported"),
         ("bad_factories.raises", "raised RuntimeError: no GPU here"),
+        ("bad_factories.strict", "raised TypeError: Validation error for field 'n_embd': Expected int, got str 8"),
         ("bad_factories.detached", "no gradient path"),
         ("bad_factories.empty", "has no examples (length 0)"),
         ("bad_factories.not_scalar", "not a scalar: shape (2, 2)"),

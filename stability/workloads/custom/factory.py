@@ -77,10 +77,15 @@ def locate(path: str) -> Any:
     )
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line (its lines joined, cut at `limit` characters), or its
+    type's name when it has none. A message whose first line only introduces the rest
+    (`Validation error for field 'n_embd':` then the reason) keeps the reason."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    text = " ".join(lines)
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 @functools.lru_cache(maxsize=64)
