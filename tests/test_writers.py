@@ -249,12 +249,12 @@ def test_a_sweep_index_on_a_full_disk_is_one_line(cli, tmp_path, monkeypatch):
 def test_a_cache_entry_on_a_full_disk_names_the_cache_and_the_cause(tmp_path, monkeypatch):
     import torch
 
-    from stability.workloads.cascade import data
+    from stability.workloads.cascade import cache
 
     monkeypatch.setattr(storage.tempfile, "mkstemp", lambda *a, **kw: (_ for _ in ()).throw(enospc()))
     entry = tmp_path / "cache" / "latents" / "abc.pt"
     with pytest.raises(StorageError) as e:
-        data._write_entry(entry, {"tensors": {"x": torch.zeros(3)}, "meta": json.dumps({"digest": "0"})})
+        cache.write_entry(entry, {"tensors": {"x": torch.zeros(3)}, "meta": json.dumps({"digest": "0"})})
     assert str(e.value) == f"cannot write {entry}: no space left on device"
     assert not list(entry.parent.iterdir())  # no partial entry, no temp file left
 

@@ -5,10 +5,9 @@ own recordings (`data=folder data.path=DIR`, read by `stability.workloads.cascad
 by everything that changes the latents: for synthetic data the generator's seed, the counts and
 the clip length; for a folder its path, every paired file's name, size and mtime, the segment
 length, the split and what to do with bad files; and for both the codec weights (the file's
-sha256 for a checkpoint) and the codebook calibration. An entry is written to a temporary file
-and renamed under a file lock, so the jobs of a sweep that start together encode once and never
-read a half-written entry; an entry whose checksum does not match is rebuilt, never trained on.
-A JSON sidecar next to each entry says what it holds (`stab cache ls`).
+sha256 for a checkpoint) and the codebook calibration. The entries themselves (written under a
+file lock, checked by digest, listed and cleared by `stab cache`) are `cache.py`'s; its listing
+and clearing are handed on from here (`cache_entries`, `clear_cache`, `default_cache_root`).
 
     check_audio(cfg.data)            # before any work: DataError / CodecError naming the problem
     data = load_latents(cfg.data)   # LatentData: train/val tensors (N, 128, T), scale, codec info
@@ -21,24 +20,19 @@ a run does not walk its folder, codec weights and cache key a second time.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
-import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
 
 from stability.config import DataConfig
-from stability.errors import StorageError
 from stability.progress import phase
-from stability.storage import atomic_write_bytes, atomic_write_text, dumps, loads
+from stability.storage import dumps, loads
 from stability.workloads.cascade.audio import (
     DataError,
     FolderPlan,
@@ -47,6 +41,15 @@ from stability.workloads.cascade.audio import (
     plan_folder,
     read_pair,
     scan_folder,
+)
+from stability.workloads.cascade.cache import (
+    CACHE_FORMAT,
+    cache_entries,
+    cache_root,
+    clear_cache,
+    default_cache_root,
+    digest,
+    entry_or_build,
 )
 from stability.workloads.cascade.codec import (
     CodeBook,
@@ -78,7 +81,6 @@ __all__ = [
 # its own, so stage 0 (residual 1.0 on the input) needs a scale near 1.01 at init, as the seed's did.
 SEED_INPUT_RMS = 5.66
 SEED_TARGET_RMS = 5.69
-CACHE_FORMAT = 2
 
 log = logging.getLogger("stab.data")
 
@@ -109,15 +111,6 @@ class LatentData:
         return latents.cpu() / self.scale + self.center
 
 
-def default_cache_root() -> Path:
-    """Where latents are cached: $STAB_CACHE, else ~/.cache/stab."""
-    return Path(os.environ.get("STAB_CACHE") or Path.home() / ".cache" / "stab")
-
-
-def cache_root(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
-
-
 def _folder(cfg: DataConfig) -> str:
     """data=folder's `data.path` (the schema refuses data=folder without one)."""
     assert cfg.path is not None
@@ -146,14 +139,6 @@ def _key(cfg: DataConfig, listing: Listing | None) -> str:
     if listing is not None:
         blob.update(path=str(listing.root), files=listing.fingerprint(), on_bad_file=cfg.on_bad_file)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # Folders decoded and checked in this process (cache key -> plan): `stab run` and `stab sweep`
@@ -330,37 +315,9 @@ def _build_entry(plan: LatentPlan) -> dict[str, Any]:
         "encode_s": encode_s,
         "audio_seconds": 2 * len(inp) * cfg.seconds,
         "created": time.time(),
-        "digest": _digest(tensors),
+        "digest": digest(tensors),
     }
     return {"tensors": tensors, "meta": dumps(meta)}
-
-
-def _load_entry(path: Path) -> dict[str, Any] | None:
-    """The cache entry at `path`, or None if it is missing or corrupt."""
-    if not path.exists():
-        return None
-    try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-        meta = loads(entry["meta"])
-        if _digest(entry["tensors"]) != meta["digest"]:
-            return None
-        return entry
-    except Exception:  # truncated, not a torch file, wrong structure: rebuild
-        return None
-
-
-def _write_entry(path: Path, entry: dict[str, Any]) -> None:
-    """Write the entry and its sidecar atomically (temporary file, then rename); hold the lock.
-
-    Serialized in memory first: torch's zip writer reports a full disk as "unexpected pos",
-    while a plain file write names the cause (StorageError: path and "no space left on device").
-    """
-    buf = io.BytesIO()
-    torch.save(entry, buf)
-    atomic_write_bytes(path, buf.getvalue())
-    meta = loads(entry["meta"])
-    meta.pop("digest")
-    atomic_write_text(path.with_suffix(".json"), dumps(meta, indent=2) + "\n")
 
 
 def load_latents(cfg: DataConfig) -> LatentData:
@@ -370,23 +327,7 @@ def load_latents(cfg: DataConfig) -> LatentData:
     if plan is None:
         plan = plan_latents(cfg)
     key, path = plan.key, plan.path
-    hit = True
-    entry = _load_entry(path)
-    if entry is None:
-        lock = FileLock(str(path) + ".lock")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-        except OSError as e:  # the cache folder or its lock file cannot be created
-            raise StorageError(e.filename or lock.lock_file, e) from e
-        try:
-            entry = _load_entry(path)  # another process may have written it while we waited
-            if entry is None:
-                hit = False
-                entry = _build_entry(plan)
-                _write_entry(path, entry)
-        finally:
-            lock.release()
+    entry, hit = entry_or_build(path, lambda: _build_entry(plan))
     meta = loads(entry["meta"])
     skipped = meta["source"].get("skipped") or []
     if hit and skipped:  # the warnings were given when the entry was built; say it again, once
@@ -496,77 +437,3 @@ def inspect_latents(cfg: DataConfig) -> dict[str, Any]:
         "rms": {"raw": info["raw_rms"], "model": {"input": rms(data.train_input), "target": rms(data.train_target)}},
         "codes": usage,
     }
-
-
-# --- stab cache ls | clear --------------------------------------------------------------------
-
-
-@dataclass
-class CacheEntry:
-    key: str
-    path: Path
-    bytes: int
-    modified: float  # time.time() of the last write
-    meta: dict[str, Any] | None  # the sidecar (None: missing or unreadable)
-
-    def describe(self) -> str:
-        """One line: what the entry holds."""
-        m = self.meta
-        if not m:
-            return "?"
-        src, segs = m.get("source", {}), f"{m.get('n_train')}+{m.get('n_val')}"
-        secs = src.get("segment_seconds")
-        what = (
-            f"folder {src.get('path')}: {src.get('pairs')} pairs, {segs} segments x {secs:g} s"
-            if src.get("kind") == "folder"
-            else f"synthetic seed {src.get('seed')}: {segs} clips x {secs:g} s"
-        )
-        weights = m.get("codec", {}).get("weights", "?")
-        return f"{what}; EnCodec {Path(weights).name if '/' in str(weights) else weights}"
-
-
-def cache_entries(root: Path | None = None) -> list[CacheEntry]:
-    """The latent cache's entries, newest first."""
-    folder = (root or default_cache_root()) / "latents"
-    out = []
-    for p in folder.glob("*.pt") if folder.is_dir() else ():
-        try:
-            st = p.stat()
-        except FileNotFoundError:  # cleared meanwhile
-            continue
-        try:
-            meta = loads(p.with_suffix(".json").read_text())
-        except (OSError, ValueError):
-            meta = None
-        out.append(CacheEntry(p.stem, p, st.st_size, st.st_mtime, meta))
-    return sorted(out, key=lambda e: -e.modified)
-
-
-def clear_cache(
-    root: Path | None = None, keys: Iterable[str] = (), older_than_s: float | None = None
-) -> tuple[list[CacheEntry], list[CacheEntry]]:
-    """Remove entries: those whose key starts with one of `keys`, those older than `older_than_s`,
-    or (neither given) all. An entry another process holds the lock of (it is being written) is
-    left alone. Returns (removed, busy)."""
-    keys = list(keys)
-    now = time.time()
-    removed, busy = [], []
-    for e in cache_entries(root):
-        if keys and not any(e.key.startswith(k) for k in keys):
-            continue
-        if older_than_s is not None and now - e.modified < older_than_s:
-            continue
-        lock = FileLock(str(e.path) + ".lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            busy.append(e)
-            continue
-        try:
-            for p in (e.path, e.path.with_suffix(".json"), *e.path.parent.glob(f".{e.key}.*.tmp")):
-                p.unlink(missing_ok=True)
-        finally:
-            lock.release()
-        Path(str(e.path) + ".lock").unlink(missing_ok=True)
-        removed.append(e)
-    return removed, busy
