@@ -127,28 +127,44 @@ def find(rec: RunRecord) -> list[Finding]:
     gate = departure(total, max(warmup, BASELINE_STEPS))
     if gate is not None:
         out += _where_first(rec, gate, warmup, at)
-        peak = int(np.nanargmax(np.where(np.isfinite(total), total, -np.inf)))
-        shares = {
-            g: float(rec.series(f"grad/{g}")[peak] ** 2 / total[peak] ** 2)
-            for g in rec.groups
-            if is_output_projection(g) and math.isfinite(total[peak]) and total[peak] > 0
-        }
-        top = max(shares, key=lambda k: shares[k]) if shares else None
-        if top is not None and shares[top] >= 0.5:
-            out.append(
-                Finding(
-                    "output_proj_gradient",
-                    step=at(peak),
-                    detail={"group": top, "share": shares[top]},
-                    evidence=f"{top} holds {shares[top]:.0%} of the squared grad norm at the run's peak "
-                    f"(step {at(peak)}, grad norm {total[peak]:.3g})",
-                )
-            )
+        out += _output_projection(rec, total, at)
     out += _attention(rec)
     out += _clamp(rec)
     out += _clip_always(rec)
     out += _warmup_spike(rec)
     out += _nonfinite_data(rec)
+    out += _from_the_summary(rec)
+    return sorted(out, key=lambda f: f.step if f.step is not None else math.inf)
+
+
+def _output_projection(rec: RunRecord, total: np.ndarray, at: Callable[[int], int]) -> list[Finding]:
+    """An output projection holding half or more of the squared total grad norm at the run's peak
+    step (`output_proj_gradient`); none otherwise."""
+    out: list[Finding] = []
+    peak = int(np.nanargmax(np.where(np.isfinite(total), total, -np.inf)))
+    shares = {
+        g: float(rec.series(f"grad/{g}")[peak] ** 2 / total[peak] ** 2)
+        for g in rec.groups
+        if is_output_projection(g) and math.isfinite(total[peak]) and total[peak] > 0
+    }
+    top = max(shares, key=lambda k: shares[k]) if shares else None
+    if top is not None and shares[top] >= 0.5:
+        out.append(
+            Finding(
+                "output_proj_gradient",
+                step=at(peak),
+                detail={"group": top, "share": shares[top]},
+                evidence=f"{top} holds {shares[top]:.0%} of the squared grad norm at the run's peak "
+                f"(step {at(peak)}, grad norm {total[peak]:.3g})",
+            )
+        )
+    return out
+
+
+def _from_the_summary(rec: RunRecord) -> list[Finding]:
+    """Findings read from the config and summary: an injected fault (`fault.*`), the divergence
+    flag, and the verdict itself when it is unstable (`unstable`)."""
+    out: list[Finding] = []
     injected = {k: rec.get(f"fault.{k}") for k in ("nan_at_step", "spike_at_step", "crash_at_step")}
     injected = {k: v for k, v in injected.items() if v is not None}
     if injected:
@@ -181,7 +197,7 @@ def find(rec: RunRecord) -> list[Finding]:
                 detail={"verdict": verdict},
             )
         )
-    return sorted(out, key=lambda f: f.step if f.step is not None else math.inf)
+    return out
 
 
 def _where_first(rec: RunRecord, gate: tuple[int, float], warmup: int, at: Callable[[int], int]) -> list[Finding]:

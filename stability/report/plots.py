@@ -63,30 +63,7 @@ def plot_grad_norms(runs: Sequence[Run], names: dict[str, str], path: Path) -> P
         if len(maxes) == len(means):
             okm = np.isfinite(maxes) & (maxes > 0)
             ax.plot(epochs[okm], maxes[okm], ":", color=c, lw=1, alpha=0.7)
-        last = None
-        for e, g in zip(epochs, means):
-            if math.isfinite(g):
-                last = g if g > 0 else last
-                continue
-            y = (
-                last
-                if last is not None
-                else np.nanmax(np.where(np.isfinite(means), means, np.nan))
-                if np.isfinite(means).any()
-                else 1.0
-            )
-            ax.plot([e], [y], "x", color="red", ms=12, mew=2.5, zorder=5)
-            ax.annotate(
-                "NaN" if math.isnan(g) else "inf",
-                (e, y),
-                textcoords="offset points",
-                xytext=(6, 6),
-                color="red",
-                fontsize=9,
-                fontweight="bold",
-            )
-            marked = True
-            break  # training stops at the first non-finite epoch; later ones repeat it
+        marked = _mark_first_nonfinite(ax, epochs, means) or marked
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("gradient norm (total, mean over the epoch)")
@@ -103,6 +80,35 @@ def plot_grad_norms(runs: Sequence[Run], names: dict[str, str], path: Path) -> P
         ax.text(0.5, 0.5, "no run has a finished epoch yet", ha="center", va="center", transform=ax.transAxes)
     _save(fig, path)
     return path
+
+
+def _mark_first_nonfinite(ax: Any, epochs: np.ndarray, means: np.ndarray) -> bool:
+    """A red X labelled NaN or inf at a run's first non-finite epoch, at its last finite positive
+    value (else its largest finite one, else 1); whether there was one to mark."""
+    last = None
+    for e, g in zip(epochs, means):
+        if math.isfinite(g):
+            last = g if g > 0 else last
+            continue
+        y = (
+            last
+            if last is not None
+            else np.nanmax(np.where(np.isfinite(means), means, np.nan))
+            if np.isfinite(means).any()
+            else 1.0
+        )
+        ax.plot([e], [y], "x", color="red", ms=12, mew=2.5, zorder=5)
+        ax.annotate(
+            "NaN" if math.isnan(g) else "inf",
+            (e, y),
+            textcoords="offset points",
+            xytext=(6, 6),
+            color="red",
+            fontsize=9,
+            fontweight="bold",
+        )
+        return True  # training stops at the first non-finite epoch; later ones repeat it
+    return False
 
 
 def _attn_logit_series(run: Run) -> list[float]:
@@ -180,6 +186,33 @@ def plot_heatmap(run: Run, name: str, path: Path) -> Path:
     masked = np.ma.masked_where(~good, values)
     cmap = colormaps["viridis"].with_extremes(bad="#eeeeee")
     im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    _label_cells(ax, values, norm)
+    nan = run.first_nan
+    if nan and nan.get("module") in groups and nan.get("epoch") in epochs:
+        ax.add_patch(
+            _rect(epochs.index(nan["epoch"]), groups.index(nan["module"]), fill=False, edgecolor="red", lw=2.5)
+        )
+    if "total" in groups:
+        ax.axhline(groups.index("total") + 0.5, color="white", lw=2)
+    ax.set_xticks(range(n_e), [f"e{e}" for e in epochs])
+    ax.set_yticks(range(n_g), groups, fontsize=7)
+    ax.set_xlabel("epoch")
+    head = name
+    sub = f"verdict {run.verdict}"
+    if nan:
+        sub += f", first NaN {first_nan_text(nan)} (boxed)"
+    if run.scream_epoch is not None:
+        sub += f", scream from e{run.scream_epoch}"
+    ax.set_title(f"{head}\n{sub}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="gradient norm (epoch mean, log)", fraction=0.05, pad=0.02)
+    _save(fig, path)
+    return path
+
+
+def _label_cells(ax: Any, values: np.ndarray, norm: Any) -> None:
+    """Each heatmap cell's value (black or white on its colour); a non-finite cell hatched red and
+    labelled NaN or inf in red, a zero labelled 0. `values`: (groups, epochs)."""
+    n_g, n_e = values.shape
     for gi in range(n_g):
         for ei in range(n_e):
             v = values[gi, ei]
@@ -208,26 +241,6 @@ def plot_heatmap(run: Run, name: str, path: Path) -> Path:
                 color="red" if not math.isfinite(v) else "black",
                 bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none"),
             )
-    nan = run.first_nan
-    if nan and nan.get("module") in groups and nan.get("epoch") in epochs:
-        ax.add_patch(
-            _rect(epochs.index(nan["epoch"]), groups.index(nan["module"]), fill=False, edgecolor="red", lw=2.5)
-        )
-    if "total" in groups:
-        ax.axhline(groups.index("total") + 0.5, color="white", lw=2)
-    ax.set_xticks(range(n_e), [f"e{e}" for e in epochs])
-    ax.set_yticks(range(n_g), groups, fontsize=7)
-    ax.set_xlabel("epoch")
-    head = name
-    sub = f"verdict {run.verdict}"
-    if nan:
-        sub += f", first NaN {first_nan_text(nan)} (boxed)"
-    if run.scream_epoch is not None:
-        sub += f", scream from e{run.scream_epoch}"
-    ax.set_title(f"{head}\n{sub}", fontsize=9)
-    fig.colorbar(im, ax=ax, label="gradient norm (epoch mean, log)", fraction=0.05, pad=0.02)
-    _save(fig, path)
-    return path
 
 
 def _rect(x: int, y: int, **kw: Any) -> Any:
