@@ -262,20 +262,25 @@ def _run(
         if sweep.launcher in LOCAL_LAUNCHERS:
             stop_jobs(sweep_dir)
         mark_stale_running(sweep_dir, why=f"{how} to the sweep")
-        index_jobs(sweep_dir, index, "interrupted")
+        index_jobs(sweep_dir, index, "interrupted", combos=sweep.combos)
         raise SweepInterrupted(how, sweep_dir) from None
     except Exception as e:  # the launcher itself failed, or the cluster refused the jobs
-        index_jobs(sweep_dir, index, "failed")
+        index_jobs(sweep_dir, index, "failed", combos=sweep.combos)
         raise LaunchFailed(e) from e
     return returns, index_jobs(sweep_dir, index, "completed", returns)
 
 
 def index_jobs(
-    sweep_dir: Path, index: dict[str, Any], state: str, returns: list[Any] | None = None
+    sweep_dir: Path,
+    index: dict[str, Any],
+    state: str,
+    returns: list[Any] | None = None,
+    combos: list[list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """The sweep index (`sweeps.write_index`) in `state`: a record per job returned (a duplicate
     gets its earlier job's record), or, with no `returns` (interrupted, failed), of every job
-    folder on disk. Returns the records."""
+    folder on disk and, for each of `combos` that has none yet (never started), a `pending`
+    record: an interrupted sweep's index names every job it was to run. Returns the records."""
     records: list[dict[str, Any]] = []
     for r in returns or []:
         value = r.return_value if isinstance(r.return_value, dict) else {}
@@ -294,6 +299,11 @@ def index_jobs(
         records = [
             job_record(p.parent, RunFolder(p.parent).overrides() or []) for p in sorted(sweep_dir.rglob(rf.STATUS))
         ]
+        on_disk = {r["folder"] for r in records}
+        for c in combos or []:
+            if folder_name(c) not in on_disk:
+                records.append({"folder": folder_name(c), "overrides": list(c), "state": "pending"})
+                on_disk.add(folder_name(c))
     write_index(sweep_dir, records, **index, state=state)
     return records
 

@@ -151,7 +151,14 @@ def test_a_signal_to_a_sweep_stops_its_jobs_and_a_rerun_resumes_with_one_writer(
         assert status["state"] == "interrupted", status
     index = read_json(sweep / "sweep.json")
     assert index["state"] == "interrupted"
-    assert {j["folder"]: j["state"] for j in index["jobs"]} == {run.name: "interrupted" for run in first}
+    # every job it was to run is named: those started interrupted, one never started (basic) pending
+    states = {j["folder"]: j["state"] for j in index["jobs"]}
+    assert len(states) == 2 and {f for f, st in states.items() if st == "interrupted"} == {r.name for r in first}
+    assert set(states.values()) <= {"interrupted", "pending"}
+    assert sorted(o for j in index["jobs"] for o in j["overrides"] if o.startswith("residual")) == [
+        "residual=0.1",
+        "residual=0.3",
+    ]
 
     again = subprocess.run(args, capture_output=True, text=True, timeout=CEILING_S)
     assert again.returncode == 0, again.stdout + again.stderr
