@@ -130,13 +130,19 @@ class Summarizer:
         self.epochs.append({k: erec[k] for k in _EPOCH_FIELDS if k in erec})
 
     def finish(self, injected_nan_step: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """(the summary's findings, the events found at the end: grad_explosion, scream, spikes)."""
-        dc, epochs, events = self.dc, self.epochs, []
+        """(the summary's findings, the events found at the end: grad_explosion, scream, spikes).
+        `injected_nan_step`: fault.nan_at_step, named in a `nan` verdict's evidence."""
         peak = self._peak()
-        if peak is not None:
-            events.append({"event": "grad_explosion", **peak})
-        diag = diagnose(
-            epochs,
+        diag = self._diagnose(peak)
+        if diag["verdict"] == "nan" and injected_nan_step is not None:  # say so: this NaN was put there on purpose
+            diag["evidence"] += f" (injected: fault.nan_at_step={injected_nan_step})"
+        return self._fields(diag, peak), self._closing_events(peak, diag["scream_epoch"])
+
+    def _diagnose(self, peak: dict[str, Any] | None) -> dict[str, Any]:
+        """`verdict.diagnose` on what the run fed in, with the run's detect thresholds."""
+        dc = self.dc
+        return diagnose(
+            self.epochs,
             self.first_nan,
             self.clip,
             dc.explode_factor,
@@ -153,11 +159,15 @@ class Summarizer:
             attn_entropy_level=dc.attn_entropy_min,
             first_train_loss=self.first_loss,
         )
-        if diag["verdict"] == "nan" and injected_nan_step is not None:  # say so: this NaN was put there on purpose
-            diag["evidence"] += f" (injected: fault.nan_at_step={injected_nan_step})"
-        scream_epoch = diag["scream_epoch"]
+
+    def _closing_events(self, peak: dict[str, Any] | None, scream_epoch: int | None) -> list[dict[str, Any]]:
+        """The events found at the end, in order: the grad explosion (`peak`), the scream's onset
+        with its scores, the first spikes of each kind (grad, then loss)."""
+        events: list[dict[str, Any]] = []
+        if peak is not None:
+            events.append({"event": "grad_explosion", **peak})
         if scream_epoch is not None:
-            onset = next(e for e in epochs if e["epoch"] == scream_epoch)
+            onset = next(e for e in self.epochs if e["epoch"] == scream_epoch)
             events.append(
                 {
                     "event": "scream",
@@ -166,9 +176,14 @@ class Summarizer:
                     "target_scores": onset.get("target_scores"),
                 }
             )
-        events += self.spikes["grad_spike"] + self.spikes["loss_spike"]
+        return events + self.spikes["grad_spike"] + self.spikes["loss_spike"]
+
+    def _fields(self, diag: dict[str, Any], peak: dict[str, Any] | None) -> dict[str, Any]:
+        """The summary's findings: the diagnosis, the per-epoch series, the step counts."""
+        epochs = self.epochs
+        scream_epoch = diag["scream_epoch"]
         norms = [e["grad_norm_mean"] for e in epochs]
-        fields = {
+        return {
             "verdict": diag["verdict"],
             "evidence": diag["evidence"],
             "flags": diag["flags"],
@@ -204,7 +219,6 @@ class Summarizer:
             "stage_rms_last_epoch": epochs[-1].get("stage_rms") if epochs else None,
             "stage_scale_last_epoch": epochs[-1].get("stage_scale") if epochs else None,
         }
-        return fields, events
 
     def _peak(self) -> dict[str, Any] | None:
         """`detectors.series.peak_norm` on the run's step norms: the largest finite one, if it exceeds
