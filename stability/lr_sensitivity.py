@@ -30,6 +30,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,20 +41,35 @@ LR = "train.lr"
 RESERVED = (LR, "initial_loss", "final_loss", "stable")
 
 
+COLUMNS = ("n_lr", "lrs", "best_lr", "best_final_loss", "n_diverged", "n_stable_lr", "lr_sensitivity", "warning")
+
+
 def lr_sensitivity(runs: pd.DataFrame, factors: Sequence[str] | None = None, lr: str = LR) -> pd.DataFrame:
     """One row per configuration of `factors` (default: every column but `lr`, initial_loss and
     final_loss), with: n_lr (distinct LRs), lrs, best_lr, best_final_loss, n_diverged (runs whose
     final loss was non-finite or above their initial loss) and lr_sensitivity (NaN below 2 LRs).
 
     Several runs at one (configuration, LR), e.g. seeds, are averaged after the clamp at the
-    initial loss. Sorted by lr_sensitivity, most robust configuration first.
+    initial loss. Sorted by lr_sensitivity, most robust configuration first. Raises ValueError
+    naming a missing column or the values of `lr` that are not numbers.
     """
+    factors = [c for c in runs.columns if c not in (lr, *RESERVED)] if factors is None else list(factors)
+    df = _clamped(runs, factors, lr)
+    groups = df.groupby(factors, dropna=False, sort=True) if factors else [((), df)]
+    rows = [_configuration(factors, key, part, lr) for key, part in groups]
+    out = pd.DataFrame(rows, columns=[*factors, *COLUMNS])
+    return out.sort_values("lr_sensitivity", na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _clamped(runs: pd.DataFrame, factors: list[str], lr: str) -> pd.DataFrame:
+    """The runs' factors, numeric `lr`, and each run's loss clamped at its initial loss (`_loss`;
+    `_bad`: diverged, its final loss non-finite or above the initial; `_stable`: the verdict, or
+    True without a `stable` column). Raises ValueError on a missing column or a non-numeric lr."""
     missing = [c for c in (lr, "initial_loss", "final_loss") if c not in runs.columns]
     if missing:
         raise ValueError(
             f"lr_sensitivity needs columns {', '.join(missing)}; it has {', '.join(map(str, runs.columns))}"
         )
-    factors = [c for c in runs.columns if c not in (lr, *RESERVED)] if factors is None else list(factors)
     df = runs[[*factors, lr, "initial_loss", "final_loss"]].copy()
     df["_stable"] = runs["stable"].astype(bool) if "stable" in runs.columns else True
     lrs = pd.to_numeric(df[lr], errors="coerce")
@@ -69,50 +85,35 @@ def lr_sensitivity(runs: pd.DataFrame, factors: Sequence[str] | None = None, lr:
     bad = ~np.isfinite(final) | (final > init)
     df["_loss"] = np.where(bad, init, final)  # min(final, initial), a diverged run counts as initial
     df["_bad"] = bad
+    return df
 
-    rows = []
-    groups = df.groupby(factors, dropna=False, sort=True) if factors else [((), df)]
-    for key, part in groups:
-        per_lr = part.groupby(lr, sort=True).agg(loss=("_loss", "mean"), bad=("_bad", "sum"), stable=("_stable", "all"))
-        finite = per_lr["loss"][np.isfinite(per_lr["loss"])]
-        best = float(finite.min()) if len(finite) else math.nan
-        best_lr = float(finite.idxmin()) if len(finite) else math.nan
-        sens = float((per_lr["loss"] - best).clip(lower=0).mean()) if len(per_lr) >= 2 and len(finite) else math.nan
-        key = key if isinstance(key, tuple) else (key,)
-        n_stable = int(per_lr["stable"].sum())
-        warning = (
-            "no stable learning rate in the grid: the sensitivity measures a configuration that fails everywhere"
-            if n_stable == 0
-            else ""
-        )
-        rows.append(
-            {
-                **dict(zip(factors, key)),
-                "n_lr": len(per_lr),
-                "lrs": list(per_lr.index),
-                "best_lr": best_lr,
-                "best_final_loss": best,
-                "n_diverged": int(per_lr["bad"].sum()),
-                "n_stable_lr": n_stable,
-                "lr_sensitivity": sens,
-                "warning": warning,
-            }
-        )
-    out = pd.DataFrame(
-        rows,
-        columns=[
-            *factors,
-            "n_lr",
-            "lrs",
-            "best_lr",
-            "best_final_loss",
-            "n_diverged",
-            "n_stable_lr",
-            "lr_sensitivity",
-            "warning",
-        ],
+
+def _configuration(factors: list[str], key: Any, part: pd.DataFrame, lr: str) -> dict[str, Any]:
+    """One configuration's row (see `lr_sensitivity`): its runs `part` averaged per LR, the best
+    LR and loss, the sensitivity (the mean excess over the best, NaN below 2 LRs), the counts."""
+    per_lr = part.groupby(lr, sort=True).agg(loss=("_loss", "mean"), bad=("_bad", "sum"), stable=("_stable", "all"))
+    finite = per_lr["loss"][np.isfinite(per_lr["loss"])]
+    best = float(finite.min()) if len(finite) else math.nan
+    best_lr = float(finite.idxmin()) if len(finite) else math.nan
+    sens = float((per_lr["loss"] - best).clip(lower=0).mean()) if len(per_lr) >= 2 and len(finite) else math.nan
+    key = key if isinstance(key, tuple) else (key,)
+    n_stable = int(per_lr["stable"].sum())
+    warning = (
+        "no stable learning rate in the grid: the sensitivity measures a configuration that fails everywhere"
+        if n_stable == 0
+        else ""
     )
-    return out.sort_values("lr_sensitivity", na_position="last", kind="stable").reset_index(drop=True)
+    return {
+        **dict(zip(factors, key)),
+        "n_lr": len(per_lr),
+        "lrs": list(per_lr.index),
+        "best_lr": best_lr,
+        "best_final_loss": best,
+        "n_diverged": int(per_lr["bad"].sum()),
+        "n_stable_lr": n_stable,
+        "lr_sensitivity": sens,
+        "warning": warning,
+    }
 
 
 def varies_lr(runs: pd.DataFrame, lr: str = LR) -> bool:
