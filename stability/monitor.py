@@ -66,6 +66,73 @@ from stability.workloads.custom import CustomWorkload, Task, locate
 ON_NAN = ("stop", "skip")
 
 
+def _check_arguments(model: nn.Module, loss: Any, val: Any, on_nan: str, accumulate: int) -> None:
+    """Monitor's own arguments, before anything is built: ConfigError for validation data without a
+    loss, an unknown on_nan, an accumulate that is not an integer >= 1, a model with nothing to train."""
+    if val is not None and loss is None:
+        raise ConfigError(
+            "Monitor(val=...) needs loss=loss(output, target): the validation loss, scream check and health run it"
+        )
+    if on_nan not in ON_NAN:
+        raise ConfigError(f"Monitor(on_nan={on_nan!r}) is not allowed: expected one of {', '.join(ON_NAN)}")
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(
+            f"Monitor(accumulate={accumulate!r}) is not allowed: expected an integer >= 1 "
+            f"(micro-batches per optimizer step)"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(
+            "Monitor(model=...): the model has no trainable parameters (every parameter has "
+            "requires_grad=False), so there is no gradient to measure"
+        )
+
+
+def _run_config(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int | None,
+    clip: float | None,
+    on_nan: str,
+    config: dict[str, Any] | None,
+    factory: str | None,
+    detect: DetectConfig | None,
+    log: Sequence[str],
+) -> RunConfig:
+    """The run's config.yaml: a `model=custom` config of `config` (or your own loop's), no data,
+    the planned training (the optimizer's lr and weight decay, no warmup), the detectors, the
+    trackers. ConfigError for a learning rate that is not > 0 or a bad value of the rest."""
+    pgroups = optimizer.param_groups
+    # the planned lr: a scheduler's `initial_lr` (a warmup has already set `lr` to its first, often 0, value)
+    lr = float(pgroups[0].get("initial_lr", pgroups[0].get("lr", 1e-3)))
+    if not lr > 0:
+        raise ConfigError(
+            f"Monitor(optimizer=...): parameter group 0 has lr={lr!r} and no scheduler's initial_lr; "
+            f"expected a learning rate > 0"
+        )
+    train = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size or TrainConfig.model_fields["batch_size"].default,
+        lr=lr,
+        clip="none" if clip is None else clip,
+        on_nan=on_nan,
+        warmup=0,
+        weight_decay=float(pgroups[0].get("weight_decay", 0.0)),
+    )
+    return RunConfig(
+        model=CustomModelConfig(target=factory or OWN_LOOP, params=dict(config or {})),
+        data=NoDataConfig(),
+        train=train,
+        detect=detect or DetectConfig(),
+        log=list(log),
+    )
+
+
+def _new_run_dir(runs: Path, name: str) -> Path:
+    """A new run folder runs/own/<time>_<name> (made unique)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    return create_unique(runs / "own", f"{time.strftime('%Y%m%d-%H%M%S')}_{name}")
+
+
 class Monitor:
     """stab's measurements around an existing model and optimizer (see the module docstring).
 
@@ -125,48 +192,10 @@ class Monitor:
         recorded_by: str = "stability.monitor.Monitor",
         info: dict[str, Any] | None = None,
     ) -> None:
-        if val is not None and loss is None:
-            raise ConfigError(
-                "Monitor(val=...) needs loss=loss(output, target): the validation loss, scream check and health run it"
-            )
-        if on_nan not in ON_NAN:
-            raise ConfigError(f"Monitor(on_nan={on_nan!r}) is not allowed: expected one of {', '.join(ON_NAN)}")
-        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-            raise ConfigError(
-                f"Monitor(accumulate={accumulate!r}) is not allowed: expected an integer >= 1 "
-                f"(micro-batches per optimizer step)"
-            )
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ConfigError(
-                "Monitor(model=...): the model has no trainable parameters (every parameter has "
-                "requires_grad=False), so there is no gradient to measure"
-            )
+        _check_arguments(model, loss, val, on_nan, accumulate)
         if factory is not None:
             _check_factory(factory, dict(config or {}))
-        pgroups = optimizer.param_groups
-        # the planned lr: a scheduler's `initial_lr` (a warmup has already set `lr` to its first, often 0, value)
-        lr = float(pgroups[0].get("initial_lr", pgroups[0].get("lr", 1e-3)))
-        if not lr > 0:
-            raise ConfigError(
-                f"Monitor(optimizer=...): parameter group 0 has lr={lr!r} and no scheduler's initial_lr; "
-                f"expected a learning rate > 0"
-            )
-        train = TrainConfig(
-            epochs=epochs,
-            batch_size=batch_size or TrainConfig.model_fields["batch_size"].default,
-            lr=lr,
-            clip="none" if clip is None else clip,
-            on_nan=on_nan,
-            warmup=0,
-            weight_decay=float(pgroups[0].get("weight_decay", 0.0)),
-        )
-        self.cfg = RunConfig(
-            model=CustomModelConfig(target=factory or OWN_LOOP, params=dict(config or {})),
-            data=NoDataConfig(),
-            train=train,
-            detect=detect or DetectConfig(),
-            log=list(log),
-        )
+        self.cfg = _run_config(optimizer, epochs, batch_size, clip, on_nan, config, factory, detect, log)
         device = next(model.parameters()).device
         task = Task(
             model=model,
@@ -185,15 +214,26 @@ class Monitor:
         self.ins = Instruments(self.names, GradProbe(self.groups), clip=self.cfg.train.clip)
         self.layout = self.ins.layout
         self.accumulate = accumulate
-
-        if run_dir is None:
-            Path(runs).mkdir(parents=True, exist_ok=True)
-            run_dir = create_unique(Path(runs) / "own", f"{time.strftime('%Y%m%d-%H%M%S')}_{name}")
-        self.dir = Path(run_dir)
+        self.dir = Path(run_dir) if run_dir is not None else _new_run_dir(Path(runs), name)
         self.session = RunSession(self.cfg, self.dir, status={"recorded_by": recorded_by}).open()
         self.writer = self.session.writer
         self.session.describe(device, {**self.work.info, "optimizer": optimizer_info(optimizer), **(info or {})})
         self.session.open_steps(self.layout)
+        self._start_state()
+        if val is not None:
+            self._evaluate_init()
+
+    def _evaluate_init(self) -> None:
+        """The evaluation before the first step: the start a diverged run is measured against, as
+        stab's own loop has it (stab runs the model: `busy`)."""
+        self.busy = True
+        try:
+            self.session.evaluate_init(self.work)
+        finally:
+            self.busy = False
+
+    def _start_state(self) -> None:
+        """Where the run stands before its first step: epoch 1, batch 0, no NaN, no summary."""
         self.epoch, self.batch, self.global_step = 1, 0, 0
         self.first_nan: dict[str, Any] | None = None
         self.should_stop = False
@@ -205,12 +245,6 @@ class Monitor:
         self._micro = 0
         self._batches: list[Any] = []
         self._mismatches = 0
-        if val is not None:  # the start a diverged run is measured against, as stab's own loop has it
-            self.busy = True
-            try:
-                self.session.evaluate_init(self.work)
-            finally:
-                self.busy = False
 
     # --- per micro-batch and per optimizer step -------------------------------------------------
     def step(self, loss: torch.Tensor, batch: Any = None, indices: torch.Tensor | None = None) -> bool:
