@@ -604,6 +604,7 @@ FIGURES = (
             *DETECT,
             "stability/doctor/*.py",
             "cli/doctor.py",
+            "cli/doctor_try.py",
             "stability/models/cascade.py",
             "stability/models/layers.py",
             "stability/workloads/cascade/*.py",

@@ -298,7 +298,7 @@ def test_a_custom_model_is_offered_only_fixes_it_reads_and_try_trains_them(cli, 
     assert any(w["warning"] in ("attn_logit", "attn_entropy_collapse") for w in summary["warnings"])
     result = cli("doctor", run)
     assert "not proposed, the model cannot take it: qk_norm=true (qk_norm=True is not allowed" in result.output
-    from cli.doctor import exact_overrides, model_refusal
+    from cli.doctor_try import exact_overrides, model_refusal
 
     rec = dr.read_run(run)
     dx = dr.examine(rec, refuse=model_refusal(exact_overrides(rec)))

@@ -87,7 +87,7 @@ def test_doctor_try_gives_its_fixes_the_snapshot_path_as_data(odd):
     fix's overrides, composed as its job composes them, name the snapshot as it is on disk; so
     does the run's own data.path."""
     from cli.config import compose_run, hydra_quote
-    from cli.doctor import fix_overrides
+    from cli.doctor_try import fix_overrides
 
     snap = Path("/tmp") / f"runs {odd}" / "snapshots" / "step4.pt"
     text = Path("/tmp") / f"text {odd}.txt"

@@ -121,7 +121,7 @@ def test_rewind_from_a_file_that_is_no_snapshot_is_one_line(tmp_path):
 
 
 def test_doctor_try_trains_training_only_fixes_from_the_snapshot_before_the_departure(skipped):
-    from cli.doctor import rewind_snapshot, rewindable
+    from cli.doctor_try import rewind_snapshot, rewindable
     from stability import doctor as dr
 
     folder, _ = skipped
