@@ -130,12 +130,12 @@ def _print_bench(label: str, overrides: list[str], cfg: RunConfig, r: BenchResul
 
 def _bench_monitor(overrides: list[str], steps: int) -> None:
     """`stab bench --monitor`: a plain PyTorch loop against the same loop with `Monitor.step` in
-    place of backward/clip/step (stability.monitor.bench); the model is the configured one."""
+    place of backward/clip/step (stability.monitor_bench.bench); the model is the configured one."""
     with user_errors():
         if steps < 5:
             raise UserError(f"--steps {steps} is not allowed: expected at least 5")
         cfg = compose_run(overrides)
-    from stability.monitor import bench as bench_monitor
+    from stability.monitor_bench import bench as bench_monitor
 
     r = bench_monitor(cfg, steps=steps)
     console.print(

@@ -44,7 +44,8 @@ import torch
 from transformers import TrainerCallback
 
 from stability.config import RunConfig
-from stability.monitor import Monitor, bench_setup, sync
+from stability.monitor import Monitor
+from stability.monitor_bench import bench_setup, sync
 
 NOT_INPUTS = ("num_items_in_batch", "return_dict", "use_cache", "output_attentions", "output_hidden_states")
 

@@ -32,7 +32,8 @@ import pytorch_lightning as pl
 import torch
 
 from stability.config import RunConfig
-from stability.monitor import Monitor, bench_setup, sync
+from stability.monitor import Monitor
+from stability.monitor_bench import bench_setup, sync
 
 
 def _loss_of(out: Any) -> torch.Tensor:

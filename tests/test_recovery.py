@@ -165,8 +165,8 @@ def test_the_report_gives_a_spiked_run_its_recovery_metrics_against_the_run_with
     """Two runs of one configuration, one with the spike planted at step 30 and on_spike=skip:
     the report's recovery table gives the skipped steps, the steps until the loss is back at its
     pre-spike level, and the final-loss gap to the run without the spike, as the records say."""
-    from stability.recovery import RECOVER_WINDOW as W
-    from stability.recovery import recovery_metrics
+    from stability.report.recovery import RECOVER_WINDOW as W
+    from stability.report.recovery import recovery_metrics
 
     root = tmp_path / "runs"
     run(compose_run([*BASE, "on_spike=skip"]), root / "skip")

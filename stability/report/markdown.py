@@ -216,8 +216,8 @@ def _plot_sections(report: Report, names: dict[str, str]) -> list[str]:
 
 
 def _recovery(runs: Sequence[Run], names: dict[str, str]) -> list[str]:
-    """The recovery section (`stability.recovery.report_rows`): nothing without a spiked run."""
-    from stability.recovery import RECOVER_WINDOW, report_rows
+    """The recovery section (`stability.report.recovery.report_rows`): nothing without a spiked run."""
+    from stability.report.recovery import RECOVER_WINDOW, report_rows
 
     rows = report_rows(list(runs))
     if not rows:
