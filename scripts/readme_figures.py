@@ -428,7 +428,7 @@ DETECT = (
     "stability/training.py",
     "conf/config.yaml",
 )
-MARGIN = ("stability/margin.py", "cli/margin.py")
+MARGIN = ("stability/margin/*.py", "cli/margin.py")
 FIGURES = (
     Figure(
         "charlm_lr_grid",
